@@ -1,1 +1,57 @@
-fn main() {}
+//! `edgefusion`: run, benchmark and inspect language models on CPU.
+
+mod bench;
+mod common;
+mod inspect;
+mod perplexity;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+/// EdgeFusion makes language models small and fast on CPUs.
+///
+/// Point it at a GGUF file or a Hugging Face model folder (config.json + *.safetensors +
+/// tokenizer.json). Without --model, commands use the default model fetched by
+/// `scripts/fetch-assets.sh --model` (SmolLM2-135M-Instruct, Q4_1).
+#[derive(Parser)]
+#[command(name = "edgefusion", version, propagate_version = true)]
+#[command(after_help = "Examples:\n  \
+    edgefusion run --prompt \"The capital of France is\" -n 32 --temp 0 --profile\n  \
+    edgefusion run --chat --prompt \"Write a haiku about the sea\"\n  \
+    edgefusion bench -p 512 -n 128 -t 1,2\n  \
+    edgefusion perplexity --file assets/text/moby-dick.txt --ctx 512 --chunks 20\n  \
+    edgefusion inspect assets/models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming tokens as they come.
+    Run(run::RunArgs),
+    /// Measure prompt processing (pp) and generation (tg) speed, llama-bench style.
+    Bench(bench::BenchArgs),
+    /// Perplexity of a text file, llama-perplexity style (comparable numbers).
+    Perplexity(perplexity::PerplexityArgs),
+    /// Show a model's architecture, hyperparameters, tensors and bits per weight.
+    Inspect(inspect::InspectArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Perplexity(args) => perplexity::run(args),
+        Command::Inspect(args) => inspect::run(args),
+    };
+    if let Err(err) = result {
+        // One line per cause, no backtrace.
+        eprintln!("error: {err}");
+        for cause in err.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        std::process::exit(1);
+    }
+}

@@ -1,9 +1,35 @@
 //! Compute kernels for EdgeFusion: block formats, dot products and their SIMD twins.
 //!
-//! Every format has one scalar reference (`formats::*`) and per-architecture kernels
-//! (`x86`, `aarch64`) that are tested against it. The ISA is detected once at run time
-//! (`cpu::isa()`); `EDGEFUSION_NO_SIMD=1` forces the scalar path.
+//! Every format has one scalar reference (`formats::*`, `kquants::*`) and per-architecture
+//! kernels (`x86`, `aarch64`) that are tested against it. The ISA is detected once at run
+//! time (`cpu::isa()`); `EDGEFUSION_NO_SIMD=1` forces the scalar path. Every entry point has
+//! an `_on(isa, ..)` twin that runs a chosen ISA's kernels, which is how the tests hold each
+//! SIMD kernel against its scalar reference.
+//!
+//! Rows are raw little-endian GGUF block bytes; a row of `k` weights is `k / block_size`
+//! consecutive blocks. For decode and prefill alike, call [`matmul`] over a range of rows:
+//! it packs the activation once per call and runs register-tiled kernels, which is much
+//! faster than [`vec_dot`] per row.
 
+pub mod cpu;
+pub mod f32ops;
+pub mod formats;
 pub mod ggml_type;
+pub mod kquants;
 
+mod dispatch;
+mod matmul;
+#[cfg(target_arch = "x86_64")]
+mod pack;
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use dispatch::{
+    dequantize_row, quantize_row, quantize_row_on, quantize_row_ref, vec_dot, vec_dot_on,
+    vec_dot_type,
+};
 pub use ggml_type::GgmlType;
+pub use matmul::{matmul, matmul_on};

@@ -1,1 +1,28 @@
-//! The model as the runtime runs it.
+//! The model as the runtime runs it: hyperparameters, weights bound to their roles,
+//! and the per-layer mixer (attention today; SSM blocks join as another variant).
+
+pub mod config;
+pub mod linear;
+pub mod model;
+
+pub use config::{Arch, ModelConfig, RopeScaling, RopeStyle};
+pub use linear::Linear;
+pub use model::{Attention, DecoderLayer, FeedForward, Mixer, Model};
+
+/// Errors raised while binding a model's weights.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Io(#[from] edgefusion_io::IoError),
+    #[error("{file}: architecture '{arch}' is not supported (supported: llama, qwen2)")]
+    UnsupportedArch { file: String, arch: String },
+    #[error("{file}: tensor '{tensor}' has shape {found:?}, expected {expected:?} (ggml order: row length first)")]
+    Shape {
+        file: String,
+        tensor: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{file}: {what}")]
+    Invalid { file: String, what: String },
+}

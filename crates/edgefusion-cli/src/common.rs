@@ -1,0 +1,106 @@
+//! What every subcommand shares: finding and loading the model, its tokenizer, threads.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use edgefusion_io::ModelSource;
+use edgefusion_model::Model;
+use edgefusion_runtime::tokenizer::Tokenizer;
+
+/// Where `scripts/fetch-assets.sh --model` puts the default model.
+pub const DEFAULT_MODEL: &str = "assets/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Model selection shared by the subcommands.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// GGUF file or Hugging Face model folder [default: $EDGEFUSION_MODEL, else
+    /// assets/models/SmolLM2-135M-Instruct.Q4_1.gguf]
+    #[arg(short = 'm', long = "model", value_name = "PATH")]
+    pub model: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn path(&self) -> PathBuf {
+        if let Some(p) = &self.model {
+            return p.clone();
+        }
+        if let Some(p) = std::env::var_os("EDGEFUSION_MODEL") {
+            return PathBuf::from(p);
+        }
+        PathBuf::from(DEFAULT_MODEL)
+    }
+
+    /// Opens the model file or folder, with a hint when it is the missing default.
+    pub fn open(&self) -> Result<ModelSource> {
+        let path = self.path();
+        if self.model.is_none() && !path.exists() {
+            bail!(
+                "default model {} not found: run `scripts/fetch-assets.sh --model` first, or pass --model PATH",
+                path.display()
+            );
+        }
+        Ok(ModelSource::open(&path)?)
+    }
+}
+
+/// Binds the model's weights.
+pub fn load_model(source: &ModelSource) -> Result<Model<'_>> {
+    Ok(Model::load(source)?)
+}
+
+/// The tokenizer that ships with the model: GGUF metadata, or tokenizer.json in the folder.
+pub fn load_tokenizer(source: &ModelSource) -> Result<Tokenizer> {
+    match source {
+        ModelSource::Gguf(gguf) => Tokenizer::from_gguf(gguf)
+            .with_context(|| format!("{}: reading the tokenizer", gguf.path.display())),
+        ModelSource::HfDir(dir) => {
+            let path = dir.tokenizer_json.as_deref().with_context(|| {
+                format!("{}: no tokenizer.json in the model folder", dir.dir.display())
+            })?;
+            Tokenizer::from_tokenizer_json(path)
+                .with_context(|| format!("{}: reading the tokenizer", path.display()))
+        }
+    }
+}
+
+/// The chat template of the model, if it declares one.
+pub fn chat_template(source: &ModelSource) -> Option<String> {
+    match source {
+        ModelSource::Gguf(gguf) => gguf.get_str("tokenizer.chat_template").ok().map(str::to_string),
+        ModelSource::HfDir(dir) => {
+            let cfg_path = dir.dir.join("tokenizer_config.json");
+            let text = std::fs::read_to_string(cfg_path).ok()?;
+            let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+            json.get("chat_template")?.as_str().map(str::to_string)
+        }
+    }
+}
+
+/// Thread count from the flag, or the machine's physical cores.
+pub fn threads(flag: Option<usize>) -> Result<usize> {
+    match flag {
+        Some(0) => bail!("--threads must be at least 1 (got 0)"),
+        Some(n) => Ok(n),
+        None => Ok(edgefusion_runtime::profile::physical_cores()),
+    }
+}
+
+/// Reads a UTF-8 text file with errors naming it.
+pub fn read_text(path: &Path) -> Result<String> {
+    if path.is_dir() {
+        bail!("{} is a directory, expected a text file", path.display());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not valid UTF-8 (first bad byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+pub fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}

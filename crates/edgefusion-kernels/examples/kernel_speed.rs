@@ -1,0 +1,108 @@
+//! Single-thread kernel throughput: GB/s of weights streamed by `matmul` (one token, the
+//! decode shape) and by `vec_dot` per row, for Q4_0 / Q4_1 / Q8_0 / F16 at k = 576 and 1536
+//! over 49 152 rows (SmolLM2-135M's vocabulary), on every ISA this machine has; then
+//! prefill (64 tokens) throughput in GMAC/s.
+//!
+//! `cargo run --release -p edgefusion-kernels --example kernel_speed`
+
+use std::time::Instant;
+
+use edgefusion_kernels::cpu::{self, Isa};
+use edgefusion_kernels::{matmul_on, quantize_row, vec_dot_on, vec_dot_type, GgmlType};
+
+const ROWS: usize = 49_152;
+
+fn weights(ty: GgmlType, k: usize, rows: usize) -> Vec<u8> {
+    let row: Vec<f32> = (0..k)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.001)
+        .collect();
+    let rb = ty.row_bytes(k).expect("whole blocks");
+    let mut w = vec![0u8; rb * rows];
+    for (r, chunk) in w.chunks_exact_mut(rb).enumerate() {
+        let shifted: Vec<f32> = row.iter().map(|v| v + r as f32 * 1e-6).collect();
+        edgefusion_kernels::quantize_row_ref(ty, &shifted, chunk);
+    }
+    w
+}
+
+fn activation(ty: GgmlType, k: usize, n_tok: usize) -> Vec<u8> {
+    let act_ty = vec_dot_type(ty);
+    let rb = act_ty.row_bytes(k).expect("whole blocks");
+    let mut act = vec![0u8; rb * n_tok];
+    for (t, chunk) in act.chunks_exact_mut(rb).enumerate() {
+        let x: Vec<f32> = (0..k).map(|i| ((i + t) as f32 * 0.37).sin()).collect();
+        quantize_row(act_ty, &x, chunk);
+    }
+    act
+}
+
+/// Best of `reps` timings of `f`, in seconds.
+fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+    (0..reps)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    println!("detected ISA: {}", cpu::isa().name());
+    let types = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::F16,
+    ];
+    println!("\ndecode: one token × {ROWS} rows, single thread, GB/s of weights");
+    println!(
+        "{:<6} {:>5} {:<11} {:>10} {:>10}",
+        "type", "k", "isa", "matmul", "vec_dot"
+    );
+    for ty in types {
+        for k in [576, 1536] {
+            let w = weights(ty, k, ROWS);
+            let act = activation(ty, k, 1);
+            let rb = ty.row_bytes(k).unwrap();
+            let mut out = vec![0.0f32; ROWS];
+            for isa in cpu::available_isas() {
+                let t_mm = best_of(5, || {
+                    matmul_on(isa, ty, k, &w, ROWS, &act, 1, &mut out, ROWS)
+                });
+                let t_vd = best_of(5, || {
+                    for (r, o) in out.iter_mut().enumerate() {
+                        *o = vec_dot_on(isa, ty, k, &w[r * rb..(r + 1) * rb], &act);
+                    }
+                });
+                let gb = w.len() as f64 / 1e9;
+                println!(
+                    "{:<6} {:>5} {:<11} {:>10.2} {:>10.2}",
+                    ty.name(),
+                    k,
+                    isa.name(),
+                    gb / t_mm,
+                    gb / t_vd
+                );
+            }
+        }
+    }
+    let (n_rows, n_tok) = (1536, 64);
+    println!("\nprefill: {n_tok} tokens × {n_rows} rows, k = 576, single thread, GMAC/s");
+    for ty in types {
+        let k = 576;
+        let w = weights(ty, k, n_rows);
+        let act = activation(ty, k, n_tok);
+        let mut out = vec![0.0f32; n_rows * n_tok];
+        for isa in cpu::available_isas()
+            .into_iter()
+            .filter(|&i| i != Isa::Scalar)
+        {
+            let t = best_of(5, || {
+                matmul_on(isa, ty, k, &w, n_rows, &act, n_tok, &mut out, n_rows)
+            });
+            let gmac = (n_rows * n_tok * k) as f64 / 1e9;
+            println!("{:<6} {:<11} {:>8.1}", ty.name(), isa.name(), gmac / t);
+        }
+    }
+}

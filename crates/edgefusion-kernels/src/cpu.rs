@@ -1,0 +1,193 @@
+//! Run-time CPU feature detection: which SIMD kernels this process may call.
+//!
+//! Detection runs once (`OnceLock`); every dispatcher then matches on the cached [`Isa`].
+//! Setting `EDGEFUSION_NO_SIMD` to any non-empty value other than `0` forces [`Isa::Scalar`],
+//! which is how CI exercises the reference paths on SIMD-capable machines.
+
+use std::sync::OnceLock;
+
+/// The widest instruction set the kernels use on this machine.
+///
+/// Variants are ordered by capability on x86: `Avx512Vnni` implies `Avx512` implies `Avx2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// Portable Rust only.
+    Scalar,
+    /// x86-64 with AVX2, FMA and F16C.
+    Avx2,
+    /// x86-64 with AVX2 plus AVX-512 F, BW and VL.
+    Avx512,
+    /// [`Isa::Avx512`] plus AVX-512 VNNI (`vpdpbusd`).
+    Avx512Vnni,
+    /// aarch64 with Advanced SIMD (always present on aarch64).
+    Neon,
+}
+
+impl Isa {
+    /// Short lowercase name, as printed in logs and benchmarks.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Avx512Vnni => "avx512vnni",
+            Isa::Neon => "neon",
+        }
+    }
+
+    /// True when the AVX2 (+FMA, F16C) kernels may run.
+    pub fn has_avx2(self) -> bool {
+        matches!(self, Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni)
+    }
+
+    /// True when the AVX-512 F/BW/VL kernels may run.
+    pub fn has_avx512(self) -> bool {
+        matches!(self, Isa::Avx512 | Isa::Avx512Vnni)
+    }
+}
+
+/// Name of the environment variable that forces the scalar kernels.
+pub const NO_SIMD_ENV: &str = "EDGEFUSION_NO_SIMD";
+
+static ISA: OnceLock<Isa> = OnceLock::new();
+
+/// The ISA the dispatchers use, detected on first call and cached for the process.
+pub fn isa() -> Isa {
+    *ISA.get_or_init(|| {
+        let no_simd = std::env::var_os(NO_SIMD_ENV);
+        choose_isa(no_simd.as_ref().and_then(|v| v.to_str()), detect())
+    })
+}
+
+/// Whether an `EDGEFUSION_NO_SIMD` value asks for scalar kernels: any non-empty value but `0`.
+pub fn simd_disabled_by(env_value: Option<&str>) -> bool {
+    matches!(env_value.map(str::trim), Some(v) if !v.is_empty() && v != "0")
+}
+
+/// The ISA to use given the env override value and what the hardware offers.
+/// Pure, so the override logic is testable without touching the process environment.
+pub fn choose_isa(env_value: Option<&str>, detected: Isa) -> Isa {
+    if simd_disabled_by(env_value) {
+        Isa::Scalar
+    } else {
+        detected
+    }
+}
+
+/// The widest ISA the hardware supports, ignoring the environment (probed once).
+pub fn detect() -> Isa {
+    static DETECTED: OnceLock<Isa> = OnceLock::new();
+    *DETECTED.get_or_init(probe)
+}
+
+fn probe() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c");
+        if !avx2 {
+            return Isa::Scalar;
+        }
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl");
+        if !avx512 {
+            return Isa::Avx2;
+        }
+        if std::arch::is_x86_feature_detected!("avx512vnni") {
+            Isa::Avx512Vnni
+        } else {
+            Isa::Avx512
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            Isa::Neon
+        } else {
+            Isa::Scalar
+        }
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        Isa::Scalar
+    }
+}
+
+/// Whether kernels for `isa` may run on this machine (`Scalar` always may).
+pub fn is_runnable(isa: Isa) -> bool {
+    let detected = detect();
+    match isa {
+        Isa::Scalar => true,
+        Isa::Avx2 => detected.has_avx2(),
+        Isa::Avx512 => detected.has_avx512(),
+        Isa::Avx512Vnni => detected == Isa::Avx512Vnni,
+        Isa::Neon => detected == Isa::Neon,
+    }
+}
+
+/// Every ISA whose kernels can run on this machine, narrowest first (always starts with
+/// `Scalar`). Tests iterate this to check each SIMD kernel against its scalar twin.
+pub fn available_isas() -> Vec<Isa> {
+    let best = detect();
+    let mut isas = vec![Isa::Scalar];
+    match best {
+        Isa::Scalar => {}
+        Isa::Neon => isas.push(Isa::Neon),
+        Isa::Avx2 => isas.push(Isa::Avx2),
+        Isa::Avx512 => isas.extend([Isa::Avx2, Isa::Avx512]),
+        Isa::Avx512Vnni => isas.extend([Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni]),
+    }
+    isas
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_override_parsing() {
+        assert!(!simd_disabled_by(None));
+        assert!(!simd_disabled_by(Some("")));
+        assert!(!simd_disabled_by(Some("0")));
+        assert!(!simd_disabled_by(Some(" 0 ")));
+        assert!(simd_disabled_by(Some("1")));
+        assert!(simd_disabled_by(Some("yes")));
+        assert!(simd_disabled_by(Some("true")));
+    }
+
+    #[test]
+    fn choose_isa_honours_override() {
+        assert_eq!(choose_isa(Some("1"), Isa::Avx512Vnni), Isa::Scalar);
+        assert_eq!(choose_isa(Some("0"), Isa::Avx2), Isa::Avx2);
+        assert_eq!(choose_isa(None, Isa::Neon), Isa::Neon);
+        assert_eq!(choose_isa(Some(""), Isa::Avx512), Isa::Avx512);
+    }
+
+    #[test]
+    fn cached_isa_is_detected_or_scalar() {
+        let chosen = isa();
+        assert!(chosen == detect() || chosen == Isa::Scalar);
+        assert_eq!(isa(), chosen, "isa() must be stable across calls");
+        assert!(available_isas().contains(&chosen));
+        for listed in available_isas() {
+            assert!(is_runnable(listed), "{} listed but not runnable", listed.name());
+        }
+        assert!(is_runnable(Isa::Scalar));
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn aarch64_always_has_neon() {
+        assert_eq!(detect(), Isa::Neon);
+        assert_eq!(available_isas(), vec![Isa::Scalar, Isa::Neon]);
+    }
+
+    #[test]
+    fn capability_helpers_are_consistent() {
+        assert!(Isa::Avx512Vnni.has_avx512() && Isa::Avx512Vnni.has_avx2());
+        assert!(Isa::Avx512.has_avx2() && !Isa::Avx2.has_avx512());
+        assert!(!Isa::Scalar.has_avx2() && !Isa::Neon.has_avx2());
+    }
+}

@@ -1,0 +1,120 @@
+//! Q5_0: 32 weights per block, one f16 scale `d`, 5-bit codes q in 0..32; w = d · (q − 16).
+//! The low four bits are packed as Q4_0's nibbles; bit j of the little-endian `qh` word is
+//! the fifth bit of weight j. Activation partner: Q8_0.
+
+use super::q8_0::BlockQ8_0;
+use super::{blocks, blocks_mut, f16_to_f32, f32_to_f16, n_blocks, signed_absmax, Block, QK};
+use crate::GgmlType;
+
+/// `block_q5_0`: `d` (f16), `qh[4]`, then `qs[16]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockQ5_0 {
+    /// Scale, f16 bits little-endian.
+    pub d: [u8; 2],
+    /// Fifth bits: bit j (of the u32, little-endian) belongs to weight j.
+    pub qh: [u8; 4],
+    /// Low four bits: low nibble weight j, high nibble weight j + 16.
+    pub qs: [u8; QK / 2],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
+
+// SAFETY: repr(C) of byte arrays only; size 22 = GgmlType::Q5_0.type_size().
+unsafe impl Block for BlockQ5_0 {
+    const TYPE: GgmlType = GgmlType::Q5_0;
+}
+
+impl BlockQ5_0 {
+    /// The block scale.
+    #[inline]
+    pub fn d(&self) -> f32 {
+        f16_to_f32(self.d)
+    }
+
+    /// The 5-bit code (0..32) of weight `j` (0..32).
+    #[inline]
+    pub fn code(&self, j: usize) -> u8 {
+        let low = if j < QK / 2 {
+            self.qs[j] & 0x0F
+        } else {
+            self.qs[j - QK / 2] >> 4
+        };
+        let high = ((u32::from_le_bytes(self.qh) >> j) & 1) as u8;
+        low | (high << 4)
+    }
+
+    /// llama.cpp's `quantize_row_q5_0_ref` for one block: d = max / −16 where max is the
+    /// value of greatest magnitude, q = min(31, trunc(x / d + 16.5)).
+    pub fn quantize(x: &[f32; QK]) -> Self {
+        let max = signed_absmax(x);
+        let d = max / -16.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut qs = [0u8; QK / 2];
+        let mut qh = 0u32;
+        for j in 0..QK / 2 {
+            let lo = ((x[j] * id + 16.5) as i8).min(31) as u8;
+            let hi = ((x[j + QK / 2] * id + 16.5) as i8).min(31) as u8;
+            qs[j] = (lo & 0x0F) | ((hi & 0x0F) << 4);
+            qh |= ((lo as u32 & 0x10) >> 4) << j;
+            qh |= ((hi as u32 & 0x10) >> 4) << (j + QK / 2);
+        }
+        BlockQ5_0 {
+            d: f32_to_f16(d),
+            qh: qh.to_le_bytes(),
+            qs,
+        }
+    }
+}
+
+/// Quantizes `x` (a multiple of 32 long) into Q5_0 blocks in `out`.
+///
+/// # Panics
+/// If `x.len()` is not a multiple of 32 or `out` is shorter than the row.
+pub fn quantize_row_q5_0_ref(x: &[f32], out: &mut [u8]) {
+    let nb = n_blocks(x.len());
+    for (block, xb) in blocks_mut::<BlockQ5_0>(out, nb)
+        .iter_mut()
+        .zip(x.chunks_exact(QK))
+    {
+        *block = BlockQ5_0::quantize(xb.try_into().expect("chunks_exact yields 32"));
+    }
+}
+
+/// Expands the Q5_0 row in `src` into `out` (its length sets the row length).
+///
+/// # Panics
+/// If `out.len()` is not a multiple of 32 or `src` is shorter than the row.
+pub fn dequantize_row_q5_0(src: &[u8], out: &mut [f32]) {
+    let nb = n_blocks(out.len());
+    for (block, yb) in blocks::<BlockQ5_0>(src, nb)
+        .iter()
+        .zip(out.chunks_exact_mut(QK))
+    {
+        let d = block.d();
+        for (j, y) in yb.iter_mut().enumerate() {
+            *y = (block.code(j) as i32 - 16) as f32 * d;
+        }
+    }
+}
+
+/// Σ (q_w − 16) · a over one block pair, exact.
+#[inline]
+pub fn block_dot_q5_0_q8_0(w: &BlockQ5_0, a: &BlockQ8_0) -> i32 {
+    (0..QK)
+        .map(|j| (w.code(j) as i32 - 16) * a.qs[j] as i32)
+        .sum()
+}
+
+/// Scalar reference of Q5_0 · Q8_0 over `n` weights: Σ_blocks d_w · d_a · Σ (q_w − 16) · a.
+///
+/// # Panics
+/// If `n` is not a multiple of 32 or a row is shorter than `n` weights.
+pub fn vec_dot_q5_0_q8_0_scalar(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let nb = n_blocks(n);
+    blocks::<BlockQ5_0>(w, nb)
+        .iter()
+        .zip(blocks::<BlockQ8_0>(act, nb))
+        .map(|(wb, ab)| (wb.d() * ab.d()) * block_dot_q5_0_q8_0(wb, ab) as f32)
+        .sum()
+}

@@ -1,0 +1,281 @@
+//! K-quant super-block formats (Q2_K … Q6_K) and their activation partner Q8_K.
+//!
+//! Every format groups `QK_K = 256` weights into one super-block whose bytes are laid out
+//! exactly as llama.cpp's `block_q*_K` structs (ggml-common.h), so GGUF tensor rows can be
+//! used in place. A row of `k` weights is `k / 256` consecutive super-blocks.
+//!
+//! Per format this module has: a scalar `dequantize_row_*`, a reference quantizer
+//! `quantize_row_*_ref`, and `vec_dot_*_q8k` against an activation row quantized once with
+//! [`quantize_row_q8k`]. Each `vec_dot_*` dispatches on [`cpu::isa`] to a SIMD kernel where
+//! one exists (Q4_K and Q6_K: AVX2, AVX-512 BW, AVX-512 VNNI; Q2_K, Q3_K, Q5_K: AVX2) and
+//! otherwise runs the `_scalar` reference, which is public so tests can hold every kernel
+//! against it; `vec_dot_*_on(isa, ..)` runs a chosen ISA's kernel.
+//!
+//! The block structs hold only byte arrays (alignment 1): GGUF rows are only guaranteed to
+//! be 2-byte aligned and Q8_K carries an `f32`, so multi-byte fields are decoded with
+//! `from_le_bytes` instead of being read in place.
+
+use crate::cpu::{self, Isa};
+use crate::GgmlType;
+
+mod fit;
+mod q2_k;
+mod q3_k;
+mod q4_k;
+mod q5_k;
+mod q6_k;
+mod q8_k;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+pub use q2_k::{
+    dequantize_row_q2k, quantize_row_q2k_ref, vec_dot_q2k_q8k, vec_dot_q2k_q8k_on,
+    vec_dot_q2k_q8k_scalar, BlockQ2K,
+};
+pub use q3_k::{
+    dequantize_row_q3k, quantize_row_q3k_ref, vec_dot_q3k_q8k, vec_dot_q3k_q8k_on,
+    vec_dot_q3k_q8k_scalar, BlockQ3K,
+};
+pub use q4_k::{
+    dequantize_row_q4k, quantize_row_q4k_ref, vec_dot_q4k_q8k, vec_dot_q4k_q8k_on,
+    vec_dot_q4k_q8k_scalar, BlockQ4K,
+};
+pub use q5_k::{
+    dequantize_row_q5k, quantize_row_q5k_ref, vec_dot_q5k_q8k, vec_dot_q5k_q8k_on,
+    vec_dot_q5k_q8k_scalar, BlockQ5K,
+};
+pub use q6_k::{
+    dequantize_row_q6k, quantize_row_q6k_ref, vec_dot_q6k_q8k, vec_dot_q6k_q8k_on,
+    vec_dot_q6k_q8k_scalar, BlockQ6K,
+};
+pub use q8_k::{
+    dequantize_row_q8k, quantize_row_q8k, quantize_row_q8k_on, quantize_row_q8k_scalar, BlockQ8K,
+};
+
+/// Weights per super-block, for every k-quant format.
+pub const QK_K: usize = 256;
+
+/// Scale bytes of Q4_K / Q5_K: eight 6-bit scales and eight 6-bit mins.
+pub const K_SCALE_SIZE: usize = 12;
+
+/// A k-quant block struct that may be viewed in place over raw row bytes.
+///
+/// # Safety
+/// Implementors must be `#[repr(C)]`, contain only `u8`/`i8` arrays (so alignment is 1 and
+/// there is no padding), and accept every bit pattern. `TYPE.type_size()` must equal
+/// `size_of::<Self>()`; each implementation asserts this at compile time.
+pub(crate) unsafe trait KBlock: Sized {
+    const TYPE: GgmlType;
+}
+
+/// The first `n_blocks` blocks of a raw row. Panics if `bytes` is too short.
+#[inline]
+pub(crate) fn blocks<B: KBlock>(bytes: &[u8], n_blocks: usize) -> &[B] {
+    let needed = n_blocks * std::mem::size_of::<B>();
+    assert!(
+        bytes.len() >= needed,
+        "{} row of {} blocks needs {needed} bytes, got {}",
+        B::TYPE.name(),
+        n_blocks,
+        bytes.len()
+    );
+    // SAFETY: `B: KBlock` is repr(C) of byte arrays only: alignment 1, no padding, every bit
+    // pattern valid. The length check above keeps `n_blocks` blocks inside `bytes`, and the
+    // returned slice borrows `bytes`, so it cannot outlive or alias a mutable use of it.
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<B>(), n_blocks) }
+}
+
+/// Mutable twin of [`blocks`], for quantizers writing rows in place.
+#[inline]
+pub(crate) fn blocks_mut<B: KBlock>(bytes: &mut [u8], n_blocks: usize) -> &mut [B] {
+    let needed = n_blocks * std::mem::size_of::<B>();
+    assert!(
+        bytes.len() >= needed,
+        "{} row of {} blocks needs {needed} bytes, got {}",
+        B::TYPE.name(),
+        n_blocks,
+        bytes.len()
+    );
+    // SAFETY: as in `blocks`; the exclusive borrow of `bytes` moves into the returned slice.
+    unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<B>(), n_blocks) }
+}
+
+/// Number of super-blocks in a row of `n` weights. Panics unless `n` is a multiple of 256.
+#[inline]
+pub(crate) fn super_blocks(n: usize) -> usize {
+    assert!(
+        n.is_multiple_of(QK_K),
+        "k-quant rows hold a multiple of {QK_K} weights, got {n}"
+    );
+    n / QK_K
+}
+
+#[inline]
+pub(crate) fn f16_to_f32(bits: [u8; 2]) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes(bits)).to_f32()
+}
+
+#[inline]
+pub(crate) fn f32_to_f16(value: f32) -> [u8; 2] {
+    half::f16::from_f32(value).to_bits().to_le_bytes()
+}
+
+/// Unpacks the twelve Q4_K/Q5_K scale bytes into eight 6-bit scales and eight 6-bit mins.
+///
+/// Byte layout, sub-blocks 0..8: bytes 0-3 hold scales 0-3 in their low six bits and the
+/// top two bits of scales 4-7 above them; bytes 4-7 do the same for the mins; bytes 8-11
+/// hold the low nibbles of scales 4-7 (low half) and of mins 4-7 (high half).
+#[inline]
+pub(crate) fn unpack_scale_min_k4(packed: &[u8; K_SCALE_SIZE]) -> ([u8; 8], [u8; 8]) {
+    let mut scales = [0u8; 8];
+    let mut mins = [0u8; 8];
+    for j in 0..4 {
+        scales[j] = packed[j] & 63;
+        mins[j] = packed[j + 4] & 63;
+        scales[j + 4] = (packed[j + 8] & 0x0F) | ((packed[j] >> 6) << 4);
+        mins[j + 4] = (packed[j + 8] >> 4) | ((packed[j + 4] >> 6) << 4);
+    }
+    (scales, mins)
+}
+
+/// [`unpack_scale_min_k4`] on whole words, for the SIMD kernels: returns the eight scales
+/// and the eight mins as the bytes of two little-endian `u64`.
+#[inline(always)]
+pub(crate) fn unpack_scale_min_k4_words(packed: &[u8; K_SCALE_SIZE]) -> (u64, u64) {
+    let word =
+        |i: usize| u32::from_le_bytes([packed[i], packed[i + 1], packed[i + 2], packed[i + 3]]);
+    let (low, mid, high) = (word(0), word(4), word(8));
+    // Per byte: `>> 2` then `& 0x30` moves bits 6-7 to bits 4-5 without crossing bytes.
+    let scales_03 = low & 0x3F3F_3F3F;
+    let mins_03 = mid & 0x3F3F_3F3F;
+    let scales_47 = (high & 0x0F0F_0F0F) | ((low >> 2) & 0x3030_3030);
+    let mins_47 = ((high >> 4) & 0x0F0F_0F0F) | ((mid >> 2) & 0x3030_3030);
+    (
+        scales_03 as u64 | ((scales_47 as u64) << 32),
+        mins_03 as u64 | ((mins_47 as u64) << 32),
+    )
+}
+
+/// Inverse of [`unpack_scale_min_k4`]; every input must be below 64.
+#[inline]
+pub(crate) fn pack_scale_min_k4(scales: &[u8; 8], mins: &[u8; 8]) -> [u8; K_SCALE_SIZE] {
+    let mut packed = [0u8; K_SCALE_SIZE];
+    for j in 0..4 {
+        debug_assert!(scales[j] < 64 && mins[j] < 64 && scales[j + 4] < 64 && mins[j + 4] < 64);
+        packed[j] = scales[j] | ((scales[j + 4] >> 4) << 6);
+        packed[j + 4] = mins[j] | ((mins[j + 4] >> 4) << 6);
+        packed[j + 8] = (scales[j + 4] & 0x0F) | ((mins[j + 4] & 0x0F) << 4);
+    }
+    packed
+}
+
+/// Whether kernels for `isa` may run on this machine (`Scalar` always may).
+pub(crate) fn isa_runnable(isa: Isa) -> bool {
+    let detected = cpu::detect();
+    match isa {
+        Isa::Scalar => true,
+        Isa::Avx2 => detected.has_avx2(),
+        Isa::Avx512 => detected.has_avx512(),
+        Isa::Avx512Vnni => detected == Isa::Avx512Vnni,
+        Isa::Neon => detected == Isa::Neon,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! Deterministic inputs shared by the unit tests of the format files.
+
+    /// A small xorshift generator: reproducible without pulling in a crate.
+    pub struct XorShift(pub u64);
+
+    impl XorShift {
+        pub fn next_u64(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x
+        }
+
+        /// Uniform in [-1, 1).
+        pub fn next_f32(&mut self) -> f32 {
+            ((self.next_u64() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        }
+
+        pub fn fill_bytes(&mut self, out: &mut [u8]) {
+            for byte in out {
+                *byte = (self.next_u64() >> 56) as u8;
+            }
+        }
+    }
+
+    /// Weights with outliers and a per-block offset, like real weight rows.
+    pub fn weight_like(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = XorShift(seed | 1);
+        (0..n)
+            .map(|i| {
+                let base = rng.next_f32() * 0.05 + 0.01 * ((i / 256) as f32).sin();
+                if i % 97 == 13 {
+                    base * 8.0
+                } else {
+                    base
+                }
+            })
+            .collect()
+    }
+
+    /// The fixed test vector of llama.cpp's quant tests, shifted: 0.1 + 2 cos(i + offset).
+    pub fn cosine_vector(n: usize, offset: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| 0.1 + 2.0 * (i as f32 + offset).cos())
+            .collect()
+    }
+
+    pub fn rmse(a: &[f32], b: &[f32]) -> f32 {
+        let sum: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        (sum / a.len() as f64).sqrt() as f32
+    }
+
+    /// Σ|a_i b_i| in f64: the scale against which float-order differences are judged.
+    pub fn abs_dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| (x * y).abs() as f64).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_min_packing_round_trips_all_six_bit_values() {
+        for base in 0..64u8 {
+            let scales: [u8; 8] = std::array::from_fn(|j| ((base as usize + 7 * j) % 64) as u8);
+            let mins: [u8; 8] = std::array::from_fn(|j| ((3 * base as usize + 11 * j) % 64) as u8);
+            let packed = pack_scale_min_k4(&scales, &mins);
+            assert_eq!(unpack_scale_min_k4(&packed), (scales, mins));
+            let (scale_word, min_word) = unpack_scale_min_k4_words(&packed);
+            assert_eq!(scale_word.to_le_bytes(), scales);
+            assert_eq!(min_word.to_le_bytes(), mins);
+        }
+    }
+
+    #[test]
+    fn block_views_reject_short_rows() {
+        let short = [0u8; 143];
+        let result = std::panic::catch_unwind(|| blocks::<BlockQ4K>(&short, 1).len());
+        assert!(result.is_err());
+        // An odd start address is fine: the block structs have alignment 1.
+        let long = [0u8; 145];
+        assert_eq!(blocks::<BlockQ4K>(&long[1..], 1).len(), 1);
+    }
+
+    #[test]
+    fn scalar_is_always_runnable() {
+        assert!(isa_runnable(Isa::Scalar));
+        assert!(isa_runnable(cpu::isa()));
+    }
+}

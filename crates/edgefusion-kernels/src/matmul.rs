@@ -1,0 +1,231 @@
+//! `matmul`: every weight row against every activation row.
+//!
+//! On x86 the 32-wide integer formats and the float formats run register-tiled kernels over
+//! a packed copy of the activations (see `pack`); everything else computes `vec_dot` per
+//! (row, token) pair.
+
+use crate::cpu::Isa;
+#[cfg(target_arch = "x86_64")]
+use crate::formats::QK;
+#[cfg(target_arch = "x86_64")]
+use crate::pack::{pack_byte, pack_nibble, NibbleAct, BYTE_SCRATCH, NIBBLE_SCRATCH};
+use crate::GgmlType;
+
+/// Checks the buffers of a `matmul` call and returns the weight and activation row bytes.
+///
+/// # Panics
+/// If `k` is not a whole number of blocks or a buffer is too short: caller bugs.
+#[allow(clippy::too_many_arguments)]
+fn check_shapes(
+    ty: GgmlType,
+    k: usize,
+    w: &[u8],
+    n_rows: usize,
+    act: &[u8],
+    n_tok: usize,
+    out: &[f32],
+    out_stride: usize,
+) -> (usize, usize) {
+    let act_ty = crate::vec_dot_type(ty);
+    let row_bytes = ty.row_bytes(k).unwrap_or_else(|| {
+        panic!(
+            "matmul: k = {k} is not a whole number of {} blocks",
+            ty.name()
+        )
+    });
+    let act_row_bytes = act_ty.row_bytes(k).unwrap_or_else(|| {
+        panic!(
+            "matmul: k = {k} is not a whole number of {} blocks",
+            act_ty.name()
+        )
+    });
+    assert!(
+        w.len() >= n_rows * row_bytes,
+        "matmul: {n_rows} {} rows of {k} need {} bytes, got {}",
+        ty.name(),
+        n_rows * row_bytes,
+        w.len()
+    );
+    assert!(
+        act.len() >= n_tok * act_row_bytes,
+        "matmul: {n_tok} {} activation rows of {k} need {} bytes, got {}",
+        act_ty.name(),
+        n_tok * act_row_bytes,
+        act.len()
+    );
+    if n_tok > 0 && n_rows > 0 {
+        assert!(
+            n_tok == 1 || out_stride >= n_rows,
+            "matmul: out_stride {out_stride} < n_rows {n_rows}"
+        );
+        let needed = (n_tok - 1) * out_stride + n_rows;
+        assert!(
+            out.len() >= needed,
+            "matmul: output needs {needed} values, got {}",
+            out.len()
+        );
+    }
+    (row_bytes, act_row_bytes)
+}
+
+/// `out[t · out_stride + r] = vec_dot(ty, k, w row r, act row t)` for `r < n_rows`,
+/// `t < n_tok`, on the ISA detected at start-up. See [`matmul_on`].
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    ty: GgmlType,
+    k: usize,
+    w: &[u8],
+    n_rows: usize,
+    act: &[u8],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    matmul_on(
+        crate::cpu::isa(),
+        ty,
+        k,
+        w,
+        n_rows,
+        act,
+        n_tok,
+        out,
+        out_stride,
+    );
+}
+
+/// [`matmul`] with the kernels of `isa`.
+///
+/// `w` holds `n_rows` rows of `k` weights in `ty`; `act` holds `n_tok` rows of `k` values in
+/// `vec_dot_type(ty)`. Q4_0, Q4_1, Q8_0, F32, F16 and BF16 weights run tiled SIMD kernels on
+/// x86 (AVX2, AVX-512); other types and ISAs compute `vec_dot` per pair. Results equal
+/// `vec_dot` per pair up to float summation order.
+///
+/// # Panics
+/// If `isa` cannot run on this machine, `k` is not a whole number of blocks of `ty`, or a
+/// buffer is shorter than the shapes require (`out` needs `(n_tok − 1) · out_stride + n_rows`
+/// values and, for `n_tok > 1`, `out_stride ≥ n_rows`).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_on(
+    isa: Isa,
+    ty: GgmlType,
+    k: usize,
+    w: &[u8],
+    n_rows: usize,
+    act: &[u8],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    assert!(
+        crate::cpu::is_runnable(isa),
+        "matmul_on: {} kernels cannot run on this CPU",
+        isa.name()
+    );
+    let (row_bytes, act_row_bytes) = check_shapes(ty, k, w, n_rows, act, n_tok, out, out_stride);
+    if n_rows == 0 || n_tok == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2()
+        && tiled_x86(
+            isa,
+            ty,
+            k,
+            w,
+            n_rows,
+            act,
+            act_row_bytes,
+            n_tok,
+            out,
+            out_stride,
+        )
+    {
+        return;
+    }
+    for t in 0..n_tok {
+        let act_row = &act[t * act_row_bytes..(t + 1) * act_row_bytes];
+        for r in 0..n_rows {
+            out[t * out_stride + r] =
+                crate::vec_dot_on(isa, ty, k, &w[r * row_bytes..(r + 1) * row_bytes], act_row);
+        }
+    }
+}
+
+/// Runs the x86 tiled kernel for `ty` if there is one; returns false otherwise.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn tiled_x86(
+    isa: Isa,
+    ty: GgmlType,
+    k: usize,
+    w: &[u8],
+    n_rows: usize,
+    act: &[u8],
+    act_row_bytes: usize,
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) -> bool {
+    use crate::x86::{avx2, avx512};
+    let nb = k / QK;
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            let kind = if ty == GgmlType::Q4_0 {
+                NibbleAct::Q8_0
+            } else {
+                NibbleAct::Q8_1
+            };
+            NIBBLE_SCRATCH.with_borrow_mut(|packed| {
+                pack_nibble(kind, act, act_row_bytes, n_tok, nb, packed);
+                // SAFETY: `isa` is runnable (checked by the caller), shapes were checked by
+                // `check_shapes`, and `packed` holds `n_tok · ⌈nb/4⌉` groups of these rows.
+                unsafe {
+                    match isa {
+                        Isa::Avx512Vnni => avx512::matmul_nibble_vnni(
+                            kind, w, nb, n_rows, packed, n_tok, out, out_stride,
+                        ),
+                        Isa::Avx512 => avx512::matmul_nibble_bw(
+                            kind, w, nb, n_rows, packed, n_tok, out, out_stride,
+                        ),
+                        _ => {
+                            avx2::matmul_nibble(kind, w, nb, n_rows, packed, n_tok, out, out_stride)
+                        }
+                    }
+                }
+            });
+            true
+        }
+        GgmlType::Q8_0 => {
+            BYTE_SCRATCH.with_borrow_mut(|packed| {
+                pack_byte(act, act_row_bytes, n_tok, nb, packed);
+                // SAFETY: as above, with `packed` holding `n_tok · ⌈nb/2⌉` pairs.
+                unsafe {
+                    match isa {
+                        Isa::Avx512Vnni => {
+                            avx512::matmul_byte_vnni(w, nb, n_rows, packed, n_tok, out, out_stride)
+                        }
+                        Isa::Avx512 => {
+                            avx512::matmul_byte_bw(w, nb, n_rows, packed, n_tok, out, out_stride)
+                        }
+                        _ => avx2::matmul_byte(w, nb, n_rows, packed, n_tok, out, out_stride),
+                    }
+                }
+            });
+            true
+        }
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+            // SAFETY: `isa` is runnable and the shapes were checked: `w` holds `n_rows` rows
+            // of `k` values of `ty`, `act` `n_tok` f32 rows of `k`.
+            unsafe {
+                if isa.has_avx512() {
+                    avx512::matmul_float(ty, k, w, n_rows, act, n_tok, out, out_stride);
+                } else {
+                    avx2::matmul_float(ty, k, w, n_rows, act, n_tok, out, out_stride);
+                }
+            }
+            true
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,729 @@
+//! AVX2 (+FMA, F16C) kernels, 256-bit. The integer dot bodies are generic over [`Dot256`]
+//! so the AVX-512 VNNI build reuses them with `vpdpbusd` on 256-bit registers.
+
+use std::arch::x86_64::*;
+use std::marker::PhantomData;
+
+use crate::pack::{drive, BytePair, NibbleAct, NibbleGroup, Tiles};
+use crate::GgmlType;
+
+/// How a kernel forms the dot of 4 unsigned by 4 signed bytes into each 32-bit lane.
+pub(crate) trait Dot256 {
+    /// Σ u·s over each 4-byte lane. `u` ≤ 128 and `s` ≥ −127 (or `u` ≤ 127 and |s| ≤ 128),
+    /// so the 16-bit pair sums of `vpmaddubsw` cannot saturate.
+    unsafe fn dot(u: __m256i, s: __m256i) -> __m256i;
+}
+
+/// `vpmaddubsw` + `vpmaddwd`: plain AVX2.
+pub(crate) struct Maddubs;
+
+impl Dot256 for Maddubs {
+    #[inline(always)]
+    unsafe fn dot(u: __m256i, s: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    }
+}
+
+/// Horizontal sum of 8 floats.
+#[inline(always)]
+pub(crate) unsafe fn hsum_ps(v: __m256) -> f32 {
+    let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+    _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
+}
+
+/// Horizontal sums of a tile of accumulators.
+#[inline(always)]
+unsafe fn reduce_tile<const R: usize, const T: usize>(acc: &[[__m256; T]; R]) -> [[f32; T]; R] {
+    let mut sums = [[0.0f32; T]; R];
+    for (sums_r, acc_r) in sums.iter_mut().zip(acc) {
+        for (s, &v) in sums_r.iter_mut().zip(acc_r) {
+            *s = hsum_ps(v);
+        }
+    }
+    sums
+}
+
+/// Horizontal max of 8 floats (exact: no rounding).
+#[inline(always)]
+unsafe fn hmax_ps(v: __m256) -> f32 {
+    let quad = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let pair = _mm_max_ps(quad, _mm_movehl_ps(quad, quad));
+    _mm_cvtss_f32(_mm_max_ss(pair, _mm_movehdup_ps(pair)))
+}
+
+/// The f16 at `p` (any alignment) as f32, via F16C.
+#[inline(always)]
+pub(crate) unsafe fn load_f16(p: *const u8) -> f32 {
+    let bits = p.cast::<u16>().read_unaligned();
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// `value` rounded to the nearest f16 (ties to even), as little-endian bytes.
+#[inline(always)]
+pub(crate) unsafe fn f16_bytes(value: f32) -> [u8; 2] {
+    let half = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(value));
+    (_mm_extract_epi16::<0>(half) as u16).to_le_bytes()
+}
+
+/// Rounds to the nearest integer, ties away from zero (C `roundf`), exactly: truncate, then
+/// step one away from zero when the dropped fraction is at least one half.
+#[inline(always)]
+unsafe fn round_half_away(v: __m256) -> __m256 {
+    let sign_bit = _mm256_set1_ps(-0.0);
+    let truncated = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+    let frac = _mm256_andnot_ps(sign_bit, _mm256_sub_ps(v, truncated));
+    let away = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, _mm256_set1_ps(0.5));
+    let signed_one = _mm256_or_ps(_mm256_and_ps(v, sign_bit), _mm256_set1_ps(1.0));
+    _mm256_add_ps(truncated, _mm256_and_ps(away, signed_one))
+}
+
+// ---------------------------------------------------------------------------------------
+// f32 ops
+
+/// Σ a[i]·b[i] over `n` floats read unaligned.
+///
+/// # Safety
+/// AVX2 and FMA available; `a` and `b` readable for `n` floats.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn dot_f32(a: *const f32, b: *const f32, n: usize) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (j, lane) in acc.iter_mut().enumerate() {
+            let x = _mm256_loadu_ps(a.add(i + 8 * j));
+            let y = _mm256_loadu_ps(b.add(i + 8 * j));
+            *lane = _mm256_fmadd_ps(x, y, *lane);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc[0]);
+        i += 8;
+    }
+    let total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut sum = hsum_ps(total);
+    while i < n {
+        sum = a
+            .add(i)
+            .read_unaligned()
+            .mul_add(b.add(i).read_unaligned(), sum);
+        i += 1;
+    }
+    sum
+}
+
+/// y[i] += alpha · x[i] over `n` floats.
+///
+/// # Safety
+/// AVX2 and FMA available; `x` readable and `y` writable for `n` floats.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn axpy_f32(alpha: f32, x: *const f32, y: *mut f32, n: usize) {
+    let a = _mm256_set1_ps(alpha);
+    let mut i = 0;
+    while i + 8 <= n {
+        let v = _mm256_fmadd_ps(a, _mm256_loadu_ps(x.add(i)), _mm256_loadu_ps(y.add(i)));
+        _mm256_storeu_ps(y.add(i), v);
+        i += 8;
+    }
+    while i < n {
+        *y.add(i) = alpha.mul_add(*x.add(i), *y.add(i));
+        i += 1;
+    }
+}
+
+/// x[i] *= s over `n` floats.
+///
+/// # Safety
+/// AVX2 available; `x` writable for `n` floats.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn scale_f32(x: *mut f32, s: f32, n: usize) {
+    let factor = _mm256_set1_ps(s);
+    let mut i = 0;
+    while i + 8 <= n {
+        _mm256_storeu_ps(x.add(i), _mm256_mul_ps(_mm256_loadu_ps(x.add(i)), factor));
+        i += 8;
+    }
+    while i < n {
+        *x.add(i) *= s;
+        i += 1;
+    }
+}
+
+/// Loads 8 weights of a float row type as f32.
+pub(crate) trait FloatRow8 {
+    /// Bytes per weight.
+    const BYTES: usize;
+    /// Weights `0..8` at `p`.
+    unsafe fn load8(p: *const u8) -> __m256;
+    /// One weight at `p`.
+    unsafe fn load1(p: *const u8) -> f32;
+}
+
+/// F32 weights.
+pub(crate) struct F32Row;
+/// F16 weights.
+pub(crate) struct F16Row;
+/// BF16 weights.
+pub(crate) struct Bf16Row;
+
+impl FloatRow8 for F32Row {
+    const BYTES: usize = 4;
+    #[inline(always)]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        _mm256_loadu_ps(p.cast())
+    }
+    #[inline(always)]
+    unsafe fn load1(p: *const u8) -> f32 {
+        p.cast::<f32>().read_unaligned()
+    }
+}
+
+impl FloatRow8 for F16Row {
+    const BYTES: usize = 2;
+    #[inline(always)]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+    #[inline(always)]
+    unsafe fn load1(p: *const u8) -> f32 {
+        load_f16(p)
+    }
+}
+
+impl FloatRow8 for Bf16Row {
+    const BYTES: usize = 2;
+    #[inline(always)]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        let widened = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(widened))
+    }
+    #[inline(always)]
+    unsafe fn load1(p: *const u8) -> f32 {
+        f32::from_bits((p.cast::<u16>().read_unaligned() as u32) << 16)
+    }
+}
+
+#[inline(always)]
+unsafe fn dot_float_body<W: FloatRow8>(w: *const u8, act: *const u8, n: usize) -> f32 {
+    let x = act.cast::<f32>();
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (j, lane) in acc.iter_mut().enumerate() {
+            let wv = W::load8(w.add((i + 8 * j) * W::BYTES));
+            *lane = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(i + 8 * j)), *lane);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        let wv = W::load8(w.add(i * W::BYTES));
+        acc[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(i)), acc[0]);
+        i += 8;
+    }
+    let total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut sum = hsum_ps(total);
+    while i < n {
+        sum = W::load1(w.add(i * W::BYTES)).mul_add(x.add(i).read_unaligned(), sum);
+        i += 1;
+    }
+    sum
+}
+
+/// F16 row · F32 row (f32 values as little-endian bytes, any alignment).
+///
+/// # Safety
+/// AVX2, FMA and F16C available; `w` readable for `2n` bytes, `act` for `4n`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_f16_f32(w: *const u8, act: *const u8, n: usize) -> f32 {
+    dot_float_body::<F16Row>(w, act, n)
+}
+
+/// BF16 row · F32 row.
+///
+/// # Safety
+/// AVX2 and FMA available; `w` readable for `2n` bytes, `act` for `4n`.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn dot_bf16_f32(w: *const u8, act: *const u8, n: usize) -> f32 {
+    dot_float_body::<Bf16Row>(w, act, n)
+}
+
+/// F32 row · F32 row, both as bytes.
+///
+/// # Safety
+/// AVX2 and FMA available; both readable for `4n` bytes.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn dot_f32_bytes(w: *const u8, act: *const u8, n: usize) -> f32 {
+    dot_float_body::<F32Row>(w, act, n)
+}
+
+// ---------------------------------------------------------------------------------------
+// Activation quantization
+
+/// Quantizes one block of 32 floats at `x` to Q8_0/Q8_1 codes at `qs`; returns (d, Σq).
+#[inline(always)]
+unsafe fn quantize_block(x: *const f32, qs: *mut u8) -> (f32, i32) {
+    let sign_bit = _mm256_set1_ps(-0.0);
+    let v = [
+        _mm256_loadu_ps(x),
+        _mm256_loadu_ps(x.add(8)),
+        _mm256_loadu_ps(x.add(16)),
+        _mm256_loadu_ps(x.add(24)),
+    ];
+    let mut abs = [_mm256_setzero_ps(); 4];
+    for (a, &vi) in abs.iter_mut().zip(&v) {
+        *a = _mm256_andnot_ps(sign_bit, vi);
+    }
+    let amax = hmax_ps(_mm256_max_ps(
+        _mm256_max_ps(abs[0], abs[1]),
+        _mm256_max_ps(abs[2], abs[3]),
+    ));
+    // Same scalar operations as the reference, so the codes match it bit for bit.
+    let d = amax / 127.0;
+    let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+    let mut q = [_mm256_setzero_si256(); 4];
+    for (qi, &vi) in q.iter_mut().zip(&v) {
+        *qi = _mm256_cvtps_epi32(round_half_away(_mm256_mul_ps(vi, id)));
+    }
+    let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    let sum128 = _mm_add_epi32(
+        _mm256_castsi256_si128(sum),
+        _mm256_extracti128_si256::<1>(sum),
+    );
+    let sum64 = _mm_add_epi32(sum128, _mm_unpackhi_epi64(sum128, sum128));
+    let total = _mm_cvtsi128_si32(_mm_add_epi32(sum64, _mm_shuffle_epi32::<0b01>(sum64)));
+    // packs work per 128-bit lane: restore element order with a dword permute.
+    let words_lo = _mm256_packs_epi32(q[0], q[1]);
+    let words_hi = _mm256_packs_epi32(q[2], q[3]);
+    let bytes = _mm256_packs_epi16(words_lo, words_hi);
+    let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(qs.cast(), ordered);
+    (d, total)
+}
+
+/// Q8_0 quantization of `nb` blocks, bit-identical to the scalar reference.
+///
+/// # Safety
+/// AVX2 and F16C available; `x` readable for `32·nb` floats, `out` writable for `34·nb`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_row_q8_0(x: *const f32, out: *mut u8, nb: usize) {
+    for b in 0..nb {
+        let block = out.add(34 * b);
+        let (d, _) = quantize_block(x.add(32 * b), block.add(2));
+        let bytes = f16_bytes(d);
+        block.copy_from_nonoverlapping(bytes.as_ptr(), 2);
+    }
+}
+
+/// Q8_1 quantization of `nb` blocks, bit-identical to the scalar reference.
+///
+/// # Safety
+/// AVX2 and F16C available; `x` readable for `32·nb` floats, `out` writable for `36·nb`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_row_q8_1(x: *const f32, out: *mut u8, nb: usize) {
+    for b in 0..nb {
+        let block = out.add(36 * b);
+        let (d, sum) = quantize_block(x.add(32 * b), block.add(4));
+        let d_bytes = f16_bytes(d);
+        let s_bytes = f16_bytes(sum as f32 * d);
+        block.copy_from_nonoverlapping(d_bytes.as_ptr(), 2);
+        block.add(2).copy_from_nonoverlapping(s_bytes.as_ptr(), 2);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Single-row dots on raw blocks
+
+/// The 32 codes of a Q4_0/Q4_1 block at `qs` as bytes 0..16, weight order.
+#[inline(always)]
+unsafe fn unpack_nibbles(qs: *const u8) -> __m256i {
+    let packed = _mm_loadu_si128(qs.cast());
+    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+}
+
+/// Σ x·y per 4-byte lane for signed x, y via |x| · (y with x's sign).
+#[inline(always)]
+unsafe fn dot_signed<D: Dot256>(x: __m256i, y: __m256i) -> __m256i {
+    D::dot(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+}
+
+/// Q4_0 · Q8_0 over `nb` blocks, two blocks per step on independent accumulators.
+#[inline(always)]
+pub(crate) unsafe fn vec_dot_q4_0_q8_0_body<D: Dot256>(
+    nb: usize,
+    w: *const u8,
+    act: *const u8,
+) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let eight = _mm256_set1_epi8(8);
+    for b in 0..nb {
+        let wb = w.add(18 * b);
+        let ab = act.add(34 * b);
+        let x = _mm256_sub_epi8(unpack_nibbles(wb.add(2)), eight);
+        let y = _mm256_loadu_si256(ab.add(2).cast());
+        let sums = _mm256_cvtepi32_ps(dot_signed::<D>(x, y));
+        let scale = _mm256_set1_ps(load_f16(wb) * load_f16(ab));
+        acc[b % 2] = _mm256_fmadd_ps(scale, sums, acc[b % 2]);
+    }
+    hsum_ps(_mm256_add_ps(acc[0], acc[1]))
+}
+
+/// Q4_1 · Q8_1 over `nb` blocks.
+#[inline(always)]
+pub(crate) unsafe fn vec_dot_q4_1_q8_1_body<D: Dot256>(
+    nb: usize,
+    w: *const u8,
+    act: *const u8,
+) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut offsets = 0.0f32;
+    for b in 0..nb {
+        let wb = w.add(20 * b);
+        let ab = act.add(36 * b);
+        let codes = unpack_nibbles(wb.add(4));
+        let y = _mm256_loadu_si256(ab.add(4).cast());
+        let sums = _mm256_cvtepi32_ps(D::dot(codes, y));
+        let scale = _mm256_set1_ps(load_f16(wb) * load_f16(ab));
+        acc[b % 2] = _mm256_fmadd_ps(scale, sums, acc[b % 2]);
+        offsets = load_f16(wb.add(2)).mul_add(load_f16(ab.add(2)), offsets);
+    }
+    hsum_ps(_mm256_add_ps(acc[0], acc[1])) + offsets
+}
+
+/// Q8_0 · Q8_0 over `nb` blocks.
+#[inline(always)]
+pub(crate) unsafe fn vec_dot_q8_0_q8_0_body<D: Dot256>(
+    nb: usize,
+    w: *const u8,
+    act: *const u8,
+) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for b in 0..nb {
+        let wb = w.add(34 * b);
+        let ab = act.add(34 * b);
+        let x = _mm256_loadu_si256(wb.add(2).cast());
+        let y = _mm256_loadu_si256(ab.add(2).cast());
+        let sums = _mm256_cvtepi32_ps(dot_signed::<D>(x, y));
+        let scale = _mm256_set1_ps(load_f16(wb) * load_f16(ab));
+        acc[b % 2] = _mm256_fmadd_ps(scale, sums, acc[b % 2]);
+    }
+    hsum_ps(_mm256_add_ps(acc[0], acc[1]))
+}
+
+/// Q4_0 · Q8_0 over `nb` blocks.
+///
+/// # Safety
+/// AVX2, FMA and F16C available; `w` readable for `18·nb` bytes, `act` for `34·nb`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn vec_dot_q4_0_q8_0(nb: usize, w: *const u8, act: *const u8) -> f32 {
+    vec_dot_q4_0_q8_0_body::<Maddubs>(nb, w, act)
+}
+
+/// Q4_1 · Q8_1 over `nb` blocks.
+///
+/// # Safety
+/// AVX2, FMA and F16C available; `w` readable for `20·nb` bytes, `act` for `36·nb`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn vec_dot_q4_1_q8_1(nb: usize, w: *const u8, act: *const u8) -> f32 {
+    vec_dot_q4_1_q8_1_body::<Maddubs>(nb, w, act)
+}
+
+/// Q8_0 · Q8_0 over `nb` blocks.
+///
+/// # Safety
+/// AVX2, FMA and F16C available; `w` and `act` readable for `34·nb` bytes.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn vec_dot_q8_0_q8_0(nb: usize, w: *const u8, act: *const u8) -> f32 {
+    vec_dot_q8_0_q8_0_body::<Maddubs>(nb, w, act)
+}
+
+// ---------------------------------------------------------------------------------------
+// Tiled matmul over packed activations
+
+/// Q4_0 (`MIN = false`) or Q4_1 (`MIN = true`) rows against packed [`NibbleGroup`]s, two
+/// blocks (one 256-bit half of a group) per step.
+struct NibbleTiles<const MIN: bool> {
+    w: *const u8,
+    row_bytes: usize,
+    nb: usize,
+    act: *const NibbleGroup,
+    n_groups: usize,
+}
+
+impl<const MIN: bool> NibbleTiles<MIN> {
+    const BLOCK_BYTES: usize = if MIN { 20 } else { 18 };
+    const QS_OFFSET: usize = if MIN { 4 } else { 2 };
+}
+
+impl<const MIN: bool> Tiles for NibbleTiles<MIN> {
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const T: usize>(&self, r0: usize, t0: usize) -> [[f32; T]; R] {
+        let low4 = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        for b0 in (0..self.nb).step_by(2) {
+            let both = b0 + 1 < self.nb;
+            let group = b0 / 4;
+            let half = (b0 % 4) / 2;
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let wb = self
+                    .w
+                    .add((r0 + r) * self.row_bytes + b0 * Self::BLOCK_BYTES);
+                let first = _mm_loadu_si128(wb.add(Self::QS_OFFSET).cast());
+                let (second, d1, m1) = if both {
+                    let wb1 = wb.add(Self::BLOCK_BYTES);
+                    let m1 = if MIN { load_f16(wb1.add(2)) } else { 0.0 };
+                    (
+                        _mm_loadu_si128(wb1.add(Self::QS_OFFSET).cast()),
+                        load_f16(wb1),
+                        m1,
+                    )
+                } else {
+                    (_mm_setzero_si128(), 0.0, 0.0)
+                };
+                let codes = _mm256_set_m128i(second, first);
+                let lo = _mm256_and_si256(codes, low4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(codes), low4);
+                let dw = _mm256_set_m128(_mm_set1_ps(d1), _mm_set1_ps(load_f16(wb)));
+                let mw = if MIN {
+                    _mm256_set_m128(_mm_set1_ps(m1), _mm_set1_ps(load_f16(wb.add(2))))
+                } else {
+                    _mm256_setzero_ps()
+                };
+                for (t, acc_rt) in acc_r.iter_mut().enumerate() {
+                    let g = &*self.act.add((t0 + t) * self.n_groups + group);
+                    let a_lo = _mm256_load_si256(g.lo.as_ptr().add(32 * half).cast());
+                    let a_hi = _mm256_load_si256(g.hi.as_ptr().add(32 * half).cast());
+                    let pairs = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, a_lo),
+                        _mm256_maddubs_epi16(hi, a_hi),
+                    );
+                    let mut sums = _mm256_madd_epi16(pairs, ones);
+                    if !MIN {
+                        let corr = _mm256_load_si256(g.corr.as_ptr().add(8 * half).cast());
+                        sums = _mm256_add_epi32(sums, corr);
+                    }
+                    let da = _mm256_load_ps(g.da.as_ptr().add(8 * half));
+                    let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), da);
+                    *acc_rt = _mm256_fmadd_ps(scaled, dw, *acc_rt);
+                    if MIN {
+                        let sa = _mm256_load_ps(g.sa.as_ptr().add(8 * half));
+                        *acc_rt = _mm256_fmadd_ps(mw, sa, *acc_rt);
+                    }
+                }
+            }
+        }
+        reduce_tile(&acc)
+    }
+}
+
+/// Q8_0 rows against packed [`BytePair`]s, one block per step.
+struct ByteTiles {
+    w: *const u8,
+    row_bytes: usize,
+    nb: usize,
+    act: *const BytePair,
+    n_pairs: usize,
+}
+
+impl Tiles for ByteTiles {
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const T: usize>(&self, r0: usize, t0: usize) -> [[f32; T]; R] {
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        for b in 0..self.nb {
+            let (pair, half) = (b / 2, b % 2);
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let wb = self.w.add((r0 + r) * self.row_bytes + 34 * b);
+                let x = _mm256_loadu_si256(wb.add(2).cast());
+                let dw = _mm256_set1_ps(load_f16(wb));
+                let ax = _mm256_sign_epi8(x, x);
+                for (t, acc_rt) in acc_r.iter_mut().enumerate() {
+                    let p = &*self.act.add((t0 + t) * self.n_pairs + pair);
+                    let y = _mm256_load_si256(p.qs.as_ptr().add(32 * half).cast());
+                    let sums = Maddubs::dot(ax, _mm256_sign_epi8(y, x));
+                    let da = _mm256_load_ps(p.da.as_ptr().add(8 * half));
+                    let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), da);
+                    *acc_rt = _mm256_fmadd_ps(scaled, dw, *acc_rt);
+                }
+            }
+        }
+        reduce_tile(&acc)
+    }
+}
+
+/// Float weight rows (F32, F16, BF16) against F32 activation rows.
+struct FloatTiles<W> {
+    w: *const u8,
+    row_bytes: usize,
+    k: usize,
+    act: *const u8,
+    act_row_bytes: usize,
+    _row: PhantomData<W>,
+}
+
+impl<W: FloatRow8> Tiles for FloatTiles<W> {
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const T: usize>(&self, r0: usize, t0: usize) -> [[f32; T]; R] {
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        let mut rows = [std::ptr::null::<u8>(); R];
+        for (r, row) in rows.iter_mut().enumerate() {
+            *row = self.w.add((r0 + r) * self.row_bytes);
+        }
+        let mut toks = [std::ptr::null::<f32>(); T];
+        for (t, tok) in toks.iter_mut().enumerate() {
+            *tok = self.act.add((t0 + t) * self.act_row_bytes).cast();
+        }
+        let full = self.k / 8 * 8;
+        let mut i = 0;
+        while i < full {
+            let mut wv = [_mm256_setzero_ps(); R];
+            for (r, v) in wv.iter_mut().enumerate() {
+                *v = W::load8(rows[r].add(i * W::BYTES));
+            }
+            for t in 0..T {
+                let x = _mm256_loadu_ps(toks[t].add(i));
+                for r in 0..R {
+                    acc[r][t] = _mm256_fmadd_ps(wv[r], x, acc[r][t]);
+                }
+            }
+            i += 8;
+        }
+        let mut sums = reduce_tile(&acc);
+        for i in full..self.k {
+            for (r, sums_r) in sums.iter_mut().enumerate() {
+                let wv = W::load1(rows[r].add(i * W::BYTES));
+                for (t, s) in sums_r.iter_mut().enumerate() {
+                    *s = wv.mul_add(toks[t].add(i).read_unaligned(), *s);
+                }
+            }
+        }
+        sums
+    }
+}
+
+/// Tiled Q4_0 · Q8_0 or Q4_1 · Q8_1 over packed activations.
+///
+/// # Safety
+/// AVX2, FMA and F16C available; `w` holds `n_rows` rows of `nb` blocks; `packed` holds
+/// `n_tok · ⌈nb/4⌉` groups; `out` holds `(n_tok − 1) · out_stride + n_rows` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_nibble(
+    kind: NibbleAct,
+    w: &[u8],
+    nb: usize,
+    n_rows: usize,
+    packed: &[NibbleGroup],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let n_groups = nb.div_ceil(4);
+    match kind {
+        NibbleAct::Q8_0 => {
+            let row_bytes = 18 * nb;
+            let tiles = NibbleTiles::<false> {
+                w: w.as_ptr(),
+                row_bytes,
+                nb,
+                act: packed.as_ptr(),
+                n_groups,
+            };
+            drive(&tiles, n_rows, n_tok, row_bytes, out, out_stride);
+        }
+        NibbleAct::Q8_1 => {
+            let row_bytes = 20 * nb;
+            let tiles = NibbleTiles::<true> {
+                w: w.as_ptr(),
+                row_bytes,
+                nb,
+                act: packed.as_ptr(),
+                n_groups,
+            };
+            drive(&tiles, n_rows, n_tok, row_bytes, out, out_stride);
+        }
+    }
+}
+
+/// Tiled Q8_0 · Q8_0 over packed activations.
+///
+/// # Safety
+/// AVX2, FMA and F16C available; `w` holds `n_rows` rows of `nb` blocks; `packed` holds
+/// `n_tok · ⌈nb/2⌉` pairs; `out` holds `(n_tok − 1) · out_stride + n_rows` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn matmul_byte(
+    w: &[u8],
+    nb: usize,
+    n_rows: usize,
+    packed: &[BytePair],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let row_bytes = 34 * nb;
+    let tiles = ByteTiles {
+        w: w.as_ptr(),
+        row_bytes,
+        nb,
+        act: packed.as_ptr(),
+        n_pairs: nb.div_ceil(2),
+    };
+    drive(&tiles, n_rows, n_tok, row_bytes, out, out_stride);
+}
+
+/// Tiled float-weight matmul (F32, F16 or BF16 rows; F32 activation rows).
+///
+/// # Safety
+/// AVX2, FMA and F16C available; `w` holds `n_rows` rows of `k` values of `ty`, `act` holds
+/// `n_tok` f32 rows of `k`; `out` holds `(n_tok − 1) · out_stride + n_rows` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_float(
+    ty: GgmlType,
+    k: usize,
+    w: &[u8],
+    n_rows: usize,
+    act: &[u8],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let act_row_bytes = 4 * k;
+    match ty {
+        GgmlType::F16 => {
+            let tiles = FloatTiles::<F16Row> {
+                w: w.as_ptr(),
+                row_bytes: 2 * k,
+                k,
+                act: act.as_ptr(),
+                act_row_bytes,
+                _row: PhantomData,
+            };
+            drive(&tiles, n_rows, n_tok, 2 * k, out, out_stride);
+        }
+        GgmlType::BF16 => {
+            let tiles = FloatTiles::<Bf16Row> {
+                w: w.as_ptr(),
+                row_bytes: 2 * k,
+                k,
+                act: act.as_ptr(),
+                act_row_bytes,
+                _row: PhantomData,
+            };
+            drive(&tiles, n_rows, n_tok, 2 * k, out, out_stride);
+        }
+        _ => {
+            debug_assert_eq!(ty, GgmlType::F32);
+            let tiles = FloatTiles::<F32Row> {
+                w: w.as_ptr(),
+                row_bytes: 4 * k,
+                k,
+                act: act.as_ptr(),
+                act_row_bytes,
+                _row: PhantomData,
+            };
+            drive(&tiles, n_rows, n_tok, 4 * k, out, out_stride);
+        }
+    }
+}

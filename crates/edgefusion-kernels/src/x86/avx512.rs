@@ -1,0 +1,823 @@
+//! AVX-512 kernels (F, BW, VL; VNNI `vpdpbusd` where present), 512-bit.
+//!
+//! The tiled integer kernels unpack four Q4_0/Q4_1 blocks (or two Q8_0 blocks) per 512-bit
+//! register with one two-source word permute straight from the raw row bytes, so blocks of
+//! any byte stride need no scalar gathering; block scales come out of the same loaded
+//! registers with a one-source word permute and `vcvtph2ps`.
+
+use std::arch::x86_64::*;
+use std::marker::PhantomData;
+
+use super::avx2::{self, Dot256};
+use crate::pack::{drive, BytePair, NibbleAct, NibbleGroup, Tiles};
+use crate::GgmlType;
+
+/// How a kernel forms unsigned × signed byte dots into 32-bit lanes (VNNI or not).
+pub(crate) trait DotI8 {
+    /// `acc` + Σ u1·s1 + Σ u2·s2 per 4-byte lane, where u1, u2 are nibbles (0..16).
+    unsafe fn dot_nibbles(
+        acc: __m512i,
+        u1: __m512i,
+        s1: __m512i,
+        u2: __m512i,
+        s2: __m512i,
+    ) -> __m512i;
+    /// Σ w·a per 4-byte lane for signed `w` and `a`, exact for `a` > −128. `corr` must hold
+    /// −128 · Σa per lane (the VNNI form biases `w` to unsigned and takes the bias back out).
+    unsafe fn dot_signed(corr: __m512i, w: __m512i, a: __m512i) -> __m512i;
+}
+
+/// AVX-512 VNNI: `vpdpbusd`.
+pub(crate) struct Vnni;
+/// AVX-512 BW without VNNI: `vpmaddubsw` + `vpmaddwd`.
+pub(crate) struct NoVnni;
+
+impl DotI8 for Vnni {
+    #[inline(always)]
+    unsafe fn dot_nibbles(
+        acc: __m512i,
+        u1: __m512i,
+        s1: __m512i,
+        u2: __m512i,
+        s2: __m512i,
+    ) -> __m512i {
+        _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, u1, s1), u2, s2)
+    }
+
+    #[inline(always)]
+    unsafe fn dot_signed(corr: __m512i, w: __m512i, a: __m512i) -> __m512i {
+        _mm512_dpbusd_epi32(corr, _mm512_xor_si512(w, _mm512_set1_epi8(-128)), a)
+    }
+}
+
+impl DotI8 for NoVnni {
+    #[inline(always)]
+    unsafe fn dot_nibbles(
+        acc: __m512i,
+        u1: __m512i,
+        s1: __m512i,
+        u2: __m512i,
+        s2: __m512i,
+    ) -> __m512i {
+        // |pair sums| ≤ 2 · 2 · 15 · 128: no 16-bit saturation.
+        let pairs = _mm512_add_epi16(_mm512_maddubs_epi16(u1, s1), _mm512_maddubs_epi16(u2, s2));
+        _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
+    }
+
+    #[inline(always)]
+    unsafe fn dot_signed(_corr: __m512i, w: __m512i, a: __m512i) -> __m512i {
+        let negative = _mm512_movepi8_mask(w);
+        let a_signed = _mm512_mask_sub_epi8(a, negative, _mm512_setzero_si512(), a);
+        let pairs = _mm512_maddubs_epi16(_mm512_abs_epi8(w), a_signed);
+        _mm512_madd_epi16(pairs, _mm512_set1_epi16(1))
+    }
+}
+
+/// 256-bit VNNI dot for the single-row kernels shared with AVX2.
+pub(crate) struct Vnni256;
+
+impl Dot256 for Vnni256 {
+    #[inline(always)]
+    unsafe fn dot(u: __m256i, s: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+    }
+}
+
+/// Word indices for `vpermt2w`: 8 code words per block, `blocks_per_reg` blocks of
+/// `words_per_block` words, codes starting at word `first` of each block.
+const fn code_index(words_per_block: u16, first: u16, words_per_lane_block: u16) -> [u16; 32] {
+    let mut idx = [0u16; 32];
+    let mut i = 0;
+    while i < 32 {
+        let block = i as u16 / words_per_lane_block;
+        idx[i] = block * words_per_block + first + i as u16 % words_per_lane_block;
+        i += 1;
+    }
+    idx
+}
+
+/// Word indices for `vpermw` that spread word `word` of each block over `lanes` f32 lanes
+/// (16 results; the upper 16 indices are unused).
+const fn scale_index(words_per_block: u16, word: u16, lanes: u16) -> [u16; 32] {
+    let mut idx = [0u16; 32];
+    let mut i = 0;
+    while i < 16 {
+        idx[i] = (i as u16 / lanes) * words_per_block + word;
+        i += 1;
+    }
+    idx
+}
+
+// Q4_0 block: 9 words (d, qs[16]); Q4_1: 10 words (d, m, qs[16]); Q8_0: 17 words (d, qs[32]).
+static Q4_0_CODES: [u16; 32] = code_index(9, 1, 8);
+static Q4_0_D: [u16; 32] = scale_index(9, 0, 4);
+static Q4_1_CODES: [u16; 32] = code_index(10, 2, 8);
+static Q4_1_D: [u16; 32] = scale_index(10, 0, 4);
+static Q4_1_M: [u16; 32] = scale_index(10, 1, 4);
+static Q8_0_CODES: [u16; 32] = code_index(17, 1, 16);
+static Q8_0_D: [u16; 32] = scale_index(17, 0, 8);
+
+#[inline(always)]
+unsafe fn load_index(idx: &'static [u16; 32]) -> __m512i {
+    _mm512_loadu_si512(idx.as_ptr().cast())
+}
+
+/// 16 f16 values selected from the words of `z` by `idx`, as f32.
+#[inline(always)]
+unsafe fn gather_scales(idx: __m512i, z: __m512i) -> __m512 {
+    _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(idx, z)))
+}
+
+/// Horizontal sums of a tile of accumulators.
+#[inline(always)]
+unsafe fn reduce_tile<const R: usize, const T: usize>(acc: &[[__m512; T]; R]) -> [[f32; T]; R] {
+    let mut sums = [[0.0f32; T]; R];
+    for (sums_r, acc_r) in sums.iter_mut().zip(acc) {
+        for (s, &v) in sums_r.iter_mut().zip(acc_r) {
+            *s = _mm512_reduce_add_ps(v);
+        }
+    }
+    sums
+}
+
+/// Mask of the low `n` bits (n ≤ 32).
+#[inline(always)]
+fn low_bits(n: usize) -> __mmask32 {
+    if n >= 32 {
+        u32::MAX
+    } else {
+        (1u32 << n) - 1
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// f32 ops
+
+/// Loads 16 weights of a float row type as f32.
+pub(crate) trait FloatRow16 {
+    /// Bytes per weight.
+    const BYTES: usize;
+    /// Weights `0..16` at `p`.
+    unsafe fn load16(p: *const u8) -> __m512;
+    /// The weights of `p` selected by `mask`, zero elsewhere; unselected ones are not read.
+    unsafe fn load_masked(p: *const u8, mask: __mmask16) -> __m512;
+}
+
+impl FloatRow16 for avx2::F32Row {
+    const BYTES: usize = 4;
+    #[inline(always)]
+    unsafe fn load16(p: *const u8) -> __m512 {
+        _mm512_loadu_ps(p.cast())
+    }
+    #[inline(always)]
+    unsafe fn load_masked(p: *const u8, mask: __mmask16) -> __m512 {
+        _mm512_maskz_loadu_ps(mask, p.cast())
+    }
+}
+
+impl FloatRow16 for avx2::F16Row {
+    const BYTES: usize = 2;
+    #[inline(always)]
+    unsafe fn load16(p: *const u8) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+    }
+    #[inline(always)]
+    unsafe fn load_masked(p: *const u8, mask: __mmask16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p.cast()))
+    }
+}
+
+impl FloatRow16 for avx2::Bf16Row {
+    const BYTES: usize = 2;
+    #[inline(always)]
+    unsafe fn load16(p: *const u8) -> __m512 {
+        let widened = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(widened))
+    }
+    #[inline(always)]
+    unsafe fn load_masked(p: *const u8, mask: __mmask16) -> __m512 {
+        let widened = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p.cast()));
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(widened))
+    }
+}
+
+#[inline(always)]
+unsafe fn dot_float_body<W: FloatRow16>(w: *const u8, act: *const u8, n: usize) -> f32 {
+    let x = act.cast::<f32>();
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        for (j, lane) in acc.iter_mut().enumerate() {
+            let wv = W::load16(w.add((i + 16 * j) * W::BYTES));
+            *lane = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x.add(i + 16 * j)), *lane);
+        }
+        i += 64;
+    }
+    while i + 16 <= n {
+        let wv = W::load16(w.add(i * W::BYTES));
+        acc[0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x.add(i)), acc[0]);
+        i += 16;
+    }
+    if i < n {
+        let mask = (1u16 << (n - i)) - 1;
+        let wv = W::load_masked(w.add(i * W::BYTES), mask);
+        acc[1] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x.add(i)), acc[1]);
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(
+        _mm512_add_ps(acc[0], acc[1]),
+        _mm512_add_ps(acc[2], acc[3]),
+    ))
+}
+
+/// Σ a[i]·b[i] over `n` floats read unaligned.
+///
+/// # Safety
+/// AVX-512F available; `a` and `b` readable for `n` floats.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn dot_f32(a: *const f32, b: *const f32, n: usize) -> f32 {
+    dot_float_body::<avx2::F32Row>(a.cast(), b.cast(), n)
+}
+
+/// F16 row · F32 row (f32 values as little-endian bytes, any alignment).
+///
+/// # Safety
+/// AVX-512 F/BW/VL available; `w` readable for `2n` bytes, `act` for `4n`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn dot_f16_f32(w: *const u8, act: *const u8, n: usize) -> f32 {
+    dot_float_body::<avx2::F16Row>(w, act, n)
+}
+
+/// BF16 row · F32 row.
+///
+/// # Safety
+/// AVX-512 F/BW/VL available; `w` readable for `2n` bytes, `act` for `4n`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn dot_bf16_f32(w: *const u8, act: *const u8, n: usize) -> f32 {
+    dot_float_body::<avx2::Bf16Row>(w, act, n)
+}
+
+/// F32 row · F32 row, both as bytes.
+///
+/// # Safety
+/// AVX-512F available; both readable for `4n` bytes.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn dot_f32_bytes(w: *const u8, act: *const u8, n: usize) -> f32 {
+    dot_float_body::<avx2::F32Row>(w, act, n)
+}
+
+/// y[i] += alpha · x[i] over `n` floats.
+///
+/// # Safety
+/// AVX-512F available; `x` readable and `y` writable for `n` floats.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn axpy_f32(alpha: f32, x: *const f32, y: *mut f32, n: usize) {
+    let a = _mm512_set1_ps(alpha);
+    let mut i = 0;
+    while i + 32 <= n {
+        let v0 = _mm512_fmadd_ps(a, _mm512_loadu_ps(x.add(i)), _mm512_loadu_ps(y.add(i)));
+        let v1 = _mm512_fmadd_ps(
+            a,
+            _mm512_loadu_ps(x.add(i + 16)),
+            _mm512_loadu_ps(y.add(i + 16)),
+        );
+        _mm512_storeu_ps(y.add(i), v0);
+        _mm512_storeu_ps(y.add(i + 16), v1);
+        i += 32;
+    }
+    while i < n {
+        let mask = if n - i >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << (n - i)) - 1
+        };
+        let v = _mm512_fmadd_ps(
+            a,
+            _mm512_maskz_loadu_ps(mask, x.add(i)),
+            _mm512_maskz_loadu_ps(mask, y.add(i)),
+        );
+        _mm512_mask_storeu_ps(y.add(i), mask, v);
+        i += 16;
+    }
+}
+
+/// x[i] *= s over `n` floats.
+///
+/// # Safety
+/// AVX-512F available; `x` writable for `n` floats.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn scale_f32(x: *mut f32, s: f32, n: usize) {
+    let factor = _mm512_set1_ps(s);
+    let mut i = 0;
+    while i < n {
+        let mask = if n - i >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << (n - i)) - 1
+        };
+        let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x.add(i)), factor);
+        _mm512_mask_storeu_ps(x.add(i), mask, v);
+        i += 16;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Activation quantization
+
+/// Rounds to the nearest integer, ties away from zero (C `roundf`), exactly.
+#[inline(always)]
+unsafe fn round_half_away(v: __m512) -> __m512 {
+    let truncated = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+    let frac = _mm512_abs_ps(_mm512_sub_ps(v, truncated));
+    let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, _mm512_set1_ps(0.5));
+    let sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(i32::MIN));
+    let signed_one = _mm512_castsi512_ps(_mm512_or_si512(sign, _mm512_set1_epi32(0x3F80_0000)));
+    _mm512_mask_add_ps(truncated, away, truncated, signed_one)
+}
+
+/// Quantizes one block of 32 floats at `x` to codes at `qs`; returns (d, Σq).
+#[inline(always)]
+unsafe fn quantize_block(x: *const f32, qs: *mut u8) -> (f32, i32) {
+    let v0 = _mm512_loadu_ps(x);
+    let v1 = _mm512_loadu_ps(x.add(16));
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    // Same scalar operations as the reference, so the codes match it bit for bit.
+    let d = amax / 127.0;
+    let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+    let q0 = _mm512_cvtps_epi32(round_half_away(_mm512_mul_ps(v0, id)));
+    let q1 = _mm512_cvtps_epi32(round_half_away(_mm512_mul_ps(v1, id)));
+    _mm_storeu_si128(qs.cast(), _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128(qs.add(16).cast(), _mm512_cvtepi32_epi8(q1));
+    (d, _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)))
+}
+
+/// Q8_0 quantization of `nb` blocks, bit-identical to the scalar reference.
+///
+/// # Safety
+/// AVX-512 F/BW/VL and F16C available; `x` readable for `32·nb` floats, `out` writable for
+/// `34·nb` bytes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+pub(crate) unsafe fn quantize_row_q8_0(x: *const f32, out: *mut u8, nb: usize) {
+    for b in 0..nb {
+        let block = out.add(34 * b);
+        let (d, _) = quantize_block(x.add(32 * b), block.add(2));
+        let bytes = avx2::f16_bytes(d);
+        block.copy_from_nonoverlapping(bytes.as_ptr(), 2);
+    }
+}
+
+/// Q8_1 quantization of `nb` blocks, bit-identical to the scalar reference.
+///
+/// # Safety
+/// AVX-512 F/BW/VL and F16C available; `x` readable for `32·nb` floats, `out` writable for
+/// `36·nb` bytes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+pub(crate) unsafe fn quantize_row_q8_1(x: *const f32, out: *mut u8, nb: usize) {
+    for b in 0..nb {
+        let block = out.add(36 * b);
+        let (d, sum) = quantize_block(x.add(32 * b), block.add(4));
+        let d_bytes = avx2::f16_bytes(d);
+        let s_bytes = avx2::f16_bytes(sum as f32 * d);
+        block.copy_from_nonoverlapping(d_bytes.as_ptr(), 2);
+        block.add(2).copy_from_nonoverlapping(s_bytes.as_ptr(), 2);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Single-row dots on raw blocks: the AVX2 bodies with 256-bit `vpdpbusd`.
+
+/// Q4_0 · Q8_0 over `nb` blocks.
+///
+/// # Safety
+/// AVX-512 VNNI + VL available; `w` readable for `18·nb` bytes, `act` for `34·nb`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+pub(crate) unsafe fn vec_dot_q4_0_q8_0_vnni(nb: usize, w: *const u8, act: *const u8) -> f32 {
+    avx2::vec_dot_q4_0_q8_0_body::<Vnni256>(nb, w, act)
+}
+
+/// Q4_1 · Q8_1 over `nb` blocks.
+///
+/// # Safety
+/// AVX-512 VNNI + VL available; `w` readable for `20·nb` bytes, `act` for `36·nb`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+pub(crate) unsafe fn vec_dot_q4_1_q8_1_vnni(nb: usize, w: *const u8, act: *const u8) -> f32 {
+    avx2::vec_dot_q4_1_q8_1_body::<Vnni256>(nb, w, act)
+}
+
+/// Q8_0 · Q8_0 over `nb` blocks.
+///
+/// # Safety
+/// AVX-512 VNNI + VL available; `w` and `act` readable for `34·nb` bytes.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+pub(crate) unsafe fn vec_dot_q8_0_q8_0_vnni(nb: usize, w: *const u8, act: *const u8) -> f32 {
+    avx2::vec_dot_q8_0_q8_0_body::<Vnni256>(nb, w, act)
+}
+
+// ---------------------------------------------------------------------------------------
+// Tiled matmul over packed activations
+
+/// Q4_0 (`MIN = false`) or Q4_1 (`MIN = true`) rows against packed [`NibbleGroup`]s, four
+/// blocks per step.
+struct NibbleTiles<D, const MIN: bool> {
+    w: *const u8,
+    row_bytes: usize,
+    nb: usize,
+    act: *const NibbleGroup,
+    n_groups: usize,
+    _dot: PhantomData<D>,
+}
+
+impl<D: DotI8, const MIN: bool> NibbleTiles<D, MIN> {
+    const BLOCK_WORDS: usize = if MIN { 10 } else { 9 };
+    const GROUP_BYTES: usize = 8 * Self::BLOCK_WORDS;
+
+    /// Adds group `g` of rows `r0..r0+R` × tokens `t0..t0+T` into `acc`. A full group spans
+    /// 72 or 80 bytes: 64 in `z0`, the rest (mask `m1`) in `z1`. The last, partial group
+    /// fits in `z0` (mask `m0`); masked-off words are neither read nor nonzero.
+    #[inline(always)]
+    unsafe fn group<const R: usize, const T: usize, const FULL: bool>(
+        &self,
+        acc: &mut [[__m512; T]; R],
+        r0: usize,
+        t0: usize,
+        g: usize,
+        m0: __mmask32,
+        m1: __mmask32,
+    ) {
+        let idx_codes = load_index(if MIN { &Q4_1_CODES } else { &Q4_0_CODES });
+        let idx_d = load_index(if MIN { &Q4_1_D } else { &Q4_0_D });
+        let idx_m = load_index(&Q4_1_M);
+        let low4 = _mm512_set1_epi8(0x0F);
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let wp = self
+                .w
+                .add((r0 + r) * self.row_bytes + g * Self::GROUP_BYTES);
+            let (z0, z1) = if FULL {
+                (
+                    _mm512_loadu_si512(wp.cast()),
+                    _mm512_maskz_loadu_epi16(m1, wp.add(64).cast()),
+                )
+            } else {
+                (
+                    _mm512_maskz_loadu_epi16(m0, wp.cast()),
+                    _mm512_setzero_si512(),
+                )
+            };
+            // Lane b of `codes` = the 16 code bytes of block b.
+            let codes = _mm512_permutex2var_epi16(z0, idx_codes, z1);
+            let lo = _mm512_and_si512(codes, low4);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(codes), low4);
+            let dw = gather_scales(idx_d, z0);
+            let mw = if MIN {
+                gather_scales(idx_m, z0)
+            } else {
+                _mm512_setzero_ps()
+            };
+            for (t, acc_rt) in acc_r.iter_mut().enumerate() {
+                let a = &*self.act.add((t0 + t) * self.n_groups + g);
+                let init = if MIN {
+                    _mm512_setzero_si512()
+                } else {
+                    _mm512_load_si512(a.corr.as_ptr().cast())
+                };
+                let a_lo = _mm512_load_si512(a.lo.as_ptr().cast());
+                let a_hi = _mm512_load_si512(a.hi.as_ptr().cast());
+                let sums = D::dot_nibbles(init, lo, a_lo, hi, a_hi);
+                let scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_load_ps(a.da.as_ptr()));
+                *acc_rt = _mm512_fmadd_ps(scaled, dw, *acc_rt);
+                if MIN {
+                    *acc_rt = _mm512_fmadd_ps(mw, _mm512_load_ps(a.sa.as_ptr()), *acc_rt);
+                }
+            }
+        }
+    }
+}
+
+impl<D: DotI8, const MIN: bool> Tiles for NibbleTiles<D, MIN> {
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const T: usize>(&self, r0: usize, t0: usize) -> [[f32; T]; R] {
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        let full_groups = self.nb / 4;
+        let m1 = low_bits(4 * Self::BLOCK_WORDS - 32);
+        for g in 0..full_groups {
+            self.group::<R, T, true>(&mut acc, r0, t0, g, u32::MAX, m1);
+        }
+        let tail = self.nb % 4;
+        if tail > 0 {
+            let m0 = low_bits(tail * Self::BLOCK_WORDS);
+            self.group::<R, T, false>(&mut acc, r0, t0, full_groups, m0, 0);
+        }
+        reduce_tile(&acc)
+    }
+}
+
+/// Q8_0 rows against packed [`BytePair`]s, two blocks per step.
+struct ByteTiles<D> {
+    w: *const u8,
+    row_bytes: usize,
+    nb: usize,
+    act: *const BytePair,
+    n_pairs: usize,
+    _dot: PhantomData<D>,
+}
+
+impl<D: DotI8> ByteTiles<D> {
+    /// Adds pair `p` (68 bytes when full: 64 in `z0`, 4 in `z1`; one 34-byte block in `z0`
+    /// when the row has an odd block count and this is its last block).
+    #[inline(always)]
+    unsafe fn pair<const R: usize, const T: usize, const FULL: bool>(
+        &self,
+        acc: &mut [[__m512; T]; R],
+        r0: usize,
+        t0: usize,
+        p: usize,
+    ) {
+        let idx_codes = load_index(&Q8_0_CODES);
+        let idx_d = load_index(&Q8_0_D);
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let wp = self.w.add((r0 + r) * self.row_bytes + 68 * p);
+            let (z0, z1) = if FULL {
+                (
+                    _mm512_loadu_si512(wp.cast()),
+                    _mm512_maskz_loadu_epi16(0b11, wp.add(64).cast()),
+                )
+            } else {
+                (
+                    _mm512_maskz_loadu_epi16(low_bits(17), wp.cast()),
+                    _mm512_setzero_si512(),
+                )
+            };
+            // Half b of `codes` = the 32 code bytes of block b.
+            let codes = _mm512_permutex2var_epi16(z0, idx_codes, z1);
+            let dw = gather_scales(idx_d, z0);
+            for (t, acc_rt) in acc_r.iter_mut().enumerate() {
+                let a = &*self.act.add((t0 + t) * self.n_pairs + p);
+                let corr = _mm512_load_si512(a.corr.as_ptr().cast());
+                let sums = D::dot_signed(corr, codes, _mm512_load_si512(a.qs.as_ptr().cast()));
+                let scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_load_ps(a.da.as_ptr()));
+                *acc_rt = _mm512_fmadd_ps(scaled, dw, *acc_rt);
+            }
+        }
+    }
+}
+
+impl<D: DotI8> Tiles for ByteTiles<D> {
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const T: usize>(&self, r0: usize, t0: usize) -> [[f32; T]; R] {
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        let full_pairs = self.nb / 2;
+        for p in 0..full_pairs {
+            self.pair::<R, T, true>(&mut acc, r0, t0, p);
+        }
+        if self.nb % 2 == 1 {
+            self.pair::<R, T, false>(&mut acc, r0, t0, full_pairs);
+        }
+        reduce_tile(&acc)
+    }
+}
+
+/// Float weight rows (F32, F16, BF16) against F32 activation rows, 16 values per step.
+struct FloatTiles<W> {
+    w: *const u8,
+    row_bytes: usize,
+    k: usize,
+    act: *const u8,
+    act_row_bytes: usize,
+    _row: PhantomData<W>,
+}
+
+impl<W: FloatRow16> Tiles for FloatTiles<W> {
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const T: usize>(&self, r0: usize, t0: usize) -> [[f32; T]; R] {
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        let mut rows = [std::ptr::null::<u8>(); R];
+        for (r, row) in rows.iter_mut().enumerate() {
+            *row = self.w.add((r0 + r) * self.row_bytes);
+        }
+        let mut toks = [std::ptr::null::<f32>(); T];
+        for (t, tok) in toks.iter_mut().enumerate() {
+            *tok = self.act.add((t0 + t) * self.act_row_bytes).cast();
+        }
+        let full = self.k / 16 * 16;
+        let mut i = 0;
+        while i < full {
+            let mut wv = [_mm512_setzero_ps(); R];
+            for (r, v) in wv.iter_mut().enumerate() {
+                *v = W::load16(rows[r].add(i * W::BYTES));
+            }
+            for t in 0..T {
+                let x = _mm512_loadu_ps(toks[t].add(i));
+                for r in 0..R {
+                    acc[r][t] = _mm512_fmadd_ps(wv[r], x, acc[r][t]);
+                }
+            }
+            i += 16;
+        }
+        if full < self.k {
+            let mask = (1u16 << (self.k - full)) - 1;
+            let mut wv = [_mm512_setzero_ps(); R];
+            for (r, v) in wv.iter_mut().enumerate() {
+                *v = W::load_masked(rows[r].add(full * W::BYTES), mask);
+            }
+            for t in 0..T {
+                let x = _mm512_maskz_loadu_ps(mask, toks[t].add(full));
+                for r in 0..R {
+                    acc[r][t] = _mm512_fmadd_ps(wv[r], x, acc[r][t]);
+                }
+            }
+        }
+        reduce_tile(&acc)
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_nibble_body<D: DotI8>(
+    kind: NibbleAct,
+    w: &[u8],
+    nb: usize,
+    n_rows: usize,
+    packed: &[NibbleGroup],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let n_groups = nb.div_ceil(4);
+    match kind {
+        NibbleAct::Q8_0 => {
+            let row_bytes = 18 * nb;
+            let tiles = NibbleTiles::<D, false> {
+                w: w.as_ptr(),
+                row_bytes,
+                nb,
+                act: packed.as_ptr(),
+                n_groups,
+                _dot: PhantomData,
+            };
+            drive(&tiles, n_rows, n_tok, row_bytes, out, out_stride);
+        }
+        NibbleAct::Q8_1 => {
+            let row_bytes = 20 * nb;
+            let tiles = NibbleTiles::<D, true> {
+                w: w.as_ptr(),
+                row_bytes,
+                nb,
+                act: packed.as_ptr(),
+                n_groups,
+                _dot: PhantomData,
+            };
+            drive(&tiles, n_rows, n_tok, row_bytes, out, out_stride);
+        }
+    }
+}
+
+/// Tiled Q4_0 · Q8_0 or Q4_1 · Q8_1 over packed activations, with VNNI.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI available; `w` holds `n_rows` rows of `nb` blocks; `packed` holds
+/// `n_tok · ⌈nb/4⌉` groups; `out` holds `(n_tok − 1) · out_stride + n_rows` values.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_nibble_vnni(
+    kind: NibbleAct,
+    w: &[u8],
+    nb: usize,
+    n_rows: usize,
+    packed: &[NibbleGroup],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    matmul_nibble_body::<Vnni>(kind, w, nb, n_rows, packed, n_tok, out, out_stride);
+}
+
+/// [`matmul_nibble_vnni`] without VNNI.
+///
+/// # Safety
+/// AVX-512 F/BW/VL available; otherwise as [`matmul_nibble_vnni`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_nibble_bw(
+    kind: NibbleAct,
+    w: &[u8],
+    nb: usize,
+    n_rows: usize,
+    packed: &[NibbleGroup],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    matmul_nibble_body::<NoVnni>(kind, w, nb, n_rows, packed, n_tok, out, out_stride);
+}
+
+#[inline(always)]
+unsafe fn matmul_byte_body<D: DotI8>(
+    w: &[u8],
+    nb: usize,
+    n_rows: usize,
+    packed: &[BytePair],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let row_bytes = 34 * nb;
+    let tiles = ByteTiles::<D> {
+        w: w.as_ptr(),
+        row_bytes,
+        nb,
+        act: packed.as_ptr(),
+        n_pairs: nb.div_ceil(2),
+        _dot: PhantomData,
+    };
+    drive(&tiles, n_rows, n_tok, row_bytes, out, out_stride);
+}
+
+/// Tiled Q8_0 · Q8_0 over packed activations, with VNNI.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI available; `w` holds `n_rows` rows of `nb` blocks; `packed` holds
+/// `n_tok · ⌈nb/2⌉` pairs; `out` holds `(n_tok − 1) · out_stride + n_rows` values.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn matmul_byte_vnni(
+    w: &[u8],
+    nb: usize,
+    n_rows: usize,
+    packed: &[BytePair],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    matmul_byte_body::<Vnni>(w, nb, n_rows, packed, n_tok, out, out_stride);
+}
+
+/// [`matmul_byte_vnni`] without VNNI.
+///
+/// # Safety
+/// AVX-512 F/BW/VL available; otherwise as [`matmul_byte_vnni`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn matmul_byte_bw(
+    w: &[u8],
+    nb: usize,
+    n_rows: usize,
+    packed: &[BytePair],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    matmul_byte_body::<NoVnni>(w, nb, n_rows, packed, n_tok, out, out_stride);
+}
+
+/// Tiled float-weight matmul (F32, F16 or BF16 rows; F32 activation rows).
+///
+/// # Safety
+/// AVX-512 F/BW/VL available; `w` holds `n_rows` rows of `k` values of `ty`, `act` holds
+/// `n_tok` f32 rows of `k`; `out` holds `(n_tok − 1) · out_stride + n_rows` values.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_float(
+    ty: GgmlType,
+    k: usize,
+    w: &[u8],
+    n_rows: usize,
+    act: &[u8],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let act_row_bytes = 4 * k;
+    match ty {
+        GgmlType::F16 => {
+            let tiles = FloatTiles::<avx2::F16Row> {
+                w: w.as_ptr(),
+                row_bytes: 2 * k,
+                k,
+                act: act.as_ptr(),
+                act_row_bytes,
+                _row: PhantomData,
+            };
+            drive(&tiles, n_rows, n_tok, 2 * k, out, out_stride);
+        }
+        GgmlType::BF16 => {
+            let tiles = FloatTiles::<avx2::Bf16Row> {
+                w: w.as_ptr(),
+                row_bytes: 2 * k,
+                k,
+                act: act.as_ptr(),
+                act_row_bytes,
+                _row: PhantomData,
+            };
+            drive(&tiles, n_rows, n_tok, 2 * k, out, out_stride);
+        }
+        _ => {
+            debug_assert_eq!(ty, GgmlType::F32);
+            let tiles = FloatTiles::<avx2::F32Row> {
+                w: w.as_ptr(),
+                row_bytes: 4 * k,
+                k,
+                act: act.as_ptr(),
+                act_row_bytes,
+                _row: PhantomData,
+            };
+            drive(&tiles, n_rows, n_tok, 4 * k, out, out_stride);
+        }
+    }
+}

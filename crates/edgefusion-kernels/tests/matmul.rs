@@ -1,0 +1,216 @@
+//! `matmul` equals `vec_dot` per (row, token) pair for every type, odd row and token
+//! counts, strided outputs, and every ISA this machine has.
+
+mod common;
+
+use common::*;
+use edgefusion_kernels::cpu::Isa;
+use edgefusion_kernels::{matmul, matmul_on, quantize_row, vec_dot_on, vec_dot_type, GgmlType};
+
+/// As in the vec_dot tests: the tiled kernels sum exact integer block dots in another
+/// order than the scalar reference.
+const SUMMATION_REL_TOL: f64 = 1e-5;
+
+/// Row and token counts: odd, smaller than and not multiples of the tile sizes (4×1, 2×4).
+const SHAPES: [(usize, usize); 8] = [
+    (1, 1),
+    (3, 1),
+    (7, 1),
+    (17, 1),
+    (1, 5),
+    (3, 2),
+    (5, 7),
+    (6, 4),
+];
+
+struct Case {
+    k: usize,
+    n_rows: usize,
+    n_tok: usize,
+    w: Vec<u8>,
+    act: Vec<u8>,
+    act_row_bytes: usize,
+}
+
+fn case(
+    ty: GgmlType,
+    k: usize,
+    n_rows: usize,
+    n_tok: usize,
+    rng: &mut XorShift,
+    exact: bool,
+) -> Case {
+    let act_ty = vec_dot_type(ty);
+    let act_row_bytes = act_ty.row_bytes(k).unwrap();
+    let mut w = Vec::new();
+    let mut act = Vec::new();
+    for _ in 0..n_rows {
+        if exact {
+            let code_max = if ty == GgmlType::Q8_0 { 31 } else { 127 };
+            w.extend(exact_row(ty, k, rng, code_max));
+        } else if ty.block_size() == 256 {
+            w.extend(quantize(ty, &weight_like(k, rng.next_u64())));
+        } else {
+            w.extend(random_row(ty, k, rng));
+        }
+    }
+    for _ in 0..n_tok {
+        if exact {
+            act.extend(exact_act(ty, k, rng));
+        } else {
+            let mut row = vec![0u8; act_row_bytes];
+            quantize_row(act_ty, &activation_like(k, rng.next_u64()), &mut row);
+            act.extend(row);
+        }
+    }
+    Case {
+        k,
+        n_rows,
+        n_tok,
+        w,
+        act,
+        act_row_bytes,
+    }
+}
+
+/// Runs `matmul_on(isa)` into a strided buffer full of NaN sentinels, checks the gaps are
+/// untouched, and returns `[t][r]`.
+fn run(isa: Isa, ty: GgmlType, c: &Case) -> Vec<Vec<f32>> {
+    let stride = c.n_rows + 3;
+    let mut out = vec![f32::NAN; (c.n_tok - 1) * stride + c.n_rows];
+    matmul_on(
+        isa, ty, c.k, &c.w, c.n_rows, &c.act, c.n_tok, &mut out, stride,
+    );
+    for t in 0..c.n_tok.saturating_sub(1) {
+        for gap in &out[t * stride + c.n_rows..(t + 1) * stride] {
+            assert!(
+                gap.is_nan(),
+                "{} on {}: wrote outside the rows",
+                ty.name(),
+                isa.name()
+            );
+        }
+    }
+    (0..c.n_tok)
+        .map(|t| out[t * stride..t * stride + c.n_rows].to_vec())
+        .collect()
+}
+
+fn reference(ty: GgmlType, c: &Case, r: usize, t: usize) -> (f32, f64) {
+    let rb = ty.row_bytes(c.k).unwrap();
+    let w = &c.w[r * rb..(r + 1) * rb];
+    let a = &c.act[t * c.act_row_bytes..(t + 1) * c.act_row_bytes];
+    (
+        vec_dot_on(Isa::Scalar, ty, c.k, w, a),
+        l1_magnitude(ty, c.k, w, a),
+    )
+}
+
+#[test]
+fn matmul_matches_vec_dot_per_pair_for_every_type() {
+    let mut rng = XorShift(0xA11);
+    for ty in GgmlType::ALL {
+        let ks: &[usize] = if ty.block_size() == 256 {
+            &[256, 512]
+        } else {
+            &[32, 96, 160, 576]
+        };
+        for &k in ks {
+            for (n_rows, n_tok) in SHAPES {
+                let c = case(ty, k, n_rows, n_tok, &mut rng, false);
+                for isa in isas() {
+                    let got = run(isa, ty, &c);
+                    for (t, got_t) in got.iter().enumerate() {
+                        for (r, &got_tr) in got_t.iter().enumerate() {
+                            let (want, l1) = reference(ty, &c, r, t);
+                            let tol = SUMMATION_REL_TOL * l1 + 1e-30;
+                            assert!(
+                                (got_tr as f64 - want as f64).abs() <= tol,
+                                "{} on {} k={k} {n_rows}x{n_tok} [t{t} r{r}]: {} vs {want}",
+                                ty.name(),
+                                isa.name(),
+                                got_tr
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tiled_matmul_is_exact_when_every_partial_sum_is_an_integer() {
+    let mut rng = XorShift(0xB0B);
+    for ty in OWN_TYPES {
+        for k in [32, 96, 128, 160, 224, 576, 1536] {
+            for (n_rows, n_tok) in [(5, 1), (9, 1), (3, 5), (4, 4)] {
+                let c = case(ty, k, n_rows, n_tok, &mut rng, true);
+                for isa in isas() {
+                    let got = run(isa, ty, &c);
+                    for (t, got_t) in got.iter().enumerate() {
+                        for (r, &got_tr) in got_t.iter().enumerate() {
+                            let (want, _) = reference(ty, &c, r, t);
+                            assert_eq!(
+                                got_tr,
+                                want,
+                                "{} on {} k={k} {n_rows}x{n_tok} [t{t} r{r}]",
+                                ty.name(),
+                                isa.name()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn large_prefill_crosses_row_chunks() {
+    // More rows than one L1 row chunk (16 KiB of weights) and more tokens than one tile.
+    let mut rng = XorShift(0xC4);
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::F16,
+    ] {
+        let c = case(ty, 576, 70, 9, &mut rng, true);
+        let got = run(edgefusion_kernels::cpu::isa(), ty, &c);
+        for (t, got_t) in got.iter().enumerate() {
+            for (r, &got_tr) in got_t.iter().enumerate() {
+                assert_eq!(
+                    got_tr,
+                    reference(ty, &c, r, t).0,
+                    "{} [t{t} r{r}]",
+                    ty.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn empty_shapes_write_nothing() {
+    let mut out = vec![1.5f32; 4];
+    matmul(GgmlType::Q4_0, 32, &[], 0, &[0u8; 34], 1, &mut out, 0);
+    matmul(GgmlType::Q4_0, 32, &[0u8; 18], 1, &[], 0, &mut out, 1);
+    assert!(out.iter().all(|&v| v == 1.5));
+}
+
+#[test]
+#[should_panic(expected = "output needs")]
+fn short_output_is_rejected() {
+    let mut out = vec![0.0f32; 3];
+    matmul(
+        GgmlType::Q8_0,
+        32,
+        &[0u8; 68],
+        2,
+        &[0u8; 68],
+        2,
+        &mut out,
+        2,
+    );
+}

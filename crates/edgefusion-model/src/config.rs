@@ -1,0 +1,363 @@
+//! Hyperparameters of a Llama-family model, read from GGUF metadata or a Hugging Face
+//! `config.json`, with the sizes derived from them.
+
+use edgefusion_io::gguf::GgufFile;
+use serde::Serialize;
+
+use crate::ModelError;
+
+/// Architectures the runtime runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Arch {
+    /// Llama, Mistral, SmolLM and friends: no attention biases.
+    Llama,
+    /// Qwen2: Llama with q/k/v biases.
+    Qwen2,
+}
+
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// How RoPE pairs the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum RopeStyle {
+    /// Rotates adjacent pairs `(x[2i], x[2i+1])` (GGUF llama: q/k were permuted by the converter).
+    Normal,
+    /// Rotates `(x[i], x[i + d/2])` (GPT-NeoX, Qwen2, and Hugging Face Llama weights as stored).
+    NeoX,
+}
+
+/// RoPE frequency scaling.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (`rope.scaling.type = linear`).
+    Linear { factor: f32 },
+    /// Llama 3.1 style: per-frequency factors, smooth between the low and high frequency bands.
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_context: usize,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub name: String,
+    pub n_layers: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Hidden width of the SwiGLU feed-forward block.
+    pub d_ff: usize,
+    pub vocab_size: usize,
+    /// Context length the model was trained for.
+    pub n_ctx_train: usize,
+    pub rms_eps: f32,
+    pub rope_base: f32,
+    /// Number of leading dimensions of each head that RoPE rotates.
+    pub rope_dim: usize,
+    pub rope_style: RopeStyle,
+    pub rope_scaling: RopeScaling,
+    /// The output head reuses the token embedding.
+    pub tied_embeddings: bool,
+}
+
+impl ModelConfig {
+    /// Reads the hyperparameters from a GGUF file's metadata.
+    pub fn from_gguf(gguf: &GgufFile, tied_embeddings: bool) -> Result<Self, ModelError> {
+        let arch_name = gguf.architecture()?;
+        let arch = match arch_name {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            other => {
+                return Err(ModelError::UnsupportedArch {
+                    file: gguf.path.display().to_string(),
+                    arch: other.to_string(),
+                })
+            }
+        };
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let d_model = gguf.get_u32(&key("embedding_length"))? as usize;
+        let n_heads = gguf.get_u32(&key("attention.head_count"))? as usize;
+        let n_kv_heads = match gguf.get(&key("attention.head_count_kv")) {
+            Some(_) => gguf.get_u32(&key("attention.head_count_kv"))? as usize,
+            None => n_heads,
+        };
+        let head_dim = if n_heads == 0 {
+            0
+        } else {
+            match gguf.get(&key("attention.key_length")) {
+                Some(_) => gguf.get_u32(&key("attention.key_length"))? as usize,
+                None => d_model / n_heads,
+            }
+        };
+        let rope_dim = match gguf.get(&key("rope.dimension_count")) {
+            Some(_) => gguf.get_u32(&key("rope.dimension_count"))? as usize,
+            None => head_dim,
+        };
+        let rope_base = match gguf.get(&key("rope.freq_base")) {
+            Some(_) => gguf.get_f32(&key("rope.freq_base"))?,
+            None => 10_000.0,
+        };
+        let rope_scaling = match gguf.get(&key("rope.scaling.type")) {
+            Some(_) => match gguf.get_str(&key("rope.scaling.type"))? {
+                "none" => RopeScaling::None,
+                "linear" => RopeScaling::Linear {
+                    factor: gguf.get_f32(&key("rope.scaling.factor"))?,
+                },
+                other => {
+                    return Err(ModelError::Invalid {
+                        file: gguf.path.display().to_string(),
+                        what: format!(
+                            "{}: rope scaling type '{other}' is not supported (supported: none, linear)",
+                            key("rope.scaling.type")
+                        ),
+                    })
+                }
+            },
+            None => RopeScaling::None,
+        };
+        let vocab_size = match gguf.get(&key("vocab_size")) {
+            Some(_) => gguf.get_u32(&key("vocab_size"))? as usize,
+            None => gguf
+                .get_str_array("tokenizer.ggml.tokens")
+                .map(|t| t.len())
+                .unwrap_or(0),
+        };
+        let cfg = ModelConfig {
+            arch,
+            name: gguf
+                .get_str("general.name")
+                .unwrap_or("unnamed")
+                .to_string(),
+            n_layers: gguf.get_u32(&key("block_count"))? as usize,
+            d_model,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            d_ff: gguf.get_u32(&key("feed_forward_length"))? as usize,
+            vocab_size,
+            n_ctx_train: gguf.get_u32(&key("context_length"))? as usize,
+            rms_eps: gguf.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
+            rope_base,
+            rope_dim,
+            rope_style: match arch {
+                Arch::Llama => RopeStyle::Normal,
+                Arch::Qwen2 => RopeStyle::NeoX,
+            },
+            rope_scaling,
+            tied_embeddings,
+        };
+        cfg.validate(&gguf.path.display().to_string())?;
+        Ok(cfg)
+    }
+
+    /// Reads a Hugging Face `config.json` (`LlamaForCausalLM`, `Qwen2ForCausalLM`).
+    pub fn from_hf_config(
+        json: &serde_json::Value,
+        file: &str,
+        tied_embeddings: bool,
+    ) -> Result<Self, ModelError> {
+        let invalid = |what: String| ModelError::Invalid {
+            file: file.to_string(),
+            what,
+        };
+        let get_usize = |k: &str| -> Result<usize, ModelError> {
+            json.get(k)
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .ok_or_else(|| invalid(format!("field '{k}' is missing or not a non-negative integer")))
+        };
+        let get_f32 = |k: &str, default: f32| -> Result<f32, ModelError> {
+            match json.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(default),
+                Some(v) => v
+                    .as_f64()
+                    .map(|v| v as f32)
+                    .ok_or_else(|| invalid(format!("field '{k}' must be a number"))),
+            }
+        };
+        let model_type = json
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| invalid("field 'model_type' is missing".into()))?;
+        let arch = match model_type {
+            "llama" | "mistral" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            other => {
+                return Err(ModelError::UnsupportedArch {
+                    file: file.to_string(),
+                    arch: other.to_string(),
+                })
+            }
+        };
+        let d_model = get_usize("hidden_size")?;
+        let n_heads = get_usize("num_attention_heads")?;
+        let n_kv_heads = match json.get("num_key_value_heads") {
+            Some(serde_json::Value::Null) | None => n_heads,
+            Some(_) => get_usize("num_key_value_heads")?,
+        };
+        let head_dim = match json.get("head_dim") {
+            Some(serde_json::Value::Null) | None => d_model.checked_div(n_heads).unwrap_or(0),
+            Some(_) => get_usize("head_dim")?,
+        };
+        let rope_scaling = match json.get("rope_scaling") {
+            None | Some(serde_json::Value::Null) => RopeScaling::None,
+            Some(obj) => {
+                let kind = obj
+                    .get("rope_type")
+                    .or_else(|| obj.get("type"))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("");
+                let num = |k: &str, d: f32| obj.get(k).and_then(|v| v.as_f64()).map_or(d, |v| v as f32);
+                match kind {
+                    "linear" => RopeScaling::Linear {
+                        factor: num("factor", 1.0),
+                    },
+                    "llama3" => RopeScaling::Llama3 {
+                        factor: num("factor", 8.0),
+                        low_freq_factor: num("low_freq_factor", 1.0),
+                        high_freq_factor: num("high_freq_factor", 4.0),
+                        original_context: num("original_max_position_embeddings", 8192.0) as usize,
+                    },
+                    "default" => RopeScaling::None,
+                    other => {
+                        return Err(invalid(format!(
+                            "rope_scaling type '{other}' is not supported (supported: linear, llama3)"
+                        )))
+                    }
+                }
+            }
+        };
+        let cfg = ModelConfig {
+            arch,
+            name: json
+                .get("_name_or_path")
+                .and_then(|v| v.as_str())
+                .unwrap_or(model_type)
+                .to_string(),
+            n_layers: get_usize("num_hidden_layers")?,
+            d_model,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            d_ff: get_usize("intermediate_size")?,
+            vocab_size: get_usize("vocab_size")?,
+            n_ctx_train: get_usize("max_position_embeddings")?,
+            rms_eps: get_f32("rms_norm_eps", 1e-6)?,
+            rope_base: get_f32("rope_theta", 10_000.0)?,
+            rope_dim: head_dim,
+            // Hugging Face stores q/k unpermuted: its rotate_half is the NeoX pairing.
+            rope_style: RopeStyle::NeoX,
+            rope_scaling,
+            tied_embeddings,
+        };
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ModelError> {
+        let fail = |what: String| {
+            Err(ModelError::Invalid {
+                file: file.to_string(),
+                what,
+            })
+        };
+        if self.n_layers == 0 || self.n_layers > 4096 {
+            return fail(format!("block count {} must be in 1..=4096", self.n_layers));
+        }
+        if self.d_model == 0 || self.d_model > 1 << 17 {
+            return fail(format!("embedding length {} must be in 1..=131072", self.d_model));
+        }
+        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return fail(format!(
+                "head count {} must be a positive multiple of the KV head count {}",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 || self.head_dim > 1024 {
+            return fail(format!("head dimension {} must be even and in 2..=1024", self.head_dim));
+        }
+        if self.rope_dim > self.head_dim || self.rope_dim % 2 != 0 {
+            return fail(format!(
+                "rope dimension {} must be even and at most the head dimension {}",
+                self.rope_dim, self.head_dim
+            ));
+        }
+        if self.d_ff == 0 || self.d_ff > 1 << 20 {
+            return fail(format!("feed-forward length {} must be in 1..=1048576", self.d_ff));
+        }
+        if self.vocab_size == 0 || self.vocab_size > 1 << 24 {
+            return fail(format!("vocabulary size {} must be in 1..=16777216", self.vocab_size));
+        }
+        if self.n_ctx_train == 0 {
+            return fail("context length must be positive".into());
+        }
+        if !(self.rms_eps > 0.0 && self.rms_eps < 1.0) {
+            return fail(format!("RMS norm epsilon {} must be in (0, 1)", self.rms_eps));
+        }
+        if !(self.rope_base > 0.0 && self.rope_base.is_finite()) {
+            return fail(format!("rope base {} must be positive", self.rope_base));
+        }
+        Ok(())
+    }
+
+    /// Width of all query heads together.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Width of all key (or value) heads together.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Query heads sharing one KV head.
+    pub fn gqa_group(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+
+    /// Parameters of the linear layers in the blocks (embedding and head excluded).
+    pub fn n_block_linear_params(&self) -> usize {
+        let attn = self.d_model * (self.q_dim() + 2 * self.kv_dim()) + self.q_dim() * self.d_model;
+        let ffn = 3 * self.d_model * self.d_ff;
+        self.n_layers * (attn + ffn)
+    }
+
+    /// All parameters (a tied head is counted once).
+    pub fn n_params(&self) -> usize {
+        let embd = self.vocab_size * self.d_model;
+        let head = if self.tied_embeddings { 0 } else { embd };
+        let norms = self.n_layers * 2 * self.d_model + self.d_model;
+        let biases = match self.arch {
+            Arch::Qwen2 => self.n_layers * (self.q_dim() + 2 * self.kv_dim()),
+            Arch::Llama => 0,
+        };
+        embd + head + norms + biases + self.n_block_linear_params()
+    }
+
+    /// Floating-point operations to produce one token at context position `n_past`,
+    /// counted from the shapes: 2 per multiply-add in every matmul (the head included)
+    /// plus the attention scores and weighted sum over `n_past + 1` positions.
+    pub fn flops_per_token(&self, n_past: usize) -> f64 {
+        let matmul = 2.0 * (self.n_block_linear_params() + self.vocab_size * self.d_model) as f64;
+        let attn = 2.0 * 2.0 * (self.n_layers * self.q_dim()) as f64 * (n_past + 1) as f64;
+        matmul + attn
+    }
+
+    /// Bytes of KV cache per token position (f32 keys and values).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.n_layers * 2 * self.kv_dim() * std::mem::size_of::<f32>()
+    }
+}

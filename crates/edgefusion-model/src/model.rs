@@ -1,0 +1,164 @@
+//! A Llama-family decoder stack with its weights bound to their roles.
+
+use edgefusion_io::names::TensorRole;
+use edgefusion_io::ModelSource;
+
+use crate::config::ModelConfig;
+use crate::linear::{vector_from_view, Linear};
+use crate::ModelError;
+
+/// Attention weights of one layer: `q = Wq x (+ bq)`, etc.
+#[derive(Debug)]
+pub struct Attention<'a> {
+    /// (q_dim, d_model)
+    pub wq: Linear<'a>,
+    /// (kv_dim, d_model)
+    pub wk: Linear<'a>,
+    /// (kv_dim, d_model)
+    pub wv: Linear<'a>,
+    /// (d_model, q_dim)
+    pub wo: Linear<'a>,
+    /// Biases (Qwen2): (q_dim), (kv_dim), (kv_dim).
+    pub bq: Option<Vec<f32>>,
+    pub bk: Option<Vec<f32>>,
+    pub bv: Option<Vec<f32>>,
+}
+
+/// The token mixer of a layer. Attention keeps a KV cache; an SSM (coming with the hybrid
+/// models) keeps a constant-size recurrent state.
+#[derive(Debug)]
+pub enum Mixer<'a> {
+    Attention(Attention<'a>),
+}
+
+/// SwiGLU feed-forward: `down(silu(gate x) * up x)`.
+#[derive(Debug)]
+pub struct FeedForward<'a> {
+    /// (d_ff, d_model)
+    pub gate: Linear<'a>,
+    /// (d_ff, d_model)
+    pub up: Linear<'a>,
+    /// (d_model, d_ff)
+    pub down: Linear<'a>,
+}
+
+/// Pre-norm residual block: `x += mixer(norm(x)); x += ffn(norm(x))`.
+#[derive(Debug)]
+pub struct DecoderLayer<'a> {
+    /// (d_model)
+    pub attn_norm: Vec<f32>,
+    pub mixer: Mixer<'a>,
+    /// (d_model)
+    pub ffn_norm: Vec<f32>,
+    pub ffn: FeedForward<'a>,
+}
+
+#[derive(Debug)]
+pub struct Model<'a> {
+    pub config: ModelConfig,
+    /// (vocab_size, d_model)
+    pub token_embd: Linear<'a>,
+    /// (vocab_size, d_model); `None` when the head is tied to `token_embd`.
+    pub output: Option<Linear<'a>>,
+    /// (d_model)
+    pub output_norm: Vec<f32>,
+    pub layers: Vec<DecoderLayer<'a>>,
+}
+
+impl<'a> Model<'a> {
+    /// Binds the weights of `source` (GGUF file or Hugging Face folder); nothing is copied
+    /// except the small norm and bias vectors.
+    pub fn load(source: &'a ModelSource) -> Result<Self, ModelError> {
+        let file = source.path().display().to_string();
+        let tied = source.try_tensor(TensorRole::Output, None).is_none();
+        let config = match source {
+            ModelSource::Gguf(gguf) => ModelConfig::from_gguf(gguf, tied)?,
+            ModelSource::HfDir(dir) => {
+                ModelConfig::from_hf_config(dir.config(), &dir.dir.join("config.json").display().to_string(), tied)?
+            }
+        };
+        let c = &config;
+        let linear = |role: TensorRole, layer: Option<usize>, n_in: usize, n_out: usize| {
+            Linear::from_view(source.tensor(role, layer)?, &file, n_in, n_out)
+        };
+        let vector = |role: TensorRole, layer: Option<usize>, n: usize| {
+            vector_from_view(source.tensor(role, layer)?, &file, n)
+        };
+        let optional_vector = |role: TensorRole, layer: Option<usize>, n: usize| {
+            source
+                .try_tensor(role, layer)
+                .map(|view| vector_from_view(view, &file, n))
+                .transpose()
+        };
+
+        let token_embd = linear(TensorRole::TokenEmbd, None, c.d_model, c.vocab_size)?;
+        let output = if tied {
+            None
+        } else {
+            Some(linear(TensorRole::Output, None, c.d_model, c.vocab_size)?)
+        };
+        let output_norm = vector(TensorRole::OutputNorm, None, c.d_model)?;
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let l = Some(i);
+            let attention = Attention {
+                wq: linear(TensorRole::AttnQ, l, c.d_model, c.q_dim())?,
+                wk: linear(TensorRole::AttnK, l, c.d_model, c.kv_dim())?,
+                wv: linear(TensorRole::AttnV, l, c.d_model, c.kv_dim())?,
+                wo: linear(TensorRole::AttnOutput, l, c.q_dim(), c.d_model)?,
+                bq: optional_vector(TensorRole::AttnQBias, l, c.q_dim())?,
+                bk: optional_vector(TensorRole::AttnKBias, l, c.kv_dim())?,
+                bv: optional_vector(TensorRole::AttnVBias, l, c.kv_dim())?,
+            };
+            layers.push(DecoderLayer {
+                attn_norm: vector(TensorRole::AttnNorm, l, c.d_model)?,
+                mixer: Mixer::Attention(attention),
+                ffn_norm: vector(TensorRole::FfnNorm, l, c.d_model)?,
+                ffn: FeedForward {
+                    gate: linear(TensorRole::FfnGate, l, c.d_model, c.d_ff)?,
+                    up: linear(TensorRole::FfnUp, l, c.d_model, c.d_ff)?,
+                    down: linear(TensorRole::FfnDown, l, c.d_ff, c.d_model)?,
+                },
+            });
+        }
+        Ok(Model {
+            config,
+            token_embd,
+            output,
+            output_norm,
+            layers,
+        })
+    }
+
+    /// The matrix that maps the final hidden state to logits.
+    pub fn head(&self) -> &Linear<'a> {
+        self.output.as_ref().unwrap_or(&self.token_embd)
+    }
+
+    /// Bytes of all weights the forward pass reads (the tied head counted once).
+    pub fn weight_bytes(&self) -> usize {
+        let mut total = self.token_embd.bytes().len()
+            + self.output.as_ref().map_or(0, |o| o.bytes().len())
+            + self.output_norm.len() * 4;
+        for layer in &self.layers {
+            total += (layer.attn_norm.len() + layer.ffn_norm.len()) * 4;
+            match &layer.mixer {
+                Mixer::Attention(a) => {
+                    total += [&a.wq, &a.wk, &a.wv, &a.wo]
+                        .iter()
+                        .map(|w| w.bytes().len())
+                        .sum::<usize>();
+                    total += [&a.bq, &a.bk, &a.bv]
+                        .iter()
+                        .map(|b| b.as_ref().map_or(0, |b| b.len() * 4))
+                        .sum::<usize>();
+                }
+            }
+            total += [&layer.ffn.gate, &layer.ffn.up, &layer.ffn.down]
+                .iter()
+                .map(|w| w.bytes().len())
+                .sum::<usize>();
+        }
+        total
+    }
+}

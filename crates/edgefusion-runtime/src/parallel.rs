@@ -1,0 +1,112 @@
+//! How the engine spreads a linear layer over threads.
+//!
+//! Decode (one token) splits the output rows, so each thread streams its own slice of the
+//! weights once. Prefill (many tokens) splits the tokens: each thread reads the whole matrix,
+//! row panel by row panel sized to stay in L2, and reuses every panel across its tokens.
+
+use edgefusion_model::Linear;
+use rayon::prelude::*;
+
+/// Bytes of weights per row panel in prefill: about a quarter of a typical 1–2 MiB L2.
+const PANEL_BYTES: usize = 256 * 1024;
+/// Decode splits rows in multiples of this (keeps SIMD kernels on whole row groups).
+const ROW_ALIGN: usize = 16;
+
+/// A pool of worker threads, or the calling thread alone.
+pub struct Threads {
+    pool: Option<rayon::ThreadPool>,
+    n_threads: usize,
+}
+
+impl Threads {
+    /// `n_threads` ≥ 1 workers (the caller validates the count).
+    pub fn new(n_threads: usize) -> Result<Self, rayon::ThreadPoolBuildError> {
+        let pool = if n_threads > 1 {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n_threads)
+                    .thread_name(|i| format!("edgefusion-{i}"))
+                    .build()?,
+            )
+        } else {
+            None
+        };
+        Ok(Threads { pool, n_threads })
+    }
+
+    pub fn n_threads(&self) -> usize {
+        self.n_threads
+    }
+
+    /// Runs `f` inside the pool so the parallel loops in it use these workers.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(pool) => pool.install(f),
+            None => f(),
+        }
+    }
+
+    /// Calls `f(index, chunk)` for consecutive `chunk_len`-sized chunks of `out`, in parallel
+    /// when there is more than one thread. Must be called inside [`Threads::install`].
+    pub fn for_chunks<F>(&self, out: &mut [f32], chunk_len: usize, f: F)
+    where
+        F: Fn(usize, &mut [f32]) + Sync + Send,
+    {
+        let chunk_len = chunk_len.max(1);
+        if self.n_threads == 1 || out.len() <= chunk_len {
+            out.chunks_mut(chunk_len).enumerate().for_each(|(i, c)| f(i, c));
+        } else {
+            out.par_chunks_mut(chunk_len)
+                .enumerate()
+                .for_each(|(i, c)| f(i, c));
+        }
+    }
+
+    /// `out (n_tok, w.n_out) = act (n_tok, w.n_in) · wᵀ`, where `act` holds `n_tok` rows already
+    /// quantized to `w.act_type()`, each `act_row_bytes` long.
+    pub fn linear(&self, w: &Linear<'_>, act: &[u8], act_row_bytes: usize, n_tok: usize, out: &mut [f32]) {
+        let n_out = w.n_out;
+        let out = &mut out[..n_tok * n_out];
+        if n_tok == 1 {
+            let per_thread = n_out.div_ceil(self.n_threads);
+            let chunk = per_thread.div_ceil(ROW_ALIGN) * ROW_ALIGN;
+            self.for_chunks(out, chunk, |i, rows_out| {
+                let r0 = i * chunk;
+                let r1 = r0 + rows_out.len();
+                edgefusion_kernels::matmul(
+                    w.dtype,
+                    w.n_in,
+                    w.rows(r0, r1),
+                    r1 - r0,
+                    act,
+                    1,
+                    rows_out,
+                    rows_out.len(),
+                );
+            });
+            return;
+        }
+        let tok_chunk = n_tok.div_ceil(self.n_threads);
+        let panel_rows = (PANEL_BYTES / w.row_bytes().max(1)).clamp(ROW_ALIGN, n_out.max(ROW_ALIGN));
+        self.for_chunks(out, tok_chunk * n_out, |i, tok_out| {
+            let t0 = i * tok_chunk;
+            let nt = tok_out.len() / n_out;
+            let act_rows = &act[t0 * act_row_bytes..(t0 + nt) * act_row_bytes];
+            let mut r0 = 0;
+            while r0 < n_out {
+                let r1 = (r0 + panel_rows).min(n_out);
+                edgefusion_kernels::matmul(
+                    w.dtype,
+                    w.n_in,
+                    w.rows(r0, r1),
+                    r1 - r0,
+                    act_rows,
+                    nt,
+                    &mut tok_out[r0..],
+                    n_out,
+                );
+                r0 = r1;
+            }
+        });
+    }
+}

@@ -1,0 +1,211 @@
+//! The engine against independent reference logits: a float64 numpy forward pass over the
+//! (dequantized) weights of each tiny fixture model (scripts/make-tiny-models.py), and
+//! prefill against step-by-step decode.
+
+use std::path::PathBuf;
+
+use edgefusion_io::ModelSource;
+use edgefusion_model::Model;
+use edgefusion_runtime::sampler::argmax;
+use edgefusion_runtime::{Logits, Session, SessionOptions};
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+struct Reference {
+    tokens: Vec<u32>,
+    /// (n_tokens, vocab)
+    logits: Vec<Vec<f32>>,
+    greedy: Vec<u32>,
+    long: Option<(Vec<u32>, Vec<Vec<f32>>)>,
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("id array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+fn matrix(v: &Value) -> Vec<Vec<f32>> {
+    v.as_array()
+        .expect("rows")
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .expect("row")
+                .iter()
+                .map(|x| x.as_f64().expect("logit") as f32)
+                .collect()
+        })
+        .collect()
+}
+
+fn reference(name: &str) -> Reference {
+    let text = std::fs::read_to_string(fixture(&format!("{name}.json"))).expect("fixture json");
+    let json: Value = serde_json::from_str(&text).expect("valid json");
+    Reference {
+        tokens: ids(&json["tokens"]),
+        logits: matrix(&json["logits"]),
+        greedy: ids(&json["greedy_continuation"]),
+        long: json
+            .get("long")
+            .map(|l| (ids(&l["tokens"]), matrix(&l["logits"]))),
+    }
+}
+
+/// Largest |ours - reference| over a row, relative to the row's largest |reference|.
+fn max_rel_error(ours: &[f32], reference: &[f32]) -> f32 {
+    let scale = reference.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    ours.iter()
+        .zip(reference)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
+fn all_logits(session: &mut Session<'_>, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let vocab = session.model().config.vocab_size;
+    session.reset();
+    let logits = session.forward(tokens, Logits::From(0)).expect("forward");
+    logits.chunks(vocab).map(|r| r.to_vec()).collect()
+}
+
+fn check_model(name: &str, tolerance: f32) {
+    let source = ModelSource::open(fixture(&format!("{name}.gguf"))).expect("open fixture");
+    let model = Model::load(&source).expect("load fixture");
+    let reference = reference(name);
+    for threads in [1, 2] {
+        let mut opts = SessionOptions::new(64, threads);
+        opts.max_logits = 64;
+        // A small batch forces prefill to be split into several steps.
+        opts.max_batch = 5;
+        let mut session = Session::new(&model, opts).expect("session");
+        let ours = all_logits(&mut session, &reference.tokens);
+        for (pos, (a, b)) in ours.iter().zip(&reference.logits).enumerate() {
+            let err = max_rel_error(a, b);
+            assert!(
+                err <= tolerance,
+                "{name} ({threads} threads): position {pos} relative error {err} > {tolerance}"
+            );
+        }
+        if let Some((tokens, logits)) = &reference.long {
+            let ours = all_logits(&mut session, tokens);
+            for (pos, (a, b)) in ours.iter().zip(logits).enumerate() {
+                let err = max_rel_error(a, b);
+                assert!(err <= tolerance, "{name} long: position {pos} error {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_llama_matches_reference_to_1e4() {
+    check_model("tiny-llama-f32", 1e-4);
+}
+
+#[test]
+fn f32_qwen2_with_biases_and_tied_head_matches_reference_to_1e4() {
+    check_model("tiny-qwen2-f32", 1e-4);
+}
+
+// Quantized weights: the reference uses the same dequantized weights, so what remains is the
+// 8-bit quantization of the activations (F16 keeps f32 activations). Measured: 2.4% of the
+// largest logit at worst, the same for Q8_0 as for Q4_0 weights, i.e. it comes from the
+// activations, not from a weight kernel.
+const ACT_Q8_TOLERANCE: f32 = 3e-2;
+#[test]
+fn f16_llama_matches_reference() {
+    check_model("tiny-llama-f16", 1e-4);
+}
+
+#[test]
+fn q8_0_llama_matches_reference() {
+    check_model("tiny-llama-q8_0", ACT_Q8_TOLERANCE);
+}
+
+#[test]
+fn q4_0_llama_matches_reference() {
+    check_model("tiny-llama-q4_0", ACT_Q8_TOLERANCE);
+}
+
+#[test]
+fn q4_1_llama_matches_reference() {
+    check_model("tiny-llama-q4_1", ACT_Q8_TOLERANCE);
+}
+
+#[test]
+fn q4_k_m_llama_matches_reference() {
+    check_model("tiny-llama256-q4_k_m", ACT_Q8_TOLERANCE);
+}
+
+#[test]
+fn greedy_continuation_matches_reference() {
+    for name in ["tiny-llama-f32", "tiny-qwen2-f32"] {
+        let source = ModelSource::open(fixture(&format!("{name}.gguf"))).expect("open");
+        let model = Model::load(&source).expect("load");
+        let reference = reference(name);
+        let mut session = Session::new(&model, SessionOptions::new(64, 2)).expect("session");
+        let mut logits = session
+            .forward(&reference.tokens, Logits::Last)
+            .expect("prefill")
+            .to_vec();
+        let mut continuation = Vec::new();
+        for _ in 0..reference.greedy.len() {
+            let next = argmax(&logits);
+            continuation.push(next);
+            logits = session.forward(&[next], Logits::Last).expect("decode").to_vec();
+        }
+        assert_eq!(continuation, reference.greedy, "{name}");
+    }
+}
+
+#[test]
+fn prefill_then_decode_equals_single_steps() {
+    for name in ["tiny-llama-f32", "tiny-llama-q4_0", "tiny-qwen2-f32"] {
+        let source = ModelSource::open(fixture(&format!("{name}.gguf"))).expect("open");
+        let model = Model::load(&source).expect("load");
+        let reference = reference(name);
+        let tokens = &reference.tokens;
+        let vocab = model.config.vocab_size;
+        let mut opts = SessionOptions::new(64, 2);
+        opts.max_logits = 64;
+        let mut batched = Session::new(&model, opts.clone()).expect("session");
+        let split = tokens.len() / 2;
+        let mut prefill = batched
+            .forward(&tokens[..split], Logits::From(0))
+            .expect("prefill")
+            .to_vec();
+        for &t in &tokens[split..] {
+            prefill.extend_from_slice(batched.forward(&[t], Logits::Last).expect("decode"));
+        }
+        let mut stepwise = Session::new(&model, opts).expect("session");
+        let mut steps = Vec::new();
+        for &t in tokens {
+            steps.extend_from_slice(stepwise.forward(&[t], Logits::Last).expect("step"));
+        }
+        for (pos, (a, b)) in prefill.chunks(vocab).zip(steps.chunks(vocab)).enumerate() {
+            let err = max_rel_error(a, b);
+            assert!(err <= 1e-5, "{name}: position {pos}: prefill vs steps error {err}");
+        }
+    }
+}
+
+#[test]
+fn context_overflow_and_bad_tokens_are_errors() {
+    let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).expect("open");
+    let model = Model::load(&source).expect("load");
+    let mut session = Session::new(&model, SessionOptions::new(8, 1)).expect("session");
+    let err = session.forward(&[1; 9], Logits::Last).unwrap_err();
+    assert!(err.to_string().contains("context"), "{err}");
+    session.forward(&[1; 8], Logits::Last).expect("exactly full context");
+    assert!(session.forward(&[1], Logits::Last).is_err());
+    session.reset();
+    let err = session.forward(&[100_000], Logits::Last).unwrap_err();
+    assert!(err.to_string().contains("100000"), "{err}");
+    assert!(Session::new(&model, SessionOptions::new(8, 0)).is_err());
+}
