@@ -45,6 +45,10 @@ PROMPTS = [
     "by water and later by steam. Historians still debate its causes, but most agree that",
     "Water boils at 100 degrees Celsius, which is",
     "Zürich, München und Köln sind Städte, die",
+    "The first three planets from the Sun are",
+    "To make a cup of tea, first",
+    "import numpy as np\n\ndef mean(values):",
+    "Photosynthesis is the process by which plants",
 ]
 
 N_CTX = 512

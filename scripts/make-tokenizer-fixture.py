@@ -10,6 +10,8 @@ them with the SmolLM2-135M-Instruct GGUF vocabulary:
   decoded          detokenize(ids, special=True)                 (control tokens written out)
   decoded_plain    detokenize(ids, special=False)                (control tokens left out)
 
+and, for RANDOM_CASES seeded random strings stitched from PIECES (special tokens, contractions,
+digits, odd whitespace, combining marks, emoji, scripts), `ids` alone;
 plus the vocabulary facts the Rust test checks: size, BOS/EOS ids, add_bos/add_eos and the
 full set of end-of-generation ids (llama_vocab_is_eog over the whole vocabulary).
 The Rust test (crates/edgefusion-runtime/tests/tokenizer_vectors.rs) compares our
@@ -23,6 +25,7 @@ from scripts/fetch-assets.sh --model):
 import json
 import os
 import pathlib
+import random
 import sys
 
 import llama_cpp
@@ -65,6 +68,27 @@ TEXTS = [
     "<filename>src/main.rs<file_sep><gh_stars>42",
 ]
 
+RANDOM_CASES = 200
+RANDOM_SEED = 20241122
+PIECES = [
+    "Hello", " world", "  ", "\n", "\n\n", "\t", " ", "'s", "'LL", "'re", "don't", "123",
+    "4567890", "3.14", "é", "ñ", "日本", "中文", "한국어", "Привет", "مرحبا", "🚀", "👨\u200d👩\u200d👧",
+    "🇫🇷", "\u200d", "\r\n", "   \n  ", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<s>", "</s>",
+    "<|eot_id|>", "<", "|", ">", "def ", "():", "{", "}", "==", "->", "...", "—", "“", "”", "’", "½",
+    "ſ", "\u212a", "ﬁ", "Ⅻ", "①", "٣", "३", "\u00a0", "\u2028", "\u3000", "\x0b", "\x0c", "ǅ",
+    "ß", "İ", "ı", "µ", "\u0301", "e\u0301", "ゴ", "ｶ", "𝔘", "\U0001F600", "<filename>",
+]
+
+
+def random_text(rng: random.Random) -> str:
+    parts = []
+    for _ in range(rng.randint(0, 24)):
+        if rng.random() < 0.8:
+            parts.append(rng.choice(PIECES))
+        else:
+            parts.append(chr(rng.randint(0x20, 0x2FFF)))
+    return "".join(parts)
+
 
 def to_json(fixture: dict) -> str:
     """Pretty JSON with one case per line, so a diff shows which case changed."""
@@ -72,9 +96,12 @@ def to_json(fixture: dict) -> str:
     def compact(value) -> str:
         return json.dumps(value, ensure_ascii=False)
 
-    head = [f" {compact(key)}: {compact(value)}" for key, value in fixture.items() if key != "cases"]
-    cases = ",\n".join(f"  {compact(case)}" for case in fixture["cases"])
-    return "{\n" + ",\n".join(head) + ',\n "cases": [\n' + cases + "\n ]\n}\n"
+    lists = ("cases", "random_cases")
+    lines = [f" {compact(key)}: {compact(value)}" for key, value in fixture.items() if key not in lists]
+    for key in lists:
+        items = ",\n".join(f"  {compact(item)}" for item in fixture[key])
+        lines.append(f" {compact(key)}: [\n{items}\n ]")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def main() -> None:
@@ -101,6 +128,12 @@ def main() -> None:
             }
         )
 
+    rng = random.Random(RANDOM_SEED)
+    random_cases = []
+    for _ in range(RANDOM_CASES):
+        text = random_text(rng)
+        random_cases.append({"text": text, "ids": llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)})
+
     fixture = {
         "generator": f"scripts/make-tokenizer-fixture.py with llama-cpp-python {llama_cpp.__version__}",
         "model": model_path.name,
@@ -111,10 +144,11 @@ def main() -> None:
         "add_eos": bool(llama_cpp.llama_vocab_get_add_eos(vocab)),
         "eog_ids": [i for i in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, i)],
         "cases": cases,
+        "random_cases": random_cases,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(to_json(fixture), encoding="utf-8")
-    print(f"wrote {out_path}: {len(cases)} cases")
+    print(f"wrote {out_path}: {len(cases)} cases, {len(random_cases)} random cases")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@
 # The sdist comes from PyPI through `pip download` (no URLs). Idempotent: a finished
 # build that still imports and runs is left alone. Set FORCE=1 to rebuild.
 #
-# Takes ~20-40 min on 2 cores the first time; run it in the background:
+# Takes ~30 min on 2 busy cores the first time (python package ~11 min, tools ~20 min);
+# run it in the background:
 #   nohup scripts/setup-llamacpp.sh > /tmp/setup-llamacpp.log 2>&1 &
 set -euo pipefail
 
@@ -20,7 +21,7 @@ LLAMA_CPP_PYTHON_VERSION="0.3.36"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${EDGEFUSION_LLAMACPP_VENV:-$REPO_ROOT/.venv-llamacpp}"
 ASSETS="${EDGEFUSION_ASSETS:-$REPO_ROOT/assets}"
-CACHE="$ASSETS/.cache/pip"
+CACHE="$ASSETS/.cache/sdist"   # shared with scripts/fetch-assets.sh
 SRC_PARENT="$VENV/src"
 SRC="$SRC_PARENT/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION"
 TOOLS_BUILD="$VENV/llama.cpp-build"
@@ -53,7 +54,24 @@ tools_ok() {
         [[ "$(cat "$TOOLS_BUILD/.edgefusion-version")" == "$LLAMA_CPP_PYTHON_VERSION" ]]
 }
 
+# no AMX instructions may have been emitted into either CPU backend
+amx_scan() {
+    local lib n
+    if command -v objdump >/dev/null; then
+        for lib in "$TOOLS_BUILD/bin/libggml-cpu.so" \
+            "$("$VENV/bin/python" -c 'import llama_cpp, os; print(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-cpu.so"))')"; do
+            [[ -f "$lib" ]] || die "expected CPU backend library $lib"
+            n=$(objdump -d "$lib" | grep -c -E '\b(tdpb[a-z0-9]*|tileloadd[a-z0-9]*|ldtilecfg|sttilecfg|tilestored|tilezero|tilerelease)\b' || true)
+            [[ "$n" == 0 ]] || die "$lib contains $n AMX instructions"
+        done
+        log "checked: no AMX instructions in the CPU backends"
+    else
+        log "objdump not found: skipping the AMX instruction scan"
+    fi
+}
+
 if [[ "${FORCE:-0}" != "1" ]] && python_ok && tools_ok; then
+    amx_scan
     log "already built: llama-cpp-python $LLAMA_CPP_PYTHON_VERSION in $VENV, tools in $TOOLS_BUILD/bin (FORCE=1 rebuilds)"
     exit 0
 fi
@@ -115,8 +133,9 @@ if [[ ! -f "$SRC/vendor/llama.cpp/CMakeLists.txt" ]]; then
 fi
 [[ -f "$SRC/vendor/llama.cpp/CMakeLists.txt" ]] || die "sdist has no vendor/llama.cpp/CMakeLists.txt"
 
-# Same compile flags in both builds, same absolute source paths => ccache lets the
-# second build reuse the ggml/llama objects of the first.
+# ccache (if installed) makes a FORCE=1 rebuild or a re-run after a failed build quick.
+# (The python build compiles "unity" sources in a temporary dir, so the two builds
+# below do not share objects.)
 export CCACHE_DIR="${CCACHE_DIR:-$VENV/.ccache}"
 export CCACHE_BASEDIR="$VENV"
 export CCACHE_NOHASHDIR=1
@@ -180,8 +199,10 @@ CC_JSON="$TOOLS_BUILD/compile_commands.json"
 [[ -f "$CC_JSON" ]] || die "missing $CC_JSON"
 grep -q -- "-mno-amx-int8" "$CC_JSON" || die "tools build compile commands lack -mno-amx-int8"
 grep -q -- "-march=native" "$CC_JSON" || die "tools build compile commands lack -march=native"
-grep -q "GGML_AMX_INT8" "$CC_JSON" && die "tools build defines GGML_AMX_INT8 (AMX enabled)"
+if grep -q "GGML_AMX_INT8" "$CC_JSON"; then die "tools build defines GGML_AMX_INT8 (AMX enabled)"; fi
 tools_ok || die "tools were built but do not run"
+
+amx_scan
 
 log "done in $(( $(stamp) - T0 ))s"
 log "  python : $PY  (llama-cpp-python $LLAMA_CPP_PYTHON_VERSION)"

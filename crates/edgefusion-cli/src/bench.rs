@@ -24,10 +24,20 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Prompt lengths to test (comma-separated; 0 skips pp).
-    #[arg(short = 'p', long = "n-prompt", value_delimiter = ',', default_value = "512")]
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "512"
+    )]
     pub n_prompt: Vec<usize>,
     /// Generation lengths to test (comma-separated; 0 skips tg).
-    #[arg(short = 'n', long = "n-gen", value_delimiter = ',', default_value = "128")]
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
     pub n_gen: Vec<usize>,
     /// Thread counts to test (comma-separated) [default: physical cores].
     #[arg(short = 't', long = "threads", value_delimiter = ',')]
@@ -96,12 +106,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
         opts.max_batch = 512;
         let mut session = Session::new(&model, opts)?;
         let mut rng = Rng::new(42);
-        let mut random_tokens = |n: usize| -> Vec<u32> {
-            (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect()
-        };
+        let mut random_tokens =
+            |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect() };
         let mut tests: Vec<(String, usize, usize)> = Vec::new();
-        tests.extend(args.n_prompt.iter().filter(|&&p| p > 0).map(|&p| (format!("pp{p}"), p, 0)));
-        tests.extend(args.n_gen.iter().filter(|&&n| n > 0).map(|&n| (format!("tg{n}"), 0, n)));
+        tests.extend(
+            args.n_prompt
+                .iter()
+                .filter(|&&p| p > 0)
+                .map(|&p| (format!("pp{p}"), p, 0)),
+        );
+        tests.extend(
+            args.n_gen
+                .iter()
+                .filter(|&&n| n > 0)
+                .map(|&n| (format!("tg{n}"), 0, n)),
+        );
         for (test, n_prompt, n_gen) in tests {
             let prompt = random_tokens(n_prompt.max(1));
             let mut samples = Vec::with_capacity(args.repetitions);

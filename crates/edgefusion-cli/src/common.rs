@@ -56,7 +56,10 @@ pub fn load_tokenizer(source: &ModelSource) -> Result<Tokenizer> {
             .with_context(|| format!("{}: reading the tokenizer", gguf.path.display())),
         ModelSource::HfDir(dir) => {
             let path = dir.tokenizer_json.as_deref().with_context(|| {
-                format!("{}: no tokenizer.json in the model folder", dir.dir.display())
+                format!(
+                    "{}: no tokenizer.json in the model folder",
+                    dir.dir.display()
+                )
             })?;
             Tokenizer::from_tokenizer_json(path)
                 .with_context(|| format!("{}: reading the tokenizer", path.display()))
@@ -67,7 +70,10 @@ pub fn load_tokenizer(source: &ModelSource) -> Result<Tokenizer> {
 /// The chat template of the model, if it declares one.
 pub fn chat_template(source: &ModelSource) -> Option<String> {
     match source {
-        ModelSource::Gguf(gguf) => gguf.get_str("tokenizer.chat_template").ok().map(str::to_string),
+        ModelSource::Gguf(gguf) => gguf
+            .get_str("tokenizer.chat_template")
+            .ok()
+            .map(str::to_string),
         ModelSource::HfDir(dir) => {
             let cfg_path = dir.dir.join("tokenizer_config.json");
             let text = std::fs::read_to_string(cfg_path).ok()?;

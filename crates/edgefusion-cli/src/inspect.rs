@@ -29,9 +29,11 @@ pub fn run(args: InspectArgs) -> Result<()> {
     let tied = source.try_tensor(TensorRole::Output, None).is_none();
     let config = match &source {
         ModelSource::Gguf(gguf) => ModelConfig::from_gguf(gguf, tied),
-        ModelSource::HfDir(dir) => {
-            ModelConfig::from_hf_config(dir.config(), &dir.dir.join("config.json").display().to_string(), tied)
-        }
+        ModelSource::HfDir(dir) => ModelConfig::from_hf_config(
+            dir.config(),
+            &dir.dir.join("config.json").display().to_string(),
+            tied,
+        ),
     };
     println!("file: {}", args.model.display());
     match &source {
@@ -79,7 +81,10 @@ pub fn run(args: InspectArgs) -> Result<()> {
         BTreeMap::new();
     let (mut total_weights, mut total_bytes) = (0usize, 0usize);
     if args.tensors {
-        println!("\n{:<36} {:>6} {:>18} {:>12} {:>6}", "tensor", "type", "shape", "bytes", "bpw");
+        println!(
+            "\n{:<36} {:>6} {:>18} {:>12} {:>6}",
+            "tensor", "type", "shape", "bytes", "bpw"
+        );
     }
     for t in &tensors {
         let n: usize = t.shape.iter().product();
@@ -104,7 +109,10 @@ pub fn run(args: InspectArgs) -> Result<()> {
             );
         }
     }
-    println!("\n{:<12} {:>12} {:>10} {:>7}  types", "role", "weights", "MiB", "bpw");
+    println!(
+        "\n{:<12} {:>12} {:>10} {:>7}  types",
+        "role", "weights", "MiB", "bpw"
+    );
     for (role, (n, bytes, types)) in &by_role {
         let types: Vec<String> = types.iter().map(|(t, c)| format!("{t}×{c}")).collect();
         println!(
@@ -131,7 +139,11 @@ pub fn run(args: InspectArgs) -> Result<()> {
 fn summarize(value: &MetaValue) -> String {
     match value {
         MetaValue::String(s) => {
-            let one_line: String = s.chars().take(80).map(|c| if c == '\n' { ' ' } else { c }).collect();
+            let one_line: String = s
+                .chars()
+                .take(80)
+                .map(|c| if c == '\n' { ' ' } else { c })
+                .collect();
             if s.chars().count() > 80 {
                 format!("{one_line:?}…")
             } else {

@@ -107,7 +107,10 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         session.reset();
         // Logit rows first..n_ctx-1 predict tokens first+1..n_ctx.
         let logits = session.forward(&window, Logits::From(first))?;
-        for (row, &target) in logits.chunks(vocab).zip(&tokens[chunk * n_ctx + first + 1..(chunk + 1) * n_ctx]) {
+        for (row, &target) in logits
+            .chunks(vocab)
+            .zip(&tokens[chunk * n_ctx + first + 1..(chunk + 1) * n_ctx])
+        {
             let loss = -log_softmax_at(row, target as usize);
             nll += loss;
             nll2 += loss * loss;

@@ -53,6 +53,9 @@ pub struct RunArgs {
     /// Threads [default: physical cores].
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
+    /// Print the prompt as the model sees it (after the chat template) and its token ids.
+    #[arg(long)]
+    pub verbose_prompt: bool,
     /// Print time to first token, prefill and decode speed, memory and FLOPs to stderr.
     #[arg(long)]
     pub profile: bool,
@@ -85,7 +88,10 @@ pub fn run(args: RunArgs) -> Result<()> {
             role: "user".into(),
             content: args.prompt.clone(),
         });
-        let bos = tokenizer.bos_id().and_then(|id| tokenizer.token_str(id)).unwrap_or("");
+        let bos = tokenizer
+            .bos_id()
+            .and_then(|id| tokenizer.token_str(id))
+            .unwrap_or("");
         let eos = tokenizer
             .eos_ids()
             .first()
@@ -102,6 +108,13 @@ pub fn run(args: RunArgs) -> Result<()> {
         args.prompt.clone()
     };
     let prompt = tokenizer.encode(&text, true)?;
+    if args.verbose_prompt {
+        eprintln!("prompt text: {text:?}");
+        eprintln!("prompt tokens ({}):", prompt.len());
+        for &id in &prompt {
+            eprintln!("  {id:6} {:?}", tokenizer.token_str(id).unwrap_or("?"));
+        }
+    }
     if prompt.is_empty() {
         bail!("the prompt encodes to no tokens; give some text with --prompt");
     }
@@ -170,8 +183,17 @@ pub fn run(args: RunArgs) -> Result<()> {
         let n_past = session.n_past();
         eprintln!();
         eprintln!("profile ({} threads, context {n_ctx})", session.n_threads());
-        eprintln!("  model              {} ({}, {} layers, d={})", cfg.name, cfg.arch.name(), cfg.n_layers, cfg.d_model);
-        eprintln!("  load               {:8.1} ms", load_time.as_secs_f64() * 1e3);
+        eprintln!(
+            "  model              {} ({}, {} layers, d={})",
+            cfg.name,
+            cfg.arch.name(),
+            cfg.n_layers,
+            cfg.d_model
+        );
+        eprintln!(
+            "  load               {:8.1} ms",
+            load_time.as_secs_f64() * 1e3
+        );
         eprintln!("  prompt             {:8} tokens", prompt.len());
         eprintln!("  generated          {:8} tokens", n_generated);
         eprintln!(

@@ -29,7 +29,10 @@ fn assert_fails_with(args: &[&str], needles: &[&str]) {
     assert!(err.starts_with("error: "), "{args:?}: {err}");
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     for n in needles {
-        assert!(err.contains(n), "{args:?}: error should mention {n:?}: {err}");
+        assert!(
+            err.contains(n),
+            "{args:?}: error should mention {n:?}: {err}"
+        );
     }
 }
 
@@ -54,7 +57,15 @@ fn run_generates_and_profiles() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("The old teacher"), "{text}");
     let err = stderr(&out);
-    for field in ["time to 1st token", "prefill", "decode", "peak RSS", "weights", "KV cache", "GFLOP/token"] {
+    for field in [
+        "time to 1st token",
+        "prefill",
+        "decode",
+        "peak RSS",
+        "weights",
+        "KV cache",
+        "GFLOP/token",
+    ] {
         assert!(err.contains(field), "profile lacks {field}: {err}");
     }
 }
@@ -63,7 +74,16 @@ fn run_generates_and_profiles() {
 fn chat_mode_uses_the_template() {
     let model = fixture("tiny-llama-q8_0.gguf");
     let out = edgefusion(&[
-        "run", "--model", model.to_str().unwrap(), "--chat", "--prompt", "hi", "-n", "4", "--seed", "3",
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "hi",
+        "-n",
+        "4",
+        "--seed",
+        "3",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
@@ -75,9 +95,14 @@ fn inspect_bench_and_help() {
     let out = edgefusion(&["inspect", m, "--tensors"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("attn_q") && text.contains("Q4_0") && text.contains("total"), "{text}");
+    assert!(
+        text.contains("attn_q") && text.contains("Q4_0") && text.contains("total"),
+        "{text}"
+    );
 
-    let out = edgefusion(&["bench", "--model", m, "-p", "16", "-n", "4", "-t", "1,2", "-r", "1", "-o", "json"]);
+    let out = edgefusion(&[
+        "bench", "--model", m, "-p", "16", "-n", "4", "-t", "1,2", "-r", "1", "-o", "json",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bench json");
     assert_eq!(rows.as_array().map(|r| r.len()), Some(4));
@@ -92,11 +117,17 @@ fn inspect_bench_and_help() {
 fn bad_input_gives_one_line_errors() {
     let model = fixture("tiny-llama-f32.gguf");
     let m = model.to_str().unwrap();
-    assert_fails_with(&["run", "--model", "/nonexistent/model.gguf", "--prompt", "x"], &["/nonexistent/model.gguf"]);
+    assert_fails_with(
+        &["run", "--model", "/nonexistent/model.gguf", "--prompt", "x"],
+        &["/nonexistent/model.gguf"],
+    );
     let dir = std::env::temp_dir().join(format!("edgefusion-cli-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // An empty directory is neither a GGUF file nor a Hugging Face folder.
-    assert_fails_with(&["run", "--model", dir.to_str().unwrap(), "--prompt", "x"], &["config.json"]);
+    assert_fails_with(
+        &["run", "--model", dir.to_str().unwrap(), "--prompt", "x"],
+        &["config.json"],
+    );
     // A truncated GGUF.
     let bytes = std::fs::read(&model).unwrap();
     let cut = dir.join("cut.gguf");
@@ -105,13 +136,28 @@ fn bad_input_gives_one_line_errors() {
     // Not a GGUF at all.
     let junk = dir.join("junk.gguf");
     std::fs::write(&junk, b"definitely not a model").unwrap();
-    assert_fails_with(&["run", "--model", junk.to_str().unwrap(), "--prompt", "x"], &["junk.gguf"]);
-    assert_fails_with(&["run", "--model", m, "--prompt", "x", "-t", "0"], &["threads"]);
+    assert_fails_with(
+        &["run", "--model", junk.to_str().unwrap(), "--prompt", "x"],
+        &["junk.gguf"],
+    );
+    assert_fails_with(
+        &["run", "--model", m, "--prompt", "x", "-t", "0"],
+        &["threads"],
+    );
     // The fixture's context is 64 tokens.
     let long_prompt = "word ".repeat(200);
-    assert_fails_with(&["run", "--model", m, "--prompt", &long_prompt], &["context"]);
-    assert_fails_with(&["perplexity", "--model", m, "--file", "/nonexistent.txt"], &["/nonexistent.txt"]);
-    assert_fails_with(&["perplexity", "--model", m, "--file", dir.to_str().unwrap()], &["directory"]);
+    assert_fails_with(
+        &["run", "--model", m, "--prompt", &long_prompt],
+        &["context"],
+    );
+    assert_fails_with(
+        &["perplexity", "--model", m, "--file", "/nonexistent.txt"],
+        &["/nonexistent.txt"],
+    );
+    assert_fails_with(
+        &["perplexity", "--model", m, "--file", dir.to_str().unwrap()],
+        &["directory"],
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -121,9 +167,19 @@ fn perplexity_on_a_small_text() {
     let dir = std::env::temp_dir().join(format!("edgefusion-ppl-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let text = dir.join("text.txt");
-    std::fs::write(&text, "the quick brown fox jumps over the lazy dog. ".repeat(20)).unwrap();
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog. ".repeat(20),
+    )
+    .unwrap();
     let out = edgefusion(&[
-        "perplexity", "--model", model.to_str().unwrap(), "--file", text.to_str().unwrap(), "--ctx", "32",
+        "perplexity",
+        "--model",
+        model.to_str().unwrap(),
+        "--file",
+        text.to_str().unwrap(),
+        "--ctx",
+        "32",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);

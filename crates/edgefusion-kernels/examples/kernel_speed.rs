@@ -1,7 +1,10 @@
 //! Single-thread kernel throughput: GB/s of weights streamed by `matmul` (one token, the
-//! decode shape) and by `vec_dot` per row, for Q4_0 / Q4_1 / Q8_0 / F16 at k = 576 and 1536
-//! over 49 152 rows (SmolLM2-135M's vocabulary), on every ISA this machine has; then
-//! prefill (64 tokens) throughput in GMAC/s.
+//! decode shape) and by `vec_dot` per row, for Q4_0 / Q4_1 / Q8_0 / F16 at k = 576 and 1536,
+//! on every ISA this machine has; then prefill (64 tokens) throughput in GMAC/s.
+//!
+//! Decode runs twice: over 2 048 rows (weights resident in L2: the kernels' compute speed)
+//! and over 49 152 rows (SmolLM2-135M's vocabulary: streamed from memory). Timings are the
+//! best of many repetitions, which filters out preemption on a shared machine.
 //!
 //! `cargo run --release -p edgefusion-kernels --example kernel_speed`
 
@@ -10,7 +13,8 @@ use std::time::Instant;
 use edgefusion_kernels::cpu::{self, Isa};
 use edgefusion_kernels::{matmul_on, quantize_row, vec_dot_on, vec_dot_type, GgmlType};
 
-const ROWS: usize = 49_152;
+/// Row counts of the decode runs: L2-resident and memory-streamed.
+const DECODE_ROWS: [(usize, usize); 2] = [(2_048, 200), (49_152, 8)];
 
 fn weights(ty: GgmlType, k: usize, rows: usize) -> Vec<u8> {
     let row: Vec<f32> = (0..k)
@@ -55,42 +59,21 @@ fn main() {
         GgmlType::Q8_0,
         GgmlType::F16,
     ];
-    println!("\ndecode: one token × {ROWS} rows, single thread, GB/s of weights");
-    println!(
-        "{:<6} {:>5} {:<11} {:>10} {:>10}",
-        "type", "k", "isa", "matmul", "vec_dot"
-    );
-    for ty in types {
-        for k in [576, 1536] {
-            let w = weights(ty, k, ROWS);
-            let act = activation(ty, k, 1);
-            let rb = ty.row_bytes(k).unwrap();
-            let mut out = vec![0.0f32; ROWS];
-            for isa in cpu::available_isas() {
-                let t_mm = best_of(5, || {
-                    matmul_on(isa, ty, k, &w, ROWS, &act, 1, &mut out, ROWS)
-                });
-                let t_vd = best_of(5, || {
-                    for (r, o) in out.iter_mut().enumerate() {
-                        *o = vec_dot_on(isa, ty, k, &w[r * rb..(r + 1) * rb], &act);
-                    }
-                });
-                let gb = w.len() as f64 / 1e9;
-                println!(
-                    "{:<6} {:>5} {:<11} {:>10.2} {:>10.2}",
-                    ty.name(),
-                    k,
-                    isa.name(),
-                    gb / t_mm,
-                    gb / t_vd
-                );
+    for (rows, reps) in DECODE_ROWS {
+        println!("\ndecode: one token × {rows} rows, single thread, GB/s of weights (ns/row)");
+        println!(
+            "{:<6} {:>5} {:<11} {:>16} {:>16}",
+            "type", "k", "isa", "matmul", "vec_dot"
+        );
+        for ty in types {
+            for k in [576, 1536] {
+                decode_line(ty, k, rows, reps);
             }
         }
     }
-    let (n_rows, n_tok) = (1536, 64);
-    println!("\nprefill: {n_tok} tokens × {n_rows} rows, k = 576, single thread, GMAC/s");
+    let (n_rows, n_tok, k) = (1536, 64, 576);
+    println!("\nprefill: {n_tok} tokens × {n_rows} rows, k = {k}, single thread, GMAC/s");
     for ty in types {
-        let k = 576;
         let w = weights(ty, k, n_rows);
         let act = activation(ty, k, n_tok);
         let mut out = vec![0.0f32; n_rows * n_tok];
@@ -98,11 +81,41 @@ fn main() {
             .into_iter()
             .filter(|&i| i != Isa::Scalar)
         {
-            let t = best_of(5, || {
+            let t = best_of(20, || {
                 matmul_on(isa, ty, k, &w, n_rows, &act, n_tok, &mut out, n_rows)
             });
             let gmac = (n_rows * n_tok * k) as f64 / 1e9;
             println!("{:<6} {:<11} {:>8.1}", ty.name(), isa.name(), gmac / t);
         }
+    }
+}
+
+/// One decode measurement per ISA: `matmul` over all rows, and `vec_dot` row by row.
+fn decode_line(ty: GgmlType, k: usize, rows: usize, reps: usize) {
+    let w = weights(ty, k, rows);
+    let act = activation(ty, k, 1);
+    let rb = ty.row_bytes(k).expect("whole blocks");
+    let mut out = vec![0.0f32; rows];
+    for isa in cpu::available_isas() {
+        let t_mm = best_of(reps, || {
+            matmul_on(isa, ty, k, &w, rows, &act, 1, &mut out, rows)
+        });
+        let t_vd = best_of(reps, || {
+            for (r, o) in out.iter_mut().enumerate() {
+                *o = vec_dot_on(isa, ty, k, &w[r * rb..(r + 1) * rb], &act);
+            }
+        });
+        let gb = w.len() as f64 / 1e9;
+        let ns_per_row = 1e9 / rows as f64;
+        println!(
+            "{:<6} {:>5} {:<11} {:>8.2} ({:>5.1}) {:>8.2} ({:>5.1})",
+            ty.name(),
+            k,
+            isa.name(),
+            gb / t_mm,
+            t_mm * ns_per_row,
+            gb / t_vd,
+            t_vd * ns_per_row
+        );
     }
 }

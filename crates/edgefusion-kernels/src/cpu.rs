@@ -172,7 +172,11 @@ mod tests {
         assert_eq!(isa(), chosen, "isa() must be stable across calls");
         assert!(available_isas().contains(&chosen));
         for listed in available_isas() {
-            assert!(is_runnable(listed), "{} listed but not runnable", listed.name());
+            assert!(
+                is_runnable(listed),
+                "{} listed but not runnable",
+                listed.name()
+            );
         }
         assert!(is_runnable(Isa::Scalar));
     }

@@ -183,8 +183,8 @@ pub(crate) trait Tiles {
 /// Bytes of weight rows kept hot in L1 while a token tile sweeps over them (prefill).
 const CHUNK_BYTES: usize = 16 * 1024;
 
-/// Walks all `n_rows × n_tok` dots with `kernel`'s tiles: 4 rows × 1 token for decode,
-/// 2 rows × up to 4 tokens for prefill, over row chunks that stay in L1.
+/// Walks all `n_rows × n_tok` dots with `kernel`'s tiles: row by row for decode, 2 rows ×
+/// up to 4 tokens for prefill, over row chunks that stay in L1.
 ///
 /// # Safety
 /// `kernel` was built over `n_rows` weight rows and `n_tok` activation rows, its ISA is
@@ -199,17 +199,12 @@ pub(crate) unsafe fn drive<K: Tiles>(
     out_stride: usize,
 ) {
     if n_tok == 1 {
-        let mut r = 0;
-        while r + 4 <= n_rows {
-            let sums = kernel.tile::<4, 1>(r, 0);
-            for (i, s) in sums.iter().enumerate() {
-                out[r + i] = s[0];
-            }
-            r += 4;
-        }
-        while r < n_rows {
-            out[r] = kernel.tile::<1, 1>(r, 0)[0][0];
-            r += 1;
+        // Decode streams each row once from memory: reading rows one after another keeps
+        // the access purely sequential, which the hardware prefetchers follow. (Tiles of
+        // several rows read them interleaved and measured ~2x slower from DRAM, and no
+        // faster from L2.)
+        for (r, o) in out[..n_rows].iter_mut().enumerate() {
+            *o = kernel.tile::<1, 1>(r, 0)[0][0];
         }
         return;
     }
@@ -269,14 +264,17 @@ mod tests {
         for (i, q) in qs.iter_mut().enumerate() {
             *q = ((i as i32 * 37 + seed * 11) % 255 - 127) as i8;
         }
-        BlockQ8_0 { d: f32_to_f16(d), qs }
+        BlockQ8_0 {
+            d: f32_to_f16(d),
+            qs,
+        }
     }
 
     fn bytes_of<B: crate::formats::Block>(blocks: &[B]) -> Vec<u8> {
-        let size = std::mem::size_of::<B>();
-        // SAFETY: `Block` types are repr(C) byte arrays with no padding.
-        unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), blocks.len() * size) }
-            .to_vec()
+        let len = std::mem::size_of_val(blocks);
+        // SAFETY: `Block` types are repr(C) byte arrays with no padding, so the slice's
+        // memory is `len` initialized bytes.
+        unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), len) }.to_vec()
     }
 
     #[test]

@@ -137,13 +137,17 @@ fn q8_0_and_q8_1_known_answer_layout() {
     assert_eq!(&q8_1[..2], &f16_bytes(1.0));
     assert_eq!(&q8_1[2..4], &f16_bytes(sum));
     assert_eq!(&q8_1[4..], &q8_0[2..]);
-    // roundf: halves go away from zero.
+    // llama.cpp's SIMD activation quantizers: halves go to the even neighbour.
     let mut x = vec![0.0f32; QK];
     x[0] = 127.0;
     x[1] = 2.5;
     x[2] = -2.5;
     let q = quantize(GgmlType::Q8_0, &x);
-    assert_eq!([q[3] as i8, q[4] as i8], [3, -3]);
+    assert_eq!([q[3] as i8, q[4] as i8], [2, -2]);
+    x[1] = 3.5;
+    x[2] = -3.5;
+    let q = quantize(GgmlType::Q8_0, &x);
+    assert_eq!([q[3] as i8, q[4] as i8], [4, -4]);
 }
 
 #[test]

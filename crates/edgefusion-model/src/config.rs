@@ -38,7 +38,9 @@ pub enum RopeStyle {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (`rope.scaling.type = linear`).
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
     /// Llama 3.1 style: per-frequency factors, smooth between the low and high frequency bands.
     Llama3 {
         factor: f32,
@@ -94,13 +96,10 @@ impl ModelConfig {
             Some(_) => gguf.get_u32(&key("attention.head_count_kv"))? as usize,
             None => n_heads,
         };
-        let head_dim = if n_heads == 0 {
-            0
-        } else {
-            match gguf.get(&key("attention.key_length")) {
-                Some(_) => gguf.get_u32(&key("attention.key_length"))? as usize,
-                None => d_model / n_heads,
-            }
+        let head_dim = match gguf.get(&key("attention.key_length")) {
+            Some(_) => gguf.get_u32(&key("attention.key_length"))? as usize,
+            // A zero head count is rejected by validate().
+            None => d_model.checked_div(n_heads).unwrap_or(0),
         };
         let rope_dim = match gguf.get(&key("rope.dimension_count")) {
             Some(_) => gguf.get_u32(&key("rope.dimension_count"))? as usize,
@@ -177,7 +176,11 @@ impl ModelConfig {
             json.get(k)
                 .and_then(|v| v.as_u64())
                 .map(|v| v as usize)
-                .ok_or_else(|| invalid(format!("field '{k}' is missing or not a non-negative integer")))
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "field '{k}' is missing or not a non-negative integer"
+                    ))
+                })
         };
         let get_f32 = |k: &str, default: f32| -> Result<f32, ModelError> {
             match json.get(k) {
@@ -220,7 +223,8 @@ impl ModelConfig {
                     .or_else(|| obj.get("type"))
                     .and_then(|v| v.as_str())
                     .unwrap_or("");
-                let num = |k: &str, d: f32| obj.get(k).and_then(|v| v.as_f64()).map_or(d, |v| v as f32);
+                let num =
+                    |k: &str, d: f32| obj.get(k).and_then(|v| v.as_f64()).map_or(d, |v| v as f32);
                 match kind {
                     "linear" => RopeScaling::Linear {
                         factor: num("factor", 1.0),
@@ -232,11 +236,9 @@ impl ModelConfig {
                         original_context: num("original_max_position_embeddings", 8192.0) as usize,
                     },
                     "default" => RopeScaling::None,
-                    other => {
-                        return Err(invalid(format!(
-                            "rope_scaling type '{other}' is not supported (supported: linear, llama3)"
-                        )))
-                    }
+                    other => return Err(invalid(format!(
+                        "rope_scaling type '{other}' is not supported (supported: linear, llama3)"
+                    ))),
                 }
             }
         };
@@ -278,34 +280,49 @@ impl ModelConfig {
             return fail(format!("block count {} must be in 1..=4096", self.n_layers));
         }
         if self.d_model == 0 || self.d_model > 1 << 17 {
-            return fail(format!("embedding length {} must be in 1..=131072", self.d_model));
+            return fail(format!(
+                "embedding length {} must be in 1..=131072",
+                self.d_model
+            ));
         }
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return fail(format!(
                 "head count {} must be a positive multiple of the KV head count {}",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 || self.head_dim > 1024 {
-            return fail(format!("head dimension {} must be even and in 2..=1024", self.head_dim));
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) || self.head_dim > 1024 {
+            return fail(format!(
+                "head dimension {} must be even and in 2..=1024",
+                self.head_dim
+            ));
         }
-        if self.rope_dim > self.head_dim || self.rope_dim % 2 != 0 {
+        if self.rope_dim > self.head_dim || !self.rope_dim.is_multiple_of(2) {
             return fail(format!(
                 "rope dimension {} must be even and at most the head dimension {}",
                 self.rope_dim, self.head_dim
             ));
         }
         if self.d_ff == 0 || self.d_ff > 1 << 20 {
-            return fail(format!("feed-forward length {} must be in 1..=1048576", self.d_ff));
+            return fail(format!(
+                "feed-forward length {} must be in 1..=1048576",
+                self.d_ff
+            ));
         }
         if self.vocab_size == 0 || self.vocab_size > 1 << 24 {
-            return fail(format!("vocabulary size {} must be in 1..=16777216", self.vocab_size));
+            return fail(format!(
+                "vocabulary size {} must be in 1..=16777216",
+                self.vocab_size
+            ));
         }
         if self.n_ctx_train == 0 {
             return fail("context length must be positive".into());
         }
         if !(self.rms_eps > 0.0 && self.rms_eps < 1.0) {
-            return fail(format!("RMS norm epsilon {} must be in (0, 1)", self.rms_eps));
+            return fail(format!(
+                "RMS norm epsilon {} must be in (0, 1)",
+                self.rms_eps
+            ));
         }
         if !(self.rope_base > 0.0 && self.rope_base.is_finite()) {
             return fail(format!("rope base {} must be positive", self.rope_base));

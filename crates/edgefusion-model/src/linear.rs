@@ -46,15 +46,18 @@ impl<'a> Linear<'a> {
                 ),
             });
         }
-        let row_bytes = view.dtype.row_bytes(n_in).ok_or_else(|| ModelError::Invalid {
-            file: file.to_string(),
-            what: format!(
-                "tensor '{}': rows of {n_in} weights are not a whole number of {} blocks of {}",
-                view.name,
-                view.dtype.name(),
-                view.dtype.block_size()
-            ),
-        })?;
+        let row_bytes = view
+            .dtype
+            .row_bytes(n_in)
+            .ok_or_else(|| ModelError::Invalid {
+                file: file.to_string(),
+                what: format!(
+                    "tensor '{}': rows of {n_in} weights are not a whole number of {} blocks of {}",
+                    view.name,
+                    view.dtype.name(),
+                    view.dtype.block_size()
+                ),
+            })?;
         if view.data.len() != row_bytes * n_out {
             return Err(ModelError::Invalid {
                 file: file.to_string(),
@@ -104,7 +107,11 @@ impl<'a> Linear<'a> {
 }
 
 /// Reads a 1-D tensor of `n` values (norm weights, biases) into floats.
-pub fn vector_from_view(view: TensorView<'_>, file: &str, n: usize) -> Result<Vec<f32>, ModelError> {
+pub fn vector_from_view(
+    view: TensorView<'_>,
+    file: &str,
+    n: usize,
+) -> Result<Vec<f32>, ModelError> {
     if view.shape != [n] {
         return Err(ModelError::Shape {
             file: file.to_string(),

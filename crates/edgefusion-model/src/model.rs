@@ -73,9 +73,11 @@ impl<'a> Model<'a> {
         let tied = source.try_tensor(TensorRole::Output, None).is_none();
         let config = match source {
             ModelSource::Gguf(gguf) => ModelConfig::from_gguf(gguf, tied)?,
-            ModelSource::HfDir(dir) => {
-                ModelConfig::from_hf_config(dir.config(), &dir.dir.join("config.json").display().to_string(), tied)?
-            }
+            ModelSource::HfDir(dir) => ModelConfig::from_hf_config(
+                dir.config(),
+                &dir.dir.join("config.json").display().to_string(),
+                tied,
+            )?,
         };
         let c = &config;
         let linear = |role: TensorRole, layer: Option<usize>, n_in: usize, n_out: usize| {

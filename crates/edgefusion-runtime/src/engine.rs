@@ -4,6 +4,8 @@
 
 use edgefusion_kernels::{f32ops, GgmlType};
 use edgefusion_model::{Linear, Mixer, Model, ModelConfig, RopeScaling, RopeStyle};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::parallel::Threads;
@@ -27,6 +29,7 @@ pub struct SessionOptions {
     pub max_batch: usize,
     /// Largest number of positions whose logits one `forward` call returns.
     pub max_logits: usize,
+    pub kv_type: KvType,
 }
 
 impl SessionOptions {
@@ -36,6 +39,7 @@ impl SessionOptions {
             n_threads,
             max_batch: 512,
             max_logits: 1,
+            kv_type: KvType::F16,
         }
     }
 }
@@ -69,7 +73,13 @@ impl ActCache {
     }
 
     /// The rows of `x (n_tok, width)` in `w`'s activation format, quantizing them on first use.
-    fn get(&mut self, threads: &Threads, w: &Linear<'_>, x: &[f32], n_tok: usize) -> (&[u8], usize) {
+    fn get(
+        &mut self,
+        threads: &Threads,
+        w: &Linear<'_>,
+        x: &[f32],
+        n_tok: usize,
+    ) -> (&[u8], usize) {
         let ty = w.act_type();
         let width = w.n_in;
         let row_bytes = ty.row_bytes(width).unwrap_or(width * 4);
@@ -119,12 +129,67 @@ struct RunState {
     /// (max_logits, vocab_size)
     logits: Vec<f32>,
     act: ActCache,
+    /// Per attention task: scores `(gqa_group, n_ctx)`, then the f16-rounded queries
+    /// `(gqa_group, head_dim)`, then one key or value row `(head_dim)`.
+    attn_scratch: Vec<f32>,
 }
 
-/// Keys and values of every attention layer, f32, `(n_layers, n_ctx, kv_dim)` each.
-struct KvCache {
-    keys: Vec<f32>,
-    values: Vec<f32>,
+/// Storage type of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvType {
+    /// llama.cpp's default: half the memory of f32, and the same rounding, which keeps greedy
+    /// decoding token-identical to it.
+    F16,
+    /// Exact keys and values (reference comparisons).
+    F32,
+}
+
+/// A type the KV cache can hold.
+trait KvElement: Copy + Send + Sync + 'static {
+    fn store(src: &[f32], dst: &mut [Self]);
+    fn load(src: &[Self], dst: &mut [f32]);
+    /// llama.cpp converts the other operand of a product with the cache to the cache's type
+    /// (queries for keys, probabilities for values); this is that rounding.
+    fn round(x: f32) -> f32;
+}
+
+impl KvElement for f32 {
+    fn store(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn load(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn round(x: f32) -> f32 {
+        x
+    }
+}
+
+impl KvElement for f16 {
+    fn store(src: &[f32], dst: &mut [f16]) {
+        dst.convert_from_f32_slice(src);
+    }
+    fn load(src: &[f16], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+    fn round(x: f32) -> f32 {
+        f16::from_f32(x).to_f32()
+    }
+}
+
+/// Keys and values of every attention layer, `(n_attention_layers, n_ctx, kv_dim)` each.
+enum KvCache {
+    F16 { keys: Vec<f16>, values: Vec<f16> },
+    F32 { keys: Vec<f32>, values: Vec<f32> },
+}
+
+impl KvCache {
+    fn bytes(&self) -> usize {
+        match self {
+            KvCache::F16 { keys, values } => (keys.len() + values.len()) * 2,
+            KvCache::F32 { keys, values } => (keys.len() + values.len()) * 4,
+        }
+    }
 }
 
 /// RoPE rotation angles per position: `(n_ctx, rope_dim / 2)` cosines and sines.
@@ -135,33 +200,34 @@ struct RopeTable {
 }
 
 impl RopeTable {
+    /// Angles as llama.cpp computes them (`ggml_rope_cache_init`), in f32 with the
+    /// frequency advanced by repeated multiplication, so positions rotate identically.
     fn new(cfg: &ModelConfig, n_ctx: usize) -> Self {
         let half = cfg.rope_dim / 2;
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| {
-                let base = (cfg.rope_base as f64).powf(-2.0 * i as f64 / cfg.rope_dim as f64);
-                match cfg.rope_scaling {
-                    RopeScaling::None => base,
-                    RopeScaling::Linear { factor } => base / factor as f64,
-                    RopeScaling::Llama3 {
-                        factor,
-                        low_freq_factor,
-                        high_freq_factor,
-                        original_context,
-                    } => {
-                        let (factor, low, high) =
-                            (factor as f64, low_freq_factor as f64, high_freq_factor as f64);
-                        let wavelen = 2.0 * std::f64::consts::PI / base;
-                        let low_wavelen = original_context as f64 / low;
-                        let high_wavelen = original_context as f64 / high;
-                        if wavelen < high_wavelen {
-                            base
-                        } else if wavelen > low_wavelen {
-                            base / factor
-                        } else {
-                            let smooth = (original_context as f64 / wavelen - low) / (high - low);
-                            (1.0 - smooth) * base / factor + smooth * base
-                        }
+        let theta_scale = cfg.rope_base.powf(-2.0 / cfg.rope_dim as f32);
+        // Per-frequency divisor of the angle (1 = unscaled).
+        let freq_divisor: Vec<f32> = (0..half)
+            .map(|i| match cfg.rope_scaling {
+                RopeScaling::None => 1.0,
+                RopeScaling::Linear { factor } => factor,
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_context,
+                } => {
+                    let freq = theta_scale.powi(i as i32);
+                    let wavelen = 2.0 * std::f32::consts::PI / freq;
+                    let low_wavelen = original_context as f32 / low_freq_factor;
+                    let high_wavelen = original_context as f32 / high_freq_factor;
+                    if wavelen < high_wavelen {
+                        1.0
+                    } else if wavelen > low_wavelen {
+                        factor
+                    } else {
+                        let smooth = (original_context as f32 / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        1.0 / ((1.0 - smooth) / factor + smooth)
                     }
                 }
             })
@@ -169,10 +235,12 @@ impl RopeTable {
         let mut cos = vec![0.0f32; n_ctx * half];
         let mut sin = vec![0.0f32; n_ctx * half];
         for pos in 0..n_ctx {
-            for (i, f) in inv_freq.iter().enumerate() {
-                let angle = pos as f64 * f;
-                cos[pos * half + i] = angle.cos() as f32;
-                sin[pos * half + i] = angle.sin() as f32;
+            let mut theta = pos as f32;
+            for i in 0..half {
+                let angle = theta / freq_divisor[i];
+                cos[pos * half + i] = angle.cos();
+                sin[pos * half + i] = angle.sin();
+                theta *= theta_scale;
             }
         }
         RopeTable { cos, sin, half }
@@ -248,6 +316,12 @@ impl<'m> Session<'m> {
             up: vec![0.0; max_batch * cfg.d_ff],
             logits: vec![0.0; max_logits * cfg.vocab_size],
             act: ActCache::new(max_batch, widest),
+            attn_scratch: vec![
+                0.0;
+                MAX_ATTN_TASKS_PER_THREAD
+                    * opts.n_threads
+                    * attn_task_scratch(cfg, opts.n_ctx)
+            ],
         };
         let n_attention = model
             .layers
@@ -255,9 +329,15 @@ impl<'m> Session<'m> {
             .filter(|l| matches!(l.mixer, Mixer::Attention(_)))
             .count();
         let kv_len = n_attention * opts.n_ctx * cfg.kv_dim();
-        let kv = KvCache {
-            keys: vec![0.0; kv_len],
-            values: vec![0.0; kv_len],
+        let kv = match opts.kv_type {
+            KvType::F16 => KvCache::F16 {
+                keys: vec![f16::ZERO; kv_len],
+                values: vec![f16::ZERO; kv_len],
+            },
+            KvType::F32 => KvCache::F32 {
+                keys: vec![0.0; kv_len],
+                values: vec![0.0; kv_len],
+            },
         };
         let rope = RopeTable::new(cfg, opts.n_ctx);
         Ok(Session {
@@ -300,7 +380,7 @@ impl<'m> Session<'m> {
 
     /// Bytes held by the KV cache at full context.
     pub fn kv_bytes(&self) -> usize {
-        (self.kv.keys.len() + self.kv.values.len()) * std::mem::size_of::<f32>()
+        self.kv.bytes()
     }
 
     /// Largest number of positions one call to `forward` may return logits for.
@@ -382,7 +462,12 @@ impl<'m> Session<'m> {
 
         let mut attn_index = 0;
         for layer in &model.layers {
-            rms_norm(&st.x[..n_tok * d], &layer.attn_norm, cfg.rms_eps, &mut st.xn[..n_tok * d]);
+            rms_norm(
+                &st.x[..n_tok * d],
+                &layer.attn_norm,
+                cfg.rms_eps,
+                &mut st.xn[..n_tok * d],
+            );
             st.act.invalidate();
             match &layer.mixer {
                 Mixer::Attention(attn) => {
@@ -399,13 +484,28 @@ impl<'m> Session<'m> {
                             }
                         }
                     }
-                    let layer_kv = KvLayer {
-                        keys: &mut kv.keys,
-                        values: &mut kv.values,
-                        base: attn_index * opts.n_ctx * cfg.kv_dim(),
-                        n_ctx: opts.n_ctx,
-                    };
-                    attention(cfg, threads, st, layer_kv, rope, *n_past, n_tok);
+                    let base = attn_index * opts.n_ctx * cfg.kv_dim();
+                    let n_ctx = opts.n_ctx;
+                    match kv {
+                        KvCache::F16 { keys, values } => {
+                            let layer_kv = KvLayer {
+                                keys,
+                                values,
+                                base,
+                                n_ctx,
+                            };
+                            attention(cfg, threads, st, layer_kv, rope, *n_past, n_tok);
+                        }
+                        KvCache::F32 { keys, values } => {
+                            let layer_kv = KvLayer {
+                                keys,
+                                values,
+                                base,
+                                n_ctx,
+                            };
+                            attention(cfg, threads, st, layer_kv, rope, *n_past, n_tok);
+                        }
+                    }
                     st.act.invalidate();
                     let (act, act_row) = st.act.get(threads, &attn.wo, &st.att, n_tok);
                     threads.install(|| threads.linear(&attn.wo, act, act_row, n_tok, &mut st.proj));
@@ -414,7 +514,12 @@ impl<'m> Session<'m> {
             }
             add_assign(&mut st.x[..n_tok * d], &st.proj[..n_tok * d]);
 
-            rms_norm(&st.x[..n_tok * d], &layer.ffn_norm, cfg.rms_eps, &mut st.xn[..n_tok * d]);
+            rms_norm(
+                &st.x[..n_tok * d],
+                &layer.ffn_norm,
+                cfg.rms_eps,
+                &mut st.xn[..n_tok * d],
+            );
             st.act.invalidate();
             let ffn = &layer.ffn;
             let (act, act_row) = st.act.get(threads, &ffn.gate, &st.xn, n_tok);
@@ -453,20 +558,20 @@ impl<'m> Session<'m> {
 }
 
 /// One attention layer's slice of the KV cache: `(n_ctx, kv_dim)` from `base`.
-struct KvLayer<'a> {
-    keys: &'a mut [f32],
-    values: &'a mut [f32],
+struct KvLayer<'a, T> {
+    keys: &'a mut [T],
+    values: &'a mut [T],
     base: usize,
     n_ctx: usize,
 }
 
 /// RoPE on the step's q and k, appends k and v to the cache, then causal attention of each
 /// new token over every cached position up to its own, into `state.att`.
-fn attention(
+fn attention<T: KvElement>(
     cfg: &ModelConfig,
     threads: &Threads,
     st: &mut RunState,
-    kv: KvLayer<'_>,
+    kv: KvLayer<'_, T>,
     rope: &RopeTable,
     n_past: usize,
     n_tok: usize,
@@ -489,73 +594,127 @@ fn attention(
     let keys = &mut kv.keys[layer.clone()];
     let values = &mut kv.values[layer];
     let new = n_past * kv_dim..(n_past + n_tok) * kv_dim;
-    keys[new.clone()].copy_from_slice(&st.k[..n_tok * kv_dim]);
-    values[new].copy_from_slice(&st.v[..n_tok * kv_dim]);
+    T::store(&st.k[..n_tok * kv_dim], &mut keys[new.clone()]);
+    T::store(&st.v[..n_tok * kv_dim], &mut values[new]);
     let (keys, values) = (&*keys, &*values);
 
+    // One task per (token, KV head): the query heads of a GQA group share each key and value
+    // row, so every row is converted from f16 once per group.
     let q = &st.q;
     let scale = 1.0 / (hd as f32).sqrt();
-    let per_task = heads_per_task(n_tok * n_heads, threads.n_threads());
+    let n_items = n_tok * n_kv;
+    let max_tasks = MAX_ATTN_TASKS_PER_THREAD * threads.n_threads();
+    let per_task = n_items.div_ceil(max_tasks).max(1);
+    let scratch_len = attn_task_scratch(cfg, kv.n_ctx);
+    let group_width = group * hd;
     threads.install(|| {
-        threads.for_chunks(&mut st.att[..n_tok * n_heads * hd], hd * per_task, |i, chunk| {
-            for (j, out) in chunk.chunks_mut(hd).enumerate() {
-                let item = i * per_task + j;
-                let (t, h) = (item / n_heads, item % n_heads);
-                let q_head = &q[item * hd..(item + 1) * hd];
-                let offset = (h / group) * hd;
-                attend_one_head(q_head, keys, values, kv_dim, offset, n_past + t + 1, scale, out);
-            }
-        });
+        threads.for_chunks_with_scratch(
+            &mut st.att[..n_tok * n_heads * hd],
+            group_width * per_task,
+            &mut st.attn_scratch,
+            scratch_len,
+            |i, chunk, scratch| {
+                for (j, out) in chunk.chunks_mut(group_width).enumerate() {
+                    let item = i * per_task + j;
+                    let (t, g) = (item / n_kv, item % n_kv);
+                    let q_group =
+                        &q[(t * n_heads + g * group) * hd..(t * n_heads + (g + 1) * group) * hd];
+                    let rows = KvRows {
+                        keys,
+                        values,
+                        kv_dim,
+                        offset: g * hd,
+                        head_dim: hd,
+                    };
+                    attend_group(q_group, &rows, n_past + t + 1, scale, scratch, out);
+                }
+            },
+        );
     });
 }
 
-/// How many (token, head) pairs one parallel task takes: enough tasks to balance the threads.
-fn heads_per_task(n_items: usize, n_threads: usize) -> usize {
-    n_items.div_ceil(n_threads * 4).max(1)
+/// Attention tasks per thread: enough to balance uneven work (causal rows differ in length).
+const MAX_ATTN_TASKS_PER_THREAD: usize = 4;
+
+/// Scratch floats one attention task needs.
+fn attn_task_scratch(cfg: &ModelConfig, n_ctx: usize) -> usize {
+    cfg.gqa_group() * (n_ctx + cfg.head_dim) + cfg.head_dim
 }
 
-/// Softmax attention of one query head over `n_pos` cached positions, with an online
-/// softmax so no score buffer is needed.
-/// keys, values: (n_ctx, kv_dim); the head's slice starts at `offset` in each row.
-#[allow(clippy::too_many_arguments)]
-fn attend_one_head(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+/// One KV head's view of a layer's cache: rows `(n_ctx, kv_dim)`, this head's slice at `offset`.
+struct KvRows<'a, T> {
+    keys: &'a [T],
+    values: &'a [T],
     kv_dim: usize,
     offset: usize,
+    head_dim: usize,
+}
+
+/// Causal softmax attention of the query heads of one GQA group `(group, head_dim)` over the
+/// first `n_pos` cached positions, into `out (group, head_dim)`.
+///
+/// Numerics follow llama.cpp's CPU path: queries rounded to the cache's type for the key dot
+/// products, scores and softmax in f32 (the sum in f64), probabilities rounded to the cache's
+/// type before weighting the values.
+fn attend_group<T: KvElement>(
+    q_group: &[f32],
+    kv: &KvRows<'_, T>,
     n_pos: usize,
     scale: f32,
+    scratch: &mut [f32],
     out: &mut [f32],
 ) {
-    let hd = q.len();
-    out.fill(0.0);
-    let mut max_score = f32::NEG_INFINITY;
-    let mut denom = 0.0f32;
-    for pos in 0..n_pos {
-        let row = pos * kv_dim + offset;
-        let score = f32ops::dot(q, &keys[row..row + hd]) * scale;
-        if score > max_score {
-            let correction = (max_score - score).exp();
-            denom *= correction;
-            f32ops::scale(out, correction);
-            max_score = score;
-        }
-        let weight = (score - max_score).exp();
-        denom += weight;
-        f32ops::axpy(weight, &values[row..row + hd], out);
+    let hd = kv.head_dim;
+    let group = out.len() / hd;
+    let (scores, rest) = scratch.split_at_mut(group * n_pos.max(1));
+    let (q16, rest) = rest.split_at_mut(group * hd);
+    let row = &mut rest[..hd];
+    for (dst, &src) in q16.iter_mut().zip(q_group) {
+        *dst = T::round(src);
     }
-    f32ops::scale(out, 1.0 / denom);
+    for pos in 0..n_pos {
+        let start = pos * kv.kv_dim + kv.offset;
+        T::load(&kv.keys[start..start + hd], row);
+        for (h, q_head) in q16.chunks(hd).enumerate() {
+            scores[h * n_pos + pos] = f32ops::dot(q_head, row) * scale;
+        }
+    }
+    for h_scores in scores.chunks_mut(n_pos) {
+        let max = h_scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f64;
+        for s in h_scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s as f64;
+        }
+        let inv = (1.0 / sum) as f32;
+        for s in h_scores.iter_mut() {
+            *s = T::round(*s * inv);
+        }
+    }
+    out.fill(0.0);
+    for pos in 0..n_pos {
+        let start = pos * kv.kv_dim + kv.offset;
+        T::load(&kv.values[start..start + hd], row);
+        for (h, out_head) in out.chunks_mut(hd).enumerate() {
+            f32ops::axpy(scores[h * n_pos + pos], row, out_head);
+        }
+    }
 }
 
 /// `out[t] = x[t] / rms(x[t]) * weight` for each row of `x (n, d)`.
+///
+/// The arithmetic is llama.cpp's (`ggml_compute_forward_rms_norm_f32` then `ggml_mul`): squares
+/// in f32 summed in f64, the mean rounded to f32, then `(x * scale) * weight` in f32. The next
+/// step quantizes these values to 8 bits, and inputs that come from a quantized embedding hit
+/// exact rounding ties, so the last bit here decides tokens downstream.
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let d = weight.len();
     for (row, o) in x.chunks(d).zip(out.chunks_mut(d)) {
-        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let inv = 1.0 / (mean_sq + eps).sqrt();
-        for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
-            *o = v * inv * w;
+        let sum_sq: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+        let mean = (sum_sq / d as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
+            *o = (v * scale) * w;
         }
     }
 }

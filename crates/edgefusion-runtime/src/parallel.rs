@@ -54,7 +54,9 @@ impl Threads {
     {
         let chunk_len = chunk_len.max(1);
         if self.n_threads == 1 || out.len() <= chunk_len {
-            out.chunks_mut(chunk_len).enumerate().for_each(|(i, c)| f(i, c));
+            out.chunks_mut(chunk_len)
+                .enumerate()
+                .for_each(|(i, c)| f(i, c));
         } else {
             out.par_chunks_mut(chunk_len)
                 .enumerate()
@@ -62,9 +64,43 @@ impl Threads {
         }
     }
 
+    /// Like [`Threads::for_chunks`], with the `i`-th chunk also getting the `i`-th
+    /// `scratch_len`-long slice of `scratch` (which must hold one per chunk).
+    pub fn for_chunks_with_scratch<F>(
+        &self,
+        out: &mut [f32],
+        chunk_len: usize,
+        scratch: &mut [f32],
+        scratch_len: usize,
+        f: F,
+    ) where
+        F: Fn(usize, &mut [f32], &mut [f32]) + Sync + Send,
+    {
+        let chunk_len = chunk_len.max(1);
+        debug_assert!(out.len().div_ceil(chunk_len) * scratch_len <= scratch.len());
+        if self.n_threads == 1 || out.len() <= chunk_len {
+            out.chunks_mut(chunk_len)
+                .zip(scratch.chunks_mut(scratch_len))
+                .enumerate()
+                .for_each(|(i, (c, s))| f(i, c, s));
+        } else {
+            out.par_chunks_mut(chunk_len)
+                .zip(scratch.par_chunks_mut(scratch_len))
+                .enumerate()
+                .for_each(|(i, (c, s))| f(i, c, s));
+        }
+    }
+
     /// `out (n_tok, w.n_out) = act (n_tok, w.n_in) · wᵀ`, where `act` holds `n_tok` rows already
     /// quantized to `w.act_type()`, each `act_row_bytes` long.
-    pub fn linear(&self, w: &Linear<'_>, act: &[u8], act_row_bytes: usize, n_tok: usize, out: &mut [f32]) {
+    pub fn linear(
+        &self,
+        w: &Linear<'_>,
+        act: &[u8],
+        act_row_bytes: usize,
+        n_tok: usize,
+        out: &mut [f32],
+    ) {
         let n_out = w.n_out;
         let out = &mut out[..n_tok * n_out];
         if n_tok == 1 {
@@ -87,7 +123,8 @@ impl Threads {
             return;
         }
         let tok_chunk = n_tok.div_ceil(self.n_threads);
-        let panel_rows = (PANEL_BYTES / w.row_bytes().max(1)).clamp(ROW_ALIGN, n_out.max(ROW_ALIGN));
+        let panel_rows =
+            (PANEL_BYTES / w.row_bytes().max(1)).clamp(ROW_ALIGN, n_out.max(ROW_ALIGN));
         self.for_chunks(out, tok_chunk * n_out, |i, tok_out| {
             let t0 = i * tok_chunk;
             let nt = tok_out.len() / n_out;
@@ -108,5 +145,76 @@ impl Threads {
                 r0 = r1;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgefusion_io::TensorView;
+    use edgefusion_kernels::GgmlType;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::sampler::Rng::new(seed);
+        (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect()
+    }
+
+    /// `Threads::linear` (row panels, token or row split) equals one `vec_dot` per output,
+    /// for shapes whose panels do not divide the rows and token counts that leave remainders.
+    #[test]
+    fn linear_equals_vec_dot_per_output() {
+        for (ty, n_in, n_out) in [
+            (GgmlType::Q4_1, 576, 1536),
+            (GgmlType::Q4_0, 1536, 1000),
+            (GgmlType::Q8_0, 576, 777),
+            (GgmlType::Q4K, 512, 300),
+            (GgmlType::F16, 64, 2000),
+        ] {
+            let row_bytes = ty.row_bytes(n_in).unwrap();
+            let floats = values(n_in * n_out, 1);
+            let mut data = vec![0u8; row_bytes * n_out];
+            for (src, dst) in floats.chunks(n_in).zip(data.chunks_mut(row_bytes)) {
+                edgefusion_kernels::quantize_row_ref(ty, src, dst);
+            }
+            let shape = [n_in, n_out];
+            let view = TensorView {
+                name: "w",
+                dtype: ty,
+                shape: &shape,
+                data: &data,
+            };
+            let w = Linear::from_view(view, "test", n_in, n_out).unwrap();
+            let act_ty = w.act_type();
+            let act_row = act_ty.row_bytes(n_in).unwrap();
+            for n_tok in [1, 2, 3, 4, 5, 7, 9] {
+                let x = values(n_in * n_tok, 2 + n_tok as u64);
+                let mut act = vec![0u8; act_row * n_tok];
+                for (src, dst) in x.chunks(n_in).zip(act.chunks_mut(act_row)) {
+                    edgefusion_kernels::quantize_row(act_ty, src, dst);
+                }
+                for n_threads in [1, 2] {
+                    let threads = Threads::new(n_threads).unwrap();
+                    let mut out = vec![f32::NAN; n_tok * n_out];
+                    threads.install(|| threads.linear(&w, &act, act_row, n_tok, &mut out));
+                    for t in 0..n_tok {
+                        for r in 0..n_out {
+                            let expected = edgefusion_kernels::vec_dot(
+                                ty,
+                                n_in,
+                                w.rows(r, r + 1),
+                                &act[t * act_row..(t + 1) * act_row],
+                            );
+                            let got = out[t * n_out + r];
+                            assert!(
+                                (got - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
+                                "{} n_tok {n_tok} threads {n_threads}: out[{t}][{r}] = {got}, vec_dot {expected}",
+                                ty.name()
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -33,7 +33,6 @@ impl Default for SamplerConfig {
     }
 }
 
-
 /// Small, fast, seedable generator (SplitMix64); sampling needs no cryptographic quality.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
@@ -108,7 +107,13 @@ impl Sampler {
             return self
                 .candidates
                 .iter()
-                .fold((0u32, f32::NEG_INFINITY), |best, &c| if c.1 > best.1 { c } else { best })
+                .fold((0u32, f32::NEG_INFINITY), |best, &c| {
+                    if c.1 > best.1 {
+                        c
+                    } else {
+                        best
+                    }
+                })
                 .0;
         }
         let cands = &mut self.candidates;

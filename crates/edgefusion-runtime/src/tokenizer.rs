@@ -49,6 +49,7 @@ pub mod keys {
     pub const ADD_EOS: &str = "tokenizer.ggml.add_eos_token";
     pub const ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
     pub const CHAT_TEMPLATE: &str = "tokenizer.chat_template";
+    pub const GENERAL_NAME: &str = "general.name";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,25 +166,37 @@ pub enum VocabStyle {
     },
 }
 
-/// Texts of tokens that end generation: llama.cpp's end-of-generation list
-/// (`llama_vocab::impl::load`), including FIM pad / repo / file-separator tokens, which it
-/// also treats as end of generation.
+/// Texts of tokens that end generation, as llama.cpp lists them (`llama_vocab::impl::load`).
+/// llama.cpp also makes each of them a control token, whatever type the file gives it.
 const END_OF_GENERATION_TEXTS: &[&str] = &[
     "<|eot_id|>",
     "<|im_end|>",
     "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<|flush|>",
+    "<|calls|>",
     "<end_of_turn>",
     "<|endoftext|>",
+    "</s>",
     "<|eom_id|>",
     "<EOT>",
     "_<EOT>",
+    "[EOT]",
+    "[EOS]",
     "<|end_of_text|>",
     "<end_of_utterance>",
-    "<｜end▁of▁sentence｜>",
+    "<eos>",
+    "<turn|>",
+    "<|tool_response>",
+    "<\u{FF5C}end\u{2581}of\u{2581}sentence\u{FF5C}>",
+    "[e~[",
+    // Fill-in-the-middle pad, repository and file-separator tokens also end generation.
     "<|fim_pad|>",
     "<fim-pad>",
     "<fim_pad>",
     "<PAD>",
+    "[PAD]",
     "<|fim_repo|>",
     "<|repo_name|>",
     "<fim-repo>",
@@ -191,6 +204,81 @@ const END_OF_GENERATION_TEXTS: &[&str] = &[
     "<reponame>",
     "<|file_sep|>",
 ];
+
+/// Fill-in-the-middle prefix / suffix / middle tokens, which llama.cpp makes control tokens.
+const FIM_MARKER_TEXTS: &[&str] = &[
+    "<|fim_prefix|>",
+    "<fim-prefix>",
+    "<fim_prefix>",
+    "<\u{FF5C}fim\u{2581}begin\u{FF5C}>",
+    "<PRE>",
+    "\u{2581}<PRE>",
+    "<|code_prefix|>",
+    "<|prefix|>",
+    "<|fim_suffix|>",
+    "<fim-suffix>",
+    "<fim_suffix>",
+    "<\u{FF5C}fim\u{2581}hole\u{FF5C}>",
+    "<SUF>",
+    "\u{2581}<SUF>",
+    "<|code_suffix|>",
+    "<|suffix|>",
+    "<|fim_middle|>",
+    "<fim-middle>",
+    "<fim_middle>",
+    "<\u{FF5C}fim\u{2581}end\u{FF5C}>",
+    "<MID>",
+    "\u{2581}<MID>",
+    "<|code_middle|>",
+    "<|middle|>",
+];
+
+/// gpt-oss message-structure tokens, which llama.cpp always writes out (user-defined).
+const ALWAYS_RENDERED_TEXTS: &[&str] =
+    &["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"];
+
+/// llama.cpp's corrections to the token types in a file, and its end-of-generation tokens
+/// found by text (`llama_vocab::impl::load`): end-of-generation and FIM marker tokens become
+/// control tokens; gpt-oss `<|end|>` is not an end when `<|return|>` and `<|call|>` are
+/// there (likewise Solar's `<|calls|>` / `<|flush|>`); `</s>` is an ordinary token in
+/// vocabularies that end turns with `<|tool_response>` or `<|plamo:eos|>`.
+fn llama_cpp_type_overrides(texts: &[String], kinds: &mut [TokenKind]) -> Vec<u32> {
+    let mut eog_ids = Vec::new();
+    for (id, (text, kind)) in texts.iter().zip(kinds.iter_mut()).enumerate() {
+        let text = text.as_str();
+        if END_OF_GENERATION_TEXTS.contains(&text) {
+            eog_ids.push(id as u32);
+            *kind = TokenKind::Control;
+        } else if FIM_MARKER_TEXTS.contains(&text) {
+            *kind = TokenKind::Control;
+        } else if ALWAYS_RENDERED_TEXTS.contains(&text) {
+            *kind = TokenKind::UserDefined;
+        }
+    }
+    let eog_id_of = |eog_ids: &[u32], wanted: &str| {
+        eog_ids
+            .iter()
+            .copied()
+            .find(|&id| texts[id as usize] == wanted)
+    };
+    let has = |eog_ids: &[u32], wanted: &str| eog_id_of(eog_ids, wanted).is_some();
+    if let Some(end) = eog_id_of(&eog_ids, "<|end|>") {
+        if (has(&eog_ids, "<|return|>") && has(&eog_ids, "<|call|>"))
+            || (has(&eog_ids, "<|calls|>") && has(&eog_ids, "<|flush|>"))
+        {
+            eog_ids.retain(|&id| id != end);
+            kinds[end as usize] = TokenKind::UserDefined;
+        }
+    }
+    let plamo_eos = texts.iter().any(|text| text == "<|plamo:eos|>");
+    if let Some(close) = eog_id_of(&eog_ids, "</s>") {
+        if has(&eog_ids, "<|tool_response>") || plamo_eos {
+            eog_ids.retain(|&id| id != close);
+            kinds[close as usize] = TokenKind::Normal;
+        }
+    }
+    eog_ids
+}
 
 /// A loaded tokenizer. Cheap to share across threads (`Send + Sync`).
 pub struct Tokenizer {
@@ -242,6 +330,7 @@ struct Parts {
     eos_id: Option<u32>,
     unk_id: Option<u32>,
     pad_id: Option<u32>,
+    /// End-of-generation ids besides EOS.
     extra_eog_ids: Vec<u32>,
     add_bos: bool,
     add_eos: bool,
@@ -263,7 +352,8 @@ impl Tokenizer {
             return Err(invalid(path, keys::TOKENS, "the vocabulary is empty"));
         }
         let n_vocab = texts.len();
-        let kinds = read_token_kinds(gguf, n_vocab)?;
+        let mut kinds = read_token_kinds(gguf, n_vocab)?;
+        let mut extra_eog_ids = llama_cpp_type_overrides(&texts, &mut kinds);
 
         let recipe = match model {
             "gpt2" => {
@@ -307,25 +397,39 @@ impl Tokenizer {
             unk_id = Some(id);
         }
         let pad_id = optional_token_id(gguf, keys::PAD_ID, n_vocab)?;
-        let mut extra_eog_ids = Vec::new();
         for key in [keys::EOT_ID, keys::EOM_ID] {
             extra_eog_ids.extend(optional_token_id(gguf, key, n_vocab)?);
         }
         let add_bos = optional_bool(gguf, keys::ADD_BOS)?.unwrap_or(default_add_bos);
         let add_eos = optional_bool(gguf, keys::ADD_EOS)?.unwrap_or(false);
         let chat_template = optional_str(gguf, keys::CHAT_TEMPLATE)?.map(str::to_owned);
+        // llama.cpp (after the Hugging Face tokenizer) eats the whitespace after Phi-3's
+        // special tokens, which it recognises by the model name.
+        let whole_tokens = WholeTokenRules {
+            rstrip_specials: optional_str(gguf, keys::GENERAL_NAME)?.is_some_and(|name| {
+                let name = name.to_lowercase();
+                name.contains("phi-3") || name.contains("phi3")
+            }),
+        };
 
         let (inner, style, pre) = match recipe {
             Recipe::ByteLevel { spec, pre } => {
                 let merges = gguf.get_str_array(keys::MERGES)?;
-                let inner = build_byte_level(path, &texts, &kinds, &merges, spec)?;
+                let inner = build_byte_level(path, &texts, &kinds, whole_tokens, &merges, spec)?;
                 (inner, VocabStyle::ByteLevel, Some(pre))
             }
             Recipe::SentencePiece { add_space_prefix } => {
                 let scores = read_scores(gguf, n_vocab)?;
                 let unk_text = unk_id.map(|id| texts[id as usize].as_str());
-                let inner =
-                    build_sentencepiece(path, &texts, &kinds, &scores, unk_text, add_space_prefix)?;
+                let inner = build_sentencepiece(
+                    path,
+                    &texts,
+                    &kinds,
+                    whole_tokens,
+                    &scores,
+                    unk_text,
+                    add_space_prefix,
+                )?;
                 (inner, VocabStyle::SentencePiece { add_space_prefix }, None)
             }
         };
@@ -458,7 +562,9 @@ impl Tokenizer {
             .and_then(|c| c.get("chat_template"))
             .and_then(chat_template_from_config);
 
-        let mut extra_eog_ids = Vec::new();
+        // The end-of-generation tokens by text; the type corrections are left out because
+        // here the file's own added-token list decides what is matched whole.
+        let mut extra_eog_ids = llama_cpp_type_overrides(&texts, &mut kinds.clone());
         if let Some(generation) = read_sibling_json(path, "generation_config.json")? {
             match generation.get("eos_token_id") {
                 Some(Json::Array(ids)) => extra_eog_ids.extend(
@@ -501,14 +607,6 @@ impl Tokenizer {
 
         let mut eog_ids: Vec<u32> = parts.eos_id.into_iter().collect();
         let mut others: Vec<u32> = parts.extra_eog_ids;
-        others.extend(
-            parts
-                .texts
-                .iter()
-                .enumerate()
-                .filter(|(_, text)| END_OF_GENERATION_TEXTS.contains(&text.as_str()))
-                .map(|(id, _)| id as u32),
-        );
         others.sort_unstable();
         others.dedup();
         eog_ids.extend(others.into_iter().filter(|&id| Some(id) != parts.eos_id));
@@ -554,14 +652,23 @@ impl Tokenizer {
     }
 
     /// Ids to text, special tokens included (`<|im_end|>` is written out). For
-    /// SentencePiece vocabularies the space the encoder put in front is taken off again, so
-    /// `decode(encode(s)) == s`.
+    /// SentencePiece vocabularies the space the encoder put in front of the first token is
+    /// taken off again, so `decode(encode(s, false)) == s`. No clean-up of spaces before
+    /// punctuation (llama.cpp's `clean_spaces`) is done: the text is exactly the tokens'.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         self.decode_with(ids, false)
     }
 
     /// [`decode`](Self::decode), optionally leaving out control and unknown tokens.
     pub fn decode_with(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
+        // llama.cpp's detokenize strips one space from the first token only (even when that
+        // token is a skipped BOS, so then nothing is stripped).
+        let strip_first_space = matches!(
+            self.style,
+            VocabStyle::SentencePiece {
+                add_space_prefix: true
+            }
+        );
         let mut bytes = Vec::with_capacity(ids.len() * 4);
         for (position, &id) in ids.iter().enumerate() {
             let kind = self.kind_checked(id)?;
@@ -569,14 +676,7 @@ impl Tokenizer {
                 continue;
             }
             let mut piece: &[u8] = &self.piece_bytes[id as usize];
-            // llama.cpp's detokenize strips one space from the first token only.
-            let strip_space = matches!(
-                self.style,
-                VocabStyle::SentencePiece {
-                    add_space_prefix: true
-                }
-            );
-            if position == 0 && strip_space && kind == TokenKind::Normal {
+            if position == 0 && strip_first_space && kind == TokenKind::Normal {
                 piece = piece.strip_prefix(b" ").unwrap_or(piece);
             }
             bytes.extend_from_slice(piece);
@@ -934,6 +1034,7 @@ fn build_byte_level(
     path: &Path,
     texts: &[String],
     kinds: &[TokenKind],
+    whole_tokens: WholeTokenRules,
     merges: &[&str],
     spec: BpePreSpec,
 ) -> Result<tokenizers::Tokenizer, TokenizerError> {
@@ -987,7 +1088,7 @@ fn build_byte_level(
     tokenizer.with_pre_tokenizer(Some(PreSequence::new(pre_tokenizers)));
     // Our decode does not use it; it makes `to_tokenizer_json` a complete tokenizer.
     tokenizer.with_decoder(Some(ByteLevel::default()));
-    add_whole_tokens(&mut tokenizer, texts, kinds);
+    add_whole_tokens(&mut tokenizer, texts, kinds, whole_tokens);
     Ok(tokenizer)
 }
 
@@ -995,6 +1096,7 @@ fn build_sentencepiece(
     path: &Path,
     texts: &[String],
     kinds: &[TokenKind],
+    whole_tokens: WholeTokenRules,
     scores: &[f32],
     unk_text: Option<&str>,
     add_space_prefix: bool,
@@ -1040,7 +1142,7 @@ fn build_sentencepiece(
     let mut tokenizer = tokenizers::Tokenizer::new(model);
     tokenizer.with_normalizer(Some(normalizer));
     tokenizer.with_decoder(Some(DecoderSequence::new(decoders)));
-    add_whole_tokens(&mut tokenizer, texts, kinds);
+    add_whole_tokens(&mut tokenizer, texts, kinds, whole_tokens);
     Ok(tokenizer)
 }
 
@@ -1081,14 +1183,30 @@ fn vocab_map(texts: &[String]) -> tokenizers::models::bpe::Vocab {
     vocab
 }
 
+#[derive(Debug, Clone, Copy, Default)]
+struct WholeTokenRules {
+    /// Whitespace after a whole-matched token is dropped, except after `<unk>`, `<s>` and
+    /// `<|endoftext|>` (llama.cpp's Phi-3 rule).
+    rstrip_specials: bool,
+}
+
 /// Registers control, unknown and user-defined tokens to be matched whole in raw text.
-fn add_whole_tokens(tokenizer: &mut tokenizers::Tokenizer, texts: &[String], kinds: &[TokenKind]) {
+fn add_whole_tokens(
+    tokenizer: &mut tokenizers::Tokenizer,
+    texts: &[String],
+    kinds: &[TokenKind],
+    rules: WholeTokenRules,
+) {
     let whole: Vec<AddedToken> = texts
         .iter()
         .zip(kinds)
         .filter(|(text, kind)| kind.is_added() && !text.is_empty())
         .map(|(text, &kind)| {
-            AddedToken::from(text.clone(), kind != TokenKind::UserDefined).normalized(false)
+            let rstrip = rules.rstrip_specials
+                && !matches!(text.as_str(), "<unk>" | "<s>" | "<|endoftext|>");
+            AddedToken::from(text.clone(), kind != TokenKind::UserDefined)
+                .normalized(false)
+                .rstrip(rstrip)
         })
         .collect();
     if !whole.is_empty() {
@@ -1421,6 +1539,12 @@ mod tests {
 
     /// A byte-level vocabulary: the 256 byte characters, a few merges, two control tokens.
     fn tiny_byte_level(pre: Option<&str>) -> Vec<(&'static str, MetaValue)> {
+        byte_level_with(pre, &[])
+    }
+
+    /// The 256 byte characters, six merged tokens, `<|im_start|>` (BOS) and `<|im_end|>`
+    /// (EOS) as control tokens, then `extra` (text, GGUF token type).
+    fn byte_level_with(pre: Option<&str>, extra: &[(&str, i32)]) -> Vec<(&'static str, MetaValue)> {
         let byte_map = ByteMap::new();
         let mut by_byte: Vec<(u8, char)> = byte_map
             .char_to_byte
@@ -1429,22 +1553,16 @@ mod tests {
             .collect();
         by_byte.sort_unstable();
         let mut tokens: Vec<String> = by_byte.iter().map(|(_, c)| c.to_string()).collect();
-        for merged in [
-            "he",
-            "ll",
-            "llo",
-            "hello",
-            "Ġw",
-            "Ġwo",
-            "<|im_start|>",
-            "<|im_end|>",
-        ] {
-            tokens.push(merged.to_owned());
-        }
         let mut types = vec![1; tokens.len()];
-        let n = types.len();
-        types[n - 2] = 3;
-        types[n - 1] = 3;
+        for merged in ["he", "ll", "llo", "hello", "Ġw", "Ġwo"] {
+            tokens.push(merged.to_owned());
+            types.push(1);
+        }
+        let bos = tokens.len() as u32;
+        for (text, kind) in [("<|im_start|>", 3), ("<|im_end|>", 3)].iter().chain(extra) {
+            tokens.push((*text).to_owned());
+            types.push(*kind);
+        }
         let token_refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
         let mut metadata = vec![
             ("tokenizer.ggml.model", MetaValue::String("gpt2".into())),
@@ -1454,8 +1572,8 @@ mod tests {
                 "tokenizer.ggml.merges",
                 strings(&["h e", "l l", "ll o", "he llo", "Ġ w", "Ġw o"]),
             ),
-            ("tokenizer.ggml.eos_token_id", MetaValue::U32(n as u32 - 1)),
-            ("tokenizer.ggml.bos_token_id", MetaValue::U32(n as u32 - 2)),
+            ("tokenizer.ggml.bos_token_id", MetaValue::U32(bos)),
+            ("tokenizer.ggml.eos_token_id", MetaValue::U32(bos + 1)),
         ];
         if let Some(pre) = pre {
             metadata.push(("tokenizer.ggml.pre", MetaValue::String(pre.into())));
@@ -1471,6 +1589,7 @@ mod tests {
         let hello = tokenizer.token_id("hello").unwrap();
         let ids = tokenizer.encode("<|im_start|>hello wo", true).unwrap();
         // gpt2 defaults to no BOS; the control token is matched whole.
+        assert_eq!(tokenizer.bos_id(), Some(n - 2));
         assert_eq!(ids[0], n - 2);
         assert_eq!(ids[1], hello);
         assert_eq!(ids[2], tokenizer.token_id("Ġwo").unwrap());
@@ -1479,6 +1598,89 @@ mod tests {
         assert_eq!(tokenizer.decode_with(&ids, true).unwrap(), "hello wo");
         assert_eq!(tokenizer.eos_ids()[0], n - 1);
         assert!(!tokenizer.add_bos());
+    }
+
+    #[test]
+    fn llama_cpp_type_corrections() {
+        // `</s>` stored as an ordinary token still ends generation and is matched whole;
+        // a FIM marker becomes a control token; gpt-oss `<|end|>` is not an end of
+        // generation when `<|return|>` and `<|call|>` exist.
+        let file = TempGguf::write(byte_level_with(
+            Some("gpt-2"),
+            &[
+                ("</s>", 1),
+                ("<|fim_prefix|>", 1),
+                ("<|end|>", 3),
+                ("<|return|>", 3),
+                ("<|call|>", 3),
+                ("<|channel|>", 3),
+            ],
+        ));
+        let tokenizer = Tokenizer::from_gguf(&file.open()).unwrap();
+        let id = |text: &str| tokenizer.token_id(text).unwrap();
+        assert_eq!(tokenizer.token_kind(id("</s>")), Some(TokenKind::Control));
+        assert_eq!(
+            tokenizer.encode("hello</s><|fim_prefix|>", false).unwrap(),
+            vec![id("hello"), id("</s>"), id("<|fim_prefix|>")]
+        );
+        assert_eq!(
+            tokenizer.eos_ids(),
+            &[
+                id("<|im_end|>"),
+                id("</s>"),
+                id("<|return|>"),
+                id("<|call|>")
+            ]
+        );
+        assert_eq!(
+            tokenizer.token_kind(id("<|end|>")),
+            Some(TokenKind::UserDefined)
+        );
+        // User-defined tokens stay visible when special tokens are hidden.
+        let ids = [id("<|channel|>"), id("hello"), id("<|im_end|>")];
+        assert_eq!(
+            tokenizer.decode_with(&ids, true).unwrap(),
+            "<|channel|>hello"
+        );
+    }
+
+    #[test]
+    fn phi3_special_tokens_eat_the_whitespace_after_them() {
+        let mut metadata = tiny_sentencepiece();
+        for (key, value) in metadata.iter_mut() {
+            if *key == keys::TOKENS {
+                if let MetaValue::Array(items) = value {
+                    items.push(MetaValue::String("<|end|>".into()));
+                }
+            }
+            if *key == keys::TOKEN_TYPE {
+                if let MetaValue::Array(items) = value {
+                    items.push(MetaValue::I32(3));
+                }
+            }
+            if *key == keys::SCORES {
+                if let MetaValue::Array(items) = value {
+                    items.push(MetaValue::F32(0.0));
+                }
+            }
+        }
+        let plain = TempGguf::write(metadata.clone());
+        metadata.push((keys::GENERAL_NAME, MetaValue::String("Phi-3 Mini".into())));
+        let phi3 = TempGguf::write(metadata);
+        let plain = Tokenizer::from_gguf(&plain.open()).unwrap();
+        let phi3 = Tokenizer::from_gguf(&phi3.open()).unwrap();
+        let end = phi3.token_id("<|end|>").unwrap();
+        let hello = phi3.token_id("▁hello").unwrap();
+        let space = phi3.token_id("▁").unwrap();
+        // After a special token SentencePiece adds its prefix space again: " hello".
+        assert_eq!(
+            phi3.encode("<|end|>\n hello", false).unwrap(),
+            vec![end, hello]
+        );
+        assert_eq!(
+            plain.encode("<|end|> hello", false).unwrap(),
+            vec![end, space, hello]
+        );
     }
 
     #[test]
@@ -1727,7 +1929,9 @@ mod tests {
         // Valid for the `tokenizers` crate, but its ids would have us allocate for 100001.
         let sparse = dir.write(
             "tokenizer.json",
-            r#"{"added_tokens": [], "decoder": {"type": "ByteLevel"},
+            r#"{"added_tokens": [],
+                "decoder": {"type": "ByteLevel", "add_prefix_space": false,
+                            "trim_offsets": false, "use_regex": false},
                 "model": {"type": "BPE", "vocab": {"a": 0, "b": 100000}, "merges": []}}"#,
         );
         let err = Tokenizer::from_tokenizer_json(&sparse).unwrap_err();

@@ -7,7 +7,14 @@ use std::path::PathBuf;
 use edgefusion_io::ModelSource;
 use edgefusion_model::Model;
 use edgefusion_runtime::sampler::argmax;
-use edgefusion_runtime::{Logits, Session, SessionOptions};
+use edgefusion_runtime::{KvType, Logits, Session, SessionOptions};
+
+/// Session options for the reference comparisons: the references keep keys and values in f32.
+fn options(n_ctx: usize, threads: usize) -> SessionOptions {
+    let mut opts = SessionOptions::new(n_ctx, threads);
+    opts.kv_type = KvType::F32;
+    opts
+}
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
@@ -80,7 +87,7 @@ fn check_model(name: &str, tolerance: f32) {
     let model = Model::load(&source).expect("load fixture");
     let reference = reference(name);
     for threads in [1, 2] {
-        let mut opts = SessionOptions::new(64, threads);
+        let mut opts = options(64, threads);
         opts.max_logits = 64;
         // A small batch forces prefill to be split into several steps.
         opts.max_batch = 5;
@@ -114,10 +121,11 @@ fn f32_qwen2_with_biases_and_tied_head_matches_reference_to_1e4() {
 }
 
 // Quantized weights: the reference uses the same dequantized weights, so what remains is the
-// 8-bit quantization of the activations (F16 keeps f32 activations). Measured: 2.4% of the
-// largest logit at worst, the same for Q8_0 as for Q4_0 weights, i.e. it comes from the
-// activations, not from a weight kernel.
-const ACT_Q8_TOLERANCE: f32 = 3e-2;
+// 8-bit quantization of the activations (F16 keeps f32 activations). Measured: up to 3.6% of
+// the largest logit, about the same for Q8_0 as for Q4_0 weights, i.e. it comes from the
+// activations, not from a weight kernel; llama.cpp itself is 3.2% away from the same
+// reference. The tight check is `quantized_paths_match_llama_cpp_activation_quantization`.
+const ACT_Q8_TOLERANCE: f32 = 5e-2;
 #[test]
 fn f16_llama_matches_reference() {
     check_model("tiny-llama-f16", 1e-4);
@@ -149,7 +157,7 @@ fn greedy_continuation_matches_reference() {
         let source = ModelSource::open(fixture(&format!("{name}.gguf"))).expect("open");
         let model = Model::load(&source).expect("load");
         let reference = reference(name);
-        let mut session = Session::new(&model, SessionOptions::new(64, 2)).expect("session");
+        let mut session = Session::new(&model, options(64, 2)).expect("session");
         let mut logits = session
             .forward(&reference.tokens, Logits::Last)
             .expect("prefill")
@@ -158,7 +166,10 @@ fn greedy_continuation_matches_reference() {
         for _ in 0..reference.greedy.len() {
             let next = argmax(&logits);
             continuation.push(next);
-            logits = session.forward(&[next], Logits::Last).expect("decode").to_vec();
+            logits = session
+                .forward(&[next], Logits::Last)
+                .expect("decode")
+                .to_vec();
         }
         assert_eq!(continuation, reference.greedy, "{name}");
     }
@@ -172,7 +183,7 @@ fn prefill_then_decode_equals_single_steps() {
         let reference = reference(name);
         let tokens = &reference.tokens;
         let vocab = model.config.vocab_size;
-        let mut opts = SessionOptions::new(64, 2);
+        let mut opts = options(64, 2);
         opts.max_logits = 64;
         let mut batched = Session::new(&model, opts.clone()).expect("session");
         let split = tokens.len() / 2;
@@ -190,7 +201,10 @@ fn prefill_then_decode_equals_single_steps() {
         }
         for (pos, (a, b)) in prefill.chunks(vocab).zip(steps.chunks(vocab)).enumerate() {
             let err = max_rel_error(a, b);
-            assert!(err <= 1e-5, "{name}: position {pos}: prefill vs steps error {err}");
+            assert!(
+                err <= 1e-5,
+                "{name}: position {pos}: prefill vs steps error {err}"
+            );
         }
     }
 }
@@ -199,13 +213,51 @@ fn prefill_then_decode_equals_single_steps() {
 fn context_overflow_and_bad_tokens_are_errors() {
     let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).expect("open");
     let model = Model::load(&source).expect("load");
-    let mut session = Session::new(&model, SessionOptions::new(8, 1)).expect("session");
+    let mut session = Session::new(&model, options(8, 1)).expect("session");
     let err = session.forward(&[1; 9], Logits::Last).unwrap_err();
     assert!(err.to_string().contains("context"), "{err}");
-    session.forward(&[1; 8], Logits::Last).expect("exactly full context");
+    session
+        .forward(&[1; 8], Logits::Last)
+        .expect("exactly full context");
     assert!(session.forward(&[1], Logits::Last).is_err());
     session.reset();
     let err = session.forward(&[100_000], Logits::Last).unwrap_err();
     assert!(err.to_string().contains("100000"), "{err}");
-    assert!(Session::new(&model, SessionOptions::new(8, 0)).is_err());
+    assert!(Session::new(&model, options(8, 0)).is_err());
+}
+
+/// With activations quantized as llama.cpp's CPU backend does (simulated in numpy, and
+/// checked against llama.cpp to 1.7e-6), our quantized paths must agree far more tightly:
+/// the same integer dot products, only the float summation order differs. K-quants may flip
+/// one rounding of an activation at a position (a discontinuity of the format), so each
+/// model is allowed one outlier position.
+#[test]
+fn quantized_paths_match_llama_cpp_activation_quantization() {
+    for name in [
+        "tiny-llama-q8_0",
+        "tiny-llama-q4_0",
+        "tiny-llama-q4_1",
+        "tiny-llama256-q4_k_m",
+    ] {
+        let text = std::fs::read_to_string(fixture(&format!("{name}.json"))).expect("json");
+        let json: Value = serde_json::from_str(&text).expect("valid json");
+        let expected = matrix(&json["logits_ggml_act_quant"]);
+        let source = ModelSource::open(fixture(&format!("{name}.gguf"))).expect("open");
+        let model = Model::load(&source).expect("load");
+        let mut opts = options(64, 2);
+        opts.max_logits = 64;
+        let mut session = Session::new(&model, opts).expect("session");
+        let ours = all_logits(&mut session, &ids(&json["tokens"]));
+        let errors: Vec<f32> = ours
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| max_rel_error(a, b))
+            .collect();
+        let outliers = errors.iter().filter(|&&e| e > 1e-4).count();
+        assert!(outliers <= 1, "{name}: per-position errors {errors:?}");
+        assert!(
+            errors.iter().all(|&e| e < ACT_Q8_TOLERANCE),
+            "{name}: {errors:?}"
+        );
+    }
 }

@@ -179,6 +179,14 @@ struct Fixture {
     add_eos: bool,
     eog_ids: Vec<u32>,
     cases: Vec<FixtureCase>,
+    random_cases: Vec<RandomCase>,
+}
+
+/// Seeded random strings: special tokens, digits, odd whitespace, combining marks, emoji.
+#[derive(serde::Deserialize)]
+struct RandomCase {
+    text: String,
+    ids: Vec<u32>,
 }
 
 #[derive(serde::Deserialize)]
@@ -224,8 +232,9 @@ fn smollm2_matches_llama_cpp() {
     let tokenizer = Tokenizer::from_gguf(&gguf).unwrap();
     let build_ms = started.elapsed().as_secs_f64() * 1e3;
     println!("SmolLM2 tokenizer built in {build_ms:.0} ms");
-    // The engine builds the tokenizer at every start.
-    assert!(build_ms < 1000.0, "building took {build_ms:.0} ms");
+    // The engine builds the tokenizer at every start. It takes ~120 ms on one idle core;
+    // the bound leaves room for a CI machine busy with the other tests.
+    assert!(build_ms < 2000.0, "building took {build_ms:.0} ms");
 
     assert_eq!(tokenizer.vocab_size(), fixture.vocab_size);
     assert_eq!(tokenizer.bos_id(), Some(fixture.bos_id));
@@ -281,6 +290,21 @@ fn smollm2_matches_llama_cpp() {
             ));
         }
     }
+    for case in &fixture.random_cases {
+        let text = &case.text;
+        let ids = tokenizer.encode(text, false).unwrap();
+        if ids != case.ids {
+            failures.push(format!(
+                "encode {text:?}: expected {:?}, got {ids:?}",
+                case.ids
+            ));
+        }
+        // Byte-level BPE loses nothing, special tokens included.
+        let decoded = tokenizer.decode(&case.ids).unwrap();
+        if &decoded != text {
+            failures.push(format!("decode {text:?}: got {decoded:?}"));
+        }
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -311,6 +335,14 @@ fn smollm2_tokenizer_json_matches_llama_cpp() {
     let mut eog_ids = tokenizer.eos_ids().to_vec();
     eog_ids.sort_unstable();
     assert_eq!(eog_ids, fixture.eog_ids);
+    for case in &fixture.random_cases {
+        assert_eq!(
+            tokenizer.encode(&case.text, false).unwrap(),
+            case.ids,
+            "{:?}",
+            case.text
+        );
+    }
     for case in &fixture.cases {
         assert_eq!(
             tokenizer.encode(&case.text, false).unwrap(),

@@ -156,7 +156,7 @@ mod tests {
     #[test]
     fn blocks_view_any_alignment() {
         // An odd offset into a buffer still views in place (alignment 1).
-        let mut buf = vec![0u8; 1 + 2 * 18];
+        let mut buf = [0u8; 1 + 2 * 18];
         buf[1..3].copy_from_slice(&f32_to_f16(0.5));
         buf[3] = 0x21;
         let view = blocks::<BlockQ4_0>(&buf[1..], 2);

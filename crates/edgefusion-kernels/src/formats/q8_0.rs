@@ -29,18 +29,20 @@ impl BlockQ8_0 {
         f16_to_f32(self.d)
     }
 
-    /// llama.cpp's `quantize_row_q8_0_ref` for one block: d = max|x| / 127, q = round(x / d)
-    /// (half away from zero).
+    /// One block as llama.cpp's x86 and ARM kernels quantize activations: d = max|x| / 127,
+    /// q = x · (127 / max|x|) rounded half to even. (Its `_ref` C code rounds half away from
+    /// zero and scales by 1/d instead; the SIMD paths that real inference runs do not, and
+    /// Q8_0 inputs — dequantized embeddings — hit exact ties often, so we follow them.)
     pub fn quantize(x: &[f32; QK]) -> Self {
         let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut block = BlockQ8_0 {
             d: f32_to_f16(d),
             qs: [0; QK],
         };
         for (q, &v) in block.qs.iter_mut().zip(x) {
-            *q = (v * id).round() as i8;
+            *q = (v * id).round_ties_even() as i8;
         }
         block
     }

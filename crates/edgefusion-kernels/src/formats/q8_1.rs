@@ -36,16 +36,17 @@ impl BlockQ8_1 {
         f16_to_f32(self.s)
     }
 
-    /// llama.cpp's `quantize_row_q8_1_ref` for one block: Q8_0's codes, and `s` from the f32
-    /// (not yet rounded to f16) scale times the integer code sum.
+    /// One block as llama.cpp's SIMD kernels quantize it: Q8_0's codes (see
+    /// [`super::q8_0::BlockQ8_0::quantize`]), and `s` from the f32 (not yet rounded to f16)
+    /// scale times the integer code sum.
     pub fn quantize(x: &[f32; QK]) -> Self {
         let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut qs = [0i8; QK];
         let mut sum = 0i32;
         for (q, &v) in qs.iter_mut().zip(x) {
-            *q = (v * id).round() as i8;
+            *q = (v * id).round_ties_even() as i8;
             sum += *q as i32;
         }
         BlockQ8_1 {

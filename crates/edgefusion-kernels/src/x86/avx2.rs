@@ -66,16 +66,10 @@ pub(crate) unsafe fn f16_bytes(value: f32) -> [u8; 2] {
     (_mm_extract_epi16::<0>(half) as u16).to_le_bytes()
 }
 
-/// Rounds to the nearest integer, ties away from zero (C `roundf`), exactly: truncate, then
-/// step one away from zero when the dropped fraction is at least one half.
+/// Rounds to the nearest integer, ties to even (as llama.cpp's activation quantizers do).
 #[inline(always)]
-unsafe fn round_half_away(v: __m256) -> __m256 {
-    let sign_bit = _mm256_set1_ps(-0.0);
-    let truncated = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
-    let frac = _mm256_andnot_ps(sign_bit, _mm256_sub_ps(v, truncated));
-    let away = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, _mm256_set1_ps(0.5));
-    let signed_one = _mm256_or_ps(_mm256_and_ps(v, sign_bit), _mm256_set1_ps(1.0));
-    _mm256_add_ps(truncated, _mm256_and_ps(away, signed_one))
+unsafe fn round_half_even(v: __m256) -> __m256 {
+    _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -280,10 +274,10 @@ unsafe fn quantize_block(x: *const f32, qs: *mut u8) -> (f32, i32) {
     ));
     // Same scalar operations as the reference, so the codes match it bit for bit.
     let d = amax / 127.0;
-    let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+    let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
     let mut q = [_mm256_setzero_si256(); 4];
     for (qi, &vi) in q.iter_mut().zip(&v) {
-        *qi = _mm256_cvtps_epi32(round_half_away(_mm256_mul_ps(vi, id)));
+        *qi = _mm256_cvtps_epi32(round_half_even(_mm256_mul_ps(vi, id)));
     }
     let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
     let sum128 = _mm_add_epi32(
@@ -462,11 +456,14 @@ impl<const MIN: bool> Tiles for NibbleTiles<MIN> {
         let low4 = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_ps(); T]; R];
+        // The offset term of Q4_1 runs on its own chain, so two dependent FMAs do not
+        // serialize each step.
+        let mut acc_m = [[_mm256_setzero_ps(); T]; R];
         for b0 in (0..self.nb).step_by(2) {
             let both = b0 + 1 < self.nb;
             let group = b0 / 4;
             let half = (b0 % 4) / 2;
-            for (r, acc_r) in acc.iter_mut().enumerate() {
+            for (r, (acc_r, acc_m_r)) in acc.iter_mut().zip(acc_m.iter_mut()).enumerate() {
                 let wb = self
                     .w
                     .add((r0 + r) * self.row_bytes + b0 * Self::BLOCK_BYTES);
@@ -491,7 +488,8 @@ impl<const MIN: bool> Tiles for NibbleTiles<MIN> {
                 } else {
                     _mm256_setzero_ps()
                 };
-                for (t, acc_rt) in acc_r.iter_mut().enumerate() {
+                for (t, (acc_rt, acc_m_rt)) in acc_r.iter_mut().zip(acc_m_r.iter_mut()).enumerate()
+                {
                     let g = &*self.act.add((t0 + t) * self.n_groups + group);
                     let a_lo = _mm256_load_si256(g.lo.as_ptr().add(32 * half).cast());
                     let a_hi = _mm256_load_si256(g.hi.as_ptr().add(32 * half).cast());
@@ -509,8 +507,15 @@ impl<const MIN: bool> Tiles for NibbleTiles<MIN> {
                     *acc_rt = _mm256_fmadd_ps(scaled, dw, *acc_rt);
                     if MIN {
                         let sa = _mm256_load_ps(g.sa.as_ptr().add(8 * half));
-                        *acc_rt = _mm256_fmadd_ps(mw, sa, *acc_rt);
+                        *acc_m_rt = _mm256_fmadd_ps(mw, sa, *acc_m_rt);
                     }
+                }
+            }
+        }
+        if MIN {
+            for (acc_r, acc_m_r) in acc.iter_mut().zip(&acc_m) {
+                for (v, &m) in acc_r.iter_mut().zip(acc_m_r) {
+                    *v = _mm256_add_ps(*v, m);
                 }
             }
         }
@@ -565,6 +570,17 @@ struct FloatTiles<W> {
 impl<W: FloatRow8> Tiles for FloatTiles<W> {
     #[inline(always)]
     unsafe fn tile<const R: usize, const T: usize>(&self, r0: usize, t0: usize) -> [[f32; T]; R] {
+        if R == 1 && T == 1 {
+            // One row, one token (decode): the dot kernel, whose four accumulators hide
+            // the FMA latency that a single tile accumulator would expose.
+            let mut sums = [[0.0f32; T]; R];
+            sums[0][0] = dot_float_body::<W>(
+                self.w.add(r0 * self.row_bytes),
+                self.act.add(t0 * self.act_row_bytes),
+                self.k,
+            );
+            return sums;
+        }
         let mut acc = [[_mm256_setzero_ps(); T]; R];
         let mut rows = [std::ptr::null::<u8>(); R];
         for (r, row) in rows.iter_mut().enumerate() {

@@ -323,15 +323,10 @@ pub(crate) unsafe fn scale_f32(x: *mut f32, s: f32, n: usize) {
 // ---------------------------------------------------------------------------------------
 // Activation quantization
 
-/// Rounds to the nearest integer, ties away from zero (C `roundf`), exactly.
+/// Rounds to the nearest integer, ties to even (as llama.cpp's activation quantizers do).
 #[inline(always)]
-unsafe fn round_half_away(v: __m512) -> __m512 {
-    let truncated = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
-    let frac = _mm512_abs_ps(_mm512_sub_ps(v, truncated));
-    let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, _mm512_set1_ps(0.5));
-    let sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(i32::MIN));
-    let signed_one = _mm512_castsi512_ps(_mm512_or_si512(sign, _mm512_set1_epi32(0x3F80_0000)));
-    _mm512_mask_add_ps(truncated, away, truncated, signed_one)
+unsafe fn round_half_even(v: __m512) -> __m512 {
+    _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v)
 }
 
 /// Quantizes one block of 32 floats at `x` to codes at `qs`; returns (d, Σq).
@@ -342,9 +337,9 @@ unsafe fn quantize_block(x: *const f32, qs: *mut u8) -> (f32, i32) {
     let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
     // Same scalar operations as the reference, so the codes match it bit for bit.
     let d = amax / 127.0;
-    let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
-    let q0 = _mm512_cvtps_epi32(round_half_away(_mm512_mul_ps(v0, id)));
-    let q1 = _mm512_cvtps_epi32(round_half_away(_mm512_mul_ps(v1, id)));
+    let id = _mm512_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+    let q0 = _mm512_cvtps_epi32(round_half_even(_mm512_mul_ps(v0, id)));
+    let q1 = _mm512_cvtps_epi32(round_half_even(_mm512_mul_ps(v1, id)));
     _mm_storeu_si128(qs.cast(), _mm512_cvtepi32_epi8(q0));
     _mm_storeu_si128(qs.add(16).cast(), _mm512_cvtepi32_epi8(q1));
     (d, _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)))
@@ -415,6 +410,13 @@ pub(crate) unsafe fn vec_dot_q8_0_q8_0_vnni(nb: usize, w: *const u8, act: *const
 // ---------------------------------------------------------------------------------------
 // Tiled matmul over packed activations
 
+/// Accumulators of a nibble tile: the scaled code dots, and (Q4_1) the `m · s` offset terms
+/// on a second chain so two dependent FMAs do not serialize each group.
+struct NibbleAcc<const R: usize, const T: usize> {
+    codes: [[__m512; T]; R],
+    offsets: [[__m512; T]; R],
+}
+
 /// Q4_0 (`MIN = false`) or Q4_1 (`MIN = true`) rows against packed [`NibbleGroup`]s, four
 /// blocks per step.
 struct NibbleTiles<D, const MIN: bool> {
@@ -436,7 +438,7 @@ impl<D: DotI8, const MIN: bool> NibbleTiles<D, MIN> {
     #[inline(always)]
     unsafe fn group<const R: usize, const T: usize, const FULL: bool>(
         &self,
-        acc: &mut [[__m512; T]; R],
+        acc: &mut NibbleAcc<R, T>,
         r0: usize,
         t0: usize,
         g: usize,
@@ -447,7 +449,7 @@ impl<D: DotI8, const MIN: bool> NibbleTiles<D, MIN> {
         let idx_d = load_index(if MIN { &Q4_1_D } else { &Q4_0_D });
         let idx_m = load_index(&Q4_1_M);
         let low4 = _mm512_set1_epi8(0x0F);
-        for (r, acc_r) in acc.iter_mut().enumerate() {
+        for (r, (acc_r, acc_m_r)) in acc.codes.iter_mut().zip(acc.offsets.iter_mut()).enumerate() {
             let wp = self
                 .w
                 .add((r0 + r) * self.row_bytes + g * Self::GROUP_BYTES);
@@ -472,7 +474,7 @@ impl<D: DotI8, const MIN: bool> NibbleTiles<D, MIN> {
             } else {
                 _mm512_setzero_ps()
             };
-            for (t, acc_rt) in acc_r.iter_mut().enumerate() {
+            for (t, (acc_rt, acc_m_rt)) in acc_r.iter_mut().zip(acc_m_r.iter_mut()).enumerate() {
                 let a = &*self.act.add((t0 + t) * self.n_groups + g);
                 let init = if MIN {
                     _mm512_setzero_si512()
@@ -485,7 +487,7 @@ impl<D: DotI8, const MIN: bool> NibbleTiles<D, MIN> {
                 let scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_load_ps(a.da.as_ptr()));
                 *acc_rt = _mm512_fmadd_ps(scaled, dw, *acc_rt);
                 if MIN {
-                    *acc_rt = _mm512_fmadd_ps(mw, _mm512_load_ps(a.sa.as_ptr()), *acc_rt);
+                    *acc_m_rt = _mm512_fmadd_ps(mw, _mm512_load_ps(a.sa.as_ptr()), *acc_m_rt);
                 }
             }
         }
@@ -495,7 +497,10 @@ impl<D: DotI8, const MIN: bool> NibbleTiles<D, MIN> {
 impl<D: DotI8, const MIN: bool> Tiles for NibbleTiles<D, MIN> {
     #[inline(always)]
     unsafe fn tile<const R: usize, const T: usize>(&self, r0: usize, t0: usize) -> [[f32; T]; R] {
-        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        let mut acc = NibbleAcc {
+            codes: [[_mm512_setzero_ps(); T]; R],
+            offsets: [[_mm512_setzero_ps(); T]; R],
+        };
         let full_groups = self.nb / 4;
         let m1 = low_bits(4 * Self::BLOCK_WORDS - 32);
         for g in 0..full_groups {
@@ -506,7 +511,14 @@ impl<D: DotI8, const MIN: bool> Tiles for NibbleTiles<D, MIN> {
             let m0 = low_bits(tail * Self::BLOCK_WORDS);
             self.group::<R, T, false>(&mut acc, r0, t0, full_groups, m0, 0);
         }
-        reduce_tile(&acc)
+        if MIN {
+            for (acc_r, acc_m_r) in acc.codes.iter_mut().zip(&acc.offsets) {
+                for (v, &m) in acc_r.iter_mut().zip(acc_m_r) {
+                    *v = _mm512_add_ps(*v, m);
+                }
+            }
+        }
+        reduce_tile(&acc.codes)
     }
 }
 
@@ -588,6 +600,17 @@ struct FloatTiles<W> {
 impl<W: FloatRow16> Tiles for FloatTiles<W> {
     #[inline(always)]
     unsafe fn tile<const R: usize, const T: usize>(&self, r0: usize, t0: usize) -> [[f32; T]; R] {
+        if R == 1 && T == 1 {
+            // One row, one token (decode): the dot kernel, whose four accumulators hide
+            // the FMA latency that a single tile accumulator would expose.
+            let mut sums = [[0.0f32; T]; R];
+            sums[0][0] = dot_float_body::<W>(
+                self.w.add(r0 * self.row_bytes),
+                self.act.add(t0 * self.act_row_bytes),
+                self.k,
+            );
+            return sums;
+        }
         let mut acc = [[_mm512_setzero_ps(); T]; R];
         let mut rows = [std::ptr::null::<u8>(); R];
         for (r, row) in rows.iter_mut().enumerate() {
