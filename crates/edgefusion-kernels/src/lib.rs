@@ -16,6 +16,7 @@ pub mod f32ops;
 pub mod formats;
 pub mod ggml_type;
 pub mod kquants;
+pub mod threads;
 
 mod dispatch;
 mod matmul;

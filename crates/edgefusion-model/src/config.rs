@@ -236,9 +236,11 @@ impl ModelConfig {
                         original_context: num("original_max_position_embeddings", 8192.0) as usize,
                     },
                     "default" => RopeScaling::None,
-                    other => return Err(invalid(format!(
+                    other => {
+                        return Err(invalid(format!(
                         "rope_scaling type '{other}' is not supported (supported: linear, llama3)"
-                    ))),
+                    )))
+                    }
                 }
             }
         };
@@ -285,7 +287,10 @@ impl ModelConfig {
                 self.d_model
             ));
         }
-        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
             return fail(format!(
                 "head count {} must be a positive multiple of the KV head count {}",
                 self.n_heads, self.n_kv_heads

@@ -6,7 +6,6 @@ use edgefusion_kernels::{f32ops, GgmlType};
 use edgefusion_model::{Linear, Mixer, Model, ModelConfig, RopeScaling, RopeStyle};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
-use rayon::prelude::*;
 
 use crate::parallel::Threads;
 use crate::RuntimeError;
@@ -89,15 +88,11 @@ impl ActCache {
         if !entry.2 {
             let dst = &mut entry.1[..n_tok * row_bytes];
             let src = &x[..n_tok * width];
-            if n_tok == 1 || threads.n_threads() == 1 {
-                for (d, s) in dst.chunks_mut(row_bytes).zip(src.chunks(width)) {
-                    edgefusion_kernels::quantize_row(ty, s, d);
-                }
+            if n_tok == 1 {
+                edgefusion_kernels::quantize_row(ty, src, dst);
             } else {
-                threads.install(|| {
-                    dst.par_chunks_mut(row_bytes)
-                        .zip(src.par_chunks(width))
-                        .for_each(|(d, s)| edgefusion_kernels::quantize_row(ty, s, d));
+                threads.for_chunks(dst, row_bytes, |t, d| {
+                    edgefusion_kernels::quantize_row(ty, &src[t * width..(t + 1) * width], d);
                 });
             }
             entry.2 = true;
@@ -301,8 +296,9 @@ impl<'m> Session<'m> {
             max_logits,
             ..opts
         };
-        let threads = Threads::new(opts.n_threads)
-            .map_err(|e| RuntimeError::InvalidOption(format!("cannot start threads: {e}")))?;
+        let threads = Threads::new(opts.n_threads).map_err(|e| {
+            RuntimeError::InvalidOption(format!("cannot start {} threads: {e}", opts.n_threads))
+        })?;
         let widest = cfg.d_model.max(cfg.q_dim()).max(cfg.d_ff);
         let state = RunState {
             x: vec![0.0; max_batch * cfg.d_model],
@@ -477,7 +473,7 @@ impl<'m> Session<'m> {
                         (&attn.wv, &attn.bv, &mut st.v),
                     ] {
                         let (act, act_row) = st.act.get(threads, w, &st.xn, n_tok);
-                        threads.install(|| threads.linear(w, act, act_row, n_tok, out));
+                        threads.linear(w, act, act_row, n_tok, out);
                         if let Some(bias) = bias {
                             for row in out[..n_tok * w.n_out].chunks_mut(w.n_out) {
                                 add_assign(row, bias);
@@ -508,7 +504,7 @@ impl<'m> Session<'m> {
                     }
                     st.act.invalidate();
                     let (act, act_row) = st.act.get(threads, &attn.wo, &st.att, n_tok);
-                    threads.install(|| threads.linear(&attn.wo, act, act_row, n_tok, &mut st.proj));
+                    threads.linear(&attn.wo, act, act_row, n_tok, &mut st.proj);
                     attn_index += 1;
                 }
             }
@@ -523,13 +519,13 @@ impl<'m> Session<'m> {
             st.act.invalidate();
             let ffn = &layer.ffn;
             let (act, act_row) = st.act.get(threads, &ffn.gate, &st.xn, n_tok);
-            threads.install(|| threads.linear(&ffn.gate, act, act_row, n_tok, &mut st.gate));
+            threads.linear(&ffn.gate, act, act_row, n_tok, &mut st.gate);
             let (act, act_row) = st.act.get(threads, &ffn.up, &st.xn, n_tok);
-            threads.install(|| threads.linear(&ffn.up, act, act_row, n_tok, &mut st.up));
+            threads.linear(&ffn.up, act, act_row, n_tok, &mut st.up);
             swiglu(&mut st.gate[..n_tok * cfg.d_ff], &st.up[..n_tok * cfg.d_ff]);
             st.act.invalidate();
             let (act, act_row) = st.act.get(threads, &ffn.down, &st.gate, n_tok);
-            threads.install(|| threads.linear(&ffn.down, act, act_row, n_tok, &mut st.proj));
+            threads.linear(&ffn.down, act, act_row, n_tok, &mut st.proj);
             add_assign(&mut st.x[..n_tok * d], &st.proj[..n_tok * d]);
         }
         *n_past += n_tok;
@@ -553,7 +549,7 @@ impl<'m> Session<'m> {
         let (act, act_row) = st.act.get(threads, head, &st.xn, n);
         let vocab = cfg.vocab_size;
         let out = &mut st.logits[dst_row * vocab..(dst_row + n) * vocab];
-        threads.install(|| threads.linear(head, act, act_row, n, out));
+        threads.linear(head, act, act_row, n, out);
     }
 }
 
@@ -607,7 +603,7 @@ fn attention<T: KvElement>(
     let per_task = n_items.div_ceil(max_tasks).max(1);
     let scratch_len = attn_task_scratch(cfg, kv.n_ctx);
     let group_width = group * hd;
-    threads.install(|| {
+    {
         threads.for_chunks_with_scratch(
             &mut st.att[..n_tok * n_heads * hd],
             group_width * per_task,
@@ -630,7 +626,7 @@ fn attention<T: KvElement>(
                 }
             },
         );
-    });
+    }
 }
 
 /// Attention tasks per thread: enough to balance uneven work (causal rows differ in length).

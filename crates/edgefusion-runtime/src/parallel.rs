@@ -4,91 +4,55 @@
 //! weights once. Prefill (many tokens) splits the tokens: each thread reads the whole matrix,
 //! row panel by row panel sized to stay in L2, and reuses every panel across its tokens.
 
+use edgefusion_kernels::threads::ThreadPool;
 use edgefusion_model::Linear;
-use rayon::prelude::*;
 
 /// Bytes of weights per row panel in prefill: about a quarter of a typical 1–2 MiB L2.
 const PANEL_BYTES: usize = 256 * 1024;
 /// Decode splits rows in multiples of this (keeps SIMD kernels on whole row groups).
 const ROW_ALIGN: usize = 16;
 
-/// A pool of worker threads, or the calling thread alone.
+/// The engine's worker threads (the caller included).
 pub struct Threads {
-    pool: Option<rayon::ThreadPool>,
-    n_threads: usize,
+    pool: ThreadPool,
 }
 
 impl Threads {
     /// `n_threads` ≥ 1 workers (the caller validates the count).
-    pub fn new(n_threads: usize) -> Result<Self, rayon::ThreadPoolBuildError> {
-        let pool = if n_threads > 1 {
-            Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n_threads)
-                    .thread_name(|i| format!("edgefusion-{i}"))
-                    .build()?,
-            )
-        } else {
-            None
-        };
-        Ok(Threads { pool, n_threads })
+    pub fn new(n_threads: usize) -> std::io::Result<Self> {
+        Ok(Threads {
+            pool: ThreadPool::new(n_threads)?,
+        })
     }
 
     pub fn n_threads(&self) -> usize {
-        self.n_threads
+        self.pool.n_threads()
     }
 
-    /// Runs `f` inside the pool so the parallel loops in it use these workers.
-    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        match &self.pool {
-            Some(pool) => pool.install(f),
-            None => f(),
-        }
-    }
-
-    /// Calls `f(index, chunk)` for consecutive `chunk_len`-sized chunks of `out`, in parallel
-    /// when there is more than one thread. Must be called inside [`Threads::install`].
-    pub fn for_chunks<F>(&self, out: &mut [f32], chunk_len: usize, f: F)
-    where
-        F: Fn(usize, &mut [f32]) + Sync + Send,
-    {
-        let chunk_len = chunk_len.max(1);
-        if self.n_threads == 1 || out.len() <= chunk_len {
-            out.chunks_mut(chunk_len)
-                .enumerate()
-                .for_each(|(i, c)| f(i, c));
-        } else {
-            out.par_chunks_mut(chunk_len)
-                .enumerate()
-                .for_each(|(i, c)| f(i, c));
-        }
+    /// Calls `f(index, chunk)` for consecutive `chunk_len`-sized chunks of `out`, spread over
+    /// the threads.
+    pub fn for_chunks<T: Send>(
+        &self,
+        out: &mut [T],
+        chunk_len: usize,
+        f: impl Fn(usize, &mut [T]) + Sync,
+    ) {
+        self.pool.for_chunks_mut(out, chunk_len, f);
     }
 
     /// Like [`Threads::for_chunks`], with the `i`-th chunk also getting the `i`-th
     /// `scratch_len`-long slice of `scratch` (which must hold one per chunk).
-    pub fn for_chunks_with_scratch<F>(
+    pub fn for_chunks_with_scratch(
         &self,
         out: &mut [f32],
         chunk_len: usize,
         scratch: &mut [f32],
         scratch_len: usize,
-        f: F,
-    ) where
-        F: Fn(usize, &mut [f32], &mut [f32]) + Sync + Send,
-    {
-        let chunk_len = chunk_len.max(1);
-        debug_assert!(out.len().div_ceil(chunk_len) * scratch_len <= scratch.len());
-        if self.n_threads == 1 || out.len() <= chunk_len {
-            out.chunks_mut(chunk_len)
-                .zip(scratch.chunks_mut(scratch_len))
-                .enumerate()
-                .for_each(|(i, (c, s))| f(i, c, s));
-        } else {
-            out.par_chunks_mut(chunk_len)
-                .zip(scratch.par_chunks_mut(scratch_len))
-                .enumerate()
-                .for_each(|(i, (c, s))| f(i, c, s));
-        }
+        f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
+    ) {
+        debug_assert!(out.len().div_ceil(chunk_len.max(1)) * scratch_len <= scratch.len());
+        self.pool
+            .for_chunks_mut2(out, chunk_len, scratch, scratch_len, f);
     }
 
     /// `out (n_tok, w.n_out) = act (n_tok, w.n_in) · wᵀ`, where `act` holds `n_tok` rows already
@@ -104,7 +68,7 @@ impl Threads {
         let n_out = w.n_out;
         let out = &mut out[..n_tok * n_out];
         if n_tok == 1 {
-            let per_thread = n_out.div_ceil(self.n_threads);
+            let per_thread = n_out.div_ceil(self.n_threads());
             let chunk = per_thread.div_ceil(ROW_ALIGN) * ROW_ALIGN;
             self.for_chunks(out, chunk, |i, rows_out| {
                 let r0 = i * chunk;
@@ -122,7 +86,7 @@ impl Threads {
             });
             return;
         }
-        let tok_chunk = n_tok.div_ceil(self.n_threads);
+        let tok_chunk = n_tok.div_ceil(self.n_threads());
         let panel_rows =
             (PANEL_BYTES / w.row_bytes().max(1)).clamp(ROW_ALIGN, n_out.max(ROW_ALIGN));
         self.for_chunks(out, tok_chunk * n_out, |i, tok_out| {
@@ -196,7 +160,7 @@ mod tests {
                 for n_threads in [1, 2] {
                     let threads = Threads::new(n_threads).unwrap();
                     let mut out = vec![f32::NAN; n_tok * n_out];
-                    threads.install(|| threads.linear(&w, &act, act_row, n_tok, &mut out));
+                    threads.linear(&w, &act, act_row, n_tok, &mut out);
                     for t in 0..n_tok {
                         for r in 0..n_out {
                             let expected = edgefusion_kernels::vec_dot(
