@@ -29,7 +29,7 @@ done
 assets=${EDGEFUSION_ASSETS:-assets}
 base="$assets/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 [[ -f "$base" ]] || scripts/fetch-assets.sh --model
-scripts/setup-llamacpp.sh
+scripts/setup-llamacpp.sh >&2
 bin=.venv-llamacpp/llama.cpp-build/bin
 for tool in llama-bench llama-quantize; do
   [[ -x "$bin/$tool" ]] || { echo "bench-vs-llamacpp: $bin/$tool missing; run scripts/setup-llamacpp.sh" >&2; exit 1; }
