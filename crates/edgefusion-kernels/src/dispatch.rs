@@ -267,6 +267,12 @@ fn simd_vec_dot(isa: Isa, ty: GgmlType, k: usize, w: &[u8], act: &[u8]) -> Optio
                     GgmlType::Q4_1 if vnni => {
                         return Some(avx512::vec_dot_q4_1_q8_1_vnni(nb, wp, ap))
                     }
+                    GgmlType::Q5_0 if vnni => {
+                        return Some(avx512::vec_dot_q5_0_q8_0_vnni(nb, wp, ap))
+                    }
+                    GgmlType::Q5_1 if vnni => {
+                        return Some(avx512::vec_dot_q5_1_q8_1_vnni(nb, wp, ap))
+                    }
                     GgmlType::Q8_0 if vnni => {
                         return Some(avx512::vec_dot_q8_0_q8_0_vnni(nb, wp, ap))
                     }
@@ -280,6 +286,8 @@ fn simd_vec_dot(isa: Isa, ty: GgmlType, k: usize, w: &[u8], act: &[u8]) -> Optio
                     GgmlType::BF16 => return Some(avx2::dot_bf16_f32(wp, ap, k)),
                     GgmlType::Q4_0 => return Some(avx2::vec_dot_q4_0_q8_0(nb, wp, ap)),
                     GgmlType::Q4_1 => return Some(avx2::vec_dot_q4_1_q8_1(nb, wp, ap)),
+                    GgmlType::Q5_0 => return Some(avx2::vec_dot_q5_0_q8_0(nb, wp, ap)),
+                    GgmlType::Q5_1 => return Some(avx2::vec_dot_q5_1_q8_1(nb, wp, ap)),
                     GgmlType::Q8_0 => return Some(avx2::vec_dot_q8_0_q8_0(nb, wp, ap)),
                     _ => {}
                 }

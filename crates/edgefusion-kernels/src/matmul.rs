@@ -8,7 +8,7 @@ use crate::cpu::Isa;
 #[cfg(target_arch = "x86_64")]
 use crate::formats::QK;
 #[cfg(target_arch = "x86_64")]
-use crate::pack::{pack_byte, pack_nibble, NibbleAct, BYTE_SCRATCH, NIBBLE_SCRATCH};
+use crate::pack::{pack_byte, pack_nibble, NibbleWeights, BYTE_SCRATCH, NIBBLE_SCRATCH};
 use crate::GgmlType;
 
 /// Checks the buffers of a `matmul` call and returns the weight and activation row bytes.
@@ -97,9 +97,9 @@ pub fn matmul(
 /// [`matmul`] with the kernels of `isa`.
 ///
 /// `w` holds `n_rows` rows of `k` weights in `ty`; `act` holds `n_tok` rows of `k` values in
-/// `vec_dot_type(ty)`. Q4_0, Q4_1, Q8_0, F32, F16 and BF16 weights run tiled SIMD kernels on
-/// x86 (AVX2, AVX-512); other types and ISAs compute `vec_dot` per pair. Results equal
-/// `vec_dot` per pair up to float summation order.
+/// `vec_dot_type(ty)`. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F32, F16 and BF16 weights run tiled SIMD
+/// kernels on x86 (AVX2, AVX-512); other types and ISAs compute `vec_dot` per pair. Results
+/// equal `vec_dot` per pair up to float summation order.
 ///
 /// # Panics
 /// If `isa` cannot run on this machine, `k` is not a whole number of blocks of `ty`, or a
@@ -170,27 +170,28 @@ fn tiled_x86(
     use crate::x86::{avx2, avx512};
     let nb = k / QK;
     match ty {
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            let kind = if ty == GgmlType::Q4_0 {
-                NibbleAct::Q8_0
-            } else {
-                NibbleAct::Q8_1
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            let weights = match ty {
+                GgmlType::Q4_0 => NibbleWeights::Q4_0,
+                GgmlType::Q4_1 => NibbleWeights::Q4_1,
+                GgmlType::Q5_0 => NibbleWeights::Q5_0,
+                _ => NibbleWeights::Q5_1,
             };
             NIBBLE_SCRATCH.with_borrow_mut(|packed| {
-                pack_nibble(kind, act, act_row_bytes, n_tok, nb, packed);
+                pack_nibble(weights.act(), act, act_row_bytes, n_tok, nb, packed);
                 // SAFETY: `isa` is runnable (checked by the caller), shapes were checked by
                 // `check_shapes`, and `packed` holds `n_tok · ⌈nb/4⌉` groups of these rows.
                 unsafe {
                     match isa {
                         Isa::Avx512Vnni => avx512::matmul_nibble_vnni(
-                            kind, w, nb, n_rows, packed, n_tok, out, out_stride,
+                            weights, w, nb, n_rows, packed, n_tok, out, out_stride,
                         ),
                         Isa::Avx512 => avx512::matmul_nibble_bw(
-                            kind, w, nb, n_rows, packed, n_tok, out, out_stride,
+                            weights, w, nb, n_rows, packed, n_tok, out, out_stride,
                         ),
-                        _ => {
-                            avx2::matmul_nibble(kind, w, nb, n_rows, packed, n_tok, out, out_stride)
-                        }
+                        _ => avx2::matmul_nibble(
+                            weights, w, nb, n_rows, packed, n_tok, out, out_stride,
+                        ),
                     }
                 }
             });

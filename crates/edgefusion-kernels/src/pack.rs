@@ -15,12 +15,13 @@ use std::cell::RefCell;
 use crate::formats::{f16_to_f32, QK};
 use crate::GgmlType;
 
-/// Blocks per packed group of the nibble formats (Q4_0, Q4_1): one 512-bit register of codes.
+/// Blocks per packed group of the nibble formats (Q4_0, Q4_1, Q5_0, Q5_1): one 512-bit
+/// register of codes.
 pub(crate) const NIBBLE_GROUP_BLOCKS: usize = 4;
 /// Blocks per packed group of Q8_0 weights: one 512-bit register of codes.
 pub(crate) const BYTE_GROUP_BLOCKS: usize = 2;
 
-/// Four activation blocks (Q8_0 or Q8_1) laid out for the Q4_0 / Q4_1 kernels.
+/// Four activation blocks (Q8_0 or Q8_1) laid out for the Q4_0 / Q4_1 / Q5_0 / Q5_1 kernels.
 ///
 /// Block `b` (0..4) of the group owns 128-bit lane `b` of each 512-bit field, so that a
 /// register of weight codes whose lane `b` holds block `b`'s sixteen packed bytes lines up
@@ -34,7 +35,8 @@ pub(crate) struct NibbleGroup {
     /// `hi[16b + i] = a_b[16 + i]`: partners of the high nibbles.
     pub hi: [i8; 64],
     /// Dword lane `4b + j` = −8 · Σ_{i in 4j..4j+4} (a_b[i] + a_b[16 + i]) for Q4_0 (so the
-    /// unsigned codes q give Σ (q − 8)·a exactly); zero for Q4_1.
+    /// unsigned codes q give Σ (q − 8)·a exactly; Q5_0 kernels double it for q − 16); zero
+    /// for Q4_1 / Q5_1.
     pub corr: [i32; 16],
     /// The activation scale d_b of block `b`, in lanes `4b..4b+4`.
     pub da: [f32; 16],
@@ -84,10 +86,34 @@ thread_local! {
 /// The activation blocks the nibble kernels pair with.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum NibbleAct {
-    /// Q8_0 blocks, for Q4_0 weights (codes biased by 8).
+    /// Q8_0 blocks, for Q4_0 / Q5_0 weights (codes biased by 8 / 16).
     Q8_0,
-    /// Q8_1 blocks, for Q4_1 weights (offset term from `s`).
+    /// Q8_1 blocks, for Q4_1 / Q5_1 weights (offset term from `s`).
     Q8_1,
+}
+
+/// The weight formats the nibble kernels read: 4-bit codes in Q4_0's nibble layout, plus a
+/// 32-bit `qh` word of fifth bits for Q5_0 / Q5_1.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum NibbleWeights {
+    /// Codes 0..16, value q − 8; pairs with Q8_0.
+    Q4_0,
+    /// Codes 0..16 with an offset `m`; pairs with Q8_1.
+    Q4_1,
+    /// Codes 0..32, value q − 16 (twice Q4_0's correction); pairs with Q8_0.
+    Q5_0,
+    /// Codes 0..32 with an offset `m`; pairs with Q8_1.
+    Q5_1,
+}
+
+impl NibbleWeights {
+    /// The activation blocks these weights pair with.
+    pub(crate) fn act(self) -> NibbleAct {
+        match self {
+            NibbleWeights::Q4_0 | NibbleWeights::Q5_0 => NibbleAct::Q8_0,
+            NibbleWeights::Q4_1 | NibbleWeights::Q5_1 => NibbleAct::Q8_1,
+        }
+    }
 }
 
 /// Packs `n_tok` activation rows of `nb` blocks each into `out` (`n_tok · ⌈nb/4⌉` groups,

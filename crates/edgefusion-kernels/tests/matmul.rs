@@ -173,6 +173,8 @@ fn large_prefill_crosses_row_chunks() {
     for ty in [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
         GgmlType::Q8_0,
         GgmlType::F16,
     ] {

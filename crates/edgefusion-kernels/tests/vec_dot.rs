@@ -90,6 +90,52 @@ fn q8_0_weights_with_minus_128_codes_are_exact() {
     }
 }
 
+#[test]
+fn q5_extreme_codes_are_exact_in_vec_dot_and_matmul() {
+    // All fifth bits set and every nibble 15 (code 31), or none set (code 0), against ±127
+    // activations: the largest |pair sums| the byte dots see, with odd block counts so the
+    // tiled kernels' partial groups hold fifth bits too.
+    for ty in [GgmlType::Q5_0, GgmlType::Q5_1] {
+        let act_ty = vec_dot_type(ty);
+        for k in [96, 224, 576] {
+            let mut w = vec![0u8; ty.row_bytes(k).unwrap()];
+            let mut act = vec![0u8; act_ty.row_bytes(k).unwrap()];
+            let qh_at = if ty == GgmlType::Q5_0 { 2 } else { 4 };
+            for (b, wb) in w.chunks_exact_mut(ty.type_size()).enumerate() {
+                wb[..2].copy_from_slice(&f16_bytes(1.0));
+                if ty == GgmlType::Q5_1 {
+                    wb[2..4].copy_from_slice(&f16_bytes(-3.0));
+                }
+                let (qh, qs) = if b % 3 == 2 { (0u32, 0u8) } else { (!0, 0xFF) };
+                wb[qh_at..qh_at + 4].copy_from_slice(&qh.to_le_bytes());
+                wb[qh_at + 4..].fill(qs);
+            }
+            let qs_at = act_ty.type_size() - 32;
+            for (b, ab) in act.chunks_exact_mut(act_ty.type_size()).enumerate() {
+                ab[..2].copy_from_slice(&f16_bytes(if b % 2 == 0 { 1.0 } else { 2.0 }));
+                if act_ty == GgmlType::Q8_1 {
+                    ab[2..4].copy_from_slice(&f16_bytes(4.0));
+                }
+                let sign = if b % 4 == 1 { -127i8 } else { 127 };
+                ab[qs_at..].fill(sign as u8);
+            }
+            let want = vec_dot_on(Isa::Scalar, ty, k, &w, &act);
+            for isa in isas() {
+                assert_eq!(
+                    vec_dot_on(isa, ty, k, &w, &act),
+                    want,
+                    "{} on {} k={k}",
+                    ty.name(),
+                    isa.name()
+                );
+                let mut out = [f32::NAN; 1];
+                edgefusion_kernels::matmul_on(isa, ty, k, &w, 1, &act, 1, &mut out, 1);
+                assert_eq!(out[0], want, "matmul {} on {} k={k}", ty.name(), isa.name());
+            }
+        }
+    }
+}
+
 /// Worst-case |vec_dot(w, quantize(x)) − Σ ŵ·x|: each activation is off by at most half a
 /// step d_b = max|x_b|/127 plus the f16 rounding of d_b over 127 codes; offset formats add
 /// |m_b| times the error of `s_b` (its f16 rounding plus 32 half-steps); then f32 fuzz.

@@ -4,7 +4,7 @@
 use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
-use crate::pack::{drive, BytePair, NibbleAct, NibbleGroup, Tiles};
+use crate::pack::{drive, BytePair, NibbleGroup, NibbleWeights, Tiles};
 use crate::GgmlType;
 
 /// How a kernel forms the dot of 4 unsigned by 4 signed bytes into each 32-bit lane.
@@ -336,6 +336,33 @@ unsafe fn unpack_nibbles(qs: *const u8) -> __m256i {
     _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
 }
 
+/// The fifth bits of a Q5 block as bytes: byte j is 16 where bit j of `bits` is set, else 0.
+#[inline(always)]
+unsafe fn fifth_bits(bits: u32) -> __m256i {
+    // Byte j takes byte j/8 of `bits` (both 128-bit lanes hold all four bytes), then keeps
+    // bit j%8 of it.
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_setr_epi64x(
+            0,
+            0x0101_0101_0101_0101,
+            0x0202_0202_0202_0202,
+            0x0303_0303_0303_0303,
+        ),
+    );
+    let select = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+    _mm256_and_si256(set, _mm256_set1_epi8(16))
+}
+
+/// The 32 codes of a Q5_0/Q5_1 block (`qh` word at `qh`, nibbles at `qs`) as bytes 0..32,
+/// weight order.
+#[inline(always)]
+unsafe fn unpack_q5(qh: *const u8, qs: *const u8) -> __m256i {
+    let bits = qh.cast::<u32>().read_unaligned();
+    _mm256_or_si256(unpack_nibbles(qs), fifth_bits(u32::from_le(bits)))
+}
+
 /// Σ x·y per 4-byte lane for signed x, y via |x| · (y with x's sign).
 #[inline(always)]
 unsafe fn dot_signed<D: Dot256>(x: __m256i, y: __m256i) -> __m256i {
@@ -385,6 +412,50 @@ pub(crate) unsafe fn vec_dot_q4_1_q8_1_body<D: Dot256>(
     hsum_ps(_mm256_add_ps(acc[0], acc[1])) + offsets
 }
 
+/// Q5_0 · Q8_0 over `nb` blocks.
+#[inline(always)]
+pub(crate) unsafe fn vec_dot_q5_0_q8_0_body<D: Dot256>(
+    nb: usize,
+    w: *const u8,
+    act: *const u8,
+) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let sixteen = _mm256_set1_epi8(16);
+    for b in 0..nb {
+        let wb = w.add(22 * b);
+        let ab = act.add(34 * b);
+        let x = _mm256_sub_epi8(unpack_q5(wb.add(2), wb.add(6)), sixteen);
+        let y = _mm256_loadu_si256(ab.add(2).cast());
+        let sums = _mm256_cvtepi32_ps(dot_signed::<D>(x, y));
+        let scale = _mm256_set1_ps(load_f16(wb) * load_f16(ab));
+        acc[b % 2] = _mm256_fmadd_ps(scale, sums, acc[b % 2]);
+    }
+    hsum_ps(_mm256_add_ps(acc[0], acc[1]))
+}
+
+/// Q5_1 · Q8_1 over `nb` blocks.
+#[inline(always)]
+pub(crate) unsafe fn vec_dot_q5_1_q8_1_body<D: Dot256>(
+    nb: usize,
+    w: *const u8,
+    act: *const u8,
+) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut offsets = 0.0f32;
+    for b in 0..nb {
+        let wb = w.add(24 * b);
+        let ab = act.add(36 * b);
+        // Codes ≤ 31: the 16-bit pair sums of `vpmaddubsw` stay below 2 · 31 · 128.
+        let codes = unpack_q5(wb.add(4), wb.add(8));
+        let y = _mm256_loadu_si256(ab.add(4).cast());
+        let sums = _mm256_cvtepi32_ps(D::dot(codes, y));
+        let scale = _mm256_set1_ps(load_f16(wb) * load_f16(ab));
+        acc[b % 2] = _mm256_fmadd_ps(scale, sums, acc[b % 2]);
+        offsets = load_f16(wb.add(2)).mul_add(load_f16(ab.add(2)), offsets);
+    }
+    hsum_ps(_mm256_add_ps(acc[0], acc[1])) + offsets
+}
+
 /// Q8_0 · Q8_0 over `nb` blocks.
 #[inline(always)]
 pub(crate) unsafe fn vec_dot_q8_0_q8_0_body<D: Dot256>(
@@ -423,6 +494,24 @@ pub(crate) unsafe fn vec_dot_q4_1_q8_1(nb: usize, w: *const u8, act: *const u8) 
     vec_dot_q4_1_q8_1_body::<Maddubs>(nb, w, act)
 }
 
+/// Q5_0 · Q8_0 over `nb` blocks.
+///
+/// # Safety
+/// AVX2, FMA and F16C available; `w` readable for `22·nb` bytes, `act` for `34·nb`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn vec_dot_q5_0_q8_0(nb: usize, w: *const u8, act: *const u8) -> f32 {
+    vec_dot_q5_0_q8_0_body::<Maddubs>(nb, w, act)
+}
+
+/// Q5_1 · Q8_1 over `nb` blocks.
+///
+/// # Safety
+/// AVX2, FMA and F16C available; `w` readable for `24·nb` bytes, `act` for `36·nb`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn vec_dot_q5_1_q8_1(nb: usize, w: *const u8, act: *const u8) -> f32 {
+    vec_dot_q5_1_q8_1_body::<Maddubs>(nb, w, act)
+}
+
 /// Q8_0 · Q8_0 over `nb` blocks.
 ///
 /// # Safety
@@ -436,8 +525,9 @@ pub(crate) unsafe fn vec_dot_q8_0_q8_0(nb: usize, w: *const u8, act: *const u8) 
 // Tiled matmul over packed activations
 
 /// Q4_0 (`MIN = false`) or Q4_1 (`MIN = true`) rows against packed [`NibbleGroup`]s, two
-/// blocks (one 256-bit half of a group) per step.
-struct NibbleTiles<const MIN: bool> {
+/// blocks (one 256-bit half of a group) per step; with `FIVE`, Q5_0 / Q5_1 rows, whose
+/// `qh` bits are ORed into the nibbles as 16s.
+struct NibbleTiles<const MIN: bool, const FIVE: bool> {
     w: *const u8,
     row_bytes: usize,
     nb: usize,
@@ -445,12 +535,14 @@ struct NibbleTiles<const MIN: bool> {
     n_groups: usize,
 }
 
-impl<const MIN: bool> NibbleTiles<MIN> {
-    const BLOCK_BYTES: usize = if MIN { 20 } else { 18 };
-    const QS_OFFSET: usize = if MIN { 4 } else { 2 };
+impl<const MIN: bool, const FIVE: bool> NibbleTiles<MIN, FIVE> {
+    /// Bytes of `d` (and `m`): where `qh` (Q5) or the nibbles (Q4) start.
+    const QH_OFFSET: usize = if MIN { 4 } else { 2 };
+    const QS_OFFSET: usize = Self::QH_OFFSET + if FIVE { 4 } else { 0 };
+    const BLOCK_BYTES: usize = Self::QS_OFFSET + 16;
 }
 
-impl<const MIN: bool> Tiles for NibbleTiles<MIN> {
+impl<const MIN: bool, const FIVE: bool> Tiles for NibbleTiles<MIN, FIVE> {
     #[inline(always)]
     unsafe fn tile<const R: usize, const T: usize>(&self, r0: usize, t0: usize) -> [[f32; T]; R] {
         let low4 = _mm256_set1_epi8(0x0F);
@@ -480,8 +572,22 @@ impl<const MIN: bool> Tiles for NibbleTiles<MIN> {
                     (_mm_setzero_si128(), 0.0, 0.0)
                 };
                 let codes = _mm256_set_m128i(second, first);
-                let lo = _mm256_and_si256(codes, low4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(codes), low4);
+                let mut lo = _mm256_and_si256(codes, low4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(codes), low4);
+                if FIVE {
+                    // `lo` holds weights 0..16 of both blocks, `hi` weights 16..32.
+                    let read_qh = |p: *const u8| {
+                        u32::from_le(p.add(Self::QH_OFFSET).cast::<u32>().read_unaligned())
+                    };
+                    let qh0 = read_qh(wb);
+                    let qh1 = if both {
+                        read_qh(wb.add(Self::BLOCK_BYTES))
+                    } else {
+                        0
+                    };
+                    lo = _mm256_or_si256(lo, fifth_bits((qh0 & 0xFFFF) | (qh1 << 16)));
+                    hi = _mm256_or_si256(hi, fifth_bits((qh0 >> 16) | (qh1 & 0xFFFF_0000)));
+                }
                 let dw = _mm256_set_m128(_mm_set1_ps(d1), _mm_set1_ps(load_f16(wb)));
                 let mw = if MIN {
                     _mm256_set_m128(_mm_set1_ps(m1), _mm_set1_ps(load_f16(wb.add(2))))
@@ -499,7 +605,11 @@ impl<const MIN: bool> Tiles for NibbleTiles<MIN> {
                     );
                     let mut sums = _mm256_madd_epi16(pairs, ones);
                     if !MIN {
-                        let corr = _mm256_load_si256(g.corr.as_ptr().add(8 * half).cast());
+                        let mut corr = _mm256_load_si256(g.corr.as_ptr().add(8 * half).cast());
+                        if FIVE {
+                            // −16 · Σa for codes biased by 16.
+                            corr = _mm256_add_epi32(corr, corr);
+                        }
                         sums = _mm256_add_epi32(sums, corr);
                     }
                     let da = _mm256_load_ps(g.da.as_ptr().add(8 * half));
@@ -618,15 +728,10 @@ impl<W: FloatRow8> Tiles for FloatTiles<W> {
     }
 }
 
-/// Tiled Q4_0 · Q8_0 or Q4_1 · Q8_1 over packed activations.
-///
-/// # Safety
-/// AVX2, FMA and F16C available; `w` holds `n_rows` rows of `nb` blocks; `packed` holds
-/// `n_tok · ⌈nb/4⌉` groups; `out` holds `(n_tok − 1) · out_stride + n_rows` values.
-#[target_feature(enable = "avx2,fma,f16c")]
+/// Builds the nibble tiles of one weight format and drives them.
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn matmul_nibble(
-    kind: NibbleAct,
+unsafe fn drive_nibble<const MIN: bool, const FIVE: bool>(
     w: &[u8],
     nb: usize,
     n_rows: usize,
@@ -635,29 +740,47 @@ pub(crate) unsafe fn matmul_nibble(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    let n_groups = nb.div_ceil(4);
-    match kind {
-        NibbleAct::Q8_0 => {
-            let row_bytes = 18 * nb;
-            let tiles = NibbleTiles::<false> {
-                w: w.as_ptr(),
-                row_bytes,
-                nb,
-                act: packed.as_ptr(),
-                n_groups,
-            };
-            drive(&tiles, n_rows, n_tok, row_bytes, out, out_stride);
+    let row_bytes = NibbleTiles::<MIN, FIVE>::BLOCK_BYTES * nb;
+    let tiles = NibbleTiles::<MIN, FIVE> {
+        w: w.as_ptr(),
+        row_bytes,
+        nb,
+        act: packed.as_ptr(),
+        n_groups: nb.div_ceil(4),
+    };
+    drive(&tiles, n_rows, n_tok, row_bytes, out, out_stride);
+}
+
+/// Tiled Q4_0 / Q5_0 · Q8_0 or Q4_1 / Q5_1 · Q8_1 over packed activations.
+///
+/// # Safety
+/// AVX2, FMA and F16C available; `w` holds `n_rows` rows of `nb` blocks of `weights`;
+/// `packed` holds `n_tok · ⌈nb/4⌉` groups of `weights.act()` rows; `out` holds
+/// `(n_tok − 1) · out_stride + n_rows` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_nibble(
+    weights: NibbleWeights,
+    w: &[u8],
+    nb: usize,
+    n_rows: usize,
+    packed: &[NibbleGroup],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    match weights {
+        NibbleWeights::Q4_0 => {
+            drive_nibble::<false, false>(w, nb, n_rows, packed, n_tok, out, out_stride)
         }
-        NibbleAct::Q8_1 => {
-            let row_bytes = 20 * nb;
-            let tiles = NibbleTiles::<true> {
-                w: w.as_ptr(),
-                row_bytes,
-                nb,
-                act: packed.as_ptr(),
-                n_groups,
-            };
-            drive(&tiles, n_rows, n_tok, row_bytes, out, out_stride);
+        NibbleWeights::Q4_1 => {
+            drive_nibble::<true, false>(w, nb, n_rows, packed, n_tok, out, out_stride)
+        }
+        NibbleWeights::Q5_0 => {
+            drive_nibble::<false, true>(w, nb, n_rows, packed, n_tok, out, out_stride)
+        }
+        NibbleWeights::Q5_1 => {
+            drive_nibble::<true, true>(w, nb, n_rows, packed, n_tok, out, out_stride)
         }
     }
 }

@@ -1,15 +1,15 @@
 //! AVX-512 kernels (F, BW, VL; VNNI `vpdpbusd` where present), 512-bit.
 //!
-//! The tiled integer kernels unpack four Q4_0/Q4_1 blocks (or two Q8_0 blocks) per 512-bit
-//! register with one two-source word permute straight from the raw row bytes, so blocks of
-//! any byte stride need no scalar gathering; block scales come out of the same loaded
-//! registers with a one-source word permute and `vcvtph2ps`.
+//! The tiled integer kernels unpack four Q4_0/Q4_1/Q5_0/Q5_1 blocks (or two Q8_0 blocks) per
+//! 512-bit register with one two-source word permute straight from the raw row bytes, so
+//! blocks of any byte stride need no scalar gathering; block scales (and Q5's `qh` words)
+//! come out of the same loaded registers with a word permute (`vcvtph2ps` for the scales).
 
 use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
 use super::avx2::{self, Dot256};
-use crate::pack::{drive, BytePair, NibbleAct, NibbleGroup, Tiles};
+use crate::pack::{drive, BytePair, NibbleGroup, NibbleWeights, Tiles};
 use crate::GgmlType;
 
 /// How a kernel forms unsigned × signed byte dots into 32-bit lanes (VNNI or not).
@@ -108,12 +108,34 @@ const fn scale_index(words_per_block: u16, word: u16, lanes: u16) -> [u16; 32] {
     idx
 }
 
+/// Word indices for `vpermt2w` that put the low `qh` word of blocks 0..4 in words 0..4 and
+/// the high one in words 4..8, so that qword 0 is the fifth-bit mask of the low nibbles of
+/// a group (bit 16b + i = weight i of block b) and qword 1 that of the high nibbles.
+const fn qh_index(words_per_block: u16, word: u16) -> [u16; 32] {
+    let mut idx = [0u16; 32];
+    let mut b = 0;
+    while b < 4 {
+        idx[b] = b as u16 * words_per_block + word;
+        idx[4 + b] = b as u16 * words_per_block + word + 1;
+        b += 1;
+    }
+    idx
+}
+
 // Q4_0 block: 9 words (d, qs[16]); Q4_1: 10 words (d, m, qs[16]); Q8_0: 17 words (d, qs[32]).
+// Q5_0: 11 words (d, qh[2], qs[16]); Q5_1: 12 words (d, m, qh[2], qs[16]).
 static Q4_0_CODES: [u16; 32] = code_index(9, 1, 8);
 static Q4_0_D: [u16; 32] = scale_index(9, 0, 4);
 static Q4_1_CODES: [u16; 32] = code_index(10, 2, 8);
 static Q4_1_D: [u16; 32] = scale_index(10, 0, 4);
 static Q4_1_M: [u16; 32] = scale_index(10, 1, 4);
+static Q5_0_CODES: [u16; 32] = code_index(11, 3, 8);
+static Q5_0_D: [u16; 32] = scale_index(11, 0, 4);
+static Q5_0_QH: [u16; 32] = qh_index(11, 1);
+static Q5_1_CODES: [u16; 32] = code_index(12, 4, 8);
+static Q5_1_D: [u16; 32] = scale_index(12, 0, 4);
+static Q5_1_M: [u16; 32] = scale_index(12, 1, 4);
+static Q5_1_QH: [u16; 32] = qh_index(12, 2);
 static Q8_0_CODES: [u16; 32] = code_index(17, 1, 16);
 static Q8_0_D: [u16; 32] = scale_index(17, 0, 8);
 
@@ -126,6 +148,14 @@ unsafe fn load_index(idx: &'static [u16; 32]) -> __m512i {
 #[inline(always)]
 unsafe fn gather_scales(idx: __m512i, z: __m512i) -> __m512 {
     _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(idx, z)))
+}
+
+/// 16 f16 values selected from the 64 words of `z0`:`z1` by `idx`, as f32.
+#[inline(always)]
+unsafe fn gather_scales2(idx: __m512i, z0: __m512i, z1: __m512i) -> __m512 {
+    _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(
+        z0, idx, z1,
+    )))
 }
 
 /// Horizontal sums of a tile of accumulators.
@@ -398,6 +428,24 @@ pub(crate) unsafe fn vec_dot_q4_1_q8_1_vnni(nb: usize, w: *const u8, act: *const
     avx2::vec_dot_q4_1_q8_1_body::<Vnni256>(nb, w, act)
 }
 
+/// Q5_0 · Q8_0 over `nb` blocks.
+///
+/// # Safety
+/// AVX-512 VNNI + VL available; `w` readable for `22·nb` bytes, `act` for `34·nb`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+pub(crate) unsafe fn vec_dot_q5_0_q8_0_vnni(nb: usize, w: *const u8, act: *const u8) -> f32 {
+    avx2::vec_dot_q5_0_q8_0_body::<Vnni256>(nb, w, act)
+}
+
+/// Q5_1 · Q8_1 over `nb` blocks.
+///
+/// # Safety
+/// AVX-512 VNNI + VL available; `w` readable for `24·nb` bytes, `act` for `36·nb`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+pub(crate) unsafe fn vec_dot_q5_1_q8_1_vnni(nb: usize, w: *const u8, act: *const u8) -> f32 {
+    avx2::vec_dot_q5_1_q8_1_body::<Vnni256>(nb, w, act)
+}
+
 /// Q8_0 · Q8_0 over `nb` blocks.
 ///
 /// # Safety
@@ -418,8 +466,9 @@ struct NibbleAcc<const R: usize, const T: usize> {
 }
 
 /// Q4_0 (`MIN = false`) or Q4_1 (`MIN = true`) rows against packed [`NibbleGroup`]s, four
-/// blocks per step.
-struct NibbleTiles<D, const MIN: bool> {
+/// blocks per step; with `FIVE`, Q5_0 / Q5_1 rows, whose `qh` bits become byte masks that
+/// add 16 to the nibbles they belong to.
+struct NibbleTiles<D, const MIN: bool, const FIVE: bool> {
     w: *const u8,
     row_bytes: usize,
     nb: usize,
@@ -428,13 +477,14 @@ struct NibbleTiles<D, const MIN: bool> {
     _dot: PhantomData<D>,
 }
 
-impl<D: DotI8, const MIN: bool> NibbleTiles<D, MIN> {
-    const BLOCK_WORDS: usize = if MIN { 10 } else { 9 };
+impl<D: DotI8, const MIN: bool, const FIVE: bool> NibbleTiles<D, MIN, FIVE> {
+    const BLOCK_WORDS: usize = 9 + if MIN { 1 } else { 0 } + if FIVE { 2 } else { 0 };
     const GROUP_BYTES: usize = 8 * Self::BLOCK_WORDS;
 
     /// Adds group `g` of rows `r0..r0+R` × tokens `t0..t0+T` into `acc`. A full group spans
-    /// 72 or 80 bytes: 64 in `z0`, the rest (mask `m1`) in `z1`. The last, partial group
-    /// fits in `z0` (mask `m0`); masked-off words are neither read nor nonzero.
+    /// 72 to 96 bytes: 64 in `z0`, the rest (mask `m1`) in `z1`. The last, partial group
+    /// loads words `m0` into `z0` and `m1` into `z1` (Q4 tails fit in `z0`, so `m1` is 0);
+    /// masked-off words are neither read nor nonzero.
     #[inline(always)]
     unsafe fn group<const R: usize, const T: usize, const FULL: bool>(
         &self,
@@ -445,10 +495,18 @@ impl<D: DotI8, const MIN: bool> NibbleTiles<D, MIN> {
         m0: __mmask32,
         m1: __mmask32,
     ) {
-        let idx_codes = load_index(if MIN { &Q4_1_CODES } else { &Q4_0_CODES });
-        let idx_d = load_index(if MIN { &Q4_1_D } else { &Q4_0_D });
-        let idx_m = load_index(&Q4_1_M);
+        let (codes_idx, d_idx, qh_idx) = match (MIN, FIVE) {
+            (false, false) => (&Q4_0_CODES, &Q4_0_D, &Q5_0_QH),
+            (true, false) => (&Q4_1_CODES, &Q4_1_D, &Q5_1_QH),
+            (false, true) => (&Q5_0_CODES, &Q5_0_D, &Q5_0_QH),
+            (true, true) => (&Q5_1_CODES, &Q5_1_D, &Q5_1_QH),
+        };
+        let idx_codes = load_index(codes_idx);
+        let idx_d = load_index(d_idx);
+        let idx_m = load_index(if FIVE { &Q5_1_M } else { &Q4_1_M });
+        let idx_qh = load_index(qh_idx);
         let low4 = _mm512_set1_epi8(0x0F);
+        let sixteen = _mm512_set1_epi8(16);
         for (r, (acc_r, acc_m_r)) in acc.codes.iter_mut().zip(acc.offsets.iter_mut()).enumerate() {
             let wp = self
                 .w
@@ -456,6 +514,12 @@ impl<D: DotI8, const MIN: bool> NibbleTiles<D, MIN> {
             let (z0, z1) = if FULL {
                 (
                     _mm512_loadu_si512(wp.cast()),
+                    _mm512_maskz_loadu_epi16(m1, wp.add(64).cast()),
+                )
+            } else if m1 != 0 {
+                // The partial group is longer than 64 bytes, so `wp + 64` is in the row.
+                (
+                    _mm512_maskz_loadu_epi16(m0, wp.cast()),
                     _mm512_maskz_loadu_epi16(m1, wp.add(64).cast()),
                 )
             } else {
@@ -466,18 +530,36 @@ impl<D: DotI8, const MIN: bool> NibbleTiles<D, MIN> {
             };
             // Lane b of `codes` = the 16 code bytes of block b.
             let codes = _mm512_permutex2var_epi16(z0, idx_codes, z1);
-            let lo = _mm512_and_si512(codes, low4);
-            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(codes), low4);
-            let dw = gather_scales(idx_d, z0);
-            let mw = if MIN {
-                gather_scales(idx_m, z0)
+            let mut lo = _mm512_and_si512(codes, low4);
+            let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(codes), low4);
+            let (dw, mw) = if FIVE {
+                let qh = _mm512_castsi512_si128(_mm512_permutex2var_epi16(z0, idx_qh, z1));
+                let lo_bits = _mm_cvtsi128_si64(qh) as u64;
+                let hi_bits = _mm_extract_epi64::<1>(qh) as u64;
+                lo = _mm512_mask_add_epi8(lo, lo_bits, lo, sixteen);
+                hi = _mm512_mask_add_epi8(hi, hi_bits, hi, sixteen);
+                let mw = if MIN {
+                    gather_scales2(idx_m, z0, z1)
+                } else {
+                    _mm512_setzero_ps()
+                };
+                (gather_scales2(idx_d, z0, z1), mw)
             } else {
-                _mm512_setzero_ps()
+                let mw = if MIN {
+                    gather_scales(idx_m, z0)
+                } else {
+                    _mm512_setzero_ps()
+                };
+                (gather_scales(idx_d, z0), mw)
             };
             for (t, (acc_rt, acc_m_rt)) in acc_r.iter_mut().zip(acc_m_r.iter_mut()).enumerate() {
                 let a = &*self.act.add((t0 + t) * self.n_groups + g);
                 let init = if MIN {
                     _mm512_setzero_si512()
+                } else if FIVE {
+                    // −16 · Σa for codes biased by 16.
+                    let corr = _mm512_load_si512(a.corr.as_ptr().cast());
+                    _mm512_add_epi32(corr, corr)
                 } else {
                     _mm512_load_si512(a.corr.as_ptr().cast())
                 };
@@ -494,7 +576,7 @@ impl<D: DotI8, const MIN: bool> NibbleTiles<D, MIN> {
     }
 }
 
-impl<D: DotI8, const MIN: bool> Tiles for NibbleTiles<D, MIN> {
+impl<D: DotI8, const MIN: bool, const FIVE: bool> Tiles for NibbleTiles<D, MIN, FIVE> {
     #[inline(always)]
     unsafe fn tile<const R: usize, const T: usize>(&self, r0: usize, t0: usize) -> [[f32; T]; R] {
         let mut acc = NibbleAcc {
@@ -508,8 +590,10 @@ impl<D: DotI8, const MIN: bool> Tiles for NibbleTiles<D, MIN> {
         }
         let tail = self.nb % 4;
         if tail > 0 {
-            let m0 = low_bits(tail * Self::BLOCK_WORDS);
-            self.group::<R, T, false>(&mut acc, r0, t0, full_groups, m0, 0);
+            let words = tail * Self::BLOCK_WORDS;
+            let m0 = low_bits(words);
+            let m1 = low_bits(words.saturating_sub(32));
+            self.group::<R, T, false>(&mut acc, r0, t0, full_groups, m0, m1);
         }
         if MIN {
             for (acc_r, acc_m_r) in acc.codes.iter_mut().zip(&acc.offsets) {
@@ -652,10 +736,10 @@ impl<W: FloatRow16> Tiles for FloatTiles<W> {
     }
 }
 
+/// Builds the nibble tiles of one weight format and drives them.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul_nibble_body<D: DotI8>(
-    kind: NibbleAct,
+unsafe fn drive_nibble<D: DotI8, const MIN: bool, const FIVE: bool>(
     w: &[u8],
     nb: usize,
     n_rows: usize,
@@ -664,44 +748,56 @@ unsafe fn matmul_nibble_body<D: DotI8>(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    let n_groups = nb.div_ceil(4);
-    match kind {
-        NibbleAct::Q8_0 => {
-            let row_bytes = 18 * nb;
-            let tiles = NibbleTiles::<D, false> {
-                w: w.as_ptr(),
-                row_bytes,
-                nb,
-                act: packed.as_ptr(),
-                n_groups,
-                _dot: PhantomData,
-            };
-            drive(&tiles, n_rows, n_tok, row_bytes, out, out_stride);
+    let row_bytes = 2 * NibbleTiles::<D, MIN, FIVE>::BLOCK_WORDS * nb;
+    let tiles = NibbleTiles::<D, MIN, FIVE> {
+        w: w.as_ptr(),
+        row_bytes,
+        nb,
+        act: packed.as_ptr(),
+        n_groups: nb.div_ceil(4),
+        _dot: PhantomData,
+    };
+    drive(&tiles, n_rows, n_tok, row_bytes, out, out_stride);
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_nibble_body<D: DotI8>(
+    weights: NibbleWeights,
+    w: &[u8],
+    nb: usize,
+    n_rows: usize,
+    packed: &[NibbleGroup],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    match weights {
+        NibbleWeights::Q4_0 => {
+            drive_nibble::<D, false, false>(w, nb, n_rows, packed, n_tok, out, out_stride)
         }
-        NibbleAct::Q8_1 => {
-            let row_bytes = 20 * nb;
-            let tiles = NibbleTiles::<D, true> {
-                w: w.as_ptr(),
-                row_bytes,
-                nb,
-                act: packed.as_ptr(),
-                n_groups,
-                _dot: PhantomData,
-            };
-            drive(&tiles, n_rows, n_tok, row_bytes, out, out_stride);
+        NibbleWeights::Q4_1 => {
+            drive_nibble::<D, true, false>(w, nb, n_rows, packed, n_tok, out, out_stride)
+        }
+        NibbleWeights::Q5_0 => {
+            drive_nibble::<D, false, true>(w, nb, n_rows, packed, n_tok, out, out_stride)
+        }
+        NibbleWeights::Q5_1 => {
+            drive_nibble::<D, true, true>(w, nb, n_rows, packed, n_tok, out, out_stride)
         }
     }
 }
 
-/// Tiled Q4_0 · Q8_0 or Q4_1 · Q8_1 over packed activations, with VNNI.
+/// Tiled Q4_0 / Q5_0 · Q8_0 or Q4_1 / Q5_1 · Q8_1 over packed activations, with VNNI.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL/VNNI available; `w` holds `n_rows` rows of `nb` blocks; `packed` holds
-/// `n_tok · ⌈nb/4⌉` groups; `out` holds `(n_tok − 1) · out_stride + n_rows` values.
+/// AVX-512 F/BW/VL/VNNI available; `w` holds `n_rows` rows of `nb` blocks of `weights`;
+/// `packed` holds `n_tok · ⌈nb/4⌉` groups of `weights.act()` rows; `out` holds
+/// `(n_tok − 1) · out_stride + n_rows` values.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn matmul_nibble_vnni(
-    kind: NibbleAct,
+    weights: NibbleWeights,
     w: &[u8],
     nb: usize,
     n_rows: usize,
@@ -710,7 +806,7 @@ pub(crate) unsafe fn matmul_nibble_vnni(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    matmul_nibble_body::<Vnni>(kind, w, nb, n_rows, packed, n_tok, out, out_stride);
+    matmul_nibble_body::<Vnni>(weights, w, nb, n_rows, packed, n_tok, out, out_stride);
 }
 
 /// [`matmul_nibble_vnni`] without VNNI.
@@ -720,7 +816,7 @@ pub(crate) unsafe fn matmul_nibble_vnni(
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn matmul_nibble_bw(
-    kind: NibbleAct,
+    weights: NibbleWeights,
     w: &[u8],
     nb: usize,
     n_rows: usize,
@@ -729,7 +825,7 @@ pub(crate) unsafe fn matmul_nibble_bw(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    matmul_nibble_body::<NoVnni>(kind, w, nb, n_rows, packed, n_tok, out, out_stride);
+    matmul_nibble_body::<NoVnni>(weights, w, nb, n_rows, packed, n_tok, out, out_stride);
 }
 
 #[inline(always)]
