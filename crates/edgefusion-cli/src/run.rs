@@ -222,8 +222,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         eprintln!(
             "  KV cache           {:8.1} MiB allocated ({:.1} KiB per position, {:.1} MiB used)",
             mib(session.kv_bytes()),
-            cfg.kv_bytes_per_token() as f64 / 1024.0,
-            mib(cfg.kv_bytes_per_token() * n_past)
+            session.kv_bytes_per_position() as f64 / 1024.0,
+            mib(session.kv_bytes_per_position() * n_past)
         );
         eprintln!(
             "  compute            {:8.3} GFLOP/token (at position {n_past}; {:.3} at position 0)",

@@ -377,9 +377,4 @@ impl ModelConfig {
         let attn = 2.0 * 2.0 * (self.n_layers * self.q_dim()) as f64 * (n_past + 1) as f64;
         matmul + attn
     }
-
-    /// Bytes of KV cache per token position (f32 keys and values).
-    pub fn kv_bytes_per_token(&self) -> usize {
-        self.n_layers * 2 * self.kv_dim() * std::mem::size_of::<f32>()
-    }
 }

@@ -326,9 +326,11 @@ impl<'m> Session<'m> {
             .count();
         let kv_len = n_attention * opts.n_ctx * cfg.kv_dim();
         let kv = match opts.kv_type {
+            // Zeroed allocations: the OS maps pages as positions are used, so a long context
+            // costs memory only once it is filled.
             KvType::F16 => KvCache::F16 {
-                keys: vec![f16::ZERO; kv_len],
-                values: vec![f16::ZERO; kv_len],
+                keys: bytemuck::zeroed_vec(kv_len),
+                values: bytemuck::zeroed_vec(kv_len),
             },
             KvType::F32 => KvCache::F32 {
                 keys: vec![0.0; kv_len],
@@ -372,6 +374,11 @@ impl<'m> Session<'m> {
     /// Forgets every position from `n` on, keeping the prefix (prefix reuse).
     pub fn truncate(&mut self, n: usize) {
         self.n_past = self.n_past.min(n);
+    }
+
+    /// Bytes of KV cache per context position.
+    pub fn kv_bytes_per_position(&self) -> usize {
+        self.kv.bytes() / self.opts.n_ctx
     }
 
     /// Bytes held by the KV cache at full context.
