@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use edgefusion_io::gguf::MetaValue;
-use edgefusion_io::names::{self, TensorRole};
+use edgefusion_io::names;
 use edgefusion_io::ModelSource;
 use edgefusion_model::ModelConfig;
 
@@ -26,15 +26,7 @@ pub struct InspectArgs {
 
 pub fn run(args: InspectArgs) -> Result<()> {
     let source = ModelSource::open(&args.model)?;
-    let tied = source.try_tensor(TensorRole::Output, None).is_none();
-    let config = match &source {
-        ModelSource::Gguf(gguf) => ModelConfig::from_gguf(gguf, tied),
-        ModelSource::HfDir(dir) => ModelConfig::from_hf_config(
-            dir.config(),
-            &dir.dir.join("config.json").display().to_string(),
-            tied,
-        ),
-    };
+    let config = ModelConfig::from_source(&source);
     println!("file: {}", args.model.display());
     match &source {
         ModelSource::Gguf(gguf) => println!("format: GGUF v{}", gguf.version),

@@ -2,6 +2,8 @@
 //! `config.json`, with the sizes derived from them.
 
 use edgefusion_io::gguf::GgufFile;
+use edgefusion_io::names::TensorRole;
+use edgefusion_io::ModelSource;
 use serde::Serialize;
 
 use crate::ModelError;
@@ -76,6 +78,20 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Reads the hyperparameters of a GGUF file or Hugging Face folder; the head counts as
+    /// tied when the source has no separate output matrix.
+    pub fn from_source(source: &ModelSource) -> Result<Self, ModelError> {
+        let tied = source.try_tensor(TensorRole::Output, None).is_none();
+        match source {
+            ModelSource::Gguf(gguf) => Self::from_gguf(gguf, tied),
+            ModelSource::HfDir(dir) => Self::from_hf_config(
+                dir.config(),
+                &dir.dir.join("config.json").display().to_string(),
+                tied,
+            ),
+        }
+    }
+
     /// Reads the hyperparameters from a GGUF file's metadata.
     pub fn from_gguf(gguf: &GgufFile, tied_embeddings: bool) -> Result<Self, ModelError> {
         let arch_name = gguf.architecture()?;

@@ -70,15 +70,8 @@ impl<'a> Model<'a> {
     /// except the small norm and bias vectors.
     pub fn load(source: &'a ModelSource) -> Result<Self, ModelError> {
         let file = source.path().display().to_string();
-        let tied = source.try_tensor(TensorRole::Output, None).is_none();
-        let config = match source {
-            ModelSource::Gguf(gguf) => ModelConfig::from_gguf(gguf, tied)?,
-            ModelSource::HfDir(dir) => ModelConfig::from_hf_config(
-                dir.config(),
-                &dir.dir.join("config.json").display().to_string(),
-                tied,
-            )?,
-        };
+        let config = ModelConfig::from_source(source)?;
+        let tied = config.tied_embeddings;
         let c = &config;
         let linear = |role: TensorRole, layer: Option<usize>, n_in: usize, n_out: usize| {
             Linear::from_view(source.tensor(role, layer)?, &file, n_in, n_out)
