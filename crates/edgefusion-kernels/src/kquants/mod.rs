@@ -15,7 +15,6 @@
 //! be 2-byte aligned and Q8_K carries an `f32`, so multi-byte fields are decoded with
 //! `from_le_bytes` instead of being read in place.
 
-use crate::cpu::{self, Isa};
 use crate::GgmlType;
 
 mod fit;
@@ -172,18 +171,6 @@ pub(crate) fn pack_scale_min_k4(scales: &[u8; 8], mins: &[u8; 8]) -> [u8; K_SCAL
     packed
 }
 
-/// Whether kernels for `isa` may run on this machine (`Scalar` always may).
-pub(crate) fn isa_runnable(isa: Isa) -> bool {
-    let detected = cpu::detect();
-    match isa {
-        Isa::Scalar => true,
-        Isa::Avx2 => detected.has_avx2(),
-        Isa::Avx512 => detected.has_avx512(),
-        Isa::Avx512Vnni => detected == Isa::Avx512Vnni,
-        Isa::Neon => detected == Isa::Neon,
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod test_support {
     //! Deterministic inputs shared by the unit tests of the format files.
@@ -275,7 +262,8 @@ mod tests {
 
     #[test]
     fn scalar_is_always_runnable() {
-        assert!(isa_runnable(Isa::Scalar));
-        assert!(isa_runnable(cpu::isa()));
+        use crate::cpu::{self, Isa};
+        assert!(cpu::is_runnable(Isa::Scalar));
+        assert!(cpu::is_runnable(cpu::isa()));
     }
 }

@@ -3,7 +3,7 @@
 
 use super::fit::{fit_scale_offset, importance, nearest_int, quantize_unsigned};
 use super::q8_k::BlockQ8K;
-use super::{blocks, blocks_mut, f16_to_f32, f32_to_f16, isa_runnable, super_blocks, KBlock, QK_K};
+use super::{blocks, blocks_mut, f16_to_f32, f32_to_f16, super_blocks, KBlock, QK_K};
 use crate::cpu::{self, Isa};
 use crate::GgmlType;
 
@@ -175,7 +175,7 @@ pub fn vec_dot_q2k_q8k(n: usize, w: &[u8], act: &[u8]) -> f32 {
 /// narrower one); panics if `isa` cannot run here.
 pub fn vec_dot_q2k_q8k_on(isa: Isa, n: usize, w: &[u8], act: &[u8]) -> f32 {
     assert!(
-        isa_runnable(isa),
+        cpu::is_runnable(isa),
         "{} kernels cannot run on this CPU",
         isa.name()
     );

@@ -4,7 +4,7 @@
 use super::fit::{fit_scale_offset, importance, nearest_int, quantize_unsigned};
 use super::q8_k::BlockQ8K;
 use super::{
-    blocks, blocks_mut, f16_to_f32, f32_to_f16, isa_runnable, pack_scale_min_k4, super_blocks,
+    blocks, blocks_mut, f16_to_f32, f32_to_f16, pack_scale_min_k4, super_blocks,
     unpack_scale_min_k4, KBlock, K_SCALE_SIZE, QK_K,
 };
 use crate::cpu::{self, Isa};
@@ -160,7 +160,7 @@ pub fn vec_dot_q4k_q8k(n: usize, w: &[u8], act: &[u8]) -> f32 {
 /// narrower one); panics if `isa` cannot run here.
 pub fn vec_dot_q4k_q8k_on(isa: Isa, n: usize, w: &[u8], act: &[u8]) -> f32 {
     assert!(
-        isa_runnable(isa),
+        cpu::is_runnable(isa),
         "{} kernels cannot run on this CPU",
         isa.name()
     );

@@ -5,7 +5,7 @@
 //! without touching the quants again.
 
 use super::fit::nearest_int;
-use super::{blocks, blocks_mut, isa_runnable, super_blocks, KBlock, QK_K};
+use super::{blocks, blocks_mut, super_blocks, KBlock, QK_K};
 use crate::cpu::{self, Isa};
 use crate::GgmlType;
 
@@ -49,7 +49,7 @@ pub fn quantize_row_q8k(x: &[f32], out: &mut [u8]) {
 /// [`quantize_row_q8k`] with the kernel for `isa`; panics if `isa` cannot run here.
 pub fn quantize_row_q8k_on(isa: Isa, x: &[f32], out: &mut [u8]) {
     assert!(
-        isa_runnable(isa),
+        cpu::is_runnable(isa),
         "{} kernels cannot run on this CPU",
         isa.name()
     );
@@ -62,7 +62,7 @@ fn quantize_row_q8k_with(isa: Isa, x: &[f32], out: &mut [u8]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => {
-            // SAFETY: `isa` comes from `cpu::isa()` or passed `isa_runnable`, so AVX2, FMA and
+            // SAFETY: `isa` comes from `cpu::isa()` or passed `cpu::is_runnable`, so AVX2, FMA and
             // F16C are present.
             unsafe { super::avx2::quantize_row_q8k(x, out_blocks) }
         }
