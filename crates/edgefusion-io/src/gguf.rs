@@ -477,6 +477,33 @@ impl GgufFile {
         self.tensor(name).map(|t| self.view(t))
     }
 
+    /// Lets the OS drop the resident pages that lie wholly inside `bytes`, a slice of this
+    /// file's mapping the caller has copied and will not read again (reading it again is
+    /// still correct: the pages come back from the file). Slices from elsewhere are ignored.
+    pub fn release(&self, bytes: &[u8]) {
+        const PAGE: usize = 4096;
+        let base = self.mmap.as_ptr() as usize;
+        let start = bytes.as_ptr() as usize;
+        if start < base || start + bytes.len() > base + self.mmap.len() {
+            return;
+        }
+        let first = (start - base).next_multiple_of(PAGE);
+        let end = (start - base + bytes.len()) / PAGE * PAGE;
+        if end > first {
+            // SAFETY: the mapping is read-only and file-backed, so MADV_DONTNEED discards no
+            // data: later reads of these pages fault them back in from the file unchanged,
+            // which keeps every outstanding `&[u8]` into the map valid. Failure (e.g. pages
+            // larger than 4 KiB) only means the memory stays resident.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    first,
+                    end - first,
+                )
+            };
+        }
+    }
+
     pub fn file_size(&self) -> usize {
         self.mmap.len()
     }

@@ -39,6 +39,14 @@ impl ModelSource {
         }
     }
 
+    /// Lets the OS drop the resident pages of `bytes`, tensor data the caller has copied into
+    /// a layout of its own (see `GgufFile::release`); a no-op for safetensors folders.
+    pub fn release(&self, bytes: &[u8]) {
+        if let ModelSource::Gguf(gguf) = self {
+            gguf.release(bytes);
+        }
+    }
+
     /// The file or folder this was opened from.
     pub fn path(&self) -> &Path {
         match self {

@@ -15,6 +15,7 @@ pub mod cpu;
 pub mod f32ops;
 pub mod formats;
 pub mod ggml_type;
+pub mod interleaved;
 pub mod kquants;
 pub mod threads;
 

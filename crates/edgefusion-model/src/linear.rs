@@ -3,9 +3,19 @@
 use std::borrow::Cow;
 
 use edgefusion_io::TensorView;
-use edgefusion_kernels::GgmlType;
+use edgefusion_kernels::{interleaved, GgmlType};
 
 use crate::ModelError;
+
+/// How a [`Linear`]'s bytes are ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// As in GGUF: rows one after another, each a run of blocks.
+    Rows,
+    /// Rows regrouped 16 at a time for the SIMD kernels (`edgefusion_kernels::interleaved`);
+    /// the same bytes in total, and 16-aligned row ranges are the same byte ranges.
+    Interleaved,
+}
 
 /// A weight matrix `(n_out, n_in)`: `n_out` rows of `n_in` weights, each row a whole
 /// number of blocks of `dtype`. Memory-mapped when the file's layout is usable as is.
@@ -15,9 +25,10 @@ pub struct Linear<'a> {
     pub dtype: GgmlType,
     pub n_in: usize,
     pub n_out: usize,
-    /// `n_out * row_bytes` bytes, rows contiguous.
+    /// `n_out * row_bytes` bytes, ordered as `layout` says.
     data: Cow<'a, [u8]>,
     row_bytes: usize,
+    layout: Layout,
 }
 
 impl<'a> Linear<'a> {
@@ -77,7 +88,30 @@ impl<'a> Linear<'a> {
             n_out,
             data: Cow::Borrowed(view.data),
             row_bytes,
+            layout: Layout::Rows,
         })
+    }
+
+    /// Copies the matrix into the interleaved layout when this CPU has kernels for it that
+    /// beat the row layout (and `n_out` is a multiple of 16); returns whether it did. The
+    /// mapped bytes are not read again afterwards.
+    pub fn interleave_for_cpu(&mut self) -> bool {
+        let isa = edgefusion_kernels::cpu::isa();
+        if self.layout != Layout::Rows
+            || !interleaved::is_fast_on(isa, self.dtype)
+            || !self.n_out.is_multiple_of(interleaved::GROUP_ROWS)
+        {
+            return false;
+        }
+        let data = interleaved::interleave(self.dtype, self.n_in, &self.data, self.n_out);
+        self.data = Cow::Owned(data);
+        self.layout = Layout::Interleaved;
+        true
+    }
+
+    /// How the bytes are ordered.
+    pub fn layout(&self) -> Layout {
+        self.layout
     }
 
     /// Bytes of one row.
@@ -85,9 +119,52 @@ impl<'a> Linear<'a> {
         self.row_bytes
     }
 
-    /// Rows `r0..r1` as raw block bytes.
+    /// Rows `r0..r1` as raw bytes in this matrix's layout; for [`Layout::Interleaved`] both
+    /// ends must be multiples of 16 (or `r1 = n_out`).
     pub fn rows(&self, r0: usize, r1: usize) -> &[u8] {
+        debug_assert!(
+            self.layout == Layout::Rows
+                || (r0.is_multiple_of(interleaved::GROUP_ROWS)
+                    && r1.is_multiple_of(interleaved::GROUP_ROWS))
+        );
         &self.data[r0 * self.row_bytes..r1 * self.row_bytes]
+    }
+
+    /// `out (n_tok, out_stride)[t][r0 + i] = row r0 + i · act row t` for the rows `r0..r1`,
+    /// where `act` holds `n_tok` rows already quantized to [`Linear::act_type`]. Row ranges
+    /// of an interleaved matrix are 16-aligned (see [`Linear::rows`]).
+    pub fn matmul_rows(
+        &self,
+        r0: usize,
+        r1: usize,
+        act: &[u8],
+        n_tok: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let w = self.rows(r0, r1);
+        match self.layout {
+            Layout::Rows => edgefusion_kernels::matmul(
+                self.dtype,
+                self.n_in,
+                w,
+                r1 - r0,
+                act,
+                n_tok,
+                out,
+                out_stride,
+            ),
+            Layout::Interleaved => interleaved::matmul_interleaved(
+                self.dtype,
+                self.n_in,
+                w,
+                r1 - r0,
+                act,
+                n_tok,
+                out,
+                out_stride,
+            ),
+        }
     }
 
     /// All bytes of the matrix.
@@ -102,7 +179,14 @@ impl<'a> Linear<'a> {
 
     /// Row `r` as floats (token embedding lookup).
     pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
-        edgefusion_kernels::dequantize_row(self.dtype, self.rows(r, r + 1), out);
+        match self.layout {
+            Layout::Rows => {
+                edgefusion_kernels::dequantize_row(self.dtype, self.rows(r, r + 1), out)
+            }
+            Layout::Interleaved => {
+                interleaved::dequantize_row(self.dtype, self.n_in, &self.data, r, out)
+            }
+        }
     }
 }
 

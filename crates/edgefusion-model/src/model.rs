@@ -66,15 +66,23 @@ pub struct Model<'a> {
 }
 
 impl<'a> Model<'a> {
-    /// Binds the weights of `source` (GGUF file or Hugging Face folder); nothing is copied
-    /// except the small norm and bias vectors.
+    /// Binds the weights of `source` (GGUF file or Hugging Face folder). Matrices stay
+    /// memory-mapped except where this CPU's kernels want another layout
+    /// ([`Linear::interleave_for_cpu`]): those are copied once and their mapped pages
+    /// released. Norm and bias vectors are read into floats.
     pub fn load(source: &'a ModelSource) -> Result<Self, ModelError> {
         let file = source.path().display().to_string();
         let config = ModelConfig::from_source(source)?;
         let tied = config.tied_embeddings;
         let c = &config;
         let linear = |role: TensorRole, layer: Option<usize>, n_in: usize, n_out: usize| {
-            Linear::from_view(source.tensor(role, layer)?, &file, n_in, n_out)
+            let view = source.tensor(role, layer)?;
+            let mapped = view.data;
+            let mut linear = Linear::from_view(view, &file, n_in, n_out)?;
+            if linear.interleave_for_cpu() {
+                source.release(mapped);
+            }
+            Ok::<_, ModelError>(linear)
         };
         let vector = |role: TensorRole, layer: Option<usize>, n: usize| {
             vector_from_view(source.tensor(role, layer)?, &file, n)

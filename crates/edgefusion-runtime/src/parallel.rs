@@ -9,7 +9,8 @@ use edgefusion_model::Linear;
 
 /// Bytes of weights per row panel in prefill: about a quarter of a typical 1–2 MiB L2.
 const PANEL_BYTES: usize = 256 * 1024;
-/// Decode splits rows in multiples of this (keeps SIMD kernels on whole row groups).
+/// Row ranges are multiples of this (whole row groups for the SIMD kernels, and whole
+/// 16-row groups of interleaved matrices).
 const ROW_ALIGN: usize = 16;
 
 /// The engine's worker threads (the caller included).
@@ -73,22 +74,14 @@ impl Threads {
             self.for_chunks(out, chunk, |i, rows_out| {
                 let r0 = i * chunk;
                 let r1 = r0 + rows_out.len();
-                edgefusion_kernels::matmul(
-                    w.dtype,
-                    w.n_in,
-                    w.rows(r0, r1),
-                    r1 - r0,
-                    act,
-                    1,
-                    rows_out,
-                    rows_out.len(),
-                );
+                let stride = rows_out.len();
+                w.matmul_rows(r0, r1, act, 1, rows_out, stride);
             });
             return;
         }
         let tok_chunk = n_tok.div_ceil(self.n_threads());
-        let panel_rows =
-            (PANEL_BYTES / w.row_bytes().max(1)).clamp(ROW_ALIGN, n_out.max(ROW_ALIGN));
+        let panel_rows = (PANEL_BYTES / w.row_bytes().max(1) / ROW_ALIGN * ROW_ALIGN)
+            .clamp(ROW_ALIGN, n_out.max(ROW_ALIGN));
         self.for_chunks(out, tok_chunk * n_out, |i, tok_out| {
             let t0 = i * tok_chunk;
             let nt = tok_out.len() / n_out;
@@ -96,16 +89,7 @@ impl Threads {
             let mut r0 = 0;
             while r0 < n_out {
                 let r1 = (r0 + panel_rows).min(n_out);
-                edgefusion_kernels::matmul(
-                    w.dtype,
-                    w.n_in,
-                    w.rows(r0, r1),
-                    r1 - r0,
-                    act_rows,
-                    nt,
-                    &mut tok_out[r0..],
-                    n_out,
-                );
+                w.matmul_rows(r0, r1, act_rows, nt, &mut tok_out[r0..], n_out);
                 r0 = r1;
             }
         });
@@ -132,6 +116,8 @@ mod tests {
             (GgmlType::Q4_1, 576, 1536),
             (GgmlType::Q4_0, 1536, 1000),
             (GgmlType::Q8_0, 576, 777),
+            (GgmlType::Q8_0, 576, 1024),
+            (GgmlType::Q5_0, 576, 192),
             (GgmlType::Q4K, 512, 300),
             (GgmlType::F16, 64, 2000),
         ] {
@@ -148,33 +134,39 @@ mod tests {
                 shape: &shape,
                 data: &data,
             };
-            let w = Linear::from_view(view, "test", n_in, n_out).unwrap();
-            let act_ty = w.act_type();
-            let act_row = act_ty.row_bytes(n_in).unwrap();
-            for n_tok in [1, 2, 3, 4, 5, 7, 9] {
-                let x = values(n_in * n_tok, 2 + n_tok as u64);
-                let mut act = vec![0u8; act_row * n_tok];
-                for (src, dst) in x.chunks(n_in).zip(act.chunks_mut(act_row)) {
-                    edgefusion_kernels::quantize_row(act_ty, src, dst);
-                }
-                for n_threads in [1, 2] {
-                    let threads = Threads::new(n_threads).unwrap();
-                    let mut out = vec![f32::NAN; n_tok * n_out];
-                    threads.linear(&w, &act, act_row, n_tok, &mut out);
-                    for t in 0..n_tok {
-                        for r in 0..n_out {
-                            let expected = edgefusion_kernels::vec_dot(
-                                ty,
-                                n_in,
-                                w.rows(r, r + 1),
-                                &act[t * act_row..(t + 1) * act_row],
-                            );
-                            let got = out[t * n_out + r];
-                            assert!(
+            let rows = Linear::from_view(view, "test", n_in, n_out).unwrap();
+            // The same matrix in the layout this CPU's kernels prefer (when it has one).
+            let mut interleaved = Linear::from_view(view, "test", n_in, n_out).unwrap();
+            interleaved.interleave_for_cpu();
+            for w in [&rows, &interleaved] {
+                let act_ty = w.act_type();
+                let act_row = act_ty.row_bytes(n_in).unwrap();
+                for n_tok in [1, 2, 3, 4, 5, 7, 9] {
+                    let x = values(n_in * n_tok, 2 + n_tok as u64);
+                    let mut act = vec![0u8; act_row * n_tok];
+                    for (src, dst) in x.chunks(n_in).zip(act.chunks_mut(act_row)) {
+                        edgefusion_kernels::quantize_row(act_ty, src, dst);
+                    }
+                    for n_threads in [1, 2] {
+                        let threads = Threads::new(n_threads).unwrap();
+                        let mut out = vec![f32::NAN; n_tok * n_out];
+                        threads.linear(w, &act, act_row, n_tok, &mut out);
+                        for t in 0..n_tok {
+                            for r in 0..n_out {
+                                let expected = edgefusion_kernels::vec_dot(
+                                    ty,
+                                    n_in,
+                                    rows.rows(r, r + 1),
+                                    &act[t * act_row..(t + 1) * act_row],
+                                );
+                                let got = out[t * n_out + r];
+                                assert!(
                                 (got - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
-                                "{} n_tok {n_tok} threads {n_threads}: out[{t}][{r}] = {got}, vec_dot {expected}",
-                                ty.name()
+                                "{} {:?} n_tok {n_tok} threads {n_threads}: out[{t}][{r}] = {got}, vec_dot {expected}",
+                                ty.name(),
+                                w.layout()
                             );
+                            }
                         }
                     }
                 }
