@@ -198,6 +198,7 @@ pub fn interleave(ty: GgmlType, k: usize, w: &[u8], n_rows: usize) -> Vec<u8> {
     for g in 0..n_rows / GROUP_ROWS {
         for b in 0..nb {
             let dst = &mut out[(g * nb + b) * geo.bytes..][..geo.bytes];
+            let mut qh = [0u64; 8];
             for r in 0..GROUP_ROWS {
                 let row = g * GROUP_ROWS + r;
                 let block = read_block(ty, &w[row * row_bytes + b * bb..][..bb]);
@@ -205,21 +206,26 @@ pub fn interleave(ty: GgmlType, k: usize, w: &[u8], n_rows: usize) -> Vec<u8> {
                 if geo.has_min {
                     dst[geo.min_offset + 2 * r..][..2].copy_from_slice(&block.m);
                 }
-                for (j, &code) in block.codes.iter().enumerate() {
-                    let (at, high) = code_position(&geo, r, j);
-                    if geo.byte_codes {
-                        dst[at] = code;
+                // Quad by quad (see `code_position`): four codes move as one 32-bit word.
+                for (q, quad) in block.codes.chunks_exact(4).enumerate() {
+                    let quad = u32::from_le_bytes([quad[0], quad[1], quad[2], quad[3]]);
+                    let (at, word) = if geo.byte_codes {
+                        (geo.codes_offset + 64 * q + 4 * r, quad)
                     } else {
-                        dst[at] |= if high {
-                            (code & 0x0F) << 4
-                        } else {
-                            code & 0x0F
-                        };
-                    }
-                    if geo.has_qh && code & 0x10 != 0 {
-                        let bit = 4 * r + j % 4;
-                        dst[geo.qh_offset + 8 * (j / 4) + bit / 8] |= 1 << (bit % 8);
-                    }
+                        let word = (quad & 0x0F0F_0F0F) << (4 * (q % 2));
+                        (geo.codes_offset + 64 * (q / 2) + 4 * r, word)
+                    };
+                    let old = u32::from_le_bytes(dst[at..at + 4].try_into().unwrap());
+                    dst[at..at + 4].copy_from_slice(&(old | word).to_le_bytes());
+                    // Fifth bits: bit i of each byte's bit 4 → bit 4r + i of qh word q.
+                    let fifth = (quad >> 4) & 0x0101_0101;
+                    let nibble = (fifth | fifth >> 7 | fifth >> 14 | fifth >> 21) & 0xF;
+                    qh[q] |= (nibble as u64) << (4 * r);
+                }
+            }
+            if geo.has_qh {
+                for (q, word) in qh.iter().enumerate() {
+                    dst[geo.qh_offset + 8 * q..][..8].copy_from_slice(&word.to_le_bytes());
                 }
             }
         }
