@@ -11,6 +11,7 @@
 //! it packs the activation once per call and runs register-tiled kernels, which is much
 //! faster than [`vec_dot`] per row.
 
+pub mod attention;
 pub mod cpu;
 pub mod f32ops;
 pub mod formats;

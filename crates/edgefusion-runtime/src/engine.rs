@@ -2,10 +2,10 @@
 //!
 //! Every buffer is allocated once in [`Session::new`]; `forward` allocates nothing.
 
+use edgefusion_kernels::attention::{self, KvElement};
 use edgefusion_kernels::{f32ops, GgmlType};
 use edgefusion_model::{Linear, Mixer, Model, ModelConfig, RopeScaling, RopeStyle};
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 
 use crate::parallel::Threads;
 use crate::RuntimeError;
@@ -115,6 +115,9 @@ struct RunState {
     v: Vec<f32>,
     /// Attention output before `wo`: (max_batch, q_dim)
     att: Vec<f32>,
+    /// Attention output as the tasks write it, one slot per task (see [`AttnPlan`]):
+    /// (n_chunks, tasks_per_chunk, block_tokens, gqa_group, head_dim)
+    att_tasks: Vec<f32>,
     /// (max_batch, d_model): output of `wo` or `down`, added to `x`
     proj: Vec<f32>,
     /// (max_batch, d_ff)
@@ -124,8 +127,9 @@ struct RunState {
     /// (max_logits, vocab_size)
     logits: Vec<f32>,
     act: ActCache,
-    /// Per attention task: scores `(gqa_group, n_ctx)`, then the f16-rounded queries
-    /// `(gqa_group, head_dim)`, then one key or value row `(head_dim)`.
+    /// Per attention chunk: a task's queries rounded to the cache type
+    /// `(block_tokens · gqa_group, head_dim)`, then the scores and probabilities of one
+    /// sub-block `(sub_block_tokens · gqa_group, n_keys)` (see [`AttnPlan`]).
     attn_scratch: Vec<f32>,
 }
 
@@ -139,40 +143,9 @@ pub enum KvType {
     F32,
 }
 
-/// A type the KV cache can hold.
-trait KvElement: Copy + Send + Sync + 'static {
-    fn store(src: &[f32], dst: &mut [Self]);
-    fn load(src: &[Self], dst: &mut [f32]);
-    /// llama.cpp converts the other operand of a product with the cache to the cache's type
-    /// (queries for keys, probabilities for values); this is that rounding.
-    fn round(x: f32) -> f32;
-}
-
-impl KvElement for f32 {
-    fn store(src: &[f32], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
-    }
-    fn load(src: &[f32], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
-    }
-    fn round(x: f32) -> f32 {
-        x
-    }
-}
-
-impl KvElement for f16 {
-    fn store(src: &[f32], dst: &mut [f16]) {
-        dst.convert_from_f32_slice(src);
-    }
-    fn load(src: &[f16], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst);
-    }
-    fn round(x: f32) -> f32 {
-        f16::from_f32(x).to_f32()
-    }
-}
-
-/// Keys and values of every attention layer, `(n_attention_layers, n_ctx, kv_dim)` each.
+/// Keys and values of every attention layer, in the layouts of the attention kernels:
+/// keys `(n_attention_layers, n_kv_heads, n_ctx_padded / 16, head_dim, 16)` (panels of 16
+/// positions), values `(n_attention_layers, n_kv_heads, n_ctx, head_dim)`.
 enum KvCache {
     F16 { keys: Vec<f16>, values: Vec<f16> },
     F32 { keys: Vec<f32>, values: Vec<f32> },
@@ -312,11 +285,19 @@ impl<'m> Session<'m> {
             up: vec![0.0; max_batch * cfg.d_ff],
             logits: vec![0.0; max_logits * cfg.vocab_size],
             act: ActCache::new(max_batch, widest),
+            att_tasks: vec![
+                0.0;
+                AttnPlan::max_out_len(cfg, max_batch, threads.n_threads(), opts.n_ctx)
+            ],
+            // Zeroed: only the rows a context of the current length uses get mapped.
             attn_scratch: vec![
                 0.0;
-                MAX_ATTN_TASKS_PER_THREAD
-                    * opts.n_threads
-                    * attn_task_scratch(cfg, opts.n_ctx)
+                AttnPlan::max_scratch_len(
+                    cfg,
+                    max_batch,
+                    threads.n_threads(),
+                    opts.n_ctx
+                )
             ],
         };
         let n_attention = model
@@ -324,17 +305,19 @@ impl<'m> Session<'m> {
             .iter()
             .filter(|l| matches!(l.mixer, Mixer::Attention(_)))
             .count();
-        let kv_len = n_attention * opts.n_ctx * cfg.kv_dim();
+        let keys_len =
+            n_attention * cfg.n_kv_heads * attention::key_cache_len(opts.n_ctx, cfg.head_dim);
+        let values_len = n_attention * opts.n_ctx * cfg.kv_dim();
         let kv = match opts.kv_type {
             // Zeroed allocations: the OS maps pages as positions are used, so a long context
             // costs memory only once it is filled.
             KvType::F16 => KvCache::F16 {
-                keys: bytemuck::zeroed_vec(kv_len),
-                values: bytemuck::zeroed_vec(kv_len),
+                keys: bytemuck::zeroed_vec(keys_len),
+                values: bytemuck::zeroed_vec(values_len),
             },
             KvType::F32 => KvCache::F32 {
-                keys: vec![0.0; kv_len],
-                values: vec![0.0; kv_len],
+                keys: vec![0.0; keys_len],
+                values: vec![0.0; values_len],
             },
         };
         let rope = RopeTable::new(cfg, opts.n_ctx);
@@ -487,25 +470,14 @@ impl<'m> Session<'m> {
                             }
                         }
                     }
-                    let base = attn_index * opts.n_ctx * cfg.kv_dim();
                     let n_ctx = opts.n_ctx;
                     match kv {
                         KvCache::F16 { keys, values } => {
-                            let layer_kv = KvLayer {
-                                keys,
-                                values,
-                                base,
-                                n_ctx,
-                            };
+                            let layer_kv = KvLayer::new(cfg, keys, values, attn_index, n_ctx);
                             attention(cfg, threads, st, layer_kv, rope, *n_past, n_tok);
                         }
                         KvCache::F32 { keys, values } => {
-                            let layer_kv = KvLayer {
-                                keys,
-                                values,
-                                base,
-                                n_ctx,
-                            };
+                            let layer_kv = KvLayer::new(cfg, keys, values, attn_index, n_ctx);
                             attention(cfg, threads, st, layer_kv, rope, *n_past, n_tok);
                         }
                     }
@@ -529,7 +501,7 @@ impl<'m> Session<'m> {
             threads.linear(&ffn.gate, act, act_row, n_tok, &mut st.gate);
             let (act, act_row) = st.act.get(threads, &ffn.up, &st.xn, n_tok);
             threads.linear(&ffn.up, act, act_row, n_tok, &mut st.up);
-            swiglu(&mut st.gate[..n_tok * cfg.d_ff], &st.up[..n_tok * cfg.d_ff]);
+            f32ops::silu_mul(&mut st.gate[..n_tok * cfg.d_ff], &st.up[..n_tok * cfg.d_ff]);
             st.act.invalidate();
             let (act, act_row) = st.act.get(threads, &ffn.down, &st.gate, n_tok);
             threads.linear(&ffn.down, act, act_row, n_tok, &mut st.proj);
@@ -560,12 +532,135 @@ impl<'m> Session<'m> {
     }
 }
 
-/// One attention layer's slice of the KV cache: `(n_ctx, kv_dim)` from `base`.
+/// One attention layer's slice of the KV cache.
 struct KvLayer<'a, T> {
+    /// (n_kv_heads, n_ctx_padded / 16, head_dim, 16)
     keys: &'a mut [T],
+    /// (n_kv_heads, n_ctx, head_dim)
     values: &'a mut [T],
-    base: usize,
     n_ctx: usize,
+}
+
+impl<'a, T: KvElement> KvLayer<'a, T> {
+    /// Attention layer `index` (counting attention layers only) of the whole cache.
+    fn new(
+        cfg: &ModelConfig,
+        keys: &'a mut [T],
+        values: &'a mut [T],
+        index: usize,
+        n_ctx: usize,
+    ) -> Self {
+        let keys_len = cfg.n_kv_heads * attention::key_cache_len(n_ctx, cfg.head_dim);
+        let values_len = cfg.n_kv_heads * n_ctx * cfg.head_dim;
+        KvLayer {
+            keys: &mut keys[index * keys_len..(index + 1) * keys_len],
+            values: &mut values[index * values_len..(index + 1) * values_len],
+            n_ctx,
+        }
+    }
+}
+
+/// Chunks per thread: enough to balance uneven work (causal rows differ in length).
+const ATTN_CHUNKS_PER_THREAD: usize = 4;
+/// Most new tokens per task.
+const ATTN_MAX_BLOCK: usize = 32;
+/// Most new tokens whose rows a task scores, normalizes and sums together. They all score
+/// keys up to the last one's position (earlier tokens zero their masked tail), so the causal
+/// waste is under this many keys per row.
+const ATTN_MAX_SUB_BLOCK: usize = 4;
+/// Bound on one sub-block's scores, `(sub_block · gqa_group, n_ctx)` floats, so that they stay
+/// in L2 between the score, softmax and weighted-sum passes (long contexts get sub-blocks of
+/// fewer tokens; one token's rows are the floor).
+const ATTN_MAX_SCORE_BYTES: usize = 1 << 20;
+
+/// How one attention call splits into tasks. A task is one KV head over a block of
+/// consecutive new tokens; its query rows are the head's GQA group for each token of the
+/// block, `(block_tokens, gqa_group)`, so each key and value element loaded serves them all.
+/// Tasks are dealt round-robin to at most `ATTN_CHUNKS_PER_THREAD · n_threads` chunks (one
+/// scratch slice each): every chunk gets early (short) and late (long) causal rows alike.
+#[derive(Debug, Clone, Copy)]
+struct AttnPlan {
+    /// New tokens per task (the last block may be shorter).
+    block: usize,
+    /// New tokens per sub-block of a task.
+    sub_block: usize,
+    n_tasks: usize,
+    n_chunks: usize,
+    tasks_per_chunk: usize,
+}
+
+impl AttnPlan {
+    fn new(cfg: &ModelConfig, n_tok: usize, n_threads: usize, n_ctx: usize) -> Self {
+        let n_kv = cfg.n_kv_heads;
+        let max_chunks = ATTN_CHUNKS_PER_THREAD * n_threads;
+        // Enough blocks for one task per chunk where n_tok allows.
+        let balanced = n_tok.div_ceil(max_chunks.div_ceil(n_kv));
+        let block = balanced.clamp(1, ATTN_MAX_BLOCK);
+        let n_tasks = n_kv * n_tok.div_ceil(block);
+        let n_chunks = n_tasks.min(max_chunks);
+        let token_scores = cfg.gqa_group() * n_ctx * std::mem::size_of::<f32>();
+        let sub_block = (ATTN_MAX_SCORE_BYTES / token_scores.max(1)).clamp(1, ATTN_MAX_SUB_BLOCK);
+        AttnPlan {
+            block,
+            sub_block: sub_block.min(block),
+            n_tasks,
+            n_chunks,
+            tasks_per_chunk: n_tasks.div_ceil(n_chunks),
+        }
+    }
+
+    /// Floats of one task's output slot: `(block, gqa_group, head_dim)`.
+    fn slot_len(&self, cfg: &ModelConfig) -> usize {
+        self.block * cfg.gqa_group() * cfg.head_dim
+    }
+
+    /// Floats of every chunk's output slots.
+    fn out_len(&self, cfg: &ModelConfig) -> usize {
+        self.n_chunks * self.tasks_per_chunk * self.slot_len(cfg)
+    }
+
+    /// Scratch floats of one chunk when the keys reach `n_keys`: a task's queries
+    /// `(block · gqa_group, head_dim)` then one sub-block's scores
+    /// `(sub_block · gqa_group, n_keys)`.
+    fn scratch_len(&self, cfg: &ModelConfig, n_keys: usize) -> usize {
+        cfg.gqa_group() * (self.block * cfg.head_dim + self.sub_block * n_keys)
+    }
+
+    /// Task `i`: (KV head, first new token, end token).
+    fn task(&self, i: usize, n_kv: usize, n_tok: usize) -> (usize, usize, usize) {
+        let (b, g) = (i / n_kv, i % n_kv);
+        let t0 = b * self.block;
+        (g, t0, (t0 + self.block).min(n_tok))
+    }
+
+    /// Output slot of task `i`: its chunk's slots are consecutive.
+    fn slot(&self, i: usize) -> usize {
+        (i % self.n_chunks) * self.tasks_per_chunk + i / self.n_chunks
+    }
+
+    /// Largest [`AttnPlan::out_len`] over steps of 1..=max_batch tokens.
+    fn max_out_len(cfg: &ModelConfig, max_batch: usize, n_threads: usize, n_ctx: usize) -> usize {
+        (1..=max_batch)
+            .map(|n| Self::new(cfg, n, n_threads, n_ctx).out_len(cfg))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Largest scratch of all chunks over steps of 1..=max_batch tokens, at full context.
+    fn max_scratch_len(
+        cfg: &ModelConfig,
+        max_batch: usize,
+        n_threads: usize,
+        n_ctx: usize,
+    ) -> usize {
+        (1..=max_batch)
+            .map(|n| {
+                let plan = Self::new(cfg, n, n_threads, n_ctx);
+                plan.n_chunks * plan.scratch_len(cfg, n_ctx)
+            })
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// RoPE on the step's q and k, appends k and v to the cache, then causal attention of each
@@ -580,8 +675,8 @@ fn attention<T: KvElement>(
     n_tok: usize,
 ) {
     let (hd, n_heads, n_kv) = (cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
-    let kv_dim = cfg.kv_dim();
-    let group = cfg.gqa_group();
+    let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
+    let group_width = cfg.gqa_group() * hd;
     let style = cfg.rope_style;
 
     for t in 0..n_tok {
@@ -593,114 +688,126 @@ fn attention<T: KvElement>(
             rope.apply(head, pos, style);
         }
     }
-    let layer = kv.base..kv.base + kv.n_ctx * kv_dim;
-    let keys = &mut kv.keys[layer.clone()];
-    let values = &mut kv.values[layer];
-    let new = n_past * kv_dim..(n_past + n_tok) * kv_dim;
-    T::store(&st.k[..n_tok * kv_dim], &mut keys[new.clone()]);
-    T::store(&st.v[..n_tok * kv_dim], &mut values[new]);
-    let (keys, values) = (&*keys, &*values);
+    let keys_per_head = kv.keys.len() / n_kv;
+    let values_per_head = kv.n_ctx * hd;
+    for t in 0..n_tok {
+        let pos = n_past + t;
+        for g in 0..n_kv {
+            let new = t * kv_dim + g * hd..t * kv_dim + (g + 1) * hd;
+            let keys = &mut kv.keys[g * keys_per_head..(g + 1) * keys_per_head];
+            attention::store_key(keys, hd, pos, &st.k[new.clone()]);
+            let row = g * values_per_head + pos * hd;
+            T::store_slice(&st.v[new], &mut kv.values[row..row + hd]);
+        }
+    }
 
-    // One task per (token, KV head): the query heads of a GQA group share each key and value
-    // row, so every row is converted from f16 once per group.
-    let q = &st.q;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let n_items = n_tok * n_kv;
-    let max_tasks = MAX_ATTN_TASKS_PER_THREAD * threads.n_threads();
-    let per_task = n_items.div_ceil(max_tasks).max(1);
-    let scratch_len = attn_task_scratch(cfg, kv.n_ctx);
-    let group_width = group * hd;
-    {
-        threads.for_chunks_with_scratch(
-            &mut st.att[..n_tok * n_heads * hd],
-            group_width * per_task,
-            &mut st.attn_scratch,
-            scratch_len,
-            |i, chunk, scratch| {
-                for (j, out) in chunk.chunks_mut(group_width).enumerate() {
-                    let item = i * per_task + j;
-                    let (t, g) = (item / n_kv, item % n_kv);
-                    let q_group =
-                        &q[(t * n_heads + g * group) * hd..(t * n_heads + (g + 1) * group) * hd];
-                    let rows = KvRows {
-                        keys,
-                        values,
-                        kv_dim,
-                        offset: g * hd,
-                        head_dim: hd,
-                    };
-                    attend_group(q_group, &rows, n_past + t + 1, scale, scratch, out);
+    let plan = AttnPlan::new(cfg, n_tok, threads.n_threads(), kv.n_ctx);
+    let slot_len = plan.slot_len(cfg);
+    let inputs = AttnInputs {
+        cfg,
+        q: &st.q[..n_tok * q_dim],
+        keys: &*kv.keys,
+        values: &*kv.values,
+        n_ctx: kv.n_ctx,
+        n_past,
+        scale: 1.0 / (hd as f32).sqrt(),
+    };
+    threads.for_chunks_with_scratch(
+        &mut st.att_tasks[..plan.out_len(cfg)],
+        plan.tasks_per_chunk * slot_len,
+        &mut st.attn_scratch,
+        plan.scratch_len(cfg, n_past + n_tok),
+        |c, slots, scratch| {
+            for (k, slot) in slots.chunks_mut(slot_len).enumerate() {
+                let task = c + k * plan.n_chunks;
+                if task >= plan.n_tasks {
+                    break;
                 }
-            },
-        );
+                let (g, t0, t1) = plan.task(task, n_kv, n_tok);
+                attend_block(&inputs, g, t0..t1, plan.sub_block, scratch, slot);
+            }
+        },
+    );
+    // Each task's rows `(block, group, head_dim)` to their place in `att (n_tok, q_dim)`.
+    let att = &mut st.att[..n_tok * q_dim];
+    for task in 0..plan.n_tasks {
+        let (g, t0, t1) = plan.task(task, n_kv, n_tok);
+        let slot = &st.att_tasks[plan.slot(task) * slot_len..][..(t1 - t0) * group_width];
+        for (t, rows) in (t0..t1).zip(slot.chunks_exact(group_width)) {
+            let dst = t * q_dim + g * group_width;
+            att[dst..dst + group_width].copy_from_slice(rows);
+        }
     }
 }
 
-/// Attention tasks per thread: enough to balance uneven work (causal rows differ in length).
-const MAX_ATTN_TASKS_PER_THREAD: usize = 4;
-
-/// Scratch floats one attention task needs.
-fn attn_task_scratch(cfg: &ModelConfig, n_ctx: usize) -> usize {
-    cfg.gqa_group() * (n_ctx + cfg.head_dim) + cfg.head_dim
-}
-
-/// One KV head's view of a layer's cache: rows `(n_ctx, kv_dim)`, this head's slice at `offset`.
-struct KvRows<'a, T> {
+/// What every attention task of one layer reads.
+struct AttnInputs<'a, T> {
+    cfg: &'a ModelConfig,
+    /// Rotated queries of the step: (n_tok, q_dim)
+    q: &'a [f32],
+    /// (n_kv_heads, n_ctx_padded / 16, head_dim, 16)
     keys: &'a [T],
+    /// (n_kv_heads, n_ctx, head_dim)
     values: &'a [T],
-    kv_dim: usize,
-    offset: usize,
-    head_dim: usize,
+    n_ctx: usize,
+    n_past: usize,
+    /// 1 / √head_dim
+    scale: f32,
 }
 
-/// Causal softmax attention of the query heads of one GQA group `(group, head_dim)` over the
-/// first `n_pos` cached positions, into `out (group, head_dim)`.
+/// Causal softmax attention of KV head `g`'s query heads for the new tokens `t0..t1` over
+/// every cached position up to each token's own, `sub_block` tokens at a time, into
+/// `out (t1 - t0, gqa_group, head_dim)`.
 ///
-/// Numerics follow llama.cpp's CPU path: queries rounded to the cache's type for the key dot
+/// Numerics follow llama.cpp's CPU path: queries rounded to the cache's type for the key
 /// products, scores and softmax in f32 (the sum in f64), probabilities rounded to the cache's
 /// type before weighting the values.
-fn attend_group<T: KvElement>(
-    q_group: &[f32],
-    kv: &KvRows<'_, T>,
-    n_pos: usize,
-    scale: f32,
+fn attend_block<T: KvElement>(
+    inp: &AttnInputs<'_, T>,
+    g: usize,
+    tokens: std::ops::Range<usize>,
+    sub_block: usize,
     scratch: &mut [f32],
     out: &mut [f32],
 ) {
-    let hd = kv.head_dim;
-    let group = out.len() / hd;
-    let (scores, rest) = scratch.split_at_mut(group * n_pos.max(1));
-    let (q16, rest) = rest.split_at_mut(group * hd);
-    let row = &mut rest[..hd];
-    for (dst, &src) in q16.iter_mut().zip(q_group) {
-        *dst = T::round(src);
+    let cfg = inp.cfg;
+    let (hd, group) = (cfg.head_dim, cfg.gqa_group());
+    let group_width = group * hd;
+    let (t0, t1) = (tokens.start, tokens.end);
+    let keys_per_head = inp.keys.len() / cfg.n_kv_heads;
+    let keys = &inp.keys[g * keys_per_head..(g + 1) * keys_per_head];
+    let values = &inp.values[g * inp.n_ctx * hd..(g + 1) * inp.n_ctx * hd];
+
+    // (rows, head_dim): row i is query head g·group + i % group of token t0 + i / group.
+    let (q_rows, probs) = scratch.split_at_mut((t1 - t0) * group_width);
+    for (t, dst) in (t0..t1).zip(q_rows.chunks_exact_mut(group_width)) {
+        let src = t * cfg.q_dim() + g * group_width;
+        dst.copy_from_slice(&inp.q[src..src + group_width]);
     }
-    for pos in 0..n_pos {
-        let start = pos * kv.kv_dim + kv.offset;
-        T::load(&kv.keys[start..start + hd], row);
-        for (h, q_head) in q16.chunks(hd).enumerate() {
-            scores[h * n_pos + pos] = f32ops::dot(q_head, row) * scale;
+    T::round_slice(q_rows);
+
+    let mut s0 = t0;
+    while s0 < t1 {
+        let s1 = (s0 + sub_block).min(t1);
+        let rows = (s0 - t0) * group..(s1 - t0) * group;
+        // Keys up to the sub-block's last token; earlier tokens mask their tail.
+        let n_keys = inp.n_past + s1;
+        // (s1 - s0, group, n_keys)
+        let probs = &mut probs[..rows.len() * n_keys];
+        let q_sub = &q_rows[rows.start * hd..rows.end * hd];
+        attention::scores(q_sub, hd, keys, n_keys, inp.scale, probs, n_keys);
+        for (i, row) in probs.chunks_exact_mut(n_keys).enumerate() {
+            let pos = inp.n_past + s0 + i / group;
+            let (seen, masked) = row.split_at_mut(pos + 1);
+            let max = f32ops::max(seen);
+            let sum = f32ops::exp_sub_max_sum(seen, max);
+            f32ops::scale(seen, (1.0 / sum) as f32);
+            T::round_slice(seen);
+            masked.fill(0.0);
         }
-    }
-    for h_scores in scores.chunks_mut(n_pos) {
-        let max = h_scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f64;
-        for s in h_scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s as f64;
-        }
-        let inv = (1.0 / sum) as f32;
-        for s in h_scores.iter_mut() {
-            *s = T::round(*s * inv);
-        }
-    }
-    out.fill(0.0);
-    for pos in 0..n_pos {
-        let start = pos * kv.kv_dim + kv.offset;
-        T::load(&kv.values[start..start + hd], row);
-        for (h, out_head) in out.chunks_mut(hd).enumerate() {
-            f32ops::axpy(scores[h * n_pos + pos], row, out_head);
-        }
+        let out_sub = &mut out[rows.start * hd..rows.end * hd];
+        attention::weighted_sum(probs, n_keys, values, hd, n_keys, out_sub);
+        s0 = s1;
     }
 }
 
@@ -722,15 +829,85 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// `gate = silu(gate) * up`, elementwise.
-fn swiglu(gate: &mut [f32], up: &[f32]) {
-    for (g, u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
-}
-
 fn add_assign(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgefusion_model::Arch;
+
+    fn config(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> ModelConfig {
+        ModelConfig {
+            arch: Arch::Llama,
+            name: "attention plan test".into(),
+            n_layers: 1,
+            d_model: n_heads * head_dim,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            d_ff: 8,
+            vocab_size: 8,
+            n_ctx_train: 1 << 20,
+            rms_eps: 1e-5,
+            rope_base: 10_000.0,
+            rope_dim: head_dim,
+            rope_style: RopeStyle::Normal,
+            rope_scaling: RopeScaling::None,
+            tied_embeddings: true,
+        }
+    }
+
+    /// Every (token, KV head) pair belongs to exactly one task; each task's output slot lies
+    /// in the chunk that runs it; and the buffers sized in `Session::new` hold every step.
+    #[test]
+    fn attn_plan_covers_every_token_once_within_its_buffers() {
+        for (n_heads, n_kv) in [(9, 3), (4, 4), (32, 8), (8, 1)] {
+            let cfg = config(n_heads, n_kv, 64);
+            for n_threads in [1, 2, 3, 8] {
+                for n_ctx in [16, 300, 100_000] {
+                    let max_batch = n_ctx.min(300);
+                    let max_out = AttnPlan::max_out_len(&cfg, max_batch, n_threads, n_ctx);
+                    let max_scratch = AttnPlan::max_scratch_len(&cfg, max_batch, n_threads, n_ctx);
+                    for n_tok in 1..=max_batch {
+                        let plan = AttnPlan::new(&cfg, n_tok, n_threads, n_ctx);
+                        let case = format!("{n_heads}/{n_kv} heads, {n_threads} threads, ctx {n_ctx}, {n_tok} tokens: {plan:?}");
+                        assert!(plan.out_len(&cfg) <= max_out, "{case}");
+                        assert!(
+                            plan.n_chunks * plan.scratch_len(&cfg, n_ctx) <= max_scratch,
+                            "{case}"
+                        );
+                        assert!(
+                            plan.n_chunks <= ATTN_CHUNKS_PER_THREAD * n_threads,
+                            "{case}"
+                        );
+                        assert!((1..=plan.block).contains(&plan.sub_block), "{case}");
+                        let sub_scores = plan.sub_block * cfg.gqa_group() * n_ctx * 4;
+                        assert!(
+                            plan.sub_block == 1 || sub_scores <= ATTN_MAX_SCORE_BYTES,
+                            "{case}"
+                        );
+                        let mut covered = vec![0u32; n_tok * n_kv];
+                        let mut slots = vec![false; plan.n_chunks * plan.tasks_per_chunk];
+                        for task in 0..plan.n_tasks {
+                            let (g, t0, t1) = plan.task(task, n_kv, n_tok);
+                            assert!(t0 < t1 && t1 - t0 <= plan.block, "{case}");
+                            let slot = plan.slot(task);
+                            // The engine's loop: chunk c, its k-th slot, runs task c + k·n_chunks.
+                            let (c, k) = (slot / plan.tasks_per_chunk, slot % plan.tasks_per_chunk);
+                            assert_eq!(task, c + k * plan.n_chunks, "{case}");
+                            assert!(!std::mem::replace(&mut slots[slot], true), "{case}");
+                            for t in t0..t1 {
+                                covered[t * n_kv + g] += 1;
+                            }
+                        }
+                        assert!(covered.iter().all(|&n| n == 1), "{case}");
+                    }
+                }
+            }
+        }
     }
 }
