@@ -13,6 +13,7 @@
 
 pub mod attention;
 pub mod cpu;
+pub mod efq;
 pub mod f32ops;
 pub mod formats;
 pub mod ggml_type;

@@ -5,4 +5,5 @@
 
 pub(crate) mod avx2;
 pub(crate) mod avx512;
+pub(crate) mod efq;
 pub(crate) mod interleaved;

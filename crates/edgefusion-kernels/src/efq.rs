@@ -1,0 +1,1002 @@
+//! EFQ: EdgeFusion's adaptive sub-4-bit matrix format, its 8-bit activation partner and the
+//! fused dequantize-and-dot kernels (scalar reference here, AVX-512 VNNI in `x86::efq`).
+//!
+//! A matrix `(n_out, n_in)` is cut into tiles of 16 rows × 128 columns (the last tile of a
+//! row group may be 32, 64 or 96 columns wide). Each tile has one code width from {2, 3, 4}
+//! bits, chosen by the quantizer; each row's 128-column block inside it has its own 8-bit
+//! scale (under the row's f16 scale) and 4-bit zero point:
+//!
+//! ```text
+//! w[r][c] = d_r · s[r][t] · (code[r][c] − z[r][t])  +  outlier[r][c]
+//! ```
+//!
+//! Outliers — a small fraction of weights the quantizer takes out before fitting the
+//! blocks (their dense code equals the zero point) — are stored per 16-row group in slots:
+//! a slot holds one (column, 6-bit value) pair per row of the group, and a group has as
+//! many slots as its row with the most outliers (rows with fewer pad with value 0). Values
+//! are `g_scale · v`, v in −31..=31, one f16 scale per group. Slots let the SIMD kernel add
+//! 16 rows' outliers with one gather.
+//!
+//! Codes are stored so that one 64-byte register holds the same four-column quad of all
+//! 16 rows (byte `4r + i` = row r, column `4k + i` of quad k), which `vpdpbusd` multiplies
+//! with a broadcast 4-byte quad of the activation: see [`code`] for the bit planes. The
+//! activation partner, [`ActQ8`], quantizes each 128-column block to i8 with one f32 scale
+//! and keeps the block's code sum for the zero-point term.
+//!
+//! The byte layout of a whole matrix (`docs/FORMAT.md` draws it) is parsed by
+//! [`EfqMatrix::parse`], which checks every size and value range, and written by
+//! [`EfqParts::to_bytes`].
+
+use crate::cpu::Isa;
+use crate::formats::{f16_to_f32, f32_to_f16};
+
+/// Rows per tile (and per row group).
+pub const TILE_ROWS: usize = 16;
+/// Columns per tile; the last tile of a row may be narrower (a multiple of 32).
+pub const TILE_COLS: usize = 128;
+/// Columns must be a multiple of this.
+pub const COL_ALIGN: usize = 32;
+/// Largest outlier magnitude code: values are `scale · v`, |v| ≤ 31 (6 bits with sign).
+pub const OUTLIER_MAX: i8 = 31;
+/// Magic at the start of a matrix blob.
+pub const MAGIC: [u8; 4] = *b"EFQ1";
+/// Bytes of the fixed blob header: magic, n_out, n_in, total outlier slots.
+const HEADER_BYTES: usize = 16;
+/// Bytes of one outlier slot: 16 u16 columns, then 16 i8 values.
+pub const SLOT_BYTES: usize = 3 * TILE_ROWS;
+
+/// What is wrong with a matrix blob or with parts handed to the encoder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EfqFormatError(pub String);
+
+impl std::fmt::Display for EfqFormatError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for EfqFormatError {}
+
+fn bad(msg: impl Into<String>) -> EfqFormatError {
+    EfqFormatError(msg.into())
+}
+
+/// Tiles per row group of a matrix with `n_in` columns.
+pub fn n_tiles(n_in: usize) -> usize {
+    n_in.div_ceil(TILE_COLS)
+}
+
+/// Width in columns of tile `t` of a row with `n_in` columns.
+pub fn tile_cols(n_in: usize, t: usize) -> usize {
+    (n_in - t * TILE_COLS).min(TILE_COLS)
+}
+
+/// Bytes of one tile of `cols` columns with `bits`-bit codes: 16 scales, 8 bytes of zero
+/// nibbles, then `16 · cols · bits / 8` bytes of codes.
+pub fn tile_bytes(bits: u8, cols: usize) -> usize {
+    TILE_ROWS + TILE_ROWS / 2 + TILE_ROWS * cols * bits as usize / 8
+}
+
+/// Where a tile's codes sit: the one definition of the code planes.
+///
+/// A tile's codes are a sequence of 64-byte chunks, in column order, each covering every
+/// row for a run of quads (4 columns each); byte `4r + i` of a chunk always belongs to row
+/// r, column `4k + i` of each quad k it covers:
+/// - 2-bit codes: a chunk covers 4 quads; bits `2j..2j+2` of each byte hold quad j.
+/// - 3-bit codes: per 8 quads, two 2-bit chunks (low two bits, as above) then one chunk
+///   whose bit j holds bit 2 of quad j.
+/// - 4-bit codes: a chunk covers 2 quads; the low nibble holds the first, the high nibble
+///   the second.
+pub mod code {
+    use super::TILE_ROWS;
+
+    /// Byte offset inside the code area, and shift, of bit plane `plane` of (row, col)'s
+    /// code, for `bits`-bit codes: returns `(byte, shift, mask)` such that the plane's bits
+    /// are `(area[byte] >> shift) & mask`, and how many bits up they go in the code.
+    pub fn position(bits: u8, row: usize, col: usize, plane: usize) -> (usize, u32, u8, u32) {
+        let (quad, i) = (col / 4, col % 4);
+        let lane = 4 * row + i;
+        debug_assert!(row < TILE_ROWS);
+        match (bits, plane) {
+            (2, 0) => (64 * (quad / 4) + lane, 2 * (quad % 4) as u32, 0b11, 0),
+            (3, 0) => (
+                192 * (quad / 8) + 64 * ((quad % 8) / 4) + lane,
+                2 * (quad % 4) as u32,
+                0b11,
+                0,
+            ),
+            (3, 1) => (192 * (quad / 8) + 128 + lane, (quad % 8) as u32, 0b1, 2),
+            (4, 0) => (64 * (quad / 2) + lane, 4 * (quad % 2) as u32, 0b1111, 0),
+            _ => panic!("no plane {plane} for {bits}-bit codes"),
+        }
+    }
+
+    /// Bit planes of `bits`-bit codes.
+    pub fn planes(bits: u8) -> usize {
+        if bits == 3 {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+/// A matrix in EFQ as plain arrays: what the quantizer produces and the tests compare.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EfqParts {
+    pub n_out: usize,
+    pub n_in: usize,
+    /// (n_out / 16, n_tiles): code bits of each tile, 2..=4.
+    pub widths: Vec<u8>,
+    /// (n_out): f16 bits of each row's scale `d_r`.
+    pub row_scales: Vec<u16>,
+    /// (n_out, n_tiles): 8-bit block scales `s`.
+    pub block_scales: Vec<u8>,
+    /// (n_out, n_tiles): zero points, each < 2^bits of its tile.
+    pub zeros: Vec<u8>,
+    /// (n_out, n_in): one code per weight, each < 2^bits of its tile.
+    pub codes: Vec<u8>,
+    /// (n_out / 16): f16 bits of each group's outlier scale.
+    pub outlier_scales: Vec<u16>,
+    /// Outliers as (row, col, v), at most one per position; v in −31..=31, nonzero.
+    pub outliers: Vec<(u32, u32, i8)>,
+}
+
+impl EfqParts {
+    /// Checks shapes and ranges; the encoder and tests rely on it.
+    pub fn validate(&self) -> Result<(), EfqFormatError> {
+        let (n_out, n_in) = (self.n_out, self.n_in);
+        if n_out == 0 || !n_out.is_multiple_of(TILE_ROWS) {
+            return Err(bad(format!(
+                "EFQ matrices have a positive multiple of {TILE_ROWS} rows, got {n_out}"
+            )));
+        }
+        if n_in == 0 || !n_in.is_multiple_of(COL_ALIGN) {
+            return Err(bad(format!(
+                "EFQ rows hold a positive multiple of {COL_ALIGN} weights, got {n_in}"
+            )));
+        }
+        let (n_groups, nt) = (n_out / TILE_ROWS, n_tiles(n_in));
+        let lens = [
+            ("widths", self.widths.len(), n_groups * nt),
+            ("row_scales", self.row_scales.len(), n_out),
+            ("block_scales", self.block_scales.len(), n_out * nt),
+            ("zeros", self.zeros.len(), n_out * nt),
+            ("codes", self.codes.len(), n_out * n_in),
+            ("outlier_scales", self.outlier_scales.len(), n_groups),
+        ];
+        for (what, got, want) in lens {
+            if got != want {
+                return Err(bad(format!(
+                    "{what}: expected {want} values for ({n_out}, {n_in}), got {got}"
+                )));
+            }
+        }
+        if let Some(i) = self.widths.iter().position(|w| !(2..=4).contains(w)) {
+            return Err(bad(format!(
+                "tile {i} has width {} bits; EFQ tiles have 2, 3 or 4",
+                self.widths[i]
+            )));
+        }
+        for r in 0..n_out {
+            for t in 0..nt {
+                let limit = 1u16 << self.widths[(r / TILE_ROWS) * nt + t];
+                let z = self.zeros[r * nt + t];
+                if z as u16 >= limit {
+                    return Err(bad(format!(
+                        "row {r} tile {t}: zero point {z} does not fit {} bits",
+                        limit.trailing_zeros()
+                    )));
+                }
+                let cols = t * TILE_COLS..t * TILE_COLS + tile_cols(n_in, t);
+                if let Some(c) = self.codes[r * n_in..][cols.clone()]
+                    .iter()
+                    .position(|&q| q as u16 >= limit)
+                {
+                    return Err(bad(format!(
+                        "row {r} column {}: code does not fit {} bits",
+                        cols.start + c,
+                        limit.trailing_zeros()
+                    )));
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for &(r, c, v) in &self.outliers {
+            if r as usize >= n_out || c as usize >= n_in || c > u16::MAX as u32 {
+                return Err(bad(format!(
+                    "outlier at ({r}, {c}) is outside ({n_out}, {n_in}) or past column 65535"
+                )));
+            }
+            if v == 0 || v.unsigned_abs() > OUTLIER_MAX as u8 {
+                return Err(bad(format!("outlier at ({r}, {c}) has value {v}; values are nonzero and within ±{OUTLIER_MAX}")));
+            }
+            if !seen.insert((r, c)) {
+                return Err(bad(format!("two outliers at ({r}, {c})")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Slots per group: the most outliers any row of the group has.
+    fn slots(&self) -> Vec<usize> {
+        let mut per_row = vec![0usize; self.n_out];
+        for &(r, _, _) in &self.outliers {
+            per_row[r as usize] += 1;
+        }
+        per_row
+            .chunks(TILE_ROWS)
+            .map(|g| g.iter().copied().max().unwrap_or(0))
+            .collect()
+    }
+
+    /// Bytes the blob of these parts takes: every code, scale, zero, outlier and index.
+    pub fn stored_bytes(&self) -> usize {
+        Layout::new(self.n_out, self.n_in, &self.widths, &self.slots()).total
+    }
+
+    /// The matrix blob (see the module docs and `docs/FORMAT.md`).
+    ///
+    /// # Errors
+    /// If [`EfqParts::validate`] fails or a group has more than 255 outlier slots.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, EfqFormatError> {
+        self.validate()?;
+        let slots = self.slots();
+        if let Some(g) = slots.iter().position(|&s| s > u8::MAX as usize) {
+            return Err(bad(format!(
+                "row group {g} has {} outlier slots; at most 255 fit",
+                slots[g]
+            )));
+        }
+        let (n_out, n_in) = (self.n_out, self.n_in);
+        let nt = n_tiles(n_in);
+        let layout = Layout::new(n_out, n_in, &self.widths, &slots);
+        let mut out = vec![0u8; layout.total];
+        out[..4].copy_from_slice(&MAGIC);
+        out[4..8].copy_from_slice(&(n_out as u32).to_le_bytes());
+        out[8..12].copy_from_slice(&(n_in as u32).to_le_bytes());
+        out[12..16].copy_from_slice(&(layout.total_slots as u32).to_le_bytes());
+        out[layout.widths..][..self.widths.len()].copy_from_slice(&self.widths);
+        for (i, &s) in self.row_scales.iter().enumerate() {
+            out[layout.row_scales + 2 * i..][..2].copy_from_slice(&s.to_le_bytes());
+        }
+        for (g, &s) in slots.iter().enumerate() {
+            out[layout.slot_counts + g] = s as u8;
+        }
+        for (g, &s) in self.outlier_scales.iter().enumerate() {
+            out[layout.outlier_scales + 2 * g..][..2].copy_from_slice(&s.to_le_bytes());
+        }
+        for g in 0..n_out / TILE_ROWS {
+            for t in 0..nt {
+                let bits = self.widths[g * nt + t];
+                let cols = tile_cols(n_in, t);
+                let tile = &mut out[layout.tiles + layout.tile_offsets[g * nt + t]..]
+                    [..tile_bytes(bits, cols)];
+                for r in 0..TILE_ROWS {
+                    let row = g * TILE_ROWS + r;
+                    tile[r] = self.block_scales[row * nt + t];
+                    let z = self.zeros[row * nt + t];
+                    tile[TILE_ROWS + r % 8] |= z << (4 * (r / 8));
+                    let codes_at = &mut tile[TILE_ROWS + TILE_ROWS / 2..];
+                    for c in 0..cols {
+                        let q = self.codes[row * n_in + t * TILE_COLS + c];
+                        let mut low = 0;
+                        for plane in 0..code::planes(bits) {
+                            let (byte, shift, mask, up) = code::position(bits, r, c, plane);
+                            codes_at[byte] |= ((q >> up) & mask) << shift;
+                            low += mask.count_ones();
+                        }
+                        debug_assert_eq!(low, bits as u32);
+                    }
+                }
+            }
+        }
+        // Outliers: per group, slot j holds each row's j-th outlier (in column order).
+        let mut by_row: Vec<Vec<(u32, i8)>> = vec![Vec::new(); n_out];
+        for &(r, c, v) in &self.outliers {
+            by_row[r as usize].push((c, v));
+        }
+        for row in &mut by_row {
+            row.sort_unstable();
+        }
+        for g in 0..n_out / TILE_ROWS {
+            for j in 0..slots[g] {
+                let slot = &mut out[layout.outliers + (layout.slot_offsets[g] + j) * SLOT_BYTES..]
+                    [..SLOT_BYTES];
+                for r in 0..TILE_ROWS {
+                    if let Some(&(c, v)) = by_row[g * TILE_ROWS + r].get(j) {
+                        slot[2 * r..2 * r + 2].copy_from_slice(&(c as u16).to_le_bytes());
+                        slot[2 * TILE_ROWS + r] = v as u8;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Byte offsets of a blob's sections.
+struct Layout {
+    widths: usize,
+    row_scales: usize,
+    slot_counts: usize,
+    outlier_scales: usize,
+    tiles: usize,
+    /// (n_groups · n_tiles + 1): offset of each tile inside the tile section.
+    tile_offsets: Vec<usize>,
+    outliers: usize,
+    /// (n_groups + 1): first slot of each group.
+    slot_offsets: Vec<usize>,
+    total_slots: usize,
+    total: usize,
+}
+
+impl Layout {
+    fn new(n_out: usize, n_in: usize, widths: &[u8], slots: &[usize]) -> Layout {
+        let (n_groups, nt) = (n_out / TILE_ROWS, n_tiles(n_in));
+        let widths_at = HEADER_BYTES;
+        let row_scales = (widths_at + n_groups * nt).next_multiple_of(2);
+        let slot_counts = row_scales + 2 * n_out;
+        let outlier_scales = (slot_counts + n_groups).next_multiple_of(2);
+        let tiles = (outlier_scales + 2 * n_groups).next_multiple_of(64);
+        let mut tile_offsets = Vec::with_capacity(n_groups * nt + 1);
+        let mut at = 0;
+        for g in 0..n_groups {
+            for t in 0..nt {
+                tile_offsets.push(at);
+                at += tile_bytes(widths[g * nt + t], tile_cols(n_in, t));
+            }
+        }
+        tile_offsets.push(at);
+        let outliers = tiles + at;
+        let mut slot_offsets = Vec::with_capacity(n_groups + 1);
+        let mut total_slots = 0;
+        for &s in slots {
+            slot_offsets.push(total_slots);
+            total_slots += s;
+        }
+        slot_offsets.push(total_slots);
+        Layout {
+            widths: widths_at,
+            row_scales,
+            slot_counts,
+            outlier_scales,
+            tiles,
+            tile_offsets,
+            outliers,
+            slot_offsets,
+            total_slots,
+            total: outliers + total_slots * SLOT_BYTES,
+        }
+    }
+}
+
+/// A matrix blob, checked and indexed for the kernels.
+#[derive(Debug, Clone)]
+pub struct EfqMatrix<'a> {
+    pub n_out: usize,
+    pub n_in: usize,
+    bytes: &'a [u8],
+    widths: &'a [u8],
+    tiles: &'a [u8],
+    outliers: &'a [u8],
+    row_scales_at: usize,
+    outlier_scales_at: usize,
+    tile_offsets: Vec<usize>,
+    slot_offsets: Vec<usize>,
+}
+
+impl<'a> EfqMatrix<'a> {
+    /// Checks a blob from a file: magic, sizes, widths, zero points. Every later access is
+    /// in bounds once this succeeds.
+    pub fn parse(bytes: &'a [u8]) -> Result<EfqMatrix<'a>, EfqFormatError> {
+        if bytes.len() < HEADER_BYTES {
+            return Err(bad(format!(
+                "EFQ matrix blob of {} bytes is shorter than its {HEADER_BYTES}-byte header",
+                bytes.len()
+            )));
+        }
+        if bytes[..4] != MAGIC {
+            return Err(bad(format!(
+                "EFQ matrix blob starts with {:?}, not \"EFQ1\"",
+                String::from_utf8_lossy(&bytes[..4]))));
+        }
+        let word = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap()) as usize;
+        let (n_out, n_in, total_slots) = (word(4), word(8), word(12));
+        if n_out == 0
+            || !n_out.is_multiple_of(TILE_ROWS)
+            || n_in == 0
+            || !n_in.is_multiple_of(COL_ALIGN)
+        {
+            return Err(bad(format!(
+                "EFQ matrix shape ({n_out}, {n_in}) is not (16k, 32m)"
+            )));
+        }
+        let (n_groups, nt) = (n_out / TILE_ROWS, n_tiles(n_in));
+        // Sizes of the fixed sections must fit before anything is indexed.
+        let fixed = HEADER_BYTES + n_groups * nt + 2 * n_out + 3 * n_groups + 64;
+        if bytes.len() < fixed {
+            return Err(bad(format!(
+                "EFQ matrix blob of {} bytes is too short for ({n_out}, {n_in})",
+                bytes.len()
+            )));
+        }
+        let widths = &bytes[HEADER_BYTES..HEADER_BYTES + n_groups * nt];
+        if let Some(i) = widths.iter().position(|w| !(2..=4).contains(w)) {
+            return Err(bad(format!(
+                "EFQ tile {i} has width {} bits; tiles have 2, 3 or 4",
+                widths[i]
+            )));
+        }
+        let probe = Layout::new(n_out, n_in, widths, &vec![0; n_groups]);
+        let slots: Vec<usize> = bytes[probe.slot_counts..probe.slot_counts + n_groups]
+            .iter()
+            .map(|&s| s as usize)
+            .collect();
+        let layout = Layout::new(n_out, n_in, widths, &slots);
+        if layout.total_slots != total_slots {
+            return Err(bad(format!(
+                "EFQ header says {total_slots} outlier slots, the groups' counts add up to {}",
+                layout.total_slots
+            )));
+        }
+        if bytes.len() != layout.total {
+            return Err(bad(format!(
+                "EFQ matrix blob holds {} bytes, its layout needs {}",
+                bytes.len(),
+                layout.total
+            )));
+        }
+        let tiles = &bytes[layout.tiles..layout.outliers];
+        for g in 0..n_groups {
+            for t in 0..nt {
+                let bits = widths[g * nt + t];
+                let zeros = &tiles[layout.tile_offsets[g * nt + t] + TILE_ROWS..][..TILE_ROWS / 2];
+                if zeros
+                    .iter()
+                    .any(|&z| (z & 0xF) >> bits != 0 || (z >> 4) >> bits != 0)
+                {
+                    return Err(bad(format!(
+                        "EFQ group {g} tile {t}: a zero point does not fit {bits} bits"
+                    )));
+                }
+            }
+        }
+        let outliers = &bytes[layout.outliers..];
+        for (s, slot) in outliers.chunks_exact(SLOT_BYTES).enumerate() {
+            for r in 0..TILE_ROWS {
+                let c = u16::from_le_bytes([slot[2 * r], slot[2 * r + 1]]) as usize;
+                let v = slot[2 * TILE_ROWS + r] as i8;
+                if c >= n_in || v.unsigned_abs() > OUTLIER_MAX as u8 {
+                    return Err(bad(format!(
+                        "EFQ outlier slot {s} row {r}: column {c} or value {v} out of range"
+                    )));
+                }
+            }
+        }
+        Ok(EfqMatrix {
+            n_out,
+            n_in,
+            bytes,
+            widths,
+            tiles,
+            outliers,
+            row_scales_at: layout.row_scales,
+            outlier_scales_at: layout.outlier_scales,
+            tile_offsets: layout.tile_offsets,
+            slot_offsets: layout.slot_offsets,
+        })
+    }
+
+    /// The whole blob.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    /// Tiles per row group.
+    pub fn n_tiles(&self) -> usize {
+        n_tiles(self.n_in)
+    }
+
+    /// Code bits of tile `t` of group `g`.
+    pub fn width(&self, g: usize, t: usize) -> u8 {
+        self.widths[g * self.n_tiles() + t]
+    }
+
+    /// Tile `t` of group `g`: scales, zero nibbles, codes.
+    pub(crate) fn tile(&self, g: usize, t: usize) -> &'a [u8] {
+        let i = g * self.n_tiles() + t;
+        &self.tiles[self.tile_offsets[i]..self.tile_offsets[i + 1]]
+    }
+
+    /// Row `r`'s scale `d_r`.
+    pub fn row_scale(&self, r: usize) -> f32 {
+        let at = self.row_scales_at + 2 * r;
+        f16_to_f32([self.bytes[at], self.bytes[at + 1]])
+    }
+
+    /// The f16 bits of rows `r0..r0 + 16`'s scales (for SIMD loads).
+    pub(crate) fn row_scale_bytes(&self, g: usize) -> &'a [u8] {
+        &self.bytes[self.row_scales_at + 2 * TILE_ROWS * g..][..2 * TILE_ROWS]
+    }
+
+    /// Group `g`'s outlier scale.
+    pub fn outlier_scale(&self, g: usize) -> f32 {
+        let at = self.outlier_scales_at + 2 * g;
+        f16_to_f32([self.bytes[at], self.bytes[at + 1]])
+    }
+
+    /// Group `g`'s outlier slots, `SLOT_BYTES` each.
+    pub(crate) fn slots(&self, g: usize) -> &'a [u8] {
+        &self.outliers[self.slot_offsets[g] * SLOT_BYTES..self.slot_offsets[g + 1] * SLOT_BYTES]
+    }
+
+    /// Code of row `r` (0..16 in its group), column `c` (in its tile) of a tile.
+    fn code(tile: &[u8], bits: u8, r: usize, c: usize) -> u8 {
+        let codes = &tile[TILE_ROWS + TILE_ROWS / 2..];
+        (0..code::planes(bits))
+            .map(|plane| {
+                let (byte, shift, mask, up) = code::position(bits, r, c, plane);
+                ((codes[byte] >> shift) & mask) << up
+            })
+            .sum()
+    }
+
+    fn zero(tile: &[u8], r: usize) -> u8 {
+        (tile[TILE_ROWS + r % 8] >> (4 * (r / 8))) & 0xF
+    }
+
+    /// The plain arrays back (tests, inspection, re-encoding).
+    pub fn to_parts(&self) -> EfqParts {
+        let (n_out, n_in, nt) = (self.n_out, self.n_in, self.n_tiles());
+        let mut parts = EfqParts {
+            n_out,
+            n_in,
+            widths: self.widths.to_vec(),
+            row_scales: (0..n_out)
+                .map(|r| {
+                    u16::from_le_bytes([
+                        self.bytes[self.row_scales_at + 2 * r],
+                        self.bytes[self.row_scales_at + 2 * r + 1],
+                    ])
+                })
+                .collect(),
+            block_scales: vec![0; n_out * nt],
+            zeros: vec![0; n_out * nt],
+            codes: vec![0; n_out * n_in],
+            outlier_scales: (0..n_out / TILE_ROWS)
+                .map(|g| {
+                    let at = self.outlier_scales_at + 2 * g;
+                    u16::from_le_bytes([self.bytes[at], self.bytes[at + 1]])
+                })
+                .collect(),
+            outliers: Vec::new(),
+        };
+        for g in 0..n_out / TILE_ROWS {
+            for t in 0..nt {
+                let (tile, bits) = (self.tile(g, t), self.width(g, t));
+                for r in 0..TILE_ROWS {
+                    let row = g * TILE_ROWS + r;
+                    parts.block_scales[row * nt + t] = tile[r];
+                    parts.zeros[row * nt + t] = Self::zero(tile, r);
+                    for c in 0..tile_cols(n_in, t) {
+                        parts.codes[row * n_in + t * TILE_COLS + c] = Self::code(tile, bits, r, c);
+                    }
+                }
+            }
+            for slot in self.slots(g).chunks_exact(SLOT_BYTES) {
+                for r in 0..TILE_ROWS {
+                    let v = slot[2 * TILE_ROWS + r] as i8;
+                    if v != 0 {
+                        let c = u16::from_le_bytes([slot[2 * r], slot[2 * r + 1]]);
+                        parts
+                            .outliers
+                            .push(((g * TILE_ROWS + r) as u32, c as u32, v));
+                    }
+                }
+            }
+        }
+        parts.outliers.sort_unstable();
+        parts
+    }
+
+    /// Row `row` as `n_in` floats: dense codes plus outliers.
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        let (g, r) = (row / TILE_ROWS, row % TILE_ROWS);
+        let d = self.row_scale(row);
+        for t in 0..self.n_tiles() {
+            let (tile, bits) = (self.tile(g, t), self.width(g, t));
+            let scale = d * tile[r] as f32;
+            let z = Self::zero(tile, r) as f32;
+            for c in 0..tile_cols(self.n_in, t) {
+                out[t * TILE_COLS + c] = scale * (Self::code(tile, bits, r, c) as f32 - z);
+            }
+        }
+        let gs = self.outlier_scale(g);
+        for slot in self.slots(g).chunks_exact(SLOT_BYTES) {
+            let v = slot[2 * TILE_ROWS + r] as i8;
+            if v != 0 {
+                let c = u16::from_le_bytes([slot[2 * r], slot[2 * r + 1]]) as usize;
+                out[c] += gs * v as f32;
+            }
+        }
+    }
+}
+
+/// Activation rows quantized for EFQ: per 128-column block an f32 scale, the i32 sum of
+/// its codes, and 128 i8 codes (a narrower last block is zero-padded).
+pub struct ActQ8;
+
+impl ActQ8 {
+    /// Bytes of one block.
+    pub const BLOCK_BYTES: usize = 8 + TILE_COLS;
+
+    /// Bytes of a row of `n_in` values.
+    pub fn row_bytes(n_in: usize) -> usize {
+        n_tiles(n_in) * Self::BLOCK_BYTES
+    }
+
+    /// Quantizes `x` (one row) into `out` (`row_bytes(x.len())`): per block `d = amax / 127`,
+    /// codes rounded half to even.
+    pub fn quantize_row(x: &[f32], out: &mut [u8]) {
+        for (block, dst) in x
+            .chunks(TILE_COLS)
+            .zip(out.chunks_exact_mut(Self::BLOCK_BYTES))
+        {
+            let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, &v) in dst[8..].iter_mut().zip(block) {
+                let code = (v * id).round_ties_even() as i32;
+                sum += code;
+                *q = code as i8 as u8;
+            }
+            dst[8 + block.len()..].fill(0);
+            dst[..4].copy_from_slice(&d.to_le_bytes());
+            dst[4..8].copy_from_slice(&sum.to_le_bytes());
+        }
+    }
+
+    /// Block `b`'s scale, code sum and codes.
+    pub(crate) fn block(row: &[u8], b: usize) -> (f32, i32, &[u8]) {
+        let block = &row[b * Self::BLOCK_BYTES..(b + 1) * Self::BLOCK_BYTES];
+        (
+            f32::from_le_bytes(block[..4].try_into().unwrap()),
+            i32::from_le_bytes(block[4..8].try_into().unwrap()),
+            &block[8..],
+        )
+    }
+
+    /// The row's values as the kernels see them, `d · code`, into `out (n_in)`.
+    pub(crate) fn dequantize_row(row: &[u8], out: &mut [f32]) {
+        for (b, chunk) in out.chunks_mut(TILE_COLS).enumerate() {
+            let (d, _, codes) = Self::block(row, b);
+            for (o, &q) in chunk.iter_mut().zip(codes) {
+                *o = d * q as i8 as f32;
+            }
+        }
+    }
+}
+
+/// `out[t · out_stride + (r − r0)] = Σ_c w[r][c] · x_t[c]` for rows `r0..r1` (multiples of
+/// 16) and `n_tok` rows of [`ActQ8`] activations, on the detected ISA.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    m: &EfqMatrix<'_>,
+    r0: usize,
+    r1: usize,
+    act: &[u8],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    matmul_on(crate::cpu::isa(), m, r0, r1, act, n_tok, out, out_stride);
+}
+
+/// [`matmul`] with the kernels of `isa` (the scalar reference where `isa` has none).
+///
+/// Float operations run in one order on every ISA, so results agree bit for bit: per tile
+/// `acc = fma((isum − z·Σa) · d_a, d_r · s, acc)`, then per outlier slot
+/// `acc = fma(g_scale · v, d_a · a_c, acc)`.
+///
+/// # Panics
+/// If `isa` cannot run here, the row range is not 16-aligned inside the matrix, or a buffer
+/// is shorter than the shapes need.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_on(
+    isa: Isa,
+    m: &EfqMatrix<'_>,
+    r0: usize,
+    r1: usize,
+    act: &[u8],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    assert!(
+        crate::cpu::is_runnable(isa),
+        "efq::matmul_on: {} kernels cannot run on this CPU",
+        isa.name()
+    );
+    assert!(
+        r0 <= r1 && r1 <= m.n_out && r0.is_multiple_of(TILE_ROWS) && r1.is_multiple_of(TILE_ROWS),
+        "efq::matmul: rows {r0}..{r1} are not 16-aligned inside {}",
+        m.n_out
+    );
+    let act_row = ActQ8::row_bytes(m.n_in);
+    assert!(
+        act.len() >= n_tok * act_row,
+        "efq::matmul: {n_tok} activation rows need {} bytes",
+        n_tok * act_row
+    );
+    let n_rows = r1 - r0;
+    if n_rows == 0 || n_tok == 0 {
+        return;
+    }
+    assert!(
+        n_tok == 1 || out_stride >= n_rows,
+        "efq::matmul: out_stride {out_stride} < {n_rows} rows"
+    );
+    assert!(
+        out.len() >= (n_tok - 1) * out_stride + n_rows,
+        "efq::matmul: output too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni {
+        // SAFETY: VNNI is runnable (asserted), the matrix was checked by `parse`, and the
+        // row range, activation and output sizes were asserted above.
+        unsafe { crate::x86::efq::matmul_vnni(m, r0, r1, act, n_tok, out, out_stride) };
+        return;
+    }
+    matmul_scalar(m, r0, r1, act, n_tok, out, out_stride);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_scalar(
+    m: &EfqMatrix<'_>,
+    r0: usize,
+    r1: usize,
+    act: &[u8],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let act_row = ActQ8::row_bytes(m.n_in);
+    DEQUANTIZED_ACT.with_borrow_mut(|x| {
+        x.resize(m.n_in, 0.0);
+        for g in r0 / TILE_ROWS..r1 / TILE_ROWS {
+            let row_scales: [f32; TILE_ROWS] =
+                std::array::from_fn(|r| m.row_scale(g * TILE_ROWS + r));
+            for t in 0..n_tok {
+                let a_row = &act[t * act_row..(t + 1) * act_row];
+                let mut acc = [0.0f32; TILE_ROWS];
+                for tile_i in 0..m.n_tiles() {
+                    let (tile, bits) = (m.tile(g, tile_i), m.width(g, tile_i));
+                    let (d_a, sum_a, a) = ActQ8::block(a_row, tile_i);
+                    for r in 0..TILE_ROWS {
+                        let dot: i32 = (0..tile_cols(m.n_in, tile_i))
+                            .map(|c| EfqMatrix::code(tile, bits, r, c) as i32 * a[c] as i8 as i32)
+                            .sum();
+                        let isum =
+                            dot.wrapping_sub((EfqMatrix::zero(tile, r) as i32).wrapping_mul(sum_a));
+                        let scale = tile[r] as f32 * row_scales[r];
+                        acc[r] = (isum as f32 * d_a).mul_add(scale, acc[r]);
+                    }
+                }
+                let slots = m.slots(g);
+                if !slots.is_empty() {
+                    ActQ8::dequantize_row(a_row, x);
+                    let gs = m.outlier_scale(g);
+                    for slot in slots.chunks_exact(SLOT_BYTES) {
+                        for (r, a) in acc.iter_mut().enumerate() {
+                            let c = u16::from_le_bytes([slot[2 * r], slot[2 * r + 1]]) as usize;
+                            let v = slot[2 * TILE_ROWS + r] as i8 as f32;
+                            *a = (v * gs).mul_add(x[c], *a);
+                        }
+                    }
+                }
+                let o = &mut out[t * out_stride + (g * TILE_ROWS - r0)..][..TILE_ROWS];
+                o.copy_from_slice(&acc);
+            }
+        }
+    });
+}
+
+std::thread_local! {
+    /// The scalar kernel's `d · code` activation row for outliers, reused across calls.
+    static DEQUANTIZED_ACT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// f32 → f16 bits, for encoders.
+pub fn f16_bits(x: f32) -> u16 {
+    u16::from_le_bytes(f32_to_f16(x))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Random but valid parts: widths, codes and zeros in range, some outliers.
+    fn parts(n_groups: usize, n_in: usize, seed: u64, outlier_every: usize) -> EfqParts {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407)
+            | 1;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (n_out, nt) = (n_groups * TILE_ROWS, n_tiles(n_in));
+        let widths: Vec<u8> = (0..n_groups * nt).map(|_| 2 + (next() % 3) as u8).collect();
+        let mut codes = vec![0u8; n_out * n_in];
+        let mut zeros = vec![0u8; n_out * nt];
+        for r in 0..n_out {
+            for t in 0..nt {
+                let limit = 1u64 << widths[(r / TILE_ROWS) * nt + t];
+                zeros[r * nt + t] = (next() % limit) as u8;
+                for c in 0..tile_cols(n_in, t) {
+                    codes[r * n_in + t * TILE_COLS + c] = (next() % limit) as u8;
+                }
+            }
+        }
+        let mut outliers = Vec::new();
+        if outlier_every > 0 {
+            for r in 0..n_out {
+                for c in 0..n_in {
+                    if (next() as usize).is_multiple_of(outlier_every) {
+                        let v = (next() % 62) as i8 - 31;
+                        outliers.push((r as u32, c as u32, if v == 0 { 5 } else { v }));
+                    }
+                }
+            }
+        }
+        EfqParts {
+            n_out,
+            n_in,
+            widths,
+            row_scales: (0..n_out)
+                .map(|r| f16_bits(0.001 + r as f32 * 1e-4))
+                .collect(),
+            block_scales: (0..n_out * nt).map(|_| (next() % 256) as u8).collect(),
+            zeros,
+            codes,
+            outlier_scales: (0..n_groups)
+                .map(|g| f16_bits(0.05 + g as f32 * 0.01))
+                .collect(),
+            outliers,
+        }
+    }
+
+    proptest! {
+        /// parts → bytes → parse → parts is the identity, for every width and partial
+        /// last tiles (n_in not a multiple of 128), with and without outliers.
+        #[test]
+        fn blob_round_trips(n_groups in 1usize..3, cols32 in 1usize..10, seed in any::<u64>(), every in prop_oneof![Just(0usize), Just(7), Just(200)]) {
+            let p = parts(n_groups, 32 * cols32, seed, every);
+            let mut sorted = p.clone();
+            sorted.outliers.sort_unstable();
+            let bytes = p.to_bytes().unwrap();
+            prop_assert_eq!(bytes.len(), p.stored_bytes());
+            let m = EfqMatrix::parse(&bytes).unwrap();
+            prop_assert_eq!(m.to_parts(), sorted);
+        }
+
+        /// Every truncation and single-byte corruption of a blob parses to an error or to a
+        /// matrix whose kernels run in bounds — never a panic.
+        #[test]
+        fn hostile_blobs_never_panic(cut in 0usize..2000, flip_at in 0usize..2000, flip in 1u8..=255) {
+            let p = parts(1, 96, 3, 11);
+            let mut bytes = p.to_bytes().unwrap();
+            let at = flip_at % bytes.len();
+            bytes[at] ^= flip;
+            bytes.truncate(bytes.len() - cut.min(bytes.len()));
+            if let Ok(m) = EfqMatrix::parse(&bytes) {
+                let mut act = vec![0u8; ActQ8::row_bytes(m.n_in)];
+                ActQ8::quantize_row(&vec![0.5; m.n_in], &mut act);
+                let mut out = vec![0.0; m.n_out];
+                matmul_on(Isa::Scalar, &m, 0, m.n_out, &act, 1, &mut out, m.n_out);
+                let mut row = vec![0.0; m.n_in];
+                m.dequantize_row(0, &mut row);
+            }
+        }
+    }
+
+    /// The scalar matmul equals dequantize-then-dot in f64 (to float rounding), and every
+    /// SIMD kernel equals the scalar one bit for bit.
+    #[test]
+    fn matmul_matches_dequantized_dot_and_scalar_twin() {
+        for (n_groups, n_in, every) in [(1, 32, 0), (2, 576, 50), (3, 1536, 0), (1, 224, 9)] {
+            let p = parts(n_groups, n_in, n_in as u64, every);
+            let bytes = p.to_bytes().unwrap();
+            let m = EfqMatrix::parse(&bytes).unwrap();
+            let n_out = m.n_out;
+            let act_row = ActQ8::row_bytes(n_in);
+            for n_tok in [1usize, 2, 3, 4, 5, 9] {
+                let mut act = vec![0u8; n_tok * act_row];
+                for t in 0..n_tok {
+                    let x: Vec<f32> = (0..n_in)
+                        .map(|c| ((c * 7 + t * 13) % 23) as f32 / 11.0 - 1.0)
+                        .collect();
+                    ActQ8::quantize_row(&x, &mut act[t * act_row..(t + 1) * act_row]);
+                }
+                let stride = n_out + 5;
+                let mut scalar = vec![f32::NAN; n_tok * stride];
+                matmul_on(Isa::Scalar, &m, 0, n_out, &act, n_tok, &mut scalar, stride);
+                let (mut w, mut x) = (vec![0.0f32; n_in], vec![0.0f32; n_in]);
+                for t in 0..n_tok {
+                    ActQ8::dequantize_row(&act[t * act_row..], &mut x);
+                    for r in 0..n_out {
+                        m.dequantize_row(r, &mut w);
+                        let exact: f64 = w.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let mag: f64 = w
+                            .iter()
+                            .zip(&x)
+                            .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                            .sum();
+                        let got = scalar[t * stride + r] as f64;
+                        assert!(
+                            (got - exact).abs() <= 1e-5 * mag + 1e-6,
+                            "n_in {n_in} token {t} row {r}: {got} vs {exact}"
+                        );
+                    }
+                }
+                for isa in crate::cpu::available_isas() {
+                    let mut got = vec![f32::NAN; n_tok * stride];
+                    matmul_on(isa, &m, 0, n_out, &act, n_tok, &mut got, stride);
+                    for t in 0..n_tok {
+                        let a: Vec<u32> = got[t * stride..t * stride + n_out]
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect();
+                        let b: Vec<u32> = scalar[t * stride..t * stride + n_out]
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect();
+                        assert_eq!(a, b, "{} n_in {n_in} n_tok {n_tok} token {t}", isa.name());
+                    }
+                }
+                // A 16-aligned sub-range of rows writes only its own outputs.
+                if n_groups > 1 {
+                    let mut part = vec![f32::NAN; n_tok * stride];
+                    matmul_on(
+                        crate::cpu::isa(),
+                        &m,
+                        16,
+                        32,
+                        &act,
+                        n_tok,
+                        &mut part,
+                        stride,
+                    );
+                    for t in 0..n_tok {
+                        assert_eq!(
+                            &part[t * stride..t * stride + 16],
+                            &scalar[t * stride + 16..t * stride + 32]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_parts_are_refused_with_the_rule() {
+        let mut p = parts(1, 64, 1, 0);
+        p.widths[0] = 5;
+        assert!(p.to_bytes().unwrap_err().0.contains("2, 3 or 4"));
+        let mut p = parts(1, 64, 1, 0);
+        p.n_out = 8;
+        assert!(p.to_bytes().unwrap_err().0.contains("multiple of 16"));
+        let mut p = parts(1, 64, 1, 0);
+        p.outliers = vec![(0, 3, 40)];
+        assert!(p.to_bytes().unwrap_err().0.contains("±31"));
+        assert!(EfqMatrix::parse(b"GGUF\0\0\0\0\0\0\0\0\0\0\0\0")
+            .unwrap_err()
+            .0
+            .contains("EFQ1"));
+    }
+}
