@@ -4,6 +4,7 @@ mod bench;
 mod common;
 mod inspect;
 mod perplexity;
+mod quantize;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -36,6 +37,8 @@ enum Command {
     Perplexity(perplexity::PerplexityArgs),
     /// Show a model's architecture, hyperparameters, tensors and bits per weight.
     Inspect(inspect::InspectArgs),
+    /// Quantize a model to EFQ (adaptive 2-4 bits per weight, 6-bit outliers).
+    Quantize(quantize::QuantizeArgs),
 }
 
 fn main() {
@@ -45,6 +48,7 @@ fn main() {
         Command::Bench(args) => bench::run(args),
         Command::Perplexity(args) => perplexity::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Quantize(args) => quantize::run(args),
     };
     if let Err(err) = result {
         // One line per cause, no backtrace.

@@ -193,3 +193,46 @@ fn perplexity_on_a_small_text() {
     assert!(ppl.is_finite() && ppl > 1.0 && ppl < 5000.0, "{ppl}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn quantize_writes_a_model_the_other_commands_load() {
+    let dir = std::env::temp_dir().join(format!("ef-cli-quantize-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = fixture("tiny-llama-f32.gguf");
+    let output = dir.join("tiny.efq.gguf");
+    let (input, out_s) = (input.to_str().unwrap(), output.to_str().unwrap());
+    let q = edgefusion(&["quantize", "-m", input, "-o", out_s, "--bpw", "3.6"]);
+    assert!(q.status.success(), "{}", stderr(&q));
+    let stdout = String::from_utf8_lossy(&q.stdout);
+    assert!(
+        stdout.contains("bits/weight") && stdout.contains("tile widths"),
+        "{stdout}"
+    );
+    let run = edgefusion(&["run", "-m", out_s, "-p", "hello", "-n", "4", "--temp", "0"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let inspect = edgefusion(&["inspect", out_s]);
+    assert!(inspect.status.success(), "{}", stderr(&inspect));
+    // Bad options and inputs: one-line errors, nothing written.
+    let never = dir.join("never.gguf");
+    let never = never.to_str().unwrap();
+    assert_fails_with(
+        &["quantize", "-m", input, "-o", never, "--bpw", "1.5"],
+        &["--bpw"],
+    );
+    assert_fails_with(
+        &[
+            "quantize", "-m", input, "-o", never, "--method", "rtn", "--bits", "5",
+        ],
+        &["--bits"],
+    );
+    assert_fails_with(
+        &["quantize", "-m", out_s, "-o", never],
+        &["already an EFQ model"],
+    );
+    assert_fails_with(
+        &["quantize", "-m", "/nonexistent.gguf", "-o", never],
+        &["/nonexistent.gguf"],
+    );
+    assert!(!std::path::Path::new(never).exists());
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -6,7 +6,7 @@ use crate::formats::{float, q4_0, q4_1, q5_0, q5_1, q8_0, q8_1, QK};
 use crate::{kquants, GgmlType};
 
 /// The activation format a weight type is dotted with: Q4_0/Q5_0/Q8_0 → Q8_0,
-/// Q4_1/Q5_1 → Q8_1, Q2_K..Q6_K → Q8_K, F32/F16/BF16 → F32; Q8_1 and Q8_K pair with
+/// Q4_1/Q5_1 → Q8_1, Q2_K..Q6_K → Q8_K, F32/F16/BF16/I8 → F32; Q8_1 and Q8_K pair with
 /// themselves.
 pub fn vec_dot_type(weight: GgmlType) -> GgmlType {
     match weight {
@@ -18,7 +18,7 @@ pub fn vec_dot_type(weight: GgmlType) -> GgmlType {
         | GgmlType::Q5K
         | GgmlType::Q6K
         | GgmlType::Q8K => GgmlType::Q8K,
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => GgmlType::F32,
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::I8 => GgmlType::F32,
     }
 }
 
@@ -130,6 +130,11 @@ pub fn quantize_row_ref(ty: GgmlType, x: &[f32], out: &mut [u8]) {
         GgmlType::Q5K => kquants::quantize_row_q5k_ref(x, out),
         GgmlType::Q6K => kquants::quantize_row_q6k_ref(x, out),
         GgmlType::Q8K => kquants::quantize_row_q8k_scalar(x, out),
+        GgmlType::I8 => {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = v.round().clamp(-128.0, 127.0) as i8 as u8;
+            }
+        }
     }
 }
 
@@ -162,6 +167,11 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) {
         GgmlType::Q5K => kquants::dequantize_row_q5k(src, out),
         GgmlType::Q6K => kquants::dequantize_row_q6k(src, out),
         GgmlType::Q8K => kquants::dequantize_row_q8k(src, out),
+        GgmlType::I8 => {
+            for (o, &v) in out.iter_mut().zip(src) {
+                *o = v as i8 as f32;
+            }
+        }
     }
 }
 
@@ -221,6 +231,11 @@ pub(crate) fn vec_dot_impl(isa: Isa, ty: GgmlType, k: usize, w: &[u8], act: &[u8
         GgmlType::Q5K => kquants::vec_dot_q5k_q8k(k, w, act),
         GgmlType::Q6K => kquants::vec_dot_q6k_q8k_on(isa, k, w, act),
         GgmlType::Q8K => vec_dot_q8k_q8k_scalar(k, w, act),
+        GgmlType::I8 => w[..k]
+            .iter()
+            .zip(act.chunks_exact(4))
+            .map(|(&q, a)| q as i8 as f32 * f32::from_le_bytes([a[0], a[1], a[2], a[3]]))
+            .sum(),
     }
 }
 

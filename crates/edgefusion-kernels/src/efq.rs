@@ -399,7 +399,8 @@ impl<'a> EfqMatrix<'a> {
         if bytes[..4] != MAGIC {
             return Err(bad(format!(
                 "EFQ matrix blob starts with {:?}, not \"EFQ1\"",
-                String::from_utf8_lossy(&bytes[..4]))));
+                String::from_utf8_lossy(&bytes[..4])
+            )));
         }
         let word = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap()) as usize;
         let (n_out, n_in, total_slots) = (word(4), word(8), word(12));

@@ -18,12 +18,14 @@ pub enum GgmlType {
     Q5K = 13,
     Q6K = 14,
     Q8K = 15,
+    /// Raw bytes: EdgeFusion stores each EFQ matrix blob (`crate::efq`) as a 1-D I8 tensor.
+    I8 = 24,
     BF16 = 30,
 }
 
 impl GgmlType {
     /// Every type this crate can read.
-    pub const ALL: [GgmlType; 15] = [
+    pub const ALL: [GgmlType; 16] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q4_0,
@@ -38,6 +40,7 @@ impl GgmlType {
         GgmlType::Q5K,
         GgmlType::Q6K,
         GgmlType::Q8K,
+        GgmlType::I8,
         GgmlType::BF16,
     ];
 
@@ -63,6 +66,7 @@ impl GgmlType {
             GgmlType::Q5K => "Q5_K",
             GgmlType::Q6K => "Q6_K",
             GgmlType::Q8K => "Q8_K",
+            GgmlType::I8 => "I8",
             GgmlType::BF16 => "BF16",
         }
     }
@@ -70,7 +74,7 @@ impl GgmlType {
     /// Number of weights in one block.
     pub fn block_size(self) -> usize {
         match self {
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::I8 => 1,
             GgmlType::Q4_0
             | GgmlType::Q4_1
             | GgmlType::Q5_0
@@ -91,6 +95,7 @@ impl GgmlType {
         match self {
             GgmlType::F32 => 4,
             GgmlType::F16 | GgmlType::BF16 => 2,
+            GgmlType::I8 => 1,
             GgmlType::Q4_0 => 2 + 16,
             GgmlType::Q4_1 => 2 + 2 + 16,
             GgmlType::Q5_0 => 2 + 4 + 16,

@@ -6,7 +6,7 @@ pub mod linear;
 pub mod model;
 
 pub use config::{Arch, ModelConfig, RopeScaling, RopeStyle};
-pub use linear::{Layout, Linear};
+pub use linear::{ActFormat, Layout, Linear};
 pub use model::{Attention, DecoderLayer, FeedForward, Mixer, Model};
 
 /// Errors raised while binding a model's weights.

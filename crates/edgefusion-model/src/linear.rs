@@ -3,6 +3,7 @@
 use std::borrow::Cow;
 
 use edgefusion_io::TensorView;
+use edgefusion_kernels::efq::{self, ActQ8, EfqMatrix};
 use edgefusion_kernels::{interleaved, GgmlType};
 
 use crate::ModelError;
@@ -15,6 +16,35 @@ pub enum Layout {
     /// Rows regrouped 16 at a time for the SIMD kernels (`edgefusion_kernels::interleaved`);
     /// the same bytes in total, and 16-aligned row ranges are the same byte ranges.
     Interleaved,
+    /// An EFQ matrix blob (`edgefusion_kernels::efq`), stored as a 1-D I8 tensor.
+    Efq,
+}
+
+/// The format a matrix wants its input activations in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActFormat {
+    /// A GGML type (`vec_dot_type` of the weights).
+    Ggml(GgmlType),
+    /// EFQ's partner: 8-bit codes per 128-column block with scale and code sum.
+    EfqQ8,
+}
+
+impl ActFormat {
+    /// Bytes of one row of `n` activations.
+    pub fn row_bytes(self, n: usize) -> usize {
+        match self {
+            ActFormat::Ggml(ty) => ty.row_bytes(n).unwrap_or(n * 4),
+            ActFormat::EfqQ8 => ActQ8::row_bytes(n),
+        }
+    }
+
+    /// Quantizes one row `x` into `out`.
+    pub fn quantize_row(self, x: &[f32], out: &mut [u8]) {
+        match self {
+            ActFormat::Ggml(ty) => edgefusion_kernels::quantize_row(ty, x, out),
+            ActFormat::EfqQ8 => ActQ8::quantize_row(x, out),
+        }
+    }
 }
 
 /// A weight matrix `(n_out, n_in)`: `n_out` rows of `n_in` weights, each row a whole
@@ -29,6 +59,8 @@ pub struct Linear<'a> {
     data: Cow<'a, [u8]>,
     row_bytes: usize,
     layout: Layout,
+    /// The parsed blob when `layout` is [`Layout::Efq`].
+    efq: Option<EfqMatrix<'a>>,
 }
 
 impl<'a> Linear<'a> {
@@ -89,6 +121,48 @@ impl<'a> Linear<'a> {
             data: Cow::Borrowed(view.data),
             row_bytes,
             layout: Layout::Rows,
+            efq: None,
+        })
+    }
+
+    /// Binds a 1-D I8 tensor holding an EFQ matrix blob as a `(n_out, n_in)` matrix,
+    /// checking the blob (every size and range) and its shape.
+    pub fn from_efq_view(
+        view: TensorView<'a>,
+        file: &str,
+        n_in: usize,
+        n_out: usize,
+    ) -> Result<Self, ModelError> {
+        let invalid = |what: String| ModelError::Invalid {
+            file: file.to_string(),
+            what: format!("tensor '{}': {what}", view.name),
+        };
+        if view.dtype != GgmlType::I8 || view.shape.len() != 1 {
+            return Err(invalid(format!(
+                "an EFQ matrix is a 1-D I8 tensor, found {} with shape {:?}",
+                view.dtype.name(),
+                view.shape
+            )));
+        }
+        let matrix = EfqMatrix::parse(view.data).map_err(|e| invalid(e.to_string()))?;
+        if (matrix.n_in, matrix.n_out) != (n_in, n_out) {
+            return Err(ModelError::Shape {
+                file: file.to_string(),
+                tensor: view.name.to_string(),
+                expected: vec![n_in, n_out],
+                found: vec![matrix.n_in, matrix.n_out],
+            });
+        }
+        Ok(Linear {
+            name: view.name.to_string(),
+            dtype: GgmlType::I8,
+            n_in,
+            n_out,
+            data: Cow::Borrowed(view.data),
+            // Average bytes per row (rows differ in width): sizes prefill's row panels.
+            row_bytes: view.data.len().div_ceil(n_out),
+            layout: Layout::Efq,
+            efq: Some(matrix),
         })
     }
 
@@ -120,8 +194,12 @@ impl<'a> Linear<'a> {
     }
 
     /// Rows `r0..r1` as raw bytes in this matrix's layout; for [`Layout::Interleaved`] both
-    /// ends must be multiples of 16 (or `r1 = n_out`).
+    /// ends must be multiples of 16 (or `r1 = n_out`). EFQ blobs have no row ranges: the
+    /// whole blob is returned.
     pub fn rows(&self, r0: usize, r1: usize) -> &[u8] {
+        if self.layout == Layout::Efq {
+            return &self.data;
+        }
         debug_assert!(
             self.layout == Layout::Rows
                 || (r0.is_multiple_of(interleaved::GROUP_ROWS)
@@ -131,7 +209,7 @@ impl<'a> Linear<'a> {
     }
 
     /// `out (n_tok, out_stride)[t][r0 + i] = row r0 + i · act row t` for the rows `r0..r1`,
-    /// where `act` holds `n_tok` rows already quantized to [`Linear::act_type`]. Row ranges
+    /// where `act` holds `n_tok` rows already quantized to [`Linear::act_format`]. Row ranges
     /// of an interleaved matrix are 16-aligned (see [`Linear::rows`]).
     pub fn matmul_rows(
         &self,
@@ -142,6 +220,10 @@ impl<'a> Linear<'a> {
         out: &mut [f32],
         out_stride: usize,
     ) {
+        if let Some(m) = &self.efq {
+            efq::matmul(m, r0, r1, act, n_tok, out, out_stride);
+            return;
+        }
         let w = self.rows(r0, r1);
         match self.layout {
             Layout::Rows => edgefusion_kernels::matmul(
@@ -154,6 +236,7 @@ impl<'a> Linear<'a> {
                 out,
                 out_stride,
             ),
+            Layout::Efq => unreachable!("EFQ matrices dispatch above"),
             Layout::Interleaved => interleaved::matmul_interleaved(
                 self.dtype,
                 self.n_in,
@@ -173,8 +256,17 @@ impl<'a> Linear<'a> {
     }
 
     /// The format activations must be quantized to before a dot product with these weights.
-    pub fn act_type(&self) -> GgmlType {
-        edgefusion_kernels::vec_dot_type(self.dtype)
+    pub fn act_format(&self) -> ActFormat {
+        if self.layout == Layout::Efq {
+            ActFormat::EfqQ8
+        } else {
+            ActFormat::Ggml(edgefusion_kernels::vec_dot_type(self.dtype))
+        }
+    }
+
+    /// The EFQ matrix, for EFQ-stored weights.
+    pub fn efq(&self) -> Option<&EfqMatrix<'a>> {
+        self.efq.as_ref()
     }
 
     /// Row `r` as floats (token embedding lookup).
@@ -186,6 +278,11 @@ impl<'a> Linear<'a> {
             Layout::Interleaved => {
                 interleaved::dequantize_row(self.dtype, self.n_in, &self.data, r, out)
             }
+            Layout::Efq => self
+                .efq
+                .as_ref()
+                .expect("EFQ layout has a parsed blob")
+                .dequantize_row(r, out),
         }
     }
 }

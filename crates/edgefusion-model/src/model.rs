@@ -2,10 +2,15 @@
 
 use edgefusion_io::names::TensorRole;
 use edgefusion_io::ModelSource;
+use edgefusion_kernels::GgmlType;
 
 use crate::config::ModelConfig;
 use crate::linear::{vector_from_view, Linear};
 use crate::ModelError;
+
+/// Metadata key and version of EFQ-quantized GGUF files (written by `edgefusion quantize`).
+pub const EFQ_VERSION_KEY: &str = "edgefusion.efq.version";
+pub const EFQ_VERSION: u32 = 1;
 
 /// Attention weights of one layer: `q = Wq x (+ bq)`, etc.
 #[derive(Debug)]
@@ -73,10 +78,26 @@ impl<'a> Model<'a> {
     pub fn load(source: &'a ModelSource) -> Result<Self, ModelError> {
         let file = source.path().display().to_string();
         let config = ModelConfig::from_source(source)?;
+        if let ModelSource::Gguf(gguf) = source {
+            let version = gguf.get(EFQ_VERSION_KEY).map(|v| v.as_i128());
+            if let Some(v) = version {
+                if v != Some(EFQ_VERSION as i128) {
+                    return Err(ModelError::Invalid {
+                        file,
+                        what: format!(
+                            "{EFQ_VERSION_KEY} is {v:?}; this EdgeFusion reads EFQ files of version {EFQ_VERSION}"
+                        ),
+                    });
+                }
+            }
+        }
         let tied = config.tied_embeddings;
         let c = &config;
         let linear = |role: TensorRole, layer: Option<usize>, n_in: usize, n_out: usize| {
             let view = source.tensor(role, layer)?;
+            if view.dtype == GgmlType::I8 {
+                return Linear::from_efq_view(view, &file, n_in, n_out);
+            }
             let mapped = view.data;
             let mut linear = Linear::from_view(view, &file, n_in, n_out)?;
             if linear.interleave_for_cpu() {

@@ -4,7 +4,7 @@
 
 use edgefusion_kernels::attention::{self, KvElement};
 use edgefusion_kernels::{f32ops, GgmlType};
-use edgefusion_model::{Linear, Mixer, Model, ModelConfig, RopeScaling, RopeStyle};
+use edgefusion_model::{ActFormat, Linear, Mixer, Model, ModelConfig, RopeScaling, RopeStyle};
 use half::f16;
 
 use crate::parallel::Threads;
@@ -46,21 +46,25 @@ impl SessionOptions {
 /// Activations quantized to each format a weight may ask for, computed once per input.
 struct ActCache {
     /// One buffer per activation format, each `max_batch` rows of the widest input.
-    bufs: [(GgmlType, Vec<u8>, bool); 4],
+    bufs: [(ActFormat, Vec<u8>, bool); 5],
 }
 
 impl ActCache {
     fn new(max_rows: usize, max_width: usize) -> Self {
-        let buf = |ty: GgmlType| {
-            let row = ty.row_bytes(max_width).unwrap_or(max_width * 4);
-            (ty, vec![0u8; max_rows * row], false)
+        let buf = |format: ActFormat| {
+            (
+                format,
+                vec![0u8; max_rows * format.row_bytes(max_width)],
+                false,
+            )
         };
         ActCache {
             bufs: [
-                buf(GgmlType::F32),
-                buf(GgmlType::Q8_0),
-                buf(GgmlType::Q8_1),
-                buf(GgmlType::Q8K),
+                buf(ActFormat::Ggml(GgmlType::F32)),
+                buf(ActFormat::Ggml(GgmlType::Q8_0)),
+                buf(ActFormat::Ggml(GgmlType::Q8_1)),
+                buf(ActFormat::Ggml(GgmlType::Q8K)),
+                buf(ActFormat::EfqQ8),
             ],
         }
     }
@@ -79,20 +83,20 @@ impl ActCache {
         x: &[f32],
         n_tok: usize,
     ) -> (&[u8], usize) {
-        let ty = w.act_type();
+        let format = w.act_format();
         let width = w.n_in;
-        let row_bytes = ty.row_bytes(width).unwrap_or(width * 4);
-        let Some(entry) = self.bufs.iter_mut().find(|b| b.0 == ty) else {
-            unreachable!("activation format {} has no buffer", ty.name())
+        let row_bytes = format.row_bytes(width);
+        let Some(entry) = self.bufs.iter_mut().find(|b| b.0 == format) else {
+            unreachable!("activation format {format:?} has no buffer")
         };
         if !entry.2 {
             let dst = &mut entry.1[..n_tok * row_bytes];
             let src = &x[..n_tok * width];
             if n_tok == 1 {
-                edgefusion_kernels::quantize_row(ty, src, dst);
+                format.quantize_row(src, dst);
             } else {
                 threads.for_chunks(dst, row_bytes, |t, d| {
-                    edgefusion_kernels::quantize_row(ty, &src[t * width..(t + 1) * width], d);
+                    format.quantize_row(&src[t * width..(t + 1) * width], d);
                 });
             }
             entry.2 = true;

@@ -57,7 +57,7 @@ impl Threads {
     }
 
     /// `out (n_tok, w.n_out) = act (n_tok, w.n_in) · wᵀ`, where `act` holds `n_tok` rows already
-    /// quantized to `w.act_type()`, each `act_row_bytes` long.
+    /// quantized to `w.act_format()`, each `act_row_bytes` long.
     pub fn linear(
         &self,
         w: &Linear<'_>,
@@ -139,13 +139,13 @@ mod tests {
             let mut interleaved = Linear::from_view(view, "test", n_in, n_out).unwrap();
             interleaved.interleave_for_cpu();
             for w in [&rows, &interleaved] {
-                let act_ty = w.act_type();
-                let act_row = act_ty.row_bytes(n_in).unwrap();
+                let act_format = w.act_format();
+                let act_row = act_format.row_bytes(n_in);
                 for n_tok in [1, 2, 3, 4, 5, 7, 9] {
                     let x = values(n_in * n_tok, 2 + n_tok as u64);
                     let mut act = vec![0u8; act_row * n_tok];
                     for (src, dst) in x.chunks(n_in).zip(act.chunks_mut(act_row)) {
-                        edgefusion_kernels::quantize_row(act_ty, src, dst);
+                        act_format.quantize_row(src, dst);
                     }
                     for n_threads in [1, 2] {
                         let threads = Threads::new(n_threads).unwrap();

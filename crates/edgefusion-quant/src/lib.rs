@@ -1,0 +1,15 @@
+//! Weight quantization for EdgeFusion.
+//!
+//! - `efq`: fitting weights to the EFQ format: outliers, block grids, bit allocation.
+//! - `pipeline`: a whole model into an EFQ GGUF file.
+//! - `hessian`: per-linear-layer input statistics `XᵀX` gathered from calibration text.
+//! - `gptq`: column-by-column quantization with inverse-Hessian error compensation
+//!   (Frantar et al., 2022), over any grid given as a closure.
+
+pub mod efq;
+pub mod error;
+pub mod gptq;
+pub mod hessian;
+pub mod pipeline;
+
+pub use error::QuantError;

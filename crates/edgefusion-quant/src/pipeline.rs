@@ -1,0 +1,281 @@
+//! Quantizing a whole model into an EFQ GGUF file: every linear matrix (token embedding and
+//! output head included) becomes an EFQ blob; everything else is copied.
+//!
+//! The output is a GGUF v3 file whose metadata is the source's plus `edgefusion.efq.*` keys,
+//! with each quantized matrix stored as a 1-D I8 tensor holding its EFQ blob (magic
+//! `EFQ1`, see `edgefusion_kernels::efq` and `docs/FORMAT.md`). It is written atomically.
+
+use std::path::Path;
+
+use edgefusion_io::gguf::{GgufWriter, MetaValue};
+use edgefusion_io::names::TensorRole;
+use edgefusion_io::ModelSource;
+use edgefusion_kernels::efq::{n_tiles, TILE_ROWS};
+use edgefusion_kernels::GgmlType;
+use edgefusion_model::{Linear, Mixer, Model};
+
+use crate::efq::{
+    allocate_widths, fixed_bytes, plan, select_outliers, tile_errors, AllocationInput,
+};
+use crate::QuantError;
+
+use edgefusion_model::model::{EFQ_VERSION as EFQ_FILE_VERSION, EFQ_VERSION_KEY as VERSION_KEY};
+
+/// How the codes are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Adaptive widths for a bits-per-weight budget, outliers, fitted grids.
+    Efq,
+    /// Round to nearest on uniform widths, min/max-fitted grids, no outliers.
+    Rtn,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Efq => "efq",
+            Method::Rtn => "rtn",
+        }
+    }
+}
+
+/// What to produce.
+#[derive(Debug, Clone)]
+pub struct QuantizeOptions {
+    pub method: Method,
+    /// Budget over all quantized matrices, every stored byte counted (efq).
+    pub bpw: f64,
+    /// Uniform code width (rtn).
+    pub bits: u8,
+    /// Share of each matrix kept as 6-bit outliers (efq).
+    pub outliers: f64,
+}
+
+/// One quantized matrix, for the report.
+#[derive(Debug, Clone)]
+pub struct MatrixReport {
+    pub name: String,
+    pub role: TensorRole,
+    pub params: usize,
+    pub bytes: usize,
+    /// Tiles of width 2, 3, 4.
+    pub width_histogram: [usize; 3],
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct QuantizeReport {
+    pub matrices: Vec<MatrixReport>,
+    /// Bits per weight over the quantized matrices, every stored byte counted.
+    pub linear_bpw: f64,
+    /// Bytes of the output file.
+    pub file_bytes: u64,
+    /// Parameters of the whole model.
+    pub params: usize,
+}
+
+/// The linear matrices of a model with their tensor roles and layers.
+fn matrices<'m>(model: &'m Model<'_>) -> Vec<(TensorRole, Option<usize>, &'m Linear<'m>)> {
+    let mut out = vec![(TensorRole::TokenEmbd, None, &model.token_embd)];
+    if let Some(output) = &model.output {
+        out.push((TensorRole::Output, None, output));
+    }
+    for (i, layer) in model.layers.iter().enumerate() {
+        match &layer.mixer {
+            Mixer::Attention(a) => {
+                out.push((TensorRole::AttnQ, Some(i), &a.wq));
+                out.push((TensorRole::AttnK, Some(i), &a.wk));
+                out.push((TensorRole::AttnV, Some(i), &a.wv));
+                out.push((TensorRole::AttnOutput, Some(i), &a.wo));
+            }
+        }
+        out.push((TensorRole::FfnGate, Some(i), &layer.ffn.gate));
+        out.push((TensorRole::FfnUp, Some(i), &layer.ffn.up));
+        out.push((TensorRole::FfnDown, Some(i), &layer.ffn.down));
+    }
+    out
+}
+
+/// The matrix as floats `(n_out, n_in)`, refusing NaN and infinities.
+fn dequantized(w: &Linear<'_>) -> Result<Vec<f32>, QuantError> {
+    let mut out = vec![0.0f32; w.n_out * w.n_in];
+    for (r, row) in out.chunks_mut(w.n_in).enumerate() {
+        w.dequantize_row_into(r, row);
+    }
+    if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+        return Err(QuantError::NonFinite {
+            what: format!(
+                "weights of '{}' (row {}, column {})",
+                w.name,
+                i / w.n_in,
+                i % w.n_in
+            ),
+            index: i,
+        });
+    }
+    Ok(out)
+}
+
+/// Quantizes `source` into `output`. `progress(done, total, what)` is called as matrices
+/// finish (two passes: measuring, then encoding).
+pub fn quantize(
+    source: &ModelSource,
+    output: &Path,
+    opts: &QuantizeOptions,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<QuantizeReport, QuantError> {
+    let file = source.path().display().to_string();
+    let ModelSource::Gguf(gguf) = source else {
+        return Err(QuantError::Input(format!(
+            "{file}: quantize reads GGUF files for now; convert the Hugging Face folder to GGUF first"
+        )));
+    };
+    if gguf.get(VERSION_KEY).is_some() {
+        return Err(QuantError::Input(format!(
+            "{file} is already an EFQ model; quantize its source instead"
+        )));
+    }
+    let model = Model::load(source).map_err(|e| QuantError::Input(e.to_string()))?;
+    let mats = matrices(&model);
+    for (_, _, w) in &mats {
+        if !w.n_out.is_multiple_of(TILE_ROWS) || !w.n_in.is_multiple_of(32) {
+            return Err(QuantError::Input(format!(
+                "{file}: tensor '{}' is ({}, {}); EFQ needs rows in multiples of 16 and row lengths in multiples of 32",
+                w.name, w.n_out, w.n_in
+            )));
+        }
+    }
+    if !(2..=4).contains(&opts.bits) {
+        return Err(QuantError::Input(format!(
+            "--bits {} is outside 2..=4",
+            opts.bits
+        )));
+    }
+    let total = 2 * mats.len();
+    let mut done = 0;
+
+    // Pass 1: outliers and per-tile errors at each width (efq), for the global allocation.
+    let mut widths: Vec<Vec<u8>> = Vec::with_capacity(mats.len());
+    let mut outlier_sets = Vec::with_capacity(mats.len());
+    match opts.method {
+        Method::Rtn => {
+            for (_, _, w) in &mats {
+                widths.push(vec![opts.bits; (w.n_out / TILE_ROWS) * n_tiles(w.n_in)]);
+                outlier_sets.push(Vec::new());
+                done += 1;
+                progress(done, total, &w.name);
+            }
+        }
+        Method::Efq => {
+            let mut errors = Vec::with_capacity(mats.len());
+            for (_, _, w) in &mats {
+                let values = dequantized(w)?;
+                let h = vec![1.0f32; w.n_in];
+                let outliers = select_outliers(&values, w.n_out, w.n_in, &h, opts.outliers);
+                errors.push(tile_errors(&values, w.n_out, w.n_in, &h, &outliers));
+                outlier_sets.push(outliers);
+                done += 1;
+                progress(done, total, &w.name);
+            }
+            let inputs: Vec<AllocationInput<'_>> = mats
+                .iter()
+                .zip(&errors)
+                .zip(&outlier_sets)
+                .map(|(((_, _, w), errors), outliers)| AllocationInput {
+                    n_out: w.n_out,
+                    n_in: w.n_in,
+                    errors,
+                    fixed_bytes: fixed_bytes(w.n_out, w.n_in, outliers),
+                })
+                .collect();
+            let Some((chosen, _)) = allocate_widths(&inputs, opts.bpw) else {
+                return Err(QuantError::Input(format!(
+                    "--bpw {} is below what all-2-bit tiles with {:.2} % outliers take; raise it or lower --outliers",
+                    opts.bpw,
+                    opts.outliers * 100.0
+                )));
+            };
+            widths = chosen;
+        }
+    }
+
+    // Pass 2: fit grids, round, encode.
+    let mut blobs: Vec<Vec<u8>> = Vec::with_capacity(mats.len());
+    let mut reports = Vec::with_capacity(mats.len());
+    for (i, (role, _, w)) in mats.iter().enumerate() {
+        let values = dequantized(w)?;
+        let h = vec![1.0f32; w.n_in];
+        let p = plan(&values, w.n_out, w.n_in, &h, &widths[i], &outlier_sets[i]);
+        let rounded: Vec<f32> = values
+            .iter()
+            .enumerate()
+            .map(|(j, &v)| p.round(j / w.n_in, j % w.n_in, v))
+            .collect();
+        let blob = p
+            .encode(&rounded)
+            .to_bytes()
+            .map_err(|e| QuantError::Input(format!("{}: {e}", w.name)))?;
+        let mut hist = [0usize; 3];
+        for &b in &widths[i] {
+            hist[(b - 2) as usize] += 1;
+        }
+        reports.push(MatrixReport {
+            name: w.name.clone(),
+            role: *role,
+            params: w.n_out * w.n_in,
+            bytes: blob.len(),
+            width_histogram: hist,
+        });
+        blobs.push(blob);
+        done += 1;
+        progress(done, total, &w.name);
+    }
+
+    // The file: source metadata plus ours; quantized matrices as I8 blobs, the rest copied.
+    let mut writer = GgufWriter::new().with_alignment(64);
+    for (key, value) in &gguf.metadata {
+        if key != "general.alignment" {
+            writer.add_metadata(key.clone(), value.clone());
+        }
+    }
+    writer.add_metadata(VERSION_KEY, MetaValue::U32(EFQ_FILE_VERSION));
+    writer.add_metadata(
+        "edgefusion.efq.method",
+        MetaValue::String(opts.method.name().into()),
+    );
+    writer.add_metadata("edgefusion.efq.target_bpw", MetaValue::F32(opts.bpw as f32));
+    writer.add_metadata(
+        "edgefusion.efq.outliers",
+        MetaValue::F32(opts.outliers as f32),
+    );
+    let quantized: std::collections::HashMap<&str, usize> = mats
+        .iter()
+        .enumerate()
+        .map(|(i, (_, _, w))| (w.name.as_str(), i))
+        .collect();
+    for t in &gguf.tensors {
+        let view = gguf.view(t);
+        if let Some(&i) = quantized.get(t.name.as_str()) {
+            writer.add_tensor(
+                t.name.clone(),
+                GgmlType::I8,
+                &[blobs[i].len()],
+                blobs[i].clone(),
+            );
+        } else {
+            writer.add_tensor(t.name.clone(), view.dtype, view.shape, view.data);
+        }
+    }
+    writer
+        .write(output)
+        .map_err(|e| QuantError::Input(e.to_string()))?;
+    let file_bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    let q_params: usize = reports.iter().map(|r| r.params).sum();
+    let q_bytes: usize = reports.iter().map(|r| r.bytes).sum();
+    Ok(QuantizeReport {
+        linear_bpw: q_bytes as f64 * 8.0 / q_params as f64,
+        matrices: reports,
+        file_bytes,
+        params: model.config.n_params(),
+    })
+}
