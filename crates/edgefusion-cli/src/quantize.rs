@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use edgefusion_quant::pipeline::{self, Method, QuantizeOptions};
+use edgefusion_quant::pipeline::{self, Calibration, Method, QuantizeOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::common::ModelArgs;
@@ -14,6 +14,8 @@ use crate::common::ModelArgs;
 pub enum MethodArg {
     /// Adaptive 2/3/4-bit tiles for a bits-per-weight budget, 6-bit outliers, fitted grids.
     Efq,
+    /// GPTQ at a uniform width (--bits), no outliers: the paper's GPTQ column.
+    Gptq,
     /// Round to nearest at a uniform width (--bits), no outliers: the baseline.
     Rtn,
 }
@@ -44,6 +46,19 @@ pub struct QuantizeArgs {
     /// Share of each matrix's weights kept as 6-bit outliers (efq).
     #[arg(long, default_value_t = 0.005)]
     pub outliers: f64,
+    /// Calibration text (UTF-8) the model reads to weigh errors by what each layer sees;
+    /// never the text you evaluate on. "none" quantizes without calibration.
+    #[arg(long, default_value = "assets/text/sotu.txt")]
+    pub calib: String,
+    /// Calibration tokens to read (windows of 512).
+    #[arg(long, default_value_t = 16384)]
+    pub calib_tokens: usize,
+    /// GPTQ processes columns by decreasing Hessian diagonal (act-order).
+    #[arg(long)]
+    pub act_order: bool,
+    /// Threads [default: physical cores].
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<usize>,
 }
 
 pub fn run(args: QuantizeArgs) -> Result<()> {
@@ -60,11 +75,36 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         bail!("--outliers {} must be in [0, 0.1)", args.outliers);
     }
     let source = args.model.open()?;
+    pipeline::check_source(&source)?;
+    let calibration = if args.calib == "none" || matches!(args.method, MethodArg::Rtn) {
+        None
+    } else {
+        if args.calib_tokens < 16 {
+            bail!(
+                "--calib-tokens {} is too few to calibrate (at least 16)",
+                args.calib_tokens
+            );
+        }
+        let path = std::path::Path::new(&args.calib);
+        if !path.exists() && args.calib == "assets/text/sotu.txt" {
+            bail!("default calibration text {} not found: run `scripts/fetch-assets.sh --text`, pass --calib FILE, or --calib none", args.calib);
+        }
+        Some(Calibration {
+            name: args.calib.clone(),
+            text: crate::common::read_text(path)?,
+            n_tokens: args.calib_tokens,
+            ctx: 512,
+            threads: crate::common::threads(args.threads)?,
+        })
+    };
     let opts = QuantizeOptions {
         method: match args.method {
             MethodArg::Efq => Method::Efq,
+            MethodArg::Gptq => Method::Gptq,
             MethodArg::Rtn => Method::Rtn,
         },
+        calibration,
+        act_order: args.act_order,
         bpw: args.bpw,
         bits: args.bits,
         outliers: if matches!(args.method, MethodArg::Rtn) {

@@ -330,7 +330,8 @@ fn dequantize_row_covers_every_type() {
     // signal (a wrong layout or dispatch would give noise of the signal's size).
     let x = weight_like(512, 5);
     let signal = rmse(&x, &vec![0.0; x.len()]);
-    for ty in GgmlType::ALL {
+    // I8 holds plain integers (EFQ blobs), not scaled weights: small values round to 0.
+    for ty in GgmlType::ALL.into_iter().filter(|&t| t != GgmlType::I8) {
         let back = dequantize(ty, &quantize(ty, &x), x.len());
         let err = rmse(&x, &back);
         assert!(

@@ -201,7 +201,10 @@ fn every_type_dispatches_and_k_quants_forward_to_their_kernels() {
     let k = 512;
     for ty in GgmlType::ALL {
         let act_ty = vec_dot_type(ty);
-        let w = quantize(ty, &weight_like(k, 3));
+        // I8 holds plain integers: give it integer-sized weights.
+        let scale = if ty == GgmlType::I8 { 100.0 } else { 1.0 };
+        let weights: Vec<f32> = weight_like(k, 3).iter().map(|v| v * scale).collect();
+        let w = quantize(ty, &weights);
         let mut act = vec![0u8; act_ty.row_bytes(k).unwrap()];
         quantize_row(act_ty, &activation_like(k, 4), &mut act);
         let want = vec_dot_on(Isa::Scalar, ty, k, &w, &act) as f64;

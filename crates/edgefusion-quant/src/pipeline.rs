@@ -12,21 +12,27 @@ use edgefusion_io::names::TensorRole;
 use edgefusion_io::ModelSource;
 use edgefusion_kernels::efq::{n_tiles, TILE_ROWS};
 use edgefusion_kernels::GgmlType;
+use edgefusion_model::model::{EFQ_VERSION as EFQ_FILE_VERSION, EFQ_VERSION_KEY as VERSION_KEY};
 use edgefusion_model::{Linear, Mixer, Model};
+use edgefusion_runtime::tokenizer::Tokenizer;
+use edgefusion_runtime::{LinearInput, Logits, Session, SessionOptions};
 
 use crate::efq::{
     allocate_widths, fixed_bytes, plan, select_outliers, tile_errors, AllocationInput,
 };
+use crate::gptq::{gptq, GptqOptions};
+use crate::hessian::Hessian;
 use crate::QuantError;
-
-use edgefusion_model::model::{EFQ_VERSION as EFQ_FILE_VERSION, EFQ_VERSION_KEY as VERSION_KEY};
 
 /// How the codes are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
-    /// Adaptive widths for a bits-per-weight budget, outliers, fitted grids.
+    /// Adaptive widths for a bits-per-weight budget, outliers, fitted grids and (with
+    /// calibration) GPTQ error compensation.
     Efq,
-    /// Round to nearest on uniform widths, min/max-fitted grids, no outliers.
+    /// GPTQ at a uniform width, no outliers (needs calibration).
+    Gptq,
+    /// Round to nearest on uniform widths, fitted grids, no outliers.
     Rtn,
 }
 
@@ -34,9 +40,23 @@ impl Method {
     pub fn name(self) -> &'static str {
         match self {
             Method::Efq => "efq",
+            Method::Gptq => "gptq",
             Method::Rtn => "rtn",
         }
     }
+}
+
+/// Calibration data: text the model reads so that every linear layer's input statistics
+/// `XᵀX` weigh the quantization error by what the layer actually sees.
+#[derive(Debug, Clone)]
+pub struct Calibration {
+    /// Where the text came from (for messages and metadata).
+    pub name: String,
+    pub text: String,
+    /// Tokens to read (in windows of `ctx`).
+    pub n_tokens: usize,
+    pub ctx: usize,
+    pub threads: usize,
 }
 
 /// What to produce.
@@ -49,6 +69,11 @@ pub struct QuantizeOptions {
     pub bits: u8,
     /// Share of each matrix kept as 6-bit outliers (efq).
     pub outliers: f64,
+    /// Calibration (required by gptq; efq without it weighs every column alike and skips
+    /// error compensation).
+    pub calibration: Option<Calibration>,
+    /// GPTQ processes columns by decreasing Hessian diagonal.
+    pub act_order: bool,
 }
 
 /// One quantized matrix, for the report.
@@ -74,26 +99,100 @@ pub struct QuantizeReport {
     pub params: usize,
 }
 
-/// The linear matrices of a model with their tensor roles and layers.
-fn matrices<'m>(model: &'m Model<'_>) -> Vec<(TensorRole, Option<usize>, &'m Linear<'m>)> {
-    let mut out = vec![(TensorRole::TokenEmbd, None, &model.token_embd)];
+/// The linear matrices of a model with their tensor roles, and the input each one reads
+/// (`None`: the token embedding, which is looked up rather than multiplied).
+fn matrices<'m>(model: &'m Model<'_>) -> Vec<(TensorRole, Option<LinearInput>, &'m Linear<'m>)> {
+    let tied = model.output.is_none();
+    let mut out = vec![(
+        TensorRole::TokenEmbd,
+        tied.then_some(LinearInput::Head),
+        &model.token_embd,
+    )];
     if let Some(output) = &model.output {
-        out.push((TensorRole::Output, None, output));
+        out.push((TensorRole::Output, Some(LinearInput::Head), output));
     }
     for (i, layer) in model.layers.iter().enumerate() {
         match &layer.mixer {
             Mixer::Attention(a) => {
-                out.push((TensorRole::AttnQ, Some(i), &a.wq));
-                out.push((TensorRole::AttnK, Some(i), &a.wk));
-                out.push((TensorRole::AttnV, Some(i), &a.wv));
-                out.push((TensorRole::AttnOutput, Some(i), &a.wo));
+                let input = Some(LinearInput::Attention { layer: i });
+                out.push((TensorRole::AttnQ, input, &a.wq));
+                out.push((TensorRole::AttnK, input, &a.wk));
+                out.push((TensorRole::AttnV, input, &a.wv));
+                out.push((
+                    TensorRole::AttnOutput,
+                    Some(LinearInput::AttentionOutput { layer: i }),
+                    &a.wo,
+                ));
             }
         }
-        out.push((TensorRole::FfnGate, Some(i), &layer.ffn.gate));
-        out.push((TensorRole::FfnUp, Some(i), &layer.ffn.up));
-        out.push((TensorRole::FfnDown, Some(i), &layer.ffn.down));
+        let input = Some(LinearInput::FeedForward { layer: i });
+        out.push((TensorRole::FfnGate, input, &layer.ffn.gate));
+        out.push((TensorRole::FfnUp, input, &layer.ffn.up));
+        out.push((
+            TensorRole::FfnDown,
+            Some(LinearInput::FeedForwardDown { layer: i }),
+            &layer.ffn.down,
+        ));
     }
     out
+}
+
+type Hessians = std::collections::HashMap<LinearInput, Hessian>;
+
+/// Runs the model over the calibration text and returns `XᵀX` of every linear input.
+fn calibrate(
+    gguf: &edgefusion_io::gguf::GgufFile,
+    model: &Model<'_>,
+    calib: &Calibration,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<Hessians, QuantError> {
+    let tokenizer = Tokenizer::from_gguf(gguf)
+        .map_err(|e| QuantError::Input(format!("{}: tokenizer: {e}", gguf.path.display())))?;
+    let tokens = tokenizer
+        .encode(&calib.text, false)
+        .map_err(|e| QuantError::Input(format!("{}: {e}", calib.name)))?;
+    if tokens.len() < calib.n_tokens {
+        return Err(QuantError::Input(format!(
+            "calibration text {} has {} tokens; --calib-tokens asks for {}",
+            calib.name,
+            tokens.len(),
+            calib.n_tokens
+        )));
+    }
+    let ctx = calib.ctx.min(model.config.n_ctx_train).max(2);
+    let windows = calib.n_tokens.div_ceil(ctx);
+    let hessians = std::rc::Rc::new(std::cell::RefCell::new(Hessians::new()));
+    let failure = std::rc::Rc::new(std::cell::RefCell::new(None::<QuantError>));
+    let opts = SessionOptions {
+        max_batch: ctx,
+        ..SessionOptions::new(ctx, calib.threads.max(1))
+    };
+    let mut session = Session::new(model, opts).map_err(|e| QuantError::Input(e.to_string()))?;
+    let (h, f) = (hessians.clone(), failure.clone());
+    session.set_observer(Some(Box::new(move |site, x, n_tok| {
+        let width = x.len() / n_tok;
+        let mut map = h.borrow_mut();
+        let hessian = map.entry(site).or_insert_with(|| Hessian::new(width));
+        if let Err(e) = hessian.add_rows(x, n_tok) {
+            f.borrow_mut().get_or_insert(e);
+        }
+    })));
+    for w in 0..windows {
+        let start = w * ctx;
+        let end = (start + ctx).min(calib.n_tokens);
+        session.reset();
+        session
+            .forward(&tokens[start..end], Logits::Last)
+            .map_err(|e| QuantError::Input(e.to_string()))?;
+        progress(w + 1, windows, "calibrating");
+        if let Some(e) = failure.borrow_mut().take() {
+            return Err(e);
+        }
+    }
+    drop(session);
+    Ok(std::rc::Rc::try_unwrap(hessians)
+        .map(|c| c.into_inner())
+        .unwrap_or_default())
 }
 
 /// The matrix as floats `(n_out, n_in)`, refusing NaN and infinities.
@@ -116,14 +215,8 @@ fn dequantized(w: &Linear<'_>) -> Result<Vec<f32>, QuantError> {
     Ok(out)
 }
 
-/// Quantizes `source` into `output`. `progress(done, total, what)` is called as matrices
-/// finish (two passes: measuring, then encoding).
-pub fn quantize(
-    source: &ModelSource,
-    output: &Path,
-    opts: &QuantizeOptions,
-    progress: &mut dyn FnMut(usize, usize, &str),
-) -> Result<QuantizeReport, QuantError> {
+/// The GGUF file behind `source` if it can be quantized: a GGUF file not already in EFQ.
+pub fn check_source(source: &ModelSource) -> Result<&edgefusion_io::gguf::GgufFile, QuantError> {
     let file = source.path().display().to_string();
     let ModelSource::Gguf(gguf) = source else {
         return Err(QuantError::Input(format!(
@@ -135,6 +228,19 @@ pub fn quantize(
             "{file} is already an EFQ model; quantize its source instead"
         )));
     }
+    Ok(gguf)
+}
+
+/// Quantizes `source` into `output`. `progress(done, total, what)` is called as matrices
+/// finish (two passes: measuring, then encoding).
+pub fn quantize(
+    source: &ModelSource,
+    output: &Path,
+    opts: &QuantizeOptions,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<QuantizeReport, QuantError> {
+    let gguf = check_source(source)?;
+    let file = source.path().display().to_string();
     let model = Model::load(source).map_err(|e| QuantError::Input(e.to_string()))?;
     let mats = matrices(&model);
     for (_, _, w) in &mats {
@@ -151,6 +257,22 @@ pub fn quantize(
             opts.bits
         )));
     }
+    if opts.method == Method::Gptq && opts.calibration.is_none() {
+        return Err(QuantError::Input(
+            "--method gptq needs calibration text (--calib)".into(),
+        ));
+    }
+    let hessians = match &opts.calibration {
+        Some(calib) if opts.method != Method::Rtn => calibrate(gguf, &model, calib, progress)?,
+        _ => Hessians::new(),
+    };
+    // Column importances: the Hessian diagonal where the input was observed.
+    let importance = |site: Option<LinearInput>, n_in: usize| -> Vec<f32> {
+        match site.and_then(|s| hessians.get(&s)) {
+            Some(h) => h.diag().iter().map(|&v| v as f32).collect(),
+            None => vec![1.0; n_in],
+        }
+    };
     let total = 2 * mats.len();
     let mut done = 0;
 
@@ -158,7 +280,7 @@ pub fn quantize(
     let mut widths: Vec<Vec<u8>> = Vec::with_capacity(mats.len());
     let mut outlier_sets = Vec::with_capacity(mats.len());
     match opts.method {
-        Method::Rtn => {
+        Method::Rtn | Method::Gptq => {
             for (_, _, w) in &mats {
                 widths.push(vec![opts.bits; (w.n_out / TILE_ROWS) * n_tiles(w.n_in)]);
                 outlier_sets.push(Vec::new());
@@ -168,9 +290,9 @@ pub fn quantize(
         }
         Method::Efq => {
             let mut errors = Vec::with_capacity(mats.len());
-            for (_, _, w) in &mats {
+            for (_, site, w) in &mats {
                 let values = dequantized(w)?;
-                let h = vec![1.0f32; w.n_in];
+                let h = importance(*site, w.n_in);
                 let outliers = select_outliers(&values, w.n_out, w.n_in, &h, opts.outliers);
                 errors.push(tile_errors(&values, w.n_out, w.n_in, &h, &outliers));
                 outlier_sets.push(outliers);
@@ -202,15 +324,34 @@ pub fn quantize(
     // Pass 2: fit grids, round, encode.
     let mut blobs: Vec<Vec<u8>> = Vec::with_capacity(mats.len());
     let mut reports = Vec::with_capacity(mats.len());
-    for (i, (role, _, w)) in mats.iter().enumerate() {
-        let values = dequantized(w)?;
-        let h = vec![1.0f32; w.n_in];
+    let gptq_opts = GptqOptions {
+        act_order: opts.act_order,
+        ..GptqOptions::default()
+    };
+    for (i, (role, site, w)) in mats.iter().enumerate() {
+        let mut values = dequantized(w)?;
+        let h = importance(*site, w.n_in);
         let p = plan(&values, w.n_out, w.n_in, &h, &widths[i], &outlier_sets[i]);
-        let rounded: Vec<f32> = values
-            .iter()
-            .enumerate()
-            .map(|(j, &v)| p.round(j / w.n_in, j % w.n_in, v))
-            .collect();
+        let hessian = site.and_then(|s| hessians.get(&s));
+        let rounded: Vec<f32> = match hessian {
+            Some(hessian) if opts.method != Method::Rtn => {
+                gptq(
+                    &mut values,
+                    w.n_out,
+                    w.n_in,
+                    hessian,
+                    &gptq_opts,
+                    |r, c, v| p.round(r, c, v),
+                )
+                .map_err(|e| QuantError::Input(format!("{}: {e}", w.name)))?;
+                values
+            }
+            _ => values
+                .iter()
+                .enumerate()
+                .map(|(j, &v)| p.round(j / w.n_in, j % w.n_in, v))
+                .collect(),
+        };
         let blob = p
             .encode(&rounded)
             .to_bytes()

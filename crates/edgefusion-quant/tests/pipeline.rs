@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use edgefusion_io::ModelSource;
 use edgefusion_model::{Layout, Model};
-use edgefusion_quant::pipeline::{quantize, Method, QuantizeOptions};
+use edgefusion_quant::pipeline::{quantize, Calibration, Method, QuantizeOptions};
 use edgefusion_runtime::{Logits, Session, SessionOptions};
 
 fn fixture(name: &str) -> PathBuf {
@@ -58,6 +58,8 @@ fn quantized_tiny_model_loads_and_stays_close() {
             bpw,
             bits,
             outliers: if method == Method::Efq { 0.005 } else { 0.0 },
+            calibration: None,
+            act_order: false,
         };
         let report = quantize(
             &ModelSource::open(&input).unwrap(),
@@ -104,6 +106,8 @@ fn quantized_tiny_model_loads_and_stays_close() {
         bpw: 2.0,
         bits: 3,
         outliers: 0.005,
+        calibration: None,
+        act_order: false,
     };
     let err = quantize(
         &ModelSource::open(&input).unwrap(),
@@ -114,5 +118,90 @@ fn quantized_tiny_model_loads_and_stays_close() {
     .unwrap_err();
     assert!(err.to_string().contains("--bpw"), "{err}");
     assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Calibration + GPTQ lower the logit error of the same widths against plain rounding.
+#[test]
+fn calibration_and_gptq_lower_the_error() {
+    let dir = std::env::temp_dir().join(format!("ef-quant-calib-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = fixture("tiny-llama-f32.gguf");
+    // Evaluate on text like the calibration text (a different sentence): GPTQ fits the
+    // distribution it was calibrated on.
+    let tokens = {
+        let source = ModelSource::open(&input).unwrap();
+        let ModelSource::Gguf(gguf) = &source else {
+            unreachable!()
+        };
+        let tokenizer = edgefusion_runtime::tokenizer::Tokenizer::from_gguf(gguf).unwrap();
+        tokenizer
+            .encode(
+                "A lazy brown dog sleeps by the sea while the quick fox jumps.",
+                false,
+            )
+            .unwrap()
+    };
+    let reference = logits(&input, &tokens);
+    let text = "The quick brown fox jumps over the lazy dog while the sea rolls on. ".repeat(40);
+    let calibration = Calibration {
+        name: "test text".into(),
+        text,
+        n_tokens: 512,
+        ctx: 64,
+        threads: 1,
+    };
+    let mut errors = Vec::new();
+    for (method, calib) in [(Method::Rtn, None), (Method::Gptq, Some(calibration))] {
+        let out = dir.join(format!("{}.gguf", method.name()));
+        let opts = QuantizeOptions {
+            method,
+            bpw: 0.0,
+            bits: 3,
+            outliers: 0.0,
+            calibration: calib,
+            act_order: false,
+        };
+        quantize(
+            &ModelSource::open(&input).unwrap(),
+            &out,
+            &opts,
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        let err = rel_rms(&logits(&out, &tokens), &reference);
+        eprintln!("{} 3-bit: relative logit RMS error {err:.4}", method.name());
+        errors.push(err);
+    }
+    assert!(
+        errors[1] < errors[0],
+        "gptq {} vs rtn {}",
+        errors[1],
+        errors[0]
+    );
+    // A calibration text shorter than asked is an error naming it.
+    let short = Calibration {
+        name: "short.txt".into(),
+        text: "too short".into(),
+        n_tokens: 512,
+        ctx: 64,
+        threads: 1,
+    };
+    let opts = QuantizeOptions {
+        method: Method::Gptq,
+        bpw: 0.0,
+        bits: 3,
+        outliers: 0.0,
+        calibration: Some(short),
+        act_order: false,
+    };
+    let err = quantize(
+        &ModelSource::open(&input).unwrap(),
+        &dir.join("x.gguf"),
+        &opts,
+        &mut |_, _, _| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("short.txt"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }

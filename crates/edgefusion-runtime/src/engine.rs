@@ -251,7 +251,27 @@ pub struct Session<'m> {
     kv: KvCache,
     rope: RopeTable,
     n_past: usize,
+    observer: Option<Observer<'m>>,
 }
+
+/// Which linear layers a batch of inputs feeds (what calibration collects statistics of).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LinearInput {
+    /// The normalized residual stream entering q, k and v of attention layer `layer`.
+    Attention { layer: usize },
+    /// The attention output entering `wo`.
+    AttentionOutput { layer: usize },
+    /// The normalized residual stream entering `gate` and `up`.
+    FeedForward { layer: usize },
+    /// `silu(gate) · up` entering `down`.
+    FeedForwardDown { layer: usize },
+    /// The final normalized stream entering the output head (every position, not only the
+    /// ones whose logits are returned).
+    Head,
+}
+
+/// Called with each linear input `(n_tok, n_in)` as a forward step computes it.
+pub type Observer<'m> = Box<dyn FnMut(LinearInput, &[f32], usize) + 'm>;
 
 impl<'m> Session<'m> {
     pub fn new(model: &'m Model<'m>, opts: SessionOptions) -> Result<Self, RuntimeError> {
@@ -333,6 +353,7 @@ impl<'m> Session<'m> {
             kv,
             rope,
             n_past: 0,
+            observer: None,
         })
     }
 
@@ -371,6 +392,13 @@ impl<'m> Session<'m> {
     /// Bytes held by the KV cache at full context.
     pub fn kv_bytes(&self) -> usize {
         self.kv.bytes()
+    }
+
+    /// Calls `observer(site, inputs (n_tok, n_in), n_tok)` with the input of every linear layer
+    /// during later `forward` calls (calibration); `None` stops it. Observing costs one
+    /// extra normalization per step for the head's input.
+    pub fn set_observer(&mut self, observer: Option<Observer<'m>>) {
+        self.observer = observer;
     }
 
     /// Largest number of positions one call to `forward` may return logits for.
@@ -438,10 +466,17 @@ impl<'m> Session<'m> {
             kv,
             rope,
             n_past,
+            observer,
         } = self;
         let model: &Model<'_> = model;
-        let cfg = &model.config;
         let n_tok = tokens.len();
+        let observing = observer.is_some();
+        let mut observe = |site: LinearInput, x: &[f32], width: usize| {
+            if let Some(f) = observer.as_mut() {
+                f(site, &x[..n_tok * width], n_tok);
+            }
+        };
+        let cfg = &model.config;
         let d = cfg.d_model;
 
         for (t, &tok) in tokens.iter().enumerate() {
@@ -451,7 +486,7 @@ impl<'m> Session<'m> {
         }
 
         let mut attn_index = 0;
-        for layer in &model.layers {
+        for (li, layer) in model.layers.iter().enumerate() {
             rms_norm(
                 &st.x[..n_tok * d],
                 &layer.attn_norm,
@@ -461,6 +496,7 @@ impl<'m> Session<'m> {
             st.act.invalidate();
             match &layer.mixer {
                 Mixer::Attention(attn) => {
+                    observe(LinearInput::Attention { layer: li }, &st.xn, d);
                     for (w, bias, out) in [
                         (&attn.wq, &attn.bq, &mut st.q),
                         (&attn.wk, &attn.bk, &mut st.k),
@@ -486,6 +522,11 @@ impl<'m> Session<'m> {
                         }
                     }
                     st.act.invalidate();
+                    observe(
+                        LinearInput::AttentionOutput { layer: li },
+                        &st.att,
+                        cfg.q_dim(),
+                    );
                     let (act, act_row) = st.act.get(threads, &attn.wo, &st.att, n_tok);
                     threads.linear(&attn.wo, act, act_row, n_tok, &mut st.proj);
                     attn_index += 1;
@@ -500,6 +541,7 @@ impl<'m> Session<'m> {
                 &mut st.xn[..n_tok * d],
             );
             st.act.invalidate();
+            observe(LinearInput::FeedForward { layer: li }, &st.xn, d);
             let ffn = &layer.ffn;
             let (act, act_row) = st.act.get(threads, &ffn.gate, &st.xn, n_tok);
             threads.linear(&ffn.gate, act, act_row, n_tok, &mut st.gate);
@@ -507,9 +549,23 @@ impl<'m> Session<'m> {
             threads.linear(&ffn.up, act, act_row, n_tok, &mut st.up);
             f32ops::silu_mul(&mut st.gate[..n_tok * cfg.d_ff], &st.up[..n_tok * cfg.d_ff]);
             st.act.invalidate();
+            observe(
+                LinearInput::FeedForwardDown { layer: li },
+                &st.gate,
+                cfg.d_ff,
+            );
             let (act, act_row) = st.act.get(threads, &ffn.down, &st.gate, n_tok);
             threads.linear(&ffn.down, act, act_row, n_tok, &mut st.proj);
             add_assign(&mut st.x[..n_tok * d], &st.proj[..n_tok * d]);
+        }
+        if observing {
+            rms_norm(
+                &st.x[..n_tok * d],
+                &model.output_norm,
+                cfg.rms_eps,
+                &mut st.xn[..n_tok * d],
+            );
+            observe(LinearInput::Head, &st.xn, d);
         }
         *n_past += n_tok;
     }

@@ -8,7 +8,7 @@ pub mod profile;
 pub mod sampler;
 pub mod tokenizer;
 
-pub use engine::{KvType, Logits, Session, SessionOptions};
+pub use engine::{KvType, LinearInput, Logits, Observer, Session, SessionOptions};
 pub use sampler::{Sampler, SamplerConfig};
 
 /// Errors raised while running a model.

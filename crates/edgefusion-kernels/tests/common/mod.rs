@@ -138,7 +138,7 @@ pub const OWN_TYPES: [GgmlType; 9] = [
 /// offsets), so every code pattern, including Q8_0's −128, is exercised.
 pub fn random_row(ty: GgmlType, k: usize, rng: &mut XorShift) -> Vec<u8> {
     match ty {
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::I8 => {
             let x: Vec<f32> = (0..k).map(|_| rng.next_f32() * 4.0).collect();
             quantize(ty, &x)
         }
