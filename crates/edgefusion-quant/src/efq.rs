@@ -184,13 +184,7 @@ pub fn tile_errors(
     let mut weights = vec![0.0f32; TILE_COLS];
     for r in 0..n_out {
         for t in 0..nt {
-            let cols = t * TILE_COLS..t * TILE_COLS + tile_cols(n_in, t);
-            let n = cols.len();
-            for (i, c) in cols.enumerate() {
-                let skip = mask[r * n_in + c];
-                values[i] = if skip { 0.0 } else { w[r * n_in + c] };
-                weights[i] = if skip { 0.0 } else { h[c] };
-            }
+            let n = masked_block(w, h, &mask, n_in, r, t, &mut values, &mut weights);
             for (k, &bits) in WIDTHS.iter().enumerate() {
                 errors[(r / TILE_ROWS) * nt + t][k] +=
                     fit_grid(&values[..n], &weights[..n], bits).1;
@@ -198,6 +192,30 @@ pub fn tile_errors(
         }
     }
     errors
+}
+
+/// Row `r`'s block of tile `t` for fitting: its values and importances, outliers given
+/// importance 0 (and value 0) so that the grid ignores them; returns the block's width.
+#[allow(clippy::too_many_arguments)]
+fn masked_block(
+    w: &[f32],
+    h: &[f32],
+    mask: &[bool],
+    n_in: usize,
+    r: usize,
+    t: usize,
+    values: &mut [f32],
+    weights: &mut [f32],
+) -> usize {
+    let cols = t * TILE_COLS..t * TILE_COLS + tile_cols(n_in, t);
+    let n = cols.len();
+    for (i, c) in cols.enumerate() {
+        let skip = mask[r * n_in + c];
+        values[i] = if skip { 0.0 } else { w[r * n_in + c] };
+        // A tiny floor keeps columns the calibration never excited in the fit.
+        weights[i] = if skip { 0.0 } else { h[c].max(1e-12) };
+    }
+    n
 }
 
 fn outlier_mask(n_out: usize, n_in: usize, outliers: &[(u32, u32)]) -> Vec<bool> {
@@ -320,13 +338,7 @@ pub fn plan(
     let mut weights = vec![0.0f32; TILE_COLS];
     for r in 0..n_out {
         for t in 0..nt {
-            let cols = t * TILE_COLS..t * TILE_COLS + tile_cols(n_in, t);
-            let n = cols.len();
-            for (i, c) in cols.enumerate() {
-                let skip = mask[r * n_in + c];
-                values[i] = if skip { 0.0 } else { w[r * n_in + c] };
-                weights[i] = if skip { 0.0 } else { h[c].max(1e-12) };
-            }
+            let n = masked_block(w, h, &mask, n_in, r, t, &mut values, &mut weights);
             grids[r * nt + t] = fit_grid(
                 &values[..n],
                 &weights[..n],

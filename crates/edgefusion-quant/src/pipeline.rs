@@ -294,7 +294,24 @@ pub fn quantize(
                 let values = dequantized(w)?;
                 let h = importance(*site, w.n_in);
                 let outliers = select_outliers(&values, w.n_out, w.n_in, &h, opts.outliers);
-                errors.push(tile_errors(&values, w.n_out, w.n_in, &h, &outliers));
+                let mut tile_err = tile_errors(&values, w.n_out, w.n_in, &h, &outliers);
+                {
+                    // Compare matrices by relative output error: Hessian-weighted errors of
+                    // different layers differ by orders of magnitude with the activations'
+                    // scale (measured on SmolLM2 at 3.1 bpw: PPL 131 -> 126 on Moby-Dick).
+                    let energy: f64 = values
+                        .iter()
+                        .enumerate()
+                        .map(|(j, &v)| h[j % w.n_in] as f64 * (v as f64) * (v as f64))
+                        .sum::<f64>()
+                        .max(1e-30);
+                    for e in &mut tile_err {
+                        for x in e.iter_mut() {
+                            *x /= energy;
+                        }
+                    }
+                }
+                errors.push(tile_err);
                 outlier_sets.push(outliers);
                 done += 1;
                 progress(done, total, &w.name);
