@@ -56,6 +56,10 @@ pub struct QuantizeArgs {
     /// GPTQ processes columns by decreasing Hessian diagonal (act-order).
     #[arg(long)]
     pub act_order: bool,
+    /// Narrowest code width for the token embedding (efq). Its errors reach every layer
+    /// through the lookup; on SmolLM2 at 3.1 bpw, 4 instead of 2 took PPL from 126 to 90.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(2..=4))]
+    pub embedding_bits: u8,
     /// Threads [default: physical cores].
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
@@ -105,6 +109,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         },
         calibration,
         act_order: args.act_order,
+        embedding_min_bits: args.embedding_bits,
         bpw: args.bpw,
         bits: args.bits,
         outliers: if matches!(args.method, MethodArg::Rtn) {

@@ -234,6 +234,8 @@ pub struct AllocationInput<'a> {
     pub errors: &'a [[f64; 3]],
     /// Bytes the matrix stores besides its tiles' codes (row scales, outliers, header…).
     pub fixed_bytes: usize,
+    /// Narrowest width its tiles may get (2 for most matrices).
+    pub min_bits: u8,
 }
 
 /// Chooses every tile's width so that the stored bits of all matrices together stay within
@@ -244,13 +246,22 @@ pub struct AllocationInput<'a> {
 pub fn allocate_widths(matrices: &[AllocationInput<'_>], bpw: f64) -> Option<(Vec<Vec<u8>>, f64)> {
     let params: usize = matrices.iter().map(|m| m.n_out * m.n_in).sum();
     let budget = (bpw * params as f64 / 8.0).floor() as usize;
-    let mut widths: Vec<Vec<u8>> = matrices.iter().map(|m| vec![2u8; m.errors.len()]).collect();
+    let mut widths: Vec<Vec<u8>> = matrices
+        .iter()
+        .map(|m| vec![m.min_bits.clamp(2, 4); m.errors.len()])
+        .collect();
     let size = |m: &AllocationInput<'_>, t: usize, bits: u8| {
         tile_bytes(bits, tile_cols(m.n_in, t % n_tiles(m.n_in)))
     };
     let mut used: usize = matrices
         .iter()
-        .map(|m| m.fixed_bytes + (0..m.errors.len()).map(|t| size(m, t, 2)).sum::<usize>())
+        .map(|m| {
+            let start = m.min_bits.clamp(2, 4);
+            m.fixed_bytes
+                + (0..m.errors.len())
+                    .map(|t| size(m, t, start))
+                    .sum::<usize>()
+        })
         .sum();
     if used > budget {
         return None;
@@ -263,10 +274,12 @@ pub fn allocate_widths(matrices: &[AllocationInput<'_>], bpw: f64) -> Option<(Ve
         let cost = size(m, t, from + 1) - size(m, t, from);
         (OrderedGain(gain / cost as f64), cost)
     };
-    for (i, m) in matrices.iter().enumerate() {
-        for t in 0..m.errors.len() {
-            let (gain, _) = step(m, t, 2);
-            heap.push((gain, i, t));
+    for (i, (m, w)) in matrices.iter().zip(&widths).enumerate() {
+        for (t, &bits) in w.iter().enumerate() {
+            if bits < 4 {
+                let (gain, _) = step(m, t, bits);
+                heap.push((gain, i, t));
+            }
         }
     }
     while let Some((_, i, t)) = heap.pop() {
@@ -578,6 +591,7 @@ mod tests {
             n_in,
             errors: &errors,
             fixed_bytes: fixed_bytes(n_out, n_in, &outliers),
+            min_bits: 2,
         };
         for bpw in [2.6, 3.1, 3.6] {
             let (widths, reached) = allocate_widths(std::slice::from_ref(&input), bpw).unwrap();
@@ -607,5 +621,13 @@ mod tests {
             assert!(stored as f64 * 8.0 / (n_out * n_in) as f64 <= bpw + 1e-9);
         }
         assert!(allocate_widths(std::slice::from_ref(&input), 1.5).is_none());
+        // A floor is respected and paid for from the same budget.
+        let floored = AllocationInput {
+            min_bits: 3,
+            ..input
+        };
+        let (widths, reached) = allocate_widths(std::slice::from_ref(&floored), 3.6).unwrap();
+        assert!(widths[0].iter().all(|&b| b >= 3) && reached <= 3.6);
+        assert!(allocate_widths(std::slice::from_ref(&floored), 3.0).is_none());
     }
 }

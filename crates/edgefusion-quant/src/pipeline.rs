@@ -74,6 +74,9 @@ pub struct QuantizeOptions {
     pub calibration: Option<Calibration>,
     /// GPTQ processes columns by decreasing Hessian diagonal.
     pub act_order: bool,
+    /// Narrowest code width of the token embedding (efq): its errors reach every layer
+    /// through the lookup, which the head's Hessian does not see.
+    pub embedding_min_bits: u8,
 }
 
 /// One quantized matrix, for the report.
@@ -320,11 +323,16 @@ pub fn quantize(
                 .iter()
                 .zip(&errors)
                 .zip(&outlier_sets)
-                .map(|(((_, _, w), errors), outliers)| AllocationInput {
+                .map(|(((role, _, w), errors), outliers)| AllocationInput {
                     n_out: w.n_out,
                     n_in: w.n_in,
                     errors,
                     fixed_bytes: fixed_bytes(w.n_out, w.n_in, outliers),
+                    min_bits: if *role == TensorRole::TokenEmbd {
+                        opts.embedding_min_bits
+                    } else {
+                        2
+                    },
                 })
                 .collect();
             let Some((chosen, _)) = allocate_widths(&inputs, opts.bpw) else {

@@ -60,6 +60,7 @@ fn quantized_tiny_model_loads_and_stays_close() {
             outliers: if method == Method::Efq { 0.005 } else { 0.0 },
             calibration: None,
             act_order: false,
+            embedding_min_bits: 2,
         };
         let report = quantize(
             &ModelSource::open(&input).unwrap(),
@@ -108,6 +109,7 @@ fn quantized_tiny_model_loads_and_stays_close() {
         outliers: 0.005,
         calibration: None,
         act_order: false,
+        embedding_min_bits: 2,
     };
     let err = quantize(
         &ModelSource::open(&input).unwrap(),
@@ -161,6 +163,7 @@ fn calibration_and_gptq_lower_the_error() {
             outliers: 0.0,
             calibration: calib,
             act_order: false,
+            embedding_min_bits: 2,
         };
         quantize(
             &ModelSource::open(&input).unwrap(),
@@ -194,6 +197,7 @@ fn calibration_and_gptq_lower_the_error() {
         outliers: 0.0,
         calibration: Some(short),
         act_order: false,
+        embedding_min_bits: 2,
     };
     let err = quantize(
         &ModelSource::open(&input).unwrap(),
