@@ -516,7 +516,8 @@ impl<'a> EfqMatrix<'a> {
         f16_to_f32([self.bytes[at], self.bytes[at + 1]])
     }
 
-    /// The f16 bits of rows `r0..r0 + 16`'s scales (for SIMD loads).
+    /// The f16 bits of group `g`'s 16 row scales (for SIMD loads).
+    #[cfg(target_arch = "x86_64")]
     pub(crate) fn row_scale_bytes(&self, g: usize) -> &'a [u8] {
         &self.bytes[self.row_scales_at + 2 * TILE_ROWS * g..][..2 * TILE_ROWS]
     }
