@@ -28,7 +28,7 @@
 //! [`EfqParts::to_bytes`].
 
 use crate::cpu::Isa;
-use crate::formats::{f16_to_f32, f32_to_f16};
+use crate::formats::f16_to_f32;
 
 /// Rows per tile (and per row group).
 pub const TILE_ROWS: usize = 16;
@@ -489,11 +489,6 @@ impl<'a> EfqMatrix<'a> {
         })
     }
 
-    /// The whole blob.
-    pub fn bytes(&self) -> &'a [u8] {
-        self.bytes
-    }
-
     /// Tiles per row group.
     pub fn n_tiles(&self) -> usize {
         n_tiles(self.n_in)
@@ -670,13 +665,16 @@ impl ActQ8 {
         )
     }
 
+    /// Value `c` of a row as the kernels see it: `d · code`.
+    pub(crate) fn value(row: &[u8], c: usize) -> f32 {
+        let (d, _, codes) = Self::block(row, c / TILE_COLS);
+        d * codes[c % TILE_COLS] as i8 as f32
+    }
+
     /// The row's values as the kernels see them, `d · code`, into `out (n_in)`.
     pub(crate) fn dequantize_row(row: &[u8], out: &mut [f32]) {
-        for (b, chunk) in out.chunks_mut(TILE_COLS).enumerate() {
-            let (d, _, codes) = Self::block(row, b);
-            for (o, &q) in chunk.iter_mut().zip(codes) {
-                *o = d * q as i8 as f32;
-            }
+        for (c, o) in out.iter_mut().enumerate() {
+            *o = Self::value(row, c);
         }
     }
 }
@@ -732,18 +730,10 @@ pub fn matmul_on(
         "efq::matmul: {n_tok} activation rows need {} bytes",
         n_tok * act_row
     );
-    let n_rows = r1 - r0;
-    if n_rows == 0 || n_tok == 0 {
+    crate::matmul::check_out(r1 - r0, n_tok, out, out_stride);
+    if r1 == r0 || n_tok == 0 {
         return;
     }
-    assert!(
-        n_tok == 1 || out_stride >= n_rows,
-        "efq::matmul: out_stride {out_stride} < {n_rows} rows"
-    );
-    assert!(
-        out.len() >= (n_tok - 1) * out_stride + n_rows,
-        "efq::matmul: output too short"
-    );
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni {
         // SAFETY: VNNI is runnable (asserted), the matrix was checked by `parse`, and the
@@ -754,6 +744,8 @@ pub fn matmul_on(
     matmul_scalar(m, r0, r1, act, n_tok, out, out_stride);
 }
 
+/// The scalar reference: each tile's codes are decoded once per row group and used for
+/// every token; `out` holds the accumulators, so each (row, token) sums its tiles in order.
 #[allow(clippy::too_many_arguments)]
 fn matmul_scalar(
     m: &EfqMatrix<'_>,
@@ -765,59 +757,61 @@ fn matmul_scalar(
     out_stride: usize,
 ) {
     let act_row = ActQ8::row_bytes(m.n_in);
-    DEQUANTIZED_ACT.with_borrow_mut(|x| {
-        x.resize(m.n_in, 0.0);
-        for g in r0 / TILE_ROWS..r1 / TILE_ROWS {
-            let row_scales: [f32; TILE_ROWS] =
-                std::array::from_fn(|r| m.row_scale(g * TILE_ROWS + r));
+    // (16, 128): one tile's codes, row-major.
+    let mut codes = [0u8; TILE_ROWS * TILE_COLS];
+    for g in r0 / TILE_ROWS..r1 / TILE_ROWS {
+        let row_scales: [f32; TILE_ROWS] = std::array::from_fn(|r| m.row_scale(g * TILE_ROWS + r));
+        let base = g * TILE_ROWS - r0;
+        for t in 0..n_tok {
+            out[t * out_stride + base..][..TILE_ROWS].fill(0.0);
+        }
+        for tile_i in 0..m.n_tiles() {
+            let (tile, bits) = (m.tile(g, tile_i), m.width(g, tile_i));
+            let cols = tile_cols(m.n_in, tile_i);
+            for r in 0..TILE_ROWS {
+                for c in 0..cols {
+                    codes[r * TILE_COLS + c] = EfqMatrix::code(tile, bits, r, c);
+                }
+            }
             for t in 0..n_tok {
-                let a_row = &act[t * act_row..(t + 1) * act_row];
-                let mut acc = [0.0f32; TILE_ROWS];
-                for tile_i in 0..m.n_tiles() {
-                    let (tile, bits) = (m.tile(g, tile_i), m.width(g, tile_i));
-                    let (d_a, sum_a, a) = ActQ8::block(a_row, tile_i);
-                    for r in 0..TILE_ROWS {
-                        let dot: i32 = (0..tile_cols(m.n_in, tile_i))
-                            .map(|c| EfqMatrix::code(tile, bits, r, c) as i32 * a[c] as i8 as i32)
-                            .sum();
-                        let isum =
-                            dot.wrapping_sub((EfqMatrix::zero(tile, r) as i32).wrapping_mul(sum_a));
-                        let scale = tile[r] as f32 * row_scales[r];
-                        acc[r] = (isum as f32 * d_a).mul_add(scale, acc[r]);
-                    }
+                let (d_a, sum_a, a) = ActQ8::block(&act[t * act_row..], tile_i);
+                let acc = &mut out[t * out_stride + base..][..TILE_ROWS];
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let dot: i32 = codes[r * TILE_COLS..][..cols]
+                        .iter()
+                        .zip(a)
+                        .map(|(&q, &x)| q as i32 * x as i8 as i32)
+                        .sum();
+                    let isum =
+                        dot.wrapping_sub((EfqMatrix::zero(tile, r) as i32).wrapping_mul(sum_a));
+                    let scale = tile[r] as f32 * row_scales[r];
+                    *acc = (isum as f32 * d_a).mul_add(scale, *acc);
                 }
-                let slots = m.slots(g);
-                if !slots.is_empty() {
-                    ActQ8::dequantize_row(a_row, x);
-                    let gs = m.outlier_scale(g);
-                    for slot in slots.chunks_exact(SLOT_BYTES) {
-                        for (r, a) in acc.iter_mut().enumerate() {
-                            let c = u16::from_le_bytes([slot[2 * r], slot[2 * r + 1]]) as usize;
-                            let v = slot[2 * TILE_ROWS + r] as i8 as f32;
-                            *a = (v * gs).mul_add(x[c], *a);
-                        }
-                    }
-                }
-                let o = &mut out[t * out_stride + (g * TILE_ROWS - r0)..][..TILE_ROWS];
-                o.copy_from_slice(&acc);
             }
         }
-    });
-}
-
-std::thread_local! {
-    /// The scalar kernel's `d · code` activation row for outliers, reused across calls.
-    static DEQUANTIZED_ACT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// f32 → f16 bits, for encoders.
-pub fn f16_bits(x: f32) -> u16 {
-    u16::from_le_bytes(f32_to_f16(x))
+        let slots = m.slots(g);
+        if slots.is_empty() {
+            continue;
+        }
+        let gs = m.outlier_scale(g);
+        for t in 0..n_tok {
+            let a_row = &act[t * act_row..(t + 1) * act_row];
+            let acc = &mut out[t * out_stride + base..][..TILE_ROWS];
+            for slot in slots.chunks_exact(SLOT_BYTES) {
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let c = u16::from_le_bytes([slot[2 * r], slot[2 * r + 1]]) as usize;
+                    let v = slot[2 * TILE_ROWS + r] as i8 as f32;
+                    *a = (v * gs).mul_add(ActQ8::value(a_row, c), *a);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::formats::f16_bits;
     use proptest::prelude::*;
 
     /// Random but valid parts: widths, codes and zeros in range, some outliers.

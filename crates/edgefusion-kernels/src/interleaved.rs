@@ -260,40 +260,35 @@ fn read_interleaved(geo: &Geometry, src: &[u8], r: usize) -> PlainBlock {
     block
 }
 
-/// Row `row` of an interleaved matrix back in GGUF bytes (`out` holds one row).
-///
-/// # Panics
-/// If `ty` has no interleaved layout, `k` is not a multiple of 32 or a buffer is too short.
-pub fn deinterleave_row(ty: GgmlType, k: usize, w: &[u8], row: usize, out: &mut [u8]) {
-    assert!(has_layout(ty), "{} has no interleaved layout", ty.name());
-    assert!(k.is_multiple_of(QK), "k = {k} is not a multiple of {QK}");
-    let geo = Geometry::of(ty);
-    let (nb, bb) = (k / QK, ty.type_size());
+/// Block `b` of row `row` of an interleaved matrix back in GGUF bytes, into `out` (one block).
+fn deinterleave_block(
+    ty: GgmlType,
+    geo: &Geometry,
+    w: &[u8],
+    nb: usize,
+    row: usize,
+    b: usize,
+    out: &mut [u8],
+) {
     let (g, r) = (row / GROUP_ROWS, row % GROUP_ROWS);
-    for b in 0..nb {
-        let src = &w[(g * nb + b) * geo.bytes..][..geo.bytes];
-        write_block(
-            ty,
-            &read_interleaved(&geo, src, r),
-            &mut out[b * bb..][..bb],
-        );
-    }
+    let src = &w[(g * nb + b) * geo.bytes..][..geo.bytes];
+    write_block(ty, &read_interleaved(geo, src, r), out);
 }
 
 /// Row `row` of an interleaved matrix as `k` floats, block by block (no allocation).
 ///
 /// # Panics
-/// As [`deinterleave_row`], or if `out` is shorter than `k`.
+/// If `ty` has no interleaved layout, `k` is not a multiple of 32, or a buffer is shorter
+/// than the row.
 pub fn dequantize_row(ty: GgmlType, k: usize, w: &[u8], row: usize, out: &mut [f32]) {
     assert!(has_layout(ty), "{} has no interleaved layout", ty.name());
     assert!(k.is_multiple_of(QK), "k = {k} is not a multiple of {QK}");
     let geo = Geometry::of(ty);
-    let (nb, bb) = (k / QK, ty.type_size());
-    let (g, r) = (row / GROUP_ROWS, row % GROUP_ROWS);
-    let mut block = [0u8; 34];
+    let bb = ty.type_size();
+    // One GGUF block of the widest interleaved type (Q8_0).
+    let mut block = [0u8; 2 + QK];
     for (b, values) in out[..k].chunks_exact_mut(QK).enumerate() {
-        let src = &w[(g * nb + b) * geo.bytes..][..geo.bytes];
-        write_block(ty, &read_interleaved(&geo, src, r), &mut block[..bb]);
+        deinterleave_block(ty, &geo, w, k / QK, row, b, &mut block[..bb]);
         crate::dequantize_row(ty, &block[..bb], values);
     }
 }
@@ -325,11 +320,9 @@ pub(crate) struct ActBlock {
 
 /// Activation row layout for weights of `ty`: (block bytes, offset of the codes).
 pub(crate) fn act_geometry(ty: GgmlType) -> (usize, usize) {
-    if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
-        (36, 4) // Q8_1: d, s, qs[32]
-    } else {
-        (34, 2) // Q8_0: d, qs[32]
-    }
+    // Q8_0 (d, qs[32]) or Q8_1 (d, s, qs[32]): the codes end the block.
+    let block = crate::vec_dot_type(ty).type_size();
+    (block, block - QK)
 }
 
 /// Fills `info (n_tok, nb)` from `n_tok` activation rows of `nb` blocks.
@@ -346,10 +339,15 @@ pub(crate) fn act_blocks(
     for t in 0..n_tok {
         for b in 0..nb {
             let block = &act[(t * nb + b) * block_bytes..][..block_bytes];
-            let sum: i32 = block[qs_at..qs_at + QK]
-                .iter()
-                .map(|&q| q as i8 as i32)
-                .sum();
+            // Formats with a min have no code bias, so no use for the sum.
+            let sum: i32 = if bias == 0 {
+                0
+            } else {
+                block[qs_at..qs_at + QK]
+                    .iter()
+                    .map(|&q| q as i8 as i32)
+                    .sum()
+            };
             info.push(ActBlock {
                 d: f16_to_f32([block[0], block[1]]),
                 corr: -bias * sum,
@@ -463,26 +461,11 @@ pub fn matmul_interleaved_on(
         isa.name()
     );
     check(ty, k, w, n_rows);
-    let act_row_bytes = act_geometry(ty).0 * (k / QK);
-    assert!(
-        act.len() >= n_tok * act_row_bytes,
-        "{n_tok} activation rows need {} bytes, got {}",
-        n_tok * act_row_bytes,
-        act.len()
-    );
+    // Interleaving keeps the byte count, so the row-layout shape checks apply as they are.
+    crate::matmul::check_shapes(ty, k, w, n_rows, act, n_tok, out, out_stride);
     if n_rows == 0 || n_tok == 0 {
         return;
     }
-    assert!(
-        n_tok == 1 || out_stride >= n_rows,
-        "out_stride {out_stride} < n_rows {n_rows}"
-    );
-    assert!(
-        out.len() >= (n_tok - 1) * out_stride + n_rows,
-        "output needs {} values, got {}",
-        (n_tok - 1) * out_stride + n_rows,
-        out.len()
-    );
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni {
         // SAFETY: VNNI is runnable (asserted above) and the buffers were checked: `w` holds
@@ -499,6 +482,14 @@ pub fn matmul_interleaved_on(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Row `row` of an interleaved matrix back in GGUF bytes (`out` holds one row).
+    fn deinterleave_row(ty: GgmlType, k: usize, w: &[u8], row: usize, out: &mut [u8]) {
+        let (geo, bb) = (Geometry::of(ty), ty.type_size());
+        for b in 0..k / QK {
+            deinterleave_block(ty, &geo, w, k / QK, row, b, &mut out[b * bb..][..bb]);
+        }
+    }
 
     const TYPES: [GgmlType; 5] = [
         GgmlType::Q4_0,

@@ -16,7 +16,7 @@ use crate::GgmlType;
 /// # Panics
 /// If `k` is not a whole number of blocks or a buffer is too short: caller bugs.
 #[allow(clippy::too_many_arguments)]
-fn check_shapes(
+pub(crate) fn check_shapes(
     ty: GgmlType,
     k: usize,
     w: &[u8],
@@ -53,6 +53,15 @@ fn check_shapes(
         n_tok * act_row_bytes,
         act.len()
     );
+    check_out(n_rows, n_tok, out, out_stride);
+    (row_bytes, act_row_bytes)
+}
+
+/// Checks that `out` holds `n_tok` output rows of `n_rows` values, `out_stride` apart.
+///
+/// # Panics
+/// If it does not: a caller bug.
+pub(crate) fn check_out(n_rows: usize, n_tok: usize, out: &[f32], out_stride: usize) {
     if n_tok > 0 && n_rows > 0 {
         assert!(
             n_tok == 1 || out_stride >= n_rows,
@@ -65,7 +74,6 @@ fn check_shapes(
             out.len()
         );
     }
-    (row_bytes, act_row_bytes)
 }
 
 /// `out[t · out_stride + r] = vec_dot(ty, k, w row r, act row t)` for `r < n_rows`,

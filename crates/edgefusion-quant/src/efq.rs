@@ -16,10 +16,9 @@
 //! column c causes is ≈ `h_c · e²`.
 
 use edgefusion_kernels::efq::{
-    f16_bits, n_tiles, tile_bytes, tile_cols, EfqParts, OUTLIER_MAX, SLOT_BYTES, TILE_COLS,
-    TILE_ROWS,
+    n_tiles, tile_bytes, tile_cols, EfqParts, OUTLIER_MAX, SLOT_BYTES, TILE_COLS, TILE_ROWS,
 };
-use edgefusion_kernels::formats::f16_to_f32;
+use edgefusion_kernels::formats::{f16_bits, f16_to_f32};
 
 /// Code widths a tile may have.
 pub const WIDTHS: [u8; 3] = [2, 3, 4];

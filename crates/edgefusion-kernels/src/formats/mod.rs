@@ -102,6 +102,12 @@ pub fn f32_to_f16(value: f32) -> [u8; 2] {
     half::f16::from_f32(value).to_bits().to_le_bytes()
 }
 
+/// f32 to IEEE half bits, round to nearest even.
+#[inline]
+pub fn f16_bits(value: f32) -> u16 {
+    half::f16::from_f32(value).to_bits()
+}
+
 /// The greatest |x| of a block and the signed value that has it (first one on ties), as
 /// llama.cpp's Q4_0/Q5_0 quantizers pick it.
 #[inline]
