@@ -55,12 +55,19 @@ pub struct Linear<'a> {
     pub dtype: GgmlType,
     pub n_in: usize,
     pub n_out: usize,
-    /// `n_out * row_bytes` bytes, ordered as `layout` says.
+    /// The weights: `n_out * row_bytes` bytes in the row or interleaved layout, or one EFQ blob.
     data: Cow<'a, [u8]>,
+    /// Bytes of one row; 0 for EFQ, whose rows differ in size.
     row_bytes: usize,
-    layout: Layout,
-    /// The parsed blob when `layout` is [`Layout::Efq`].
-    efq: Option<EfqMatrix<'a>>,
+    storage: Storage<'a>,
+}
+
+/// How `data` is ordered, with the parsed blob for EFQ.
+#[derive(Debug)]
+enum Storage<'a> {
+    Rows,
+    Interleaved,
+    Efq(EfqMatrix<'a>),
 }
 
 impl<'a> Linear<'a> {
@@ -120,8 +127,7 @@ impl<'a> Linear<'a> {
             n_out,
             data: Cow::Borrowed(view.data),
             row_bytes,
-            layout: Layout::Rows,
-            efq: None,
+            storage: Storage::Rows,
         })
     }
 
@@ -159,10 +165,8 @@ impl<'a> Linear<'a> {
             n_in,
             n_out,
             data: Cow::Borrowed(view.data),
-            // Average bytes per row (rows differ in width): sizes prefill's row panels.
-            row_bytes: view.data.len().div_ceil(n_out),
-            layout: Layout::Efq,
-            efq: Some(matrix),
+            row_bytes: 0,
+            storage: Storage::Efq(matrix),
         })
     }
 
@@ -171,7 +175,7 @@ impl<'a> Linear<'a> {
     /// mapped bytes are not read again afterwards.
     pub fn interleave_for_cpu(&mut self) -> bool {
         let isa = edgefusion_kernels::cpu::isa();
-        if self.layout != Layout::Rows
+        if !matches!(self.storage, Storage::Rows)
             || !interleaved::is_fast_on(isa, self.dtype)
             || !self.n_out.is_multiple_of(interleaved::GROUP_ROWS)
         {
@@ -179,32 +183,34 @@ impl<'a> Linear<'a> {
         }
         let data = interleaved::interleave(self.dtype, self.n_in, &self.data, self.n_out);
         self.data = Cow::Owned(data);
-        self.layout = Layout::Interleaved;
+        self.storage = Storage::Interleaved;
         true
     }
 
     /// How the bytes are ordered.
     pub fn layout(&self) -> Layout {
-        self.layout
+        match self.storage {
+            Storage::Rows => Layout::Rows,
+            Storage::Interleaved => Layout::Interleaved,
+            Storage::Efq(_) => Layout::Efq,
+        }
     }
 
-    /// Bytes of one row.
+    /// Bytes of one row (0 for EFQ, whose rows differ in size).
     pub fn row_bytes(&self) -> usize {
         self.row_bytes
     }
 
     /// Rows `r0..r1` as raw bytes in this matrix's layout; for [`Layout::Interleaved`] both
-    /// ends must be multiples of 16 (or `r1 = n_out`). EFQ blobs have no row ranges: the
-    /// whole blob is returned.
+    /// ends must be multiples of 16 (or `r1 = n_out`). EFQ blobs have no byte ranges per row.
     pub fn rows(&self, r0: usize, r1: usize) -> &[u8] {
-        if self.layout == Layout::Efq {
-            return &self.data;
-        }
-        debug_assert!(
-            self.layout == Layout::Rows
-                || (r0.is_multiple_of(interleaved::GROUP_ROWS)
-                    && r1.is_multiple_of(interleaved::GROUP_ROWS))
-        );
+        debug_assert!(match self.storage {
+            Storage::Rows => true,
+            Storage::Interleaved =>
+                r0.is_multiple_of(interleaved::GROUP_ROWS)
+                    && r1.is_multiple_of(interleaved::GROUP_ROWS),
+            Storage::Efq(_) => false,
+        });
         &self.data[r0 * self.row_bytes..r1 * self.row_bytes]
     }
 
@@ -220,33 +226,28 @@ impl<'a> Linear<'a> {
         out: &mut [f32],
         out_stride: usize,
     ) {
-        if let Some(m) = &self.efq {
-            efq::matmul(m, r0, r1, act, n_tok, out, out_stride);
-            return;
-        }
-        let w = self.rows(r0, r1);
-        match self.layout {
-            Layout::Rows => edgefusion_kernels::matmul(
+        match &self.storage {
+            Storage::Rows => edgefusion_kernels::matmul(
                 self.dtype,
                 self.n_in,
-                w,
+                self.rows(r0, r1),
                 r1 - r0,
                 act,
                 n_tok,
                 out,
                 out_stride,
             ),
-            Layout::Efq => unreachable!("EFQ matrices dispatch above"),
-            Layout::Interleaved => interleaved::matmul_interleaved(
+            Storage::Interleaved => interleaved::matmul_interleaved(
                 self.dtype,
                 self.n_in,
-                w,
+                self.rows(r0, r1),
                 r1 - r0,
                 act,
                 n_tok,
                 out,
                 out_stride,
             ),
+            Storage::Efq(m) => efq::matmul(m, r0, r1, act, n_tok, out, out_stride),
         }
     }
 
@@ -257,32 +258,22 @@ impl<'a> Linear<'a> {
 
     /// The format activations must be quantized to before a dot product with these weights.
     pub fn act_format(&self) -> ActFormat {
-        if self.layout == Layout::Efq {
-            ActFormat::EfqQ8
-        } else {
-            ActFormat::Ggml(edgefusion_kernels::vec_dot_type(self.dtype))
+        match self.storage {
+            Storage::Efq(_) => ActFormat::EfqQ8,
+            _ => ActFormat::Ggml(edgefusion_kernels::vec_dot_type(self.dtype)),
         }
-    }
-
-    /// The EFQ matrix, for EFQ-stored weights.
-    pub fn efq(&self) -> Option<&EfqMatrix<'a>> {
-        self.efq.as_ref()
     }
 
     /// Row `r` as floats (token embedding lookup).
     pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
-        match self.layout {
-            Layout::Rows => {
+        match &self.storage {
+            Storage::Rows => {
                 edgefusion_kernels::dequantize_row(self.dtype, self.rows(r, r + 1), out)
             }
-            Layout::Interleaved => {
+            Storage::Interleaved => {
                 interleaved::dequantize_row(self.dtype, self.n_in, &self.data, r, out)
             }
-            Layout::Efq => self
-                .efq
-                .as_ref()
-                .expect("EFQ layout has a parsed blob")
-                .dequantize_row(r, out),
+            Storage::Efq(m) => m.dequantize_row(r, out),
         }
     }
 }

@@ -5,7 +5,7 @@
 //! row panel by row panel sized to stay in L2, and reuses every panel across its tokens.
 
 use edgefusion_kernels::threads::ThreadPool;
-use edgefusion_model::Linear;
+use edgefusion_model::{Layout, Linear};
 
 /// Bytes of weights per row panel in prefill: about a quarter of a typical 1–2 MiB L2.
 const PANEL_BYTES: usize = 256 * 1024;
@@ -80,8 +80,13 @@ impl Threads {
             return;
         }
         let tok_chunk = n_tok.div_ceil(self.n_threads());
-        let panel_rows = (PANEL_BYTES / w.row_bytes().max(1) / ROW_ALIGN * ROW_ALIGN)
-            .clamp(ROW_ALIGN, n_out.max(ROW_ALIGN));
+        let panel_rows = match w.layout() {
+            Layout::Rows => (PANEL_BYTES / w.row_bytes().max(1) / ROW_ALIGN * ROW_ALIGN)
+                .clamp(ROW_ALIGN, n_out.max(ROW_ALIGN)),
+            // These kernels already reuse each 16-row group from L1 across every token; one
+            // call per token chunk prepares the activations once instead of once per panel.
+            Layout::Interleaved | Layout::Efq => n_out,
+        };
         self.for_chunks(out, tok_chunk * n_out, |i, tok_out| {
             let t0 = i * tok_chunk;
             let nt = tok_out.len() / n_out;
