@@ -84,6 +84,12 @@ pub fn key_cache_len(n_ctx: usize, head_dim: usize) -> usize {
     n_ctx.div_ceil(KEY_PANEL) * KEY_PANEL * head_dim
 }
 
+/// Index of position `pos`'s first element (dimension 0) in a key cache
+/// `(n_panels, head_dim, KEY_PANEL)`; dimension `d` is `KEY_PANEL · d` further.
+fn key_col(head_dim: usize, pos: usize) -> usize {
+    pos / KEY_PANEL * KEY_PANEL * head_dim + pos % KEY_PANEL
+}
+
 /// Writes `key (head_dim)` as position `pos` of one KV head's key cache
 /// `(n_panels, head_dim, KEY_PANEL)`.
 ///
@@ -91,7 +97,7 @@ pub fn key_cache_len(n_ctx: usize, head_dim: usize) -> usize {
 /// If `pos` is outside `keys`.
 pub fn store_key<T: KvElement>(keys: &mut [T], head_dim: usize, pos: usize, key: &[f32]) {
     assert_eq!(key.len(), head_dim, "store_key: key length != head_dim");
-    let col0 = pos / KEY_PANEL * KEY_PANEL * head_dim + pos % KEY_PANEL;
+    let col0 = key_col(head_dim, pos);
     assert!(
         col0 + head_dim.saturating_sub(1) * KEY_PANEL < keys.len(),
         "store_key: position {pos} outside a cache of {} elements",
@@ -161,14 +167,25 @@ pub fn scores_scalar<T: KvElement>(
     ld: usize,
 ) {
     let m = check_scores(q, head_dim, keys, n_keys, out, ld);
+    let panel_len = KEY_PANEL * head_dim;
     for (i, q_row) in q.chunks_exact(head_dim).enumerate().take(m) {
-        for j in 0..n_keys {
-            let col = j / KEY_PANEL * KEY_PANEL * head_dim + j % KEY_PANEL;
-            let mut acc = 0.0f32;
-            for (d, &qd) in q_row.iter().enumerate() {
-                acc = qd.mul_add(keys[col + d * KEY_PANEL].to_f32(), acc);
+        // A panel at a time: its 16 keys are independent chains over `d`, which the
+        // compiler vectorizes (each score is still one fused multiply-add chain over `d`).
+        for (p, panel) in keys[..n_keys.div_ceil(KEY_PANEL) * panel_len]
+            .chunks_exact(panel_len)
+            .enumerate()
+        {
+            let mut acc = [0.0f32; KEY_PANEL];
+            for (&qd, column) in q_row.iter().zip(panel.chunks_exact(KEY_PANEL)) {
+                for (a, &k) in acc.iter_mut().zip(column) {
+                    *a = qd.mul_add(k.to_f32(), *a);
+                }
             }
-            out[i * ld + j] = acc * scale;
+            let j0 = p * KEY_PANEL;
+            let n = (n_keys - j0).min(KEY_PANEL);
+            for (o, a) in out[i * ld + j0..][..n].iter_mut().zip(&acc) {
+                *o = a * scale;
+            }
         }
     }
 }
@@ -251,7 +268,7 @@ fn check_scores<T>(
     );
     let m = q.len() / head_dim;
     assert!(ld >= n_keys, "scores: ld {ld} < n_keys {n_keys}");
-    let panels = n_keys.div_ceil(KEY_PANEL) * KEY_PANEL * head_dim;
+    let panels = key_cache_len(n_keys, head_dim);
     assert!(
         keys.len() >= panels,
         "scores: {n_keys} keys need {panels} cache elements (whole panels), got {}",
@@ -401,47 +418,47 @@ fn weighted_sum_impl<T: KvElement>(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::KEY_PANEL;
+    use crate::x86::avx2::{F16Row, F32Row, FloatRow8};
+    use crate::x86::avx512::FloatRow16;
     use half::f16;
     use std::arch::x86_64::*;
 
-    /// Loads of cache elements as f32 lanes.
+    /// A cache element type and the crate's float-row loaders for it (the ones the float
+    /// matmul kernels use), reached through typed pointers.
     pub(super) trait Lanes: Copy {
-        /// 16 elements.
-        unsafe fn load16(p: *const Self) -> __m512;
-        /// The elements of `p[..16]` selected by `mask` (others read as 0, never touched).
-        unsafe fn load16_masked(p: *const Self, mask: __mmask16) -> __m512;
-        /// 8 elements.
-        unsafe fn load8(p: *const Self) -> __m256;
+        type Row: FloatRow16 + FloatRow8;
     }
 
     impl Lanes for f32 {
-        #[inline(always)]
-        unsafe fn load16(p: *const f32) -> __m512 {
-            _mm512_loadu_ps(p)
-        }
-        #[inline(always)]
-        unsafe fn load16_masked(p: *const f32, mask: __mmask16) -> __m512 {
-            _mm512_maskz_loadu_ps(mask, p)
-        }
-        #[inline(always)]
-        unsafe fn load8(p: *const f32) -> __m256 {
-            _mm256_loadu_ps(p)
-        }
+        type Row = F32Row;
     }
 
     impl Lanes for f16 {
-        #[inline(always)]
-        unsafe fn load16(p: *const f16) -> __m512 {
-            _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
-        }
-        #[inline(always)]
-        unsafe fn load16_masked(p: *const f16, mask: __mmask16) -> __m512 {
-            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p.cast()))
-        }
-        #[inline(always)]
-        unsafe fn load8(p: *const f16) -> __m256 {
-            _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
-        }
+        type Row = F16Row;
+    }
+
+    /// 16 elements at `p` as f32.
+    #[inline(always)]
+    unsafe fn load16<E: Lanes>(p: *const E) -> __m512 {
+        E::Row::load16(p.cast())
+    }
+
+    /// The elements of `p[..16]` selected by `mask` (others read as 0, never touched).
+    #[inline(always)]
+    unsafe fn load16_masked<E: Lanes>(p: *const E, mask: __mmask16) -> __m512 {
+        E::Row::load_masked(p.cast(), mask)
+    }
+
+    /// 8 elements at `p` as f32.
+    #[inline(always)]
+    unsafe fn load8<E: Lanes>(p: *const E) -> __m256 {
+        E::Row::load8(p.cast())
+    }
+
+    /// One element at `p` as f32.
+    #[inline(always)]
+    unsafe fn load1<E: Lanes>(p: *const E) -> f32 {
+        E::Row::load1(p.cast())
     }
 
     /// A checked `scores` call: `q (m, head_dim)`, `out` rows at stride `ld`.
@@ -497,7 +514,7 @@ mod x86 {
         for d in 0..hd {
             let mut k = [_mm512_setzero_ps(); P];
             for (p, kp) in k.iter_mut().enumerate() {
-                *kp = E::load16(keys.add(p * panel + d * KEY_PANEL));
+                *kp = load16(keys.add(p * panel + d * KEY_PANEL));
             }
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let qv = _mm512_set1_ps(*q.add(r * hd + d));
@@ -578,9 +595,9 @@ mod x86 {
             let mut v = [_mm512_setzero_ps(); C];
             for (c, vc) in v.iter_mut().enumerate() {
                 *vc = if c + 1 == C {
-                    E::load16_masked(row.add(c * 16), last_mask)
+                    load16_masked(row.add(c * 16), last_mask)
                 } else {
-                    E::load16(row.add(c * 16))
+                    load16(row.add(c * 16))
                 };
             }
             for (r, acc_r) in acc.iter_mut().enumerate() {
@@ -657,8 +674,8 @@ mod x86 {
         let hd = a.head_dim;
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for d in 0..hd {
-            let k0 = E::load8(keys.add(d * KEY_PANEL));
-            let k1 = E::load8(keys.add(d * KEY_PANEL + 8));
+            let k0 = load8(keys.add(d * KEY_PANEL));
+            let k1 = load8(keys.add(d * KEY_PANEL + 8));
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let qv = _mm256_set1_ps(*q.add(r * hd + d));
                 acc_r[0] = _mm256_fmadd_ps(qv, k0, acc_r[0]);
@@ -721,7 +738,7 @@ mod x86 {
             let row = values.add(j * a.head_dim);
             let mut v = [_mm256_setzero_ps(); C];
             for (c, vc) in v.iter_mut().enumerate() {
-                *vc = E::load8(row.add(c * 8));
+                *vc = load8(row.add(c * 8));
             }
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let pv = _mm256_set1_ps(*probs.add(r * a.ld + j));
@@ -738,11 +755,7 @@ mod x86 {
     }
 
     #[inline(always)]
-    unsafe fn sum_rows_256<E: Lanes + super::KvElement, const R: usize>(
-        a: &SumArgs,
-        values: *const E,
-        r0: usize,
-    ) {
+    unsafe fn sum_rows_256<E: Lanes, const R: usize>(a: &SumArgs, values: *const E, r0: usize) {
         let n_vecs = a.head_dim / 8;
         let probs = a.probs.add(r0 * a.ld);
         let mut c0 = 0;
@@ -761,7 +774,7 @@ mod x86 {
             for col in n_vecs * 8..a.head_dim {
                 let mut acc = 0.0f32;
                 for j in 0..a.n_keys {
-                    let v = (*values.add(j * a.head_dim + col)).to_f32();
+                    let v = load1(values.add(j * a.head_dim + col));
                     acc = (*probs.add(r * a.ld + j)).mul_add(v, acc);
                 }
                 *a.out.add((r0 + r) * a.head_dim + col) = acc;
@@ -775,10 +788,7 @@ mod x86 {
     /// AVX2, FMA and F16C must be available; the arguments must have passed
     /// `check_weighted_sum` and `values` must point at elements of type `E`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn weighted_sum_avx2<E: Lanes + super::KvElement>(
-        a: &SumArgs,
-        values: *const E,
-    ) {
+    pub(super) unsafe fn weighted_sum_avx2<E: Lanes>(a: &SumArgs, values: *const E) {
         let mut r0 = 0;
         while r0 < a.m {
             match a.m - r0 {
@@ -854,8 +864,7 @@ mod tests {
                                 }
                                 let l1: f32 = (0..head_dim)
                                     .map(|d| {
-                                        let col =
-                                            j / KEY_PANEL * KEY_PANEL * head_dim + j % KEY_PANEL;
+                                        let col = key_col(head_dim, j);
                                         (q[i * head_dim + d] * cache[col + d * KEY_PANEL].to_f32())
                                             .abs()
                                     })

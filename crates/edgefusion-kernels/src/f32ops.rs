@@ -341,22 +341,20 @@ fn max_body(x: &[f32]) -> f32 {
 
 #[inline(always)]
 fn exp_sub_max_sum_body(x: &mut [f32], max: f32) -> f64 {
-    for v in x.iter_mut() {
-        *v = exp(*v - max);
-    }
-    // f64 partial sums in lanes: the order differs from a sequential f64 sum only below
-    // f64's precision, far under the f32 the result is used at.
+    // One pass: exponentials and f64 partial sums in lanes. The order differs from a
+    // sequential f64 sum only below f64's precision, far under the f32 the result is used at.
     let mut lanes = [0.0f64; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for (s, &v) in lanes.iter_mut().zip(chunk) {
-            *s += v as f64;
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for (s, v) in lanes.iter_mut().zip(chunk) {
+            *v = exp(*v - max);
+            *s += *v as f64;
         }
     }
     let mut sum: f64 = lanes.iter().sum();
-    for &v in tail {
-        sum += v as f64;
+    for v in chunks.into_remainder() {
+        *v = exp(*v - max);
+        sum += *v as f64;
     }
     sum
 }

@@ -329,9 +329,8 @@ impl<'m> Session<'m> {
             .iter()
             .filter(|l| matches!(l.mixer, Mixer::Attention(_)))
             .count();
-        let keys_len =
-            n_attention * cfg.n_kv_heads * attention::key_cache_len(opts.n_ctx, cfg.head_dim);
-        let values_len = n_attention * opts.n_ctx * cfg.kv_dim();
+        let (layer_keys, layer_values) = layer_cache_lens(cfg, opts.n_ctx);
+        let (keys_len, values_len) = (n_attention * layer_keys, n_attention * layer_values);
         let kv = match opts.kv_type {
             // Zeroed allocations: the OS maps pages as positions are used, so a long context
             // costs memory only once it is filled.
@@ -610,14 +609,22 @@ impl<'a, T: KvElement> KvLayer<'a, T> {
         index: usize,
         n_ctx: usize,
     ) -> Self {
-        let keys_len = cfg.n_kv_heads * attention::key_cache_len(n_ctx, cfg.head_dim);
-        let values_len = cfg.n_kv_heads * n_ctx * cfg.head_dim;
+        let (keys_len, values_len) = layer_cache_lens(cfg, n_ctx);
         KvLayer {
             keys: &mut keys[index * keys_len..(index + 1) * keys_len],
             values: &mut values[index * values_len..(index + 1) * values_len],
             n_ctx,
         }
     }
+}
+
+/// Elements of one attention layer's key and value caches for `n_ctx` positions:
+/// keys `(n_kv_heads, n_ctx_padded / 16, head_dim, 16)`, values `(n_kv_heads, n_ctx, head_dim)`.
+fn layer_cache_lens(cfg: &ModelConfig, n_ctx: usize) -> (usize, usize) {
+    (
+        cfg.n_kv_heads * attention::key_cache_len(n_ctx, cfg.head_dim),
+        cfg.n_kv_heads * n_ctx * cfg.head_dim,
+    )
 }
 
 /// Chunks per thread: enough to balance uneven work (causal rows differ in length).
