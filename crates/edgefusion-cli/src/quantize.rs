@@ -40,8 +40,8 @@ pub struct QuantizeArgs {
     /// Average bits per weight over the quantized matrices, every overhead included (efq).
     #[arg(long, default_value_t = 3.1)]
     pub bpw: f64,
-    /// Code width for --method rtn (2, 3 or 4).
-    #[arg(long, default_value_t = 3)]
+    /// Code width for --method rtn and gptq.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=4))]
     pub bits: u8,
     /// Share of each matrix's weights kept as 6-bit outliers (efq).
     #[arg(long, default_value_t = 0.005)]
@@ -71,9 +71,6 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
             "--bpw {} is outside what 2- to 4-bit tiles can reach (2.0 to 8.0 with overheads)",
             args.bpw
         );
-    }
-    if !(2..=4).contains(&args.bits) {
-        bail!("--bits {} is not one of 2, 3, 4", args.bits);
     }
     if !(0.0..0.1).contains(&args.outliers) {
         bail!("--outliers {} must be in [0, 0.1)", args.outliers);
@@ -112,11 +109,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         embedding_min_bits: args.embedding_bits,
         bpw: args.bpw,
         bits: args.bits,
-        outliers: if matches!(args.method, MethodArg::Rtn) {
-            0.0
-        } else {
-            args.outliers
-        },
+        outliers: args.outliers,
     };
     let bar = ProgressBar::new(0);
     bar.set_style(

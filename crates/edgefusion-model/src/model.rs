@@ -161,28 +161,51 @@ impl<'a> Model<'a> {
 
     /// Bytes of all weights the forward pass reads (the tied head counted once).
     pub fn weight_bytes(&self) -> usize {
-        let mut total = self.token_embd.bytes().len()
-            + self.output.as_ref().map_or(0, |o| o.bytes().len())
-            + self.output_norm.len() * 4;
+        let mut total = self.output_norm.len() * 4;
+        total += self
+            .linears()
+            .iter()
+            .map(|(_, _, w)| w.bytes().len())
+            .sum::<usize>();
         for layer in &self.layers {
             total += (layer.attn_norm.len() + layer.ffn_norm.len()) * 4;
             match &layer.mixer {
                 Mixer::Attention(a) => {
-                    total += [&a.wq, &a.wk, &a.wv, &a.wo]
-                        .iter()
-                        .map(|w| w.bytes().len())
-                        .sum::<usize>();
                     total += [&a.bq, &a.bk, &a.bv]
                         .iter()
                         .map(|b| b.as_ref().map_or(0, |b| b.len() * 4))
                         .sum::<usize>();
                 }
             }
-            total += [&layer.ffn.gate, &layer.ffn.up, &layer.ffn.down]
-                .iter()
-                .map(|w| w.bytes().len())
-                .sum::<usize>();
         }
         total
+    }
+
+    /// Every weight matrix with its tensor role and layer, in file order: the token
+    /// embedding, the output head when it is not tied, then per layer q, k, v, o, gate, up,
+    /// down.
+    pub fn linears(&self) -> Vec<(TensorRole, Option<usize>, &Linear<'a>)> {
+        let mut out = vec![(TensorRole::TokenEmbd, None, &self.token_embd)];
+        if let Some(output) = &self.output {
+            out.push((TensorRole::Output, None, output));
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let l = Some(i);
+            match &layer.mixer {
+                Mixer::Attention(a) => out.extend([
+                    (TensorRole::AttnQ, l, &a.wq),
+                    (TensorRole::AttnK, l, &a.wk),
+                    (TensorRole::AttnV, l, &a.wv),
+                    (TensorRole::AttnOutput, l, &a.wo),
+                ]),
+            }
+            let ffn = &layer.ffn;
+            out.extend([
+                (TensorRole::FfnGate, l, &ffn.gate),
+                (TensorRole::FfnUp, l, &ffn.up),
+                (TensorRole::FfnDown, l, &ffn.down),
+            ]);
+        }
+        out
     }
 }

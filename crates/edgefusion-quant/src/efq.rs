@@ -118,10 +118,8 @@ pub struct Plan {
     grids: Vec<Grid>,
     /// (n_out / 16): f16 bits of each group's outlier scale.
     outlier_scales: Vec<u16>,
-    /// Sorted (row, col, v) of the outliers.
-    outliers: Vec<(u32, u32, i8)>,
-    /// (n_out, n_in): true at outlier positions.
-    is_outlier: Vec<bool>,
+    /// (n_out, n_in): each weight's 6-bit outlier code, 0 where it is not an outlier.
+    outlier_codes: Vec<i8>,
 }
 
 /// Chooses the outliers of `w (n_out, n_in)`: in every row, the `round(frac · n_in)` weights
@@ -386,35 +384,27 @@ pub fn plan(
             g.scale = rounded;
         }
     }
-    // Outlier values: 6 bits under one f16 scale per row group.
+    // Outlier values: 6 bits under one f16 scale per row group. `outliers` is sorted by
+    // row, so each group's outliers are one run; groups without any keep scale 0.
     let mut outlier_scales = vec![0u16; n_out / TILE_ROWS];
-    let mut quantized = Vec::with_capacity(outliers.len());
-    for (g, scale) in outlier_scales.iter_mut().enumerate() {
-        let in_group = outliers
-            .iter()
-            .filter(|&&(r, _)| r as usize / TILE_ROWS == g);
-        let max = in_group.clone().fold(0.0f32, |m, &(r, c)| {
+    let mut outlier_codes = vec![0i8; n_out * n_in];
+    for in_group in outliers.chunk_by(|a, b| a.0 as usize / TILE_ROWS == b.0 as usize / TILE_ROWS) {
+        let g = in_group[0].0 as usize / TILE_ROWS;
+        let max = in_group.iter().fold(0.0f32, |m, &(r, c)| {
             m.max(w[r as usize * n_in + c as usize].abs())
         });
-        *scale = f16_bits(max / OUTLIER_MAX as f32);
-        let gs = f16_to_f32(scale.to_le_bytes());
-        for &(r, c) in in_group {
-            let v = if gs > 0.0 {
-                (w[r as usize * n_in + c as usize] / gs)
+        outlier_scales[g] = f16_bits(max / OUTLIER_MAX as f32);
+        let gs = f16_to_f32(outlier_scales[g].to_le_bytes());
+        if gs > 0.0 {
+            for &(r, c) in in_group {
+                let i = r as usize * n_in + c as usize;
+                // 0 (an outlier too small for the scale) means "not an outlier".
+                outlier_codes[i] = (w[i] / gs)
                     .round()
-                    .clamp(-(OUTLIER_MAX as f32), OUTLIER_MAX as f32) as i8
-            } else {
-                0
-            };
-            if v != 0 {
-                quantized.push((r, c, v));
+                    .clamp(-(OUTLIER_MAX as f32), OUTLIER_MAX as f32)
+                    as i8;
             }
         }
-    }
-    quantized.sort_unstable();
-    let mut is_outlier = vec![false; n_out * n_in];
-    for &(r, c, _) in &quantized {
-        is_outlier[r as usize * n_in + c as usize] = true;
     }
     Plan {
         n_out,
@@ -424,26 +414,18 @@ pub fn plan(
         block_scales,
         grids,
         outlier_scales,
-        outliers: quantized,
-        is_outlier,
+        outlier_codes,
     }
 }
 
 impl Plan {
-    fn outlier_value(&self, r: usize, c: usize) -> f32 {
-        let i = self
-            .outliers
-            .binary_search_by(|&(or, oc, _)| (or as usize, oc as usize).cmp(&(r, c)))
-            .expect("is_outlier and outliers agree");
-        let gs = f16_to_f32(self.outlier_scales[r / TILE_ROWS].to_le_bytes());
-        gs * self.outliers[i].2 as f32
-    }
-
     /// The value weight `(r, c)` is stored as when it is `v`: its outlier value, or the nearest
     /// point of its block's grid.
     pub fn round(&self, r: usize, c: usize, v: f32) -> f32 {
-        if self.is_outlier[r * self.n_in + c] {
-            return self.outlier_value(r, c);
+        let outlier = self.outlier_codes[r * self.n_in + c];
+        if outlier != 0 {
+            let gs = f16_to_f32(self.outlier_scales[r / TILE_ROWS].to_le_bytes());
+            return gs * outlier as f32;
         }
         let grid = self.grids[r * n_tiles(self.n_in) + c / TILE_COLS];
         grid.value(grid.code(v))
@@ -461,7 +443,7 @@ impl Plan {
             }
             for c in 0..n_in {
                 let grid = self.grids[r * nt + c / TILE_COLS];
-                codes[r * n_in + c] = if self.is_outlier[r * n_in + c] {
+                codes[r * n_in + c] = if self.outlier_codes[r * n_in + c] != 0 {
                     grid.zero
                 } else {
                     grid.code(w[r * n_in + c])
@@ -477,7 +459,14 @@ impl Plan {
             zeros,
             codes,
             outlier_scales: self.outlier_scales.clone(),
-            outliers: self.outliers.clone(),
+            // Row-major scan: sorted by (row, col), as the outliers were selected.
+            outliers: self
+                .outlier_codes
+                .iter()
+                .enumerate()
+                .filter(|&(_, &v)| v != 0)
+                .map(|(i, &v)| ((i / n_in) as u32, (i % n_in) as u32, v))
+                .collect(),
         }
     }
 }

@@ -113,14 +113,7 @@ pub fn gptq(
     round: impl Fn(usize, usize, f32) -> f32 + Sync,
 ) -> Result<GptqReport, QuantError> {
     let n = n_in;
-    let expected = n_out.saturating_mul(n);
-    if w.len() != expected {
-        return Err(QuantError::Shape {
-            what: "gptq weights (n_out, n_in)".into(),
-            expected,
-            found: w.len(),
-        });
-    }
+    check_shape(w, n_out, n)?;
     if hessian.n() != n {
         return Err(QuantError::Shape {
             what: "gptq Hessian size (n_in)".into(),
@@ -128,21 +121,8 @@ pub fn gptq(
             found: hessian.n(),
         });
     }
-    if opts.block_size == 0 {
-        return Err(invalid("gptq block_size", "must be at least 1"));
-    }
-    if !(opts.damp.is_finite() && opts.damp >= 0.0) {
-        return Err(invalid(
-            "gptq damp",
-            &format!("must be finite and ≥ 0, got {}", opts.damp),
-        ));
-    }
-    if let Some(index) = w.iter().position(|v| !v.is_finite()) {
-        return Err(QuantError::NonFinite {
-            what: "gptq weights".into(),
-            index,
-        });
-    }
+    check_options(opts)?;
+    check_finite(w)?;
     if n == 0 || n_out == 0 {
         return Ok(GptqReport {
             damp_used: opts.damp,
@@ -150,90 +130,160 @@ pub fn gptq(
             loss: 0.0,
         });
     }
-    if hessian.n_rows() == 0 {
-        return Err(invalid(
-            "gptq Hessian",
-            "holds no calibration rows (every column would be dead)",
-        ));
-    }
+    GptqFactor::new(hessian, opts)?.apply_checked(w, n_out, round)
+}
 
-    // Step 1: H and its dead columns.
-    let mut h = hessian.mean(); // (n, n)
-    if let Some(index) = h.iter().position(|v| !v.is_finite()) {
-        return Err(QuantError::NonFinite {
-            what: "gptq Hessian".into(),
-            index,
-        });
-    }
-    let mut dead = vec![false; n];
-    for (j, is_dead) in dead.iter_mut().enumerate() {
-        if h[j * n + j] == 0.0 {
-            h[j * n + j] = 1.0;
-            *is_dead = true;
+/// Steps 1–4 of [`gptq`] for one Hessian: what every matrix reading the same input (q, k
+/// and v; gate and up) shares, so that it is factorized once for all of them.
+pub struct GptqFactor {
+    n: usize,
+    block_size: usize,
+    /// (n,): original column of each processing position.
+    perm: Vec<usize>,
+    /// (n,) by original column.
+    dead: Vec<bool>,
+    /// (n, n) upper triangular, processing order.
+    hinv: Vec<f32>,
+    /// Per lazy batch: (n − b1, b1 − b0) as f32 bytes.
+    hinv_t: Vec<Vec<u8>>,
+    damp_used: f64,
+    dead_columns: usize,
+}
+
+impl GptqFactor {
+    /// Factorizes `hessian` (`n_in × n_in`) for `opts`.
+    ///
+    /// # Errors
+    /// As [`gptq`], for the Hessian and the options.
+    pub fn new(hessian: &Hessian, opts: &GptqOptions) -> Result<Self, QuantError> {
+        check_options(opts)?;
+        let n = hessian.n();
+        if hessian.n_rows() == 0 {
+            return Err(invalid(
+                "gptq Hessian",
+                "holds no calibration rows (every column would be dead)",
+            ));
         }
-    }
-    let dead_columns = dead.iter().filter(|&&d| d).count();
 
-    // Step 2: processing order; position p holds original column perm[p].
-    let mut perm: Vec<usize> = (0..n).collect();
-    if opts.act_order {
-        perm.sort_by(|&a, &b| h[b * n + b].total_cmp(&h[a * n + a]));
-    }
-    // (n, n) in processing order
-    let h_perm = if opts.act_order {
-        let mut h_perm = vec![0.0f64; n * n];
-        for (row, &i) in h_perm.chunks_exact_mut(n).zip(&perm) {
-            let h_row = &h[i * n..(i + 1) * n];
-            for (v, &j) in row.iter_mut().zip(&perm) {
-                *v = h_row[j];
+        // Step 1: H and its dead columns.
+        let mut h = hessian.mean(); // (n, n)
+        if let Some(index) = h.iter().position(|v| !v.is_finite()) {
+            return Err(QuantError::NonFinite {
+                what: "gptq Hessian".into(),
+                index,
+            });
+        }
+        let mut dead = vec![false; n];
+        for (j, is_dead) in dead.iter_mut().enumerate() {
+            if h[j * n + j] == 0.0 {
+                h[j * n + j] = 1.0;
+                *is_dead = true;
             }
         }
-        drop(h);
-        h_perm
-    } else {
-        h
-    };
+        let dead_columns = dead.iter().filter(|&&d| d).count();
 
-    // Steps 3 and 4.
-    let (hinv, damp) = damped_inverse_factor(h_perm, n, opts.damp, &perm)?;
-
-    // Per lazy batch [b0, b1): Hinv[b0..b1, b1..] transposed, (n − b1, b1 − b0) as f32
-    // bytes: the weight operand of the matmul in the batch update.
-    let block_size = opts.block_size;
-    let hinv_t: Vec<Vec<u8>> = (0..n.div_ceil(block_size))
-        .into_par_iter()
-        .map(|blk| {
-            let (b0, b1) = (blk * block_size, ((blk + 1) * block_size).min(n));
-            let mut bytes = Vec::with_capacity(4 * (n - b1) * (b1 - b0));
-            for j in b1..n {
-                for i in b0..b1 {
-                    bytes.extend_from_slice(&hinv[i * n + j].to_le_bytes());
+        // Step 2: processing order; position p holds original column perm[p].
+        let mut perm: Vec<usize> = (0..n).collect();
+        if opts.act_order {
+            perm.sort_by(|&a, &b| h[b * n + b].total_cmp(&h[a * n + a]));
+        }
+        // (n, n) in processing order
+        let h_perm = if opts.act_order {
+            let mut h_perm = vec![0.0f64; n * n];
+            for (row, &i) in h_perm.chunks_exact_mut(n).zip(&perm) {
+                let h_row = &h[i * n..(i + 1) * n];
+                for (v, &j) in row.iter_mut().zip(&perm) {
+                    *v = h_row[j];
                 }
             }
-            bytes
+            drop(h);
+            h_perm
+        } else {
+            h
+        };
+
+        // Steps 3 and 4.
+        let (hinv, damp_used) = damped_inverse_factor(h_perm, n, opts.damp, &perm)?;
+
+        // Per lazy batch [b0, b1): Hinv[b0..b1, b1..] transposed, (n − b1, b1 − b0) as f32
+        // bytes: the weight operand of the matmul in the batch update.
+        let block_size = opts.block_size;
+        let hinv_t: Vec<Vec<u8>> = (0..n.div_ceil(block_size))
+            .into_par_iter()
+            .map(|blk| {
+                let (b0, b1) = (blk * block_size, ((blk + 1) * block_size).min(n));
+                let mut bytes = Vec::with_capacity(4 * (n - b1) * (b1 - b0));
+                for j in b1..n {
+                    for i in b0..b1 {
+                        bytes.extend_from_slice(&hinv[i * n + j].to_le_bytes());
+                    }
+                }
+                bytes
+            })
+            .collect();
+
+        Ok(GptqFactor {
+            n,
+            block_size,
+            perm,
+            dead,
+            hinv,
+            hinv_t,
+            damp_used,
+            dead_columns,
         })
-        .collect();
+    }
 
-    // Step 5, in parallel over chunks of rows.
-    let ctx = ColumnLoop {
-        n,
-        block_size,
-        perm: &perm,
-        dead: &dead,
-        hinv: &hinv,
-        hinv_t: &hinv_t,
-    };
-    let loss = w
-        .par_chunks_mut(TASK_ROWS * n)
-        .enumerate()
-        .map(|(task, rows)| ctx.run(task * TASK_ROWS, rows, &round))
-        .try_reduce(|| 0.0, |a, b| Ok(a + b))?;
+    /// Step 5 of [`gptq`]: quantizes `w` `(n_out, n_in)` in place with this factor.
+    ///
+    /// # Errors
+    /// As [`gptq`], for the weights and `round`.
+    pub fn apply(
+        &self,
+        w: &mut [f32],
+        n_out: usize,
+        round: impl Fn(usize, usize, f32) -> f32 + Sync,
+    ) -> Result<GptqReport, QuantError> {
+        check_shape(w, n_out, self.n)?;
+        check_finite(w)?;
+        self.apply_checked(w, n_out, round)
+    }
 
-    Ok(GptqReport {
-        damp_used: damp,
-        dead_columns,
-        loss,
-    })
+    fn apply_checked(
+        &self,
+        w: &mut [f32],
+        n_out: usize,
+        round: impl Fn(usize, usize, f32) -> f32 + Sync,
+    ) -> Result<GptqReport, QuantError> {
+        let n = self.n;
+        if n == 0 || n_out == 0 {
+            return Ok(GptqReport {
+                damp_used: self.damp_used,
+                dead_columns: self.dead_columns,
+                loss: 0.0,
+            });
+        }
+        // Step 5, in parallel over chunks of rows.
+        let ctx = ColumnLoop {
+            n,
+            block_size: self.block_size,
+            perm: &self.perm,
+            dead: &self.dead,
+            hinv: &self.hinv,
+            hinv_t: &self.hinv_t,
+        };
+        let loss = w
+            .par_chunks_mut(TASK_ROWS * n)
+            .enumerate()
+            .map(|(task, rows)| ctx.run(task * TASK_ROWS, rows, &round))
+            .try_reduce(|| 0.0, |a, b| Ok(a + b))?;
+
+        Ok(GptqReport {
+            damp_used: self.damp_used,
+            dead_columns: self.dead_columns,
+            loss,
+        })
+    }
 }
 
 /// Steps 3 and 4 of [`gptq`]: `Hinv`, the upper Cholesky factor of `(H + λI)⁻¹`, `(n, n)`
@@ -271,6 +321,41 @@ fn damped_inverse_factor(
             }
         }
     }
+}
+
+fn check_shape(w: &[f32], n_out: usize, n: usize) -> Result<(), QuantError> {
+    let expected = n_out.saturating_mul(n);
+    if w.len() != expected {
+        return Err(QuantError::Shape {
+            what: "gptq weights (n_out, n_in)".into(),
+            expected,
+            found: w.len(),
+        });
+    }
+    Ok(())
+}
+
+fn check_finite(w: &[f32]) -> Result<(), QuantError> {
+    match w.iter().position(|v| !v.is_finite()) {
+        Some(index) => Err(QuantError::NonFinite {
+            what: "gptq weights".into(),
+            index,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn check_options(opts: &GptqOptions) -> Result<(), QuantError> {
+    if opts.block_size == 0 {
+        return Err(invalid("gptq block_size", "must be at least 1"));
+    }
+    if !(opts.damp.is_finite() && opts.damp >= 0.0) {
+        return Err(invalid(
+            "gptq damp",
+            &format!("must be finite and ≥ 0, got {}", opts.damp),
+        ));
+    }
+    Ok(())
 }
 
 fn invalid(what: &str, reason: &str) -> QuantError {

@@ -10,17 +10,17 @@ use std::path::Path;
 use edgefusion_io::gguf::{GgufWriter, MetaValue};
 use edgefusion_io::names::TensorRole;
 use edgefusion_io::ModelSource;
-use edgefusion_kernels::efq::{n_tiles, TILE_ROWS};
+use edgefusion_kernels::efq::{n_tiles, COL_ALIGN, TILE_ROWS};
 use edgefusion_kernels::GgmlType;
 use edgefusion_model::model::{EFQ_VERSION as EFQ_FILE_VERSION, EFQ_VERSION_KEY as VERSION_KEY};
-use edgefusion_model::{Linear, Mixer, Model};
+use edgefusion_model::{Linear, Model};
 use edgefusion_runtime::tokenizer::Tokenizer;
 use edgefusion_runtime::{LinearInput, Logits, Session, SessionOptions};
 
 use crate::efq::{
     allocate_widths, fixed_bytes, plan, select_outliers, tile_errors, AllocationInput,
 };
-use crate::gptq::{gptq, GptqOptions};
+use crate::gptq::{GptqFactor, GptqOptions};
 use crate::hessian::Hessian;
 use crate::QuantError;
 
@@ -106,38 +106,25 @@ pub struct QuantizeReport {
 /// (`None`: the token embedding, which is looked up rather than multiplied).
 fn matrices<'m>(model: &'m Model<'_>) -> Vec<(TensorRole, Option<LinearInput>, &'m Linear<'m>)> {
     let tied = model.output.is_none();
-    let mut out = vec![(
-        TensorRole::TokenEmbd,
-        tied.then_some(LinearInput::Head),
-        &model.token_embd,
-    )];
-    if let Some(output) = &model.output {
-        out.push((TensorRole::Output, Some(LinearInput::Head), output));
-    }
-    for (i, layer) in model.layers.iter().enumerate() {
-        match &layer.mixer {
-            Mixer::Attention(a) => {
-                let input = Some(LinearInput::Attention { layer: i });
-                out.push((TensorRole::AttnQ, input, &a.wq));
-                out.push((TensorRole::AttnK, input, &a.wk));
-                out.push((TensorRole::AttnV, input, &a.wv));
-                out.push((
-                    TensorRole::AttnOutput,
-                    Some(LinearInput::AttentionOutput { layer: i }),
-                    &a.wo,
-                ));
-            }
-        }
-        let input = Some(LinearInput::FeedForward { layer: i });
-        out.push((TensorRole::FfnGate, input, &layer.ffn.gate));
-        out.push((TensorRole::FfnUp, input, &layer.ffn.up));
-        out.push((
-            TensorRole::FfnDown,
-            Some(LinearInput::FeedForwardDown { layer: i }),
-            &layer.ffn.down,
-        ));
-    }
-    out
+    model
+        .linears()
+        .into_iter()
+        .map(|(role, layer, w)| {
+            let layer = layer.unwrap_or(0);
+            let input = match role {
+                TensorRole::TokenEmbd => tied.then_some(LinearInput::Head),
+                TensorRole::Output => Some(LinearInput::Head),
+                TensorRole::AttnQ | TensorRole::AttnK | TensorRole::AttnV => {
+                    Some(LinearInput::Attention { layer })
+                }
+                TensorRole::AttnOutput => Some(LinearInput::AttentionOutput { layer }),
+                TensorRole::FfnGate | TensorRole::FfnUp => Some(LinearInput::FeedForward { layer }),
+                TensorRole::FfnDown => Some(LinearInput::FeedForwardDown { layer }),
+                _ => unreachable!("Model::linears lists matrices only"),
+            };
+            (role, input, w)
+        })
+        .collect()
 }
 
 type Hessians = std::collections::HashMap<LinearInput, Hessian>;
@@ -242,18 +229,6 @@ pub fn quantize(
     opts: &QuantizeOptions,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<QuantizeReport, QuantError> {
-    let gguf = check_source(source)?;
-    let file = source.path().display().to_string();
-    let model = Model::load(source).map_err(|e| QuantError::Input(e.to_string()))?;
-    let mats = matrices(&model);
-    for (_, _, w) in &mats {
-        if !w.n_out.is_multiple_of(TILE_ROWS) || !w.n_in.is_multiple_of(32) {
-            return Err(QuantError::Input(format!(
-                "{file}: tensor '{}' is ({}, {}); EFQ needs rows in multiples of 16 and row lengths in multiples of 32",
-                w.name, w.n_out, w.n_in
-            )));
-        }
-    }
     if !(2..=4).contains(&opts.bits) {
         return Err(QuantError::Input(format!(
             "--bits {} is outside 2..=4",
@@ -264,6 +239,18 @@ pub fn quantize(
         return Err(QuantError::Input(
             "--method gptq needs calibration text (--calib)".into(),
         ));
+    }
+    let gguf = check_source(source)?;
+    let file = source.path().display().to_string();
+    let model = Model::load(source).map_err(|e| QuantError::Input(e.to_string()))?;
+    let mats = matrices(&model);
+    for (_, _, w) in &mats {
+        if !w.n_out.is_multiple_of(TILE_ROWS) || !w.n_in.is_multiple_of(COL_ALIGN) {
+            return Err(QuantError::Input(format!(
+                "{file}: tensor '{}' is ({}, {}); EFQ needs rows in multiples of 16 and row lengths in multiples of 32",
+                w.name, w.n_out, w.n_in
+            )));
+        }
     }
     let hessians = match &opts.calibration {
         Some(calib) if opts.method != Method::Rtn => calibrate(gguf, &model, calib, progress)?,
@@ -353,22 +340,24 @@ pub fn quantize(
         act_order: opts.act_order,
         ..GptqOptions::default()
     };
+    // Matrices reading the same input come one after another (q, k, v; gate, up): the
+    // last input's factorization serves them all.
+    let mut factor: Option<(LinearInput, GptqFactor)> = None;
     for (i, (role, site, w)) in mats.iter().enumerate() {
         let mut values = dequantized(w)?;
         let h = importance(*site, w.n_in);
         let p = plan(&values, w.n_out, w.n_in, &h, &widths[i], &outlier_sets[i]);
-        let hessian = site.and_then(|s| hessians.get(&s));
+        let hessian = site.and_then(|s| hessians.get(&s).map(|h| (s, h)));
         let rounded: Vec<f32> = match hessian {
-            Some(hessian) if opts.method != Method::Rtn => {
-                gptq(
-                    &mut values,
-                    w.n_out,
-                    w.n_in,
-                    hessian,
-                    &gptq_opts,
-                    |r, c, v| p.round(r, c, v),
-                )
-                .map_err(|e| QuantError::Input(format!("{}: {e}", w.name)))?;
+            Some((site, hessian)) if opts.method != Method::Rtn => {
+                let gptq_error = |e: QuantError| QuantError::Input(format!("{}: {e}", w.name));
+                if factor.as_ref().is_none_or(|(s, _)| *s != site) {
+                    let f = GptqFactor::new(hessian, &gptq_opts).map_err(gptq_error)?;
+                    factor = Some((site, f));
+                }
+                let (_, f) = factor.as_ref().expect("set above");
+                f.apply(&mut values, w.n_out, |r, c, v| p.round(r, c, v))
+                    .map_err(gptq_error)?;
                 values
             }
             _ => values
@@ -410,10 +399,13 @@ pub fn quantize(
         MetaValue::String(opts.method.name().into()),
     );
     writer.add_metadata("edgefusion.efq.target_bpw", MetaValue::F32(opts.bpw as f32));
-    writer.add_metadata(
-        "edgefusion.efq.outliers",
-        MetaValue::F32(opts.outliers as f32),
-    );
+    // Only efq takes outliers out.
+    let outliers = if opts.method == Method::Efq {
+        opts.outliers
+    } else {
+        0.0
+    };
+    writer.add_metadata("edgefusion.efq.outliers", MetaValue::F32(outliers as f32));
     let quantized: std::collections::HashMap<&str, usize> = mats
         .iter()
         .enumerate()
@@ -426,7 +418,7 @@ pub fn quantize(
                 t.name.clone(),
                 GgmlType::I8,
                 &[blobs[i].len()],
-                blobs[i].clone(),
+                blobs[i].as_slice(),
             );
         } else {
             writer.add_tensor(t.name.clone(), view.dtype, view.shape, view.data);
