@@ -489,11 +489,14 @@ impl GgufFile {
         }
         let first = (start - base).next_multiple_of(PAGE);
         let end = (start - base + bytes.len()) / PAGE * PAGE;
+        // madvise exists on Unix only; elsewhere the pages simply stay resident.
+        #[cfg(unix)]
         if end > first {
             // SAFETY: the mapping is read-only and file-backed, so MADV_DONTNEED discards no
             // data: later reads of these pages fault them back in from the file unchanged,
-            // which keeps every outstanding `&[u8]` into the map valid. Failure (e.g. pages
-            // larger than 4 KiB) only means the memory stays resident.
+            // which keeps every outstanding `&[u8]` into the map valid. On systems with
+            // larger pages memmap2 rounds the start down, which drops at most a page that
+            // is faulted back in on use.
             let _ = unsafe {
                 self.mmap.unchecked_advise_range(
                     memmap2::UncheckedAdvice::DontNeed,
