@@ -10,6 +10,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::common::ModelArgs;
 
+fn efq_block() -> usize {
+    edgefusion_kernels::efq::TILE_COLS
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum MethodArg {
     /// Adaptive 2/3/4-bit tiles for a bits-per-weight budget, 6-bit outliers, fitted grids.
@@ -26,8 +30,11 @@ pub enum MethodArg {
     edgefusion quantize --output smollm2.rtn3.gguf --method rtn --bits 3\n  \
     edgefusion perplexity -m smollm2.efq.gguf -f assets/text/moby-dick.txt --chunks 20\n\n\
     Every stored byte counts in --bpw: codes, block scales, zero points, row scales,\n\
-    outliers and their indices, over all matrices including the token embedding and the\n\
-    output head. The output is a GGUF file that run, bench, perplexity and inspect load.")]
+    outliers and their indices, over the layers' attention and feed-forward matrices.\n\
+    The token embedding and output head are stored at --embedding-bits (EFQ tiles of one\n\
+    width plus outliers) and reported on their own; the file's bits per parameter count\n\
+    everything. The output is a GGUF file that run, bench, perplexity and inspect load;\n\
+    `edgefusion inspect FILE` shows the tile widths per role and layer.")]
 pub struct QuantizeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -37,12 +44,16 @@ pub struct QuantizeArgs {
     /// How codes are chosen.
     #[arg(long, value_enum, default_value_t = MethodArg::Efq)]
     pub method: MethodArg,
-    /// Average bits per weight over the quantized matrices, every overhead included (efq).
+    /// Average bits per weight over the layers' linear matrices, every overhead included (efq).
     #[arg(long, default_value_t = 3.1)]
     pub bpw: f64,
     /// Code width for --method rtn and gptq.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=4))]
     pub bits: u8,
+    /// Columns per block. EFQ stores 128-column blocks (the last one of a row may be
+    /// narrower); the flag exists so that scripts can state it.
+    #[arg(long, default_value_t = 128)]
+    pub block: usize,
     /// Share of each matrix's weights kept as 6-bit outliers (efq).
     #[arg(long, default_value_t = 0.005)]
     pub outliers: f64,
@@ -53,11 +64,15 @@ pub struct QuantizeArgs {
     /// Calibration tokens to read (windows of 512).
     #[arg(long, default_value_t = 16384)]
     pub calib_tokens: usize,
+    /// Which windows of the calibration text are read: 0 reads it from the start, any
+    /// other seed a seeded random choice of windows. Same seed, same output file.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// GPTQ processes columns by decreasing Hessian diagonal (act-order).
     #[arg(long)]
     pub act_order: bool,
-    /// Narrowest code width for the token embedding (efq). Its errors reach every layer
-    /// through the lookup; on SmolLM2 at 3.1 bpw, 4 instead of 2 took PPL from 126 to 90.
+    /// Code width of the token embedding and output head (efq), outside the --bpw budget.
+    /// Their errors reach every layer through the lookup (and every logit through the head).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(2..=4))]
     pub embedding_bits: u8,
     /// Threads [default: physical cores].
@@ -70,6 +85,13 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         bail!(
             "--bpw {} is outside what 2- to 4-bit tiles can reach (2.0 to 8.0 with overheads)",
             args.bpw
+        );
+    }
+    if args.block != efq_block() {
+        bail!(
+            "--block {}: EFQ stores blocks of {} columns only (the format's tile width)",
+            args.block,
+            efq_block()
         );
     }
     if !(0.0..0.1).contains(&args.outliers) {
@@ -96,6 +118,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
             n_tokens: args.calib_tokens,
             ctx: 512,
             threads: crate::common::threads(args.threads)?,
+            seed: args.seed,
         })
     };
     let opts = QuantizeOptions {
@@ -106,7 +129,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         },
         calibration,
         act_order: args.act_order,
-        embedding_min_bits: args.embedding_bits,
+        embedding_bits: args.embedding_bits,
         bpw: args.bpw,
         bits: args.bits,
         outliers: args.outliers,
@@ -124,25 +147,38 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         bar.set_message(what.to_string());
     })?;
     bar.finish_and_clear();
-    let q_params: usize = report.matrices.iter().map(|m| m.params).sum();
+    let q_params: usize = report
+        .matrices
+        .iter()
+        .filter(|m| !m.role.is_embedding_or_head())
+        .map(|m| m.params)
+        .sum();
     let mut hist = [0usize; 3];
-    for m in &report.matrices {
+    for m in report
+        .matrices
+        .iter()
+        .filter(|m| !m.role.is_embedding_or_head())
+    {
         for (h, n) in hist.iter_mut().zip(m.width_histogram) {
             *h += n;
         }
     }
     let tiles: usize = hist.iter().sum();
     println!(
-        "wrote {} in {:.1} s: {:.2} MiB, {:.3} bits/weight over {:.1} M quantized weights ({:.3} bits/param over the whole file)",
+        "wrote {} in {:.1} s: {:.2} MiB, {:.3} bits/param over the whole file",
         args.output.display(),
         start.elapsed().as_secs_f64(),
         report.file_bytes as f64 / (1 << 20) as f64,
-        report.linear_bpw,
-        q_params as f64 / 1e6,
         report.file_bytes as f64 * 8.0 / report.params as f64,
     );
     println!(
-        "tile widths: 2-bit {:.1} %, 3-bit {:.1} %, 4-bit {:.1} %",
+        "layers' linear matrices: {:.3} bits/weight over {:.1} M weights; token embedding and head: {:.3} bits/weight",
+        report.linear_bpw,
+        q_params as f64 / 1e6,
+        report.embedding_bpw,
+    );
+    println!(
+        "layer tile widths: 2-bit {:.1} %, 3-bit {:.1} %, 4-bit {:.1} %",
         100.0 * hist[0] as f64 / tiles as f64,
         100.0 * hist[1] as f64 / tiles as f64,
         100.0 * hist[2] as f64 / tiles as f64

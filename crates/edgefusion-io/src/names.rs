@@ -91,6 +91,11 @@ impl TensorRole {
         self.row().short
     }
 
+    /// The token embedding or the output head: the vocabulary-sized matrices.
+    pub fn is_embedding_or_head(self) -> bool {
+        matches!(self, TensorRole::TokenEmbd | TensorRole::Output)
+    }
+
     /// GGUF name: `token_embd.weight`, `blk.3.attn_q.weight`. A per-layer role given no
     /// layer (a caller bug) yields `blk.?.…`, a name no file contains, rather than a guess.
     pub fn gguf_name(self, layer: Option<usize>) -> String {

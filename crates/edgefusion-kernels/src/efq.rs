@@ -1,5 +1,6 @@
 //! EFQ: EdgeFusion's adaptive sub-4-bit matrix format, its 8-bit activation partner and the
-//! fused dequantize-and-dot kernels (scalar reference here, AVX-512 VNNI in `x86::efq`).
+//! fused dequantize-and-dot kernels (scalar reference here, AVX-512 VNNI in `x86::efq`,
+//! AVX2 in `x86::efq_avx2` for x86 CPUs without VNNI).
 //!
 //! A matrix `(n_out, n_in)` is cut into tiles of 16 rows × 128 columns (the last tile of a
 //! row group may be 32, 64 or 96 columns wide). Each tile has one code width from {2, 3, 4}
@@ -741,6 +742,20 @@ pub fn matmul_on(
         unsafe { crate::x86::efq::matmul_vnni(m, r0, r1, act, n_tok, out, out_stride) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx2 | Isa::Avx512) {
+        // SAFETY: AVX2, FMA and F16C are runnable (asserted), the matrix was checked by
+        // `parse`, and the row range, activation and output sizes were asserted above.
+        unsafe { crate::x86::efq_avx2::matmul_avx2(m, r0, r1, act, n_tok, out, out_stride) };
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon {
+        // SAFETY: NEON is runnable (asserted), the matrix was checked by `parse`, and the
+        // row range, activation and output sizes were asserted above.
+        unsafe { crate::aarch64::efq::matmul_neon(m, r0, r1, act, n_tok, out, out_stride) };
+        return;
+    }
     matmul_scalar(m, r0, r1, act, n_tok, out, out_stride);
 }
 
@@ -905,13 +920,15 @@ mod tests {
     /// SIMD kernel equals the scalar one bit for bit.
     #[test]
     fn matmul_matches_dequantized_dot_and_scalar_twin() {
+        let mut widths_seen = std::collections::BTreeSet::new();
         for (n_groups, n_in, every) in [(1, 32, 0), (2, 576, 50), (3, 1536, 0), (1, 224, 9)] {
             let p = parts(n_groups, n_in, n_in as u64, every);
+            widths_seen.extend(p.widths.iter().copied());
             let bytes = p.to_bytes().unwrap();
             let m = EfqMatrix::parse(&bytes).unwrap();
             let n_out = m.n_out;
             let act_row = ActQ8::row_bytes(n_in);
-            for n_tok in [1usize, 2, 3, 4, 5, 9] {
+            for n_tok in [1usize, 2, 3, 4, 5, 9, 15, 17] {
                 let mut act = vec![0u8; n_tok * act_row];
                 for t in 0..n_tok {
                     let x: Vec<f32> = (0..n_in)
@@ -977,6 +994,8 @@ mod tests {
                 }
             }
         }
+        // Every code width went through every kernel (each case draws widths per tile).
+        assert_eq!(widths_seen.into_iter().collect::<Vec<_>>(), [2, 3, 4]);
     }
 
     #[test]

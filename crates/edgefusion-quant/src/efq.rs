@@ -19,6 +19,7 @@ use edgefusion_kernels::efq::{
     n_tiles, tile_bytes, tile_cols, EfqParts, OUTLIER_MAX, SLOT_BYTES, TILE_COLS, TILE_ROWS,
 };
 use edgefusion_kernels::formats::{f16_bits, f16_to_f32};
+use rayon::prelude::*;
 
 /// Code widths a tile may have.
 pub const WIDTHS: [u8; 3] = [2, 3, 4];
@@ -177,17 +178,23 @@ pub fn tile_errors(
     let nt = n_tiles(n_in);
     let mask = outlier_mask(n_out, n_in, outliers);
     let mut errors = vec![[0.0; 3]; (n_out / TILE_ROWS) * nt];
-    let mut values = vec![0.0f32; TILE_COLS];
-    let mut weights = vec![0.0f32; TILE_COLS];
-    for r in 0..n_out {
-        for t in 0..nt {
-            let n = masked_block(w, h, &mask, n_in, r, t, &mut values, &mut weights);
-            for (k, &bits) in WIDTHS.iter().enumerate() {
-                errors[(r / TILE_ROWS) * nt + t][k] +=
-                    fit_grid(&values[..n], &weights[..n], bits).1;
+    // One row group per task; rows within a group add in order, so results do not depend
+    // on the thread count.
+    errors
+        .par_chunks_mut(nt)
+        .enumerate()
+        .for_each(|(g, group)| {
+            let mut values = [0.0f32; TILE_COLS];
+            let mut weights = [0.0f32; TILE_COLS];
+            for r in g * TILE_ROWS..(g + 1) * TILE_ROWS {
+                for (t, e) in group.iter_mut().enumerate() {
+                    let n = masked_block(w, h, &mask, n_in, r, t, &mut values, &mut weights);
+                    for (k, &bits) in WIDTHS.iter().enumerate() {
+                        e[k] += fit_grid(&values[..n], &weights[..n], bits).1;
+                    }
+                }
             }
-        }
-    }
+        });
     errors
 }
 
@@ -344,18 +351,20 @@ pub fn plan(
         };
         n_out * nt
     ];
-    let mut values = vec![0.0f32; TILE_COLS];
-    let mut weights = vec![0.0f32; TILE_COLS];
-    for r in 0..n_out {
-        for t in 0..nt {
-            let n = masked_block(w, h, &mask, n_in, r, t, &mut values, &mut weights);
-            grids[r * nt + t] = fit_grid(
-                &values[..n],
-                &weights[..n],
-                widths[(r / TILE_ROWS) * nt + t],
-            )
-            .0;
-        }
+    {
+        grids.par_chunks_mut(nt).enumerate().for_each(|(r, row)| {
+            let mut values = [0.0f32; TILE_COLS];
+            let mut weights = [0.0f32; TILE_COLS];
+            for (t, grid) in row.iter_mut().enumerate() {
+                let n = masked_block(w, h, &mask, n_in, r, t, &mut values, &mut weights);
+                *grid = fit_grid(
+                    &values[..n],
+                    &weights[..n],
+                    widths[(r / TILE_ROWS) * nt + t],
+                )
+                .0;
+            }
+        });
     }
     // Block scales to u8 under an f16 row scale; re-fit the zero point to the rounded scale.
     let mut row_scales = vec![0u16; n_out];
@@ -368,20 +377,9 @@ pub fn plan(
         let d = f16_to_f32(d_bits.to_le_bytes());
         row_scales[r] = d_bits;
         for t in 0..nt {
-            let g = &mut grids[r * nt + t];
-            let s = if d > 0.0 {
-                (g.scale / d).round().clamp(0.0, 255.0)
-            } else {
-                0.0
-            };
-            block_scales[r * nt + t] = s as u8;
-            let rounded = d * s;
-            if g.scale > 0.0 && rounded > 0.0 {
-                // Keep the grid's lower end where it was: zero = −low / scale.
-                let low = -(g.zero as f32) * g.scale;
-                g.zero = (-low / rounded).round().clamp(0.0, g.max_code() as f32) as u8;
-            }
-            g.scale = rounded;
+            let (g, s) = snap_scale(grids[r * nt + t], d);
+            grids[r * nt + t] = g;
+            block_scales[r * nt + t] = s;
         }
     }
     // Outlier values: 6 bits under one f16 scale per row group. `outliers` is sorted by
@@ -416,6 +414,24 @@ pub fn plan(
         outlier_scales,
         outlier_codes,
     }
+}
+
+/// `grid` with its scale rounded to `d · s` for a u8 `s`, and its zero point re-fitted so
+/// that the grid's lower end stays where it was; returns the grid and `s`.
+fn snap_scale(mut g: Grid, d: f32) -> (Grid, u8) {
+    let s = if d > 0.0 {
+        (g.scale / d).round().clamp(0.0, 255.0)
+    } else {
+        0.0
+    };
+    let rounded = d * s;
+    if g.scale > 0.0 && rounded > 0.0 {
+        // zero = −low / scale
+        let low = -(g.zero as f32) * g.scale;
+        g.zero = (-low / rounded).round().clamp(0.0, g.max_code() as f32) as u8;
+    }
+    g.scale = rounded;
+    (g, s as u8)
 }
 
 impl Plan {

@@ -57,13 +57,16 @@ pub struct Calibration {
     pub n_tokens: usize,
     pub ctx: usize,
     pub threads: usize,
+    /// Chooses which windows of the text are read (the same seed reads the same tokens).
+    pub seed: u64,
 }
 
 /// What to produce.
 #[derive(Debug, Clone)]
 pub struct QuantizeOptions {
     pub method: Method,
-    /// Budget over all quantized matrices, every stored byte counted (efq).
+    /// Budget over the layers' linear matrices (attention and feed-forward), every stored
+    /// byte counted (efq). The token embedding and output head have their own width.
     pub bpw: f64,
     /// Uniform code width (rtn).
     pub bits: u8,
@@ -74,9 +77,11 @@ pub struct QuantizeOptions {
     pub calibration: Option<Calibration>,
     /// GPTQ processes columns by decreasing Hessian diagonal.
     pub act_order: bool,
-    /// Narrowest code width of the token embedding (efq): its errors reach every layer
-    /// through the lookup, which the head's Hessian does not see.
-    pub embedding_min_bits: u8,
+    /// Code width of every tile of the token embedding and the output head (efq), outside
+    /// the `bpw` budget and reported on its own, as llama.cpp gives `token_embd` and
+    /// `output` their own types: the embedding's errors reach every layer through the
+    /// lookup, which no Hessian sees.
+    pub embedding_bits: u8,
 }
 
 /// One quantized matrix, for the report.
@@ -94,8 +99,10 @@ pub struct MatrixReport {
 #[derive(Debug, Clone)]
 pub struct QuantizeReport {
     pub matrices: Vec<MatrixReport>,
-    /// Bits per weight over the quantized matrices, every stored byte counted.
+    /// Bits per weight over the layers' linear matrices, every stored byte counted.
     pub linear_bpw: f64,
+    /// Bits per weight of the token embedding and output head (one matrix when tied).
+    pub embedding_bpw: f64,
     /// Bytes of the output file.
     pub file_bytes: u64,
     /// Parameters of the whole model.
@@ -127,6 +134,12 @@ fn matrices<'m>(model: &'m Model<'_>) -> Vec<(TensorRole, Option<LinearInput>, &
         .collect()
 }
 
+/// The token embedding and the output head: quantized at their own width, outside the
+/// layers' bit budget.
+fn is_embedding(role: TensorRole) -> bool {
+    role.is_embedding_or_head()
+}
+
 type Hessians = std::collections::HashMap<LinearInput, Hessian>;
 
 /// Runs the model over the calibration text and returns `XᵀX` of every linear input.
@@ -151,6 +164,7 @@ fn calibrate(
     }
     let ctx = calib.ctx.min(model.config.n_ctx_train).max(2);
     let windows = calib.n_tokens.div_ceil(ctx);
+    let starts = window_starts(tokens.len(), ctx, calib.n_tokens, calib.seed);
     let hessians = std::rc::Rc::new(std::cell::RefCell::new(Hessians::new()));
     let failure = std::rc::Rc::new(std::cell::RefCell::new(None::<QuantError>));
     let opts = SessionOptions {
@@ -167,9 +181,10 @@ fn calibrate(
             f.borrow_mut().get_or_insert(e);
         }
     })));
-    for w in 0..windows {
-        let start = w * ctx;
-        let end = (start + ctx).min(calib.n_tokens);
+    for (w, &start) in starts.iter().enumerate() {
+        let end = (start + ctx)
+            .min(tokens.len())
+            .min(start + calib.n_tokens - w * ctx);
         session.reset();
         session
             .forward(&tokens[start..end], Logits::Last)
@@ -183,6 +198,34 @@ fn calibrate(
     Ok(std::rc::Rc::try_unwrap(hessians)
         .map(|c| c.into_inner())
         .unwrap_or_default())
+}
+
+/// Start tokens of the `ceil(n_tokens / ctx)` calibration windows: distinct `ctx`-aligned
+/// windows of the text, chosen by `seed` (seed 0 reads the text from its start), in
+/// increasing order. The text has at least `n_tokens` tokens.
+fn window_starts(text_tokens: usize, ctx: usize, n_tokens: usize, seed: u64) -> Vec<usize> {
+    let windows = n_tokens.div_ceil(ctx);
+    let available = text_tokens / ctx;
+    if seed == 0 || available <= windows {
+        return (0..windows).map(|w| w * ctx).collect();
+    }
+    // A seeded partial Fisher–Yates shuffle of the window indices (splitmix64).
+    let mut state = seed;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut index: Vec<usize> = (0..available).collect();
+    for i in 0..windows {
+        let j = i + (next() % (available - i) as u64) as usize;
+        index.swap(i, j);
+    }
+    let mut starts: Vec<usize> = index[..windows].iter().map(|w| w * ctx).collect();
+    starts.sort_unstable();
+    starts
 }
 
 /// The matrix as floats `(n_out, n_in)`, refusing NaN and infinities.
@@ -235,6 +278,12 @@ pub fn quantize(
             opts.bits
         )));
     }
+    if !(2..=4).contains(&opts.embedding_bits) {
+        return Err(QuantError::Input(format!(
+            "--embedding-bits {} is outside 2..=4",
+            opts.embedding_bits
+        )));
+    }
     if opts.method == Method::Gptq && opts.calibration.is_none() {
         return Err(QuantError::Input(
             "--method gptq needs calibration text (--calib)".into(),
@@ -280,10 +329,18 @@ pub fn quantize(
         }
         Method::Efq => {
             let mut errors = Vec::with_capacity(mats.len());
-            for (_, site, w) in &mats {
+            for (role, site, w) in &mats {
                 let values = dequantized(w)?;
                 let h = importance(*site, w.n_in);
                 let outliers = select_outliers(&values, w.n_out, w.n_in, &h, opts.outliers);
+                if is_embedding(*role) {
+                    // Fixed width, outside the budget: no errors to measure.
+                    errors.push(Vec::new());
+                    outlier_sets.push(outliers);
+                    done += 1;
+                    progress(done, total, &w.name);
+                    continue;
+                }
                 let mut tile_err = tile_errors(&values, w.n_out, w.n_in, &h, &outliers);
                 {
                     // Compare matrices by relative output error: Hessian-weighted errors of
@@ -306,30 +363,41 @@ pub fn quantize(
                 done += 1;
                 progress(done, total, &w.name);
             }
-            let inputs: Vec<AllocationInput<'_>> = mats
+            // The budget covers the layers' matrices; embedding and head get their width.
+            let budgeted: Vec<usize> = (0..mats.len())
+                .filter(|&i| !is_embedding(mats[i].0))
+                .collect();
+            let inputs: Vec<AllocationInput<'_>> = budgeted
                 .iter()
-                .zip(&errors)
-                .zip(&outlier_sets)
-                .map(|(((role, _, w), errors), outliers)| AllocationInput {
-                    n_out: w.n_out,
-                    n_in: w.n_in,
-                    errors,
-                    fixed_bytes: fixed_bytes(w.n_out, w.n_in, outliers),
-                    min_bits: if *role == TensorRole::TokenEmbd {
-                        opts.embedding_min_bits
-                    } else {
-                        2
-                    },
+                .map(|&i| {
+                    let w = mats[i].2;
+                    AllocationInput {
+                        n_out: w.n_out,
+                        n_in: w.n_in,
+                        errors: &errors[i],
+                        fixed_bytes: fixed_bytes(w.n_out, w.n_in, &outlier_sets[i]),
+                        min_bits: 2,
+                    }
                 })
                 .collect();
-            let Some((chosen, _)) = allocate_widths(&inputs, opts.bpw) else {
+            let Some((mut chosen, _)) = allocate_widths(&inputs, opts.bpw) else {
                 return Err(QuantError::Input(format!(
                     "--bpw {} is below what all-2-bit tiles with {:.2} % outliers take; raise it or lower --outliers",
                     opts.bpw,
                     opts.outliers * 100.0
                 )));
             };
-            widths = chosen;
+            chosen.reverse();
+            widths = mats
+                .iter()
+                .map(|(role, _, w)| {
+                    if is_embedding(*role) {
+                        vec![opts.embedding_bits; (w.n_out / TILE_ROWS) * n_tiles(w.n_in)]
+                    } else {
+                        chosen.pop().expect("one allocation per budgeted matrix")
+                    }
+                })
+                .collect();
         }
     }
 
@@ -428,10 +496,16 @@ pub fn quantize(
         .write(output)
         .map_err(|e| QuantError::Input(e.to_string()))?;
     let file_bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
-    let q_params: usize = reports.iter().map(|r| r.params).sum();
-    let q_bytes: usize = reports.iter().map(|r| r.bytes).sum();
+    let bpw_of = |embedding: bool| {
+        let (params, bytes) = reports
+            .iter()
+            .filter(|r| is_embedding(r.role) == embedding)
+            .fold((0usize, 0usize), |(p, b), r| (p + r.params, b + r.bytes));
+        bytes as f64 * 8.0 / params.max(1) as f64
+    };
     Ok(QuantizeReport {
-        linear_bpw: q_bytes as f64 * 8.0 / q_params as f64,
+        linear_bpw: bpw_of(false),
+        embedding_bpw: bpw_of(true),
         matrices: reports,
         file_bytes,
         params: model.config.n_params(),

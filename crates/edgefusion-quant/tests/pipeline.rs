@@ -45,12 +45,12 @@ fn quantized_tiny_model_loads_and_stays_close() {
     let reference = logits(&input, &tokens);
     // (method, bits, bpw, named tolerance on relative RMS logit error). The tiny model's
     // random weights amplify weight error: llama.cpp's own Q4_0 of it (the q4_0 fixture)
-    // is 0.36 away from the f32 logits. Measured: rtn-4 0.46, efq-3.6 0.70, efq-3.1 0.86
-    // (no calibration: error compensation will lower these).
+    // is 0.36 away from the f32 logits. Measured (embedding at 4 bits, outside the
+    // budget): rtn-4 0.46, efq-3.6 0.63, efq-3.1 0.67 (no calibration).
     for (method, bits, bpw, tolerance) in [
         (Method::Rtn, 4, 0.0, 0.55),
-        (Method::Efq, 4, 3.6, 0.80),
-        (Method::Efq, 4, 3.1, 0.95),
+        (Method::Efq, 4, 3.6, 0.72),
+        (Method::Efq, 4, 3.1, 0.77),
     ] {
         let out = dir.join(format!("{}-{bits}-{bpw}.gguf", method.name()));
         let opts = QuantizeOptions {
@@ -60,7 +60,7 @@ fn quantized_tiny_model_loads_and_stays_close() {
             outliers: if method == Method::Efq { 0.005 } else { 0.0 },
             calibration: None,
             act_order: false,
-            embedding_min_bits: 2,
+            embedding_bits: 4,
         };
         let report = quantize(
             &ModelSource::open(&input).unwrap(),
@@ -109,7 +109,7 @@ fn quantized_tiny_model_loads_and_stays_close() {
         outliers: 0.005,
         calibration: None,
         act_order: false,
-        embedding_min_bits: 2,
+        embedding_bits: 4,
     };
     let err = quantize(
         &ModelSource::open(&input).unwrap(),
@@ -152,6 +152,7 @@ fn calibration_and_gptq_lower_the_error() {
         n_tokens: 512,
         ctx: 64,
         threads: 1,
+        seed: 0,
     };
     let mut errors = Vec::new();
     for (method, calib) in [(Method::Rtn, None), (Method::Gptq, Some(calibration))] {
@@ -163,7 +164,7 @@ fn calibration_and_gptq_lower_the_error() {
             outliers: 0.0,
             calibration: calib,
             act_order: false,
-            embedding_min_bits: 2,
+            embedding_bits: 4,
         };
         quantize(
             &ModelSource::open(&input).unwrap(),
@@ -189,6 +190,7 @@ fn calibration_and_gptq_lower_the_error() {
         n_tokens: 512,
         ctx: 64,
         threads: 1,
+        seed: 0,
     };
     let opts = QuantizeOptions {
         method: Method::Gptq,
@@ -197,7 +199,7 @@ fn calibration_and_gptq_lower_the_error() {
         outliers: 0.0,
         calibration: Some(short),
         act_order: false,
-        embedding_min_bits: 2,
+        embedding_bits: 4,
     };
     let err = quantize(
         &ModelSource::open(&input).unwrap(),

@@ -143,6 +143,7 @@ pub(crate) fn unpack_scale_min_k4(packed: &[u8; K_SCALE_SIZE]) -> ([u8; 8], [u8;
 /// [`unpack_scale_min_k4`] on whole words, for the SIMD kernels: returns the eight scales
 /// and the eight mins as the bytes of two little-endian `u64`.
 #[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // no aarch64 k-quant kernel yet
 pub(crate) fn unpack_scale_min_k4_words(packed: &[u8; K_SCALE_SIZE]) -> (u64, u64) {
     let word =
         |i: usize| u32::from_le_bytes([packed[i], packed[i + 1], packed[i + 2], packed[i + 3]]);

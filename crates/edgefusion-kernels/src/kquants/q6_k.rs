@@ -174,9 +174,15 @@ pub fn vec_dot_q6k_q8k_on(isa: Isa, n: usize, w: &[u8], act: &[u8]) -> f32 {
 /// `isa` must be runnable on this CPU.
 #[inline]
 unsafe fn vec_dot_with(isa: Isa, n: usize, w: &[u8], act: &[u8]) -> f32 {
-    let n_blocks = super_blocks(n);
-    let w_blocks = blocks::<BlockQ6K>(w, n_blocks);
-    let a_blocks = blocks::<BlockQ8K>(act, n_blocks);
+    // The SIMD kernels take typed blocks (x86 only so far).
+    #[cfg(target_arch = "x86_64")]
+    let (w_blocks, a_blocks) = {
+        let n_blocks = super_blocks(n);
+        (
+            blocks::<BlockQ6K>(w, n_blocks),
+            blocks::<BlockQ8K>(act, n_blocks),
+        )
+    };
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni => {

@@ -6,4 +6,5 @@
 pub(crate) mod avx2;
 pub(crate) mod avx512;
 pub(crate) mod efq;
+pub(crate) mod efq_avx2;
 pub(crate) mod interleaved;
