@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls this):
-#   1. fetch the assets the tests read (default model, tokenizer test vectors),
+#   1. fetch the assets the tests read (default model, texts, tokenizer test vectors),
 #   2. formatting and lints,
 #   3. every test with the SIMD kernels the machine has,
 #   4. every test again with SIMD disabled (scalar reference paths),
@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export EDGEFUSION_REQUIRE_ASSETS=1   # tests that need fetched assets fail instead of skipping
-scripts/fetch-assets.sh --model --vocab
+scripts/fetch-assets.sh --model --text --vocab
 
 echo "== cargo fmt / clippy"
 cargo fmt --all -- --check
