@@ -5,7 +5,8 @@
 #
 #   scripts/quant-vs-llamacpp.sh [--chunks 10] [--threads 2] [--calib-tokens 16384] [--reps 2]
 #
-# EdgeFusion: efq at 3.1 bpw, gptq 4-bit, rtn 3-bit, calibrated on the State of the Union text.
+# EdgeFusion: efq at 3.1 bpw (and 3.5 and 4.26, all-4-bit tiles, to show the bits/quality
+# curve), gptq 4-bit, rtn 3-bit, calibrated on the State of the Union text.
 # llama.cpp: IQ3_XXS with an importance matrix from the same calibration text, Q3_K_S, Q4_K_M.
 # "Unquantized" is the Q4_1 file the model ships as (no full-precision SmolLM2 exists in the
 # registries); every quantization starts from it. Files go to assets/quant/ (git-ignored).
@@ -45,10 +46,13 @@ trap 'rm -rf "$out"' EXIT
 # --- EdgeFusion files
 declare -A ef_args=(
   [efq-3.1]="--method efq --bpw 3.1"
+  [efq-3.5]="--method efq --bpw 3.5"
+  [efq-4.26]="--method efq --bpw 4.26"
   [gptq-4]="--method gptq --bits 4"
   [rtn-3]="--method rtn --bits 3"
 )
-for name in efq-3.1 gptq-4 rtn-3; do
+ef_methods=(efq-3.1 efq-3.5 efq-4.26 gptq-4 rtn-3)
+for name in "${ef_methods[@]}"; do
   file="$q/smollm2.$name.gguf"
   if [[ ! -f "$file" ]]; then
     echo "[edgefusion quantize $name]" >&2
@@ -77,7 +81,7 @@ ppl() { grep -o 'Final estimate: PPL = [0-9.]* +/- [0-9.]*' | sed 's/Final estim
 echo "[perplexity: base]" >&2
 "$ef" perplexity -m "$base" -f "$eval_text" -c 512 --chunks "$chunks" -t "$threads" 2>&1 | ppl > "$out/ppl-ef-base"
 "$bin/llama-perplexity" -m "$base" -f "$eval_text" -c 512 --chunks "$chunks" -t "$threads" 2>&1 | ppl > "$out/ppl-llama-base"
-for name in efq-3.1 gptq-4 rtn-3; do
+for name in "${ef_methods[@]}"; do
   file="$q/smollm2.$name.gguf"
   echo "[perplexity + bench: $name]" >&2
   "$ef" perplexity -m "$file" -f "$eval_text" -c 512 --chunks "$chunks" -t "$threads" 2>&1 | ppl > "$out/ppl-ef-$name"
@@ -91,25 +95,77 @@ for type in IQ3_XXS Q3_K_S Q4_K_M; do
 done
 
 "$ef" inspect "$base" | awk '/^params/ {print $2}' > "$out/params-millions"
-python3 - "$out" "$q" <<'PY'
-import json, os, sys
-out, q = sys.argv[1], sys.argv[2]
+# Weights of the layers' linear matrices (attention and feed-forward), from the source's roles.
+"$ef" inspect "$base" | awk '$1 ~ /^(attn_[qkvo]|attn_output|ffn_gate|ffn_up|ffn_down)$/ {n += $2} END {print n}' > "$out/layer-weights"
+python3 - "$out" "$q" "${ef_methods[@]}" <<'PY'
+import json, os, struct, sys
+out, q, ef_methods = sys.argv[1], sys.argv[2], sys.argv[3:]
 params = float(open(os.path.join(out, "params-millions")).read().split()[0]) * 1e6
+
+def linear_bpw(path, layer_weights):
+    # Bits per weight of the layers' matrices (blk.*), read from the GGUF header alone (an
+    # independent parse): a tensor's bytes run from its offset to the next tensor's.
+    with open(path, "rb") as f:
+        data = f.read(8 << 20)
+    pos = 0
+    def take(fmt):
+        nonlocal pos
+        v = struct.unpack_from("<" + fmt, data, pos)
+        pos += struct.calcsize("<" + fmt)
+        return v[0]
+    def string():
+        nonlocal pos
+        n = take("Q"); s = data[pos:pos + n]; pos += n
+        return s.decode()
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    def value(t):
+        nonlocal pos
+        if t == 8: return string()
+        if t == 9:
+            et, n = take("I"), take("Q")
+            return [value(et) for _ in range(n)]
+        pos += sizes[t]
+    assert data[:4] == b"GGUF", path
+    pos = 8
+    n_tensors, n_kv = take("Q"), take("Q")
+    align = 32
+    for _ in range(n_kv):
+        key = string(); t = take("I")
+        start = pos; v = value(t)
+        if key == "general.alignment": align = struct.unpack_from("<I", data, start)[0]
+    infos = []
+    for _ in range(n_tensors):
+        name = string(); nd = take("I")
+        dims = [take("Q") for _ in range(nd)]
+        take("I"); infos.append((take("Q"), name))
+    data_start = (pos + align - 1) // align * align
+    infos.sort()
+    end = os.path.getsize(path) - data_start
+    total = 0
+    for i, (off, name) in enumerate(infos):
+        nxt = infos[i + 1][0] if i + 1 < len(infos) else end
+        if name.startswith("blk.") and not name.endswith("norm.weight"):
+            total += nxt - off
+    return total * 8 / layer_weights
+
+
 def ppl(name):
     text = open(os.path.join(out, name)).read().split()
     return float(text[0]), float(text[2])
 def speed(name):
     rows = json.load(open(os.path.join(out, name)))
     return {("pp" if r["n_prompt"] > 0 else "tg"): r["avg_ts"] for r in rows}
-rows = [("edgefusion", n, f"smollm2.{n}.gguf", f"ppl-ef-{n}", f"bench-ef-{n}.json", "ppl-ef-base") for n in ("efq-3.1", "gptq-4", "rtn-3")]
+rows = [("edgefusion", n, f"smollm2.{n}.gguf", f"ppl-ef-{n}", f"bench-ef-{n}.json", "ppl-ef-base") for n in ef_methods]
 rows += [("llama.cpp", t, f"smollm2.{t}.gguf", f"ppl-llama-{t}", f"bench-llama-{t}.json", "ppl-llama-base") for t in ("IQ3_XXS", "Q3_K_S", "Q4_K_M")]
-print("| engine | method | file bpw | MiB | PPL (Moby-Dick) | ΔPPL | pp512 t/s | tg128 t/s |")
-print("| ------ | ------ | -------: | --: | --------------: | ---: | --------: | --------: |")
+layer_weights = int(open(os.path.join(out, "layer-weights")).read())
+print("| engine | method | file bpw | linear bpw | MiB | PPL (Moby-Dick) | ΔPPL | pp512 t/s | tg128 t/s |")
+print("| ------ | ------ | -------: | ---------: | --: | --------------: | ---: | --------: | --------: |")
 for engine, method, file, p, b, base in rows:
-    size = os.path.getsize(os.path.join(q, file))
+    path = os.path.join(q, file)
+    size = os.path.getsize(path)
     value, err = ppl(p)
     s = speed(b)
-    print(f"| {engine} | {method} | {size * 8 / params:.3f} | {size / 2**20:.1f} | {value:.2f} ± {err:.2f} | {value - ppl(base)[0]:+.2f} | {s.get('pp', 0):.1f} | {s.get('tg', 0):.1f} |")
+    print(f"| {engine} | {method} | {size * 8 / params:.3f} | {linear_bpw(path, layer_weights):.3f} | {size / 2**20:.1f} | {value:.2f} ± {err:.2f} | {value - ppl(base)[0]:+.2f} | {s.get('pp', 0):.1f} | {s.get('tg', 0):.1f} |")
 print()
 print(f"unquantized (Q4_1): edgefusion PPL {ppl('ppl-ef-base')[0]:.2f}, llama.cpp PPL {ppl('ppl-llama-base')[0]:.2f}")
 PY

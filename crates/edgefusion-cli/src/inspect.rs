@@ -1,4 +1,8 @@
 //! `edgefusion inspect`: what a model file holds.
+//!
+//! For EFQ files (written by `edgefusion quantize`) the matrices are I8 tensors holding EFQ
+//! blobs: their weights are counted from the blob's shape, not its bytes, and a section
+//! shows the tile widths, outliers and bits per weight by role and by layer.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -6,8 +10,11 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use edgefusion_io::gguf::MetaValue;
-use edgefusion_io::names;
-use edgefusion_io::ModelSource;
+use edgefusion_io::names::{self, TensorRole};
+use edgefusion_io::{ModelSource, TensorView};
+use edgefusion_kernels::efq::{tile_cols, EfqMatrix, SLOT_BYTES, TILE_ROWS};
+use edgefusion_kernels::GgmlType;
+use edgefusion_model::model::{EFQ_VERSION, EFQ_VERSION_KEY};
 use edgefusion_model::ModelConfig;
 
 use crate::common::mib;
@@ -58,6 +65,16 @@ pub fn run(args: InspectArgs) -> Result<()> {
         }
         Err(e) => println!("architecture: not runnable here: {e}"),
     }
+    let efq_meta: Vec<(&str, &MetaValue)> = match &source {
+        ModelSource::Gguf(gguf) => gguf
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.starts_with("edgefusion.efq."))
+            .map(|(k, v)| (k.as_str(), v))
+            .collect(),
+        ModelSource::HfDir(_) => Vec::new(),
+    };
+    let is_efq = efq_meta.iter().any(|(k, _)| *k == EFQ_VERSION_KEY);
     if args.metadata {
         if let ModelSource::Gguf(gguf) = &source {
             println!("\nmetadata:");
@@ -68,6 +85,22 @@ pub fn run(args: InspectArgs) -> Result<()> {
     }
 
     let tensors = source.tensors();
+    // Every tensor's weights and EFQ statistics first, so a bad blob fails before any table.
+    let mut efq_stats: Vec<Option<(EfqShape, WidthStats)>> = Vec::with_capacity(tensors.len());
+    for t in &tensors {
+        efq_stats.push(if is_efq && t.dtype == GgmlType::I8 {
+            Some(efq_tensor(t).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: tensor {}: EFQ blob does not parse: {e}",
+                    args.model.display(),
+                    t.name
+                )
+            })?)
+        } else {
+            None
+        });
+    }
+
     // role -> (weights, bytes, types seen)
     let mut by_role: BTreeMap<&'static str, (usize, usize, BTreeMap<&'static str, usize>)> =
         BTreeMap::new();
@@ -78,9 +111,20 @@ pub fn run(args: InspectArgs) -> Result<()> {
             "tensor", "type", "shape", "bytes", "bpw"
         );
     }
-    for t in &tensors {
-        let n: usize = t.shape.iter().product();
+    for (t, efq) in tensors.iter().zip(&efq_stats) {
         let bytes = t.data.len();
+        let (n, type_name, shape) = match efq {
+            Some((s, _)) => (
+                s.n_out * s.n_in,
+                "EFQ",
+                format!("({}, {})", s.n_out, s.n_in),
+            ),
+            None => (
+                t.shape.iter().product(),
+                t.dtype.name(),
+                format!("{:?}", t.shape),
+            ),
+        };
         total_weights += n;
         total_bytes += bytes;
         let role = names::parse_gguf_name(t.name)
@@ -89,13 +133,13 @@ pub fn run(args: InspectArgs) -> Result<()> {
         let entry = by_role.entry(role).or_default();
         entry.0 += n;
         entry.1 += bytes;
-        *entry.2.entry(t.dtype.name()).or_default() += 1;
+        *entry.2.entry(type_name).or_default() += 1;
         if args.tensors {
             println!(
                 "{:<36} {:>6} {:>18} {:>12} {:>6.2}",
                 t.name,
-                t.dtype.name(),
-                format!("{:?}", t.shape),
+                type_name,
+                shape,
                 bytes,
                 bytes as f64 * 8.0 / n.max(1) as f64
             );
@@ -124,7 +168,207 @@ pub fn run(args: InspectArgs) -> Result<()> {
         total_bytes as f64 * 8.0 / total_weights.max(1) as f64,
         tensors.len()
     );
+
+    if is_efq {
+        let matrices: Vec<(&str, WidthStats)> = tensors
+            .iter()
+            .zip(&efq_stats)
+            .filter_map(|(t, s)| s.as_ref().map(|(_, w)| (t.name, *w)))
+            .collect();
+        print_efq_section(&efq_meta, &matrices);
+    }
     Ok(())
+}
+
+/// Shape of an EFQ matrix blob.
+struct EfqShape {
+    n_out: usize,
+    n_in: usize,
+}
+
+/// Tile widths, outliers and bytes of one or more EFQ matrices.
+#[derive(Debug, Default, Clone, Copy)]
+struct WidthStats {
+    /// n_out · n_in over the matrices.
+    weights: usize,
+    /// Weights in 2-, 3- and 4-bit tiles (a partial last tile counts its columns).
+    by_width: [usize; 3],
+    /// Outliers stored (nonzero slot values).
+    outliers: usize,
+    /// Every byte of the blobs.
+    bytes: usize,
+}
+
+impl WidthStats {
+    fn add(&mut self, other: &WidthStats) {
+        self.weights += other.weights;
+        for (a, b) in self.by_width.iter_mut().zip(other.by_width) {
+            *a += b;
+        }
+        self.outliers += other.outliers;
+        self.bytes += other.bytes;
+    }
+
+    fn pct(&self, n: usize) -> f64 {
+        100.0 * n as f64 / self.weights.max(1) as f64
+    }
+
+    /// Mean code width, weighted by weights.
+    fn code_bits(&self) -> f64 {
+        let bits: usize = (0..3).map(|i| self.by_width[i] * (i + 2)).sum();
+        bits as f64 / self.weights.max(1) as f64
+    }
+
+    fn bpw(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.weights.max(1) as f64
+    }
+}
+
+/// Parses one I8 tensor of an EFQ file as a matrix blob and counts its tile widths.
+fn efq_tensor(t: &TensorView<'_>) -> Result<(EfqShape, WidthStats), String> {
+    let m = EfqMatrix::parse(t.data).map_err(|e| e.to_string())?;
+    let (n_out, n_in, nt) = (m.n_out, m.n_in, m.n_tiles());
+    let mut by_width = [0usize; 3];
+    for g in 0..n_out / TILE_ROWS {
+        for tile in 0..nt {
+            by_width[(m.width(g, tile) - 2) as usize] += TILE_ROWS * tile_cols(n_in, tile);
+        }
+    }
+    // The blob ends with its outlier slots (docs/FORMAT.md): the header's slot count S at
+    // bytes 12..16, then 48·S bytes at the end, each slot 16 u16 columns and 16 i8 values
+    // (0 = empty). `parse` has checked that these sizes add up.
+    let n_slots = u32::from_le_bytes(t.data[12..16].try_into().expect("4 bytes")) as usize;
+    let slots = &t.data[t.data.len() - n_slots * SLOT_BYTES..];
+    let outliers = slots
+        .chunks_exact(SLOT_BYTES)
+        .map(|slot| slot[2 * TILE_ROWS..].iter().filter(|&&v| v != 0).count())
+        .sum();
+    Ok((
+        EfqShape { n_out, n_in },
+        WidthStats {
+            weights: n_out * n_in,
+            by_width,
+            outliers,
+            bytes: t.data.len(),
+        },
+    ))
+}
+
+/// Row order of the by-role table: the embedding, the layers' matrices, the head.
+const ROLE_ORDER: [TensorRole; 9] = [
+    TensorRole::TokenEmbd,
+    TensorRole::AttnQ,
+    TensorRole::AttnK,
+    TensorRole::AttnV,
+    TensorRole::AttnOutput,
+    TensorRole::FfnGate,
+    TensorRole::FfnUp,
+    TensorRole::FfnDown,
+    TensorRole::Output,
+];
+
+/// The "EFQ tile widths" section: quantization settings, then widths by role and by layer.
+fn print_efq_section(meta: &[(&str, &MetaValue)], matrices: &[(&str, WidthStats)]) {
+    println!("\nEFQ tile widths");
+    let get = |key: &str| meta.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+    let version = get(EFQ_VERSION_KEY).and_then(|v| v.as_i128());
+    let mut settings = vec![match version {
+        Some(v) if v == EFQ_VERSION as i128 => format!("format v{v}"),
+        Some(v) => format!("format v{v} (this EdgeFusion reads v{EFQ_VERSION})"),
+        None => "format version unreadable".to_string(),
+    }];
+    if let Some(m) = get("edgefusion.efq.method") {
+        settings.push(format!("method {}", m.as_str().unwrap_or("?")));
+    }
+    if let Some(b) = get("edgefusion.efq.target_bpw").and_then(|v| v.as_f64()) {
+        settings.push(format!("target {b:.2} bits/weight (layers)"));
+    }
+    if let Some(o) = get("edgefusion.efq.outliers").and_then(|v| v.as_f64()) {
+        settings.push(format!("outliers {:.2} % per matrix", 100.0 * o));
+    }
+    println!("{}", settings.join(" | "));
+    match get("edgefusion.efq.calibration") {
+        Some(c) => {
+            let tokens = get("edgefusion.efq.calibration_tokens")
+                .and_then(|v| v.as_i128())
+                .map_or(String::new(), |n| format!(", {n} tokens"));
+            println!("calibration: {}{tokens}", summarize(c));
+        }
+        None => println!("calibration: none"),
+    }
+    const SHOWN: [&str; 6] = [
+        EFQ_VERSION_KEY,
+        "edgefusion.efq.method",
+        "edgefusion.efq.target_bpw",
+        "edgefusion.efq.outliers",
+        "edgefusion.efq.calibration",
+        "edgefusion.efq.calibration_tokens",
+    ];
+    for (key, value) in meta.iter().filter(|(k, _)| !SHOWN.contains(k)) {
+        println!("{key} = {}", summarize(value));
+    }
+
+    let mut by_role: BTreeMap<Option<TensorRole>, WidthStats> = BTreeMap::new();
+    let mut by_layer: BTreeMap<usize, WidthStats> = BTreeMap::new();
+    let (mut layers, mut all) = (WidthStats::default(), WidthStats::default());
+    for (name, s) in matrices {
+        let parsed = names::parse_gguf_name(name);
+        by_role.entry(parsed.map(|(r, _)| r)).or_default().add(s);
+        if let Some((_, Some(layer))) = parsed {
+            by_layer.entry(layer).or_default().add(s);
+            layers.add(s);
+        }
+        all.add(s);
+    }
+
+    println!(
+        "% of weights in 2/3/4-bit tiles; code bits: their mean; outliers: 6-bit values stored \
+         apart;\nbpw: every stored byte (codes, scales, zero points, outliers, indices) per weight"
+    );
+    let mut rows: Vec<(String, WidthStats)> = Vec::new();
+    for role in ROLE_ORDER {
+        if let Some(s) = by_role.remove(&Some(role)) {
+            rows.push((role.short().to_string(), s));
+        }
+    }
+    // Anything else stored as EFQ (not expected from `edgefusion quantize`).
+    for (role, s) in by_role {
+        rows.push((
+            role.map_or(names::OTHER_GROUP, |r| r.short()).to_string(),
+            s,
+        ));
+    }
+    rows.push(("all".to_string(), all));
+    print_width_table("role", &rows);
+
+    let mut rows: Vec<(String, WidthStats)> = by_layer
+        .into_iter()
+        .map(|(l, s)| (l.to_string(), s))
+        .collect();
+    rows.push(("layers".to_string(), layers));
+    print_width_table("layer", &rows);
+}
+
+/// One width table (82 columns): a header, a row per entry, the last entry a total.
+fn print_width_table(what: &str, rows: &[(String, WidthStats)]) {
+    println!(
+        "\n{:<12} {:>12} {:>7} {:>7} {:>7} {:>9} {:>9} {:>6} {:>6}",
+        what, "weights", "2-bit %", "3-bit %", "4-bit %", "code bits", "outliers", "outl %", "bpw"
+    );
+    for (label, s) in rows {
+        println!(
+            "{:<12} {:>12} {:>7.1} {:>7.1} {:>7.1} {:>9.3} {:>9} {:>6.2} {:>6.3}",
+            label,
+            s.weights,
+            s.pct(s.by_width[0]),
+            s.pct(s.by_width[1]),
+            s.pct(s.by_width[2]),
+            s.code_bits(),
+            s.outliers,
+            s.pct(s.outliers),
+            s.bpw()
+        );
+    }
 }
 
 /// A metadata value on one line: arrays show their length and first items.

@@ -238,3 +238,95 @@ fn quantize_writes_a_model_the_other_commands_load() {
     assert!(!std::path::Path::new(never).exists());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Fields of the line in `text` whose first word is `label`, after the line `after`.
+fn row_after<'a>(text: &'a str, after: &str, label: &str) -> Option<Vec<&'a str>> {
+    let at = text.find(after)?;
+    text[at..]
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&label))
+}
+
+#[test]
+fn inspect_shows_efq_weights_and_tile_widths() {
+    let dir = std::env::temp_dir().join(format!("ef-cli-inspect-efq-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = fixture("tiny-llama-f32.gguf");
+    let output = dir.join("tiny.efq.gguf");
+    let (input, out_s) = (input.to_str().unwrap(), output.to_str().unwrap());
+    let q = edgefusion(&[
+        "quantize", "-m", input, "-o", out_s, "--bpw", "3.6", "--calib", "none",
+    ]);
+    assert!(q.status.success(), "{}", stderr(&q));
+    let q_text = String::from_utf8_lossy(&q.stdout).into_owned();
+    let linear_bpw: f64 = q_text
+        .split("layers' linear matrices: ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no linear bpw in {q_text}"));
+
+    let inspect = edgefusion(&["inspect", out_s, "--tensors"]);
+    assert!(inspect.status.success(), "{}", stderr(&inspect));
+    let text = String::from_utf8_lossy(&inspect.stdout).into_owned();
+    assert!(
+        text.contains("EFQ tile widths") && text.contains("method efq"),
+        "{text}"
+    );
+    // The tensor listing shows EFQ matrices by their shape, not their blob length.
+    let q0 = row_after(&text, "tensor", "blk.0.attn_q.weight").expect("attn_q listed");
+    assert_eq!(q0[1], "EFQ", "{text}");
+    // Weights are counted from the matrices' shapes: the same total as the f32 source.
+    let source = edgefusion(&["inspect", input]);
+    let source_text = String::from_utf8_lossy(&source.stdout).into_owned();
+    let total = |t: &str| row_after(t, "role", "total").expect("total row")[1].to_string();
+    assert_eq!(total(&text), total(&source_text), "{text}\n{source_text}");
+
+    // Width table by role: the tile-width percentages of each row add up to 100.
+    for role in [
+        "token_embd",
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+        "output",
+        "all",
+    ] {
+        let f = row_after(&text, "EFQ tile widths", role)
+            .unwrap_or_else(|| panic!("no {role} row: {text}"));
+        let pct: f64 = f[2..5].iter().map(|v| v.parse::<f64>().unwrap()).sum();
+        assert!((pct - 100.0).abs() < 0.2, "{role}: {pct}\n{text}");
+    }
+    // By layer: one row per layer, and the layers' matrices together at the bpw quantize
+    // reported (8.0 if blob bytes were counted as weights).
+    for layer in ["0", "1"] {
+        let f = row_after(&text, "EFQ tile widths", layer).expect("layer row");
+        let pct: f64 = f[2..5].iter().map(|v| v.parse::<f64>().unwrap()).sum();
+        assert!((pct - 100.0).abs() < 0.2, "layer {layer}: {pct}\n{text}");
+    }
+    let layers = row_after(&text, "EFQ tile widths", "layers").expect("layers row");
+    let bpw: f64 = layers.last().unwrap().parse().unwrap();
+    assert!(
+        (bpw - linear_bpw).abs() < 0.01,
+        "inspect {bpw} vs quantize {linear_bpw}\n{text}"
+    );
+
+    // A corrupted blob: a one-line error naming the file and the tensor, no panic.
+    let mut bytes = std::fs::read(&output).unwrap();
+    let at = bytes
+        .windows(4)
+        .position(|w| w == b"EFQ1")
+        .expect("an EFQ blob");
+    bytes[at + 3] = b'X';
+    let bad = dir.join("bad.efq.gguf");
+    std::fs::write(&bad, &bytes).unwrap();
+    assert_fails_with(
+        &["inspect", bad.to_str().unwrap()],
+        &["bad.efq.gguf", "tensor", ".weight", "EFQ1"],
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -474,6 +474,29 @@ pub fn quantize(
         0.0
     };
     writer.add_metadata("edgefusion.efq.outliers", MetaValue::F32(outliers as f32));
+    writer.add_metadata(
+        "edgefusion.efq.embedding_bits",
+        MetaValue::U32(if opts.method == Method::Efq {
+            opts.embedding_bits
+        } else {
+            opts.bits
+        } as u32),
+    );
+    if let Some(calib) = opts
+        .calibration
+        .as_ref()
+        .filter(|_| opts.method != Method::Rtn)
+    {
+        writer.add_metadata(
+            "edgefusion.efq.calibration",
+            MetaValue::String(calib.name.clone()),
+        );
+        writer.add_metadata(
+            "edgefusion.efq.calibration_tokens",
+            MetaValue::U32(calib.n_tokens.min(u32::MAX as usize) as u32),
+        );
+        writer.add_metadata("edgefusion.efq.seed", MetaValue::U64(calib.seed));
+    }
     let quantized: std::collections::HashMap<&str, usize> = mats
         .iter()
         .enumerate()
