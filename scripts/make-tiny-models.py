@@ -28,6 +28,9 @@ What it writes (all under tests/fixtures/):
                            The gguf package can only *de*quantize K-quants, so this script carries its own
                            (simple, non-optimal) Q4_K/Q6_K quantizers; their output is verified by
                            round-tripping through gguf.quants.dequantize (an independent implementation).
+* tiny-hybrid-f32.gguf     arch "llama" with 3 layers: SSM, attention, SSM (docs/HYBRID.md; metadata
+                           edgefusion.layer_types, edgefusion.ssm.d_state 12, edgefusion.ssm.d_conv 4);
+                           SSM layers hold blk.N.ssm_* tensors instead of attn_q/k/v/output
 * tiny-<name>.json         reference for each model above (see generate()):
                              model, arch, hparams, tensor_types   what the file holds
                              prompt, tokens                       a 12-token prompt (text and ids; the text
@@ -283,6 +286,9 @@ def config(arch: str, n_embd: int, n_ff: int, rope_base: float, name: str) -> di
 LLAMA = config("llama", 64, 128, 10000.0, "tiny-llama")
 QWEN2 = config("qwen2", 64, 128, 1000000.0, "tiny-qwen2")
 LLAMA256 = config("llama", 256, 512, 10000.0, "tiny-llama256")
+# A hybrid: SSM, attention, SSM layers (docs/HYBRID.md), d_state 12, d_conv 4.
+HYBRID = dict(config("llama", 64, 128, 10000.0, "tiny-hybrid"), n_layer=3,
+              layer_types=["ssm", "attention", "ssm"], ssm_d_state=12, ssm_d_conv=4)
 
 
 def make_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
@@ -308,6 +314,28 @@ def make_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     for i in range(cfg["n_layer"]):
         p = f"blk.{i}."
         w[p + "attn_norm.weight"] = norm(d)
+        if cfg.get("layer_types", ["attention"] * cfg["n_layer"])[i] == "ssm":
+            n, k = cfg["ssm_d_state"], cfg["ssm_d_conv"]
+            channels = (nh + nkv) * n + nkv * hd
+            w[p + "ssm_c.weight"] = mat(nh * n, d, 1.5)
+            w[p + "ssm_b.weight"] = mat(nkv * n, d, 1.5)
+            w[p + "ssm_x.weight"] = mat(nkv * hd, d)
+            w[p + "ssm_dt.weight"] = mat(nkv, d, 0.5)
+            # softplus(bias) spread over 0.05..0.5: decays from fast to slow
+            dt0 = np.linspace(0.05, 0.5, nkv)
+            w[p + "ssm_dt.bias"] = np.log(np.expm1(dt0)).astype(np.float32)
+            w[p + "ssm_a_log"] = np.log(rng.uniform(1.0, 8.0, nkv)).astype(np.float32)
+            w[p + "ssm_d"] = (0.5 * rng.standard_normal(nh)).astype(np.float32)
+            w[p + "ssm_gate.weight"] = mat(nkv, d)
+            conv = 0.3 * rng.standard_normal((channels, k))
+            conv[:, -1] += 1.0
+            w[p + "ssm_conv1d.weight"] = conv.astype(np.float32)
+            w[p + "ssm_out.weight"] = mat(d, nh * hd)
+            w[p + "ffn_norm.weight"] = norm(d)
+            w[p + "ffn_gate.weight"] = mat(ff, d)
+            w[p + "ffn_up.weight"] = mat(ff, d)
+            w[p + "ffn_down.weight"] = mat(d, ff)
+            continue
         w[p + "attn_q.weight"] = mat(nh * hd, d, 1.5)
         w[p + "attn_k.weight"] = mat(nkv * hd, d, 1.5)
         w[p + "attn_v.weight"] = mat(nkv * hd, d)
@@ -439,6 +467,10 @@ def write_gguf(path: str, cfg: dict, tensors: dict[str, tuple[np.ndarray, QT]], 
     w.add_layer_norm_rms_eps(cfg["rms_eps"])
     w.add_rope_dimension_count(cfg["head_dim"])
     w.add_vocab_size(cfg["n_vocab"])
+    if "layer_types" in cfg:
+        w.add_array("edgefusion.layer_types", cfg["layer_types"])
+        w.add_uint32("edgefusion.ssm.d_state", cfg["ssm_d_state"])
+        w.add_uint32("edgefusion.ssm.d_conv", cfg["ssm_d_conv"])
 
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
@@ -523,9 +555,17 @@ def forward(cfg: dict, W: dict[str, np.ndarray], tokens: list[int], act_quant: "
     mask = np.triu(np.full((T, T), -np.inf), k=1)
 
     x = W["token_embd.weight"][np.asarray(tokens)]                          # (T, d)
+    layer_types = cfg.get("layer_types", ["attention"] * cfg["n_layer"])
     for i in range(cfg["n_layer"]):
         p = f"blk.{i}."
         h = rms_norm(x, W[p + "attn_norm.weight"], eps)
+        if layer_types[i] == "ssm":
+            x = x + ssm_mixer(cfg, W, p, h, lin)
+            h = rms_norm(x, W[p + "ffn_norm.weight"], eps)
+            g = lin(p + "ffn_gate.weight", h)
+            u = lin(p + "ffn_up.weight", h)
+            x = x + lin(p + "ffn_down.weight", (g / (1.0 + np.exp(-g))) * u)
+            continue
         q = lin(p + "attn_q.weight", h)
         k = lin(p + "attn_k.weight", h)
         v = lin(p + "attn_v.weight", h)
@@ -552,6 +592,35 @@ def forward(cfg: dict, W: dict[str, np.ndarray], tokens: list[int], act_quant: "
         x = x + lin(p + "ffn_down.weight", (g / (1.0 + np.exp(-g))) * u)
     x = rms_norm(x, W["output_norm.weight"], eps)
     return lin("token_embd.weight" if cfg["tied_embeddings"] else "output.weight", x)
+
+
+def ssm_mixer(cfg: dict, W: dict[str, np.ndarray], p: str, h: np.ndarray, lin) -> np.ndarray:
+    """The SSM mixer of docs/HYBRID.md for normalized inputs h (T, d), by its recurrence."""
+    T = h.shape[0]
+    nh, nkv, hd = cfg["n_head"], cfg["n_head_kv"], cfg["head_dim"]
+    n, k = cfg["ssm_d_state"], cfg["ssm_d_conv"]
+    group = nh // nkv
+    xbc = np.concatenate([lin(p + "ssm_c.weight", h), lin(p + "ssm_b.weight", h),
+                          lin(p + "ssm_x.weight", h)], axis=1)              # (T, channels)
+    conv_w = W[p + "ssm_conv1d.weight"]                                    # (channels, k)
+    padded = np.concatenate([np.zeros((k - 1, xbc.shape[1])), xbc], axis=0)
+    conv = sum(conv_w[:, j] * padded[j:j + T] for j in range(k))           # causal, depthwise
+    act = conv / (1.0 + np.exp(-conv))                                     # SiLU
+    c = act[:, : nh * n].reshape(T, nh, n)
+    b = act[:, nh * n: (nh + nkv) * n].reshape(T, nkv, n)
+    u = act[:, (nh + nkv) * n:].reshape(T, nkv, hd)
+    dt = np.logaddexp(0.0, lin(p + "ssm_dt.weight", h) + W[p + "ssm_dt.bias"])   # softplus (T, nkv)
+    decay = np.exp(-dt * np.exp(W[p + "ssm_a_log"]))                        # (T, nkv)
+    gate = 2.0 / (1.0 + np.exp(-lin(p + "ssm_gate.weight", h)))            # (T, nkv)
+    state = np.zeros((nkv, n, hd))
+    y = np.zeros((T, nh, hd))
+    for t in range(T):
+        for j in range(nkv):
+            state[j] = decay[t, j] * state[j] + dt[t, j] * np.outer(b[t, j], u[t, j])
+        for i in range(nh):
+            j = i // group
+            y[t, i] = (c[t, i] @ state[j] / math.sqrt(n) + W[p + "ssm_d"][i] * u[t, j]) * gate[t, j]
+    return lin(p + "ssm_out.weight", y.reshape(T, nh * hd))
 
 
 class ActQuant:
@@ -646,6 +715,7 @@ def model_specs():
          lambda name: QT.Q6_K if name == "output.weight" or name.endswith(("attn_v.weight", "ffn_down.weight"))
          else QT.Q4_K,
          gguf.LlamaFileType.MOSTLY_Q4_K_M),
+        ("tiny-hybrid-f32", HYBRID, 2468, llama_q(QT.F32), gguf.LlamaFileType.ALL_F32),
     ]
     return specs
 
@@ -673,7 +743,8 @@ def generate(out_dir: str, only: set[str] | None = None, verbose: bool = True) -
             "arch": cfg["arch"],
             "hparams": {k: cfg[k] for k in ("n_layer", "n_embd", "n_head", "n_head_kv", "head_dim", "n_ff",
                                             "n_vocab", "n_ctx", "rms_eps", "rope_base", "rope_neox",
-                                            "qkv_bias", "tied_embeddings")},
+                                            "qkv_bias", "tied_embeddings")}
+                       | {k: cfg[k] for k in ("layer_types", "ssm_d_state", "ssm_d_conv") if k in cfg},
             "tensor_types": {n: t.name for n, (_, t) in tensors.items()},
             "note": "logits from a float64 numpy forward pass over the (de)quantized weights of this file",
             "prompt": text12,
@@ -689,7 +760,7 @@ def generate(out_dir: str, only: set[str] | None = None, verbose: bool = True) -
                                           "are quantized like ggml's CPU backend (see ActQuant in "
                                           "scripts/make-tiny-models.py); rounding flips make a few "
                                           "positions differ by up to ~0.1, the rest agree to ~1e-6")
-        if stem == "tiny-llama-f32":
+        if stem in ("tiny-llama-f32", "tiny-hybrid-f32"):
             ref["long"] = {"prompt": text40, "tokens": ids40, "logits": sig7(forward(cfg, ref_w, ids40))}
         with open(os.path.join(out_dir, stem + ".json"), "w") as f:
             json.dump(ref, f, separators=(",", ":"))
@@ -719,6 +790,9 @@ def check_llamacpp(out_dir: str, llamacpp_venv: str) -> int:
     tok = Tokenizer()
     status = 0
     for stem, cfg, seed, qtype_of, ftype in model_specs():
+        if "layer_types" in cfg:
+            print(f"{stem:24s} skipped: llama.cpp does not run EdgeFusion hybrids")
+            continue
         path = os.path.join(out_dir, stem + ".gguf")
         with open(os.path.join(out_dir, stem + ".json")) as f:
             ref = json.load(f)

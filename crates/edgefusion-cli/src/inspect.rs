@@ -57,6 +57,24 @@ pub fn run(args: InspectArgs) -> Result<()> {
                 "rope: base {} dim {} {:?} scaling {:?} | rms eps {:e} | tied head: {}",
                 c.rope_base, c.rope_dim, c.rope_style, c.rope_scaling, c.rms_eps, c.tied_embeddings
             );
+            if c.is_hybrid() {
+                let kinds: String = c
+                    .layer_types
+                    .iter()
+                    .map(|t| match t {
+                        edgefusion_model::LayerType::Attention => 'A',
+                        edgefusion_model::LayerType::Ssm => 'S',
+                    })
+                    .collect();
+                println!(
+                    "hybrid: {} of {} layers SSM ({kinds}; A attention, S SSM) | d_state {} | d_conv {} | SSM state {:.1} KiB per layer",
+                    c.n_layers - c.n_attention_layers(),
+                    c.n_layers,
+                    c.ssm_d_state,
+                    c.ssm_d_conv,
+                    c.ssm_state_floats() as f64 * 4.0 / 1024.0
+                );
+            }
             println!(
                 "params {:.2} M | {:.3} GFLOP/token at position 0",
                 c.n_params() as f64 / 1e6,

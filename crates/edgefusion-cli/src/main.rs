@@ -41,7 +41,27 @@ enum Command {
     Quantize(quantize::QuantizeArgs),
 }
 
+/// `edgefusion inspect … | head` closes stdout early; `println!` then panics with "Broken
+/// pipe". Like other Unix tools, exit quietly instead (status 141, as if killed by
+/// SIGPIPE); every other panic keeps the default report.
+fn exit_quietly_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() {
+    exit_quietly_on_broken_pipe();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),

@@ -225,6 +225,14 @@ pub fn run(args: RunArgs) -> Result<()> {
             session.kv_bytes_per_position() as f64 / 1024.0,
             mib(session.kv_bytes_per_position() * n_past)
         );
+        if cfg.is_hybrid() {
+            eprintln!(
+                "  SSM state          {:8.1} KiB ({} of {} layers SSM; constant in the context)",
+                session.ssm_state_bytes() as f64 / 1024.0,
+                cfg.n_layers - cfg.n_attention_layers(),
+                cfg.n_layers
+            );
+        }
         eprintln!(
             "  compute            {:8.3} GFLOP/token (at position {n_past}; {:.3} at position 0)",
             cfg.flops_per_token(n_past) / 1e9,

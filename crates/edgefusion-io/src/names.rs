@@ -20,6 +20,20 @@ pub enum TensorRole {
     FfnGate,
     FfnUp,
     FfnDown,
+    /// SSM mixer of a hybrid layer (docs/HYBRID.md): C, B and x projections.
+    SsmC,
+    SsmB,
+    SsmX,
+    /// Step size Δ projection and bias, decay rates `log A`, skip `D`.
+    SsmDt,
+    SsmDtBias,
+    SsmALog,
+    SsmD,
+    /// Output gate projection.
+    SsmGate,
+    /// Causal depthwise convolution `(channels, d_conv)`.
+    SsmConv,
+    SsmOut,
 }
 
 /// One row of the table: role, GGUF name (after `blk.{i}.` when per layer), Hugging Face
@@ -36,7 +50,7 @@ const GGUF_LAYER_PREFIX: &str = "blk.";
 const HF_LAYER_PREFIX: &str = "model.layers.";
 
 #[rustfmt::skip]
-const TABLE: [NameRow; 15] = [
+const TABLE: [NameRow; 25] = [
     NameRow { role: TensorRole::TokenEmbd,  per_layer: false, gguf: "token_embd.weight",  hf: "model.embed_tokens.weight",             short: "token_embd" },
     NameRow { role: TensorRole::OutputNorm, per_layer: false, gguf: "output_norm.weight", hf: "model.norm.weight",                     short: "output_norm" },
     NameRow { role: TensorRole::Output,     per_layer: false, gguf: "output.weight",      hf: "lm_head.weight",                        short: "output" },
@@ -52,13 +66,23 @@ const TABLE: [NameRow; 15] = [
     NameRow { role: TensorRole::FfnGate,    per_layer: true,  gguf: "ffn_gate.weight",    hf: "mlp.gate_proj.weight",                  short: "ffn_gate" },
     NameRow { role: TensorRole::FfnUp,      per_layer: true,  gguf: "ffn_up.weight",      hf: "mlp.up_proj.weight",                    short: "ffn_up" },
     NameRow { role: TensorRole::FfnDown,    per_layer: true,  gguf: "ffn_down.weight",    hf: "mlp.down_proj.weight",                  short: "ffn_down" },
+    NameRow { role: TensorRole::SsmC,       per_layer: true,  gguf: "ssm_c.weight",       hf: "ssm.c_proj.weight",                     short: "ssm_c" },
+    NameRow { role: TensorRole::SsmB,       per_layer: true,  gguf: "ssm_b.weight",       hf: "ssm.b_proj.weight",                     short: "ssm_b" },
+    NameRow { role: TensorRole::SsmX,       per_layer: true,  gguf: "ssm_x.weight",       hf: "ssm.x_proj.weight",                     short: "ssm_x" },
+    NameRow { role: TensorRole::SsmDt,      per_layer: true,  gguf: "ssm_dt.weight",      hf: "ssm.dt_proj.weight",                    short: "ssm_dt" },
+    NameRow { role: TensorRole::SsmDtBias,  per_layer: true,  gguf: "ssm_dt.bias",        hf: "ssm.dt_proj.bias",                      short: "ssm_dt_bias" },
+    NameRow { role: TensorRole::SsmALog,    per_layer: true,  gguf: "ssm_a_log",          hf: "ssm.A_log",                             short: "ssm_a_log" },
+    NameRow { role: TensorRole::SsmD,       per_layer: true,  gguf: "ssm_d",              hf: "ssm.D",                                 short: "ssm_d" },
+    NameRow { role: TensorRole::SsmGate,    per_layer: true,  gguf: "ssm_gate.weight",    hf: "ssm.gate_proj.weight",                  short: "ssm_gate" },
+    NameRow { role: TensorRole::SsmConv,    per_layer: true,  gguf: "ssm_conv1d.weight",  hf: "ssm.conv1d.weight",                     short: "ssm_conv" },
+    NameRow { role: TensorRole::SsmOut,     per_layer: true,  gguf: "ssm_out.weight",     hf: "ssm.out_proj.weight",                   short: "ssm_out" },
 ];
 
 /// Group name for tensors that are not in the table.
 pub const OTHER_GROUP: &str = "other";
 
 impl TensorRole {
-    pub const ALL: [TensorRole; 15] = [
+    pub const ALL: [TensorRole; 25] = [
         TensorRole::TokenEmbd,
         TensorRole::OutputNorm,
         TensorRole::Output,
@@ -74,6 +98,16 @@ impl TensorRole {
         TensorRole::FfnGate,
         TensorRole::FfnUp,
         TensorRole::FfnDown,
+        TensorRole::SsmC,
+        TensorRole::SsmB,
+        TensorRole::SsmX,
+        TensorRole::SsmDt,
+        TensorRole::SsmDtBias,
+        TensorRole::SsmALog,
+        TensorRole::SsmD,
+        TensorRole::SsmGate,
+        TensorRole::SsmConv,
+        TensorRole::SsmOut,
     ];
 
     fn row(self) -> &'static NameRow {

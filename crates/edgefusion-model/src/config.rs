@@ -52,6 +52,38 @@ pub enum RopeScaling {
     },
 }
 
+/// The token mixer of a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum LayerType {
+    /// Softmax attention with a KV cache.
+    Attention,
+    /// The selective SSM of docs/HYBRID.md, with a constant-size recurrent state.
+    Ssm,
+}
+
+impl LayerType {
+    /// Spelling in `edgefusion.layer_types` and `config.json`'s `layer_types`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerType::Attention => "attention",
+            LayerType::Ssm => "ssm",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        match name {
+            "attention" => Some(LayerType::Attention),
+            "ssm" => Some(LayerType::Ssm),
+            _ => None,
+        }
+    }
+}
+
+/// Metadata keys of hybrid models in GGUF files.
+pub const LAYER_TYPES_KEY: &str = "edgefusion.layer_types";
+pub const SSM_D_STATE_KEY: &str = "edgefusion.ssm.d_state";
+pub const SSM_D_CONV_KEY: &str = "edgefusion.ssm.d_conv";
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelConfig {
     pub arch: Arch,
@@ -75,6 +107,13 @@ pub struct ModelConfig {
     pub rope_scaling: RopeScaling,
     /// The output head reuses the token embedding.
     pub tied_embeddings: bool,
+    /// Token mixer of each layer (`n_layers` entries; all attention unless the model is a
+    /// hybrid).
+    pub layer_types: Vec<LayerType>,
+    /// SSM state width N per KV group (0 without SSM layers).
+    pub ssm_d_state: usize,
+    /// Taps of the SSM's causal depthwise convolution (0 without SSM layers).
+    pub ssm_d_conv: usize,
 }
 
 impl ModelConfig {
@@ -173,8 +212,36 @@ impl ModelConfig {
             },
             rope_scaling,
             tied_embeddings,
+            layer_types: Vec::new(),
+            ssm_d_state: 0,
+            ssm_d_conv: 0,
         };
-        cfg.validate(&gguf.path.display().to_string())?;
+        let file = gguf.path.display().to_string();
+        let n_layers = cfg.n_layers;
+        let cfg = match gguf.get(LAYER_TYPES_KEY) {
+            None => cfg.with_layer_types(vec![LayerType::Attention; n_layers], 0, 0),
+            Some(value) => {
+                let names: Option<Vec<&str>> = value
+                    .as_array()
+                    .and_then(|a| a.iter().map(|v| v.as_str()).collect());
+                let Some(names) = names else {
+                    return Err(ModelError::Invalid {
+                        file,
+                        what: format!("{LAYER_TYPES_KEY} must be an array of strings"),
+                    });
+                };
+                let types = parse_layer_types(&names, &file, LAYER_TYPES_KEY)?;
+                let get = |k: &str| match gguf.get(k) {
+                    Some(_) => gguf
+                        .get_u32(k)
+                        .map(|v| v as usize)
+                        .map_err(ModelError::from),
+                    None => Ok(0),
+                };
+                cfg.with_layer_types(types, get(SSM_D_STATE_KEY)?, get(SSM_D_CONV_KEY)?)
+            }
+        };
+        cfg.validate(&file)?;
         Ok(cfg)
     }
 
@@ -282,9 +349,82 @@ impl ModelConfig {
             rope_style: RopeStyle::NeoX,
             rope_scaling,
             tied_embeddings,
+            layer_types: Vec::new(),
+            ssm_d_state: 0,
+            ssm_d_conv: 0,
+        };
+        let n_layers = cfg.n_layers;
+        let cfg = match json.get("layer_types") {
+            None => cfg.with_layer_types(vec![LayerType::Attention; n_layers], 0, 0),
+            Some(value) => {
+                let names: Option<Vec<&str>> = value
+                    .as_array()
+                    .and_then(|a| a.iter().map(|v| v.as_str()).collect());
+                let Some(names) = names else {
+                    return Err(invalid(
+                        "field 'layer_types' must be an array of strings".into(),
+                    ));
+                };
+                let types = parse_layer_types(&names, file, "layer_types")?;
+                let opt = |k: &str| json.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+                cfg.with_layer_types(types, opt("ssm_d_state"), opt("ssm_d_conv"))
+            }
         };
         cfg.validate(file)?;
         Ok(cfg)
+    }
+
+    fn with_layer_types(self, layer_types: Vec<LayerType>, d_state: usize, d_conv: usize) -> Self {
+        ModelConfig {
+            layer_types,
+            ssm_d_state: d_state,
+            ssm_d_conv: d_conv,
+            ..self
+        }
+    }
+
+    /// Whether any layer is an SSM.
+    pub fn is_hybrid(&self) -> bool {
+        self.layer_types.contains(&LayerType::Ssm)
+    }
+
+    /// Layers with softmax attention (and a KV cache).
+    pub fn n_attention_layers(&self) -> usize {
+        self.layer_types
+            .iter()
+            .filter(|&&t| t == LayerType::Attention)
+            .count()
+    }
+
+    /// Channels of an SSM layer's convolution: C `(n_heads · N)`, B `(n_kv_heads · N)`,
+    /// x `(n_kv_heads · head_dim)`.
+    pub fn ssm_channels(&self) -> usize {
+        (self.n_heads + self.n_kv_heads) * self.ssm_d_state + self.kv_dim()
+    }
+
+    /// Floats of one SSM layer's recurrent state: per KV group an `(N, head_dim)` matrix,
+    /// plus the convolution's last `d_conv − 1` inputs.
+    pub fn ssm_state_floats(&self) -> usize {
+        self.n_kv_heads * self.ssm_d_state * self.head_dim
+            + self.ssm_d_conv.saturating_sub(1) * self.ssm_channels()
+    }
+
+    /// Parameters of one attention mixer (projections and biases).
+    pub fn attention_params(&self) -> usize {
+        let biases = match self.arch {
+            Arch::Qwen2 => self.q_dim() + 2 * self.kv_dim(),
+            Arch::Llama => 0,
+        };
+        2 * self.d_model * (self.q_dim() + self.kv_dim()) + biases
+    }
+
+    /// Parameters of one SSM mixer: C, B, x, Δ, gate and output projections, the
+    /// convolution, Δ bias, log A and D.
+    pub fn ssm_params(&self) -> usize {
+        let n = self.ssm_d_state;
+        let proj_in = self.d_model * ((self.n_heads + self.n_kv_heads) * n + self.kv_dim());
+        let small = 2 * self.n_kv_heads * self.d_model + 2 * self.n_kv_heads + self.n_heads;
+        proj_in + self.q_dim() * self.d_model + self.ssm_channels() * self.ssm_d_conv + small
     }
 
     fn validate(&self, file: &str) -> Result<(), ModelError> {
@@ -348,6 +488,27 @@ impl ModelConfig {
         if !(self.rope_base > 0.0 && self.rope_base.is_finite()) {
             return fail(format!("rope base {} must be positive", self.rope_base));
         }
+        if self.layer_types.len() != self.n_layers {
+            return fail(format!(
+                "{LAYER_TYPES_KEY} lists {} layers; the model has {}",
+                self.layer_types.len(),
+                self.n_layers
+            ));
+        }
+        if self.is_hybrid() {
+            if !(1..=1024).contains(&self.ssm_d_state) {
+                return fail(format!(
+                    "{SSM_D_STATE_KEY} {} must be in 1..=1024 for a model with SSM layers",
+                    self.ssm_d_state
+                ));
+            }
+            if !(1..=16).contains(&self.ssm_d_conv) {
+                return fail(format!(
+                    "{SSM_D_CONV_KEY} {} must be in 1..=16 for a model with SSM layers",
+                    self.ssm_d_conv
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -366,11 +527,13 @@ impl ModelConfig {
         self.n_heads / self.n_kv_heads
     }
 
-    /// Parameters of the linear layers in the blocks (embedding and head excluded).
-    pub fn n_block_linear_params(&self) -> usize {
-        let attn = self.d_model * (self.q_dim() + 2 * self.kv_dim()) + self.q_dim() * self.d_model;
-        let ffn = 3 * self.d_model * self.d_ff;
-        self.n_layers * (attn + ffn)
+    /// Parameters of the mixers and feed-forward blocks (embedding, head and norms
+    /// excluded; attention biases included).
+    pub fn n_block_params(&self) -> usize {
+        let n_ssm = self.n_layers - self.n_attention_layers();
+        let mixers =
+            self.n_attention_layers() * self.attention_params() + n_ssm * self.ssm_params();
+        mixers + self.n_layers * 3 * self.d_model * self.d_ff
     }
 
     /// All parameters (a tied head is counted once).
@@ -378,19 +541,37 @@ impl ModelConfig {
         let embd = self.vocab_size * self.d_model;
         let head = if self.tied_embeddings { 0 } else { embd };
         let norms = self.n_layers * 2 * self.d_model + self.d_model;
-        let biases = match self.arch {
-            Arch::Qwen2 => self.n_layers * (self.q_dim() + 2 * self.kv_dim()),
-            Arch::Llama => 0,
-        };
-        embd + head + norms + biases + self.n_block_linear_params()
+        embd + head + norms + self.n_block_params()
     }
 
     /// Floating-point operations to produce one token at context position `n_past`,
-    /// counted from the shapes: 2 per multiply-add in every matmul (the head included)
-    /// plus the attention scores and weighted sum over `n_past + 1` positions.
+    /// counted from the shapes: 2 per multiply-add in every matmul (the head included),
+    /// the attention scores and weighted sum over `n_past + 1` positions, and each SSM
+    /// layer's convolution, state update and read-out (constant in `n_past`).
     pub fn flops_per_token(&self, n_past: usize) -> f64 {
-        let matmul = 2.0 * (self.n_block_linear_params() + self.vocab_size * self.d_model) as f64;
-        let attn = 2.0 * 2.0 * (self.n_layers * self.q_dim()) as f64 * (n_past + 1) as f64;
-        matmul + attn
+        let matmul = 2.0 * (self.n_block_params() + self.vocab_size * self.d_model) as f64;
+        let attn =
+            2.0 * 2.0 * (self.n_attention_layers() * self.q_dim()) as f64 * (n_past + 1) as f64;
+        let n_ssm = (self.n_layers - self.n_attention_layers()) as f64;
+        let state = (self.n_kv_heads * self.ssm_d_state * self.head_dim) as f64;
+        let ssm = n_ssm
+            * (2.0 * (self.ssm_channels() * self.ssm_d_conv) as f64
+                + 3.0 * state
+                + 2.0 * self.gqa_group() as f64 * state);
+        matmul + attn + ssm
     }
+}
+
+/// Layer types from their names, or an error naming the file, the key and the bad entry.
+fn parse_layer_types(names: &[&str], file: &str, key: &str) -> Result<Vec<LayerType>, ModelError> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            LayerType::parse(name).ok_or_else(|| ModelError::Invalid {
+                file: file.to_string(),
+                what: format!("{key}[{i}] is '{name}'; expected 'attention' or 'ssm'"),
+            })
+        })
+        .collect()
 }

@@ -5,9 +5,9 @@ pub mod config;
 pub mod linear;
 pub mod model;
 
-pub use config::{Arch, ModelConfig, RopeScaling, RopeStyle};
+pub use config::{Arch, LayerType, ModelConfig, RopeScaling, RopeStyle};
 pub use linear::{ActFormat, Layout, Linear};
-pub use model::{Attention, DecoderLayer, FeedForward, Mixer, Model};
+pub use model::{Attention, DecoderLayer, FeedForward, Mixer, Model, Ssm};
 
 /// Errors raised while binding a model's weights.
 #[derive(Debug, thiserror::Error)]

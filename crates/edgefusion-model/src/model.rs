@@ -4,7 +4,7 @@ use edgefusion_io::names::TensorRole;
 use edgefusion_io::ModelSource;
 use edgefusion_kernels::GgmlType;
 
-use crate::config::ModelConfig;
+use crate::config::{LayerType, ModelConfig};
 use crate::linear::{vector_from_view, Linear};
 use crate::ModelError;
 
@@ -29,11 +29,42 @@ pub struct Attention<'a> {
     pub bv: Option<Vec<f32>>,
 }
 
-/// The token mixer of a layer. Attention keeps a KV cache; an SSM (coming with the hybrid
-/// models) keeps a constant-size recurrent state.
+/// SSM mixer weights of one hybrid layer (the selective SSM of docs/HYBRID.md). N is
+/// `ssm_d_state`; heads are laid out like attention's: `n_heads` read-out heads (C) over
+/// `n_kv_heads` groups, each with its own B, x, Δ, decay and gate.
+#[derive(Debug)]
+pub struct Ssm<'a> {
+    /// (n_heads · N, d_model)
+    pub wc: Linear<'a>,
+    /// (n_kv_heads · N, d_model)
+    pub wb: Linear<'a>,
+    /// (kv_dim, d_model)
+    pub wx: Linear<'a>,
+    /// (n_kv_heads, d_model): step size Δ before its bias and softplus.
+    pub wdt: Linear<'a>,
+    /// (n_kv_heads, d_model): output gate before `2σ`.
+    pub wgate: Linear<'a>,
+    /// (d_model, q_dim)
+    pub wo: Linear<'a>,
+    /// (n_kv_heads)
+    pub dt_bias: Vec<f32>,
+    /// (n_kv_heads): decay rates `A = exp(a_log)`, so that the decay is `exp(−Δ·A)`.
+    pub a: Vec<f32>,
+    /// (n_heads): skip weights.
+    pub d: Vec<f32>,
+    /// (channels, d_conv): causal depthwise convolution over the C, B and x channels, in
+    /// that order; tap `d_conv − 1` multiplies the current token.
+    pub conv: Vec<f32>,
+}
+
+/// The token mixer of a layer. Attention keeps a KV cache; an SSM keeps a constant-size
+/// recurrent state.
+// One per layer, built once at load: the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Mixer<'a> {
     Attention(Attention<'a>),
+    Ssm(Ssm<'a>),
 }
 
 /// SwiGLU feed-forward: `down(silu(gate x) * up x)`.
@@ -125,18 +156,44 @@ impl<'a> Model<'a> {
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let l = Some(i);
-            let attention = Attention {
-                wq: linear(TensorRole::AttnQ, l, c.d_model, c.q_dim())?,
-                wk: linear(TensorRole::AttnK, l, c.d_model, c.kv_dim())?,
-                wv: linear(TensorRole::AttnV, l, c.d_model, c.kv_dim())?,
-                wo: linear(TensorRole::AttnOutput, l, c.q_dim(), c.d_model)?,
-                bq: optional_vector(TensorRole::AttnQBias, l, c.q_dim())?,
-                bk: optional_vector(TensorRole::AttnKBias, l, c.kv_dim())?,
-                bv: optional_vector(TensorRole::AttnVBias, l, c.kv_dim())?,
+            let mixer = match c.layer_types[i] {
+                LayerType::Attention => Mixer::Attention(Attention {
+                    wq: linear(TensorRole::AttnQ, l, c.d_model, c.q_dim())?,
+                    wk: linear(TensorRole::AttnK, l, c.d_model, c.kv_dim())?,
+                    wv: linear(TensorRole::AttnV, l, c.d_model, c.kv_dim())?,
+                    wo: linear(TensorRole::AttnOutput, l, c.q_dim(), c.d_model)?,
+                    bq: optional_vector(TensorRole::AttnQBias, l, c.q_dim())?,
+                    bk: optional_vector(TensorRole::AttnKBias, l, c.kv_dim())?,
+                    bv: optional_vector(TensorRole::AttnVBias, l, c.kv_dim())?,
+                }),
+                LayerType::Ssm => {
+                    let (n, groups) = (c.ssm_d_state, c.n_kv_heads);
+                    let conv = linear(TensorRole::SsmConv, l, c.ssm_d_conv, c.ssm_channels())?;
+                    let mut taps = vec![0.0f32; c.ssm_channels() * c.ssm_d_conv];
+                    for (r, row) in taps.chunks_exact_mut(c.ssm_d_conv).enumerate() {
+                        conv.dequantize_row_into(r, row);
+                    }
+                    let a = vector(TensorRole::SsmALog, l, groups)?
+                        .iter()
+                        .map(|v| v.exp())
+                        .collect();
+                    Mixer::Ssm(Ssm {
+                        wc: linear(TensorRole::SsmC, l, c.d_model, c.n_heads * n)?,
+                        wb: linear(TensorRole::SsmB, l, c.d_model, groups * n)?,
+                        wx: linear(TensorRole::SsmX, l, c.d_model, c.kv_dim())?,
+                        wdt: linear(TensorRole::SsmDt, l, c.d_model, groups)?,
+                        wgate: linear(TensorRole::SsmGate, l, c.d_model, groups)?,
+                        wo: linear(TensorRole::SsmOut, l, c.q_dim(), c.d_model)?,
+                        dt_bias: vector(TensorRole::SsmDtBias, l, groups)?,
+                        a,
+                        d: vector(TensorRole::SsmD, l, c.n_heads)?,
+                        conv: taps,
+                    })
+                }
             };
             layers.push(DecoderLayer {
                 attn_norm: vector(TensorRole::AttnNorm, l, c.d_model)?,
-                mixer: Mixer::Attention(attention),
+                mixer,
                 ffn_norm: vector(TensorRole::FfnNorm, l, c.d_model)?,
                 ffn: FeedForward {
                     gate: linear(TensorRole::FfnGate, l, c.d_model, c.d_ff)?,
@@ -176,6 +233,9 @@ impl<'a> Model<'a> {
                         .map(|b| b.as_ref().map_or(0, |b| b.len() * 4))
                         .sum::<usize>();
                 }
+                Mixer::Ssm(s) => {
+                    total += (s.dt_bias.len() + s.a.len() + s.d.len() + s.conv.len()) * 4;
+                }
             }
         }
         total
@@ -197,6 +257,14 @@ impl<'a> Model<'a> {
                     (TensorRole::AttnK, l, &a.wk),
                     (TensorRole::AttnV, l, &a.wv),
                     (TensorRole::AttnOutput, l, &a.wo),
+                ]),
+                Mixer::Ssm(s) => out.extend([
+                    (TensorRole::SsmC, l, &s.wc),
+                    (TensorRole::SsmB, l, &s.wb),
+                    (TensorRole::SsmX, l, &s.wx),
+                    (TensorRole::SsmDt, l, &s.wdt),
+                    (TensorRole::SsmGate, l, &s.wgate),
+                    (TensorRole::SsmOut, l, &s.wo),
                 ]),
             }
             let ffn = &layer.ffn;

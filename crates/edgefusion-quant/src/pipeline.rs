@@ -116,6 +116,9 @@ fn matrices<'m>(model: &'m Model<'_>) -> Vec<(TensorRole, Option<LinearInput>, &
     model
         .linears()
         .into_iter()
+        // An SSM layer's Δ and gate projections have one row per KV group: too few for
+        // 16-row tiles, and too small to matter; they keep their source type.
+        .filter(|(role, _, _)| !matches!(role, TensorRole::SsmDt | TensorRole::SsmGate))
         .map(|(role, layer, w)| {
             let layer = layer.unwrap_or(0);
             let input = match role {
@@ -127,6 +130,10 @@ fn matrices<'m>(model: &'m Model<'_>) -> Vec<(TensorRole, Option<LinearInput>, &
                 TensorRole::AttnOutput => Some(LinearInput::AttentionOutput { layer }),
                 TensorRole::FfnGate | TensorRole::FfnUp => Some(LinearInput::FeedForward { layer }),
                 TensorRole::FfnDown => Some(LinearInput::FeedForwardDown { layer }),
+                TensorRole::SsmC | TensorRole::SsmB | TensorRole::SsmX => {
+                    Some(LinearInput::Ssm { layer })
+                }
+                TensorRole::SsmOut => Some(LinearInput::SsmOutput { layer }),
                 _ => unreachable!("Model::linears lists matrices only"),
             };
             (role, input, w)

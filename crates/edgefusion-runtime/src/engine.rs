@@ -131,6 +131,13 @@ struct RunState {
     /// (max_logits, vocab_size)
     logits: Vec<f32>,
     act: ActCache,
+    /// SSM layers (empty without): C (max_batch, n_heads · N), B (max_batch, n_kv_heads · N),
+    /// x (max_batch, kv_dim), Δ and gate (max_batch, n_kv_heads).
+    ssm_c: Vec<f32>,
+    ssm_b: Vec<f32>,
+    ssm_x: Vec<f32>,
+    ssm_dt: Vec<f32>,
+    ssm_gate: Vec<f32>,
     /// Per attention chunk: a task's queries rounded to the cache type
     /// `(block_tokens · gqa_group, head_dim)`, then the scores and probabilities of one
     /// sub-block `(sub_block_tokens · gqa_group, n_keys)` (see [`AttnPlan`]).
@@ -249,6 +256,10 @@ pub struct Session<'m> {
     threads: Threads,
     state: RunState,
     kv: KvCache,
+    /// Recurrent state of every SSM layer, `ModelConfig::ssm_state_floats` each: the
+    /// `(n_kv_heads, N, head_dim)` state matrices, then the convolution's last
+    /// `d_conv − 1` inputs `(d_conv − 1, channels)`, oldest first.
+    ssm: Vec<f32>,
     rope: RopeTable,
     n_past: usize,
     observer: Option<Observer<'m>>,
@@ -261,6 +272,11 @@ pub enum LinearInput {
     Attention { layer: usize },
     /// The attention output entering `wo`.
     AttentionOutput { layer: usize },
+    /// The normalized residual stream entering the C, B, x, Δ and gate projections of SSM
+    /// layer `layer`.
+    Ssm { layer: usize },
+    /// The gated SSM read-out entering its output projection.
+    SsmOutput { layer: usize },
     /// The normalized residual stream entering `gate` and `up`.
     FeedForward { layer: usize },
     /// `silu(gate) · up` entering `down`.
@@ -308,7 +324,12 @@ impl<'m> Session<'m> {
             gate: vec![0.0; max_batch * cfg.d_ff],
             up: vec![0.0; max_batch * cfg.d_ff],
             logits: vec![0.0; max_logits * cfg.vocab_size],
-            act: ActCache::new(max_batch, widest),
+            act: ActCache::new(max_batch, widest.max(cfg.ssm_channels())),
+            ssm_c: ssm_buffer(cfg, max_batch * cfg.n_heads * cfg.ssm_d_state),
+            ssm_b: ssm_buffer(cfg, max_batch * cfg.n_kv_heads * cfg.ssm_d_state),
+            ssm_x: ssm_buffer(cfg, max_batch * cfg.kv_dim()),
+            ssm_dt: ssm_buffer(cfg, max_batch * cfg.n_kv_heads),
+            ssm_gate: ssm_buffer(cfg, max_batch * cfg.n_kv_heads),
             att_tasks: vec![
                 0.0;
                 AttnPlan::max_out_len(cfg, max_batch, threads.n_threads(), opts.n_ctx)
@@ -344,12 +365,14 @@ impl<'m> Session<'m> {
             },
         };
         let rope = RopeTable::new(cfg, opts.n_ctx);
+        let n_ssm = cfg.n_layers - n_attention;
         Ok(Session {
             model,
             opts,
             threads,
             state,
             kv,
+            ssm: vec![0.0; n_ssm * cfg.ssm_state_floats()],
             rope,
             n_past: 0,
             observer: None,
@@ -373,14 +396,56 @@ impl<'m> Session<'m> {
         self.n_past
     }
 
-    /// Empties the KV cache.
+    /// Empties the KV cache and the SSM states.
     pub fn reset(&mut self) {
         self.n_past = 0;
     }
 
     /// Forgets every position from `n` on, keeping the prefix (prefix reuse).
-    pub fn truncate(&mut self, n: usize) {
+    ///
+    /// # Errors
+    /// On a model with SSM layers when `0 < n < n_past`: a recurrent state cannot be
+    /// rewound (save and restore it with [`Session::ssm_state`] and
+    /// [`Session::set_ssm_state`] instead).
+    pub fn truncate(&mut self, n: usize) -> Result<(), RuntimeError> {
+        if n > 0 && n < self.n_past && !self.ssm.is_empty() {
+            return Err(RuntimeError::InvalidOption(format!(
+                "cannot truncate a hybrid model's session from {} to {n} positions: SSM states do not rewind",
+                self.n_past
+            )));
+        }
         self.n_past = self.n_past.min(n);
+        Ok(())
+    }
+
+    /// Bytes of all SSM layers' recurrent state (constant in the context length).
+    pub fn ssm_state_bytes(&self) -> usize {
+        self.ssm.len() * 4
+    }
+
+    /// The SSM layers' recurrent state after the positions so far (empty without SSM
+    /// layers), with `n_past`, to restore later with [`Session::set_ssm_state`].
+    pub fn ssm_state(&self) -> (usize, &[f32]) {
+        (self.n_past, &self.ssm)
+    }
+
+    /// Returns to the state saved by [`Session::ssm_state`] at `n_past` positions: the KV
+    /// cache keeps its first `n_past` positions (they must not have been overwritten since).
+    ///
+    /// # Errors
+    /// If `state` has the wrong length or `n_past` is beyond the current position.
+    pub fn set_ssm_state(&mut self, n_past: usize, state: &[f32]) -> Result<(), RuntimeError> {
+        if state.len() != self.ssm.len() || n_past > self.n_past {
+            return Err(RuntimeError::InvalidOption(format!(
+                "SSM state of {} floats at position {n_past} does not fit this session ({} floats, position {})",
+                state.len(),
+                self.ssm.len(),
+                self.n_past
+            )));
+        }
+        self.ssm.copy_from_slice(state);
+        self.n_past = n_past;
+        Ok(())
     }
 
     /// Bytes of KV cache per context position.
@@ -463,10 +528,15 @@ impl<'m> Session<'m> {
             threads,
             state: st,
             kv,
+            ssm,
             rope,
             n_past,
             observer,
         } = self;
+        if *n_past == 0 {
+            // A new sequence starts from empty recurrent states.
+            ssm.fill(0.0);
+        }
         let model: &Model<'_> = model;
         let n_tok = tokens.len();
         let observing = observer.is_some();
@@ -485,6 +555,7 @@ impl<'m> Session<'m> {
         }
 
         let mut attn_index = 0;
+        let mut ssm_states = ssm.chunks_exact_mut(cfg.ssm_state_floats().max(1));
         for (li, layer) in model.layers.iter().enumerate() {
             rms_norm(
                 &st.x[..n_tok * d],
@@ -529,6 +600,32 @@ impl<'m> Session<'m> {
                     let (act, act_row) = st.act.get(threads, &attn.wo, &st.att, n_tok);
                     threads.linear(&attn.wo, act, act_row, n_tok, &mut st.proj);
                     attn_index += 1;
+                }
+                Mixer::Ssm(w) => {
+                    observe(LinearInput::Ssm { layer: li }, &st.xn, d);
+                    for (lin, out) in [
+                        (&w.wc, &mut st.ssm_c),
+                        (&w.wb, &mut st.ssm_b),
+                        (&w.wx, &mut st.ssm_x),
+                        (&w.wdt, &mut st.ssm_dt),
+                        (&w.wgate, &mut st.ssm_gate),
+                    ] {
+                        let (act, act_row) = st.act.get(threads, lin, &st.xn, n_tok);
+                        threads.linear(lin, act, act_row, n_tok, out);
+                    }
+                    let state = ssm_states.next().expect("one state per SSM layer");
+                    let projections = crate::ssm::Projections {
+                        c: &mut st.ssm_c,
+                        b: &mut st.ssm_b,
+                        x: &mut st.ssm_x,
+                        dt: &st.ssm_dt,
+                        gate: &st.ssm_gate,
+                    };
+                    crate::ssm::scan(cfg, w, projections, state, n_tok, &mut st.att);
+                    st.act.invalidate();
+                    observe(LinearInput::SsmOutput { layer: li }, &st.att, cfg.q_dim());
+                    let (act, act_row) = st.act.get(threads, &w.wo, &st.att, n_tok);
+                    threads.linear(&w.wo, act, act_row, n_tok, &mut st.proj);
                 }
             }
             add_assign(&mut st.x[..n_tok * d], &st.proj[..n_tok * d]);
@@ -588,6 +685,15 @@ impl<'m> Session<'m> {
         let vocab = cfg.vocab_size;
         let out = &mut st.logits[dst_row * vocab..(dst_row + n) * vocab];
         threads.linear(head, act, act_row, n, out);
+    }
+}
+
+/// A zero-length buffer for models without SSM layers.
+fn ssm_buffer(cfg: &ModelConfig, len: usize) -> Vec<f32> {
+    if cfg.is_hybrid() {
+        vec![0.0; len]
+    } else {
+        Vec::new()
     }
 }
 
@@ -925,6 +1031,9 @@ mod tests {
             rope_style: RopeStyle::Normal,
             rope_scaling: RopeScaling::None,
             tied_embeddings: true,
+            layer_types: vec![edgefusion_model::LayerType::Attention],
+            ssm_d_state: 0,
+            ssm_d_conv: 0,
         }
     }
 

@@ -6,6 +6,7 @@ pub mod engine;
 pub mod parallel;
 pub mod profile;
 pub mod sampler;
+pub mod ssm;
 pub mod tokenizer;
 
 pub use engine::{KvType, LinearInput, Logits, Observer, Session, SessionOptions};

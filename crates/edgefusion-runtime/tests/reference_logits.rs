@@ -115,6 +115,52 @@ fn f32_llama_matches_reference_to_1e4() {
     check_model("tiny-llama-f32", 1e-4);
 }
 
+/// A hybrid (SSM, attention, SSM layers) against the numpy recurrence of docs/HYBRID.md,
+/// prefill split into batches of 5 so that the SSM state carries across steps.
+#[test]
+fn f32_hybrid_matches_reference_to_1e4() {
+    check_model("tiny-hybrid-f32", 1e-4);
+}
+
+/// Saving the SSM state after a shared prefix and restoring it gives the same logits for
+/// each continuation as running it from scratch (prefix reuse for hybrids).
+#[test]
+fn hybrid_state_restore_equals_recompute() {
+    let source = ModelSource::open(fixture("tiny-hybrid-f32.gguf")).expect("open");
+    let model = Model::load(&source).expect("load");
+    let tokens = reference("tiny-hybrid-f32").tokens;
+    let (prefix, rest) = tokens.split_at(7);
+    let mut session = Session::new(&model, options(64, 2)).expect("session");
+    assert!(session.ssm_state_bytes() > 0);
+    session.forward(prefix, Logits::Last).expect("prefix");
+    let (n_past, saved) = session.ssm_state();
+    let saved = saved.to_vec();
+    // A detour that changes the state, then back to the prefix.
+    session.forward(&rest[..3], Logits::Last).expect("detour");
+    assert!(
+        session.truncate(n_past).is_err(),
+        "SSM states do not rewind"
+    );
+    session.set_ssm_state(n_past, &saved).expect("restore");
+    let restored = session
+        .forward(rest, Logits::Last)
+        .expect("continue")
+        .to_vec();
+    let mut fresh = Session::new(&model, options(64, 2)).expect("session");
+    let direct = fresh
+        .forward(&tokens, Logits::Last)
+        .expect("direct")
+        .to_vec();
+    assert!(max_rel_error(&restored, &direct) <= 1e-5);
+    // reset() starts from empty states again.
+    session.reset();
+    let again = session
+        .forward(&tokens, Logits::Last)
+        .expect("again")
+        .to_vec();
+    assert_eq!(again, direct);
+}
+
 #[test]
 fn f32_qwen2_with_biases_and_tied_head_matches_reference_to_1e4() {
     check_model("tiny-qwen2-f32", 1e-4);
@@ -153,7 +199,7 @@ fn q4_k_m_llama_matches_reference() {
 
 #[test]
 fn greedy_continuation_matches_reference() {
-    for name in ["tiny-llama-f32", "tiny-qwen2-f32"] {
+    for name in ["tiny-llama-f32", "tiny-qwen2-f32", "tiny-hybrid-f32"] {
         let source = ModelSource::open(fixture(&format!("{name}.gguf"))).expect("open");
         let model = Model::load(&source).expect("load");
         let reference = reference(name);
@@ -177,7 +223,12 @@ fn greedy_continuation_matches_reference() {
 
 #[test]
 fn prefill_then_decode_equals_single_steps() {
-    for name in ["tiny-llama-f32", "tiny-llama-q4_0", "tiny-qwen2-f32"] {
+    for name in [
+        "tiny-llama-f32",
+        "tiny-llama-q4_0",
+        "tiny-qwen2-f32",
+        "tiny-hybrid-f32",
+    ] {
         let source = ModelSource::open(fixture(&format!("{name}.gguf"))).expect("open");
         let model = Model::load(&source).expect("load");
         let reference = reference(name);

@@ -1,0 +1,121 @@
+//! The SSM mixer of hybrid layers at inference (the selective SSM of docs/HYBRID.md):
+//! causal depthwise convolution and SiLU over the C, B and x projections, then the
+//! selective scan, token by token, over a state whose size does not grow with the context.
+//!
+//! Per token t and KV group j (query heads `i` of the group read its state):
+//!
+//! ```text
+//! Δ = softplus(dt_t[j] + dt_bias[j])      a = exp(−Δ · A[j])      g = 2σ(gate_t[j])
+//! S_j ← a · S_j + Δ · b_t[j] ⊗ x_t[j]                      S_j: (N, head_dim)
+//! y_t[i] = g · (c_t[i]ᵀ S_j / √N + D[i] · x_t[j])
+//! ```
+
+use edgefusion_model::{ModelConfig, Ssm};
+
+/// An SSM layer's projections of a batch of tokens.
+pub struct Projections<'a> {
+    /// (n_tok, n_heads · N), (n_tok, n_kv_heads · N), (n_tok, kv_dim): the C, B and x
+    /// projections; the scan overwrites them with their convolved, activated values.
+    pub c: &'a mut [f32],
+    pub b: &'a mut [f32],
+    pub x: &'a mut [f32],
+    /// (n_tok, n_kv_heads): Δ before its bias and softplus, the gate before `2σ`.
+    pub dt: &'a [f32],
+    pub gate: &'a [f32],
+}
+
+/// Runs `n_tok` tokens through the SSM of one layer, continuing from `state`
+/// (`cfg.ssm_state_floats()`: the `(n_kv_heads, N, head_dim)` state matrices, then the
+/// convolution's last `d_conv − 1` inputs `(d_conv − 1, channels)`, oldest first), and
+/// writes the gated read-out `(n_tok, q_dim)` into `out`.
+pub fn scan(
+    cfg: &ModelConfig,
+    w: &Ssm<'_>,
+    p: Projections<'_>,
+    state: &mut [f32],
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    let (n, hd, groups, k) = (
+        cfg.ssm_d_state,
+        cfg.head_dim,
+        cfg.n_kv_heads,
+        cfg.ssm_d_conv,
+    );
+    let (n_heads, group) = (cfg.n_heads, cfg.gqa_group());
+    let channels = cfg.ssm_channels();
+    let (mats, history) = state.split_at_mut(groups * n * hd);
+    let widths = [n_heads * n, groups * n, cfg.kv_dim()];
+    let scale = 1.0 / (n as f32).sqrt();
+    let Projections { c, b, x, dt, gate } = p;
+    for t in 0..n_tok {
+        // Convolution over time, then SiLU, channel by channel in the order C, B, x.
+        let mut ch0 = 0;
+        for (buf, width) in [
+            (&mut *c, widths[0]),
+            (&mut *b, widths[1]),
+            (&mut *x, widths[2]),
+        ] {
+            for (i, v) in buf[t * width..(t + 1) * width].iter_mut().enumerate() {
+                let ch = ch0 + i;
+                let taps = &w.conv[ch * k..(ch + 1) * k];
+                let mut acc = taps[k - 1] * *v;
+                for (j, &tap) in taps[..k - 1].iter().enumerate() {
+                    acc += tap * history[j * channels + ch];
+                }
+                for j in 0..k.saturating_sub(2) {
+                    history[j * channels + ch] = history[(j + 1) * channels + ch];
+                }
+                if k > 1 {
+                    history[(k - 2) * channels + ch] = *v;
+                }
+                *v = silu(acc);
+            }
+            ch0 += width;
+        }
+        // The scan, group by group.
+        for j in 0..groups {
+            let delta = softplus(dt[t * groups + j] + w.dt_bias[j]);
+            let decay = (-delta * w.a[j]).exp();
+            let g = 2.0 / (1.0 + (-gate[t * groups + j]).exp());
+            let s = &mut mats[j * n * hd..(j + 1) * n * hd];
+            let b_j = &b[(t * groups + j) * n..][..n];
+            let x_j = &x[t * cfg.kv_dim() + j * hd..][..hd];
+            for (s_row, &b_r) in s.chunks_exact_mut(hd).zip(b_j) {
+                let db = delta * b_r;
+                for (s_v, &x_v) in s_row.iter_mut().zip(x_j) {
+                    *s_v = decay * *s_v + db * x_v;
+                }
+            }
+            for h in j * group..(j + 1) * group {
+                let c_h = &c[(t * n_heads + h) * n..][..n];
+                let y = &mut out[t * cfg.q_dim() + h * hd..][..hd];
+                for (y_v, &x_v) in y.iter_mut().zip(x_j) {
+                    *y_v = w.d[h] * x_v;
+                }
+                for (s_row, &c_r) in s.chunks_exact(hd).zip(c_h) {
+                    let cs = c_r * scale;
+                    for (y_v, &s_v) in y.iter_mut().zip(s_row) {
+                        *y_v += cs * s_v;
+                    }
+                }
+                for y_v in y.iter_mut() {
+                    *y_v *= g;
+                }
+            }
+        }
+    }
+}
+
+fn silu(v: f32) -> f32 {
+    v / (1.0 + (-v).exp())
+}
+
+/// `ln(1 + eˣ)`, exact to f32 for large x.
+fn softplus(v: f32) -> f32 {
+    if v > 20.0 {
+        v
+    } else {
+        v.exp().ln_1p()
+    }
+}
