@@ -6,6 +6,7 @@ mod inspect;
 mod perplexity;
 mod quantize;
 mod run;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -39,6 +40,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Quantize a model to EFQ (adaptive 2-4 bits per weight, 6-bit outliers).
     Quantize(quantize::QuantizeArgs),
+    /// Convert a dense model into an attention/SSM hybrid (plan it with --dry-run).
+    Train(train::TrainArgs),
 }
 
 /// `edgefusion inspect … | head` closes stdout early; `println!` then panics with "Broken
@@ -69,6 +72,7 @@ fn main() {
         Command::Perplexity(args) => perplexity::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Train(args) => train::run(args),
     };
     if let Err(err) = result {
         // One line per cause, no backtrace.

@@ -330,3 +330,69 @@ fn inspect_shows_efq_weights_and_tile_widths() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `train --dry-run` on both shipped configs (from the repository root, where their
+/// relative paths point): the 7B one from its architecture alone, SmolLM2's from the
+/// fetched model; a broken config and an untrainable request are one-line errors.
+#[test]
+fn train_dry_run_plans_both_shipped_configs() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let train = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_edgefusion"))
+            .arg("train")
+            .args(args)
+            .current_dir(&root)
+            .output()
+            .expect("run edgefusion")
+    };
+    let out = train(&[
+        "--config",
+        "configs/edgefusion_7b.yaml",
+        "--output-dir",
+        "runs/7b",
+        "--dry-run",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for words in [
+        "22 of 32 layers SSM",
+        "6738.42 M",
+        "4 GB envelope (weights + state at 4096): hybrid fits",
+        "2 layer-local distillation",
+    ] {
+        assert!(text.contains(words), "missing {words:?} in\n{text}");
+    }
+
+    let model = root.join("assets/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if model.exists() {
+        let out = train(&[
+            "--config",
+            "configs/smollm2_135m.yaml",
+            "--output-dir",
+            "runs/smollm2",
+            "--dry-run",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(text.contains("20 of 30 layers SSM"), "{text}");
+        assert!(text.contains("134.52 M"), "{text}");
+    } else if std::env::var("EDGEFUSION_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
+        panic!(
+            "{} missing: scripts/fetch-assets.sh --model",
+            model.display()
+        );
+    }
+
+    let bad = std::env::temp_dir().join(format!("ef-bad-config-{}.yaml", std::process::id()));
+    let text = std::fs::read_to_string(root.join("configs/smollm2_135m.yaml")).unwrap();
+    std::fs::write(&bad, text.replacen("  d_conv: 4", "  d_conv: 40", 1)).unwrap();
+    let bad_path = bad.display().to_string();
+    let out = train(&["--config", &bad_path, "--output-dir", "x", "--dry-run"]);
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.starts_with("error: "), "{err}");
+    assert!(
+        err.contains(&bad_path) && err.contains("ssm.d_conv"),
+        "{err}"
+    );
+    let _ = std::fs::remove_file(&bad);
+}

@@ -1,0 +1,509 @@
+//! The training configuration (`configs/*.yaml`): every field typed, unknown fields refused,
+//! every value range-checked with a message that names the file, the field and the rule.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::TrainError;
+
+/// A whole `edgefusion train` configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub ssm: SsmSection,
+    pub router: RouterSection,
+    pub optimizer: OptimizerSection,
+    pub stages: StagesSection,
+    pub quantization: QuantizationSection,
+    #[serde(default)]
+    pub logging: LoggingSection,
+    #[serde(default)]
+    pub checkpointing: CheckpointingSection,
+    /// Seed of every random choice (initialization, data order).
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// The dense model to convert: a file the runtime loads, or (for planning without weights)
+/// its architecture.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// GGUF file or Hugging Face folder (`--base-model` overrides it).
+    pub base: Option<PathBuf>,
+    /// Shapes of a Llama-style model, when no weights are at hand (`--dry-run` only).
+    pub architecture: Option<Architecture>,
+}
+
+/// Shapes of a Llama-style decoder.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Architecture {
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub d_ff: usize,
+    pub vocab_size: usize,
+    #[serde(default)]
+    pub tied_embeddings: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// UTF-8 training text (never the evaluation text).
+    pub train: PathBuf,
+    /// Tokens per training sequence.
+    pub seq_len: usize,
+    /// Sequences per optimizer step.
+    pub batch_size: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SsmSection {
+    /// State width N per KV group (docs/HYBRID.md).
+    pub d_state: usize,
+    /// Taps of the causal depthwise convolution.
+    pub d_conv: usize,
+    /// `attention`: start from the layer's attention weights; `random`.
+    #[serde(default = "default_init")]
+    pub init: SsmInit,
+}
+
+fn default_init() -> SsmInit {
+    SsmInit::Attention
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SsmInit {
+    Attention,
+    Random,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterSection {
+    /// Share of layers that should end on the SSM path; λ then adapts by dual ascent.
+    pub target_ssm_fraction: Option<f64>,
+    /// A fixed sparsity weight λ on the attention gates (when no target is given).
+    pub router_sparsity_lambda: Option<f64>,
+    /// Gate temperature at the start and end of router training (annealed).
+    pub tau_start: f64,
+    pub tau_end: f64,
+    /// Step size of λ's dual ascent.
+    #[serde(default = "default_dual_lr")]
+    pub dual_lr: f64,
+}
+
+fn default_dual_lr() -> f64 {
+    0.05
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSection {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub betas: [f64; 2],
+    pub warmup_steps: usize,
+    /// Steps of the whole schedule (cosine decay after the warmup).
+    pub total_steps: usize,
+    pub grad_clip: f64,
+    /// `f32` or `bf16`.
+    #[serde(default = "default_dtype")]
+    pub dtype: TrainDtype,
+}
+
+fn default_dtype() -> TrainDtype {
+    TrainDtype::F32
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainDtype {
+    F32,
+    Bf16,
+}
+
+impl TrainDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            TrainDtype::F32 => 4,
+            TrainDtype::Bf16 => 2,
+        }
+    }
+}
+
+/// How many tokens each stage reads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StagesSection {
+    /// Stage 1: tokens the dense teacher reads once; its per-layer mixer inputs and outputs
+    /// and top-k logits are cached (16-bit) for the later stages.
+    pub teacher_tokens: usize,
+    /// Logits kept per position in the cache.
+    #[serde(default = "default_top_k")]
+    pub teacher_top_k: usize,
+    /// Stage 2: passes of layer-local distillation over the cached tokens.
+    pub distill_epochs: usize,
+    /// Stage 3: router training steps (each `batch_size × seq_len` tokens).
+    pub router_steps: usize,
+}
+
+fn default_top_k() -> usize {
+    64
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizationSection {
+    pub bpw: f64,
+    pub block: usize,
+    pub outliers: f64,
+    /// Calibration text (never the evaluation text).
+    pub calib: Option<PathBuf>,
+    #[serde(default = "default_calib_tokens")]
+    pub calib_tokens: usize,
+    #[serde(default = "default_embedding_bits")]
+    pub embedding_bits: u8,
+}
+
+fn default_calib_tokens() -> usize {
+    16384
+}
+
+fn default_embedding_bits() -> u8 {
+    4
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingSection {
+    #[serde(default = "default_log_every")]
+    pub log_every: usize,
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        LoggingSection {
+            log_every: default_log_every(),
+        }
+    }
+}
+
+fn default_log_every() -> usize {
+    100
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointingSection {
+    /// Steps between checkpoints.
+    #[serde(default = "default_every")]
+    pub every: usize,
+    /// Checkpoints kept (older ones are deleted).
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+}
+
+impl Default for CheckpointingSection {
+    fn default() -> Self {
+        CheckpointingSection {
+            every: default_every(),
+            keep_last: default_keep_last(),
+        }
+    }
+}
+
+fn default_every() -> usize {
+    500
+}
+
+fn default_keep_last() -> usize {
+    3
+}
+
+impl TrainConfig {
+    /// Reads and validates `path`. Relative paths inside the file stay as written (they
+    /// are resolved against the working directory, like the CLI's own paths).
+    pub fn load(path: &Path) -> Result<Self, TrainError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::Config {
+            file: file.clone(),
+            what: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, &file)
+    }
+
+    /// Parses and validates YAML `text` (`file` names it in errors).
+    pub fn parse(text: &str, file: &str) -> Result<Self, TrainError> {
+        let config: TrainConfig =
+            serde_yaml_ng::from_str(text).map_err(|e| TrainError::Config {
+                file: file.to_string(),
+                what: e.to_string(),
+            })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), TrainError> {
+        let fail = |field: &str, rule: String| {
+            Err(TrainError::Config {
+                file: file.to_string(),
+                what: format!("{field}: {rule}"),
+            })
+        };
+        if self.model.base.is_none() && self.model.architecture.is_none() {
+            return fail(
+                "model",
+                "give `base` (a model file) or `architecture` (shapes, for --dry-run)".into(),
+            );
+        }
+        if let Some(a) = &self.model.architecture {
+            for (field, v) in [
+                ("model.architecture.n_layers", a.n_layers),
+                ("model.architecture.d_model", a.d_model),
+                ("model.architecture.n_heads", a.n_heads),
+                ("model.architecture.n_kv_heads", a.n_kv_heads),
+                ("model.architecture.d_ff", a.d_ff),
+                ("model.architecture.vocab_size", a.vocab_size),
+            ] {
+                if v == 0 {
+                    return fail(field, "must be positive".into());
+                }
+            }
+            if a.d_model % a.n_heads != 0 {
+                return fail(
+                    "model.architecture.n_heads",
+                    format!("{} does not divide d_model {}", a.n_heads, a.d_model),
+                );
+            }
+            if a.n_heads % a.n_kv_heads != 0 {
+                return fail(
+                    "model.architecture.n_kv_heads",
+                    format!("{} does not divide n_heads {}", a.n_kv_heads, a.n_heads),
+                );
+            }
+        }
+        if !(8..=1 << 16).contains(&self.data.seq_len) {
+            return fail(
+                "data.seq_len",
+                format!("{} must be in 8..=65536", self.data.seq_len),
+            );
+        }
+        if self.data.batch_size == 0 {
+            return fail("data.batch_size", "must be at least 1".into());
+        }
+        if !(1..=1024).contains(&self.ssm.d_state) {
+            return fail(
+                "ssm.d_state",
+                format!("{} must be in 1..=1024", self.ssm.d_state),
+            );
+        }
+        if !(1..=16).contains(&self.ssm.d_conv) {
+            return fail(
+                "ssm.d_conv",
+                format!("{} must be in 1..=16", self.ssm.d_conv),
+            );
+        }
+        match (
+            self.router.target_ssm_fraction,
+            self.router.router_sparsity_lambda,
+        ) {
+            (None, None) => return fail(
+                "router",
+                "give target_ssm_fraction (λ adapts itself) or router_sparsity_lambda (fixed λ)"
+                    .into(),
+            ),
+            (Some(t), _) if !(0.0..=1.0).contains(&t) => {
+                return fail(
+                    "router.target_ssm_fraction",
+                    format!("{t} must be in [0, 1]"),
+                )
+            }
+            (_, Some(l)) if !(l >= 0.0 && l.is_finite()) => {
+                return fail(
+                    "router.router_sparsity_lambda",
+                    format!("{l} must be a finite number ≥ 0"),
+                )
+            }
+            _ => {}
+        }
+        let r = &self.router;
+        if !(r.tau_start > 0.0 && r.tau_end > 0.0 && r.tau_end <= r.tau_start) {
+            return fail(
+                "router.tau_start, router.tau_end",
+                format!(
+                    "temperatures {} → {} must be positive and not increase",
+                    r.tau_start, r.tau_end
+                ),
+            );
+        }
+        if !(r.dual_lr > 0.0 && r.dual_lr.is_finite()) {
+            return fail("router.dual_lr", format!("{} must be positive", r.dual_lr));
+        }
+        let o = &self.optimizer;
+        if !(o.lr > 0.0 && o.lr < 1.0) {
+            return fail("optimizer.lr", format!("{} must be in (0, 1)", o.lr));
+        }
+        if !(0.0..1.0).contains(&o.weight_decay) {
+            return fail(
+                "optimizer.weight_decay",
+                format!("{} must be in [0, 1)", o.weight_decay),
+            );
+        }
+        if !o.betas.iter().all(|b| (0.0..1.0).contains(b)) {
+            return fail(
+                "optimizer.betas",
+                format!("{:?} must both be in [0, 1)", o.betas),
+            );
+        }
+        if o.total_steps == 0 || o.warmup_steps >= o.total_steps {
+            return fail(
+                "optimizer.warmup_steps, optimizer.total_steps",
+                format!(
+                    "warmup {} must be below total {} (and total positive)",
+                    o.warmup_steps, o.total_steps
+                ),
+            );
+        }
+        if !(o.grad_clip > 0.0 && o.grad_clip.is_finite()) {
+            return fail(
+                "optimizer.grad_clip",
+                format!("{} must be positive", o.grad_clip),
+            );
+        }
+        let s = &self.stages;
+        if s.teacher_tokens < self.data.seq_len {
+            return fail(
+                "stages.teacher_tokens",
+                format!(
+                    "{} is less than one sequence (data.seq_len {})",
+                    s.teacher_tokens, self.data.seq_len
+                ),
+            );
+        }
+        if s.teacher_top_k == 0 {
+            return fail("stages.teacher_top_k", "must be at least 1".into());
+        }
+        if s.router_steps == 0 || s.router_steps > o.total_steps {
+            return fail(
+                "stages.router_steps",
+                format!(
+                    "{} must be in 1..=optimizer.total_steps ({})",
+                    s.router_steps, o.total_steps
+                ),
+            );
+        }
+        let q = &self.quantization;
+        if !(2.0..=8.0).contains(&q.bpw) {
+            return fail(
+                "quantization.bpw",
+                format!("{} must be in 2.0..=8.0", q.bpw),
+            );
+        }
+        if q.block != 128 {
+            return fail(
+                "quantization.block",
+                format!("{}: EFQ stores blocks of 128 columns only", q.block),
+            );
+        }
+        if !(0.0..0.1).contains(&q.outliers) {
+            return fail(
+                "quantization.outliers",
+                format!("{} must be in [0, 0.1)", q.outliers),
+            );
+        }
+        if !(2..=4).contains(&q.embedding_bits) {
+            return fail(
+                "quantization.embedding_bits",
+                format!("{} must be in 2..=4", q.embedding_bits),
+            );
+        }
+        if self.logging.log_every == 0 {
+            return fail("logging.log_every", "must be at least 1".into());
+        }
+        if self.checkpointing.every == 0 || self.checkpointing.keep_last == 0 {
+            return fail(
+                "checkpointing",
+                "every and keep_last must be at least 1".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = include_str!("../../../configs/smollm2_135m.yaml");
+
+    fn error_of(yaml: &str) -> String {
+        TrainConfig::parse(yaml, "test.yaml")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn shipped_configs_are_valid() {
+        TrainConfig::parse(VALID, "smollm2_135m.yaml").unwrap();
+        TrainConfig::parse(
+            include_str!("../../../configs/edgefusion_7b.yaml"),
+            "edgefusion_7b.yaml",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn bad_configs_name_the_file_field_and_rule() {
+        // (edit of the valid file, words the error must contain)
+        let cases: [(&str, &str, &[&str]); 7] = [
+            (
+                "  d_state: 32",
+                "  d_state: 0",
+                &["test.yaml", "ssm.d_state", "1..=1024"],
+            ),
+            (
+                "  d_conv: 4",
+                "  d_conv: 4\n  colour: red",
+                &["test.yaml", "unknown field `colour`"],
+            ),
+            ("  lr: 0.001", "  lr: 2.0", &["optimizer.lr", "(0, 1)"]),
+            (
+                "  block: 128",
+                "  block: 64",
+                &["quantization.block", "128"],
+            ),
+            (
+                "  target_ssm_fraction: 0.68",
+                "  target_ssm_fraction: 1.5",
+                &["target_ssm_fraction", "[0, 1]"],
+            ),
+            (
+                "  seq_len: 256",
+                "  seq_len: many",
+                &["test.yaml", "seq_len"],
+            ),
+            (
+                "  tau_end: 0.1",
+                "  tau_end: 5.0",
+                &["tau_start", "not increase"],
+            ),
+        ];
+        for (from, to, words) in cases {
+            assert!(VALID.contains(from), "{from}");
+            let message = error_of(&VALID.replacen(from, to, 1));
+            for w in words {
+                assert!(message.contains(w), "'{message}' lacks '{w}'");
+            }
+        }
+        assert!(error_of("model: [").contains("test.yaml"));
+    }
+}
