@@ -3,6 +3,7 @@
 //! (teacher cache, layer-local distillation, router training, hardening) come next.
 
 pub mod config;
+pub mod init;
 pub mod plan;
 
 pub use config::TrainConfig;
