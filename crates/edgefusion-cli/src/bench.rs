@@ -1,6 +1,9 @@
 //! `edgefusion bench`: llama-bench's method — pp (a prompt of p tokens in one batch, from an
 //! empty cache) and tg (n tokens decoded one at a time, from an empty cache), each repeated
 //! r times after one warm-up run, reported as mean ± sample standard deviation of tokens/s.
+//! With `--ctx`, also decode speed deep in a context (tg n ending at position C, after an
+//! untimed prefill of C − n tokens), with the process's resident memory and the bytes of KV
+//! cache and SSM state at that depth: where hybrids and dense models part ways.
 
 use std::time::Instant;
 
@@ -45,6 +48,10 @@ pub struct BenchArgs {
     /// Repetitions of each test.
     #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
     pub repetitions: usize,
+    /// Context lengths for decode-at-depth tests (comma-separated, e.g. 512,2048,4096,8192):
+    /// tg n (the first --n-gen) ending at each position.
+    #[arg(long = "ctx", value_delimiter = ',')]
+    pub ctx: Vec<usize>,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Md)]
     pub output: OutputFormat,
@@ -63,6 +70,14 @@ struct BenchRow {
     avg_ts: f64,
     stddev_ts: f64,
     samples_ts: Vec<f64>,
+    /// Decode-at-depth tests: the context position the decode ends at, resident memory
+    /// after the test, and bytes of KV cache used plus SSM state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ctx: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rss_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state_bytes: Option<usize>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -85,9 +100,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .n_prompt
         .iter()
         .chain(args.n_gen.iter())
+        .chain(args.ctx.iter())
         .copied()
         .max()
         .unwrap_or(0);
+    let depth_gen = args.n_gen.iter().copied().find(|&n| n > 0).unwrap_or(128);
+    if let Some(&c) = args.ctx.iter().find(|&&c| c <= depth_gen) {
+        bail!("--ctx {c} must exceed the {depth_gen} tokens decoded at depth");
+    }
     if max_tokens > cfg.n_ctx_train {
         bail!(
             "a test of {max_tokens} tokens exceeds the model's context of {}",
@@ -155,6 +175,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 avg_ts: avg,
                 stddev_ts: sd,
                 samples_ts: samples,
+                ctx: None,
+                rss_bytes: None,
+                state_bytes: None,
             };
             if matches!(args.output, OutputFormat::Md) {
                 if rows.is_empty() {
@@ -174,6 +197,57 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 );
             }
             rows.push(row);
+        }
+        let mut printed_header = false;
+        for &ctx in &args.ctx {
+            let prompt = random_tokens(ctx - depth_gen);
+            let mut samples = Vec::with_capacity(args.repetitions);
+            for rep in 0..=args.repetitions {
+                session.reset();
+                // The prefill is not timed.
+                let logits = session.forward(&prompt, Logits::Last)?;
+                let mut token = edgefusion_runtime::sampler::argmax(logits);
+                let start = Instant::now();
+                for _ in 0..depth_gen {
+                    let logits = session.forward(&[token], Logits::Last)?;
+                    token = edgefusion_runtime::sampler::argmax(logits);
+                }
+                if rep > 0 {
+                    samples.push(depth_gen as f64 / start.elapsed().as_secs_f64());
+                }
+            }
+            let (avg, sd) = mean_sd(&samples);
+            let state = session.kv_bytes_per_position() * ctx + session.ssm_state_bytes();
+            let rss = edgefusion_runtime::profile::rss_bytes();
+            if matches!(args.output, OutputFormat::Md) {
+                if !printed_header {
+                    println!();
+                    println!("| model | threads | test | t/s | RSS | KV cache + SSM state |");
+                    println!("| ----- | ------: | ---- | --: | --: | -------------------: |");
+                    printed_header = true;
+                }
+                println!(
+                    "| {name} | {n_threads} | tg{depth_gen} @ ctx {ctx} | {avg:.2} ± {sd:.2} | {} | {:.2} MiB |",
+                    rss.map_or("n/a".into(), |b| format!("{:.1} MiB", common::mib(b as usize))),
+                    common::mib(state)
+                );
+            }
+            rows.push(BenchRow {
+                model: name.clone(),
+                size_bytes: model.weight_bytes(),
+                params: cfg.n_params(),
+                backend: "CPU",
+                threads: n_threads,
+                test: format!("tg{depth_gen}@ctx{ctx}"),
+                n_prompt: ctx - depth_gen,
+                n_gen: depth_gen,
+                avg_ts: avg,
+                stddev_ts: sd,
+                samples_ts: samples,
+                ctx: Some(ctx),
+                rss_bytes: rss,
+                state_bytes: Some(state),
+            });
         }
     }
     if matches!(args.output, OutputFormat::Json) {

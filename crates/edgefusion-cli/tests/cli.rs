@@ -396,3 +396,28 @@ fn train_dry_run_plans_both_shipped_configs() {
     );
     let _ = std::fs::remove_file(&bad);
 }
+
+/// `bench --ctx` decodes at depth on a hybrid and reports memory; a depth shallower than
+/// the decode is refused.
+#[test]
+fn bench_at_depth_reports_state_bytes() {
+    let model = fixture("tiny-hybrid-f32.gguf");
+    let model = model.to_str().unwrap();
+    let out = edgefusion(&[
+        "bench", "-m", model, "-p", "0", "-n", "8", "--ctx", "16,64", "-t", "1", "-r", "1",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for words in [
+        "tg8 @ ctx 16",
+        "tg8 @ ctx 64",
+        "KV cache + SSM state",
+        "MiB",
+    ] {
+        assert!(text.contains(words), "missing {words:?} in\n{text}");
+    }
+    assert_fails_with(
+        &["bench", "-m", model, "-n", "8", "--ctx", "4"],
+        &["--ctx 4", "exceed"],
+    );
+}
