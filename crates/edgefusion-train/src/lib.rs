@@ -5,6 +5,7 @@
 pub mod config;
 pub mod init;
 pub mod plan;
+pub mod ssm;
 
 pub use config::TrainConfig;
 pub use plan::{plan, Plan};
