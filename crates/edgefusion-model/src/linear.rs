@@ -131,6 +131,21 @@ impl<'a> Linear<'a> {
         })
     }
 
+    /// A matrix of `values` `(n_out, n_in)` in f32 that owns its bytes (a weight edited in
+    /// memory, e.g. to measure how much quantizing it costs).
+    pub fn from_f32(name: &str, n_in: usize, n_out: usize, values: &[f32]) -> Linear<'static> {
+        assert_eq!(values.len(), n_in * n_out, "from_f32: (n_out, n_in) values");
+        Linear {
+            name: name.to_string(),
+            dtype: GgmlType::F32,
+            n_in,
+            n_out,
+            data: Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            row_bytes: 4 * n_in,
+            storage: Storage::Rows,
+        }
+    }
+
     /// Binds a 1-D I8 tensor holding an EFQ matrix blob as a `(n_out, n_in)` matrix,
     /// checking the blob (every size and range) and its shape.
     pub fn from_efq_view(

@@ -211,6 +211,37 @@ impl<'a> Model<'a> {
         })
     }
 
+    /// The matrix of `role` in `layer`, to edit in place (`None` if the model has none).
+    pub fn linear_mut(
+        &mut self,
+        role: TensorRole,
+        layer: Option<usize>,
+    ) -> Option<&mut Linear<'a>> {
+        if role == TensorRole::TokenEmbd {
+            return Some(&mut self.token_embd);
+        }
+        if role == TensorRole::Output {
+            return self.output.as_mut();
+        }
+        let l = self.layers.get_mut(layer?)?;
+        match (&mut l.mixer, role) {
+            (Mixer::Attention(a), TensorRole::AttnQ) => Some(&mut a.wq),
+            (Mixer::Attention(a), TensorRole::AttnK) => Some(&mut a.wk),
+            (Mixer::Attention(a), TensorRole::AttnV) => Some(&mut a.wv),
+            (Mixer::Attention(a), TensorRole::AttnOutput) => Some(&mut a.wo),
+            (Mixer::Ssm(s), TensorRole::SsmC) => Some(&mut s.wc),
+            (Mixer::Ssm(s), TensorRole::SsmB) => Some(&mut s.wb),
+            (Mixer::Ssm(s), TensorRole::SsmX) => Some(&mut s.wx),
+            (Mixer::Ssm(s), TensorRole::SsmDt) => Some(&mut s.wdt),
+            (Mixer::Ssm(s), TensorRole::SsmGate) => Some(&mut s.wgate),
+            (Mixer::Ssm(s), TensorRole::SsmOut) => Some(&mut s.wo),
+            (_, TensorRole::FfnGate) => Some(&mut l.ffn.gate),
+            (_, TensorRole::FfnUp) => Some(&mut l.ffn.up),
+            (_, TensorRole::FfnDown) => Some(&mut l.ffn.down),
+            _ => None,
+        }
+    }
+
     /// The matrix that maps the final hidden state to logits.
     pub fn head(&self) -> &Linear<'a> {
         self.output.as_ref().unwrap_or(&self.token_embd)

@@ -77,6 +77,9 @@ pub struct QuantizeOptions {
     pub calibration: Option<Calibration>,
     /// GPTQ processes columns by decreasing Hessian diagonal.
     pub act_order: bool,
+    /// Weigh each matrix's errors in the bit allocation by its measured end-to-end cost
+    /// (efq with calibration): one extra forward pass per matrix.
+    pub sensitivity: bool,
     /// Code width of every tile of the token embedding and the output head (efq), outside
     /// the `bpw` budget and reported on its own, as llama.cpp gives `token_embd` and
     /// `output` their own types: the embedding's errors reach every layer through the
@@ -111,7 +114,14 @@ pub struct QuantizeReport {
 
 /// The linear matrices of a model with their tensor roles, and the input each one reads
 /// (`None`: the token embedding, which is looked up rather than multiplied).
-fn matrices<'m>(model: &'m Model<'_>) -> Vec<(TensorRole, Option<LinearInput>, &'m Linear<'m>)> {
+fn matrices<'m>(
+    model: &'m Model<'_>,
+) -> Vec<(
+    TensorRole,
+    Option<LinearInput>,
+    &'m Linear<'m>,
+    Option<usize>,
+)> {
     let tied = model.output.is_none();
     model
         .linears()
@@ -119,26 +129,27 @@ fn matrices<'m>(model: &'m Model<'_>) -> Vec<(TensorRole, Option<LinearInput>, &
         // An SSM layer's Δ and gate projections have one row per KV group: too few for
         // 16-row tiles, and too small to matter; they keep their source type.
         .filter(|(role, _, _)| !matches!(role, TensorRole::SsmDt | TensorRole::SsmGate))
-        .map(|(role, layer, w)| {
-            let layer = layer.unwrap_or(0);
-            let input = match role {
-                TensorRole::TokenEmbd => tied.then_some(LinearInput::Head),
-                TensorRole::Output => Some(LinearInput::Head),
-                TensorRole::AttnQ | TensorRole::AttnK | TensorRole::AttnV => {
-                    Some(LinearInput::Attention { layer })
-                }
-                TensorRole::AttnOutput => Some(LinearInput::AttentionOutput { layer }),
-                TensorRole::FfnGate | TensorRole::FfnUp => Some(LinearInput::FeedForward { layer }),
-                TensorRole::FfnDown => Some(LinearInput::FeedForwardDown { layer }),
-                TensorRole::SsmC | TensorRole::SsmB | TensorRole::SsmX => {
-                    Some(LinearInput::Ssm { layer })
-                }
-                TensorRole::SsmOut => Some(LinearInput::SsmOutput { layer }),
-                _ => unreachable!("Model::linears lists matrices only"),
-            };
-            (role, input, w)
-        })
+        .map(|(role, layer, w)| (role, mats_site(role, layer, tied), w, layer))
         .collect()
+}
+
+/// The input a matrix reads (`None`: the token embedding of an untied model, which is only
+/// looked up).
+fn mats_site(role: TensorRole, layer: Option<usize>, tied: bool) -> Option<LinearInput> {
+    let layer = layer.unwrap_or(0);
+    match role {
+        TensorRole::TokenEmbd => tied.then_some(LinearInput::Head),
+        TensorRole::Output => Some(LinearInput::Head),
+        TensorRole::AttnQ | TensorRole::AttnK | TensorRole::AttnV => {
+            Some(LinearInput::Attention { layer })
+        }
+        TensorRole::AttnOutput => Some(LinearInput::AttentionOutput { layer }),
+        TensorRole::FfnGate | TensorRole::FfnUp => Some(LinearInput::FeedForward { layer }),
+        TensorRole::FfnDown => Some(LinearInput::FeedForwardDown { layer }),
+        TensorRole::SsmC | TensorRole::SsmB | TensorRole::SsmX => Some(LinearInput::Ssm { layer }),
+        TensorRole::SsmOut => Some(LinearInput::SsmOutput { layer }),
+        _ => unreachable!("Model::linears lists matrices only"),
+    }
 }
 
 /// The token embedding and the output head: quantized at their own width, outside the
@@ -149,13 +160,14 @@ fn is_embedding(role: TensorRole) -> bool {
 
 type Hessians = std::collections::HashMap<LinearInput, Hessian>;
 
-/// Runs the model over the calibration text and returns `XᵀX` of every linear input.
+/// Runs the model over the calibration text and returns `XᵀX` of every linear input, and
+/// the tokens of the first window read.
 fn calibrate(
     gguf: &edgefusion_io::gguf::GgufFile,
     model: &Model<'_>,
     calib: &Calibration,
     progress: &mut dyn FnMut(usize, usize, &str),
-) -> Result<Hessians, QuantError> {
+) -> Result<(Hessians, Vec<u32>), QuantError> {
     let tokenizer = Tokenizer::from_gguf(gguf)
         .map_err(|e| QuantError::Input(format!("{}: tokenizer: {e}", gguf.path.display())))?;
     let tokens = tokenizer
@@ -202,9 +214,55 @@ fn calibrate(
         }
     }
     drop(session);
-    Ok(std::rc::Rc::try_unwrap(hessians)
-        .map(|c| c.into_inner())
-        .unwrap_or_default())
+    let first = starts[0];
+    let window = tokens[first..(first + ctx).min(tokens.len())].to_vec();
+    Ok((
+        std::rc::Rc::try_unwrap(hessians)
+            .map(|c| c.into_inner())
+            .unwrap_or_default(),
+        window,
+    ))
+}
+
+/// Tokens of the calibration window scored when measuring sensitivities.
+const SENSITIVITY_TOKENS: usize = 256;
+
+/// Per-position log-probabilities and `Σ p·log p` of the model's logits on `tokens`.
+fn log_probs(model: &Model<'_>, tokens: &[u32], threads: usize) -> Result<Vec<f32>, QuantError> {
+    let opts = SessionOptions {
+        max_batch: tokens.len(),
+        max_logits: tokens.len(),
+        ..SessionOptions::new(tokens.len(), threads.max(1))
+    };
+    let mut session = Session::new(model, opts).map_err(|e| QuantError::Input(e.to_string()))?;
+    let logits = session
+        .forward(tokens, Logits::From(0))
+        .map_err(|e| QuantError::Input(e.to_string()))?;
+    let vocab = model.config.vocab_size;
+    let mut out = logits.to_vec();
+    for row in out.chunks_mut(vocab) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let lse = max + row.iter().map(|&v| (v - max).exp()).sum::<f32>().ln();
+        for v in row.iter_mut() {
+            *v -= lse;
+        }
+    }
+    Ok(out)
+}
+
+/// Mean KL divergence `KL(base ‖ other)` per position, from log-probabilities.
+fn mean_kl(base: &[f32], other: &[f32], vocab: usize) -> f64 {
+    let n = base.len() / vocab;
+    base.chunks(vocab)
+        .zip(other.chunks(vocab))
+        .map(|(b, o)| {
+            b.iter()
+                .zip(o)
+                .map(|(&lb, &lo)| (lb.exp() as f64) * (lb - lo) as f64)
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        / n.max(1) as f64
 }
 
 /// Start tokens of the `ceil(n_tokens / ctx)` calibration windows: distinct `ctx`-aligned
@@ -298,9 +356,9 @@ pub fn quantize(
     }
     let gguf = check_source(source)?;
     let file = source.path().display().to_string();
-    let model = Model::load(source).map_err(|e| QuantError::Input(e.to_string()))?;
+    let mut model = Model::load(source).map_err(|e| QuantError::Input(e.to_string()))?;
     let mats = matrices(&model);
-    for (_, _, w) in &mats {
+    for (_, _, w, _) in &mats {
         if !w.n_out.is_multiple_of(TILE_ROWS) || !w.n_in.is_multiple_of(COL_ALIGN) {
             return Err(QuantError::Input(format!(
                 "{file}: tensor '{}' is ({}, {}); EFQ needs rows in multiples of 16 and row lengths in multiples of 32",
@@ -308,9 +366,9 @@ pub fn quantize(
             )));
         }
     }
-    let hessians = match &opts.calibration {
+    let (hessians, calib_window) = match &opts.calibration {
         Some(calib) if opts.method != Method::Rtn => calibrate(gguf, &model, calib, progress)?,
-        _ => Hessians::new(),
+        _ => (Hessians::new(), Vec::new()),
     };
     // Column importances: the Hessian diagonal where the input was observed.
     let importance = |site: Option<LinearInput>, n_in: usize| -> Vec<f32> {
@@ -327,7 +385,7 @@ pub fn quantize(
     let mut outlier_sets = Vec::with_capacity(mats.len());
     match opts.method {
         Method::Rtn | Method::Gptq => {
-            for (_, _, w) in &mats {
+            for (_, _, w, _) in &mats {
                 widths.push(vec![opts.bits; (w.n_out / TILE_ROWS) * n_tiles(w.n_in)]);
                 outlier_sets.push(Vec::new());
                 done += 1;
@@ -336,7 +394,7 @@ pub fn quantize(
         }
         Method::Efq => {
             let mut errors = Vec::with_capacity(mats.len());
-            for (role, site, w) in &mats {
+            for (role, site, w, _) in &mats {
                 let values = dequantized(w)?;
                 let h = importance(*site, w.n_in);
                 let outliers = select_outliers(&values, w.n_out, w.n_in, &h, opts.outliers);
@@ -374,6 +432,48 @@ pub fn quantize(
             let budgeted: Vec<usize> = (0..mats.len())
                 .filter(|&i| !is_embedding(mats[i].0))
                 .collect();
+            if opts.sensitivity && !calib_window.is_empty() {
+                // Weigh each matrix's relative errors by what they cost end to end: the KL
+                // divergence of the model's predictions when that matrix alone is rounded to
+                // 2-bit tiles, per unit of its relative error at 2 bits.
+                let keys: Vec<(TensorRole, Option<usize>, String)> = budgeted
+                    .iter()
+                    .map(|&i| (mats[i].0, mats[i].3, mats[i].2.name.clone()))
+                    .collect();
+                let threads = opts.calibration.as_ref().map_or(1, |c| c.threads);
+                let tokens = &calib_window[..calib_window.len().min(SENSITIVITY_TOKENS)];
+                let base = log_probs(&model, tokens, threads)?;
+                let vocab = model.config.vocab_size;
+                for (k, (&i, (role, layer, name))) in budgeted.iter().zip(&keys).enumerate() {
+                    let w = model
+                        .linear_mut(*role, *layer)
+                        .expect("listed by Model::linears");
+                    let (n_out, n_in) = (w.n_out, w.n_in);
+                    let values = dequantized(w)?;
+                    let h = importance(mats_site(*role, *layer, model.output.is_none()), n_in);
+                    let two = vec![2u8; (n_out / TILE_ROWS) * n_tiles(n_in)];
+                    let p = plan(&values, n_out, n_in, &h, &two, &outlier_sets[i]);
+                    let rounded: Vec<f32> = values
+                        .iter()
+                        .enumerate()
+                        .map(|(j, &v)| p.round(j / n_in, j % n_in, v))
+                        .collect();
+                    let slot = model.linear_mut(*role, *layer).expect("listed");
+                    let original =
+                        std::mem::replace(slot, Linear::from_f32(name, n_in, n_out, &rounded));
+                    let kl = mean_kl(&base, &log_probs(&model, tokens, threads)?, vocab);
+                    *model.linear_mut(*role, *layer).expect("listed") = original;
+                    let at_two: f64 = errors[i].iter().map(|e| e[0]).sum::<f64>().max(1e-30);
+                    let scale = kl.max(1e-9) / at_two;
+                    for e in &mut errors[i] {
+                        for x in e.iter_mut() {
+                            *x *= scale;
+                        }
+                    }
+                    progress(k + 1, budgeted.len(), "measuring sensitivity");
+                }
+            }
+            let mats = matrices(&model);
             let inputs: Vec<AllocationInput<'_>> = budgeted
                 .iter()
                 .map(|&i| {
@@ -397,7 +497,7 @@ pub fn quantize(
             chosen.reverse();
             widths = mats
                 .iter()
-                .map(|(role, _, w)| {
+                .map(|(role, _, w, _)| {
                     if is_embedding(*role) {
                         vec![opts.embedding_bits; (w.n_out / TILE_ROWS) * n_tiles(w.n_in)]
                     } else {
@@ -408,6 +508,8 @@ pub fn quantize(
         }
     }
 
+    // (Sensitivity measurement may have swapped matrices in and out: bind them again.)
+    let mats = matrices(&model);
     // Pass 2: fit grids, round, encode.
     let mut blobs: Vec<Vec<u8>> = Vec::with_capacity(mats.len());
     let mut reports = Vec::with_capacity(mats.len());
@@ -418,7 +520,7 @@ pub fn quantize(
     // Matrices reading the same input come one after another (q, k, v; gate, up): the
     // last input's factorization serves them all.
     let mut factor: Option<(LinearInput, GptqFactor)> = None;
-    for (i, (role, site, w)) in mats.iter().enumerate() {
+    for (i, (role, site, w, _)) in mats.iter().enumerate() {
         let mut values = dequantized(w)?;
         let h = importance(*site, w.n_in);
         let p = plan(&values, w.n_out, w.n_in, &h, &widths[i], &outlier_sets[i]);
@@ -507,7 +609,7 @@ pub fn quantize(
     let quantized: std::collections::HashMap<&str, usize> = mats
         .iter()
         .enumerate()
-        .map(|(i, (_, _, w))| (w.name.as_str(), i))
+        .map(|(i, (_, _, w, _))| (w.name.as_str(), i))
         .collect();
     for t in &gguf.tensors {
         let view = gguf.view(t);

@@ -117,6 +117,7 @@ fn efq_3_1_smollm2_stays_coherent() {
             seed: 0,
         }),
         act_order: false,
+        sensitivity: false,
         embedding_bits: 4,
     };
     let report = quantize(&load(&base), &out, &opts, &mut |_, _, _| {}).unwrap();
