@@ -735,28 +735,64 @@ pub fn matmul_on(
     if r1 == r0 || n_tok == 0 {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni {
-        // SAFETY: VNNI is runnable (asserted), the matrix was checked by `parse`, and the
-        // row range, activation and output sizes were asserted above.
-        unsafe { crate::x86::efq::matmul_vnni(m, r0, r1, act, n_tok, out, out_stride) };
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if matches!(isa, Isa::Avx2 | Isa::Avx512) {
-        // SAFETY: AVX2, FMA and F16C are runnable (asserted), the matrix was checked by
-        // `parse`, and the row range, activation and output sizes were asserted above.
-        unsafe { crate::x86::efq_avx2::matmul_avx2(m, r0, r1, act, n_tok, out, out_stride) };
-        return;
-    }
-    #[cfg(target_arch = "aarch64")]
-    if isa == Isa::Neon {
-        // SAFETY: NEON is runnable (asserted), the matrix was checked by `parse`, and the
-        // row range, activation and output sizes were asserted above.
-        unsafe { crate::aarch64::efq::matmul_neon(m, r0, r1, act, n_tok, out, out_stride) };
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    if isa != Isa::Scalar {
+        with_outlier_activations(m, r0, r1, act, n_tok, |x_deq| match isa {
+            // SAFETY (every arm): the ISA is runnable (asserted), the matrix was checked by
+            // `parse`, the row range, activation and output sizes were asserted above, and
+            // `x_deq` holds the dequantized activations whenever a group has outlier slots.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => unsafe {
+                crate::x86::efq::matmul_vnni(m, r0, r1, act, n_tok, x_deq, out, out_stride)
+            },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Avx512 => unsafe {
+                crate::x86::efq_avx2::matmul_avx2(m, r0, r1, act, n_tok, x_deq, out, out_stride)
+            },
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => unsafe {
+                crate::aarch64::efq::matmul_neon(m, r0, r1, act, n_tok, x_deq, out, out_stride)
+            },
+            _ => matmul_scalar(m, r0, r1, act, n_tok, out, out_stride),
+        });
         return;
     }
     matmul_scalar(m, r0, r1, act, n_tok, out, out_stride);
+}
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+std::thread_local! {
+    /// `d · code` activation rows `(n_tok, n_in)` for the SIMD kernels' outlier gathers,
+    /// reused across calls.
+    static DEQUANTIZED_ACT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with the activations dequantized `(n_tok, n_in)` when any row group in
+/// `r0..r1` has outlier slots (empty otherwise): what every SIMD kernel gathers from.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn with_outlier_activations<R>(
+    m: &EfqMatrix<'_>,
+    r0: usize,
+    r1: usize,
+    act: &[u8],
+    n_tok: usize,
+    f: impl FnOnce(&[f32]) -> R,
+) -> R {
+    let has_outliers = (r0 / TILE_ROWS..r1 / TILE_ROWS).any(|g| !m.slots(g).is_empty());
+    if !has_outliers {
+        return f(&[]);
+    }
+    let act_row = ActQ8::row_bytes(m.n_in);
+    DEQUANTIZED_ACT.with_borrow_mut(|x_deq| {
+        x_deq.resize(n_tok * m.n_in, 0.0);
+        for t in 0..n_tok {
+            ActQ8::dequantize_row(
+                &act[t * act_row..(t + 1) * act_row],
+                &mut x_deq[t * m.n_in..(t + 1) * m.n_in],
+            );
+        }
+        f(&x_deq[..n_tok * m.n_in])
+    })
 }
 
 /// The scalar reference: each tile's codes are decoded once per row group and used for

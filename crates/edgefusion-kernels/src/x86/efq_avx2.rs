@@ -15,11 +15,6 @@ use std::arch::x86_64::*;
 
 use crate::efq::{tile_cols, ActQ8, EfqMatrix, SLOT_BYTES, TILE_COLS, TILE_ROWS};
 
-std::thread_local! {
-    /// `d · code` activation rows `(n_tok, n_in)` for the outlier gathers, reused across calls.
-    static DEQUANTIZED_ACT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// Tokens per tile: each step's eight code registers are reused across them (8 measured
 /// ~7% faster than 4 at 64 tokens). Remainders run as tiles of 4, 3, 2 and 1.
 const TILE_TOKENS: usize = 8;
@@ -208,7 +203,8 @@ unsafe fn group_tile<const T: usize>(
 /// # Safety
 /// AVX2, FMA and F16C are available; `m` was checked by `EfqMatrix::parse`; `r0..r1` are
 /// 16-aligned rows of `m`; `act` holds `n_tok` [`ActQ8`] rows of `m.n_in`; `out` holds
-/// `(n_tok − 1) · out_stride + (r1 − r0)` values.
+/// `(n_tok − 1) · out_stride + (r1 − r0)` values; `x_deq` holds the `n_tok`
+/// rows of `act` dequantized `(n_tok, n_in)` when any group in `r0..r1` has outlier slots.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn matmul_avx2(
@@ -217,56 +213,43 @@ pub(crate) unsafe fn matmul_avx2(
     r1: usize,
     act: &[u8],
     n_tok: usize,
+    x_deq: &[f32],
     out: &mut [f32],
     out_stride: usize,
 ) {
     let act_row = ActQ8::row_bytes(m.n_in);
-    let has_outliers = (r0 / TILE_ROWS..r1 / TILE_ROWS).any(|g| !m.slots(g).is_empty());
-    DEQUANTIZED_ACT.with_borrow_mut(|x_deq| {
-        if has_outliers {
-            x_deq.resize(n_tok * m.n_in, 0.0);
-            for t in 0..n_tok {
-                ActQ8::dequantize_row(
-                    &act[t * act_row..(t + 1) * act_row],
-                    &mut x_deq[t * m.n_in..(t + 1) * m.n_in],
-                );
-            }
+    let out = out.as_mut_ptr();
+    for g in r0 / TILE_ROWS..r1 / TILE_ROWS {
+        let mut t = 0;
+        while t < n_tok {
+            // SAFETY: the caller's contract covers group g (inside r0..r1) and tokens
+            // t..t + T (each arm's T ≤ n_tok − t); `x_deq` holds the dequantized
+            // activations when any group has slots (also the caller's contract).
+            let tokens = match n_tok - t {
+                left if left >= TILE_TOKENS => {
+                    group_tile::<TILE_TOKENS>(m, g, t, act, act_row, x_deq, out, out_stride, r0);
+                    TILE_TOKENS
+                }
+                left if left >= 4 => {
+                    group_tile::<4>(m, g, t, act, act_row, x_deq, out, out_stride, r0);
+                    4
+                }
+                3 => {
+                    group_tile::<3>(m, g, t, act, act_row, x_deq, out, out_stride, r0);
+                    3
+                }
+                2 => {
+                    group_tile::<2>(m, g, t, act, act_row, x_deq, out, out_stride, r0);
+                    2
+                }
+                _ => {
+                    group_tile::<1>(m, g, t, act, act_row, x_deq, out, out_stride, r0);
+                    1
+                }
+            };
+            t += tokens;
         }
-        let out = out.as_mut_ptr();
-        for g in r0 / TILE_ROWS..r1 / TILE_ROWS {
-            let mut t = 0;
-            while t < n_tok {
-                // SAFETY: the caller's contract covers group g (inside r0..r1) and tokens
-                // t..t + T (each arm's T ≤ n_tok − t); `x_deq` was filled above when any
-                // group has slots.
-                let tokens = match n_tok - t {
-                    left if left >= TILE_TOKENS => {
-                        group_tile::<TILE_TOKENS>(
-                            m, g, t, act, act_row, x_deq, out, out_stride, r0,
-                        );
-                        TILE_TOKENS
-                    }
-                    left if left >= 4 => {
-                        group_tile::<4>(m, g, t, act, act_row, x_deq, out, out_stride, r0);
-                        4
-                    }
-                    3 => {
-                        group_tile::<3>(m, g, t, act, act_row, x_deq, out, out_stride, r0);
-                        3
-                    }
-                    2 => {
-                        group_tile::<2>(m, g, t, act, act_row, x_deq, out, out_stride, r0);
-                        2
-                    }
-                    _ => {
-                        group_tile::<1>(m, g, t, act, act_row, x_deq, out, out_stride, r0);
-                        1
-                    }
-                };
-                t += tokens;
-            }
-        }
-    });
+    }
 }
 
 const _: () =
