@@ -152,12 +152,6 @@ fn mats_site(role: TensorRole, layer: Option<usize>, tied: bool) -> Option<Linea
     }
 }
 
-/// The token embedding and the output head: quantized at their own width, outside the
-/// layers' bit budget.
-fn is_embedding(role: TensorRole) -> bool {
-    role.is_embedding_or_head()
-}
-
 type Hessians = std::collections::HashMap<LinearInput, Hessian>;
 
 /// Runs the model over the calibration text and returns `XᵀX` of every linear input, and
@@ -398,7 +392,7 @@ pub fn quantize(
                 let values = dequantized(w)?;
                 let h = importance(*site, w.n_in);
                 let outliers = select_outliers(&values, w.n_out, w.n_in, &h, opts.outliers);
-                if is_embedding(*role) {
+                if role.is_embedding_or_head() {
                     // Fixed width, outside the budget: no errors to measure.
                     errors.push(Vec::new());
                     outlier_sets.push(outliers);
@@ -430,7 +424,7 @@ pub fn quantize(
             }
             // The budget covers the layers' matrices; embedding and head get their width.
             let budgeted: Vec<usize> = (0..mats.len())
-                .filter(|&i| !is_embedding(mats[i].0))
+                .filter(|&i| !mats[i].0.is_embedding_or_head())
                 .collect();
             if opts.sensitivity && !calib_window.is_empty() {
                 // Weigh each matrix's relative errors by what they cost end to end: the KL
@@ -498,7 +492,7 @@ pub fn quantize(
             widths = mats
                 .iter()
                 .map(|(role, _, w, _)| {
-                    if is_embedding(*role) {
+                    if role.is_embedding_or_head() {
                         vec![opts.embedding_bits; (w.n_out / TILE_ROWS) * n_tiles(w.n_in)]
                     } else {
                         chosen.pop().expect("one allocation per budgeted matrix")
@@ -631,7 +625,7 @@ pub fn quantize(
     let bpw_of = |embedding: bool| {
         let (params, bytes) = reports
             .iter()
-            .filter(|r| is_embedding(r.role) == embedding)
+            .filter(|r| r.role.is_embedding_or_head() == embedding)
             .fold((0usize, 0usize), |(p, b), r| (p + r.params, b + r.bytes));
         bytes as f64 * 8.0 / params.max(1) as f64
     };
