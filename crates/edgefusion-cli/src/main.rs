@@ -2,6 +2,7 @@
 
 mod bench;
 mod common;
+mod convert;
 mod inspect;
 mod perplexity;
 mod quantize;
@@ -38,6 +39,8 @@ enum Command {
     Perplexity(perplexity::PerplexityArgs),
     /// Show a model's architecture, hyperparameters, tensors and bits per weight.
     Inspect(inspect::InspectArgs),
+    /// Convert a Hugging Face folder (safetensors) into one GGUF file.
+    Convert(convert::ConvertArgs),
     /// Quantize a model to EFQ (adaptive 2-4 bits per weight, 6-bit outliers).
     Quantize(quantize::QuantizeArgs),
     /// Convert a dense model into an attention/SSM hybrid (plan it with --dry-run).
@@ -71,6 +74,7 @@ fn main() {
         Command::Bench(args) => bench::run(args),
         Command::Perplexity(args) => perplexity::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Convert(args) => convert::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::Train(args) => train::run(args),
     };

@@ -41,8 +41,9 @@ pub enum AllocationArg {
     outliers and their indices, over the layers' attention and feed-forward matrices.\n\
     The token embedding and output head are stored at --embedding-bits (EFQ tiles of one\n\
     width plus outliers) and reported on their own; the file's bits per parameter count\n\
-    everything. The output is a GGUF file that run, bench, perplexity and inspect load;\n\
-    `edgefusion inspect FILE` shows the tile widths per role and layer.")]
+    everything. The input is a GGUF file or a Hugging Face folder (converted on the way,\n\
+    as `edgefusion convert` does). The output is a GGUF file that run, bench, perplexity\n\
+    and inspect load; `edgefusion inspect FILE` shows the tile widths per role and layer.")]
 pub struct QuantizeArgs {
     #[command(flatten)]
     pub model: ModelArgs,

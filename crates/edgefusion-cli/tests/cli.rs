@@ -140,6 +140,23 @@ fn bad_input_gives_one_line_errors() {
         &["run", "--model", junk.to_str().unwrap(), "--prompt", "x"],
         &["junk.gguf"],
     );
+    // convert reads folders; a GGUF or an empty folder is refused by name.
+    let out = dir.join("converted.gguf");
+    assert_fails_with(
+        &["convert", "-m", m, "-o", out.to_str().unwrap()],
+        &["tiny-llama-f32.gguf", "Hugging Face"],
+    );
+    assert_fails_with(
+        &[
+            "convert",
+            "-m",
+            dir.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &["config.json"],
+    );
+    assert!(!out.exists());
     assert_fails_with(
         &["run", "--model", m, "--prompt", "x", "-t", "0"],
         &["threads"],

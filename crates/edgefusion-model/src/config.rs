@@ -1,7 +1,7 @@
 //! Hyperparameters of a Llama-family model, read from GGUF metadata or a Hugging Face
 //! `config.json`, with the sizes derived from them.
 
-use edgefusion_io::gguf::GgufFile;
+use edgefusion_io::gguf::{GgufFile, MetaValue};
 use edgefusion_io::names::TensorRole;
 use edgefusion_io::ModelSource;
 use serde::Serialize;
@@ -372,6 +372,108 @@ impl ModelConfig {
         };
         cfg.validate(file)?;
         Ok(cfg)
+    }
+
+    /// The GGUF metadata that [`Self::from_gguf`] reads back into this config: the
+    /// architecture's keys and, for hybrids, `edgefusion.layer_types` and the SSM sizes.
+    /// Llama 3 RoPE scaling has no GGUF key (llama.cpp stores it as a `rope_freqs` tensor),
+    /// so it is refused.
+    pub fn gguf_metadata(&self, file: &str) -> Result<Vec<(String, MetaValue)>, ModelError> {
+        let arch = self.arch.name();
+        let key = |k: &str| format!("{arch}.{k}");
+        let u32_of = |what: &str, v: usize| {
+            u32::try_from(v)
+                .map(MetaValue::U32)
+                .map_err(|_| ModelError::Invalid {
+                    file: file.to_string(),
+                    what: format!("{what} = {v} does not fit GGUF's 32-bit field"),
+                })
+        };
+        let mut meta = vec![
+            (
+                "general.architecture".to_string(),
+                MetaValue::String(arch.into()),
+            ),
+            (
+                "general.name".to_string(),
+                MetaValue::String(self.name.clone()),
+            ),
+            (
+                key("context_length"),
+                u32_of("context length", self.n_ctx_train)?,
+            ),
+            (
+                key("embedding_length"),
+                u32_of("hidden size", self.d_model)?,
+            ),
+            (key("block_count"), u32_of("layer count", self.n_layers)?),
+            (
+                key("feed_forward_length"),
+                u32_of("intermediate size", self.d_ff)?,
+            ),
+            (
+                key("attention.head_count"),
+                u32_of("head count", self.n_heads)?,
+            ),
+            (
+                key("attention.head_count_kv"),
+                u32_of("KV head count", self.n_kv_heads)?,
+            ),
+            (
+                key("attention.key_length"),
+                u32_of("head dim", self.head_dim)?,
+            ),
+            (
+                key("attention.value_length"),
+                u32_of("head dim", self.head_dim)?,
+            ),
+            (
+                key("attention.layer_norm_rms_epsilon"),
+                MetaValue::F32(self.rms_eps),
+            ),
+            (key("rope.freq_base"), MetaValue::F32(self.rope_base)),
+            (
+                key("rope.dimension_count"),
+                u32_of("RoPE dims", self.rope_dim)?,
+            ),
+            (
+                key("vocab_size"),
+                u32_of("vocabulary size", self.vocab_size)?,
+            ),
+        ];
+        match self.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => {
+                meta.push((key("rope.scaling.type"), MetaValue::String("linear".into())));
+                meta.push((key("rope.scaling.factor"), MetaValue::F32(factor)));
+            }
+            RopeScaling::Llama3 { .. } => {
+                return Err(ModelError::Invalid {
+                    file: file.to_string(),
+                    what: "Llama 3 RoPE scaling cannot be written to GGUF metadata yet".into(),
+                })
+            }
+        }
+        if self.is_hybrid() {
+            meta.push((
+                LAYER_TYPES_KEY.to_string(),
+                MetaValue::Array(
+                    self.layer_types
+                        .iter()
+                        .map(|t| MetaValue::String(t.name().into()))
+                        .collect(),
+                ),
+            ));
+            meta.push((
+                SSM_D_STATE_KEY.to_string(),
+                u32_of("ssm_d_state", self.ssm_d_state)?,
+            ));
+            meta.push((
+                SSM_D_CONV_KEY.to_string(),
+                u32_of("ssm_d_conv", self.ssm_d_conv)?,
+            ));
+        }
+        Ok(meta)
     }
 
     fn with_layer_types(self, layer_types: Vec<LayerType>, d_state: usize, d_conv: usize) -> Self {

@@ -2,6 +2,7 @@
 //! and the per-layer mixer (attention today; SSM blocks join as another variant).
 
 pub mod config;
+pub mod convert;
 pub mod linear;
 pub mod model;
 

@@ -307,20 +307,26 @@ fn dequantized(w: &Linear<'_>) -> Result<Vec<f32>, QuantError> {
     Ok(out)
 }
 
-/// The GGUF file behind `source` if it can be quantized: a GGUF file not already in EFQ.
-pub fn check_source(source: &ModelSource) -> Result<&edgefusion_io::gguf::GgufFile, QuantError> {
-    let file = source.path().display().to_string();
-    let ModelSource::Gguf(gguf) = source else {
-        return Err(QuantError::Input(format!(
-            "{file}: quantize reads GGUF files for now; convert the Hugging Face folder to GGUF first"
-        )));
-    };
-    if gguf.get(VERSION_KEY).is_some() {
-        return Err(QuantError::Input(format!(
-            "{file} is already an EFQ model; quantize its source instead"
-        )));
+/// Refuses sources that cannot be quantized: a GGUF file already in EFQ.
+pub fn check_source(source: &ModelSource) -> Result<(), QuantError> {
+    if let ModelSource::Gguf(gguf) = source {
+        if gguf.get(VERSION_KEY).is_some() {
+            return Err(QuantError::Input(format!(
+                "{} is already an EFQ model; quantize its source instead",
+                gguf.path.display()
+            )));
+        }
     }
-    Ok(gguf)
+    Ok(())
+}
+
+/// A converted copy of a Hugging Face folder, removed when dropped.
+struct TempSource(std::path::PathBuf);
+
+impl Drop for TempSource {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Quantizes `source` into `output`. `progress(done, total, what)` is called as matrices
@@ -348,7 +354,23 @@ pub fn quantize(
             "--method gptq needs calibration text (--calib)".into(),
         ));
     }
-    let gguf = check_source(source)?;
+    check_source(source)?;
+    let gguf = match source {
+        ModelSource::Gguf(gguf) => gguf,
+        ModelSource::HfDir(dir) => {
+            // The folder becomes a GGUF beside the output first (GGUF names, q/k rows in
+            // GGUF llama's RoPE order, the tokenizer inside); that copy is quantized and
+            // removed, whatever happens.
+            let mut name = output.file_name().unwrap_or_default().to_os_string();
+            name.push(".source.gguf");
+            let temp = TempSource(output.with_file_name(name));
+            edgefusion_model::convert::hf_to_gguf(dir, &temp.0)
+                .map_err(|e| QuantError::Input(e.to_string()))?;
+            let converted =
+                ModelSource::open(&temp.0).map_err(|e| QuantError::Input(e.to_string()))?;
+            return quantize(&converted, output, opts, progress);
+        }
+    };
     let file = source.path().display().to_string();
     let mut model = Model::load(source).map_err(|e| QuantError::Input(e.to_string()))?;
     let mats = matrices(&model);

@@ -50,6 +50,10 @@ pub mod keys {
     pub const ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
     pub const CHAT_TEMPLATE: &str = "tokenizer.chat_template";
     pub const GENERAL_NAME: &str = "general.name";
+    /// A whole Hugging Face `tokenizer.json` (written by `edgefusion convert`).
+    pub const HF_JSON: &str = edgefusion_model::convert::TOKENIZER_JSON_KEY;
+    pub const HF_TOKENIZER_CONFIG: &str = edgefusion_model::convert::TOKENIZER_CONFIG_KEY;
+    pub const HF_GENERATION_CONFIG: &str = edgefusion_model::convert::GENERATION_CONFIG_KEY;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -342,6 +346,9 @@ impl Tokenizer {
     /// Builds the tokenizer described by a GGUF file's `tokenizer.*` metadata.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self, TokenizerError> {
         let path = gguf.path.as_path();
+        if gguf.get(keys::MODEL).is_none() && gguf.get(keys::HF_JSON).is_some() {
+            return Self::from_gguf_hf_json(gguf);
+        }
         let model = gguf.get_str(keys::MODEL)?;
         let texts: Vec<String> = gguf
             .get_str_array(keys::TOKENS)?
@@ -461,12 +468,45 @@ impl Tokenizer {
             path: path.to_path_buf(),
             source,
         })?;
+        let config = read_sibling_json(path, "tokenizer_config.json")?;
+        let generation = read_sibling_json(path, "generation_config.json")?;
+        Self::from_hf_parts(path, &json_text, config, generation)
+    }
+
+    /// The Hugging Face tokenizer a converted GGUF carries whole (`tokenizer.huggingface.json`
+    /// with its `tokenizer_config.json` and `generation_config.json`).
+    fn from_gguf_hf_json(gguf: &GgufFile) -> Result<Self, TokenizerError> {
+        let path = gguf.path.as_path();
+        let json_text = gguf.get_str(keys::HF_JSON)?;
+        let sibling = |key: &'static str| -> Result<Option<Json>, TokenizerError> {
+            match optional_str(gguf, key)? {
+                None => Ok(None),
+                Some(text) => serde_json::from_str(text).map(Some).map_err(|e| {
+                    TokenizerError::BadTokenizerJson {
+                        path: path.to_path_buf(),
+                        problem: format!("{key}: invalid JSON: {e}"),
+                    }
+                }),
+            }
+        };
+        let config = sibling(keys::HF_TOKENIZER_CONFIG)?;
+        let generation = sibling(keys::HF_GENERATION_CONFIG)?;
+        Self::from_hf_parts(path, json_text, config, generation)
+    }
+
+    /// A `tokenizer.json` text with its two sibling configs; `path` names it in errors.
+    fn from_hf_parts(
+        path: &Path,
+        json_text: &str,
+        config: Option<Json>,
+        generation: Option<Json>,
+    ) -> Result<Self, TokenizerError> {
         let bad = |problem: String| TokenizerError::BadTokenizerJson {
             path: path.to_path_buf(),
             problem,
         };
         let doc: Json =
-            serde_json::from_str(&json_text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+            serde_json::from_str(json_text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
         let model_type = doc
             .pointer("/model/type")
             .and_then(Json::as_str)
@@ -535,7 +575,6 @@ impl Tokenizer {
             ));
         };
 
-        let config = read_sibling_json(path, "tokenizer_config.json")?;
         let id_of = |text: &str| vocab.get(text).copied();
         let config_token = |field: &str| -> Option<u32> {
             let value = config.as_ref()?.get(field)?;
@@ -565,7 +604,7 @@ impl Tokenizer {
         // The end-of-generation tokens by text; the type corrections are left out because
         // here the file's own added-token list decides what is matched whole.
         let mut extra_eog_ids = llama_cpp_type_overrides(&texts, &mut kinds.clone());
-        if let Some(generation) = read_sibling_json(path, "generation_config.json")? {
+        if let Some(generation) = generation {
             match generation.get("eos_token_id") {
                 Some(Json::Array(ids)) => extra_eog_ids.extend(
                     ids.iter()

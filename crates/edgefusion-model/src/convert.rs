@@ -1,0 +1,218 @@
+//! Hugging Face folder → GGUF: what `edgefusion convert` writes, and what `quantize` and
+//! `train` read when they are given a folder.
+//!
+//! - Metadata: the architecture's keys from [`ModelConfig::gguf_metadata`].
+//! - Tokenizer: `tokenizer.json` verbatim under GGUF's `tokenizer.huggingface.json`, with
+//!   `tokenizer_config.json` and `generation_config.json` (BOS/EOS, `add_bos_token`, end
+//!   ids) under [`TOKENIZER_CONFIG_KEY`] and [`GENERATION_CONFIG_KEY`], and the chat
+//!   template under `tokenizer.chat_template`. Nothing is lost or re-derived, so the
+//!   tokenizer read back is the folder's own.
+//! - Tensors: renamed to GGUF names, data copied unchanged (F32/F16/BF16), except Llama's
+//!   q/k projections, whose rows are permuted within each head from the NeoX pairing
+//!   Hugging Face stores (`x[i]` with `x[i + d/2]`) to GGUF llama's adjacent pairs, the
+//!   layout llama.cpp's converter writes. Tensors that no role names (rotary buffers) are
+//!   left out and reported.
+
+use std::path::Path;
+
+use edgefusion_io::gguf::{GgufWriter, MetaValue};
+use edgefusion_io::names::{parse_hf_name, TensorRole};
+use edgefusion_io::safetensors_dir::SafetensorsDir;
+
+use crate::{Arch, ModelConfig, ModelError, RopeStyle};
+
+/// GGUF's standard key for a whole Hugging Face `tokenizer.json`.
+pub const TOKENIZER_JSON_KEY: &str = "tokenizer.huggingface.json";
+/// `tokenizer_config.json` of the source folder, verbatim.
+pub const TOKENIZER_CONFIG_KEY: &str = "edgefusion.tokenizer.tokenizer_config_json";
+/// `generation_config.json` of the source folder, verbatim.
+pub const GENERATION_CONFIG_KEY: &str = "edgefusion.tokenizer.generation_config_json";
+
+/// What a conversion wrote.
+#[derive(Debug, Clone)]
+pub struct ConvertReport {
+    pub config: ModelConfig,
+    pub n_tensors: usize,
+    /// Names of source tensors that are not model weights and were left out.
+    pub skipped: Vec<String>,
+    /// q/k matrices whose rows were permuted to GGUF llama's RoPE pairing.
+    pub permuted: usize,
+}
+
+/// Writes the folder `dir` as one GGUF file at `output` (atomically: a failure leaves no
+/// file behind).
+pub fn hf_to_gguf(dir: &SafetensorsDir, output: &Path) -> Result<ConvertReport, ModelError> {
+    let folder = dir.dir.display().to_string();
+    let invalid = |what: String| ModelError::Invalid {
+        file: folder.clone(),
+        what,
+    };
+    let tied = !dir.contains(&TensorRole::Output.hf_name(None));
+    let config_file = dir.dir.join("config.json").display().to_string();
+    let config = ModelConfig::from_hf_config(dir.config(), &config_file, tied)?;
+
+    let mut writer = GgufWriter::new();
+    for (key, value) in config.gguf_metadata(&config_file)? {
+        writer.add_metadata(key, value);
+    }
+    for (key, value) in tokenizer_metadata(dir)? {
+        writer.add_metadata(key, value);
+    }
+
+    // Llama's q/k in GGUF use adjacent RoPE pairs; Qwen2 GGUF keeps the NeoX layout.
+    let permute = config.arch == Arch::Llama && config.rope_style == RopeStyle::NeoX;
+    if permute && config.rope_dim != config.head_dim {
+        return Err(invalid(format!(
+            "RoPE over {} of {} head dims cannot be permuted to GGUF llama's layout",
+            config.rope_dim, config.head_dim
+        )));
+    }
+    let views = dir.tensors();
+    let mut skipped: Vec<String> = dir
+        .unsupported()
+        .into_iter()
+        .map(|(name, _)| name.to_string())
+        .collect();
+    let mut entries = Vec::new();
+    let mut owned: Vec<Vec<u8>> = Vec::new();
+    for view in &views {
+        let Some((role, layer)) = parse_hf_name(view.name) else {
+            skipped.push(view.name.to_string());
+            continue;
+        };
+        let heads = match role {
+            TensorRole::AttnQ if permute => Some(config.n_heads),
+            TensorRole::AttnK if permute => Some(config.n_kv_heads),
+            _ => None,
+        };
+        match heads {
+            Some(heads) => {
+                let data = permute_rope_rows(view.data, view.n_rows(), heads, config.head_dim)
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "tensor '{}' has {} rows, not {heads} heads of {}",
+                            view.name,
+                            view.n_rows(),
+                            config.head_dim
+                        ))
+                    })?;
+                entries.push((role.gguf_name(layer), *view, Some(owned.len())));
+                owned.push(data);
+            }
+            None => entries.push((role.gguf_name(layer), *view, None)),
+        }
+    }
+    for (name, view, data) in &entries {
+        let bytes = data.map_or(view.data, |i| owned[i].as_slice());
+        writer.add_tensor(name.clone(), view.dtype, view.shape, bytes);
+    }
+    writer.write(output)?;
+    Ok(ConvertReport {
+        config,
+        n_tensors: entries.len(),
+        skipped,
+        permuted: owned.len(),
+    })
+}
+
+/// The tokenizer files of `dir` as GGUF metadata; the folder must have a `tokenizer.json`.
+fn tokenizer_metadata(dir: &SafetensorsDir) -> Result<Vec<(String, MetaValue)>, ModelError> {
+    let folder = dir.dir.display().to_string();
+    let Some(path) = dir.tokenizer_json() else {
+        return Err(ModelError::Invalid {
+            file: folder,
+            what: "has no tokenizer.json; a GGUF file carries its tokenizer".into(),
+        });
+    };
+    let read = |path: &Path| -> Result<Option<String>, ModelError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                serde_json::from_str::<serde_json::Value>(&text).map_err(|e| {
+                    ModelError::Invalid {
+                        file: path.display().to_string(),
+                        what: format!("invalid JSON: {e}"),
+                    }
+                })?;
+                Ok(Some(text))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ModelError::Invalid {
+                file: path.display().to_string(),
+                what: format!("cannot be read: {e}"),
+            }),
+        }
+    };
+    let mut meta = Vec::new();
+    if let Some(text) = read(path)? {
+        meta.push((TOKENIZER_JSON_KEY.to_string(), MetaValue::String(text)));
+    }
+    let config_path = dir.dir.join("tokenizer_config.json");
+    if let Some(text) = read(&config_path)? {
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let template = match json.get("chat_template") {
+            Some(serde_json::Value::String(t)) => Some(t.clone()),
+            Some(serde_json::Value::Array(named)) => named
+                .iter()
+                .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .or_else(|| named.first())
+                .and_then(|e| e.get("template")?.as_str().map(str::to_string)),
+            _ => None,
+        };
+        if let Some(template) = template {
+            meta.push((
+                "tokenizer.chat_template".to_string(),
+                MetaValue::String(template),
+            ));
+        }
+        meta.push((TOKENIZER_CONFIG_KEY.to_string(), MetaValue::String(text)));
+    }
+    if let Some(text) = read(&dir.dir.join("generation_config.json"))? {
+        meta.push((GENERATION_CONFIG_KEY.to_string(), MetaValue::String(text)));
+    }
+    Ok(meta)
+}
+
+/// Rows of a `(heads · head_dim, n_in)` matrix reordered within each head from Hugging
+/// Face's halves (row `j · head_dim/2 + i`) to adjacent pairs (row `2i + j`). `None` when the
+/// row count does not match.
+pub fn permute_rope_rows(
+    data: &[u8],
+    n_rows: usize,
+    heads: usize,
+    head_dim: usize,
+) -> Option<Vec<u8>> {
+    if n_rows != heads * head_dim || !head_dim.is_multiple_of(2) || n_rows == 0 {
+        return None;
+    }
+    let row_bytes = data.len() / n_rows;
+    if row_bytes * n_rows != data.len() {
+        return None;
+    }
+    let half = head_dim / 2;
+    let mut out = vec![0u8; data.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * head_dim + j * half + i;
+                let dst = h * head_dim + 2 * i + j;
+                out[dst * row_bytes..(dst + 1) * row_bytes]
+                    .copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+            }
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_pairs_each_dim_with_its_partner_half_a_head_away() {
+        // One byte per row: the row's old index. Two heads of 4.
+        let data: Vec<u8> = (0..8).collect();
+        let out = permute_rope_rows(&data, 8, 2, 4).unwrap();
+        assert_eq!(out, vec![0, 2, 1, 3, 4, 6, 5, 7]);
+        assert!(permute_rope_rows(&data, 8, 3, 4).is_none());
+    }
+}
