@@ -18,7 +18,12 @@ use edgefusion_train::TrainConfig;
     hybrid, GFLOP/token, bytes at the configured bits per weight, KV cache against SSM state\n\
     at several context lengths, whether the hybrid fits 4 GB, and the time of each stage on\n\
     this machine. The stages: 1 teacher cache, 2 layer-local SSM distillation, 3 router\n\
-    training (λ adapts to reach target_ssm_fraction), 4 harden and quantize.")]
+    training (λ adapts to reach target_ssm_fraction), 4 harden and quantize.\n\n\
+    Without --dry-run the stages run and write into --output-dir: teacher/ (stage 1's\n\
+    16-bit cache), distill/ (each layer's SSM), hybrid_distill.gguf (layers chosen by\n\
+    distillation error alone), metrics.jsonl, checkpoint_final/model.gguf (the hardened\n\
+    hybrid, with router.json) and checkpoint_quantized/model.gguf. A second run reuses the\n\
+    finished teacher cache and distilled layers.")]
 pub struct TrainArgs {
     /// Training configuration (YAML; see configs/).
     #[arg(long)]
@@ -32,6 +37,16 @@ pub struct TrainArgs {
     /// Validate and print the plan; train nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Stop after writing checkpoint_final/ (no checkpoint_quantized/).
+    #[arg(long)]
+    pub skip_quantization: bool,
+    /// Continue router training from the newest checkpoint in OUTPUT_DIR/checkpoints
+    /// (weights, optimizer moments, λ, step and data position: the run goes on exactly).
+    #[arg(long)]
+    pub resume: bool,
+    /// Write a checkpoint and stop after this router step (to test --resume).
+    #[arg(long, hide = true)]
+    pub stop_after_steps: Option<usize>,
     /// Threads [default: physical cores].
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
@@ -106,10 +121,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 config.data.train.display()
             );
         }
-        bail!(
-            "this build plans conversions (--dry-run) but does not run the training stages yet; \
-             see `edgefusion train --help`"
-        );
+        let path = base.clone().expect("a base model was found above");
+        return train(&args, &config, &path, threads);
     }
     let gflops = measure_gflops(threads);
     let plan = edgefusion_train::plan(&config, &dense, gflops, threads)?;
@@ -131,5 +144,189 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
     println!("output: {}\n", args.output_dir.display());
     print!("{}", plan.render(&config));
+    Ok(())
+}
+
+/// Stages 1 and 2, with progress bars; the router (stage 3) and hardening come next.
+fn train(
+    args: &TrainArgs,
+    config: &TrainConfig,
+    base: &std::path::Path,
+    threads: usize,
+) -> Result<()> {
+    use edgefusion_train::run::{distill_stages, router_stages, Event, RunOptions};
+    use indicatif::{ProgressBar, ProgressStyle};
+
+    let source =
+        ModelSource::open(base).with_context(|| format!("base model {}", base.display()))?;
+    let temp;
+    let converted;
+    // Stage outputs are GGUF files: a Hugging Face folder is converted first.
+    let (gguf_source, gguf) = match &source {
+        ModelSource::Gguf(g) => (&source, g),
+        ModelSource::HfDir(dir) => {
+            std::fs::create_dir_all(&args.output_dir)?;
+            temp = args.output_dir.join("base.gguf");
+            edgefusion_model::convert::hf_to_gguf(dir, &temp)?;
+            converted = ModelSource::open(&temp)?;
+            let ModelSource::Gguf(g) = &converted else {
+                unreachable!("a file opens as GGUF")
+            };
+            (&converted, g)
+        }
+    };
+    let model = edgefusion_model::Model::load(gguf_source)?;
+    let tokenizer = crate::common::load_tokenizer(gguf_source)?;
+    let text = crate::common::read_text(&config.data.train)?;
+    let tokens = tokenizer
+        .encode(&text, false)
+        .with_context(|| format!("tokenizing {}", config.data.train.display()))?;
+    let one_batch = config.data.seq_len * config.data.batch_size.max(2);
+    if tokens.len() < one_batch {
+        bail!(
+            "{}: data.train {} has {} tokens, fewer than one batch ({} sequences of {}) plus a held-out one",
+            args.config.display(),
+            config.data.train.display(),
+            tokens.len(),
+            config.data.batch_size.max(2),
+            config.data.seq_len
+        );
+    }
+    println!(
+        "base model: {} ({} layers); training text: {} ({} tokens); output: {}",
+        base.display(),
+        model.config.n_layers,
+        config.data.train.display(),
+        tokens.len(),
+        args.output_dir.display()
+    );
+    let style = ProgressStyle::with_template(
+        "{prefix:>12} [{bar:30}] {pos}/{len} ({elapsed}, eta {eta}) {msg}",
+    )
+    .unwrap()
+    .progress_chars("=> ");
+    let bar = ProgressBar::new(0).with_style(style);
+    let n_layers = model.config.n_layers;
+    let start = std::time::Instant::now();
+    let outcome = distill_stages(
+        config,
+        gguf,
+        &model,
+        &tokens,
+        &config.data.train.display().to_string(),
+        &args.output_dir,
+        threads,
+        &mut |event| match event {
+            Event::TeacherCached => println!("stage 1: teacher cache found, reused"),
+            Event::TeacherProgress { done, total } => {
+                bar.set_prefix("1 teacher");
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+                if done == total {
+                    bar.finish_and_clear();
+                    println!("stage 1: teacher cache written ({total} sequences)");
+                    bar.reset();
+                }
+            }
+            Event::LayerStart { layer, resumed } => {
+                if resumed {
+                    println!("stage 2: layer {layer:2} already distilled, reused");
+                } else {
+                    bar.set_prefix(format!("2 layer {layer}/{n_layers}"));
+                    bar.set_position(0);
+                }
+            }
+            Event::DistillStep {
+                step, total, loss, ..
+            } => {
+                bar.set_length(total as u64);
+                bar.set_position(step as u64 + 1);
+                bar.set_message(format!("loss {loss:.4}"));
+            }
+            Event::LayerDone(r) => {
+                bar.finish_and_clear();
+                bar.reset();
+                println!(
+                    "stage 2: layer {:2}: held-out relative error {:.4} -> {:.4} ({} steps, {:.0} s)",
+                    r.layer, r.val_loss_init, r.val_loss, r.steps, r.seconds
+                );
+            }
+            Event::RouterStep(_) | Event::Quantizing { .. } | Event::Resumed { .. } => {}
+        },
+    )?;
+    bar.finish_and_clear();
+    let ssm_layers = |types: &[edgefusion_model::LayerType]| -> Vec<String> {
+        types
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t == edgefusion_model::LayerType::Ssm)
+            .map(|(i, _)| i.to_string())
+            .collect()
+    };
+    println!(
+        "stage 2 done in {:.0} s; {} (by distillation error alone: SSM in layers {})",
+        start.elapsed().as_secs_f64(),
+        outcome.hybrid.display(),
+        ssm_layers(&outcome.layer_types).join(" ")
+    );
+    let steps = config.stages.router_steps;
+    let log_every = config.logging.log_every.max(1);
+    let routed = router_stages(
+        config,
+        gguf,
+        &model,
+        &outcome,
+        &args.output_dir,
+        threads,
+        &RunOptions {
+            skip_quantization: args.skip_quantization,
+            resume: args.resume,
+            stop_after: args.stop_after_steps,
+        },
+        &mut |event| match event {
+            Event::Resumed { step } => {
+                println!("stage 3: resumed from the checkpoint of step {step}")
+            }
+            Event::RouterStep(s) => {
+                bar.set_prefix("3 router");
+                bar.set_length(steps as u64);
+                bar.set_position(s.step as u64);
+                bar.set_message(format!(
+                    "kl {:.3} λ {:.3} τ {:.2} ssm_frac {:.2} H {:.2} bits {:.0} tok/s",
+                    s.kl, s.lambda, s.tau, s.ssm_frac, s.gate_entropy_bits, s.tokens_per_s
+                ));
+                if s.step % log_every == 0 || s.step == steps || s.step == 1 {
+                    let line = format!(
+                        "step {:4}: kl {:.4} loss {:.4} λ {:.4} τ {:.3} ssm_frac {:.3} (mean g {:.3}) entropy {:.3} bits lr {:.2e} {:.0} tok/s",
+                        s.step, s.kl, s.loss, s.lambda, s.tau, s.ssm_frac, s.mean_gate, s.gate_entropy_bits, s.lr, s.tokens_per_s
+                    );
+                    if bar.is_hidden() {
+                        println!("{line}");
+                    } else {
+                        bar.println(line);
+                    }
+                }
+            }
+            Event::Quantizing { done, total } => {
+                bar.set_prefix("4 quantize");
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+                bar.set_message(String::new());
+            }
+            _ => {}
+        },
+    )?;
+    bar.finish_and_clear();
+    let n_ssm = ssm_layers(&routed.layer_types).len();
+    println!(
+        "hardened: {n_ssm} of {n_layers} layers on SSM (ssm_frac {:.3}): {}",
+        n_ssm as f64 / n_layers as f64,
+        ssm_layers(&routed.layer_types).join(" ")
+    );
+    println!("wrote {}", routed.final_model.display());
+    if let Some(q) = &routed.quantized {
+        println!("wrote {}", q.display());
+    }
+    println!("total {:.0} s", start.elapsed().as_secs_f64());
     Ok(())
 }

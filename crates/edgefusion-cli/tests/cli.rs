@@ -438,3 +438,192 @@ fn bench_at_depth_reports_state_bytes() {
         &["--ctx 4", "exceed"],
     );
 }
+
+/// `train` end to end on the tiny fixture: all stages run, the hardened hybrid loads and
+/// runs, metrics.jsonl logs the router, and a second run reuses the finished stages. A
+/// training text shorter than one batch is refused by name.
+#[test]
+fn train_runs_every_stage_on_the_tiny_model() {
+    let dir = std::env::temp_dir().join(format!("edgefusion-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join("train.txt");
+    std::fs::write(
+        &text,
+        "Four score and seven years ago our fathers brought forth on this continent a new nation. "
+            .repeat(60),
+    )
+    .unwrap();
+    let config = dir.join("tiny.yaml");
+    std::fs::write(&config, tiny_train_config(&text, 4, 50)).unwrap();
+    let out_dir = dir.join("run");
+    let args = [
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--output-dir",
+        out_dir.to_str().unwrap(),
+    ];
+    let out = edgefusion(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("hardened:"), "{stdout}");
+    for file in [
+        "checkpoint_final/model.gguf",
+        "checkpoint_final/router.json",
+        "checkpoint_quantized/model.gguf",
+        "hybrid_distill.gguf",
+        "distill/layer01.safetensors",
+    ] {
+        assert!(out_dir.join(file).exists(), "{file} missing");
+    }
+    let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    let router_lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["stage"] == "router")
+        .collect();
+    assert!(router_lines.len() >= 3, "{metrics}");
+    for key in [
+        "kl",
+        "lambda",
+        "tau",
+        "ssm_frac",
+        "gate_entropy_bits",
+        "lr",
+        "tokens_per_s",
+    ] {
+        assert!(router_lines[0].get(key).is_some(), "{key} not logged");
+    }
+    for model in [
+        "checkpoint_final/model.gguf",
+        "checkpoint_quantized/model.gguf",
+    ] {
+        let m = out_dir.join(model);
+        let out = edgefusion(&[
+            "run",
+            "-m",
+            m.to_str().unwrap(),
+            "--prompt",
+            "Four score",
+            "-n",
+            "4",
+        ]);
+        assert!(out.status.success(), "{model}: {}", stderr(&out));
+    }
+
+    let mut again = args.to_vec();
+    again.push("--skip-quantization");
+    let out = edgefusion(&again);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("teacher cache found, reused"), "{stdout}");
+    assert!(stdout.contains("already distilled, reused"), "{stdout}");
+
+    std::fs::write(&text, "too short").unwrap();
+    assert_fails_with(&args, &["train.txt", "fewer than one batch"]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A training config for the tiny fixture reading `text`.
+fn tiny_train_config(text: &std::path::Path, log_every: usize, checkpoint_every: usize) -> String {
+    format!(
+        "model:\n  base: {model}\ndata:\n  train: {text}\n  seq_len: 32\n  batch_size: 2\n\
+         ssm:\n  d_state: 12\n  d_conv: 4\n  init: attention\n\
+         router:\n  target_ssm_fraction: 0.5\n  tau_start: 1.0\n  tau_end: 0.2\n  dual_lr: 0.5\n  gate_lr: 0.1\n\
+         optimizer:\n  lr: 0.001\n  weight_decay: 0.0\n  betas: [0.9, 0.95]\n  warmup_steps: 2\n  total_steps: 12\n  grad_clip: 1.0\n  dtype: f32\n\
+         stages:\n  teacher_tokens: 512\n  teacher_top_k: 16\n  distill_epochs: 1\n  router_steps: 12\n\
+         quantization:\n  bpw: 3.5\n  block: 128\n  outliers: 0.005\n  calib: {text}\n  calib_tokens: 256\n  embedding_bits: 4\n\
+         logging:\n  log_every: {log_every}\ncheckpointing:\n  every: {checkpoint_every}\n  keep_last: 2\nseed: 1\n",
+        model = fixture("tiny-llama-f32.gguf").display(),
+        text = text.display(),
+    )
+}
+
+/// The router lines of a run's metrics.jsonl.
+fn router_metrics(out_dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["stage"] == "router")
+        .collect()
+}
+
+/// A run stopped mid-way and resumed logs the same router curve as one run straight
+/// through: weights, optimizer moments, λ, step and data position all come back. A
+/// checkpoint from another config is refused, and a second run without --resume does not
+/// overwrite the checkpoints.
+#[test]
+fn killed_and_resumed_training_equals_the_uninterrupted_run() {
+    let dir = std::env::temp_dir().join(format!("edgefusion-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join("train.txt");
+    std::fs::write(
+        &text,
+        "We hold these truths to be self-evident, that all men are created equal. ".repeat(60),
+    )
+    .unwrap();
+    let config = dir.join("tiny.yaml");
+    std::fs::write(&config, tiny_train_config(&text, 1, 4)).unwrap();
+    let train = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--config",
+            config.to_str().unwrap(),
+            "--skip-quantization",
+            "--output-dir",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        edgefusion(&args)
+    };
+    let straight = dir.join("straight");
+    let out = train(&straight, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let resumed = dir.join("resumed");
+    let out = train(&resumed, &["--stop-after-steps", "6"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("stopped after router step 6"),
+        "{}",
+        stderr(&out)
+    );
+    // Without --resume the checkpoint is not overwritten.
+    let out = train(&resumed, &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--resume"), "{}", stderr(&out));
+    let out = train(&resumed, &["--resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("resumed from the checkpoint of step 6"));
+
+    let (a, b) = (router_metrics(&straight), router_metrics(&resumed));
+    assert_eq!(a.len(), 12);
+    assert_eq!(b.len(), 12);
+    for (x, y) in a.iter().zip(&b) {
+        for key in ["step", "kl", "loss", "lambda", "gates"] {
+            assert_eq!(x[key], y[key], "{key} differs at step {}", x["step"]);
+        }
+    }
+    assert_eq!(
+        std::fs::read(straight.join("checkpoint_final/model.gguf")).unwrap(),
+        std::fs::read(resumed.join("checkpoint_final/model.gguf")).unwrap()
+    );
+
+    // Another configuration cannot resume these checkpoints.
+    std::fs::write(
+        &config,
+        tiny_train_config(&text, 1, 4).replace("seed: 1", "seed: 2"),
+    )
+    .unwrap();
+    let out = train(&resumed, &["--resume"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("another configuration"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -127,8 +127,16 @@ fn matrices<'m>(
         .linears()
         .into_iter()
         // An SSM layer's Δ and gate projections have one row per KV group: too few for
-        // 16-row tiles, and too small to matter; they keep their source type.
-        .filter(|(role, _, _)| !matches!(role, TensorRole::SsmDt | TensorRole::SsmGate))
+        // 16-row tiles, and too small to matter; they keep their source type, as do SSM
+        // projections whose shape (set by the state width) does not tile.
+        .filter(|(role, _, w)| {
+            let ssm = matches!(
+                role,
+                TensorRole::SsmC | TensorRole::SsmB | TensorRole::SsmX | TensorRole::SsmOut
+            );
+            let tiles = w.n_out.is_multiple_of(TILE_ROWS) && w.n_in.is_multiple_of(COL_ALIGN);
+            !matches!(role, TensorRole::SsmDt | TensorRole::SsmGate) && (!ssm || tiles)
+        })
         .map(|(role, layer, w)| (role, mats_site(role, layer, tied), w, layer))
         .collect()
 }

@@ -96,13 +96,22 @@ pub struct RouterSection {
     /// Gate temperature at the start and end of router training (annealed).
     pub tau_start: f64,
     pub tau_end: f64,
-    /// Step size of λ's dual ascent.
+    /// Rate of the running average of the layers' marginal costs that sets λ (0 to 1;
+    /// see `router.rs`).
     #[serde(default = "default_dual_lr")]
     pub dual_lr: f64,
+    /// Learning rate of the gate logits (Adam): gates must travel from 0 to about ±1 in
+    /// the few router steps a CPU affords.
+    #[serde(default = "default_gate_lr")]
+    pub gate_lr: f64,
 }
 
 fn default_dual_lr() -> f64 {
-    0.05
+    0.5
+}
+
+fn default_gate_lr() -> f64 {
+    0.1
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -345,8 +354,11 @@ impl TrainConfig {
                 ),
             );
         }
-        if !(r.dual_lr > 0.0 && r.dual_lr.is_finite()) {
-            return fail("router.dual_lr", format!("{} must be positive", r.dual_lr));
+        if !(r.gate_lr > 0.0 && r.gate_lr.is_finite()) {
+            return fail("router.gate_lr", format!("{} must be positive", r.gate_lr));
+        }
+        if !(r.dual_lr > 0.0 && r.dual_lr <= 1.0) {
+            return fail("router.dual_lr", format!("{} must be in (0, 1]", r.dual_lr));
         }
         let o = &self.optimizer;
         if !(o.lr > 0.0 && o.lr < 1.0) {
@@ -464,7 +476,7 @@ mod tests {
     #[test]
     fn bad_configs_name_the_file_field_and_rule() {
         // (edit of the valid file, words the error must contain)
-        let cases: [(&str, &str, &[&str]); 7] = [
+        let cases: [(&str, &str, &[&str]); 9] = [
             (
                 "  d_state: 32",
                 "  d_state: 0",
@@ -495,6 +507,16 @@ mod tests {
                 "  tau_end: 0.1",
                 "  tau_end: 5.0",
                 &["tau_start", "not increase"],
+            ),
+            (
+                "  dual_lr: 0.5",
+                "  dual_lr: 2.0",
+                &["router.dual_lr", "(0, 1]"],
+            ),
+            (
+                "  gate_lr: 0.1",
+                "  gate_lr: -1",
+                &["router.gate_lr", "positive"],
             ),
         ];
         for (from, to, words) in cases {

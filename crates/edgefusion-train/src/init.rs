@@ -162,6 +162,34 @@ pub fn write_hybrid(
     random_seed: Option<u64>,
     output: &Path,
 ) -> Result<(), TrainError> {
+    let init = match random_seed {
+        Some(seed) => SsmInitSource::Random(seed),
+        None => SsmInitSource::Attention,
+    };
+    write_hybrid_with(gguf, model, layer_types, d_state, d_conv, init, output)
+}
+
+/// Where the SSM weights of [`write_hybrid_with`] come from.
+#[derive(Debug, Clone, Copy)]
+pub enum SsmInitSource<'a> {
+    /// [`ssm_from_attention`] of each layer.
+    Attention,
+    /// [`ssm_random`] with this seed (plus the layer index).
+    Random(u64),
+    /// Trained weights by layer; layers missing from the map start from attention.
+    Trained(&'a std::collections::HashMap<usize, SsmWeights>),
+}
+
+/// [`write_hybrid`] with the SSM weights from `init`.
+pub fn write_hybrid_with(
+    gguf: &GgufFile,
+    model: &Model<'_>,
+    layer_types: &[LayerType],
+    d_state: usize,
+    d_conv: usize,
+    init: SsmInitSource<'_>,
+    output: &Path,
+) -> Result<(), TrainError> {
     let file = gguf.path.display().to_string();
     let fail = |what: String| TrainError::Config {
         file: file.clone(),
@@ -228,10 +256,14 @@ pub fn write_hybrid(
                 "layer {l} has q/k/v biases, which the SSM initialisation does not carry"
             )));
         }
-        let mut w = ssm_from_attention(&cfg, &a.wq, &a.wk, &a.wv, &a.wo);
-        if let Some(seed) = random_seed {
-            w = ssm_random(w, seed.wrapping_add(l as u64));
-        }
+        let w = match init {
+            SsmInitSource::Trained(trained) if trained.contains_key(&l) => trained[&l].clone(),
+            SsmInitSource::Random(seed) => ssm_random(
+                ssm_from_attention(&cfg, &a.wq, &a.wk, &a.wv, &a.wo),
+                seed.wrapping_add(l as u64),
+            ),
+            _ => ssm_from_attention(&cfg, &a.wq, &a.wk, &a.wv, &a.wo),
+        };
         let (d, n, g) = (cfg.d_model, d_state, cfg.n_kv_heads);
         let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         for (role, shape, values) in [

@@ -1,11 +1,19 @@
 //! Converting a dense transformer into an attention/SSM hybrid (docs/HYBRID.md): the
-//! training configuration and the plan computed from it. The training stages themselves
-//! (teacher cache, layer-local distillation, router training, hardening) come next.
+//! training configuration and the plan computed from it. Stage 1 ([`teacher`]) caches the dense
+//! model's activations, stage 2 ([`distill`]) fits each layer's SSM to its attention; router
+//! training and hardening come next.
 
+pub mod checkpoint;
 pub mod config;
+pub mod distill;
 pub mod init;
+pub mod optim;
 pub mod plan;
+pub mod router;
+pub mod run;
 pub mod ssm;
+pub mod student;
+pub mod teacher;
 
 pub use config::TrainConfig;
 pub use plan::{plan, Plan};
@@ -16,4 +24,13 @@ pub enum TrainError {
     /// A configuration that does not parse or breaks a rule.
     #[error("{file}: {what}")]
     Config { file: String, what: String },
+    /// A file or folder of the run that cannot be read or written.
+    #[error("{path}: {what}")]
+    Io { path: String, what: String },
+    /// The run stopped on request after this router step (its checkpoint is written).
+    #[error("stopped after router step {step} as asked; continue with --resume")]
+    Stopped { step: usize },
+    /// A tensor operation that failed during training.
+    #[error("training: {what}")]
+    Numeric { what: String },
 }

@@ -1,0 +1,201 @@
+//! Stage 3 checkpoints: everything a resumed run needs to continue exactly — the SSM
+//! weights and gate logits, both optimizers' moments and step counts, λ, the per-layer
+//! cost averages, the data RNG and the step — written as `checkpoints/step_NNNNNN/` through
+//! a temporary folder and a rename, the last `keep_last` kept.
+//!
+//! A checkpoint records a fingerprint of the configuration that shaped it; resuming with
+//! another configuration is refused.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::router::RouterState;
+use crate::student::Student;
+use crate::{TrainConfig, TrainError};
+
+/// The scalars of a checkpoint (`state.json`); the tensors are in `state.safetensors`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub fingerprint: String,
+    pub step: usize,
+    pub lambda: f64,
+    pub rng: u64,
+    /// `None` where no estimate exists yet.
+    pub costs: Vec<Option<f64>>,
+    pub ssm_opt_t: usize,
+    pub gate_opt_t: usize,
+}
+
+/// FNV-1a of the configuration fields that shape training (not logging or checkpointing).
+pub fn fingerprint(config: &TrainConfig) -> String {
+    let text = format!(
+        "{:?}|{:?}|{:?}|{:?}|{:?}|{}",
+        config.data, config.ssm, config.router, config.optimizer, config.stages, config.seed
+    );
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+fn io_error(path: &Path, what: &str, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Io {
+        path: path.display().to_string(),
+        what: format!("{what}: {e}"),
+    }
+}
+
+fn numeric(e: candle_core::Error) -> TrainError {
+    TrainError::Numeric {
+        what: e.to_string(),
+    }
+}
+
+/// The tensors of the student and optimizer state, by name.
+fn named_tensors(student: &Student, state: &RouterState) -> HashMap<String, Tensor> {
+    let mut map = HashMap::new();
+    for (l, layer) in student.layers.iter().enumerate() {
+        for (i, var) in layer.ssm.iter().enumerate() {
+            map.insert(format!("ssm.{l}.{i}"), var.as_tensor().clone());
+        }
+        map.insert(format!("gate.{l}"), layer.gate_logit.as_tensor().clone());
+    }
+    for (name, opt) in [("ssm_opt", &state.ssm_opt), ("gate_opt", &state.gate_opt)] {
+        for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
+            map.insert(format!("{name}.m.{i}"), m.clone());
+            map.insert(format!("{name}.v.{i}"), v.clone());
+        }
+    }
+    map
+}
+
+/// The checkpoint folders in `dir`, oldest first.
+pub fn list(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step_") && !n.ends_with(".tmp"))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Writes the checkpoint of `state` into `dir/step_NNNNNN` and deletes all but the last
+/// `keep_last`.
+pub fn save(
+    dir: &Path,
+    config: &TrainConfig,
+    student: &Student,
+    state: &RouterState,
+    keep_last: usize,
+) -> Result<PathBuf, TrainError> {
+    std::fs::create_dir_all(dir).map_err(|e| io_error(dir, "creating", e))?;
+    let final_dir = dir.join(format!("step_{:06}", state.step));
+    let tmp = dir.join(format!("step_{:06}.tmp", state.step));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| io_error(&tmp, "creating", e))?;
+    candle_core::safetensors::save(
+        &named_tensors(student, state),
+        tmp.join("state.safetensors"),
+    )
+    .map_err(|e| io_error(&tmp, "writing state.safetensors", e))?;
+    let meta = CheckpointMeta {
+        fingerprint: fingerprint(config),
+        step: state.step,
+        lambda: state.lambda,
+        rng: state.rng,
+        costs: state
+            .costs
+            .iter()
+            .map(|c| c.is_finite().then_some(*c))
+            .collect(),
+        ssm_opt_t: state.ssm_opt.t,
+        gate_opt_t: state.gate_opt.t,
+    };
+    std::fs::write(
+        tmp.join("state.json"),
+        serde_json::to_string_pretty(&meta).expect("plain struct"),
+    )
+    .map_err(|e| io_error(&tmp, "writing state.json", e))?;
+    let _ = std::fs::remove_dir_all(&final_dir);
+    std::fs::rename(&tmp, &final_dir).map_err(|e| io_error(&final_dir, "renaming", e))?;
+    let all = list(dir);
+    for old in &all[..all.len().saturating_sub(keep_last.max(1))] {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok(final_dir)
+}
+
+/// Restores the newest checkpoint in `dir` into `student` and `state`; `Ok(None)` when
+/// there is none. A checkpoint made under another configuration is an error.
+pub fn restore(
+    dir: &Path,
+    config: &TrainConfig,
+    student: &Student,
+    state: &mut RouterState,
+) -> Result<Option<usize>, TrainError> {
+    let Some(newest) = list(dir).pop() else {
+        return Ok(None);
+    };
+    let meta_path = newest.join("state.json");
+    let text =
+        std::fs::read_to_string(&meta_path).map_err(|e| io_error(&meta_path, "reading", e))?;
+    let meta: CheckpointMeta =
+        serde_json::from_str(&text).map_err(|e| io_error(&meta_path, "parsing", e))?;
+    let expected = fingerprint(config);
+    if meta.fingerprint != expected {
+        return Err(TrainError::Config {
+            file: newest.display().to_string(),
+            what: format!(
+                "was written under another configuration (fingerprint {}, this config {expected}); \
+                 resume with the config it was made with, or use a fresh --output-dir",
+                meta.fingerprint
+            ),
+        });
+    }
+    let tensors_path = newest.join("state.safetensors");
+    let tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu)
+        .map_err(|e| io_error(&tensors_path, "reading", e))?;
+    let get = |name: &str| -> Result<&Tensor, TrainError> {
+        tensors.get(name).ok_or_else(|| TrainError::Io {
+            path: tensors_path.display().to_string(),
+            what: format!("tensor '{name}' is missing"),
+        })
+    };
+    for (l, layer) in student.layers.iter().enumerate() {
+        for (i, var) in layer.ssm.iter().enumerate() {
+            var.set(get(&format!("ssm.{l}.{i}"))?).map_err(numeric)?;
+        }
+        layer
+            .gate_logit
+            .set(get(&format!("gate.{l}"))?)
+            .map_err(numeric)?;
+    }
+    for (name, opt) in [
+        ("ssm_opt", &mut state.ssm_opt),
+        ("gate_opt", &mut state.gate_opt),
+    ] {
+        for i in 0..opt.m.len() {
+            opt.m[i] = get(&format!("{name}.m.{i}"))?.clone();
+            opt.v[i] = get(&format!("{name}.v.{i}"))?.clone();
+        }
+    }
+    state.ssm_opt.t = meta.ssm_opt_t;
+    state.gate_opt.t = meta.gate_opt_t;
+    state.step = meta.step;
+    state.lambda = meta.lambda;
+    state.rng = meta.rng;
+    state.costs = meta.costs.iter().map(|c| c.unwrap_or(f64::NAN)).collect();
+    Ok(Some(meta.step))
+}

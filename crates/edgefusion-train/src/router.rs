@@ -1,0 +1,303 @@
+//! Stage 3: router training. The student mixes attention and SSM in every layer by
+//! `g = σ(a/τ)`; the loss is the KL divergence to the teacher's cached top-k distribution
+//! plus `λ · Σ(1 − g)`, the L1 norm of the attention gates. τ anneals geometrically from
+//! `tau_start` to `tau_end`, which hardens the gates.
+//!
+//! With a target SSM share, λ is the Lagrange multiplier of the constraint
+//! `mean g = target`, set from the KKT condition instead of swept: each step's backward
+//! pass gives every layer's marginal cost `c_l = ∂KL/∂g_l` (nats per token for moving the
+//! layer toward SSM); the penalty pushes gate `l` toward SSM exactly when `λ > c_l`, so the
+//! multiplier that sends the `target` share of layers to SSM lies between the
+//! `round(target·n)`-th and the next smallest cost. The costs are averaged over steps
+//! (rate `dual_lr`), which makes this dual ascent with a step that knows the scale of the
+//! costs: a plain `λ += η·(target − share)` lags the gates, winds up and overshoots in the
+//! few dozen steps a CPU affords (measured on SmolLM2: 0.93 SSM share for a 0.68 target).
+
+use candle_core::{Device, Tensor};
+
+use crate::optim::{clip_grad_norm, warmup_cosine, AdamW};
+use crate::student::{gate_entropy_bits, top_k_kl, Route, Student};
+use crate::TrainError;
+
+/// How the router is trained.
+#[derive(Debug, Clone)]
+pub struct RouterOptions {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    /// Learning rate of the SSMs (0 freezes them).
+    pub lr: f64,
+    /// Learning rate of the gate logits.
+    pub gate_lr: f64,
+    pub betas: [f64; 2],
+    pub weight_decay: f64,
+    pub warmup_steps: usize,
+    pub grad_clip: f64,
+    pub tau_start: f64,
+    pub tau_end: f64,
+    /// Target SSM share (dual ascent) or, without it, the fixed `lambda`.
+    pub target: Option<f64>,
+    pub lambda: f64,
+    pub dual_lr: f64,
+    pub seed: u64,
+}
+
+/// One logged step.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RouterStep {
+    pub step: usize,
+    pub kl: f64,
+    pub loss: f64,
+    pub lambda: f64,
+    pub tau: f64,
+    /// Share of layers whose gate is above ½.
+    pub ssm_frac: f64,
+    /// Mean gate `g`.
+    pub mean_gate: f64,
+    pub gate_entropy_bits: f64,
+    pub lr: f64,
+    pub tokens_per_s: f64,
+    pub gates: Vec<f64>,
+}
+
+/// The teacher's targets for stage 3 (see `teacher::read_targets`).
+#[derive(Debug, Clone)]
+pub struct Targets {
+    pub tokens: Vec<u32>,
+    pub idx: Vec<u32>,
+    pub vals: Vec<f32>,
+    pub top_k: usize,
+    pub seq_len: usize,
+}
+
+impl Targets {
+    pub fn n_windows(&self) -> usize {
+        self.tokens.len() / self.seq_len
+    }
+}
+
+/// Mutable state of a router run, everything a resume needs besides the student.
+#[derive(Debug)]
+pub struct RouterState {
+    pub step: usize,
+    pub lambda: f64,
+    /// Running average of each layer's marginal KL cost `∂KL/∂g` (target mode).
+    pub costs: Vec<f64>,
+    pub rng: u64,
+    pub ssm_opt: AdamW,
+    pub gate_opt: AdamW,
+}
+
+impl RouterState {
+    pub fn new(student: &Student, opts: &RouterOptions) -> candle_core::Result<Self> {
+        Ok(Self {
+            step: 0,
+            lambda: if opts.target.is_some() {
+                0.0
+            } else {
+                opts.lambda
+            },
+            costs: Vec::new(),
+            rng: opts.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+            ssm_opt: AdamW::new(student.ssm_vars(), opts.betas, opts.weight_decay)?,
+            gate_opt: AdamW::new(student.gate_vars(), opts.betas, 0.0)?,
+        })
+    }
+}
+
+/// τ at `step` of `steps`.
+pub fn tau_at(step: usize, steps: usize, start: f64, end: f64) -> f64 {
+    if steps <= 1 {
+        return end;
+    }
+    start * (end / start).powf(step as f64 / (steps - 1) as f64)
+}
+
+fn numeric(e: candle_core::Error) -> TrainError {
+    TrainError::Numeric {
+        what: e.to_string(),
+    }
+}
+
+/// Runs one optimizer step (the state advances by one) and returns its record. A step
+/// whose loss is not finite changes no weight and is returned with `loss` NaN.
+pub fn router_step(
+    student: &Student,
+    state: &mut RouterState,
+    targets: &Targets,
+    opts: &RouterOptions,
+) -> Result<RouterStep, TrainError> {
+    let start = std::time::Instant::now();
+    let tau = tau_at(state.step, opts.steps, opts.tau_start, opts.tau_end);
+    let (l, k) = (targets.seq_len, targets.top_k);
+    let dev = Device::Cpu;
+    let batch = opts.batch_size.max(1);
+    let lambda = state.lambda;
+    // Windows are back-propagated one at a time and their gradients summed, so that the
+    // graph of one window (not of the batch) is alive at once.
+    let vars: Vec<candle_core::Var> = student
+        .ssm_vars()
+        .into_iter()
+        .chain(student.gate_vars())
+        .collect();
+    let mut summed: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let mut grads = None;
+    let (mut kl_value, mut loss_value) = (0.0f64, 0.0f64);
+    let mut gate_values = Vec::new();
+    for b in 0..batch {
+        state.rng ^= state.rng << 13;
+        state.rng ^= state.rng >> 7;
+        state.rng ^= state.rng << 17;
+        let w = (state.rng % targets.n_windows() as u64) as usize;
+        let tokens = &targets.tokens[w * l..(w + 1) * l];
+        let idx = Tensor::from_slice(&targets.idx[w * l * k..(w + 1) * l * k], (l, k), &dev)
+            .map_err(numeric)?;
+        let vals = Tensor::from_slice(&targets.vals[w * l * k..(w + 1) * l * k], (l, k), &dev)
+            .map_err(numeric)?;
+        let (logits, shares) = student
+            .forward(tokens, Route::Soft { tau })
+            .map_err(numeric)?;
+        let kl =
+            (top_k_kl(&logits, &idx, &vals).map_err(numeric)? / batch as f64).map_err(numeric)?;
+        let mut loss = kl.clone();
+        if b == 0 {
+            // L1 on the attention gates: Σ(1 − g), so that λ weighs each layer's choice
+            // against that layer's cost in KL (nats per token) whatever the depth. The
+            // gates do not depend on the input: counted once per step.
+            let gates = Tensor::cat(&shares, 0).map_err(numeric)?;
+            let attention_weight = gates
+                .affine(-1.0, 1.0)
+                .and_then(|t| t.sum_all())
+                .map_err(numeric)?;
+            loss = (&loss + (attention_weight * lambda).map_err(numeric)?).map_err(numeric)?;
+            gate_values = gates
+                .to_vec1::<f32>()
+                .map_err(numeric)?
+                .into_iter()
+                .map(f64::from)
+                .collect();
+        }
+        kl_value += kl.to_scalar::<f32>().map_err(numeric)? as f64;
+        let value = loss.to_scalar::<f32>().map_err(numeric)? as f64;
+        loss_value += value;
+        if !value.is_finite() {
+            break;
+        }
+        let window_grads = loss.backward().map_err(numeric)?;
+        for (sum, var) in summed.iter_mut().zip(&vars) {
+            if let Some(g) = window_grads.get(var.as_tensor()) {
+                let g = g.detach();
+                *sum = Some(match sum.take() {
+                    None => g,
+                    Some(acc) => (acc + g).map_err(numeric)?,
+                });
+            }
+        }
+        grads = Some(window_grads);
+    }
+    let n = gate_values.len() as f64;
+    let lr = warmup_cosine(state.step, opts.warmup_steps, opts.steps, opts.lr);
+    // The gates keep their full rate after the warmup: they must travel far enough for
+    // σ(a/τ) to saturate by the end, which a decayed rate does not allow.
+    let gate_lr =
+        opts.gate_lr * ((state.step + 1) as f64 / opts.warmup_steps.max(1) as f64).min(1.0);
+    if let (true, Some(mut grads)) = (loss_value.is_finite(), grads) {
+        for (sum, var) in summed.into_iter().zip(&vars) {
+            if let Some(sum) = sum {
+                grads.insert(var.as_tensor(), sum);
+            }
+        }
+        if let Some(target) = opts.target {
+            update_multiplier(
+                state,
+                &grads,
+                &gate_values,
+                tau,
+                target,
+                opts.dual_lr,
+                &student.gate_vars(),
+            )?;
+        }
+        clip_grad_norm(&mut grads, &state.ssm_opt.vars.clone(), opts.grad_clip).map_err(numeric)?;
+        if opts.lr > 0.0 {
+            state.ssm_opt.step(&grads, lr).map_err(numeric)?;
+        }
+        state.gate_opt.step(&grads, gate_lr).map_err(numeric)?;
+    }
+    let mean_gate = gate_values.iter().sum::<f64>() / n;
+    state.step += 1;
+    let hard = gate_values.iter().filter(|&&g| g > 0.5).count() as f64 / n;
+    let as_f32: Vec<f32> = gate_values.iter().map(|&g| g as f32).collect();
+    Ok(RouterStep {
+        step: state.step,
+        kl: kl_value,
+        loss: if loss_value.is_finite() {
+            loss_value
+        } else {
+            f64::NAN
+        },
+        lambda: state.lambda,
+        tau,
+        ssm_frac: hard,
+        mean_gate,
+        gate_entropy_bits: gate_entropy_bits(&as_f32),
+        lr,
+        tokens_per_s: (batch * l) as f64 / start.elapsed().as_secs_f64(),
+        gates: gate_values,
+    })
+}
+
+/// Sets λ from the layers' marginal costs (see the module comment). `grads` hold
+/// `∂(KL + λ·Σ(1 − g))/∂a_l = (c_l − λ)·g(1 − g)/τ`, from which `c_l` is recovered; layers
+/// whose gate is saturated (derivative below 1e-6) keep their previous estimate.
+fn update_multiplier(
+    state: &mut RouterState,
+    grads: &candle_core::backprop::GradStore,
+    gates: &[f64],
+    tau: f64,
+    target: f64,
+    rate: f64,
+    gate_vars: &[candle_core::Var],
+) -> Result<(), TrainError> {
+    let n = gates.len();
+    if state.costs.len() != n {
+        state.costs = vec![f64::NAN; n];
+    }
+    for (l, var) in gate_vars.iter().enumerate() {
+        let Some(grad) = grads.get(var.as_tensor()) else {
+            continue;
+        };
+        let da = grad
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(numeric)?[0] as f64;
+        let slope = gates[l] * (1.0 - gates[l]) / tau;
+        if slope < 1e-6 || !da.is_finite() {
+            continue;
+        }
+        let cost = da / slope + state.lambda;
+        let old = state.costs[l];
+        state.costs[l] = if old.is_finite() {
+            (1.0 - rate) * old + rate * cost
+        } else {
+            cost
+        };
+    }
+    let mut known: Vec<f64> = state
+        .costs
+        .iter()
+        .copied()
+        .filter(|c| c.is_finite())
+        .collect();
+    if known.len() < n {
+        return Ok(());
+    }
+    known.sort_by(f64::total_cmp);
+    let k = ((target * n as f64).round() as usize).min(n);
+    state.lambda = match k {
+        0 => 0.0,
+        k if k == n => known[n - 1].max(0.0) * 1.5 + 1e-3,
+        k => (0.5 * (known[k - 1] + known[k])).max(0.0),
+    };
+    Ok(())
+}

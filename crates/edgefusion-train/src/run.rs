@@ -1,0 +1,540 @@
+//! The stages of `edgefusion train` in order, resumable: each finished piece is written
+//! atomically into the output folder and found again by the next run.
+//!
+//! Output folder:
+//! - `teacher/`: stage 1's cache ([`crate::teacher`]);
+//! - `distill/layerNN.safetensors` and `distill/layerNN.json`: stage 2's SSM of each layer
+//!   and its report;
+//! - `metrics.jsonl`: one JSON object per logged step;
+//! - `hybrid_distill.gguf`: the hybrid with the configured share of layers on SSM, chosen by
+//!   lowest distillation loss (the stand-in for the router until stage 3 runs).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use edgefusion_io::gguf::GgufFile;
+use edgefusion_model::{LayerType, Mixer, Model, ModelConfig};
+
+use crate::distill::{dims_of, distill_layer, from_vars, to_vars, DistillOptions, DistillReport};
+use crate::init::{ssm_from_attention, write_hybrid_with, SsmInitSource, SsmWeights};
+use crate::router::{router_step, RouterOptions, RouterState, RouterStep, Targets};
+use crate::student::Student;
+use crate::teacher::{cache_teacher, existing, read_layer, read_targets, TeacherMeta};
+use crate::{TrainConfig, TrainError};
+
+/// What the stages tell the caller as they go.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Stage 1 found a matching cache and skips.
+    TeacherCached,
+    TeacherProgress {
+        done: usize,
+        total: usize,
+    },
+    /// Stage 2 starts `layer` (or finds it done: `resumed`).
+    LayerStart {
+        layer: usize,
+        resumed: bool,
+    },
+    DistillStep {
+        layer: usize,
+        step: usize,
+        total: usize,
+        loss: f64,
+    },
+    LayerDone(DistillReport),
+    /// Stage 3: one router step.
+    RouterStep(Box<RouterStep>),
+    /// Stage 3 continues from the checkpoint of this step.
+    Resumed {
+        step: usize,
+    },
+    /// Stage 4: quantization progress over matrices.
+    Quantizing {
+        done: usize,
+        total: usize,
+    },
+}
+
+const TEACHER_DIR: &str = "teacher";
+
+/// What stages 1 and 2 produced.
+#[derive(Debug, Clone)]
+pub struct DistillOutcome {
+    pub reports: Vec<DistillReport>,
+    /// Each layer's distilled SSM.
+    pub ssms: Vec<SsmWeights>,
+    pub hybrid: PathBuf,
+    pub layer_types: Vec<LayerType>,
+}
+
+fn io_error(path: &Path, what: &str, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Io {
+        path: path.display().to_string(),
+        what: format!("{what}: {e}"),
+    }
+}
+
+/// Appends one line to `metrics.jsonl`.
+fn log_metrics(out_dir: &Path, line: &serde_json::Value) -> Result<(), TrainError> {
+    let path = out_dir.join("metrics.jsonl");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| io_error(&path, "opening", e))?;
+    writeln!(file, "{line}").map_err(|e| io_error(&path, "writing", e))
+}
+
+/// `path` written through a temporary file and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| io_error(&tmp, "writing", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io_error(path, "renaming", e))
+}
+
+/// The dense model's config with the SSM sizes of the training config.
+pub fn hybrid_config(dense: &ModelConfig, config: &TrainConfig) -> ModelConfig {
+    let mut cfg = dense.clone();
+    cfg.ssm_d_state = config.ssm.d_state;
+    cfg.ssm_d_conv = config.ssm.d_conv;
+    cfg
+}
+
+fn save_layer(
+    dir: &Path,
+    layer: usize,
+    w: &SsmWeights,
+    cfg: &ModelConfig,
+    report: &DistillReport,
+) -> Result<(), TrainError> {
+    let dims = dims_of(cfg);
+    let vars = to_vars(w, &dims).map_err(|e| io_error(dir, "saving", e))?;
+    let names = [
+        "wc", "wb", "wx", "wdt", "dt_bias", "a_log", "d", "wgate", "conv", "wo",
+    ];
+    let map: HashMap<String, Tensor> = names
+        .iter()
+        .zip(&vars)
+        .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
+        .collect();
+    let path = dir.join(format!("layer{layer:02}.safetensors"));
+    let tmp = path.with_extension("tmp");
+    candle_core::safetensors::save(&map, &tmp).map_err(|e| io_error(&tmp, "writing", e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| io_error(&path, "renaming", e))?;
+    let json = serde_json::to_string_pretty(report).expect("plain struct");
+    write_atomic(&dir.join(format!("layer{layer:02}.json")), json.as_bytes())
+}
+
+fn load_layer(dir: &Path, layer: usize) -> Option<(SsmWeights, DistillReport)> {
+    let report: DistillReport = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(format!("layer{layer:02}.json"))).ok()?,
+    )
+    .ok()?;
+    let tensors = candle_core::safetensors::load(
+        dir.join(format!("layer{layer:02}.safetensors")),
+        &Device::Cpu,
+    )
+    .ok()?;
+    let names = [
+        "wc", "wb", "wx", "wdt", "dt_bias", "a_log", "d", "wgate", "conv", "wo",
+    ];
+    let vars = names
+        .iter()
+        .map(|n| candle_core::Var::from_tensor(tensors.get(*n)?).ok())
+        .collect::<Option<Vec<_>>>()?;
+    Some((from_vars(&vars).ok()?, report))
+}
+
+/// Runs stages 1 and 2 on `model` (opened from `gguf`) over `tokens` of the training text,
+/// and writes the hybrid chosen by distillation loss. Finished work in `out_dir` is reused.
+#[allow(clippy::too_many_arguments)]
+pub fn distill_stages(
+    config: &TrainConfig,
+    gguf: &GgufFile,
+    model: &Model<'_>,
+    tokens: &[u32],
+    text_name: &str,
+    out_dir: &Path,
+    threads: usize,
+    events: &mut dyn FnMut(Event),
+) -> Result<DistillOutcome, TrainError> {
+    std::fs::create_dir_all(out_dir).map_err(|e| io_error(out_dir, "creating", e))?;
+    let dense = &model.config;
+    let cfg = hybrid_config(dense, config);
+    let seq_len = config.data.seq_len;
+    let n_tokens = (config.stages.teacher_tokens.min(tokens.len()) / seq_len) * seq_len;
+
+    // Stage 1.
+    let meta = TeacherMeta {
+        model: gguf.path.display().to_string(),
+        text: text_name.to_string(),
+        n_tokens,
+        seq_len,
+        n_layers: dense.n_layers,
+        d_model: dense.d_model,
+        q_dim: dense.q_dim(),
+        top_k: config.stages.teacher_top_k.min(dense.vocab_size),
+    };
+    let teacher_dir = out_dir.join(TEACHER_DIR);
+    if existing(&teacher_dir, &meta).is_some() {
+        events(Event::TeacherCached);
+    } else {
+        cache_teacher(
+            model,
+            tokens,
+            &meta,
+            &teacher_dir,
+            threads,
+            &mut |done, total| events(Event::TeacherProgress { done, total }),
+        )?;
+    }
+
+    // Stage 2.
+    let distill_dir = out_dir.join("distill");
+    std::fs::create_dir_all(&distill_dir).map_err(|e| io_error(&distill_dir, "creating", e))?;
+    let opts = DistillOptions {
+        seq_len,
+        batch_size: config.data.batch_size,
+        epochs: config.stages.distill_epochs,
+        lr: config.optimizer.lr,
+        betas: config.optimizer.betas,
+        weight_decay: config.optimizer.weight_decay,
+        warmup_steps: config.optimizer.warmup_steps,
+        grad_clip: config.optimizer.grad_clip,
+        chunk: 64,
+        seed: config.seed,
+    };
+    let mut trained = HashMap::new();
+    let mut reports = Vec::new();
+    for (layer, block) in model.layers.iter().enumerate() {
+        if let Some((w, report)) = load_layer(&distill_dir, layer) {
+            events(Event::LayerStart {
+                layer,
+                resumed: true,
+            });
+            trained.insert(layer, w);
+            reports.push(report);
+            continue;
+        }
+        events(Event::LayerStart {
+            layer,
+            resumed: false,
+        });
+        let Mixer::Attention(a) = &block.mixer else {
+            return Err(TrainError::Config {
+                file: meta.model.clone(),
+                what: format!("layer {layer} is not attention; the base must be dense"),
+            });
+        };
+        let init = ssm_from_attention(&cfg, &a.wq, &a.wk, &a.wv, &a.wo);
+        let (input, readout) = read_layer(&teacher_dir, &meta, layer)?;
+        let log_every = config.logging.log_every.max(1);
+        let mut metric_error = None;
+        let (w, report) = distill_layer(
+            &cfg,
+            layer,
+            &init,
+            &init.wo,
+            &input,
+            &readout,
+            &opts,
+            &mut |step, total, loss| {
+                events(Event::DistillStep {
+                    layer,
+                    step,
+                    total,
+                    loss,
+                });
+                if step % log_every == 0 || step + 1 == total {
+                    let line = serde_json::json!({
+                        "stage": "distill", "layer": layer, "step": step,
+                        "loss": loss, "total_steps": total,
+                    });
+                    if let Err(e) = log_metrics(out_dir, &line) {
+                        metric_error.get_or_insert(e);
+                    }
+                }
+            },
+        )?;
+        if let Some(e) = metric_error {
+            return Err(e);
+        }
+        save_layer(&distill_dir, layer, &w, &cfg, &report)?;
+        events(Event::LayerDone(report.clone()));
+        trained.insert(layer, w);
+        reports.push(report);
+    }
+
+    // The stand-in router: the layers whose SSM came closest to their attention.
+    let fraction = config.router.target_ssm_fraction.unwrap_or(2.0 / 3.0);
+    let layer_types = layers_by_loss(&reports, fraction);
+    let hybrid = out_dir.join("hybrid_distill.gguf");
+    write_hybrid_with(
+        gguf,
+        model,
+        &layer_types,
+        cfg.ssm_d_state,
+        cfg.ssm_d_conv,
+        SsmInitSource::Trained(&trained),
+        &hybrid,
+    )?;
+    let ssms = (0..model.layers.len())
+        .map(|l| trained[&l].clone())
+        .collect();
+    Ok(DistillOutcome {
+        reports,
+        ssms,
+        hybrid,
+        layer_types,
+    })
+}
+
+/// SSM for the `round(fraction · n)` layers of lowest held-out distillation loss.
+pub fn layers_by_loss(reports: &[DistillReport], fraction: f64) -> Vec<LayerType> {
+    let n = reports.len();
+    let k = ((fraction * n as f64).round() as usize).min(n);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| reports[a].val_loss.total_cmp(&reports[b].val_loss));
+    let mut types = vec![LayerType::Attention; n];
+    for &i in &order[..k] {
+        types[reports[i].layer] = LayerType::Ssm;
+    }
+    types
+}
+
+/// Choices of a run beyond its configuration.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stop after writing `checkpoint_final/`.
+    pub skip_quantization: bool,
+    /// Continue stage 3 from the newest checkpoint in `checkpoints/`.
+    pub resume: bool,
+    /// Write a checkpoint and stop after this router step (tests of resuming).
+    pub stop_after: Option<usize>,
+}
+
+/// What stages 3 and 4 produced.
+#[derive(Debug, Clone)]
+pub struct RouterOutcome {
+    pub steps: Vec<RouterStep>,
+    pub layer_types: Vec<LayerType>,
+    /// `checkpoint_final/model.gguf`: the hardened hybrid.
+    pub final_model: PathBuf,
+    /// `checkpoint_quantized/model.gguf`, unless quantization was skipped.
+    pub quantized: Option<PathBuf>,
+}
+
+/// Stage 3 (router training against the teacher's top-k) and stage 4 (hardening: each
+/// layer keeps the branch its gate chose; then quantization unless `skip_quantization`).
+#[allow(clippy::too_many_arguments)]
+pub fn router_stages(
+    config: &TrainConfig,
+    gguf: &GgufFile,
+    model: &Model<'_>,
+    distilled: &DistillOutcome,
+    out_dir: &Path,
+    threads: usize,
+    run: &RunOptions,
+    events: &mut dyn FnMut(Event),
+) -> Result<RouterOutcome, TrainError> {
+    let numeric = |e: candle_core::Error| TrainError::Numeric {
+        what: e.to_string(),
+    };
+    let cfg = hybrid_config(&model.config, config);
+    let teacher_dir = out_dir.join(TEACHER_DIR);
+    let meta_text = std::fs::read_to_string(teacher_dir.join("meta.json"))
+        .map_err(|e| io_error(&teacher_dir, "reading meta.json", e))?;
+    let meta: TeacherMeta =
+        serde_json::from_str(&meta_text).map_err(|e| io_error(&teacher_dir, "meta.json", e))?;
+    let (tokens, idx, vals) = read_targets(&teacher_dir, &meta)?;
+    let targets = Targets {
+        tokens,
+        idx,
+        vals,
+        top_k: meta.top_k,
+        seq_len: meta.seq_len,
+    };
+    let student = Student::new(model, &cfg, &distilled.ssms, 0.0, meta.seq_len).map_err(numeric)?;
+    let r = &config.router;
+    let opts = RouterOptions {
+        steps: config.stages.router_steps,
+        batch_size: config.data.batch_size,
+        seq_len: meta.seq_len,
+        lr: config.optimizer.lr,
+        gate_lr: r.gate_lr,
+        betas: config.optimizer.betas,
+        weight_decay: config.optimizer.weight_decay,
+        warmup_steps: config.optimizer.warmup_steps,
+        grad_clip: config.optimizer.grad_clip,
+        tau_start: r.tau_start,
+        tau_end: r.tau_end,
+        target: r.target_ssm_fraction,
+        lambda: r.router_sparsity_lambda.unwrap_or(0.0),
+        dual_lr: r.dual_lr,
+        seed: config.seed,
+    };
+    let mut state = RouterState::new(&student, &opts).map_err(numeric)?;
+    let ckpt_dir = out_dir.join("checkpoints");
+    let existing = crate::checkpoint::list(&ckpt_dir);
+    if run.resume {
+        if let Some(step) = crate::checkpoint::restore(&ckpt_dir, config, &student, &mut state)? {
+            events(Event::Resumed { step });
+            drop_metrics_after(out_dir, step)?;
+        }
+    } else if let Some(newest) = existing.last() {
+        return Err(TrainError::Config {
+            file: newest.display().to_string(),
+            what: "a router checkpoint is already here: pass --resume to continue it, or use a fresh --output-dir".into(),
+        });
+    }
+    let mut steps = Vec::new();
+    let mut bad_steps = 0;
+    let log_every = config.logging.log_every.max(1);
+    while state.step < opts.steps {
+        let record = router_step(&student, &mut state, &targets, &opts)?;
+        if record.loss.is_nan() {
+            bad_steps += 1;
+            if bad_steps >= 3 {
+                return Err(TrainError::Numeric {
+                    what: format!("{bad_steps} router steps in a row had a non-finite loss"),
+                });
+            }
+        } else {
+            bad_steps = 0;
+        }
+        if record.step % log_every == 0 || record.step == opts.steps || record.step == 1 {
+            let mut line = serde_json::to_value(&record).expect("plain struct");
+            line["stage"] = serde_json::json!("router");
+            log_metrics(out_dir, &line)?;
+        }
+        events(Event::RouterStep(Box::new(record.clone())));
+        steps.push(record);
+        let every = config.checkpointing.every.max(1);
+        let stop = run.stop_after == Some(state.step);
+        if state.step % every == 0 || stop {
+            crate::checkpoint::save(
+                &ckpt_dir,
+                config,
+                &student,
+                &state,
+                config.checkpointing.keep_last,
+            )?;
+        }
+        if stop {
+            return Err(TrainError::Stopped { step: state.step });
+        }
+    }
+
+    // Stage 4: harden.
+    let last = steps.last();
+    let layer_types: Vec<LayerType> = match last {
+        Some(s) => s
+            .gates
+            .iter()
+            .map(|&g| {
+                if g > 0.5 {
+                    LayerType::Ssm
+                } else {
+                    LayerType::Attention
+                }
+            })
+            .collect(),
+        None => distilled.layer_types.clone(),
+    };
+    let mut trained = HashMap::new();
+    for (l, layer) in student.layers.iter().enumerate() {
+        trained.insert(l, from_vars(&layer.ssm).map_err(numeric)?);
+    }
+    let final_dir = out_dir.join("checkpoint_final");
+    std::fs::create_dir_all(&final_dir).map_err(|e| io_error(&final_dir, "creating", e))?;
+    let final_model = final_dir.join("model.gguf");
+    write_hybrid_with(
+        gguf,
+        model,
+        &layer_types,
+        cfg.ssm_d_state,
+        cfg.ssm_d_conv,
+        SsmInitSource::Trained(&trained),
+        &final_model,
+    )?;
+    let summary = serde_json::json!({
+        "layer_types": layer_types.iter().map(|t| t.name()).collect::<Vec<_>>(),
+        "gates": last.map(|s| s.gates.clone()),
+        "ssm_frac": layer_types.iter().filter(|t| **t == LayerType::Ssm).count() as f64 / layer_types.len() as f64,
+        "lambda": state.lambda,
+        "steps": state.step,
+    });
+    write_atomic(
+        &final_dir.join("router.json"),
+        serde_json::to_string_pretty(&summary)
+            .expect("json")
+            .as_bytes(),
+    )?;
+
+    let quantized = if run.skip_quantization {
+        None
+    } else {
+        let q = &config.quantization;
+        let quant_dir = out_dir.join("checkpoint_quantized");
+        std::fs::create_dir_all(&quant_dir).map_err(|e| io_error(&quant_dir, "creating", e))?;
+        let output = quant_dir.join("model.gguf");
+        let calibration = match &q.calib {
+            None => None,
+            Some(path) => Some(edgefusion_quant::pipeline::Calibration {
+                name: path.display().to_string(),
+                text: std::fs::read_to_string(path).map_err(|e| io_error(path, "reading", e))?,
+                n_tokens: q.calib_tokens,
+                ctx: 512,
+                threads,
+                seed: config.seed,
+            }),
+        };
+        let opts = edgefusion_quant::pipeline::QuantizeOptions {
+            method: edgefusion_quant::pipeline::Method::Efq,
+            bpw: q.bpw,
+            bits: 4,
+            outliers: q.outliers,
+            sensitivity: calibration.is_some(),
+            calibration,
+            act_order: false,
+            embedding_bits: q.embedding_bits,
+        };
+        let source = edgefusion_io::ModelSource::open(&final_model)
+            .map_err(|e| io_error(&final_model, "opening", e))?;
+        edgefusion_quant::pipeline::quantize(&source, &output, &opts, &mut |done, total, _| {
+            events(Event::Quantizing { done, total })
+        })
+        .map_err(|e| io_error(&output, "quantizing", e))?;
+        Some(output)
+    };
+    Ok(RouterOutcome {
+        steps,
+        layer_types,
+        final_model,
+        quantized,
+    })
+}
+
+/// Removes the router lines after `step` from `metrics.jsonl` (written by a run that went
+/// on past its last checkpoint), so that a resumed run's log reads as one run.
+fn drop_metrics_after(out_dir: &Path, step: usize) -> Result<(), TrainError> {
+    let path = out_dir.join("metrics.jsonl");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+            !(v["stage"] == "router" && v["step"].as_u64().is_some_and(|s| s as usize > step))
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    write_atomic(&path, out.as_bytes())
+}

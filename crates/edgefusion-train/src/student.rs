@@ -1,0 +1,309 @@
+//! The routed student on candle for stage 3: every layer carries its attention block and
+//! its SSM side by side, mixed by a learned gate `g = σ(a/τ)`:
+//! `x ← x + g·SSM(norm x) + (1 − g)·Attn(norm x)`, then the feed-forward block.
+//!
+//! The dense weights are constants (frozen base); the SSMs and the gate logits are the
+//! variables. A layer can also be pinned to one branch (hardened), which is how the
+//! hybrid is evaluated once the gates have chosen.
+
+use candle_core::{Device, IndexOp, Result, Tensor, Var};
+use edgefusion_model::{LayerType, Linear, Mixer, Model, ModelConfig, RopeStyle};
+
+use crate::distill::{dims_of, tensors_of, to_vars};
+use crate::init::SsmWeights;
+use crate::ssm::{forward_chunked, SsmDims};
+
+/// One layer of the student.
+#[derive(Debug)]
+pub struct StudentLayer {
+    /// (d)
+    pub attn_norm: Tensor,
+    pub ffn_norm: Tensor,
+    /// (q_dim, d), (kv_dim, d), (kv_dim, d), (d, q_dim)
+    pub wq: Tensor,
+    pub wk: Tensor,
+    pub wv: Tensor,
+    pub wo: Tensor,
+    /// (d_ff, d), (d_ff, d), (d, d_ff)
+    pub ffn_gate: Tensor,
+    pub ffn_up: Tensor,
+    pub ffn_down: Tensor,
+    /// The SSM's variables, in [`to_vars`] order.
+    pub ssm: Vec<Var>,
+    /// (1): the gate's logit `a`; `σ(a/τ)` is the SSM's share.
+    pub gate_logit: Var,
+}
+
+/// How a layer mixes its two branches in a forward pass.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Route {
+    /// `g·SSM + (1 − g)·Attn` with `g = σ(a/τ)`.
+    Soft { tau: f64 },
+    /// Only the branch of each layer's type.
+    Hard,
+}
+
+/// The routed student.
+#[derive(Debug)]
+pub struct Student {
+    pub cfg: ModelConfig,
+    pub dims: SsmDims,
+    /// (vocab, d)
+    pub embd: Tensor,
+    /// (vocab, d): the output head (the embedding when tied).
+    pub head: Tensor,
+    /// (d)
+    pub out_norm: Tensor,
+    pub layers: Vec<StudentLayer>,
+    /// Branch of each layer for [`Route::Hard`].
+    pub layer_types: Vec<LayerType>,
+    /// (max_len, rope_dim / 2)
+    cos: Tensor,
+    sin: Tensor,
+}
+
+fn matrix(w: &Linear<'_>, device: &Device) -> Result<Tensor> {
+    let mut out = vec![0.0f32; w.n_out * w.n_in];
+    for (r, row) in out.chunks_mut(w.n_in).enumerate() {
+        w.dequantize_row_into(r, row);
+    }
+    Tensor::from_vec(out, (w.n_out, w.n_in), device)
+}
+
+fn vector(v: &[f32], device: &Device) -> Result<Tensor> {
+    Tensor::from_slice(v, v.len(), device)
+}
+
+impl Student {
+    /// The dense `model` (attention everywhere) with the SSMs `ssms` (one per layer) and
+    /// every gate logit at `gate_init`. `cfg` carries the SSM sizes; `max_len` bounds the
+    /// sequence length.
+    pub fn new(
+        model: &Model<'_>,
+        cfg: &ModelConfig,
+        ssms: &[SsmWeights],
+        gate_init: f32,
+        max_len: usize,
+    ) -> Result<Self> {
+        let dev = Device::Cpu;
+        let dims = dims_of(cfg);
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for (l, layer) in model.layers.iter().enumerate() {
+            let Mixer::Attention(a) = &layer.mixer else {
+                candle_core::bail!("layer {l} of the base model is not attention")
+            };
+            layers.push(StudentLayer {
+                attn_norm: vector(&layer.attn_norm, &dev)?,
+                ffn_norm: vector(&layer.ffn_norm, &dev)?,
+                wq: matrix(&a.wq, &dev)?,
+                wk: matrix(&a.wk, &dev)?,
+                wv: matrix(&a.wv, &dev)?,
+                wo: matrix(&a.wo, &dev)?,
+                ffn_gate: matrix(&layer.ffn.gate, &dev)?,
+                ffn_up: matrix(&layer.ffn.up, &dev)?,
+                ffn_down: matrix(&layer.ffn.down, &dev)?,
+                ssm: to_vars(&ssms[l], &dims)?,
+                gate_logit: Var::from_slice(&[gate_init], 1, &dev)?,
+            });
+        }
+        let embd = matrix(&model.token_embd, &dev)?;
+        let head = match &model.output {
+            Some(w) => matrix(w, &dev)?,
+            None => embd.clone(),
+        };
+        let half = cfg.rope_dim / 2;
+        let mut cos = Vec::with_capacity(max_len * half);
+        let mut sin = Vec::with_capacity(max_len * half);
+        for pos in 0..max_len {
+            for i in 0..half {
+                let freq = (cfg.rope_base as f64).powf(-2.0 * i as f64 / cfg.rope_dim as f64);
+                let angle = pos as f64 * freq;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        if !matches!(cfg.rope_scaling, edgefusion_model::RopeScaling::None) {
+            candle_core::bail!("RoPE scaling is not supported in training yet");
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            dims,
+            embd,
+            head,
+            out_norm: vector(&model.output_norm, &dev)?,
+            layers,
+            layer_types: vec![LayerType::Attention; model.layers.len()],
+            cos: Tensor::from_vec(cos, (max_len, half), &dev)?,
+            sin: Tensor::from_vec(sin, (max_len, half), &dev)?,
+        })
+    }
+
+    /// Every trainable variable: the SSMs', then the gate logits.
+    pub fn ssm_vars(&self) -> Vec<Var> {
+        self.layers
+            .iter()
+            .flat_map(|l| l.ssm.iter().cloned())
+            .collect()
+    }
+
+    pub fn gate_vars(&self) -> Vec<Var> {
+        self.layers.iter().map(|l| l.gate_logit.clone()).collect()
+    }
+
+    /// The gate logits as floats.
+    pub fn gate_logits(&self) -> Result<Vec<f32>> {
+        self.layers
+            .iter()
+            .map(|l| l.gate_logit.as_tensor().i(0)?.to_scalar::<f32>())
+            .collect()
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(1)?;
+        x.broadcast_div(&(ms + self.cfg.rms_eps as f64)?.sqrt()?)?
+            .broadcast_mul(w)
+    }
+
+    /// RoPE on `x (T, heads, head_dim)` at positions 0..T.
+    fn rope(&self, x: &Tensor) -> Result<Tensor> {
+        let (t, heads, p) = x.dims3()?;
+        let half = self.cfg.rope_dim / 2;
+        let cos = self.cos.narrow(0, 0, t)?.reshape((t, 1, half))?;
+        let sin = self.sin.narrow(0, 0, t)?.reshape((t, 1, half))?;
+        let rot = |x0: &Tensor, x1: &Tensor| -> Result<(Tensor, Tensor)> {
+            let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+            let r1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+            Ok((r0, r1))
+        };
+        let rotated = match self.cfg.rope_style {
+            RopeStyle::Normal => {
+                let pairs = x.narrow(2, 0, 2 * half)?.reshape((t, heads, half, 2))?;
+                let (x0, x1) = (pairs.i((.., .., .., 0))?, pairs.i((.., .., .., 1))?);
+                let (r0, r1) = rot(&x0, &x1)?;
+                Tensor::stack(&[r0, r1], 3)?.reshape((t, heads, 2 * half))?
+            }
+            RopeStyle::NeoX => {
+                let (x0, x1) = (x.narrow(2, 0, half)?, x.narrow(2, half, half)?);
+                let (r0, r1) = rot(&x0, &x1)?;
+                Tensor::cat(&[r0, r1], 2)?
+            }
+        };
+        if 2 * half == p {
+            Ok(rotated)
+        } else {
+            Tensor::cat(&[rotated, x.narrow(2, 2 * half, p - 2 * half)?], 2)
+        }
+    }
+
+    /// Causal grouped-query attention of `h (T, d)` → (T, d).
+    fn attention(&self, layer: &StudentLayer, h: &Tensor) -> Result<Tensor> {
+        let (t, _) = h.dims2()?;
+        let cfg = &self.cfg;
+        let (nh, ng, p) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let q = self.rope(&h.matmul(&layer.wq.t()?)?.reshape((t, nh, p))?)?;
+        let k = self.rope(&h.matmul(&layer.wk.t()?)?.reshape((t, ng, p))?)?;
+        let v = h.matmul(&layer.wv.t()?)?.reshape((t, ng, p))?;
+        let g = nh / ng;
+        // (G, g·T, P) against (G, P, T): heads of a group share their K and V.
+        let q = q
+            .reshape((t, ng, g, p))?
+            .permute((1, 2, 0, 3))?
+            .reshape((ng, g * t, p))?;
+        let k = k.transpose(0, 1)?.contiguous()?;
+        let v = v.transpose(0, 1)?.contiguous()?;
+        let scores = (q.matmul(&k.transpose(1, 2)?.contiguous()?)? / (p as f64).sqrt())?
+            .reshape((ng, g, t, t))?;
+        let mask: Vec<f32> = (0..t * t)
+            .map(|i| {
+                if i % t <= i / t {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), h.device())?;
+        let scores = scores.broadcast_add(&mask)?;
+        let max = scores.max_keepdim(3)?;
+        let e = scores.broadcast_sub(&max)?.exp()?;
+        let probs = e.broadcast_div(&e.sum_keepdim(3)?)?;
+        let out = probs
+            .reshape((ng, g * t, t))?
+            .matmul(&v)? // (G, g·T, P)
+            .reshape((ng, g, t, p))?
+            .permute((2, 0, 1, 3))?
+            .reshape((t, nh * p))?;
+        out.matmul(&layer.wo.t()?)
+    }
+
+    fn ffn(&self, layer: &StudentLayer, h: &Tensor) -> Result<Tensor> {
+        let gate = h.matmul(&layer.ffn_gate.t()?)?.silu()?;
+        let up = h.matmul(&layer.ffn_up.t()?)?;
+        (gate * up)?.matmul(&layer.ffn_down.t()?)
+    }
+
+    /// Logits `(T, vocab)` of one sequence, and each layer's SSM share `g` (1 or 0 when
+    /// hard).
+    pub fn forward(&self, tokens: &[u32], route: Route) -> Result<(Tensor, Vec<Tensor>)> {
+        let dev = self.embd.device();
+        let ids = Tensor::from_slice(tokens, tokens.len(), dev)?;
+        let mut x = self.embd.index_select(&ids, 0)?;
+        let mut shares = Vec::with_capacity(self.layers.len());
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(&x, &layer.attn_norm)?;
+            let mixed = match route {
+                Route::Soft { tau } => {
+                    let g = (layer.gate_logit.as_tensor() / tau)?
+                        .neg()?
+                        .exp()?
+                        .affine(1.0, 1.0)?
+                        .recip()?;
+                    let ssm = forward_chunked(&tensors_of(&layer.ssm), &self.dims, &h, 64)?;
+                    let attn = self.attention(layer, &h)?;
+                    let mixed =
+                        (ssm.broadcast_mul(&g)? + attn.broadcast_mul(&g.affine(-1.0, 1.0)?)?)?;
+                    shares.push(g);
+                    mixed
+                }
+                Route::Hard => {
+                    let ssm = self.layer_types[l] == LayerType::Ssm;
+                    shares.push(Tensor::new(&[if ssm { 1.0f32 } else { 0.0 }], dev)?);
+                    if ssm {
+                        forward_chunked(&tensors_of(&layer.ssm), &self.dims, &h, 64)?
+                    } else {
+                        self.attention(layer, &h)?
+                    }
+                }
+            };
+            x = (x + mixed)?;
+            let h = self.rms_norm(&x, &layer.ffn_norm)?;
+            x = (&x + self.ffn(layer, &h)?)?;
+        }
+        let h = self.rms_norm(&x, &self.out_norm)?;
+        Ok((h.matmul(&self.head.t()?)?, shares))
+    }
+}
+
+/// KL(teacher ‖ student) per position, averaged: the teacher's distribution is its top-k
+/// logits renormalised (`teacher_idx (T, k)` u32, `teacher_logits (T, k)`), the student's is
+/// its full softmax over `logits (T, vocab)`.
+pub fn top_k_kl(logits: &Tensor, teacher_idx: &Tensor, teacher_logits: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(1)?;
+    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + &max)?;
+    let log_q = logits.gather(teacher_idx, 1)?.broadcast_sub(&lse)?;
+    let tmax = teacher_logits.max_keepdim(1)?;
+    let shifted = teacher_logits.broadcast_sub(&tmax)?;
+    let log_p = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(1)?.log()?)?;
+    (log_p.exp()? * (log_p - log_q)?)?
+        .sum_keepdim(1)?
+        .mean_all()
+}
+
+/// Mean entropy in bits of the gates `g` (each a 1-element tensor).
+pub fn gate_entropy_bits(shares: &[f32]) -> f64 {
+    let h = |g: f64| {
+        let g = g.clamp(1e-12, 1.0 - 1e-12);
+        -(g * g.log2() + (1.0 - g) * (1.0 - g).log2())
+    };
+    shares.iter().map(|&g| h(g as f64)).sum::<f64>() / shares.len().max(1) as f64
+}
