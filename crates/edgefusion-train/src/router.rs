@@ -58,6 +58,9 @@ pub struct RouterStep {
     pub lr: f64,
     pub tokens_per_s: f64,
     pub gates: Vec<f64>,
+    /// Each layer's averaged marginal KL cost `∂KL/∂g` (target mode; `None` before the
+    /// first estimate).
+    pub costs: Vec<Option<f64>>,
 }
 
 /// The teacher's targets for stage 3 (see `teacher::read_targets`).
@@ -244,6 +247,11 @@ pub fn router_step(
         lr,
         tokens_per_s: (batch * l) as f64 / start.elapsed().as_secs_f64(),
         gates: gate_values,
+        costs: state
+            .costs
+            .iter()
+            .map(|c| c.is_finite().then_some(*c))
+            .collect(),
     })
 }
 

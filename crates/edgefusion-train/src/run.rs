@@ -431,17 +431,7 @@ pub fn router_stages(
     // Stage 4: harden.
     let last = steps.last();
     let layer_types: Vec<LayerType> = match last {
-        Some(s) => s
-            .gates
-            .iter()
-            .map(|&g| {
-                if g > 0.5 {
-                    LayerType::Ssm
-                } else {
-                    LayerType::Attention
-                }
-            })
-            .collect(),
+        Some(s) => harden(&s.gates, r.target_ssm_fraction),
         None => distilled.layer_types.clone(),
     };
     let mut trained = HashMap::new();
@@ -537,4 +527,50 @@ fn drop_metrics_after(out_dir: &Path, step: usize) -> Result<(), TrainError> {
         out.push('\n');
     }
     write_atomic(&path, out.as_bytes())
+}
+
+/// Each layer's branch from its final gate. With a target share the gates are projected
+/// onto it: the `round(target·n)` layers with the largest gates take SSM, the binary choice
+/// nearest to the gates among those meeting the constraint. With a fixed λ each gate
+/// decides alone (`g > ½`).
+pub fn harden(gates: &[f64], target: Option<f64>) -> Vec<LayerType> {
+    let n = gates.len();
+    match target {
+        Some(target) => {
+            let k = ((target * n as f64).round() as usize).min(n);
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| gates[b].total_cmp(&gates[a]));
+            let mut types = vec![LayerType::Attention; n];
+            for &l in &order[..k] {
+                types[l] = LayerType::Ssm;
+            }
+            types
+        }
+        None => gates
+            .iter()
+            .map(|&g| {
+                if g > 0.5 {
+                    LayerType::Ssm
+                } else {
+                    LayerType::Attention
+                }
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hardening_projects_onto_the_target_share() {
+        let gates = [0.9, 0.2, 0.7, 0.6, 0.55];
+        let ssm = |t: &[LayerType]| t.iter().filter(|&&x| x == LayerType::Ssm).count();
+        let types = harden(&gates, Some(0.4));
+        assert_eq!(ssm(&types), 2);
+        assert_eq!(types[0], LayerType::Ssm);
+        assert_eq!(types[2], LayerType::Ssm);
+        assert_eq!(ssm(&harden(&gates, None)), 4);
+    }
 }
