@@ -67,22 +67,6 @@ pub fn load_tokenizer(source: &ModelSource) -> Result<Tokenizer> {
     }
 }
 
-/// The chat template of the model, if it declares one.
-pub fn chat_template(source: &ModelSource) -> Option<String> {
-    match source {
-        ModelSource::Gguf(gguf) => gguf
-            .get_str("tokenizer.chat_template")
-            .ok()
-            .map(str::to_string),
-        ModelSource::HfDir(dir) => {
-            let cfg_path = dir.dir.join("tokenizer_config.json");
-            let text = std::fs::read_to_string(cfg_path).ok()?;
-            let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-            json.get("chat_template")?.as_str().map(str::to_string)
-        }
-    }
-}
-
 /// Thread count from the flag, or the machine's physical cores.
 pub fn threads(flag: Option<usize>) -> Result<usize> {
     match flag {

@@ -76,7 +76,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
 
     let text = if args.chat {
-        let template = common::chat_template(&source);
+        let template = tokenizer.chat_template().map(str::to_string);
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
             messages.push(ChatMessage {

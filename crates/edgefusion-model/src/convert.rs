@@ -4,9 +4,8 @@
 //! - Metadata: the architecture's keys from [`ModelConfig::gguf_metadata`].
 //! - Tokenizer: `tokenizer.json` verbatim under GGUF's `tokenizer.huggingface.json`, with
 //!   `tokenizer_config.json` and `generation_config.json` (BOS/EOS, `add_bos_token`, end
-//!   ids) under [`TOKENIZER_CONFIG_KEY`] and [`GENERATION_CONFIG_KEY`], and the chat
-//!   template under `tokenizer.chat_template`. Nothing is lost or re-derived, so the
-//!   tokenizer read back is the folder's own.
+//!   ids, the chat template) under [`TOKENIZER_CONFIG_KEY`] and [`GENERATION_CONFIG_KEY`].
+//!   Nothing is lost or re-derived, so the tokenizer read back is the folder's own.
 //! - Tensors: renamed to GGUF names, data copied unchanged (F32/F16/BF16), except Llama's
 //!   q/k projections, whose rows are permuted within each head from the NeoX pairing
 //!   Hugging Face stores (`x[i]` with `x[i + d/2]`) to GGUF llama's adjacent pairs, the
@@ -148,22 +147,6 @@ fn tokenizer_metadata(dir: &SafetensorsDir) -> Result<Vec<(String, MetaValue)>, 
     }
     let config_path = dir.dir.join("tokenizer_config.json");
     if let Some(text) = read(&config_path)? {
-        let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-        let template = match json.get("chat_template") {
-            Some(serde_json::Value::String(t)) => Some(t.clone()),
-            Some(serde_json::Value::Array(named)) => named
-                .iter()
-                .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"))
-                .or_else(|| named.first())
-                .and_then(|e| e.get("template")?.as_str().map(str::to_string)),
-            _ => None,
-        };
-        if let Some(template) = template {
-            meta.push((
-                "tokenizer.chat_template".to_string(),
-                MetaValue::String(template),
-            ));
-        }
         meta.push((TOKENIZER_CONFIG_KEY.to_string(), MetaValue::String(text)));
     }
     if let Some(text) = read(&dir.dir.join("generation_config.json"))? {

@@ -52,6 +52,11 @@ pub fn dims_of(cfg: &ModelConfig) -> SsmDims {
     }
 }
 
+/// Names of the variables of [`to_vars`], in order (files of stage 2).
+pub const SSM_TENSOR_NAMES: [&str; 10] = [
+    "wc", "wb", "wx", "wdt", "dt_bias", "a_log", "d", "wgate", "conv", "wo",
+];
+
 /// The weights as trainable variables, in the order of [`SsmTensors`]' fields.
 pub fn to_vars(w: &SsmWeights, dims: &SsmDims) -> candle_core::Result<Vec<Var>> {
     let dev = Device::Cpu;

@@ -17,7 +17,9 @@ use candle_core::{Device, Tensor};
 use edgefusion_io::gguf::GgufFile;
 use edgefusion_model::{LayerType, Mixer, Model, ModelConfig};
 
-use crate::distill::{dims_of, distill_layer, from_vars, to_vars, DistillOptions, DistillReport};
+use crate::distill::{
+    dims_of, distill_layer, from_vars, to_vars, DistillOptions, DistillReport, SSM_TENSOR_NAMES,
+};
 use crate::init::{ssm_from_attention, write_hybrid_with, SsmInitSource, SsmWeights};
 use crate::router::{router_step, RouterOptions, RouterState, RouterStep, Targets};
 use crate::student::Student;
@@ -112,10 +114,7 @@ fn save_layer(
 ) -> Result<(), TrainError> {
     let dims = dims_of(cfg);
     let vars = to_vars(w, &dims).map_err(|e| io_error(dir, "saving", e))?;
-    let names = [
-        "wc", "wb", "wx", "wdt", "dt_bias", "a_log", "d", "wgate", "conv", "wo",
-    ];
-    let map: HashMap<String, Tensor> = names
+    let map: HashMap<String, Tensor> = SSM_TENSOR_NAMES
         .iter()
         .zip(&vars)
         .map(|(n, v)| (n.to_string(), v.as_tensor().clone()))
@@ -138,10 +137,7 @@ fn load_layer(dir: &Path, layer: usize) -> Option<(SsmWeights, DistillReport)> {
         &Device::Cpu,
     )
     .ok()?;
-    let names = [
-        "wc", "wb", "wx", "wdt", "dt_bias", "a_log", "d", "wgate", "conv", "wo",
-    ];
-    let vars = names
+    let vars = SSM_TENSOR_NAMES
         .iter()
         .map(|n| candle_core::Var::from_tensor(tensors.get(*n)?).ok())
         .collect::<Option<Vec<_>>>()?;
@@ -294,13 +290,22 @@ pub fn distill_stages(
 
 /// SSM for the `round(fraction · n)` layers of lowest held-out distillation loss.
 pub fn layers_by_loss(reports: &[DistillReport], fraction: f64) -> Vec<LayerType> {
-    let n = reports.len();
+    let mut scores = vec![f64::NEG_INFINITY; reports.len()];
+    for r in reports {
+        scores[r.layer] = -r.val_loss;
+    }
+    top_share(&scores, fraction)
+}
+
+/// SSM for the `round(fraction · n)` layers of highest `scores`, attention for the rest.
+fn top_share(scores: &[f64], fraction: f64) -> Vec<LayerType> {
+    let n = scores.len();
     let k = ((fraction * n as f64).round() as usize).min(n);
     let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| reports[a].val_loss.total_cmp(&reports[b].val_loss));
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
     let mut types = vec![LayerType::Attention; n];
-    for &i in &order[..k] {
-        types[reports[i].layer] = LayerType::Ssm;
+    for &l in &order[..k] {
+        types[l] = LayerType::Ssm;
     }
     types
 }
@@ -534,18 +539,8 @@ fn drop_metrics_after(out_dir: &Path, step: usize) -> Result<(), TrainError> {
 /// nearest to the gates among those meeting the constraint. With a fixed λ each gate
 /// decides alone (`g > ½`).
 pub fn harden(gates: &[f64], target: Option<f64>) -> Vec<LayerType> {
-    let n = gates.len();
     match target {
-        Some(target) => {
-            let k = ((target * n as f64).round() as usize).min(n);
-            let mut order: Vec<usize> = (0..n).collect();
-            order.sort_by(|&a, &b| gates[b].total_cmp(&gates[a]));
-            let mut types = vec![LayerType::Attention; n];
-            for &l in &order[..k] {
-                types[l] = LayerType::Ssm;
-            }
-            types
-        }
+        Some(target) => top_share(gates, target),
         None => gates
             .iter()
             .map(|&g| {
