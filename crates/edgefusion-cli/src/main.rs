@@ -3,6 +3,7 @@
 mod bench;
 mod common;
 mod convert;
+mod harden;
 mod inspect;
 mod perplexity;
 mod quantize;
@@ -45,6 +46,8 @@ enum Command {
     Quantize(quantize::QuantizeArgs),
     /// Convert a dense model into an attention/SSM hybrid (plan it with --dry-run).
     Train(train::TrainArgs),
+    /// Harden a router checkpoint of a `train` run at a chosen share of SSM layers.
+    Harden(harden::HardenArgs),
 }
 
 /// `edgefusion inspect … | head` closes stdout early; `println!` then panics with "Broken
@@ -77,6 +80,7 @@ fn main() {
         Command::Convert(args) => convert::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::Train(args) => train::run(args),
+        Command::Harden(args) => harden::run(args),
     };
     if let Err(err) = result {
         // One line per cause, no backtrace.

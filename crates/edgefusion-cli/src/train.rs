@@ -251,7 +251,10 @@ fn train(
                     r.layer, r.val_loss_init, r.val_loss, r.steps, r.seconds
                 );
             }
-            Event::RouterStep(_) | Event::Quantizing { .. } | Event::Resumed { .. } => {}
+            Event::RouterStep(_)
+            | Event::Quantizing { .. }
+            | Event::Resumed { .. }
+            | Event::SkippedStep { .. } => {}
         },
     )?;
     bar.finish_and_clear();
@@ -287,6 +290,9 @@ fn train(
             Event::Resumed { step } => {
                 println!("stage 3: resumed from the checkpoint of step {step}")
             }
+            Event::SkippedStep { step } => bar.println(format!(
+                "warning: router step {step} had a non-finite loss; skipped (no weight changed)"
+            )),
             Event::RouterStep(s) => {
                 bar.set_prefix("3 router");
                 bar.set_length(steps as u64);

@@ -646,7 +646,7 @@ impl ActQ8 {
             let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
             let mut sum = 0i32;
             for (q, &v) in dst[8..].iter_mut().zip(block) {
-                let code = (v * id).round_ties_even() as i32;
+                let code = crate::f32ops::nearest_int(v * id);
                 sum += code;
                 *q = code as i8 as u8;
             }

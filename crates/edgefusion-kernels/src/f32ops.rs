@@ -9,6 +9,18 @@
 
 use crate::cpu::{self, Isa};
 
+/// Round half to even, the rounding of llama.cpp's `nearest_int` and of `cvtps2dq`.
+///
+/// Adding 1.5·2^23 leaves the rounded integer in the low mantissa bits; this avoids the
+/// libm call `round_ties_even` becomes on baseline x86-64 (no SSE4.1 `roundss`). Inputs
+/// beyond ±2^22 saturate there, which every caller's clamp to its code range absorbs.
+#[inline]
+pub fn nearest_int(value: f32) -> i32 {
+    const LIMIT: f32 = 4_194_303.0; // 2^22 - 1
+    let biased = value.clamp(-LIMIT, LIMIT) + 12_582_912.0;
+    (biased.to_bits() & 0x007F_FFFF) as i32 - 0x0040_0000
+}
+
 /// Σ a[i] · b[i].
 ///
 /// # Panics

@@ -137,6 +137,72 @@ pub fn save(
     Ok(final_dir)
 }
 
+/// What hardening needs from one checkpoint folder (`checkpoints/step_NNNNNN`): its
+/// scalars, each layer's gate logit `a` and each layer's trained SSM.
+pub struct Routing {
+    pub meta: CheckpointMeta,
+    pub gate_logits: Vec<f64>,
+    pub ssms: HashMap<usize, crate::init::SsmWeights>,
+}
+
+/// Reads the routing of the checkpoint folder `path` for a model of `n_layers`, refusing
+/// one written under another configuration.
+pub fn read_routing(
+    path: &Path,
+    config: &TrainConfig,
+    n_layers: usize,
+) -> Result<Routing, TrainError> {
+    let meta = read_meta(path, config)?;
+    let tensors_path = path.join("state.safetensors");
+    let tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu)
+        .map_err(|e| io_error(&tensors_path, "reading", e))?;
+    let get = |name: &str| -> Result<Tensor, TrainError> {
+        tensors.get(name).cloned().ok_or_else(|| TrainError::Io {
+            path: tensors_path.display().to_string(),
+            what: format!("tensor '{name}' is missing (a checkpoint of another model?)"),
+        })
+    };
+    let mut gate_logits = Vec::with_capacity(n_layers);
+    let mut ssms = HashMap::new();
+    for l in 0..n_layers {
+        let a = get(&format!("gate.{l}"))?
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(numeric)?;
+        gate_logits.push(a.first().copied().unwrap_or(0.0) as f64);
+        let parts = (0..crate::distill::SSM_TENSOR_NAMES.len())
+            .map(|i| get(&format!("ssm.{l}.{i}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        ssms.insert(l, crate::distill::from_tensors(&parts).map_err(numeric)?);
+    }
+    Ok(Routing {
+        meta,
+        gate_logits,
+        ssms,
+    })
+}
+
+/// `state.json` of the checkpoint folder `path`, checked against `config`.
+fn read_meta(path: &Path, config: &TrainConfig) -> Result<CheckpointMeta, TrainError> {
+    let meta_path = path.join("state.json");
+    let text =
+        std::fs::read_to_string(&meta_path).map_err(|e| io_error(&meta_path, "reading", e))?;
+    let meta: CheckpointMeta =
+        serde_json::from_str(&text).map_err(|e| io_error(&meta_path, "parsing", e))?;
+    let expected = fingerprint(config);
+    if meta.fingerprint != expected {
+        return Err(TrainError::Config {
+            file: path.display().to_string(),
+            what: format!(
+                "was written under another configuration (fingerprint {}, this config {expected}); \
+                 use the config it was made with, or use a fresh --output-dir",
+                meta.fingerprint
+            ),
+        });
+    }
+    Ok(meta)
+}
+
 /// Restores the newest checkpoint in `dir` into `student` and `state`; `Ok(None)` when
 /// there is none. A checkpoint made under another configuration is an error.
 pub fn restore(
@@ -148,22 +214,7 @@ pub fn restore(
     let Some(newest) = list(dir).pop() else {
         return Ok(None);
     };
-    let meta_path = newest.join("state.json");
-    let text =
-        std::fs::read_to_string(&meta_path).map_err(|e| io_error(&meta_path, "reading", e))?;
-    let meta: CheckpointMeta =
-        serde_json::from_str(&text).map_err(|e| io_error(&meta_path, "parsing", e))?;
-    let expected = fingerprint(config);
-    if meta.fingerprint != expected {
-        return Err(TrainError::Config {
-            file: newest.display().to_string(),
-            what: format!(
-                "was written under another configuration (fingerprint {}, this config {expected}); \
-                 resume with the config it was made with, or use a fresh --output-dir",
-                meta.fingerprint
-            ),
-        });
-    }
+    let meta = read_meta(&newest, config)?;
     let tensors_path = newest.join("state.safetensors");
     let tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu)
         .map_err(|e| io_error(&tensors_path, "reading", e))?;

@@ -102,7 +102,13 @@ pub fn tensors_of(vars: &[Var]) -> SsmTensors {
 
 /// The variables of [`to_vars`] back as plain weights.
 pub fn from_vars(vars: &[Var]) -> candle_core::Result<SsmWeights> {
-    let f = |i: usize| vars[i].as_tensor().flatten_all()?.to_vec1::<f32>();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    from_tensors(&tensors)
+}
+
+/// Tensors in the order of [`to_vars`] as plain weights.
+pub fn from_tensors(tensors: &[Tensor]) -> candle_core::Result<SsmWeights> {
+    let f = |i: usize| tensors[i].flatten_all()?.to_vec1::<f32>();
     Ok(SsmWeights {
         wc: f(0)?,
         wb: f(1)?,

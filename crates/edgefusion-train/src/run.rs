@@ -49,6 +49,10 @@ pub enum Event {
     LayerDone(DistillReport),
     /// Stage 3: one router step.
     RouterStep(Box<RouterStep>),
+    /// Stage 3 skipped this step: its loss was not finite (NaN or ∞), no weight changed.
+    SkippedStep {
+        step: usize,
+    },
     /// Stage 3 continues from the checkpoint of this step.
     Resumed {
         step: usize,
@@ -310,6 +314,9 @@ fn top_share(scores: &[f64], fraction: f64) -> Vec<LayerType> {
     types
 }
 
+/// Non-finite router steps in a row after which training stops (with a checkpoint).
+pub const MAX_BAD_STEPS: usize = 3;
+
 /// Choices of a run beyond its configuration.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -402,9 +409,24 @@ pub fn router_stages(
         let record = router_step(&student, &mut state, &targets, &opts)?;
         if record.loss.is_nan() {
             bad_steps += 1;
-            if bad_steps >= 3 {
+            events(Event::SkippedStep { step: record.step });
+            if bad_steps >= MAX_BAD_STEPS {
+                // The weights are those of the last finite step: keep them for --resume.
+                let saved = crate::checkpoint::save(
+                    &ckpt_dir,
+                    config,
+                    &student,
+                    &state,
+                    config.checkpointing.keep_last,
+                )?;
                 return Err(TrainError::Numeric {
-                    what: format!("{bad_steps} router steps in a row had a non-finite loss"),
+                    what: format!(
+                        "{bad_steps} router steps in a row had a non-finite loss (last: step {}); \
+                         the weights before them are saved in {} — lower optimizer.lr or \
+                         router.gate_lr and --resume",
+                        record.step,
+                        saved.display()
+                    ),
                 });
             }
         } else {
@@ -552,6 +574,61 @@ pub fn harden(gates: &[f64], target: Option<f64>) -> Vec<LayerType> {
             })
             .collect(),
     }
+}
+
+/// What [`harden_checkpoint`] chose.
+#[derive(Debug, Clone)]
+pub struct Hardened {
+    /// The router step of the checkpoint.
+    pub step: usize,
+    /// Each layer's gate `σ(a/τ)` at the checkpoint's τ.
+    pub gates: Vec<f64>,
+    pub layer_types: Vec<LayerType>,
+}
+
+/// Hardens the router checkpoint folder `checkpoint` (`checkpoints/step_NNNNNN`) into the
+/// hybrid GGUF `output` with `share` of the layers on SSM (the largest gates; `None`: the
+/// configured target, or each gate alone with a fixed λ) and the checkpoint's trained SSMs.
+/// This is stage 4 at another step or share: a curve of quality against training tokens,
+/// or hybrids at several shares from one run.
+pub fn harden_checkpoint(
+    config: &TrainConfig,
+    gguf: &GgufFile,
+    model: &Model<'_>,
+    checkpoint: &Path,
+    share: Option<f64>,
+    output: &Path,
+) -> Result<Hardened, TrainError> {
+    let cfg = hybrid_config(&model.config, config);
+    let routing = crate::checkpoint::read_routing(checkpoint, config, cfg.n_layers)?;
+    let r = &config.router;
+    // The τ of the step that led to this checkpoint (the ranking does not depend on it).
+    let tau = crate::router::tau_at(
+        routing.meta.step.saturating_sub(1),
+        config.stages.router_steps,
+        r.tau_start,
+        r.tau_end,
+    );
+    let gates: Vec<f64> = routing
+        .gate_logits
+        .iter()
+        .map(|&a| 1.0 / (1.0 + (-a / tau).exp()))
+        .collect();
+    let layer_types = harden(&gates, share.or(r.target_ssm_fraction));
+    write_hybrid_with(
+        gguf,
+        model,
+        &layer_types,
+        cfg.ssm_d_state,
+        cfg.ssm_d_conv,
+        SsmInitSource::Trained(&routing.ssms),
+        output,
+    )?;
+    Ok(Hardened {
+        step: routing.meta.step,
+        gates,
+        layer_types,
+    })
 }
 
 #[cfg(test)]

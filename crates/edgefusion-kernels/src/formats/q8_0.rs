@@ -42,7 +42,7 @@ impl BlockQ8_0 {
             qs: [0; QK],
         };
         for (q, &v) in block.qs.iter_mut().zip(x) {
-            *q = (v * id).round_ties_even() as i8;
+            *q = crate::f32ops::nearest_int(v * id) as i8;
         }
         block
     }

@@ -46,7 +46,7 @@ impl BlockQ8_1 {
         let mut qs = [0i8; QK];
         let mut sum = 0i32;
         for (q, &v) in qs.iter_mut().zip(x) {
-            *q = (v * id).round_ties_even() as i8;
+            *q = crate::f32ops::nearest_int(v * id) as i8;
             sum += *q as i32;
         }
         BlockQ8_1 {

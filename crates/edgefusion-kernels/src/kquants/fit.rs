@@ -12,17 +12,7 @@ const FIRST_EXTRA: f32 = -1.0;
 const STEP: f32 = 0.1;
 const CANDIDATES: usize = 21;
 
-/// Round half to even, the rounding of llama.cpp's `nearest_int` and of `cvtps2dq`.
-///
-/// Adding 1.5·2^23 leaves the rounded integer in the low mantissa bits; this avoids the
-/// libm call `round_ties_even` becomes on baseline x86-64 (no SSE4.1 `roundss`). Inputs
-/// beyond ±2^22 saturate there, which every caller's later clamp to a few levels absorbs.
-#[inline]
-pub(crate) fn nearest_int(value: f32) -> i32 {
-    const LIMIT: f32 = 4_194_303.0; // 2^22 - 1
-    let biased = value.clamp(-LIMIT, LIMIT) + 12_582_912.0;
-    (biased.to_bits() & 0x007F_FFFF) as i32 - 0x0040_0000
-}
+pub(crate) use crate::f32ops::nearest_int;
 
 /// Per-weight importance for the least-squares fits: the sub-block RMS plus |x|, so large
 /// weights are fitted a little more tightly without ignoring the small ones.

@@ -1,0 +1,179 @@
+//! Stages 3 and 4 through the library on the tiny fixture: non-finite losses are skipped
+//! and, repeated, stop the run with a checkpoint; any kept checkpoint hardens at any share
+//! and the written hybrid carries its `layer_types`.
+
+use std::path::{Path, PathBuf};
+
+use edgefusion_io::ModelSource;
+use edgefusion_model::{LayerType, Model, ModelConfig};
+use edgefusion_train::run::{
+    distill_stages, harden_checkpoint, router_stages, Event, RunOptions, MAX_BAD_STEPS,
+};
+use edgefusion_train::{TrainConfig, TrainError};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+fn config() -> TrainConfig {
+    let text = format!(
+        "model:\n  base: {model}\ndata:\n  train: unused.txt\n  seq_len: 32\n  batch_size: 2\n\
+         ssm:\n  d_state: 12\n  d_conv: 4\n  init: attention\n\
+         router:\n  target_ssm_fraction: 0.5\n  tau_start: 1.0\n  tau_end: 0.2\n\
+         optimizer:\n  lr: 0.001\n  weight_decay: 0.0\n  betas: [0.9, 0.95]\n  warmup_steps: 2\n  \
+         total_steps: 12\n  grad_clip: 1.0\n  dtype: f32\n\
+         stages:\n  teacher_tokens: 512\n  teacher_top_k: 16\n  distill_epochs: 1\n  router_steps: 12\n\
+         quantization:\n  bpw: 3.5\n  block: 128\n  outliers: 0.005\n  calib: none\n  calib_tokens: 256\n  embedding_bits: 4\n\
+         logging:\n  log_every: 4\ncheckpointing:\n  every: 4\n  keep_last: 3\nseed: 1\n",
+        model = fixture("tiny-llama-f32.gguf").display()
+    );
+    TrainConfig::parse(&text, "tiny.yaml").unwrap()
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("edgefusion-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn tokens(cfg: &ModelConfig) -> Vec<u32> {
+    (0..600u32)
+        .map(|i| (i * 7 + 3) % cfg.vocab_size as u32)
+        .collect()
+}
+
+fn ssm_count(types: &[LayerType]) -> usize {
+    types.iter().filter(|&&t| t == LayerType::Ssm).count()
+}
+
+#[test]
+fn non_finite_losses_are_skipped_then_stop_with_a_checkpoint() {
+    let config = config();
+    let source = ModelSource::open(&fixture("tiny-llama-f32.gguf")).unwrap();
+    let ModelSource::Gguf(gguf) = &source else {
+        unreachable!()
+    };
+    let model = Model::load(&source).unwrap();
+    let out = temp_dir("nan");
+    let mut outcome = distill_stages(
+        &config,
+        gguf,
+        &model,
+        &tokens(&model.config),
+        "ids",
+        &out,
+        1,
+        &mut |_| {},
+    )
+    .unwrap();
+    // Every output projection poisoned: every step's loss is NaN.
+    for ssm in &mut outcome.ssms {
+        ssm.wo.fill(f32::NAN);
+    }
+    let mut skipped = Vec::new();
+    let err = router_stages(
+        &config,
+        gguf,
+        &model,
+        &outcome,
+        &out,
+        1,
+        &RunOptions {
+            skip_quantization: true,
+            ..RunOptions::default()
+        },
+        &mut |e| {
+            if let Event::SkippedStep { step } = e {
+                skipped.push(step);
+            }
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, TrainError::Numeric { .. }), "{err}");
+    assert!(err.to_string().contains("non-finite"), "{err}");
+    assert_eq!(skipped, (1..=MAX_BAD_STEPS).collect::<Vec<_>>());
+    let saved = out.join(format!("checkpoints/step_{MAX_BAD_STEPS:06}"));
+    assert!(saved.join("state.json").exists(), "{err}");
+    assert!(
+        err.to_string().contains(&saved.display().to_string()),
+        "{err}"
+    );
+    assert!(!out.join("checkpoint_final").exists());
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn kept_checkpoints_harden_at_any_share_and_layer_types_round_trip() {
+    let config = config();
+    let source = ModelSource::open(&fixture("tiny-llama-f32.gguf")).unwrap();
+    let ModelSource::Gguf(gguf) = &source else {
+        unreachable!()
+    };
+    let model = Model::load(&source).unwrap();
+    let n = model.config.n_layers;
+    let out = temp_dir("harden");
+    let outcome = distill_stages(
+        &config,
+        gguf,
+        &model,
+        &tokens(&model.config),
+        "ids",
+        &out,
+        1,
+        &mut |_| {},
+    )
+    .unwrap();
+    let routed = router_stages(
+        &config,
+        gguf,
+        &model,
+        &outcome,
+        &out,
+        1,
+        &RunOptions {
+            skip_quantization: true,
+            ..RunOptions::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    let kept = edgefusion_train::checkpoint::list(&out.join("checkpoints"));
+    let names: Vec<String> = kept
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["step_000004", "step_000008", "step_000012"]);
+
+    let load_types = |path: &Path| {
+        let source = ModelSource::open(path).unwrap();
+        ModelConfig::from_source(&source).unwrap().layer_types
+    };
+    // The last checkpoint at the configured target is stage 4's own choice.
+    let last = out.join("last.gguf");
+    let hardened = harden_checkpoint(&config, gguf, &model, &kept[2], None, &last).unwrap();
+    assert_eq!(hardened.step, 12);
+    assert_eq!(hardened.layer_types, routed.layer_types);
+    assert_eq!(load_types(&last), hardened.layer_types);
+    assert_eq!(
+        ssm_count(&hardened.layer_types),
+        (0.5 * n as f64).round() as usize
+    );
+    // Any share, any kept step: all-SSM, all-attention.
+    for (share, expected) in [(1.0, n), (0.0, 0)] {
+        let path = out.join(format!("share{share}.gguf"));
+        let h = harden_checkpoint(&config, gguf, &model, &kept[0], Some(share), &path).unwrap();
+        assert_eq!(h.step, 4);
+        assert_eq!(ssm_count(&h.layer_types), expected);
+        assert_eq!(load_types(&path), h.layer_types);
+    }
+    // A checkpoint from another configuration is refused.
+    let mut other = config.clone();
+    other.seed += 1;
+    let err =
+        harden_checkpoint(&other, gguf, &model, &kept[2], None, &out.join("x.gguf")).unwrap_err();
+    assert!(err.to_string().contains("another configuration"), "{err}");
+    assert!(!out.join("x.gguf").exists());
+    let _ = std::fs::remove_dir_all(&out);
+}
