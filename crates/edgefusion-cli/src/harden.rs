@@ -34,6 +34,9 @@ pub struct HardenArgs {
     /// fixed λ, each gate above ½].
     #[arg(long)]
     pub ssm_fraction: Option<f64>,
+    /// The run was made with `train --debug` (its small slice of the config).
+    #[arg(long)]
+    pub debug: bool,
     /// Base model (overrides the config's model.base, as in `train`).
     #[arg(long)]
     pub base_model: Option<PathBuf>,
@@ -43,7 +46,10 @@ pub struct HardenArgs {
 }
 
 pub fn run(args: HardenArgs) -> Result<()> {
-    let config = TrainConfig::load(&args.config)?;
+    let mut config = TrainConfig::load(&args.config)?;
+    if args.debug {
+        config = config.debug_slice();
+    }
     if let Some(f) = args.ssm_fraction {
         if !(0.0..=1.0).contains(&f) {
             bail!("--ssm-fraction {f} must be in [0, 1]");

@@ -37,6 +37,10 @@ pub struct TrainArgs {
     /// Validate and print the plan; train nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Run every stage on a small slice (100 router steps of one sequence of ≤ 64 tokens,
+    /// a teacher cache of 32 sequences): a check of the whole setup in minutes.
+    #[arg(long)]
+    pub debug: bool,
     /// Stop after writing checkpoint_final/ (no checkpoint_quantized/).
     #[arg(long)]
     pub skip_quantization: bool,
@@ -53,7 +57,14 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let config = TrainConfig::load(&args.config)?;
+    let mut config = TrainConfig::load(&args.config)?;
+    if args.debug {
+        config = config.debug_slice();
+        println!(
+            "debug: {} router steps of 1 × {} tokens, teacher cache {} tokens",
+            config.stages.router_steps, config.data.seq_len, config.stages.teacher_tokens
+        );
+    }
     let threads = crate::common::threads(args.threads)?;
     let base = args
         .base_model

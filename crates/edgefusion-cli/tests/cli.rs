@@ -540,6 +540,90 @@ fn tiny_train_config(text: &std::path::Path, log_every: usize, checkpoint_every:
     )
 }
 
+/// `--debug` runs every stage on a small slice: 100 router steps of one short sequence,
+/// then the harden command rewrites the last checkpoint at another share.
+#[test]
+fn debug_training_runs_a_hundred_steps_end_to_end() {
+    let dir = std::env::temp_dir().join(format!("edgefusion-debug-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join("train.txt");
+    std::fs::write(
+        &text,
+        "It was the best of times, it was the worst of times, it was the age of wisdom. "
+            .repeat(60),
+    )
+    .unwrap();
+    let config = dir.join("tiny.yaml");
+    std::fs::write(&config, tiny_train_config(&text, 4, 50)).unwrap();
+    let out_dir = dir.join("run");
+    let out = edgefusion(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--output-dir",
+        out_dir.to_str().unwrap(),
+        "--debug",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("debug: 100 router steps"), "{stdout}");
+    let steps: Vec<u64> = router_metrics(&out_dir)
+        .iter()
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps.last(), Some(&100), "{steps:?}");
+    assert!(out_dir.join("checkpoint_quantized/model.gguf").exists());
+
+    let all_ssm = dir.join("all-ssm.gguf");
+    let out = edgefusion(&[
+        "harden",
+        "--config",
+        config.to_str().unwrap(),
+        "--output-dir",
+        out_dir.to_str().unwrap(),
+        "--ssm-fraction",
+        "1",
+        "-o",
+        all_ssm.to_str().unwrap(),
+    ]);
+    // The debug slice is another configuration: its checkpoints are refused under the
+    // full one, with a message that says so.
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("another configuration"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!all_ssm.exists());
+    let out = edgefusion(&[
+        "harden",
+        "--config",
+        config.to_str().unwrap(),
+        "--output-dir",
+        out_dir.to_str().unwrap(),
+        "--debug",
+        "--ssm-fraction",
+        "1",
+        "-o",
+        all_ssm.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("step 100: 2 of 2 layers on SSM"),
+        "{stdout}"
+    );
+    let out = edgefusion(&["inspect", all_ssm.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("hybrid: 2 of 2 layers SSM"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The router lines of a run's metrics.jsonl.
 fn router_metrics(out_dir: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out_dir.join("metrics.jsonl"))

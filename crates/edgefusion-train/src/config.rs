@@ -238,7 +238,30 @@ fn default_keep_last() -> usize {
     3
 }
 
+/// Router steps of a `--debug` run.
+pub const DEBUG_STEPS: usize = 100;
+
 impl TrainConfig {
+    /// The same run on a small slice, to check a setup end to end in minutes (`--debug`):
+    /// sequences of at most 64 tokens, one per step, a teacher cache of 32 sequences, one
+    /// distillation pass, [`DEBUG_STEPS`] router steps (warmup at most 10, checkpoints every
+    /// 50) and calibration on at most 2048 tokens. Model, SSM, router and quantization
+    /// settings are kept.
+    pub fn debug_slice(&self) -> Self {
+        let mut c = self.clone();
+        c.data.seq_len = c.data.seq_len.min(64);
+        c.data.batch_size = 1;
+        c.stages.teacher_tokens = c.stages.teacher_tokens.min(32 * c.data.seq_len);
+        c.stages.distill_epochs = 1;
+        c.stages.router_steps = DEBUG_STEPS;
+        c.optimizer.total_steps = DEBUG_STEPS;
+        c.optimizer.warmup_steps = c.optimizer.warmup_steps.min(10);
+        c.quantization.calib_tokens = c.quantization.calib_tokens.min(2048);
+        c.logging.log_every = c.logging.log_every.min(10);
+        c.checkpointing.every = 50;
+        c
+    }
+
     /// Reads and validates `path`. Relative paths inside the file stay as written (they
     /// are resolved against the working directory, like the CLI's own paths).
     pub fn load(path: &Path) -> Result<Self, TrainError> {
@@ -474,6 +497,29 @@ mod tests {
     }
 
     #[test]
+    fn debug_slices_of_the_shipped_configs_are_valid_and_small() {
+        for (name, text) in [
+            ("smollm2_135m.yaml", VALID),
+            (
+                "edgefusion_7b.yaml",
+                include_str!("../../../configs/edgefusion_7b.yaml"),
+            ),
+        ] {
+            let full = TrainConfig::parse(text, name).unwrap();
+            let debug = full.debug_slice();
+            debug.validate(name).unwrap();
+            assert_eq!(debug.stages.router_steps, DEBUG_STEPS);
+            assert!(debug.data.seq_len <= 64 && debug.data.batch_size == 1);
+            assert!(debug.stages.teacher_tokens <= 32 * 64);
+            assert_eq!(debug.ssm.d_state, full.ssm.d_state);
+            assert_eq!(
+                debug.router.target_ssm_fraction,
+                full.router.target_ssm_fraction
+            );
+        }
+    }
+
+    #[test]
     fn bad_configs_name_the_file_field_and_rule() {
         // (edit of the valid file, words the error must contain)
         let cases: [(&str, &str, &[&str]); 9] = [
@@ -504,7 +550,7 @@ mod tests {
                 &["test.yaml", "seq_len"],
             ),
             (
-                "  tau_end: 0.1",
+                "  tau_end: 0.02",
                 "  tau_end: 5.0",
                 &["tau_start", "not increase"],
             ),
