@@ -37,6 +37,9 @@ pub struct HardenArgs {
     /// The run was made with `train --debug` (its small slice of the config).
     #[arg(long)]
     pub debug: bool,
+    /// The run was made with `train --freeze-base false`.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub freeze_base: Option<bool>,
     /// Base model (overrides the config's model.base, as in `train`).
     #[arg(long)]
     pub base_model: Option<PathBuf>,
@@ -47,6 +50,9 @@ pub struct HardenArgs {
 
 pub fn run(args: HardenArgs) -> Result<()> {
     let mut config = TrainConfig::load(&args.config)?;
+    if let Some(freeze) = args.freeze_base {
+        config.stages.freeze_base = freeze;
+    }
     if args.debug {
         config = config.debug_slice();
     }

@@ -41,6 +41,10 @@ pub struct TrainArgs {
     /// a teacher cache of 32 sequences): a check of the whole setup in minutes.
     #[arg(long)]
     pub debug: bool,
+    /// Keep the base weights frozen in router training (`false`: fine-tune them all with
+    /// the SSMs, written in f32) [default: the config's stages.freeze_base, else true].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub freeze_base: Option<bool>,
     /// Stop after writing checkpoint_final/ (no checkpoint_quantized/).
     #[arg(long)]
     pub skip_quantization: bool,
@@ -58,6 +62,9 @@ pub struct TrainArgs {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let mut config = TrainConfig::load(&args.config)?;
+    if let Some(freeze) = args.freeze_base {
+        config.stages.freeze_base = freeze;
+    }
     if args.debug {
         config = config.debug_slice();
         println!(

@@ -376,9 +376,22 @@ fn train_dry_run_plans_both_shipped_configs() {
         "6738.42 M",
         "4 GB envelope (weights + state at 4096): hybrid fits",
         "2 layer-local distillation",
+        "base frozen",
     ] {
         assert!(text.contains(words), "missing {words:?} in\n{text}");
     }
+    let out = train(&[
+        "--config",
+        "configs/edgefusion_7b.yaml",
+        "--output-dir",
+        "runs/7b",
+        "--dry-run",
+        "--freeze-base",
+        "false",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(text.contains("full fine-tuning"), "{text}");
 
     let model = root.join("assets/models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if model.exists() {

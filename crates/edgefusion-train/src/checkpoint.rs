@@ -65,7 +65,15 @@ fn named_tensors(student: &Student, state: &RouterState) -> HashMap<String, Tens
         }
         map.insert(format!("gate.{l}"), layer.gate_logit.as_tensor().clone());
     }
-    for (name, opt) in [("ssm_opt", &state.ssm_opt), ("gate_opt", &state.gate_opt)] {
+    for (name, var) in &student.base_vars {
+        map.insert(format!("base.{name}"), var.as_tensor().clone());
+    }
+    let opts = [
+        ("ssm_opt", Some(&state.ssm_opt)),
+        ("gate_opt", Some(&state.gate_opt)),
+        ("base_opt", state.base_opt.as_ref()),
+    ];
+    for (name, opt) in opts.into_iter().filter_map(|(n, o)| Some((n, o?))) {
         for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
             map.insert(format!("{name}.m.{i}"), m.clone());
             map.insert(format!("{name}.v.{i}"), v.clone());
@@ -143,6 +151,9 @@ pub struct Routing {
     pub meta: CheckpointMeta,
     pub gate_logits: Vec<f64>,
     pub ssms: HashMap<usize, crate::init::SsmWeights>,
+    /// Fine-tuned base weights by GGUF name with their GGUF shapes (empty when the base
+    /// was frozen).
+    pub tuned_base: Vec<crate::init::TunedTensor>,
 }
 
 /// Reads the routing of the checkpoint folder `path` for a model of `n_layers`, refusing
@@ -175,10 +186,24 @@ pub fn read_routing(
             .collect::<Result<Vec<_>, _>>()?;
         ssms.insert(l, crate::distill::from_tensors(&parts).map_err(numeric)?);
     }
+    let mut tuned_base = Vec::new();
+    for (name, t) in &tensors {
+        if let Some(gguf_name) = name.strip_prefix("base.") {
+            let shape: Vec<usize> = t.dims().iter().rev().copied().collect();
+            let values = t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+            tuned_base.push(crate::init::TunedTensor {
+                name: gguf_name.to_string(),
+                shape,
+                values: values.map_err(numeric)?,
+            });
+        }
+    }
+    tuned_base.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Routing {
         meta,
         gate_logits,
         ssms,
+        tuned_base,
     })
 }
 
@@ -233,14 +258,22 @@ pub fn restore(
             .set(get(&format!("gate.{l}"))?)
             .map_err(numeric)?;
     }
-    for (name, opt) in [
-        ("ssm_opt", &mut state.ssm_opt),
-        ("gate_opt", &mut state.gate_opt),
-    ] {
+    for (name, var) in &student.base_vars {
+        var.set(get(&format!("base.{name}"))?).map_err(numeric)?;
+    }
+    let opts = [
+        ("ssm_opt", Some(&mut state.ssm_opt)),
+        ("gate_opt", Some(&mut state.gate_opt)),
+        ("base_opt", state.base_opt.as_mut()),
+    ];
+    for (name, opt) in opts.into_iter().filter_map(|(n, o)| Some((n, o?))) {
         for i in 0..opt.m.len() {
             opt.m[i] = get(&format!("{name}.m.{i}"))?.clone();
             opt.v[i] = get(&format!("{name}.v.{i}"))?.clone();
         }
+    }
+    if let Some(base_opt) = &mut state.base_opt {
+        base_opt.t = meta.ssm_opt_t;
     }
     state.ssm_opt.t = meta.ssm_opt_t;
     state.gate_opt.t = meta.gate_opt_t;

@@ -163,6 +163,14 @@ pub struct StagesSection {
     pub distill_epochs: usize,
     /// Stage 3: router training steps (each `batch_size × seq_len` tokens).
     pub router_steps: usize,
+    /// Stage 3 trains only the SSMs and the gates (the default); `false` fine-tunes every
+    /// base weight too (`train --freeze-base false`), which the hybrid then stores in f32.
+    #[serde(default = "default_freeze_base")]
+    pub freeze_base: bool,
+}
+
+fn default_freeze_base() -> bool {
+    true
 }
 
 fn default_top_k() -> usize {

@@ -7,6 +7,7 @@
 //! open (`w_gate = 0`, so `2σ(0) = 1`), no skip (`D = 0`), and each KV group gets a step
 //! size from a log-spaced range so that the groups start with short and long memories.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use edgefusion_io::gguf::{GgufFile, GgufWriter, MetaValue};
@@ -190,6 +191,32 @@ pub fn write_hybrid_with(
     init: SsmInitSource<'_>,
     output: &Path,
 ) -> Result<(), TrainError> {
+    write_hybrid_tuned(gguf, model, layer_types, d_state, d_conv, init, &[], output)
+}
+
+/// A base weight after full fine-tuning, to be written in f32 in place of the base's.
+#[derive(Debug, Clone)]
+pub struct TunedTensor {
+    /// GGUF name (`blk.3.ffn_up.weight`).
+    pub name: String,
+    /// GGUF shape (fastest dimension first).
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+/// [`write_hybrid_with`], with the base tensors named in `tuned` replaced by their f32
+/// values: the base weights of a fully fine-tuned run.
+#[allow(clippy::too_many_arguments)]
+pub fn write_hybrid_tuned(
+    gguf: &GgufFile,
+    model: &Model<'_>,
+    layer_types: &[LayerType],
+    d_state: usize,
+    d_conv: usize,
+    init: SsmInitSource<'_>,
+    tuned: &[TunedTensor],
+    output: &Path,
+) -> Result<(), TrainError> {
     let file = gguf.path.display().to_string();
     let fail = |what: String| TrainError::Config {
         file: file.clone(),
@@ -285,13 +312,38 @@ pub fn write_hybrid_with(
             ssm_tensors.push((role.gguf_name(Some(l)), shape, bytes(values)));
         }
     }
+    let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let tuned: HashMap<&str, (&[usize], Vec<u8>)> = tuned
+        .iter()
+        .map(|t| (t.name.as_str(), (t.shape.as_slice(), bytes(&t.values))))
+        .collect();
     for t in &gguf.tensors {
         let dropped = parse_gguf_name(&t.name)
             .is_some_and(|(role, layer)| attention_roles.contains(&role) && is_ssm(layer));
-        if !dropped {
-            let view = gguf.view(t);
-            writer.add_tensor(t.name.clone(), view.dtype, view.shape, view.data);
+        if dropped {
+            continue;
         }
+        let view = gguf.view(t);
+        match tuned.get(t.name.as_str()) {
+            Some((shape, data)) => {
+                if *shape != view.shape {
+                    return Err(fail(format!(
+                        "tuned tensor '{}' has shape {shape:?}, the base {:?}",
+                        t.name, view.shape
+                    )));
+                }
+                writer.add_tensor(t.name.clone(), GgmlType::F32, shape, data.as_slice())
+            }
+            None => writer.add_tensor(t.name.clone(), view.dtype, view.shape, view.data),
+        };
+    }
+    if let Some(name) = tuned
+        .keys()
+        .find(|name| !gguf.tensors.iter().any(|t| t.name == **name))
+    {
+        return Err(fail(format!(
+            "tuned tensor '{name}' is not in the base model"
+        )));
     }
     for (name, shape, data) in &ssm_tensors {
         writer.add_tensor(name.clone(), GgmlType::F32, shape, data.as_slice());

@@ -200,8 +200,19 @@ pub fn plan(
             tflops: stage3 / 1e12,
             seconds: stage3 / train,
             note: format!(
-                "{} steps of {}×{} tokens, base frozen",
-                s.router_steps, cfg.data.batch_size, cfg.data.seq_len
+                "{} steps of {}×{} tokens, {}",
+                s.router_steps,
+                cfg.data.batch_size,
+                cfg.data.seq_len,
+                if s.freeze_base {
+                    "base frozen".to_string()
+                } else {
+                    // Weights, gradient and two moments of every base weight, in f32.
+                    format!(
+                        "full fine-tuning (base weights, gradients and moments: {:.1} GB)",
+                        16.0 * p_dense / 1e9
+                    )
+                }
             ),
         },
         StageEstimate {

@@ -89,6 +89,8 @@ pub struct RouterState {
     pub rng: u64,
     pub ssm_opt: AdamW,
     pub gate_opt: AdamW,
+    /// The base weights' optimizer when they train too (full fine-tuning).
+    pub base_opt: Option<AdamW>,
 }
 
 impl RouterState {
@@ -104,6 +106,12 @@ impl RouterState {
             rng: opts.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
             ssm_opt: AdamW::new(student.ssm_vars(), opts.betas, opts.weight_decay)?,
             gate_opt: AdamW::new(student.gate_vars(), opts.betas, 0.0)?,
+            base_opt: if student.base_vars.is_empty() {
+                None
+            } else {
+                let vars = student.base_vars.iter().map(|(_, v)| v.clone()).collect();
+                Some(AdamW::new(vars, opts.betas, opts.weight_decay)?)
+            },
         })
     }
 }
@@ -138,10 +146,13 @@ pub fn router_step(
     let lambda = state.lambda;
     // Windows are back-propagated one at a time and their gradients summed, so that the
     // graph of one window (not of the batch) is alive at once.
+    let base_vars: Vec<candle_core::Var> =
+        student.base_vars.iter().map(|(_, v)| v.clone()).collect();
     let vars: Vec<candle_core::Var> = student
         .ssm_vars()
         .into_iter()
         .chain(student.gate_vars())
+        .chain(base_vars.iter().cloned())
         .collect();
     let mut summed: Vec<Option<Tensor>> = vec![None; vars.len()];
     let mut grads = None;
@@ -221,9 +232,19 @@ pub fn router_step(
                 &student.gate_vars(),
             )?;
         }
-        clip_grad_norm(&mut grads, &state.ssm_opt.vars.clone(), opts.grad_clip).map_err(numeric)?;
+        let clipped: Vec<candle_core::Var> = state
+            .ssm_opt
+            .vars
+            .iter()
+            .chain(&base_vars)
+            .cloned()
+            .collect();
+        clip_grad_norm(&mut grads, &clipped, opts.grad_clip).map_err(numeric)?;
         if opts.lr > 0.0 {
             state.ssm_opt.step(&grads, lr).map_err(numeric)?;
+            if let Some(base_opt) = &mut state.base_opt {
+                base_opt.step(&grads, lr).map_err(numeric)?;
+            }
         }
         state.gate_opt.step(&grads, gate_lr).map_err(numeric)?;
     }

@@ -20,7 +20,9 @@ use edgefusion_model::{LayerType, Mixer, Model, ModelConfig};
 use crate::distill::{
     dims_of, distill_layer, from_vars, to_vars, DistillOptions, DistillReport, SSM_TENSOR_NAMES,
 };
-use crate::init::{ssm_from_attention, write_hybrid_with, SsmInitSource, SsmWeights};
+use crate::init::{
+    ssm_from_attention, write_hybrid_tuned, write_hybrid_with, SsmInitSource, SsmWeights,
+};
 use crate::router::{router_step, RouterOptions, RouterState, RouterStep, Targets};
 use crate::student::Student;
 use crate::teacher::{cache_teacher, existing, read_layer, read_targets, TeacherMeta};
@@ -369,7 +371,11 @@ pub fn router_stages(
         top_k: meta.top_k,
         seq_len: meta.seq_len,
     };
-    let student = Student::new(model, &cfg, &distilled.ssms, 0.0, meta.seq_len).map_err(numeric)?;
+    let mut student =
+        Student::new(model, &cfg, &distilled.ssms, 0.0, meta.seq_len).map_err(numeric)?;
+    if !config.stages.freeze_base {
+        student.unfreeze_base().map_err(numeric)?;
+    }
     let r = &config.router;
     let opts = RouterOptions {
         steps: config.stages.router_steps,
@@ -468,13 +474,14 @@ pub fn router_stages(
     let final_dir = out_dir.join("checkpoint_final");
     std::fs::create_dir_all(&final_dir).map_err(|e| io_error(&final_dir, "creating", e))?;
     let final_model = final_dir.join("model.gguf");
-    write_hybrid_with(
+    write_hybrid_tuned(
         gguf,
         model,
         &layer_types,
         cfg.ssm_d_state,
         cfg.ssm_d_conv,
         SsmInitSource::Trained(&trained),
+        &student.tuned_base().map_err(numeric)?,
         &final_model,
     )?;
     let summary = serde_json::json!({
@@ -615,13 +622,14 @@ pub fn harden_checkpoint(
         .map(|&a| 1.0 / (1.0 + (-a / tau).exp()))
         .collect();
     let layer_types = harden(&gates, share.or(r.target_ssm_fraction));
-    write_hybrid_with(
+    write_hybrid_tuned(
         gguf,
         model,
         &layer_types,
         cfg.ssm_d_state,
         cfg.ssm_d_conv,
         SsmInitSource::Trained(&routing.ssms),
+        &routing.tuned_base,
         output,
     )?;
     Ok(Hardened {

@@ -2,15 +2,17 @@
 //! its SSM side by side, mixed by a learned gate `g = σ(a/τ)`:
 //! `x ← x + g·SSM(norm x) + (1 − g)·Attn(norm x)`, then the feed-forward block.
 //!
-//! The dense weights are constants (frozen base); the SSMs and the gate logits are the
-//! variables. A layer can also be pinned to one branch (hardened), which is how the
+//! The dense weights are constants (frozen base, the default) or, after
+//! [`Student::unfreeze_base`], variables too (full fine-tuning); the SSMs and the gate
+//! logits are always variables. A layer can also be pinned to one branch (hardened), which is how the
 //! hybrid is evaluated once the gates have chosen.
 
 use candle_core::{Device, IndexOp, Result, Tensor, Var};
+use edgefusion_io::names::TensorRole;
 use edgefusion_model::{LayerType, Linear, Mixer, Model, ModelConfig, RopeStyle};
 
 use crate::distill::{dims_of, tensors_of, to_vars};
-use crate::init::SsmWeights;
+use crate::init::{SsmWeights, TunedTensor};
 use crate::ssm::{forward_chunked, SsmDims};
 
 /// One layer of the student.
@@ -57,6 +59,11 @@ pub struct Student {
     pub layers: Vec<StudentLayer>,
     /// Branch of each layer for [`Route::Hard`].
     pub layer_types: Vec<LayerType>,
+    /// The base weights as variables, by GGUF name, after [`Student::unfreeze_base`] (full
+    /// fine-tuning); empty while the base is frozen.
+    pub base_vars: Vec<(String, Var)>,
+    /// The output head is the embedding.
+    tied: bool,
     /// (max_len, rope_dim / 2)
     cos: Tensor,
     sin: Tensor,
@@ -133,9 +140,67 @@ impl Student {
             out_norm: vector(&model.output_norm, &dev)?,
             layers,
             layer_types: vec![LayerType::Attention; model.layers.len()],
+            base_vars: Vec::new(),
+            tied: model.output.is_none(),
             cos: Tensor::from_vec(cos, (max_len, half), &dev)?,
             sin: Tensor::from_vec(sin, (max_len, half), &dev)?,
         })
+    }
+
+    /// Makes every base weight (embedding, norms, attention, feed-forward, head) a variable
+    /// for full fine-tuning; [`Student::base_vars`] lists them by GGUF name.
+    pub fn unfreeze_base(&mut self) -> Result<()> {
+        if !self.base_vars.is_empty() {
+            return Ok(());
+        }
+        let mut vars = Vec::new();
+        let mut make = |t: &mut Tensor, name: String| -> Result<()> {
+            let var = Var::from_tensor(t)?;
+            *t = var.as_tensor().clone();
+            vars.push((name, var));
+            Ok(())
+        };
+        make(&mut self.embd, TensorRole::TokenEmbd.gguf_name(None))?;
+        if self.tied {
+            self.head = self.embd.clone();
+        } else {
+            make(&mut self.head, TensorRole::Output.gguf_name(None))?;
+        }
+        make(&mut self.out_norm, TensorRole::OutputNorm.gguf_name(None))?;
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            for (role, t) in [
+                (TensorRole::AttnNorm, &mut layer.attn_norm),
+                (TensorRole::FfnNorm, &mut layer.ffn_norm),
+                (TensorRole::AttnQ, &mut layer.wq),
+                (TensorRole::AttnK, &mut layer.wk),
+                (TensorRole::AttnV, &mut layer.wv),
+                (TensorRole::AttnOutput, &mut layer.wo),
+                (TensorRole::FfnGate, &mut layer.ffn_gate),
+                (TensorRole::FfnUp, &mut layer.ffn_up),
+                (TensorRole::FfnDown, &mut layer.ffn_down),
+            ] {
+                make(t, role.gguf_name(Some(l)))?;
+            }
+        }
+        self.base_vars = vars;
+        Ok(())
+    }
+
+    /// The base variables' current values by GGUF name, with their GGUF shapes (the
+    /// tensor's dimensions reversed): what hardening writes in place of the base weights.
+    pub fn tuned_base(&self) -> Result<Vec<TunedTensor>> {
+        self.base_vars
+            .iter()
+            .map(|(name, var)| {
+                let t = var.as_tensor();
+                let shape: Vec<usize> = t.dims().iter().rev().copied().collect();
+                Ok(TunedTensor {
+                    name: name.clone(),
+                    shape,
+                    values: t.flatten_all()?.to_vec1::<f32>()?,
+                })
+            })
+            .collect()
     }
 
     /// Every trainable variable: the SSMs', then the gate logits.

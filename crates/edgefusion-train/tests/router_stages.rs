@@ -51,7 +51,7 @@ fn ssm_count(types: &[LayerType]) -> usize {
 #[test]
 fn non_finite_losses_are_skipped_then_stop_with_a_checkpoint() {
     let config = config();
-    let source = ModelSource::open(&fixture("tiny-llama-f32.gguf")).unwrap();
+    let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).unwrap();
     let ModelSource::Gguf(gguf) = &source else {
         unreachable!()
     };
@@ -107,7 +107,7 @@ fn non_finite_losses_are_skipped_then_stop_with_a_checkpoint() {
 #[test]
 fn kept_checkpoints_harden_at_any_share_and_layer_types_round_trip() {
     let config = config();
-    let source = ModelSource::open(&fixture("tiny-llama-f32.gguf")).unwrap();
+    let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).unwrap();
     let ModelSource::Gguf(gguf) = &source else {
         unreachable!()
     };
@@ -175,5 +175,77 @@ fn kept_checkpoints_harden_at_any_share_and_layer_types_round_trip() {
         harden_checkpoint(&other, gguf, &model, &kept[2], None, &out.join("x.gguf")).unwrap_err();
     assert!(err.to_string().contains("another configuration"), "{err}");
     assert!(!out.join("x.gguf").exists());
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn full_fine_tuning_trains_and_writes_the_base_weights() {
+    let mut config = config();
+    config.stages.freeze_base = false;
+    let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).unwrap();
+    let ModelSource::Gguf(gguf) = &source else {
+        unreachable!()
+    };
+    let model = Model::load(&source).unwrap();
+    let out = temp_dir("unfrozen");
+    let outcome = distill_stages(
+        &config,
+        gguf,
+        &model,
+        &tokens(&model.config),
+        "ids",
+        &out,
+        1,
+        &mut |_| {},
+    )
+    .unwrap();
+    let routed = router_stages(
+        &config,
+        gguf,
+        &model,
+        &outcome,
+        &out,
+        1,
+        &RunOptions {
+            skip_quantization: true,
+            ..RunOptions::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    let tensor = |path: &Path, name: &str| -> Vec<u8> {
+        let source = ModelSource::open(path).unwrap();
+        let ModelSource::Gguf(g) = &source else {
+            unreachable!()
+        };
+        let info = g.tensors.iter().find(|t| t.name == name).unwrap();
+        g.view(info).data.to_vec()
+    };
+    let base = fixture("tiny-llama-f32.gguf");
+    let name = "blk.0.ffn_up.weight";
+    let tuned = tensor(&routed.final_model, name);
+    assert_eq!(tuned.len(), tensor(&base, name).len());
+    assert_ne!(tuned, tensor(&base, name), "the base weights did not train");
+    // The last checkpoint holds the same fine-tuned weights.
+    let last = edgefusion_train::checkpoint::list(&out.join("checkpoints"))
+        .pop()
+        .unwrap();
+    let again = out.join("again.gguf");
+    harden_checkpoint(&config, gguf, &model, &last, None, &again).unwrap();
+    for name in [
+        "blk.0.ffn_up.weight",
+        "token_embd.weight",
+        "output_norm.weight",
+    ] {
+        assert_eq!(
+            tensor(&again, name),
+            tensor(&routed.final_model, name),
+            "{name}"
+        );
+    }
+    // The frozen configuration refuses this run's checkpoints.
+    let mut frozen = config.clone();
+    frozen.stages.freeze_base = true;
+    assert!(harden_checkpoint(&frozen, gguf, &model, &last, None, &again).is_err());
     let _ = std::fs::remove_dir_all(&out);
 }
