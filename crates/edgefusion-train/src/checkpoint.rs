@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::router::RouterState;
@@ -165,7 +165,7 @@ pub fn read_routing(
 ) -> Result<Routing, TrainError> {
     let meta = read_meta(path, config)?;
     let tensors_path = path.join("state.safetensors");
-    let tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu)
+    let tensors = candle_core::safetensors::load(&tensors_path, crate::device())
         .map_err(|e| io_error(&tensors_path, "reading", e))?;
     let get = |name: &str| -> Result<Tensor, TrainError> {
         tensors.get(name).cloned().ok_or_else(|| TrainError::Io {
@@ -241,7 +241,7 @@ pub fn restore(
     };
     let meta = read_meta(&newest, config)?;
     let tensors_path = newest.join("state.safetensors");
-    let tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu)
+    let tensors = candle_core::safetensors::load(&tensors_path, crate::device())
         .map_err(|e| io_error(&tensors_path, "reading", e))?;
     let get = |name: &str| -> Result<&Tensor, TrainError> {
         tensors.get(name).ok_or_else(|| TrainError::Io {

@@ -3,7 +3,7 @@
 //! are independent. The loss is the mean squared error relative to the target's mean
 //! square, so layers of different scale read alike (0 is perfect, 1 is as bad as zero).
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use edgefusion_model::ModelConfig;
 
 use crate::init::SsmWeights;
@@ -59,7 +59,7 @@ pub const SSM_TENSOR_NAMES: [&str; 10] = [
 
 /// The weights as trainable variables, in the order of [`SsmTensors`]' fields.
 pub fn to_vars(w: &SsmWeights, dims: &SsmDims) -> candle_core::Result<Vec<Var>> {
-    let dev = Device::Cpu;
+    let dev = crate::device().clone();
     let (d, h, g, n, p) = (
         dims.d_model,
         dims.n_heads,
@@ -157,7 +157,7 @@ pub fn distill_layer(
     }
     let n_val = (windows / 10).max(1);
     let n_train = windows - n_val;
-    let dev = Device::Cpu;
+    let dev = crate::device().clone();
     let x_all =
         Tensor::from_slice(&input[..windows * l * d], (windows * l, d), &dev).map_err(&err)?;
     let wo_t = Tensor::from_slice(wo, (d, q), &dev).map_err(&err)?;

@@ -16,6 +16,19 @@ pub mod student;
 pub mod teacher;
 
 pub use config::TrainConfig;
+
+/// The device training runs on: the first CUDA GPU when built with the `cuda` feature and
+/// one is present, else the CPU (the default, and what CI tests).
+pub fn device() -> &'static candle_core::Device {
+    static DEVICE: std::sync::OnceLock<candle_core::Device> = std::sync::OnceLock::new();
+    DEVICE.get_or_init(|| {
+        #[cfg(feature = "cuda")]
+        if let Ok(gpu) = candle_core::Device::new_cuda(0) {
+            return gpu;
+        }
+        candle_core::Device::Cpu
+    })
+}
 pub use plan::{plan, Plan};
 
 /// What can go wrong in a conversion, with the file and field it concerns.

@@ -13,7 +13,7 @@
 //! costs: a plain `λ += η·(target − share)` lags the gates, winds up and overshoots in the
 //! few dozen steps a CPU affords (measured on SmolLM2: 0.93 SSM share for a 0.68 target).
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use crate::optim::{clip_grad_norm, warmup_cosine, AdamW};
 use crate::student::{gate_entropy_bits, top_k_kl, Route, Student};
@@ -141,7 +141,7 @@ pub fn router_step(
     let start = std::time::Instant::now();
     let tau = tau_at(state.step, opts.steps, opts.tau_start, opts.tau_end);
     let (l, k) = (targets.seq_len, targets.top_k);
-    let dev = Device::Cpu;
+    let dev = crate::device().clone();
     let batch = opts.batch_size.max(1);
     let lambda = state.lambda;
     // Windows are back-propagated one at a time and their gradients summed, so that the

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use edgefusion_io::gguf::GgufFile;
 use edgefusion_model::{LayerType, Mixer, Model, ModelConfig};
 
@@ -140,7 +140,7 @@ fn load_layer(dir: &Path, layer: usize) -> Option<(SsmWeights, DistillReport)> {
     .ok()?;
     let tensors = candle_core::safetensors::load(
         dir.join(format!("layer{layer:02}.safetensors")),
-        &Device::Cpu,
+        crate::device(),
     )
     .ok()?;
     let vars = SSM_TENSOR_NAMES

@@ -92,7 +92,7 @@ impl Student {
         gate_init: f32,
         max_len: usize,
     ) -> Result<Self> {
-        let dev = Device::Cpu;
+        let dev = crate::device().clone();
         let dims = dims_of(cfg);
         let mut layers = Vec::with_capacity(model.layers.len());
         for (l, layer) in model.layers.iter().enumerate() {
