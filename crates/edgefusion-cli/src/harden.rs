@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use edgefusion_io::ModelSource;
 use edgefusion_model::LayerType;
+use edgefusion_train::checkpoint::step_of;
 use edgefusion_train::TrainConfig;
 
 #[derive(Args, Debug)]
@@ -49,13 +50,7 @@ pub struct HardenArgs {
 }
 
 pub fn run(args: HardenArgs) -> Result<()> {
-    let mut config = TrainConfig::load(&args.config)?;
-    if let Some(freeze) = args.freeze_base {
-        config.stages.freeze_base = freeze;
-    }
-    if args.debug {
-        config = config.debug_slice();
-    }
+    let config = TrainConfig::load(&args.config)?.with_overrides(args.freeze_base, args.debug);
     if let Some(f) = args.ssm_fraction {
         if !(0.0..=1.0).contains(&f) {
             bail!("--ssm-fraction {f} must be in [0, 1]");
@@ -69,9 +64,6 @@ pub fn run(args: HardenArgs) -> Result<()> {
             ckpt_dir.display()
         );
     }
-    let step_of = |p: &PathBuf| -> Option<usize> {
-        p.file_name()?.to_str()?.strip_prefix("step_")?.parse().ok()
-    };
     let checkpoint = match args.step {
         None => kept.last().cloned().expect("not empty"),
         Some(step) => match kept.iter().find(|p| step_of(p) == Some(step)) {
@@ -80,14 +72,14 @@ pub fn run(args: HardenArgs) -> Result<()> {
                 "{}: no checkpoint of step {step}; kept: {}",
                 ckpt_dir.display(),
                 kept.iter()
-                    .filter_map(step_of)
+                    .filter_map(|p| step_of(p))
                     .map(|s| s.to_string())
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
         },
     };
-    // A Hugging Face base was converted by `train` into OUTPUT_DIR/base.gguf.
+    // A Hugging Face base was converted by `train` inside the run folder.
     let mut base = args
         .base_model
         .clone()
@@ -99,7 +91,7 @@ pub fn run(args: HardenArgs) -> Result<()> {
             )
         })?;
     if base.is_dir() {
-        base = args.output_dir.join("base.gguf");
+        base = edgefusion_train::run::converted_base(&args.output_dir);
     }
     let source =
         ModelSource::open(&base).with_context(|| format!("base model {}", base.display()))?;

@@ -61,12 +61,8 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let mut config = TrainConfig::load(&args.config)?;
-    if let Some(freeze) = args.freeze_base {
-        config.stages.freeze_base = freeze;
-    }
+    let config = TrainConfig::load(&args.config)?.with_overrides(args.freeze_base, args.debug);
     if args.debug {
-        config = config.debug_slice();
         println!(
             "debug: {} router steps of 1 × {} tokens, teacher cache {} tokens",
             config.stages.router_steps, config.data.seq_len, config.stages.teacher_tokens
@@ -184,7 +180,7 @@ fn train(
         ModelSource::Gguf(g) => (&source, g),
         ModelSource::HfDir(dir) => {
             std::fs::create_dir_all(&args.output_dir)?;
-            temp = args.output_dir.join("base.gguf");
+            temp = edgefusion_train::run::converted_base(&args.output_dir);
             edgefusion_model::convert::hf_to_gguf(dir, &temp)?;
             converted = ModelSource::open(&temp)?;
             let ModelSource::Gguf(g) = &converted else {

@@ -457,18 +457,12 @@ fn bench_at_depth_reports_state_bytes() {
 /// training text shorter than one batch is refused by name.
 #[test]
 fn train_runs_every_stage_on_the_tiny_model() {
-    let dir = std::env::temp_dir().join(format!("edgefusion-train-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let text = dir.join("train.txt");
-    std::fs::write(
-        &text,
-        "Four score and seven years ago our fathers brought forth on this continent a new nation. "
-            .repeat(60),
-    )
-    .unwrap();
-    let config = dir.join("tiny.yaml");
-    std::fs::write(&config, tiny_train_config(&text, 4, 50)).unwrap();
+    let (dir, text, config) = tiny_training_dir(
+        "train",
+        "Four score and seven years ago our fathers brought forth on this continent a new nation. ",
+        4,
+        50,
+    );
     let out_dir = dir.join("run");
     let args = [
         "train",
@@ -538,6 +532,28 @@ fn train_runs_every_stage_on_the_tiny_model() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A fresh temporary folder holding `sentence` repeated as the training text (`train.txt`)
+/// and a tiny training config reading it (`tiny.yaml`): (folder, text, config).
+fn tiny_training_dir(
+    name: &str,
+    sentence: &str,
+    log_every: usize,
+    checkpoint_every: usize,
+) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("edgefusion-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join("train.txt");
+    std::fs::write(&text, sentence.repeat(60)).unwrap();
+    let config = dir.join("tiny.yaml");
+    std::fs::write(
+        &config,
+        tiny_train_config(&text, log_every, checkpoint_every),
+    )
+    .unwrap();
+    (dir, text, config)
+}
+
 /// A training config for the tiny fixture reading `text`.
 fn tiny_train_config(text: &std::path::Path, log_every: usize, checkpoint_every: usize) -> String {
     format!(
@@ -557,18 +573,12 @@ fn tiny_train_config(text: &std::path::Path, log_every: usize, checkpoint_every:
 /// then the harden command rewrites the last checkpoint at another share.
 #[test]
 fn debug_training_runs_a_hundred_steps_end_to_end() {
-    let dir = std::env::temp_dir().join(format!("edgefusion-debug-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let text = dir.join("train.txt");
-    std::fs::write(
-        &text,
-        "It was the best of times, it was the worst of times, it was the age of wisdom. "
-            .repeat(60),
-    )
-    .unwrap();
-    let config = dir.join("tiny.yaml");
-    std::fs::write(&config, tiny_train_config(&text, 4, 50)).unwrap();
+    let (dir, _, config) = tiny_training_dir(
+        "debug",
+        "It was the best of times, it was the worst of times, it was the age of wisdom. ",
+        4,
+        50,
+    );
     let out_dir = dir.join("run");
     let out = edgefusion(&[
         "train",
@@ -653,17 +663,12 @@ fn router_metrics(out_dir: &std::path::Path) -> Vec<serde_json::Value> {
 /// overwrite the checkpoints.
 #[test]
 fn killed_and_resumed_training_equals_the_uninterrupted_run() {
-    let dir = std::env::temp_dir().join(format!("edgefusion-resume-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let text = dir.join("train.txt");
-    std::fs::write(
-        &text,
-        "We hold these truths to be self-evident, that all men are created equal. ".repeat(60),
-    )
-    .unwrap();
-    let config = dir.join("tiny.yaml");
-    std::fs::write(&config, tiny_train_config(&text, 1, 4)).unwrap();
+    let (dir, text, config) = tiny_training_dir(
+        "resume",
+        "We hold these truths to be self-evident, that all men are created equal. ",
+        1,
+        4,
+    );
     let train = |out: &std::path::Path, extra: &[&str]| {
         let mut args = vec![
             "train",

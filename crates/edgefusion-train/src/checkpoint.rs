@@ -65,7 +65,7 @@ fn named_tensors(student: &Student, state: &RouterState) -> HashMap<String, Tens
         }
         map.insert(format!("gate.{l}"), layer.gate_logit.as_tensor().clone());
     }
-    for (name, var) in &student.base_vars {
+    for (name, var) in &student.base {
         map.insert(format!("base.{name}"), var.as_tensor().clone());
     }
     let opts = [
@@ -164,40 +164,28 @@ pub fn read_routing(
     n_layers: usize,
 ) -> Result<Routing, TrainError> {
     let meta = read_meta(path, config)?;
-    let tensors_path = path.join("state.safetensors");
-    let tensors = candle_core::safetensors::load(&tensors_path, crate::device())
-        .map_err(|e| io_error(&tensors_path, "reading", e))?;
-    let get = |name: &str| -> Result<Tensor, TrainError> {
-        tensors.get(name).cloned().ok_or_else(|| TrainError::Io {
-            path: tensors_path.display().to_string(),
-            what: format!("tensor '{name}' is missing (a checkpoint of another model?)"),
-        })
-    };
+    let state = StateTensors::load(path)?;
     let mut gate_logits = Vec::with_capacity(n_layers);
     let mut ssms = HashMap::new();
     for l in 0..n_layers {
-        let a = get(&format!("gate.{l}"))?
+        let a = state
+            .get(&format!("gate.{l}"))?
             .flatten_all()
             .and_then(|t| t.to_vec1::<f32>())
             .map_err(numeric)?;
         gate_logits.push(a.first().copied().unwrap_or(0.0) as f64);
         let parts = (0..crate::distill::SSM_TENSOR_NAMES.len())
-            .map(|i| get(&format!("ssm.{l}.{i}")))
+            .map(|i| state.get(&format!("ssm.{l}.{i}")).cloned())
             .collect::<Result<Vec<_>, _>>()?;
         ssms.insert(l, crate::distill::from_tensors(&parts).map_err(numeric)?);
     }
-    let mut tuned_base = Vec::new();
-    for (name, t) in &tensors {
-        if let Some(gguf_name) = name.strip_prefix("base.") {
-            let shape: Vec<usize> = t.dims().iter().rev().copied().collect();
-            let values = t.flatten_all().and_then(|t| t.to_vec1::<f32>());
-            tuned_base.push(crate::init::TunedTensor {
-                name: gguf_name.to_string(),
-                shape,
-                values: values.map_err(numeric)?,
-            });
-        }
-    }
+    let mut tuned_base = state
+        .tensors
+        .iter()
+        .filter_map(|(name, t)| Some((name.strip_prefix("base.")?, t)))
+        .map(|(name, t)| crate::init::TunedTensor::of(name, t))
+        .collect::<candle_core::Result<Vec<_>>>()
+        .map_err(numeric)?;
     tuned_base.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Routing {
         meta,
@@ -205,6 +193,37 @@ pub fn read_routing(
         ssms,
         tuned_base,
     })
+}
+
+/// `state.safetensors` of a checkpoint folder, read by name.
+struct StateTensors {
+    path: PathBuf,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl StateTensors {
+    fn load(checkpoint: &Path) -> Result<Self, TrainError> {
+        let path = checkpoint.join("state.safetensors");
+        let tensors = candle_core::safetensors::load(&path, crate::device())
+            .map_err(|e| io_error(&path, "reading", e))?;
+        Ok(Self { path, tensors })
+    }
+
+    fn get(&self, name: &str) -> Result<&Tensor, TrainError> {
+        self.tensors.get(name).ok_or_else(|| TrainError::Io {
+            path: self.path.display().to_string(),
+            what: format!("tensor '{name}' is missing (a checkpoint of another model?)"),
+        })
+    }
+}
+
+/// The router step of a checkpoint folder (`step_NNNNNN`), from its name.
+pub fn step_of(path: &Path) -> Option<usize> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("step_")?
+        .parse()
+        .ok()
 }
 
 /// `state.json` of the checkpoint folder `path`, checked against `config`.
@@ -240,15 +259,8 @@ pub fn restore(
         return Ok(None);
     };
     let meta = read_meta(&newest, config)?;
-    let tensors_path = newest.join("state.safetensors");
-    let tensors = candle_core::safetensors::load(&tensors_path, crate::device())
-        .map_err(|e| io_error(&tensors_path, "reading", e))?;
-    let get = |name: &str| -> Result<&Tensor, TrainError> {
-        tensors.get(name).ok_or_else(|| TrainError::Io {
-            path: tensors_path.display().to_string(),
-            what: format!("tensor '{name}' is missing"),
-        })
-    };
+    let state_tensors = StateTensors::load(&newest)?;
+    let get = |name: &str| state_tensors.get(name);
     for (l, layer) in student.layers.iter().enumerate() {
         for (i, var) in layer.ssm.iter().enumerate() {
             var.set(get(&format!("ssm.{l}.{i}"))?).map_err(numeric)?;
@@ -258,7 +270,7 @@ pub fn restore(
             .set(get(&format!("gate.{l}"))?)
             .map_err(numeric)?;
     }
-    for (name, var) in &student.base_vars {
+    for (name, var) in &student.base {
         var.set(get(&format!("base.{name}"))?).map_err(numeric)?;
     }
     let opts = [
@@ -273,6 +285,7 @@ pub fn restore(
         }
     }
     if let Some(base_opt) = &mut state.base_opt {
+        // The base weights step with the SSMs.
         base_opt.t = meta.ssm_opt_t;
     }
     state.ssm_opt.t = meta.ssm_opt_t;

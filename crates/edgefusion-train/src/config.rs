@@ -270,6 +270,20 @@ impl TrainConfig {
         c
     }
 
+    /// The configuration a run was made with, given the command-line overrides that
+    /// `train` and `harden` share: `--freeze-base` (replaces `stages.freeze_base`) and
+    /// `--debug` ([`TrainConfig::debug_slice`]).
+    pub fn with_overrides(mut self, freeze_base: Option<bool>, debug: bool) -> Self {
+        if let Some(freeze) = freeze_base {
+            self.stages.freeze_base = freeze;
+        }
+        if debug {
+            self.debug_slice()
+        } else {
+            self
+        }
+    }
+
     /// Reads and validates `path`. Relative paths inside the file stay as written (they
     /// are resolved against the working directory, like the CLI's own paths).
     pub fn load(path: &Path) -> Result<Self, TrainError> {

@@ -204,6 +204,17 @@ pub struct TunedTensor {
     pub values: Vec<f32>,
 }
 
+impl TunedTensor {
+    /// The tensor `t` (candle's dimensions, slowest first) under the GGUF name `name`.
+    pub fn of(name: &str, t: &candle_core::Tensor) -> candle_core::Result<Self> {
+        Ok(Self {
+            name: name.to_string(),
+            shape: t.dims().iter().rev().copied().collect(),
+            values: t.flatten_all()?.to_vec1::<f32>()?,
+        })
+    }
+}
+
 /// [`write_hybrid_with`], with the base tensors named in `tuned` replaced by their f32
 /// values: the base weights of a fully fine-tuned run.
 #[allow(clippy::too_many_arguments)]

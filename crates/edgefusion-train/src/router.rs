@@ -106,11 +106,14 @@ impl RouterState {
             rng: opts.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
             ssm_opt: AdamW::new(student.ssm_vars(), opts.betas, opts.weight_decay)?,
             gate_opt: AdamW::new(student.gate_vars(), opts.betas, 0.0)?,
-            base_opt: if student.base_vars.is_empty() {
+            base_opt: if student.base.is_empty() {
                 None
             } else {
-                let vars = student.base_vars.iter().map(|(_, v)| v.clone()).collect();
-                Some(AdamW::new(vars, opts.betas, opts.weight_decay)?)
+                Some(AdamW::new(
+                    student.base_vars(),
+                    opts.betas,
+                    opts.weight_decay,
+                )?)
             },
         })
     }
@@ -146,14 +149,13 @@ pub fn router_step(
     let lambda = state.lambda;
     // Windows are back-propagated one at a time and their gradients summed, so that the
     // graph of one window (not of the batch) is alive at once.
-    let base_vars: Vec<candle_core::Var> =
-        student.base_vars.iter().map(|(_, v)| v.clone()).collect();
-    let vars: Vec<candle_core::Var> = student
+    // SSMs and base first: the clipped ones.
+    let clipped: Vec<candle_core::Var> = student
         .ssm_vars()
         .into_iter()
-        .chain(student.gate_vars())
-        .chain(base_vars.iter().cloned())
+        .chain(student.base_vars())
         .collect();
+    let vars: Vec<candle_core::Var> = clipped.iter().cloned().chain(student.gate_vars()).collect();
     let mut summed: Vec<Option<Tensor>> = vec![None; vars.len()];
     let mut grads = None;
     let (mut kl_value, mut loss_value) = (0.0f64, 0.0f64);
@@ -232,13 +234,6 @@ pub fn router_step(
                 &student.gate_vars(),
             )?;
         }
-        let clipped: Vec<candle_core::Var> = state
-            .ssm_opt
-            .vars
-            .iter()
-            .chain(&base_vars)
-            .cloned()
-            .collect();
         clip_grad_norm(&mut grads, &clipped, opts.grad_clip).map_err(numeric)?;
         if opts.lr > 0.0 {
             state.ssm_opt.step(&grads, lr).map_err(numeric)?;

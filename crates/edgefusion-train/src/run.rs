@@ -103,6 +103,12 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     std::fs::rename(&tmp, path).map_err(|e| io_error(path, "renaming", e))
 }
 
+/// Where `train` converts a Hugging Face base model to GGUF inside the run folder (the
+/// stages write GGUF files; `harden` reads the same file later).
+pub fn converted_base(out_dir: &Path) -> PathBuf {
+    out_dir.join("base.gguf")
+}
+
 /// The dense model's config with the SSM sizes of the training config.
 pub fn hybrid_config(dense: &ModelConfig, config: &TrainConfig) -> ModelConfig {
     let mut cfg = dense.clone();
@@ -411,6 +417,10 @@ pub fn router_stages(
     let mut steps = Vec::new();
     let mut bad_steps = 0;
     let log_every = config.logging.log_every.max(1);
+    let save = |state: &RouterState| {
+        let keep_last = config.checkpointing.keep_last;
+        crate::checkpoint::save(&ckpt_dir, config, &student, state, keep_last)
+    };
     while state.step < opts.steps {
         let record = router_step(&student, &mut state, &targets, &opts)?;
         if record.loss.is_nan() {
@@ -418,13 +428,7 @@ pub fn router_stages(
             events(Event::SkippedStep { step: record.step });
             if bad_steps >= MAX_BAD_STEPS {
                 // The weights are those of the last finite step: keep them for --resume.
-                let saved = crate::checkpoint::save(
-                    &ckpt_dir,
-                    config,
-                    &student,
-                    &state,
-                    config.checkpointing.keep_last,
-                )?;
+                let saved = save(&state)?;
                 return Err(TrainError::Numeric {
                     what: format!(
                         "{bad_steps} router steps in a row had a non-finite loss (last: step {}); \
@@ -448,13 +452,7 @@ pub fn router_stages(
         let every = config.checkpointing.every.max(1);
         let stop = run.stop_after == Some(state.step);
         if state.step % every == 0 || stop {
-            crate::checkpoint::save(
-                &ckpt_dir,
-                config,
-                &student,
-                &state,
-                config.checkpointing.keep_last,
-            )?;
+            save(&state)?;
         }
         if stop {
             return Err(TrainError::Stopped { step: state.step });

@@ -4,8 +4,8 @@
 //!
 //! The dense weights are constants (frozen base, the default) or, after
 //! [`Student::unfreeze_base`], variables too (full fine-tuning); the SSMs and the gate
-//! logits are always variables. A layer can also be pinned to one branch (hardened), which is how the
-//! hybrid is evaluated once the gates have chosen.
+//! logits are always variables. A layer can also be pinned to one branch (hardened), which
+//! is how the hybrid is evaluated once the gates have chosen.
 
 use candle_core::{Device, IndexOp, Result, Tensor, Var};
 use edgefusion_io::names::TensorRole;
@@ -61,7 +61,7 @@ pub struct Student {
     pub layer_types: Vec<LayerType>,
     /// The base weights as variables, by GGUF name, after [`Student::unfreeze_base`] (full
     /// fine-tuning); empty while the base is frozen.
-    pub base_vars: Vec<(String, Var)>,
+    pub base: Vec<(String, Var)>,
     /// The output head is the embedding.
     tied: bool,
     /// (max_len, rope_dim / 2)
@@ -140,7 +140,7 @@ impl Student {
             out_norm: vector(&model.output_norm, &dev)?,
             layers,
             layer_types: vec![LayerType::Attention; model.layers.len()],
-            base_vars: Vec::new(),
+            base: Vec::new(),
             tied: model.output.is_none(),
             cos: Tensor::from_vec(cos, (max_len, half), &dev)?,
             sin: Tensor::from_vec(sin, (max_len, half), &dev)?,
@@ -148,9 +148,9 @@ impl Student {
     }
 
     /// Makes every base weight (embedding, norms, attention, feed-forward, head) a variable
-    /// for full fine-tuning; [`Student::base_vars`] lists them by GGUF name.
+    /// for full fine-tuning; [`Student::base`] lists them by GGUF name.
     pub fn unfreeze_base(&mut self) -> Result<()> {
-        if !self.base_vars.is_empty() {
+        if !self.base.is_empty() {
             return Ok(());
         }
         let mut vars = Vec::new();
@@ -182,25 +182,22 @@ impl Student {
                 make(t, role.gguf_name(Some(l)))?;
             }
         }
-        self.base_vars = vars;
+        self.base = vars;
         Ok(())
     }
 
     /// The base variables' current values by GGUF name, with their GGUF shapes (the
     /// tensor's dimensions reversed): what hardening writes in place of the base weights.
     pub fn tuned_base(&self) -> Result<Vec<TunedTensor>> {
-        self.base_vars
+        self.base
             .iter()
-            .map(|(name, var)| {
-                let t = var.as_tensor();
-                let shape: Vec<usize> = t.dims().iter().rev().copied().collect();
-                Ok(TunedTensor {
-                    name: name.clone(),
-                    shape,
-                    values: t.flatten_all()?.to_vec1::<f32>()?,
-                })
-            })
+            .map(|(name, var)| TunedTensor::of(name, var.as_tensor()))
             .collect()
+    }
+
+    /// The base variables (empty while the base is frozen).
+    pub fn base_vars(&self) -> Vec<Var> {
+        self.base.iter().map(|(_, v)| v.clone()).collect()
     }
 
     /// Every trainable variable: the SSMs', then the gate logits.

@@ -4,10 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
+use edgefusion_io::gguf::GgufFile;
 use edgefusion_io::ModelSource;
 use edgefusion_model::{LayerType, Model, ModelConfig};
 use edgefusion_train::run::{
-    distill_stages, harden_checkpoint, router_stages, Event, RunOptions, MAX_BAD_STEPS,
+    distill_stages, harden_checkpoint, router_stages, DistillOutcome, Event, RouterOutcome,
+    RunOptions, MAX_BAD_STEPS,
 };
 use edgefusion_train::{TrainConfig, TrainError};
 
@@ -48,48 +50,58 @@ fn ssm_count(types: &[LayerType]) -> usize {
     types.iter().filter(|&&t| t == LayerType::Ssm).count()
 }
 
+/// The tiny fixture, opened.
+fn tiny() -> ModelSource {
+    ModelSource::open(fixture("tiny-llama-f32.gguf")).unwrap()
+}
+
+fn gguf_of(source: &ModelSource) -> &GgufFile {
+    let ModelSource::Gguf(gguf) = source else {
+        unreachable!("the fixture is a GGUF file")
+    };
+    gguf
+}
+
+/// Stages 1 to 4 (no quantization) into `out`, with `edit` applied to the distilled SSMs
+/// before the router trains.
+fn run_stages(
+    config: &TrainConfig,
+    source: &ModelSource,
+    model: &Model<'_>,
+    out: &Path,
+    edit: impl FnOnce(&mut DistillOutcome),
+    events: &mut dyn FnMut(Event),
+) -> Result<RouterOutcome, TrainError> {
+    let gguf = gguf_of(source);
+    let tokens = tokens(&model.config);
+    let mut outcome =
+        distill_stages(config, gguf, model, &tokens, "ids", out, 1, &mut |_| {}).unwrap();
+    edit(&mut outcome);
+    let opts = RunOptions {
+        skip_quantization: true,
+        ..RunOptions::default()
+    };
+    router_stages(config, gguf, model, &outcome, out, 1, &opts, events)
+}
+
 #[test]
 fn non_finite_losses_are_skipped_then_stop_with_a_checkpoint() {
     let config = config();
-    let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).unwrap();
-    let ModelSource::Gguf(gguf) = &source else {
-        unreachable!()
-    };
+    let source = tiny();
     let model = Model::load(&source).unwrap();
     let out = temp_dir("nan");
-    let mut outcome = distill_stages(
-        &config,
-        gguf,
-        &model,
-        &tokens(&model.config),
-        "ids",
-        &out,
-        1,
-        &mut |_| {},
-    )
-    .unwrap();
-    // Every output projection poisoned: every step's loss is NaN.
-    for ssm in &mut outcome.ssms {
-        ssm.wo.fill(f32::NAN);
-    }
     let mut skipped = Vec::new();
-    let err = router_stages(
-        &config,
-        gguf,
-        &model,
-        &outcome,
-        &out,
-        1,
-        &RunOptions {
-            skip_quantization: true,
-            ..RunOptions::default()
-        },
-        &mut |e| {
-            if let Event::SkippedStep { step } = e {
-                skipped.push(step);
-            }
-        },
-    )
+    // Every output projection poisoned: every step's loss is NaN.
+    let poison = |outcome: &mut DistillOutcome| {
+        for ssm in &mut outcome.ssms {
+            ssm.wo.fill(f32::NAN);
+        }
+    };
+    let err = run_stages(&config, &source, &model, &out, poison, &mut |e| {
+        if let Event::SkippedStep { step } = e {
+            skipped.push(step);
+        }
+    })
     .unwrap_err();
     assert!(matches!(err, TrainError::Numeric { .. }), "{err}");
     assert!(err.to_string().contains("non-finite"), "{err}");
@@ -107,38 +119,12 @@ fn non_finite_losses_are_skipped_then_stop_with_a_checkpoint() {
 #[test]
 fn kept_checkpoints_harden_at_any_share_and_layer_types_round_trip() {
     let config = config();
-    let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).unwrap();
-    let ModelSource::Gguf(gguf) = &source else {
-        unreachable!()
-    };
+    let source = tiny();
+    let gguf = gguf_of(&source);
     let model = Model::load(&source).unwrap();
     let n = model.config.n_layers;
     let out = temp_dir("harden");
-    let outcome = distill_stages(
-        &config,
-        gguf,
-        &model,
-        &tokens(&model.config),
-        "ids",
-        &out,
-        1,
-        &mut |_| {},
-    )
-    .unwrap();
-    let routed = router_stages(
-        &config,
-        gguf,
-        &model,
-        &outcome,
-        &out,
-        1,
-        &RunOptions {
-            skip_quantization: true,
-            ..RunOptions::default()
-        },
-        &mut |_| {},
-    )
-    .unwrap();
+    let routed = run_stages(&config, &source, &model, &out, |_| {}, &mut |_| {}).unwrap();
     let kept = edgefusion_train::checkpoint::list(&out.join("checkpoints"));
     let names: Vec<String> = kept
         .iter()
@@ -182,37 +168,11 @@ fn kept_checkpoints_harden_at_any_share_and_layer_types_round_trip() {
 fn full_fine_tuning_trains_and_writes_the_base_weights() {
     let mut config = config();
     config.stages.freeze_base = false;
-    let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).unwrap();
-    let ModelSource::Gguf(gguf) = &source else {
-        unreachable!()
-    };
+    let source = tiny();
+    let gguf = gguf_of(&source);
     let model = Model::load(&source).unwrap();
     let out = temp_dir("unfrozen");
-    let outcome = distill_stages(
-        &config,
-        gguf,
-        &model,
-        &tokens(&model.config),
-        "ids",
-        &out,
-        1,
-        &mut |_| {},
-    )
-    .unwrap();
-    let routed = router_stages(
-        &config,
-        gguf,
-        &model,
-        &outcome,
-        &out,
-        1,
-        &RunOptions {
-            skip_quantization: true,
-            ..RunOptions::default()
-        },
-        &mut |_| {},
-    )
-    .unwrap();
+    let routed = run_stages(&config, &source, &model, &out, |_| {}, &mut |_| {}).unwrap();
     let tensor = |path: &Path, name: &str| -> Vec<u8> {
         let source = ModelSource::open(path).unwrap();
         let ModelSource::Gguf(g) = &source else {
