@@ -3,7 +3,9 @@
 #   1. the dense base, the run's hybrids at SSM shares 0.33 / 0.5 / the target / 1.0
 #      (all hardened from the last router checkpoint), stage 2's distillation-only hybrid
 #      and the quantized hybrid;
-#   2. PPL against training tokens: every kept router checkpoint hardened at the target.
+#   2. PPL against training tokens: every kept router checkpoint hardened at the target;
+#   3. the cost of each layer alone: the dense model with only that layer on SSM (the last
+#      checkpoint's trained SSM), beside the router's gate and route for it.
 # Evaluation text: Moby-Dick (never the training or calibration text), ctx 512.
 #
 # Usage: scripts/hybrid-report.sh [CONFIG] [RUN_DIR] [CHUNKS]
@@ -33,10 +35,11 @@ ppl() {
     "$BIN" perplexity -m "$1" -f "$TEXT" -c 512 --chunks "$CHUNKS" -t "$THREADS" 2>/dev/null |
         sed -n 's/.*PPL = \([0-9.]*\).*/\1/p'
 }
-harden() { # step share output -> "n_ssm layers"
+harden() { # step share output [layers] -> "n_ssm layers"
     local args=(--config "$CONFIG" --output-dir "$RUN" -o "$3")
     [ -n "$1" ] && args+=(--step "$1")
     [ -n "$2" ] && args+=(--ssm-fraction "$2")
+    [ -n "${4:-}" ] && args+=(--ssm-layers "$4")
     "$BIN" harden "${args[@]}" | sed -n 's/^step [0-9]*: \([0-9]*\) of \([0-9]*\) layers on SSM.*/\1 of \2/p'
 }
 
@@ -44,7 +47,8 @@ echo "## Perplexity on $TEXT (ctx 512, $CHUNKS chunks, $THREADS threads)"
 echo
 echo "| model | SSM layers | PPL |"
 echo "|---|---:|---:|"
-echo "| dense ($(basename "$BASE")) | 0 | $(ppl "$BASE") |"
+DENSE_PPL=$(ppl "$BASE")
+echo "| dense ($(basename "$BASE")) | 0 | $DENSE_PPL |"
 for share in 0.33 0.5 "$TARGET" 1.0; do
     f="$OUT/share_$share.gguf"
     layers=$(harden "" "$share" "$f")
@@ -70,3 +74,17 @@ for dir in "$RUN"/checkpoints/step_*; do
     layers=$(harden "$step" "" "$f")
     echo "| $step | $((step * SEQ * BATCH)) | $layers | $(ppl "$f") |"
 done
+echo
+echo "## The cost of each layer alone (dense with only that layer on SSM, last checkpoint)"
+echo
+echo "| layer | router gate | router route | PPL | vs dense |"
+echo "|---:|---:|---|---:|---:|"
+"$BIN" analyze-router --checkpoint "$RUN" --config "$CONFIG" |
+    awk '$1 ~ /^[0-9]+$/ && ($3 == "ssm" || $3 == "attention") { print $1, $2, $3 }' |
+    while read -r layer gate route; do
+        f="$OUT/layer_$layer.gguf"
+        harden "" "" "$f" "$layer" >/dev/null
+        p=$(ppl "$f")
+        echo "| $layer | $gate | $route | $p | $(awk -v p="$p" -v d="$DENSE_PPL" 'BEGIN { printf "%+.1f%%", 100 * (p / d - 1) }') |"
+        rm -f "$f"
+    done

@@ -76,6 +76,9 @@ struct BenchRow {
     ctx: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rss_bytes: Option<u64>,
+    /// The process's peak resident memory so far (loading included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peak_rss_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     state_bytes: Option<usize>,
 }
@@ -177,6 +180,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 samples_ts: samples,
                 ctx: None,
                 rss_bytes: None,
+                peak_rss_bytes: None,
                 state_bytes: None,
             };
             if matches!(args.output, OutputFormat::Md) {
@@ -246,6 +250,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 samples_ts: samples,
                 ctx: Some(ctx),
                 rss_bytes: rss,
+                peak_rss_bytes: edgefusion_runtime::profile::peak_rss_bytes(),
                 state_bytes: Some(state),
             });
         }

@@ -7,6 +7,7 @@ use clap::Args;
 use edgefusion_io::ModelSource;
 use edgefusion_model::LayerType;
 use edgefusion_train::checkpoint::step_of;
+use edgefusion_train::run::LayerChoice;
 use edgefusion_train::TrainConfig;
 
 #[derive(Args, Debug)]
@@ -19,12 +20,14 @@ use edgefusion_train::TrainConfig;
     `checkpointing.every` steps): the layers with the largest gates take the SSM branch, the\n\
     others keep attention, and the checkpoint's trained SSMs are written with the base\n\
     model's other weights. Use it for a curve of quality against training tokens, or for\n\
-    hybrids at several shares from one run (--ssm-fraction 1 gives the all-SSM model).\n\
+    hybrids at several shares from one run (--ssm-fraction 1 gives the all-SSM model), or\n\
+    the cost of single layers (--ssm-layers 7: only layer 7 on SSM).\n\
     The output is unquantized; `edgefusion quantize` takes it.")]
 pub struct HardenArgs {
-    /// The training configuration the run was made with.
+    /// The training configuration the run was made with [default: the copy `train` keeps
+    /// in the run folder, OUTPUT_DIR/config.yaml].
     #[arg(long)]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
     /// The run's folder (as given to `train --output-dir`).
     #[arg(long)]
     pub output_dir: PathBuf,
@@ -33,8 +36,11 @@ pub struct HardenArgs {
     pub step: Option<usize>,
     /// Share of layers on SSM, in [0, 1] [default: the config's target_ssm_fraction; with a
     /// fixed λ, each gate above ½].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "ssm_layers")]
     pub ssm_fraction: Option<f64>,
+    /// Exactly these layers on SSM, comma-separated (e.g. 3,7,12), whatever their gates.
+    #[arg(long, value_delimiter = ',', value_name = "LAYERS")]
+    pub ssm_layers: Option<Vec<usize>>,
     /// The run was made with `train --debug` (its small slice of the config).
     #[arg(long)]
     pub debug: bool,
@@ -50,7 +56,11 @@ pub struct HardenArgs {
 }
 
 pub fn run(args: HardenArgs) -> Result<()> {
-    let config = TrainConfig::load(&args.config)?.with_overrides(args.freeze_base, args.debug);
+    let config_path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| args.output_dir.join(edgefusion_train::run::RUN_CONFIG));
+    let config = TrainConfig::load(&config_path)?.with_overrides(args.freeze_base, args.debug);
     if let Some(f) = args.ssm_fraction {
         if !(0.0..=1.0).contains(&f) {
             bail!("--ssm-fraction {f} must be in [0, 1]");
@@ -87,7 +97,7 @@ pub fn run(args: HardenArgs) -> Result<()> {
         .with_context(|| {
             format!(
                 "{}: set model.base or pass --base-model",
-                args.config.display()
+                config_path.display()
             )
         })?;
     if base.is_dir() {
@@ -110,7 +120,11 @@ pub fn run(args: HardenArgs) -> Result<()> {
         gguf,
         &model,
         &checkpoint,
-        args.ssm_fraction,
+        match (&args.ssm_layers, args.ssm_fraction) {
+            (Some(layers), _) => LayerChoice::Layers(layers),
+            (None, Some(share)) => LayerChoice::Share(share),
+            (None, None) => LayerChoice::Configured,
+        },
         &args.output,
     )?;
     let n = hardened.layer_types.len();

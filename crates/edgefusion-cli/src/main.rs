@@ -1,11 +1,13 @@
 //! `edgefusion`: run, benchmark and inspect language models on CPU.
 
+mod analyze_router;
 mod bench;
 mod common;
 mod convert;
 mod harden;
 mod inspect;
 mod perplexity;
+mod plot;
 mod quantize;
 mod run;
 mod train;
@@ -48,6 +50,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Harden a router checkpoint of a `train` run at a chosen share of SSM layers.
     Harden(harden::HardenArgs),
+    /// Show what a `train` run's router chose per layer and what it saves (--plot PNG).
+    AnalyzeRouter(analyze_router::AnalyzeRouterArgs),
 }
 
 /// `edgefusion inspect … | head` closes stdout early; `println!` then panics with "Broken
@@ -81,6 +85,7 @@ fn main() {
         Command::Quantize(args) => quantize::run(args),
         Command::Train(args) => train::run(args),
         Command::Harden(args) => harden::run(args),
+        Command::AnalyzeRouter(args) => analyze_router::run(args),
     };
     if let Err(err) = result {
         // One line per cause, no backtrace.

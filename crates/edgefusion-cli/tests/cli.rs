@@ -644,7 +644,95 @@ fn debug_training_runs_a_hundred_steps_end_to_end() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    analyze_router_reads_the_run(&dir, &out_dir);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `analyze-router` on a finished run: the hardened result and its last checkpoint agree,
+/// the curves come from metrics.jsonl, the counted savings have the right sign, and the
+/// chart is a PNG.
+fn analyze_router_reads_the_run(dir: &std::path::Path, out_dir: &std::path::Path) {
+    let analyze = |target: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["analyze-router", "--checkpoint", target.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = edgefusion(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let plot = dir.join("router.png");
+    let table = analyze(out_dir, &["--plot", plot.to_str().unwrap()]);
+    for needle in [
+        "gate g",
+        "ssm_frac",
+        "GFLOPs/token at 8192",
+        "KV + SSM state at 4096",
+    ] {
+        assert!(table.contains(needle), "{needle} missing:\n{table}");
+    }
+    let png = std::fs::read(&plot).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(png.len() > 10_000, "{} bytes", png.len());
+
+    let json = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap();
+    let last = json(&analyze(out_dir, &["--json"]));
+    let summary =
+        json(&std::fs::read_to_string(out_dir.join("checkpoint_final/router.json")).unwrap());
+    let layers = last["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2);
+    for (l, layer) in layers.iter().enumerate() {
+        assert_eq!(layer["route"], summary["layer_types"][l]);
+        assert_eq!(layer["gate"], summary["gates"][l]);
+    }
+    assert_eq!(last["step"], 100);
+    assert_eq!(
+        last["history"].as_array().unwrap().len(),
+        router_metrics(out_dir).len()
+    );
+    // The checkpoint of the last step, read with the configuration the run saved.
+    let step = json(&analyze(
+        &out_dir.join("checkpoints/step_000100"),
+        &["--json"],
+    ));
+    for (a, b) in layers.iter().zip(step["layers"].as_array().unwrap()) {
+        assert_eq!(a["route"], b["route"]);
+        let (ga, gb) = (a["gate"].as_f64().unwrap(), b["gate"].as_f64().unwrap());
+        assert!((ga - gb).abs() < 1e-5, "{ga} vs {gb}");
+    }
+    let n_ssm = layers.iter().filter(|l| l["route"] == "ssm").count();
+    let (dense, hybrid) = (&last["dense"], &last["hybrid"]);
+    let at_8k = |f: &serde_json::Value, key: &str| f[key][3].as_f64().unwrap();
+    if n_ssm > 0 {
+        assert!(at_8k(hybrid, "gflops_per_token") < at_8k(dense, "gflops_per_token"));
+        assert!(at_8k(hybrid, "state_bytes") < at_8k(dense, "state_bytes"));
+    } else {
+        assert_eq!(hybrid, dense);
+    }
+    assert_fails_with(
+        &[
+            "analyze-router",
+            "--checkpoint",
+            dir.join("train.txt").to_str().unwrap(),
+        ],
+        &["train.txt", "not a folder"],
+    );
+    assert_fails_with(
+        &[
+            "analyze-router",
+            "--checkpoint",
+            out_dir.join("distill").to_str().unwrap(),
+        ],
+        &["distill", "no router result"],
+    );
+    assert_fails_with(
+        &[
+            "analyze-router",
+            "--checkpoint",
+            out_dir.to_str().unwrap(),
+            "--plot",
+            "router.svg",
+        ],
+        &["router.svg", "PNG"],
+    );
 }
 
 /// The router lines of a run's metrics.jsonl.

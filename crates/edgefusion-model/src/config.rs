@@ -54,6 +54,7 @@ pub enum RopeScaling {
 
 /// The token mixer of a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LayerType {
     /// Softmax attention with a KV cache.
     Attention,
@@ -70,7 +71,8 @@ impl LayerType {
         }
     }
 
-    fn parse(name: &str) -> Option<Self> {
+    /// The layer type spelled `name` (see [`LayerType::name`]).
+    pub fn parse(name: &str) -> Option<Self> {
         match name {
             "attention" => Some(LayerType::Attention),
             "ssm" => Some(LayerType::Ssm),
@@ -509,6 +511,15 @@ impl ModelConfig {
     pub fn ssm_state_floats(&self) -> usize {
         self.n_kv_heads * self.ssm_d_state * self.head_dim
             + self.ssm_d_conv.saturating_sub(1) * self.ssm_channels()
+    }
+
+    /// Bytes of one sequence's state at `n_ctx` positions, as the runtime keeps it by
+    /// default: every attention layer's K and V in f16, every SSM layer's recurrent state in
+    /// f32 (whatever `n_ctx`).
+    pub fn context_state_bytes(&self, n_ctx: usize) -> usize {
+        let n_ssm = self.n_layers - self.n_attention_layers();
+        self.n_attention_layers() * 2 * self.kv_dim() * 2 * n_ctx
+            + n_ssm * self.ssm_state_floats() * 4
     }
 
     /// Parameters of one attention mixer (projections and biases).

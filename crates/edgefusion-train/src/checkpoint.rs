@@ -149,11 +149,25 @@ pub fn save(
 /// scalars, each layer's gate logit `a` and each layer's trained SSM.
 pub struct Routing {
     pub meta: CheckpointMeta,
-    pub gate_logits: Vec<f64>,
+    pub gate_logits: Vec<f32>,
     pub ssms: HashMap<usize, crate::init::SsmWeights>,
     /// Fine-tuned base weights by GGUF name with their GGUF shapes (empty when the base
     /// was frozen).
     pub tuned_base: Vec<crate::init::TunedTensor>,
+}
+
+impl Routing {
+    /// Each layer's gate `σ(a/τ)` at the τ of the step that led to this checkpoint.
+    pub fn gates(&self, config: &TrainConfig) -> Vec<f64> {
+        let r = &config.router;
+        let tau = crate::router::tau_at(
+            self.meta.step.saturating_sub(1),
+            config.stages.router_steps,
+            r.tau_start,
+            r.tau_end,
+        );
+        crate::router::gates_at(&self.gate_logits, tau)
+    }
 }
 
 /// Reads the routing of the checkpoint folder `path` for a model of `n_layers`, refusing
@@ -173,7 +187,7 @@ pub fn read_routing(
             .flatten_all()
             .and_then(|t| t.to_vec1::<f32>())
             .map_err(numeric)?;
-        gate_logits.push(a.first().copied().unwrap_or(0.0) as f64);
+        gate_logits.push(a.first().copied().unwrap_or(0.0));
         let parts = (0..crate::distill::SSM_TENSOR_NAMES.len())
             .map(|i| state.get(&format!("ssm.{l}.{i}")).cloned())
             .collect::<Result<Vec<_>, _>>()?;

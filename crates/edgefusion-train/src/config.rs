@@ -3,12 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
 
 /// A whole `edgefusion train` configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     pub model: ModelSection,
@@ -29,7 +29,7 @@ pub struct TrainConfig {
 
 /// The dense model to convert: a file the runtime loads, or (for planning without weights)
 /// its architecture.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     /// GGUF file or Hugging Face folder (`--base-model` overrides it).
@@ -39,7 +39,7 @@ pub struct ModelSection {
 }
 
 /// Shapes of a Llama-style decoder.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Architecture {
     pub n_layers: usize,
@@ -52,7 +52,7 @@ pub struct Architecture {
     pub tied_embeddings: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
     /// UTF-8 training text (never the evaluation text).
@@ -63,7 +63,7 @@ pub struct DataSection {
     pub batch_size: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SsmSection {
     /// State width N per KV group (docs/HYBRID.md).
@@ -79,14 +79,14 @@ fn default_init() -> SsmInit {
     SsmInit::Attention
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum SsmInit {
     Attention,
     Random,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouterSection {
     /// Share of layers that should end on the SSM path; λ then adapts by dual ascent.
@@ -114,7 +114,7 @@ fn default_gate_lr() -> f64 {
     0.1
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OptimizerSection {
     pub lr: f64,
@@ -133,7 +133,7 @@ fn default_dtype() -> TrainDtype {
     TrainDtype::F32
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum TrainDtype {
     F32,
@@ -150,7 +150,7 @@ impl TrainDtype {
 }
 
 /// How many tokens each stage reads.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StagesSection {
     /// Stage 1: tokens the dense teacher reads once; its per-layer mixer inputs and outputs
@@ -177,7 +177,7 @@ fn default_top_k() -> usize {
     64
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuantizationSection {
     pub bpw: f64,
@@ -199,7 +199,7 @@ fn default_embedding_bits() -> u8 {
     4
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoggingSection {
     #[serde(default = "default_log_every")]
@@ -218,7 +218,7 @@ fn default_log_every() -> usize {
     100
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointingSection {
     /// Steps between checkpoints.
@@ -293,6 +293,11 @@ impl TrainConfig {
             what: format!("cannot read: {e}"),
         })?;
         Self::parse(&text, &file)
+    }
+
+    /// The configuration as YAML that [`TrainConfig::parse`] reads back to the same value.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml_ng::to_string(self).expect("a config of plain fields serializes")
     }
 
     /// Parses and validates YAML `text` (`file` names it in errors).
@@ -516,6 +521,27 @@ mod tests {
             "edgefusion_7b.yaml",
         )
         .unwrap();
+    }
+
+    /// The copy a run keeps in its folder reads back as the same configuration (the
+    /// checkpoint fingerprint covers every field that shapes training).
+    #[test]
+    fn yaml_round_trip_keeps_the_fingerprint() {
+        for config in [
+            TrainConfig::parse(VALID, "smollm2_135m.yaml").unwrap(),
+            TrainConfig::parse(VALID, "smollm2_135m.yaml")
+                .unwrap()
+                .with_overrides(Some(false), true),
+        ] {
+            let back = TrainConfig::parse(&config.to_yaml(), "copy.yaml").unwrap();
+            assert_eq!(
+                crate::checkpoint::fingerprint(&back),
+                crate::checkpoint::fingerprint(&config)
+            );
+            assert_eq!(back.model.base, config.model.base);
+            assert_eq!(back.quantization.calib, config.quantization.calib);
+            assert_eq!(back.logging.log_every, config.logging.log_every);
+        }
     }
 
     #[test]

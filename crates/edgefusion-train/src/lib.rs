@@ -3,6 +3,7 @@
 //! model's activations, stage 2 ([`distill`]) fits each layer's SSM to its attention; router
 //! training and hardening come next.
 
+pub mod analysis;
 pub mod checkpoint;
 pub mod config;
 pub mod distill;

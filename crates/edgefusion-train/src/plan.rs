@@ -143,8 +143,6 @@ pub fn plan(
             + (heads * embd) as f64 * efq_bpw(q.embedding_bits as f64, m.d_model))
             / 8.0
             + ((small + ssm_f32) * 4) as f64;
-        let kv_per_position = (m.n_attention_layers() * 2 * m.kv_dim() * 2) as f64;
-        let ssm_state = ((m.n_layers - m.n_attention_layers()) * m.ssm_state_floats() * 4) as f64;
         ModelFigures {
             params: m.n_params(),
             gflops_per_token_0: m.flops_per_token(0) / 1e9,
@@ -152,7 +150,7 @@ pub fn plan(
             quantized_bytes,
             state_bytes: CONTEXTS
                 .iter()
-                .map(|&n| kv_per_position * n as f64 + ssm_state)
+                .map(|&n| m.context_state_bytes(n) as f64)
                 .collect(),
         }
     };

@@ -7,7 +7,11 @@
 //!   and its report;
 //! - `metrics.jsonl`: one JSON object per logged step;
 //! - `hybrid_distill.gguf`: the hybrid with the configured share of layers on SSM, chosen by
-//!   lowest distillation loss (the stand-in for the router until stage 3 runs).
+//!   lowest distillation loss (the stand-in for the router until stage 3 runs);
+//! - `config.yaml`: the configuration as run (stage 3 writes it);
+//! - `checkpoints/step_NNNNNN/`: stage 3's checkpoints ([`crate::checkpoint`]);
+//! - `checkpoint_final/model.gguf` and `router.json`: the hardened hybrid;
+//! - `checkpoint_quantized/model.gguf`: it quantized.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -101,6 +105,14 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).map_err(|e| io_error(&tmp, "writing", e))?;
     std::fs::rename(&tmp, path).map_err(|e| io_error(path, "renaming", e))
+}
+
+/// The copy of the configuration a run was made with, in its folder.
+pub const RUN_CONFIG: &str = "config.yaml";
+
+/// The configuration saved in the run folder `out_dir` by `train` (overrides applied).
+pub fn run_config(out_dir: &Path) -> Result<TrainConfig, TrainError> {
+    TrainConfig::load(&out_dir.join(RUN_CONFIG))
 }
 
 /// Where `train` converts a Hugging Face base model to GGUF inside the run folder (the
@@ -336,6 +348,22 @@ pub struct RunOptions {
     pub stop_after: Option<usize>,
 }
 
+/// `checkpoint_final/router.json`: what hardening chose.
+pub const ROUTER_SUMMARY: &str = "router.json";
+
+/// The contents of [`ROUTER_SUMMARY`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RouterSummary {
+    /// `attention` or `ssm` for each layer.
+    pub layer_types: Vec<String>,
+    /// Each layer's final gate `σ(a/τ)` (none when no router step ran).
+    pub gates: Option<Vec<f64>>,
+    pub ssm_frac: f64,
+    pub lambda: f64,
+    /// Router steps trained.
+    pub steps: usize,
+}
+
 /// What stages 3 and 4 produced.
 #[derive(Debug, Clone)]
 pub struct RouterOutcome {
@@ -414,6 +442,9 @@ pub fn router_stages(
             what: "a router checkpoint is already here: pass --resume to continue it, or use a fresh --output-dir".into(),
         });
     }
+    // The configuration as run (overrides applied), so that `harden` and `analyze-router`
+    // read the run from its folder alone.
+    write_atomic(&out_dir.join(RUN_CONFIG), config.to_yaml().as_bytes())?;
     let mut steps = Vec::new();
     let mut bad_steps = 0;
     let log_every = config.logging.log_every.max(1);
@@ -460,9 +491,17 @@ pub fn router_stages(
     }
 
     // Stage 4: harden.
-    let last = steps.last();
-    let layer_types: Vec<LayerType> = match last {
-        Some(s) => harden(&s.gates, r.target_ssm_fraction),
+    // The gates after the last update, at the τ of the last step (as `harden` reads a
+    // checkpoint); before any router step, distillation's choice stands.
+    let gates = if state.step > 0 {
+        let tau = crate::router::tau_at(state.step - 1, opts.steps, r.tau_start, r.tau_end);
+        let logits = student.gate_logits().map_err(numeric)?;
+        Some(crate::router::gates_at(&logits, tau))
+    } else {
+        None
+    };
+    let layer_types: Vec<LayerType> = match &gates {
+        Some(g) => harden(g, r.target_ssm_fraction),
         None => distilled.layer_types.clone(),
     };
     let mut trained = HashMap::new();
@@ -482,17 +521,18 @@ pub fn router_stages(
         &student.tuned_base().map_err(numeric)?,
         &final_model,
     )?;
-    let summary = serde_json::json!({
-        "layer_types": layer_types.iter().map(|t| t.name()).collect::<Vec<_>>(),
-        "gates": last.map(|s| s.gates.clone()),
-        "ssm_frac": layer_types.iter().filter(|t| **t == LayerType::Ssm).count() as f64 / layer_types.len() as f64,
-        "lambda": state.lambda,
-        "steps": state.step,
-    });
+    let summary = RouterSummary {
+        layer_types: layer_types.iter().map(|t| t.name().to_string()).collect(),
+        gates,
+        ssm_frac: layer_types.iter().filter(|t| **t == LayerType::Ssm).count() as f64
+            / layer_types.len() as f64,
+        lambda: state.lambda,
+        steps: state.step,
+    };
     write_atomic(
-        &final_dir.join("router.json"),
+        &final_dir.join(ROUTER_SUMMARY),
         serde_json::to_string_pretty(&summary)
-            .expect("json")
+            .expect("plain struct")
             .as_bytes(),
     )?;
 
@@ -591,35 +631,53 @@ pub struct Hardened {
     pub layer_types: Vec<LayerType>,
 }
 
+/// Which layers [`harden_checkpoint`] puts on SSM.
+#[derive(Debug, Clone, Copy)]
+pub enum LayerChoice<'a> {
+    /// The configured target share of the largest gates (with a fixed λ: each gate
+    /// above ½), as stage 4 does.
+    Configured,
+    /// This share of the layers, those with the largest gates.
+    Share(f64),
+    /// Exactly these layers, whatever their gates (the cost of single layers, say).
+    Layers(&'a [usize]),
+}
+
 /// Hardens the router checkpoint folder `checkpoint` (`checkpoints/step_NNNNNN`) into the
-/// hybrid GGUF `output` with `share` of the layers on SSM (the largest gates; `None`: the
-/// configured target, or each gate alone with a fixed λ) and the checkpoint's trained SSMs.
-/// This is stage 4 at another step or share: a curve of quality against training tokens,
-/// or hybrids at several shares from one run.
+/// hybrid GGUF `output` with the layers `choice` picks on SSM and the checkpoint's trained
+/// SSMs. This is stage 4 at another step or share: a curve of quality against training
+/// tokens, hybrids at several shares from one run, or one layer at a time on SSM.
 pub fn harden_checkpoint(
     config: &TrainConfig,
     gguf: &GgufFile,
     model: &Model<'_>,
     checkpoint: &Path,
-    share: Option<f64>,
+    choice: LayerChoice<'_>,
     output: &Path,
 ) -> Result<Hardened, TrainError> {
     let cfg = hybrid_config(&model.config, config);
     let routing = crate::checkpoint::read_routing(checkpoint, config, cfg.n_layers)?;
-    let r = &config.router;
-    // The τ of the step that led to this checkpoint (the ranking does not depend on it).
-    let tau = crate::router::tau_at(
-        routing.meta.step.saturating_sub(1),
-        config.stages.router_steps,
-        r.tau_start,
-        r.tau_end,
-    );
-    let gates: Vec<f64> = routing
-        .gate_logits
-        .iter()
-        .map(|&a| 1.0 / (1.0 + (-a / tau).exp()))
-        .collect();
-    let layer_types = harden(&gates, share.or(r.target_ssm_fraction));
+    let gates = routing.gates(config);
+    let layer_types = match choice {
+        LayerChoice::Configured => harden(&gates, config.router.target_ssm_fraction),
+        LayerChoice::Share(share) => harden(&gates, Some(share)),
+        LayerChoice::Layers(layers) => {
+            let mut types = vec![LayerType::Attention; cfg.n_layers];
+            for &l in layers {
+                let Some(t) = types.get_mut(l) else {
+                    return Err(TrainError::Config {
+                        file: checkpoint.display().to_string(),
+                        what: format!(
+                            "layer {l} does not exist: the model has layers 0..{}",
+                            cfg.n_layers
+                        ),
+                    });
+                };
+                *t = LayerType::Ssm;
+            }
+            types
+        }
+    };
     write_hybrid_tuned(
         gguf,
         model,

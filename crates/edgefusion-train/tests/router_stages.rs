@@ -8,8 +8,8 @@ use edgefusion_io::gguf::GgufFile;
 use edgefusion_io::ModelSource;
 use edgefusion_model::{LayerType, Model, ModelConfig};
 use edgefusion_train::run::{
-    distill_stages, harden_checkpoint, router_stages, DistillOutcome, Event, RouterOutcome,
-    RunOptions, MAX_BAD_STEPS,
+    distill_stages, harden_checkpoint, router_stages, DistillOutcome, Event, LayerChoice,
+    RouterOutcome, RunOptions, MAX_BAD_STEPS,
 };
 use edgefusion_train::{TrainConfig, TrainError};
 
@@ -138,7 +138,15 @@ fn kept_checkpoints_harden_at_any_share_and_layer_types_round_trip() {
     };
     // The last checkpoint at the configured target is stage 4's own choice.
     let last = out.join("last.gguf");
-    let hardened = harden_checkpoint(&config, gguf, &model, &kept[2], None, &last).unwrap();
+    let hardened = harden_checkpoint(
+        &config,
+        gguf,
+        &model,
+        &kept[2],
+        LayerChoice::Configured,
+        &last,
+    )
+    .unwrap();
     assert_eq!(hardened.step, 12);
     assert_eq!(hardened.layer_types, routed.layer_types);
     assert_eq!(load_types(&last), hardened.layer_types);
@@ -149,16 +157,58 @@ fn kept_checkpoints_harden_at_any_share_and_layer_types_round_trip() {
     // Any share, any kept step: all-SSM, all-attention.
     for (share, expected) in [(1.0, n), (0.0, 0)] {
         let path = out.join(format!("share{share}.gguf"));
-        let h = harden_checkpoint(&config, gguf, &model, &kept[0], Some(share), &path).unwrap();
+        let h = harden_checkpoint(
+            &config,
+            gguf,
+            &model,
+            &kept[0],
+            LayerChoice::Share(share),
+            &path,
+        )
+        .unwrap();
         assert_eq!(h.step, 4);
         assert_eq!(ssm_count(&h.layer_types), expected);
         assert_eq!(load_types(&path), h.layer_types);
     }
+    // Named layers, whatever their gates; a layer that does not exist is refused.
+    let one = out.join("one.gguf");
+    let h = harden_checkpoint(
+        &config,
+        gguf,
+        &model,
+        &kept[1],
+        LayerChoice::Layers(&[n - 1]),
+        &one,
+    )
+    .unwrap();
+    assert_eq!(ssm_count(&h.layer_types), 1);
+    assert_eq!(load_types(&one)[n - 1], LayerType::Ssm);
+    let err = harden_checkpoint(
+        &config,
+        gguf,
+        &model,
+        &kept[1],
+        LayerChoice::Layers(&[n]),
+        &one,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("layer {n} does not exist")),
+        "{err}"
+    );
     // A checkpoint from another configuration is refused.
     let mut other = config.clone();
     other.seed += 1;
-    let err =
-        harden_checkpoint(&other, gguf, &model, &kept[2], None, &out.join("x.gguf")).unwrap_err();
+    let err = harden_checkpoint(
+        &other,
+        gguf,
+        &model,
+        &kept[2],
+        LayerChoice::Configured,
+        &out.join("x.gguf"),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("another configuration"), "{err}");
     assert!(!out.join("x.gguf").exists());
     let _ = std::fs::remove_dir_all(&out);
@@ -191,7 +241,15 @@ fn full_fine_tuning_trains_and_writes_the_base_weights() {
         .pop()
         .unwrap();
     let again = out.join("again.gguf");
-    harden_checkpoint(&config, gguf, &model, &last, None, &again).unwrap();
+    harden_checkpoint(
+        &config,
+        gguf,
+        &model,
+        &last,
+        LayerChoice::Configured,
+        &again,
+    )
+    .unwrap();
     for name in [
         "blk.0.ffn_up.weight",
         "token_embd.weight",
@@ -206,6 +264,14 @@ fn full_fine_tuning_trains_and_writes_the_base_weights() {
     // The frozen configuration refuses this run's checkpoints.
     let mut frozen = config.clone();
     frozen.stages.freeze_base = true;
-    assert!(harden_checkpoint(&frozen, gguf, &model, &last, None, &again).is_err());
+    assert!(harden_checkpoint(
+        &frozen,
+        gguf,
+        &model,
+        &last,
+        LayerChoice::Configured,
+        &again
+    )
+    .is_err());
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -190,7 +190,7 @@ fn router_gates_follow_the_kl_and_the_sparsity_weight() {
             warmup_steps: 1,
             grad_clip: 1.0,
             tau_start: 1.0,
-            tau_end: 0.2,
+            tau_end: 0.05,
             target,
             lambda,
             dual_lr: 0.5,
@@ -213,4 +213,19 @@ fn router_gates_follow_the_kl_and_the_sparsity_weight() {
     assert!(half.lambda > 0.0);
     let all = run(0.0, Some(1.0));
     assert_eq!(all.ssm_frac, 1.0, "{:?} λ {}", all.gates, all.lambda);
+    // The commit phase makes the gates decide: each ends near 0 or 1.
+    for r in [&free, &pushed, &half, &all] {
+        assert!(
+            r.commit > 0.0 || r.lambda == 0.0 || r.ssm_frac == 1.0,
+            "{r:?}"
+        );
+        assert!(
+            r.gate_entropy_bits < 0.15,
+            "entropy {} bits, gates {:?}, commit {}, λ {}",
+            r.gate_entropy_bits,
+            r.gates,
+            r.commit,
+            r.lambda
+        );
+    }
 }
