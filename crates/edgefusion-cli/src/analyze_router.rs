@@ -98,17 +98,18 @@ pub fn render(a: &RouterAnalysis) -> String {
     );
     let _ = writeln!(
         out,
-        "\nlayer   gate g  route       entropy  cost ∂KL/∂g  distill err"
+        "\nlayer   gate g  route       entropy  cost ∂KL/∂g  switch ΔKL  distill err"
     );
     for l in &a.layers {
         let _ = writeln!(
             out,
-            "{:>5}  {:>7.4}  {:<10}  {:>7.3}  {:>11}  {:>11}",
+            "{:>5}  {:>7.4}  {:<10}  {:>7.3}  {:>11}  {:>10}  {:>11}",
             l.layer,
             l.gate,
             l.route.name(),
             l.entropy_bits,
             opt(l.cost, 4),
+            opt(l.switch_cost, 4),
             opt(l.distill_error, 4)
         );
     }
@@ -129,20 +130,30 @@ pub fn render(a: &RouterAnalysis) -> String {
         .map(|l| l.layer.to_string())
         .collect();
     let _ = writeln!(out, "SSM layers: {}", ssm_layers.join(" "));
-    let mut costly: Vec<_> = a
+    // Which layers cost most: by measured switching cost where the run measured it,
+    // else by marginal cost.
+    let (label, cost_of): (
+        &str,
+        fn(&edgefusion_train::analysis::LayerRoute) -> Option<f64>,
+    ) = if a.layers.iter().any(|l| l.switch_cost.is_some()) {
+        ("switch ΔKL", |l| l.switch_cost)
+    } else {
+        ("∂KL/∂g", |l| l.cost)
+    };
+    let mut costly: Vec<(usize, f64)> = a
         .layers
         .iter()
-        .filter(|l| l.route == LayerType::Ssm && l.cost.is_some())
+        .filter_map(|l| Some((l.layer, cost_of(l)?)))
         .collect();
-    costly.sort_by(|x, y| y.cost.unwrap().total_cmp(&x.cost.unwrap()));
+    costly.sort_by(|x, y| y.1.total_cmp(&x.1));
     if !costly.is_empty() {
         let _ = writeln!(
             out,
-            "costliest SSM layers (∂KL/∂g): {}",
+            "costliest layers to convert ({label}): {}",
             costly
                 .iter()
                 .take(5)
-                .map(|l| format!("{} ({:.4})", l.layer, l.cost.unwrap()))
+                .map(|(l, c)| format!("{l} ({c:.4})"))
                 .collect::<Vec<_>>()
                 .join(", ")
         );

@@ -308,6 +308,24 @@ fn train(
                 "warning: router step {step} had a non-finite loss; skipped (no weight changed)"
             )),
             Event::RouterStep(s) => {
+                if let Some(costs) = &s.switch_costs {
+                    let mut order: Vec<usize> = (0..costs.len()).collect();
+                    order.sort_by(|&a, &b| costs[a].total_cmp(&costs[b]));
+                    let line = format!(
+                        "step {:4}: commit phase: switching costs measured (ΔKL, each layer alone on SSM), cheapest first: {}",
+                        s.step,
+                        order
+                            .iter()
+                            .map(|&l| format!("{l} {:.4}", costs[l]))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    if bar.is_hidden() {
+                        println!("{line}");
+                    } else {
+                        bar.println(line);
+                    }
+                }
                 bar.set_prefix("3 router");
                 bar.set_length(steps as u64);
                 bar.set_position(s.step as u64);

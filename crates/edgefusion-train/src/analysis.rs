@@ -35,6 +35,9 @@ pub struct LayerRoute {
     /// Averaged marginal cost `∂KL/∂g` in nats per token (what moving this layer to SSM
     /// costs the distillation loss; target mode only).
     pub cost: Option<f64>,
+    /// The KL increase, in nats per token, when this layer alone runs its SSM, measured as
+    /// the commit phase starts (what hardening ranks the layers by).
+    pub switch_cost: Option<f64>,
     /// Stage 2's held-out relative error of the layer's SSM against its attention.
     pub distill_error: Option<f64>,
 }
@@ -236,7 +239,8 @@ pub fn analyze(path: &Path, config: Option<&TrainConfig>) -> Result<RouterAnalys
         },
     };
     let history = read_history(&run_dir)?;
-    let (source_dir, step, lambda, gates, routes, costs, hybrid) = match &source {
+    let measured = history.iter().rev().find_map(|s| s.switch_costs.clone());
+    let (source_dir, step, lambda, gates, routes, costs, switch_costs, hybrid) = match &source {
         RoutingSource::Final(dir) => {
             let summary_path = dir.join(ROUTER_SUMMARY);
             let text = std::fs::read_to_string(&summary_path)
@@ -289,6 +293,7 @@ pub fn analyze(path: &Path, config: Option<&TrainConfig>) -> Result<RouterAnalys
                 gates,
                 routes,
                 costs,
+                measured,
                 hybrid,
             )
         }
@@ -313,6 +318,7 @@ pub fn analyze(path: &Path, config: Option<&TrainConfig>) -> Result<RouterAnalys
                 gates,
                 routes,
                 routing.meta.costs.clone(),
+                routing.meta.switch_costs.clone(),
                 hybrid,
             )
         }
@@ -333,6 +339,7 @@ pub fn analyze(path: &Path, config: Option<&TrainConfig>) -> Result<RouterAnalys
             route: routes[l],
             entropy_bits: gate_entropy_bits(&[gates[l] as f32]),
             cost: costs.get(l).copied().flatten(),
+            switch_cost: switch_costs.as_ref().and_then(|c| c.get(l).copied()),
             distill_error: errors[l],
         })
         .collect();

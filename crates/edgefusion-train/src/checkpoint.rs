@@ -27,6 +27,9 @@ pub struct CheckpointMeta {
     pub costs: Vec<Option<f64>>,
     pub ssm_opt_t: usize,
     pub gate_opt_t: usize,
+    /// Each layer's measured switching cost, once the commit phase has measured them.
+    #[serde(default)]
+    pub switch_costs: Option<Vec<f64>>,
 }
 
 /// FNV-1a of the configuration fields that shape training (not logging or checkpointing).
@@ -130,6 +133,7 @@ pub fn save(
             .collect(),
         ssm_opt_t: state.ssm_opt.t,
         gate_opt_t: state.gate_opt.t,
+        switch_costs: state.switch_costs.clone(),
     };
     std::fs::write(
         tmp.join("state.json"),
@@ -308,5 +312,6 @@ pub fn restore(
     state.lambda = meta.lambda;
     state.rng = meta.rng;
     state.costs = meta.costs.iter().map(|c| c.unwrap_or(f64::NAN)).collect();
+    state.switch_costs = meta.switch_costs.clone();
     Ok(Some(meta.step))
 }

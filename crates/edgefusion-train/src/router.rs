@@ -18,15 +18,17 @@
 //! marginal cost `κ_l g` vanishes as `g → 0`: against the linear pull `λ`, the optimum
 //! `g* = λ/κ_l` lies inside (0, 1) for every layer, whatever τ (measured on SmolLM2: mean
 //! entropy 0.19 bits after 80 steps and 27 of 30 gates above ½ for a target of 20;
-//! halfway, gates resting at 0.02–0.1 and 0.5–0.7 while τ fell). So the second half of training *commits*: the gates are
-//! pulled toward their projection `z` onto the constraint — the `round(target·n)` largest
-//! gates to 1, the rest to 0 (with a fixed λ, each gate to its nearer end) — by
-//! `ρ·Σ|g − z|`, with ρ ramping from 0 at half the steps to twice the largest
-//! `|c_l − λ|` at three quarters. Past `ρ > max |c_l − λ|` every gate's pull toward `z`
-//! beats its KL, so the gates end at the vertex the projection picks (the hardening
-//! itself, reached gradually), with exactly the target share. At the interior optima the
-//! gates are ordered by `λ/κ_l`, the inverse of each layer's whole switching cost `½κ_l`,
-//! so the projection keeps the layers that are cheapest to convert.
+//! halfway, gates resting at 0.02–0.1 and 0.5–0.7 while τ fell). So the second half of
+//! training *commits*. As it starts, each layer's switching cost is measured — the KL
+//! increase when that layer alone runs its SSM ([`measure_switch_costs`]), the finite
+//! difference that the marginal cost only approximates — and the `round(target·n)`
+//! cheapest layers become the target `z` (1 for SSM, 0 for attention; with a fixed λ,
+//! each gate's nearer end). The gates are pulled toward `z` by `ρ·Σ|g − z|`, ρ ramping
+//! from 0 at half the steps to twice the largest `|c_l − λ|` at three quarters: past
+//! `ρ > max |c_l − λ|` every gate's pull toward `z` beats its KL, so the gates end at `z`
+//! (the hardening itself, reached gradually, with the SSMs trained in the hybrid they will
+//! serve), with exactly the target share. On SmolLM2 the same trained SSMs gave PPL 128
+//! hardened by gate rank and 99 by measured cost.
 
 use candle_core::Tensor;
 
@@ -79,6 +81,9 @@ pub struct RouterStep {
     /// Each layer's averaged marginal KL cost `∂KL/∂g` (target mode; `None` before the
     /// first estimate).
     pub costs: Vec<Option<f64>>,
+    /// Measured at this step (the first of the commit phase): each layer's switching cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch_costs: Option<Vec<f64>>,
 }
 
 /// The teacher's targets for stage 3 (see `teacher::read_targets`).
@@ -109,6 +114,9 @@ pub struct RouterState {
     pub gate_opt: AdamW,
     /// The base weights' optimizer when they train too (full fine-tuning).
     pub base_opt: Option<AdamW>,
+    /// Each layer's measured switching cost (target mode, from the commit phase on): the KL
+    /// increase when that layer alone runs its SSM, see [`measure_switch_costs`].
+    pub switch_costs: Option<Vec<f64>>,
 }
 
 impl RouterState {
@@ -133,6 +141,7 @@ impl RouterState {
                     opts.weight_decay,
                 )?)
             },
+            switch_costs: None,
         })
     }
 }
@@ -160,10 +169,15 @@ pub fn commit_ramp(step: usize, steps: usize) -> f64 {
     ((progress - 0.5) / 0.25).clamp(0.0, 1.0)
 }
 
-/// The projection of `gates` onto the routing constraint: 1 for the `round(target·n)`
-/// largest gates (ties to the lower layer), 0 for the others; without a target, each gate
-/// rounded to its nearer end.
-pub fn project_gates(gates: &[f64], target: Option<f64>) -> Vec<f64> {
+/// Where the commit phase pulls the gates: with a target, 1 for the `round(target·n)`
+/// layers with the smallest measured switching costs (see [`measure_switch_costs`]; before
+/// they are measured, the largest gates), 0 for the others, ties to the lower layer;
+/// without a target, each gate rounded to its nearer end.
+pub fn commit_targets(
+    gates: &[f64],
+    target: Option<f64>,
+    switch_costs: Option<&[f64]>,
+) -> Vec<f64> {
     let Some(target) = target else {
         return gates
             .iter()
@@ -173,12 +187,62 @@ pub fn project_gates(gates: &[f64], target: Option<f64>) -> Vec<f64> {
     let n = gates.len();
     let k = ((target * n as f64).round() as usize).min(n);
     let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| gates[b].total_cmp(&gates[a]).then(a.cmp(&b)));
+    match switch_costs {
+        Some(c) if c.len() == n => order.sort_by(|&a, &b| c[a].total_cmp(&c[b]).then(a.cmp(&b))),
+        _ => order.sort_by(|&a, &b| gates[b].total_cmp(&gates[a]).then(a.cmp(&b))),
+    }
     let mut z = vec![0.0; n];
     for &l in &order[..k] {
         z[l] = 1.0;
     }
     z
+}
+
+/// Windows of the teacher cache on which switching costs are measured (the last ones).
+pub const SWITCH_WINDOWS: usize = 2;
+
+/// Window `w` of the teacher's targets: its tokens, top-k indices and logits `(L, k)`.
+fn window<'t>(
+    targets: &'t Targets,
+    w: usize,
+    dev: &candle_core::Device,
+) -> Result<(&'t [u32], Tensor, Tensor), TrainError> {
+    let (l, k) = (targets.seq_len, targets.top_k);
+    let tokens = &targets.tokens[w * l..(w + 1) * l];
+    let idx = Tensor::from_slice(&targets.idx[w * l * k..(w + 1) * l * k], (l, k), dev)
+        .map_err(numeric)?;
+    let vals = Tensor::from_slice(&targets.vals[w * l * k..(w + 1) * l * k], (l, k), dev)
+        .map_err(numeric)?;
+    Ok((tokens, idx, vals))
+}
+
+/// Each layer's switching cost: the KL to the teacher when that layer alone runs its SSM
+/// (every other layer on attention), minus the KL of the all-attention student, averaged
+/// over the last [`SWITCH_WINDOWS`] windows of the cache. This is the finite difference
+/// that the gates' gradient only approximates: near the teacher the marginal cost
+/// `∂KL/∂g` vanishes with `g` (see the module comment), and on SmolLM2 ranking the layers
+/// by their gates picked a worse hybrid (PPL 128) than ranking the same SSMs by this cost
+/// (99). One forward pass per layer and window, without gradients.
+pub fn measure_switch_costs(student: &Student, targets: &Targets) -> Result<Vec<f64>, TrainError> {
+    let dev = crate::device().clone();
+    let n_windows = targets.n_windows();
+    let windows: Vec<usize> = (n_windows.saturating_sub(SWITCH_WINDOWS)..n_windows).collect();
+    let kl_of = |except: Option<usize>| -> Result<f64, TrainError> {
+        let mut sum = 0.0;
+        for &w in &windows {
+            let (tokens, idx, vals) = window(targets, w, &dev)?;
+            let (logits, _) = student
+                .forward(tokens, Route::AttentionExcept(except))
+                .map_err(numeric)?;
+            let kl = top_k_kl(&logits.detach(), &idx, &vals).map_err(numeric)?;
+            sum += kl.to_scalar::<f32>().map_err(numeric)? as f64;
+        }
+        Ok(sum / windows.len().max(1) as f64)
+    };
+    let dense = kl_of(None)?;
+    (0..student.layers.len())
+        .map(|l| Ok(kl_of(Some(l))? - dense))
+        .collect()
 }
 
 /// The commit weight ρ for this step: the ramp times twice the largest gap between a
@@ -212,15 +276,23 @@ pub fn router_step(
 ) -> Result<RouterStep, TrainError> {
     let start = std::time::Instant::now();
     let tau = tau_at(state.step, opts.steps, opts.tau_start, opts.tau_end);
-    let (l, k) = (targets.seq_len, targets.top_k);
+    let l = targets.seq_len;
     let dev = crate::device().clone();
     let batch = opts.batch_size.max(1);
     let lambda = state.lambda;
     // Each layer's weight on its attention gate `1 − g`: λ, plus or minus the commit pull
     // toward the projected gates (see the module comment).
     let commit = commit_weight(state, opts);
+    // The commit phase's targets come from measured switching costs, taken once as it
+    // starts.
+    let mut measured = None;
+    if commit > 0.0 && opts.target.is_some() && state.switch_costs.is_none() {
+        let costs = measure_switch_costs(student, targets)?;
+        state.switch_costs = Some(costs.clone());
+        measured = Some(costs);
+    }
     let gates_now = gates_at(&student.gate_logits().map_err(numeric)?, tau);
-    let weights: Vec<f64> = project_gates(&gates_now, opts.target)
+    let weights: Vec<f64> = commit_targets(&gates_now, opts.target, state.switch_costs.as_deref())
         .iter()
         .map(|z| lambda + commit * (2.0 * z - 1.0))
         .collect();
@@ -248,11 +320,7 @@ pub fn router_step(
         state.rng ^= state.rng >> 7;
         state.rng ^= state.rng << 17;
         let w = (state.rng % targets.n_windows() as u64) as usize;
-        let tokens = &targets.tokens[w * l..(w + 1) * l];
-        let idx = Tensor::from_slice(&targets.idx[w * l * k..(w + 1) * l * k], (l, k), &dev)
-            .map_err(numeric)?;
-        let vals = Tensor::from_slice(&targets.vals[w * l * k..(w + 1) * l * k], (l, k), &dev)
-            .map_err(numeric)?;
+        let (tokens, idx, vals) = window(targets, w, &dev)?;
         let (logits, shares) = student
             .forward(tokens, Route::Soft { tau })
             .map_err(numeric)?;
@@ -354,6 +422,7 @@ pub fn router_step(
             .iter()
             .map(|c| c.is_finite().then_some(*c))
             .collect(),
+        switch_costs: measured,
     })
 }
 
@@ -417,4 +486,44 @@ fn set_multiplier(state: &mut RouterState, target: f64) {
         k if k == n => known[n - 1].max(0.0) * 1.5 + 1e-3,
         k => (0.5 * (known[k - 1] + known[k])).max(0.0),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_targets_take_the_cheapest_layers_once_measured() {
+        let gates = [0.9, 0.2, 0.7, 0.6];
+        // Before the costs are measured: the largest gates.
+        assert_eq!(
+            commit_targets(&gates, Some(0.5), None),
+            [1.0, 0.0, 1.0, 0.0]
+        );
+        // Measured costs override the gates' ranking; ties go to the lower layer.
+        let costs = [0.3, 0.01, 0.2, 0.01];
+        assert_eq!(
+            commit_targets(&gates, Some(0.5), Some(&costs)),
+            [0.0, 1.0, 0.0, 1.0]
+        );
+        assert_eq!(
+            commit_targets(&gates, Some(0.25), Some(&[0.1, 0.1, 0.1, 0.1])),
+            [1.0, 0.0, 0.0, 0.0]
+        );
+        // Without a target each gate goes to its nearer end.
+        assert_eq!(
+            commit_targets(&gates, None, Some(&costs)),
+            [1.0, 0.0, 1.0, 1.0]
+        );
+        assert_eq!(commit_targets(&gates, Some(1.0), None), [1.0; 4]);
+    }
+
+    #[test]
+    fn the_commit_ramp_starts_at_half_and_is_full_at_three_quarters() {
+        assert_eq!(commit_ramp(0, 80), 0.0);
+        assert_eq!(commit_ramp(40, 80), 0.0);
+        assert!((commit_ramp(50, 80) - 0.5).abs() < 1e-12);
+        assert_eq!(commit_ramp(60, 80), 1.0);
+        assert_eq!(commit_ramp(79, 80), 1.0);
+    }
 }

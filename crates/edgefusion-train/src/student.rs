@@ -43,6 +43,9 @@ pub enum Route {
     Soft { tau: f64 },
     /// Only the branch of each layer's type.
     Hard,
+    /// Attention everywhere except the given layer, on SSM (`None`: attention everywhere,
+    /// the dense model): what converting one layer alone costs.
+    AttentionExcept(Option<usize>),
 }
 
 /// The routed student.
@@ -327,8 +330,11 @@ impl Student {
                     shares.push(g);
                     mixed
                 }
-                Route::Hard => {
-                    let ssm = self.layer_types[l] == LayerType::Ssm;
+                Route::Hard | Route::AttentionExcept(_) => {
+                    let ssm = match route {
+                        Route::AttentionExcept(only) => only == Some(l),
+                        _ => self.layer_types[l] == LayerType::Ssm,
+                    };
                     shares.push(Tensor::new(&[if ssm { 1.0f32 } else { 0.0 }], dev)?);
                     if ssm {
                         forward_chunked(&tensors_of(&layer.ssm), &self.dims, &h, 64)?

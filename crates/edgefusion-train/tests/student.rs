@@ -177,6 +177,7 @@ fn router_gates_follow_the_kl_and_the_sparsity_weight() {
         top_k: k,
         seq_len: l,
     };
+    let switch_costs: std::cell::RefCell<Option<Vec<f64>>> = std::cell::RefCell::new(None);
     let run = |lambda: f64, target: Option<f64>| {
         let student = Student::new(&dense, &cfg, &ssms, 0.0, l).unwrap();
         let opts = RouterOptions {
@@ -201,6 +202,7 @@ fn router_gates_follow_the_kl_and_the_sparsity_weight() {
         for _ in 0..opts.steps {
             last = Some(router_step(&student, &mut state, &targets, &opts).unwrap());
         }
+        switch_costs.replace(state.switch_costs.clone());
         last.unwrap()
     };
     let free = run(0.0, None);
@@ -211,6 +213,17 @@ fn router_gates_follow_the_kl_and_the_sparsity_weight() {
     let half = run(0.0, Some(0.5));
     assert_eq!(half.ssm_frac, 0.5, "{:?} λ {}", half.gates, half.lambda);
     assert!(half.lambda > 0.0);
+    // The commit phase sent the layer that is cheaper to convert alone to SSM.
+    let costs = switch_costs
+        .borrow()
+        .clone()
+        .expect("measured in target mode");
+    let cheaper = if costs[0] <= costs[1] { 0 } else { 1 };
+    assert!(
+        half.gates[cheaper] > 0.5,
+        "{:?} costs {costs:?}",
+        half.gates
+    );
     let all = run(0.0, Some(1.0));
     assert_eq!(all.ssm_frac, 1.0, "{:?} λ {}", all.gates, all.lambda);
     // The commit phase makes the gates decide: each ends near 0 or 1.
