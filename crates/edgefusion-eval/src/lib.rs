@@ -13,8 +13,10 @@
 //! 3. [`score`] and [`gsm8k`]: per-item metrics and their mean ± standard error.
 //! 4. [`cache`]: append-only per-item results, tolerant of a killed run.
 
+pub mod score;
 pub mod tasks;
 
+pub use score::{ChoiceResult, McScore, MeanStderr, ScoreError};
 pub use tasks::{Task, TaskError, TaskItem};
 
 /// Any error of this crate, for callers that handle them alike.
@@ -22,4 +24,6 @@ pub use tasks::{Task, TaskError, TaskItem};
 pub enum EvalError {
     #[error(transparent)]
     Task(#[from] TaskError),
+    #[error(transparent)]
+    Score(#[from] ScoreError),
 }
