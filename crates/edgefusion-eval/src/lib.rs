@@ -13,9 +13,11 @@
 //! 3. [`score`] and [`gsm8k`]: per-item metrics and their mean ± standard error.
 //! 4. [`cache`]: append-only per-item results, tolerant of a killed run.
 
+pub mod prompts;
 pub mod score;
 pub mod tasks;
 
+pub use prompts::{GenRequest, McRequest, PromptError};
 pub use score::{ChoiceResult, McScore, MeanStderr, ScoreError};
 pub use tasks::{Task, TaskError, TaskItem};
 
@@ -24,6 +26,8 @@ pub use tasks::{Task, TaskError, TaskItem};
 pub enum EvalError {
     #[error(transparent)]
     Task(#[from] TaskError),
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
     #[error(transparent)]
     Score(#[from] ScoreError),
 }
