@@ -13,6 +13,7 @@
 //! 3. [`score`] and [`gsm8k`]: per-item metrics and their mean ± standard error.
 //! 4. [`cache`]: append-only per-item results, tolerant of a killed run.
 
+pub mod gsm8k;
 pub mod prompts;
 pub mod score;
 pub mod tasks;
