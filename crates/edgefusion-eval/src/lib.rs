@@ -13,11 +13,13 @@
 //! 3. [`score`] and [`gsm8k`]: per-item metrics and their mean ± standard error.
 //! 4. [`cache`]: append-only per-item results, tolerant of a killed run.
 
+pub mod cache;
 pub mod gsm8k;
 pub mod prompts;
 pub mod score;
 pub mod tasks;
 
+pub use cache::{CacheError, ResultCache, RunHash};
 pub use prompts::{GenRequest, McRequest, PromptError};
 pub use score::{ChoiceResult, McScore, MeanStderr, ScoreError};
 pub use tasks::{Task, TaskError, TaskItem};
@@ -31,4 +33,6 @@ pub enum EvalError {
     Prompt(#[from] PromptError),
     #[error(transparent)]
     Score(#[from] ScoreError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
 }
