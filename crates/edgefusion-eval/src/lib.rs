@@ -15,7 +15,11 @@
 
 pub mod cache;
 pub mod gsm8k;
+pub mod lm;
+pub mod perplexity;
 pub mod prompts;
+pub mod report;
+pub mod runner;
 pub mod score;
 pub mod tasks;
 
