@@ -1,0 +1,372 @@
+//! The model as the tasks see it: log-likelihoods of continuations after a context, and
+//! greedy generation with stop sequences, on one runtime session.
+//!
+//! Contexts are computed once and reused. The session remembers the tokens it holds; a new
+//! context that shares a prefix with them only computes the rest: a dense model's KV cache
+//! is cut back to the shared prefix, and a hybrid's SSM state (which cannot be rewound) is
+//! restored from a snapshot taken where the last two contexts parted ways — the few-shot
+//! preamble that MMLU and GSM8K prompts share. Every ending of a question then starts from
+//! the question's state.
+
+use edgefusion_model::Model;
+use edgefusion_runtime::tokenizer::{TokenStreamer, Tokenizer};
+use edgefusion_runtime::{Logits, RuntimeError, Session, SessionOptions};
+
+use crate::prompts::{fit_generation, fit_loglikelihood, split_trailing_whitespace, PromptError};
+
+/// What can fail while scoring.
+#[derive(Debug, thiserror::Error)]
+pub enum LmError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
+}
+
+/// One continuation's score.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ContinuationScore {
+    /// Sum of the natural-log probabilities of its tokens.
+    pub loglik: f64,
+    /// Whether every token was the model's argmax (the harness's `is_greedy`).
+    pub is_greedy: bool,
+    pub n_tokens: usize,
+}
+
+/// The scores of one question's continuations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    pub choices: Vec<ContinuationScore>,
+    /// Context tokens cut from the left to fit the window (0 when it fit).
+    pub dropped: usize,
+}
+
+/// A greedy generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    /// The text, cut before the earliest stop sequence.
+    pub text: String,
+    pub n_tokens: usize,
+    /// Prompt tokens cut from the left to fit the window.
+    pub dropped: usize,
+}
+
+/// Snapshot of a hybrid's recurrent state after `tokens` (SSM states do not rewind).
+struct Snapshot {
+    tokens: Vec<u32>,
+    ssm: Vec<f32>,
+}
+
+/// Shared prefixes shorter than this are recomputed rather than snapshotted.
+const MIN_SNAPSHOT: usize = 32;
+
+/// Scores and generates on one session of `model`.
+pub struct LanguageModel<'m> {
+    session: Session<'m>,
+    tokenizer: &'m Tokenizer,
+    vocab: usize,
+    /// Tokens the session holds, in order (positions 0..len).
+    held: Vec<u32>,
+    /// The logits after the last held token, when `held` ends a context.
+    last_logits: Vec<f32>,
+    /// Hybrids: the state at the end of the preamble shared by recent contexts.
+    snapshot: Option<Snapshot>,
+    /// Hybrids: the state at the end of the current context, restored before each ending.
+    context_state: Vec<f32>,
+    hybrid: bool,
+    min_snapshot: usize,
+    /// Tokens run through the model (for throughput reports).
+    pub tokens_evaluated: usize,
+}
+
+impl<'m> LanguageModel<'m> {
+    /// A session of `n_ctx` positions on `n_threads` threads.
+    pub fn new(
+        model: &'m Model<'m>,
+        tokenizer: &'m Tokenizer,
+        n_ctx: usize,
+        n_threads: usize,
+    ) -> Result<Self, LmError> {
+        let mut opts = SessionOptions::new(n_ctx, n_threads);
+        opts.max_logits = n_ctx;
+        let session = Session::new(model, opts)?;
+        Ok(LanguageModel {
+            session,
+            tokenizer,
+            vocab: model.config.vocab_size,
+            held: Vec::new(),
+            last_logits: Vec::new(),
+            snapshot: None,
+            context_state: Vec::new(),
+            hybrid: model.config.is_hybrid(),
+            min_snapshot: MIN_SNAPSHOT,
+            tokens_evaluated: 0,
+        })
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.session.n_ctx()
+    }
+
+    pub fn tokenizer(&self) -> &'m Tokenizer {
+        self.tokenizer
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<u32>, LmError> {
+        self.tokenizer
+            .encode(text, false)
+            .map_err(|e| LmError::Tokenizer(e.to_string()))
+    }
+
+    /// The context's tokens: BOS when the model adds one, then the text (an empty text
+    /// conditions on BOS alone, as the harness does).
+    fn context_tokens(&self, context: &str) -> Result<Vec<u32>, LmError> {
+        let mut tokens = Vec::new();
+        if let Some(bos) = self.tokenizer.bos_id() {
+            if self.tokenizer.add_bos() || context.is_empty() {
+                tokens.push(bos);
+            }
+        }
+        tokens.extend(self.encode(context)?);
+        Ok(tokens)
+    }
+
+    /// Brings the session to hold exactly `context` (non-empty), with `last_logits` the
+    /// logits after its last token; computes only what it does not already hold.
+    fn load_context(&mut self, context: &[u32]) -> Result<(), LmError> {
+        assert!(
+            !context.is_empty(),
+            "contexts start with at least one token"
+        );
+        if self.held == context && !self.last_logits.is_empty() {
+            if self.hybrid {
+                self.session
+                    .set_ssm_state(context.len(), &self.context_state)?;
+            } else {
+                self.session.truncate(context.len())?;
+            }
+            return Ok(());
+        }
+        let shared = common_prefix(&self.held, context);
+        // The last context token is always fed, for its logits.
+        let keep = shared.min(context.len() - 1);
+        let start = if !self.hybrid {
+            self.session.truncate(keep)?;
+            keep
+        } else {
+            let snapshot_len = self
+                .snapshot
+                .as_ref()
+                .filter(|s| s.tokens.len() <= keep && context[..s.tokens.len()] == s.tokens[..])
+                .map(|s| s.tokens.len());
+            match (snapshot_len, &self.snapshot) {
+                (Some(n), Some(s)) => {
+                    self.session.set_ssm_state(n, &s.ssm)?;
+                    n
+                }
+                _ => {
+                    // A new preamble: computed from the start, its end snapshotted when it
+                    // is long enough to be worth keeping.
+                    self.session.reset();
+                    if keep >= self.min_snapshot {
+                        self.run(&context[..keep], Logits::Last)?;
+                        self.snapshot = Some(Snapshot {
+                            tokens: context[..keep].to_vec(),
+                            ssm: self.session.ssm_state().1.to_vec(),
+                        });
+                        keep
+                    } else {
+                        0
+                    }
+                }
+            }
+        };
+        let logits = self.run(&context[start..], Logits::Last)?;
+        self.last_logits = logits;
+        self.held = context.to_vec();
+        if self.hybrid {
+            self.context_state = self.session.ssm_state().1.to_vec();
+        }
+        Ok(())
+    }
+
+    /// Runs `tokens` from the session's position; returns the requested logits.
+    fn run(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, LmError> {
+        self.tokens_evaluated += tokens.len();
+        Ok(self.session.forward(tokens, logits)?.to_vec())
+    }
+
+    /// The log-likelihood of each of `continuations` after `context` (lm-evaluation-harness
+    /// `loglikelihood` requests): the continuation's tokens are those of `context +
+    /// continuation` after the context's own; a window too short for both drops context
+    /// tokens from the left.
+    pub fn score(&mut self, context: &str, continuations: &[String]) -> Result<Scored, LmError> {
+        let mut choices = Vec::with_capacity(continuations.len());
+        let mut dropped = 0;
+        for continuation in continuations {
+            let (context, continuation) = split_trailing_whitespace(context, continuation);
+            let context_tokens = self.context_tokens(&context)?;
+            let whole = self.context_tokens(&format!("{context}{continuation}"))?;
+            let n_context = context_tokens.len();
+            // As the harness: the whole encoding after as many tokens as the context's own
+            // encoding has (a merge across the boundary is the tokenizer's business).
+            let continuation_tokens = whole.get(n_context..).unwrap_or_default().to_vec();
+            let scored = self.score_tokens(&context_tokens, &[continuation_tokens])?;
+            dropped = dropped.max(scored.dropped);
+            choices.extend(scored.choices);
+        }
+        Ok(Scored { choices, dropped })
+    }
+
+    /// [`LanguageModel::score`] on token ids: the log-likelihood of each continuation after
+    /// `context` (the context cut from the left where context and continuation exceed the
+    /// window).
+    pub fn score_tokens(
+        &mut self,
+        context: &[u32],
+        continuations: &[Vec<u32>],
+    ) -> Result<Scored, LmError> {
+        let mut choices = Vec::with_capacity(continuations.len());
+        let mut dropped = 0;
+        for continuation in continuations {
+            let fitted = fit_loglikelihood(context, continuation, self.n_ctx())?;
+            dropped = dropped.max(fitted.dropped);
+            let fitted_context = fitted.tokens.to_vec();
+            choices.push(self.score_one(&fitted_context, continuation)?);
+        }
+        Ok(Scored { choices, dropped })
+    }
+
+    /// Shared prefixes of at least `n` tokens are snapshotted on hybrids (default
+    /// 32; tests lower it to exercise the snapshots on short prompts).
+    pub fn with_min_snapshot(mut self, n: usize) -> Self {
+        self.min_snapshot = n.max(1);
+        self
+    }
+
+    fn score_one(
+        &mut self,
+        context: &[u32],
+        continuation: &[u32],
+    ) -> Result<ContinuationScore, LmError> {
+        self.load_context(context)?;
+        let (mut loglik, mut is_greedy) = (0.0f64, true);
+        let (lp, greedy) = log_prob(&self.last_logits, continuation[0]);
+        loglik += lp;
+        is_greedy &= greedy;
+        if continuation.len() > 1 {
+            // Rows 0..n-1 predict continuation tokens 1..n; the last token is never fed.
+            let fed = &continuation[..continuation.len() - 1];
+            let logits = self.run(fed, Logits::From(0))?;
+            for (row, &target) in logits.chunks(self.vocab).zip(&continuation[1..]) {
+                let (lp, greedy) = log_prob(row, target);
+                loglik += lp;
+                is_greedy &= greedy;
+            }
+        }
+        Ok(ContinuationScore {
+            loglik,
+            is_greedy,
+            n_tokens: continuation.len(),
+        })
+    }
+
+    /// Greedy generation after `prompt` until a stop sequence, an end-of-sequence token or
+    /// `max_tokens`; the text is cut before the earliest stop sequence.
+    pub fn generate(
+        &mut self,
+        prompt: &str,
+        stop: &[String],
+        max_tokens: usize,
+    ) -> Result<Generated, LmError> {
+        let prompt_tokens = self.context_tokens(prompt)?;
+        let fitted = fit_generation(&prompt_tokens, self.n_ctx(), max_tokens)?;
+        let dropped = fitted.dropped;
+        let context = fitted.tokens.to_vec();
+        self.load_context(&context)?;
+        let mut streamer: TokenStreamer<'_> = self.tokenizer.streamer();
+        let mut text = String::new();
+        let mut logits = self.last_logits.clone();
+        let mut n_tokens = 0;
+        while n_tokens < max_tokens {
+            let token = argmax(&logits);
+            if self.tokenizer.is_eos(token) {
+                break;
+            }
+            n_tokens += 1;
+            if let Some(piece) = streamer
+                .push(token)
+                .map_err(|e| LmError::Tokenizer(e.to_string()))?
+            {
+                text.push_str(&piece);
+            }
+            if crate::prompts::find_stop(&text, stop).is_some() || n_tokens == max_tokens {
+                break;
+            }
+            logits = self.run(&[token], Logits::Last)?;
+        }
+        if let Some(rest) = streamer.finish() {
+            text.push_str(&rest);
+        }
+        // The generated tokens follow the context in the session: it holds neither a
+        // context nor its logits any more.
+        self.held.clear();
+        self.last_logits.clear();
+        if let Some(at) = crate::prompts::find_stop(&text, stop) {
+            text.truncate(at);
+        }
+        Ok(Generated {
+            text,
+            n_tokens,
+            dropped,
+        })
+    }
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// `log softmax(logits)[target]` (summed in f64 over the vocabulary) and whether `target`
+/// is the argmax (the first maximum, as `torch.argmax`).
+pub fn log_prob(logits: &[f32], target: u32) -> (f64, bool) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let lp = (logits[target as usize] - max) as f64 - sum.ln();
+    (lp, argmax(logits) == target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_prob_of_uniform_logits_is_minus_log_n() {
+        let (lp, greedy) = log_prob(&[0.5; 8], 3);
+        assert!((lp + 8f64.ln()).abs() < 1e-12);
+        // Ties go to the first maximum.
+        assert!(!greedy);
+        assert!(log_prob(&[0.5; 8], 0).1);
+        let (lp, greedy) = log_prob(&[0.0, 1000.0], 1);
+        assert!(lp.abs() < 1e-9 && greedy);
+    }
+
+    #[test]
+    fn common_prefix_counts_equal_leading_tokens() {
+        assert_eq!(common_prefix(&[1, 2, 3], &[1, 2, 4, 5]), 2);
+        assert_eq!(common_prefix(&[], &[1]), 0);
+        assert_eq!(common_prefix(&[1, 2], &[1, 2]), 2);
+    }
+}

@@ -1,0 +1,376 @@
+//! One task, end to end: read its items, build the harness's prompts, score them on the
+//! model (each item's result cached, so an interrupted run resumes where it stopped), and
+//! aggregate the metrics.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cache::{ResultCache, RunHash};
+use crate::lm::{LanguageModel, LmError};
+use crate::prompts::{
+    arc_request, gsm8k_cot_request, gsm8k_cot_shots, hellaswag_request, mmlu_request, GenRequest,
+    McRequest, MmluDev, PromptError,
+};
+use crate::score::{score_choices, ChoiceResult, MeanStderr, ScoreError};
+use crate::tasks::{ArcItem, Gsm8kItem, HellaswagItem, MmluItem, Task, TaskError, TaskItem};
+
+/// What can fail while running a task.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Task(#[from] TaskError),
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
+    #[error(transparent)]
+    Score(#[from] ScoreError),
+    #[error(transparent)]
+    Cache(#[from] crate::CacheError),
+    #[error("{task} item {index}: {source}")]
+    Model {
+        task: &'static str,
+        index: usize,
+        source: LmError,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// How tasks are run.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    /// Folder of the jsonl files (`assets/tasks`).
+    pub tasks_dir: PathBuf,
+    /// Score the first N items only (MMLU: the first N of each subject, as the harness's
+    /// `--limit` applies to each of its 57 subtasks).
+    pub limit: Option<usize>,
+    /// Few-shot examples (`None`: each task's default, [`Task::default_shots`]).
+    pub shots: Option<usize>,
+}
+
+/// One aggregated metric.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metric {
+    pub name: String,
+    pub value: MeanStderr,
+}
+
+/// What a task scored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskReport {
+    pub task: String,
+    pub shots: usize,
+    /// Items scored (after `--limit`) and the items the task has.
+    pub items: usize,
+    pub items_total: usize,
+    pub limited: bool,
+    pub metrics: Vec<Metric>,
+    /// Items whose prompt was cut from the left to fit the context window.
+    pub truncated: usize,
+    /// Items found in the cache instead of computed.
+    pub cached: usize,
+    pub seconds: f64,
+    /// Items computed (not cached) per second.
+    pub items_per_s: f64,
+    /// Tokens run through the model per second.
+    pub tokens_per_s: f64,
+}
+
+impl TaskReport {
+    pub fn metric(&self, name: &str) -> Option<&MeanStderr> {
+        self.metrics
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| &m.value)
+    }
+}
+
+/// A multiple-choice item's cached result: enough to recompute every metric.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct McResult {
+    logliks: Vec<f64>,
+    greedy: Vec<bool>,
+    dropped: usize,
+}
+
+/// A generation item's cached result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct GenResult {
+    text: String,
+    dropped: usize,
+}
+
+/// The requests of one task, in order, with the group (MMLU subject) of each.
+enum Requests {
+    Mc(Vec<(String, McRequest)>),
+    Gen(Vec<GenRequest>),
+}
+
+fn read<T: TaskItem>(dir: &Path, file: &str) -> Result<Vec<T>, TaskError> {
+    T::read(dir.join(file))
+}
+
+/// Builds `task`'s requests with `shots` examples; returns them with the item count before
+/// the limit.
+fn requests(
+    task: Task,
+    settings: &RunSettings,
+    shots: usize,
+) -> Result<(Requests, usize), RunError> {
+    let files = task
+        .files()
+        .ok_or_else(|| RunError::Invalid(format!("{} is not a jsonl task", task.name())))?;
+    let dir = &settings.tasks_dir;
+    let limit = |n: usize| settings.limit.map_or(n, |l| l.min(n));
+    let no_pool = |name: &str| {
+        RunError::Invalid(format!(
+            "{name}: {shots} shots asked, but the assets hold no split to draw {name} examples from; use --shots 0"
+        ))
+    };
+    Ok(match task {
+        Task::Perplexity => unreachable!("files() is None"),
+        Task::Hellaswag => {
+            if shots > 0 {
+                return Err(no_pool("hellaswag"));
+            }
+            let items: Vec<HellaswagItem> = read(dir, files.eval)?;
+            let total = items.len();
+            let reqs = items[..limit(total)]
+                .iter()
+                .map(|item| (String::new(), hellaswag_request(item, &[])))
+                .collect();
+            (Requests::Mc(reqs), total)
+        }
+        Task::ArcChallenge => {
+            let items: Vec<ArcItem> = read(dir, files.eval)?;
+            let pool: Vec<ArcItem> = match (shots, files.fewshot) {
+                (0, _) => Vec::new(),
+                (_, Some(f)) => read(dir, f)?,
+                (_, None) => return Err(no_pool("arc_challenge")),
+            };
+            if pool.len() < shots {
+                return Err(RunError::Invalid(format!(
+                    "arc_challenge: {shots} shots asked, the few-shot pool has {}",
+                    pool.len()
+                )));
+            }
+            let total = items.len();
+            let reqs = items[..limit(total)]
+                .iter()
+                .map(|item| (String::new(), arc_request(item, &pool[..shots])))
+                .collect();
+            (Requests::Mc(reqs), total)
+        }
+        Task::Mmlu => {
+            let items: Vec<MmluItem> = read(dir, files.eval)?;
+            let dev = MmluDev::new(match files.fewshot {
+                Some(f) if shots > 0 => read(dir, f)?,
+                _ => Vec::new(),
+            });
+            let total = items.len();
+            let mut per_subject: std::collections::HashMap<&str, usize> = Default::default();
+            let mut reqs = Vec::new();
+            for item in &items {
+                let seen = per_subject.entry(item.subject.as_str()).or_default();
+                if settings.limit.is_some_and(|l| *seen >= l) {
+                    continue;
+                }
+                *seen += 1;
+                let examples = if shots > 0 {
+                    dev.shots(&item.subject, shots)?
+                } else {
+                    &[]
+                };
+                reqs.push((item.subject.clone(), mmlu_request(item, examples)));
+            }
+            (Requests::Mc(reqs), total)
+        }
+        Task::Gsm8k => {
+            let items: Vec<Gsm8kItem> = read(dir, files.eval)?;
+            let pool = gsm8k_cot_shots();
+            if pool.len() < shots {
+                return Err(RunError::Invalid(format!(
+                    "gsm8k: {shots} shots asked, the chain-of-thought exemplars are {}",
+                    pool.len()
+                )));
+            }
+            let total = items.len();
+            let reqs = items[..limit(total)]
+                .iter()
+                .map(|item| gsm8k_cot_request(item, &pool[..shots]))
+                .collect();
+            (Requests::Gen(reqs), total)
+        }
+    })
+}
+
+/// Runs `task` on `lm`. `cache` (with `run`, the identity of the model and settings)
+/// holds per-item results: found items are not recomputed, computed ones are appended as
+/// they finish. `progress(done, total)` after each item.
+pub fn run_task(
+    lm: &mut LanguageModel<'_>,
+    task: Task,
+    settings: &RunSettings,
+    mut cache: Option<&mut ResultCache>,
+    run: RunHash,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<TaskReport, RunError> {
+    if settings.limit == Some(0) {
+        return Err(RunError::Invalid(
+            "--limit 0 scores nothing; give at least 1 (or leave it out for every item)".into(),
+        ));
+    }
+    let shots = settings.shots.unwrap_or(task.default_shots());
+    let (requests, items_total) = requests(task, settings, shots)?;
+    let name = task.name();
+    let start = Instant::now();
+    let tokens_before = lm.tokens_evaluated;
+    let (mut truncated, mut cached, mut computed) = (0, 0, 0);
+    let model_error = |index: usize| {
+        move |source: LmError| RunError::Model {
+            task: name,
+            index,
+            source,
+        }
+    };
+    let (items, metrics) = match requests {
+        Requests::Mc(reqs) => {
+            let total = reqs.len();
+            // (group, scores) per item.
+            let mut outcomes = Vec::with_capacity(total);
+            for (index, (group, req)) in reqs.iter().enumerate() {
+                let result = match cache
+                    .as_deref()
+                    .map(|c| c.get::<McResult>(name, index, run))
+                {
+                    Some(Ok(Some(r))) if r.logliks.len() == req.choices.len() => {
+                        cached += 1;
+                        r
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                    _ => {
+                        let scored = lm
+                            .score(&req.context, &req.continuations())
+                            .map_err(model_error(index))?;
+                        computed += 1;
+                        let r = McResult {
+                            logliks: scored.choices.iter().map(|c| c.loglik).collect(),
+                            greedy: scored.choices.iter().map(|c| c.is_greedy).collect(),
+                            dropped: scored.dropped,
+                        };
+                        if let Some(c) = cache.as_deref_mut() {
+                            c.insert(name, index, run, &r)?;
+                        }
+                        r
+                    }
+                };
+                truncated += usize::from(result.dropped > 0);
+                let choices: Vec<ChoiceResult> = req
+                    .choices
+                    .iter()
+                    .zip(result.logliks.iter().zip(&result.greedy))
+                    .map(|(text, (&ll, &greedy))| ChoiceResult::new(ll, greedy, text))
+                    .collect();
+                outcomes.push((group.clone(), score_choices(&choices, req.gold)?));
+                progress(index + 1, total);
+            }
+            let metrics = if task == Task::Mmlu {
+                // The harness's group aggregate: items weighted alike, the pooled stderr of
+                // the subjects.
+                let mut subjects: std::collections::BTreeMap<&str, Vec<bool>> = Default::default();
+                for (group, s) in &outcomes {
+                    subjects.entry(group.as_str()).or_default().push(s.acc);
+                }
+                let groups = subjects
+                    .values()
+                    .map(|v| MeanStderr::of_bools(v.iter().copied()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                vec![Metric {
+                    name: "acc".into(),
+                    value: MeanStderr::pooled(&groups)?,
+                }]
+            } else {
+                let of = |f: &dyn Fn(&crate::McScore) -> bool| {
+                    MeanStderr::of_bools(outcomes.iter().map(|(_, s)| f(s)))
+                };
+                vec![
+                    Metric {
+                        name: "acc".into(),
+                        value: of(&|s| s.acc)?,
+                    },
+                    Metric {
+                        name: "acc_norm".into(),
+                        value: of(&|s| s.acc_norm)?,
+                    },
+                ]
+            };
+            (total, metrics)
+        }
+        Requests::Gen(reqs) => {
+            let total = reqs.len();
+            let mut scores = Vec::with_capacity(total);
+            for (index, req) in reqs.iter().enumerate() {
+                let result = match cache
+                    .as_deref()
+                    .map(|c| c.get::<GenResult>(name, index, run))
+                {
+                    Some(Ok(Some(r))) => {
+                        cached += 1;
+                        r
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                    _ => {
+                        let generated = lm
+                            .generate(&req.prompt, &req.stop, req.max_gen_tokens)
+                            .map_err(model_error(index))?;
+                        computed += 1;
+                        let r = GenResult {
+                            text: generated.text,
+                            dropped: generated.dropped,
+                        };
+                        if let Some(c) = cache.as_deref_mut() {
+                            c.insert(name, index, run, &r)?;
+                        }
+                        r
+                    }
+                };
+                truncated += usize::from(result.dropped > 0);
+                scores.push(crate::gsm8k::score(&result.text, &req.target));
+                progress(index + 1, total);
+            }
+            let of = |f: &dyn Fn(&crate::gsm8k::Gsm8kScore) -> bool| {
+                MeanStderr::of_bools(scores.iter().map(f))
+            };
+            let metrics = vec![
+                Metric {
+                    name: "exact_match".into(),
+                    value: of(&|s| s.exact_match)?,
+                },
+                Metric {
+                    name: "harness_strict".into(),
+                    value: of(&|s| s.harness_strict)?,
+                },
+                Metric {
+                    name: "harness_flexible".into(),
+                    value: of(&|s| s.harness_flexible)?,
+                },
+            ];
+            (total, metrics)
+        }
+    };
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(TaskReport {
+        task: name.into(),
+        shots,
+        items,
+        items_total,
+        limited: items < items_total,
+        metrics,
+        truncated,
+        cached,
+        seconds,
+        items_per_s: computed as f64 / seconds.max(1e-9),
+        tokens_per_s: (lm.tokens_evaluated - tokens_before) as f64 / seconds.max(1e-9),
+    })
+}
