@@ -3,7 +3,9 @@
 mod analyze_router;
 mod bench;
 mod common;
+mod compare;
 mod convert;
+mod evaluate;
 mod harden;
 mod inspect;
 mod perplexity;
@@ -50,6 +52,10 @@ enum Command {
     Train(train::TrainArgs),
     /// Harden a router checkpoint of a `train` run at a chosen share of SSM layers.
     Harden(harden::HardenArgs),
+    /// Score a model on perplexity, HellaSwag, ARC-Challenge, MMLU and GSM8K (harness semantics).
+    Evaluate(evaluate::EvaluateArgs),
+    /// The paper's table: Dense, GPTQ-4bit, Mamba-pure and EdgeFusion from one base model.
+    Compare(compare::CompareArgs),
     /// Show what a `train` run's router chose per layer and what it saves (--plot PNG).
     AnalyzeRouter(analyze_router::AnalyzeRouterArgs),
 }
@@ -73,10 +79,9 @@ fn exit_quietly_on_broken_pipe() {
     }));
 }
 
-fn main() {
-    exit_quietly_on_broken_pipe();
-    let cli = Cli::parse();
-    let result = match cli.command {
+/// Runs one subcommand.
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Perplexity(args) => perplexity::run(args),
@@ -86,7 +91,29 @@ fn main() {
         Command::Train(args) => train::run(args),
         Command::Harden(args) => harden::run(args),
         Command::AnalyzeRouter(args) => analyze_router::run(args),
-    };
+        Command::Evaluate(args) => evaluate::run(args),
+        Command::Compare(args) => compare::run(args),
+    }
+}
+
+/// Parses `argv` (program name first) as a command line and runs it: one subcommand
+/// composing others (`compare` runs `quantize`, `train`, `harden`).
+pub fn run_argv(argv: &[String]) -> anyhow::Result<()> {
+    dispatch(Cli::try_parse_from(argv)?.command)
+}
+
+/// `argv` parsed as an `evaluate` command line.
+pub fn parse_evaluate(argv: &[String]) -> anyhow::Result<evaluate::EvaluateArgs> {
+    match Cli::try_parse_from(argv)?.command {
+        Command::Evaluate(args) => Ok(args),
+        _ => anyhow::bail!("not an evaluate command line: {argv:?}"),
+    }
+}
+
+fn main() {
+    exit_quietly_on_broken_pipe();
+    let cli = Cli::parse();
+    let result = dispatch(cli.command);
     if let Err(err) = result {
         // One line per cause, no backtrace.
         eprintln!("error: {err}");

@@ -271,3 +271,133 @@ pub fn router_chart(a: &RouterAnalysis, path: &Path) -> Result<()> {
         Ok(())
     })
 }
+
+const VARIANT_COLORS: [RGBColor; 4] = [
+    RGBColor(90, 90, 90),
+    ATTENTION_COLOR,
+    RGBColor(30, 140, 80),
+    SSM_COLOR,
+];
+
+/// Draws each (name, x, y) as a labelled dot.
+fn draw_points<Y>(
+    chart: &mut ChartContext<BitMapBackend, Cartesian2d<plotters::coord::types::RangedCoordf64, Y>>,
+    points: &[(String, f64, f64)],
+) -> Result<()>
+where
+    Y: plotters::coord::ranged1d::Ranged<ValueType = f64>,
+{
+    for (i, (name, x, y)) in points.iter().enumerate() {
+        let color = VARIANT_COLORS[i % VARIANT_COLORS.len()];
+        chart
+            .draw_series(std::iter::once(Circle::new((*x, *y), 7, color.filled())))
+            .map_err(plot_error)?;
+        chart
+            .draw_series(std::iter::once(Text::new(
+                name.clone(),
+                (*x, *y),
+                (FAMILY, 17).into_font().color(&color),
+            )))
+            .map_err(plot_error)?;
+    }
+    Ok(())
+}
+
+/// One labelled point per variant.
+fn variant_points(
+    area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+    title: &str,
+    y_desc: &str,
+    points: &[(String, f64, f64)],
+    log_y: bool,
+) -> Result<()> {
+    let x_max = points.iter().map(|p| p.1).fold(0.0, f64::max) * 1.15 + 1e-3;
+    let y_hi = points.iter().map(|p| p.2).fold(f64::MIN, f64::max);
+    let y_lo = points.iter().map(|p| p.2).fold(f64::MAX, f64::min);
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(title, (FAMILY, 22))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(60);
+    if log_y {
+        let mut chart = builder
+            .build_cartesian_2d(0f64..x_max, (y_lo / 1.5..y_hi * 1.5).log_scale())
+            .map_err(plot_error)?;
+        chart
+            .configure_mesh()
+            .x_desc("peak memory (GB)")
+            .y_desc(y_desc)
+            .label_style((FAMILY, 15))
+            .draw()
+            .map_err(plot_error)?;
+        draw_points(&mut chart, points)
+    } else {
+        let pad = 0.1 * (y_hi - y_lo).max(0.01);
+        let mut chart = builder
+            .build_cartesian_2d(0f64..x_max, (y_lo - pad)..(y_hi + 2.0 * pad))
+            .map_err(plot_error)?;
+        chart
+            .configure_mesh()
+            .x_desc("peak memory (GB)")
+            .y_desc(y_desc)
+            .label_style((FAMILY, 15))
+            .draw()
+            .map_err(plot_error)?;
+        draw_points(&mut chart, points)
+    }
+}
+
+/// The comparison chart: perplexity and mean task accuracy against peak memory, one point
+/// per variant.
+pub fn compare_chart(report: &edgefusion_eval::compare::CompareReport, path: &Path) -> Result<()> {
+    let gb = |v: &edgefusion_eval::compare::VariantResult| {
+        v.peak_rss_bytes.unwrap_or(v.file_bytes) as f64 / 1e9
+    };
+    let ppl: Vec<(String, f64, f64)> = report
+        .variants
+        .iter()
+        .filter_map(|v| Some((v.name.clone(), gb(v), v.eval.perplexity.first()?.1.ppl)))
+        .collect();
+    let accuracy: Vec<(String, f64, f64)> = report
+        .variants
+        .iter()
+        .filter_map(|v| {
+            let scores: Vec<f64> = v
+                .eval
+                .tasks
+                .iter()
+                .filter_map(|t| t.metrics.first().map(|m| 100.0 * m.value.mean))
+                .collect();
+            (!scores.is_empty()).then(|| {
+                (
+                    v.name.clone(),
+                    gb(v),
+                    scores.iter().sum::<f64>() / scores.len() as f64,
+                )
+            })
+        })
+        .collect();
+    write_png(path, (1400, 600), |root| {
+        let panels = root.split_evenly((1, 2));
+        if !ppl.is_empty() {
+            variant_points(
+                &panels[0],
+                "Perplexity against memory",
+                "PPL (log scale)",
+                &ppl,
+                true,
+            )?;
+        }
+        if !accuracy.is_empty() {
+            variant_points(
+                &panels[1],
+                "Mean task score against memory",
+                "mean of the tasks' first metric (%)",
+                &accuracy,
+                false,
+            )?;
+        }
+        Ok(())
+    })
+}

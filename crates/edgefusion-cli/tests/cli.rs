@@ -817,3 +817,260 @@ fn killed_and_resumed_training_equals_the_uninterrupted_run() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Tiny task files in the Hugging Face export layout, for `evaluate` on the tiny model.
+fn tiny_tasks(dir: &std::path::Path) {
+    let hellaswag = (0..3)
+        .map(|i| {
+            format!(
+                r#"{{"ind": {i}, "activity_label": "Cooking", "ctx_a": "A man cracks eggs into a bowl.", "ctx_b": "he", "endings": ["whisks them.", "sings [title] a song.", "jumps over the dog.", "reads the paper."], "label": "{}"}}"#,
+                i % 4
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let arc = (0..3)
+        .map(|i| {
+            format!(
+                r#"{{"id": "q{i}", "question": "Which one is the sun?", "choices": {{"text": ["a star", "a planet", "a moon", "a rock"], "label": ["A", "B", "C", "D"]}}, "answerKey": "{}"}}"#,
+                ["A", "B", "C"][i]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mmlu = |n: usize| {
+        (0..n)
+            .map(|i| {
+                format!(
+                    r#"{{"question": "What is {i} plus one?", "subject": "elementary_mathematics", "choices": ["{}", "{}", "{}", "{}"], "answer": {}}}"#,
+                    i + 1,
+                    i + 2,
+                    i,
+                    i + 3,
+                    i % 4
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let gsm8k = r#"{"question": "Tom has 2 apples and buys 2 more. How many apples does he have?", "answer": "2 + 2 = 4\n#### 4"}
+{"question": "A box holds 3 pens. How many pens are in 2 boxes?", "answer": "2 * 3 = 6\n#### 6"}"#;
+    std::fs::create_dir_all(dir).unwrap();
+    for (file, text) in [
+        ("hellaswag_validation.jsonl", hellaswag),
+        ("arc_challenge_test.jsonl", arc),
+        ("mmlu_dev.jsonl", mmlu(5)),
+        ("mmlu_test.jsonl", mmlu(3)),
+        ("gsm8k_test.jsonl", gsm8k.to_string()),
+    ] {
+        std::fs::write(dir.join(file), text + "\n").unwrap();
+    }
+}
+
+/// `evaluate` runs every task on the tiny model, writes its report, resumes from its cache
+/// (also after a run killed mid-record) with the same scores, and names bad input.
+#[test]
+fn evaluate_scores_every_task_and_resumes_from_its_cache() {
+    let dir = std::env::temp_dir().join(format!("edgefusion-eval-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let tasks = dir.join("tasks");
+    tiny_tasks(&tasks);
+    let text = dir.join("text.txt");
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog. ".repeat(20),
+    )
+    .unwrap();
+    let report = dir.join("report.json");
+    let model = fixture("tiny-llama-f32.gguf");
+    let args = [
+        "evaluate",
+        "-m",
+        model.to_str().unwrap(),
+        "--tasks-dir",
+        tasks.to_str().unwrap(),
+        "--ppl-file",
+        text.to_str().unwrap(),
+        "--ppl-ctx",
+        "32",
+        "--ctx",
+        "256",
+        "--max-gen-tokens",
+        "8",
+        "-t",
+        "1",
+        "-o",
+        report.to_str().unwrap(),
+    ];
+    let out = edgefusion(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "| hellaswag | 0 | 3 | acc_norm",
+        "| mmlu | 5 | 3 | acc",
+        "| gsm8k | 8 | 2 | exact_match",
+        "bits per byte",
+    ] {
+        assert!(stdout.contains(needle), "{needle} missing:\n{stdout}");
+    }
+    let read = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap()
+    };
+    let first = read();
+    let tasks_of = |v: &serde_json::Value| v["tasks"].as_array().unwrap().clone();
+    assert_eq!(tasks_of(&first).len(), 4);
+    // The 8-shot GSM8K prompt does not fit 256 positions: cut from the left and counted.
+    let gsm8k = &tasks_of(&first)[3];
+    assert_eq!(gsm8k["task"], "gsm8k");
+    assert_eq!(gsm8k["truncated"], 2);
+    let ppl = first["perplexity"][0][1]["ppl"].as_f64().unwrap();
+    assert!(ppl.is_finite() && ppl > 1.0);
+
+    // Again: every item from the cache, the same scores.
+    let metrics = |v: &serde_json::Value| -> Vec<serde_json::Value> {
+        tasks_of(v).iter().map(|t| t["metrics"].clone()).collect()
+    };
+    let out = edgefusion(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let second = read();
+    assert_eq!(metrics(&second), metrics(&first));
+    for t in tasks_of(&second) {
+        assert_eq!(t["cached"], t["items"], "{t}");
+    }
+    // Every scored item logged, cached or not.
+    let samples = dir.join("samples.jsonl");
+    let mut logged = args.to_vec();
+    logged.extend_from_slice(&["--samples", samples.to_str().unwrap()]);
+    let out = edgefusion(&logged);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&samples)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3 + 3 + 3 + 2);
+    assert_eq!(lines[0]["task"], "hellaswag");
+    assert_eq!(lines[0]["logliks"].as_array().unwrap().len(), 4);
+    assert_eq!(lines[0]["continuations"][1], " sings. a song.");
+    assert!(lines[10]["generation"].is_string());
+    // A run killed in the middle of writing a record: the partial record is cut, the
+    // missing items are computed again, the scores do not change.
+    let cache = dir.join("report.cache.jsonl");
+    let bytes = std::fs::read(&cache).unwrap();
+    std::fs::write(&cache, &bytes[..bytes.len() - 40]).unwrap();
+    let out = edgefusion(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("half-written"), "{}", stderr(&out));
+    assert_eq!(metrics(&read()), metrics(&first));
+
+    fn with<'a>(args: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        let mut a: Vec<&str> = args[..args.len() - 2].to_vec();
+        a.extend_from_slice(extra);
+        a
+    }
+    assert_fails_with(
+        &with(&args, &["--tasks", "hellaswag,piqa"]),
+        &["piqa", "hellaswag", "arc_challenge", "gsm8k"],
+    );
+    assert_fails_with(&with(&args, &["--limit", "0"]), &["--limit 0"]);
+    std::fs::write(
+        tasks.join("hellaswag_validation.jsonl"),
+        "{\"activity_label\": \"x\"}\n",
+    )
+    .unwrap();
+    assert_fails_with(
+        &with(&args, &["--tasks", "hellaswag", "--no-cache"]),
+        &["hellaswag_validation.jsonl", "line 1"],
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `compare` on the tiny model: the four variants built (a conversion trained on the way),
+/// evaluated and measured, the table in markdown and JSON, the chart; a second run reuses
+/// every variant and cached item.
+#[test]
+fn compare_builds_evaluates_and_tabulates_four_variants() {
+    let (dir, text, config) = tiny_training_dir(
+        "compare",
+        "The sun rose over the quiet town and the birds began to sing. ",
+        4,
+        6,
+    );
+    let tasks = dir.join("tasks");
+    tiny_tasks(&tasks);
+    let out = dir.join("compare");
+    let model = fixture("tiny-llama-f32.gguf");
+    let args = [
+        "compare",
+        "--base",
+        model.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--tasks",
+        "ppl,hellaswag,arc_challenge",
+        "--limit",
+        "2",
+        "--tasks-dir",
+        tasks.to_str().unwrap(),
+        "--ppl-file",
+        text.to_str().unwrap(),
+        "--ppl-ctx",
+        "32",
+        "--ctx",
+        "128",
+        "--bench-ctx",
+        "48",
+        "--bench-tokens",
+        "8",
+        "-t",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let run = edgefusion(&args);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let table = std::fs::read_to_string(out.join("compare.md")).unwrap();
+    for needle in [
+        "| | Dense | GPTQ-4bit | Mamba-pure | EdgeFusion |",
+        "| PPL |",
+        "| HellaSwag (acc_norm, %) |",
+        "2 of 3 items (--limit)",
+        "| Peak memory (GB) |",
+        "| Tokens/s |",
+        "| GFLOPs/token |",
+    ] {
+        assert!(table.contains(needle), "{needle} missing:\n{table}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
+    let variants = json["variants"].as_array().unwrap();
+    assert_eq!(variants.len(), 4);
+    assert_eq!(variants[2]["n_ssm_layers"], variants[2]["n_layers"]);
+    assert_eq!(variants[3]["n_ssm_layers"], 1);
+    for v in variants {
+        assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0, "{v}");
+    }
+    // Mamba-pure does less work per token than Dense at depth.
+    assert!(variants[2]["gflops_per_token"].as_f64() < variants[0]["gflops_per_token"].as_f64());
+    let png = std::fs::read(out.join("compare.png")).unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
+    // Again: nothing rebuilt, every item from the caches, the same table.
+    let again = edgefusion(&args);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        !stderr(&again).contains("training the conversion"),
+        "{}",
+        stderr(&again)
+    );
+    let json2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
+    for (a, b) in variants.iter().zip(json2["variants"].as_array().unwrap()) {
+        assert_eq!(
+            a["eval"]["tasks"][0]["metrics"],
+            b["eval"]["tasks"][0]["metrics"]
+        );
+        assert_eq!(b["eval"]["tasks"][0]["cached"], 2);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

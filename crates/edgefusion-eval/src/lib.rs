@@ -14,6 +14,7 @@
 //! 4. [`cache`]: append-only per-item results, tolerant of a killed run.
 
 pub mod cache;
+pub mod compare;
 pub mod gsm8k;
 pub mod lm;
 pub mod perplexity;

@@ -59,6 +59,9 @@ struct Snapshot {
     ssm: Vec<f32>,
 }
 
+/// Positions of logits one forward pass returns.
+const MAX_LOGITS: usize = 256;
+
 /// Shared prefixes shorter than this are recomputed rather than snapshotted.
 const MIN_SNAPSHOT: usize = 32;
 
@@ -90,7 +93,9 @@ impl<'m> LanguageModel<'m> {
         n_threads: usize,
     ) -> Result<Self, LmError> {
         let mut opts = SessionOptions::new(n_ctx, n_threads);
-        opts.max_logits = n_ctx;
+        // Logits of a continuation come back in pieces of this many positions (a full
+        // window of them would be n_ctx × vocab floats: 400 MB for SmolLM2 at 2048).
+        opts.max_logits = n_ctx.min(MAX_LOGITS);
         let session = Session::new(model, opts)?;
         Ok(LanguageModel {
             session,
@@ -259,11 +264,15 @@ impl<'m> LanguageModel<'m> {
         if continuation.len() > 1 {
             // Rows 0..n-1 predict continuation tokens 1..n; the last token is never fed.
             let fed = &continuation[..continuation.len() - 1];
-            let logits = self.run(fed, Logits::From(0))?;
-            for (row, &target) in logits.chunks(self.vocab).zip(&continuation[1..]) {
-                let (lp, greedy) = log_prob(row, target);
-                loglik += lp;
-                is_greedy &= greedy;
+            let piece = MAX_LOGITS.min(self.n_ctx());
+            for (i, part) in fed.chunks(piece).enumerate() {
+                let logits = self.run(part, Logits::From(0))?;
+                let targets = &continuation[1 + i * piece..1 + i * piece + part.len()];
+                for (row, &target) in logits.chunks(self.vocab).zip(targets) {
+                    let (lp, greedy) = log_prob(row, target);
+                    loglik += lp;
+                    is_greedy &= greedy;
+                }
             }
         }
         Ok(ContinuationScore {

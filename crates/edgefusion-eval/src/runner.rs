@@ -47,6 +47,8 @@ pub struct RunSettings {
     pub limit: Option<usize>,
     /// Few-shot examples (`None`: each task's default, [`Task::default_shots`]).
     pub shots: Option<usize>,
+    /// Generation length limit (`None`: the harness's 256 tokens).
+    pub max_gen_tokens: Option<usize>,
 }
 
 /// One aggregated metric.
@@ -84,6 +86,33 @@ impl TaskReport {
             .find(|m| m.name == name)
             .map(|m| &m.value)
     }
+}
+
+/// One scored item as `evaluate --samples` logs it (lm-evaluation-harness's
+/// `--log_samples`): the prompt, what the model gave and how it scored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sample {
+    pub task: String,
+    pub index: usize,
+    /// Multiple choice: the shared context; generation: the prompt.
+    pub context: String,
+    /// Multiple choice: each continuation as scored (`" " + choice`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub continuations: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logliks: Vec<f64>,
+    pub gold: String,
+    /// The choice picked by raw log-likelihood (multiple choice) or the extracted answer.
+    pub pred: String,
+    /// The choice picked by length-normalised log-likelihood (multiple choice).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pred_norm: Option<usize>,
+    /// Generation: the text generated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<String>,
+    pub correct: bool,
+    /// Prompt tokens cut from the left to fit the window.
+    pub dropped: usize,
 }
 
 /// A multiple-choice item's cached result: enough to recompute every metric.
@@ -198,7 +227,13 @@ fn requests(
             let total = items.len();
             let reqs = items[..limit(total)]
                 .iter()
-                .map(|item| gsm8k_cot_request(item, &pool[..shots]))
+                .map(|item| {
+                    let mut req = gsm8k_cot_request(item, &pool[..shots]);
+                    if let Some(n) = settings.max_gen_tokens {
+                        req.max_gen_tokens = n;
+                    }
+                    req
+                })
                 .collect();
             (Requests::Gen(reqs), total)
         }
@@ -207,14 +242,14 @@ fn requests(
 
 /// Runs `task` on `lm`. `cache` (with `run`, the identity of the model and settings)
 /// holds per-item results: found items are not recomputed, computed ones are appended as
-/// they finish. `progress(done, total)` after each item.
+/// they finish. `sample(done, total, &sample)` after each item.
 pub fn run_task(
     lm: &mut LanguageModel<'_>,
     task: Task,
     settings: &RunSettings,
     mut cache: Option<&mut ResultCache>,
     run: RunHash,
-    progress: &mut dyn FnMut(usize, usize),
+    progress: &mut dyn FnMut(usize, usize, &Sample),
 ) -> Result<TaskReport, RunError> {
     if settings.limit == Some(0) {
         return Err(RunError::Invalid(
@@ -272,8 +307,25 @@ pub fn run_task(
                     .zip(result.logliks.iter().zip(&result.greedy))
                     .map(|(text, (&ll, &greedy))| ChoiceResult::new(ll, greedy, text))
                     .collect();
-                outcomes.push((group.clone(), score_choices(&choices, req.gold)?));
-                progress(index + 1, total);
+                let scored = score_choices(&choices, req.gold)?;
+                progress(
+                    index + 1,
+                    total,
+                    &Sample {
+                        task: name.into(),
+                        index,
+                        context: req.context.clone(),
+                        continuations: req.continuations(),
+                        logliks: result.logliks.clone(),
+                        gold: req.gold.to_string(),
+                        pred: scored.pred.to_string(),
+                        pred_norm: Some(scored.pred_norm),
+                        generation: None,
+                        correct: scored.acc,
+                        dropped: result.dropped,
+                    },
+                );
+                outcomes.push((group.clone(), scored));
             }
             let metrics = if task == Task::Mmlu {
                 // The harness's group aggregate: items weighted alike, the pooled stderr of
@@ -336,8 +388,28 @@ pub fn run_task(
                     }
                 };
                 truncated += usize::from(result.dropped > 0);
-                scores.push(crate::gsm8k::score(&result.text, &req.target));
-                progress(index + 1, total);
+                let scored = crate::gsm8k::score(&result.text, &req.target);
+                progress(
+                    index + 1,
+                    total,
+                    &Sample {
+                        task: name.into(),
+                        index,
+                        context: req.prompt.clone(),
+                        continuations: Vec::new(),
+                        logliks: Vec::new(),
+                        gold: req.target.clone(),
+                        pred: scored
+                            .extracted
+                            .as_ref()
+                            .map_or(String::new(), |e| e.answer.clone()),
+                        pred_norm: None,
+                        generation: Some(result.text.clone()),
+                        correct: scored.exact_match,
+                        dropped: result.dropped,
+                    },
+                );
+                scores.push(scored);
             }
             let of = |f: &dyn Fn(&crate::gsm8k::Gsm8kScore) -> bool| {
                 MeanStderr::of_bools(scores.iter().map(f))

@@ -148,7 +148,7 @@ fn greedy_generation_equals_the_reference_continuation() {
         // A stop sequence cuts the text before it; scoring afterwards starts afresh.
         let stop = want.chars().skip(2).take(2).collect::<String>();
         let cut = lm
-            .generate(&r.prompt, &[stop.clone()], r.greedy.len())
+            .generate(&r.prompt, std::slice::from_ref(&stop), r.greedy.len())
             .unwrap();
         assert!(
             want.starts_with(&cut.text) && !cut.text.contains(&stop),

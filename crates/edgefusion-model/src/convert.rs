@@ -199,3 +199,74 @@ mod tests {
         assert!(permute_rope_rows(&data, 8, 3, 4).is_none());
     }
 }
+
+/// What [`dequantize_gguf`] wrote.
+#[derive(Debug, Clone)]
+pub struct DequantizeReport {
+    pub n_tensors: usize,
+    /// Tensors that were stored quantized and are now `F16`.
+    pub dequantized: usize,
+}
+
+/// Writes `gguf` with every quantized matrix dequantized to F16 — "full precision" for a
+/// model that only exists quantized, the dense baseline of a comparison — and everything
+/// else (F32 norms, F16/BF16 tensors, metadata, tokenizer) copied unchanged. EFQ files
+/// (their matrices are blobs, not ggml types) are refused: dequantize their source instead.
+pub fn dequantize_gguf(
+    gguf: &edgefusion_io::gguf::GgufFile,
+    output: &Path,
+) -> Result<DequantizeReport, ModelError> {
+    use edgefusion_kernels::GgmlType;
+    let file = gguf.path.display().to_string();
+    if gguf.get(crate::model::EFQ_VERSION_KEY).is_some() {
+        return Err(ModelError::Invalid {
+            file,
+            what: "an EFQ file: its matrices are EFQ blobs; dequantize the model it was quantized from".into(),
+        });
+    }
+    let mut writer = GgufWriter::new();
+    for (key, value) in &gguf.metadata {
+        // llama.cpp's file type: 1 = mostly F16.
+        let value = if key == "general.file_type" {
+            MetaValue::U32(1)
+        } else {
+            value.clone()
+        };
+        writer.add_metadata(key.clone(), value);
+    }
+    let mut dequantized = 0;
+    for t in &gguf.tensors {
+        let data = gguf.tensor_data(t);
+        match t.dtype {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::I8 => {
+                writer.add_tensor(t.name.clone(), t.dtype, &t.shape, data);
+            }
+            ty => {
+                let row_len = t.shape.first().copied().unwrap_or(0);
+                let row_bytes = ty.row_bytes(row_len).ok_or_else(|| ModelError::Invalid {
+                    file: file.clone(),
+                    what: format!(
+                        "tensor {}: rows of {row_len} are not whole {} blocks",
+                        t.name,
+                        ty.name()
+                    ),
+                })?;
+                let mut row = vec![0f32; row_len];
+                let mut out = Vec::with_capacity(t.n_elements() * 2);
+                for src in data.chunks(row_bytes.max(1)) {
+                    edgefusion_kernels::dequantize_row(ty, src, &mut row);
+                    for &x in &row {
+                        out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes());
+                    }
+                }
+                writer.add_tensor(t.name.clone(), GgmlType::F16, &t.shape, out);
+                dequantized += 1;
+            }
+        }
+    }
+    writer.write(output)?;
+    Ok(DequantizeReport {
+        n_tensors: gguf.tensors.len(),
+        dequantized,
+    })
+}

@@ -83,7 +83,12 @@ fn all_logits(session: &mut Session<'_>, tokens: &[u32]) -> Vec<Vec<f32>> {
 }
 
 fn check_model(name: &str, tolerance: f32) {
-    let source = ModelSource::open(fixture(&format!("{name}.gguf"))).expect("open fixture");
+    check_file(&fixture(&format!("{name}.gguf")), name, tolerance);
+}
+
+/// `path` against the reference of fixture `name`.
+fn check_file(path: &std::path::Path, name: &str, tolerance: f32) {
+    let source = ModelSource::open(path).expect("open fixture");
     let model = Model::load(&source).expect("load fixture");
     let reference = reference(name);
     for threads in [1, 2] {
@@ -175,6 +180,23 @@ const ACT_Q8_TOLERANCE: f32 = 5e-2;
 #[test]
 fn f16_llama_matches_reference() {
     check_model("tiny-llama-f16", 1e-4);
+}
+
+/// A quantized file dequantized to F16 (`edgefusion convert`) runs without activation
+/// quantization: it meets the reference of its dequantized weights to F16's tolerance,
+/// tighter than the quantized file itself does.
+#[test]
+fn dequantized_q4_0_matches_the_reference_of_its_weights() {
+    let source = ModelSource::open(fixture("tiny-llama-q4_0.gguf")).expect("open fixture");
+    let ModelSource::Gguf(gguf) = &source else {
+        unreachable!("a GGUF fixture")
+    };
+    let out = std::env::temp_dir().join(format!("edgefusion-dequant-{}.gguf", std::process::id()));
+    let report = edgefusion_model::convert::dequantize_gguf(gguf, &out).expect("dequantize");
+    assert!(report.dequantized >= 8, "{report:?}");
+    // F16 rounds the dequantized weights (d·q is not always an f16 value): 3e-3.
+    check_file(&out, "tiny-llama-q4_0", 3e-3);
+    let _ = std::fs::remove_file(&out);
 }
 
 #[test]

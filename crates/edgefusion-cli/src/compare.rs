@@ -1,0 +1,360 @@
+//! `edgefusion compare`: the paper's table from one base model — Dense, GPTQ-4bit,
+//! Mamba-pure and EdgeFusion — each built (or found from an earlier run), evaluated and
+//! measured the same way.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use edgefusion_eval::compare::{CompareReport, VariantResult};
+use edgefusion_io::ModelSource;
+use edgefusion_model::{LayerType, ModelConfig};
+
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    edgefusion compare --base assets/models/SmolLM2-135M-Instruct.Q4_1.gguf --config configs/smollm2_135m.yaml --limit 200 -o runs/compare\n  \
+    edgefusion compare --base M --config C --run runs/smollm2 --tasks ppl,hellaswag -o runs/compare\n\n\
+    The four variants, written under OUTPUT/models/ (each reused when present):\n  \
+    Dense        the base model; a quantized GGUF is dequantized to F16 first\n  \
+    GPTQ-4bit    `quantize --method gptq --bits 4` of the dense model (16×128 tiles,\n               \
+    calibrated on the config's calibration text)\n  \
+    Mamba-pure   every layer on SSM: the run's last router checkpoint hardened at share 1\n  \
+    EdgeFusion   the run's checkpoint_quantized/model.gguf (hybrid at the target share,\n               \
+    EFQ at the config's bits per weight)\n\
+    The run is `train --config C --output-dir RUN` (default OUTPUT/run); it is trained here\n\
+    first when it has no checkpoint_quantized/ yet (about 40 min for SmolLM2 on 2 cores).\n\
+    Each variant is evaluated like `edgefusion evaluate` (its per-item cache in OUTPUT/cache/,\n\
+    so an interrupted comparison resumes), then measured by one `edgefusion bench` process\n\
+    (peak memory and decode speed at --bench-ctx). OUTPUT gets compare.md, compare.json and\n\
+    compare.png (quality against memory).")]
+pub struct CompareArgs {
+    /// The dense base model (GGUF file or Hugging Face folder).
+    #[arg(long)]
+    pub base: PathBuf,
+    /// The training configuration of the hybrid conversion.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// The conversion run's folder [default: OUTPUT/run].
+    #[arg(long)]
+    pub run: Option<PathBuf>,
+    /// Score only the first N items of each task (of each MMLU subject).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Tasks to evaluate (as `evaluate --tasks`).
+    #[arg(long, default_value = "ppl,mmlu,hellaswag,arc_challenge,gsm8k")]
+    pub tasks: String,
+    /// Perplexity windows [default: all of the file].
+    #[arg(long)]
+    pub ppl_chunks: Option<usize>,
+    /// Text for perplexity (as `evaluate --ppl-file`).
+    #[arg(long, default_value = "assets/text/moby-dick.txt")]
+    pub ppl_file: PathBuf,
+    /// Perplexity window in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub ppl_ctx: usize,
+    /// Folder of the task jsonl files.
+    #[arg(long, default_value = "assets/tasks")]
+    pub tasks_dir: PathBuf,
+    /// Context window of the task prompts.
+    #[arg(long, default_value_t = 2048)]
+    pub ctx: usize,
+    /// Longest generation (GSM8K) in tokens [default: the harness's 256].
+    #[arg(long)]
+    pub max_gen_tokens: Option<usize>,
+    /// Context position of the speed, memory and FLOP rows.
+    #[arg(long, default_value_t = 512)]
+    pub bench_ctx: usize,
+    /// Tokens decoded per speed measurement (ending at --bench-ctx).
+    #[arg(long, default_value_t = 64)]
+    pub bench_tokens: usize,
+    /// Threads [default: physical cores].
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<usize>,
+    /// Folder for the variants, caches and the table.
+    #[arg(short = 'o', long = "output", default_value = "runs/compare")]
+    pub output: PathBuf,
+}
+
+const BENCH_REPETITIONS: usize = 3;
+
+fn arg(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Runs one `edgefusion …` subcommand in this process.
+fn subcommand(argv: &[String]) -> Result<()> {
+    let mut full = vec!["edgefusion".to_string()];
+    full.extend_from_slice(argv);
+    crate::run_argv(&full)
+}
+
+/// Peak memory and decode speed from a separate `edgefusion bench` process, so that the
+/// memory is this model's alone.
+fn measure(model: &Path, ctx: usize, n_gen: usize, threads: usize) -> Result<(Option<u64>, f64)> {
+    let exe = std::env::current_exe().context("finding the edgefusion binary")?;
+    let out = std::process::Command::new(exe)
+        .args([
+            "bench",
+            "-m",
+            &arg(model),
+            "-p",
+            "0",
+            "-n",
+            &n_gen.to_string(),
+            "--ctx",
+            &ctx.to_string(),
+            "-t",
+            &threads.to_string(),
+            "-r",
+            &BENCH_REPETITIONS.to_string(),
+            "-o",
+            "json",
+        ])
+        .output()
+        .context("running edgefusion bench")?;
+    if !out.status.success() {
+        bail!(
+            "bench of {} failed: {}",
+            model.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("bench of {}: unreadable output", model.display()))?;
+    let row = rows
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["ctx"].as_u64() == Some(ctx as u64)))
+        .with_context(|| format!("bench of {}: no row at ctx {ctx}", model.display()))?;
+    Ok((
+        row["peak_rss_bytes"].as_u64(),
+        row["avg_ts"].as_f64().unwrap_or(0.0),
+    ))
+}
+
+pub fn run(args: CompareArgs) -> Result<()> {
+    let threads = crate::common::threads(args.threads)?;
+    if args.limit == Some(0) {
+        bail!("--limit 0 scores nothing; give at least 1, or leave it out for every item");
+    }
+    edgefusion_eval::Task::parse_list(&args.tasks)?;
+    if args.bench_tokens == 0 || args.bench_tokens >= args.bench_ctx {
+        bail!(
+            "--bench-tokens {} must be at least 1 and below --bench-ctx {}",
+            args.bench_tokens,
+            args.bench_ctx
+        );
+    }
+    let config = edgefusion_train::TrainConfig::load(&args.config)?;
+    let models = args.output.join("models");
+    std::fs::create_dir_all(&models).with_context(|| format!("creating {}", models.display()))?;
+    let run_dir = args.run.clone().unwrap_or_else(|| args.output.join("run"));
+
+    // Dense: the base itself when it holds floats, else its F16 dequantization.
+    let base_source = ModelSource::open(&args.base)
+        .with_context(|| format!("base model {}", args.base.display()))?;
+    let dense = match &base_source {
+        ModelSource::Gguf(g)
+            if g.tensors.iter().any(|t| {
+                !matches!(
+                    t.dtype,
+                    edgefusion_kernels::GgmlType::F32
+                        | edgefusion_kernels::GgmlType::F16
+                        | edgefusion_kernels::GgmlType::BF16
+                )
+            }) =>
+        {
+            let path = models.join("dense-f16.gguf");
+            if !path.exists() {
+                eprintln!("compare: dequantizing {} to F16", args.base.display());
+                edgefusion_model::convert::dequantize_gguf(g, &path)?;
+            }
+            path
+        }
+        _ => args.base.clone(),
+    };
+    let calib = config
+        .quantization
+        .calib
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("assets/text/sotu.txt"));
+    let gptq = models.join("gptq4.gguf");
+    if !gptq.exists() {
+        eprintln!("compare: GPTQ 4-bit of the dense model");
+        subcommand(&[
+            "quantize".into(),
+            "-m".into(),
+            arg(&dense),
+            "-o".into(),
+            arg(&gptq),
+            "--method".into(),
+            "gptq".into(),
+            "--bits".into(),
+            "4".into(),
+            "--calib".into(),
+            arg(&calib),
+            "--calib-tokens".into(),
+            config.quantization.calib_tokens.to_string(),
+            "-t".into(),
+            threads.to_string(),
+        ])?;
+    }
+    let hybrid = run_dir.join("checkpoint_quantized/model.gguf");
+    if !hybrid.exists() {
+        eprintln!(
+            "compare: no {} yet: training the conversion",
+            hybrid.display()
+        );
+        let mut argv = vec![
+            "train".to_string(),
+            "--config".into(),
+            arg(&args.config),
+            "--output-dir".into(),
+            arg(&run_dir),
+            "--base-model".into(),
+            arg(&args.base),
+            "-t".into(),
+            threads.to_string(),
+        ];
+        if run_dir.join("checkpoints").is_dir() {
+            argv.push("--resume".into());
+        }
+        subcommand(&argv)?;
+    }
+    let pure = models.join("mamba-pure.gguf");
+    if !pure.exists() {
+        eprintln!("compare: Mamba-pure from the run's last checkpoint");
+        subcommand(&[
+            "harden".into(),
+            "--output-dir".into(),
+            arg(&run_dir),
+            "--base-model".into(),
+            arg(&args.base),
+            "--ssm-fraction".into(),
+            "1".into(),
+            "-o".into(),
+            arg(&pure),
+        ])?;
+    }
+
+    let q = &config.quantization;
+    let variants = [
+        (
+            "Dense",
+            dense.clone(),
+            if dense == args.base {
+                "the base model".to_string()
+            } else {
+                format!("{} dequantized to F16", args.base.display())
+            },
+        ),
+        (
+            "GPTQ-4bit",
+            gptq,
+            format!(
+                "GPTQ, 4-bit codes in 16×128 tiles, calibrated on {} tokens of {}",
+                q.calib_tokens,
+                calib.display()
+            ),
+        ),
+        (
+            "Mamba-pure",
+            pure,
+            "every layer on SSM (the conversion's SSMs after router training), unquantized"
+                .to_string(),
+        ),
+        (
+            "EdgeFusion",
+            hybrid,
+            format!(
+                "hybrid at target share {}, EFQ at {} bits per weight ({}% outliers at 6 bits)",
+                config.router.target_ssm_fraction.unwrap_or(0.0),
+                q.bpw,
+                100.0 * q.outliers
+            ),
+        ),
+    ];
+    let mut report = CompareReport {
+        base: arg(&args.base),
+        threads,
+        bench_ctx: args.bench_ctx,
+        bench_tokens: args.bench_tokens,
+        bench_repetitions: BENCH_REPETITIONS,
+        limit: args.limit,
+        variants: Vec::new(),
+    };
+    let cache_dir = args.output.join("cache");
+    for (name, model, description) in variants {
+        eprintln!("compare: evaluating {name} ({})", model.display());
+        let mut argv = vec![
+            "edgefusion".to_string(),
+            "evaluate".into(),
+            "-m".into(),
+            arg(&model),
+            "--tasks".into(),
+            args.tasks.clone(),
+            "-t".into(),
+            threads.to_string(),
+            "--cache".into(),
+            arg(&cache_dir.join(format!("{name}.jsonl"))),
+            "--ppl-file".into(),
+            arg(&args.ppl_file),
+            "--ppl-ctx".into(),
+            args.ppl_ctx.to_string(),
+            "--tasks-dir".into(),
+            arg(&args.tasks_dir),
+            "--ctx".into(),
+            args.ctx.to_string(),
+        ];
+        if let Some(n) = args.max_gen_tokens {
+            argv.extend(["--max-gen-tokens".into(), n.to_string()]);
+        }
+        if let Some(l) = args.limit {
+            argv.extend(["--limit".into(), l.to_string()]);
+        }
+        if let Some(c) = args.ppl_chunks {
+            argv.extend(["--ppl-chunks".into(), c.to_string()]);
+        }
+        let eval_args = crate::parse_evaluate(&argv)?;
+        let eval = crate::evaluate::evaluate(&eval_args)?;
+        let (peak, tps) = measure(&model, args.bench_ctx, args.bench_tokens, threads)?;
+        let source = ModelSource::open(&model)?;
+        let cfg = ModelConfig::from_source(&source)?;
+        report.variants.push(VariantResult {
+            name: name.into(),
+            description,
+            model: arg(&model),
+            file_bytes: std::fs::metadata(&model).map_or(0, |m| m.len()),
+            n_layers: cfg.n_layers,
+            n_ssm_layers: cfg
+                .layer_types
+                .iter()
+                .filter(|t| **t == LayerType::Ssm)
+                .count(),
+            eval,
+            peak_rss_bytes: peak,
+            decode_tokens_per_s: tps,
+            gflops_per_token: cfg.flops_per_token(args.bench_ctx - 1) / 1e9,
+        });
+        // The table so far, so that a long comparison shows its progress.
+        write_tables(&args.output, &report)?;
+    }
+    let markdown = report.to_markdown();
+    print!("{markdown}");
+    let png = args.output.join("compare.png");
+    crate::plot::compare_chart(&report, &png)?;
+    eprintln!(
+        "wrote {}, {} and {}",
+        args.output.join("compare.md").display(),
+        args.output.join("compare.json").display(),
+        png.display()
+    );
+    Ok(())
+}
+
+fn write_tables(dir: &Path, report: &CompareReport) -> Result<()> {
+    crate::common::write_atomic(&dir.join("compare.md"), report.to_markdown().as_bytes())?;
+    crate::common::write_atomic(
+        &dir.join("compare.json"),
+        serde_json::to_string_pretty(report)?.as_bytes(),
+    )
+}

@@ -1,0 +1,282 @@
+//! `edgefusion evaluate`: perplexity and the standard tasks (HellaSwag, ARC-Challenge,
+//! MMLU, GSM8K) with lm-evaluation-harness semantics, in one report.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use edgefusion_eval::lm::LanguageModel;
+use edgefusion_eval::perplexity::{perplexity, PerplexityOptions};
+use edgefusion_eval::report::{EvalReport, PerplexitySummary};
+use edgefusion_eval::runner::{run_task, RunSettings};
+use edgefusion_eval::{ResultCache, RunHash, Task};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::common::{self, ModelArgs};
+
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    edgefusion evaluate --tasks ppl,hellaswag --limit 200\n  \
+    edgefusion evaluate -m runs/smollm2/checkpoint_quantized/model.gguf -o hybrid.md\n  \
+    edgefusion evaluate --tasks mmlu --shots 5 -o mmlu.json\n\n\
+    Tasks (lm-evaluation-harness semantics; shots: the harness's defaults):\n  \
+    ppl            perplexity and bits per byte on --ppl-file (llama-perplexity's windows)\n  \
+    hellaswag      10,042 validation items, 0-shot, acc and acc_norm\n  \
+    arc_challenge  1,172 test items, 0-shot, \"Question: … Answer:\", acc and acc_norm\n  \
+    mmlu           14,042 test items over 57 subjects, 5-shot from dev, acc\n  \
+    gsm8k          1,319 test items, 8-shot chain of thought, greedy, exact match\n\n\
+    Multiple choice scores each continuation by its log-likelihood after the shared\n\
+    context, which is computed once per question (and a few-shot preamble once per run of\n\
+    questions that share it). acc_norm divides by the continuation's length in characters,\n\
+    as the harness does. Each item's result is appended to a cache as it finishes, so an\n\
+    interrupted run started again resumes where it stopped (--no-cache to recompute).\n\
+    Task files come from `scripts/fetch-assets.sh --tasks`.")]
+pub struct EvaluateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Comma-separated tasks: ppl, hellaswag, arc_challenge, mmlu, gsm8k.
+    #[arg(long, default_value = "ppl,hellaswag,arc_challenge,mmlu,gsm8k")]
+    pub tasks: String,
+    /// Score only the first N items of each task (of each subject for MMLU).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Few-shot examples for every task [default: each task's own, listed below].
+    #[arg(long)]
+    pub shots: Option<usize>,
+    /// Threads [default: physical cores].
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<usize>,
+    /// Write the report here: .md for markdown, .json for JSON (it is printed anyway).
+    #[arg(short = 'o', long = "output")]
+    pub output: Option<PathBuf>,
+    /// Text for perplexity (never the calibration text, assets/text/sotu.txt).
+    #[arg(long, default_value = "assets/text/moby-dick.txt")]
+    pub ppl_file: PathBuf,
+    /// Perplexity window in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub ppl_ctx: usize,
+    /// Perplexity windows to score [default: all in the file].
+    #[arg(long)]
+    pub ppl_chunks: Option<usize>,
+    /// Context window of the task prompts (longer prompts are cut from the left).
+    #[arg(long, default_value_t = 2048)]
+    pub ctx: usize,
+    /// Longest generation (GSM8K) in tokens [default: the harness's 256].
+    #[arg(long)]
+    pub max_gen_tokens: Option<usize>,
+    /// Folder of the task jsonl files.
+    #[arg(long, default_value = "assets/tasks")]
+    pub tasks_dir: PathBuf,
+    /// Per-item result cache [default: next to --output (REPORT.cache.jsonl), else
+    /// edgefusion-eval-cache.jsonl].
+    #[arg(long, conflicts_with = "no_cache")]
+    pub cache: Option<PathBuf>,
+    /// Compute every item again; read and write no cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Log every scored item here (jsonl: prompt, continuations, log-likelihoods, choice,
+    /// generation), as lm-evaluation-harness's --log_samples.
+    #[arg(long, value_name = "JSONL")]
+    pub samples: Option<PathBuf>,
+}
+
+/// A file's identity for the cache: path, size and modification time.
+fn file_identity(path: &Path) -> String {
+    let meta = std::fs::metadata(path).ok();
+    let size = meta.as_ref().map_or(0, |m| m.len());
+    let modified = meta
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    format!("{}|{size}|{modified}", canonical.display())
+}
+
+pub fn run(args: EvaluateArgs) -> Result<()> {
+    if let Some(out) = &args.output {
+        let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if !matches!(ext, "md" | "json") {
+            bail!("{}: the report is .md or .json", out.display());
+        }
+    }
+    let report = evaluate(&args)?;
+    let markdown = report.to_markdown();
+    print!("{markdown}");
+    if let Some(out) = &args.output {
+        let text = if out.extension().and_then(|e| e.to_str()) == Some("json") {
+            serde_json::to_string_pretty(&report)?
+        } else {
+            markdown
+        };
+        crate::common::write_atomic(out, text.as_bytes())?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+/// Runs the tasks of `args` on its model (progress on stderr) and returns the report.
+pub fn evaluate(args: &EvaluateArgs) -> Result<EvalReport> {
+    let tasks = Task::parse_list(&args.tasks)?;
+    if args.limit == Some(0) {
+        bail!("--limit 0 scores nothing; give at least 1, or leave it out for every item");
+    }
+    let threads = common::threads(args.threads)?;
+    let source = args.model.open()?;
+    let model = common::load_model(&source)?;
+    let tokenizer = common::load_tokenizer(&source)?;
+    let model_path = args.model.path();
+    let model_name = model_path.display().to_string();
+    let bar_style = ProgressStyle::with_template(
+        "{prefix:>14} [{bar:30}] {pos}/{len} ({per_sec}, {elapsed} elapsed, eta {eta}) {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+
+    let mut report = EvalReport {
+        model: model_name.clone(),
+        threads,
+        n_ctx: args.ctx,
+        perplexity: Vec::new(),
+        tasks: Vec::new(),
+    };
+    if tasks.contains(&Task::Perplexity) {
+        let text = common::read_text(&args.ppl_file)?;
+        let bar = ProgressBar::new(0).with_style(bar_style.clone());
+        bar.set_prefix("ppl");
+        let result = perplexity(
+            &model,
+            &tokenizer,
+            &text,
+            &PerplexityOptions {
+                ctx: args.ppl_ctx,
+                chunks: args.ppl_chunks,
+                batch: 512,
+                threads,
+            },
+            &mut |done, total, ppl| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+                bar.set_message(format!("PPL {ppl:.3}"));
+            },
+        )
+        .with_context(|| format!("perplexity of {}", args.ppl_file.display()))?;
+        bar.finish_and_clear();
+        eprintln!(
+            "ppl: {:.4} ± {:.4}, {:.4} bits per byte ({} tokens)",
+            result.ppl, result.ppl_stderr, result.bits_per_byte, result.tokens_scored
+        );
+        let name = args
+            .ppl_file
+            .file_name()
+            .map_or(args.ppl_file.display().to_string(), |n| {
+                n.to_string_lossy().into_owned()
+            });
+        report
+            .perplexity
+            .push((name, PerplexitySummary::from(&result)));
+    }
+
+    let jsonl_tasks: Vec<Task> = tasks
+        .iter()
+        .copied()
+        .filter(|t| *t != Task::Perplexity)
+        .collect();
+    if !jsonl_tasks.is_empty() {
+        let mut cache = if args.no_cache {
+            None
+        } else {
+            let path = args.cache.clone().unwrap_or_else(|| match &args.output {
+                Some(out) => out.with_extension("cache.jsonl"),
+                None => PathBuf::from("edgefusion-eval-cache.jsonl"),
+            });
+            let cache = ResultCache::open(&path)?;
+            if cache.recovery().dropped_bytes > 0 {
+                eprintln!(
+                    "warning: {}: cut a half-written last record of an interrupted run",
+                    path.display()
+                );
+            }
+            Some(cache)
+        };
+        let mut lm = LanguageModel::new(&model, &tokenizer, args.ctx, threads)?;
+        let mut samples = match &args.samples {
+            Some(path) => Some(std::io::BufWriter::new(
+                std::fs::File::create(path)
+                    .with_context(|| format!("creating {}", path.display()))?,
+            )),
+            None => None,
+        };
+        let mut sample_error = None;
+        let settings = RunSettings {
+            tasks_dir: args.tasks_dir.clone(),
+            limit: args.limit,
+            shots: args.shots,
+            max_gen_tokens: args.max_gen_tokens,
+        };
+        for task in jsonl_tasks {
+            let shots = args.shots.unwrap_or(task.default_shots());
+            let run = RunHash::new(&[
+                ("model", file_identity(&model_path)),
+                ("task", task.name().to_string()),
+                ("shots", shots.to_string()),
+                ("n_ctx", args.ctx.to_string()),
+                ("limit", format!("{:?}", args.limit)),
+                ("max_gen_tokens", format!("{:?}", args.max_gen_tokens)),
+                (
+                    "prompts",
+                    edgefusion_eval::prompts::PROMPT_FORMAT_VERSION.to_string(),
+                ),
+            ]);
+            if let Some(c) = &cache {
+                let done = c.completed(task.name(), run);
+                if done > 0 {
+                    eprintln!("{}: {done} items found in the cache, resuming", task.name());
+                }
+            }
+            let bar = ProgressBar::new(0).with_style(bar_style.clone());
+            bar.set_prefix(task.name());
+            let result = run_task(
+                &mut lm,
+                task,
+                &settings,
+                cache.as_mut(),
+                run,
+                &mut |done, total, sample| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                    if let Some(out) = samples.as_mut() {
+                        use std::io::Write;
+                        let line = serde_json::to_string(sample).expect("plain struct");
+                        if let Err(e) = writeln!(out, "{line}") {
+                            sample_error.get_or_insert(e);
+                        }
+                    }
+                },
+            )
+            .with_context(|| format!("task {}", task.name()))?;
+            if let Some(e) = sample_error.take() {
+                return Err(anyhow::anyhow!(e).context("writing --samples"));
+            }
+            bar.finish_and_clear();
+            let main = &result.metrics[0];
+            eprintln!(
+                "{}: {} {:.4} over {} items ({} truncated, {} from the cache) in {:.0} s ({:.2} items/s, {:.0} tok/s)",
+                result.task,
+                main.name,
+                main.value.mean,
+                result.items,
+                result.truncated,
+                result.cached,
+                result.seconds,
+                result.items_per_s,
+                result.tokens_per_s
+            );
+            report.tasks.push(result);
+        }
+        if let Some(mut out) = samples {
+            use std::io::Write;
+            out.flush().context("writing --samples")?;
+        }
+    }
+    Ok(report)
+}
