@@ -37,9 +37,10 @@ pub struct CompareArgs {
     /// The conversion run's folder [default: OUTPUT/run].
     #[arg(long)]
     pub run: Option<PathBuf>,
-    /// Score only the first N items of each task (of each MMLU subject).
-    #[arg(long)]
-    pub limit: Option<usize>,
+    /// Score only the first N items of each task (of each MMLU subject): `200`, or per
+    /// task, `200,mmlu=10,gsm8k=50` (as `evaluate --limit`).
+    #[arg(long, value_parser = edgefusion_eval::runner::Limits::parse)]
+    pub limit: Option<edgefusion_eval::runner::Limits>,
     /// Tasks to evaluate (as `evaluate --tasks`).
     #[arg(long, default_value = "ppl,mmlu,hellaswag,arc_challenge,gsm8k")]
     pub tasks: String,
@@ -133,9 +134,6 @@ fn measure(model: &Path, ctx: usize, n_gen: usize, threads: usize) -> Result<(Op
 
 pub fn run(args: CompareArgs) -> Result<()> {
     let threads = crate::common::threads(args.threads)?;
-    if args.limit == Some(0) {
-        bail!("--limit 0 scores nothing; give at least 1, or leave it out for every item");
-    }
     edgefusion_eval::Task::parse_list(&args.tasks)?;
     if args.bench_tokens == 0 || args.bench_tokens >= args.bench_ctx {
         bail!(
@@ -259,7 +257,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         (
             "Mamba-pure",
             pure,
-            "every layer on SSM (the conversion's SSMs after router training), unquantized"
+            "every layer on SSM: the conversion's SSMs after router training in f32, the other weights as in the base"
                 .to_string(),
         ),
         (
@@ -279,7 +277,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         bench_ctx: args.bench_ctx,
         bench_tokens: args.bench_tokens,
         bench_repetitions: BENCH_REPETITIONS,
-        limit: args.limit,
+        limit: args.limit.clone(),
         variants: Vec::new(),
     };
     let cache_dir = args.output.join("cache");
@@ -308,8 +306,10 @@ pub fn run(args: CompareArgs) -> Result<()> {
         if let Some(n) = args.max_gen_tokens {
             argv.extend(["--max-gen-tokens".into(), n.to_string()]);
         }
-        if let Some(l) = args.limit {
-            argv.extend(["--limit".into(), l.to_string()]);
+        if let Some(l) = &args.limit {
+            let mut parts: Vec<String> = l.all.iter().map(|n| n.to_string()).collect();
+            parts.extend(l.per_task.iter().map(|(t, n)| format!("{}={n}", t.name())));
+            argv.extend(["--limit".into(), parts.join(",")]);
         }
         if let Some(c) = args.ppl_chunks {
             argv.extend(["--ppl-chunks".into(), c.to_string()]);

@@ -8,7 +8,7 @@ use clap::Args;
 use edgefusion_eval::lm::LanguageModel;
 use edgefusion_eval::perplexity::{perplexity, PerplexityOptions};
 use edgefusion_eval::report::{EvalReport, PerplexitySummary};
-use edgefusion_eval::runner::{run_task, RunSettings};
+use edgefusion_eval::runner::{run_task, Limits, RunSettings};
 use edgefusion_eval::{ResultCache, RunHash, Task};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -37,9 +37,10 @@ pub struct EvaluateArgs {
     /// Comma-separated tasks: ppl, hellaswag, arc_challenge, mmlu, gsm8k.
     #[arg(long, default_value = "ppl,hellaswag,arc_challenge,mmlu,gsm8k")]
     pub tasks: String,
-    /// Score only the first N items of each task (of each subject for MMLU).
-    #[arg(long)]
-    pub limit: Option<usize>,
+    /// Score only the first N items of each task (of each subject for MMLU): `200`, or
+    /// per task, `200,mmlu=10,gsm8k=50`.
+    #[arg(long, value_parser = Limits::parse)]
+    pub limit: Option<Limits>,
     /// Few-shot examples for every task [default: each task's own, listed below].
     #[arg(long)]
     pub shots: Option<usize>,
@@ -117,9 +118,6 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
 /// Runs the tasks of `args` on its model (progress on stderr) and returns the report.
 pub fn evaluate(args: &EvaluateArgs) -> Result<EvalReport> {
     let tasks = Task::parse_list(&args.tasks)?;
-    if args.limit == Some(0) {
-        bail!("--limit 0 scores nothing; give at least 1, or leave it out for every item");
-    }
     let threads = common::threads(args.threads)?;
     let source = args.model.open()?;
     let model = common::load_model(&source)?;
@@ -207,20 +205,21 @@ pub fn evaluate(args: &EvaluateArgs) -> Result<EvalReport> {
             None => None,
         };
         let mut sample_error = None;
-        let settings = RunSettings {
-            tasks_dir: args.tasks_dir.clone(),
-            limit: args.limit,
-            shots: args.shots,
-            max_gen_tokens: args.max_gen_tokens,
-        };
         for task in jsonl_tasks {
+            let limit = args.limit.as_ref().and_then(|l| l.of(task));
+            let settings = RunSettings {
+                tasks_dir: args.tasks_dir.clone(),
+                limit,
+                shots: args.shots,
+                max_gen_tokens: args.max_gen_tokens,
+            };
             let shots = args.shots.unwrap_or(task.default_shots());
             let run = RunHash::new(&[
                 ("model", file_identity(&model_path)),
                 ("task", task.name().to_string()),
                 ("shots", shots.to_string()),
                 ("n_ctx", args.ctx.to_string()),
-                ("limit", format!("{:?}", args.limit)),
+                ("limit", format!("{limit:?}")),
                 ("max_gen_tokens", format!("{:?}", args.max_gen_tokens)),
                 (
                     "prompts",

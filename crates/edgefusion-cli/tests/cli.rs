@@ -972,7 +972,10 @@ fn evaluate_scores_every_task_and_resumes_from_its_cache() {
         &with(&args, &["--tasks", "hellaswag,piqa"]),
         &["piqa", "hellaswag", "arc_challenge", "gsm8k"],
     );
-    assert_fails_with(&with(&args, &["--limit", "0"]), &["--limit 0"]);
+    assert_fails_with(
+        &with(&args, &["--limit", "0"]),
+        &["--limit", "scores nothing"],
+    );
     std::fs::write(
         tasks.join("hellaswag_validation.jsonl"),
         "{\"activity_label\": \"x\"}\n",

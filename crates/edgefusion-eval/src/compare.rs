@@ -35,7 +35,7 @@ pub struct CompareReport {
     /// Tokens decoded per speed measurement, and repetitions.
     pub bench_tokens: usize,
     pub bench_repetitions: usize,
-    pub limit: Option<usize>,
+    pub limit: Option<crate::runner::Limits>,
     pub variants: Vec<VariantResult>,
 }
 

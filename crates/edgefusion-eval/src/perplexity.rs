@@ -13,7 +13,7 @@ use edgefusion_runtime::tokenizer::Tokenizer;
 use edgefusion_runtime::{Logits, RuntimeError, Session, SessionOptions};
 use serde::Serialize;
 
-use crate::lm::log_prob;
+use crate::lm::log_prob_in_place;
 
 /// What can go wrong.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +104,7 @@ pub fn perplexity(
     let vocab = cfg.vocab_size;
 
     let mut window = vec![0u32; n_ctx];
+    let mut scratch = vec![0f32; vocab];
     let (mut nll, mut nll2, mut count, mut bytes) = (0.0f64, 0.0f64, 0usize, 0usize);
     let start = std::time::Instant::now();
     for chunk in 0..n_chunks {
@@ -116,7 +117,8 @@ pub fn perplexity(
         // Logit rows first..n_ctx-1 predict tokens first+1..n_ctx.
         let logits = session.forward(&window, Logits::From(first))?;
         for (row, &target) in logits.chunks(vocab).zip(&span[first + 1..]) {
-            let loss = -log_prob(row, target).0;
+            scratch.copy_from_slice(row);
+            let loss = -log_prob_in_place(&mut scratch, target).0;
             nll += loss;
             nll2 += loss * loss;
             count += 1;

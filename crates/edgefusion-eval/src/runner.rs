@@ -37,6 +37,51 @@ pub enum RunError {
     Invalid(String),
 }
 
+/// `--limit`: items to score per task. A bare number applies to every task, `task=N` to
+/// one (`200,mmlu=10`: 200 items of each task but 10 of each MMLU subject).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub all: Option<usize>,
+    pub per_task: Vec<(Task, usize)>,
+}
+
+impl Limits {
+    /// Parses `200`, `mmlu=10` or `200,mmlu=10,gsm8k=50`; 0 and unknown tasks are errors.
+    pub fn parse(text: &str) -> Result<Limits, String> {
+        let mut limits = Limits::default();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (task, n) = match part.split_once('=') {
+                Some((task, n)) => (Some(Task::parse(task).map_err(|e| e.to_string())?), n),
+                None => (None, part),
+            };
+            let n: usize = n
+                .trim()
+                .parse()
+                .map_err(|_| format!("'{part}': the limit must be a whole number"))?;
+            if n == 0 {
+                return Err(format!(
+                    "'{part}': a limit of 0 scores nothing; give at least 1, or leave the task's limit out"
+                ));
+            }
+            match task {
+                Some(task) => limits.per_task.push((task, n)),
+                None => limits.all = Some(n),
+            }
+        }
+        Ok(limits)
+    }
+
+    /// The limit of `task`.
+    pub fn of(&self, task: Task) -> Option<usize> {
+        self.per_task
+            .iter()
+            .rev()
+            .find(|(t, _)| *t == task)
+            .map(|(_, n)| *n)
+            .or(self.all)
+    }
+}
+
 /// How tasks are run.
 #[derive(Debug, Clone)]
 pub struct RunSettings {
@@ -445,4 +490,24 @@ pub fn run_task(
         items_per_s: computed as f64 / seconds.max(1e-9),
         tokens_per_s: (lm.tokens_evaluated - tokens_before) as f64 / seconds.max(1e-9),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_take_a_number_for_all_and_overrides_per_task() {
+        let l = Limits::parse("200, mmlu=10").unwrap();
+        assert_eq!(l.of(Task::Hellaswag), Some(200));
+        assert_eq!(l.of(Task::Mmlu), Some(10));
+        let l = Limits::parse("gsm8k=5").unwrap();
+        assert_eq!(l.of(Task::Gsm8k), Some(5));
+        assert_eq!(l.of(Task::ArcChallenge), None);
+        assert!(Limits::parse("0").unwrap_err().contains("scores nothing"));
+        assert!(Limits::parse("mmlu=x")
+            .unwrap_err()
+            .contains("whole number"));
+        assert!(Limits::parse("piqa=3").unwrap_err().contains("hellaswag"));
+    }
 }

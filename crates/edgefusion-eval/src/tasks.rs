@@ -50,10 +50,14 @@ fn not_found_hint(source: &std::io::Error) -> &'static str {
 }
 
 /// What `edgefusion evaluate --tasks` can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum Task {
     /// Perplexity and bits per byte on a text file (not a jsonl task; named here so that one
     /// list of names serves `--tasks` and its error message).
+    #[serde(rename = "ppl")]
     Perplexity,
     Hellaswag,
     ArcChallenge,

@@ -224,6 +224,18 @@ pub fn dequantize_gguf(
             what: "an EFQ file: its matrices are EFQ blobs; dequantize the model it was quantized from".into(),
         });
     }
+    let is_plain = |ty: GgmlType| {
+        matches!(
+            ty,
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::I8
+        )
+    };
+    if gguf.tensors.iter().all(|t| is_plain(t.dtype)) {
+        return Err(ModelError::Invalid {
+            file,
+            what: "no quantized tensor to dequantize: convert reads a Hugging Face folder or a quantized GGUF file".into(),
+        });
+    }
     let mut writer = GgufWriter::new();
     for (key, value) in &gguf.metadata {
         // llama.cpp's file type: 1 = mostly F16.
@@ -238,7 +250,7 @@ pub fn dequantize_gguf(
     for t in &gguf.tensors {
         let data = gguf.tensor_data(t);
         match t.dtype {
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::I8 => {
+            ty if is_plain(ty) => {
                 writer.add_tensor(t.name.clone(), t.dtype, &t.shape, data);
             }
             ty => {
