@@ -24,8 +24,8 @@ use edgefusion_model::{LayerType, ModelConfig};
     The run is `train --config C --output-dir RUN` (default OUTPUT/run); it is trained here\n\
     first when it has no checkpoint_quantized/ yet (about 40 min for SmolLM2 on 2 cores).\n\
     Each variant is evaluated like `edgefusion evaluate` (its per-item cache in OUTPUT/cache/,\n\
-    so an interrupted comparison resumes), then measured by one `edgefusion bench` process\n\
-    (peak memory and decode speed at --bench-ctx). OUTPUT gets compare.md, compare.json and\n\
+    so an interrupted comparison resumes), then measured by `edgefusion bench` processes\n\
+    (peak memory and decode speed at --bench-ctx) in 3 rounds, the variants taking turns. OUTPUT gets compare.md, compare.json and\n\
     compare.png (quality against memory).")]
 pub struct CompareArgs {
     /// The dense base model (GGUF file or Hugging Face folder).
@@ -89,8 +89,8 @@ fn subcommand(argv: &[String]) -> Result<()> {
     crate::run_argv(&full)
 }
 
-/// Peak memory and decode speed from a separate `edgefusion bench` process, so that the
-/// memory is this model's alone.
+/// Peak memory and decode speed from a separate `edgefusion bench` process (one run), so
+/// that the memory is this model's alone.
 fn measure(model: &Path, ctx: usize, n_gen: usize, threads: usize) -> Result<(Option<u64>, f64)> {
     let exe = std::env::current_exe().context("finding the edgefusion binary")?;
     let out = std::process::Command::new(exe)
@@ -107,7 +107,7 @@ fn measure(model: &Path, ctx: usize, n_gen: usize, threads: usize) -> Result<(Op
             "-t",
             &threads.to_string(),
             "-r",
-            &BENCH_REPETITIONS.to_string(),
+            "1",
             "-o",
             "json",
         ])
@@ -316,7 +316,6 @@ pub fn run(args: CompareArgs) -> Result<()> {
         }
         let eval_args = crate::parse_evaluate(&argv)?;
         let eval = crate::evaluate::evaluate(&eval_args)?;
-        let (peak, tps) = measure(&model, args.bench_ctx, args.bench_tokens, threads)?;
         let source = ModelSource::open(&model)?;
         let cfg = ModelConfig::from_source(&source)?;
         report.variants.push(VariantResult {
@@ -331,13 +330,37 @@ pub fn run(args: CompareArgs) -> Result<()> {
                 .filter(|t| **t == LayerType::Ssm)
                 .count(),
             eval,
-            peak_rss_bytes: peak,
-            decode_tokens_per_s: tps,
+            // Measured below, once every variant is evaluated.
+            peak_rss_bytes: None,
+            decode_tokens_per_s: 0.0,
             gflops_per_token: cfg.flops_per_token(args.bench_ctx - 1) / 1e9,
         });
         // The table so far, so that a long comparison shows its progress.
         write_tables(&args.output, &report)?;
     }
+    // Speed and memory in rounds, the variants taking turns (A B C D A B C D …), so that
+    // the noise of a shared machine falls on all of them alike.
+    eprintln!(
+        "compare: decode speed and peak memory, {BENCH_REPETITIONS} rounds over the {} variants",
+        report.variants.len()
+    );
+    let mut speeds = vec![Vec::new(); report.variants.len()];
+    for _ in 0..BENCH_REPETITIONS {
+        for (v, speed) in report.variants.iter_mut().zip(&mut speeds) {
+            let (peak, tps) = measure(
+                Path::new(&v.model),
+                args.bench_ctx,
+                args.bench_tokens,
+                threads,
+            )?;
+            v.peak_rss_bytes = v.peak_rss_bytes.max(peak);
+            speed.push(tps);
+        }
+    }
+    for (v, speed) in report.variants.iter_mut().zip(&speeds) {
+        v.decode_tokens_per_s = speed.iter().sum::<f64>() / speed.len() as f64;
+    }
+    write_tables(&args.output, &report)?;
     let markdown = report.to_markdown();
     print!("{markdown}");
     let png = args.output.join("compare.png");

@@ -139,6 +139,13 @@ pub fn evaluate(args: &EvaluateArgs) -> Result<EvalReport> {
     };
     if tasks.contains(&Task::Perplexity) {
         let text = common::read_text(&args.ppl_file)?;
+        if args.ppl_file.file_name() == Some(std::ffi::OsStr::new("sotu.txt")) {
+            eprintln!(
+                "warning: {} is the calibration text of `quantize` and `train`: perplexity on it \
+                 flatters calibrated models; evaluate on assets/text/moby-dick.txt",
+                args.ppl_file.display()
+            );
+        }
         let bar = ProgressBar::new(0).with_style(bar_style.clone());
         bar.set_prefix("ppl");
         let result = perplexity(

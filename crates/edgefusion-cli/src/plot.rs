@@ -289,15 +289,16 @@ where
 {
     for (i, (name, x, y)) in points.iter().enumerate() {
         let color = VARIANT_COLORS[i % VARIANT_COLORS.len()];
-        chart
-            .draw_series(std::iter::once(Circle::new((*x, *y), 7, color.filled())))
-            .map_err(plot_error)?;
-        chart
-            .draw_series(std::iter::once(Text::new(
+        // The dot at the point, its name 10 px to the right of it (not over it).
+        let dot = EmptyElement::at((*x, *y))
+            + Circle::new((0, 0), 7, color.filled())
+            + Text::new(
                 name.clone(),
-                (*x, *y),
+                (10, -8),
                 (FAMILY, 17).into_font().color(&color),
-            )))
+            );
+        chart
+            .draw_series(std::iter::once(dot))
             .map_err(plot_error)?;
     }
     Ok(())
@@ -321,13 +322,18 @@ fn variant_points(
         .x_label_area_size(40)
         .y_label_area_size(60);
     if log_y {
+        // Whole decades, so the ticks fall on 1-2-5 values and every point has a label
+        // below and above it.
+        let lo = 10f64.powf((y_lo.max(1e-9) / 1.2).log10().floor());
+        let hi = 10f64.powf((y_hi.max(1e-9) * 1.2).log10().ceil());
         let mut chart = builder
-            .build_cartesian_2d(0f64..x_max, (y_lo / 1.5..y_hi * 1.5).log_scale())
+            .build_cartesian_2d(0f64..x_max, (lo..hi).log_scale())
             .map_err(plot_error)?;
         chart
             .configure_mesh()
             .x_desc("peak memory (GB)")
             .y_desc(y_desc)
+            .y_label_formatter(&|v| format!("{v}"))
             .label_style((FAMILY, 15))
             .draw()
             .map_err(plot_error)?;

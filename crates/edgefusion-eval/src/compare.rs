@@ -19,7 +19,7 @@ pub struct VariantResult {
     pub eval: EvalReport,
     /// Peak resident memory of a process that loads the model and decodes at `bench_ctx`.
     pub peak_rss_bytes: Option<u64>,
-    /// Decode speed at `bench_ctx` (mean of the repetitions).
+    /// Decode speed at `bench_ctx` (mean of the rounds).
     pub decode_tokens_per_s: f64,
     /// Counted from the shapes, for the token at position `bench_ctx`.
     pub gflops_per_token: f64,
@@ -144,7 +144,7 @@ impl CompareReport {
                 })
                 .collect(),
             format!(
-                "peak RSS (VmHWM) of one `edgefusion bench` process: load, prefill to {} and decode",
+                "peak RSS (VmHWM) of an `edgefusion bench` process, the largest of the rounds: load, prefill to {} and decode",
                 self.bench_ctx
             ),
         );
@@ -156,7 +156,7 @@ impl CompareReport {
                 .map(|v| format!("{:.1}", v.decode_tokens_per_s))
                 .collect(),
             format!(
-                "decode, {} tokens ending at position {}, {} threads, mean of {} runs",
+                "decode, {} tokens ending at position {}, {} threads, mean of {} rounds (the variants take turns, one process each)",
                 self.bench_tokens, self.bench_ctx, self.threads, self.bench_repetitions
             ),
         );
