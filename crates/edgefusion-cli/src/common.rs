@@ -11,6 +11,10 @@ use edgefusion_runtime::tokenizer::Tokenizer;
 /// Where `scripts/fetch-assets.sh --model` puts the default model.
 pub const DEFAULT_MODEL: &str = "assets/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// The calibration text of `quantize` (and the training text of the shipped configs):
+/// never an evaluation text.
+pub const CALIBRATION_TEXT: &str = "assets/text/sotu.txt";
+
 /// Model selection shared by the subcommands.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {

@@ -25,8 +25,8 @@ use edgefusion_model::{LayerType, ModelConfig};
     first when it has no checkpoint_quantized/ yet (about 40 min for SmolLM2 on 2 cores).\n\
     Each variant is evaluated like `edgefusion evaluate` (its per-item cache in OUTPUT/cache/,\n\
     so an interrupted comparison resumes), then measured by `edgefusion bench` processes\n\
-    (peak memory and decode speed at --bench-ctx) in 3 rounds, the variants taking turns. OUTPUT gets compare.md, compare.json and\n\
-    compare.png (quality against memory).")]
+    (peak memory and decode speed at --bench-ctx) in 3 rounds, the variants taking turns.\n\
+    OUTPUT gets compare.md, compare.json and compare.png (quality against memory).")]
 pub struct CompareArgs {
     /// The dense base model (GGUF file or Hugging Face folder).
     #[arg(long)]
@@ -151,16 +151,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
     let base_source = ModelSource::open(&args.base)
         .with_context(|| format!("base model {}", args.base.display()))?;
     let dense = match &base_source {
-        ModelSource::Gguf(g)
-            if g.tensors.iter().any(|t| {
-                !matches!(
-                    t.dtype,
-                    edgefusion_kernels::GgmlType::F32
-                        | edgefusion_kernels::GgmlType::F16
-                        | edgefusion_kernels::GgmlType::BF16
-                )
-            }) =>
-        {
+        ModelSource::Gguf(g) if g.tensors.iter().any(|t| t.dtype.is_quantized()) => {
             let path = models.join("dense-f16.gguf");
             if !path.exists() {
                 eprintln!("compare: dequantizing {} to F16", args.base.display());
@@ -174,7 +165,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         .quantization
         .calib
         .clone()
-        .unwrap_or_else(|| PathBuf::from("assets/text/sotu.txt"));
+        .unwrap_or_else(|| PathBuf::from(crate::common::CALIBRATION_TEXT));
     let gptq = models.join("gptq4.gguf");
     if !gptq.exists() {
         eprintln!("compare: GPTQ 4-bit of the dense model");
@@ -307,9 +298,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
             argv.extend(["--max-gen-tokens".into(), n.to_string()]);
         }
         if let Some(l) = &args.limit {
-            let mut parts: Vec<String> = l.all.iter().map(|n| n.to_string()).collect();
-            parts.extend(l.per_task.iter().map(|(t, n)| format!("{}={n}", t.name())));
-            argv.extend(["--limit".into(), parts.join(",")]);
+            argv.extend(["--limit".into(), l.to_arg()]);
         }
         if let Some(c) = args.ppl_chunks {
             argv.extend(["--ppl-chunks".into(), c.to_string()]);
@@ -344,9 +333,8 @@ pub fn run(args: CompareArgs) -> Result<()> {
         "compare: decode speed and peak memory, {BENCH_REPETITIONS} rounds over the {} variants",
         report.variants.len()
     );
-    let mut speeds = vec![Vec::new(); report.variants.len()];
     for _ in 0..BENCH_REPETITIONS {
-        for (v, speed) in report.variants.iter_mut().zip(&mut speeds) {
+        for v in &mut report.variants {
             let (peak, tps) = measure(
                 Path::new(&v.model),
                 args.bench_ctx,
@@ -354,11 +342,8 @@ pub fn run(args: CompareArgs) -> Result<()> {
                 threads,
             )?;
             v.peak_rss_bytes = v.peak_rss_bytes.max(peak);
-            speed.push(tps);
+            v.decode_tokens_per_s += tps / BENCH_REPETITIONS as f64;
         }
-    }
-    for (v, speed) in report.variants.iter_mut().zip(&speeds) {
-        v.decode_tokens_per_s = speed.iter().sum::<f64>() / speed.len() as f64;
     }
     write_tables(&args.output, &report)?;
     let markdown = report.to_markdown();

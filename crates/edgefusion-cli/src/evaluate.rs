@@ -139,7 +139,7 @@ pub fn evaluate(args: &EvaluateArgs) -> Result<EvalReport> {
     };
     if tasks.contains(&Task::Perplexity) {
         let text = common::read_text(&args.ppl_file)?;
-        if args.ppl_file.file_name() == Some(std::ffi::OsStr::new("sotu.txt")) {
+        if args.ppl_file.file_name() == Path::new(common::CALIBRATION_TEXT).file_name() {
             eprintln!(
                 "warning: {} is the calibration text of `quantize` and `train`: perplexity on it \
                  flatters calibrated models; evaluate on assets/text/moby-dick.txt",
@@ -212,14 +212,15 @@ pub fn evaluate(args: &EvaluateArgs) -> Result<EvalReport> {
             None => None,
         };
         let mut sample_error = None;
+        let mut settings = RunSettings {
+            tasks_dir: args.tasks_dir.clone(),
+            limit: None,
+            shots: args.shots,
+            max_gen_tokens: args.max_gen_tokens,
+        };
         for task in jsonl_tasks {
             let limit = args.limit.as_ref().and_then(|l| l.of(task));
-            let settings = RunSettings {
-                tasks_dir: args.tasks_dir.clone(),
-                limit,
-                shots: args.shots,
-                max_gen_tokens: args.max_gen_tokens,
-            };
+            settings.limit = limit;
             let shots = args.shots.unwrap_or(task.default_shots());
             let run = RunHash::new(&[
                 ("model", file_identity(&model_path)),

@@ -68,7 +68,7 @@ pub struct QuantizeArgs {
     pub outliers: f64,
     /// Calibration text (UTF-8) the model reads to weigh errors by what each layer sees;
     /// never the text you evaluate on. "none" quantizes without calibration.
-    #[arg(long, default_value = "assets/text/sotu.txt")]
+    #[arg(long, default_value = crate::common::CALIBRATION_TEXT)]
     pub calib: String,
     /// Calibration tokens to read (windows of 512).
     #[arg(long, default_value_t = 16384)]
@@ -124,7 +124,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
             );
         }
         let path = std::path::Path::new(&args.calib);
-        if !path.exists() && args.calib == "assets/text/sotu.txt" {
+        if !path.exists() && args.calib == crate::common::CALIBRATION_TEXT {
             bail!("default calibration text {} not found: run `scripts/fetch-assets.sh --text`, pass --calib FILE, or --calib none", args.calib);
         }
         Some(Calibration {

@@ -71,6 +71,19 @@ impl Limits {
         Ok(limits)
     }
 
+    /// The `--limit` text that [`Limits::parse`] reads back.
+    pub fn to_arg(&self) -> String {
+        let all = self.all.map(|n| n.to_string());
+        let per_task = self
+            .per_task
+            .iter()
+            .map(|(t, n)| format!("{}={n}", t.name()));
+        all.into_iter()
+            .chain(per_task)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// The limit of `task`.
     pub fn of(&self, task: Task) -> Option<usize> {
         self.per_task
@@ -509,5 +522,7 @@ mod tests {
             .unwrap_err()
             .contains("whole number"));
         assert!(Limits::parse("piqa=3").unwrap_err().contains("hellaswag"));
+        let l = Limits::parse("200,mmlu=10,gsm8k=50").unwrap();
+        assert_eq!(Limits::parse(&l.to_arg()).unwrap(), l);
     }
 }

@@ -71,6 +71,12 @@ impl GgmlType {
         }
     }
 
+    /// Whether the type stores weights in quantized blocks (every type but F32, F16, BF16
+    /// and I8, which hold one plain value per element).
+    pub fn is_quantized(self) -> bool {
+        self.block_size() > 1
+    }
+
     /// Number of weights in one block.
     pub fn block_size(self) -> usize {
         match self {

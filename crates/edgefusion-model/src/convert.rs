@@ -224,13 +224,7 @@ pub fn dequantize_gguf(
             what: "an EFQ file: its matrices are EFQ blobs; dequantize the model it was quantized from".into(),
         });
     }
-    let is_plain = |ty: GgmlType| {
-        matches!(
-            ty,
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::I8
-        )
-    };
-    if gguf.tensors.iter().all(|t| is_plain(t.dtype)) {
+    if !gguf.tensors.iter().any(|t| t.dtype.is_quantized()) {
         return Err(ModelError::Invalid {
             file,
             what: "no quantized tensor to dequantize: convert reads a Hugging Face folder or a quantized GGUF file".into(),
@@ -250,7 +244,7 @@ pub fn dequantize_gguf(
     for t in &gguf.tensors {
         let data = gguf.tensor_data(t);
         match t.dtype {
-            ty if is_plain(ty) => {
+            ty if !ty.is_quantized() => {
                 writer.add_tensor(t.name.clone(), t.dtype, &t.shape, data);
             }
             ty => {
