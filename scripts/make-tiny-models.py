@@ -31,6 +31,10 @@ What it writes (all under tests/fixtures/):
 * tiny-hybrid-f32.gguf     arch "llama" with 3 layers: SSM, attention, SSM (docs/HYBRID.md; metadata
                            edgefusion.layer_types, edgefusion.ssm.d_state 12, edgefusion.ssm.d_conv 4);
                            SSM layers hold blk.N.ssm_* tensors instead of attn_q/k/v/output
+* tiny-window-f32.gguf     arch "llama" with 3 layers: SSM beside sink + window attention, window
+                           attention only, full attention (edgefusion.window 6, edgefusion.sink 2): a
+                           windowed layer attends to positions < 2 and the last 6; its SSM layer holds
+                           attn_q/k/v/output and blk.N.ssm_* tensors, the two outputs added
 * tiny-<name>.json         reference for each model above (see generate()):
                              model, arch, hparams, tensor_types   what the file holds
                              prompt, tokens                       a 12-token prompt (text and ids; the text
@@ -289,6 +293,10 @@ LLAMA256 = config("llama", 256, 512, 10000.0, "tiny-llama256")
 # A hybrid: SSM, attention, SSM layers (docs/HYBRID.md), d_state 12, d_conv 4.
 HYBRID = dict(config("llama", 64, 128, 10000.0, "tiny-hybrid"), n_layer=3,
               layer_types=["ssm", "attention", "ssm"], ssm_d_state=12, ssm_d_conv=4)
+# Windowed layers: an SSM beside sink + window attention, a window-only layer, full attention.
+WINDOWED = dict(config("llama", 64, 128, 10000.0, "tiny-window"), n_layer=3,
+                layer_types=["ssm", "window", "attention"], ssm_d_state=12, ssm_d_conv=4,
+                window=6, sink=2)
 
 
 def make_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
@@ -314,7 +322,13 @@ def make_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     for i in range(cfg["n_layer"]):
         p = f"blk.{i}."
         w[p + "attn_norm.weight"] = norm(d)
-        if cfg.get("layer_types", ["attention"] * cfg["n_layer"])[i] == "ssm":
+        kind = cfg.get("layer_types", ["attention"] * cfg["n_layer"])[i]
+        if kind == "ssm" and cfg.get("window", 0) > 0:
+            w[p + "attn_q.weight"] = mat(nh * hd, d, 1.5)
+            w[p + "attn_k.weight"] = mat(nkv * hd, d, 1.5)
+            w[p + "attn_v.weight"] = mat(nkv * hd, d)
+            w[p + "attn_output.weight"] = mat(d, nh * hd)
+        if kind == "ssm":
             n, k = cfg["ssm_d_state"], cfg["ssm_d_conv"]
             channels = (nh + nkv) * n + nkv * hd
             w[p + "ssm_c.weight"] = mat(nh * n, d, 1.5)
@@ -471,6 +485,9 @@ def write_gguf(path: str, cfg: dict, tensors: dict[str, tuple[np.ndarray, QT]], 
         w.add_array("edgefusion.layer_types", cfg["layer_types"])
         w.add_uint32("edgefusion.ssm.d_state", cfg["ssm_d_state"])
         w.add_uint32("edgefusion.ssm.d_conv", cfg["ssm_d_conv"])
+    if cfg.get("window", 0) > 0:
+        w.add_uint32("edgefusion.window", cfg["window"])
+        w.add_uint32("edgefusion.sink", cfg["sink"])
 
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
@@ -559,39 +576,53 @@ def forward(cfg: dict, W: dict[str, np.ndarray], tokens: list[int], act_quant: "
     for i in range(cfg["n_layer"]):
         p = f"blk.{i}."
         h = rms_norm(x, W[p + "attn_norm.weight"], eps)
+        window, sink = cfg.get("window", 0), cfg.get("sink", 0)
+        mixed = np.zeros_like(x)
         if layer_types[i] == "ssm":
-            x = x + ssm_mixer(cfg, W, p, h, lin)
-            h = rms_norm(x, W[p + "ffn_norm.weight"], eps)
-            g = lin(p + "ffn_gate.weight", h)
-            u = lin(p + "ffn_up.weight", h)
-            x = x + lin(p + "ffn_down.weight", (g / (1.0 + np.exp(-g))) * u)
-            continue
-        q = lin(p + "attn_q.weight", h)
-        k = lin(p + "attn_k.weight", h)
-        v = lin(p + "attn_v.weight", h)
-        if cfg["qkv_bias"]:
-            q = q + W[p + "attn_q.bias"]
-            k = k + W[p + "attn_k.bias"]
-            v = v + W[p + "attn_v.bias"]
-        q = rope(q.reshape(T, nh, hd), pos, cfg["rope_base"], cfg["rope_neox"])
-        k = rope(k.reshape(T, nkv, hd), pos, cfg["rope_base"], cfg["rope_neox"])
-        v = v.reshape(T, nkv, hd)
-        heads = []
-        for hq in range(nh):
-            hk = hq // group
-            scores = q[:, hq, :] @ k[:, hk, :].T / math.sqrt(hd) + mask    # (T, T)
-            scores = scores - scores.max(axis=1, keepdims=True)
-            prob = np.exp(scores)
-            prob /= prob.sum(axis=1, keepdims=True)
-            heads.append(prob @ v[:, hk, :])
-        attn = np.concatenate(heads, axis=1)                                 # (T, nh*hd)
-        x = x + lin(p + "attn_output.weight", attn)
+            mixed = mixed + ssm_mixer(cfg, W, p, h, lin)
+        if layer_types[i] == "attention" or window > 0 and layer_types[i] in ("ssm", "window"):
+            layer_mask = mask
+            if layer_types[i] != "attention":
+                # Position s is seen from t when s <= t and (s < sink or s > t - window).
+                s_pos, t_pos = pos[None, :], pos[:, None]
+                seen = (s_pos <= t_pos) & ((s_pos < sink) | (s_pos > t_pos - window))
+                layer_mask = np.where(seen, 0.0, -np.inf)
+            mixed = mixed + attention_mixer(cfg, W, p, h, lin, pos, layer_mask)
+        x = x + mixed
         h = rms_norm(x, W[p + "ffn_norm.weight"], eps)
         g = lin(p + "ffn_gate.weight", h)
         u = lin(p + "ffn_up.weight", h)
         x = x + lin(p + "ffn_down.weight", (g / (1.0 + np.exp(-g))) * u)
     x = rms_norm(x, W["output_norm.weight"], eps)
     return lin("token_embd.weight" if cfg["tied_embeddings"] else "output.weight", x)
+
+
+def attention_mixer(cfg: dict, W: dict[str, np.ndarray], p: str, h: np.ndarray, lin,
+                    pos: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Softmax attention of normalized inputs h (T, d) under `mask` (T, T) of 0 / -inf."""
+    T = h.shape[0]
+    nh, nkv, hd = cfg["n_head"], cfg["n_head_kv"], cfg["head_dim"]
+    group = nh // nkv
+    q = lin(p + "attn_q.weight", h)
+    k = lin(p + "attn_k.weight", h)
+    v = lin(p + "attn_v.weight", h)
+    if cfg["qkv_bias"]:
+        q = q + W[p + "attn_q.bias"]
+        k = k + W[p + "attn_k.bias"]
+        v = v + W[p + "attn_v.bias"]
+    q = rope(q.reshape(T, nh, hd), pos, cfg["rope_base"], cfg["rope_neox"])
+    k = rope(k.reshape(T, nkv, hd), pos, cfg["rope_base"], cfg["rope_neox"])
+    v = v.reshape(T, nkv, hd)
+    heads = []
+    for hq in range(nh):
+        hk = hq // group
+        scores = q[:, hq, :] @ k[:, hk, :].T / math.sqrt(hd) + mask        # (T, T)
+        scores = scores - scores.max(axis=1, keepdims=True)
+        prob = np.exp(scores)
+        prob /= prob.sum(axis=1, keepdims=True)
+        heads.append(prob @ v[:, hk, :])
+    attn = np.concatenate(heads, axis=1)                                     # (T, nh*hd)
+    return lin(p + "attn_output.weight", attn)
 
 
 def ssm_mixer(cfg: dict, W: dict[str, np.ndarray], p: str, h: np.ndarray, lin) -> np.ndarray:
@@ -716,6 +747,7 @@ def model_specs():
          else QT.Q4_K,
          gguf.LlamaFileType.MOSTLY_Q4_K_M),
         ("tiny-hybrid-f32", HYBRID, 2468, llama_q(QT.F32), gguf.LlamaFileType.ALL_F32),
+        ("tiny-window-f32", WINDOWED, 1357, llama_q(QT.F32), gguf.LlamaFileType.ALL_F32),
     ]
     return specs
 
@@ -744,7 +776,8 @@ def generate(out_dir: str, only: set[str] | None = None, verbose: bool = True) -
             "hparams": {k: cfg[k] for k in ("n_layer", "n_embd", "n_head", "n_head_kv", "head_dim", "n_ff",
                                             "n_vocab", "n_ctx", "rms_eps", "rope_base", "rope_neox",
                                             "qkv_bias", "tied_embeddings")}
-                       | {k: cfg[k] for k in ("layer_types", "ssm_d_state", "ssm_d_conv") if k in cfg},
+                       | {k: cfg[k] for k in ("layer_types", "ssm_d_state", "ssm_d_conv", "window", "sink")
+                          if k in cfg},
             "tensor_types": {n: t.name for n, (_, t) in tensors.items()},
             "note": "logits from a float64 numpy forward pass over the (de)quantized weights of this file",
             "prompt": text12,
@@ -760,7 +793,7 @@ def generate(out_dir: str, only: set[str] | None = None, verbose: bool = True) -
                                           "are quantized like ggml's CPU backend (see ActQuant in "
                                           "scripts/make-tiny-models.py); rounding flips make a few "
                                           "positions differ by up to ~0.1, the rest agree to ~1e-6")
-        if stem in ("tiny-llama-f32", "tiny-hybrid-f32"):
+        if stem in ("tiny-llama-f32", "tiny-hybrid-f32", "tiny-window-f32"):
             ref["long"] = {"prompt": text40, "tokens": ids40, "logits": sig7(forward(cfg, ref_w, ids40))}
         with open(os.path.join(out_dir, stem + ".json"), "w") as f:
             json.dump(ref, f, separators=(",", ":"))

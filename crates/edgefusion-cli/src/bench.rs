@@ -221,12 +221,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 }
             }
             let (avg, sd) = mean_sd(&samples);
-            let state = session.kv_bytes_per_position() * ctx + session.ssm_state_bytes();
+            let state = session.kv_bytes_per_position() * ctx + session.recurrent_state_bytes();
             let rss = edgefusion_runtime::profile::rss_bytes();
             if matches!(args.output, OutputFormat::Md) {
                 if !printed_header {
                     println!();
-                    println!("| model | threads | test | t/s | RSS | KV cache + SSM state |");
+                    println!(
+                        "| model | threads | test | t/s | RSS | KV cache + SSM/window state |"
+                    );
                     println!("| ----- | ------: | ---- | --: | --: | -------------------: |");
                     printed_header = true;
                 }

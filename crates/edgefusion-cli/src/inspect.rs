@@ -58,21 +58,42 @@ pub fn run(args: InspectArgs) -> Result<()> {
                 c.rope_base, c.rope_dim, c.rope_style, c.rope_scaling, c.rms_eps, c.tied_embeddings
             );
             if c.is_hybrid() {
+                use edgefusion_model::LayerType;
                 let kinds: String = c
                     .layer_types
                     .iter()
                     .map(|t| match t {
-                        edgefusion_model::LayerType::Attention => 'A',
-                        edgefusion_model::LayerType::Ssm => 'S',
+                        LayerType::Attention => 'A',
+                        LayerType::Ssm => 'S',
+                        LayerType::Window => 'W',
                     })
                     .collect();
                 println!(
-                    "hybrid: {} of {} layers SSM ({kinds}; A attention, S SSM) | d_state {} | d_conv {} | SSM state {:.1} KiB per layer",
+                    "hybrid: {} of {} layers converted ({kinds}; A attention, S SSM, W sink + window only)",
                     c.n_layers - c.n_attention_layers(),
                     c.n_layers,
-                    c.ssm_d_state,
-                    c.ssm_d_conv,
-                    c.ssm_state_floats() as f64 * 4.0 / 1024.0
+                );
+                if c.count_layers(LayerType::Ssm) > 0 {
+                    println!(
+                        "ssm: d_state {} | d_conv {} | state {:.1} KiB per SSM layer",
+                        c.ssm_d_state,
+                        c.ssm_d_conv,
+                        c.ssm_state_floats() as f64 * 4.0 / 1024.0
+                    );
+                }
+                if c.window > 0 {
+                    println!(
+                        "window: sink {} + last {} positions in {} layers | K+V {:.1} KiB per layer (f16), whatever the context",
+                        c.sink,
+                        c.window,
+                        c.n_window_layers(),
+                        (2 * c.kv_dim() * 2 * c.window_positions()) as f64 / 1024.0
+                    );
+                }
+                println!(
+                    "state per sequence at 4096 positions: {:.2} MiB (dense: {:.2} MiB)",
+                    c.context_state_bytes(4096) as f64 / (1 << 20) as f64,
+                    (c.n_layers * 2 * c.kv_dim() * 2 * 4096) as f64 / (1 << 20) as f64
                 );
             }
             println!(

@@ -226,12 +226,22 @@ pub fn run(args: RunArgs) -> Result<()> {
             mib(session.kv_bytes_per_position() * n_past)
         );
         if cfg.is_hybrid() {
+            let ssm = session.ssm_state_bytes();
             eprintln!(
                 "  SSM state          {:8.1} KiB ({} of {} layers SSM; constant in the context)",
-                session.ssm_state_bytes() as f64 / 1024.0,
-                cfg.n_layers - cfg.n_attention_layers(),
+                ssm as f64 / 1024.0,
+                cfg.count_layers(edgefusion_model::LayerType::Ssm),
                 cfg.n_layers
             );
+            if cfg.window > 0 {
+                eprintln!(
+                    "  window K+V         {:8.1} KiB (sink {} + last {} positions in {} layers; constant)",
+                    (session.recurrent_state_bytes() - ssm) as f64 / 1024.0,
+                    cfg.sink,
+                    cfg.window,
+                    cfg.n_window_layers()
+                );
+            }
         }
         eprintln!(
             "  compute            {:8.3} GFLOP/token (at position {n_past}; {:.3} at position 0)",

@@ -441,7 +441,7 @@ fn bench_at_depth_reports_state_bytes() {
     for words in [
         "tg8 @ ctx 16",
         "tg8 @ ctx 64",
-        "KV cache + SSM state",
+        "KV cache + SSM/window state",
         "MiB",
     ] {
         assert!(text.contains(words), "missing {words:?} in\n{text}");
@@ -640,7 +640,7 @@ fn debug_training_runs_a_hundred_steps_end_to_end() {
     let out = edgefusion(&["inspect", all_ssm.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("hybrid: 2 of 2 layers SSM"),
+        String::from_utf8_lossy(&out.stdout).contains("hybrid: 2 of 2 layers converted (SS;"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );

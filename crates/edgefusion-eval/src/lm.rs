@@ -10,7 +10,7 @@
 
 use edgefusion_model::Model;
 use edgefusion_runtime::tokenizer::{TokenStreamer, Tokenizer};
-use edgefusion_runtime::{Logits, RuntimeError, Session, SessionOptions};
+use edgefusion_runtime::{Logits, RecurrentState, RuntimeError, Session, SessionOptions};
 
 use crate::prompts::{fit_generation, fit_loglikelihood, split_trailing_whitespace, PromptError};
 
@@ -53,10 +53,11 @@ pub struct Generated {
     pub dropped: usize,
 }
 
-/// Snapshot of a hybrid's recurrent state after `tokens` (SSM states do not rewind).
+/// Snapshot of a hybrid's recurrent state after `tokens` (SSM and window states do not
+/// rewind).
 struct Snapshot {
     tokens: Vec<u32>,
-    ssm: Vec<f32>,
+    state: RecurrentState,
 }
 
 /// Positions of logits one forward pass returns.
@@ -77,7 +78,7 @@ pub struct LanguageModel<'m> {
     /// Hybrids: the state at the end of the preamble shared by recent contexts.
     snapshot: Option<Snapshot>,
     /// Hybrids: the state at the end of the current context, restored before each ending.
-    context_state: Vec<f32>,
+    context_state: Option<RecurrentState>,
     hybrid: bool,
     min_snapshot: usize,
     /// Tokens run through the model (for throughput reports).
@@ -99,6 +100,7 @@ impl<'m> LanguageModel<'m> {
         // window of them would be n_ctx × vocab floats: 400 MB for SmolLM2 at 2048).
         opts.max_logits = n_ctx.min(MAX_LOGITS);
         let session = Session::new(model, opts)?;
+        let hybrid = session.has_recurrent_state();
         Ok(LanguageModel {
             session,
             tokenizer,
@@ -106,8 +108,8 @@ impl<'m> LanguageModel<'m> {
             held: Vec::new(),
             last_logits: Vec::new(),
             snapshot: None,
-            context_state: Vec::new(),
-            hybrid: model.config.is_hybrid(),
+            context_state: None,
+            hybrid,
             min_snapshot: MIN_SNAPSHOT,
             tokens_evaluated: 0,
             scratch: vec![0.0; model.config.vocab_size],
@@ -150,8 +152,11 @@ impl<'m> LanguageModel<'m> {
         );
         if self.held == context && !self.last_logits.is_empty() {
             if self.hybrid {
-                self.session
-                    .set_ssm_state(context.len(), &self.context_state)?;
+                let state = self
+                    .context_state
+                    .as_ref()
+                    .expect("a held context of a hybrid has its state saved");
+                self.session.set_recurrent_state(state)?;
             } else {
                 self.session.truncate(context.len())?;
             }
@@ -171,7 +176,7 @@ impl<'m> LanguageModel<'m> {
                 .map(|s| s.tokens.len());
             match (snapshot_len, &self.snapshot) {
                 (Some(n), Some(s)) => {
-                    self.session.set_ssm_state(n, &s.ssm)?;
+                    self.session.set_recurrent_state(&s.state)?;
                     n
                 }
                 _ => {
@@ -182,7 +187,7 @@ impl<'m> LanguageModel<'m> {
                         self.run(&context[..keep], Logits::Last)?;
                         self.snapshot = Some(Snapshot {
                             tokens: context[..keep].to_vec(),
-                            ssm: self.session.ssm_state().1.to_vec(),
+                            state: self.session.recurrent_state(),
                         });
                         keep
                     } else {
@@ -195,7 +200,7 @@ impl<'m> LanguageModel<'m> {
         self.last_logits = logits;
         self.held = context.to_vec();
         if self.hybrid {
-            self.context_state = self.session.ssm_state().1.to_vec();
+            self.context_state = Some(self.session.recurrent_state());
         }
         Ok(())
     }

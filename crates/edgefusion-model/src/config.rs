@@ -58,8 +58,13 @@ pub enum RopeScaling {
 pub enum LayerType {
     /// Softmax attention with a KV cache.
     Attention,
-    /// The selective SSM of docs/HYBRID.md, with a constant-size recurrent state.
+    /// The selective SSM of docs/HYBRID.md, with a constant-size recurrent state; when the
+    /// model's `window` is positive, softmax attention over the first `sink` and the last
+    /// `window` positions runs beside it and the two outputs add.
     Ssm,
+    /// Softmax attention over the first `sink` and the last `window` positions only: the
+    /// training-free baseline a converted layer must beat.
+    Window,
 }
 
 impl LayerType {
@@ -68,6 +73,7 @@ impl LayerType {
         match self {
             LayerType::Attention => "attention",
             LayerType::Ssm => "ssm",
+            LayerType::Window => "window",
         }
     }
 
@@ -76,6 +82,7 @@ impl LayerType {
         match name {
             "attention" => Some(LayerType::Attention),
             "ssm" => Some(LayerType::Ssm),
+            "window" => Some(LayerType::Window),
             _ => None,
         }
     }
@@ -85,6 +92,12 @@ impl LayerType {
 pub const LAYER_TYPES_KEY: &str = "edgefusion.layer_types";
 pub const SSM_D_STATE_KEY: &str = "edgefusion.ssm.d_state";
 pub const SSM_D_CONV_KEY: &str = "edgefusion.ssm.d_conv";
+/// Positions at the end of the context that windowed attention sees (`ssm` and `window`
+/// layers; 0 = none).
+pub const WINDOW_KEY: &str = "edgefusion.window";
+/// Positions at the start of the context ("attention sinks") that windowed attention always
+/// sees beside its window.
+pub const SINK_KEY: &str = "edgefusion.sink";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelConfig {
@@ -116,6 +129,11 @@ pub struct ModelConfig {
     pub ssm_d_state: usize,
     /// Taps of the SSM's causal depthwise convolution (0 without SSM layers).
     pub ssm_d_conv: usize,
+    /// Most recent positions (the current one included) that the windowed attention of
+    /// `ssm` and `window` layers sees; 0: `ssm` layers have no attention.
+    pub window: usize,
+    /// First positions that windowed attention always sees beside its window.
+    pub sink: usize,
 }
 
 impl ModelConfig {
@@ -217,9 +235,19 @@ impl ModelConfig {
             layer_types: Vec::new(),
             ssm_d_state: 0,
             ssm_d_conv: 0,
+            window: 0,
+            sink: 0,
         };
         let file = gguf.path.display().to_string();
         let n_layers = cfg.n_layers;
+        // An optional non-negative integer key (0 when absent).
+        let get = |k: &str| match gguf.get(k) {
+            Some(_) => gguf
+                .get_u32(k)
+                .map(|v| v as usize)
+                .map_err(ModelError::from),
+            None => Ok(0),
+        };
         let cfg = match gguf.get(LAYER_TYPES_KEY) {
             None => cfg.with_layer_types(vec![LayerType::Attention; n_layers], 0, 0),
             Some(value) => {
@@ -233,15 +261,13 @@ impl ModelConfig {
                     });
                 };
                 let types = parse_layer_types(&names, &file, LAYER_TYPES_KEY)?;
-                let get = |k: &str| match gguf.get(k) {
-                    Some(_) => gguf
-                        .get_u32(k)
-                        .map(|v| v as usize)
-                        .map_err(ModelError::from),
-                    None => Ok(0),
-                };
                 cfg.with_layer_types(types, get(SSM_D_STATE_KEY)?, get(SSM_D_CONV_KEY)?)
             }
+        };
+        let cfg = ModelConfig {
+            window: get(WINDOW_KEY)?,
+            sink: get(SINK_KEY)?,
+            ..cfg
         };
         cfg.validate(&file)?;
         Ok(cfg)
@@ -354,6 +380,8 @@ impl ModelConfig {
             layer_types: Vec::new(),
             ssm_d_state: 0,
             ssm_d_conv: 0,
+            window: 0,
+            sink: 0,
         };
         let n_layers = cfg.n_layers;
         let cfg = match json.get("layer_types") {
@@ -371,6 +399,22 @@ impl ModelConfig {
                 let opt = |k: &str| json.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
                 cfg.with_layer_types(types, opt("ssm_d_state"), opt("ssm_d_conv"))
             }
+        };
+        // Optional non-negative integers: a negative or fractional value is an error.
+        let opt_strict = |k: &str| -> Result<usize, ModelError> {
+            match json.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(0),
+                Some(v) => v.as_u64().map(|v| v as usize).ok_or_else(|| {
+                    invalid(format!(
+                        "field '{k}' must be a non-negative integer, not {v}"
+                    ))
+                }),
+            }
+        };
+        let cfg = ModelConfig {
+            window: opt_strict("window")?,
+            sink: opt_strict("sink")?,
+            ..cfg
         };
         cfg.validate(file)?;
         Ok(cfg)
@@ -474,6 +518,10 @@ impl ModelConfig {
                 SSM_D_CONV_KEY.to_string(),
                 u32_of("ssm_d_conv", self.ssm_d_conv)?,
             ));
+            if self.window > 0 {
+                meta.push((WINDOW_KEY.to_string(), u32_of("window", self.window)?));
+                meta.push((SINK_KEY.to_string(), u32_of("sink", self.sink)?));
+            }
         }
         Ok(meta)
     }
@@ -487,23 +535,67 @@ impl ModelConfig {
         }
     }
 
-    /// Whether any layer is an SSM.
+    /// Whether any layer is not full attention (an SSM or a window).
     pub fn is_hybrid(&self) -> bool {
-        self.layer_types.contains(&LayerType::Ssm)
+        self.layer_types.iter().any(|&t| t != LayerType::Attention)
     }
 
-    /// Layers with softmax attention (and a KV cache).
+    /// Layers with full softmax attention (and a KV cache that grows with the context).
     pub fn n_attention_layers(&self) -> usize {
-        self.layer_types
-            .iter()
-            .filter(|&&t| t == LayerType::Attention)
-            .count()
+        self.count_layers(LayerType::Attention)
+    }
+
+    /// Layers of type `t`.
+    pub fn count_layers(&self, t: LayerType) -> usize {
+        self.layer_types.iter().filter(|&&x| x == t).count()
+    }
+
+    /// Whether layer `layer` runs the SSM.
+    pub fn has_ssm(&self, layer: usize) -> bool {
+        self.layer_types[layer] == LayerType::Ssm
+    }
+
+    /// Whether layer `layer` runs sink + window attention (a `window` layer, or an `ssm` layer
+    /// of a model with a positive `window`).
+    pub fn has_window(&self, layer: usize) -> bool {
+        match self.layer_types[layer] {
+            LayerType::Attention => false,
+            LayerType::Window => true,
+            LayerType::Ssm => self.window > 0,
+        }
+    }
+
+    /// Whether layer `layer` has the attention projections q, k, v and o.
+    pub fn has_attention_weights(&self, layer: usize) -> bool {
+        self.layer_types[layer] == LayerType::Attention || self.has_window(layer)
+    }
+
+    /// Layers that run sink + window attention.
+    pub fn n_window_layers(&self) -> usize {
+        (0..self.n_layers).filter(|&l| self.has_window(l)).count()
+    }
+
+    /// Positions a windowed layer keeps: the sink and the window.
+    pub fn window_positions(&self) -> usize {
+        self.sink + self.window
     }
 
     /// Channels of an SSM layer's convolution: C `(n_heads · N)`, B `(n_kv_heads · N)`,
     /// x `(n_kv_heads · head_dim)`.
     pub fn ssm_channels(&self) -> usize {
-        (self.n_heads + self.n_kv_heads) * self.ssm_d_state + self.kv_dim()
+        self.ssm_dims().channels()
+    }
+
+    /// The shapes of this model's SSM mixer (the one place they are derived).
+    pub fn ssm_dims(&self) -> SsmDims {
+        SsmDims {
+            d_model: self.d_model,
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            d_state: self.ssm_d_state,
+            d_conv: self.ssm_d_conv,
+        }
     }
 
     /// Floats of one SSM layer's recurrent state: per KV group an `(N, head_dim)` matrix,
@@ -514,11 +606,12 @@ impl ModelConfig {
     }
 
     /// Bytes of one sequence's state at `n_ctx` positions, as the runtime keeps it by
-    /// default: every attention layer's K and V in f16, every SSM layer's recurrent state in
-    /// f32 (whatever `n_ctx`).
+    /// default: every attention layer's K and V in f16, every windowed layer's K and V of at
+    /// most `sink + window` positions in f16, every SSM layer's recurrent state in f32.
     pub fn context_state_bytes(&self, n_ctx: usize) -> usize {
-        let n_ssm = self.n_layers - self.n_attention_layers();
+        let n_ssm = self.count_layers(LayerType::Ssm);
         self.n_attention_layers() * 2 * self.kv_dim() * 2 * n_ctx
+            + self.n_window_layers() * 2 * self.kv_dim() * 2 * self.window_positions().min(n_ctx)
             + n_ssm * self.ssm_state_floats() * 4
     }
 
@@ -608,7 +701,36 @@ impl ModelConfig {
                 self.n_layers
             ));
         }
-        if self.is_hybrid() {
+        let n_ssm = self.count_layers(LayerType::Ssm);
+        let n_window = self.count_layers(LayerType::Window);
+        if n_ssm + n_window == 0 && (self.window > 0 || self.sink > 0) {
+            let key = if self.window > 0 {
+                WINDOW_KEY
+            } else {
+                SINK_KEY
+            };
+            return fail(format!(
+                "{key} is set but no layer is 'ssm' or 'window' in {LAYER_TYPES_KEY}: only converted layers attend over a window"
+            ));
+        }
+        if n_window > 0 && self.window == 0 {
+            return fail(format!(
+                "{WINDOW_KEY} is 0 (or missing) but {LAYER_TYPES_KEY} has {n_window} 'window' layers, which need a window of at least 1 position"
+            ));
+        }
+        if self.sink > 0 && self.window == 0 {
+            return fail(format!(
+                "{SINK_KEY} is {} but {WINDOW_KEY} is 0: sink positions are part of windowed attention, which needs a window of at least 1 position",
+                self.sink
+            ));
+        }
+        if self.window_positions() > self.n_ctx_train {
+            return fail(format!(
+                "{WINDOW_KEY} {} + {SINK_KEY} {} exceeds the context length {} the model was trained for",
+                self.window, self.sink, self.n_ctx_train
+            ));
+        }
+        if n_ssm > 0 {
             if !(1..=1024).contains(&self.ssm_d_state) {
                 return fail(format!(
                     "{SSM_D_STATE_KEY} {} must be in 1..=1024 for a model with SSM layers",
@@ -643,9 +765,11 @@ impl ModelConfig {
     /// Parameters of the mixers and feed-forward blocks (embedding, head and norms
     /// excluded; attention biases included).
     pub fn n_block_params(&self) -> usize {
-        let n_ssm = self.n_layers - self.n_attention_layers();
-        let mixers =
-            self.n_attention_layers() * self.attention_params() + n_ssm * self.ssm_params();
+        let n_attention_weights = (0..self.n_layers)
+            .filter(|&l| self.has_attention_weights(l))
+            .count();
+        let mixers = n_attention_weights * self.attention_params()
+            + self.count_layers(LayerType::Ssm) * self.ssm_params();
         mixers + self.n_layers * 3 * self.d_model * self.d_ff
     }
 
@@ -659,19 +783,65 @@ impl ModelConfig {
 
     /// Floating-point operations to produce one token at context position `n_past`,
     /// counted from the shapes: 2 per multiply-add in every matmul (the head included),
-    /// the attention scores and weighted sum over `n_past + 1` positions, and each SSM
-    /// layer's convolution, state update and read-out (constant in `n_past`).
+    /// the attention scores and weighted sum over `n_past + 1` positions (at most
+    /// `sink + window` in windowed layers), and each SSM layer's convolution, state update and
+    /// read-out (constant in `n_past`).
     pub fn flops_per_token(&self, n_past: usize) -> f64 {
         let matmul = 2.0 * (self.n_block_params() + self.vocab_size * self.d_model) as f64;
-        let attn =
-            2.0 * 2.0 * (self.n_attention_layers() * self.q_dim()) as f64 * (n_past + 1) as f64;
-        let n_ssm = (self.n_layers - self.n_attention_layers()) as f64;
+        let attended = |positions: usize| 2.0 * 2.0 * self.q_dim() as f64 * positions as f64;
+        let attn = self.n_attention_layers() as f64 * attended(n_past + 1)
+            + self.n_window_layers() as f64 * attended((n_past + 1).min(self.window_positions()));
+        let n_ssm = self.count_layers(LayerType::Ssm) as f64;
         let state = (self.n_kv_heads * self.ssm_d_state * self.head_dim) as f64;
         let ssm = n_ssm
             * (2.0 * (self.ssm_channels() * self.ssm_d_conv) as f64
                 + 3.0 * state
                 + 2.0 * self.gqa_group() as f64 * state);
         matmul + attn + ssm
+    }
+}
+
+/// Shapes of one SSM mixer, from [`ModelConfig::ssm_dims`]: heads laid out like attention's,
+/// `n_heads` read-out heads over `n_kv_heads` groups of `head_dim`, state width `d_state`
+/// (N), `d_conv` convolution taps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SsmDims {
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub d_state: usize,
+    pub d_conv: usize,
+}
+
+impl SsmDims {
+    /// Channels of the convolution: C `(n_heads · N)`, B `(n_kv_heads · N)`,
+    /// x `(n_kv_heads · head_dim)`.
+    pub fn channels(&self) -> usize {
+        (self.n_heads + self.n_kv_heads) * self.d_state + self.n_kv_heads * self.head_dim
+    }
+
+    /// Query heads per group.
+    pub fn group(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+
+    /// The shape of every parameter: `(rows, cols)` of each matrix (`(out, in)`), the length
+    /// of each vector (the convolution's taps as `channels · d_conv`).
+    pub fn param_shapes(&self) -> crate::SsmParams<(usize, usize), usize> {
+        let (d, g) = (self.d_model, self.n_kv_heads);
+        crate::SsmParams {
+            wc: (self.n_heads * self.d_state, d),
+            wb: (g * self.d_state, d),
+            wx: (g * self.head_dim, d),
+            wdt: (g, d),
+            wgate: (g, d),
+            wo: (d, self.n_heads * self.head_dim),
+            dt_bias: g,
+            a_log: g,
+            d: self.n_heads,
+            conv: self.channels() * self.d_conv,
+        }
     }
 }
 
@@ -683,7 +853,7 @@ fn parse_layer_types(names: &[&str], file: &str, key: &str) -> Result<Vec<LayerT
         .map(|(i, name)| {
             LayerType::parse(name).ok_or_else(|| ModelError::Invalid {
                 file: file.to_string(),
-                what: format!("{key}[{i}] is '{name}'; expected 'attention' or 'ssm'"),
+                what: format!("{key}[{i}] is '{name}'; expected 'attention', 'ssm' or 'window'"),
             })
         })
         .collect()

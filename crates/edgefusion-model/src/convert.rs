@@ -276,3 +276,107 @@ pub fn dequantize_gguf(
         dequantized,
     })
 }
+
+/// Writes `gguf` (a dense model) with the attention layers `layers` turned into windowed
+/// attention over the first `sink` and the last `window` positions: a training-free hybrid
+/// whose converted layers keep `sink + window` keys and values whatever the context (the
+/// "Window-only" baseline a trained hybrid must beat). Tensors are copied unchanged; only
+/// the metadata changes (`edgefusion.layer_types`, `edgefusion.window`, `edgefusion.sink`).
+pub fn window_gguf(
+    gguf: &edgefusion_io::gguf::GgufFile,
+    layers: &[usize],
+    window: usize,
+    sink: usize,
+    output: &Path,
+) -> Result<ModelConfig, ModelError> {
+    use crate::config::{LayerType, SINK_KEY, WINDOW_KEY};
+    let file = gguf.path.display().to_string();
+    let invalid = |what: String| ModelError::Invalid {
+        file: file.clone(),
+        what,
+    };
+    let tied = gguf.tensor("output.weight").is_none();
+    let mut cfg = ModelConfig::from_gguf(gguf, tied)?;
+    if window == 0 {
+        return Err(invalid(
+            "a window of 0 positions leaves a converted layer nothing to attend to".into(),
+        ));
+    }
+    for &l in layers {
+        match cfg.layer_types.get(l) {
+            None => {
+                return Err(invalid(format!(
+                    "layer {l} does not exist: the model has {} layers (0..{})",
+                    cfg.n_layers,
+                    cfg.n_layers.saturating_sub(1)
+                )))
+            }
+            Some(LayerType::Attention) => cfg.layer_types[l] = LayerType::Window,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "layer {l} is already '{}': only attention layers turn into windows",
+                    other.name()
+                )))
+            }
+        }
+    }
+    if cfg.window > 0 && (cfg.window, cfg.sink) != (window, sink) {
+        return Err(invalid(format!(
+            "the model already attends over windows of {} (+ sink {}); one model has one window",
+            cfg.window, cfg.sink
+        )));
+    }
+    cfg.window = window;
+    cfg.sink = sink;
+    // The same checks as a file read back (window within the context, and so on).
+    let mut bytes = GgufWriter::new();
+    for (key, value) in &gguf.metadata {
+        bytes.add_metadata(key.clone(), value.clone());
+    }
+    for (key, value) in cfg.gguf_metadata(&file)? {
+        if key.starts_with("edgefusion.") {
+            bytes.add_metadata(key, value);
+        }
+    }
+    bytes.add_metadata(WINDOW_KEY, MetaValue::U32(window as u32));
+    bytes.add_metadata(SINK_KEY, MetaValue::U32(sink as u32));
+    if window + sink > cfg.n_ctx_train {
+        return Err(invalid(format!(
+            "{WINDOW_KEY} {window} + {SINK_KEY} {sink} exceeds the context length {}",
+            cfg.n_ctx_train
+        )));
+    }
+    for t in &gguf.tensors {
+        bytes.add_tensor(t.name.clone(), t.dtype, &t.shape, gguf.tensor_data(t));
+    }
+    bytes.write(output)?;
+    Ok(cfg)
+}
+
+/// Layer numbers from a list such as `4-9,14,20-29` (ranges inclusive), sorted, each once.
+pub fn parse_layer_list(list: &str) -> Result<Vec<usize>, String> {
+    let mut layers = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let number = |s: &str| {
+            s.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("'{s}' in '{list}' is not a layer number"))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (number(a)?, number(b)?);
+                if a > b {
+                    return Err(format!("range '{part}' runs backwards"));
+                }
+                layers.extend(a..=b);
+            }
+            None => layers.push(number(part)?),
+        }
+    }
+    if layers.is_empty() {
+        return Err(format!("'{list}' lists no layer"));
+    }
+    layers.sort_unstable();
+    layers.dedup();
+    Ok(layers)
+}

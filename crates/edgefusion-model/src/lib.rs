@@ -6,9 +6,9 @@ pub mod convert;
 pub mod linear;
 pub mod model;
 
-pub use config::{Arch, LayerType, ModelConfig, RopeScaling, RopeStyle};
+pub use config::{Arch, LayerType, ModelConfig, RopeScaling, RopeStyle, SsmDims};
 pub use linear::{ActFormat, Layout, Linear};
-pub use model::{Attention, DecoderLayer, FeedForward, Mixer, Model, Ssm};
+pub use model::{ssm_role, Attention, DecoderLayer, FeedForward, Mixer, Model, Ssm, SsmParams};
 
 /// Errors raised while binding a model's weights.
 #[derive(Debug, thiserror::Error)]

@@ -4,9 +4,34 @@ use edgefusion_io::names::TensorRole;
 use edgefusion_io::ModelSource;
 use edgefusion_kernels::GgmlType;
 
-use crate::config::{LayerType, ModelConfig};
+use crate::config::{LayerType, ModelConfig, WINDOW_KEY};
 use crate::linear::{vector_from_view, Linear};
 use crate::ModelError;
+
+/// The tensor role of the SSM parameter `name` ([`SsmParams::NAMES`]).
+pub fn ssm_role(name: &str) -> TensorRole {
+    match name {
+        "wc" => TensorRole::SsmC,
+        "wb" => TensorRole::SsmB,
+        "wx" => TensorRole::SsmX,
+        "wdt" => TensorRole::SsmDt,
+        "wgate" => TensorRole::SsmGate,
+        "wo" => TensorRole::SsmOut,
+        "dt_bias" => TensorRole::SsmDtBias,
+        "a_log" => TensorRole::SsmALog,
+        "d" => TensorRole::SsmD,
+        "conv" => TensorRole::SsmConv,
+        other => unreachable!("no SSM parameter is named {other}"),
+    }
+}
+
+/// A load error of a windowed layer's attention weights, with the rule that asked for them.
+fn window_context(e: ModelError, file: &str, layer: usize, why: &str) -> ModelError {
+    ModelError::Invalid {
+        file: file.to_string(),
+        what: format!("layer {layer}: {why}, but its attention weights do not load: {e}"),
+    }
+}
 
 /// Metadata key and version of EFQ-quantized GGUF files (written by `edgefusion quantize`).
 pub const EFQ_VERSION_KEY: &str = "edgefusion.efq.version";
@@ -29,42 +54,181 @@ pub struct Attention<'a> {
     pub bv: Option<Vec<f32>>,
 }
 
-/// SSM mixer weights of one hybrid layer (the selective SSM of docs/HYBRID.md). N is
-/// `ssm_d_state`; heads are laid out like attention's: `n_heads` read-out heads (C) over
-/// `n_kv_heads` groups, each with its own B, x, Δ, decay and gate.
-#[derive(Debug)]
-pub struct Ssm<'a> {
+/// An SSM mixer's parameters by name (the selective SSM of docs/HYBRID.md), whatever holds
+/// them: [`Linear`] matrices and float vectors at run time ([`Ssm`]), candle tensors or
+/// variables in training, plain floats in checkpoints. N is `ssm_d_state`; heads are laid out
+/// like attention's: `n_heads` read-out heads (C) over `n_kv_heads` groups, each with its own
+/// B, x, Δ, decay and gate. Shapes: [`crate::SsmDims::param_shapes`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SsmParams<M, V = M> {
     /// (n_heads · N, d_model)
-    pub wc: Linear<'a>,
+    pub wc: M,
     /// (n_kv_heads · N, d_model)
-    pub wb: Linear<'a>,
+    pub wb: M,
     /// (kv_dim, d_model)
-    pub wx: Linear<'a>,
+    pub wx: M,
     /// (n_kv_heads, d_model): step size Δ before its bias and softplus.
-    pub wdt: Linear<'a>,
+    pub wdt: M,
     /// (n_kv_heads, d_model): output gate before `2σ`.
-    pub wgate: Linear<'a>,
+    pub wgate: M,
     /// (d_model, q_dim)
-    pub wo: Linear<'a>,
+    pub wo: M,
     /// (n_kv_heads)
-    pub dt_bias: Vec<f32>,
+    pub dt_bias: V,
     /// (n_kv_heads): decay rates `A = exp(a_log)`, so that the decay is `exp(−Δ·A)`.
-    pub a: Vec<f32>,
+    pub a_log: V,
     /// (n_heads): skip weights.
-    pub d: Vec<f32>,
+    pub d: V,
     /// (channels, d_conv): causal depthwise convolution over the C, B and x channels, in
     /// that order; tap `d_conv − 1` multiplies the current token.
-    pub conv: Vec<f32>,
+    pub conv: V,
 }
 
-/// The token mixer of a layer. Attention keeps a KV cache; an SSM keeps a constant-size
-/// recurrent state.
+impl<T> SsmParams<T, T> {
+    /// Field names in the order of [`SsmParams::into_vec`] (checkpoint files use them).
+    pub const NAMES: [&'static str; 10] = [
+        "wc", "wb", "wx", "wdt", "wgate", "wo", "dt_bias", "a_log", "d", "conv",
+    ];
+
+    /// The ten parameters in [`SsmParams::NAMES`] order.
+    pub fn into_vec(self) -> Vec<T> {
+        vec![
+            self.wc,
+            self.wb,
+            self.wx,
+            self.wdt,
+            self.wgate,
+            self.wo,
+            self.dt_bias,
+            self.a_log,
+            self.d,
+            self.conv,
+        ]
+    }
+
+    /// References in [`SsmParams::NAMES`] order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &T)> {
+        let all = [
+            &self.wc,
+            &self.wb,
+            &self.wx,
+            &self.wdt,
+            &self.wgate,
+            &self.wo,
+            &self.dt_bias,
+            &self.a_log,
+            &self.d,
+            &self.conv,
+        ];
+        Self::NAMES.into_iter().zip(all)
+    }
+
+    /// The parameters from ten values in [`SsmParams::NAMES`] order (`None` for another
+    /// count).
+    pub fn from_vec(values: Vec<T>) -> Option<Self> {
+        let [wc, wb, wx, wdt, wgate, wo, dt_bias, a_log, d, conv]: [T; 10] =
+            values.try_into().ok()?;
+        Some(SsmParams {
+            wc,
+            wb,
+            wx,
+            wdt,
+            wgate,
+            wo,
+            dt_bias,
+            a_log,
+            d,
+            conv,
+        })
+    }
+
+    /// Every parameter through `f`, with its name.
+    pub fn map<U, E>(
+        &self,
+        mut f: impl FnMut(&'static str, &T) -> Result<U, E>,
+    ) -> Result<SsmParams<U, U>, E> {
+        Ok(SsmParams {
+            wc: f("wc", &self.wc)?,
+            wb: f("wb", &self.wb)?,
+            wx: f("wx", &self.wx)?,
+            wdt: f("wdt", &self.wdt)?,
+            wgate: f("wgate", &self.wgate)?,
+            wo: f("wo", &self.wo)?,
+            dt_bias: f("dt_bias", &self.dt_bias)?,
+            a_log: f("a_log", &self.a_log)?,
+            d: f("d", &self.d)?,
+            conv: f("conv", &self.conv)?,
+        })
+    }
+}
+
+impl<M, V> SsmParams<M, V> {
+    /// The matrices and the vectors through their own functions.
+    pub fn map_parts<M2, V2, E>(
+        &self,
+        mut matrix: impl FnMut(&'static str, &M) -> Result<M2, E>,
+        mut vector: impl FnMut(&'static str, &V) -> Result<V2, E>,
+    ) -> Result<SsmParams<M2, V2>, E> {
+        Ok(SsmParams {
+            wc: matrix("wc", &self.wc)?,
+            wb: matrix("wb", &self.wb)?,
+            wx: matrix("wx", &self.wx)?,
+            wdt: matrix("wdt", &self.wdt)?,
+            wgate: matrix("wgate", &self.wgate)?,
+            wo: matrix("wo", &self.wo)?,
+            dt_bias: vector("dt_bias", &self.dt_bias)?,
+            a_log: vector("a_log", &self.a_log)?,
+            d: vector("d", &self.d)?,
+            conv: vector("conv", &self.conv)?,
+        })
+    }
+}
+
+/// SSM mixer weights of one hybrid layer as the runtime reads them: matrices as stored
+/// (quantized or not), vectors and convolution taps as floats.
+pub type Ssm<'a> = SsmParams<Linear<'a>, Vec<f32>>;
+
+/// The token mixer of a layer. Attention keeps a KV cache that grows with the context; the
+/// others keep a constant-size state.
 // One per layer, built once at load: the variants' size difference costs nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Mixer<'a> {
+    /// Causal softmax attention over every position.
     Attention(Attention<'a>),
-    Ssm(Ssm<'a>),
+    /// Softmax attention over the first `sink` and the last `window` positions only.
+    Window(Attention<'a>),
+    /// The selective SSM; with sink + window attention beside it when the model's `window`
+    /// is positive (the two outputs add).
+    Ssm {
+        ssm: Ssm<'a>,
+        window: Option<Attention<'a>>,
+    },
+}
+
+impl<'a> Mixer<'a> {
+    /// The attention weights of the layer, full or windowed.
+    pub fn attention(&self) -> Option<&Attention<'a>> {
+        match self {
+            Mixer::Attention(a) | Mixer::Window(a) => Some(a),
+            Mixer::Ssm { window, .. } => window.as_ref(),
+        }
+    }
+
+    fn attention_mut(&mut self) -> Option<&mut Attention<'a>> {
+        match self {
+            Mixer::Attention(a) | Mixer::Window(a) => Some(a),
+            Mixer::Ssm { window, .. } => window.as_mut(),
+        }
+    }
+
+    /// The SSM of the layer.
+    pub fn ssm(&self) -> Option<&Ssm<'a>> {
+        match self {
+            Mixer::Ssm { ssm, .. } => Some(ssm),
+            _ => None,
+        }
+    }
 }
 
 /// SwiGLU feed-forward: `down(silu(gate x) * up x)`.
@@ -156,8 +320,8 @@ impl<'a> Model<'a> {
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let l = Some(i);
-            let mixer = match c.layer_types[i] {
-                LayerType::Attention => Mixer::Attention(Attention {
+            let attention = || -> Result<Attention<'a>, ModelError> {
+                Ok(Attention {
                     wq: linear(TensorRole::AttnQ, l, c.d_model, c.q_dim())?,
                     wk: linear(TensorRole::AttnK, l, c.d_model, c.kv_dim())?,
                     wv: linear(TensorRole::AttnV, l, c.d_model, c.kv_dim())?,
@@ -165,30 +329,56 @@ impl<'a> Model<'a> {
                     bq: optional_vector(TensorRole::AttnQBias, l, c.q_dim())?,
                     bk: optional_vector(TensorRole::AttnKBias, l, c.kv_dim())?,
                     bv: optional_vector(TensorRole::AttnVBias, l, c.kv_dim())?,
-                }),
+                })
+            };
+            let mixer = match c.layer_types[i] {
+                LayerType::Attention => Mixer::Attention(attention()?),
+                LayerType::Window => Mixer::Window(attention().map_err(|e| {
+                    window_context(e, &file, i, "a 'window' layer attends over its window")
+                })?),
                 LayerType::Ssm => {
-                    let (n, groups) = (c.ssm_d_state, c.n_kv_heads);
-                    let conv = linear(TensorRole::SsmConv, l, c.ssm_d_conv, c.ssm_channels())?;
-                    let mut taps = vec![0.0f32; c.ssm_channels() * c.ssm_d_conv];
-                    for (r, row) in taps.chunks_exact_mut(c.ssm_d_conv).enumerate() {
-                        conv.dequantize_row_into(r, row);
-                    }
-                    let a = vector(TensorRole::SsmALog, l, groups)?
-                        .iter()
-                        .map(|v| v.exp())
-                        .collect();
-                    Mixer::Ssm(Ssm {
-                        wc: linear(TensorRole::SsmC, l, c.d_model, c.n_heads * n)?,
-                        wb: linear(TensorRole::SsmB, l, c.d_model, groups * n)?,
-                        wx: linear(TensorRole::SsmX, l, c.d_model, c.kv_dim())?,
-                        wdt: linear(TensorRole::SsmDt, l, c.d_model, groups)?,
-                        wgate: linear(TensorRole::SsmGate, l, c.d_model, groups)?,
-                        wo: linear(TensorRole::SsmOut, l, c.q_dim(), c.d_model)?,
-                        dt_bias: vector(TensorRole::SsmDtBias, l, groups)?,
-                        a,
-                        d: vector(TensorRole::SsmD, l, c.n_heads)?,
-                        conv: taps,
-                    })
+                    let window = if c.window > 0 {
+                        Some(attention().map_err(|e| {
+                            window_context(
+                                e,
+                                &file,
+                                i,
+                                &format!(
+                                    "{WINDOW_KEY} = {} makes SSM layers attend over their window too",
+                                    c.window
+                                ),
+                            )
+                        })?)
+                    } else {
+                        if source.try_tensor(TensorRole::AttnQ, l).is_some() {
+                            return Err(ModelError::Invalid {
+                                file,
+                                what: format!(
+                                    "layer {i} is 'ssm' and has attention weights ({}), but {WINDOW_KEY} is 0 (or missing): set the window those weights attend over, or drop them",
+                                    TensorRole::AttnQ.gguf_name(l)
+                                ),
+                            });
+                        }
+                        None
+                    };
+                    let shapes = c.ssm_dims().param_shapes();
+                    let ssm = shapes.map_parts(
+                        |name, &(rows, cols)| linear(ssm_role(name), l, cols, rows),
+                        |name, &len| match name {
+                            // Stored as a `[d_conv, channels]` matrix.
+                            "conv" => {
+                                let conv =
+                                    linear(TensorRole::SsmConv, l, c.ssm_d_conv, c.ssm_channels())?;
+                                let mut taps = vec![0.0f32; len];
+                                for (r, row) in taps.chunks_exact_mut(c.ssm_d_conv).enumerate() {
+                                    conv.dequantize_row_into(r, row);
+                                }
+                                Ok(taps)
+                            }
+                            _ => vector(ssm_role(name), l, len),
+                        },
+                    )?;
+                    Mixer::Ssm { ssm, window }
                 }
             };
             layers.push(DecoderLayer {
@@ -224,20 +414,34 @@ impl<'a> Model<'a> {
             return self.output.as_mut();
         }
         let l = self.layers.get_mut(layer?)?;
-        match (&mut l.mixer, role) {
-            (Mixer::Attention(a), TensorRole::AttnQ) => Some(&mut a.wq),
-            (Mixer::Attention(a), TensorRole::AttnK) => Some(&mut a.wk),
-            (Mixer::Attention(a), TensorRole::AttnV) => Some(&mut a.wv),
-            (Mixer::Attention(a), TensorRole::AttnOutput) => Some(&mut a.wo),
-            (Mixer::Ssm(s), TensorRole::SsmC) => Some(&mut s.wc),
-            (Mixer::Ssm(s), TensorRole::SsmB) => Some(&mut s.wb),
-            (Mixer::Ssm(s), TensorRole::SsmX) => Some(&mut s.wx),
-            (Mixer::Ssm(s), TensorRole::SsmDt) => Some(&mut s.wdt),
-            (Mixer::Ssm(s), TensorRole::SsmGate) => Some(&mut s.wgate),
-            (Mixer::Ssm(s), TensorRole::SsmOut) => Some(&mut s.wo),
-            (_, TensorRole::FfnGate) => Some(&mut l.ffn.gate),
-            (_, TensorRole::FfnUp) => Some(&mut l.ffn.up),
-            (_, TensorRole::FfnDown) => Some(&mut l.ffn.down),
+        match role {
+            TensorRole::FfnGate => return Some(&mut l.ffn.gate),
+            TensorRole::FfnUp => return Some(&mut l.ffn.up),
+            TensorRole::FfnDown => return Some(&mut l.ffn.down),
+            _ => {}
+        }
+        if matches!(
+            role,
+            TensorRole::AttnQ | TensorRole::AttnK | TensorRole::AttnV | TensorRole::AttnOutput
+        ) {
+            let a = l.mixer.attention_mut()?;
+            return Some(match role {
+                TensorRole::AttnQ => &mut a.wq,
+                TensorRole::AttnK => &mut a.wk,
+                TensorRole::AttnV => &mut a.wv,
+                _ => &mut a.wo,
+            });
+        }
+        let Mixer::Ssm { ssm: s, .. } = &mut l.mixer else {
+            return None;
+        };
+        match role {
+            TensorRole::SsmC => Some(&mut s.wc),
+            TensorRole::SsmB => Some(&mut s.wb),
+            TensorRole::SsmX => Some(&mut s.wx),
+            TensorRole::SsmDt => Some(&mut s.wdt),
+            TensorRole::SsmGate => Some(&mut s.wgate),
+            TensorRole::SsmOut => Some(&mut s.wo),
             _ => None,
         }
     }
@@ -257,24 +461,22 @@ impl<'a> Model<'a> {
             .sum::<usize>();
         for layer in &self.layers {
             total += (layer.attn_norm.len() + layer.ffn_norm.len()) * 4;
-            match &layer.mixer {
-                Mixer::Attention(a) => {
-                    total += [&a.bq, &a.bk, &a.bv]
-                        .iter()
-                        .map(|b| b.as_ref().map_or(0, |b| b.len() * 4))
-                        .sum::<usize>();
-                }
-                Mixer::Ssm(s) => {
-                    total += (s.dt_bias.len() + s.a.len() + s.d.len() + s.conv.len()) * 4;
-                }
+            if let Some(a) = layer.mixer.attention() {
+                total += [&a.bq, &a.bk, &a.bv]
+                    .iter()
+                    .map(|b| b.as_ref().map_or(0, |b| b.len() * 4))
+                    .sum::<usize>();
+            }
+            if let Some(s) = layer.mixer.ssm() {
+                total += (s.dt_bias.len() + s.a_log.len() + s.d.len() + s.conv.len()) * 4;
             }
         }
         total
     }
 
     /// Every weight matrix with its tensor role and layer, in file order: the token
-    /// embedding, the output head when it is not tied, then per layer q, k, v, o, gate, up,
-    /// down.
+    /// embedding, the output head when it is not tied, then per layer q, k, v, o (full or
+    /// windowed attention), the SSM's projections, gate, up, down.
     pub fn linears(&self) -> Vec<(TensorRole, Option<usize>, &Linear<'a>)> {
         let mut out = vec![(TensorRole::TokenEmbd, None, &self.token_embd)];
         if let Some(output) = &self.output {
@@ -282,21 +484,23 @@ impl<'a> Model<'a> {
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let l = Some(i);
-            match &layer.mixer {
-                Mixer::Attention(a) => out.extend([
+            if let Some(a) = layer.mixer.attention() {
+                out.extend([
                     (TensorRole::AttnQ, l, &a.wq),
                     (TensorRole::AttnK, l, &a.wk),
                     (TensorRole::AttnV, l, &a.wv),
                     (TensorRole::AttnOutput, l, &a.wo),
-                ]),
-                Mixer::Ssm(s) => out.extend([
+                ]);
+            }
+            if let Some(s) = layer.mixer.ssm() {
+                out.extend([
                     (TensorRole::SsmC, l, &s.wc),
                     (TensorRole::SsmB, l, &s.wb),
                     (TensorRole::SsmX, l, &s.wx),
                     (TensorRole::SsmDt, l, &s.wdt),
                     (TensorRole::SsmGate, l, &s.wgate),
                     (TensorRole::SsmOut, l, &s.wo),
-                ]),
+                ]);
             }
             let ffn = &layer.ffn;
             out.extend([

@@ -1,14 +1,21 @@
-//! The forward pass: batched prefill and single-token decode over a KV cache.
+//! The forward pass: batched prefill and single-token decode. Per layer: norm → mixer
+//! (attention, windowed attention, SSM; [`crate::mixer`]) → residual → norm → feed-forward →
+//! residual; then the head. Each layer keeps its own state of the sequence
+//! ([`crate::mixer::LayerState`]).
 //!
 //! Every buffer is allocated once in [`Session::new`]; `forward` allocates nothing.
 
-use edgefusion_kernels::attention::{self, KvElement};
 use edgefusion_kernels::{f32ops, GgmlType};
-use edgefusion_model::{ActFormat, Linear, Mixer, Model, ModelConfig, RopeScaling, RopeStyle};
-use half::f16;
+use edgefusion_model::{ActFormat, Linear, Mixer, Model};
 
+use crate::mixer::attention::{self, AttnScratch};
+use crate::mixer::ssm::{self, SsmScratch};
+use crate::mixer::{LayerState, MixerIo, SavedLayer};
 use crate::parallel::Threads;
+use crate::rope::RopeTable;
 use crate::RuntimeError;
+
+pub use crate::mixer::attention::KvType;
 
 /// Which positions of a batch need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,7 +28,7 @@ pub enum Logits {
 
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
-    /// Context size: the KV cache holds this many positions.
+    /// Context size: the KV caches of full attention layers hold this many positions.
     pub n_ctx: usize,
     pub n_threads: usize,
     /// Tokens processed per forward step; longer inputs are split into steps of this size.
@@ -44,7 +51,7 @@ impl SessionOptions {
 }
 
 /// Activations quantized to each format a weight may ask for, computed once per input.
-struct ActCache {
+pub(crate) struct ActCache {
     /// One buffer per activation format, each `max_batch` rows of the widest input.
     bufs: [(ActFormat, Vec<u8>, bool); 5],
 }
@@ -69,14 +76,14 @@ impl ActCache {
         }
     }
 
-    fn invalidate(&mut self) {
+    pub(crate) fn invalidate(&mut self) {
         for b in &mut self.bufs {
             b.2 = false;
         }
     }
 
     /// The rows of `x (n_tok, width)` in `w`'s activation format, quantizing them on first use.
-    fn get(
+    pub(crate) fn get(
         &mut self,
         threads: &Threads,
         w: &Linear<'_>,
@@ -109,21 +116,13 @@ impl ActCache {
 struct RunState {
     /// Residual stream (max_batch, d_model)
     x: Vec<f32>,
-    /// Normalised input of a sub-block (max_batch, max(d_model, q_dim))
+    /// Normalised input of a sub-block (max_batch, d_model)
     xn: Vec<f32>,
-    /// (max_batch, q_dim)
-    q: Vec<f32>,
-    /// (max_batch, kv_dim)
-    k: Vec<f32>,
-    /// (max_batch, kv_dim)
-    v: Vec<f32>,
-    /// Attention output before `wo`: (max_batch, q_dim)
-    att: Vec<f32>,
-    /// Attention output as the tasks write it, one slot per task (see [`AttnPlan`]):
-    /// (n_chunks, tasks_per_chunk, block_tokens, gqa_group, head_dim)
-    att_tasks: Vec<f32>,
-    /// (max_batch, d_model): output of `wo` or `down`, added to `x`
+    /// (max_batch, d_model): output of the mixer or `down`, added to `x`
     proj: Vec<f32>,
+    /// (max_batch, d_model): the windowed attention's output in layers that add it to an
+    /// SSM's (empty without such layers)
+    proj_window: Vec<f32>,
     /// (max_batch, d_ff)
     gate: Vec<f32>,
     /// (max_batch, d_ff)
@@ -131,138 +130,37 @@ struct RunState {
     /// (max_logits, vocab_size)
     logits: Vec<f32>,
     act: ActCache,
-    /// SSM layers (empty without): C (max_batch, n_heads · N), B (max_batch, n_kv_heads · N),
-    /// x (max_batch, kv_dim), Δ and gate (max_batch, n_kv_heads).
-    ssm_c: Vec<f32>,
-    ssm_b: Vec<f32>,
-    ssm_x: Vec<f32>,
-    ssm_dt: Vec<f32>,
-    ssm_gate: Vec<f32>,
-    /// Per attention chunk: a task's queries rounded to the cache type
-    /// `(block_tokens · gqa_group, head_dim)`, then the scores and probabilities of one
-    /// sub-block `(sub_block_tokens · gqa_group, n_keys)` (see [`AttnPlan`]).
-    attn_scratch: Vec<f32>,
+    attn: AttnScratch,
+    ssm: SsmScratch,
 }
 
-/// Storage type of the KV cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvType {
-    /// llama.cpp's default: half the memory of f32, and the same rounding, which keeps greedy
-    /// decoding token-identical to it.
-    F16,
-    /// Exact keys and values (reference comparisons).
-    F32,
-}
-
-/// Keys and values of every attention layer, in the layouts of the attention kernels:
-/// keys `(n_attention_layers, n_kv_heads, n_ctx_padded / 16, head_dim, 16)` (panels of 16
-/// positions), values `(n_attention_layers, n_kv_heads, n_ctx, head_dim)`.
-enum KvCache {
-    F16 { keys: Vec<f16>, values: Vec<f16> },
-    F32 { keys: Vec<f32>, values: Vec<f32> },
-}
-
-impl KvCache {
-    fn bytes(&self) -> usize {
-        match self {
-            KvCache::F16 { keys, values } => (keys.len() + values.len()) * 2,
-            KvCache::F32 { keys, values } => (keys.len() + values.len()) * 4,
-        }
-    }
-}
-
-/// RoPE rotation angles per position: `(n_ctx, rope_dim / 2)` cosines and sines.
-struct RopeTable {
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    half: usize,
-}
-
-impl RopeTable {
-    /// Angles as llama.cpp computes them (`ggml_rope_cache_init`), in f32 with the
-    /// frequency advanced by repeated multiplication, so positions rotate identically.
-    fn new(cfg: &ModelConfig, n_ctx: usize) -> Self {
-        let half = cfg.rope_dim / 2;
-        let theta_scale = cfg.rope_base.powf(-2.0 / cfg.rope_dim as f32);
-        // Per-frequency divisor of the angle (1 = unscaled).
-        let freq_divisor: Vec<f32> = (0..half)
-            .map(|i| match cfg.rope_scaling {
-                RopeScaling::None => 1.0,
-                RopeScaling::Linear { factor } => factor,
-                RopeScaling::Llama3 {
-                    factor,
-                    low_freq_factor,
-                    high_freq_factor,
-                    original_context,
-                } => {
-                    let freq = theta_scale.powi(i as i32);
-                    let wavelen = 2.0 * std::f32::consts::PI / freq;
-                    let low_wavelen = original_context as f32 / low_freq_factor;
-                    let high_wavelen = original_context as f32 / high_freq_factor;
-                    if wavelen < high_wavelen {
-                        1.0
-                    } else if wavelen > low_wavelen {
-                        factor
-                    } else {
-                        let smooth = (original_context as f32 / wavelen - low_freq_factor)
-                            / (high_freq_factor - low_freq_factor);
-                        1.0 / ((1.0 - smooth) / factor + smooth)
-                    }
-                }
-            })
-            .collect();
-        let mut cos = vec![0.0f32; n_ctx * half];
-        let mut sin = vec![0.0f32; n_ctx * half];
-        for pos in 0..n_ctx {
-            let mut theta = pos as f32;
-            for i in 0..half {
-                let angle = theta / freq_divisor[i];
-                cos[pos * half + i] = angle.cos();
-                sin[pos * half + i] = angle.sin();
-                theta *= theta_scale;
-            }
-        }
-        RopeTable { cos, sin, half }
-    }
-
-    /// Rotates one head `(head_dim)` in place for position `pos`.
-    #[inline]
-    fn apply(&self, head: &mut [f32], pos: usize, style: RopeStyle) {
-        let cos = &self.cos[pos * self.half..(pos + 1) * self.half];
-        let sin = &self.sin[pos * self.half..(pos + 1) * self.half];
-        match style {
-            RopeStyle::Normal => {
-                for i in 0..self.half {
-                    let (a, b) = (head[2 * i], head[2 * i + 1]);
-                    head[2 * i] = a * cos[i] - b * sin[i];
-                    head[2 * i + 1] = a * sin[i] + b * cos[i];
-                }
-            }
-            RopeStyle::NeoX => {
-                for i in 0..self.half {
-                    let (a, b) = (head[i], head[i + self.half]);
-                    head[i] = a * cos[i] - b * sin[i];
-                    head[i + self.half] = a * sin[i] + b * cos[i];
-                }
-            }
-        }
-    }
-}
-
-/// One inference session over a model: its KV cache, scratch and thread pool.
+/// One inference session over a model: each layer's state of the sequence, scratch and
+/// thread pool.
 pub struct Session<'m> {
     model: &'m Model<'m>,
     opts: SessionOptions,
     threads: Threads,
     state: RunState,
-    kv: KvCache,
-    /// Recurrent state of every SSM layer, `ModelConfig::ssm_state_floats` each: the
-    /// `(n_kv_heads, N, head_dim)` state matrices, then the convolution's last
-    /// `d_conv − 1` inputs `(d_conv − 1, channels)`, oldest first.
-    ssm: Vec<f32>,
+    /// One per layer, matching its mixer.
+    layers: Vec<LayerState>,
     rope: RopeTable,
     n_past: usize,
     observer: Option<Observer<'m>>,
+}
+
+/// The constant-size state of every layer after `n_past` positions (SSM states, sinks and
+/// windows), saved by [`Session::recurrent_state`] to return to later.
+#[derive(Debug, Clone)]
+pub struct RecurrentState {
+    n_past: usize,
+    layers: Vec<SavedLayer>,
+}
+
+impl RecurrentState {
+    /// Positions the state summarizes.
+    pub fn n_past(&self) -> usize {
+        self.n_past
+    }
 }
 
 /// Which linear layers a batch of inputs feeds (what calibration collects statistics of).
@@ -313,66 +211,43 @@ impl<'m> Session<'m> {
             RuntimeError::InvalidOption(format!("cannot start {} threads: {e}", opts.n_threads))
         })?;
         let widest = cfg.d_model.max(cfg.q_dim()).max(cfg.d_ff);
+        let combined = model.layers.iter().any(|l| {
+            matches!(
+                &l.mixer,
+                Mixer::Ssm {
+                    window: Some(_),
+                    ..
+                }
+            )
+        });
+        let mut cache_slots = vec![opts.n_ctx];
+        if cfg.n_window_layers() > 0 {
+            cache_slots.push(cfg.window_positions() + max_batch);
+        }
         let state = RunState {
             x: vec![0.0; max_batch * cfg.d_model],
-            xn: vec![0.0; max_batch * cfg.d_model.max(cfg.q_dim())],
-            q: vec![0.0; max_batch * cfg.q_dim()],
-            k: vec![0.0; max_batch * cfg.kv_dim()],
-            v: vec![0.0; max_batch * cfg.kv_dim()],
-            att: vec![0.0; max_batch * cfg.q_dim()],
+            xn: vec![0.0; max_batch * cfg.d_model],
             proj: vec![0.0; max_batch * cfg.d_model],
+            proj_window: vec![0.0; if combined { max_batch * cfg.d_model } else { 0 }],
             gate: vec![0.0; max_batch * cfg.d_ff],
             up: vec![0.0; max_batch * cfg.d_ff],
             logits: vec![0.0; max_logits * cfg.vocab_size],
             act: ActCache::new(max_batch, widest.max(cfg.ssm_channels())),
-            ssm_c: ssm_buffer(cfg, max_batch * cfg.n_heads * cfg.ssm_d_state),
-            ssm_b: ssm_buffer(cfg, max_batch * cfg.n_kv_heads * cfg.ssm_d_state),
-            ssm_x: ssm_buffer(cfg, max_batch * cfg.kv_dim()),
-            ssm_dt: ssm_buffer(cfg, max_batch * cfg.n_kv_heads),
-            ssm_gate: ssm_buffer(cfg, max_batch * cfg.n_kv_heads),
-            att_tasks: vec![
-                0.0;
-                AttnPlan::max_out_len(cfg, max_batch, threads.n_threads(), opts.n_ctx)
-            ],
-            // Zeroed: only the rows a context of the current length uses get mapped.
-            attn_scratch: vec![
-                0.0;
-                AttnPlan::max_scratch_len(
-                    cfg,
-                    max_batch,
-                    threads.n_threads(),
-                    opts.n_ctx
-                )
-            ],
+            attn: AttnScratch::new(cfg, max_batch, threads.n_threads(), &cache_slots),
+            ssm: SsmScratch::new(cfg, max_batch),
         };
-        let n_attention = model
+        let layers = model
             .layers
             .iter()
-            .filter(|l| matches!(l.mixer, Mixer::Attention(_)))
-            .count();
-        let (layer_keys, layer_values) = layer_cache_lens(cfg, opts.n_ctx);
-        let (keys_len, values_len) = (n_attention * layer_keys, n_attention * layer_values);
-        let kv = match opts.kv_type {
-            // Zeroed allocations: the OS maps pages as positions are used, so a long context
-            // costs memory only once it is filled.
-            KvType::F16 => KvCache::F16 {
-                keys: bytemuck::zeroed_vec(keys_len),
-                values: bytemuck::zeroed_vec(values_len),
-            },
-            KvType::F32 => KvCache::F32 {
-                keys: vec![0.0; keys_len],
-                values: vec![0.0; values_len],
-            },
-        };
+            .map(|l| LayerState::new(cfg, &l.mixer, opts.n_ctx, max_batch, opts.kv_type))
+            .collect();
         let rope = RopeTable::new(cfg, opts.n_ctx);
-        let n_ssm = cfg.n_layers - n_attention;
         Ok(Session {
             model,
             opts,
             threads,
             state,
-            kv,
-            ssm: vec![0.0; n_ssm * cfg.ssm_state_floats()],
+            layers,
             rope,
             n_past: 0,
             observer: None,
@@ -391,26 +266,32 @@ impl<'m> Session<'m> {
         self.threads.n_threads()
     }
 
-    /// Positions already in the KV cache.
+    /// Positions already processed.
     pub fn n_past(&self) -> usize {
         self.n_past
     }
 
-    /// Empties the KV cache and the SSM states.
+    /// Forgets every position: the next token starts a new sequence.
     pub fn reset(&mut self) {
         self.n_past = 0;
+    }
+
+    /// Whether some layer keeps a constant-size state (SSM, sink + window) that summarizes
+    /// the past and so cannot be cut back ([`Session::truncate`]), only saved and restored.
+    pub fn has_recurrent_state(&self) -> bool {
+        self.layers.iter().any(LayerState::is_recurrent)
     }
 
     /// Forgets every position from `n` on, keeping the prefix (prefix reuse).
     ///
     /// # Errors
-    /// On a model with SSM layers when `0 < n < n_past`: a recurrent state cannot be
-    /// rewound (save and restore it with [`Session::ssm_state`] and
-    /// [`Session::set_ssm_state`] instead).
+    /// On a model with SSM or windowed layers when `0 < n < n_past`: their states do not
+    /// rewind (save and restore them with [`Session::recurrent_state`] and
+    /// [`Session::set_recurrent_state`] instead).
     pub fn truncate(&mut self, n: usize) -> Result<(), RuntimeError> {
-        if n > 0 && n < self.n_past && !self.ssm.is_empty() {
+        if n > 0 && n < self.n_past && self.has_recurrent_state() {
             return Err(RuntimeError::InvalidOption(format!(
-                "cannot truncate a hybrid model's session from {} to {n} positions: SSM states do not rewind",
+                "cannot truncate a hybrid model's session from {} to {n} positions: SSM and window states do not rewind",
                 self.n_past
             )));
         }
@@ -420,42 +301,67 @@ impl<'m> Session<'m> {
 
     /// Bytes of all SSM layers' recurrent state (constant in the context length).
     pub fn ssm_state_bytes(&self) -> usize {
-        self.ssm.len() * 4
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerState::Ssm { ssm, .. } => ssm.bytes(),
+                _ => 0,
+            })
+            .sum()
     }
 
-    /// The SSM layers' recurrent state after the positions so far (empty without SSM
-    /// layers), with `n_past`, to restore later with [`Session::set_ssm_state`].
-    pub fn ssm_state(&self) -> (usize, &[f32]) {
-        (self.n_past, &self.ssm)
+    /// Bytes of every layer's constant-size state: SSM states, and the sink and window
+    /// keys and values of windowed layers.
+    pub fn recurrent_state_bytes(&self) -> usize {
+        let cfg = &self.model.config;
+        self.layers.iter().map(|l| l.recurrent_bytes(cfg)).sum()
     }
 
-    /// Returns to the state saved by [`Session::ssm_state`] at `n_past` positions: the KV
-    /// cache keeps its first `n_past` positions (they must not have been overwritten since).
+    /// The constant-size state of every layer after the positions so far, to return to with
+    /// [`Session::set_recurrent_state`].
+    pub fn recurrent_state(&self) -> RecurrentState {
+        let cfg = &self.model.config;
+        RecurrentState {
+            n_past: self.n_past,
+            layers: self.layers.iter().map(|l| l.save(cfg)).collect(),
+        }
+    }
+
+    /// Returns to a state saved by [`Session::recurrent_state`] of this session: the full
+    /// attention layers keep their first `n_past` positions (they must not have been
+    /// overwritten since).
     ///
     /// # Errors
-    /// If `state` has the wrong length or `n_past` is beyond the current position.
-    pub fn set_ssm_state(&mut self, n_past: usize, state: &[f32]) -> Result<(), RuntimeError> {
-        if state.len() != self.ssm.len() || n_past > self.n_past {
+    /// If the state is beyond the current position.
+    pub fn set_recurrent_state(&mut self, state: &RecurrentState) -> Result<(), RuntimeError> {
+        if state.n_past > self.n_past || state.layers.len() != self.layers.len() {
             return Err(RuntimeError::InvalidOption(format!(
-                "SSM state of {} floats at position {n_past} does not fit this session ({} floats, position {})",
-                state.len(),
-                self.ssm.len(),
-                self.n_past
+                "a state saved at position {} does not fit this session (position {})",
+                state.n_past, self.n_past
             )));
         }
-        self.ssm.copy_from_slice(state);
-        self.n_past = n_past;
+        let cfg = &self.model.config;
+        for (layer, saved) in self.layers.iter_mut().zip(&state.layers) {
+            layer.restore(cfg, saved);
+        }
+        self.n_past = state.n_past;
         Ok(())
     }
 
-    /// Bytes of KV cache per context position.
+    /// Bytes of full-attention KV cache per context position.
     pub fn kv_bytes_per_position(&self) -> usize {
-        self.kv.bytes() / self.opts.n_ctx
+        self.kv_bytes() / self.opts.n_ctx
     }
 
-    /// Bytes held by the KV cache at full context.
+    /// Bytes held by the full-attention KV caches at full context.
     pub fn kv_bytes(&self) -> usize {
-        self.kv.bytes()
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerState::Kv(kv) => kv.bytes(),
+                _ => 0,
+            })
+            .sum()
     }
 
     /// Calls `observer(site, inputs (n_tok, n_in), n_tok)` with the input of every linear layer
@@ -524,29 +430,33 @@ impl<'m> Session<'m> {
     fn step(&mut self, tokens: &[u32]) {
         let Session {
             model,
-            opts,
             threads,
             state: st,
-            kv,
-            ssm,
+            layers,
             rope,
             n_past,
             observer,
+            ..
         } = self;
-        if *n_past == 0 {
-            // A new sequence starts from empty recurrent states.
-            ssm.fill(0.0);
-        }
         let model: &Model<'_> = model;
         let n_tok = tokens.len();
         let observing = observer.is_some();
-        let mut observe = |site: LinearInput, x: &[f32], width: usize| {
+        let mut observe = |site: LinearInput, x: &[f32], n: usize| {
             if let Some(f) = observer.as_mut() {
-                f(site, &x[..n_tok * width], n_tok);
+                f(site, x, n);
             }
         };
         let cfg = &model.config;
         let d = cfg.d_model;
+        if *n_past == 0 {
+            // A new sequence starts from empty recurrent states.
+            for layer in layers.iter_mut() {
+                if let LayerState::Ssm { ssm, .. } = layer {
+                    ssm.clear();
+                }
+            }
+        }
+        st.attn.begin_step(cfg, *n_past, n_tok);
 
         for (t, &tok) in tokens.iter().enumerate() {
             model
@@ -554,79 +464,52 @@ impl<'m> Session<'m> {
                 .dequantize_row_into(tok as usize, &mut st.x[t * d..(t + 1) * d]);
         }
 
-        let mut attn_index = 0;
-        let mut ssm_states = ssm.chunks_exact_mut(cfg.ssm_state_floats().max(1));
-        for (li, layer) in model.layers.iter().enumerate() {
+        for (li, (layer, layer_state)) in model.layers.iter().zip(layers.iter_mut()).enumerate() {
             rms_norm(
                 &st.x[..n_tok * d],
                 &layer.attn_norm,
                 cfg.rms_eps,
                 &mut st.xn[..n_tok * d],
             );
-            st.act.invalidate();
-            match &layer.mixer {
-                Mixer::Attention(attn) => {
-                    observe(LinearInput::Attention { layer: li }, &st.xn, d);
-                    for (w, bias, out) in [
-                        (&attn.wq, &attn.bq, &mut st.q),
-                        (&attn.wk, &attn.bk, &mut st.k),
-                        (&attn.wv, &attn.bv, &mut st.v),
-                    ] {
-                        let (act, act_row) = st.act.get(threads, w, &st.xn, n_tok);
-                        threads.linear(w, act, act_row, n_tok, out);
-                        if let Some(bias) = bias {
-                            for row in out[..n_tok * w.n_out].chunks_mut(w.n_out) {
-                                add_assign(row, bias);
-                            }
-                        }
-                    }
-                    let n_ctx = opts.n_ctx;
-                    match kv {
-                        KvCache::F16 { keys, values } => {
-                            let layer_kv = KvLayer::new(cfg, keys, values, attn_index, n_ctx);
-                            attention(cfg, threads, st, layer_kv, rope, *n_past, n_tok);
-                        }
-                        KvCache::F32 { keys, values } => {
-                            let layer_kv = KvLayer::new(cfg, keys, values, attn_index, n_ctx);
-                            attention(cfg, threads, st, layer_kv, rope, *n_past, n_tok);
-                        }
-                    }
-                    st.act.invalidate();
-                    observe(
-                        LinearInput::AttentionOutput { layer: li },
-                        &st.att,
-                        cfg.q_dim(),
-                    );
-                    let (act, act_row) = st.act.get(threads, &attn.wo, &st.att, n_tok);
-                    threads.linear(&attn.wo, act, act_row, n_tok, &mut st.proj);
-                    attn_index += 1;
+            let mut io = MixerIo {
+                cfg,
+                threads,
+                act: &mut st.act,
+                xn: &st.xn[..n_tok * d],
+                rope,
+                layer: li,
+                n_past: *n_past,
+                n_tok,
+                observer: &mut observe,
+                act_holds_input: false,
+            };
+            match (&layer.mixer, layer_state) {
+                (Mixer::Attention(w), LayerState::Kv(cache)) => {
+                    attention::forward_full(&mut io, w, cache, &mut st.attn, &mut st.proj);
                 }
-                Mixer::Ssm(w) => {
-                    observe(LinearInput::Ssm { layer: li }, &st.xn, d);
-                    for (lin, out) in [
-                        (&w.wc, &mut st.ssm_c),
-                        (&w.wb, &mut st.ssm_b),
-                        (&w.wx, &mut st.ssm_x),
-                        (&w.wdt, &mut st.ssm_dt),
-                        (&w.wgate, &mut st.ssm_gate),
-                    ] {
-                        let (act, act_row) = st.act.get(threads, lin, &st.xn, n_tok);
-                        threads.linear(lin, act, act_row, n_tok, out);
-                    }
-                    let state = ssm_states.next().expect("one state per SSM layer");
-                    let projections = crate::ssm::Projections {
-                        c: &mut st.ssm_c,
-                        b: &mut st.ssm_b,
-                        x: &mut st.ssm_x,
-                        dt: &st.ssm_dt,
-                        gate: &st.ssm_gate,
-                    };
-                    crate::ssm::scan(cfg, w, projections, state, n_tok, &mut st.att);
-                    st.act.invalidate();
-                    observe(LinearInput::SsmOutput { layer: li }, &st.att, cfg.q_dim());
-                    let (act, act_row) = st.act.get(threads, &w.wo, &st.att, n_tok);
-                    threads.linear(&w.wo, act, act_row, n_tok, &mut st.proj);
+                (Mixer::Window(w), LayerState::Window(cache)) => {
+                    attention::forward_windowed(&mut io, w, cache, &mut st.attn, &mut st.proj);
                 }
+                (
+                    Mixer::Ssm { ssm: w, window },
+                    LayerState::Ssm {
+                        ssm: state,
+                        window: cache,
+                    },
+                ) => {
+                    ssm::forward(&mut io, w, state, &mut st.ssm, &mut st.proj);
+                    if let (Some(w), Some(cache)) = (window, cache) {
+                        attention::forward_windowed(
+                            &mut io,
+                            w,
+                            cache,
+                            &mut st.attn,
+                            &mut st.proj_window,
+                        );
+                        add_assign(&mut st.proj[..n_tok * d], &st.proj_window[..n_tok * d]);
+                    }
+                }
+                _ => unreachable!("each layer's state is made for its mixer"),
             }
             add_assign(&mut st.x[..n_tok * d], &st.proj[..n_tok * d]);
 
@@ -637,7 +520,11 @@ impl<'m> Session<'m> {
                 &mut st.xn[..n_tok * d],
             );
             st.act.invalidate();
-            observe(LinearInput::FeedForward { layer: li }, &st.xn, d);
+            observe(
+                LinearInput::FeedForward { layer: li },
+                &st.xn[..n_tok * d],
+                n_tok,
+            );
             let ffn = &layer.ffn;
             let (act, act_row) = st.act.get(threads, &ffn.gate, &st.xn, n_tok);
             threads.linear(&ffn.gate, act, act_row, n_tok, &mut st.gate);
@@ -647,8 +534,8 @@ impl<'m> Session<'m> {
             st.act.invalidate();
             observe(
                 LinearInput::FeedForwardDown { layer: li },
-                &st.gate,
-                cfg.d_ff,
+                &st.gate[..n_tok * cfg.d_ff],
+                n_tok,
             );
             let (act, act_row) = st.act.get(threads, &ffn.down, &st.gate, n_tok);
             threads.linear(&ffn.down, act, act_row, n_tok, &mut st.proj);
@@ -661,7 +548,7 @@ impl<'m> Session<'m> {
                 cfg.rms_eps,
                 &mut st.xn[..n_tok * d],
             );
-            observe(LinearInput::Head, &st.xn, d);
+            observe(LinearInput::Head, &st.xn[..n_tok * d], n_tok);
         }
         *n_past += n_tok;
     }
@@ -688,302 +575,6 @@ impl<'m> Session<'m> {
     }
 }
 
-/// A zero-length buffer for models without SSM layers.
-fn ssm_buffer(cfg: &ModelConfig, len: usize) -> Vec<f32> {
-    if cfg.is_hybrid() {
-        vec![0.0; len]
-    } else {
-        Vec::new()
-    }
-}
-
-/// One attention layer's slice of the KV cache.
-struct KvLayer<'a, T> {
-    /// (n_kv_heads, n_ctx_padded / 16, head_dim, 16)
-    keys: &'a mut [T],
-    /// (n_kv_heads, n_ctx, head_dim)
-    values: &'a mut [T],
-    n_ctx: usize,
-}
-
-impl<'a, T: KvElement> KvLayer<'a, T> {
-    /// Attention layer `index` (counting attention layers only) of the whole cache.
-    fn new(
-        cfg: &ModelConfig,
-        keys: &'a mut [T],
-        values: &'a mut [T],
-        index: usize,
-        n_ctx: usize,
-    ) -> Self {
-        let (keys_len, values_len) = layer_cache_lens(cfg, n_ctx);
-        KvLayer {
-            keys: &mut keys[index * keys_len..(index + 1) * keys_len],
-            values: &mut values[index * values_len..(index + 1) * values_len],
-            n_ctx,
-        }
-    }
-}
-
-/// Elements of one attention layer's key and value caches for `n_ctx` positions:
-/// keys `(n_kv_heads, n_ctx_padded / 16, head_dim, 16)`, values `(n_kv_heads, n_ctx, head_dim)`.
-fn layer_cache_lens(cfg: &ModelConfig, n_ctx: usize) -> (usize, usize) {
-    (
-        cfg.n_kv_heads * attention::key_cache_len(n_ctx, cfg.head_dim),
-        cfg.n_kv_heads * n_ctx * cfg.head_dim,
-    )
-}
-
-/// Chunks per thread: enough to balance uneven work (causal rows differ in length).
-const ATTN_CHUNKS_PER_THREAD: usize = 4;
-/// Most new tokens per task.
-const ATTN_MAX_BLOCK: usize = 32;
-/// Most new tokens whose rows a task scores, normalizes and sums together. They all score
-/// keys up to the last one's position (earlier tokens zero their masked tail), so the causal
-/// waste is under this many keys per row.
-const ATTN_MAX_SUB_BLOCK: usize = 4;
-/// Bound on one sub-block's scores, `(sub_block · gqa_group, n_ctx)` floats, so that they stay
-/// in L2 between the score, softmax and weighted-sum passes (long contexts get sub-blocks of
-/// fewer tokens; one token's rows are the floor).
-const ATTN_MAX_SCORE_BYTES: usize = 1 << 20;
-
-/// How one attention call splits into tasks. A task is one KV head over a block of
-/// consecutive new tokens; its query rows are the head's GQA group for each token of the
-/// block, `(block_tokens, gqa_group)`, so each key and value element loaded serves them all.
-/// Tasks are dealt round-robin to at most `ATTN_CHUNKS_PER_THREAD · n_threads` chunks (one
-/// scratch slice each): every chunk gets early (short) and late (long) causal rows alike.
-#[derive(Debug, Clone, Copy)]
-struct AttnPlan {
-    /// New tokens per task (the last block may be shorter).
-    block: usize,
-    /// New tokens per sub-block of a task.
-    sub_block: usize,
-    n_tasks: usize,
-    n_chunks: usize,
-    tasks_per_chunk: usize,
-}
-
-impl AttnPlan {
-    fn new(cfg: &ModelConfig, n_tok: usize, n_threads: usize, n_ctx: usize) -> Self {
-        let n_kv = cfg.n_kv_heads;
-        let max_chunks = ATTN_CHUNKS_PER_THREAD * n_threads;
-        // Enough blocks for one task per chunk where n_tok allows.
-        let balanced = n_tok.div_ceil(max_chunks.div_ceil(n_kv));
-        let block = balanced.clamp(1, ATTN_MAX_BLOCK);
-        let n_tasks = n_kv * n_tok.div_ceil(block);
-        let n_chunks = n_tasks.min(max_chunks);
-        let token_scores = cfg.gqa_group() * n_ctx * std::mem::size_of::<f32>();
-        let sub_block = (ATTN_MAX_SCORE_BYTES / token_scores.max(1)).clamp(1, ATTN_MAX_SUB_BLOCK);
-        AttnPlan {
-            block,
-            sub_block: sub_block.min(block),
-            n_tasks,
-            n_chunks,
-            tasks_per_chunk: n_tasks.div_ceil(n_chunks),
-        }
-    }
-
-    /// Floats of one task's output slot: `(block, gqa_group, head_dim)`.
-    fn slot_len(&self, cfg: &ModelConfig) -> usize {
-        self.block * cfg.gqa_group() * cfg.head_dim
-    }
-
-    /// Floats of every chunk's output slots.
-    fn out_len(&self, cfg: &ModelConfig) -> usize {
-        self.n_chunks * self.tasks_per_chunk * self.slot_len(cfg)
-    }
-
-    /// Scratch floats of one chunk when the keys reach `n_keys`: a task's queries
-    /// `(block · gqa_group, head_dim)` then one sub-block's scores
-    /// `(sub_block · gqa_group, n_keys)`.
-    fn scratch_len(&self, cfg: &ModelConfig, n_keys: usize) -> usize {
-        cfg.gqa_group() * (self.block * cfg.head_dim + self.sub_block * n_keys)
-    }
-
-    /// Task `i`: (KV head, first new token, end token).
-    fn task(&self, i: usize, n_kv: usize, n_tok: usize) -> (usize, usize, usize) {
-        let (b, g) = (i / n_kv, i % n_kv);
-        let t0 = b * self.block;
-        (g, t0, (t0 + self.block).min(n_tok))
-    }
-
-    /// Output slot of task `i`: its chunk's slots are consecutive.
-    fn slot(&self, i: usize) -> usize {
-        (i % self.n_chunks) * self.tasks_per_chunk + i / self.n_chunks
-    }
-
-    /// Largest [`AttnPlan::out_len`] over steps of 1..=max_batch tokens.
-    fn max_out_len(cfg: &ModelConfig, max_batch: usize, n_threads: usize, n_ctx: usize) -> usize {
-        (1..=max_batch)
-            .map(|n| Self::new(cfg, n, n_threads, n_ctx).out_len(cfg))
-            .max()
-            .unwrap_or(0)
-    }
-
-    /// Largest scratch of all chunks over steps of 1..=max_batch tokens, at full context.
-    fn max_scratch_len(
-        cfg: &ModelConfig,
-        max_batch: usize,
-        n_threads: usize,
-        n_ctx: usize,
-    ) -> usize {
-        (1..=max_batch)
-            .map(|n| {
-                let plan = Self::new(cfg, n, n_threads, n_ctx);
-                plan.n_chunks * plan.scratch_len(cfg, n_ctx)
-            })
-            .max()
-            .unwrap_or(0)
-    }
-}
-
-/// RoPE on the step's q and k, appends k and v to the cache, then causal attention of each
-/// new token over every cached position up to its own, into `state.att`.
-fn attention<T: KvElement>(
-    cfg: &ModelConfig,
-    threads: &Threads,
-    st: &mut RunState,
-    kv: KvLayer<'_, T>,
-    rope: &RopeTable,
-    n_past: usize,
-    n_tok: usize,
-) {
-    let (hd, n_heads, n_kv) = (cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
-    let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
-    let group_width = cfg.gqa_group() * hd;
-    let style = cfg.rope_style;
-
-    for t in 0..n_tok {
-        let pos = n_past + t;
-        for head in st.q[t * n_heads * hd..(t + 1) * n_heads * hd].chunks_mut(hd) {
-            rope.apply(head, pos, style);
-        }
-        for head in st.k[t * n_kv * hd..(t + 1) * n_kv * hd].chunks_mut(hd) {
-            rope.apply(head, pos, style);
-        }
-    }
-    let keys_per_head = kv.keys.len() / n_kv;
-    let values_per_head = kv.n_ctx * hd;
-    for t in 0..n_tok {
-        let pos = n_past + t;
-        for g in 0..n_kv {
-            let new = t * kv_dim + g * hd..t * kv_dim + (g + 1) * hd;
-            let keys = &mut kv.keys[g * keys_per_head..(g + 1) * keys_per_head];
-            attention::store_key(keys, hd, pos, &st.k[new.clone()]);
-            let row = g * values_per_head + pos * hd;
-            T::store_slice(&st.v[new], &mut kv.values[row..row + hd]);
-        }
-    }
-
-    let plan = AttnPlan::new(cfg, n_tok, threads.n_threads(), kv.n_ctx);
-    let slot_len = plan.slot_len(cfg);
-    let inputs = AttnInputs {
-        cfg,
-        q: &st.q[..n_tok * q_dim],
-        keys: &*kv.keys,
-        values: &*kv.values,
-        n_ctx: kv.n_ctx,
-        n_past,
-        scale: 1.0 / (hd as f32).sqrt(),
-    };
-    threads.for_chunks_with_scratch(
-        &mut st.att_tasks[..plan.out_len(cfg)],
-        plan.tasks_per_chunk * slot_len,
-        &mut st.attn_scratch,
-        plan.scratch_len(cfg, n_past + n_tok),
-        |c, slots, scratch| {
-            for (k, slot) in slots.chunks_mut(slot_len).enumerate() {
-                let task = c + k * plan.n_chunks;
-                if task >= plan.n_tasks {
-                    break;
-                }
-                let (g, t0, t1) = plan.task(task, n_kv, n_tok);
-                attend_block(&inputs, g, t0..t1, plan.sub_block, scratch, slot);
-            }
-        },
-    );
-    // Each task's rows `(block, group, head_dim)` to their place in `att (n_tok, q_dim)`.
-    let att = &mut st.att[..n_tok * q_dim];
-    for task in 0..plan.n_tasks {
-        let (g, t0, t1) = plan.task(task, n_kv, n_tok);
-        let slot = &st.att_tasks[plan.slot(task) * slot_len..][..(t1 - t0) * group_width];
-        for (t, rows) in (t0..t1).zip(slot.chunks_exact(group_width)) {
-            let dst = t * q_dim + g * group_width;
-            att[dst..dst + group_width].copy_from_slice(rows);
-        }
-    }
-}
-
-/// What every attention task of one layer reads.
-struct AttnInputs<'a, T> {
-    cfg: &'a ModelConfig,
-    /// Rotated queries of the step: (n_tok, q_dim)
-    q: &'a [f32],
-    /// (n_kv_heads, n_ctx_padded / 16, head_dim, 16)
-    keys: &'a [T],
-    /// (n_kv_heads, n_ctx, head_dim)
-    values: &'a [T],
-    n_ctx: usize,
-    n_past: usize,
-    /// 1 / √head_dim
-    scale: f32,
-}
-
-/// Causal softmax attention of KV head `g`'s query heads for the new tokens `t0..t1` over
-/// every cached position up to each token's own, `sub_block` tokens at a time, into
-/// `out (t1 - t0, gqa_group, head_dim)`.
-///
-/// Numerics follow llama.cpp's CPU path: queries rounded to the cache's type for the key
-/// products, scores and softmax in f32 (the sum in f64), probabilities rounded to the cache's
-/// type before weighting the values.
-fn attend_block<T: KvElement>(
-    inp: &AttnInputs<'_, T>,
-    g: usize,
-    tokens: std::ops::Range<usize>,
-    sub_block: usize,
-    scratch: &mut [f32],
-    out: &mut [f32],
-) {
-    let cfg = inp.cfg;
-    let (hd, group) = (cfg.head_dim, cfg.gqa_group());
-    let group_width = group * hd;
-    let (t0, t1) = (tokens.start, tokens.end);
-    let keys_per_head = inp.keys.len() / cfg.n_kv_heads;
-    let keys = &inp.keys[g * keys_per_head..(g + 1) * keys_per_head];
-    let values = &inp.values[g * inp.n_ctx * hd..(g + 1) * inp.n_ctx * hd];
-
-    // (rows, head_dim): row i is query head g·group + i % group of token t0 + i / group.
-    let (q_rows, probs) = scratch.split_at_mut((t1 - t0) * group_width);
-    for (t, dst) in (t0..t1).zip(q_rows.chunks_exact_mut(group_width)) {
-        let src = t * cfg.q_dim() + g * group_width;
-        dst.copy_from_slice(&inp.q[src..src + group_width]);
-    }
-    T::round_slice(q_rows);
-
-    let mut s0 = t0;
-    while s0 < t1 {
-        let s1 = (s0 + sub_block).min(t1);
-        let rows = (s0 - t0) * group..(s1 - t0) * group;
-        // Keys up to the sub-block's last token; earlier tokens mask their tail.
-        let n_keys = inp.n_past + s1;
-        // (s1 - s0, group, n_keys)
-        let probs = &mut probs[..rows.len() * n_keys];
-        let q_sub = &q_rows[rows.start * hd..rows.end * hd];
-        attention::scores(q_sub, hd, keys, n_keys, inp.scale, probs, n_keys);
-        for (i, row) in probs.chunks_exact_mut(n_keys).enumerate() {
-            let pos = inp.n_past + s0 + i / group;
-            let (seen, masked) = row.split_at_mut(pos + 1);
-            let max = f32ops::max(seen);
-            let sum = f32ops::exp_sub_max_sum(seen, max);
-            f32ops::scale(seen, (1.0 / sum) as f32);
-            T::round_slice(seen);
-            masked.fill(0.0);
-        }
-        let out_sub = &mut out[rows.start * hd..rows.end * hd];
-        attention::weighted_sum(probs, n_keys, values, hd, n_keys, out_sub);
-        s0 = s1;
-    }
-}
-
 /// `out[t] = x[t] / rms(x[t]) * weight` for each row of `x (n, d)`.
 ///
 /// The arithmetic is llama.cpp's (`ggml_compute_forward_rms_norm_f32` then `ggml_mul`): squares
@@ -1005,85 +596,5 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 fn add_assign(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use edgefusion_model::Arch;
-
-    fn config(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> ModelConfig {
-        ModelConfig {
-            arch: Arch::Llama,
-            name: "attention plan test".into(),
-            n_layers: 1,
-            d_model: n_heads * head_dim,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            d_ff: 8,
-            vocab_size: 8,
-            n_ctx_train: 1 << 20,
-            rms_eps: 1e-5,
-            rope_base: 10_000.0,
-            rope_dim: head_dim,
-            rope_style: RopeStyle::Normal,
-            rope_scaling: RopeScaling::None,
-            tied_embeddings: true,
-            layer_types: vec![edgefusion_model::LayerType::Attention],
-            ssm_d_state: 0,
-            ssm_d_conv: 0,
-        }
-    }
-
-    /// Every (token, KV head) pair belongs to exactly one task; each task's output slot lies
-    /// in the chunk that runs it; and the buffers sized in `Session::new` hold every step.
-    #[test]
-    fn attn_plan_covers_every_token_once_within_its_buffers() {
-        for (n_heads, n_kv) in [(9, 3), (4, 4), (32, 8), (8, 1)] {
-            let cfg = config(n_heads, n_kv, 64);
-            for n_threads in [1, 2, 3, 8] {
-                for n_ctx in [16, 300, 100_000] {
-                    let max_batch = n_ctx.min(300);
-                    let max_out = AttnPlan::max_out_len(&cfg, max_batch, n_threads, n_ctx);
-                    let max_scratch = AttnPlan::max_scratch_len(&cfg, max_batch, n_threads, n_ctx);
-                    for n_tok in 1..=max_batch {
-                        let plan = AttnPlan::new(&cfg, n_tok, n_threads, n_ctx);
-                        let case = format!("{n_heads}/{n_kv} heads, {n_threads} threads, ctx {n_ctx}, {n_tok} tokens: {plan:?}");
-                        assert!(plan.out_len(&cfg) <= max_out, "{case}");
-                        assert!(
-                            plan.n_chunks * plan.scratch_len(&cfg, n_ctx) <= max_scratch,
-                            "{case}"
-                        );
-                        assert!(
-                            plan.n_chunks <= ATTN_CHUNKS_PER_THREAD * n_threads,
-                            "{case}"
-                        );
-                        assert!((1..=plan.block).contains(&plan.sub_block), "{case}");
-                        let sub_scores = plan.sub_block * cfg.gqa_group() * n_ctx * 4;
-                        assert!(
-                            plan.sub_block == 1 || sub_scores <= ATTN_MAX_SCORE_BYTES,
-                            "{case}"
-                        );
-                        let mut covered = vec![0u32; n_tok * n_kv];
-                        let mut slots = vec![false; plan.n_chunks * plan.tasks_per_chunk];
-                        for task in 0..plan.n_tasks {
-                            let (g, t0, t1) = plan.task(task, n_kv, n_tok);
-                            assert!(t0 < t1 && t1 - t0 <= plan.block, "{case}");
-                            let slot = plan.slot(task);
-                            // The engine's loop: chunk c, its k-th slot, runs task c + k·n_chunks.
-                            let (c, k) = (slot / plan.tasks_per_chunk, slot % plan.tasks_per_chunk);
-                            assert_eq!(task, c + k * plan.n_chunks, "{case}");
-                            assert!(!std::mem::replace(&mut slots[slot], true), "{case}");
-                            for t in t0..t1 {
-                                covered[t * n_kv + g] += 1;
-                            }
-                        }
-                        assert!(covered.iter().all(|&n| n == 1), "{case}");
-                    }
-                }
-            }
-        }
     }
 }

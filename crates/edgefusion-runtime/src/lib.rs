@@ -3,13 +3,14 @@
 
 pub mod chat;
 pub mod engine;
+pub mod mixer;
 pub mod parallel;
 pub mod profile;
+mod rope;
 pub mod sampler;
-pub mod ssm;
 pub mod tokenizer;
 
-pub use engine::{KvType, LinearInput, Logits, Observer, Session, SessionOptions};
+pub use engine::{KvType, LinearInput, Logits, Observer, RecurrentState, Session, SessionOptions};
 pub use sampler::{Sampler, SamplerConfig};
 
 /// Errors raised while running a model.

@@ -127,6 +127,107 @@ fn f32_hybrid_matches_reference_to_1e4() {
     check_model("tiny-hybrid-f32", 1e-4);
 }
 
+/// Windowed layers (an SSM beside sink + window attention, and window attention alone)
+/// against the numpy reference, over the 40-token prompt (the ring of 6 wraps six times)
+/// and with prefill split into steps of every size from 1 to past the whole prompt.
+#[test]
+fn f32_windowed_layers_match_reference_to_1e4() {
+    check_model("tiny-window-f32", 1e-4);
+    let source = ModelSource::open(fixture("tiny-window-f32.gguf")).expect("open");
+    let model = Model::load(&source).expect("load");
+    assert_eq!((model.config.window, model.config.sink), (6, 2));
+    let (tokens, logits) = reference("tiny-window-f32").long.expect("long prompt");
+    for max_batch in [1, 2, 3, 6, 7, 8, 9, 16, 40, 64] {
+        let mut opts = options(64, 2);
+        opts.max_logits = 64;
+        opts.max_batch = max_batch;
+        let mut session = Session::new(&model, opts).expect("session");
+        let ours = all_logits(&mut session, &tokens);
+        for (pos, (a, b)) in ours.iter().zip(&logits).enumerate() {
+            let err = max_rel_error(a, b);
+            assert!(err <= 1e-4, "batch {max_batch}: position {pos} error {err}");
+        }
+    }
+}
+
+/// A window that holds the whole context is full attention: same logits, bit for bit (the
+/// masked slots add exact zeros).
+#[test]
+fn window_covering_the_context_equals_full_attention() {
+    let source = ModelSource::open(fixture("tiny-window-f32.gguf")).expect("open");
+    let mut windowed = Model::load(&source).expect("load");
+    windowed.config.window = 64;
+    let mut full = Model::load(&source).expect("load");
+    for layer in &mut full.layers {
+        let mixer = std::mem::replace(
+            &mut layer.mixer,
+            edgefusion_model::Mixer::Ssm {
+                ssm: placeholder_ssm(),
+                window: None,
+            },
+        );
+        layer.mixer = match mixer {
+            edgefusion_model::Mixer::Window(a) => edgefusion_model::Mixer::Attention(a),
+            other => other,
+        };
+    }
+    full.config.window = 64;
+    let (tokens, _) = reference("tiny-window-f32").long.expect("long prompt");
+    for kv_type in [KvType::F32, KvType::F16] {
+        let mut opts = options(64, 2);
+        opts.max_logits = 64;
+        opts.max_batch = 7;
+        opts.kv_type = kv_type;
+        let a = all_logits(
+            &mut Session::new(&windowed, opts.clone()).expect("s"),
+            &tokens,
+        );
+        let b = all_logits(&mut Session::new(&full, opts).expect("s"), &tokens);
+        assert_eq!(a, b, "{kv_type:?}");
+    }
+}
+
+/// An SSM with no weights, only to move a mixer out of a layer.
+fn placeholder_ssm() -> edgefusion_model::Ssm<'static> {
+    let empty = || edgefusion_model::Linear::from_f32("placeholder", 0, 0, &[]);
+    edgefusion_model::Ssm {
+        wc: empty(),
+        wb: empty(),
+        wx: empty(),
+        wdt: empty(),
+        wgate: empty(),
+        wo: empty(),
+        dt_bias: Vec::new(),
+        a_log: Vec::new(),
+        d: Vec::new(),
+        conv: Vec::new(),
+    }
+}
+
+/// Saving the recurrent state (SSM, sink and window) after a shared prefix and restoring
+/// it continues exactly as running from scratch.
+#[test]
+fn windowed_state_restore_equals_recompute() {
+    let source = ModelSource::open(fixture("tiny-window-f32.gguf")).expect("open");
+    let model = Model::load(&source).expect("load");
+    let (tokens, _) = reference("tiny-window-f32").long.expect("long prompt");
+    let (prefix, rest) = tokens.split_at(17);
+    let mut session = Session::new(&model, options(64, 2)).expect("session");
+    assert!(session.has_recurrent_state());
+    session.forward(prefix, Logits::Last).expect("prefix");
+    let saved = session.recurrent_state();
+    // A detour that overwrites the ring, then back to the prefix.
+    session.forward(&rest[..9], Logits::Last).expect("detour");
+    assert!(session.truncate(saved.n_past()).is_err());
+    session.set_recurrent_state(&saved).expect("restore");
+    let restored = session.forward(rest, Logits::Last).expect("rest").to_vec();
+    let mut fresh = Session::new(&model, options(64, 2)).expect("session");
+    let direct = fresh.forward(&tokens, Logits::Last).expect("all").to_vec();
+    // The ring holds the window in another slot order than one long step: sums reorder.
+    let err = max_rel_error(&restored, &direct);
+    assert!(err <= 1e-5, "restored vs recomputed: {err}");
+}
+
 /// Saving the SSM state after a shared prefix and restoring it gives the same logits for
 /// each continuation as running it from scratch (prefix reuse for hybrids).
 #[test]
@@ -138,15 +239,15 @@ fn hybrid_state_restore_equals_recompute() {
     let mut session = Session::new(&model, options(64, 2)).expect("session");
     assert!(session.ssm_state_bytes() > 0);
     session.forward(prefix, Logits::Last).expect("prefix");
-    let (n_past, saved) = session.ssm_state();
-    let saved = saved.to_vec();
+    let saved = session.recurrent_state();
+    let n_past = saved.n_past();
     // A detour that changes the state, then back to the prefix.
     session.forward(&rest[..3], Logits::Last).expect("detour");
     assert!(
         session.truncate(n_past).is_err(),
         "SSM states do not rewind"
     );
-    session.set_ssm_state(n_past, &saved).expect("restore");
+    session.set_recurrent_state(&saved).expect("restore");
     let restored = session
         .forward(rest, Logits::Last)
         .expect("continue")
@@ -221,7 +322,12 @@ fn q4_k_m_llama_matches_reference() {
 
 #[test]
 fn greedy_continuation_matches_reference() {
-    for name in ["tiny-llama-f32", "tiny-qwen2-f32", "tiny-hybrid-f32"] {
+    for name in [
+        "tiny-llama-f32",
+        "tiny-qwen2-f32",
+        "tiny-hybrid-f32",
+        "tiny-window-f32",
+    ] {
         let source = ModelSource::open(fixture(&format!("{name}.gguf"))).expect("open");
         let model = Model::load(&source).expect("load");
         let reference = reference(name);
@@ -250,11 +356,16 @@ fn prefill_then_decode_equals_single_steps() {
         "tiny-llama-q4_0",
         "tiny-qwen2-f32",
         "tiny-hybrid-f32",
+        "tiny-window-f32",
     ] {
         let source = ModelSource::open(fixture(&format!("{name}.gguf"))).expect("open");
         let model = Model::load(&source).expect("load");
         let reference = reference(name);
-        let tokens = &reference.tokens;
+        // The long prompt where there is one: it wraps the window's ring.
+        let tokens = &reference
+            .long
+            .map(|(tokens, _)| tokens)
+            .unwrap_or(reference.tokens);
         let vocab = model.config.vocab_size;
         let mut opts = options(64, 2);
         opts.max_logits = 64;

@@ -42,14 +42,7 @@ pub struct DistillReport {
 
 /// The SSM dimensions of `cfg` (with `ssm_d_state` and `ssm_d_conv` set).
 pub fn dims_of(cfg: &ModelConfig) -> SsmDims {
-    SsmDims {
-        d_model: cfg.d_model,
-        n_heads: cfg.n_heads,
-        n_kv_heads: cfg.n_kv_heads,
-        head_dim: cfg.head_dim,
-        d_state: cfg.ssm_d_state,
-        d_conv: cfg.ssm_d_conv,
-    }
+    cfg.ssm_dims()
 }
 
 /// Names of the variables of [`to_vars`], in order (files of stage 2).

@@ -45,6 +45,8 @@ pub fn config_from_architecture(a: &Architecture) -> ModelConfig {
         layer_types: vec![LayerType::Attention; a.n_layers],
         ssm_d_state: 0,
         ssm_d_conv: 0,
+        window: 0,
+        sink: 0,
     }
 }
 

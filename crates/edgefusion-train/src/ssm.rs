@@ -6,27 +6,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-/// Shapes of one SSM mixer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SsmDims {
-    pub d_model: usize,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-    pub d_state: usize,
-    pub d_conv: usize,
-}
-
-impl SsmDims {
-    /// Channels of the convolution: C, B and x.
-    pub fn channels(&self) -> usize {
-        (self.n_heads + self.n_kv_heads) * self.d_state + self.n_kv_heads * self.head_dim
-    }
-
-    fn group(&self) -> usize {
-        self.n_heads / self.n_kv_heads
-    }
-}
+pub use edgefusion_model::SsmDims;
 
 /// An SSM's parameters (shapes as in docs/HYBRID.md, matrices `(out, in)`).
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use edgefusion_io::ModelSource;
 use edgefusion_model::{Linear, Mixer, Model};
-use edgefusion_runtime::ssm::{scan, Projections};
+use edgefusion_runtime::mixer::ssm::{scan, Projections};
 use edgefusion_train::ssm::{forward_chunked, SsmDims, SsmTensors};
 
 fn rows(w: &Linear<'_>) -> Vec<f32> {
@@ -35,7 +35,7 @@ fn candle_chunked_ssm_equals_runtime_scan() {
     let source = ModelSource::open(&path).unwrap();
     let model = Model::load(&source).unwrap();
     let cfg = &model.config;
-    let Mixer::Ssm(w) = &model.layers[0].mixer else {
+    let Mixer::Ssm { ssm: w, .. } = &model.layers[0].mixer else {
         panic!("layer 0 of the fixture is an SSM")
     };
     let (t, d) = (11usize, cfg.d_model);
@@ -92,7 +92,7 @@ fn candle_chunked_ssm_equals_runtime_scan() {
         wx: m(&wx, (cfg.kv_dim(), d)),
         wdt: m(&wdt, (g, d)),
         dt_bias: v(w.dt_bias.clone()),
-        a_log: v(w.a.iter().map(|a| a.ln()).collect()),
+        a_log: v(w.a_log.clone()),
         d: v(w.d.clone()),
         wgate: m(&wgate, (g, d)),
         conv: m(&w.conv, (cfg.ssm_channels(), cfg.ssm_d_conv)),

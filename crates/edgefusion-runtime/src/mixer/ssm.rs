@@ -12,6 +12,104 @@
 
 use edgefusion_model::{ModelConfig, Ssm};
 
+use super::MixerIo;
+use crate::engine::LinearInput;
+
+/// The recurrent state of one SSM layer, `ModelConfig::ssm_state_floats` floats whatever the
+/// context length: the `(n_kv_heads, N, head_dim)` state matrices, then the convolution's
+/// last `d_conv − 1` inputs `(d_conv − 1, channels)`, oldest first.
+#[derive(Debug, Clone)]
+pub struct SsmState {
+    pub(crate) values: Vec<f32>,
+}
+
+impl SsmState {
+    pub(crate) fn new(cfg: &ModelConfig) -> Self {
+        SsmState {
+            values: vec![0.0; cfg.ssm_state_floats()],
+        }
+    }
+
+    /// The state before any token.
+    pub(crate) fn clear(&mut self) {
+        self.values.fill(0.0);
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.values.len() * std::mem::size_of::<f32>()
+    }
+}
+
+/// Scratch of the SSM mixer for one step of up to `max_batch` tokens.
+pub(crate) struct SsmScratch {
+    /// (max_batch, n_heads · N)
+    c: Vec<f32>,
+    /// (max_batch, n_kv_heads · N)
+    b: Vec<f32>,
+    /// (max_batch, kv_dim)
+    x: Vec<f32>,
+    /// (max_batch, n_kv_heads): Δ before its bias and softplus
+    dt: Vec<f32>,
+    /// (max_batch, n_kv_heads): the gate before `2σ`
+    gate: Vec<f32>,
+    /// The gated read-out entering the output projection: (max_batch, q_dim)
+    y: Vec<f32>,
+}
+
+impl SsmScratch {
+    /// Scratch for `cfg`'s SSM (empty when the model has no SSM layer).
+    pub(crate) fn new(cfg: &ModelConfig, max_batch: usize) -> Self {
+        let rows = if cfg.count_layers(edgefusion_model::LayerType::Ssm) > 0 {
+            max_batch
+        } else {
+            0
+        };
+        let n = cfg.ssm_d_state;
+        SsmScratch {
+            c: vec![0.0; rows * cfg.n_heads * n],
+            b: vec![0.0; rows * cfg.n_kv_heads * n],
+            x: vec![0.0; rows * cfg.kv_dim()],
+            dt: vec![0.0; rows * cfg.n_kv_heads],
+            gate: vec![0.0; rows * cfg.n_kv_heads],
+            y: vec![0.0; rows * cfg.q_dim()],
+        }
+    }
+}
+
+/// The SSM of layer `io.layer`: projections of the step's input, the scan continuing from
+/// `state`, and the output projection into `out (n_tok, d_model)`.
+pub(crate) fn forward(
+    io: &mut MixerIo<'_>,
+    w: &Ssm<'_>,
+    state: &mut SsmState,
+    scratch: &mut SsmScratch,
+    out: &mut [f32],
+) {
+    let cfg = io.cfg;
+    io.observe(LinearInput::Ssm { layer: io.layer }, io.xn, cfg.d_model);
+    let SsmScratch {
+        c,
+        b,
+        x,
+        dt,
+        gate,
+        y,
+    } = scratch;
+    for (lin, dst) in [
+        (&w.wc, &mut *c),
+        (&w.wb, &mut *b),
+        (&w.wx, &mut *x),
+        (&w.wdt, &mut *dt),
+        (&w.wgate, &mut *gate),
+    ] {
+        io.linear_of_input(lin, dst);
+    }
+    let projections = Projections { c, b, x, dt, gate };
+    scan(cfg, w, projections, &mut state.values, io.n_tok, y);
+    io.observe(LinearInput::SsmOutput { layer: io.layer }, y, cfg.q_dim());
+    io.linear(&w.wo, y, out);
+}
+
 /// An SSM layer's projections of a batch of tokens.
 pub struct Projections<'a> {
     /// (n_tok, n_heads · N), (n_tok, n_kv_heads · N), (n_tok, kv_dim): the C, B and x
@@ -76,7 +174,7 @@ pub fn scan(
         // The scan, group by group.
         for j in 0..groups {
             let delta = softplus(dt[t * groups + j] + w.dt_bias[j]);
-            let decay = (-delta * w.a[j]).exp();
+            let decay = (-delta * w.a_log[j].exp()).exp();
             let g = 2.0 / (1.0 + (-gate[t * groups + j]).exp());
             let s = &mut mats[j * n * hd..(j + 1) * n * hd];
             let b_j = &b[(t * groups + j) * n..][..n];

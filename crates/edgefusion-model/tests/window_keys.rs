@@ -1,0 +1,180 @@
+//! Bad window and sink settings in hybrid GGUF files: each is refused with an error that
+//! names the file and the key, never a panic. The files are the windowed fixture
+//! (`tests/fixtures/tiny-window-f32.gguf`: layers ssm, window, attention; window 6, sink 2)
+//! rewritten with one thing changed.
+
+use std::path::{Path, PathBuf};
+
+use edgefusion_io::gguf::{GgufFile, GgufWriter, MetaValue};
+use edgefusion_io::ModelSource;
+use edgefusion_model::{LayerType, Model, ModelError};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-window-f32.gguf")
+}
+
+/// The fixture with metadata `set` (a `None` value removes the key) and without the
+/// tensors `drop`, written to a temporary file named after `case`.
+fn variant(case: &str, set: &[(&str, Option<MetaValue>)], drop: &[&str]) -> PathBuf {
+    let src = GgufFile::open(fixture()).expect("fixture");
+    let mut w = GgufWriter::new();
+    for (k, v) in &src.metadata {
+        if !set.iter().any(|(key, _)| key == k) {
+            w.add_metadata(k.clone(), v.clone());
+        }
+    }
+    for (k, v) in set {
+        if let Some(v) = v {
+            w.add_metadata(*k, v.clone());
+        }
+    }
+    for t in &src.tensors {
+        if !drop.contains(&t.name.as_str()) {
+            w.add_tensor(
+                t.name.clone(),
+                t.dtype,
+                &t.shape,
+                src.tensor_data(t).to_vec(),
+            );
+        }
+    }
+    let path = std::env::temp_dir().join(format!(
+        "edgefusion-window-{case}-{}.gguf",
+        std::process::id()
+    ));
+    w.write(&path).expect("write variant");
+    path
+}
+
+fn load_error(path: &Path) -> String {
+    let source = ModelSource::open(path).expect("the GGUF itself is valid");
+    let err: ModelError = Model::load(&source).expect_err("must be refused");
+    let _ = std::fs::remove_file(path);
+    err.to_string()
+}
+
+fn types(names: &[&str]) -> Option<MetaValue> {
+    Some(MetaValue::Array(
+        names
+            .iter()
+            .map(|n| MetaValue::String(n.to_string()))
+            .collect(),
+    ))
+}
+
+#[test]
+fn the_fixture_loads_with_its_window() {
+    let source = ModelSource::open(fixture()).expect("open");
+    let model = Model::load(&source).expect("load");
+    let cfg = &model.config;
+    assert_eq!(
+        cfg.layer_types,
+        [LayerType::Ssm, LayerType::Window, LayerType::Attention]
+    );
+    assert_eq!((cfg.window, cfg.sink, cfg.n_window_layers()), (6, 2, 2));
+    assert!(model.layers[0].mixer.attention().is_some() && model.layers[0].mixer.ssm().is_some());
+}
+
+#[test]
+fn negative_window_or_sink_is_refused_naming_the_key() {
+    for key in ["edgefusion.window", "edgefusion.sink"] {
+        let path = variant("negative", &[(key, Some(MetaValue::I32(-4)))], &[]);
+        let err = load_error(&path);
+        assert!(err.contains(key) && err.contains("-4"), "{err}");
+    }
+}
+
+#[test]
+fn window_beyond_the_context_is_refused() {
+    // The fixture's context is 64 positions.
+    let path = variant(
+        "too-long",
+        &[("edgefusion.window", Some(MetaValue::U32(63)))],
+        &[],
+    );
+    let err = load_error(&path);
+    assert!(
+        err.contains("edgefusion.window") && err.contains("context length 64"),
+        "{err}"
+    );
+}
+
+#[test]
+fn window_on_a_model_without_converted_layers_is_refused() {
+    let path = variant(
+        "no-converted",
+        &[(
+            "edgefusion.layer_types",
+            types(&["attention", "attention", "attention"]),
+        )],
+        &[
+            "blk.0.ssm_c.weight",
+            "blk.0.ssm_b.weight",
+            "blk.0.ssm_x.weight",
+            "blk.0.ssm_dt.weight",
+            "blk.0.ssm_dt.bias",
+            "blk.0.ssm_a_log",
+            "blk.0.ssm_d",
+            "blk.0.ssm_gate.weight",
+            "blk.0.ssm_conv1d.weight",
+            "blk.0.ssm_out.weight",
+        ],
+    );
+    let err = load_error(&path);
+    assert!(
+        err.contains("edgefusion.window") && err.contains("no layer is 'ssm' or 'window'"),
+        "{err}"
+    );
+}
+
+#[test]
+fn window_layers_need_a_window_and_a_sink_needs_one_too() {
+    let path = variant("zero-window", &[("edgefusion.window", None)], &[]);
+    let err = load_error(&path);
+    assert!(
+        err.contains("edgefusion.window") && err.contains("'window' layers"),
+        "{err}"
+    );
+    let path = variant(
+        "sink-only",
+        &[
+            ("edgefusion.window", None),
+            (
+                "edgefusion.layer_types",
+                types(&["ssm", "attention", "attention"]),
+            ),
+        ],
+        &[],
+    );
+    let err = load_error(&path);
+    assert!(err.contains("edgefusion.sink"), "{err}");
+}
+
+#[test]
+fn state_keys_that_disagree_with_the_tensors_are_refused() {
+    // A window promised, but the SSM layer has no attention weights to attend with.
+    let path = variant("missing-q", &[], &["blk.0.attn_q.weight"]);
+    let err = load_error(&path);
+    assert!(
+        err.contains("edgefusion.window") && err.contains("blk.0.attn_q.weight"),
+        "{err}"
+    );
+    // Attention weights in an SSM layer, but no window for them.
+    let path = variant(
+        "no-window",
+        &[
+            ("edgefusion.window", None),
+            ("edgefusion.sink", None),
+            (
+                "edgefusion.layer_types",
+                types(&["ssm", "attention", "attention"]),
+            ),
+        ],
+        &[],
+    );
+    let err = load_error(&path);
+    assert!(
+        err.contains("edgefusion.window") && err.contains("blk.0.attn_q.weight"),
+        "{err}"
+    );
+}

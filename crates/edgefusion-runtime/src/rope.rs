@@ -1,0 +1,81 @@
+//! RoPE angles of every position of a session, computed once.
+
+use edgefusion_model::{ModelConfig, RopeScaling, RopeStyle};
+
+/// RoPE rotation angles per position: `(n_ctx, rope_dim / 2)` cosines and sines.
+pub(crate) struct RopeTable {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+}
+
+impl RopeTable {
+    /// Angles as llama.cpp computes them (`ggml_rope_cache_init`), in f32 with the
+    /// frequency advanced by repeated multiplication, so positions rotate identically.
+    pub(crate) fn new(cfg: &ModelConfig, n_ctx: usize) -> Self {
+        let half = cfg.rope_dim / 2;
+        let theta_scale = cfg.rope_base.powf(-2.0 / cfg.rope_dim as f32);
+        // Per-frequency divisor of the angle (1 = unscaled).
+        let freq_divisor: Vec<f32> = (0..half)
+            .map(|i| match cfg.rope_scaling {
+                RopeScaling::None => 1.0,
+                RopeScaling::Linear { factor } => factor,
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_context,
+                } => {
+                    let freq = theta_scale.powi(i as i32);
+                    let wavelen = 2.0 * std::f32::consts::PI / freq;
+                    let low_wavelen = original_context as f32 / low_freq_factor;
+                    let high_wavelen = original_context as f32 / high_freq_factor;
+                    if wavelen < high_wavelen {
+                        1.0
+                    } else if wavelen > low_wavelen {
+                        factor
+                    } else {
+                        let smooth = (original_context as f32 / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        1.0 / ((1.0 - smooth) / factor + smooth)
+                    }
+                }
+            })
+            .collect();
+        let mut cos = vec![0.0f32; n_ctx * half];
+        let mut sin = vec![0.0f32; n_ctx * half];
+        for pos in 0..n_ctx {
+            let mut theta = pos as f32;
+            for i in 0..half {
+                let angle = theta / freq_divisor[i];
+                cos[pos * half + i] = angle.cos();
+                sin[pos * half + i] = angle.sin();
+                theta *= theta_scale;
+            }
+        }
+        RopeTable { cos, sin, half }
+    }
+
+    /// Rotates one head `(head_dim)` in place for position `pos`.
+    #[inline]
+    pub(crate) fn apply(&self, head: &mut [f32], pos: usize, style: RopeStyle) {
+        let cos = &self.cos[pos * self.half..(pos + 1) * self.half];
+        let sin = &self.sin[pos * self.half..(pos + 1) * self.half];
+        match style {
+            RopeStyle::Normal => {
+                for i in 0..self.half {
+                    let (a, b) = (head[2 * i], head[2 * i + 1]);
+                    head[2 * i] = a * cos[i] - b * sin[i];
+                    head[2 * i + 1] = a * sin[i] + b * cos[i];
+                }
+            }
+            RopeStyle::NeoX => {
+                for i in 0..self.half {
+                    let (a, b) = (head[i], head[i + self.half]);
+                    head[i] = a * cos[i] - b * sin[i];
+                    head[i + self.half] = a * sin[i] + b * cos[i];
+                }
+            }
+        }
+    }
+}
