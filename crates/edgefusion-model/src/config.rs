@@ -826,6 +826,20 @@ impl SsmDims {
         self.n_heads / self.n_kv_heads
     }
 
+    /// `(rows, cols)` of the SSM matrix `name` (`None` for a vector).
+    pub fn matrix_shape(&self, name: &str) -> Option<(usize, usize)> {
+        let s = self.param_shapes();
+        Some(match name {
+            "wc" => s.wc,
+            "wb" => s.wb,
+            "wx" => s.wx,
+            "wdt" => s.wdt,
+            "wgate" => s.wgate,
+            "wo" => s.wo,
+            _ => return None,
+        })
+    }
+
     /// The shape of every parameter: `(rows, cols)` of each matrix (`(out, in)`), the length
     /// of each vector (the convolution's taps as `channels · d_conv`).
     pub fn param_shapes(&self) -> crate::SsmParams<(usize, usize), usize> {

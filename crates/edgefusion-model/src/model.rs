@@ -54,6 +54,22 @@ pub struct Attention<'a> {
     pub bv: Option<Vec<f32>>,
 }
 
+impl Attention<'static> {
+    /// Weights of no shape, to hold a layer's place while its mixer is moved.
+    fn placeholder() -> Self {
+        let empty = || Linear::from_f32("placeholder", 0, 0, &[]);
+        Attention {
+            wq: empty(),
+            wk: empty(),
+            wv: empty(),
+            wo: empty(),
+            bq: None,
+            bk: None,
+            bv: None,
+        }
+    }
+}
+
 /// An SSM mixer's parameters by name (the selective SSM of docs/HYBRID.md), whatever holds
 /// them: [`Linear`] matrices and float vectors at run time ([`Ssm`]), candle tensors or
 /// variables in training, plain floats in checkpoints. N is `ssm_d_state`; heads are laid out
@@ -399,6 +415,76 @@ impl<'a> Model<'a> {
             output_norm,
             layers,
         })
+    }
+
+    /// Turns layer `layer` into `kind` in memory (training and layer choice try layers this
+    /// way), keeping its attention weights: `Attention` and `Window` need them (from any
+    /// layer that has them), `Ssm` takes `ssm` and keeps them beside it when the config's
+    /// `window` is positive. Set [`ModelConfig::window`] and `sink` before, and make sessions
+    /// after.
+    ///
+    /// # Errors
+    /// When the layer has no attention weights to attend with, or `Ssm` comes without one.
+    pub fn set_layer(
+        &mut self,
+        layer: usize,
+        kind: LayerType,
+        ssm: Option<Ssm<'a>>,
+    ) -> Result<(), ModelError> {
+        let invalid = |what: String| ModelError::Invalid {
+            file: "model in memory".into(),
+            what,
+        };
+        let window = self.config.window;
+        let Some(slot) = self.layers.get_mut(layer) else {
+            return Err(invalid(format!("layer {layer} does not exist")));
+        };
+        let placeholder = Mixer::Window(Attention::placeholder());
+        let old = std::mem::replace(&mut slot.mixer, placeholder);
+        let attention = match old {
+            Mixer::Attention(a) | Mixer::Window(a) => Some(a),
+            Mixer::Ssm { window, .. } => window,
+        };
+        let restore = |slot: &mut DecoderLayer<'a>, attention: Option<Attention<'a>>| {
+            slot.mixer = match attention {
+                Some(a) => Mixer::Attention(a),
+                None => Mixer::Window(Attention::placeholder()),
+            }
+        };
+        slot.mixer = match (kind, attention, ssm) {
+            (LayerType::Attention, Some(a), _) => Mixer::Attention(a),
+            (LayerType::Window, Some(a), _) => {
+                if window == 0 {
+                    restore(slot, Some(a));
+                    return Err(invalid(format!(
+                        "layer {layer} cannot attend over a window of 0 positions: set the window first"
+                    )));
+                }
+                Mixer::Window(a)
+            }
+            (LayerType::Ssm, None, Some(_)) if window > 0 => {
+                return Err(invalid(format!(
+                    "layer {layer} has no attention weights to attend over its window with"
+                )))
+            }
+            (LayerType::Ssm, attention, Some(ssm)) => Mixer::Ssm {
+                ssm,
+                window: if window > 0 { attention } else { None },
+            },
+            (LayerType::Ssm, attention, None) => {
+                restore(slot, attention);
+                return Err(invalid(format!(
+                    "layer {layer}: an SSM layer needs its SSM"
+                )));
+            }
+            (_, None, _) => {
+                return Err(invalid(format!(
+                    "layer {layer} has no attention weights left to attend with"
+                )))
+            }
+        };
+        self.config.layer_types[layer] = kind;
+        Ok(())
     }
 
     /// The matrix of `role` in `layer`, to edit in place (`None` if the model has none).

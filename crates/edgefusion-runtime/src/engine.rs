@@ -425,9 +425,65 @@ impl<'m> Session<'m> {
         Ok(&self.state.logits[..written * vocab])
     }
 
+    /// Runs the residual stream `x (n_tok, d_model)` at the input of layer `layers.start`
+    /// through the layers `layers` at positions `n_past..`, leaving in `x` the stream at the
+    /// output of layer `layers.end − 1` (training reads and writes the stream between
+    /// layers; those layers' states advance as in [`Session::forward`], the others are left
+    /// alone).
+    ///
+    /// # Errors
+    /// When the positions exceed the context or the layers are not the model's.
+    pub fn forward_hidden(
+        &mut self,
+        x: &mut [f32],
+        layers: std::ops::Range<usize>,
+    ) -> Result<(), RuntimeError> {
+        let cfg = &self.model.config;
+        let d = cfg.d_model;
+        if x.is_empty() || !x.len().is_multiple_of(d) {
+            return Err(RuntimeError::InvalidOption(format!(
+                "a residual stream of {} floats is not whole rows of {d}",
+                x.len()
+            )));
+        }
+        if layers.start > layers.end || layers.end > cfg.n_layers {
+            return Err(RuntimeError::InvalidOption(format!(
+                "layers {layers:?} are not within the model's {}",
+                cfg.n_layers
+            )));
+        }
+        let n_tok = x.len() / d;
+        if self.n_past + n_tok > self.opts.n_ctx {
+            return Err(RuntimeError::ContextFull {
+                n_past: self.n_past,
+                n_new: n_tok,
+                n_ctx: self.opts.n_ctx,
+            });
+        }
+        for rows in x.chunks_mut(self.opts.max_batch * d) {
+            self.state.x[..rows.len()].copy_from_slice(rows);
+            self.run_layers(rows.len() / d, layers.clone());
+            rows.copy_from_slice(&self.state.x[..rows.len()]);
+        }
+        Ok(())
+    }
+
     /// One forward step of at most `max_batch` tokens through every layer; leaves the final
     /// residual stream in `state.x`.
     fn step(&mut self, tokens: &[u32]) {
+        let d = self.model.config.d_model;
+        for (t, &tok) in tokens.iter().enumerate() {
+            self.model
+                .token_embd
+                .dequantize_row_into(tok as usize, &mut self.state.x[t * d..(t + 1) * d]);
+        }
+        let n_layers = self.model.config.n_layers;
+        self.run_layers(tokens.len(), 0..n_layers);
+    }
+
+    /// `n_tok` rows of the residual stream in `state.x` through `layer_range`, at positions
+    /// `n_past..`; observes the head's input when the last layer ran.
+    fn run_layers(&mut self, n_tok: usize, layer_range: std::ops::Range<usize>) {
         let Session {
             model,
             threads,
@@ -439,8 +495,7 @@ impl<'m> Session<'m> {
             ..
         } = self;
         let model: &Model<'_> = model;
-        let n_tok = tokens.len();
-        let observing = observer.is_some();
+        let observing = observer.is_some() && layer_range.end == model.config.n_layers;
         let mut observe = |site: LinearInput, x: &[f32], n: usize| {
             if let Some(f) = observer.as_mut() {
                 f(site, x, n);
@@ -458,13 +513,13 @@ impl<'m> Session<'m> {
         }
         st.attn.begin_step(cfg, *n_past, n_tok);
 
-        for (t, &tok) in tokens.iter().enumerate() {
-            model
-                .token_embd
-                .dequantize_row_into(tok as usize, &mut st.x[t * d..(t + 1) * d]);
-        }
-
-        for (li, (layer, layer_state)) in model.layers.iter().zip(layers.iter_mut()).enumerate() {
+        let first = layer_range.start;
+        for (li, (layer, layer_state)) in model.layers[layer_range.clone()]
+            .iter()
+            .zip(&mut layers[layer_range])
+            .enumerate()
+            .map(|(i, pair)| (first + i, pair))
+        {
             rms_norm(
                 &st.x[..n_tok * d],
                 &layer.attn_norm,

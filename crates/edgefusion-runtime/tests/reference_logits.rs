@@ -445,3 +445,84 @@ fn quantized_paths_match_llama_cpp_activation_quantization() {
         );
     }
 }
+
+/// The residual stream run layer range by layer range (`forward_hidden`, as training moves
+/// it) ends where a whole forward pass does: the head's input matches, on the windowed
+/// fixture (SSM + window, window, attention) with the stream split after layer 1.
+#[test]
+fn forward_hidden_by_layer_ranges_equals_forward() {
+    let source = ModelSource::open(fixture("tiny-window-f32.gguf")).expect("open");
+    let model = Model::load(&source).expect("load");
+    let (tokens, _) = reference("tiny-window-f32").long.expect("long prompt");
+    let cfg = &model.config;
+    let d = cfg.d_model;
+    let mut opts = options(64, 2);
+    opts.max_batch = 7;
+    let mut session = Session::new(&model, opts).expect("session");
+    let head_input = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let sink = head_input.clone();
+    session.set_observer(Some(Box::new(move |site, rows, _| {
+        if site == edgefusion_runtime::LinearInput::Head {
+            sink.borrow_mut().extend_from_slice(rows);
+        }
+    })));
+    session.forward(&tokens, Logits::Last).expect("forward");
+    session.set_observer(None);
+    let want = head_input.borrow().clone();
+
+    let mut x = vec![0.0f32; tokens.len() * d];
+    for (row, &t) in x.chunks_mut(d).zip(&tokens) {
+        model.token_embd.dequantize_row_into(t as usize, row);
+    }
+    session.reset();
+    session.forward_hidden(&mut x, 0..1).expect("layer 0");
+    session.reset();
+    session
+        .forward_hidden(&mut x, 1..cfg.n_layers)
+        .expect("layers 1..");
+    let mut got = Vec::with_capacity(x.len());
+    for row in x.chunks(d) {
+        let ms = row.iter().map(|&v| (v * v) as f64).sum::<f64>() / d as f64;
+        let scale = 1.0 / (ms as f32 + cfg.rms_eps).sqrt();
+        got.extend(
+            row.iter()
+                .zip(&model.output_norm)
+                .map(|(v, w)| v * scale * w),
+        );
+    }
+    let err = max_rel_error(&got, &want);
+    assert!(err <= 1e-5, "forward_hidden vs forward: {err}");
+    assert!(session.forward_hidden(&mut x[..d * 3 + 1], 0..1).is_err());
+    assert!(session.forward_hidden(&mut x[..d], 2..4).is_err());
+}
+
+/// A layer turned into a window and back in memory runs as it did: `set_layer` keeps its
+/// weights; a window of 0 positions is refused.
+#[test]
+fn set_layer_round_trips_and_refuses_an_empty_window() {
+    use edgefusion_model::LayerType;
+    let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).expect("open");
+    let mut model = Model::load(&source).expect("load");
+    let tokens = reference("tiny-llama-f32").tokens;
+    let run = |model: &Model<'_>| {
+        let mut session = Session::new(model, options(64, 1)).expect("session");
+        session
+            .forward(&tokens, Logits::Last)
+            .expect("run")
+            .to_vec()
+    };
+    let before = run(&model);
+    assert!(model.set_layer(1, LayerType::Window, None).is_err());
+    model.config.window = 3;
+    model.config.sink = 1;
+    model.set_layer(1, LayerType::Window, None).expect("window");
+    assert_eq!(model.config.layer_types[1], LayerType::Window);
+    assert_ne!(run(&model), before);
+    model
+        .set_layer(1, LayerType::Attention, None)
+        .expect("attention");
+    model.config.window = 0;
+    model.config.sink = 0;
+    assert_eq!(run(&model), before);
+    assert!(model.set_layer(0, LayerType::Ssm, None).is_err());
+}

@@ -40,57 +40,29 @@ pub struct DistillReport {
     pub seconds: f64,
 }
 
-/// The SSM dimensions of `cfg` (with `ssm_d_state` and `ssm_d_conv` set).
-pub fn dims_of(cfg: &ModelConfig) -> SsmDims {
-    cfg.ssm_dims()
-}
-
 /// Names of the variables of [`to_vars`], in order (files of stage 2).
-pub const SSM_TENSOR_NAMES: [&str; 10] = [
-    "wc", "wb", "wx", "wdt", "dt_bias", "a_log", "d", "wgate", "conv", "wo",
-];
+pub const SSM_TENSOR_NAMES: [&str; 10] = SsmWeights::NAMES;
 
-/// The weights as trainable variables, in the order of [`SsmTensors`]' fields.
+/// The weights as trainable variables, in [`SSM_TENSOR_NAMES`] order.
 pub fn to_vars(w: &SsmWeights, dims: &SsmDims) -> candle_core::Result<Vec<Var>> {
     let dev = crate::device().clone();
-    let (d, h, g, n, p) = (
-        dims.d_model,
-        dims.n_heads,
-        dims.n_kv_heads,
-        dims.d_state,
-        dims.head_dim,
-    );
-    let m = |v: &[f32], shape: (usize, usize)| Var::from_slice(v, shape, &dev);
-    let v = |v: &[f32]| Var::from_slice(v, v.len(), &dev);
-    Ok(vec![
-        m(&w.wc, (h * n, d))?,
-        m(&w.wb, (g * n, d))?,
-        m(&w.wx, (g * p, d))?,
-        m(&w.wdt, (g, d))?,
-        v(&w.dt_bias)?,
-        v(&w.a_log)?,
-        v(&w.d)?,
-        m(&w.wgate, (g, d))?,
-        m(&w.conv, (dims.channels(), dims.d_conv))?,
-        m(&w.wo, (d, h * p))?,
-    ])
+    let vars = w.map_parts(
+        |name, m: &Vec<f32>| {
+            let shape = dims.matrix_shape(name).expect("a matrix");
+            Var::from_slice(m, shape, &dev)
+        },
+        |name, v: &Vec<f32>| match name {
+            "conv" => Var::from_slice(v, (dims.channels(), dims.d_conv), &dev),
+            _ => Var::from_slice(v, v.len(), &dev),
+        },
+    )?;
+    Ok(vars.into_vec())
 }
 
 /// The variables of [`to_vars`] as the tensors the forward pass reads.
 pub fn tensors_of(vars: &[Var]) -> SsmTensors {
-    let t = |i: usize| vars[i].as_tensor().clone();
-    SsmTensors {
-        wc: t(0),
-        wb: t(1),
-        wx: t(2),
-        wdt: t(3),
-        dt_bias: t(4),
-        a_log: t(5),
-        d: t(6),
-        wgate: t(7),
-        conv: t(8),
-        wo: t(9),
-    }
+    SsmTensors::from_vec(vars.iter().map(|v| v.as_tensor().clone()).collect())
+        .expect("ten SSM variables")
 }
 
 /// The variables of [`to_vars`] back as plain weights.
@@ -101,19 +73,11 @@ pub fn from_vars(vars: &[Var]) -> candle_core::Result<SsmWeights> {
 
 /// Tensors in the order of [`to_vars`] as plain weights.
 pub fn from_tensors(tensors: &[Tensor]) -> candle_core::Result<SsmWeights> {
-    let f = |i: usize| tensors[i].flatten_all()?.to_vec1::<f32>();
-    Ok(SsmWeights {
-        wc: f(0)?,
-        wb: f(1)?,
-        wx: f(2)?,
-        wdt: f(3)?,
-        dt_bias: f(4)?,
-        a_log: f(5)?,
-        d: f(6)?,
-        wgate: f(7)?,
-        conv: f(8)?,
-        wo: f(9)?,
-    })
+    let values = tensors
+        .iter()
+        .map(|t| t.flatten_all()?.to_vec1::<f32>())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(SsmWeights::from_vec(values).expect("ten SSM tensors"))
 }
 
 fn candle_error(layer: usize) -> impl Fn(candle_core::Error) -> TrainError {
@@ -122,26 +86,26 @@ fn candle_error(layer: usize) -> impl Fn(candle_core::Error) -> TrainError {
     }
 }
 
-/// Trains the SSM `init` of `layer` against the cached attention: `input (T, d_model)`,
-/// `readout (T, q_dim)` entering `wo (d_model, q_dim)`. The last tenth of the windows (at
-/// least one) is held out to measure. `log(step, total, loss)` is called every step.
-#[allow(clippy::too_many_arguments)]
+/// Trains the SSM `init` of `layer` to map `input (T, d_model)` (the layer's normalized
+/// input) to `target (T, d_model)`, in windows of `opts.seq_len`. The loss is the mean
+/// squared error relative to the target's mean square (0 is perfect; 1 is what a zero
+/// output scores). The last tenth of the windows (at least one) is held out to measure.
+/// `log(step, total, loss)` is called every step.
 pub fn distill_layer(
     cfg: &ModelConfig,
     layer: usize,
     init: &SsmWeights,
-    wo: &[f32],
     input: &[f32],
-    readout: &[f32],
+    target: &[f32],
     opts: &DistillOptions,
     log: &mut dyn FnMut(usize, usize, f64),
 ) -> Result<(SsmWeights, DistillReport), TrainError> {
     let start = std::time::Instant::now();
     let err = candle_error(layer);
-    let dims = dims_of(cfg);
-    let (d, q) = (cfg.d_model, cfg.q_dim());
+    let dims = cfg.ssm_dims();
+    let d = cfg.d_model;
     let l = opts.seq_len;
-    let windows = input.len() / d / l;
+    let windows = (input.len() / d / l).min(target.len() / d / l);
     if windows < 2 {
         return Err(TrainError::Config {
             file: "teacher cache".into(),
@@ -153,10 +117,8 @@ pub fn distill_layer(
     let dev = crate::device().clone();
     let x_all =
         Tensor::from_slice(&input[..windows * l * d], (windows * l, d), &dev).map_err(&err)?;
-    let wo_t = Tensor::from_slice(wo, (d, q), &dev).map_err(&err)?;
-    let target_all = Tensor::from_slice(&readout[..windows * l * q], (windows * l, q), &dev)
-        .and_then(|r| r.matmul(&wo_t.t()?))
-        .map_err(&err)?;
+    let target_all =
+        Tensor::from_slice(&target[..windows * l * d], (windows * l, d), &dev).map_err(&err)?;
     let mean_square = target_all
         .sqr()
         .and_then(|t| t.mean_all())

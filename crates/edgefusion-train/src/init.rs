@@ -13,7 +13,9 @@ use std::path::Path;
 use edgefusion_io::gguf::{GgufFile, GgufWriter, MetaValue};
 use edgefusion_io::names::{parse_gguf_name, TensorRole};
 use edgefusion_kernels::GgmlType;
-use edgefusion_model::config::{LAYER_TYPES_KEY, SSM_D_CONV_KEY, SSM_D_STATE_KEY};
+use edgefusion_model::config::{
+    LAYER_TYPES_KEY, SINK_KEY, SSM_D_CONV_KEY, SSM_D_STATE_KEY, WINDOW_KEY,
+};
 use edgefusion_model::{LayerType, Linear, Mixer, Model, ModelConfig, RopeStyle};
 
 use crate::TrainError;
@@ -22,30 +24,9 @@ use crate::TrainError;
 /// default `dt_min`, `dt_max`).
 pub const DT_RANGE: (f32, f32) = (0.001, 0.1);
 
-/// An SSM's weights as floats, shapes as in docs/HYBRID.md (row-major `(out, in)`).
-#[derive(Debug, Clone)]
-pub struct SsmWeights {
-    /// (n_heads · N, d_model)
-    pub wc: Vec<f32>,
-    /// (n_kv_heads · N, d_model)
-    pub wb: Vec<f32>,
-    /// (kv_dim, d_model)
-    pub wx: Vec<f32>,
-    /// (n_kv_heads, d_model)
-    pub wdt: Vec<f32>,
-    /// (n_kv_heads, d_model)
-    pub wgate: Vec<f32>,
-    /// (d_model, q_dim)
-    pub wo: Vec<f32>,
-    /// (n_kv_heads)
-    pub dt_bias: Vec<f32>,
-    /// (n_kv_heads)
-    pub a_log: Vec<f32>,
-    /// (n_heads)
-    pub d: Vec<f32>,
-    /// (channels, d_conv)
-    pub conv: Vec<f32>,
-}
+/// An SSM's weights as floats, shapes as in docs/HYBRID.md (row-major `(out, in)`; the
+/// convolution `(channels, d_conv)`).
+pub type SsmWeights = edgefusion_model::SsmParams<Vec<f32>>;
 
 /// Dimensions of a head (of `head_dim`) that C and B keep: the `n` with the lowest RoPE
 /// frequencies, in increasing order.
@@ -167,7 +148,28 @@ pub fn write_hybrid(
         Some(seed) => SsmInitSource::Random(seed),
         None => SsmInitSource::Attention,
     };
-    write_hybrid_with(gguf, model, layer_types, d_state, d_conv, init, output)
+    let hybrid = hybrid_layout(&model.config, layer_types, d_state, d_conv, 0, 0);
+    write_hybrid_with(gguf, model, &hybrid, init, output)
+}
+
+/// The dense `config` with `layer_types`, the SSM sizes and the window: the config of the
+/// hybrid the writers produce.
+pub fn hybrid_layout(
+    config: &ModelConfig,
+    layer_types: &[LayerType],
+    d_state: usize,
+    d_conv: usize,
+    window: usize,
+    sink: usize,
+) -> ModelConfig {
+    ModelConfig {
+        layer_types: layer_types.to_vec(),
+        ssm_d_state: d_state,
+        ssm_d_conv: d_conv,
+        window,
+        sink,
+        ..config.clone()
+    }
 }
 
 /// Where the SSM weights of [`write_hybrid_with`] come from.
@@ -181,17 +183,16 @@ pub enum SsmInitSource<'a> {
     Trained(&'a std::collections::HashMap<usize, SsmWeights>),
 }
 
-/// [`write_hybrid`] with the SSM weights from `init`.
+/// Writes the hybrid `hybrid` (the dense model's config with its layer types, SSM sizes and
+/// window: [`hybrid_layout`]) with the SSM weights from `init`.
 pub fn write_hybrid_with(
     gguf: &GgufFile,
     model: &Model<'_>,
-    layer_types: &[LayerType],
-    d_state: usize,
-    d_conv: usize,
+    hybrid: &ModelConfig,
     init: SsmInitSource<'_>,
     output: &Path,
 ) -> Result<(), TrainError> {
-    write_hybrid_tuned(gguf, model, layer_types, d_state, d_conv, init, &[], output)
+    write_hybrid_tuned(gguf, model, hybrid, init, &[], output)
 }
 
 /// A base weight after full fine-tuning, to be written in f32 in place of the base's.
@@ -216,18 +217,19 @@ impl TunedTensor {
 }
 
 /// [`write_hybrid_with`], with the base tensors named in `tuned` replaced by their f32
-/// values: the base weights of a fully fine-tuned run.
-#[allow(clippy::too_many_arguments)]
+/// values: the base weights of a fully fine-tuned run. With a window, SSM layers keep their
+/// attention tensors (they attend over the sink and the window beside the SSM), and
+/// `window` layers keep theirs with no SSM.
 pub fn write_hybrid_tuned(
     gguf: &GgufFile,
     model: &Model<'_>,
-    layer_types: &[LayerType],
-    d_state: usize,
-    d_conv: usize,
+    hybrid: &ModelConfig,
     init: SsmInitSource<'_>,
     tuned: &[TunedTensor],
     output: &Path,
 ) -> Result<(), TrainError> {
+    let layer_types = &hybrid.layer_types[..];
+    let (d_state, d_conv) = (hybrid.ssm_d_state, hybrid.ssm_d_conv);
     let file = gguf.path.display().to_string();
     let fail = |what: String| TrainError::Config {
         file: file.clone(),
@@ -244,11 +246,8 @@ pub fn write_hybrid_tuned(
             dense.n_layers
         )));
     }
-    let mut cfg = dense.clone();
-    cfg.layer_types = layer_types.to_vec();
-    cfg.ssm_d_state = d_state;
-    cfg.ssm_d_conv = d_conv;
-    if cfg.ssm_params() > cfg.attention_params() {
+    let cfg = hybrid.clone();
+    if cfg.window == 0 && cfg.ssm_params() > cfg.attention_params() {
         return Err(fail(format!(
             "d_state {d_state} makes the SSM larger than the attention it replaces"
         )));
@@ -269,8 +268,13 @@ pub fn write_hybrid_tuned(
     );
     writer.add_metadata(SSM_D_STATE_KEY, MetaValue::U32(d_state as u32));
     writer.add_metadata(SSM_D_CONV_KEY, MetaValue::U32(d_conv as u32));
+    if cfg.window > 0 {
+        writer.add_metadata(WINDOW_KEY, MetaValue::U32(cfg.window as u32));
+        writer.add_metadata(SINK_KEY, MetaValue::U32(cfg.sink as u32));
+    }
 
-    let is_ssm = |layer: Option<usize>| layer.is_some_and(|l| layer_types[l] == LayerType::Ssm);
+    // Layers that lose their attention: SSM layers without a window.
+    let is_ssm = |layer: Option<usize>| layer.is_some_and(|l| !cfg.has_attention_weights(l));
     let attention_roles = [
         TensorRole::AttnQ,
         TensorRole::AttnK,
@@ -289,7 +293,7 @@ pub fn write_hybrid_tuned(
         let Mixer::Attention(a) = &layer.mixer else {
             unreachable!("the dense model has attention everywhere")
         };
-        if a.bq.is_some() {
+        if a.bq.is_some() && cfg.window == 0 {
             return Err(fail(format!(
                 "layer {l} has q/k/v biases, which the SSM initialisation does not carry"
             )));

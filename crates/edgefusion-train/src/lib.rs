@@ -3,8 +3,10 @@
 //! model's activations, stage 2 ([`distill`]) fits each layer's SSM to its attention; router
 //! training and hardening come next.
 
+pub mod align;
 pub mod analysis;
 pub mod checkpoint;
+pub mod choose;
 pub mod config;
 pub mod distill;
 pub mod init;

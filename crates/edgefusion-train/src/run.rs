@@ -22,10 +22,11 @@ use edgefusion_io::gguf::GgufFile;
 use edgefusion_model::{LayerType, Mixer, Model, ModelConfig};
 
 use crate::distill::{
-    dims_of, distill_layer, from_vars, to_vars, DistillOptions, DistillReport, SSM_TENSOR_NAMES,
+    distill_layer, from_vars, to_vars, DistillOptions, DistillReport, SSM_TENSOR_NAMES,
 };
 use crate::init::{
-    ssm_from_attention, write_hybrid_tuned, write_hybrid_with, SsmInitSource, SsmWeights,
+    hybrid_layout, ssm_from_attention, write_hybrid_tuned, write_hybrid_with, SsmInitSource,
+    SsmWeights,
 };
 use crate::router::{router_step, RouterOptions, RouterState, RouterStep, Targets};
 use crate::student::Student;
@@ -136,7 +137,7 @@ fn save_layer(
     cfg: &ModelConfig,
     report: &DistillReport,
 ) -> Result<(), TrainError> {
-    let dims = dims_of(cfg);
+    let dims = cfg.ssm_dims();
     let vars = to_vars(w, &dims).map_err(|e| io_error(dir, "saving", e))?;
     let map: HashMap<String, Tensor> = SSM_TENSOR_NAMES
         .iter()
@@ -251,15 +252,21 @@ pub fn distill_stages(
         };
         let init = ssm_from_attention(&cfg, &a.wq, &a.wk, &a.wv, &a.wo);
         let (input, readout) = read_layer(&teacher_dir, &meta, layer)?;
+        // The attention's output: the read-out through `wo (d_model, q_dim)`.
+        let target =
+            crate::align::times_transpose(&readout, &init.wo, cfg.q_dim()).map_err(|e| {
+                TrainError::Numeric {
+                    what: format!("layer {layer}: {e}"),
+                }
+            })?;
         let log_every = config.logging.log_every.max(1);
         let mut metric_error = None;
         let (w, report) = distill_layer(
             &cfg,
             layer,
             &init,
-            &init.wo,
             &input,
-            &readout,
+            &target,
             &opts,
             &mut |step, total, loss| {
                 events(Event::DistillStep {
@@ -295,9 +302,7 @@ pub fn distill_stages(
     write_hybrid_with(
         gguf,
         model,
-        &layer_types,
-        cfg.ssm_d_state,
-        cfg.ssm_d_conv,
+        &hybrid_layout(&cfg, &layer_types, cfg.ssm_d_state, cfg.ssm_d_conv, 0, 0),
         SsmInitSource::Trained(&trained),
         &hybrid,
     )?;
@@ -514,9 +519,7 @@ pub fn router_stages(
     write_hybrid_tuned(
         gguf,
         model,
-        &layer_types,
-        cfg.ssm_d_state,
-        cfg.ssm_d_conv,
+        &hybrid_layout(&cfg, &layer_types, cfg.ssm_d_state, cfg.ssm_d_conv, 0, 0),
         SsmInitSource::Trained(&trained),
         &student.tuned_base().map_err(numeric)?,
         &final_model,
@@ -681,9 +684,7 @@ pub fn harden_checkpoint(
     write_hybrid_tuned(
         gguf,
         model,
-        &layer_types,
-        cfg.ssm_d_state,
-        cfg.ssm_d_conv,
+        &hybrid_layout(&cfg, &layer_types, cfg.ssm_d_state, cfg.ssm_d_conv, 0, 0),
         SsmInitSource::Trained(&routing.ssms),
         &routing.tuned_base,
         output,

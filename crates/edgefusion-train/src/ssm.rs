@@ -8,30 +8,9 @@ use candle_core::{DType, Device, Result, Tensor};
 
 pub use edgefusion_model::SsmDims;
 
-/// An SSM's parameters (shapes as in docs/HYBRID.md, matrices `(out, in)`).
-#[derive(Debug, Clone)]
-pub struct SsmTensors {
-    /// (n_heads · N, d)
-    pub wc: Tensor,
-    /// (n_kv_heads · N, d)
-    pub wb: Tensor,
-    /// (n_kv_heads · head_dim, d)
-    pub wx: Tensor,
-    /// (n_kv_heads, d)
-    pub wdt: Tensor,
-    /// (n_kv_heads)
-    pub dt_bias: Tensor,
-    /// (n_kv_heads)
-    pub a_log: Tensor,
-    /// (n_heads)
-    pub d: Tensor,
-    /// (n_kv_heads, d)
-    pub wgate: Tensor,
-    /// (channels, d_conv)
-    pub conv: Tensor,
-    /// (d, n_heads · head_dim)
-    pub wo: Tensor,
-}
+/// An SSM's parameters as candle tensors (shapes as in docs/HYBRID.md, matrices
+/// `(out, in)`, the convolution `(channels, d_conv)`).
+pub type SsmTensors = edgefusion_model::SsmParams<Tensor>;
 
 /// What the scan reads, computed from the normalized input.
 struct Inputs {

@@ -11,7 +11,7 @@ use candle_core::{Device, IndexOp, Result, Tensor, Var};
 use edgefusion_io::names::TensorRole;
 use edgefusion_model::{LayerType, Linear, Mixer, Model, ModelConfig, RopeStyle};
 
-use crate::distill::{dims_of, tensors_of, to_vars};
+use crate::distill::{tensors_of, to_vars};
 use crate::init::{SsmWeights, TunedTensor};
 use crate::ssm::{forward_chunked, SsmDims};
 
@@ -96,7 +96,7 @@ impl Student {
         max_len: usize,
     ) -> Result<Self> {
         let dev = crate::device().clone();
-        let dims = dims_of(cfg);
+        let dims = cfg.ssm_dims();
         let mut layers = Vec::with_capacity(model.layers.len());
         for (l, layer) in model.layers.iter().enumerate() {
             let Mixer::Attention(a) = &layer.mixer else {

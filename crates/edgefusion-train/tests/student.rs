@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use edgefusion_io::ModelSource;
 use edgefusion_model::{LayerType, Mixer, Model};
 use edgefusion_runtime::{KvType, Logits, Session, SessionOptions};
-use edgefusion_train::init::{ssm_from_attention, ssm_random, write_hybrid_with, SsmInitSource};
+use edgefusion_train::init::{
+    hybrid_layout, ssm_from_attention, ssm_random, write_hybrid_with, SsmInitSource,
+};
 use edgefusion_train::student::{top_k_kl, Route, Student};
 
 fn fixture(name: &str) -> PathBuf {
@@ -82,9 +84,7 @@ fn student_matches_the_runtime_dense_and_hardened() {
     write_hybrid_with(
         gguf,
         &dense,
-        &student.layer_types,
-        12,
-        4,
+        &hybrid_layout(&dense.config, &student.layer_types, 12, 4, 0, 0),
         SsmInitSource::Trained(&trained),
         &out,
     )

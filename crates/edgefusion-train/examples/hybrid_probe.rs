@@ -1,0 +1,179 @@
+//! Experiment driver for the stage-wise conversion (layer choice + alignment), before it
+//! joins `edgefusion train`: `cargo run --release -p edgefusion-train --example hybrid_probe -- KEY=VALUE...`
+
+use std::collections::HashMap;
+
+use edgefusion_io::ModelSource;
+use edgefusion_model::{LayerType, Model};
+use edgefusion_train::align::{align_layers, AlignEvent, AlignOptions};
+use edgefusion_train::choose::{greedy_restore, teacher_windows};
+use edgefusion_train::distill::DistillOptions;
+use edgefusion_train::init::{
+    hybrid_layout, ssm_from_attention, write_hybrid_tuned, SsmInitSource,
+};
+
+fn main() {
+    let args: HashMap<String, String> = std::env::args()
+        .skip(1)
+        .filter_map(|a| {
+            a.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect();
+    let get = |k: &str, d: &str| args.get(k).cloned().unwrap_or_else(|| d.to_string());
+    let num = |k: &str, d: &str| get(k, d).parse::<f64>().unwrap();
+    let base = get("base", "assets/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let text = std::fs::read_to_string(get("text", "assets/text/sotu.txt")).unwrap();
+    let window = num("window", "64") as usize;
+    let sink = num("sink", "4") as usize;
+    let threads = num("threads", "2") as usize;
+    let out = get("out", "runs/probe.gguf");
+    let source = ModelSource::open(&base).unwrap();
+    let ModelSource::Gguf(gguf) = &source else {
+        panic!()
+    };
+    let tokenizer = edgefusion_runtime::tokenizer::Tokenizer::from_gguf(gguf).unwrap();
+    let tokens = tokenizer.encode(&text, false).unwrap();
+    if let Some(path) = args.get("dump_tokens") {
+        // Tokens of `text` as u32 little-endian (for prototypes outside Rust).
+        let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        std::fs::write(path, bytes).unwrap();
+        return;
+    }
+    let teacher = Model::load(&source).unwrap();
+    let mut student = Model::load(&source).unwrap();
+    student.config.window = window;
+    student.config.sink = sink;
+    student.config.ssm_d_state = num("d_state", "32") as usize;
+    student.config.ssm_d_conv = 4;
+    let t0 = std::time::Instant::now();
+    let layers: Vec<usize> = match args.get("layers") {
+        Some(list) => edgefusion_model::convert::parse_layer_list(list).unwrap(),
+        None => {
+            let choice_len = num("choice_len", "1024") as usize;
+            let choice_windows = num("choice_windows", "2") as usize;
+            // The choice reads the end of the text; alignment its start.
+            let from = tokens.len() - choice_len * choice_windows;
+            let tw = teacher_windows(
+                &teacher,
+                &tokens[from..],
+                choice_len,
+                choice_windows,
+                64,
+                threads,
+            )
+            .unwrap();
+            let n_conv = num("convert", "20") as usize;
+            let choice = greedy_restore(
+                &mut student,
+                &tw,
+                n_conv,
+                num("candidates", "6") as usize,
+                threads,
+                &mut |d, t| eprint!("\rchoice {d}/{t} ({:.0} s)", t0.elapsed().as_secs_f64()),
+            )
+            .unwrap();
+            eprintln!();
+            println!(
+                "choice: KL all {:.4} -> final {:.4}; converted {:?}; {} evaluations, {:.0} s",
+                choice.kl_all_converted,
+                choice.kl_final,
+                choice.converted,
+                choice.evaluations,
+                t0.elapsed().as_secs_f64()
+            );
+            for s in &choice.steps {
+                println!("  restore {:2} -> kl {:.4}", s.restored, s.kl);
+            }
+            for l in 0..student.config.n_layers {
+                student.set_layer(l, LayerType::Attention, None).unwrap();
+            }
+            choice.converted
+        }
+    };
+    if args.contains_key("choose_only") {
+        return;
+    }
+    let seq_len = num("seq_len", "1024") as usize;
+    let opts = AlignOptions {
+        seq_len,
+        n_windows: num("windows", "64") as usize,
+        hidden_alignment: num("beta", "0"),
+        fit: DistillOptions {
+            seq_len,
+            batch_size: num("batch", "4") as usize,
+            epochs: num("epochs", "4") as usize,
+            lr: num("lr", "0.001"),
+            betas: [0.9, 0.95],
+            weight_decay: 0.0,
+            warmup_steps: 4,
+            grad_clip: 1.0,
+            chunk: num("chunk", "64") as usize,
+            seed: 0,
+        },
+        threads,
+    };
+    let cfg = student.config.clone();
+    let zero_out = window > 0;
+    let init = |l: usize| {
+        let a = teacher.layers[l].mixer.attention().unwrap();
+        let mut w = ssm_from_attention(&cfg, &a.wq, &a.wk, &a.wv, &a.wo);
+        if zero_out {
+            w.wo.iter_mut().for_each(|v| *v = 0.0);
+        }
+        w
+    };
+    let t1 = std::time::Instant::now();
+    let results = align_layers(
+        &teacher,
+        &mut student,
+        &tokens,
+        &layers,
+        &opts,
+        &init,
+        &mut |e| match e {
+            AlignEvent::Targets { layer } => {
+                eprint!("\rlayer {layer}: targets ({:.0} s)          ", t1.elapsed().as_secs_f64())
+            }
+            AlignEvent::Step {
+                layer,
+                step,
+                total,
+                loss,
+            } => eprint!("\rlayer {layer}: step {step}/{total} loss {loss:.4}   "),
+            AlignEvent::Done(r) => {
+                eprintln!();
+                println!(
+                    "layer {:2}: window error {:.4} -> layer error {:.4} (ssm loss {:.4} -> {:.4}) {} steps {:.0} s",
+                    r.layer, r.window_error, r.layer_error, r.val_loss_init, r.val_loss, r.steps, r.seconds
+                );
+            }
+        },
+    )
+    .unwrap();
+    println!("align: {:.0} s", t1.elapsed().as_secs_f64());
+    let mut types = vec![LayerType::Attention; cfg.n_layers];
+    let mut trained = HashMap::new();
+    for (l, (w, _)) in layers.iter().zip(results) {
+        types[*l] = LayerType::Ssm;
+        trained.insert(*l, w);
+    }
+    let hybrid = hybrid_layout(
+        &teacher.config,
+        &types,
+        cfg.ssm_d_state,
+        cfg.ssm_d_conv,
+        window,
+        sink,
+    );
+    write_hybrid_tuned(
+        gguf,
+        &teacher,
+        &hybrid,
+        SsmInitSource::Trained(&trained),
+        &[],
+        out.as_ref(),
+    )
+    .unwrap();
+    println!("wrote {out}; total {:.0} s", t0.elapsed().as_secs_f64());
+}

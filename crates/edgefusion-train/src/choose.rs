@@ -1,0 +1,285 @@
+//! Which layers to convert, chosen jointly: start with every layer converted to sink + window
+//! attention and restore full attention one layer at a time, each time the layer whose
+//! restoration lowers the KL divergence from the dense teacher most, until the target share
+//! stays converted ("greedy restore"). Each layer alone costs little; what matters is how
+//! the losses add up when many are converted together, and only the joint measurement sees
+//! it (one layer's cost alone ranked SmolLM2's layers into a 391% loss at 20 of 30).
+//!
+//! Everything runs on the inference engine: the choice costs forward passes only.
+
+use edgefusion_kernels::f32ops;
+use edgefusion_model::{LayerType, Model};
+use edgefusion_runtime::{Logits, Session, SessionOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::TrainError;
+
+/// Logit rows one forward call returns while scoring.
+const LOGIT_ROWS: usize = 256;
+
+/// Windows of the training text with the dense teacher's top-k log-probabilities at every
+/// position: what a student is scored against.
+#[derive(Debug, Clone)]
+pub struct TeacherWindows {
+    pub seq_len: usize,
+    /// (n_windows · seq_len)
+    pub tokens: Vec<u32>,
+    pub top_k: usize,
+    /// (n_windows · seq_len, top_k): token ids, most probable first
+    pub top_ids: Vec<u32>,
+    /// (n_windows · seq_len, top_k): log-probabilities, renormalized over the top k
+    pub top_logp: Vec<f32>,
+}
+
+impl TeacherWindows {
+    pub fn n_windows(&self) -> usize {
+        self.tokens.len() / self.seq_len
+    }
+}
+
+fn runtime_error(what: &str) -> impl Fn(edgefusion_runtime::RuntimeError) -> TrainError + '_ {
+    move |e| TrainError::Numeric {
+        what: format!("{what}: {e}"),
+    }
+}
+
+/// A session that scores windows of `seq_len` tokens.
+fn scoring_session<'m>(
+    model: &'m Model<'m>,
+    seq_len: usize,
+    threads: usize,
+) -> Result<Session<'m>, TrainError> {
+    let mut opts = SessionOptions::new(seq_len, threads.max(1));
+    opts.max_logits = LOGIT_ROWS.min(seq_len);
+    Session::new(model, opts).map_err(runtime_error("session"))
+}
+
+/// Runs `window` through `session` from position 0 and calls `row(position, logits)` with
+/// each position's logits (which it may overwrite).
+fn for_each_logit_row(
+    session: &mut Session<'_>,
+    window: &[u32],
+    row: &mut dyn FnMut(usize, &mut [f32]),
+) -> Result<(), TrainError> {
+    let vocab = session.model().config.vocab_size;
+    session.reset();
+    let mut pos = 0;
+    let mut buf = Vec::new();
+    for chunk in window.chunks(LOGIT_ROWS.min(window.len())) {
+        let logits = session
+            .forward(chunk, Logits::From(0))
+            .map_err(runtime_error("forward"))?;
+        buf.clear();
+        buf.extend_from_slice(logits);
+        for r in buf.chunks_exact_mut(vocab) {
+            row(pos, r);
+            pos += 1;
+        }
+    }
+    Ok(())
+}
+
+/// `log Σ exp(row)`, overwriting `row`.
+fn log_sum_exp(row: &mut [f32]) -> f64 {
+    let max = f32ops::max(row);
+    max as f64 + f32ops::exp_sub_max_sum(row, max).ln()
+}
+
+/// The teacher's top-`top_k` distribution at every position of `n_windows` consecutive
+/// windows of `seq_len` tokens from the start of `tokens`.
+pub fn teacher_windows(
+    teacher: &Model<'_>,
+    tokens: &[u32],
+    seq_len: usize,
+    n_windows: usize,
+    top_k: usize,
+    threads: usize,
+) -> Result<TeacherWindows, TrainError> {
+    let n_windows = n_windows.min(tokens.len() / seq_len.max(1));
+    if n_windows == 0 {
+        return Err(TrainError::Config {
+            file: "training text".into(),
+            what: format!(
+                "has {} tokens, fewer than one window of {seq_len}",
+                tokens.len()
+            ),
+        });
+    }
+    let vocab = teacher.config.vocab_size;
+    let k = top_k.clamp(1, vocab);
+    let mut session = scoring_session(teacher, seq_len, threads)?;
+    let n = n_windows * seq_len;
+    let mut top_ids = Vec::with_capacity(n * k);
+    let mut top_logp = Vec::with_capacity(n * k);
+    let mut order: Vec<u32> = (0..vocab as u32).collect();
+    for w in 0..n_windows {
+        let window = &tokens[w * seq_len..(w + 1) * seq_len];
+        for_each_logit_row(&mut session, window, &mut |_, row| {
+            let by_logit = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]);
+            order.select_nth_unstable_by(k - 1, by_logit);
+            order[..k].sort_unstable_by(by_logit);
+            let top: Vec<f32> = order[..k].iter().map(|&i| row[i as usize]).collect();
+            let max = top[0];
+            let lse = max as f64
+                + top
+                    .iter()
+                    .map(|&v| ((v - max) as f64).exp())
+                    .sum::<f64>()
+                    .ln();
+            top_ids.extend_from_slice(&order[..k]);
+            top_logp.extend(top.iter().map(|&v| (v as f64 - lse) as f32));
+        })?;
+    }
+    Ok(TeacherWindows {
+        seq_len,
+        tokens: tokens[..n].to_vec(),
+        top_k: k,
+        top_ids,
+        top_logp,
+    })
+}
+
+/// Mean KL(teacher ‖ model) in nats per position over `teacher`'s windows: the teacher's
+/// top-k distribution against the model's full softmax at the same ids. The teacher itself
+/// scores `−log` of its top-k mass, the floor of every model.
+pub fn kl_to_teacher(
+    model: &Model<'_>,
+    teacher: &TeacherWindows,
+    threads: usize,
+) -> Result<f64, TrainError> {
+    let mut session = scoring_session(model, teacher.seq_len, threads)?;
+    let k = teacher.top_k;
+    let mut total = 0.0f64;
+    for w in 0..teacher.n_windows() {
+        let window = &teacher.tokens[w * teacher.seq_len..(w + 1) * teacher.seq_len];
+        let base = w * teacher.seq_len;
+        for_each_logit_row(&mut session, window, &mut |pos, row| {
+            let at = (base + pos) * k;
+            let ids = &teacher.top_ids[at..at + k];
+            let logp = &teacher.top_logp[at..at + k];
+            let picked: Vec<f32> = ids.iter().map(|&i| row[i as usize]).collect();
+            let lse = log_sum_exp(row);
+            total += logp
+                .iter()
+                .zip(&picked)
+                .map(|(&lp, &z)| (lp as f64).exp() * (lp as f64 - (z as f64 - lse)))
+                .sum::<f64>();
+        })?;
+    }
+    Ok(total / teacher.tokens.len() as f64)
+}
+
+/// One round of [`greedy_restore`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreStep {
+    /// The layer given back its full attention.
+    pub restored: usize,
+    /// KL per position after restoring it.
+    pub kl: f64,
+    /// Every layer tried this round with the KL its restoration gave.
+    pub tried: Vec<(usize, f64)>,
+}
+
+/// What [`greedy_restore`] chose and why.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerChoice {
+    /// Layers that stay converted, in increasing order.
+    pub converted: Vec<usize>,
+    /// KL per position with every layer converted, and with the final choice.
+    pub kl_all_converted: f64,
+    pub kl_final: f64,
+    /// The rounds in order.
+    pub steps: Vec<RestoreStep>,
+    /// Forward passes over the windows that the choice took.
+    pub evaluations: usize,
+}
+
+/// Converts every layer of `model` (all attention; its config's window set) to sink + window
+/// attention, then restores attention greedily until `n_converted` layers remain
+/// converted, scoring against `teacher`. A round re-scores only the `candidates` layers
+/// that ranked best in the previous round (all of them in the first; `0` = all every round):
+/// a layer's restoration gain moves little from one round to the next, and a round of all
+/// 30 SmolLM2 layers is 30 forward passes. Leaves `model` with the choice applied.
+/// `progress(done, total)` counts forward passes.
+pub fn greedy_restore(
+    model: &mut Model<'_>,
+    teacher: &TeacherWindows,
+    n_converted: usize,
+    candidates: usize,
+    threads: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LayerChoice, TrainError> {
+    let n = model.config.n_layers;
+    let n_converted = n_converted.min(n);
+    let set = |model: &mut Model<'_>, l: usize, kind: LayerType| {
+        model
+            .set_layer(l, kind, None)
+            .map_err(|e| TrainError::Numeric {
+                what: e.to_string(),
+            })
+    };
+    for l in 0..n {
+        set(model, l, LayerType::Window)?;
+    }
+    let rounds = n - n_converted;
+    let per_round = if candidates == 0 { n } else { candidates };
+    let total = 1 + n + rounds.saturating_sub(1) * per_round.min(n);
+    let mut done = 0;
+    let kl_all_converted = kl_to_teacher(model, teacher, threads)?;
+    done += 1;
+    progress(done, total);
+    let mut converted: Vec<usize> = (0..n).collect();
+    let mut ranking: Vec<usize> = converted.clone();
+    let mut steps = Vec::new();
+    let mut kl_final = kl_all_converted;
+    for round in 0..rounds {
+        let pool: Vec<usize> = if round == 0 || candidates == 0 {
+            converted.clone()
+        } else {
+            ranking
+                .iter()
+                .copied()
+                .filter(|l| converted.contains(l))
+                .take(candidates)
+                .collect()
+        };
+        let mut tried = Vec::with_capacity(pool.len());
+        for &l in &pool {
+            set(model, l, LayerType::Attention)?;
+            let kl = kl_to_teacher(model, teacher, threads)?;
+            set(model, l, LayerType::Window)?;
+            tried.push((l, kl));
+            done += 1;
+            progress(done, total.max(done));
+        }
+        tried.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let (best, kl) = tried[0];
+        set(model, best, LayerType::Attention)?;
+        converted.retain(|&l| l != best);
+        // Next round's candidates: this round's order, then the layers not tried.
+        ranking = tried
+            .iter()
+            .map(|&(l, _)| l)
+            .filter(|&l| l != best)
+            .collect();
+        let untried: Vec<usize> = converted
+            .iter()
+            .copied()
+            .filter(|l| !ranking.contains(l))
+            .collect();
+        ranking.extend(untried);
+        kl_final = kl;
+        steps.push(RestoreStep {
+            restored: best,
+            kl,
+            tried,
+        });
+    }
+    Ok(LayerChoice {
+        converted,
+        kl_all_converted,
+        kl_final,
+        steps,
+        evaluations: done,
+    })
+}
