@@ -1,6 +1,6 @@
 //! `edgefusion compare`: the paper's table from one base model — Dense, GPTQ-4bit,
-//! Mamba-pure and EdgeFusion — each built (or found from an earlier run), evaluated and
-//! measured the same way.
+//! Mamba-pure, Window-only and EdgeFusion — each built (or found from an earlier run),
+//! evaluated and measured the same way.
 
 use std::path::{Path, PathBuf};
 
@@ -14,11 +14,13 @@ use edgefusion_model::{LayerType, ModelConfig};
 #[command(after_help = "Examples:\n  \
     edgefusion compare --base assets/models/SmolLM2-135M-Instruct.Q4_1.gguf --config configs/smollm2_135m.yaml --limit 200 -o runs/compare\n  \
     edgefusion compare --base M --config C --run runs/smollm2 --tasks ppl,hellaswag -o runs/compare\n\n\
-    The four variants, written under OUTPUT/models/ (each reused when present):\n  \
+    The five variants, written under OUTPUT/models/ (each reused when present):\n  \
     Dense        the base model; a quantized GGUF is dequantized to F16 first\n  \
     GPTQ-4bit    `quantize --method gptq --bits 4` of the dense model (16×128 tiles,\n               \
     calibrated on the config's calibration text)\n  \
     Mamba-pure   every layer on SSM: the run's last router checkpoint hardened at share 1\n  \
+    Window-only  the dense model with EdgeFusion's converted layers as sink + window softmax\n               \
+    (no SSM, no training): the baseline every hybrid must beat\n  \
     EdgeFusion   the run's checkpoint_quantized/model.gguf (hybrid at the target share,\n               \
     EFQ at the config's bits per weight)\n\
     The run is `train --config C --output-dir RUN` (default OUTPUT/run); it is trained here\n\
@@ -68,6 +70,12 @@ pub struct CompareArgs {
     /// Tokens decoded per speed measurement (ending at --bench-ctx).
     #[arg(long, default_value_t = 64)]
     pub bench_tokens: usize,
+    /// Window of the Window-only row when the hybrid has none of its own.
+    #[arg(long, default_value_t = 64)]
+    pub window: usize,
+    /// Sink of the Window-only row when the hybrid has no window of its own.
+    #[arg(long, default_value_t = 4)]
+    pub sink: usize,
     /// Threads [default: physical cores].
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
@@ -225,8 +233,28 @@ pub fn run(args: CompareArgs) -> Result<()> {
         ])?;
     }
 
+    // Window-only: EdgeFusion's converted layers, attending over the sink and the window
+    // alone, in the dense model.
+    let hybrid_cfg = ModelConfig::from_source(&ModelSource::open(&hybrid)?)?;
+    let converted: Vec<usize> = (0..hybrid_cfg.n_layers)
+        .filter(|&l| hybrid_cfg.layer_types[l] != LayerType::Attention)
+        .collect();
+    let (window, sink) = if hybrid_cfg.window > 0 {
+        (hybrid_cfg.window, hybrid_cfg.sink)
+    } else {
+        (args.window, args.sink)
+    };
+    let window_only = models.join(format!("window-only-{window}-{sink}.gguf"));
+    if !window_only.exists() && !converted.is_empty() {
+        eprintln!("compare: Window-only (layers {converted:?}, sink {sink} + window {window})");
+        let ModelSource::Gguf(g) = &ModelSource::open(&dense)? else {
+            bail!("the dense model {} is not a GGUF file", dense.display());
+        };
+        edgefusion_model::convert::window_gguf(g, &converted, window, sink, &window_only)?;
+    }
+
     let q = &config.quantization;
-    let variants = [
+    let mut variants = vec![
         (
             "Dense",
             dense.clone(),
@@ -252,6 +280,14 @@ pub fn run(args: CompareArgs) -> Result<()> {
                 .to_string(),
         ),
         (
+            "Window-only",
+            window_only,
+            format!(
+                "the dense model with EdgeFusion's {} converted layers attending to the first {sink} and the last {window} positions only: no SSM, no training",
+                converted.len()
+            ),
+        ),
+        (
             "EdgeFusion",
             hybrid,
             format!(
@@ -262,6 +298,9 @@ pub fn run(args: CompareArgs) -> Result<()> {
             ),
         ),
     ];
+    if converted.is_empty() {
+        variants.retain(|v| v.0 != "Window-only");
+    }
     let mut report = CompareReport {
         base: arg(&args.base),
         threads,
@@ -313,11 +352,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
             model: arg(&model),
             file_bytes: std::fs::metadata(&model).map_or(0, |m| m.len()),
             n_layers: cfg.n_layers,
-            n_ssm_layers: cfg
-                .layer_types
-                .iter()
-                .filter(|t| **t == LayerType::Ssm)
-                .count(),
+            n_converted_layers: cfg.n_layers - cfg.n_attention_layers(),
             eval,
             // Measured below, once every variant is evaluated.
             peak_rss_bytes: None,

@@ -988,11 +988,11 @@ fn evaluate_scores_every_task_and_resumes_from_its_cache() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// `compare` on the tiny model: the four variants built (a conversion trained on the way),
+/// `compare` on the tiny model: the five variants built (a conversion trained on the way),
 /// evaluated and measured, the table in markdown and JSON, the chart; a second run reuses
 /// every variant and cached item.
 #[test]
-fn compare_builds_evaluates_and_tabulates_four_variants() {
+fn compare_builds_evaluates_and_tabulates_five_variants() {
     let (dir, text, config) = tiny_training_dir(
         "compare",
         "The sun rose over the quiet town and the birds began to sing. ",
@@ -1025,6 +1025,10 @@ fn compare_builds_evaluates_and_tabulates_four_variants() {
         "48",
         "--bench-tokens",
         "8",
+        "--window",
+        "8",
+        "--sink",
+        "1",
         "-t",
         "1",
         "-o",
@@ -1034,7 +1038,7 @@ fn compare_builds_evaluates_and_tabulates_four_variants() {
     assert!(run.status.success(), "{}", stderr(&run));
     let table = std::fs::read_to_string(out.join("compare.md")).unwrap();
     for needle in [
-        "| | Dense | GPTQ-4bit | Mamba-pure | EdgeFusion |",
+        "| | Dense | GPTQ-4bit | Mamba-pure | Window-only | EdgeFusion |",
         "| PPL |",
         "| HellaSwag (acc_norm, %) |",
         "2 of 3 items (--limit)",
@@ -1047,15 +1051,19 @@ fn compare_builds_evaluates_and_tabulates_four_variants() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
     let variants = json["variants"].as_array().unwrap();
-    assert_eq!(variants.len(), 4);
-    assert_eq!(variants[2]["n_ssm_layers"], variants[2]["n_layers"]);
-    assert_eq!(variants[3]["n_ssm_layers"], 1);
+    assert_eq!(variants.len(), 5);
+    assert_eq!(variants[2]["n_converted_layers"], variants[2]["n_layers"]);
+    // Window-only converts the layer EdgeFusion converted.
+    assert_eq!(variants[3]["name"], "Window-only");
+    assert_eq!(variants[3]["n_converted_layers"], 1);
+    assert_eq!(variants[4]["n_converted_layers"], 1);
     for v in variants {
         assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
         assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0, "{v}");
     }
-    // Mamba-pure does less work per token than Dense at depth.
+    // Mamba-pure and Window-only do less work per token than Dense at depth.
     assert!(variants[2]["gflops_per_token"].as_f64() < variants[0]["gflops_per_token"].as_f64());
+    assert!(variants[3]["gflops_per_token"].as_f64() < variants[0]["gflops_per_token"].as_f64());
     let png = std::fs::read(out.join("compare.png")).unwrap();
     assert_eq!(&png[..4], b"\x89PNG");
     // Again: nothing rebuilt, every item from the caches, the same table.

@@ -8,14 +8,15 @@ use crate::report::EvalReport;
 /// One variant's measurements.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VariantResult {
-    /// Column name: Dense, GPTQ-4bit, Mamba-pure, EdgeFusion.
+    /// Column name: Dense, GPTQ-4bit, Mamba-pure, Window-only, EdgeFusion.
     pub name: String,
     /// How the variant was made.
     pub description: String,
     pub model: String,
     pub file_bytes: u64,
     pub n_layers: usize,
-    pub n_ssm_layers: usize,
+    /// Layers without full attention (SSM or sink + window).
+    pub n_converted_layers: usize,
     pub eval: EvalReport,
     /// Peak resident memory of a process that loads the model and decodes at `bench_ctx`.
     pub peak_rss_bytes: Option<u64>,
@@ -174,19 +175,19 @@ impl CompareReport {
         );
         row(
             &mut out,
-            "File (MB) / SSM layers",
+            "File (MB) / converted layers",
             self.variants
                 .iter()
                 .map(|v| {
                     format!(
                         "{:.1} / {} of {}",
                         v.file_bytes as f64 / 1e6,
-                        v.n_ssm_layers,
+                        v.n_converted_layers,
                         v.n_layers
                     )
                 })
                 .collect(),
-            "the GGUF file evaluated".into(),
+            "the GGUF file evaluated; converted: SSM or sink + window, not full attention".into(),
         );
         let _ = writeln!(out);
         for v in &self.variants {
