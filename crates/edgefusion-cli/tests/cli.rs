@@ -1085,3 +1085,97 @@ fn compare_builds_evaluates_and_tabulates_five_variants() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `convert --window-layers`: listed layers or a joint choice (`auto`) become sink + window
+/// attention in a file every command runs; bad lists and counts are refused by name.
+#[test]
+fn convert_windows_listed_or_chosen_layers() {
+    let dir = std::env::temp_dir().join(format!("edgefusion-window-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join("text.txt");
+    std::fs::write(
+        &text,
+        "The river ran past the mill and the miller counted his sacks of grain. ".repeat(40),
+    )
+    .unwrap();
+    let model = fixture("tiny-llama-f32.gguf");
+    let model = model.to_str().unwrap();
+    let listed = dir.join("listed.gguf");
+    let out = edgefusion(&[
+        "convert",
+        "-m",
+        model,
+        "--window-layers",
+        "1",
+        "--window",
+        "4",
+        "--sink",
+        "1",
+        "-o",
+        listed.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let inspect = edgefusion(&["inspect", listed.to_str().unwrap()]);
+    let shown = String::from_utf8_lossy(&inspect.stdout);
+    assert!(shown.contains("1 of 2 layers converted (AW;"), "{shown}");
+    assert!(
+        shown.contains("window: sink 1 + last 4 positions"),
+        "{shown}"
+    );
+    let chosen = dir.join("chosen.gguf");
+    let out = edgefusion(&[
+        "convert",
+        "-m",
+        model,
+        "--window-layers",
+        "auto",
+        "--convert",
+        "1",
+        "--window",
+        "4",
+        "--sink",
+        "1",
+        "--choice-text",
+        text.to_str().unwrap(),
+        "--choice-ctx",
+        "32",
+        "-t",
+        "1",
+        "-o",
+        chosen.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout.contains("chose 1 of 2 layers by joint KL"),
+        "{stdout}"
+    );
+    let ppl = edgefusion(&[
+        "perplexity",
+        "-m",
+        chosen.to_str().unwrap(),
+        "-f",
+        text.to_str().unwrap(),
+        "--ctx",
+        "32",
+        "--chunks",
+        "2",
+        "-t",
+        "1",
+    ]);
+    assert!(ppl.status.success(), "{}", stderr(&ppl));
+    let base = ["convert", "-m", model, "-o", "/dev/null", "--window-layers"];
+    let with = |extra: &[&'static str]| [&base[..], extra].concat();
+    assert_fails_with(&with(&["3-1"]), &["--window-layers", "backwards"]);
+    assert_fails_with(&with(&["7"]), &["layer 7", "2 layers"]);
+    assert_fails_with(&with(&["1", "--window", "0"]), &["window of 0"]);
+    assert_fails_with(
+        &with(&["1", "--window", "64"]),
+        &["edgefusion.window", "context length 64"],
+    );
+    assert_fails_with(
+        &with(&["auto", "--convert", "5"]),
+        &["--convert 5", "2 layers"],
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

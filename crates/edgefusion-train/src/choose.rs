@@ -17,17 +17,21 @@ use crate::TrainError;
 /// Logit rows one forward call returns while scoring.
 const LOGIT_ROWS: usize = 256;
 
-/// Windows of the training text with the dense teacher's top-k log-probabilities at every
-/// position: what a student is scored against.
+/// Windows of the training text with the dense teacher's top-k log-probabilities at the
+/// scored positions (the second half of each window, where every token has at least half a
+/// window of context, as perplexity scores): what a student is scored against.
 #[derive(Debug, Clone)]
 pub struct TeacherWindows {
     pub seq_len: usize,
     /// (n_windows · seq_len)
     pub tokens: Vec<u32>,
+    /// First scored position of each window.
+    pub first_scored: usize,
     pub top_k: usize,
-    /// (n_windows · seq_len, top_k): token ids, most probable first
+    /// (n_windows · (seq_len − first_scored), top_k): token ids, most probable first
     pub top_ids: Vec<u32>,
-    /// (n_windows · seq_len, top_k): log-probabilities, renormalized over the top k
+    /// (n_windows · (seq_len − first_scored), top_k): log-probabilities, renormalized over
+    /// the top k
     pub top_logp: Vec<f32>,
 }
 
@@ -55,17 +59,24 @@ fn scoring_session<'m>(
 }
 
 /// Runs `window` through `session` from position 0 and calls `row(position, logits)` with
-/// each position's logits (which it may overwrite).
+/// the logits of each position from `first` on (which it may overwrite); the positions
+/// before only fill the context (no output head for them).
 fn for_each_logit_row(
     session: &mut Session<'_>,
     window: &[u32],
+    first: usize,
     row: &mut dyn FnMut(usize, &mut [f32]),
 ) -> Result<(), TrainError> {
     let vocab = session.model().config.vocab_size;
     session.reset();
-    let mut pos = 0;
+    if first > 0 {
+        session
+            .forward(&window[..first], Logits::Last)
+            .map_err(runtime_error("forward"))?;
+    }
+    let mut pos = first;
     let mut buf = Vec::new();
-    for chunk in window.chunks(LOGIT_ROWS.min(window.len())) {
+    for chunk in window[first..].chunks(LOGIT_ROWS) {
         let logits = session
             .forward(chunk, Logits::From(0))
             .map_err(runtime_error("forward"))?;
@@ -109,12 +120,14 @@ pub fn teacher_windows(
     let k = top_k.clamp(1, vocab);
     let mut session = scoring_session(teacher, seq_len, threads)?;
     let n = n_windows * seq_len;
-    let mut top_ids = Vec::with_capacity(n * k);
-    let mut top_logp = Vec::with_capacity(n * k);
+    let first_scored = seq_len / 2;
+    let n_scored = n_windows * (seq_len - first_scored);
+    let mut top_ids = Vec::with_capacity(n_scored * k);
+    let mut top_logp = Vec::with_capacity(n_scored * k);
     let mut order: Vec<u32> = (0..vocab as u32).collect();
     for w in 0..n_windows {
         let window = &tokens[w * seq_len..(w + 1) * seq_len];
-        for_each_logit_row(&mut session, window, &mut |_, row| {
+        for_each_logit_row(&mut session, window, first_scored, &mut |_, row| {
             let by_logit = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]);
             order.select_nth_unstable_by(k - 1, by_logit);
             order[..k].sort_unstable_by(by_logit);
@@ -133,15 +146,16 @@ pub fn teacher_windows(
     Ok(TeacherWindows {
         seq_len,
         tokens: tokens[..n].to_vec(),
+        first_scored,
         top_k: k,
         top_ids,
         top_logp,
     })
 }
 
-/// Mean KL(teacher ‖ model) in nats per position over `teacher`'s windows: the teacher's
-/// top-k distribution against the model's full softmax at the same ids. The teacher itself
-/// scores `−log` of its top-k mass, the floor of every model.
+/// Mean KL(teacher ‖ model) in nats per scored position of `teacher`'s windows: the
+/// teacher's top-k distribution against the model's full softmax at the same ids. The
+/// teacher itself scores `−log` of its top-k mass, the floor of every model.
 pub fn kl_to_teacher(
     model: &Model<'_>,
     teacher: &TeacherWindows,
@@ -150,11 +164,12 @@ pub fn kl_to_teacher(
     let mut session = scoring_session(model, teacher.seq_len, threads)?;
     let k = teacher.top_k;
     let mut total = 0.0f64;
+    let (first, per_window) = (teacher.first_scored, teacher.seq_len - teacher.first_scored);
     for w in 0..teacher.n_windows() {
         let window = &teacher.tokens[w * teacher.seq_len..(w + 1) * teacher.seq_len];
-        let base = w * teacher.seq_len;
-        for_each_logit_row(&mut session, window, &mut |pos, row| {
-            let at = (base + pos) * k;
+        let base = w * per_window;
+        for_each_logit_row(&mut session, window, first, &mut |pos, row| {
+            let at = (base + pos - first) * k;
             let ids = &teacher.top_ids[at..at + k];
             let logp = &teacher.top_logp[at..at + k];
             let picked: Vec<f32> = ids.iter().map(|&i| row[i as usize]).collect();
@@ -166,7 +181,7 @@ pub fn kl_to_teacher(
                 .sum::<f64>();
         })?;
     }
-    Ok(total / teacher.tokens.len() as f64)
+    Ok(total / (teacher.n_windows() * per_window) as f64)
 }
 
 /// One round of [`greedy_restore`].
