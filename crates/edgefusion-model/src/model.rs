@@ -122,23 +122,6 @@ impl<T> SsmParams<T, T> {
         ]
     }
 
-    /// References in [`SsmParams::NAMES`] order.
-    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &T)> {
-        let all = [
-            &self.wc,
-            &self.wb,
-            &self.wx,
-            &self.wdt,
-            &self.wgate,
-            &self.wo,
-            &self.dt_bias,
-            &self.a_log,
-            &self.d,
-            &self.conv,
-        ];
-        Self::NAMES.into_iter().zip(all)
-    }
-
     /// The parameters from ten values in [`SsmParams::NAMES`] order (`None` for another
     /// count).
     pub fn from_vec(values: Vec<T>) -> Option<Self> {
@@ -155,25 +138,6 @@ impl<T> SsmParams<T, T> {
             a_log,
             d,
             conv,
-        })
-    }
-
-    /// Every parameter through `f`, with its name.
-    pub fn map<U, E>(
-        &self,
-        mut f: impl FnMut(&'static str, &T) -> Result<U, E>,
-    ) -> Result<SsmParams<U, U>, E> {
-        Ok(SsmParams {
-            wc: f("wc", &self.wc)?,
-            wb: f("wb", &self.wb)?,
-            wx: f("wx", &self.wx)?,
-            wdt: f("wdt", &self.wdt)?,
-            wgate: f("wgate", &self.wgate)?,
-            wo: f("wo", &self.wo)?,
-            dt_bias: f("dt_bias", &self.dt_bias)?,
-            a_log: f("a_log", &self.a_log)?,
-            d: f("d", &self.d)?,
-            conv: f("conv", &self.conv)?,
         })
     }
 }
