@@ -403,49 +403,47 @@ impl<'a> Model<'a> {
         let Some(slot) = self.layers.get_mut(layer) else {
             return Err(invalid(format!("layer {layer} does not exist")));
         };
-        let placeholder = Mixer::Window(Attention::placeholder());
-        let old = std::mem::replace(&mut slot.mixer, placeholder);
-        let attention = match old {
-            Mixer::Attention(a) | Mixer::Window(a) => Some(a),
-            Mixer::Ssm { window, .. } => window,
-        };
-        let restore = |slot: &mut DecoderLayer<'a>, attention: Option<Attention<'a>>| {
-            slot.mixer = match attention {
-                Some(a) => Mixer::Attention(a),
-                None => Mixer::Window(Attention::placeholder()),
-            }
-        };
-        slot.mixer = match (kind, attention, ssm) {
-            (LayerType::Attention, Some(a), _) => Mixer::Attention(a),
-            (LayerType::Window, Some(a), _) => {
-                if window == 0 {
-                    restore(slot, Some(a));
-                    return Err(invalid(format!(
-                        "layer {layer} cannot attend over a window of 0 positions: set the window first"
-                    )));
-                }
-                Mixer::Window(a)
-            }
-            (LayerType::Ssm, None, Some(_)) if window > 0 => {
-                return Err(invalid(format!(
-                    "layer {layer} has no attention weights to attend over its window with"
-                )))
-            }
-            (LayerType::Ssm, attention, Some(ssm)) => Mixer::Ssm {
-                ssm,
-                window: if window > 0 { attention } else { None },
-            },
-            (LayerType::Ssm, attention, None) => {
-                restore(slot, attention);
-                return Err(invalid(format!(
-                    "layer {layer}: an SSM layer needs its SSM"
-                )));
-            }
-            (_, None, _) => {
+        // Every rule first: a refused change leaves the layer as it was.
+        let has_attention = slot.mixer.attention().is_some();
+        match kind {
+            LayerType::Attention | LayerType::Window if !has_attention => {
                 return Err(invalid(format!(
                     "layer {layer} has no attention weights left to attend with"
                 )))
             }
+            LayerType::Window if window == 0 => {
+                return Err(invalid(format!(
+                    "layer {layer} cannot attend over a window of 0 positions: set the window first"
+                )))
+            }
+            LayerType::Ssm if ssm.is_none() => {
+                return Err(invalid(format!(
+                    "layer {layer}: an SSM layer needs its SSM"
+                )))
+            }
+            LayerType::Ssm if window > 0 && !has_attention => {
+                return Err(invalid(format!(
+                    "layer {layer} has no attention weights to attend over its window with"
+                )))
+            }
+            _ => {}
+        }
+        let old = std::mem::replace(&mut slot.mixer, Mixer::Window(Attention::placeholder()));
+        let attention = match old {
+            Mixer::Attention(a) | Mixer::Window(a) => Some(a),
+            Mixer::Ssm { window, .. } => window,
+        };
+        slot.mixer = match (kind, ssm) {
+            (LayerType::Attention, _) => {
+                Mixer::Attention(attention.expect("checked: the layer has attention"))
+            }
+            (LayerType::Window, _) => {
+                Mixer::Window(attention.expect("checked: the layer has attention"))
+            }
+            (LayerType::Ssm, ssm) => Mixer::Ssm {
+                ssm: ssm.expect("checked: an SSM was given"),
+                window: if window > 0 { attention } else { None },
+            },
         };
         self.config.layer_types[layer] = kind;
         Ok(())

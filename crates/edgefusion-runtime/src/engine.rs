@@ -146,6 +146,9 @@ pub struct Session<'m> {
     rope: RopeTable,
     n_past: usize,
     observer: Option<Observer<'m>>,
+    /// The layers the positions so far went through (all of them unless
+    /// [`Session::forward_hidden`] ran a range).
+    layers_run: std::ops::Range<usize>,
 }
 
 /// The constant-size state of every layer after `n_past` positions (SSM states, sinks and
@@ -251,6 +254,7 @@ impl<'m> Session<'m> {
             rope,
             n_past: 0,
             observer: None,
+            layers_run: 0..cfg.n_layers,
         })
     }
 
@@ -407,6 +411,14 @@ impl<'m> Session<'m> {
                 self.opts.max_logits
             )));
         }
+        let all = 0..cfg.n_layers;
+        if self.n_past > 0 && self.layers_run != all {
+            return Err(RuntimeError::InvalidOption(format!(
+                "the {} positions so far went through layers {:?} only: reset the session first",
+                self.n_past, self.layers_run
+            )));
+        }
+        self.layers_run = all;
         let vocab = cfg.vocab_size;
         let mut written = 0;
         let mut t0 = 0;
@@ -428,11 +440,12 @@ impl<'m> Session<'m> {
     /// Runs the residual stream `x (n_tok, d_model)` at the input of layer `layers.start`
     /// through the layers `layers` at positions `n_past..`, leaving in `x` the stream at the
     /// output of layer `layers.end − 1` (training reads and writes the stream between
-    /// layers; those layers' states advance as in [`Session::forward`], the others are left
-    /// alone).
+    /// layers). Only those layers see the positions, so a sequence runs through one range:
+    /// [`Session::reset`] before another range, or before [`Session::forward`].
     ///
     /// # Errors
-    /// When the positions exceed the context or the layers are not the model's.
+    /// When the positions exceed the context, the layers are not the model's, or the
+    /// positions so far went through other layers.
     pub fn forward_hidden(
         &mut self,
         x: &mut [f32],
@@ -452,6 +465,13 @@ impl<'m> Session<'m> {
                 cfg.n_layers
             )));
         }
+        if self.n_past > 0 && self.layers_run != layers {
+            return Err(RuntimeError::InvalidOption(format!(
+                "the {} positions so far went through layers {:?}, not {layers:?}: reset the session to run another range",
+                self.n_past, self.layers_run
+            )));
+        }
+        self.layers_run = layers.clone();
         let n_tok = x.len() / d;
         if self.n_past + n_tok > self.opts.n_ctx {
             return Err(RuntimeError::ContextFull {

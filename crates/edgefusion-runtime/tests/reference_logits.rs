@@ -494,6 +494,13 @@ fn forward_hidden_by_layer_ranges_equals_forward() {
     assert!(err <= 1e-5, "forward_hidden vs forward: {err}");
     assert!(session.forward_hidden(&mut x[..d * 3 + 1], 0..1).is_err());
     assert!(session.forward_hidden(&mut x[..d], 2..4).is_err());
+    // The positions so far went through layers 1..3 only.
+    assert!(session.forward_hidden(&mut x[..d], 0..1).is_err());
+    assert!(session.forward(&tokens[..1], Logits::Last).is_err());
+    session.reset();
+    session
+        .forward(&tokens[..1], Logits::Last)
+        .expect("after a reset");
 }
 
 /// A layer turned into a window and back in memory runs as it did: `set_layer` keeps its
@@ -524,5 +531,9 @@ fn set_layer_round_trips_and_refuses_an_empty_window() {
     model.config.window = 0;
     model.config.sink = 0;
     assert_eq!(run(&model), before);
+    // Refused changes leave the layer as it was.
     assert!(model.set_layer(0, LayerType::Ssm, None).is_err());
+    assert!(model.set_layer(0, LayerType::Window, None).is_err());
+    assert_eq!(model.config.layer_types[0], LayerType::Attention);
+    assert_eq!(run(&model), before);
 }

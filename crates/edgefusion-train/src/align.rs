@@ -199,6 +199,15 @@ pub fn align_layers(
             ),
         });
     }
+    if opts.fit.seq_len != seq_len {
+        return Err(TrainError::Config {
+            file: "alignment options".into(),
+            what: format!(
+                "the SSM trains on windows of {} tokens but the streams hold windows of {seq_len}: they must be the same",
+                opts.fit.seq_len
+            ),
+        });
+    }
     let window = student.config.window;
     let beta = opts.hidden_alignment;
     // The residual streams entering the next layer to convert: student's and teacher's.
@@ -207,13 +216,29 @@ pub fn align_layers(
         teacher.token_embd.dequantize_row_into(tok as usize, row);
     }
     let mut x_teacher = x_student.clone();
-    let mut at = 0;
+    // Layers each stream has passed: the student's stops at the input of the layer being
+    // converted (it runs it converted on the next round), the teacher's goes through it.
+    let (mut student_at, mut teacher_at) = (0, 0);
     let mut out = Vec::with_capacity(layers.len());
     for &l in layers {
         let start = std::time::Instant::now();
         // Both streams to the input of layer l.
-        run_streams(student, &mut x_student, at..l, seq_len, None, threads)?;
-        run_streams(teacher, &mut x_teacher, at..l, seq_len, None, threads)?;
+        run_streams(
+            student,
+            &mut x_student,
+            student_at..l,
+            seq_len,
+            None,
+            threads,
+        )?;
+        run_streams(
+            teacher,
+            &mut x_teacher,
+            teacher_at..l,
+            seq_len,
+            None,
+            threads,
+        )?;
         events(AlignEvent::Targets { layer: l });
         let Some(attention) = teacher.layers[l].mixer.attention() else {
             return Err(TrainError::Config {
@@ -309,7 +334,8 @@ pub fn align_layers(
             .map_err(numeric)?;
         events(AlignEvent::Done(report.clone()));
         out.push((weights, report));
-        at = l;
+        student_at = l;
+        teacher_at = l + 1;
     }
     Ok(out)
 }

@@ -190,3 +190,52 @@ fn stagewise_alignment_converts_layers_and_writes_what_it_trained() {
         let _ = std::fs::remove_file(&out);
     }
 }
+
+/// With a window that covers every sequence the windowed layer is the dense one: with β = 1
+/// both streams stay equal and each layer has nothing left to fit (the teacher's stream
+/// must pass each layer once, not twice).
+#[test]
+fn a_window_covering_the_sequence_leaves_nothing_to_fit() {
+    let source = ModelSource::open(fixture()).unwrap();
+    let teacher = Model::load(&source).unwrap();
+    let mut student = Model::load(&source).unwrap();
+    with_window(&mut student, 60, 0);
+    let cfg = student.config.clone();
+    let opts = AlignOptions {
+        seq_len: 32,
+        n_windows: 4,
+        hidden_alignment: 1.0,
+        fit: DistillOptions {
+            seq_len: 32,
+            batch_size: 2,
+            epochs: 1,
+            lr: 1e-3,
+            betas: [0.9, 0.95],
+            weight_decay: 0.0,
+            warmup_steps: 1,
+            grad_clip: 1.0,
+            chunk: 8,
+            seed: 1,
+        },
+        threads: 1,
+    };
+    let init = |l: usize| {
+        let a = teacher.layers[l].mixer.attention().unwrap();
+        let mut w = ssm_from_attention(&cfg, &a.wq, &a.wk, &a.wv, &a.wo);
+        w.wo.iter_mut().for_each(|v| *v = 0.0);
+        w
+    };
+    let results = align_layers(
+        &teacher,
+        &mut student,
+        &tokens(4 * 32),
+        &[0, 1],
+        &opts,
+        &init,
+        &mut |_| {},
+    )
+    .unwrap();
+    for (_, r) in &results {
+        assert!(r.window_error < 1e-6, "{r:?}");
+    }
+}
