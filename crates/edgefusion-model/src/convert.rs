@@ -328,7 +328,13 @@ pub fn window_gguf(
     }
     cfg.window = window;
     cfg.sink = sink;
-    // The same checks as a file read back (window within the context, and so on).
+    if window + sink > cfg.n_ctx_train {
+        return Err(invalid(format!(
+            "{WINDOW_KEY} {window} + {SINK_KEY} {sink} exceeds the context length {}",
+            cfg.n_ctx_train
+        )));
+    }
+    // Layer types, window and sink as `ModelConfig::gguf_metadata` writes them.
     let mut bytes = GgufWriter::new();
     for (key, value) in &gguf.metadata {
         bytes.add_metadata(key.clone(), value.clone());
@@ -337,14 +343,6 @@ pub fn window_gguf(
         if key.starts_with("edgefusion.") {
             bytes.add_metadata(key, value);
         }
-    }
-    bytes.add_metadata(WINDOW_KEY, MetaValue::U32(window as u32));
-    bytes.add_metadata(SINK_KEY, MetaValue::U32(sink as u32));
-    if window + sink > cfg.n_ctx_train {
-        return Err(invalid(format!(
-            "{WINDOW_KEY} {window} + {SINK_KEY} {sink} exceeds the context length {}",
-            cfg.n_ctx_train
-        )));
     }
     for t in &gguf.tensors {
         bytes.add_tensor(t.name.clone(), t.dtype, &t.shape, gguf.tensor_data(t));

@@ -29,7 +29,7 @@ use edgefusion_runtime::{LinearInput, Session, SessionOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::distill::{distill_layer, DistillOptions};
-use crate::init::SsmWeights;
+use crate::init::{dequantized, SsmWeights};
 use crate::TrainError;
 
 /// How the stage runs.
@@ -91,15 +91,6 @@ pub fn times_transpose(a: &[f32], w: &[f32], k: usize) -> candle_core::Result<Ve
     let a = Tensor::from_slice(a, (a.len() / k, k), &dev)?;
     let w = Tensor::from_slice(w, (w.len() / k, k), &dev)?;
     a.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()
-}
-
-/// A matrix as floats `(n_out, n_in)`.
-pub fn dequantized(w: &Linear<'_>) -> Vec<f32> {
-    let mut out = vec![0.0f32; w.n_out * w.n_in];
-    for (r, row) in out.chunks_mut(w.n_in).enumerate() {
-        w.dequantize_row_into(r, row);
-    }
-    out
 }
 
 /// The SSM weights as the runtime reads them (f32 matrices).

@@ -47,7 +47,8 @@ pub fn kept_dims(style: RopeStyle, head_dim: usize, n: usize) -> Vec<usize> {
     }
 }
 
-fn rows(w: &Linear<'_>) -> Vec<f32> {
+/// A matrix as floats `(n_out, n_in)`.
+pub fn dequantized(w: &Linear<'_>) -> Vec<f32> {
     let mut out = vec![0.0f32; w.n_out * w.n_in];
     for (r, row) in out.chunks_mut(w.n_in).enumerate() {
         w.dequantize_row_into(r, row);
@@ -96,12 +97,12 @@ pub fn ssm_from_attention(
         })
         .collect();
     SsmWeights {
-        wc: head_rows(&rows(wq), cfg.n_heads, p, d, &dims),
-        wb: head_rows(&rows(wk), groups, p, d, &dims),
-        wx: rows(wv),
+        wc: head_rows(&dequantized(wq), cfg.n_heads, p, d, &dims),
+        wb: head_rows(&dequantized(wk), groups, p, d, &dims),
+        wx: dequantized(wv),
         wdt: vec![0.0; groups * d],
         wgate: vec![0.0; groups * d],
-        wo: rows(wo),
+        wo: dequantized(wo),
         dt_bias,
         a_log: vec![0.0; groups],
         d: vec![0.0; cfg.n_heads],

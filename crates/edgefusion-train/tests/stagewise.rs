@@ -39,6 +39,50 @@ fn with_window(model: &mut Model<'_>, window: usize, sink: usize) {
     model.config.ssm_d_conv = 4;
 }
 
+/// Stage-wise options over `n_windows` sequences of 32 tokens.
+fn align_options(
+    n_windows: usize,
+    hidden_alignment: f64,
+    batch_size: usize,
+    epochs: usize,
+    lr: f64,
+) -> AlignOptions {
+    AlignOptions {
+        seq_len: 32,
+        n_windows,
+        hidden_alignment,
+        fit: DistillOptions {
+            seq_len: 32,
+            batch_size,
+            epochs,
+            lr,
+            betas: [0.9, 0.95],
+            weight_decay: 0.0,
+            warmup_steps: 1,
+            grad_clip: 1.0,
+            chunk: 8,
+            seed: 1,
+        },
+        threads: 1,
+    }
+}
+
+/// Layer `l`'s SSM from its attention; with `silent_out` its output starts at zero, so the
+/// converted layer starts as the window alone.
+fn attention_init(
+    teacher: &Model<'_>,
+    cfg: &edgefusion_model::ModelConfig,
+    l: usize,
+    silent_out: bool,
+) -> edgefusion_train::init::SsmWeights {
+    let a = teacher.layers[l].mixer.attention().unwrap();
+    let mut w = ssm_from_attention(cfg, &a.wq, &a.wk, &a.wv, &a.wo);
+    if silent_out {
+        w.wo.iter_mut().for_each(|v| *v = 0.0);
+    }
+    w
+}
+
 /// A layer whose attention output is zeroed costs nothing to convert: of two layers with
 /// one to convert, the greedy restore gives attention back to the other, whichever it is.
 #[test]
@@ -100,32 +144,8 @@ fn stagewise_alignment_converts_layers_and_writes_what_it_trained() {
         let mut student = Model::load(&source).unwrap();
         with_window(&mut student, window, usize::from(window > 0));
         let cfg = student.config.clone();
-        let opts = AlignOptions {
-            seq_len: 32,
-            n_windows: 10,
-            hidden_alignment: 0.5,
-            fit: DistillOptions {
-                seq_len: 32,
-                batch_size: 3,
-                epochs: 3,
-                lr: 3e-3,
-                betas: [0.9, 0.95],
-                weight_decay: 0.0,
-                warmup_steps: 1,
-                grad_clip: 1.0,
-                chunk: 8,
-                seed: 1,
-            },
-            threads: 1,
-        };
-        let init = |l: usize| {
-            let a = teacher.layers[l].mixer.attention().unwrap();
-            let mut w = ssm_from_attention(&cfg, &a.wq, &a.wk, &a.wv, &a.wo);
-            if window > 0 {
-                w.wo.iter_mut().for_each(|v| *v = 0.0);
-            }
-            w
-        };
+        let opts = align_options(10, 0.5, 3, 3, 3e-3);
+        let init = |l: usize| attention_init(&teacher, &cfg, l, window > 0);
         let mut targets_seen = Vec::new();
         let results = align_layers(
             &teacher,
@@ -201,30 +221,8 @@ fn a_window_covering_the_sequence_leaves_nothing_to_fit() {
     let mut student = Model::load(&source).unwrap();
     with_window(&mut student, 60, 0);
     let cfg = student.config.clone();
-    let opts = AlignOptions {
-        seq_len: 32,
-        n_windows: 4,
-        hidden_alignment: 1.0,
-        fit: DistillOptions {
-            seq_len: 32,
-            batch_size: 2,
-            epochs: 1,
-            lr: 1e-3,
-            betas: [0.9, 0.95],
-            weight_decay: 0.0,
-            warmup_steps: 1,
-            grad_clip: 1.0,
-            chunk: 8,
-            seed: 1,
-        },
-        threads: 1,
-    };
-    let init = |l: usize| {
-        let a = teacher.layers[l].mixer.attention().unwrap();
-        let mut w = ssm_from_attention(&cfg, &a.wq, &a.wk, &a.wv, &a.wo);
-        w.wo.iter_mut().for_each(|v| *v = 0.0);
-        w
-    };
+    let opts = align_options(4, 1.0, 2, 1, 1e-3);
+    let init = |l: usize| attention_init(&teacher, &cfg, l, true);
     let results = align_layers(
         &teacher,
         &mut student,
