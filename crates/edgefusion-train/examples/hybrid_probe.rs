@@ -6,11 +6,13 @@ use std::collections::HashMap;
 use edgefusion_io::ModelSource;
 use edgefusion_model::{LayerType, Model};
 use edgefusion_train::align::{align_layers, AlignEvent, AlignOptions};
-use edgefusion_train::choose::{greedy_restore, teacher_windows};
-use edgefusion_train::distill::DistillOptions;
+use edgefusion_train::choose::{greedy_restore, teacher_windows, teacher_windows_from};
+use edgefusion_train::distill::{from_vars, DistillOptions};
+use edgefusion_train::finetune::{finetune_kl, FinetuneOptions};
 use edgefusion_train::init::{
     hybrid_layout, ssm_from_attention, write_hybrid_tuned, SsmInitSource,
 };
+use edgefusion_train::student::Student;
 
 fn main() {
     let args: HashMap<String, String> = std::env::args()
@@ -92,6 +94,112 @@ fn main() {
         }
     };
     if args.contains_key("choose_only") {
+        return;
+    }
+    if let Some(steps) = args.get("finetune") {
+        // End-to-end KL with LoRA on the feed-forward blocks over the window-only model.
+        let steps: usize = steps.parse().unwrap();
+        let seq_len = num("seq_len", "512") as usize;
+        let tw = teacher_windows_from(
+            &teacher,
+            &tokens,
+            seq_len,
+            steps,
+            0,
+            64,
+            threads,
+            &mut |d, t| eprint!("\rteacher {d}/{t} ({:.0} s)", t0.elapsed().as_secs_f64()),
+        )
+        .unwrap();
+        eprintln!();
+        // ssm=1: converted layers carry an SSM beside the window (output starting at zero),
+        // trained with the adapters.
+        let with_ssm = args.contains_key("ssm");
+        let mut types = vec![LayerType::Attention; student.config.n_layers];
+        for &l in &layers {
+            types[l] = if with_ssm {
+                LayerType::Ssm
+            } else {
+                LayerType::Window
+            };
+        }
+        let hybrid = hybrid_layout(&teacher.config, &types, 32, 4, window, sink);
+        let cfg = hybrid.clone();
+        let ssms: Vec<_> = (0..cfg.n_layers)
+            .map(|l| {
+                let a = teacher.layers[l].mixer.attention().unwrap();
+                let mut w = ssm_from_attention(&cfg, &a.wq, &a.wk, &a.wv, &a.wo);
+                w.wo.iter_mut().for_each(|v| *v = 0.0);
+                w
+            })
+            .collect();
+        let mut st = Student::new(&teacher, &cfg, &ssms, 0.0, seq_len).unwrap();
+        st.layer_types = types.clone();
+        let rank = num("rank", "8") as usize;
+        if rank > 0 {
+            st.add_ffn_lora(rank, num("alpha", "8"), 0).unwrap();
+        }
+        let mut vars = st.lora_vars();
+        if with_ssm {
+            for &l in &layers {
+                vars.extend(st.layers[l].ssm.iter().cloned());
+            }
+        }
+        let opts = FinetuneOptions {
+            steps,
+            lr: num("lr", "0.001"),
+            warmup_steps: 4,
+            grad_clip: 1.0,
+            betas: [0.9, 0.95],
+        };
+        finetune_kl(&st, &tw, vars, &opts, &mut |r| {
+            if r.step % 10 == 0 || r.step + 1 == steps {
+                println!(
+                    "step {} kl {:.4} grad {:.3} {:.0} tok/s",
+                    r.step, r.kl, r.grad_norm, r.tokens_per_s
+                );
+            }
+        })
+        .unwrap();
+        let tuned = st.merged_ffn().unwrap();
+        let trained: HashMap<usize, _> = layers
+            .iter()
+            .map(|&l| (l, from_vars(&st.layers[l].ssm).unwrap()))
+            .collect();
+        write_hybrid_tuned(
+            gguf,
+            &teacher,
+            &hybrid,
+            SsmInitSource::Trained(&trained),
+            &tuned,
+            out.as_ref(),
+        )
+        .unwrap();
+        if with_ssm {
+            // The same adapters with the SSMs dropped: what the SSM branch adds.
+            let window_types: Vec<LayerType> = types
+                .iter()
+                .map(|&t| {
+                    if t == LayerType::Ssm {
+                        LayerType::Window
+                    } else {
+                        t
+                    }
+                })
+                .collect();
+            let no_ssm = hybrid_layout(&teacher.config, &window_types, 32, 4, window, sink);
+            let path = out.replace(".gguf", ".no-ssm.gguf");
+            write_hybrid_tuned(
+                gguf,
+                &teacher,
+                &no_ssm,
+                SsmInitSource::Attention,
+                &tuned,
+                path.as_ref(),
+            )
+            .unwrap();
+        }
+        println!("wrote {out}; total {:.0} s", t0.elapsed().as_secs_f64());
         return;
     }
     let seq_len = num("seq_len", "1024") as usize;

@@ -30,8 +30,8 @@ pub struct TeacherWindows {
     pub top_k: usize,
     /// (n_windows · (seq_len − first_scored), top_k): token ids, most probable first
     pub top_ids: Vec<u32>,
-    /// (n_windows · (seq_len − first_scored), top_k): log-probabilities, renormalized over
-    /// the top k
+    /// (n_windows · (seq_len − first_scored), top_k): log-probabilities under the full
+    /// softmax; what they leave of 1 is the tail, scored as one more outcome
     pub top_logp: Vec<f32>,
 }
 
@@ -96,8 +96,8 @@ fn log_sum_exp(row: &mut [f32]) -> f64 {
     max as f64 + f32ops::exp_sub_max_sum(row, max).ln()
 }
 
-/// The teacher's top-`top_k` distribution at every position of `n_windows` consecutive
-/// windows of `seq_len` tokens from the start of `tokens`.
+/// The teacher's top-`top_k` distribution at the second half of each of `n_windows`
+/// consecutive windows of `seq_len` tokens from the start of `tokens` (what scoring reads).
 pub fn teacher_windows(
     teacher: &Model<'_>,
     tokens: &[u32],
@@ -105,6 +105,32 @@ pub fn teacher_windows(
     n_windows: usize,
     top_k: usize,
     threads: usize,
+) -> Result<TeacherWindows, TrainError> {
+    teacher_windows_from(
+        teacher,
+        tokens,
+        seq_len,
+        n_windows,
+        seq_len / 2,
+        top_k,
+        threads,
+        &mut |_, _| {},
+    )
+}
+
+/// [`teacher_windows`] with the distribution kept from position `first_scored` of each
+/// window on (`0`: every position, what training reads). `progress(done, total)` counts
+/// windows.
+#[allow(clippy::too_many_arguments)]
+pub fn teacher_windows_from(
+    teacher: &Model<'_>,
+    tokens: &[u32],
+    seq_len: usize,
+    n_windows: usize,
+    first_scored: usize,
+    top_k: usize,
+    threads: usize,
+    progress: &mut dyn FnMut(usize, usize),
 ) -> Result<TeacherWindows, TrainError> {
     let n_windows = n_windows.min(tokens.len() / seq_len.max(1));
     if n_windows == 0 {
@@ -120,7 +146,7 @@ pub fn teacher_windows(
     let k = top_k.clamp(1, vocab);
     let mut session = scoring_session(teacher, seq_len, threads)?;
     let n = n_windows * seq_len;
-    let first_scored = seq_len / 2;
+    let first_scored = first_scored.min(seq_len - 1);
     let n_scored = n_windows * (seq_len - first_scored);
     let mut top_ids = Vec::with_capacity(n_scored * k);
     let mut top_logp = Vec::with_capacity(n_scored * k);
@@ -132,16 +158,11 @@ pub fn teacher_windows(
             order.select_nth_unstable_by(k - 1, by_logit);
             order[..k].sort_unstable_by(by_logit);
             let top: Vec<f32> = order[..k].iter().map(|&i| row[i as usize]).collect();
-            let max = top[0];
-            let lse = max as f64
-                + top
-                    .iter()
-                    .map(|&v| ((v - max) as f64).exp())
-                    .sum::<f64>()
-                    .ln();
+            let lse = log_sum_exp(row);
             top_ids.extend_from_slice(&order[..k]);
             top_logp.extend(top.iter().map(|&v| (v as f64 - lse) as f32));
         })?;
+        progress(w + 1, n_windows);
     }
     Ok(TeacherWindows {
         seq_len,
@@ -153,9 +174,30 @@ pub fn teacher_windows(
     })
 }
 
+/// KL over the teacher's top k and one outcome for the rest of the vocabulary ("the
+/// tail"): `Σ p log(p/q) + p_tail log(p_tail/q_tail)`, from the teacher's log-probabilities
+/// `log_p` and the model's `log_q` at the same ids. Without the tail a student is rewarded
+/// for draining all mass outside the top k, and its perplexity on real text, whose tokens
+/// often lie there, goes up while the score goes down.
+pub fn tail_kl(log_p: &[f32], log_q: &[f64]) -> f64 {
+    let mut kl = 0.0f64;
+    let (mut p_top, mut q_top) = (0.0f64, 0.0f64);
+    for (&lp, &lq) in log_p.iter().zip(log_q) {
+        let p = (lp as f64).exp();
+        kl += p * (lp as f64 - lq);
+        p_top += p;
+        q_top += lq.exp();
+    }
+    let (p_tail, q_tail) = ((1.0 - p_top).max(TAIL_FLOOR), (1.0 - q_top).max(TAIL_FLOOR));
+    kl + p_tail * (p_tail / q_tail).ln()
+}
+
+/// The least mass a tail is given, so that its logarithm stays finite.
+pub const TAIL_FLOOR: f64 = 1e-6;
+
 /// Mean KL(teacher ‖ model) in nats per scored position of `teacher`'s windows: the
-/// teacher's top-k distribution against the model's full softmax at the same ids. The
-/// teacher itself scores `−log` of its top-k mass, the floor of every model.
+/// teacher's top k and its tail against the model's full softmax ([`tail_kl`]); 0 for the
+/// teacher itself.
 pub fn kl_to_teacher(
     model: &Model<'_>,
     teacher: &TeacherWindows,
@@ -174,11 +216,8 @@ pub fn kl_to_teacher(
             let logp = &teacher.top_logp[at..at + k];
             let picked: Vec<f32> = ids.iter().map(|&i| row[i as usize]).collect();
             let lse = log_sum_exp(row);
-            total += logp
-                .iter()
-                .zip(&picked)
-                .map(|(&lp, &z)| (lp as f64).exp() * (lp as f64 - (z as f64 - lse)))
-                .sum::<f64>();
+            let log_q: Vec<f64> = picked.iter().map(|&z| z as f64 - lse).collect();
+            total += tail_kl(logp, &log_q);
         })?;
     }
     Ok(total / (teacher.n_windows() * per_window) as f64)

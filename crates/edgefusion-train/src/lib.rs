@@ -5,11 +5,15 @@
 
 pub mod align;
 pub mod analysis;
+pub mod attention;
 pub mod checkpoint;
 pub mod choose;
 pub mod config;
 pub mod distill;
+pub mod finetune;
+pub mod frozen;
 pub mod init;
+pub mod lora;
 pub mod optim;
 pub mod plan;
 pub mod router;

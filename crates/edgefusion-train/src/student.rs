@@ -11,8 +11,11 @@ use candle_core::{Device, IndexOp, Result, Tensor, Var};
 use edgefusion_io::names::TensorRole;
 use edgefusion_model::{LayerType, Linear, Mixer, Model, ModelConfig, RopeStyle};
 
+use crate::attention::span_attention;
 use crate::distill::{tensors_of, to_vars};
+use crate::frozen::frozen_linear;
 use crate::init::{SsmWeights, TunedTensor};
+use crate::lora::LoraAdapter;
 use crate::ssm::{forward_chunked, SsmDims};
 
 /// One layer of the student.
@@ -34,6 +37,9 @@ pub struct StudentLayer {
     pub ssm: Vec<Var>,
     /// (1): the gate's logit `a`; `σ(a/τ)` is the SSM's share.
     pub gate_logit: Var,
+    /// Low-rank adapters on `ffn_gate`, `ffn_up`, `ffn_down` (in that order), after
+    /// [`Student::add_ffn_lora`].
+    pub ffn_lora: Option<[LoraAdapter; 3]>,
 }
 
 /// How a layer mixes its two branches in a forward pass.
@@ -114,6 +120,7 @@ impl Student {
                 ffn_down: matrix(&layer.ffn.down, &dev)?,
                 ssm: to_vars(&ssms[l], &dims)?,
                 gate_logit: Var::from_slice(&[gate_init], 1, &dev)?,
+                ffn_lora: None,
             });
         }
         let embd = matrix(&model.token_embd, &dev)?;
@@ -223,6 +230,15 @@ impl Student {
             .collect()
     }
 
+    /// `x·wᵀ` by a base weight: without its gradient while the base is frozen.
+    fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if self.base.is_empty() {
+            frozen_linear(x, w)
+        } else {
+            x.matmul(&w.t()?)
+        }
+    }
+
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let ms = x.sqr()?.mean_keepdim(1)?;
         x.broadcast_div(&(ms + self.cfg.rms_eps as f64)?.sqrt()?)?
@@ -260,51 +276,91 @@ impl Student {
         }
     }
 
-    /// Causal grouped-query attention of `h (T, d)` → (T, d).
-    fn attention(&self, layer: &StudentLayer, h: &Tensor) -> Result<Tensor> {
+    /// Causal grouped-query attention of `h (T, d)` → (T, d); with `windowed`, position `t`
+    /// sees only the first `cfg.sink` positions and the last `cfg.window` (itself included),
+    /// as the runtime's windowed layers do.
+    fn attention(&self, layer: &StudentLayer, h: &Tensor, windowed: bool) -> Result<Tensor> {
         let (t, _) = h.dims2()?;
         let cfg = &self.cfg;
         let (nh, ng, p) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let q = self.rope(&h.matmul(&layer.wq.t()?)?.reshape((t, nh, p))?)?;
-        let k = self.rope(&h.matmul(&layer.wk.t()?)?.reshape((t, ng, p))?)?;
-        let v = h.matmul(&layer.wv.t()?)?.reshape((t, ng, p))?;
-        let g = nh / ng;
-        // (G, g·T, P) against (G, P, T): heads of a group share their K and V.
-        let q = q
-            .reshape((t, ng, g, p))?
-            .permute((1, 2, 0, 3))?
-            .reshape((ng, g * t, p))?;
-        let k = k.transpose(0, 1)?.contiguous()?;
-        let v = v.transpose(0, 1)?.contiguous()?;
-        let scores = (q.matmul(&k.transpose(1, 2)?.contiguous()?)? / (p as f64).sqrt())?
-            .reshape((ng, g, t, t))?;
-        let mask: Vec<f32> = (0..t * t)
-            .map(|i| {
-                if i % t <= i / t {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, t), h.device())?;
-        let scores = scores.broadcast_add(&mask)?;
-        let max = scores.max_keepdim(3)?;
-        let e = scores.broadcast_sub(&max)?.exp()?;
-        let probs = e.broadcast_div(&e.sum_keepdim(3)?)?;
-        let out = probs
-            .reshape((ng, g * t, t))?
-            .matmul(&v)? // (G, g·T, P)
-            .reshape((ng, g, t, p))?
-            .permute((2, 0, 1, 3))?
-            .reshape((t, nh * p))?;
-        out.matmul(&layer.wo.t()?)
+        let q = self.rope(&self.linear(h, &layer.wq)?.reshape((t, nh, p))?)?;
+        let k = self.rope(&self.linear(h, &layer.wk)?.reshape((t, ng, p))?)?;
+        let v = self.linear(h, &layer.wv)?.reshape((t, ng, p))?;
+        let (window, sink) = match windowed {
+            true => (cfg.window, cfg.sink),
+            false => (0, 0),
+        };
+        let out = span_attention(&q, &k, &v, window, sink)?.reshape((t, nh * p))?;
+        self.linear(&out, &layer.wo)
     }
 
     fn ffn(&self, layer: &StudentLayer, h: &Tensor) -> Result<Tensor> {
-        let gate = h.matmul(&layer.ffn_gate.t()?)?.silu()?;
-        let up = h.matmul(&layer.ffn_up.t()?)?;
-        (gate * up)?.matmul(&layer.ffn_down.t()?)
+        let linear = |w: &Tensor, i: usize, x: &Tensor| match &layer.ffn_lora {
+            Some(adapters) => adapters[i].forward(w, x),
+            None => self.linear(x, w),
+        };
+        let gate = linear(&layer.ffn_gate, 0, h)?.silu()?;
+        let up = linear(&layer.ffn_up, 1, h)?;
+        linear(&layer.ffn_down, 2, &(gate * up)?)
+    }
+
+    /// The converted branch of `layer` on `h (T, d)`: its SSM, plus sink + window attention
+    /// beside it when the model has a window.
+    fn converted(&self, layer: &StudentLayer, h: &Tensor) -> Result<Tensor> {
+        let ssm = forward_chunked(&tensors_of(&layer.ssm), &self.dims, h, 64)?;
+        if self.cfg.window > 0 {
+            ssm + self.attention(layer, h, true)?
+        } else {
+            Ok(ssm)
+        }
+    }
+
+    /// Puts low-rank adapters of rank `rank` on every layer's feed-forward matrices: `A`
+    /// random (seeded by `seed` and the layer), `B` zero, so the student starts as it was.
+    pub fn add_ffn_lora(&mut self, rank: usize, alpha: f64, seed: u64) -> Result<()> {
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let seed = seed.wrapping_add(3 * l as u64);
+            layer.ffn_lora = Some([
+                LoraAdapter::new(&layer.ffn_gate, rank, alpha, seed)?,
+                LoraAdapter::new(&layer.ffn_up, rank, alpha, seed + 1)?,
+                LoraAdapter::new(&layer.ffn_down, rank, alpha, seed + 2)?,
+            ]);
+        }
+        Ok(())
+    }
+
+    /// The adapters' variables (empty without [`Student::add_ffn_lora`]).
+    pub fn lora_vars(&self) -> Vec<Var> {
+        self.layers
+            .iter()
+            .flat_map(|l| l.ffn_lora.iter().flatten())
+            .flat_map(|a| a.vars())
+            .collect()
+    }
+
+    /// The feed-forward matrices with their adapters merged, by GGUF name: what the hybrid
+    /// is written with after KL fine-tuning.
+    pub fn merged_ffn(&self) -> Result<Vec<TunedTensor>> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let Some(adapters) = &layer.ffn_lora else {
+                continue;
+            };
+            for ((role, w), adapter) in [
+                (TensorRole::FfnGate, &layer.ffn_gate),
+                (TensorRole::FfnUp, &layer.ffn_up),
+                (TensorRole::FfnDown, &layer.ffn_down),
+            ]
+            .into_iter()
+            .zip(adapters)
+            {
+                out.push(TunedTensor::of(
+                    &role.gguf_name(Some(l)),
+                    &adapter.merged(w)?,
+                )?);
+            }
+        }
+        Ok(out)
     }
 
     /// Logits `(T, vocab)` of one sequence, and each layer's SSM share `g` (1 or 0 when
@@ -323,23 +379,25 @@ impl Student {
                         .exp()?
                         .affine(1.0, 1.0)?
                         .recip()?;
-                    let ssm = forward_chunked(&tensors_of(&layer.ssm), &self.dims, &h, 64)?;
-                    let attn = self.attention(layer, &h)?;
+                    let ssm = self.converted(layer, &h)?;
+                    let attn = self.attention(layer, &h, false)?;
                     let mixed =
                         (ssm.broadcast_mul(&g)? + attn.broadcast_mul(&g.affine(-1.0, 1.0)?)?)?;
                     shares.push(g);
                     mixed
                 }
                 Route::Hard | Route::AttentionExcept(_) => {
-                    let ssm = match route {
-                        Route::AttentionExcept(only) => only == Some(l),
-                        _ => self.layer_types[l] == LayerType::Ssm,
+                    let kind = match route {
+                        Route::AttentionExcept(only) if only == Some(l) => LayerType::Ssm,
+                        Route::AttentionExcept(_) => LayerType::Attention,
+                        _ => self.layer_types[l],
                     };
-                    shares.push(Tensor::new(&[if ssm { 1.0f32 } else { 0.0 }], dev)?);
-                    if ssm {
-                        forward_chunked(&tensors_of(&layer.ssm), &self.dims, &h, 64)?
-                    } else {
-                        self.attention(layer, &h)?
+                    let converted = kind != LayerType::Attention;
+                    shares.push(Tensor::new(&[if converted { 1.0f32 } else { 0.0 }], dev)?);
+                    match kind {
+                        LayerType::Attention => self.attention(layer, &h, false)?,
+                        LayerType::Window => self.attention(layer, &h, true)?,
+                        LayerType::Ssm => self.converted(layer, &h)?,
                     }
                 }
             };
@@ -348,7 +406,7 @@ impl Student {
             x = (&x + self.ffn(layer, &h)?)?;
         }
         let h = self.rms_norm(&x, &self.out_norm)?;
-        Ok((h.matmul(&self.head.t()?)?, shares))
+        Ok((self.linear(&h, &self.head)?, shares))
     }
 }
 
@@ -365,6 +423,30 @@ pub fn top_k_kl(logits: &Tensor, teacher_idx: &Tensor, teacher_logits: &Tensor) 
     (log_p.exp()? * (log_p - log_q)?)?
         .sum_keepdim(1)?
         .mean_all()
+}
+
+/// [`crate::choose::tail_kl`] averaged over positions, differentiable in `logits (T,
+/// vocab)`: the teacher's log-probabilities `teacher_logp (T, k)` (under its full softmax)
+/// at `teacher_idx (T, k)` u32, and the rest of its mass as one more outcome.
+pub fn top_k_tail_kl(
+    logits: &Tensor,
+    teacher_idx: &Tensor,
+    teacher_logp: &Tensor,
+) -> Result<Tensor> {
+    let floor = crate::choose::TAIL_FLOOR;
+    let max = logits.max_keepdim(1)?;
+    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + &max)?;
+    let log_q = logits.gather(teacher_idx, 1)?.broadcast_sub(&lse)?;
+    let p = teacher_logp.exp()?;
+    let top = (&p * (teacher_logp - &log_q)?)?.sum_keepdim(1)?;
+    let p_tail = p.sum_keepdim(1)?.affine(-1.0, 1.0)?.clamp(floor, 1.0)?;
+    let q_tail = log_q
+        .exp()?
+        .sum_keepdim(1)?
+        .affine(-1.0, 1.0)?
+        .clamp(floor, 1.0)?;
+    let tail = (&p_tail * (p_tail.log()? - q_tail.log()?)?)?;
+    (top + tail)?.mean_all()
 }
 
 /// Mean entropy in bits of the gates `g` (each a 1-element tensor).

@@ -1,0 +1,162 @@
+//! End-to-end KL fine-tuning of a converted model: the student (its converted layers
+//! fixed, hard routes) reads windows of the training text and learns to match the dense
+//! teacher's next-token distribution, KL(teacher ‖ student) over the teacher's top-k and
+//! the tail ([`crate::choose::tail_kl`]), with only small parts trainable: low-rank
+//! adapters on the feed-forward blocks (and whatever else the caller passes, e.g. the
+//! SSMs). Layer-local fits do not compose over 20 layers
+//! (docs/HYBRID.md); this stage corrects what the layers do together, where it shows.
+
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::choose::TeacherWindows;
+use crate::optim::{clip_grad_norm, warmup_cosine, AdamW};
+use crate::student::{top_k_tail_kl, Route, Student};
+use crate::TrainError;
+
+/// How [`finetune_kl`] trains.
+#[derive(Debug, Clone)]
+pub struct FinetuneOptions {
+    /// Optimizer steps, one teacher window each (cycling when there are fewer windows).
+    pub steps: usize,
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub grad_clip: f64,
+    pub betas: [f64; 2],
+}
+
+/// One step of [`finetune_kl`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinetuneStep {
+    pub step: usize,
+    /// KL per scored position, nats, before this step's update.
+    pub kl: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Training tokens read per second so far.
+    pub tokens_per_s: f64,
+}
+
+fn numeric(e: candle_core::Error) -> TrainError {
+    TrainError::Numeric {
+        what: e.to_string(),
+    }
+}
+
+/// Trains `vars` (variables of `student`) for `opts.steps` steps of KL to `teacher`, one of
+/// its windows per step in order, the student on [`Route::Hard`]. `on_step` sees each step.
+pub fn finetune_kl(
+    student: &Student,
+    teacher: &TeacherWindows,
+    vars: Vec<Var>,
+    opts: &FinetuneOptions,
+    on_step: &mut dyn FnMut(&FinetuneStep),
+) -> Result<Vec<FinetuneStep>, TrainError> {
+    if vars.is_empty() {
+        return Err(TrainError::Numeric {
+            what: "KL fine-tuning was given nothing to train".into(),
+        });
+    }
+    let dev = student.embd.device().clone();
+    let (seq, first, k) = (teacher.seq_len, teacher.first_scored, teacher.top_k);
+    let per_window = seq - first;
+    let mut opt = AdamW::new(vars.clone(), opts.betas, 0.0).map_err(numeric)?;
+    let mut history = Vec::with_capacity(opts.steps);
+    let start = Instant::now();
+    for step in 0..opts.steps {
+        let w = step % teacher.n_windows();
+        let tokens = &teacher.tokens[w * seq..(w + 1) * seq];
+        let rows = w * per_window * k..(w + 1) * per_window * k;
+        let ids = Tensor::from_slice(&teacher.top_ids[rows.clone()], (per_window, k), &dev);
+        let logp = Tensor::from_slice(&teacher.top_logp[rows], (per_window, k), &dev);
+        let (logits, _) = student.forward(tokens, Route::Hard).map_err(numeric)?;
+        let loss = top_k_tail_kl(
+            &logits.narrow(0, first, per_window).map_err(numeric)?,
+            &ids.map_err(numeric)?,
+            &logp.map_err(numeric)?,
+        )
+        .map_err(numeric)?;
+        let kl = loss.to_scalar::<f32>().map_err(numeric)? as f64;
+        if !kl.is_finite() {
+            return Err(TrainError::Numeric {
+                what: format!("KL fine-tuning diverged at step {step} (loss {kl})"),
+            });
+        }
+        let mut grads = loss.backward().map_err(numeric)?;
+        let grad_norm = clip_grad_norm(&mut grads, &vars, opts.grad_clip).map_err(numeric)?;
+        let lr = warmup_cosine(step, opts.warmup_steps, opts.steps, opts.lr);
+        opt.step(&grads, lr).map_err(numeric)?;
+        let report = FinetuneStep {
+            step,
+            kl,
+            lr,
+            grad_norm,
+            tokens_per_s: ((step + 1) * seq) as f64 / start.elapsed().as_secs_f64(),
+        };
+        on_step(&report);
+        history.push(report);
+    }
+    Ok(history)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::choose::tail_kl;
+    use candle_core::Device;
+
+    fn log_softmax(z: &[f32]) -> Vec<f64> {
+        let max = z.iter().fold(f32::MIN, |m, &v| m.max(v)) as f64;
+        let lse = max + z.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+        z.iter().map(|&v| v as f64 - lse).collect()
+    }
+
+    /// The candle loss against the f64 one; 0 for the teacher itself; the exact KL when the
+    /// top k is the whole vocabulary; and the tail counts: a student that puts the tail's
+    /// mass on the top k scores worse than one that keeps it.
+    #[test]
+    fn tail_kl_in_candle_and_in_f64_agree_and_keep_the_tail() {
+        let vocab = 12;
+        let teacher: Vec<f32> = (0..vocab)
+            .map(|i| ((i * 7 % 5) as f32) * 0.6 - 1.0)
+            .collect();
+        let student: Vec<f32> = (0..vocab)
+            .map(|i| ((i * 3 % 7) as f32) * 0.4 - 0.5)
+            .collect();
+        let (lp, lq) = (log_softmax(&teacher), log_softmax(&student));
+        let mut ids: Vec<u32> = (0..vocab as u32).collect();
+        ids.sort_by(|a, b| lp[*b as usize].total_cmp(&lp[*a as usize]));
+        for k in [4, vocab] {
+            let top: Vec<u32> = ids[..k].to_vec();
+            let top_lp: Vec<f32> = top.iter().map(|&i| lp[i as usize] as f32).collect();
+            let top_lq: Vec<f64> = top.iter().map(|&i| lq[i as usize]).collect();
+            let want = tail_kl(&top_lp, &top_lq);
+            let dev = Device::Cpu;
+            let logits = Tensor::from_slice(&student, (1, vocab), &dev).unwrap();
+            let idx = Tensor::from_slice(&top, (1, k), &dev).unwrap();
+            let logp = Tensor::from_slice(&top_lp, (1, k), &dev).unwrap();
+            let got = top_k_tail_kl(&logits, &idx, &logp)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                (got as f64 - want).abs() < 1e-5,
+                "k {k}: candle {got}, f64 {want}"
+            );
+            let own: Vec<f64> = top_lp.iter().map(|&v| v as f64).collect();
+            assert!(tail_kl(&top_lp, &own).abs() < 1e-6);
+            if k == vocab {
+                let exact: f64 = lp.iter().zip(&lq).map(|(p, q)| p.exp() * (p - q)).sum();
+                assert!((want - exact).abs() < 1e-4, "{want} vs {exact}");
+            }
+        }
+        // The teacher's own top 4 renormalised (no tail) against the teacher itself.
+        let top_lp: Vec<f32> = ids[..4].iter().map(|&i| lp[i as usize] as f32).collect();
+        let mass: f64 = top_lp.iter().map(|&v| (v as f64).exp()).sum();
+        let drained: Vec<f64> = top_lp.iter().map(|&v| v as f64 - mass.ln()).collect();
+        let kept: Vec<f64> = top_lp.iter().map(|&v| v as f64).collect();
+        assert!(tail_kl(&top_lp, &drained) > tail_kl(&top_lp, &kept) + 0.1);
+    }
+}
