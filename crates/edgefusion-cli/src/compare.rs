@@ -212,13 +212,21 @@ pub fn run(args: CompareArgs) -> Result<()> {
             "-t".into(),
             threads.to_string(),
         ];
-        if run_dir.join("checkpoints").is_dir() {
+        if run_dir.join("checkpoints").is_dir() || run_dir.join("finetune").is_dir() {
             argv.push("--resume".into());
         }
         subcommand(&argv)?;
     }
     let pure = models.join("mamba-pure.gguf");
-    if !pure.exists() {
+    // Mamba-pure hardens a router checkpoint: a greedy conversion has none.
+    let has_router = !edgefusion_train::checkpoint::list(&run_dir.join("checkpoints")).is_empty();
+    if !has_router && !pure.exists() {
+        eprintln!(
+            "compare: no Mamba-pure row: {} has no router checkpoint (conversion.layer_choice greedy trains none)",
+            run_dir.display()
+        );
+    }
+    if has_router && !pure.exists() {
         eprintln!("compare: Mamba-pure from the run's last checkpoint");
         subcommand(&[
             "harden".into(),
@@ -291,8 +299,20 @@ pub fn run(args: CompareArgs) -> Result<()> {
             "EdgeFusion",
             hybrid,
             format!(
-                "hybrid at target share {}, EFQ at {} bits per weight ({}% outliers at 6 bits)",
-                config.router.target_ssm_fraction.unwrap_or(0.0),
+                "{}, EFQ at {} bits per weight ({}% outliers at 6 bits)",
+                match config.conversion.layer_choice {
+                    edgefusion_train::config::LayerChoiceMethod::Greedy => format!(
+                        "{} converted layers chosen jointly{}, end-to-end KL with rank-{} adapters on the feed-forward blocks ({} steps)",
+                        converted.len(),
+                        if config.conversion.ssm_beside_window { ", SSM beside the window" } else { "" },
+                        config.conversion.lora_rank,
+                        config.conversion.finetune_steps
+                    ),
+                    edgefusion_train::config::LayerChoiceMethod::Gates => format!(
+                        "hybrid at target share {}",
+                        config.router.target_ssm_fraction.unwrap_or(0.0)
+                    ),
+                },
                 q.bpw,
                 100.0 * q.outliers
             ),
@@ -301,6 +321,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
     if converted.is_empty() {
         variants.retain(|v| v.0 != "Window-only");
     }
+    variants.retain(|v| v.0 != "Mamba-pure" || v.1.exists());
     let mut report = CompareReport {
         base: arg(&args.base),
         threads,

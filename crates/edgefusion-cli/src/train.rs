@@ -11,19 +11,27 @@ use edgefusion_train::TrainConfig;
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  \
+    edgefusion train --config configs/smollm2_135m.yaml --output-dir runs/smollm2\n  \
     edgefusion train --config configs/smollm2_135m.yaml --output-dir runs/smollm2 --dry-run\n  \
     edgefusion train --config configs/edgefusion_7b.yaml --output-dir runs/7b --dry-run\n\n\
     --dry-run validates the configuration, reads the base model's shapes (or the config's\n\
     `architecture` when there are no weights) and prints the plan: parameters dense and\n\
     hybrid, GFLOP/token, bytes at the configured bits per weight, KV cache against SSM state\n\
     at several context lengths, whether the hybrid fits 4 GB, and the time of each stage on\n\
-    this machine. The stages: 1 teacher cache, 2 layer-local SSM distillation, 3 router\n\
-    training (λ adapts to reach target_ssm_fraction), 4 harden and quantize.\n\n\
-    Without --dry-run the stages run and write into --output-dir: teacher/ (stage 1's\n\
-    16-bit cache), distill/ (each layer's SSM), hybrid_distill.gguf (layers chosen by\n\
-    distillation error alone), metrics.jsonl, checkpoint_final/model.gguf (the hardened\n\
-    hybrid, with router.json) and checkpoint_quantized/model.gguf. A second run reuses the\n\
-    finished teacher cache and distilled layers.")]
+    this machine.\n\n\
+    conversion.layer_choice picks the method. `greedy` (configs/smollm2_135m.yaml): 1 the\n\
+    joint layer choice (every layer starts as sink + window softmax, full attention is\n\
+    given back one layer at a time where the KL to the dense model falls most), 2\n\
+    end-to-end KL to the dense model with low-rank adapters on the feed-forward blocks (and\n\
+    the SSM beside each window with ssm_beside_window), 3 quantize. It writes choice.json,\n\
+    finetune/ (checkpoints), metrics.jsonl, checkpoint_final/model.gguf (adapters merged)\n\
+    and checkpoint_quantized/model.gguf; a second run reuses the choice, --resume continues\n\
+    the fine-tuning. `gates`: 1 teacher cache, 2 layer-local SSM distillation, 3 router\n\
+    training (λ adapts to reach target_ssm_fraction), 4 harden and quantize, writing\n\
+    teacher/ (stage 1's 16-bit cache), distill/ (each layer's SSM), hybrid_distill.gguf\n\
+    (layers chosen by distillation error alone), checkpoints/, metrics.jsonl,\n\
+    checkpoint_final/model.gguf (with router.json) and checkpoint_quantized/model.gguf; a\n\
+    second run reuses the teacher cache and distilled layers.")]
 pub struct TrainArgs {
     /// Training configuration (YAML; see configs/).
     #[arg(long)]
@@ -38,7 +46,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// Run every stage on a small slice (100 router steps of one sequence of ≤ 64 tokens,
-    /// a teacher cache of 32 sequences): a check of the whole setup in minutes.
+    /// a teacher cache of 32 sequences; or a choice on one short window and 10 fine-tuning
+    /// steps of ≤ 128 tokens): a check of the whole setup in minutes.
     #[arg(long)]
     pub debug: bool,
     /// Keep the base weights frozen in router training (`false`: fine-tune them all with
@@ -48,11 +57,12 @@ pub struct TrainArgs {
     /// Stop after writing checkpoint_final/ (no checkpoint_quantized/).
     #[arg(long)]
     pub skip_quantization: bool,
-    /// Continue router training from the newest checkpoint in OUTPUT_DIR/checkpoints
-    /// (weights, optimizer moments, λ, step and data position: the run goes on exactly).
+    /// Continue training from the newest checkpoint in OUTPUT_DIR (checkpoints/ of the
+    /// router, finetune/ of a greedy conversion: weights, optimizer moments, step and data
+    /// position, so the run goes on exactly).
     #[arg(long)]
     pub resume: bool,
-    /// Write a checkpoint and stop after this router step (to test --resume).
+    /// Write a checkpoint and stop after this training step (to test --resume).
     #[arg(long, hide = true)]
     pub stop_after_steps: Option<usize>,
     /// Threads [default: physical cores].
@@ -63,10 +73,18 @@ pub struct TrainArgs {
 pub fn run(args: TrainArgs) -> Result<()> {
     let config = TrainConfig::load(&args.config)?.with_overrides(args.freeze_base, args.debug);
     if args.debug {
-        println!(
-            "debug: {} router steps of 1 × {} tokens, teacher cache {} tokens",
-            config.stages.router_steps, config.data.seq_len, config.stages.teacher_tokens
-        );
+        let c = &config.conversion;
+        if c.layer_choice == edgefusion_train::config::LayerChoiceMethod::Greedy {
+            println!(
+                "debug: choice on {} × {} tokens, {} fine-tuning steps of {} tokens",
+                c.choice_windows, c.choice_ctx, c.finetune_steps, c.finetune_seq_len
+            );
+        } else {
+            println!(
+                "debug: {} router steps of 1 × {} tokens, teacher cache {} tokens",
+                config.stages.router_steps, config.data.seq_len, config.stages.teacher_tokens
+            );
+        }
     }
     let threads = crate::common::threads(args.threads)?;
     let base = args
@@ -161,6 +179,124 @@ pub fn run(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// The stages of `conversion.layer_choice: greedy`, with progress bars.
+fn train_greedy(
+    args: &TrainArgs,
+    config: &TrainConfig,
+    (source, gguf): (&ModelSource, &edgefusion_io::gguf::GgufFile),
+    model: &edgefusion_model::Model<'_>,
+    tokens: &[u32],
+    threads: usize,
+    bar: &indicatif::ProgressBar,
+) -> Result<()> {
+    use edgefusion_train::convert::greedy_stages;
+    use edgefusion_train::run::{Event, RunOptions};
+    let start = std::time::Instant::now();
+    let conv = &config.conversion;
+    let steps = conv.finetune_steps;
+    let log_every = config.logging.log_every.max(1);
+    let say = |bar: &indicatif::ProgressBar, line: String| {
+        if bar.is_hidden() {
+            println!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
+    let outcome = greedy_stages(
+        config,
+        source,
+        gguf,
+        model,
+        tokens,
+        &config.data.train.display().to_string(),
+        &args.output_dir,
+        threads,
+        &RunOptions {
+            skip_quantization: args.skip_quantization,
+            resume: args.resume,
+            stop_after: args.stop_after_steps,
+        },
+        &mut |event| match event {
+            Event::ChoiceCached => println!("choice: found in the run folder, reused"),
+            Event::Choosing { done, total } => {
+                bar.set_prefix("1 choice");
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+                bar.set_message("forward passes (KL with each layer restored)");
+            }
+            Event::ChoiceDone(choice) => {
+                bar.finish_and_clear();
+                bar.reset();
+                let kept: Vec<String> = choice.converted.iter().map(|l| l.to_string()).collect();
+                println!(
+                    "choice: {} layers to sink {} + window {}: {} (KL per token {:.4} with all converted, {:.4} chosen; {} passes, {:.0} s)",
+                    choice.converted.len(),
+                    conv.sink,
+                    conv.window,
+                    kept.join(" "),
+                    choice.kl_all_converted,
+                    choice.kl_final,
+                    choice.evaluations,
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            Event::TeacherProgress { done, total } => {
+                bar.set_prefix("2 teacher");
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+                bar.set_message(format!("windows of {} tokens", conv.finetune_seq_len));
+                if done == total {
+                    bar.reset();
+                }
+            }
+            Event::Resumed { step } => {
+                println!("fine-tune: resumed from the checkpoint of step {step}")
+            }
+            Event::FinetuneStep(s) => {
+                bar.set_prefix("2 fine-tune");
+                bar.set_length(steps as u64);
+                bar.set_position(s.step as u64 + 1);
+                bar.set_message(format!("kl {:.4} {:.0} tok/s", s.kl, s.tokens_per_s));
+                if s.step % log_every == 0 || s.step + 1 == steps {
+                    say(
+                        bar,
+                        format!(
+                            "step {:4}: kl {:.4} grad {:.3} lr {:.2e} {:.0} tok/s",
+                            s.step, s.kl, s.grad_norm, s.lr, s.tokens_per_s
+                        ),
+                    );
+                }
+            }
+            Event::Quantizing { done, total } => {
+                bar.set_prefix("3 quantize");
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+                bar.set_message(String::new());
+            }
+            _ => {}
+        },
+    )?;
+    bar.finish_and_clear();
+    println!(
+        "hybrid: {} of {} layers converted ({}{}), {} fine-tuning steps this run",
+        outcome.choice.converted.len(),
+        outcome.layer_types.len(),
+        if conv.ssm_beside_window {
+            "SSM beside "
+        } else {
+            ""
+        },
+        format_args!("sink {} + window {}", conv.sink, conv.window),
+        outcome.finetune.len()
+    );
+    println!("wrote {}", outcome.final_model.display());
+    if let Some(q) = &outcome.quantized {
+        println!("wrote {}", q.display());
+    }
+    println!("total {:.0} s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
 /// Stages 1 and 2, with progress bars; the router (stage 3) and hardening come next.
 fn train(
     args: &TrainArgs,
@@ -222,6 +358,17 @@ fn train(
     let bar = ProgressBar::new(0).with_style(style);
     let n_layers = model.config.n_layers;
     let start = std::time::Instant::now();
+    if config.conversion.layer_choice == edgefusion_train::config::LayerChoiceMethod::Greedy {
+        return train_greedy(
+            args,
+            config,
+            (gguf_source, gguf),
+            &model,
+            &tokens,
+            threads,
+            &bar,
+        );
+    }
     let outcome = distill_stages(
         config,
         gguf,
@@ -265,10 +412,7 @@ fn train(
                     r.layer, r.val_loss_init, r.val_loss, r.steps, r.seconds
                 );
             }
-            Event::RouterStep(_)
-            | Event::Quantizing { .. }
-            | Event::Resumed { .. }
-            | Event::SkippedStep { .. } => {}
+            _ => {}
         },
     )?;
     bar.finish_and_clear();

@@ -404,7 +404,10 @@ fn train_dry_run_plans_both_shipped_configs() {
         ]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{}", stderr(&out));
-        assert!(text.contains("20 of 30 layers SSM"), "{text}");
+        assert!(
+            text.contains("20 of 30 layers converted to sink 4 + window 64"),
+            "{text}"
+        );
         assert!(text.contains("134.52 M"), "{text}");
     } else if std::env::var("EDGEFUSION_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
         panic!(

@@ -8,7 +8,7 @@ use edgefusion_model::{LayerType, Model};
 use edgefusion_train::align::{align_layers, AlignEvent, AlignOptions};
 use edgefusion_train::choose::{greedy_restore, teacher_windows, teacher_windows_from};
 use edgefusion_train::distill::{from_vars, DistillOptions};
-use edgefusion_train::finetune::{finetune_kl, FinetuneOptions};
+use edgefusion_train::finetune::{finetune_kl, finetune_optimizer, FinetuneOptions};
 use edgefusion_train::init::{
     hybrid_layout, ssm_from_attention, write_hybrid_tuned, SsmInitSource,
 };
@@ -152,13 +152,15 @@ fn main() {
             grad_clip: 1.0,
             betas: [0.9, 0.95],
         };
-        finetune_kl(&st, &tw, vars, &opts, &mut |r| {
+        let mut opt = finetune_optimizer(vars, &opts).unwrap();
+        finetune_kl(&st, &tw, &mut opt, &opts, &mut |r, _| {
             if r.step % 10 == 0 || r.step + 1 == steps {
                 println!(
                     "step {} kl {:.4} grad {:.3} {:.0} tok/s",
                     r.step, r.kl, r.grad_norm, r.tokens_per_s
                 );
             }
+            Ok(())
         })
         .unwrap();
         let tuned = st.merged_ffn().unwrap();

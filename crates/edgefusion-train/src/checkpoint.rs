@@ -35,8 +35,14 @@ pub struct CheckpointMeta {
 /// FNV-1a of the configuration fields that shape training (not logging or checkpointing).
 pub fn fingerprint(config: &TrainConfig) -> String {
     let text = format!(
-        "{:?}|{:?}|{:?}|{:?}|{:?}|{}",
-        config.data, config.ssm, config.router, config.optimizer, config.stages, config.seed
+        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",
+        config.data,
+        config.ssm,
+        config.router,
+        config.optimizer,
+        config.stages,
+        config.conversion,
+        config.seed
     );
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in text.bytes() {

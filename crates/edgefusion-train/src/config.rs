@@ -18,6 +18,9 @@ pub struct TrainConfig {
     pub optimizer: OptimizerSection,
     pub stages: StagesSection,
     pub quantization: QuantizationSection,
+    /// How layers are chosen and trained (absent: the learned router, stages 2–4).
+    #[serde(default)]
+    pub conversion: ConversionSection,
     #[serde(default)]
     pub logging: LoggingSection,
     #[serde(default)]
@@ -199,6 +202,89 @@ fn default_embedding_bits() -> u8 {
     4
 }
 
+/// How the converted layers are chosen: `greedy` measures it (every layer starts converted,
+/// full attention is restored one layer at a time where it lowers the KL to the dense
+/// model most), `gates` learns it (the router of stages 2–4).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerChoiceMethod {
+    Greedy,
+    Gates,
+}
+
+/// The converted layer and, for `layer_choice: greedy`, the stages that make it: the joint
+/// choice, then end-to-end KL with low-rank adapters on the feed-forward blocks
+/// (docs/HYBRID.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConversionSection {
+    pub layer_choice: LayerChoiceMethod,
+    /// Last positions a converted layer's softmax attention sees (0: none, a pure SSM).
+    #[serde(default)]
+    pub window: usize,
+    /// First positions it always sees (attention sinks).
+    #[serde(default)]
+    pub sink: usize,
+    /// Greedy: an SSM beside each window (trained in the KL stage), or the window alone.
+    #[serde(default)]
+    pub ssm_beside_window: bool,
+    /// Greedy: tokens per window the choice scores (read from the end of `data.train`).
+    #[serde(default = "default_choice_ctx")]
+    pub choice_ctx: usize,
+    /// Greedy: windows the choice scores.
+    #[serde(default = "default_choice_windows")]
+    pub choice_windows: usize,
+    /// Greedy: optimizer steps of end-to-end KL, one window of `finetune_seq_len` tokens of
+    /// `data.train` each (0: convert without training).
+    #[serde(default)]
+    pub finetune_steps: usize,
+    #[serde(default = "default_finetune_seq_len")]
+    pub finetune_seq_len: usize,
+    /// Rank of the adapters on the gate, up and down projections (0: none).
+    #[serde(default = "default_lora_rank")]
+    pub lora_rank: usize,
+    /// Adapter scale α (the update is α/rank · B A).
+    #[serde(default = "default_lora_alpha")]
+    pub lora_alpha: f64,
+}
+
+impl Default for ConversionSection {
+    fn default() -> Self {
+        ConversionSection {
+            layer_choice: LayerChoiceMethod::Gates,
+            window: 0,
+            sink: 0,
+            ssm_beside_window: false,
+            choice_ctx: default_choice_ctx(),
+            choice_windows: default_choice_windows(),
+            finetune_steps: 0,
+            finetune_seq_len: default_finetune_seq_len(),
+            lora_rank: default_lora_rank(),
+            lora_alpha: default_lora_alpha(),
+        }
+    }
+}
+
+fn default_choice_ctx() -> usize {
+    1024
+}
+
+fn default_choice_windows() -> usize {
+    2
+}
+
+fn default_finetune_seq_len() -> usize {
+    512
+}
+
+fn default_lora_rank() -> usize {
+    8
+}
+
+fn default_lora_alpha() -> f64 {
+    8.0
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoggingSection {
@@ -253,7 +339,9 @@ impl TrainConfig {
     /// The same run on a small slice, to check a setup end to end in minutes (`--debug`):
     /// sequences of at most 64 tokens, one per step, a teacher cache of 32 sequences, one
     /// distillation pass, [`DEBUG_STEPS`] router steps (warmup at most 10, checkpoints every
-    /// 50) and calibration on at most 2048 tokens. Model, SSM, router and quantization
+    /// 50) and calibration on at most 2048 tokens; a greedy conversion scores one window of
+    /// at most twice the converted layer's span (≥ 128) and fine-tunes at most 10 steps of
+    /// at most 128 tokens. Model, SSM, router and quantization
     /// settings are kept.
     pub fn debug_slice(&self) -> Self {
         let mut c = self.clone();
@@ -267,6 +355,11 @@ impl TrainConfig {
         c.quantization.calib_tokens = c.quantization.calib_tokens.min(2048);
         c.logging.log_every = c.logging.log_every.min(10);
         c.checkpointing.every = 50;
+        let conv = &mut c.conversion;
+        conv.choice_ctx = conv.choice_ctx.min(2 * (conv.window + conv.sink).max(64));
+        conv.choice_windows = 1;
+        conv.finetune_steps = conv.finetune_steps.min(10);
+        conv.finetune_seq_len = conv.finetune_seq_len.min(128);
         c
     }
 
@@ -488,6 +581,57 @@ impl TrainConfig {
                 format!("{} must be in 2..=4", q.embedding_bits),
             );
         }
+        let c = &self.conversion;
+        if c.sink > 0 && c.window == 0 {
+            return fail(
+                "conversion.sink",
+                format!("{} needs a window (conversion.window is 0)", c.sink),
+            );
+        }
+        if c.layer_choice == LayerChoiceMethod::Greedy {
+            if c.window == 0 {
+                return fail(
+                    "conversion.window",
+                    "layer_choice greedy converts layers to sink + window attention: give a window"
+                        .into(),
+                );
+            }
+            if c.choice_ctx <= c.window + c.sink {
+                return fail(
+                    "conversion.choice_ctx",
+                    format!(
+                        "{} must exceed window {} + sink {}: shorter windows cannot tell a converted layer from full attention",
+                        c.choice_ctx, c.window, c.sink
+                    ),
+                );
+            }
+            if c.choice_windows == 0 {
+                return fail("conversion.choice_windows", "must be at least 1".into());
+            }
+            if !(8..=1 << 16).contains(&c.finetune_seq_len) {
+                return fail(
+                    "conversion.finetune_seq_len",
+                    format!("{} must be in 8..=65536", c.finetune_seq_len),
+                );
+            }
+            if c.finetune_steps > 0 && c.lora_rank == 0 && !c.ssm_beside_window {
+                return fail(
+                    "conversion.finetune_steps",
+                    "nothing to train: give lora_rank > 0 or ssm_beside_window: true".into(),
+                );
+            }
+            if !(c.lora_alpha > 0.0 && c.lora_alpha.is_finite()) {
+                return fail(
+                    "conversion.lora_alpha",
+                    format!("{} must be positive", c.lora_alpha),
+                );
+            }
+        } else if c.ssm_beside_window || c.finetune_steps > 0 {
+            return fail(
+                "conversion",
+                "ssm_beside_window and finetune_steps belong to layer_choice: greedy".into(),
+            );
+        }
         if self.logging.log_every == 0 {
             return fail("logging.log_every", "must be at least 1".into());
         }
@@ -570,7 +714,7 @@ mod tests {
     #[test]
     fn bad_configs_name_the_file_field_and_rule() {
         // (edit of the valid file, words the error must contain)
-        let cases: [(&str, &str, &[&str]); 9] = [
+        let cases: [(&str, &str, &[&str]); 12] = [
             (
                 "  d_state: 32",
                 "  d_state: 0",
@@ -611,6 +755,21 @@ mod tests {
                 "  gate_lr: 0.1",
                 "  gate_lr: -1",
                 &["router.gate_lr", "positive"],
+            ),
+            (
+                "  window: 64 ",
+                "  window: 0 ",
+                &["test.yaml", "conversion.sink", "needs a window"],
+            ),
+            (
+                "  choice_ctx: 1024",
+                "  choice_ctx: 60",
+                &["conversion.choice_ctx", "window 64 + sink 4"],
+            ),
+            (
+                "  layer_choice: greedy",
+                "  layer_choice: gates",
+                &["conversion", "belong to layer_choice: greedy"],
             ),
         ];
         for (from, to, words) in cases {

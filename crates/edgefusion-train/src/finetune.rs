@@ -45,27 +45,35 @@ fn numeric(e: candle_core::Error) -> TrainError {
     }
 }
 
-/// Trains `vars` (variables of `student`) for `opts.steps` steps of KL to `teacher`, one of
-/// its windows per step in order, the student on [`Route::Hard`]. `on_step` sees each step.
-pub fn finetune_kl(
-    student: &Student,
-    teacher: &TeacherWindows,
-    vars: Vec<Var>,
-    opts: &FinetuneOptions,
-    on_step: &mut dyn FnMut(&FinetuneStep),
-) -> Result<Vec<FinetuneStep>, TrainError> {
+/// A fresh optimizer over `vars` for [`finetune_kl`] (with no weight decay: the adapters
+/// start at zero and the SSMs from attention, and both should move only as the KL asks).
+pub fn finetune_optimizer(vars: Vec<Var>, opts: &FinetuneOptions) -> Result<AdamW, TrainError> {
     if vars.is_empty() {
         return Err(TrainError::Numeric {
             what: "KL fine-tuning was given nothing to train".into(),
         });
     }
+    AdamW::new(vars, opts.betas, 0.0).map_err(numeric)
+}
+
+/// Trains the variables of `opt` (variables of `student`) from step `opt.t` to `opts.steps`
+/// by KL to `teacher`, step `s` reading window `s mod n_windows` (so a resumed run reads
+/// what an unbroken one would), the student on [`Route::Hard`]. `on_step` sees each step
+/// and the optimizer after it (to checkpoint); an error from it stops training.
+pub fn finetune_kl(
+    student: &Student,
+    teacher: &TeacherWindows,
+    opt: &mut AdamW,
+    opts: &FinetuneOptions,
+    on_step: &mut dyn FnMut(&FinetuneStep, &AdamW) -> Result<(), TrainError>,
+) -> Result<Vec<FinetuneStep>, TrainError> {
     let dev = student.embd.device().clone();
     let (seq, first, k) = (teacher.seq_len, teacher.first_scored, teacher.top_k);
     let per_window = seq - first;
-    let mut opt = AdamW::new(vars.clone(), opts.betas, 0.0).map_err(numeric)?;
-    let mut history = Vec::with_capacity(opts.steps);
+    let first_step = opt.t;
+    let mut history = Vec::with_capacity(opts.steps.saturating_sub(first_step));
     let start = Instant::now();
-    for step in 0..opts.steps {
+    for step in first_step..opts.steps {
         let w = step % teacher.n_windows();
         let tokens = &teacher.tokens[w * seq..(w + 1) * seq];
         let rows = w * per_window * k..(w + 1) * per_window * k;
@@ -85,7 +93,7 @@ pub fn finetune_kl(
             });
         }
         let mut grads = loss.backward().map_err(numeric)?;
-        let grad_norm = clip_grad_norm(&mut grads, &vars, opts.grad_clip).map_err(numeric)?;
+        let grad_norm = clip_grad_norm(&mut grads, &opt.vars, opts.grad_clip).map_err(numeric)?;
         let lr = warmup_cosine(step, opts.warmup_steps, opts.steps, opts.lr);
         opt.step(&grads, lr).map_err(numeric)?;
         let report = FinetuneStep {
@@ -93,9 +101,9 @@ pub fn finetune_kl(
             kl,
             lr,
             grad_norm,
-            tokens_per_s: ((step + 1) * seq) as f64 / start.elapsed().as_secs_f64(),
+            tokens_per_s: ((step + 1 - first_step) * seq) as f64 / start.elapsed().as_secs_f64(),
         };
-        on_step(&report);
+        on_step(&report, opt)?;
         history.push(report);
     }
     Ok(history)

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod choose;
 pub mod config;
+pub mod convert;
 pub mod distill;
 pub mod finetune;
 pub mod frozen;
@@ -48,7 +49,7 @@ pub enum TrainError {
     #[error("{path}: {what}")]
     Io { path: String, what: String },
     /// The run stopped on request after this router step (its checkpoint is written).
-    #[error("stopped after router step {step} as asked; continue with --resume")]
+    #[error("stopped after step {step} as asked; continue with --resume")]
     Stopped { step: usize },
     /// A tensor operation that failed during training.
     #[error("training: {what}")]

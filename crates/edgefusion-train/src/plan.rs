@@ -3,7 +3,8 @@
 
 use edgefusion_model::{Arch, LayerType, ModelConfig, RopeScaling, RopeStyle};
 
-use crate::config::{Architecture, TrainConfig};
+use crate::config::{Architecture, LayerChoiceMethod, TrainConfig};
+use crate::convert::CHOICE_CANDIDATES;
 use crate::TrainError;
 
 /// Context lengths the memory table shows.
@@ -118,6 +119,19 @@ pub fn plan(
         .collect();
     hybrid.ssm_d_state = cfg.ssm.d_state;
     hybrid.ssm_d_conv = cfg.ssm.d_conv;
+    let conv = &cfg.conversion;
+    let greedy = conv.layer_choice == LayerChoiceMethod::Greedy;
+    if greedy {
+        hybrid.window = conv.window;
+        hybrid.sink = conv.sink;
+        if !conv.ssm_beside_window {
+            for t in hybrid.layer_types.iter_mut() {
+                if *t == LayerType::Ssm {
+                    *t = LayerType::Window;
+                }
+            }
+        }
+    }
     let (attention_params, ssm_params) = (hybrid.attention_params(), hybrid.ssm_params());
     if ssm_params > attention_params {
         return Err(TrainError::Config {
@@ -138,7 +152,7 @@ pub fn plan(
         let efq_bpw =
             |bits: f64, n_in: usize| bits + 12.0 / 128.0 + q.outliers * 24.0 + 16.0 / n_in as f64;
         let small = m.n_params() - m.n_block_params() - heads * embd;
-        let ssm_f32 = (m.n_layers - m.n_attention_layers())
+        let ssm_f32 = m.count_layers(LayerType::Ssm)
             * (2 * m.n_kv_heads * m.d_model + m.ssm_channels() * m.ssm_d_conv);
         let linear = m.n_block_params() - ssm_f32;
         let quantized_bytes = (linear as f64 * efq_bpw(q.bpw, m.d_model)
@@ -172,59 +186,110 @@ pub fn plan(
     let stage2 = 6.0 * p_ssm_all * (teacher_tokens * s.distill_epochs) as f64;
     // Both branches forward, activation gradients through the frozen base, SSM gradients.
     let stage3 = (6.0 * (p_dense + p_ssm_all)) * router_tokens as f64;
-    let stages = vec![
-        StageEstimate {
-            name: "1 teacher cache",
-            tokens: teacher_tokens,
-            tflops: stage1 / 1e12,
-            seconds: stage1 / infer,
-            note: format!(
-                "writes {:.1} GB (per-layer mixer inputs/outputs and top-{} logits, 16-bit)",
-                teacher_cache_bytes / 1e9,
-                s.teacher_top_k
-            ),
-        },
-        StageEstimate {
-            name: "2 layer-local distillation",
-            tokens: teacher_tokens * s.distill_epochs,
-            tflops: stage2 / 1e12,
-            seconds: stage2 / train,
-            note: format!(
-                "{n_layers} SSM blocks, each against its attention, {} epoch(s)",
-                s.distill_epochs
-            ),
-        },
-        StageEstimate {
-            name: "3 router training",
-            tokens: router_tokens,
-            tflops: stage3 / 1e12,
-            seconds: stage3 / train,
-            note: format!(
-                "{} steps of {}×{} tokens, {}",
-                s.router_steps,
-                cfg.data.batch_size,
-                cfg.data.seq_len,
-                if s.freeze_base {
-                    "base frozen".to_string()
-                } else {
-                    // Weights, gradient and two moments of every base weight, in f32.
-                    format!(
-                        "full fine-tuning (base weights, gradients and moments: {:.1} GB)",
-                        16.0 * p_dense / 1e9
-                    )
-                }
-            ),
-        },
-        StageEstimate {
-            name: "4 harden + quantize",
-            tokens: q.calib_tokens,
-            tflops: 2.0 * hybrid.n_params() as f64 * q.calib_tokens as f64 / 1e12,
-            seconds: hybrid.n_params() as f64 / 1e6
-                * QUANTIZE_S_PER_MPARAM
-                * (20.0 / machine_gflops.max(1.0)).max(0.05),
-            note: format!("EFQ at {} bits per weight", q.bpw),
-        },
-    ];
+    let stages = if greedy {
+        // The choice: one pass with all converted, a round over every layer, then rounds
+        // over the best few (choose.rs); end-to-end KL: forward, then activation gradients
+        // through the frozen base (about twice the forward), adapter gradients negligible.
+        let rounds = n_layers - n_ssm;
+        let passes = 1 + n_layers + rounds.saturating_sub(1) * CHOICE_CANDIDATES.min(n_layers);
+        let choice_ctx = conv.choice_ctx.min(dense.n_ctx_train);
+        let choice_tokens = passes * conv.choice_windows * choice_ctx;
+        let choice = 2.0 * p_dense * choice_tokens as f64;
+        let finetune_tokens = conv.finetune_steps * conv.finetune_seq_len;
+        let finetune = 6.0 * p_dense * finetune_tokens as f64;
+        vec![
+            StageEstimate {
+                name: "1 joint layer choice",
+                tokens: choice_tokens,
+                tflops: choice / 1e12,
+                seconds: choice / infer,
+                note: format!(
+                    "{passes} forward passes over {} × {choice_ctx} tokens (KL with each layer restored)",
+                    conv.choice_windows
+                ),
+            },
+            StageEstimate {
+                name: "2 end-to-end KL",
+                tokens: finetune_tokens,
+                tflops: finetune / 1e12,
+                seconds: finetune / train,
+                note: format!(
+                    "{} steps of {} tokens, rank-{} adapters on the feed-forward blocks{}",
+                    conv.finetune_steps,
+                    conv.finetune_seq_len,
+                    conv.lora_rank,
+                    if conv.ssm_beside_window {
+                        " and the SSMs"
+                    } else {
+                        ""
+                    }
+                ),
+            },
+            StageEstimate {
+                name: "3 quantize",
+                tokens: q.calib_tokens,
+                tflops: 2.0 * hybrid.n_params() as f64 * q.calib_tokens as f64 / 1e12,
+                seconds: hybrid.n_params() as f64 / 1e6
+                    * QUANTIZE_S_PER_MPARAM
+                    * (20.0 / machine_gflops.max(1.0)).max(0.05),
+                note: format!("EFQ at {} bits per weight", q.bpw),
+            },
+        ]
+    } else {
+        vec![
+            StageEstimate {
+                name: "1 teacher cache",
+                tokens: teacher_tokens,
+                tflops: stage1 / 1e12,
+                seconds: stage1 / infer,
+                note: format!(
+                    "writes {:.1} GB (per-layer mixer inputs/outputs and top-{} logits, 16-bit)",
+                    teacher_cache_bytes / 1e9,
+                    s.teacher_top_k
+                ),
+            },
+            StageEstimate {
+                name: "2 layer-local distillation",
+                tokens: teacher_tokens * s.distill_epochs,
+                tflops: stage2 / 1e12,
+                seconds: stage2 / train,
+                note: format!(
+                    "{n_layers} SSM blocks, each against its attention, {} epoch(s)",
+                    s.distill_epochs
+                ),
+            },
+            StageEstimate {
+                name: "3 router training",
+                tokens: router_tokens,
+                tflops: stage3 / 1e12,
+                seconds: stage3 / train,
+                note: format!(
+                    "{} steps of {}×{} tokens, {}",
+                    s.router_steps,
+                    cfg.data.batch_size,
+                    cfg.data.seq_len,
+                    if s.freeze_base {
+                        "base frozen".to_string()
+                    } else {
+                        // Weights, gradient and two moments of every base weight, in f32.
+                        format!(
+                            "full fine-tuning (base weights, gradients and moments: {:.1} GB)",
+                            16.0 * p_dense / 1e9
+                        )
+                    }
+                ),
+            },
+            StageEstimate {
+                name: "4 harden + quantize",
+                tokens: q.calib_tokens,
+                tflops: 2.0 * hybrid.n_params() as f64 * q.calib_tokens as f64 / 1e12,
+                seconds: hybrid.n_params() as f64 / 1e6
+                    * QUANTIZE_S_PER_MPARAM
+                    * (20.0 / machine_gflops.max(1.0)).max(0.05),
+                note: format!("EFQ at {} bits per weight", q.bpw),
+            },
+        ]
+    };
     Ok(Plan {
         dense: dense.clone(),
         hybrid,
@@ -308,18 +373,35 @@ impl Plan {
             (None, Some(l)) => format!("fixed λ {l} (fraction not set: counted at 0.5)"),
             (None, None) => unreachable!("validated"),
         };
-        let _ = writeln!(
-            o,
-            "hybrid: {} of {} layers SSM ({target}); SSM d_state {}, d_conv {}, init from {}",
-            self.n_ssm_layers,
-            n,
-            cfg.ssm.d_state,
-            cfg.ssm.d_conv,
-            match cfg.ssm.init {
-                crate::config::SsmInit::Attention => "attention",
-                crate::config::SsmInit::Random => "random",
-            }
-        );
+        let conv = &cfg.conversion;
+        if conv.layer_choice == LayerChoiceMethod::Greedy {
+            let _ = writeln!(
+                o,
+                "hybrid: {} of {} layers converted to sink {} + window {} softmax{}, chosen jointly (greedy restore by KL)",
+                self.n_ssm_layers,
+                n,
+                conv.sink,
+                conv.window,
+                if conv.ssm_beside_window {
+                    format!(" with an SSM beside (d_state {})", cfg.ssm.d_state)
+                } else {
+                    String::new()
+                }
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "hybrid: {} of {} layers SSM ({target}); SSM d_state {}, d_conv {}, init from {}",
+                self.n_ssm_layers,
+                n,
+                cfg.ssm.d_state,
+                cfg.ssm.d_conv,
+                match cfg.ssm.init {
+                    crate::config::SsmInit::Attention => "attention",
+                    crate::config::SsmInit::Random => "random",
+                }
+            );
+        }
         let _ = writeln!(
             o,
             "mixer parameters: attention {}, SSM {} ({:.1} % of attention)\n",
@@ -446,10 +528,13 @@ mod tests {
 
     #[test]
     fn smollm2_plan_counts_what_the_architecture_implies() {
-        let cfg = config("smollm2_135m.yaml");
+        let shipped = config("smollm2_135m.yaml");
         let dense = smollm2();
         // SmolLM2-135M: 134.5 M parameters.
         assert_eq!(dense.n_params(), 134_515_008);
+        // The router's conversion: SSM layers.
+        let mut cfg = shipped.clone();
+        cfg.conversion = crate::config::ConversionSection::default();
         let p = plan(&cfg, &dense, 50.0, 2).unwrap();
         assert_eq!(p.n_ssm_layers, 20);
         assert_eq!(p.attention_params, 884_736);
@@ -468,6 +553,22 @@ mod tests {
         let text = p.render(&cfg);
         for words in ["20 of 30 layers SSM", "4 GB envelope", "3 router training"] {
             assert!(text.contains(words), "{text}");
+        }
+
+        // The shipped greedy conversion: 20 layers keep sink 4 + window 64 keys and values.
+        let p = plan(&shipped, &dense, 50.0, 2).unwrap();
+        assert_eq!(p.n_ssm_layers, 20);
+        assert_eq!(p.hybrid_figures.params, p.dense_figures.params);
+        let window = 20.0 * 2.0 * 192.0 * 68.0 * 2.0;
+        assert!((p.hybrid_figures.state_bytes[at4k] - (kv + window)).abs() < 1.0);
+        let text = p.render(&shipped);
+        for words in [
+            "20 of 30 layers converted to sink 4 + window 64",
+            "1 joint layer choice",
+            "2 end-to-end KL",
+            "60 steps of 512 tokens",
+        ] {
+            assert!(text.contains(words), "{words:?} missing from\n{text}");
         }
     }
 

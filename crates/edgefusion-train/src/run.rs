@@ -64,6 +64,17 @@ pub enum Event {
     Resumed {
         step: usize,
     },
+    /// Greedy conversion: the choice found in the run folder, reused.
+    ChoiceCached,
+    /// Greedy conversion: forward passes of the choice so far.
+    Choosing {
+        done: usize,
+        total: usize,
+    },
+    /// Greedy conversion: the layers chosen.
+    ChoiceDone(Box<crate::choose::LayerChoice>),
+    /// Greedy conversion: one step of end-to-end KL.
+    FinetuneStep(crate::finetune::FinetuneStep),
     /// Stage 4: quantization progress over matrices.
     Quantizing {
         done: usize,
@@ -83,7 +94,7 @@ pub struct DistillOutcome {
     pub layer_types: Vec<LayerType>,
 }
 
-fn io_error(path: &Path, what: &str, e: impl std::fmt::Display) -> TrainError {
+pub(crate) fn io_error(path: &Path, what: &str, e: impl std::fmt::Display) -> TrainError {
     TrainError::Io {
         path: path.display().to_string(),
         what: format!("{what}: {e}"),
@@ -91,7 +102,7 @@ fn io_error(path: &Path, what: &str, e: impl std::fmt::Display) -> TrainError {
 }
 
 /// Appends one line to `metrics.jsonl`.
-fn log_metrics(out_dir: &Path, line: &serde_json::Value) -> Result<(), TrainError> {
+pub(crate) fn log_metrics(out_dir: &Path, line: &serde_json::Value) -> Result<(), TrainError> {
     let path = out_dir.join("metrics.jsonl");
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -102,7 +113,7 @@ fn log_metrics(out_dir: &Path, line: &serde_json::Value) -> Result<(), TrainErro
 }
 
 /// `path` written through a temporary file and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).map_err(|e| io_error(&tmp, "writing", e))?;
     std::fs::rename(&tmp, path).map_err(|e| io_error(path, "renaming", e))
@@ -439,7 +450,7 @@ pub fn router_stages(
     if run.resume {
         if let Some(step) = crate::checkpoint::restore(&ckpt_dir, config, &student, &mut state)? {
             events(Event::Resumed { step });
-            drop_metrics_after(out_dir, step)?;
+            drop_metrics_from(out_dir, "router", step + 1)?;
         }
     } else if let Some(newest) = existing.last() {
         return Err(TrainError::Config {
@@ -542,38 +553,13 @@ pub fn router_stages(
     let quantized = if run.skip_quantization {
         None
     } else {
-        let q = &config.quantization;
-        let quant_dir = out_dir.join("checkpoint_quantized");
-        std::fs::create_dir_all(&quant_dir).map_err(|e| io_error(&quant_dir, "creating", e))?;
-        let output = quant_dir.join("model.gguf");
-        let calibration = match &q.calib {
-            None => None,
-            Some(path) => Some(edgefusion_quant::pipeline::Calibration {
-                name: path.display().to_string(),
-                text: std::fs::read_to_string(path).map_err(|e| io_error(path, "reading", e))?,
-                n_tokens: q.calib_tokens,
-                ctx: 512,
-                threads,
-                seed: config.seed,
-            }),
-        };
-        let opts = edgefusion_quant::pipeline::QuantizeOptions {
-            method: edgefusion_quant::pipeline::Method::Efq,
-            bpw: q.bpw,
-            bits: 4,
-            outliers: q.outliers,
-            sensitivity: calibration.is_some(),
-            calibration,
-            act_order: false,
-            embedding_bits: q.embedding_bits,
-        };
-        let source = edgefusion_io::ModelSource::open(&final_model)
-            .map_err(|e| io_error(&final_model, "opening", e))?;
-        edgefusion_quant::pipeline::quantize(&source, &output, &opts, &mut |done, total, _| {
-            events(Event::Quantizing { done, total })
-        })
-        .map_err(|e| io_error(&output, "quantizing", e))?;
-        Some(output)
+        Some(quantize_final(
+            config,
+            &final_model,
+            out_dir,
+            threads,
+            events,
+        )?)
     };
     Ok(RouterOutcome {
         steps,
@@ -583,9 +569,57 @@ pub fn router_stages(
     })
 }
 
-/// Removes the router lines after `step` from `metrics.jsonl` (written by a run that went
-/// on past its last checkpoint), so that a resumed run's log reads as one run.
-fn drop_metrics_after(out_dir: &Path, step: usize) -> Result<(), TrainError> {
+/// Stage 4's quantization: `final_model` to `checkpoint_quantized/model.gguf` with EFQ at the
+/// configuration's budget, calibrated on `quantization.calib` when one is given.
+pub(crate) fn quantize_final(
+    config: &TrainConfig,
+    final_model: &Path,
+    out_dir: &Path,
+    threads: usize,
+    events: &mut dyn FnMut(Event),
+) -> Result<PathBuf, TrainError> {
+    let q = &config.quantization;
+    let quant_dir = out_dir.join("checkpoint_quantized");
+    std::fs::create_dir_all(&quant_dir).map_err(|e| io_error(&quant_dir, "creating", e))?;
+    let output = quant_dir.join("model.gguf");
+    let calibration = match &q.calib {
+        None => None,
+        Some(path) => Some(edgefusion_quant::pipeline::Calibration {
+            name: path.display().to_string(),
+            text: std::fs::read_to_string(path).map_err(|e| io_error(path, "reading", e))?,
+            n_tokens: q.calib_tokens,
+            ctx: 512,
+            threads,
+            seed: config.seed,
+        }),
+    };
+    let opts = edgefusion_quant::pipeline::QuantizeOptions {
+        method: edgefusion_quant::pipeline::Method::Efq,
+        bpw: q.bpw,
+        bits: 4,
+        outliers: q.outliers,
+        sensitivity: calibration.is_some(),
+        calibration,
+        act_order: false,
+        embedding_bits: q.embedding_bits,
+    };
+    let source = edgefusion_io::ModelSource::open(final_model)
+        .map_err(|e| io_error(final_model, "opening", e))?;
+    edgefusion_quant::pipeline::quantize(&source, &output, &opts, &mut |done, total, _| {
+        events(Event::Quantizing { done, total })
+    })
+    .map_err(|e| io_error(&output, "quantizing", e))?;
+    Ok(output)
+}
+
+/// Removes the lines of `stage` at step `first_dropped` and later from `metrics.jsonl`
+/// (written by a run that went on past its last checkpoint), so that a resumed run's log
+/// reads as one run.
+pub(crate) fn drop_metrics_from(
+    out_dir: &Path,
+    stage: &str,
+    first_dropped: usize,
+) -> Result<(), TrainError> {
     let path = out_dir.join("metrics.jsonl");
     let Ok(text) = std::fs::read_to_string(&path) else {
         return Ok(());
@@ -594,7 +628,10 @@ fn drop_metrics_after(out_dir: &Path, step: usize) -> Result<(), TrainError> {
         .lines()
         .filter(|line| {
             let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
-            !(v["stage"] == "router" && v["step"].as_u64().is_some_and(|s| s as usize > step))
+            !(v["stage"] == stage
+                && v["step"]
+                    .as_u64()
+                    .is_some_and(|s| s as usize >= first_dropped))
         })
         .collect();
     let mut out = kept.join("\n");

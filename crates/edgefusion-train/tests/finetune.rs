@@ -10,7 +10,7 @@ use edgefusion_io::ModelSource;
 use edgefusion_model::{LayerType, Model, ModelConfig};
 use edgefusion_runtime::{KvType, Logits, Session, SessionOptions};
 use edgefusion_train::choose::{kl_to_teacher, teacher_windows_from};
-use edgefusion_train::finetune::{finetune_kl, FinetuneOptions};
+use edgefusion_train::finetune::{finetune_kl, finetune_optimizer, FinetuneOptions};
 use edgefusion_train::init::{
     hybrid_layout, ssm_from_attention, ssm_random, write_hybrid_tuned, SsmInitSource, SsmWeights,
     TunedTensor,
@@ -169,7 +169,8 @@ fn kl_finetuning_lowers_the_kl_in_the_student_and_in_the_written_file() {
         grad_clip: 1.0,
         betas: [0.9, 0.95],
     };
-    let history = finetune_kl(&student, &teacher, student.lora_vars(), &opts, &mut |_| {}).unwrap();
+    let mut opt = finetune_optimizer(student.lora_vars(), &opts).unwrap();
+    let history = finetune_kl(&student, &teacher, &mut opt, &opts, &mut |_, _| Ok(())).unwrap();
     assert_eq!(history.len(), 48);
     let mean = |s: &[edgefusion_train::finetune::FinetuneStep]| {
         s.iter().map(|r| r.kl).sum::<f64>() / s.len() as f64
@@ -197,5 +198,5 @@ fn kl_finetuning_lowers_the_kl_in_the_student_and_in_the_written_file() {
         "KL of the written files: {before} -> {after}"
     );
 
-    assert!(finetune_kl(&student, &teacher, Vec::new(), &opts, &mut |_| {}).is_err());
+    assert!(finetune_optimizer(Vec::new(), &opts).is_err());
 }
