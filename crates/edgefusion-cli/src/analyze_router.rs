@@ -79,10 +79,58 @@ fn human_bytes(bytes: usize) -> String {
     }
 }
 
-/// The tables `analyze-router` prints.
-pub fn render(a: &RouterAnalysis) -> String {
+/// A greedy choice: each round gave back full attention to the layer whose return lowered
+/// the KL most; the converted layers are those never given back.
+fn render_choice(
+    out: &mut String,
+    a: &RouterAnalysis,
+    choice: &edgefusion_train::choose::LayerChoice,
+) {
     use std::fmt::Write;
-    let mut out = String::new();
+    let _ = writeln!(
+        *out,
+        "greedy choice: {} ({} forward passes; KL per token {:.4} with every layer converted, {:.4} as chosen; then {} fine-tuning steps)",
+        a.source.display(),
+        choice.evaluations,
+        choice.kl_all_converted,
+        choice.kl_final,
+        a.step
+    );
+    let _ = writeln!(
+        *out,
+        "\nlayer  route       restored in round  KL if restored"
+    );
+    for l in &a.layers {
+        let _ = writeln!(
+            *out,
+            "{:>5}  {:<10}  {:>17}  {:>14}",
+            l.layer,
+            l.route.name(),
+            l.restored_in_round.map_or("-".into(), |r| r.to_string()),
+            opt(l.restore_kl, 4),
+        );
+    }
+    let converted: Vec<String> = a
+        .layers
+        .iter()
+        .filter(|l| l.route != LayerType::Attention)
+        .map(|l| l.layer.to_string())
+        .collect();
+    let _ = writeln!(
+        *out,
+        "\nconverted: {} of {} layers: {}",
+        converted.len(),
+        a.layers.len(),
+        converted.join(" ")
+    );
+    let _ = writeln!(
+        *out,
+        "(a restored layer: the KL after its round; a converted one: the KL its return would have given in the last round that tried it — the lower, the more it cost to keep converted)"
+    );
+}
+
+fn render_gates(out: &mut String, a: &RouterAnalysis) {
+    use std::fmt::Write;
     let n = a.layers.len();
     let n_ssm = a
         .layers
@@ -90,19 +138,19 @@ pub fn render(a: &RouterAnalysis) -> String {
         .filter(|l| l.route == LayerType::Ssm)
         .count();
     let _ = writeln!(
-        out,
+        *out,
         "router: {} (step {}, λ {:.4} nats/token/layer)",
         a.source.display(),
         a.step,
         a.lambda
     );
     let _ = writeln!(
-        out,
+        *out,
         "\nlayer   gate g  route       entropy  cost ∂KL/∂g  switch ΔKL  distill err"
     );
     for l in &a.layers {
         let _ = writeln!(
-            out,
+            *out,
             "{:>5}  {:>7.4}  {:<10}  {:>7.3}  {:>11}  {:>10}  {:>11}",
             l.layer,
             l.gate,
@@ -117,7 +165,7 @@ pub fn render(a: &RouterAnalysis) -> String {
         .target_ssm_fraction
         .map_or(String::new(), |t| format!("; target {t:.2}"));
     let _ = writeln!(
-        out,
+        *out,
         "\nssm_frac {:.3} ({n_ssm} of {n} layers on SSM{target}); mean gate {:.3}; mean gate entropy {:.3} bits",
         a.ssm_frac(),
         a.mean_gate(),
@@ -148,7 +196,7 @@ pub fn render(a: &RouterAnalysis) -> String {
     costly.sort_by(|x, y| y.1.total_cmp(&x.1));
     if !costly.is_empty() {
         let _ = writeln!(
-            out,
+            *out,
             "costliest layers to convert ({label}): {}",
             costly
                 .iter()
@@ -158,7 +206,17 @@ pub fn render(a: &RouterAnalysis) -> String {
                 .join(", ")
         );
     }
+}
 
+/// The tables `analyze-router` prints.
+pub fn render(a: &RouterAnalysis) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if let Some(choice) = &a.choice {
+        render_choice(&mut out, a, choice);
+    } else {
+        render_gates(&mut out, a);
+    }
     let saved = |dense: f64, hybrid: f64| {
         if dense > 0.0 {
             format!("{:>6.1}%", 100.0 * (1.0 - hybrid / dense))

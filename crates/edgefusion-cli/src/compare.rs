@@ -18,13 +18,14 @@ use edgefusion_model::{LayerType, ModelConfig};
     Dense        the base model; a quantized GGUF is dequantized to F16 first\n  \
     GPTQ-4bit    `quantize --method gptq --bits 4` of the dense model (16×128 tiles,\n               \
     calibrated on the config's calibration text)\n  \
-    Mamba-pure   every layer on SSM: the run's last router checkpoint hardened at share 1\n  \
+    Mamba-pure   every layer on SSM: the run's last router checkpoint hardened at share 1\n               \
+    (a `layer_choice: gates` run only; a greedy conversion has no router)\n  \
     Window-only  the dense model with EdgeFusion's converted layers as sink + window softmax\n               \
     (no SSM, no training): the baseline every hybrid must beat\n  \
     EdgeFusion   the run's checkpoint_quantized/model.gguf (hybrid at the target share,\n               \
     EFQ at the config's bits per weight)\n\
     The run is `train --config C --output-dir RUN` (default OUTPUT/run); it is trained here\n\
-    first when it has no checkpoint_quantized/ yet (about 40 min for SmolLM2 on 2 cores).\n\
+    first when it has no checkpoint_quantized/ yet (about 35 min for SmolLM2 on 2 cores).\n\
     Each variant is evaluated like `edgefusion evaluate` (its per-item cache in OUTPUT/cache/,\n\
     so an interrupted comparison resumes), then measured by `edgefusion bench` processes\n\
     (peak memory and decode speed at --bench-ctx) in 3 rounds, the variants taking turns.\n\

@@ -1,5 +1,5 @@
 //! `edgefusion evaluate`: perplexity and the standard tasks (HellaSwag, ARC-Challenge,
-//! MMLU, GSM8K) with lm-evaluation-harness semantics, in one report.
+//! MMLU, GSM8K) with lm-evaluation-harness semantics, and passkey retrieval, in one report.
 
 use std::path::{Path, PathBuf};
 
@@ -9,7 +9,7 @@ use edgefusion_eval::lm::LanguageModel;
 use edgefusion_eval::perplexity::{perplexity, PerplexityOptions};
 use edgefusion_eval::report::{EvalReport, PerplexitySummary};
 use edgefusion_eval::runner::{run_task, Limits, RunSettings};
-use edgefusion_eval::{ResultCache, RunHash, Task};
+use edgefusion_eval::{passkey, ResultCache, RunHash, Task};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::common::{self, ModelArgs};
@@ -18,13 +18,21 @@ use crate::common::{self, ModelArgs};
 #[command(after_help = "Examples:\n  \
     edgefusion evaluate --tasks ppl,hellaswag --limit 200\n  \
     edgefusion evaluate -m runs/smollm2/checkpoint_quantized/model.gguf -o hybrid.md\n  \
-    edgefusion evaluate --tasks mmlu --shots 5 -o mmlu.json\n\n\
-    Tasks (lm-evaluation-harness semantics; shots: the harness's defaults):\n  \
+    edgefusion evaluate --tasks mmlu --shots 5 -o mmlu.json\n  \
+    edgefusion evaluate -m hybrid.gguf --tasks passkey --limit 50 --passkey-ctx 4096\n\n\
+    Tasks (lm-evaluation-harness semantics but passkey; shots: the harness's defaults):\n  \
     ppl            perplexity and bits per byte on --ppl-file (llama-perplexity's windows)\n  \
     hellaswag      10,042 validation items, 0-shot, acc and acc_norm\n  \
     arc_challenge  1,172 test items, 0-shot, \"Question: … Answer:\", acc and acc_norm\n  \
     mmlu           14,042 test items over 57 subjects, 5-shot from dev, acc\n  \
-    gsm8k          1,319 test items, 8-shot chain of thought, greedy, exact match\n\n\
+    gsm8k          1,319 test items, 8-shot chain of thought, greedy, exact match\n  \
+    passkey        long-context retrieval (not in the default list): a 5-digit key hidden\n                 \
+    10-40% into filler text that fills --passkey-ctx tokens (default 2048, counted\n                 \
+    with the model's tokenizer, at most the model's context window), asked for at\n                 \
+    the end; 8 greedy tokens, right when they start with the key; acc over --limit\n                 \
+    items (default 20, generated from their index, no task file). It checks that\n                 \
+    layers which see only a sink and a recent window (or an SSM state) have not cut\n                 \
+    the model off from what lies far back: compare a hybrid with its dense base.\n\n\
     Multiple choice scores each continuation by its log-likelihood after the shared\n\
     context, which is computed once per question (and a few-shot preamble once per run of\n\
     questions that share it). acc_norm divides by the continuation's length in characters,\n\
@@ -34,7 +42,7 @@ use crate::common::{self, ModelArgs};
 pub struct EvaluateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Comma-separated tasks: ppl, hellaswag, arc_challenge, mmlu, gsm8k.
+    /// Comma-separated tasks: ppl, hellaswag, arc_challenge, mmlu, gsm8k, passkey.
     #[arg(long, default_value = "ppl,hellaswag,arc_challenge,mmlu,gsm8k")]
     pub tasks: String,
     /// Score only the first N items of each task (of each subject for MMLU): `200`, or
@@ -65,6 +73,10 @@ pub struct EvaluateArgs {
     /// Longest generation (GSM8K) in tokens [default: the harness's 256].
     #[arg(long)]
     pub max_gen_tokens: Option<usize>,
+    /// Passkey: tokens its prompt and answer fill (the filler is sized to it with the model's
+    /// tokenizer); at most the model's context window. Independent of --ctx.
+    #[arg(long, default_value_t = edgefusion_eval::passkey::DEFAULT_CTX)]
+    pub passkey_ctx: usize,
     /// Folder of the task jsonl files.
     #[arg(long, default_value = "assets/tasks")]
     pub tasks_dir: PathBuf,
@@ -122,6 +134,13 @@ pub fn evaluate(args: &EvaluateArgs) -> Result<EvalReport> {
     let source = args.model.open()?;
     let model = common::load_model(&source)?;
     let tokenizer = common::load_tokenizer(&source)?;
+    if tasks.contains(&Task::Passkey) {
+        // Before anything runs, so a bad --passkey-ctx does not fail after an hour of other
+        // tasks: within the model's window, and large enough for the prompt.
+        let model_ctx = model.config.n_ctx_train;
+        passkey::check_ctx(args.passkey_ctx, model_ctx)?;
+        passkey::item(0, &tokenizer, args.passkey_ctx, Some(model_ctx))?;
+    }
     let model_path = args.model.path();
     let model_name = model_path.display().to_string();
     let bar_style = ProgressStyle::with_template(
@@ -181,12 +200,12 @@ pub fn evaluate(args: &EvaluateArgs) -> Result<EvalReport> {
             .push((name, PerplexitySummary::from(&result)));
     }
 
-    let jsonl_tasks: Vec<Task> = tasks
+    let item_tasks: Vec<Task> = tasks
         .iter()
         .copied()
         .filter(|t| *t != Task::Perplexity)
         .collect();
-    if !jsonl_tasks.is_empty() {
+    if !item_tasks.is_empty() {
         let mut cache = if args.no_cache {
             None
         } else {
@@ -203,7 +222,10 @@ pub fn evaluate(args: &EvaluateArgs) -> Result<EvalReport> {
             }
             Some(cache)
         };
-        let mut lm = LanguageModel::new(&model, &tokenizer, args.ctx, threads)?;
+        // Sessions made when a task first needs one: passkey prompts fill their own window
+        // (--passkey-ctx), the other tasks share --ctx.
+        let mut task_lm: Option<LanguageModel<'_>> = None;
+        let mut passkey_lm: Option<LanguageModel<'_>> = None;
         let mut samples = match &args.samples {
             Some(path) => Some(std::io::BufWriter::new(
                 std::fs::File::create(path)
@@ -217,23 +239,45 @@ pub fn evaluate(args: &EvaluateArgs) -> Result<EvalReport> {
             limit: None,
             shots: args.shots,
             max_gen_tokens: args.max_gen_tokens,
+            passkey_ctx: args.passkey_ctx,
         };
-        for task in jsonl_tasks {
+        for task in item_tasks {
             let limit = args.limit.as_ref().and_then(|l| l.of(task));
             settings.limit = limit;
             let shots = args.shots.unwrap_or(task.default_shots());
-            let run = RunHash::new(&[
-                ("model", file_identity(&model_path)),
-                ("task", task.name().to_string()),
-                ("shots", shots.to_string()),
-                ("n_ctx", args.ctx.to_string()),
-                ("limit", format!("{limit:?}")),
-                ("max_gen_tokens", format!("{:?}", args.max_gen_tokens)),
-                (
-                    "prompts",
-                    edgefusion_eval::prompts::PROMPT_FORMAT_VERSION.to_string(),
-                ),
-            ]);
+            let run = if task == Task::Passkey {
+                // Item i depends on i, the model (its tokenizer sizes the filler), the window
+                // and the prompt version only: a larger --limit reuses the items cached.
+                RunHash::new(&[
+                    ("model", file_identity(&model_path)),
+                    ("task", task.name().to_string()),
+                    ("passkey_ctx", args.passkey_ctx.to_string()),
+                    ("answer_tokens", passkey::ANSWER_TOKENS.to_string()),
+                    ("prompts", passkey::PASSKEY_PROMPT_VERSION.to_string()),
+                ])
+            } else {
+                RunHash::new(&[
+                    ("model", file_identity(&model_path)),
+                    ("task", task.name().to_string()),
+                    ("shots", shots.to_string()),
+                    ("n_ctx", args.ctx.to_string()),
+                    ("limit", format!("{limit:?}")),
+                    ("max_gen_tokens", format!("{:?}", args.max_gen_tokens)),
+                    (
+                        "prompts",
+                        edgefusion_eval::prompts::PROMPT_FORMAT_VERSION.to_string(),
+                    ),
+                ])
+            };
+            let (slot, n_ctx) = if task == Task::Passkey {
+                (&mut passkey_lm, args.passkey_ctx)
+            } else {
+                (&mut task_lm, args.ctx)
+            };
+            if slot.is_none() {
+                *slot = Some(LanguageModel::new(&model, &tokenizer, n_ctx, threads)?);
+            }
+            let lm = slot.as_mut().expect("made above");
             if let Some(c) = &cache {
                 let done = c.completed(task.name(), run);
                 if done > 0 {
@@ -243,7 +287,7 @@ pub fn evaluate(args: &EvaluateArgs) -> Result<EvalReport> {
             let bar = ProgressBar::new(0).with_style(bar_style.clone());
             bar.set_prefix(task.name());
             let result = run_task(
-                &mut lm,
+                lm,
                 task,
                 &settings,
                 cache.as_mut(),

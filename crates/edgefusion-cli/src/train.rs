@@ -223,6 +223,12 @@ fn train_greedy(
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);
                 bar.set_message("forward passes (KL with each layer restored)");
+                if bar.is_hidden() && (done % 10 == 0 || done == total) {
+                    println!(
+                        "choice: {done}/{total} forward passes ({:.0} s)",
+                        start.elapsed().as_secs_f64()
+                    );
+                }
             }
             Event::ChoiceDone(choice) => {
                 bar.finish_and_clear();
@@ -241,6 +247,9 @@ fn train_greedy(
                 );
             }
             Event::TeacherProgress { done, total } => {
+                if bar.is_hidden() && done == total {
+                    println!("fine-tune: the dense model's top-k on {total} windows");
+                }
                 bar.set_prefix("2 teacher");
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);

@@ -780,7 +780,7 @@ fn killed_and_resumed_training_equals_the_uninterrupted_run() {
     let out = train(&resumed, &["--stop-after-steps", "6"]);
     assert!(!out.status.success());
     assert!(
-        stderr(&out).contains("stopped after router step 6"),
+        stderr(&out).contains("stopped after step 6"),
         "{}",
         stderr(&out)
     );
@@ -1179,6 +1179,135 @@ fn convert_windows_listed_or_chosen_layers() {
     assert_fails_with(
         &with(&["auto", "--convert", "5"]),
         &["--convert 5", "2 layers"],
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A copy of fixture `name` in `dir` whose GGUF `llama.context_length` says `n_ctx`: the
+/// tiny models are made with 64 positions, fewer than the fixed text of a passkey prompt
+/// takes, and nothing else in them depends on it.
+fn with_context_length(name: &str, n_ctx: u32, dir: &std::path::Path) -> PathBuf {
+    let mut bytes = std::fs::read(fixture(name)).unwrap();
+    let key = b"llama.context_length";
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("a context_length key")
+        + key.len();
+    // After the key: the value's type (4, UINT32) and the value, little-endian.
+    assert_eq!(bytes[at..at + 4], 4u32.to_le_bytes(), "{name}");
+    bytes[at + 4..at + 8].copy_from_slice(&n_ctx.to_le_bytes());
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// `evaluate --tasks passkey` on a dense and a hybrid tiny model: prompts sized to
+/// --passkey-ctx, a reported accuracy, items cached; a --passkey-ctx of 0, beyond the
+/// model's window or too small for the prompt is a one-line error naming the flag.
+#[test]
+fn evaluate_passkey_scores_dense_and_hybrid_and_checks_its_window() {
+    let dir = std::env::temp_dir().join(format!("edgefusion-passkey-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for name in ["tiny-llama-f32.gguf", "tiny-hybrid-f32.gguf"] {
+        let model = with_context_length(name, 1024, &dir);
+        let report = dir.join(format!("{name}.json"));
+        let samples = dir.join(format!("{name}.samples.jsonl"));
+        let args = [
+            "evaluate",
+            "-m",
+            model.to_str().unwrap(),
+            "--tasks",
+            "passkey",
+            "--passkey-ctx",
+            "400",
+            "--limit",
+            "3",
+            "-t",
+            "1",
+            "--samples",
+            samples.to_str().unwrap(),
+            "-o",
+            report.to_str().unwrap(),
+        ];
+        let out = edgefusion(&args);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("| passkey (400-token window) | 0 | 3 | acc |"),
+            "{name}:\n{stdout}"
+        );
+        let read = || -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap()
+        };
+        let first = read();
+        let task = &first["tasks"][0];
+        assert_eq!(task["task"], "passkey");
+        assert_eq!(task["items"], 3);
+        assert_eq!(task["ctx"], 400);
+        assert_eq!(task["truncated"], 0);
+        let acc = task["metrics"][0]["value"]["mean"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{acc}");
+        assert_eq!(task["metrics"][0]["name"], "acc");
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&samples)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3);
+        for line in &lines {
+            let prompt = line["context"].as_str().unwrap();
+            let key = line["gold"].as_str().unwrap();
+            assert_eq!(key.len(), 5);
+            assert!(
+                prompt.contains(&format!("The pass key is {key}.")),
+                "{prompt}"
+            );
+            assert!(prompt.ends_with("What is the pass key? The pass key is"));
+            assert!(line["generation"].is_string());
+        }
+        // Again: every item from the cache, the same score.
+        let out = edgefusion(&args);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let second = read();
+        assert_eq!(second["tasks"][0]["cached"], 3);
+        assert_eq!(second["tasks"][0]["metrics"], first["tasks"][0]["metrics"]);
+    }
+
+    let wide = with_context_length("tiny-llama-f32.gguf", 1024, &dir);
+    let wide = wide.to_str().unwrap();
+    let narrow = fixture("tiny-llama-f32.gguf");
+    let narrow = narrow.to_str().unwrap();
+    fn passkey<'a>(model: &'a str, ctx: &'a str) -> [&'a str; 8] {
+        [
+            "evaluate",
+            "-m",
+            model,
+            "--tasks",
+            "passkey",
+            "--passkey-ctx",
+            ctx,
+            "--no-cache",
+        ]
+    }
+    assert_fails_with(&passkey(wide, "0"), &["--passkey-ctx 0"]);
+    assert_fails_with(
+        &passkey(wide, "2048"),
+        &["--passkey-ctx 2048", "context window of 1024"],
+    );
+    assert_fails_with(
+        &passkey(wide, "100"),
+        &["--passkey-ctx 100 is too small", "give at least"],
+    );
+    // The default window, 2048, on the 64-position model as it is.
+    assert_fails_with(
+        &["evaluate", "-m", narrow, "--tasks", "passkey", "--no-cache"],
+        &["--passkey-ctx 2048", "context window of 64"],
+    );
+    assert_fails_with(
+        &passkey(narrow, "64"),
+        &["--passkey-ctx 64 is too small", "cannot run passkey"],
     );
     std::fs::remove_dir_all(&dir).ok();
 }

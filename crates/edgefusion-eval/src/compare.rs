@@ -115,7 +115,17 @@ impl CompareReport {
             ("HellaSwag (acc_norm, %)", "hellaswag", "acc_norm"),
             ("ARC-Challenge (acc_norm, %)", "arc_challenge", "acc_norm"),
             ("GSM8K 8-shot (exact match, %)", "gsm8k", "exact_match"),
+            ("Passkey retrieval (acc, %)", "passkey", "acc"),
         ] {
+            let ran = self
+                .variants
+                .iter()
+                .flat_map(|v| &v.eval.tasks)
+                .find(|t| t.task == task);
+            // Passkey is not among compare's default tasks: its row only when it was run.
+            if task == "passkey" && ran.is_none() {
+                continue;
+            }
             let cells: Vec<(String, Option<String>)> = self
                 .variants
                 .iter()
@@ -124,8 +134,11 @@ impl CompareReport {
             let how = cells
                 .iter()
                 .find_map(|(_, how)| how.clone())
-                .map_or("not run".into(), |h| {
-                    format!("lm-evaluation-harness prompts and metric, {h}")
+                .map_or("not run".into(), |h| match ran.and_then(|t| t.ctx) {
+                    Some(ctx) => format!(
+                        "a 5-digit key 10–40% into the filler of a {ctx}-token prompt, greedy answer, {h}"
+                    ),
+                    None => format!("lm-evaluation-harness prompts and metric, {h}"),
                 });
             row(
                 &mut out,
@@ -194,5 +207,79 @@ impl CompareReport {
             let _ = writeln!(out, "- **{}**: {} (`{}`)", v.name, v.description, v.model);
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runner::{Metric, TaskReport};
+    use crate::score::MeanStderr;
+
+    fn task(name: &str, metric: &str, ctx: Option<usize>) -> TaskReport {
+        TaskReport {
+            task: name.into(),
+            shots: 0,
+            items: 4,
+            items_total: 4,
+            limited: false,
+            metrics: vec![Metric {
+                name: metric.into(),
+                value: MeanStderr::of_bools([true, true, false, true]).unwrap(),
+            }],
+            ctx,
+            truncated: 0,
+            cached: 0,
+            seconds: 1.0,
+            items_per_s: 4.0,
+            tokens_per_s: 100.0,
+        }
+    }
+
+    fn report(tasks: Vec<TaskReport>) -> CompareReport {
+        let eval = EvalReport {
+            model: "m.gguf".into(),
+            threads: 1,
+            n_ctx: 2048,
+            perplexity: Vec::new(),
+            tasks,
+        };
+        CompareReport {
+            base: "m.gguf".into(),
+            threads: 1,
+            bench_ctx: 512,
+            bench_tokens: 64,
+            bench_repetitions: 3,
+            limit: None,
+            variants: vec![VariantResult {
+                name: "Dense".into(),
+                description: "the base".into(),
+                model: "m.gguf".into(),
+                file_bytes: 1,
+                n_layers: 2,
+                n_converted_layers: 0,
+                eval,
+                peak_rss_bytes: None,
+                decode_tokens_per_s: 1.0,
+                gflops_per_token: 1.0,
+            }],
+        }
+    }
+
+    #[test]
+    fn the_passkey_row_appears_only_when_passkey_ran() {
+        let without = report(vec![task("hellaswag", "acc_norm", None)]).to_markdown();
+        assert!(!without.contains("Passkey"), "{without}");
+        assert!(without.contains("| GSM8K 8-shot (exact match, %) | – | not run |"));
+        let with = report(vec![task("passkey", "acc", Some(2048))]).to_markdown();
+        let row = with
+            .lines()
+            .find(|l| l.starts_with("| Passkey retrieval (acc, %) |"))
+            .unwrap_or_else(|| panic!("{with}"));
+        assert!(row.contains("| 75.00 ± 25.00 |"), "{row}");
+        assert!(
+            row.contains("of a 2048-token prompt, greedy answer, 0 shots, all 4 items"),
+            "{row}"
+        );
     }
 }

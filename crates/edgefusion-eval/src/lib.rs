@@ -12,11 +12,15 @@
 //!    plus left truncation to a context window.
 //! 3. [`score`] and [`gsm8k`]: per-item metrics and their mean ± standard error.
 //! 4. [`cache`]: append-only per-item results, tolerant of a killed run.
+//!
+//! [`passkey`] generates its items instead of reading them (a key hidden in filler text,
+//! sized to the window with the model's tokenizer) and scores the greedy answer.
 
 pub mod cache;
 pub mod compare;
 pub mod gsm8k;
 pub mod lm;
+pub mod passkey;
 pub mod perplexity;
 pub mod prompts;
 pub mod report;

@@ -71,6 +71,8 @@ pub struct LanguageModel<'m> {
     session: Session<'m>,
     tokenizer: &'m Tokenizer,
     vocab: usize,
+    /// The context length the model was trained for (`n_ctx_train`).
+    model_ctx: usize,
     /// Tokens the session holds, in order (positions 0..len).
     held: Vec<u32>,
     /// The logits after the last held token, when `held` ends a context.
@@ -105,6 +107,7 @@ impl<'m> LanguageModel<'m> {
             session,
             tokenizer,
             vocab: model.config.vocab_size,
+            model_ctx: model.config.n_ctx_train,
             held: Vec::new(),
             last_logits: Vec::new(),
             snapshot: None,
@@ -120,27 +123,19 @@ impl<'m> LanguageModel<'m> {
         self.session.n_ctx()
     }
 
+    /// The context length the model was trained for (its GGUF `context_length`); the
+    /// session may be longer.
+    pub fn model_ctx(&self) -> usize {
+        self.model_ctx
+    }
+
     pub fn tokenizer(&self) -> &'m Tokenizer {
         self.tokenizer
     }
 
-    fn encode(&self, text: &str) -> Result<Vec<u32>, LmError> {
-        self.tokenizer
-            .encode(text, false)
-            .map_err(|e| LmError::Tokenizer(e.to_string()))
-    }
-
-    /// The context's tokens: BOS when the model adds one, then the text (an empty text
-    /// conditions on BOS alone, as the harness does).
+    /// The context's tokens ([`prompt_tokens`]).
     fn context_tokens(&self, context: &str) -> Result<Vec<u32>, LmError> {
-        let mut tokens = Vec::new();
-        if let Some(bos) = self.tokenizer.bos_id() {
-            if self.tokenizer.add_bos() || context.is_empty() {
-                tokens.push(bos);
-            }
-        }
-        tokens.extend(self.encode(context)?);
-        Ok(tokens)
+        prompt_tokens(self.tokenizer, context)
     }
 
     /// Brings the session to hold exactly `context` (non-empty), with `last_logits` the
@@ -343,6 +338,23 @@ impl<'m> LanguageModel<'m> {
             dropped,
         })
     }
+}
+
+/// The tokens a context or prompt is run as: BOS when the model adds one, then the text
+/// (an empty text conditions on BOS alone, as the harness does).
+pub fn prompt_tokens(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, LmError> {
+    let mut tokens = Vec::new();
+    if let Some(bos) = tokenizer.bos_id() {
+        if tokenizer.add_bos() || text.is_empty() {
+            tokens.push(bos);
+        }
+    }
+    tokens.extend(
+        tokenizer
+            .encode(text, false)
+            .map_err(|e| LmError::Tokenizer(e.to_string()))?,
+    );
+    Ok(tokens)
 }
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {

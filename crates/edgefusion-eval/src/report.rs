@@ -51,8 +51,14 @@ impl EvalReport {
         let _ = writeln!(out, "# Evaluation of {}\n", self.model);
         let _ = writeln!(
             out,
-            "{} threads; task prompts in a {}-token window (longer ones cut from the left, counted as truncated).\n",
-            self.threads, self.n_ctx
+            "{} threads; task prompts in a {}-token window (longer ones cut from the left, counted as truncated){}.\n",
+            self.threads,
+            self.n_ctx,
+            if self.tasks.iter().any(|t| t.ctx.is_some()) {
+                "; a task with its own window names it"
+            } else {
+                ""
+            }
         );
         let _ = writeln!(
             out,
@@ -77,11 +83,15 @@ impl EvalReport {
             } else {
                 t.items.to_string()
             };
+            let label = match t.ctx {
+                Some(ctx) => format!("{} ({ctx}-token window)", t.task),
+                None => t.task.clone(),
+            };
             for m in &t.metrics {
                 let _ = writeln!(
                     out,
                     "| {} | {} | {} | {} | {:.4} | {} | {} | {:.2} |",
-                    t.task,
+                    label,
                     t.shots,
                     items,
                     m.name,

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::{ResultCache, RunHash};
 use crate::lm::{LanguageModel, LmError};
+use crate::passkey::{self, PasskeyError};
 use crate::prompts::{
     arc_request, gsm8k_cot_request, gsm8k_cot_shots, hellaswag_request, mmlu_request, GenRequest,
     McRequest, MmluDev, PromptError,
@@ -27,6 +28,8 @@ pub enum RunError {
     Score(#[from] ScoreError),
     #[error(transparent)]
     Cache(#[from] crate::CacheError),
+    #[error(transparent)]
+    Passkey(#[from] PasskeyError),
     #[error("{task} item {index}: {source}")]
     Model {
         task: &'static str,
@@ -105,8 +108,11 @@ pub struct RunSettings {
     pub limit: Option<usize>,
     /// Few-shot examples (`None`: each task's default, [`Task::default_shots`]).
     pub shots: Option<usize>,
-    /// Generation length limit (`None`: the harness's 256 tokens).
+    /// Generation length limit (`None`: the harness's 256 tokens); GSM8K only.
     pub max_gen_tokens: Option<usize>,
+    /// Passkey: the window its prompts and answers fill ([`passkey::DEFAULT_CTX`]); the
+    /// session must hold at least this many positions.
+    pub passkey_ctx: usize,
 }
 
 /// One aggregated metric.
@@ -126,6 +132,10 @@ pub struct TaskReport {
     pub items_total: usize,
     pub limited: bool,
     pub metrics: Vec<Metric>,
+    /// The window of this task's prompts when it has its own (passkey: `--passkey-ctx`),
+    /// not the report's `n_ctx`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctx: Option<usize>,
     /// Items whose prompt was cut from the left to fit the context window.
     pub truncated: usize,
     /// Items found in the cache instead of computed.
@@ -216,7 +226,7 @@ fn requests(
         ))
     };
     Ok(match task {
-        Task::Perplexity => unreachable!("files() is None"),
+        Task::Perplexity | Task::Passkey => unreachable!("files() is None"),
         Task::Hellaswag => {
             if shots > 0 {
                 return Err(no_pool("hellaswag"));
@@ -298,6 +308,31 @@ fn requests(
     })
 }
 
+/// Passkey items 0..N (`--limit`, else [`passkey::DEFAULT_ITEMS`]), each sized with the
+/// model's tokenizer to fill `--passkey-ctx`; returns them with N as the item count.
+fn passkey_requests(
+    lm: &LanguageModel<'_>,
+    settings: &RunSettings,
+) -> Result<(Requests, usize), RunError> {
+    let ctx = settings.passkey_ctx;
+    passkey::check_ctx(ctx, lm.model_ctx())?;
+    if ctx > lm.n_ctx() {
+        return Err(PasskeyError::ExceedsSession {
+            ctx,
+            n_ctx: lm.n_ctx(),
+        }
+        .into());
+    }
+    let n = settings.limit.unwrap_or(passkey::DEFAULT_ITEMS);
+    let reqs = (0..n)
+        .map(|index| {
+            passkey::item(index, lm.tokenizer(), ctx, Some(lm.model_ctx()))
+                .map(|item| item.request())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((Requests::Gen(reqs), n))
+}
+
 /// Runs `task` on `lm`. `cache` (with `run`, the identity of the model and settings)
 /// holds per-item results: found items are not recomputed, computed ones are appended as
 /// they finish. `sample(done, total, &sample)` after each item.
@@ -315,7 +350,16 @@ pub fn run_task(
         ));
     }
     let shots = settings.shots.unwrap_or(task.default_shots());
-    let (requests, items_total) = requests(task, settings, shots)?;
+    let (requests, items_total) = if task == Task::Passkey {
+        if shots > 0 {
+            return Err(RunError::Invalid(format!(
+                "passkey: {shots} shots asked, but a passkey prompt holds no examples; use --shots 0"
+            )));
+        }
+        passkey_requests(lm, settings)?
+    } else {
+        requests(task, settings, shots)?
+    };
     let name = task.name();
     let start = Instant::now();
     let tokens_before = lm.tokens_evaluated;
@@ -419,7 +463,9 @@ pub fn run_task(
         }
         Requests::Gen(reqs) => {
             let total = reqs.len();
+            // GSM8K's scores (three columns), and every item's right or wrong.
             let mut scores = Vec::with_capacity(total);
+            let mut corrects = Vec::with_capacity(total);
             for (index, req) in reqs.iter().enumerate() {
                 let result = match cache
                     .as_deref()
@@ -446,7 +492,20 @@ pub fn run_task(
                     }
                 };
                 truncated += usize::from(result.dropped > 0);
-                let scored = crate::gsm8k::score(&result.text, &req.target);
+                let (pred, correct) = if task == Task::Passkey {
+                    let correct = passkey::is_correct(&result.text, &req.target);
+                    (passkey::answer(&result.text).to_string(), correct)
+                } else {
+                    let scored = crate::gsm8k::score(&result.text, &req.target);
+                    let pred = scored
+                        .extracted
+                        .as_ref()
+                        .map_or(String::new(), |e| e.answer.clone());
+                    let correct = scored.exact_match;
+                    scores.push(scored);
+                    (pred, correct)
+                };
+                corrects.push(correct);
                 progress(
                     index + 1,
                     total,
@@ -457,35 +516,38 @@ pub fn run_task(
                         continuations: Vec::new(),
                         logliks: Vec::new(),
                         gold: req.target.clone(),
-                        pred: scored
-                            .extracted
-                            .as_ref()
-                            .map_or(String::new(), |e| e.answer.clone()),
+                        pred,
                         pred_norm: None,
                         generation: Some(result.text.clone()),
-                        correct: scored.exact_match,
+                        correct,
                         dropped: result.dropped,
                     },
                 );
-                scores.push(scored);
             }
-            let of = |f: &dyn Fn(&crate::gsm8k::Gsm8kScore) -> bool| {
-                MeanStderr::of_bools(scores.iter().map(f))
+            let metrics = if task == Task::Passkey {
+                vec![Metric {
+                    name: "acc".into(),
+                    value: MeanStderr::of_bools(corrects.iter().copied())?,
+                }]
+            } else {
+                let of = |f: &dyn Fn(&crate::gsm8k::Gsm8kScore) -> bool| {
+                    MeanStderr::of_bools(scores.iter().map(f))
+                };
+                vec![
+                    Metric {
+                        name: "exact_match".into(),
+                        value: of(&|s| s.exact_match)?,
+                    },
+                    Metric {
+                        name: "harness_strict".into(),
+                        value: of(&|s| s.harness_strict)?,
+                    },
+                    Metric {
+                        name: "harness_flexible".into(),
+                        value: of(&|s| s.harness_flexible)?,
+                    },
+                ]
             };
-            let metrics = vec![
-                Metric {
-                    name: "exact_match".into(),
-                    value: of(&|s| s.exact_match)?,
-                },
-                Metric {
-                    name: "harness_strict".into(),
-                    value: of(&|s| s.harness_strict)?,
-                },
-                Metric {
-                    name: "harness_flexible".into(),
-                    value: of(&|s| s.harness_flexible)?,
-                },
-            ];
             (total, metrics)
         }
     };
@@ -497,6 +559,7 @@ pub fn run_task(
         items_total,
         limited: items < items_total,
         metrics,
+        ctx: (task == Task::Passkey).then_some(settings.passkey_ctx),
         truncated,
         cached,
         seconds,

@@ -63,6 +63,8 @@ pub enum Task {
     ArcChallenge,
     Mmlu,
     Gsm8k,
+    /// Passkey retrieval: items generated, not read ([`crate::passkey`]).
+    Passkey,
 }
 
 /// The jsonl files of a task inside `assets/tasks/`.
@@ -76,12 +78,13 @@ pub struct TaskFiles {
 
 impl Task {
     /// Every task, in the order a report lists them.
-    pub const ALL: [Task; 5] = [
+    pub const ALL: [Task; 6] = [
         Task::Perplexity,
         Task::Hellaswag,
         Task::ArcChallenge,
         Task::Mmlu,
         Task::Gsm8k,
+        Task::Passkey,
     ];
 
     /// The name used on the command line, in reports and in cache records.
@@ -92,21 +95,23 @@ impl Task {
             Task::ArcChallenge => "arc_challenge",
             Task::Mmlu => "mmlu",
             Task::Gsm8k => "gsm8k",
+            Task::Passkey => "passkey",
         }
     }
 
     /// The number of few-shot examples lm-evaluation-harness uses for the paper's table:
     /// HellaSwag and ARC-Challenge 0 (the harness's task defaults), MMLU 5, GSM8K 8
-    /// (`gsm8k_cot`). Perplexity has none.
+    /// (`gsm8k_cot`). Perplexity and passkey have none.
     pub fn default_shots(self) -> usize {
         match self {
-            Task::Perplexity | Task::Hellaswag | Task::ArcChallenge => 0,
+            Task::Perplexity | Task::Hellaswag | Task::ArcChallenge | Task::Passkey => 0,
             Task::Mmlu => 5,
             Task::Gsm8k => 8,
         }
     }
 
-    /// The task's files under `assets/tasks/`; `None` for perplexity, which reads text files.
+    /// The task's files under `assets/tasks/`; `None` for perplexity, which reads text files,
+    /// and passkey, which generates its items.
     ///
     /// ARC-Challenge is scored on its test split, as the harness does; its few-shot pool is
     /// the validation split because the assets hold no train split (the harness samples shots
@@ -115,7 +120,7 @@ impl Task {
     /// of "The answer is"; [`crate::prompts::gsm8k_cot_shots`] gives the harness's wording.
     pub fn files(self) -> Option<TaskFiles> {
         let files = match self {
-            Task::Perplexity => return None,
+            Task::Perplexity | Task::Passkey => return None,
             Task::Hellaswag => TaskFiles {
                 eval: "hellaswag_validation.jsonl",
                 fewshot: None,
@@ -655,7 +660,7 @@ mod tests {
         let message = Task::parse("helaswag").unwrap_err().to_string();
         assert_eq!(
             message,
-            "unknown task 'helaswag'; known tasks: ppl, hellaswag, arc_challenge, mmlu, gsm8k"
+            "unknown task 'helaswag'; known tasks: ppl, hellaswag, arc_challenge, mmlu, gsm8k, passkey"
         );
     }
 
@@ -678,8 +683,9 @@ mod tests {
     #[test]
     fn default_shots_follow_the_harness() {
         let shots: Vec<usize> = Task::ALL.map(Task::default_shots).to_vec();
-        assert_eq!(shots, vec![0, 0, 0, 5, 8]);
+        assert_eq!(shots, vec![0, 0, 0, 5, 8, 0]);
         assert!(Task::Perplexity.files().is_none());
+        assert!(Task::Passkey.files().is_none());
         assert_eq!(Task::Mmlu.files().unwrap().fewshot, Some("mmlu_dev.jsonl"));
     }
 

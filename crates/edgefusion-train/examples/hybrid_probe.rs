@@ -129,7 +129,11 @@ fn main() {
             .map(|l| {
                 let a = teacher.layers[l].mixer.attention().unwrap();
                 let mut w = ssm_from_attention(&cfg, &a.wq, &a.wk, &a.wv, &a.wo);
-                w.wo.iter_mut().for_each(|v| *v = 0.0);
+                // Beside a window the SSM starts silent; alone (window 0) it starts as
+                // the attention-initialised SSM.
+                if window > 0 {
+                    w.wo.iter_mut().for_each(|v| *v = 0.0);
+                }
                 w
             })
             .collect();

@@ -40,6 +40,12 @@ pub struct LayerRoute {
     pub switch_cost: Option<f64>,
     /// Stage 2's held-out relative error of the layer's SSM against its attention.
     pub distill_error: Option<f64>,
+    /// Greedy choice: the round in which the layer was given its full attention back.
+    pub restored_in_round: Option<usize>,
+    /// Greedy choice: KL per token with this layer restored, in the last round that tried
+    /// it (for a restored layer, the round that restored it): what keeping it converted
+    /// cost against the alternatives.
+    pub restore_kl: Option<f64>,
 }
 
 /// A model's size and per-token work, counted from its shapes.
@@ -85,15 +91,17 @@ pub struct RouterAnalysis {
     pub hybrid: Footprint,
     /// The router's logged steps, oldest first.
     pub history: Vec<RouterStep>,
+    /// The greedy choice of a `layer_choice: greedy` run (`choice.json`).
+    pub choice: Option<crate::choose::LayerChoice>,
 }
 
 impl RouterAnalysis {
-    /// Share of layers that keep the SSM branch.
+    /// Share of layers converted (SSM or sink + window attention).
     pub fn ssm_frac(&self) -> f64 {
         let n_ssm = self
             .layers
             .iter()
-            .filter(|l| l.route == LayerType::Ssm)
+            .filter(|l| l.route != LayerType::Attention)
             .count();
         n_ssm as f64 / self.layers.len().max(1) as f64
     }
@@ -256,7 +264,7 @@ pub fn analyze(path: &Path, config: Option<&TrainConfig>) -> Result<RouterAnalys
                         io_error(
                             &summary_path,
                             &format!("layer_types[{i}]"),
-                            format!("'{name}' is neither 'attention' nor 'ssm'"),
+                            format!("'{name}' is not 'attention', 'ssm' or 'window'"),
                         )
                     })
                 })
@@ -277,7 +285,7 @@ pub fn analyze(path: &Path, config: Option<&TrainConfig>) -> Result<RouterAnalys
             let gates = summary.gates.clone().unwrap_or_else(|| {
                 routes
                     .iter()
-                    .map(|t| if *t == LayerType::Ssm { 1.0 } else { 0.0 })
+                    .map(|t| if *t == LayerType::Attention { 0.0 } else { 1.0 })
                     .collect()
             });
             let costs = history
@@ -332,6 +340,23 @@ pub fn analyze(path: &Path, config: Option<&TrainConfig>) -> Result<RouterAnalys
         ));
     }
     let errors = distill_errors(&run_dir, n_layers);
+    let choice = std::fs::read_to_string(run_dir.join(crate::convert::CHOICE_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str::<crate::convert::ChoiceRecord>(&t).ok())
+        .map(|r| r.choice)
+        .filter(|c| c.converted.iter().all(|&l| l < n_layers));
+    let mut restored_in_round = vec![None; n_layers];
+    let mut restore_kl = vec![None; n_layers];
+    for (round, step) in choice.iter().flat_map(|c| c.steps.iter().enumerate()) {
+        for &(l, kl) in &step.tried {
+            if l < n_layers && restored_in_round[l].is_none() {
+                restore_kl[l] = Some(kl);
+            }
+        }
+        if step.restored < n_layers {
+            restored_in_round[step.restored] = Some(round);
+        }
+    }
     let layers = (0..n_layers)
         .map(|l| LayerRoute {
             layer: l,
@@ -341,6 +366,8 @@ pub fn analyze(path: &Path, config: Option<&TrainConfig>) -> Result<RouterAnalys
             cost: costs.get(l).copied().flatten(),
             switch_cost: switch_costs.as_ref().and_then(|c| c.get(l).copied()),
             distill_error: errors[l],
+            restored_in_round: restored_in_round[l],
+            restore_kl: restore_kl[l],
         })
         .collect();
     let mut dense = hybrid.clone();
@@ -356,6 +383,7 @@ pub fn analyze(path: &Path, config: Option<&TrainConfig>) -> Result<RouterAnalys
         dense: Footprint::of(&dense),
         hybrid: Footprint::of(&hybrid),
         history,
+        choice,
     })
 }
 

@@ -93,6 +93,12 @@ fn named_tensors(student: &Student, state: &RouterState) -> HashMap<String, Tens
 
 /// The checkpoint folders in `dir`, oldest first.
 pub fn list(dir: &Path) -> Vec<PathBuf> {
+    list_steps(dir, |name| !name.ends_with(".tmp"))
+}
+
+/// The entries `step_*` of `dir` whose name passes `keep`, oldest first (the step is
+/// zero-padded, so the name order is the step order).
+pub fn list_steps(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
@@ -101,7 +107,7 @@ pub fn list(dir: &Path) -> Vec<PathBuf> {
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("step_") && !n.ends_with(".tmp"))
+                .is_some_and(|n| n.starts_with("step_") && keep(n))
         })
         .collect();
     found.sort();

@@ -15,8 +15,8 @@
 //! Output folder:
 //! - `choice.json`: what the choice measured ([`ChoiceRecord`]), reused when what it was
 //!   scored on is unchanged;
-//! - `finetune/step_NNNNNN.safetensors` and `.json`: checkpoints of the KL stage (the
-//!   trained tensors and the optimizer's moments);
+//! - `finetune/step_NNNNNN.safetensors` and `.json`: the newest (at most two) checkpoints of
+//!   the KL stage (the trained tensors and the optimizer's moments);
 //! - `metrics.jsonl`: `"stage": "choice"` per round, `"stage": "finetune"` per logged step;
 //! - `config.yaml`, `checkpoint_final/` and `checkpoint_quantized/` as in [`crate::run`].
 
@@ -37,8 +37,8 @@ use crate::init::{hybrid_layout, ssm_from_attention, ssm_random, write_hybrid_tu
 use crate::init::{SsmInitSource, SsmWeights};
 use crate::optim::AdamW;
 use crate::run::{
-    drop_metrics_from, hybrid_config, io_error, log_metrics, quantize_final, write_atomic, Event,
-    RouterSummary, RunOptions, ROUTER_SUMMARY, RUN_CONFIG,
+    drop_metrics_from, finish, hybrid_config, io_error, log_metrics, write_atomic, Event,
+    RouterSummary, RunOptions, RUN_CONFIG,
 };
 use crate::student::Student;
 use crate::{TrainConfig, TrainError};
@@ -276,7 +276,9 @@ pub fn greedy_stages(
             )?;
             let log_every = config.logging.log_every.max(1);
             let every = config.checkpointing.every.max(1);
-            let keep_last = config.checkpointing.keep_last;
+            // Resuming needs only the newest; each holds the adapters, the SSMs and two
+            // moments of both (180 MB for SmolLM2).
+            let keep_last = config.checkpointing.keep_last.min(2);
             history = finetune_kl(&student, &windows, &mut opt, &opts, &mut |s, opt| {
                 if s.step % log_every == 0 || s.step + 1 == opts.steps {
                     let mut line = serde_json::to_value(s).expect("plain struct");
@@ -329,23 +331,15 @@ pub fn greedy_stages(
         lambda: 0.0,
         steps: conv.finetune_steps,
     };
-    write_atomic(
-        &final_dir.join(ROUTER_SUMMARY),
-        serde_json::to_string_pretty(&summary)
-            .expect("plain struct")
-            .as_bytes(),
+    let quantized = finish(
+        config,
+        &summary,
+        &final_model,
+        out_dir,
+        threads,
+        run,
+        events,
     )?;
-    let quantized = if run.skip_quantization {
-        None
-    } else {
-        Some(quantize_final(
-            config,
-            &final_model,
-            out_dir,
-            threads,
-            events,
-        )?)
-    };
     Ok(GreedyOutcome {
         choice,
         finetune: history,
@@ -392,19 +386,7 @@ struct FinetuneCheckpoint {
 
 /// The fine-tuning checkpoints in `dir` (their `.json`, written last), oldest first.
 fn list_checkpoints(dir: &Path) -> Vec<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("step_") && n.ends_with(".json"))
-        })
-        .collect();
-    found.sort();
-    found
+    crate::checkpoint::list_steps(dir, |name| name.ends_with(".json"))
 }
 
 /// Writes `dir/step_NNNNNN.{safetensors,json}` (tensors first, each through a rename, so a

@@ -186,6 +186,15 @@ pub fn plan(
     let stage2 = 6.0 * p_ssm_all * (teacher_tokens * s.distill_epochs) as f64;
     // Both branches forward, activation gradients through the frozen base, SSM gradients.
     let stage3 = (6.0 * (p_dense + p_ssm_all)) * router_tokens as f64;
+    let quantize_stage = |name| StageEstimate {
+        name,
+        tokens: q.calib_tokens,
+        tflops: 2.0 * hybrid.n_params() as f64 * q.calib_tokens as f64 / 1e12,
+        seconds: hybrid.n_params() as f64 / 1e6
+            * QUANTIZE_S_PER_MPARAM
+            * (20.0 / machine_gflops.max(1.0)).max(0.05),
+        note: format!("EFQ at {} bits per weight", q.bpw),
+    };
     let stages = if greedy {
         // The choice: one pass with all converted, a round over every layer, then rounds
         // over the best few (choose.rs); end-to-end KL: forward, then activation gradients
@@ -225,15 +234,7 @@ pub fn plan(
                     }
                 ),
             },
-            StageEstimate {
-                name: "3 quantize",
-                tokens: q.calib_tokens,
-                tflops: 2.0 * hybrid.n_params() as f64 * q.calib_tokens as f64 / 1e12,
-                seconds: hybrid.n_params() as f64 / 1e6
-                    * QUANTIZE_S_PER_MPARAM
-                    * (20.0 / machine_gflops.max(1.0)).max(0.05),
-                note: format!("EFQ at {} bits per weight", q.bpw),
-            },
+            quantize_stage("3 quantize"),
         ]
     } else {
         vec![
@@ -279,15 +280,7 @@ pub fn plan(
                     }
                 ),
             },
-            StageEstimate {
-                name: "4 harden + quantize",
-                tokens: q.calib_tokens,
-                tflops: 2.0 * hybrid.n_params() as f64 * q.calib_tokens as f64 / 1e12,
-                seconds: hybrid.n_params() as f64 / 1e6
-                    * QUANTIZE_S_PER_MPARAM
-                    * (20.0 / machine_gflops.max(1.0)).max(0.05),
-                note: format!("EFQ at {} bits per weight", q.bpw),
-            },
+            quantize_stage("4 harden + quantize"),
         ]
     };
     Ok(Plan {
@@ -555,21 +548,32 @@ mod tests {
             assert!(text.contains(words), "{text}");
         }
 
-        // The shipped greedy conversion: 20 layers keep sink 4 + window 64 keys and values.
+        // The shipped greedy conversion: 20 layers keep sink 4 + window 64 keys and values
+        // and an SSM state beside them.
         let p = plan(&shipped, &dense, 50.0, 2).unwrap();
+        assert!(shipped.conversion.ssm_beside_window);
         assert_eq!(p.n_ssm_layers, 20);
-        assert_eq!(p.hybrid_figures.params, p.dense_figures.params);
+        assert_eq!(
+            p.hybrid_figures.params,
+            p.dense_figures.params + 20 * p.ssm_params
+        );
         let window = 20.0 * 2.0 * 192.0 * 68.0 * 2.0;
-        assert!((p.hybrid_figures.state_bytes[at4k] - (kv + window)).abs() < 1.0);
+        assert!((p.hybrid_figures.state_bytes[at4k] - (kv + window + state)).abs() < 1.0);
         let text = p.render(&shipped);
         for words in [
-            "20 of 30 layers converted to sink 4 + window 64",
+            "20 of 30 layers converted to sink 4 + window 64 softmax with an SSM beside",
             "1 joint layer choice",
             "2 end-to-end KL",
-            "60 steps of 512 tokens",
+            "100 steps of 1024 tokens",
         ] {
             assert!(text.contains(words), "{words:?} missing from\n{text}");
         }
+        // Without the SSM: the window's keys and values alone, no new parameters.
+        let mut window_only = shipped.clone();
+        window_only.conversion.ssm_beside_window = false;
+        let p = plan(&window_only, &dense, 50.0, 2).unwrap();
+        assert_eq!(p.hybrid_figures.params, p.dense_figures.params);
+        assert!((p.hybrid_figures.state_bytes[at4k] - (kv + window)).abs() < 1.0);
     }
 
     #[test]

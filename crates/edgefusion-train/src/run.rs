@@ -543,24 +543,15 @@ pub fn router_stages(
         lambda: state.lambda,
         steps: state.step,
     };
-    write_atomic(
-        &final_dir.join(ROUTER_SUMMARY),
-        serde_json::to_string_pretty(&summary)
-            .expect("plain struct")
-            .as_bytes(),
+    let quantized = finish(
+        config,
+        &summary,
+        &final_model,
+        out_dir,
+        threads,
+        run,
+        events,
     )?;
-
-    let quantized = if run.skip_quantization {
-        None
-    } else {
-        Some(quantize_final(
-            config,
-            &final_model,
-            out_dir,
-            threads,
-            events,
-        )?)
-    };
     Ok(RouterOutcome {
         steps,
         layer_types,
@@ -569,9 +560,33 @@ pub fn router_stages(
     })
 }
 
+/// The end of a run: `summary` beside `final_model` (in `checkpoint_final/`), then the
+/// model quantized unless `run.skip_quantization`.
+pub(crate) fn finish(
+    config: &TrainConfig,
+    summary: &RouterSummary,
+    final_model: &Path,
+    out_dir: &Path,
+    threads: usize,
+    run: &RunOptions,
+    events: &mut dyn FnMut(Event),
+) -> Result<Option<PathBuf>, TrainError> {
+    let final_dir = final_model.parent().unwrap_or(out_dir);
+    write_atomic(
+        &final_dir.join(ROUTER_SUMMARY),
+        serde_json::to_string_pretty(summary)
+            .expect("plain struct")
+            .as_bytes(),
+    )?;
+    if run.skip_quantization {
+        return Ok(None);
+    }
+    quantize_final(config, final_model, out_dir, threads, events).map(Some)
+}
+
 /// Stage 4's quantization: `final_model` to `checkpoint_quantized/model.gguf` with EFQ at the
 /// configuration's budget, calibrated on `quantization.calib` when one is given.
-pub(crate) fn quantize_final(
+fn quantize_final(
     config: &TrainConfig,
     final_model: &Path,
     out_dir: &Path,

@@ -121,6 +121,14 @@ fn a_stopped_run_resumes_to_the_model_an_unbroken_run_writes() {
         .config;
     assert_eq!((file.window, file.sink), (4, 1));
     assert_eq!(file.layer_types, whole.layer_types);
+    // analyze-router reads the choice: the restored layer in round 0, both layers' KL.
+    let analysis = edgefusion_train::analysis::analyze(&whole_dir, None).unwrap();
+    assert_eq!(analysis.ssm_frac(), 0.5);
+    let restored = &analysis.layers[1 - converted];
+    assert_eq!(restored.restored_in_round, Some(0));
+    assert_eq!(restored.restore_kl, Some(whole.choice.kl_final));
+    assert!(analysis.layers[converted].restore_kl.unwrap() >= whole.choice.kl_final);
+    assert_eq!(analysis.step, 8);
 
     let dir = temp_dir("greedy-resumed");
     let stopped = run(
