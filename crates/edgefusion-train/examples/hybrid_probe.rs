@@ -181,7 +181,7 @@ fn main() {
             out.as_ref(),
         )
         .unwrap();
-        if with_ssm {
+        if with_ssm && window > 0 {
             // The same adapters with the SSMs dropped: what the SSM branch adds.
             let window_types: Vec<LayerType> = types
                 .iter()
