@@ -195,13 +195,6 @@ fn train_greedy(
     let conv = &config.conversion;
     let steps = conv.finetune_steps;
     let log_every = config.logging.log_every.max(1);
-    let say = |bar: &indicatif::ProgressBar, line: String| {
-        if bar.is_hidden() {
-            println!("{line}");
-        } else {
-            bar.println(line);
-        }
-    };
     let outcome = greedy_stages(
         config,
         source,
@@ -457,9 +450,12 @@ fn train(
             Event::Resumed { step } => {
                 println!("stage 3: resumed from the checkpoint of step {step}")
             }
-            Event::SkippedStep { step } => bar.println(format!(
-                "warning: router step {step} had a non-finite loss; skipped (no weight changed)"
-            )),
+            Event::SkippedStep { step } => say(
+                &bar,
+                format!(
+                    "warning: router step {step} had a non-finite loss; skipped (no weight changed)"
+                ),
+            ),
             Event::RouterStep(s) => {
                 if let Some(costs) = &s.switch_costs {
                     let mut order: Vec<usize> = (0..costs.len()).collect();
@@ -473,11 +469,7 @@ fn train(
                             .collect::<Vec<_>>()
                             .join(", ")
                     );
-                    if bar.is_hidden() {
-                        println!("{line}");
-                    } else {
-                        bar.println(line);
-                    }
+                    say(&bar, line);
                 }
                 bar.set_prefix("3 router");
                 bar.set_length(steps as u64);
@@ -491,11 +483,7 @@ fn train(
                         "step {:4}: kl {:.4} loss {:.4} λ {:.4} τ {:.3} ssm_frac {:.3} (mean g {:.3}) entropy {:.3} bits lr {:.2e} {:.0} tok/s",
                         s.step, s.kl, s.loss, s.lambda, s.tau, s.ssm_frac, s.mean_gate, s.gate_entropy_bits, s.lr, s.tokens_per_s
                     );
-                    if bar.is_hidden() {
-                        println!("{line}");
-                    } else {
-                        bar.println(line);
-                    }
+                    say(&bar, line);
                 }
             }
             Event::Quantizing { done, total } => {
@@ -520,4 +508,14 @@ fn train(
     }
     println!("total {:.0} s", start.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Prints `line` above the progress bar, or plainly when the bar is hidden (not a terminal):
+/// log lines then still reach a redirected output.
+fn say(bar: &indicatif::ProgressBar, line: String) {
+    if bar.is_hidden() {
+        println!("{line}");
+    } else {
+        bar.println(line);
+    }
 }

@@ -304,6 +304,8 @@ impl<'m> LanguageModel<'m> {
         let mut streamer: TokenStreamer<'_> = self.tokenizer.streamer();
         let mut text = String::new();
         let mut logits = self.last_logits.clone();
+        // The session now holds the context and then each generated token that is run.
+        let mut held = context;
         let mut n_tokens = 0;
         while n_tokens < max_tokens {
             let token = argmax(&logits);
@@ -321,13 +323,14 @@ impl<'m> LanguageModel<'m> {
                 break;
             }
             logits = self.run(&[token], Logits::Last)?;
+            held.push(token);
         }
         if let Some(rest) = streamer.finish() {
             text.push_str(&rest);
         }
-        // The generated tokens follow the context in the session: it holds neither a
-        // context nor its logits any more.
-        self.held.clear();
+        // The generated tokens follow the context in the session: the next context still
+        // shares its prefix (a few-shot preamble), but no context ends where the session does.
+        self.held = held;
         self.last_logits.clear();
         if let Some(at) = crate::prompts::find_stop(&text, stop) {
             text.truncate(at);

@@ -287,23 +287,13 @@ pub fn span_attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_abs_diff;
     use candle_core::{Device, Var};
 
     fn values(n: usize, seed: f32) -> Vec<f32> {
         (0..n)
             .map(|i| (i as f32 * 0.37 + seed).sin() * 1.7)
             .collect()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     /// Fused against composite, forward and the three gradients, for causal and windowed
@@ -328,7 +318,7 @@ mod tests {
                 composite_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), window, sink)
                     .unwrap();
             assert!(
-                max_diff(&fused, &reference) < 1e-5,
+                max_abs_diff(&fused, &reference) < 1e-5,
                 "forward {t} {window} {sink}"
             );
             let g_fused = (fused * &weights)
@@ -349,9 +339,9 @@ mod tests {
                     g_ref.get(x.as_tensor()).unwrap(),
                 );
                 assert!(
-                    max_diff(a, b) < 1e-4,
+                    max_abs_diff(a, b) < 1e-4,
                     "d{name} {t} {window} {sink}: {}",
-                    max_diff(a, b)
+                    max_abs_diff(a, b)
                 );
             }
         }

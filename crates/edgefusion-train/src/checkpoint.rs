@@ -59,12 +59,6 @@ fn io_error(path: &Path, what: &str, e: impl std::fmt::Display) -> TrainError {
     }
 }
 
-fn numeric(e: candle_core::Error) -> TrainError {
-    TrainError::Numeric {
-        what: e.to_string(),
-    }
-}
-
 /// The tensors of the student and optimizer state, by name.
 fn named_tensors(student: &Student, state: &RouterState) -> HashMap<String, Tensor> {
     let mut map = HashMap::new();
@@ -201,21 +195,19 @@ pub fn read_routing(
         let a = state
             .get(&format!("gate.{l}"))?
             .flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(numeric)?;
+            .and_then(|t| t.to_vec1::<f32>())?;
         gate_logits.push(a.first().copied().unwrap_or(0.0));
         let parts = (0..crate::distill::SSM_TENSOR_NAMES.len())
             .map(|i| state.get(&format!("ssm.{l}.{i}")).cloned())
             .collect::<Result<Vec<_>, _>>()?;
-        ssms.insert(l, crate::distill::from_tensors(&parts).map_err(numeric)?);
+        ssms.insert(l, crate::distill::from_tensors(&parts)?);
     }
     let mut tuned_base = state
         .tensors
         .iter()
         .filter_map(|(name, t)| Some((name.strip_prefix("base.")?, t)))
         .map(|(name, t)| crate::init::TunedTensor::of(name, t))
-        .collect::<candle_core::Result<Vec<_>>>()
-        .map_err(numeric)?;
+        .collect::<candle_core::Result<Vec<_>>>()?;
     tuned_base.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Routing {
         meta,
@@ -293,15 +285,12 @@ pub fn restore(
     let get = |name: &str| state_tensors.get(name);
     for (l, layer) in student.layers.iter().enumerate() {
         for (i, var) in layer.ssm.iter().enumerate() {
-            var.set(get(&format!("ssm.{l}.{i}"))?).map_err(numeric)?;
+            var.set(get(&format!("ssm.{l}.{i}"))?)?;
         }
-        layer
-            .gate_logit
-            .set(get(&format!("gate.{l}"))?)
-            .map_err(numeric)?;
+        layer.gate_logit.set(get(&format!("gate.{l}"))?)?;
     }
     for (name, var) in &student.base {
-        var.set(get(&format!("base.{name}"))?).map_err(numeric)?;
+        var.set(get(&format!("base.{name}"))?)?;
     }
     let opts = [
         ("ssm_opt", Some(&mut state.ssm_opt)),

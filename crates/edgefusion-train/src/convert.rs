@@ -82,12 +82,6 @@ pub struct GreedyOutcome {
     pub quantized: Option<PathBuf>,
 }
 
-fn numeric(e: candle_core::Error) -> TrainError {
-    TrainError::Numeric {
-        what: e.to_string(),
-    }
-}
-
 /// Converts `teacher` (the dense model opened from `source`, whose GGUF file is `gguf`) by
 /// the greedy stages over `tokens` of the training text `text_name`, writing into
 /// `out_dir`. Finished stages found there are reused; fine-tuning continues from its newest
@@ -225,14 +219,12 @@ pub fn greedy_stages(
 
     // 2. End-to-end KL on the start of the text.
     let ssms = initial_ssms(teacher, &cfg, config)?;
-    let mut student = Student::new(teacher, &cfg, &ssms, 0.0, seq_len).map_err(numeric)?;
+    let mut student = Student::new(teacher, &cfg, &ssms, 0.0, seq_len)?;
     student.layer_types = layer_types.clone();
     let mut history = Vec::new();
     if conv.finetune_steps > 0 {
         if conv.lora_rank > 0 {
-            student
-                .add_ffn_lora(conv.lora_rank, conv.lora_alpha, config.seed)
-                .map_err(numeric)?;
+            student.add_ffn_lora(conv.lora_rank, conv.lora_alpha, config.seed)?;
         }
         let mut vars = student.lora_vars();
         if conv.ssm_beside_window {
@@ -303,7 +295,7 @@ pub fn greedy_stages(
         choice
             .converted
             .iter()
-            .map(|&l| Ok((l, from_vars(&student.layers[l].ssm).map_err(numeric)?)))
+            .map(|&l| Ok((l, from_vars(&student.layers[l].ssm)?)))
             .collect::<Result<_, TrainError>>()?
     } else {
         HashMap::new()
@@ -312,7 +304,7 @@ pub fn greedy_stages(
     std::fs::create_dir_all(&final_dir).map_err(|e| io_error(&final_dir, "creating", e))?;
     let final_model = final_dir.join("model.gguf");
     let tuned = if student.layers.iter().any(|l| l.ffn_lora.is_some()) {
-        student.merged_ffn().map_err(numeric)?
+        student.merged_ffn()?
     } else {
         Vec::new()
     };
@@ -351,7 +343,9 @@ pub fn greedy_stages(
 
 /// Each layer's SSM as the KL stage starts it: from its attention (or random, as
 /// `ssm.init` says) with the output projection at zero, so that a converted layer starts as
-/// its window alone and the SSM adds only what the KL asks of it.
+/// its window alone and the SSM adds only what the KL asks of it. The student holds one SSM
+/// per layer (its routes may put any layer on SSM); only the converted layers' SSMs are
+/// trained, and only with `ssm_beside_window` — the others are a few cheap matrices.
 fn initial_ssms(
     teacher: &Model<'_>,
     cfg: &edgefusion_model::ModelConfig,
@@ -474,7 +468,7 @@ fn restore_checkpoint(
     for i in 0..opt.vars.len() {
         let var: &Var = &opt.vars[i];
         let value = get(format!("var.{i}"), var.as_tensor())?;
-        var.set(&value).map_err(numeric)?;
+        var.set(&value)?;
         opt.m[i] = get(format!("m.{i}"), &opt.m[i])?;
         opt.v[i] = get(format!("v.{i}"), &opt.v[i])?;
     }

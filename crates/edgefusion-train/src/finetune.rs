@@ -39,12 +39,6 @@ pub struct FinetuneStep {
     pub tokens_per_s: f64,
 }
 
-fn numeric(e: candle_core::Error) -> TrainError {
-    TrainError::Numeric {
-        what: e.to_string(),
-    }
-}
-
 /// A fresh optimizer over `vars` for [`finetune_kl`] (with no weight decay: the adapters
 /// start at zero and the SSMs from attention, and both should move only as the KL asks).
 pub fn finetune_optimizer(vars: Vec<Var>, opts: &FinetuneOptions) -> Result<AdamW, TrainError> {
@@ -53,7 +47,7 @@ pub fn finetune_optimizer(vars: Vec<Var>, opts: &FinetuneOptions) -> Result<Adam
             what: "KL fine-tuning was given nothing to train".into(),
         });
     }
-    AdamW::new(vars, opts.betas, 0.0).map_err(numeric)
+    AdamW::new(vars, opts.betas, 0.0).map_err(TrainError::from)
 }
 
 /// Trains the variables of `opt` (variables of `student`) from step `opt.t` to `opts.steps`
@@ -79,23 +73,18 @@ pub fn finetune_kl(
         let rows = w * per_window * k..(w + 1) * per_window * k;
         let ids = Tensor::from_slice(&teacher.top_ids[rows.clone()], (per_window, k), &dev);
         let logp = Tensor::from_slice(&teacher.top_logp[rows], (per_window, k), &dev);
-        let (logits, _) = student.forward(tokens, Route::Hard).map_err(numeric)?;
-        let loss = top_k_tail_kl(
-            &logits.narrow(0, first, per_window).map_err(numeric)?,
-            &ids.map_err(numeric)?,
-            &logp.map_err(numeric)?,
-        )
-        .map_err(numeric)?;
-        let kl = loss.to_scalar::<f32>().map_err(numeric)? as f64;
+        let (logits, _) = student.forward(tokens, Route::Hard)?;
+        let loss = top_k_tail_kl(&logits.narrow(0, first, per_window)?, &ids?, &logp?)?;
+        let kl = loss.to_scalar::<f32>()? as f64;
         if !kl.is_finite() {
             return Err(TrainError::Numeric {
                 what: format!("KL fine-tuning diverged at step {step} (loss {kl})"),
             });
         }
-        let mut grads = loss.backward().map_err(numeric)?;
-        let grad_norm = clip_grad_norm(&mut grads, &opt.vars, opts.grad_clip).map_err(numeric)?;
+        let mut grads = loss.backward()?;
+        let grad_norm = clip_grad_norm(&mut grads, &opt.vars, opts.grad_clip)?;
         let lr = warmup_cosine(step, opts.warmup_steps, opts.steps, opts.lr);
-        opt.step(&grads, lr).map_err(numeric)?;
+        opt.step(&grads, lr)?;
         let report = FinetuneStep {
             step,
             kl,

@@ -68,6 +68,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_abs_diff;
     use candle_core::Var;
 
     #[test]
@@ -87,17 +88,7 @@ mod tests {
         .unwrap();
         let plain = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
         let frozen = frozen_linear(x.as_tensor(), &w).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert!(diff(&plain, &frozen) < 1e-6);
+        assert!(max_abs_diff(&plain, &frozen) < 1e-6);
         // A loss that weighs each output differently, so the gradient is not uniform.
         let weights =
             Tensor::from_vec((0..20).map(|i| i as f32 - 7.0).collect(), (4, 5), &dev).unwrap();
@@ -117,11 +108,11 @@ mod tests {
             g_plain.get(x.as_tensor()).unwrap(),
             g_frozen.get(x.as_tensor()).unwrap(),
         );
-        assert!(diff(a, b) < 1e-5);
+        assert!(max_abs_diff(a, b) < 1e-5);
         // A transposed (strided) input takes the gather path.
         let xt = Var::from_vec((0..12).map(|i| i as f32 * 0.1).collect(), (3, 4), &dev).unwrap();
         let strided = xt.as_tensor().t().unwrap();
         let got = frozen_linear(&strided, &w).unwrap();
-        assert!(diff(&got, &strided.matmul(&w.t().unwrap()).unwrap()) < 1e-6);
+        assert!(max_abs_diff(&got, &strided.matmul(&w.t().unwrap()).unwrap()) < 1e-6);
     }
 }

@@ -22,6 +22,8 @@ pub mod run;
 pub mod ssm;
 pub mod student;
 pub mod teacher;
+#[cfg(test)]
+mod test_util;
 
 pub use config::TrainConfig;
 
@@ -54,4 +56,13 @@ pub enum TrainError {
     /// A tensor operation that failed during training.
     #[error("training: {what}")]
     Numeric { what: String },
+}
+
+/// A tensor operation that failed: every candle error in training is a numeric one.
+impl From<candle_core::Error> for TrainError {
+    fn from(e: candle_core::Error) -> Self {
+        TrainError::Numeric {
+            what: e.to_string(),
+        }
+    }
 }

@@ -66,6 +66,7 @@ impl LoraAdapter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_abs_diff;
     use candle_core::Device;
 
     #[test]
@@ -76,26 +77,16 @@ mod tests {
             Tensor::from_vec((0..8).map(|i| 1.0 - i as f32 * 0.3).collect(), (2, 4), &dev).unwrap();
         let lora = LoraAdapter::new(&w, 2, 4.0, 7).unwrap();
         let plain = x.matmul(&w.t().unwrap()).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert_eq!(diff(&lora.forward(&w, &x).unwrap(), &plain), 0.0);
+        assert_eq!(max_abs_diff(&lora.forward(&w, &x).unwrap(), &plain), 0.0);
         lora.b
             .set(
                 &Tensor::from_vec(vec![0.5f32, -1.0, 0.25, 2.0, -0.75, 1.5], (3, 2), &dev).unwrap(),
             )
             .unwrap();
         let adapted = lora.forward(&w, &x).unwrap();
-        assert!(diff(&adapted, &plain) > 0.1, "B moves the output");
+        assert!(max_abs_diff(&adapted, &plain) > 0.1, "B moves the output");
         let merged = x.matmul(&lora.merged(&w).unwrap().t().unwrap()).unwrap();
-        assert!(diff(&adapted, &merged) < 1e-5);
+        assert!(max_abs_diff(&adapted, &merged) < 1e-5);
         assert!(LoraAdapter::new(&w, 0, 1.0, 0).is_err());
     }
 }

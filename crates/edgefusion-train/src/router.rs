@@ -210,10 +210,8 @@ fn window<'t>(
 ) -> Result<(&'t [u32], Tensor, Tensor), TrainError> {
     let (l, k) = (targets.seq_len, targets.top_k);
     let tokens = &targets.tokens[w * l..(w + 1) * l];
-    let idx = Tensor::from_slice(&targets.idx[w * l * k..(w + 1) * l * k], (l, k), dev)
-        .map_err(numeric)?;
-    let vals = Tensor::from_slice(&targets.vals[w * l * k..(w + 1) * l * k], (l, k), dev)
-        .map_err(numeric)?;
+    let idx = Tensor::from_slice(&targets.idx[w * l * k..(w + 1) * l * k], (l, k), dev)?;
+    let vals = Tensor::from_slice(&targets.vals[w * l * k..(w + 1) * l * k], (l, k), dev)?;
     Ok((tokens, idx, vals))
 }
 
@@ -232,11 +230,9 @@ pub fn measure_switch_costs(student: &Student, targets: &Targets) -> Result<Vec<
         let mut sum = 0.0;
         for &w in &windows {
             let (tokens, idx, vals) = window(targets, w, &dev)?;
-            let (logits, _) = student
-                .forward(tokens, Route::AttentionExcept(except))
-                .map_err(numeric)?;
-            let kl = top_k_kl(&logits.detach(), &idx, &vals).map_err(numeric)?;
-            sum += kl.to_scalar::<f32>().map_err(numeric)? as f64;
+            let (logits, _) = student.forward(tokens, Route::AttentionExcept(except))?;
+            let kl = top_k_kl(&logits.detach(), &idx, &vals)?;
+            sum += kl.to_scalar::<f32>()? as f64;
         }
         Ok(sum / windows.len().max(1) as f64)
     };
@@ -259,12 +255,6 @@ fn commit_weight(state: &RouterState, opts: &RouterOptions) -> f64 {
         .map(|c| (c - state.lambda).abs())
         .fold(0.0, f64::max);
     ramp * 2.0 * gap
-}
-
-fn numeric(e: candle_core::Error) -> TrainError {
-    TrainError::Numeric {
-        what: e.to_string(),
-    }
 }
 
 /// Runs one optimizer step (the state advances by one) and returns its record. A step
@@ -292,7 +282,7 @@ pub fn router_step(
         state.switch_costs = Some(costs.clone());
         measured = Some(costs);
     }
-    let gates_now = gates_at(&student.gate_logits().map_err(numeric)?, tau);
+    let gates_now = gates_at(&student.gate_logits()?, tau);
     let weights: Vec<f64> = commit_targets(&gates_now, opts.target, state.switch_costs.as_deref())
         .iter()
         .map(|z| lambda + commit * (2.0 * z - 1.0))
@@ -301,8 +291,7 @@ pub fn router_step(
         weights.iter().map(|&w| w as f32).collect::<Vec<_>>(),
         weights.len(),
         &dev,
-    )
-    .map_err(numeric)?;
+    )?;
     // Windows are back-propagated one at a time and their gradients summed, so that the
     // graph of one window (not of the batch) is alive at once.
     // SSMs and base first: the clipped ones.
@@ -322,43 +311,34 @@ pub fn router_step(
         state.rng ^= state.rng << 17;
         let w = (state.rng % targets.n_windows() as u64) as usize;
         let (tokens, idx, vals) = window(targets, w, &dev)?;
-        let (logits, shares) = student
-            .forward(tokens, Route::Soft { tau })
-            .map_err(numeric)?;
-        let kl =
-            (top_k_kl(&logits, &idx, &vals).map_err(numeric)? / batch as f64).map_err(numeric)?;
+        let (logits, shares) = student.forward(tokens, Route::Soft { tau })?;
+        let kl = (top_k_kl(&logits, &idx, &vals)? / batch as f64)?;
         let mut loss = kl.clone();
         if b == 0 {
             // L1 on the attention gates: Σ w_l (1 − g_l), so that λ weighs each layer's
             // choice against that layer's cost in KL (nats per token) whatever the depth.
             // The gates do not depend on the input: counted once per step.
-            let gates = Tensor::cat(&shares, 0).map_err(numeric)?;
+            let gates = Tensor::cat(&shares, 0)?;
             let attention_weight = gates
                 .affine(-1.0, 1.0)
                 .and_then(|t| t * &weights_tensor)
-                .and_then(|t| t.sum_all())
-                .map_err(numeric)?;
-            loss = (&loss + attention_weight).map_err(numeric)?;
-            gate_values = gates
-                .to_vec1::<f32>()
-                .map_err(numeric)?
-                .into_iter()
-                .map(f64::from)
-                .collect();
+                .and_then(|t| t.sum_all())?;
+            loss = (&loss + attention_weight)?;
+            gate_values = gates.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
         }
-        kl_value += kl.to_scalar::<f32>().map_err(numeric)? as f64;
-        let value = loss.to_scalar::<f32>().map_err(numeric)? as f64;
+        kl_value += kl.to_scalar::<f32>()? as f64;
+        let value = loss.to_scalar::<f32>()? as f64;
         loss_value += value;
         if !value.is_finite() {
             break;
         }
-        let window_grads = loss.backward().map_err(numeric)?;
+        let window_grads = loss.backward()?;
         for (sum, var) in summed.iter_mut().zip(&vars) {
             if let Some(g) = window_grads.get(var.as_tensor()) {
                 let g = g.detach();
                 *sum = Some(match sum.take() {
                     None => g,
-                    Some(acc) => (acc + g).map_err(numeric)?,
+                    Some(acc) => (acc + g)?,
                 });
             }
         }
@@ -388,14 +368,14 @@ pub fn router_step(
         if let Some(target) = opts.target {
             set_multiplier(state, target);
         }
-        clip_grad_norm(&mut grads, &clipped, opts.grad_clip).map_err(numeric)?;
+        clip_grad_norm(&mut grads, &clipped, opts.grad_clip)?;
         if opts.lr > 0.0 {
-            state.ssm_opt.step(&grads, lr).map_err(numeric)?;
+            state.ssm_opt.step(&grads, lr)?;
             if let Some(base_opt) = &mut state.base_opt {
-                base_opt.step(&grads, lr).map_err(numeric)?;
+                base_opt.step(&grads, lr)?;
             }
         }
-        state.gate_opt.step(&grads, gate_lr).map_err(numeric)?;
+        state.gate_opt.step(&grads, gate_lr)?;
     }
     let mean_gate = gate_values.iter().sum::<f64>() / n;
     state.step += 1;
@@ -448,10 +428,7 @@ fn update_costs(
         let Some(grad) = grads.get(var.as_tensor()) else {
             continue;
         };
-        let da = grad
-            .flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(numeric)?[0] as f64;
+        let da = grad.flatten_all().and_then(|t| t.to_vec1::<f32>())?[0] as f64;
         let slope = gates[l] * (1.0 - gates[l]) / tau;
         if slope < 1e-6 || !da.is_finite() {
             continue;

@@ -404,9 +404,6 @@ pub fn router_stages(
     run: &RunOptions,
     events: &mut dyn FnMut(Event),
 ) -> Result<RouterOutcome, TrainError> {
-    let numeric = |e: candle_core::Error| TrainError::Numeric {
-        what: e.to_string(),
-    };
     let cfg = hybrid_config(&model.config, config);
     let teacher_dir = out_dir.join(TEACHER_DIR);
     let meta_text = std::fs::read_to_string(teacher_dir.join("meta.json"))
@@ -421,10 +418,9 @@ pub fn router_stages(
         top_k: meta.top_k,
         seq_len: meta.seq_len,
     };
-    let mut student =
-        Student::new(model, &cfg, &distilled.ssms, 0.0, meta.seq_len).map_err(numeric)?;
+    let mut student = Student::new(model, &cfg, &distilled.ssms, 0.0, meta.seq_len)?;
     if !config.stages.freeze_base {
-        student.unfreeze_base().map_err(numeric)?;
+        student.unfreeze_base()?;
     }
     let r = &config.router;
     let opts = RouterOptions {
@@ -444,7 +440,7 @@ pub fn router_stages(
         dual_lr: r.dual_lr,
         seed: config.seed,
     };
-    let mut state = RouterState::new(&student, &opts).map_err(numeric)?;
+    let mut state = RouterState::new(&student, &opts)?;
     let ckpt_dir = out_dir.join("checkpoints");
     let existing = crate::checkpoint::list(&ckpt_dir);
     if run.resume {
@@ -511,7 +507,7 @@ pub fn router_stages(
     // checkpoint); before any router step, distillation's choice stands.
     let gates = if state.step > 0 {
         let tau = crate::router::tau_at(state.step - 1, opts.steps, r.tau_start, r.tau_end);
-        let logits = student.gate_logits().map_err(numeric)?;
+        let logits = student.gate_logits()?;
         Some(crate::router::gates_at(&logits, tau))
     } else {
         None
@@ -522,7 +518,7 @@ pub fn router_stages(
     };
     let mut trained = HashMap::new();
     for (l, layer) in student.layers.iter().enumerate() {
-        trained.insert(l, from_vars(&layer.ssm).map_err(numeric)?);
+        trained.insert(l, from_vars(&layer.ssm)?);
     }
     let final_dir = out_dir.join("checkpoint_final");
     std::fs::create_dir_all(&final_dir).map_err(|e| io_error(&final_dir, "creating", e))?;
@@ -532,7 +528,7 @@ pub fn router_stages(
         model,
         &hybrid_layout(&cfg, &layer_types, cfg.ssm_d_state, cfg.ssm_d_conv, 0, 0),
         SsmInitSource::Trained(&trained),
-        &student.tuned_base().map_err(numeric)?,
+        &student.tuned_base()?,
         &final_model,
     )?;
     let summary = RouterSummary {

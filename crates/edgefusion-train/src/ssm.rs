@@ -231,6 +231,7 @@ pub fn random_tensors(dims: &SsmDims, dtype: DType, device: &Device) -> Result<S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_abs_diff;
 
     const DIMS: SsmDims = SsmDims {
         d_model: 16,
@@ -240,19 +241,6 @@ mod tests {
         d_state: 3,
         d_conv: 4,
     };
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     /// The chunked form equals the recurrence for every chunk size, including chunks that
     /// do not divide the length and a single chunk.
@@ -273,7 +261,7 @@ mod tests {
         assert!(scale > 1e-3, "outputs too small to compare: {scale}");
         for chunk in [1, 4, 5, 13, 64] {
             let got = forward_chunked(&p, &DIMS, &h, chunk).unwrap();
-            let err = max_diff(&got, &reference);
+            let err = max_abs_diff(&got, &reference);
             assert!(err <= 1e-12 * scale.max(1.0), "chunk {chunk}: {err}");
         }
     }

@@ -3,6 +3,8 @@
 //! on the feed-forward blocks lowers the KL to the dense teacher, in the student and in the
 //! file it writes.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -17,25 +19,13 @@ use edgefusion_train::init::{
 };
 use edgefusion_train::student::{Route, Student};
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama-f32.gguf")
-}
+use common::{fixture, tokens};
+
+/// The seed of this file's token stream.
+const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 
 fn out_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name)
-}
-
-/// Random-looking tokens of the fixture's 512-token vocabulary.
-fn tokens(n: usize) -> Vec<u32> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % 512) as u32
-        })
-        .collect()
 }
 
 fn runtime_logits(model: &Model<'_>, tokens: &[u32]) -> Vec<f32> {
@@ -91,7 +81,7 @@ fn write(
     tuned: &[TunedTensor],
     name: &str,
 ) -> PathBuf {
-    let source = ModelSource::open(fixture()).unwrap();
+    let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).unwrap();
     let ModelSource::Gguf(gguf) = &source else {
         unreachable!()
     };
@@ -112,10 +102,10 @@ fn write(
 
 #[test]
 fn windowed_student_matches_the_runtime() {
-    let source = ModelSource::open(fixture()).unwrap();
+    let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).unwrap();
     let dense = Model::load(&source).unwrap();
     let (cfg, ssms) = windowed(&dense, 5, 2);
-    let toks = tokens(40);
+    let toks = tokens(40, SEED);
     let mut student = Student::new(&dense, &cfg, &ssms, 0.0, 64).unwrap();
     let dense_logits = student_logits(&student, &toks);
     // SSM beside the window, then the window alone.
@@ -141,10 +131,10 @@ fn windowed_student_matches_the_runtime() {
 
 #[test]
 fn kl_finetuning_lowers_the_kl_in_the_student_and_in_the_written_file() {
-    let source = ModelSource::open(fixture()).unwrap();
+    let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).unwrap();
     let dense = Model::load(&source).unwrap();
     let (cfg, ssms) = windowed(&dense, 4, 1);
-    let toks = tokens(8 * 32);
+    let toks = tokens(8 * 32, SEED);
     // Every position's top-16, the training targets; the KL below reads the same windows.
     let teacher = teacher_windows_from(&dense, &toks, 32, 8, 0, 16, 1, &mut |_, _| {}).unwrap();
     let types = vec![LayerType::Window; 2];

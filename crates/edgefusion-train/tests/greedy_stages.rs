@@ -2,6 +2,8 @@
 //! choice, end-to-end KL with adapters and SSMs, the written hybrid; a run stopped and
 //! resumed writes the model an unbroken run writes, and the choice is reused.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use edgefusion_io::gguf::GgufFile;
@@ -12,9 +14,10 @@ use edgefusion_train::convert::{greedy_stages, ChoiceRecord, GreedyOutcome, CHOI
 use edgefusion_train::run::{Event, RunOptions};
 use edgefusion_train::{TrainConfig, TrainError};
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama-f32.gguf")
-}
+use common::{fixture, tokens};
+
+/// The seed of this file's token stream.
+const SEED: u64 = 0x2545_f491_4f6c_dd1d;
 
 fn config(extra: &str) -> TrainConfig {
     let text = format!(
@@ -28,7 +31,7 @@ fn config(extra: &str) -> TrainConfig {
          choice_windows: 2\n  finetune_steps: 8\n  finetune_seq_len: 32\n  lora_rank: 4\n  lora_alpha: 4\n{extra}\
          quantization:\n  bpw: 3.5\n  block: 128\n  outliers: 0.005\n  calib_tokens: 256\n  embedding_bits: 4\n\
          logging:\n  log_every: 1\ncheckpointing:\n  every: 4\n  keep_last: 2\nseed: 1\n",
-        model = fixture().display()
+        model = fixture("tiny-llama-f32.gguf").display()
     );
     TrainConfig::parse(&text, "tiny.yaml").unwrap()
 }
@@ -37,19 +40,6 @@ fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("edgefusion-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
-}
-
-/// Random-looking tokens of the fixture's 512-token vocabulary.
-fn tokens(n: usize) -> Vec<u32> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % 512) as u32
-        })
-        .collect()
 }
 
 fn gguf_of(source: &ModelSource) -> &GgufFile {
@@ -65,14 +55,14 @@ fn run(
     opts: RunOptions,
     events: &mut dyn FnMut(Event),
 ) -> Result<GreedyOutcome, TrainError> {
-    let source = ModelSource::open(fixture()).unwrap();
+    let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).unwrap();
     let teacher = Model::load(&source).unwrap();
     greedy_stages(
         config,
         &source,
         gguf_of(&source),
         &teacher,
-        &tokens(8 * 32 + 96),
+        &tokens(8 * 32 + 96, SEED),
         "ids",
         out,
         1,
@@ -84,7 +74,7 @@ fn run(
 fn logits(path: &Path) -> Vec<f32> {
     let source = ModelSource::open(path).unwrap();
     let model = Model::load(&source).unwrap();
-    let toks = tokens(40);
+    let toks = tokens(40, SEED);
     let opts = SessionOptions {
         max_logits: toks.len(),
         kv_type: KvType::F32,

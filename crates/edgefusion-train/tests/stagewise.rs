@@ -1,8 +1,9 @@
 //! The joint layer choice and the stage-wise alignment on the tiny Llama fixture
 //! (2 layers, context 64) with a window of 4 positions and a sink of 1.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use edgefusion_io::names::TensorRole;
 use edgefusion_io::ModelSource;
@@ -15,22 +16,10 @@ use edgefusion_train::init::{
     hybrid_layout, ssm_from_attention, write_hybrid_tuned, SsmInitSource,
 };
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama-f32.gguf")
-}
+use common::{fixture, tokens};
 
-/// Random-looking tokens of the fixture's 512-token vocabulary.
-fn tokens(n: usize) -> Vec<u32> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % 512) as u32
-        })
-        .collect()
-}
+/// The seed of this file's token stream.
+const SEED: u64 = 0x2545_f491_4f6c_dd1d;
 
 fn with_window(model: &mut Model<'_>, window: usize, sink: usize) {
     model.config.window = window;
@@ -87,7 +76,7 @@ fn attention_init(
 /// one to convert, the greedy restore gives attention back to the other, whichever it is.
 #[test]
 fn greedy_choice_converts_the_layer_that_costs_nothing() {
-    let source = ModelSource::open(fixture()).unwrap();
+    let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).unwrap();
     for silent in [0, 1] {
         let mut teacher = Model::load(&source).unwrap();
         let wo = teacher
@@ -99,7 +88,7 @@ fn greedy_choice_converts_the_layer_that_costs_nothing() {
             wo.n_out,
             &vec![0.0; wo.n_in * wo.n_out],
         );
-        let text = tokens(4 * 48);
+        let text = tokens(4 * 48, SEED);
         let windows = teacher_windows(&teacher, &text, 48, 4, 16, 1).unwrap();
         // Against its own top-16 the teacher scores −log(top-16 mass): the floor.
         let floor = kl_to_teacher(&teacher, &windows, 1).unwrap();
@@ -134,12 +123,12 @@ fn greedy_choice_converts_the_layer_that_costs_nothing() {
 /// window of 0 (pure SSM layers) takes the same path.
 #[test]
 fn stagewise_alignment_converts_layers_and_writes_what_it_trained() {
-    let source = ModelSource::open(fixture()).unwrap();
+    let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).unwrap();
     let ModelSource::Gguf(gguf) = &source else {
         unreachable!()
     };
     let teacher = Model::load(&source).unwrap();
-    let text = tokens(10 * 32);
+    let text = tokens(10 * 32, SEED);
     for window in [4, 0] {
         let mut student = Model::load(&source).unwrap();
         with_window(&mut student, window, usize::from(window > 0));
@@ -216,7 +205,7 @@ fn stagewise_alignment_converts_layers_and_writes_what_it_trained() {
 /// must pass each layer once, not twice).
 #[test]
 fn a_window_covering_the_sequence_leaves_nothing_to_fit() {
-    let source = ModelSource::open(fixture()).unwrap();
+    let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).unwrap();
     let teacher = Model::load(&source).unwrap();
     let mut student = Model::load(&source).unwrap();
     with_window(&mut student, 60, 0);
@@ -226,7 +215,7 @@ fn a_window_covering_the_sequence_leaves_nothing_to_fit() {
     let results = align_layers(
         &teacher,
         &mut student,
-        &tokens(4 * 32),
+        &tokens(4 * 32, SEED),
         &[0, 1],
         &opts,
         &init,
