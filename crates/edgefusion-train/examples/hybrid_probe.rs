@@ -155,6 +155,8 @@ fn main() {
             warmup_steps: 4,
             grad_clip: 1.0,
             betas: [0.9, 0.95],
+            window_dropout: num("window_dropout", "0"),
+            seed: 0,
         };
         let mut opt = finetune_optimizer(vars, &opts).unwrap();
         finetune_kl(&st, &tw, &mut opt, &opts, &mut |r, _| {

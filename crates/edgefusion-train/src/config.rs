@@ -246,6 +246,11 @@ pub struct ConversionSection {
     /// Adapter scale α (the update is α/rank · B A).
     #[serde(default = "default_lora_alpha")]
     pub lora_alpha: f64,
+    /// Greedy with `ssm_beside_window`: the share of KL steps that shrink the window beside
+    /// each SSM to a random length below `window` (window dropout: the SSM must then carry
+    /// what leaves it). 0 trains at the full window.
+    #[serde(default)]
+    pub window_dropout: f64,
 }
 
 impl Default for ConversionSection {
@@ -261,6 +266,7 @@ impl Default for ConversionSection {
             finetune_seq_len: default_finetune_seq_len(),
             lora_rank: default_lora_rank(),
             lora_alpha: default_lora_alpha(),
+            window_dropout: 0.0,
         }
     }
 }
@@ -626,10 +632,23 @@ impl TrainConfig {
                     format!("{} must be positive", c.lora_alpha),
                 );
             }
-        } else if c.ssm_beside_window || c.finetune_steps > 0 {
+            if !(0.0..=1.0).contains(&c.window_dropout) {
+                return fail(
+                    "conversion.window_dropout",
+                    format!("{} must be a share in 0..=1", c.window_dropout),
+                );
+            }
+            if c.window_dropout > 0.0 && !(c.ssm_beside_window && c.window >= 2) {
+                return fail(
+                    "conversion.window_dropout",
+                    "shrinks the window beside an SSM: needs ssm_beside_window: true and a window of at least 2".into(),
+                );
+            }
+        } else if c.ssm_beside_window || c.finetune_steps > 0 || c.window_dropout != 0.0 {
             return fail(
                 "conversion",
-                "ssm_beside_window and finetune_steps belong to layer_choice: greedy".into(),
+                "ssm_beside_window, finetune_steps and window_dropout belong to layer_choice: greedy"
+                    .into(),
             );
         }
         if self.logging.log_every == 0 {
@@ -714,7 +733,7 @@ mod tests {
     #[test]
     fn bad_configs_name_the_file_field_and_rule() {
         // (edit of the valid file, words the error must contain)
-        let cases: [(&str, &str, &[&str]); 12] = [
+        let cases: [(&str, &str, &[&str]); 14] = [
             (
                 "  d_state: 32",
                 "  d_state: 0",
@@ -770,6 +789,16 @@ mod tests {
                 "  layer_choice: greedy",
                 "  layer_choice: gates",
                 &["conversion", "belong to layer_choice: greedy"],
+            ),
+            (
+                "  lora_alpha: 8",
+                "  lora_alpha: 8\n  window_dropout: 1.5",
+                &["conversion.window_dropout", "0..=1"],
+            ),
+            (
+                "  ssm_beside_window: true",
+                "  window_dropout: 0.2\n  ssm_beside_window: false",
+                &["conversion.window_dropout", "ssm_beside_window: true"],
             ),
         ];
         for (from, to, words) in cases {

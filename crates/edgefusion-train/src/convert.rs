@@ -238,6 +238,8 @@ pub fn greedy_stages(
             warmup_steps: config.optimizer.warmup_steps.min(conv.finetune_steps / 2),
             grad_clip: config.optimizer.grad_clip,
             betas: config.optimizer.betas,
+            window_dropout: conv.window_dropout,
+            seed: config.seed,
         };
         let mut opt = finetune_optimizer(vars, &opts)?;
         let ckpt_dir = out_dir.join(FINETUNE_DIR);

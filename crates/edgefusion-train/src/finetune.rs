@@ -25,6 +25,34 @@ pub struct FinetuneOptions {
     pub warmup_steps: usize,
     pub grad_clip: f64,
     pub betas: [f64; 2],
+    /// The share of steps that shrink the window beside each SSM ([`window_of_step`]).
+    pub window_dropout: f64,
+    /// Seeds the steps' window draws.
+    pub seed: u64,
+}
+
+/// The window beside each SSM at `step`: `window` on most steps; on a `dropout` share of
+/// them a length drawn uniformly from 1 to `window − 1`, so that what leaves the short
+/// window must come through the SSM (published hybrids otherwise learn to ignore it). The
+/// draw depends on `(seed, step)` alone: a resumed run draws what an unbroken one does.
+pub fn window_of_step(window: usize, dropout: f64, seed: u64, step: usize) -> usize {
+    if window < 2 || dropout <= 0.0 {
+        return window;
+    }
+    // splitmix64 of (seed, step): two independent uniform draws.
+    let mut z = seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut next = || {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut x = z;
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^ (x >> 31)
+    };
+    let coin = (next() >> 11) as f64 / (1u64 << 53) as f64;
+    if coin >= dropout {
+        return window;
+    }
+    1 + (next() % (window as u64 - 1)) as usize
 }
 
 /// One step of [`finetune_kl`].
@@ -33,6 +61,9 @@ pub struct FinetuneStep {
     pub step: usize,
     /// KL per scored position, nats, before this step's update.
     pub kl: f64,
+    /// The window beside each SSM this step ([`window_of_step`]).
+    #[serde(default)]
+    pub window: usize,
     pub lr: f64,
     pub grad_norm: f64,
     /// Training tokens read per second so far.
@@ -73,7 +104,8 @@ pub fn finetune_kl(
         let rows = w * per_window * k..(w + 1) * per_window * k;
         let ids = Tensor::from_slice(&teacher.top_ids[rows.clone()], (per_window, k), &dev);
         let logp = Tensor::from_slice(&teacher.top_logp[rows], (per_window, k), &dev);
-        let (logits, _) = student.forward(tokens, Route::Hard)?;
+        let window = window_of_step(student.cfg.window, opts.window_dropout, opts.seed, step);
+        let (logits, _) = student.forward_with_window(tokens, Route::Hard, window)?;
         let loss = top_k_tail_kl(&logits.narrow(0, first, per_window)?, &ids?, &logp?)?;
         let kl = loss.to_scalar::<f32>()? as f64;
         if !kl.is_finite() {
@@ -88,6 +120,7 @@ pub fn finetune_kl(
         let report = FinetuneStep {
             step,
             kl,
+            window,
             lr,
             grad_norm,
             tokens_per_s: ((step + 1 - first_step) * seq) as f64 / start.elapsed().as_secs_f64(),
@@ -101,6 +134,29 @@ pub fn finetune_kl(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// No dropout keeps the window; dropout 1 always shrinks it, to every length below it;
+    /// a share in between shrinks about that share of steps; the draw is a function of
+    /// `(seed, step)`.
+    #[test]
+    fn window_of_step_shrinks_the_asked_share_of_steps() {
+        assert!((0..100).all(|s| window_of_step(64, 0.0, 1, s) == 64));
+        assert!((0..100).all(|s| window_of_step(1, 1.0, 1, s) == 1));
+        let all: Vec<usize> = (0..2000).map(|s| window_of_step(8, 1.0, 1, s)).collect();
+        assert!(all.iter().all(|w| (1..8).contains(w)));
+        assert!((1..8).all(|w| all.contains(&w)));
+        let shrunk = (0..4000)
+            .filter(|&s| window_of_step(64, 0.25, 3, s) < 64)
+            .count();
+        assert!((900..1100).contains(&shrunk), "{shrunk} of 4000 at 0.25");
+        assert_eq!(
+            window_of_step(64, 0.5, 9, 17),
+            window_of_step(64, 0.5, 9, 17)
+        );
+        let other_seed =
+            (0..64).filter(|&s| window_of_step(64, 0.5, 9, s) != window_of_step(64, 0.5, 10, s));
+        assert!(other_seed.count() > 10, "the seed changes the draws");
+    }
     use crate::choose::tail_kl;
     use candle_core::Device;
 

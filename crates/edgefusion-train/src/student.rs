@@ -276,20 +276,17 @@ impl Student {
         }
     }
 
-    /// Causal grouped-query attention of `h (T, d)` → (T, d); with `windowed`, position `t`
-    /// sees only the first `cfg.sink` positions and the last `cfg.window` (itself included),
-    /// as the runtime's windowed layers do.
-    fn attention(&self, layer: &StudentLayer, h: &Tensor, windowed: bool) -> Result<Tensor> {
+    /// Causal grouped-query attention of `h (T, d)` → (T, d); with a `window` > 0, position
+    /// `t` sees only the first `cfg.sink` positions and the last `window` (itself included),
+    /// as the runtime's windowed layers do; with 0, every earlier position.
+    fn attention(&self, layer: &StudentLayer, h: &Tensor, window: usize) -> Result<Tensor> {
         let (t, _) = h.dims2()?;
         let cfg = &self.cfg;
         let (nh, ng, p) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let q = self.rope(&self.linear(h, &layer.wq)?.reshape((t, nh, p))?)?;
         let k = self.rope(&self.linear(h, &layer.wk)?.reshape((t, ng, p))?)?;
         let v = self.linear(h, &layer.wv)?.reshape((t, ng, p))?;
-        let (window, sink) = match windowed {
-            true => (cfg.window, cfg.sink),
-            false => (0, 0),
-        };
+        let sink = if window > 0 { cfg.sink } else { 0 };
         let out = span_attention(&q, &k, &v, window, sink)?.reshape((t, nh * p))?;
         self.linear(&out, &layer.wo)
     }
@@ -304,12 +301,12 @@ impl Student {
         linear(&layer.ffn_down, 2, &(gate * up)?)
     }
 
-    /// The converted branch of `layer` on `h (T, d)`: its SSM, plus sink + window attention
-    /// beside it when the model has a window.
-    fn converted(&self, layer: &StudentLayer, h: &Tensor) -> Result<Tensor> {
+    /// The converted branch of `layer` on `h (T, d)`: its SSM, plus sink + `window`
+    /// attention beside it when the model has a window.
+    fn converted(&self, layer: &StudentLayer, h: &Tensor, window: usize) -> Result<Tensor> {
         let ssm = forward_chunked(&tensors_of(&layer.ssm), &self.dims, h, 64)?;
         if self.cfg.window > 0 {
-            ssm + self.attention(layer, h, true)?
+            ssm + self.attention(layer, h, window)?
         } else {
             Ok(ssm)
         }
@@ -366,6 +363,24 @@ impl Student {
     /// Logits `(T, vocab)` of one sequence, and each layer's SSM share `g` (1 or 0 when
     /// hard).
     pub fn forward(&self, tokens: &[u32], route: Route) -> Result<(Tensor, Vec<Tensor>)> {
+        self.forward_with_window(tokens, route, self.cfg.window)
+    }
+
+    /// [`Student::forward`] with the window of the layers whose SSM sits beside it
+    /// ([`LayerType::Ssm`]) shrunk to `ssm_window` positions (1..=`cfg.window`): window
+    /// dropout, which makes the SSM carry what leaves the window. Window-only layers keep
+    /// `cfg.window`.
+    pub fn forward_with_window(
+        &self,
+        tokens: &[u32],
+        route: Route,
+        ssm_window: usize,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        assert!(
+            self.cfg.window == 0 || (1..=self.cfg.window).contains(&ssm_window),
+            "a window of {ssm_window} for converted layers of window {}",
+            self.cfg.window
+        );
         let dev = self.embd.device();
         let ids = Tensor::from_slice(tokens, tokens.len(), dev)?;
         let mut x = self.embd.index_select(&ids, 0)?;
@@ -379,8 +394,8 @@ impl Student {
                         .exp()?
                         .affine(1.0, 1.0)?
                         .recip()?;
-                    let ssm = self.converted(layer, &h)?;
-                    let attn = self.attention(layer, &h, false)?;
+                    let ssm = self.converted(layer, &h, ssm_window)?;
+                    let attn = self.attention(layer, &h, 0)?;
                     let mixed =
                         (ssm.broadcast_mul(&g)? + attn.broadcast_mul(&g.affine(-1.0, 1.0)?)?)?;
                     shares.push(g);
@@ -395,9 +410,9 @@ impl Student {
                     let converted = kind != LayerType::Attention;
                     shares.push(Tensor::new(&[if converted { 1.0f32 } else { 0.0 }], dev)?);
                     match kind {
-                        LayerType::Attention => self.attention(layer, &h, false)?,
-                        LayerType::Window => self.attention(layer, &h, true)?,
-                        LayerType::Ssm => self.converted(layer, &h)?,
+                        LayerType::Attention => self.attention(layer, &h, 0)?,
+                        LayerType::Window => self.attention(layer, &h, self.cfg.window)?,
+                        LayerType::Ssm => self.converted(layer, &h, ssm_window)?,
                     }
                 }
             };

@@ -11,13 +11,13 @@ use std::path::PathBuf;
 use edgefusion_io::ModelSource;
 use edgefusion_model::{LayerType, Model, ModelConfig};
 use edgefusion_runtime::{KvType, Logits, Session, SessionOptions};
-use edgefusion_train::choose::{kl_to_teacher, teacher_windows_from};
+use edgefusion_train::choose::{kl_to_teacher, teacher_windows_from, TeacherWindows};
 use edgefusion_train::finetune::{finetune_kl, finetune_optimizer, FinetuneOptions};
 use edgefusion_train::init::{
     hybrid_layout, ssm_from_attention, ssm_random, write_hybrid_tuned, SsmInitSource, SsmWeights,
     TunedTensor,
 };
-use edgefusion_train::student::{Route, Student};
+use edgefusion_train::student::{top_k_tail_kl, Route, Student};
 
 use common::{fixture, tokens};
 
@@ -158,6 +158,8 @@ fn kl_finetuning_lowers_the_kl_in_the_student_and_in_the_written_file() {
         warmup_steps: 2,
         grad_clip: 1.0,
         betas: [0.9, 0.95],
+        window_dropout: 0.0,
+        seed: 0,
     };
     let mut opt = finetune_optimizer(student.lora_vars(), &opts).unwrap();
     let history = finetune_kl(&student, &teacher, &mut opt, &opts, &mut |_, _| Ok(())).unwrap();
@@ -189,4 +191,75 @@ fn kl_finetuning_lowers_the_kl_in_the_student_and_in_the_written_file() {
     );
 
     assert!(finetune_optimizer(Vec::new(), &opts).is_err());
+}
+
+/// The student's mean KL to `teacher` over its windows with the window beside each SSM at
+/// `window` positions.
+fn kl_at_window(student: &Student, teacher: &TeacherWindows, window: usize) -> f64 {
+    let dev = candle_core::Device::Cpu;
+    let (seq, first, k) = (teacher.seq_len, teacher.first_scored, teacher.top_k);
+    let per = seq - first;
+    let mut sum = 0.0;
+    for w in 0..teacher.n_windows() {
+        let (logits, _) = student
+            .forward_with_window(&teacher.tokens[w * seq..(w + 1) * seq], Route::Hard, window)
+            .unwrap();
+        let rows = w * per * k..(w + 1) * per * k;
+        let ids = candle_core::Tensor::from_slice(&teacher.top_ids[rows.clone()], (per, k), &dev);
+        let logp = candle_core::Tensor::from_slice(&teacher.top_logp[rows], (per, k), &dev);
+        let kl = top_k_tail_kl(
+            &logits.narrow(0, first, per).unwrap(),
+            &ids.unwrap(),
+            &logp.unwrap(),
+        );
+        sum += kl.unwrap().to_scalar::<f32>().unwrap() as f64;
+    }
+    sum / teacher.n_windows() as f64
+}
+
+/// Window dropout trains the SSM beside each window for the positions a shrunk window no
+/// longer sees: after the same steps, the SSMs trained with it keep a window-1 model closer
+/// to the teacher than the SSMs trained at the full window only; each step's window is
+/// recorded, full without dropout and shrunk (1..window) with dropout 1.
+#[test]
+fn window_dropout_trains_the_ssm_for_what_leaves_the_window() {
+    let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).unwrap();
+    let dense = Model::load(&source).unwrap();
+    let (cfg, ssms) = windowed(&dense, 4, 1);
+    let toks = tokens(8 * 32, SEED);
+    let teacher = teacher_windows_from(&dense, &toks, 32, 8, 0, 16, 1, &mut |_, _| {}).unwrap();
+    let mut at_window_1 = Vec::new();
+    for dropout in [0.0, 1.0] {
+        let mut student = Student::new(&dense, &cfg, &ssms, 0.0, 32).unwrap();
+        student.layer_types = vec![LayerType::Ssm; 2];
+        let vars = student
+            .layers
+            .iter()
+            .flat_map(|l| l.ssm.iter().cloned())
+            .collect();
+        let opts = FinetuneOptions {
+            steps: 40,
+            lr: 1e-2,
+            warmup_steps: 2,
+            grad_clip: 1.0,
+            betas: [0.9, 0.95],
+            window_dropout: dropout,
+            seed: 11,
+        };
+        let mut opt = finetune_optimizer(vars, &opts).unwrap();
+        let history = finetune_kl(&student, &teacher, &mut opt, &opts, &mut |_, _| Ok(())).unwrap();
+        let windows: Vec<usize> = history.iter().map(|r| r.window).collect();
+        if dropout == 0.0 {
+            assert!(windows.iter().all(|&w| w == 4), "{windows:?}");
+        } else {
+            assert!(windows.iter().all(|&w| (1..4).contains(&w)), "{windows:?}");
+            assert!((1..4).all(|w| windows.contains(&w)), "{windows:?}");
+        }
+        at_window_1.push(kl_at_window(&student, &teacher, 1));
+    }
+    let (plain, dropped) = (at_window_1[0], at_window_1[1]);
+    assert!(
+        dropped < 0.9 * plain,
+        "KL at window 1: trained at the full window {plain}, with window dropout {dropped}"
+    );
 }
