@@ -34,7 +34,7 @@
 use candle_core::Tensor;
 
 use crate::optim::{clip_grad_norm, warmup_cosine, AdamW};
-use crate::student::{gate_entropy_bits, top_k_kl, Route, Student};
+use crate::student::{gate_entropy_bits, top_k_tail_kl, Route, Student};
 use crate::TrainError;
 
 /// How the router is trained.
@@ -91,8 +91,10 @@ pub struct RouterStep {
 #[derive(Debug, Clone)]
 pub struct Targets {
     pub tokens: Vec<u32>,
+    /// (n_tokens, top_k): the teacher's most probable tokens and their log-probabilities
+    /// under its full softmax.
     pub idx: Vec<u32>,
-    pub vals: Vec<f32>,
+    pub logp: Vec<f32>,
     pub top_k: usize,
     pub seq_len: usize,
 }
@@ -202,7 +204,8 @@ pub fn commit_targets(
 /// Windows of the teacher cache on which switching costs are measured (the last ones).
 pub const SWITCH_WINDOWS: usize = 2;
 
-/// Window `w` of the teacher's targets: its tokens, top-k indices and logits `(L, k)`.
+/// Window `w` of the teacher's targets: its tokens, top-k indices and log-probabilities
+/// `(L, k)`.
 fn window<'t>(
     targets: &'t Targets,
     w: usize,
@@ -211,8 +214,8 @@ fn window<'t>(
     let (l, k) = (targets.seq_len, targets.top_k);
     let tokens = &targets.tokens[w * l..(w + 1) * l];
     let idx = Tensor::from_slice(&targets.idx[w * l * k..(w + 1) * l * k], (l, k), dev)?;
-    let vals = Tensor::from_slice(&targets.vals[w * l * k..(w + 1) * l * k], (l, k), dev)?;
-    Ok((tokens, idx, vals))
+    let logp = Tensor::from_slice(&targets.logp[w * l * k..(w + 1) * l * k], (l, k), dev)?;
+    Ok((tokens, idx, logp))
 }
 
 /// Each layer's switching cost: the KL to the teacher when that layer alone runs its SSM
@@ -229,9 +232,9 @@ pub fn measure_switch_costs(student: &Student, targets: &Targets) -> Result<Vec<
     let kl_of = |except: Option<usize>| -> Result<f64, TrainError> {
         let mut sum = 0.0;
         for &w in &windows {
-            let (tokens, idx, vals) = window(targets, w, &dev)?;
+            let (tokens, idx, logp) = window(targets, w, &dev)?;
             let (logits, _) = student.forward(tokens, Route::AttentionExcept(except))?;
-            let kl = top_k_kl(&logits.detach(), &idx, &vals)?;
+            let kl = top_k_tail_kl(&logits.detach(), &idx, &logp)?;
             sum += kl.to_scalar::<f32>()? as f64;
         }
         Ok(sum / windows.len().max(1) as f64)
@@ -310,9 +313,9 @@ pub fn router_step(
         state.rng ^= state.rng >> 7;
         state.rng ^= state.rng << 17;
         let w = (state.rng % targets.n_windows() as u64) as usize;
-        let (tokens, idx, vals) = window(targets, w, &dev)?;
+        let (tokens, idx, logp) = window(targets, w, &dev)?;
         let (logits, shares) = student.forward(tokens, Route::Soft { tau })?;
-        let kl = (top_k_kl(&logits, &idx, &vals)? / batch as f64)?;
+        let kl = (top_k_tail_kl(&logits, &idx, &logp)? / batch as f64)?;
         let mut loss = kl.clone();
         if b == 0 {
             // L1 on the attention gates: Σ w_l (1 − g_l), so that λ weighs each layer's

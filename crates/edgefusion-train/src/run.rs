@@ -30,7 +30,9 @@ use crate::init::{
 };
 use crate::router::{router_step, RouterOptions, RouterState, RouterStep, Targets};
 use crate::student::Student;
-use crate::teacher::{cache_teacher, existing, read_layer, read_targets, TeacherMeta};
+use crate::teacher::{
+    cache_teacher, existing, read_layer, read_targets, TeacherMeta, TEACHER_FORMAT,
+};
 use crate::{TrainConfig, TrainError};
 
 /// What the stages tell the caller as they go.
@@ -209,6 +211,7 @@ pub fn distill_stages(
         d_model: dense.d_model,
         q_dim: dense.q_dim(),
         top_k: config.stages.teacher_top_k.min(dense.vocab_size),
+        format: TEACHER_FORMAT,
     };
     let teacher_dir = out_dir.join(TEACHER_DIR);
     if existing(&teacher_dir, &meta).is_some() {
@@ -410,11 +413,11 @@ pub fn router_stages(
         .map_err(|e| io_error(&teacher_dir, "reading meta.json", e))?;
     let meta: TeacherMeta =
         serde_json::from_str(&meta_text).map_err(|e| io_error(&teacher_dir, "meta.json", e))?;
-    let (tokens, idx, vals) = read_targets(&teacher_dir, &meta)?;
+    let (tokens, idx, logp) = read_targets(&teacher_dir, &meta)?;
     let targets = Targets {
         tokens,
         idx,
-        vals,
+        logp,
         top_k: meta.top_k,
         seq_len: meta.seq_len,
     };

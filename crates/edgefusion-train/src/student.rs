@@ -425,21 +425,6 @@ impl Student {
     }
 }
 
-/// KL(teacher ‖ student) per position, averaged: the teacher's distribution is its top-k
-/// logits renormalised (`teacher_idx (T, k)` u32, `teacher_logits (T, k)`), the student's is
-/// its full softmax over `logits (T, vocab)`.
-pub fn top_k_kl(logits: &Tensor, teacher_idx: &Tensor, teacher_logits: &Tensor) -> Result<Tensor> {
-    let max = logits.max_keepdim(1)?;
-    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + &max)?;
-    let log_q = logits.gather(teacher_idx, 1)?.broadcast_sub(&lse)?;
-    let tmax = teacher_logits.max_keepdim(1)?;
-    let shifted = teacher_logits.broadcast_sub(&tmax)?;
-    let log_p = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(1)?.log()?)?;
-    (log_p.exp()? * (log_p - log_q)?)?
-        .sum_keepdim(1)?
-        .mean_all()
-}
-
 /// [`crate::choose::tail_kl`] averaged over positions, differentiable in `logits (T,
 /// vocab)`: the teacher's log-probabilities `teacher_logp (T, k)` (under its full softmax)
 /// at `teacher_idx (T, k)` u32, and the rest of its mass as one more outcome.

@@ -7,8 +7,9 @@
 //! - `layerNN.in.f16`: `(n_tokens, d_model)` f16 little-endian;
 //! - `layerNN.attn.f16`: `(n_tokens, q_dim)` f16 little-endian;
 //! - `tokens.u32`: the tokens read, u32 little-endian;
-//! - `topk.idx.u32`, `topk.val.f16`: `(n_tokens, top_k)` the teacher's largest logits per
-//!   position, in decreasing order, and their token ids.
+//! - `topk.idx.u32`, `topk.val.f16`: `(n_tokens, top_k)` the teacher's most probable tokens
+//!   per position, most probable first, and their log-probabilities under the full softmax
+//!   (what they leave of 1 is the tail, which the KL keeps: `student::top_k_tail_kl`).
 //!
 //! Sequences are independent windows of `seq_len` tokens: the teacher's attention sees only
 //! its window, as the student will.
@@ -36,7 +37,14 @@ pub struct TeacherMeta {
     pub d_model: usize,
     pub q_dim: usize,
     pub top_k: usize,
+    /// [`TEACHER_FORMAT`] when written by this version (a cache of another format, such as
+    /// the renormalisable top-k logits of format 0, is made again).
+    #[serde(default)]
+    pub format: u32,
 }
+
+/// The cache format: 1 stores top-k log-probabilities under the full softmax.
+pub const TEACHER_FORMAT: u32 = 1;
 
 fn io_error(path: &Path, what: &str, e: std::io::Error) -> TrainError {
     TrainError::Io {
@@ -152,9 +160,17 @@ pub fn cache_teacher(
             let by_logit = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]);
             order.select_nth_unstable_by(k - 1, by_logit);
             order[..k].sort_unstable_by(by_logit);
+            let max = row[order[0] as usize] as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&z| (z as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
             for &i in &order[..k] {
+                let logp = (row[i as usize] as f64 - lse) as f32;
                 idx_bytes.extend_from_slice(&i.to_le_bytes());
-                val_bytes.extend_from_slice(&f16::from_f32(row[i as usize]).to_le_bytes());
+                val_bytes.extend_from_slice(&f16::from_f32(logp).to_le_bytes());
             }
         }
         let token_bytes: Vec<u8> = window.iter().flat_map(|t| t.to_le_bytes()).collect();
@@ -221,7 +237,7 @@ pub fn read_layer(
     Ok((read("in", meta.d_model)?, read("attn", meta.q_dim)?))
 }
 
-/// The cached tokens `(n_tokens)` and the teacher's top-k `(ids, logits)`, each
+/// The cached tokens `(n_tokens)` and the teacher's top-k `(ids, log-probabilities)`, each
 /// `(n_tokens, top_k)`.
 pub type TeacherTargets = (Vec<u32>, Vec<u32>, Vec<f32>);
 
