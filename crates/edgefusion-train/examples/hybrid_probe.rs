@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use edgefusion_io::ModelSource;
 use edgefusion_model::{LayerType, Model};
 use edgefusion_train::align::{align_layers, AlignEvent, AlignOptions};
-use edgefusion_train::choose::{greedy_restore, teacher_windows, teacher_windows_from};
+use edgefusion_train::choose::{
+    copy_windows, greedy_restore_by, kl_to_teacher, teacher_windows, teacher_windows_from,
+};
 use edgefusion_train::distill::{from_vars, DistillOptions};
 use edgefusion_train::finetune::{finetune_kl, finetune_optimizer, FinetuneOptions};
 use edgefusion_train::init::{
@@ -66,15 +68,58 @@ fn main() {
             )
             .unwrap();
             let n_conv = num("convert", "20") as usize;
-            let choice = greedy_restore(
+            // copy_windows=N copy_weight=W: the score adds W × the KL on N copy windows
+            // (a span repeated from far back, taken from before the choice's text).
+            let n_copy = num("copy_windows", "0") as usize;
+            let copy_weight = num("copy_weight", "1");
+            let span = num("copy_span", "32") as usize;
+            let copy = (n_copy > 0).then(|| {
+                let to = from;
+                let start = to - n_copy * (choice_len - span);
+                copy_windows(
+                    &teacher,
+                    &tokens[start..to],
+                    choice_len,
+                    n_copy,
+                    span,
+                    64,
+                    threads,
+                )
+                .unwrap()
+            });
+            let mut calls = 0;
+            let choice = greedy_restore_by(
                 &mut student,
-                &tw,
                 n_conv,
                 num("candidates", "6") as usize,
-                threads,
                 &mut |d, t| eprint!("\rchoice {d}/{t} ({:.0} s)", t0.elapsed().as_secs_f64()),
+                &mut |m| {
+                    let prose = kl_to_teacher(m, &tw, threads)?;
+                    let copied = match &copy {
+                        Some(c) => kl_to_teacher(m, c, threads)?,
+                        None => 0.0,
+                    };
+                    calls += 1;
+                    if calls == 1 {
+                        eprintln!("all converted: prose KL {prose:.4}, copy KL {copied:.4}");
+                    }
+                    Ok(prose + copy_weight * copied)
+                },
             )
             .unwrap();
+            if let Some(c) = &copy {
+                for l in &choice.converted {
+                    student.set_layer(*l, LayerType::Window, None).unwrap();
+                }
+                for l in (0..student.config.n_layers).filter(|l| !choice.converted.contains(l)) {
+                    student.set_layer(l, LayerType::Attention, None).unwrap();
+                }
+                println!(
+                    "chosen: prose KL {:.4}, copy KL {:.4}",
+                    kl_to_teacher(&student, &tw, threads).unwrap(),
+                    kl_to_teacher(&student, c, threads).unwrap()
+                );
+            }
             eprintln!();
             println!(
                 "choice: KL all {:.4} -> final {:.4}; converted {:?}; {} evaluations, {:.0} s",

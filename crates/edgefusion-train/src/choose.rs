@@ -174,6 +174,49 @@ pub fn teacher_windows_from(
     })
 }
 
+/// Copy windows: what a converted model must still retrieve from far back. Each of
+/// `n_windows` windows of `seq_len` tokens is `seq_len − span` consecutive tokens of
+/// `tokens`, then again the `span` tokens that stood at a tenth of that text: the dense
+/// model predicts a repeat by looking back (induction), from far outside any short window.
+/// The teacher's distribution is kept on the repeat alone. Retrieval (a passkey read back
+/// after 2,000 tokens) leans on the layers that do this, and prose KL barely sees them.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_windows(
+    teacher: &Model<'_>,
+    tokens: &[u32],
+    seq_len: usize,
+    n_windows: usize,
+    span: usize,
+    top_k: usize,
+    threads: usize,
+) -> Result<TeacherWindows, TrainError> {
+    let text = seq_len
+        .checked_sub(span)
+        .filter(|&t| t >= 10 * span.max(1))
+        .ok_or_else(|| TrainError::Config {
+            file: "copy windows".into(),
+            what: format!(
+                "a window of {seq_len} tokens cannot repeat {span} from a tenth of the way in"
+            ),
+        })?;
+    let from = text / 10;
+    let windows: Vec<u32> = tokens
+        .chunks_exact(text)
+        .take(n_windows)
+        .flat_map(|t| t.iter().chain(&t[from..from + span]).copied())
+        .collect();
+    teacher_windows_from(
+        teacher,
+        &windows,
+        seq_len,
+        n_windows,
+        text,
+        top_k,
+        threads,
+        &mut |_, _| {},
+    )
+}
+
 /// KL over the teacher's top k and one outcome for the rest of the vocabulary ("the
 /// tail"): `Σ p log(p/q) + p_tail log(p_tail/q_tail)`, from the teacher's log-probabilities
 /// `log_p` and the model's `log_q` at the same ids. Without the tail a student is rewarded
@@ -263,6 +306,20 @@ pub fn greedy_restore(
     threads: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<LayerChoice, TrainError> {
+    greedy_restore_by(model, n_converted, candidates, progress, &mut |m| {
+        kl_to_teacher(m, teacher, threads)
+    })
+}
+
+/// [`greedy_restore`] by any score of the model (lower is better), e.g. prose KL plus a
+/// weighted KL on [`copy_windows`]; the choice's `kl` fields then hold that score.
+pub fn greedy_restore_by(
+    model: &mut Model<'_>,
+    n_converted: usize,
+    candidates: usize,
+    progress: &mut dyn FnMut(usize, usize),
+    score: &mut dyn FnMut(&Model<'_>) -> Result<f64, TrainError>,
+) -> Result<LayerChoice, TrainError> {
     let n = model.config.n_layers;
     let n_converted = n_converted.min(n);
     let set = |model: &mut Model<'_>, l: usize, kind: LayerType| {
@@ -279,7 +336,7 @@ pub fn greedy_restore(
     let per_round = if candidates == 0 { n } else { candidates };
     let total = 1 + n + rounds.saturating_sub(1) * per_round.min(n);
     let mut done = 0;
-    let kl_all_converted = kl_to_teacher(model, teacher, threads)?;
+    let kl_all_converted = score(model)?;
     done += 1;
     progress(done, total);
     let mut converted: Vec<usize> = (0..n).collect();
@@ -300,7 +357,7 @@ pub fn greedy_restore(
         let mut tried = Vec::with_capacity(pool.len());
         for &l in &pool {
             set(model, l, LayerType::Attention)?;
-            let kl = kl_to_teacher(model, teacher, threads)?;
+            let kl = score(model)?;
             set(model, l, LayerType::Window)?;
             tried.push((l, kl));
             done += 1;

@@ -234,6 +234,14 @@ pub struct ConversionSection {
     /// Greedy: windows the choice scores.
     #[serde(default = "default_choice_windows")]
     pub choice_windows: usize,
+    /// Greedy: copy windows the choice also scores (`choose::copy_windows`: a span of 32
+    /// tokens repeated from far back, read from just before the choice's text), so that
+    /// the layers that retrieve from far back stay attention. 0: prose KL alone.
+    #[serde(default)]
+    pub choice_copy_windows: usize,
+    /// Greedy: the choice minimises prose KL + this × KL on the copy windows.
+    #[serde(default = "default_choice_copy_weight")]
+    pub choice_copy_weight: f64,
     /// Greedy: optimizer steps of end-to-end KL, one window of `finetune_seq_len` tokens of
     /// `data.train` each (0: convert without training).
     #[serde(default)]
@@ -262,6 +270,8 @@ impl Default for ConversionSection {
             ssm_beside_window: false,
             choice_ctx: default_choice_ctx(),
             choice_windows: default_choice_windows(),
+            choice_copy_windows: 0,
+            choice_copy_weight: default_choice_copy_weight(),
             finetune_steps: 0,
             finetune_seq_len: default_finetune_seq_len(),
             lora_rank: default_lora_rank(),
@@ -277,6 +287,10 @@ fn default_choice_ctx() -> usize {
 
 fn default_choice_windows() -> usize {
     2
+}
+
+fn default_choice_copy_weight() -> f64 {
+    0.1
 }
 
 fn default_finetune_seq_len() -> usize {
@@ -614,6 +628,23 @@ impl TrainConfig {
             if c.choice_windows == 0 {
                 return fail("conversion.choice_windows", "must be at least 1".into());
             }
+            if c.choice_copy_windows > 0 && c.choice_ctx < 11 * crate::convert::COPY_SPAN {
+                return fail(
+                    "conversion.choice_copy_windows",
+                    format!(
+                        "copy windows repeat {} tokens from a tenth of the way in: choice_ctx {} must be at least {}",
+                        crate::convert::COPY_SPAN,
+                        c.choice_ctx,
+                        11 * crate::convert::COPY_SPAN
+                    ),
+                );
+            }
+            if !(c.choice_copy_weight >= 0.0 && c.choice_copy_weight.is_finite()) {
+                return fail(
+                    "conversion.choice_copy_weight",
+                    format!("{} must be 0 or positive", c.choice_copy_weight),
+                );
+            }
             if !(8..=1 << 16).contains(&c.finetune_seq_len) {
                 return fail(
                     "conversion.finetune_seq_len",
@@ -733,7 +764,7 @@ mod tests {
     #[test]
     fn bad_configs_name_the_file_field_and_rule() {
         // (edit of the valid file, words the error must contain)
-        let cases: [(&str, &str, &[&str]); 14] = [
+        let cases: [(&str, &str, &[&str]); 16] = [
             (
                 "  d_state: 32",
                 "  d_state: 0",
@@ -789,6 +820,16 @@ mod tests {
                 "  layer_choice: greedy",
                 "  layer_choice: gates",
                 &["conversion", "belong to layer_choice: greedy"],
+            ),
+            (
+                "  choice_windows: 2",
+                "  choice_windows: 2\n  choice_copy_weight: -1",
+                &["conversion.choice_copy_weight", "positive"],
+            ),
+            (
+                "  choice_ctx: 1024",
+                "  choice_ctx: 300\n  choice_copy_windows: 2",
+                &["conversion.choice_copy_windows", "at least 352"],
             ),
             (
                 "  lora_alpha: 8",

@@ -4,7 +4,8 @@
 //! 1. **choice** — every layer starts as sink + window attention and full attention is
 //!    restored one layer at a time where it lowers the KL to the dense model most, until
 //!    the target share stays converted ([`crate::choose::greedy_restore`]); scored on
-//!    windows at the end of the training text;
+//!    windows at the end of the training text, and with `choice_copy_windows` also on
+//!    copy windows (a span repeated from far back: the layers that retrieve stay attention);
 //! 2. **fine-tune** — end-to-end KL to the dense model on windows from the start of the
 //!    training text, with low-rank adapters on every feed-forward block and, with
 //!    `ssm_beside_window`, each converted layer's SSM beside its window
@@ -29,7 +30,10 @@ use edgefusion_io::ModelSource;
 use edgefusion_model::{LayerType, Model};
 use serde::{Deserialize, Serialize};
 
-use crate::choose::{greedy_restore, teacher_windows, teacher_windows_from, LayerChoice};
+use crate::choose::{
+    copy_windows, greedy_restore_by, kl_to_teacher, teacher_windows, teacher_windows_from,
+    LayerChoice,
+};
 use crate::config::SsmInit;
 use crate::distill::from_vars;
 use crate::finetune::{finetune_kl, finetune_optimizer, FinetuneOptions, FinetuneStep};
@@ -46,7 +50,10 @@ use crate::{TrainConfig, TrainError};
 /// The choice's record in the run folder.
 pub const CHOICE_FILE: &str = "choice.json";
 const FINETUNE_DIR: &str = "finetune";
-/// Candidates re-scored per round after the first (see [`greedy_restore`]).
+/// Tokens a copy window repeats (see [`copy_windows`]).
+pub const COPY_SPAN: usize = 32;
+
+/// Candidates re-scored per round after the first (see [`crate::choose::greedy_restore`]).
 pub const CHOICE_CANDIDATES: usize = 6;
 
 /// What a choice was scored on: a cached choice is reused only when all of it matches.
@@ -60,6 +67,11 @@ pub struct ChoiceScope {
     pub n_converted: usize,
     pub choice_ctx: usize,
     pub choice_windows: usize,
+    /// Copy windows scored beside the prose and their weight (0 and 0 when none).
+    #[serde(default)]
+    pub copy_windows: usize,
+    #[serde(default)]
+    pub copy_weight: f64,
 }
 
 /// The contents of [`CHOICE_FILE`].
@@ -122,13 +134,14 @@ pub fn greedy_stages(
         ));
     }
     let choice_ctx = conv.choice_ctx.min(dense.n_ctx_train);
-    let choice_span = choice_ctx * conv.choice_windows;
+    let copy_span = conv.choice_copy_windows * (choice_ctx - COPY_SPAN.min(choice_ctx));
+    let choice_span = choice_ctx * conv.choice_windows + copy_span;
     let seq_len = conv.finetune_seq_len.min(dense.n_ctx_train);
     if tokens.len() < choice_span + seq_len {
         return Err(fail(
             text_name,
             format!(
-                "data.train has {} tokens; the choice reads {} ({} × {choice_ctx}) and fine-tuning at least one window of {seq_len} more",
+                "data.train has {} tokens; the choice reads {} ({} × {choice_ctx}, and {copy_span} for its copy windows) and fine-tuning at least one window of {seq_len} more",
                 tokens.len(),
                 choice_span,
                 conv.choice_windows
@@ -151,6 +164,11 @@ pub fn greedy_stages(
         n_converted,
         choice_ctx,
         choice_windows: conv.choice_windows,
+        copy_windows: conv.choice_copy_windows,
+        copy_weight: match conv.choice_copy_windows {
+            0 => 0.0,
+            _ => conv.choice_copy_weight,
+        },
     };
     let choice_path = out_dir.join(CHOICE_FILE);
     let cached = std::fs::read_to_string(&choice_path)
@@ -163,24 +181,43 @@ pub fn greedy_stages(
             record.choice
         }
         None => {
+            let text = &tokens[tokens.len() - choice_span..];
+            let (copy_text, prose_text) = text.split_at(copy_span);
             let windows = teacher_windows(
                 teacher,
-                &tokens[tokens.len() - choice_span..],
+                prose_text,
                 choice_ctx,
                 conv.choice_windows,
                 config.stages.teacher_top_k,
                 threads,
             )?;
+            let copies = match conv.choice_copy_windows {
+                0 => None,
+                n => Some(copy_windows(
+                    teacher,
+                    copy_text,
+                    choice_ctx,
+                    n,
+                    COPY_SPAN,
+                    config.stages.teacher_top_k,
+                    threads,
+                )?),
+            };
             let mut student = Model::load(source).map_err(|e| fail(&model_name, e.to_string()))?;
             student.config.window = conv.window;
             student.config.sink = conv.sink;
-            let choice = greedy_restore(
+            let choice = greedy_restore_by(
                 &mut student,
-                &windows,
                 n_converted,
                 CHOICE_CANDIDATES,
-                threads,
                 &mut |done, total| events(Event::Choosing { done, total }),
+                &mut |m| {
+                    let prose = kl_to_teacher(m, &windows, threads)?;
+                    Ok(match &copies {
+                        Some(c) => prose + scope.copy_weight * kl_to_teacher(m, c, threads)?,
+                        None => prose,
+                    })
+                },
             )?;
             for (round, s) in choice.steps.iter().enumerate() {
                 let line = serde_json::json!({

@@ -202,7 +202,8 @@ pub fn plan(
         let rounds = n_layers - n_ssm;
         let passes = 1 + n_layers + rounds.saturating_sub(1) * CHOICE_CANDIDATES.min(n_layers);
         let choice_ctx = conv.choice_ctx.min(dense.n_ctx_train);
-        let choice_tokens = passes * conv.choice_windows * choice_ctx;
+        let windows = conv.choice_windows + conv.choice_copy_windows;
+        let choice_tokens = passes * windows * choice_ctx;
         let choice = 2.0 * p_dense * choice_tokens as f64;
         let finetune_tokens = conv.finetune_steps * conv.finetune_seq_len;
         let finetune = 6.0 * p_dense * finetune_tokens as f64;
@@ -213,8 +214,11 @@ pub fn plan(
                 tflops: choice / 1e12,
                 seconds: choice / infer,
                 note: format!(
-                    "{passes} forward passes over {} × {choice_ctx} tokens (KL with each layer restored)",
-                    conv.choice_windows
+                    "{passes} forward passes over {windows} × {choice_ctx} tokens (KL with each layer restored{})",
+                    match conv.choice_copy_windows {
+                        0 => String::new(),
+                        n => format!("; {n} of the windows copy windows"),
+                    }
                 ),
             },
             StageEstimate {

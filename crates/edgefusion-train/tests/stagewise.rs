@@ -10,7 +10,9 @@ use edgefusion_io::ModelSource;
 use edgefusion_model::{LayerType, Linear, Model};
 use edgefusion_runtime::{Logits, Session, SessionOptions};
 use edgefusion_train::align::{align_layers, AlignEvent, AlignOptions};
-use edgefusion_train::choose::{greedy_restore, kl_to_teacher, teacher_windows};
+use edgefusion_train::choose::{
+    copy_windows, greedy_restore, greedy_restore_by, kl_to_teacher, teacher_windows,
+};
 use edgefusion_train::distill::DistillOptions;
 use edgefusion_train::init::{
     hybrid_layout, ssm_from_attention, write_hybrid_tuned, SsmInitSource,
@@ -116,6 +118,43 @@ fn greedy_choice_converts_the_layer_that_costs_nothing() {
         assert_eq!(student.config.layer_types[silent], LayerType::Window);
         assert_eq!(student.config.layer_types[1 - silent], LayerType::Attention);
     }
+}
+
+/// A copy window is prose and then the span that stood a tenth of the way into it; only
+/// the repeat is scored; a window too short for the repeat is an error.
+#[test]
+fn copy_windows_repeat_a_far_span_and_score_the_repeat() {
+    let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).unwrap();
+    let teacher = Model::load(&source).unwrap();
+    let text = tokens(3 * 56, SEED);
+    let copies = copy_windows(&teacher, &text, 60, 3, 4, 8, 1).unwrap();
+    assert_eq!(copies.n_windows(), 3);
+    assert_eq!(copies.first_scored, 56);
+    assert_eq!(copies.top_ids.len(), 3 * 4 * 8);
+    for w in 0..3 {
+        let window = &copies.tokens[w * 60..(w + 1) * 60];
+        assert_eq!(&window[..56], &text[w * 56..(w + 1) * 56]);
+        assert_eq!(&window[56..], &window[5..9]);
+    }
+    assert!(copy_windows(&teacher, &text, 60, 3, 8, 8, 1).is_err());
+}
+
+/// The greedy restore follows whatever score it is given: a score that only layer 1's
+/// attention lowers restores layer 1 first, whatever the KL says.
+#[test]
+fn greedy_restore_by_follows_its_score() {
+    let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).unwrap();
+    let mut student = Model::load(&source).unwrap();
+    with_window(&mut student, 4, 1);
+    let choice = greedy_restore_by(&mut student, 1, 0, &mut |_, _| {}, &mut |m| {
+        Ok(match m.config.layer_types[1] {
+            LayerType::Attention => 0.5,
+            _ => 1.0,
+        })
+    })
+    .unwrap();
+    assert_eq!(choice.converted, vec![0]);
+    assert_eq!((choice.kl_all_converted, choice.kl_final), (1.0, 0.5));
 }
 
 /// Both layers converted bottom-up: each SSM ends no worse than the window alone on the
