@@ -18,5 +18,5 @@ for f in $D $H $Q; do ppl $f 512 10; ppl $f 2048 5; done
 ppl runs/dense.efq.gguf 512 10; ppl runs/dense.efq.gguf 2048 5
 for f in $D $H; do echo "== eval $f"; $E evaluate -m $f --tasks hellaswag,arc_challenge --limit 200 -t 2 2>&1 | grep -E "hellaswag|arc_challenge" | tail -4; done
 for f in $D $H; do echo "== passkey $f"; $E evaluate -m $f --tasks passkey --limit 20 -t 2 --no-cache 2>&1 | grep -E "^passkey" | tail -2; done
-for r in 1 2; do for f in $D $H; do echo "== bench $f (round $r)"; $E bench -m $f -p 0 -n 32 --ctx 4096 -t 2 -r 1 2>&1 | grep -E "tg|KV|state|MiB" | tail -4; done; done
-for r in 1 2; do for f in runs/dense.efq.gguf $Q; do echo "== bench $f (round $r)"; $E bench -m $f -p 0 -n 32 --ctx 4096 -t 2 -r 1 2>&1 | grep -E "tg" | tail -2; done; done
+for r in 1 2; do for f in $D $H; do echo "== bench $f (round $r)"; $E bench -m $f -p 0 -n 32 --ctx 4096,8192 -t 2 -r 1 2>&1 | grep -E "tg|KV|state|MiB" | tail -6; done; done
+for r in 1 2; do for f in runs/dense.efq.gguf $Q; do echo "== bench $f (round $r)"; $E bench -m $f -p 0 -n 32 --ctx 4096,8192 -t 2 -r 1 2>&1 | grep -E "tg" | tail -3; done; done
