@@ -228,11 +228,15 @@ fn train_greedy(
                 bar.reset();
                 let kept: Vec<String> = choice.converted.iter().map(|l| l.to_string()).collect();
                 println!(
-                    "choice: {} layers to sink {} + window {}: {} (KL per token {:.4} with all converted, {:.4} chosen; {} passes, {:.0} s)",
+                    "choice: {} layers to sink {} + window {}: {} ({} {:.4} with all converted, {:.4} chosen; {} passes, {:.0} s)",
                     choice.converted.len(),
                     conv.sink,
                     conv.window,
                     kept.join(" "),
+                    match conv.choice_copy_windows {
+                        0 => "KL per token".to_string(),
+                        _ => format!("prose KL + {} × copy KL", conv.choice_copy_weight),
+                    },
                     choice.kl_all_converted,
                     choice.kl_final,
                     choice.evaluations,
@@ -263,8 +267,16 @@ fn train_greedy(
                     say(
                         bar,
                         format!(
-                            "step {:4}: kl {:.4} grad {:.3} lr {:.2e} {:.0} tok/s",
-                            s.step, s.kl, s.grad_norm, s.lr, s.tokens_per_s
+                            "step {:4}: kl {:.4} grad {:.3} lr {:.2e} {:.0} tok/s{}",
+                            s.step,
+                            s.kl,
+                            s.grad_norm,
+                            s.lr,
+                            s.tokens_per_s,
+                            match conv.window_dropout > 0.0 {
+                                true => format!(" window {}", s.window),
+                                false => String::new(),
+                            }
                         ),
                     );
                 }

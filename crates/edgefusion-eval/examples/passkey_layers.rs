@@ -13,17 +13,6 @@ use edgefusion_io::ModelSource;
 use edgefusion_model::{LayerType, Model};
 use edgefusion_runtime::tokenizer::Tokenizer;
 
-fn layers(list: &str) -> Vec<usize> {
-    let mut out = Vec::new();
-    for part in list.split(',') {
-        match part.split_once('-') {
-            Some((a, b)) => out.extend(a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap()),
-            None => out.push(part.parse().unwrap()),
-        }
-    }
-    out
-}
-
 /// Mean log-likelihood of the key after each prompt, and how many keys greedy decoding
 /// would produce exactly.
 fn score(
@@ -63,7 +52,7 @@ fn main() {
         panic!("{}: a GGUF file", args[0])
     };
     let tok = Tokenizer::from_gguf(gguf).unwrap();
-    let converted = layers(&args[1]);
+    let converted = edgefusion_model::convert::parse_layer_list(&args[1]).unwrap();
     let mut model = Model::load(&source).unwrap();
     let items: Vec<_> = (0..n_items)
         .map(|i| passkey::item(i, &tok, ctx, None).unwrap())

@@ -628,6 +628,28 @@ impl TrainConfig {
             if c.choice_windows == 0 {
                 return fail("conversion.choice_windows", "must be at least 1".into());
             }
+            if c.choice_copy_windows > 64 {
+                return fail(
+                    "conversion.choice_copy_windows",
+                    format!("{} must be at most 64", c.choice_copy_windows),
+                );
+            }
+            // The repeat must come from outside the window, or the copy KL cannot tell a
+            // converted layer from full attention.
+            let span = crate::convert::COPY_SPAN;
+            let text = c.choice_ctx.saturating_sub(span);
+            if c.choice_copy_windows > 0 && text - text / 10 <= c.window + c.sink {
+                return fail(
+                    "conversion.choice_copy_windows",
+                    format!(
+                        "copy windows of choice_ctx {} repeat from {} tokens back, within window {} + sink {}: raise choice_ctx",
+                        c.choice_ctx,
+                        text - text / 10,
+                        c.window,
+                        c.sink
+                    ),
+                );
+            }
             if c.choice_copy_windows > 0 && c.choice_ctx < 11 * crate::convert::COPY_SPAN {
                 return fail(
                     "conversion.choice_copy_windows",
@@ -669,16 +691,26 @@ impl TrainConfig {
                     format!("{} must be a share in 0..=1", c.window_dropout),
                 );
             }
+            if c.window_dropout > 0.0 && c.finetune_steps == 0 {
+                return fail(
+                    "conversion.window_dropout",
+                    "acts in the KL stage: give finetune_steps > 0".into(),
+                );
+            }
             if c.window_dropout > 0.0 && !(c.ssm_beside_window && c.window >= 2) {
                 return fail(
                     "conversion.window_dropout",
                     "shrinks the window beside an SSM: needs ssm_beside_window: true and a window of at least 2".into(),
                 );
             }
-        } else if c.ssm_beside_window || c.finetune_steps > 0 || c.window_dropout != 0.0 {
+        } else if c.ssm_beside_window
+            || c.finetune_steps > 0
+            || c.window_dropout != 0.0
+            || c.choice_copy_windows > 0
+        {
             return fail(
                 "conversion",
-                "ssm_beside_window, finetune_steps and window_dropout belong to layer_choice: greedy"
+                "ssm_beside_window, finetune_steps, window_dropout and choice_copy_windows belong to layer_choice: greedy"
                     .into(),
             );
         }
@@ -764,7 +796,7 @@ mod tests {
     #[test]
     fn bad_configs_name_the_file_field_and_rule() {
         // (edit of the valid file, words the error must contain)
-        let cases: [(&str, &str, &[&str]); 16] = [
+        let cases: [(&str, &str, &[&str]); 17] = [
             (
                 "  d_state: 32",
                 "  d_state: 0",
@@ -820,6 +852,11 @@ mod tests {
                 "  layer_choice: greedy",
                 "  layer_choice: gates",
                 &["conversion", "belong to layer_choice: greedy"],
+            ),
+            (
+                "  window: 64",
+                "  choice_copy_windows: 2\n  window: 900",
+                &["conversion.choice_copy_windows", "within window 900"],
             ),
             (
                 "  choice_windows: 2",

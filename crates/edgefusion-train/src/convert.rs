@@ -134,6 +134,15 @@ pub fn greedy_stages(
         ));
     }
     let choice_ctx = conv.choice_ctx.min(dense.n_ctx_train);
+    if conv.choice_copy_windows > 0 && choice_ctx < 11 * COPY_SPAN {
+        return Err(fail(
+            &model_name,
+            format!(
+                "conversion.choice_copy_windows: the model's context ({choice_ctx} tokens) is too short for copy windows (at least {})",
+                11 * COPY_SPAN
+            ),
+        ));
+    }
     let copy_span = conv.choice_copy_windows * (choice_ctx - COPY_SPAN.min(choice_ctx));
     let choice_span = choice_ctx * conv.choice_windows + copy_span;
     let seq_len = conv.finetune_seq_len.min(dense.n_ctx_train);
@@ -141,10 +150,14 @@ pub fn greedy_stages(
         return Err(fail(
             text_name,
             format!(
-                "data.train has {} tokens; the choice reads {} ({} × {choice_ctx}, and {copy_span} for its copy windows) and fine-tuning at least one window of {seq_len} more",
+                "data.train has {} tokens; the choice reads {} ({} × {choice_ctx}{}) and fine-tuning at least one window of {seq_len} more",
                 tokens.len(),
                 choice_span,
-                conv.choice_windows
+                conv.choice_windows,
+                match copy_span {
+                    0 => String::new(),
+                    n => format!(", and {n} for its copy windows"),
+                }
             ),
         ));
     }

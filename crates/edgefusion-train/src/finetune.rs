@@ -134,10 +134,11 @@ pub fn finetune_kl(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::choose::tail_kl;
+    use candle_core::Device;
 
     /// No dropout keeps the window; dropout 1 always shrinks it, to every length below it;
-    /// a share in between shrinks about that share of steps; the draw is a function of
-    /// `(seed, step)`.
+    /// a share in between shrinks about that share of steps; the seed changes the draws.
     #[test]
     fn window_of_step_shrinks_the_asked_share_of_steps() {
         assert!((0..100).all(|s| window_of_step(64, 0.0, 1, s) == 64));
@@ -149,17 +150,10 @@ mod tests {
             .filter(|&s| window_of_step(64, 0.25, 3, s) < 64)
             .count();
         assert!((900..1100).contains(&shrunk), "{shrunk} of 4000 at 0.25");
-        assert_eq!(
-            window_of_step(64, 0.5, 9, 17),
-            window_of_step(64, 0.5, 9, 17)
-        );
         let other_seed =
             (0..64).filter(|&s| window_of_step(64, 0.5, 9, s) != window_of_step(64, 0.5, 10, s));
         assert!(other_seed.count() > 10, "the seed changes the draws");
     }
-    use crate::choose::tail_kl;
-    use candle_core::Device;
-
     fn log_softmax(z: &[f32]) -> Vec<f64> {
         let max = z.iter().fold(f32::MIN, |m, &v| m.max(v)) as f64;
         let lse = max + z.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();

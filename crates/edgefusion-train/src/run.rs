@@ -413,6 +413,15 @@ pub fn router_stages(
         .map_err(|e| io_error(&teacher_dir, "reading meta.json", e))?;
     let meta: TeacherMeta =
         serde_json::from_str(&meta_text).map_err(|e| io_error(&teacher_dir, "meta.json", e))?;
+    if meta.format != TEACHER_FORMAT {
+        return Err(TrainError::Io {
+            path: teacher_dir.join("meta.json").display().to_string(),
+            what: format!(
+                "format: the teacher cache is of format {}, this version reads {TEACHER_FORMAT}; `edgefusion train` remakes it in its teacher stage",
+                meta.format
+            ),
+        });
+    }
     let (tokens, idx, logp) = read_targets(&teacher_dir, &meta)?;
     let targets = Targets {
         tokens,
