@@ -89,9 +89,13 @@ fn render_choice(
     use std::fmt::Write;
     let _ = writeln!(
         *out,
-        "greedy choice: {} ({} forward passes; KL per token {:.4} with every layer converted, {:.4} as chosen; then {} fine-tuning steps)",
+        "greedy choice: {} ({} forward passes; {} {:.4} with every layer converted, {:.4} as chosen; then {} fine-tuning steps)",
         a.source.display(),
         choice.evaluations,
+        match a.choice_copy_weight {
+            Some(w) => format!("prose KL + {w} × copy KL"),
+            None => "KL per token".to_string(),
+        },
         choice.kl_all_converted,
         choice.kl_final,
         a.step

@@ -93,6 +93,9 @@ pub struct RouterAnalysis {
     pub history: Vec<RouterStep>,
     /// The greedy choice of a `layer_choice: greedy` run (`choice.json`).
     pub choice: Option<crate::choose::LayerChoice>,
+    /// The weight of the copy KL in the choice's score, when it scored copy windows (its
+    /// `kl` fields then hold prose KL + weight × copy KL).
+    pub choice_copy_weight: Option<f64>,
 }
 
 impl RouterAnalysis {
@@ -340,11 +343,15 @@ pub fn analyze(path: &Path, config: Option<&TrainConfig>) -> Result<RouterAnalys
         ));
     }
     let errors = distill_errors(&run_dir, n_layers);
-    let choice = std::fs::read_to_string(run_dir.join(crate::convert::CHOICE_FILE))
+    let record = std::fs::read_to_string(run_dir.join(crate::convert::CHOICE_FILE))
         .ok()
         .and_then(|t| serde_json::from_str::<crate::convert::ChoiceRecord>(&t).ok())
-        .map(|r| r.choice)
-        .filter(|c| c.converted.iter().all(|&l| l < n_layers));
+        .filter(|r| r.choice.converted.iter().all(|&l| l < n_layers));
+    let choice_copy_weight = record
+        .as_ref()
+        .filter(|r| r.scope.copy_windows > 0)
+        .map(|r| r.scope.copy_weight);
+    let choice = record.map(|r| r.choice);
     let mut restored_in_round = vec![None; n_layers];
     let mut restore_kl = vec![None; n_layers];
     for (round, step) in choice.iter().flat_map(|c| c.steps.iter().enumerate()) {
@@ -384,6 +391,7 @@ pub fn analyze(path: &Path, config: Option<&TrainConfig>) -> Result<RouterAnalys
         hybrid: Footprint::of(&hybrid),
         history,
         choice,
+        choice_copy_weight,
     })
 }
 
