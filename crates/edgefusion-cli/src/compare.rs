@@ -25,7 +25,7 @@ use edgefusion_model::{LayerType, ModelConfig};
     EdgeFusion   the run's checkpoint_quantized/model.gguf (hybrid at the target share,\n               \
     EFQ at the config's bits per weight)\n\
     The run is `train --config C --output-dir RUN` (default OUTPUT/run); it is trained here\n\
-    first when it has no checkpoint_quantized/ yet (about an hour for SmolLM2 on 2 cores).\n\
+    first when it has no checkpoint_quantized/ yet (about 45 min for SmolLM2 on 2 cores).\n\
     Each variant is evaluated like `edgefusion evaluate` (its per-item cache in OUTPUT/cache/,\n\
     so an interrupted comparison resumes), then measured by `edgefusion bench` processes\n\
     (peak memory and decode speed at --bench-ctx) in 3 rounds, the variants taking turns.\n\

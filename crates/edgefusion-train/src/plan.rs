@@ -568,7 +568,7 @@ mod tests {
             "20 of 30 layers converted to sink 4 + window 64 softmax with an SSM beside",
             "1 joint layer choice",
             "2 end-to-end KL",
-            "200 steps of 1024 tokens",
+            "100 steps of 1024 tokens",
         ] {
             assert!(text.contains(words), "{words:?} missing from\n{text}");
         }
