@@ -378,6 +378,8 @@ impl TrainConfig {
         let conv = &mut c.conversion;
         conv.choice_ctx = conv.choice_ctx.min(2 * (conv.window + conv.sink).max(64));
         conv.choice_windows = 1;
+        // Copy windows need a long window (a repeat from far outside the attention window).
+        conv.choice_copy_windows = 0;
         conv.finetune_steps = conv.finetune_steps.min(10);
         conv.finetune_seq_len = conv.finetune_seq_len.min(128);
         c
@@ -855,17 +857,17 @@ mod tests {
             ),
             (
                 "  window: 64",
-                "  choice_copy_windows: 2\n  window: 900",
+                "  window: 900",
                 &["conversion.choice_copy_windows", "within window 900"],
             ),
             (
-                "  choice_windows: 2",
-                "  choice_windows: 2\n  choice_copy_weight: -1",
+                "  choice_copy_weight: 0.1",
+                "  choice_copy_weight: -1",
                 &["conversion.choice_copy_weight", "positive"],
             ),
             (
                 "  choice_ctx: 1024",
-                "  choice_ctx: 300\n  choice_copy_windows: 2",
+                "  choice_ctx: 300",
                 &["conversion.choice_copy_windows", "at least 352"],
             ),
             (
