@@ -90,6 +90,14 @@ fn for_each_logit_row(
     Ok(())
 }
 
+/// Moves the ids of `row`'s `k` largest logits to the front of `order` (a permutation of
+/// the vocabulary), largest first: the teacher's top k, for the choice and the cache alike.
+pub(crate) fn select_top_k(row: &[f32], order: &mut [u32], k: usize) {
+    let by_logit = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]);
+    order.select_nth_unstable_by(k - 1, by_logit);
+    order[..k].sort_unstable_by(by_logit);
+}
+
 /// `log Σ exp(row)`, overwriting `row`.
 fn log_sum_exp(row: &mut [f32]) -> f64 {
     let max = f32ops::max(row);
@@ -154,9 +162,7 @@ pub fn teacher_windows_from(
     for w in 0..n_windows {
         let window = &tokens[w * seq_len..(w + 1) * seq_len];
         for_each_logit_row(&mut session, window, first_scored, &mut |_, row| {
-            let by_logit = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]);
-            order.select_nth_unstable_by(k - 1, by_logit);
-            order[..k].sort_unstable_by(by_logit);
+            select_top_k(row, &mut order, k);
             let top: Vec<f32> = order[..k].iter().map(|&i| row[i as usize]).collect();
             let lse = log_sum_exp(row);
             top_ids.extend_from_slice(&order[..k]);

@@ -157,9 +157,7 @@ pub fn cache_teacher(
         let mut idx_bytes = Vec::with_capacity(window.len() * k * 4);
         let mut val_bytes = Vec::with_capacity(window.len() * k * 2);
         for row in logits.chunks_exact(vocab) {
-            let by_logit = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]);
-            order.select_nth_unstable_by(k - 1, by_logit);
-            order[..k].sort_unstable_by(by_logit);
+            crate::choose::select_top_k(row, &mut order, k);
             let max = row[order[0] as usize] as f64;
             let lse = max
                 + row
