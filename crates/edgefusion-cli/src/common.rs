@@ -71,12 +71,22 @@ pub fn load_tokenizer(source: &ModelSource) -> Result<Tokenizer> {
     }
 }
 
-/// Thread count from the flag, or the machine's physical cores.
+/// Thread count from the flag, else from `EDGEFUSION_THREADS`, else the physical cores this
+/// process may use (affinity mask and cgroup quota: `edgefusion_runtime::cpus`).
 pub fn threads(flag: Option<usize>) -> Result<usize> {
-    match flag {
-        Some(0) => bail!("--threads must be at least 1 (got 0)"),
-        Some(n) => Ok(n),
-        None => Ok(edgefusion_runtime::profile::physical_cores()),
+    let env = std::env::var("EDGEFUSION_THREADS").ok();
+    threads_from(flag, env.as_deref())
+}
+
+fn threads_from(flag: Option<usize>, env: Option<&str>) -> Result<usize> {
+    match (flag, env.map(str::trim).filter(|v| !v.is_empty())) {
+        (Some(0), _) => bail!("--threads must be at least 1 (got 0)"),
+        (Some(n), _) => Ok(n),
+        (None, Some(v)) => match v.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => bail!("EDGEFUSION_THREADS must be a whole number of threads ≥ 1 (got {v:?})"),
+        },
+        (None, None) => Ok(edgefusion_runtime::cpus::default_threads()),
     }
 }
 
@@ -108,4 +118,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_file_name(format!(".{}.partial", name.to_string_lossy()));
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flag_beats_the_environment_which_beats_the_default() {
+        assert_eq!(threads_from(Some(3), Some("5")).unwrap(), 3);
+        assert_eq!(threads_from(None, Some(" 5 ")).unwrap(), 5);
+        let default = threads_from(None, None).unwrap();
+        assert!(default >= 1);
+        assert_eq!(threads_from(None, Some("")).unwrap(), default);
+        let err = threads_from(Some(0), None).unwrap_err().to_string();
+        assert!(err.contains("--threads"), "{err}");
+        for bad in ["0", "two", "-1", "1.5"] {
+            let err = threads_from(None, Some(bad)).unwrap_err().to_string();
+            assert!(
+                err.contains("EDGEFUSION_THREADS") && err.contains(bad),
+                "{err}"
+            );
+        }
+    }
 }

@@ -77,7 +77,7 @@ pub struct CompareArgs {
     /// Sink of the Window-only row when the hybrid has no window of its own.
     #[arg(long, default_value_t = 4)]
     pub sink: usize,
-    /// Threads [default: physical cores].
+    /// Threads [default: EDGEFUSION_THREADS, else the physical cores this process may use].
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
     /// Folder for the variants, caches and the table.

@@ -54,7 +54,7 @@ pub struct ConvertArgs {
     /// With `--window-layers auto`: tokens per scored window (at most the model's context).
     #[arg(long, default_value_t = 1024, requires = "window_layers")]
     pub choice_ctx: usize,
-    /// Threads [default: physical cores].
+    /// Threads [default: EDGEFUSION_THREADS, else the physical cores this process may use].
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
     /// Most recent positions (the current one included) a windowed layer attends to.

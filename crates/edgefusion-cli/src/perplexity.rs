@@ -23,7 +23,7 @@ pub struct PerplexityArgs {
     /// Score at most this many windows [default: all that fit in the text].
     #[arg(long)]
     pub chunks: Option<usize>,
-    /// Threads [default: physical cores].
+    /// Threads [default: EDGEFUSION_THREADS, else the physical cores this process may use].
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
     /// Tokens per forward step.

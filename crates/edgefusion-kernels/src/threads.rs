@@ -1,48 +1,120 @@
-//! A fork-join pool of spinning worker threads for the engine's parallel loops.
+//! A fork-join pool of worker threads for the engine's parallel loops.
 //!
 //! Decoding one token runs ~150 short parallel loops (a matmul of a few hundred rows each);
 //! waking threads through a general-purpose scheduler costs more than some of those loops.
-//! Here workers spin on an epoch counter between loops (and sleep after a few milliseconds
-//! idle), so publishing a loop costs one atomic increment, as in llama.cpp's thread pool.
+//! So workers spin on an epoch counter between loops, and publishing a loop costs one atomic
+//! increment, as in llama.cpp's thread pool. Two rules keep that from collapsing when other
+//! programs share the CPUs (a phone's UI, a laptop's browser):
+//!
+//! - **Work is taken, not assigned.** A loop is `n_tasks` tasks; every thread, the caller
+//!   included, takes the next task from an atomic counter until none is left, and the loop
+//!   ends when every task is done, not when every worker has checked in. A worker that the
+//!   operating system has descheduled simply takes no task, and whoever runs does its share;
+//!   the caller only ever waits for tasks already being worked on.
+//! - **Spinning is brief.** An idle worker spins for [`SPIN`], then yields its time slice for
+//!   [`YIELD`] (so a descheduled partner can run on this CPU), then sleeps on a condition
+//!   variable until the next loop is published.
+//!
+//! The protocol between a loop and its workers: `epoch` is odd while a loop is open. `run`
+//! writes the job, then opens the epoch; a worker that sees an open epoch it has not joined
+//! registers in `active`, checks that the epoch is still the one it saw, and only then reads
+//! the job. `run` closes the epoch once every task is done and waits for `active` to drain
+//! before the job's borrow ends, so no worker can touch a job after `run` returns, however
+//! late it wakes up.
 
 use std::cell::UnsafeCell;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-/// Spins before a worker goes to sleep (a few milliseconds).
-const SPINS_BEFORE_SLEEP: usize = 1 << 16;
+/// How long an idle worker spins for the next loop before it yields.
+const SPIN: Duration = Duration::from_micros(200);
+/// How long it then yields its time slice before it sleeps.
+const YIELD: Duration = Duration::from_millis(2);
+/// Spin iterations between clock reads.
+const SPINS_PER_CHECK: usize = 64;
 
 type Job = dyn Fn(usize) + Sync;
 
-/// The job slot: written by `run` before it publishes a new epoch, read by workers after they
-/// observe it, cleared after every worker reported done.
+/// The job of the open loop: written by `run` while the epoch is even and no worker is
+/// active, read by workers only after they registered in `active` and saw the epoch open.
 struct JobSlot(UnsafeCell<Option<*const Job>>);
 
-// SAFETY: the slot is only written while no worker reads it (before the epoch is published
-// and after all workers finished), and the epoch's SeqCst store/load orders the write before
-// every read; the pointee is `Sync`.
+// SAFETY: the slot is written only while no worker may read it (the epoch is even and
+// `active` is zero, so a worker that registers afterwards sees a changed epoch and backs
+// off), and the epoch's SeqCst store/load orders the write before every read; the pointee is
+// `Sync`.
 unsafe impl Sync for JobSlot {}
 // SAFETY: as above; the raw pointer is only dereferenced under that protocol.
 unsafe impl Send for JobSlot {}
 
 struct Shared {
     n_threads: usize,
+    /// Odd while a loop is open; incremented to open and again to close each loop.
     epoch: AtomicUsize,
-    done: AtomicUsize,
+    job: JobSlot,
+    /// Tasks of the open loop.
+    n_tasks: AtomicUsize,
+    /// The next task index to take.
+    next: AtomicUsize,
+    /// Tasks finished (or panicked).
+    completed: AtomicUsize,
+    /// Workers between their registration and their exit from a loop.
+    active: AtomicUsize,
     panicked: AtomicBool,
     shutdown: AtomicBool,
-    job: JobSlot,
-    sleeping: Mutex<usize>,
+    /// Workers asleep (or about to sleep) on `wake`.
+    sleepers: AtomicUsize,
+    lock: Mutex<()>,
     wake: Condvar,
+}
+
+impl Shared {
+    fn open_epoch_to_join(&self, joined: usize) -> Option<usize> {
+        let epoch = self.epoch.load(SeqCst);
+        (epoch & 1 == 1 && epoch != joined).then_some(epoch)
+    }
+
+    /// Takes and runs tasks of `job` until none is left.
+    fn drain(&self, job: &(dyn Fn(usize) + Sync)) -> Option<Box<dyn std::any::Any + Send>> {
+        let n_tasks = self.n_tasks.load(SeqCst);
+        let mut first_panic = None;
+        loop {
+            let task = self.next.fetch_add(1, SeqCst);
+            if task >= n_tasks {
+                return first_panic;
+            }
+            if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(|| job(task))) {
+                self.panicked.store(true, SeqCst);
+                first_panic.get_or_insert(payload);
+            }
+            self.completed.fetch_add(1, SeqCst);
+        }
+    }
+}
+
+/// Waits until `done()`: spins for [`SPIN`], then yields the time slice (the thread it waits
+/// for may be queued on this CPU).
+fn wait_until(done: impl Fn() -> bool) {
+    let start = Instant::now();
+    let mut spins = 0usize;
+    while !done() {
+        spins += 1;
+        if !spins.is_multiple_of(SPINS_PER_CHECK) || start.elapsed() < SPIN {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
 }
 
 /// `n_threads - 1` workers plus the calling thread.
 pub struct ThreadPool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
-    /// Serialises `run` calls: there is one job slot.
+    /// Serialises `for_each_task` calls: there is one job slot.
     run_lock: Mutex<()>,
 }
 
@@ -53,11 +125,15 @@ impl ThreadPool {
         let shared = Arc::new(Shared {
             n_threads,
             epoch: AtomicUsize::new(0),
-            done: AtomicUsize::new(0),
+            job: JobSlot(UnsafeCell::new(None)),
+            n_tasks: AtomicUsize::new(0),
+            next: AtomicUsize::new(0),
+            completed: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
-            job: JobSlot(UnsafeCell::new(None)),
-            sleeping: Mutex::new(0),
+            sleepers: AtomicUsize::new(0),
+            lock: Mutex::new(()),
             wake: Condvar::new(),
         });
         let mut workers = Vec::with_capacity(n_threads - 1);
@@ -66,7 +142,7 @@ impl ThreadPool {
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("edgefusion-{tid}"))
-                    .spawn(move || worker(&shared, tid))?,
+                    .spawn(move || worker(&shared))?,
             );
         }
         Ok(ThreadPool {
@@ -80,50 +156,49 @@ impl ThreadPool {
         self.shared.n_threads
     }
 
-    /// Runs `f(thread_index)` once on every thread of the pool (index 0 is the caller) and
-    /// returns when all are done.
+    /// Runs `f(task)` for every task in `0..n_tasks`, each exactly once, on whichever threads
+    /// of the pool are running (the caller takes tasks too), and returns when all are done.
     ///
     /// # Panics
-    /// If `f` panicked on any thread.
-    pub fn run(&self, f: &(dyn Fn(usize) + Sync)) {
+    /// If `f` panicked on any task (after every other task has run).
+    pub fn for_each_task(&self, n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
         let shared = &*self.shared;
-        if shared.n_threads == 1 {
-            f(0);
+        if shared.n_threads == 1 || n_tasks <= 1 {
+            (0..n_tasks).for_each(f);
             return;
         }
         let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
-        shared.done.store(0, SeqCst);
-        // SAFETY: erases the borrow's lifetime. Workers dereference the pointer only between
-        // the epoch increment below and their `done` increment, and this function does not
-        // return (nor unwind: the caller's part runs under catch_unwind) before `done` counts
-        // every worker, so `f` outlives every use.
+        // SAFETY: erases the borrow's lifetime. Workers dereference the pointer only while
+        // registered in `active` under this loop's open epoch, and this function neither
+        // returns nor unwinds (tasks run under catch_unwind) before it closed the epoch and
+        // saw `active` drain, so `f` outlives every use.
         let erased: *const Job =
             unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Job>(f) };
-        // SAFETY: no worker reads the slot now: the previous job's workers all reported done.
+        // SAFETY: the epoch is even and `active` is zero (the previous loop ended so), so no
+        // worker reads the slot now.
         unsafe { *shared.job.0.get() = Some(erased) };
-        shared.epoch.fetch_add(1, SeqCst);
-        {
-            let sleeping = shared.sleeping.lock().unwrap_or_else(|e| e.into_inner());
-            if *sleeping > 0 {
-                shared.wake.notify_all();
-            }
+        shared.n_tasks.store(n_tasks, SeqCst);
+        shared.next.store(0, SeqCst);
+        shared.completed.store(0, SeqCst);
+        shared.epoch.fetch_add(1, SeqCst); // open
+        if shared.sleepers.load(SeqCst) > 0 {
+            // A worker counts itself in `sleepers` before it re-checks the epoch under the
+            // lock, so either it sees the open epoch or this notification reaches it.
+            let _lock = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+            shared.wake.notify_all();
         }
-        let caller = panic::catch_unwind(AssertUnwindSafe(|| f(0)));
-        let mut spins = 0usize;
-        while shared.done.load(SeqCst) < shared.n_threads - 1 {
-            spins += 1;
-            if spins < SPINS_BEFORE_SLEEP {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
-        // SAFETY: every worker reported done, so none reads the slot.
+        let caller_panic = shared.drain(f);
+        // Only tasks already taken can be outstanding: wait for their threads to finish them.
+        wait_until(|| shared.completed.load(SeqCst) >= n_tasks);
+        shared.epoch.fetch_add(1, SeqCst); // close
+        wait_until(|| shared.active.load(SeqCst) == 0);
+        // SAFETY: the epoch is closed and no worker is active, so none reads the slot.
         unsafe { *shared.job.0.get() = None };
-        if let Err(payload) = caller {
+        let worker_panicked = shared.panicked.swap(false, SeqCst);
+        if let Some(payload) = caller_panic {
             panic::resume_unwind(payload);
         }
-        if shared.panicked.swap(false, SeqCst) {
+        if worker_panicked {
             panic!("a worker thread panicked in a parallel loop");
         }
     }
@@ -160,19 +235,14 @@ impl ThreadPool {
         }
         let (a_len, b_len) = (a.len(), b.len());
         let (a_ptr, b_ptr) = (SendPtr(a.as_mut_ptr()), SendPtr(b.as_mut_ptr()));
-        let next = AtomicUsize::new(0);
-        self.run(&|_tid| loop {
-            let i = next.fetch_add(1, SeqCst);
-            if i >= n_chunks {
-                break;
-            }
+        self.for_each_task(n_chunks, &|i| {
             let a_start = i * a_chunk_len;
             let a_end = (a_start + a_chunk_len).min(a_len);
             let b_start = (i * b_chunk_len).min(b_len);
             let b_end = (b_start + b_chunk_len).min(b_len);
-            // SAFETY: each index i is taken by exactly one thread (atomic counter), and the
-            // ranges of distinct i are disjoint and within the slices, which stay mutably
-            // borrowed until `run` returns.
+            // SAFETY: each task index i runs exactly once, the ranges of distinct i are
+            // disjoint and within the slices, which stay mutably borrowed until
+            // `for_each_task` returns.
             let (a_chunk, b_chunk) = unsafe {
                 (
                     std::slice::from_raw_parts_mut(a_ptr.get().add(a_start), a_end - a_start),
@@ -188,11 +258,7 @@ impl Drop for ThreadPool {
     fn drop(&mut self) {
         self.shared.shutdown.store(true, SeqCst);
         {
-            let _sleeping = self
-                .shared
-                .sleeping
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let _lock = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
             self.shared.wake.notify_all();
         }
         for w in self.workers.drain(..) {
@@ -215,47 +281,51 @@ unsafe impl<T: Send> Sync for SendPtr<T> {}
 // SAFETY: as above.
 unsafe impl<T: Send> Send for SendPtr<T> {}
 
-fn worker(shared: &Shared, tid: usize) {
-    let mut seen = 0usize;
+fn worker(shared: &Shared) {
+    let mut joined = 0usize;
     loop {
+        // Wait for an open loop this worker has not joined: spin, yield, then sleep.
+        let start = Instant::now();
         let mut spins = 0usize;
-        loop {
+        let epoch = loop {
             if shared.shutdown.load(SeqCst) {
                 return;
             }
-            let epoch = shared.epoch.load(SeqCst);
-            if epoch != seen {
-                seen = epoch;
-                break;
+            if let Some(epoch) = shared.open_epoch_to_join(joined) {
+                break epoch;
             }
             spins += 1;
-            if spins < SPINS_BEFORE_SLEEP {
+            if !spins.is_multiple_of(SPINS_PER_CHECK) {
                 std::hint::spin_loop();
                 continue;
             }
-            let mut sleeping = shared.sleeping.lock().unwrap_or_else(|e| e.into_inner());
-            *sleeping += 1;
-            // Re-check under the lock: `run` publishes the epoch before it takes the lock.
-            while shared.epoch.load(SeqCst) == seen && !shared.shutdown.load(SeqCst) {
-                sleeping = shared
-                    .wake
-                    .wait(sleeping)
-                    .unwrap_or_else(|e| e.into_inner());
+            let idle = start.elapsed();
+            if idle < SPIN {
+                std::hint::spin_loop();
+            } else if idle < SPIN + YIELD {
+                std::thread::yield_now();
+            } else {
+                let mut lock = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+                shared.sleepers.fetch_add(1, SeqCst);
+                while shared.open_epoch_to_join(joined).is_none() && !shared.shutdown.load(SeqCst) {
+                    lock = shared.wake.wait(lock).unwrap_or_else(|e| e.into_inner());
+                }
+                shared.sleepers.fetch_sub(1, SeqCst);
             }
-            *sleeping -= 1;
-            spins = 0;
-        }
-        // SAFETY: the epoch we observed was published after the slot was written, and `run`
-        // keeps the job alive until we increment `done` below.
-        let job = unsafe { *shared.job.0.get() };
-        if let Some(job) = job {
-            // SAFETY: see above: the pointee outlives this call.
-            let result = panic::catch_unwind(AssertUnwindSafe(|| unsafe { (*job)(tid) }));
-            if result.is_err() {
-                shared.panicked.store(true, SeqCst);
+        };
+        joined = epoch;
+        shared.active.fetch_add(1, SeqCst);
+        // Still the loop we saw? If it closed meanwhile, its job may be gone.
+        if shared.epoch.load(SeqCst) == epoch {
+            // SAFETY: registered in `active` under the open epoch that published the slot:
+            // `for_each_task` keeps the job alive until it sees `active` drain.
+            let job = unsafe { *shared.job.0.get() };
+            if let Some(job) = job {
+                // SAFETY: as above, the pointee outlives this call.
+                shared.drain(unsafe { &*job });
             }
         }
-        shared.done.fetch_add(1, SeqCst);
+        shared.active.fetch_sub(1, SeqCst);
     }
 }
 
@@ -286,37 +356,89 @@ mod tests {
         }
     }
 
+    /// Many short loops back to back, on more threads than this machine may have cores (so
+    /// workers are descheduled mid-loop and join loops late): every task runs exactly once.
     #[test]
-    fn run_reaches_every_thread_and_survives_sleeping_workers() {
-        let pool = ThreadPool::new(3).unwrap();
-        let hits = AtomicUsize::new(0);
-        pool.run(&|_| {
-            hits.fetch_add(1, SeqCst);
-        });
-        assert_eq!(hits.load(SeqCst), 3);
-        // Let the workers fall asleep, then wake them.
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        pool.run(&|_| {
-            hits.fetch_add(1, SeqCst);
-        });
-        assert_eq!(hits.load(SeqCst), 6);
+    fn every_task_runs_once_under_oversubscription() {
+        let pool = ThreadPool::new(8).unwrap();
+        let counts: Vec<AtomicUsize> = (0..64).map(|_| AtomicUsize::new(0)).collect();
+        let mut expected = vec![0usize; 64];
+        for round in 0..3000 {
+            let n_tasks = round % 65;
+            pool.for_each_task(n_tasks, &|t| {
+                counts[t].fetch_add(1, SeqCst);
+            });
+            expected[..n_tasks].iter_mut().for_each(|e| *e += 1);
+            if round % 1000 == 999 {
+                // Let the workers fall asleep between some loops.
+                std::thread::sleep(SPIN + YIELD + Duration::from_millis(5));
+            }
+        }
+        let got: Vec<usize> = counts.iter().map(|c| c.load(SeqCst)).collect();
+        assert_eq!(got, expected);
+    }
+
+    /// Work is taken, not assigned: while one thread is stuck in a task, the others finish
+    /// every other task (with tasks assigned per thread, task 0's thread would own more).
+    #[test]
+    fn other_threads_take_the_work_of_a_stuck_one() {
+        for n_threads in [2, 3] {
+            let pool = ThreadPool::new(n_threads).unwrap();
+            let n_tasks = 40;
+            let done = AtomicUsize::new(0);
+            pool.for_each_task(n_tasks, &|t| {
+                if t == 0 {
+                    let start = Instant::now();
+                    while done.load(SeqCst) < n_tasks - 1 {
+                        assert!(
+                            start.elapsed() < Duration::from_secs(20),
+                            "the other tasks were not taken by the other threads"
+                        );
+                        std::thread::yield_now();
+                    }
+                }
+                done.fetch_add(1, SeqCst);
+            });
+            assert_eq!(done.load(SeqCst), n_tasks);
+        }
     }
 
     #[test]
-    fn a_panicking_job_is_reported_and_the_pool_stays_usable() {
+    fn sleeping_workers_wake_for_the_next_loop() {
+        let pool = ThreadPool::new(3).unwrap();
+        let threads_seen = Mutex::new(std::collections::HashSet::new());
+        std::thread::sleep(SPIN + YIELD + Duration::from_millis(20));
+        // Each task waits a little, so a sleeping worker has time to wake and take one.
+        pool.for_each_task(300, &|_| {
+            threads_seen
+                .lock()
+                .unwrap()
+                .insert(std::thread::current().id());
+            std::thread::sleep(Duration::from_micros(200));
+        });
+        assert!(threads_seen.lock().unwrap().len() >= 2, "no worker woke up");
+    }
+
+    #[test]
+    fn a_panicking_task_is_reported_and_the_pool_stays_usable() {
         let pool = ThreadPool::new(2).unwrap();
-        let result = panic::catch_unwind(AssertUnwindSafe(|| {
-            pool.run(&|tid| {
-                if tid == 1 {
-                    panic!("boom");
-                }
-            })
-        }));
-        assert!(result.is_err());
+        for bad in [0, 7, 63] {
+            let ran = AtomicUsize::new(0);
+            let result = panic::catch_unwind(AssertUnwindSafe(|| {
+                pool.for_each_task(64, &|t| {
+                    ran.fetch_add(1, SeqCst);
+                    if t == bad {
+                        panic!("boom");
+                    }
+                })
+            }));
+            assert!(result.is_err());
+            assert_eq!(ran.load(SeqCst), 64, "the other tasks still ran");
+        }
         let hits = AtomicUsize::new(0);
-        pool.run(&|_| {
+        pool.for_each_task(10, &|_| {
             hits.fetch_add(1, SeqCst);
         });
-        assert_eq!(hits.load(SeqCst), 2);
+        assert_eq!(hits.load(SeqCst), 10);
     }
 }

@@ -2,6 +2,7 @@
 //! template glue, and the measurements `--profile` and `bench` report.
 
 pub mod chat;
+pub mod cpus;
 pub mod engine;
 pub mod mixer;
 pub mod parallel;

@@ -12,6 +12,14 @@ const PANEL_BYTES: usize = 256 * 1024;
 /// Row ranges are multiples of this (whole row groups for the SIMD kernels, and whole
 /// 16-row groups of interleaved matrices).
 const ROW_ALIGN: usize = 16;
+/// Tasks per thread of a decode matmul. The pool's threads take tasks as they come, so when
+/// the operating system deschedules one (other programs share the CPUs), the others do its
+/// share and wait at most for the one small task it holds.
+const DECODE_TASKS_PER_THREAD: usize = 4;
+/// Tasks per thread of a prefill matmul (each reads the whole matrix: more tasks, more
+/// traffic), and the fewest tokens a task gets when the batch allows it.
+const PREFILL_TASKS_PER_THREAD: usize = 2;
+const PREFILL_MIN_TOKENS: usize = 16;
 
 /// The engine's worker threads (the caller included).
 pub struct Threads {
@@ -69,8 +77,8 @@ impl Threads {
         let n_out = w.n_out;
         let out = &mut out[..n_tok * n_out];
         if n_tok == 1 {
-            let per_thread = n_out.div_ceil(self.n_threads());
-            let chunk = per_thread.div_ceil(ROW_ALIGN) * ROW_ALIGN;
+            let per_task = n_out.div_ceil(self.n_threads() * DECODE_TASKS_PER_THREAD);
+            let chunk = per_task.div_ceil(ROW_ALIGN) * ROW_ALIGN;
             self.for_chunks(out, chunk, |i, rows_out| {
                 let r0 = i * chunk;
                 let r1 = r0 + rows_out.len();
@@ -79,7 +87,10 @@ impl Threads {
             });
             return;
         }
-        let tok_chunk = n_tok.div_ceil(self.n_threads());
+        let per_thread = n_tok.div_ceil(self.n_threads());
+        let tok_chunk = n_tok
+            .div_ceil(self.n_threads() * PREFILL_TASKS_PER_THREAD)
+            .max(PREFILL_MIN_TOKENS.min(per_thread));
         let panel_rows = match w.layout() {
             Layout::Rows => (PANEL_BYTES / w.row_bytes().max(1) / ROW_ALIGN * ROW_ALIGN)
                 .clamp(ROW_ALIGN, n_out.max(ROW_ALIGN)),

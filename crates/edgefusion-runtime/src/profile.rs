@@ -35,36 +35,6 @@ pub fn mean_sd(values: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// Physical cores of this machine (hyper-threads counted once), falling back to the
-/// logical count when the topology is not readable.
-pub fn physical_cores() -> usize {
-    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") else {
-        return logical;
-    };
-    let mut cores = std::collections::BTreeSet::new();
-    let (mut phys, mut core) = (None, None);
-    for line in cpuinfo.lines().chain(std::iter::once("")) {
-        if line.trim().is_empty() {
-            if let (Some(p), Some(c)) = (phys.take(), core.take()) {
-                cores.insert((p, c));
-            }
-            continue;
-        }
-        let value = || line.split(':').nth(1).map(|v| v.trim().to_string());
-        if line.starts_with("physical id") {
-            phys = value();
-        } else if line.starts_with("core id") {
-            core = value();
-        }
-    }
-    if cores.is_empty() {
-        logical
-    } else {
-        cores.len().min(logical)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,6 +52,5 @@ mod tests {
             let peak = peak_rss_bytes().expect("VmHWM");
             assert!(peak >= rss_bytes().expect("VmRSS") / 2 && peak > 0);
         }
-        assert!(physical_cores() >= 1);
     }
 }
