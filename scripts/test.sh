@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export EDGEFUSION_REQUIRE_ASSETS=1   # tests that need fetched assets fail instead of skipping
-scripts/fetch-assets.sh --model --text --vocab
+scripts/fetch-assets.sh --model --text --vocab --tasks
 
 echo "== cargo fmt / clippy"
 cargo fmt --all -- --check

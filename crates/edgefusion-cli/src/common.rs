@@ -117,7 +117,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("{}: not a file path", path.display()))?;
     let tmp = path.with_file_name(format!(".{}.partial", name.to_string_lossy()));
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    edgefusion_io::durable::commit_rename(&tmp, path)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]

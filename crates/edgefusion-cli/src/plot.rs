@@ -102,7 +102,8 @@ fn write_png(
         let _ = std::fs::remove_file(&tmp);
         return Err(e.context(format!("drawing {}", path.display())));
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    edgefusion_io::durable::commit_rename(&tmp, path)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn plot_error<E: std::fmt::Display>(e: E) -> anyhow::Error {

@@ -3,11 +3,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
+use edgefusion_testkit::fixture;
 
 fn edgefusion(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_edgefusion"))
@@ -206,9 +202,54 @@ fn perplexity_on_a_small_text() {
         .and_then(|s| s.split_whitespace().next())
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no PPL in {stdout}"));
-    // A random model over a 512-token vocabulary: finite and not absurdly far from uniform.
-    assert!(ppl.is_finite() && ppl > 1.0 && ppl < 5000.0, "{ppl}");
+    let reference = stepwise_perplexity(&model, &std::fs::read_to_string(&text).unwrap(), 32);
+    assert!(
+        (ppl - reference).abs() <= 1e-3 * reference,
+        "edgefusion perplexity printed {ppl}, one token at a time gives {reference}"
+    );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// llama-perplexity's method written out independently of `edgefusion_eval::perplexity`:
+/// windows of `ctx` tokens (the first replaced by BOS), each decoded one token at a time from
+/// an empty cache, the second half scored with an f64 log-softmax.
+fn stepwise_perplexity(model_path: &std::path::Path, text: &str, ctx: usize) -> f64 {
+    use edgefusion_io::ModelSource;
+    use edgefusion_runtime::{tokenizer::Tokenizer, Logits, Session, SessionOptions};
+    let source = ModelSource::open(model_path).unwrap();
+    let ModelSource::Gguf(gguf) = &source else {
+        unreachable!("a GGUF fixture")
+    };
+    let tokenizer = Tokenizer::from_gguf(gguf).unwrap();
+    let model = edgefusion_model::Model::load(&source).unwrap();
+    let tokens = tokenizer.encode(text, true).unwrap();
+    let bos = tokenizer.bos_id().filter(|_| tokenizer.add_bos());
+    let mut session = Session::new(&model, SessionOptions::new(ctx, 1)).unwrap();
+    let (mut nll, mut count) = (0.0f64, 0usize);
+    for span in tokens.chunks_exact(ctx) {
+        session.reset();
+        for (pos, &token) in span.iter().enumerate().take(ctx - 1) {
+            let input = if pos == 0 {
+                bos.unwrap_or(token)
+            } else {
+                token
+            };
+            let logits = session.forward(&[input], Logits::Last).unwrap();
+            if pos >= ctx / 2 {
+                let max = logits.iter().fold(f64::MIN, |m, &v| m.max(v as f64));
+                let log_z = max
+                    + logits
+                        .iter()
+                        .map(|&v| (v as f64 - max).exp())
+                        .sum::<f64>()
+                        .ln();
+                nll += log_z - logits[span[pos + 1] as usize] as f64;
+                count += 1;
+            }
+        }
+    }
+    assert!(count > 0 && nll.is_finite());
+    (nll / count as f64).exp()
 }
 
 #[test]

@@ -278,24 +278,8 @@ mod tests {
     /// SmolLM2's tokenizer from assets/ (skipped when absent, unless
     /// EDGEFUSION_REQUIRE_ASSETS=1).
     fn smollm2_tokenizer() -> Option<Tokenizer> {
-        let path = std::env::var_os("EDGEFUSION_ASSETS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets"))
-            .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        if path.exists() {
-            return Some(tokenizer_of(path));
-        }
-        if std::env::var("EDGEFUSION_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
-            panic!(
-                "{} missing: scripts/fetch-assets.sh --model",
-                path.display()
-            );
-        }
-        eprintln!(
-            "SKIPPED: {} not found; run scripts/fetch-assets.sh --model",
-            path.display()
-        );
-        None
+        edgefusion_testkit::asset("models/SmolLM2-135M-Instruct.Q4_1.gguf", "--model")
+            .map(tokenizer_of)
     }
 
     #[test]

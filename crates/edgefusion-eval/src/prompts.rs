@@ -473,16 +473,11 @@ pub fn fit_generation<T>(
 mod tests {
     use super::*;
     use crate::tasks::TaskItem;
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
 
     fn assets() -> Option<PathBuf> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/tasks");
-        if dir.join("MANIFEST.json").exists() {
-            Some(dir)
-        } else {
-            eprintln!("skipping the real-item snapshot: no assets/tasks (scripts/fetch-assets.sh fetches them)");
-            None
-        }
+        edgefusion_testkit::asset("tasks/MANIFEST.json", "--tasks")
+            .map(|manifest| manifest.parent().unwrap().to_path_buf())
     }
 
     #[test]

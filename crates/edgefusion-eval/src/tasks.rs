@@ -914,11 +914,10 @@ mod tests {
     /// The fetched assets, when present, all parse (the counts are MANIFEST.json's).
     #[test]
     fn real_task_files_parse() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/tasks");
-        if !dir.join("MANIFEST.json").exists() {
-            eprintln!("skipping: no assets/tasks (scripts/fetch-assets.sh fetches them)");
+        let Some(manifest) = edgefusion_testkit::asset("tasks/MANIFEST.json", "--tasks") else {
             return;
-        }
+        };
+        let dir = manifest.parent().unwrap();
         assert_eq!(
             HellaswagItem::read(dir.join("hellaswag_validation.jsonl"))
                 .unwrap()

@@ -4,18 +4,11 @@
 //! into context and continuation. Prefix reuse (a dense model's KV cache cut back, a
 //! hybrid's SSM snapshots) must not change any score.
 
-use std::path::PathBuf;
-
 use edgefusion_eval::lm::{log_prob, LanguageModel};
 use edgefusion_io::ModelSource;
 use edgefusion_model::Model;
 use edgefusion_runtime::tokenizer::Tokenizer;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
+use edgefusion_testkit::fixture;
 
 struct Reference {
     tokens: Vec<u32>,

@@ -10,6 +10,7 @@
 //! Every reader validates its whole input when it opens it and returns an [`IoError`] that
 //! names the file and the rule broken; no input makes it panic.
 
+pub mod durable;
 pub mod error;
 pub mod gguf;
 mod gguf_writer;

@@ -14,12 +14,8 @@ use edgefusion_model::{Model, ModelConfig};
 use edgefusion_quant::pipeline::{quantize, Method, QuantizeOptions};
 use edgefusion_runtime::tokenizer::Tokenizer;
 use edgefusion_runtime::{Logits, Session, SessionOptions};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
+use edgefusion_testkit::fixture;
+use edgefusion_testkit::max_abs_diff;
 
 fn logits(path: &Path, tokens: &[u32]) -> Vec<f32> {
     let source = ModelSource::open(path).unwrap();
@@ -30,14 +26,6 @@ fn logits(path: &Path, tokens: &[u32]) -> Vec<f32> {
     };
     let mut session = Session::new(&model, opts).unwrap();
     session.forward(tokens, Logits::From(0)).unwrap().to_vec()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Rows of each head from GGUF's adjacent RoPE pairs back to Hugging Face's halves: GGUF

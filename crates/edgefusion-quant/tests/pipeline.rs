@@ -1,18 +1,11 @@
 //! `quantize` end to end on the tiny fixture model: the EFQ file loads, its bits per weight
 //! are what was asked, and its logits stay near the float model's.
 
-use std::path::PathBuf;
-
 use edgefusion_io::ModelSource;
 use edgefusion_model::{Layout, Model};
 use edgefusion_quant::pipeline::{quantize, Calibration, Method, QuantizeOptions};
 use edgefusion_runtime::{Logits, Session, SessionOptions};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
+use edgefusion_testkit::fixture;
 
 fn logits(path: &std::path::Path, tokens: &[u32]) -> Vec<f32> {
     let source = ModelSource::open(path).unwrap();

@@ -11,7 +11,7 @@
 //! EDGEFUSION_NO_SIMD=1, where the scalar kernels would take minutes to calibrate and the
 //! kernel tests already hold every SIMD kernel to its scalar twin.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use edgefusion_io::ModelSource;
 use edgefusion_model::Model;
@@ -31,24 +31,6 @@ const TOP1_AGREEMENT: f64 = 0.7;
 /// the default 16384 calibration tokens; with 8192 the continuation was " a French, a
 /// French": at 3.1 bits per weight a 135M model's greedy path is fragile.
 const SHARED_TOKENS: usize = 3;
-
-fn assets() -> PathBuf {
-    std::env::var_os("EDGEFUSION_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets"))
-}
-
-fn require(paths: &[PathBuf]) -> bool {
-    let missing: Vec<_> = paths.iter().filter(|p| !p.exists()).collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("EDGEFUSION_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
-        panic!("{missing:?} missing: run scripts/fetch-assets.sh --model --text");
-    }
-    eprintln!("SKIPPED: {missing:?} not found; run scripts/fetch-assets.sh --model --text");
-    false
-}
 
 /// Perplexity of `tokens` (one window), scoring every token after the first, and the
 /// model's top-1 choice at every position.
@@ -94,14 +76,14 @@ fn efq_3_1_smollm2_stays_coherent() {
         eprintln!("SKIPPED under EDGEFUSION_NO_SIMD=1 (scalar calibration takes minutes)");
         return;
     }
-    let base = assets().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let (calib, eval) = (
-        assets().join("text/sotu.txt"),
-        assets().join("text/moby-dick.txt"),
-    );
-    if !require(&[base.clone(), calib.clone(), eval.clone()]) {
+    use edgefusion_testkit::asset;
+    let (Some(base), Some(calib), Some(eval)) = (
+        asset("models/SmolLM2-135M-Instruct.Q4_1.gguf", "--model"),
+        asset("text/sotu.txt", "--text"),
+        asset("text/moby-dick.txt", "--text"),
+    ) else {
         return;
-    }
+    };
     let out = std::env::temp_dir().join(format!("ef-smollm2-efq-{}.gguf", std::process::id()));
     let opts = QuantizeOptions {
         method: Method::Efq,

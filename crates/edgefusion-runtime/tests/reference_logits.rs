@@ -2,8 +2,6 @@
 //! (dequantized) weights of each tiny fixture model (scripts/make-tiny-models.py), and
 //! prefill against step-by-step decode.
 
-use std::path::PathBuf;
-
 use edgefusion_io::ModelSource;
 use edgefusion_model::Model;
 use edgefusion_runtime::sampler::argmax;
@@ -15,13 +13,9 @@ fn options(n_ctx: usize, threads: usize) -> SessionOptions {
     opts.kv_type = KvType::F32;
     opts
 }
+use edgefusion_testkit::fixture;
+use edgefusion_testkit::max_rel_error;
 use serde_json::Value;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
 
 struct Reference {
     tokens: Vec<u32>,
@@ -64,15 +58,6 @@ fn reference(name: &str) -> Reference {
             .get("long")
             .map(|l| (ids(&l["tokens"]), matrix(&l["logits"]))),
     }
-}
-
-/// Largest |ours - reference| over a row, relative to the row's largest |reference|.
-fn max_rel_error(ours: &[f32], reference: &[f32]) -> f32 {
-    let scale = reference.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    ours.iter()
-        .zip(reference)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
-        / scale
 }
 
 fn all_logits(session: &mut Session<'_>, tokens: &[u32]) -> Vec<Vec<f32>> {

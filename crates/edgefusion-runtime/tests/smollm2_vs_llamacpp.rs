@@ -29,29 +29,8 @@ const MARGIN: f32 = 0.5;
 /// the same 2–3% that llama.cpp itself sits from an exact float64 reference on quantized models).
 const LOGIT_GAP: f32 = 1.25;
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn model_path() -> Option<PathBuf> {
-    let assets = std::env::var_os("EDGEFUSION_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("assets"));
-    let path = assets.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if path.exists() {
-        return Some(path);
-    }
-    if std::env::var("EDGEFUSION_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
-        panic!(
-            "{} is missing: run scripts/fetch-assets.sh --model",
-            path.display()
-        );
-    }
-    eprintln!(
-        "SKIPPED: {} not found; run scripts/fetch-assets.sh --model",
-        path.display()
-    );
-    None
+    edgefusion_testkit::asset("models/SmolLM2-135M-Instruct.Q4_1.gguf", "--model")
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -85,7 +64,7 @@ fn steps(prompt: &Value) -> Vec<Step> {
 #[test]
 fn greedy_decoding_agrees_with_llama_cpp() {
     let Some(path) = model_path() else { return };
-    let fixture = workspace().join("tests/fixtures/smollm2_greedy.json");
+    let fixture = edgefusion_testkit::fixture("smollm2_greedy.json");
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture).expect("fixture")).expect("json");
     let source = ModelSource::open(&path).expect("open model");

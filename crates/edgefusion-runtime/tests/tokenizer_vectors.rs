@@ -16,15 +16,7 @@ use std::time::Instant;
 use edgefusion_io::gguf::GgufFile;
 use edgefusion_runtime::tokenizer::Tokenizer;
 
-fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn assets_dir() -> PathBuf {
-    std::env::var_os("EDGEFUSION_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("assets"))
-}
+use edgefusion_testkit::{asset, workspace_root};
 
 /// Splits a `.inp` file on llama.cpp's marker line and pairs each input with the ids on the
 /// same-numbered line of `.out`.
@@ -65,15 +57,8 @@ fn read_vectors(inp: &str, out: &str) -> Vec<(String, Vec<u32>)> {
 /// Encodes every test input of `ggml-vocab-<name>.gguf` and lists the ones that differ.
 /// `None` when the vocabulary files are not there.
 fn mismatches(name: &str) -> Option<Vec<String>> {
-    let dir = assets_dir().join("vocab");
-    let gguf_path = dir.join(format!("ggml-vocab-{name}.gguf"));
-    if !gguf_path.exists() {
-        println!(
-            "SKIPPED: {} not found: run scripts/fetch-assets.sh --vocab",
-            gguf_path.display()
-        );
-        return None;
-    }
+    let gguf_path = asset(&format!("vocab/ggml-vocab-{name}.gguf"), "--vocab")?;
+    let dir = gguf_path.parent().expect("a file in assets/vocab");
     let read = |ext: &str| {
         let path = dir.join(format!("ggml-vocab-{name}.gguf.{ext}"));
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -153,14 +138,9 @@ fn sentencepiece_llama_and_phi3() {
 #[test]
 fn unsupported_vocabularies_are_named() {
     for (name, model) in [("bert-bge", "bert"), ("gemma-4", "gemma4")] {
-        let path = assets_dir().join(format!("vocab/ggml-vocab-{name}.gguf"));
-        if !path.exists() {
-            println!(
-                "SKIPPED: {} not found: run scripts/fetch-assets.sh --vocab",
-                path.display()
-            );
+        let Some(path) = asset(&format!("vocab/ggml-vocab-{name}.gguf"), "--vocab") else {
             continue;
-        }
+        };
         let err = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap_err();
         assert!(err.to_string().contains(&format!("`{model}`")), "{err}");
     }
@@ -211,14 +191,7 @@ fn read_fixture() -> Fixture {
 
 /// The SmolLM2 GGUF, or `None` (after a SKIPPED line) when it has not been fetched.
 fn smollm2_gguf(model_file: &str) -> Option<GgufFile> {
-    let path = assets_dir().join("models").join(model_file);
-    if !path.exists() {
-        println!(
-            "SKIPPED: {} not found: run scripts/fetch-assets.sh --model",
-            path.display()
-        );
-        return None;
-    }
+    let path = asset(&format!("models/{model_file}"), "--model")?;
     Some(GgufFile::open(&path).unwrap())
 }
 

@@ -147,7 +147,8 @@ pub fn save(
     )
     .map_err(|e| io_error(&tmp, "writing state.json", e))?;
     let _ = std::fs::remove_dir_all(&final_dir);
-    std::fs::rename(&tmp, &final_dir).map_err(|e| io_error(&final_dir, "renaming", e))?;
+    edgefusion_io::durable::commit_rename(&tmp, &final_dir)
+        .map_err(|e| io_error(&final_dir, "renaming", e))?;
     let all = list(dir);
     for old in &all[..all.len().saturating_sub(keep_last.max(1))] {
         let _ = std::fs::remove_dir_all(old);

@@ -454,7 +454,8 @@ fn save_checkpoint(
     let tensors = stem.with_extension("safetensors");
     let tmp = stem.with_extension("safetensors.tmp");
     candle_core::safetensors::save(&map, &tmp).map_err(|e| io_error(&tmp, "writing", e))?;
-    std::fs::rename(&tmp, &tensors).map_err(|e| io_error(&tensors, "renaming", e))?;
+    edgefusion_io::durable::commit_rename(&tmp, &tensors)
+        .map_err(|e| io_error(&tensors, "renaming", e))?;
     let meta = FinetuneCheckpoint {
         fingerprint: crate::checkpoint::fingerprint(config),
         step: opt.t,

@@ -118,7 +118,7 @@ pub(crate) fn log_metrics(out_dir: &Path, line: &serde_json::Value) -> Result<()
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).map_err(|e| io_error(&tmp, "writing", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io_error(path, "renaming", e))
+    edgefusion_io::durable::commit_rename(&tmp, path).map_err(|e| io_error(path, "renaming", e))
 }
 
 /// The copy of the configuration a run was made with, in its folder.
@@ -160,7 +160,8 @@ fn save_layer(
     let path = dir.join(format!("layer{layer:02}.safetensors"));
     let tmp = path.with_extension("tmp");
     candle_core::safetensors::save(&map, &tmp).map_err(|e| io_error(&tmp, "writing", e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| io_error(&path, "renaming", e))?;
+    edgefusion_io::durable::commit_rename(&tmp, &path)
+        .map_err(|e| io_error(&path, "renaming", e))?;
     let json = serde_json::to_string_pretty(report).expect("plain struct");
     write_atomic(&dir.join(format!("layer{layer:02}.json")), json.as_bytes())
 }

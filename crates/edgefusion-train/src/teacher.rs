@@ -204,7 +204,8 @@ pub fn cache_teacher(
     std::fs::write(tmp.join("meta.json"), meta_text)
         .map_err(|e| io_error(&tmp, "writing meta.json", e))?;
     let _ = std::fs::remove_dir_all(dir);
-    std::fs::rename(&tmp, dir).map_err(|e| io_error(dir, "renaming the finished cache", e))
+    edgefusion_io::durable::commit_rename(&tmp, dir)
+        .map_err(|e| io_error(dir, "renaming the finished cache", e))
 }
 
 /// One layer's cached activations as f32: `(input (n_tokens, d_model), read-out (n_tokens,

@@ -20,6 +20,7 @@ use edgefusion_train::init::{
 use edgefusion_train::student::{top_k_tail_kl, Route, Student};
 
 use common::{fixture, tokens};
+use edgefusion_testkit::max_rel_error;
 
 /// The seed of this file's token stream.
 const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -41,14 +42,6 @@ fn runtime_logits(model: &Model<'_>, tokens: &[u32]) -> Vec<f32> {
 fn student_logits(student: &Student, tokens: &[u32]) -> Vec<f32> {
     let (logits, _) = student.forward(tokens, Route::Hard).unwrap();
     logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
-
-fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
 }
 
 /// The dense config with a window of `window` and a sink of `sink`, and each layer's SSM
@@ -112,7 +105,7 @@ fn windowed_student_matches_the_runtime() {
     student.layer_types = vec![LayerType::Ssm, LayerType::Window];
     let got = student_logits(&student, &toks);
     assert!(
-        max_rel_diff(&got, &dense_logits) > 1e-2,
+        max_rel_error(&got, &dense_logits) > 1e-2,
         "40 tokens past a window of 5 must change the logits"
     );
     let path = write(
@@ -125,7 +118,7 @@ fn windowed_student_matches_the_runtime() {
     );
     let hybrid_source = ModelSource::open(&path).unwrap();
     let hybrid = Model::load(&hybrid_source).unwrap();
-    let diff = max_rel_diff(&got, &runtime_logits(&hybrid, &toks));
+    let diff = max_rel_error(&got, &runtime_logits(&hybrid, &toks));
     assert!(diff < 1e-4, "windowed student vs runtime: {diff}");
 }
 
@@ -146,7 +139,7 @@ fn kl_finetuning_lowers_the_kl_in_the_student_and_in_the_written_file() {
     let window_source = ModelSource::open(&window_path).unwrap();
     let window_only = Model::load(&window_source).unwrap();
     assert!(
-        max_rel_diff(
+        max_rel_error(
             &student_logits(&student, &toks[..32]),
             &runtime_logits(&window_only, &toks[..32])
         ) < 1e-4
@@ -178,7 +171,7 @@ fn kl_finetuning_lowers_the_kl_in_the_student_and_in_the_written_file() {
     let tuned_path = write(&dense, &cfg, &types, &ssms, &tuned, "window-lora.gguf");
     let tuned_source = ModelSource::open(&tuned_path).unwrap();
     let tuned_model = Model::load(&tuned_source).unwrap();
-    let diff = max_rel_diff(
+    let diff = max_rel_error(
         &student_logits(&student, &toks[..32]),
         &runtime_logits(&tuned_model, &toks[..32]),
     );

@@ -162,10 +162,7 @@ fn a_stopped_run_resumes_to_the_model_an_unbroken_run_writes() {
         );
     }
     let (a, b) = (logits(&resumed.final_model), logits(&whole.final_model));
-    let diff = a
-        .iter()
-        .zip(&b)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    let diff = edgefusion_testkit::max_abs_diff(&a, &b);
     assert!(diff < 1e-4, "resumed vs unbroken logits differ by {diff}");
     // The log reads as one run: each fine-tuning step once.
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();

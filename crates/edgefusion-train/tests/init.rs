@@ -1,18 +1,11 @@
 //! SSMs initialised from attention: the hybrid file loads and runs, and it reproduces the
 //! dense model better than SSMs of random weights with the same norms.
 
-use std::path::PathBuf;
-
 use edgefusion_io::ModelSource;
 use edgefusion_model::{LayerType, Model};
 use edgefusion_runtime::{Logits, Session, SessionOptions};
+use edgefusion_testkit::fixture;
 use edgefusion_train::init::write_hybrid;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
 
 fn logits(model: &Model<'_>, tokens: &[u32]) -> Vec<f32> {
     let opts = SessionOptions {

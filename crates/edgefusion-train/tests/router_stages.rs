@@ -7,17 +7,12 @@ use std::path::{Path, PathBuf};
 use edgefusion_io::gguf::GgufFile;
 use edgefusion_io::ModelSource;
 use edgefusion_model::{LayerType, Model, ModelConfig};
+use edgefusion_testkit::fixture;
 use edgefusion_train::run::{
     distill_stages, harden_checkpoint, router_stages, DistillOutcome, Event, LayerChoice,
     RouterOutcome, RunOptions, MAX_BAD_STEPS,
 };
 use edgefusion_train::{TrainConfig, TrainError};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
 
 fn config() -> TrainConfig {
     let text = format!(

@@ -8,16 +8,12 @@ use std::path::PathBuf;
 use edgefusion_io::ModelSource;
 use edgefusion_model::{LayerType, Mixer, Model};
 use edgefusion_runtime::{KvType, Logits, Session, SessionOptions};
+use edgefusion_testkit::fixture;
+use edgefusion_testkit::max_rel_error;
 use edgefusion_train::init::{
     hybrid_layout, ssm_from_attention, ssm_random, write_hybrid_with, SsmInitSource,
 };
 use edgefusion_train::student::{top_k_tail_kl, Route, Student};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
 
 fn runtime_logits(model: &Model<'_>, tokens: &[u32]) -> Vec<f32> {
     let opts = SessionOptions {
@@ -27,14 +23,6 @@ fn runtime_logits(model: &Model<'_>, tokens: &[u32]) -> Vec<f32> {
     };
     let mut session = Session::new(model, opts).unwrap();
     session.forward(tokens, Logits::From(0)).unwrap().to_vec()
-}
-
-fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
 }
 
 #[test]
@@ -75,7 +63,7 @@ fn student_matches_the_runtime_dense_and_hardened() {
     let (logits, _) = student.forward(&tokens, Route::Hard).unwrap();
     let got = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let want = runtime_logits(&dense, &tokens);
-    let diff = max_rel_diff(&got, &want);
+    let diff = max_rel_error(&got, &want);
     assert!(diff < 1e-4, "dense student vs runtime: {diff}");
 
     student.layer_types = vec![LayerType::Ssm, LayerType::Attention];
@@ -94,7 +82,7 @@ fn student_matches_the_runtime_dense_and_hardened() {
     let (logits, _) = student.forward(&tokens, Route::Hard).unwrap();
     let got = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let want = runtime_logits(&hybrid, &tokens);
-    let diff = max_rel_diff(&got, &want);
+    let diff = max_rel_error(&got, &want);
     assert!(diff < 1e-4, "hardened student vs runtime hybrid: {diff}");
 
     // Soft routing with a gate pinned near 0 is the dense model; the KL of a model to its
@@ -106,7 +94,7 @@ fn student_matches_the_runtime_dense_and_hardened() {
     }
     let (soft, _) = student.forward(&tokens, Route::Soft { tau: 1.0 }).unwrap();
     let soft_v = soft.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert!(max_rel_diff(&soft_v, &runtime_logits(&dense, &tokens)) < 1e-4);
+    assert!(max_rel_error(&soft_v, &runtime_logits(&dense, &tokens)) < 1e-4);
     let k = 16;
     let (idx, vals) = top_k(&soft_v, 512, k);
     let idx_t =

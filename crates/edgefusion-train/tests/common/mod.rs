@@ -1,14 +1,8 @@
 //! Fixtures shared by this crate's integration tests.
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::path::PathBuf;
-
 /// A file of the workspace's `tests/fixtures`.
-pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
+pub use edgefusion_testkit::fixture;
 
 /// `n` random-looking tokens of the tiny fixture's 512-token vocabulary, from an xorshift
 /// generator started at `seed` (reproducible, no dependency).
