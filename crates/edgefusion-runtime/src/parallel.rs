@@ -12,14 +12,14 @@ const PANEL_BYTES: usize = 256 * 1024;
 /// Row ranges are multiples of this (whole row groups for the SIMD kernels, and whole
 /// 16-row groups of interleaved matrices).
 const ROW_ALIGN: usize = 16;
-/// Tasks per thread of a decode matmul. The pool's threads take tasks as they come, so when
-/// the operating system deschedules one (other programs share the CPUs), the others do its
-/// share and wait at most for the one small task it holds.
-const DECODE_TASKS_PER_THREAD: usize = 4;
+/// Tasks per thread of a decode matmul. The pool's threads take tasks as they come, so a
+/// task that a descheduled thread has not started is done by another. More, smaller tasks
+/// would also cover a thread descheduled mid-task, but 4 per thread cost 16% of decode speed
+/// on a quiet 2-core machine (`scripts/bench-contention.sh`), so one it is.
+const DECODE_TASKS_PER_THREAD: usize = 1;
 /// Tasks per thread of a prefill matmul (each reads the whole matrix: more tasks, more
-/// traffic), and the fewest tokens a task gets when the batch allows it.
-const PREFILL_TASKS_PER_THREAD: usize = 2;
-const PREFILL_MIN_TOKENS: usize = 16;
+/// traffic; 2 per thread cost 9% of pp512).
+const PREFILL_TASKS_PER_THREAD: usize = 1;
 
 /// The engine's worker threads (the caller included).
 pub struct Threads {
@@ -87,10 +87,7 @@ impl Threads {
             });
             return;
         }
-        let per_thread = n_tok.div_ceil(self.n_threads());
-        let tok_chunk = n_tok
-            .div_ceil(self.n_threads() * PREFILL_TASKS_PER_THREAD)
-            .max(PREFILL_MIN_TOKENS.min(per_thread));
+        let tok_chunk = n_tok.div_ceil(self.n_threads() * PREFILL_TASKS_PER_THREAD);
         let panel_rows = match w.layout() {
             Layout::Rows => (PANEL_BYTES / w.row_bytes().max(1) / ROW_ALIGN * ROW_ALIGN)
                 .clamp(ROW_ALIGN, n_out.max(ROW_ALIGN)),
