@@ -872,3 +872,128 @@ fn parse_layer_types(names: &[&str], file: &str, key: &str) -> Result<Vec<LayerT
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tiny hybrid fixture's config (SSM layers) with a sink 1 + window 4: valid.
+    fn valid() -> ModelConfig {
+        let path = edgefusion_testkit::fixture("tiny-hybrid-f32.gguf");
+        let source = ModelSource::open(&path).unwrap();
+        let mut cfg = ModelConfig::from_source(&source).unwrap();
+        assert!(
+            cfg.count_layers(LayerType::Ssm) > 0,
+            "the fixture has SSM layers"
+        );
+        (cfg.window, cfg.sink) = (4, 1);
+        cfg
+    }
+
+    /// Each rule of `validate`, broken alone, is refused with the file and the rule named.
+    #[test]
+    fn every_validation_rule_refuses_its_own_break() {
+        type Break = fn(&mut ModelConfig);
+        let cases: Vec<(&str, Break, &str)> = vec![
+            ("no layers", |c| c.n_layers = 0, "block count 0"),
+            ("too many layers", |c| c.n_layers = 5000, "block count 5000"),
+            ("zero width", |c| c.d_model = 0, "embedding length 0"),
+            ("huge width", |c| c.d_model = 1 << 18, "embedding length"),
+            ("no heads", |c| c.n_heads = 0, "head count 0"),
+            ("no KV heads", |c| c.n_kv_heads = 0, "KV head count 0"),
+            (
+                "heads not a multiple of KV heads",
+                |c| {
+                    c.n_heads = 3;
+                    c.n_kv_heads = 2
+                },
+                "positive multiple",
+            ),
+            ("odd head dim", |c| c.head_dim = 7, "head dimension 7"),
+            (
+                "huge head dim",
+                |c| c.head_dim = 2048,
+                "head dimension 2048",
+            ),
+            (
+                "rope beyond head",
+                |c| c.rope_dim = c.head_dim + 2,
+                "rope dimension",
+            ),
+            ("odd rope", |c| c.rope_dim = 3, "rope dimension 3"),
+            ("no feed-forward", |c| c.d_ff = 0, "feed-forward length 0"),
+            ("no vocabulary", |c| c.vocab_size = 0, "vocabulary size 0"),
+            (
+                "huge vocabulary",
+                |c| c.vocab_size = 1 << 25,
+                "vocabulary size",
+            ),
+            ("no context", |c| c.n_ctx_train = 0, "context length"),
+            ("zero epsilon", |c| c.rms_eps = 0.0, "RMS norm epsilon"),
+            ("NaN epsilon", |c| c.rms_eps = f32::NAN, "RMS norm epsilon"),
+            ("negative rope base", |c| c.rope_base = -1.0, "rope base"),
+            (
+                "infinite rope base",
+                |c| c.rope_base = f32::INFINITY,
+                "rope base",
+            ),
+            (
+                "layer types short",
+                |c| {
+                    c.layer_types.pop();
+                },
+                LAYER_TYPES_KEY,
+            ),
+            (
+                "window without converted layers",
+                |c| {
+                    c.layer_types
+                        .iter_mut()
+                        .for_each(|t| *t = LayerType::Attention)
+                },
+                "only converted layers",
+            ),
+            (
+                "window layers without a window",
+                |c| {
+                    c.layer_types[0] = LayerType::Window;
+                    c.window = 0;
+                    c.sink = 0
+                },
+                "'window' layers",
+            ),
+            (
+                "sink without a window",
+                |c| {
+                    c.window = 0;
+                    c.sink = 2
+                },
+                "sink positions",
+            ),
+            (
+                "window beyond the context",
+                |c| c.window = c.n_ctx_train,
+                "exceeds the context length",
+            ),
+            ("no SSM state", |c| c.ssm_d_state = 0, SSM_D_STATE_KEY),
+            ("huge SSM state", |c| c.ssm_d_state = 2000, SSM_D_STATE_KEY),
+            ("no SSM conv", |c| c.ssm_d_conv = 0, SSM_D_CONV_KEY),
+            ("long SSM conv", |c| c.ssm_d_conv = 17, SSM_D_CONV_KEY),
+        ];
+        assert!(valid().validate("m.gguf").is_ok());
+        for (name, break_it, expected) in cases {
+            let mut cfg = valid();
+            break_it(&mut cfg);
+            match cfg.validate("m.gguf") {
+                Err(ModelError::Invalid { file, what }) => {
+                    assert_eq!(file, "m.gguf", "{name}");
+                    assert!(
+                        what.contains(expected),
+                        "{name}: {what:?} lacks {expected:?}"
+                    );
+                }
+                other => panic!("{name}: expected a refusal, got {other:?}"),
+            }
+        }
+    }
+}

@@ -14,8 +14,7 @@ use edgefusion_model::{Model, ModelConfig};
 use edgefusion_quant::pipeline::{quantize, Method, QuantizeOptions};
 use edgefusion_runtime::tokenizer::Tokenizer;
 use edgefusion_runtime::{Logits, Session, SessionOptions};
-use edgefusion_testkit::fixture;
-use edgefusion_testkit::max_abs_diff;
+use edgefusion_testkit::{fixture, max_abs_diff};
 
 fn logits(path: &Path, tokens: &[u32]) -> Vec<f32> {
     let source = ModelSource::open(path).unwrap();

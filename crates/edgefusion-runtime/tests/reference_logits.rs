@@ -6,6 +6,8 @@ use edgefusion_io::ModelSource;
 use edgefusion_model::Model;
 use edgefusion_runtime::sampler::argmax;
 use edgefusion_runtime::{KvType, Logits, Session, SessionOptions};
+use edgefusion_testkit::{fixture, max_rel_error};
+use serde_json::Value;
 
 /// Session options for the reference comparisons: the references keep keys and values in f32.
 fn options(n_ctx: usize, threads: usize) -> SessionOptions {
@@ -13,9 +15,6 @@ fn options(n_ctx: usize, threads: usize) -> SessionOptions {
     opts.kv_type = KvType::F32;
     opts
 }
-use edgefusion_testkit::fixture;
-use edgefusion_testkit::max_rel_error;
-use serde_json::Value;
 
 struct Reference {
     tokens: Vec<u32>,
@@ -186,6 +185,44 @@ fn placeholder_ssm() -> edgefusion_model::Ssm<'static> {
         a_log: Vec::new(),
         d: Vec::new(),
         conv: Vec::new(),
+    }
+}
+
+/// On a dense model, cutting the cache back to a prefix and running a new continuation
+/// gives the logits of a fresh session over prefix + continuation, at every position (prefix
+/// reuse for dense models), for cuts inside the batch of the detour and before it.
+#[test]
+fn truncate_then_forward_equals_a_fresh_run() {
+    let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).expect("open");
+    let model = Model::load(&source).expect("load");
+    let (tokens, _) = reference("tiny-llama-f32").long.expect("long prompt");
+    let vocab = model.config.vocab_size;
+    let opts = || SessionOptions {
+        max_logits: 64,
+        ..options(64, 2)
+    };
+    for cut in [1, 9, 17] {
+        let (prefix, rest) = tokens.split_at(cut);
+        let mut session = Session::new(&model, opts()).expect("session");
+        assert!(!session.has_recurrent_state());
+        // The prefix, then a detour of other tokens written over the cache rows after it.
+        session.forward(prefix, Logits::Last).expect("prefix");
+        let detour: Vec<u32> = rest.iter().rev().take(11).copied().collect();
+        session.forward(&detour, Logits::Last).expect("detour");
+        session.truncate(cut).expect("truncate");
+        assert_eq!(session.n_past(), cut);
+        let continued = session
+            .forward(rest, Logits::From(0))
+            .expect("rest")
+            .to_vec();
+        let mut fresh = Session::new(&model, opts()).expect("session");
+        let direct = fresh
+            .forward(&tokens, Logits::From(cut))
+            .expect("all")
+            .to_vec();
+        assert_eq!(continued.len(), rest.len() * vocab);
+        let err = max_rel_error(&continued, &direct);
+        assert!(err <= 1e-5, "cut at {cut}: truncated vs fresh {err}");
     }
 }
 

@@ -8,8 +8,7 @@ use std::path::PathBuf;
 use edgefusion_io::ModelSource;
 use edgefusion_model::{LayerType, Mixer, Model};
 use edgefusion_runtime::{KvType, Logits, Session, SessionOptions};
-use edgefusion_testkit::fixture;
-use edgefusion_testkit::max_rel_error;
+use edgefusion_testkit::{fixture, max_rel_error};
 use edgefusion_train::init::{
     hybrid_layout, ssm_from_attention, ssm_random, write_hybrid_with, SsmInitSource,
 };
