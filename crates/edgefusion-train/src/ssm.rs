@@ -281,13 +281,18 @@ mod tests {
         };
         // Parameters as variables, one at a time.
         type Field = fn(&mut SsmTensors) -> &mut Tensor;
-        let fields: [(&str, Field); 6] = [
+        // All ten: a parameter left out could lose its gradient unnoticed.
+        let fields: [(&str, Field); 10] = [
             ("wc", |p| &mut p.wc),
             ("wb", |p| &mut p.wb),
+            ("wx", |p| &mut p.wx),
             ("wdt", |p| &mut p.wdt),
+            ("dt_bias", |p| &mut p.dt_bias),
             ("a_log", |p| &mut p.a_log),
-            ("conv", |p| &mut p.conv),
             ("d", |p| &mut p.d),
+            ("wgate", |p| &mut p.wgate),
+            ("conv", |p| &mut p.conv),
+            ("wo", |p| &mut p.wo),
         ];
         for (name, field) in fields {
             let mut q = p.clone();
