@@ -80,8 +80,17 @@ fn chat_mode_uses_the_template() {
         "4",
         "--seed",
         "3",
+        "--verbose-prompt",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
+    // The fixture has no template of its own: ChatML, with the message inside and the
+    // assistant's turn opened; `<|im_start|>` is one special token, not split into pieces.
+    let err = stderr(&out);
+    assert!(
+        err.contains(r#"prompt text: "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n""#),
+        "{err}"
+    );
+    assert!(err.contains(r#""<|im_start|>""#), "{err}");
 }
 
 #[test]
