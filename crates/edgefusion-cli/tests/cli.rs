@@ -871,6 +871,90 @@ fn killed_and_resumed_training_equals_the_uninterrupted_run() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Training killed with SIGKILL at arbitrary moments (mid-stage, mid-write) and resumed
+/// each time ends with the model an uninterrupted run writes: every file that a resume
+/// reads was complete when it got its final name.
+#[test]
+fn training_killed_at_random_moments_resumes_to_the_same_model() {
+    let (dir, _text, config) = tiny_training_dir(
+        "sigkill",
+        "Four score and seven years ago our fathers brought forth on this continent. ",
+        1,
+        2,
+    );
+    let args = |out: &std::path::Path, resume: bool| {
+        let mut a = vec![
+            "train".to_string(),
+            "--config".into(),
+            config.display().to_string(),
+            "--skip-quantization".into(),
+            "--output-dir".into(),
+            out.display().to_string(),
+        ];
+        if resume {
+            a.push("--resume".into());
+        }
+        a
+    };
+    let straight = dir.join("straight");
+    let started = std::time::Instant::now();
+    let out = edgefusion(
+        &args(&straight, false)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let whole = started.elapsed();
+
+    // Kill points spread over the run (a fixed sequence: the test is reproducible in
+    // where it aims, the scheduler decides where it lands).
+    let killed = dir.join("killed");
+    let mut kills = 0;
+    for fraction in [0.05, 0.3, 0.55, 0.15, 0.8, 0.4, 0.65, 0.95, 0.25, 0.7] {
+        let resume = killed.exists();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edgefusion"))
+            .args(args(&killed, resume))
+            .env_remove("EDGEFUSION_MODEL")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn edgefusion train");
+        std::thread::sleep(whole.mul_f64(fraction));
+        match child.try_wait().unwrap() {
+            Some(status) => {
+                let out = child.wait_with_output().unwrap();
+                assert!(status.success(), "{}", stderr(&out));
+                break;
+            }
+            None => {
+                child.kill().unwrap(); // SIGKILL on Unix
+                child.wait().unwrap();
+                kills += 1;
+            }
+        }
+    }
+    // Finish what is left.
+    let a = args(&killed, killed.exists());
+    let out = edgefusion(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        out.status.success(),
+        "after {kills} kills: {}",
+        stderr(&out)
+    );
+    eprintln!("{kills} kills, the whole run {whole:?}");
+    assert!(
+        kills >= 2,
+        "only {kills} kills landed (the run took {whole:?})"
+    );
+    assert_eq!(
+        std::fs::read(straight.join("checkpoint_final/model.gguf")).unwrap(),
+        std::fs::read(killed.join("checkpoint_final/model.gguf")).unwrap(),
+        "after {kills} kills the model differs from the uninterrupted run's"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Tiny task files in the Hugging Face export layout, for `evaluate` on the tiny model.
 fn tiny_tasks(dir: &std::path::Path) {
     let hellaswag = (0..3)
