@@ -438,27 +438,47 @@ mod x86 {
     }
 
     /// 16 elements at `p` as f32.
+    ///
+    /// # Safety
+    /// AVX-512F (plus BW/VL for f16) must be available and `p` readable for 16 elements.
     #[inline(always)]
     unsafe fn load16<E: Lanes>(p: *const E) -> __m512 {
-        E::Row::load16(p.cast())
+        // SAFETY: the caller guarantees the ISA of `E::Row` and that `p` is readable for 16
+        // elements of type `E`, which is `load16`'s contract for `E::Row`'s byte size.
+        unsafe { E::Row::load16(p.cast()) }
     }
 
     /// The elements of `p[..16]` selected by `mask` (others read as 0, never touched).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL must be available and the elements selected by `mask` readable at `p`.
     #[inline(always)]
     unsafe fn load16_masked<E: Lanes>(p: *const E, mask: __mmask16) -> __m512 {
-        E::Row::load_masked(p.cast(), mask)
+        // SAFETY: the caller guarantees the ISA of `E::Row` and that the elements of `p[..16]`
+        // selected by `mask` are readable; masked-off lanes are not accessed.
+        unsafe { E::Row::load_masked(p.cast(), mask) }
     }
 
     /// 8 elements at `p` as f32.
+    ///
+    /// # Safety
+    /// AVX2 (and F16C for f16) must be available and `p` readable for 8 elements.
     #[inline(always)]
     unsafe fn load8<E: Lanes>(p: *const E) -> __m256 {
-        E::Row::load8(p.cast())
+        // SAFETY: the caller guarantees AVX2 (and F16C for f16) and that `p` is readable for 8
+        // elements of type `E`, which is `load8`'s contract for `E::Row`'s byte size.
+        unsafe { E::Row::load8(p.cast()) }
     }
 
     /// One element at `p` as f32.
+    ///
+    /// # Safety
+    /// F16C must be available for f16, and `p` readable for one element.
     #[inline(always)]
     unsafe fn load1<E: Lanes>(p: *const E) -> f32 {
-        E::Row::load1(p.cast())
+        // SAFETY: the caller guarantees F16C (for f16) and that `p` is readable for one element
+        // of type `E`, which is `load1`'s contract for `E::Row`'s byte size.
+        unsafe { E::Row::load1(p.cast()) }
     }
 
     /// A checked `scores` call: `q (m, head_dim)`, `out` rows at stride `ld`.
@@ -500,6 +520,11 @@ mod x86 {
     ///
     /// `q` points at the tile's first query row, `keys` at its first panel, `out` at its
     /// first score; `n_cols` (> 16·(P−1)) keys of the tile are stored.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL, FMA and F16C must be available; `q` must hold `R` query rows, `keys`
+    /// `P` whole key panels of type `E`, and `out` `R` rows at stride `a.ld` with room for
+    /// `n_cols` (> 16·(P−1)) scores each.
     #[inline(always)]
     unsafe fn scores_tile_512<E: Lanes, const R: usize, const P: usize>(
         a: &ScoresArgs,
@@ -508,52 +533,66 @@ mod x86 {
         out: *mut f32,
         n_cols: usize,
     ) {
-        let hd = a.head_dim;
-        let panel = hd * KEY_PANEL;
-        let mut acc = [[_mm512_setzero_ps(); P]; R];
-        for d in 0..hd {
-            let mut k = [_mm512_setzero_ps(); P];
-            for (p, kp) in k.iter_mut().enumerate() {
-                *kp = load16(keys.add(p * panel + d * KEY_PANEL));
-            }
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                let qv = _mm512_set1_ps(*q.add(r * hd + d));
-                for p in 0..P {
-                    acc_r[p] = _mm512_fmadd_ps(qv, k[p], acc_r[p]);
+        // SAFETY: the caller guarantees AVX-512 F/BW/VL, FMA and F16C and a tile inside the
+        // bounds `check_scores` checked: `q` has `R` rows of `head_dim`, `keys` `P` whole panels of
+        // `head_dim · 16` elements (the cache holds whole panels), and `out` `R` rows at stride
+        // `ld` with `n_cols` stored scores; the last panel's store is masked to its `cols` keys.
+        unsafe {
+            let hd = a.head_dim;
+            let panel = hd * KEY_PANEL;
+            let mut acc = [[_mm512_setzero_ps(); P]; R];
+            for d in 0..hd {
+                let mut k = [_mm512_setzero_ps(); P];
+                for (p, kp) in k.iter_mut().enumerate() {
+                    *kp = load16(keys.add(p * panel + d * KEY_PANEL));
+                }
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let qv = _mm512_set1_ps(*q.add(r * hd + d));
+                    for p in 0..P {
+                        acc_r[p] = _mm512_fmadd_ps(qv, k[p], acc_r[p]);
+                    }
                 }
             }
-        }
-        let scale = _mm512_set1_ps(a.scale);
-        for (r, acc_r) in acc.iter().enumerate() {
-            for (p, &acc_rp) in acc_r.iter().enumerate() {
-                let dst = out.add(r * a.ld + p * KEY_PANEL);
-                let v = _mm512_mul_ps(acc_rp, scale);
-                let cols = n_cols - p * KEY_PANEL;
-                if cols >= KEY_PANEL {
-                    _mm512_storeu_ps(dst, v);
-                } else {
-                    _mm512_mask_storeu_ps(dst, low_lanes(cols), v);
+            let scale = _mm512_set1_ps(a.scale);
+            for (r, acc_r) in acc.iter().enumerate() {
+                for (p, &acc_rp) in acc_r.iter().enumerate() {
+                    let dst = out.add(r * a.ld + p * KEY_PANEL);
+                    let v = _mm512_mul_ps(acc_rp, scale);
+                    let cols = n_cols - p * KEY_PANEL;
+                    if cols >= KEY_PANEL {
+                        _mm512_storeu_ps(dst, v);
+                    } else {
+                        _mm512_mask_storeu_ps(dst, low_lanes(cols), v);
+                    }
                 }
             }
         }
     }
 
+    /// # Safety
+    /// AVX-512 F/BW/VL, FMA and F16C must be available; `a` must have passed `check_scores`,
+    /// `keys` must point at elements of type `E`, and `r0 + R ≤ a.m`.
     #[inline(always)]
     unsafe fn scores_rows_512<E: Lanes, const R: usize>(a: &ScoresArgs, keys: *const E, r0: usize) {
-        let n_panels = a.n_keys.div_ceil(KEY_PANEL);
-        let q = a.q.add(r0 * a.head_dim);
-        let mut p0 = 0;
-        while p0 < n_panels {
-            let k = keys.add(p0 * a.head_dim * KEY_PANEL);
-            let out = a.out.add(r0 * a.ld + p0 * KEY_PANEL);
-            let n_cols = a.n_keys - p0 * KEY_PANEL;
-            match n_panels - p0 {
-                1 => scores_tile_512::<E, R, 1>(a, q, k, out, n_cols),
-                2 => scores_tile_512::<E, R, 2>(a, q, k, out, n_cols),
-                3 => scores_tile_512::<E, R, 3>(a, q, k, out, n_cols),
-                _ => scores_tile_512::<E, R, 4>(a, q, k, out, n_cols),
+        // SAFETY: the caller guarantees the ISA and `r0 + R ≤ m` of arguments that passed
+        // `check_scores`; each tile covers panels `p0..p0 + P` with `P ≤ n_panels − p0`, the
+        // first `n_keys − 16·p0` scores of the rows, as `scores_tile_512` requires.
+        unsafe {
+            let n_panels = a.n_keys.div_ceil(KEY_PANEL);
+            let q = a.q.add(r0 * a.head_dim);
+            let mut p0 = 0;
+            while p0 < n_panels {
+                let k = keys.add(p0 * a.head_dim * KEY_PANEL);
+                let out = a.out.add(r0 * a.ld + p0 * KEY_PANEL);
+                let n_cols = a.n_keys - p0 * KEY_PANEL;
+                match n_panels - p0 {
+                    1 => scores_tile_512::<E, R, 1>(a, q, k, out, n_cols),
+                    2 => scores_tile_512::<E, R, 2>(a, q, k, out, n_cols),
+                    3 => scores_tile_512::<E, R, 3>(a, q, k, out, n_cols),
+                    _ => scores_tile_512::<E, R, 4>(a, q, k, out, n_cols),
+                }
+                p0 += 4;
             }
-            p0 += 4;
         }
     }
 
@@ -564,23 +603,33 @@ mod x86 {
     /// `check_scores` and `keys` must point at elements of type `E`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub(super) unsafe fn scores_avx512<E: Lanes>(a: &ScoresArgs, keys: *const E) {
-        if a.n_keys == 0 {
-            return;
-        }
-        let mut r0 = 0;
-        while r0 < a.m {
-            match a.m - r0 {
-                1 => scores_rows_512::<E, 1>(a, keys, r0),
-                2 => scores_rows_512::<E, 2>(a, keys, r0),
-                3 => scores_rows_512::<E, 3>(a, keys, r0),
-                _ => scores_rows_512::<E, 4>(a, keys, r0),
+        // SAFETY: the ISA is guaranteed by the caller (attention.rs checks `cpu::isa()`), `a`
+        // passed `check_scores` and `keys` points at `E`s; each arm's `R ≤ m − r0`, as
+        // `scores_rows_512` requires.
+        unsafe {
+            if a.n_keys == 0 {
+                return;
             }
-            r0 += 4;
+            let mut r0 = 0;
+            while r0 < a.m {
+                match a.m - r0 {
+                    1 => scores_rows_512::<E, 1>(a, keys, r0),
+                    2 => scores_rows_512::<E, 2>(a, keys, r0),
+                    3 => scores_rows_512::<E, 3>(a, keys, r0),
+                    _ => scores_rows_512::<E, 4>(a, keys, r0),
+                }
+                r0 += 4;
+            }
         }
     }
 
     /// Weighted sums of `R` rows over `C` zmm of output columns: per key, `C` value loads
     /// (the last one masked to `last_mask`) and `R` broadcast probabilities.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL, FMA and F16C must be available; `probs` must hold `R` rows at stride
+    /// `a.ld`, and `values` / `out` must have `16·(C−1)` columns plus those of `last_mask`
+    /// readable / writable in every value row and output row from the tile's first column.
     #[inline(always)]
     unsafe fn sum_tile_512<E: Lanes, const R: usize, const C: usize>(
         a: &SumArgs,
@@ -589,54 +638,68 @@ mod x86 {
         out: *mut f32,
         last_mask: __mmask16,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); C]; R];
-        for j in 0..a.n_keys {
-            let row = values.add(j * a.head_dim);
-            let mut v = [_mm512_setzero_ps(); C];
-            for (c, vc) in v.iter_mut().enumerate() {
-                *vc = if c + 1 == C {
-                    load16_masked(row.add(c * 16), last_mask)
-                } else {
-                    load16(row.add(c * 16))
-                };
-            }
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                let pv = _mm512_set1_ps(*probs.add(r * a.ld + j));
-                for c in 0..C {
-                    acc_r[c] = _mm512_fmadd_ps(pv, v[c], acc_r[c]);
+        // SAFETY: the caller guarantees AVX-512 F/BW/VL, FMA and F16C and a tile inside the
+        // bounds `check_weighted_sum` checked: `values` has `n_keys` rows of `head_dim` from this
+        // tile's first column, `probs` `R` rows at stride `ld` with `n_keys` entries, and `out` `R`
+        // rows of `head_dim`; the last column vector's loads and stores are masked to `last_mask`.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); C]; R];
+            for j in 0..a.n_keys {
+                let row = values.add(j * a.head_dim);
+                let mut v = [_mm512_setzero_ps(); C];
+                for (c, vc) in v.iter_mut().enumerate() {
+                    *vc = if c + 1 == C {
+                        load16_masked(row.add(c * 16), last_mask)
+                    } else {
+                        load16(row.add(c * 16))
+                    };
+                }
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let pv = _mm512_set1_ps(*probs.add(r * a.ld + j));
+                    for c in 0..C {
+                        acc_r[c] = _mm512_fmadd_ps(pv, v[c], acc_r[c]);
+                    }
                 }
             }
-        }
-        for (r, acc_r) in acc.iter().enumerate() {
-            for (c, &acc_rc) in acc_r.iter().enumerate() {
-                let dst = out.add(r * a.head_dim + c * 16);
-                if c + 1 == C {
-                    _mm512_mask_storeu_ps(dst, last_mask, acc_rc);
-                } else {
-                    _mm512_storeu_ps(dst, acc_rc);
+            for (r, acc_r) in acc.iter().enumerate() {
+                for (c, &acc_rc) in acc_r.iter().enumerate() {
+                    let dst = out.add(r * a.head_dim + c * 16);
+                    if c + 1 == C {
+                        _mm512_mask_storeu_ps(dst, last_mask, acc_rc);
+                    } else {
+                        _mm512_storeu_ps(dst, acc_rc);
+                    }
                 }
             }
         }
     }
 
+    /// # Safety
+    /// AVX-512 F/BW/VL, FMA and F16C must be available; `a` must have passed
+    /// `check_weighted_sum`, `values` must point at elements of type `E`, and `r0 + R ≤ a.m`.
     #[inline(always)]
     unsafe fn sum_rows_512<E: Lanes, const R: usize>(a: &SumArgs, values: *const E, r0: usize) {
-        let n_vecs = a.head_dim.div_ceil(16);
-        let tail = low_lanes(a.head_dim - (n_vecs - 1) * 16);
-        let probs = a.probs.add(r0 * a.ld);
-        let mut c0 = 0;
-        while c0 < n_vecs {
-            let cols = (n_vecs - c0).min(4);
-            let mask = if c0 + cols == n_vecs { tail } else { 0xffff };
-            let v = values.add(c0 * 16);
-            let out = a.out.add(r0 * a.head_dim + c0 * 16);
-            match cols {
-                1 => sum_tile_512::<E, R, 1>(a, probs, v, out, mask),
-                2 => sum_tile_512::<E, R, 2>(a, probs, v, out, mask),
-                3 => sum_tile_512::<E, R, 3>(a, probs, v, out, mask),
-                _ => sum_tile_512::<E, R, 4>(a, probs, v, out, mask),
+        // SAFETY: the caller guarantees the ISA and `r0 + R ≤ m` of arguments that passed
+        // `check_weighted_sum`; each tile covers column vectors `c0..c0 + cols` of `n_vecs`, with
+        // the last vector of the row masked to the `head_dim − 16·(n_vecs − 1)` columns it has.
+        unsafe {
+            let n_vecs = a.head_dim.div_ceil(16);
+            let tail = low_lanes(a.head_dim - (n_vecs - 1) * 16);
+            let probs = a.probs.add(r0 * a.ld);
+            let mut c0 = 0;
+            while c0 < n_vecs {
+                let cols = (n_vecs - c0).min(4);
+                let mask = if c0 + cols == n_vecs { tail } else { 0xffff };
+                let v = values.add(c0 * 16);
+                let out = a.out.add(r0 * a.head_dim + c0 * 16);
+                match cols {
+                    1 => sum_tile_512::<E, R, 1>(a, probs, v, out, mask),
+                    2 => sum_tile_512::<E, R, 2>(a, probs, v, out, mask),
+                    3 => sum_tile_512::<E, R, 3>(a, probs, v, out, mask),
+                    _ => sum_tile_512::<E, R, 4>(a, probs, v, out, mask),
+                }
+                c0 += 4;
             }
-            c0 += 4;
         }
     }
 
@@ -647,15 +710,20 @@ mod x86 {
     /// `check_weighted_sum` and `values` must point at elements of type `E`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub(super) unsafe fn weighted_sum_avx512<E: Lanes>(a: &SumArgs, values: *const E) {
-        let mut r0 = 0;
-        while r0 < a.m {
-            match a.m - r0 {
-                1 => sum_rows_512::<E, 1>(a, values, r0),
-                2 => sum_rows_512::<E, 2>(a, values, r0),
-                3 => sum_rows_512::<E, 3>(a, values, r0),
-                _ => sum_rows_512::<E, 4>(a, values, r0),
+        // SAFETY: the ISA is guaranteed by the caller (attention.rs checks `cpu::isa()`), `a`
+        // passed `check_weighted_sum` and `values` points at `E`s; each arm's `R ≤ m − r0`, as
+        // `sum_rows_512` requires.
+        unsafe {
+            let mut r0 = 0;
+            while r0 < a.m {
+                match a.m - r0 {
+                    1 => sum_rows_512::<E, 1>(a, values, r0),
+                    2 => sum_rows_512::<E, 2>(a, values, r0),
+                    3 => sum_rows_512::<E, 3>(a, values, r0),
+                    _ => sum_rows_512::<E, 4>(a, values, r0),
+                }
+                r0 += 4;
             }
-            r0 += 4;
         }
     }
 
@@ -663,6 +731,11 @@ mod x86 {
     // AVX2 (16 ymm registers: tiles of 4 rows × one 16-key panel, or 4 rows × 16 columns)
 
     /// Scores of `R` query rows against one key panel: `R × 2` ymm accumulators.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `q` must hold `R` query rows, `keys` one whole key
+    /// panel of type `E`, and `out` `R` rows at stride `a.ld` with room for `min(n_cols, 16)`
+    /// scores each.
     #[inline(always)]
     unsafe fn scores_tile_256<E: Lanes, const R: usize>(
         a: &ScoresArgs,
@@ -671,30 +744,36 @@ mod x86 {
         out: *mut f32,
         n_cols: usize,
     ) {
-        let hd = a.head_dim;
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        for d in 0..hd {
-            let k0 = load8(keys.add(d * KEY_PANEL));
-            let k1 = load8(keys.add(d * KEY_PANEL + 8));
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                let qv = _mm256_set1_ps(*q.add(r * hd + d));
-                acc_r[0] = _mm256_fmadd_ps(qv, k0, acc_r[0]);
-                acc_r[1] = _mm256_fmadd_ps(qv, k1, acc_r[1]);
+        // SAFETY: the caller guarantees AVX2, FMA and F16C and a tile inside the bounds
+        // `check_scores` checked: `q` has `R` rows of `head_dim`, `keys` one whole panel of
+        // `head_dim · 16` elements, and `out` `R` rows at stride `ld` with `n_cols` scores; a
+        // partial panel goes through `tmp` and copies only its `n_cols` (< 16) scores.
+        unsafe {
+            let hd = a.head_dim;
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for d in 0..hd {
+                let k0 = load8(keys.add(d * KEY_PANEL));
+                let k1 = load8(keys.add(d * KEY_PANEL + 8));
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let qv = _mm256_set1_ps(*q.add(r * hd + d));
+                    acc_r[0] = _mm256_fmadd_ps(qv, k0, acc_r[0]);
+                    acc_r[1] = _mm256_fmadd_ps(qv, k1, acc_r[1]);
+                }
             }
-        }
-        let scale = _mm256_set1_ps(a.scale);
-        for (r, acc_r) in acc.iter().enumerate() {
-            let lo = _mm256_mul_ps(acc_r[0], scale);
-            let hi = _mm256_mul_ps(acc_r[1], scale);
-            let dst = out.add(r * a.ld);
-            if n_cols >= KEY_PANEL {
-                _mm256_storeu_ps(dst, lo);
-                _mm256_storeu_ps(dst.add(8), hi);
-            } else {
-                let mut tmp = [0.0f32; KEY_PANEL];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), lo);
-                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), hi);
-                std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, n_cols);
+            let scale = _mm256_set1_ps(a.scale);
+            for (r, acc_r) in acc.iter().enumerate() {
+                let lo = _mm256_mul_ps(acc_r[0], scale);
+                let hi = _mm256_mul_ps(acc_r[1], scale);
+                let dst = out.add(r * a.ld);
+                if n_cols >= KEY_PANEL {
+                    _mm256_storeu_ps(dst, lo);
+                    _mm256_storeu_ps(dst.add(8), hi);
+                } else {
+                    let mut tmp = [0.0f32; KEY_PANEL];
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), lo);
+                    _mm256_storeu_ps(tmp.as_mut_ptr().add(8), hi);
+                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, n_cols);
+                }
             }
         }
     }
@@ -706,26 +785,36 @@ mod x86 {
     /// and `keys` must point at elements of type `E`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn scores_avx2<E: Lanes>(a: &ScoresArgs, keys: *const E) {
-        let n_panels = a.n_keys.div_ceil(KEY_PANEL);
-        let mut r0 = 0;
-        while r0 < a.m {
-            let q = a.q.add(r0 * a.head_dim);
-            for p in 0..n_panels {
-                let k = keys.add(p * a.head_dim * KEY_PANEL);
-                let out = a.out.add(r0 * a.ld + p * KEY_PANEL);
-                let n_cols = a.n_keys - p * KEY_PANEL;
-                match a.m - r0 {
-                    1 => scores_tile_256::<E, 1>(a, q, k, out, n_cols),
-                    2 => scores_tile_256::<E, 2>(a, q, k, out, n_cols),
-                    3 => scores_tile_256::<E, 3>(a, q, k, out, n_cols),
-                    _ => scores_tile_256::<E, 4>(a, q, k, out, n_cols),
+        // SAFETY: AVX2, FMA and F16C are guaranteed by the caller (attention.rs checks
+        // `cpu::isa()`), `a` passed `check_scores` and `keys` points at `E`s: rows `r0..r0 + R`
+        // with `R ≤ m − r0`, and panel `p < n_panels` holding `n_keys − 16p` stored keys.
+        unsafe {
+            let n_panels = a.n_keys.div_ceil(KEY_PANEL);
+            let mut r0 = 0;
+            while r0 < a.m {
+                let q = a.q.add(r0 * a.head_dim);
+                for p in 0..n_panels {
+                    let k = keys.add(p * a.head_dim * KEY_PANEL);
+                    let out = a.out.add(r0 * a.ld + p * KEY_PANEL);
+                    let n_cols = a.n_keys - p * KEY_PANEL;
+                    match a.m - r0 {
+                        1 => scores_tile_256::<E, 1>(a, q, k, out, n_cols),
+                        2 => scores_tile_256::<E, 2>(a, q, k, out, n_cols),
+                        3 => scores_tile_256::<E, 3>(a, q, k, out, n_cols),
+                        _ => scores_tile_256::<E, 4>(a, q, k, out, n_cols),
+                    }
                 }
+                r0 += 4;
             }
-            r0 += 4;
         }
     }
 
     /// Weighted sums of `R` rows over `C` ymm (8 columns each) of output.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `probs` must hold `R` rows at stride `a.ld`, and
+    /// every value row and output row must have `8C` readable / writable columns from the
+    /// tile's first column.
     #[inline(always)]
     unsafe fn sum_tile_256<E: Lanes, const R: usize, const C: usize>(
         a: &SumArgs,
@@ -733,51 +822,65 @@ mod x86 {
         values: *const E,
         out: *mut f32,
     ) {
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        for j in 0..a.n_keys {
-            let row = values.add(j * a.head_dim);
-            let mut v = [_mm256_setzero_ps(); C];
-            for (c, vc) in v.iter_mut().enumerate() {
-                *vc = load8(row.add(c * 8));
-            }
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                let pv = _mm256_set1_ps(*probs.add(r * a.ld + j));
-                for c in 0..C {
-                    acc_r[c] = _mm256_fmadd_ps(pv, v[c], acc_r[c]);
+        // SAFETY: the caller guarantees AVX2, FMA and F16C and a tile inside the bounds
+        // `check_weighted_sum` checked: `values` has `n_keys` rows of `head_dim` with `8C` columns
+        // from this tile's first one, `probs` `R` rows at stride `ld` with `n_keys` entries, and
+        // `out` `R` rows of `head_dim` with `8C` columns from the tile's first one.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); C]; R];
+            for j in 0..a.n_keys {
+                let row = values.add(j * a.head_dim);
+                let mut v = [_mm256_setzero_ps(); C];
+                for (c, vc) in v.iter_mut().enumerate() {
+                    *vc = load8(row.add(c * 8));
+                }
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let pv = _mm256_set1_ps(*probs.add(r * a.ld + j));
+                    for c in 0..C {
+                        acc_r[c] = _mm256_fmadd_ps(pv, v[c], acc_r[c]);
+                    }
                 }
             }
-        }
-        for (r, acc_r) in acc.iter().enumerate() {
-            for (c, &acc_rc) in acc_r.iter().enumerate() {
-                _mm256_storeu_ps(out.add(r * a.head_dim + c * 8), acc_rc);
+            for (r, acc_r) in acc.iter().enumerate() {
+                for (c, &acc_rc) in acc_r.iter().enumerate() {
+                    _mm256_storeu_ps(out.add(r * a.head_dim + c * 8), acc_rc);
+                }
             }
         }
     }
 
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `a` must have passed `check_weighted_sum`,
+    /// `values` must point at elements of type `E`, and `r0 + R ≤ a.m`.
     #[inline(always)]
     unsafe fn sum_rows_256<E: Lanes, const R: usize>(a: &SumArgs, values: *const E, r0: usize) {
-        let n_vecs = a.head_dim / 8;
-        let probs = a.probs.add(r0 * a.ld);
-        let mut c0 = 0;
-        while c0 < n_vecs {
-            let v = values.add(c0 * 8);
-            let out = a.out.add(r0 * a.head_dim + c0 * 8);
-            if n_vecs - c0 >= 2 {
-                sum_tile_256::<E, R, 2>(a, probs, v, out);
-            } else {
-                sum_tile_256::<E, R, 1>(a, probs, v, out);
-            }
-            c0 += 2;
-        }
-        // Columns past the last whole ymm: the scalar chain, in the same order.
-        for r in 0..R {
-            for col in n_vecs * 8..a.head_dim {
-                let mut acc = 0.0f32;
-                for j in 0..a.n_keys {
-                    let v = load1(values.add(j * a.head_dim + col));
-                    acc = (*probs.add(r * a.ld + j)).mul_add(v, acc);
+        // SAFETY: the caller guarantees the ISA and `r0 + R ≤ m` of arguments that passed
+        // `check_weighted_sum`; tiles cover whole 8-column vectors `c0..c0 + C ≤ n_vecs`, and the
+        // scalar tail reads and writes columns `8·n_vecs..head_dim` of the same rows.
+        unsafe {
+            let n_vecs = a.head_dim / 8;
+            let probs = a.probs.add(r0 * a.ld);
+            let mut c0 = 0;
+            while c0 < n_vecs {
+                let v = values.add(c0 * 8);
+                let out = a.out.add(r0 * a.head_dim + c0 * 8);
+                if n_vecs - c0 >= 2 {
+                    sum_tile_256::<E, R, 2>(a, probs, v, out);
+                } else {
+                    sum_tile_256::<E, R, 1>(a, probs, v, out);
                 }
-                *a.out.add((r0 + r) * a.head_dim + col) = acc;
+                c0 += 2;
+            }
+            // Columns past the last whole ymm: the scalar chain, in the same order.
+            for r in 0..R {
+                for col in n_vecs * 8..a.head_dim {
+                    let mut acc = 0.0f32;
+                    for j in 0..a.n_keys {
+                        let v = load1(values.add(j * a.head_dim + col));
+                        acc = (*probs.add(r * a.ld + j)).mul_add(v, acc);
+                    }
+                    *a.out.add((r0 + r) * a.head_dim + col) = acc;
+                }
             }
         }
     }
@@ -789,15 +892,20 @@ mod x86 {
     /// `check_weighted_sum` and `values` must point at elements of type `E`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn weighted_sum_avx2<E: Lanes>(a: &SumArgs, values: *const E) {
-        let mut r0 = 0;
-        while r0 < a.m {
-            match a.m - r0 {
-                1 => sum_rows_256::<E, 1>(a, values, r0),
-                2 => sum_rows_256::<E, 2>(a, values, r0),
-                3 => sum_rows_256::<E, 3>(a, values, r0),
-                _ => sum_rows_256::<E, 4>(a, values, r0),
+        // SAFETY: AVX2, FMA and F16C are guaranteed by the caller (attention.rs checks
+        // `cpu::isa()`), `a` passed `check_weighted_sum` and `values` points at `E`s; each arm's
+        // `R ≤ m − r0`, as `sum_rows_256` requires.
+        unsafe {
+            let mut r0 = 0;
+            while r0 < a.m {
+                match a.m - r0 {
+                    1 => sum_rows_256::<E, 1>(a, values, r0),
+                    2 => sum_rows_256::<E, 2>(a, values, r0),
+                    3 => sum_rows_256::<E, 3>(a, values, r0),
+                    _ => sum_rows_256::<E, 4>(a, values, r0),
+                }
+                r0 += 4;
             }
-            r0 += 4;
         }
     }
 }

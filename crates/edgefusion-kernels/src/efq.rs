@@ -738,18 +738,21 @@ pub fn matmul_on(
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     if isa != Isa::Scalar {
         with_outlier_activations(m, r0, r1, act, n_tok, |x_deq| match isa {
-            // SAFETY (every arm): the ISA is runnable (asserted), the matrix was checked by
-            // `parse`, the row range, activation and output sizes were asserted above, and
-            // `x_deq` holds the dequantized activations whenever a group has outlier slots.
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: the ISA is runnable (asserted: AVX-512 F/BW/VL/VNNI and F16C), the
+            // matrix was checked by `parse`, the row range, activation and output sizes were
+            // asserted above, and `x_deq` holds the dequantized activations whenever a group
+            // has outlier slots.
             Isa::Avx512Vnni => unsafe {
                 crate::x86::efq::matmul_vnni(m, r0, r1, act, n_tok, x_deq, out, out_stride)
             },
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above; `Avx2` and `Avx512` both imply AVX2, FMA and F16C.
             Isa::Avx2 | Isa::Avx512 => unsafe {
                 crate::x86::efq_avx2::matmul_avx2(m, r0, r1, act, n_tok, x_deq, out, out_stride)
             },
             #[cfg(target_arch = "aarch64")]
+            // SAFETY: as above, with NEON (always present on aarch64) runnable.
             Isa::Neon => unsafe {
                 crate::aarch64::efq::matmul_neon(m, r0, r1, act, n_tok, x_deq, out, out_stride)
             },

@@ -483,20 +483,25 @@ mod vectorized {
     /// AVX-512 F/BW/VL must be available.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
     pub(super) unsafe fn round_f16_avx512(x: &mut [f32]) {
-        const ROUND: i32 = _MM_FROUND_TO_NEAREST_INT;
-        let n = x.len();
-        let p = x.as_mut_ptr();
-        let mut i = 0;
-        while i < n {
-            let mask = if n - i >= 16 {
-                u16::MAX
-            } else {
-                (1u16 << (n - i)) - 1
-            };
-            let v = _mm512_maskz_loadu_ps(mask, p.add(i));
-            let r = _mm512_cvtph_ps(_mm512_cvtps_ph::<ROUND>(v));
-            _mm512_mask_storeu_ps(p.add(i), mask, r);
-            i += 16;
+        // SAFETY: AVX-512 F/BW/VL and F16C are guaranteed by the caller (`round_f16_impl` matches
+        // on a runnable ISA); `p` covers the `n` floats of `x`, and each mask selects only indices
+        // `< n` (masked-off lanes are not accessed).
+        unsafe {
+            const ROUND: i32 = _MM_FROUND_TO_NEAREST_INT;
+            let n = x.len();
+            let p = x.as_mut_ptr();
+            let mut i = 0;
+            while i < n {
+                let mask = if n - i >= 16 {
+                    u16::MAX
+                } else {
+                    (1u16 << (n - i)) - 1
+                };
+                let v = _mm512_maskz_loadu_ps(mask, p.add(i));
+                let r = _mm512_cvtph_ps(_mm512_cvtps_ph::<ROUND>(v));
+                _mm512_mask_storeu_ps(p.add(i), mask, r);
+                i += 16;
+            }
         }
     }
 
@@ -504,14 +509,18 @@ mod vectorized {
     /// AVX2 and F16C must be available.
     #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn round_f16_avx2(x: &mut [f32]) {
-        const ROUND: i32 = _MM_FROUND_TO_NEAREST_INT;
-        let mut chunks = x.chunks_exact_mut(8);
-        for chunk in &mut chunks {
-            let v = _mm256_loadu_ps(chunk.as_ptr());
-            let r = _mm256_cvtph_ps(_mm256_cvtps_ph::<ROUND>(v));
-            _mm256_storeu_ps(chunk.as_mut_ptr(), r);
+        // SAFETY: AVX2 and F16C are guaranteed by the caller (`round_f16_impl` matches on a
+        // runnable ISA); each load and store covers exactly one 8-float `chunk` of `x`.
+        unsafe {
+            const ROUND: i32 = _MM_FROUND_TO_NEAREST_INT;
+            let mut chunks = x.chunks_exact_mut(8);
+            for chunk in &mut chunks {
+                let v = _mm256_loadu_ps(chunk.as_ptr());
+                let r = _mm256_cvtph_ps(_mm256_cvtps_ph::<ROUND>(v));
+                _mm256_storeu_ps(chunk.as_mut_ptr(), r);
+            }
+            super::round_f16_scalar(chunks.into_remainder());
         }
-        super::round_f16_scalar(chunks.into_remainder());
     }
 }
 

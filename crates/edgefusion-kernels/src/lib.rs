@@ -11,6 +11,11 @@
 //! it packs the activation once per call and runs register-tiled kernels, which is much
 //! faster than [`vec_dot`] per row.
 
+// Every unsafe operation sits in its own `unsafe {}` block, even inside an `unsafe fn`, and
+// every such block states why it is sound.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod attention;
 pub mod cpu;
 pub mod efq;

@@ -224,35 +224,45 @@ pub(crate) unsafe fn drive<K: Tiles>(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    if n_tok == 1 {
-        // Decode streams each row once from memory: reading rows one after another keeps
-        // the access purely sequential, which the hardware prefetchers follow. (Tiles of
-        // several rows read them interleaved and measured ~2x slower from DRAM, and no
-        // faster from L2.)
-        for (r, o) in out[..n_rows].iter_mut().enumerate() {
-            *o = kernel.tile::<1, 1>(r, 0)[0][0];
-        }
-        return;
-    }
-    let chunk_rows = ((CHUNK_BYTES / row_bytes.max(1)).max(2) / 2) * 2;
-    let mut rc = 0;
-    while rc < n_rows {
-        let rc_end = (rc + chunk_rows).min(n_rows);
-        let mut t = 0;
-        while t < n_tok {
-            match n_tok - t {
-                1 => drive_rows::<K, 1>(kernel, rc, rc_end, t, out, out_stride),
-                2 => drive_rows::<K, 2>(kernel, rc, rc_end, t, out, out_stride),
-                3 => drive_rows::<K, 3>(kernel, rc, rc_end, t, out, out_stride),
-                _ => drive_rows::<K, 4>(kernel, rc, rc_end, t, out, out_stride),
+    // SAFETY: the caller guarantees the kernel's ISA and that it was built over `n_rows`
+    // rows and `n_tok` tokens. Decode tiles are `(r, 0)` with `r < n_rows` (the loop runs over
+    // `out[..n_rows]`) and `n_tok = 1`; prefill tiles are rows inside `rc..rc_end ≤ n_rows`
+    // and tokens `t..t + T` with `T ≤ n_tok − t`, as `drive_rows` requires.
+    unsafe {
+        if n_tok == 1 {
+            // Decode streams each row once from memory: reading rows one after another keeps
+            // the access purely sequential, which the hardware prefetchers follow. (Tiles of
+            // several rows read them interleaved and measured ~2x slower from DRAM, and no
+            // faster from L2.)
+            for (r, o) in out[..n_rows].iter_mut().enumerate() {
+                *o = kernel.tile::<1, 1>(r, 0)[0][0];
             }
-            t += 4;
+            return;
         }
-        rc = rc_end;
+        let chunk_rows = ((CHUNK_BYTES / row_bytes.max(1)).max(2) / 2) * 2;
+        let mut rc = 0;
+        while rc < n_rows {
+            let rc_end = (rc + chunk_rows).min(n_rows);
+            let mut t = 0;
+            while t < n_tok {
+                match n_tok - t {
+                    1 => drive_rows::<K, 1>(kernel, rc, rc_end, t, out, out_stride),
+                    2 => drive_rows::<K, 2>(kernel, rc, rc_end, t, out, out_stride),
+                    3 => drive_rows::<K, 3>(kernel, rc, rc_end, t, out, out_stride),
+                    _ => drive_rows::<K, 4>(kernel, rc, rc_end, t, out, out_stride),
+                }
+                t += 4;
+            }
+            rc = rc_end;
+        }
     }
 }
 
 /// Rows `rc..rc_end` against tokens `t0..t0 + T`, two rows at a time.
+///
+/// # Safety
+/// `kernel`'s ISA must be available and it must have been built over at least `rc_end` rows
+/// and `t0 + T` tokens.
 #[inline(always)]
 unsafe fn drive_rows<K: Tiles, const T: usize>(
     kernel: &K,
@@ -262,20 +272,25 @@ unsafe fn drive_rows<K: Tiles, const T: usize>(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    let mut r = rc;
-    while r + 2 <= rc_end {
-        let sums = kernel.tile::<2, T>(r, t0);
-        for (i, row) in sums.iter().enumerate() {
-            for (t, &s) in row.iter().enumerate() {
-                out[(t0 + t) * out_stride + r + i] = s;
+    // SAFETY: the caller guarantees the kernel's ISA, `rc_end ≤ n_rows` and `t0 + T ≤ n_tok`;
+    // every tile starts at a row `r` with `r + 2 ≤ rc_end` (or `r + 1 ≤ rc_end` for the last),
+    // which is `Tiles::tile`'s contract. `out` is indexed with bounds checks.
+    unsafe {
+        let mut r = rc;
+        while r + 2 <= rc_end {
+            let sums = kernel.tile::<2, T>(r, t0);
+            for (i, row) in sums.iter().enumerate() {
+                for (t, &s) in row.iter().enumerate() {
+                    out[(t0 + t) * out_stride + r + i] = s;
+                }
             }
+            r += 2;
         }
-        r += 2;
-    }
-    if r < rc_end {
-        let sums = kernel.tile::<1, T>(r, t0);
-        for (t, &s) in sums[0].iter().enumerate() {
-            out[(t0 + t) * out_stride + r] = s;
+        if r < rc_end {
+            let sums = kernel.tile::<1, T>(r, t0);
+            for (t, &s) in sums[0].iter().enumerate() {
+                out[(t0 + t) * out_stride + r] = s;
+            }
         }
     }
 }

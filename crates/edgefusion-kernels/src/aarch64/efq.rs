@@ -21,51 +21,72 @@ use crate::efq::{tile_cols, ActQ8, EfqMatrix, SLOT_BYTES, TILE_COLS, TILE_ROWS};
 const TILE_TOKENS: usize = 4;
 
 /// Quads 0..4 of the 2-bit chunk quarter `v`: bits `2j..2j+2` of each byte.
+///
+/// # Safety
+/// NEON must be available; `q` must have at least 4 elements.
 #[inline(always)]
 unsafe fn low2(v: uint8x16_t, q: &mut [uint8x16_t]) {
-    let two = vdupq_n_u8(0b11);
-    q[0] = vandq_u8(v, two);
-    q[1] = vandq_u8(vshrq_n_u8::<2>(v), two);
-    q[2] = vandq_u8(vshrq_n_u8::<4>(v), two);
-    q[3] = vshrq_n_u8::<6>(v);
+    // SAFETY: the caller guarantees NEON (this fn's contract); only registers are touched,
+    // and `q` is indexed within its length 4 (checked by the slice indexing).
+    unsafe {
+        let two = vdupq_n_u8(0b11);
+        q[0] = vandq_u8(v, two);
+        q[1] = vandq_u8(vshrq_n_u8::<2>(v), two);
+        q[2] = vandq_u8(vshrq_n_u8::<4>(v), two);
+        q[3] = vshrq_n_u8::<6>(v);
+    }
 }
 
 /// Codes of 8 quads (columns `32 · step ..`) of rows `4h..4h + 4` of a tile with `bits`-bit
 /// codes; `codes` points at quarter `h` of the tile's first chunk (code area + `16 · h`).
+///
+/// # Safety
+/// NEON must be available and `codes` must point at quarter `h` (offset `16 · h`) of a tile's
+/// code area holding at least `step + 1` steps of `bits`-bit codes (see
+/// [`crate::efq::code`]).
 #[inline(always)]
 unsafe fn decode_step(bits: u8, codes: *const u8, step: usize) -> [uint8x16_t; 8] {
-    let mut q = [vdupq_n_u8(0); 8];
-    match bits {
-        2 => {
-            let at = codes.add(128 * step);
-            low2(vld1q_u8(at), &mut q[..4]);
-            low2(vld1q_u8(at.add(64)), &mut q[4..]);
-        }
-        3 => {
-            let at = codes.add(192 * step);
-            low2(vld1q_u8(at), &mut q[..4]);
-            low2(vld1q_u8(at.add(64)), &mut q[4..]);
-            let high = vld1q_u8(at.add(128));
-            let four = vdupq_n_u8(4);
-            for (j, qj) in q.iter_mut().enumerate() {
-                let bit = vtstq_u8(high, vdupq_n_u8(1 << j));
-                *qj = vorrq_u8(*qj, vandq_u8(bit, four));
+    // SAFETY: the caller guarantees NEON and that `codes` is quarter `h` of a tile's code
+    // area holding at least `step + 1` steps of `bits`-bit codes: 128 (2-bit), 192 (3-bit) or
+    // 256 (4-bit) bytes per step; every 16-byte load at `codes + 64·i` stays inside them.
+    unsafe {
+        let mut q = [vdupq_n_u8(0); 8];
+        match bits {
+            2 => {
+                let at = codes.add(128 * step);
+                low2(vld1q_u8(at), &mut q[..4]);
+                low2(vld1q_u8(at.add(64)), &mut q[4..]);
+            }
+            3 => {
+                let at = codes.add(192 * step);
+                low2(vld1q_u8(at), &mut q[..4]);
+                low2(vld1q_u8(at.add(64)), &mut q[4..]);
+                let high = vld1q_u8(at.add(128));
+                let four = vdupq_n_u8(4);
+                for (j, qj) in q.iter_mut().enumerate() {
+                    let bit = vtstq_u8(high, vdupq_n_u8(1 << j));
+                    *qj = vorrq_u8(*qj, vandq_u8(bit, four));
+                }
+            }
+            _ => {
+                let at = codes.add(256 * step);
+                let low4 = vdupq_n_u8(0x0F);
+                for i in 0..4 {
+                    let v = vld1q_u8(at.add(64 * i));
+                    q[2 * i] = vandq_u8(v, low4);
+                    q[2 * i + 1] = vshrq_n_u8::<4>(v);
+                }
             }
         }
-        _ => {
-            let at = codes.add(256 * step);
-            let low4 = vdupq_n_u8(0x0F);
-            for i in 0..4 {
-                let v = vld1q_u8(at.add(64 * i));
-                q[2 * i] = vandq_u8(v, low4);
-                q[2 * i + 1] = vshrq_n_u8::<4>(v);
-            }
-        }
+        q
     }
-    q
 }
 
 /// Group `g` × tokens `t0..t0 + T`.
+///
+/// # Safety
+/// As [`matmul_neon`], with `g` a group inside `r0..r1`, `t0 + T ≤ n_tok`, and `x_deq`
+/// holding the dequantized activation rows whenever the group has outlier slots.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn group_tile<const T: usize>(
@@ -79,104 +100,112 @@ unsafe fn group_tile<const T: usize>(
     out_stride: usize,
     r0: usize,
 ) {
-    // The scalar reference's row scales, converted by the same function.
-    let d_rows: [f32; TILE_ROWS] = std::array::from_fn(|r| m.row_scale(g * TILE_ROWS + r));
-    let d_rows: [float32x4_t; 4] = std::array::from_fn(|h| vld1q_f32(d_rows.as_ptr().add(4 * h)));
-    // acc[t][h]: token t0 + t, rows 4h..4h + 4.
-    let mut acc = [[vdupq_n_f32(0.0); 4]; T];
-    for ti in 0..m.n_tiles() {
-        let (tile, bits) = (m.tile(g, ti), m.width(g, ti));
-        let steps = tile_cols(m.n_in, ti) / 32;
-        // s · d_r per row, as `tile[r] as f32 * row_scales[r]`.
-        let s = vld1q_u8(tile.as_ptr());
-        let (s_lo, s_hi) = (vmovl_u8(vget_low_u8(s)), vmovl_high_u8(s));
-        let block_scales = [
-            vcvtq_f32_u32(vmovl_u16(vget_low_u16(s_lo))),
-            vcvtq_f32_u32(vmovl_high_u16(s_lo)),
-            vcvtq_f32_u32(vmovl_u16(vget_low_u16(s_hi))),
-            vcvtq_f32_u32(vmovl_high_u16(s_hi)),
-        ];
-        let scales: [float32x4_t; 4] =
-            std::array::from_fn(|h| vmulq_f32(block_scales[h], d_rows[h]));
-        // Row r's zero is nibble r / 8 of byte r % 8: rows 0-7 low nibbles, 8-15 high.
-        let z8 = vld1_u8(tile.as_ptr().add(TILE_ROWS));
-        let z_lo = vmovl_u8(vand_u8(z8, vdup_n_u8(0xF)));
-        let z_hi = vmovl_u8(vshr_n_u8::<4>(z8));
-        let zeros = [
-            vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(z_lo))),
-            vreinterpretq_s32_u32(vmovl_high_u16(z_lo)),
-            vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(z_hi))),
-            vreinterpretq_s32_u32(vmovl_high_u16(z_hi)),
-        ];
-        let codes = tile.as_ptr().add(TILE_ROWS + TILE_ROWS / 2);
-        let blocks: [*const u8; T] = std::array::from_fn(|t| {
-            act.as_ptr()
-                .add((t0 + t) * act_row + ti * ActQ8::BLOCK_BYTES)
-        });
-        for h in 0..4 {
-            // wide[t]: rows 4h, 4h+1 then 4h+2, 4h+3, each as two column-pair sums.
-            let mut wide = [[vdupq_n_s32(0); 2]; T];
-            // narrow[t]: the same rows as one i16 per (row, column in quad); at most 16
-            // products of |code| ≤ 15 and |a| ≤ 128 (≤ 30720) before they are widened.
-            let mut narrow = [[vdupq_n_s16(0); 2]; T];
-            for step in 0..steps {
-                let q = decode_step(bits, codes.add(16 * h), step);
-                for ((block, [lo, hi]), wide) in blocks.iter().zip(&mut narrow).zip(&mut wide) {
-                    let a = block.add(8 + 32 * step);
-                    for (j, &qj) in q.iter().enumerate() {
-                        let quad = std::ptr::read_unaligned(a.add(4 * j).cast::<u32>());
-                        let quad = vreinterpretq_s8_u32(vdupq_n_u32(quad));
-                        let qj = vreinterpretq_s8_u8(qj);
-                        *lo = vmlal_s8(*lo, vget_low_s8(qj), vget_low_s8(quad));
-                        *hi = vmlal_high_s8(*hi, qj, quad);
-                    }
-                    if step % 2 == 1 || step + 1 == steps {
-                        wide[0] = vpadalq_s16(wide[0], *lo);
-                        wide[1] = vpadalq_s16(wide[1], *hi);
-                        *lo = vdupq_n_s16(0);
-                        *hi = vdupq_n_s16(0);
-                    }
-                }
-            }
-            for ((block, wide), acc) in blocks.iter().zip(&wide).zip(&mut acc) {
-                let d_a = std::ptr::read_unaligned(block.cast::<f32>());
-                let sum_a = std::ptr::read_unaligned(block.add(4).cast::<i32>());
-                let dot = vpaddq_s32(wide[0], wide[1]);
-                let centered = vsubq_s32(dot, vmulq_s32(zeros[h], vdupq_n_s32(sum_a)));
-                let scaled = vmulq_f32(vcvtq_f32_s32(centered), vdupq_n_f32(d_a));
-                acc[h] = vfmaq_f32(acc[h], scaled, scales[h]);
-            }
-        }
-    }
-    let slots = m.slots(g);
-    if !slots.is_empty() {
-        let gs = vdupq_n_f32(m.outlier_scale(g));
-        for slot in slots.chunks_exact(SLOT_BYTES) {
-            let vals = vmovl_s8(vld1_s8(slot.as_ptr().add(2 * TILE_ROWS).cast()));
-            let vals_hi = vmovl_s8(vld1_s8(slot.as_ptr().add(2 * TILE_ROWS + 8).cast()));
-            let vals = [
-                vmovl_s16(vget_low_s16(vals)),
-                vmovl_high_s16(vals),
-                vmovl_s16(vget_low_s16(vals_hi)),
-                vmovl_high_s16(vals_hi),
+    // SAFETY: the caller guarantees NEON, that `m` was checked by `EfqMatrix::parse` (so
+    // each tile holds its scales, zeros and `tile_cols / 32` steps of codes), that `act` holds
+    // rows `t0..t0 + T` of `act_row` bytes, and that `out` has the 16 values of group `g` for
+    // tokens `t0..t0 + T` at `(t0 + t) · out_stride + 16g − r0`. Outliers index `x_deq`
+    // with bounds checks.
+    unsafe {
+        // The scalar reference's row scales, converted by the same function.
+        let d_rows: [f32; TILE_ROWS] = std::array::from_fn(|r| m.row_scale(g * TILE_ROWS + r));
+        let d_rows: [float32x4_t; 4] =
+            std::array::from_fn(|h| vld1q_f32(d_rows.as_ptr().add(4 * h)));
+        // acc[t][h]: token t0 + t, rows 4h..4h + 4.
+        let mut acc = [[vdupq_n_f32(0.0); 4]; T];
+        for ti in 0..m.n_tiles() {
+            let (tile, bits) = (m.tile(g, ti), m.width(g, ti));
+            let steps = tile_cols(m.n_in, ti) / 32;
+            // s · d_r per row, as `tile[r] as f32 * row_scales[r]`.
+            let s = vld1q_u8(tile.as_ptr());
+            let (s_lo, s_hi) = (vmovl_u8(vget_low_u8(s)), vmovl_high_u8(s));
+            let block_scales = [
+                vcvtq_f32_u32(vmovl_u16(vget_low_u16(s_lo))),
+                vcvtq_f32_u32(vmovl_high_u16(s_lo)),
+                vcvtq_f32_u32(vmovl_u16(vget_low_u16(s_hi))),
+                vcvtq_f32_u32(vmovl_high_u16(s_hi)),
             ];
-            let cols: [usize; TILE_ROWS] = std::array::from_fn(|r| {
-                u16::from_le_bytes([slot[2 * r], slot[2 * r + 1]]) as usize
+            let scales: [float32x4_t; 4] =
+                std::array::from_fn(|h| vmulq_f32(block_scales[h], d_rows[h]));
+            // Row r's zero is nibble r / 8 of byte r % 8: rows 0-7 low nibbles, 8-15 high.
+            let z8 = vld1_u8(tile.as_ptr().add(TILE_ROWS));
+            let z_lo = vmovl_u8(vand_u8(z8, vdup_n_u8(0xF)));
+            let z_hi = vmovl_u8(vshr_n_u8::<4>(z8));
+            let zeros = [
+                vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(z_lo))),
+                vreinterpretq_s32_u32(vmovl_high_u16(z_lo)),
+                vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(z_hi))),
+                vreinterpretq_s32_u32(vmovl_high_u16(z_hi)),
+            ];
+            let codes = tile.as_ptr().add(TILE_ROWS + TILE_ROWS / 2);
+            let blocks: [*const u8; T] = std::array::from_fn(|t| {
+                act.as_ptr()
+                    .add((t0 + t) * act_row + ti * ActQ8::BLOCK_BYTES)
             });
             for h in 0..4 {
-                let weights = vmulq_f32(vcvtq_f32_s32(vals[h]), gs);
-                for (t, acc) in acc.iter_mut().enumerate() {
-                    let x = &x_deq[(t0 + t) * m.n_in..][..m.n_in];
-                    let xs: [f32; 4] = std::array::from_fn(|i| x[cols[4 * h + i]]);
-                    acc[h] = vfmaq_f32(acc[h], weights, vld1q_f32(xs.as_ptr()));
+                // wide[t]: rows 4h, 4h+1 then 4h+2, 4h+3, each as two column-pair sums.
+                let mut wide = [[vdupq_n_s32(0); 2]; T];
+                // narrow[t]: the same rows as one i16 per (row, column in quad); at most 16
+                // products of |code| ≤ 15 and |a| ≤ 128 (≤ 30720) before they are widened.
+                let mut narrow = [[vdupq_n_s16(0); 2]; T];
+                for step in 0..steps {
+                    let q = decode_step(bits, codes.add(16 * h), step);
+                    for ((block, [lo, hi]), wide) in blocks.iter().zip(&mut narrow).zip(&mut wide) {
+                        let a = block.add(8 + 32 * step);
+                        for (j, &qj) in q.iter().enumerate() {
+                            let quad = std::ptr::read_unaligned(a.add(4 * j).cast::<u32>());
+                            let quad = vreinterpretq_s8_u32(vdupq_n_u32(quad));
+                            let qj = vreinterpretq_s8_u8(qj);
+                            *lo = vmlal_s8(*lo, vget_low_s8(qj), vget_low_s8(quad));
+                            *hi = vmlal_high_s8(*hi, qj, quad);
+                        }
+                        if step % 2 == 1 || step + 1 == steps {
+                            wide[0] = vpadalq_s16(wide[0], *lo);
+                            wide[1] = vpadalq_s16(wide[1], *hi);
+                            *lo = vdupq_n_s16(0);
+                            *hi = vdupq_n_s16(0);
+                        }
+                    }
+                }
+                for ((block, wide), acc) in blocks.iter().zip(&wide).zip(&mut acc) {
+                    let d_a = std::ptr::read_unaligned(block.cast::<f32>());
+                    let sum_a = std::ptr::read_unaligned(block.add(4).cast::<i32>());
+                    let dot = vpaddq_s32(wide[0], wide[1]);
+                    let centered = vsubq_s32(dot, vmulq_s32(zeros[h], vdupq_n_s32(sum_a)));
+                    let scaled = vmulq_f32(vcvtq_f32_s32(centered), vdupq_n_f32(d_a));
+                    acc[h] = vfmaq_f32(acc[h], scaled, scales[h]);
                 }
             }
         }
-    }
-    for (t, acc) in acc.iter().enumerate() {
-        let at = out.add((t0 + t) * out_stride + g * TILE_ROWS - r0);
-        for (h, &v) in acc.iter().enumerate() {
-            vst1q_f32(at.add(4 * h), v);
+        let slots = m.slots(g);
+        if !slots.is_empty() {
+            let gs = vdupq_n_f32(m.outlier_scale(g));
+            for slot in slots.chunks_exact(SLOT_BYTES) {
+                let vals = vmovl_s8(vld1_s8(slot.as_ptr().add(2 * TILE_ROWS).cast()));
+                let vals_hi = vmovl_s8(vld1_s8(slot.as_ptr().add(2 * TILE_ROWS + 8).cast()));
+                let vals = [
+                    vmovl_s16(vget_low_s16(vals)),
+                    vmovl_high_s16(vals),
+                    vmovl_s16(vget_low_s16(vals_hi)),
+                    vmovl_high_s16(vals_hi),
+                ];
+                let cols: [usize; TILE_ROWS] = std::array::from_fn(|r| {
+                    u16::from_le_bytes([slot[2 * r], slot[2 * r + 1]]) as usize
+                });
+                for h in 0..4 {
+                    let weights = vmulq_f32(vcvtq_f32_s32(vals[h]), gs);
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        let x = &x_deq[(t0 + t) * m.n_in..][..m.n_in];
+                        let xs: [f32; 4] = std::array::from_fn(|i| x[cols[4 * h + i]]);
+                        acc[h] = vfmaq_f32(acc[h], weights, vld1q_f32(xs.as_ptr()));
+                    }
+                }
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            let at = out.add((t0 + t) * out_stride + g * TILE_ROWS - r0);
+            for (h, &v) in acc.iter().enumerate() {
+                vst1q_f32(at.add(4 * h), v);
+            }
         }
     }
 }
@@ -205,11 +234,19 @@ pub(crate) unsafe fn matmul_neon(
     for g in r0 / TILE_ROWS..r1 / TILE_ROWS {
         let mut t = 0;
         while t < n_tok {
-            match n_tok - t {
-                1 => group_tile::<1>(m, g, t, act, act_row, x_deq, out, out_stride, r0),
-                2 => group_tile::<2>(m, g, t, act, act_row, x_deq, out, out_stride, r0),
-                3 => group_tile::<3>(m, g, t, act, act_row, x_deq, out, out_stride, r0),
-                _ => group_tile::<TILE_TOKENS>(m, g, t, act, act_row, x_deq, out, out_stride, r0),
+            // SAFETY: NEON is guaranteed by the caller (efq.rs asserts the ISA is runnable);
+            // the caller's contract covers group g (inside r0..r1) and tokens t..t + T (each
+            // arm's T ≤ n_tok − t), and `x_deq` holds the dequantized activations when any
+            // group has slots (also the caller's contract).
+            unsafe {
+                match n_tok - t {
+                    1 => group_tile::<1>(m, g, t, act, act_row, x_deq, out, out_stride, r0),
+                    2 => group_tile::<2>(m, g, t, act, act_row, x_deq, out, out_stride, r0),
+                    3 => group_tile::<3>(m, g, t, act, act_row, x_deq, out, out_stride, r0),
+                    _ => {
+                        group_tile::<TILE_TOKENS>(m, g, t, act, act_row, x_deq, out, out_stride, r0)
+                    }
+                }
             }
             t += TILE_TOKENS;
         }

@@ -22,13 +22,20 @@ const TILE_TOKENS: usize = 8;
 const HALF_ROWS: usize = TILE_ROWS / 2;
 
 /// Quads 0..4 of a 2-bit chunk half: bits `2j..2j+2` of each byte.
+///
+/// # Safety
+/// AVX2 must be available; `q` must have at least 4 elements.
 #[inline(always)]
 unsafe fn low2(chunk: __m256i, q: &mut [__m256i]) {
-    let two = _mm256_set1_epi8(0b11);
-    q[0] = _mm256_and_si256(chunk, two);
-    q[1] = _mm256_and_si256(_mm256_srli_epi16::<2>(chunk), two);
-    q[2] = _mm256_and_si256(_mm256_srli_epi16::<4>(chunk), two);
-    q[3] = _mm256_and_si256(_mm256_srli_epi16::<6>(chunk), two);
+    // SAFETY: the caller guarantees AVX2 (this fn's contract); only registers are touched,
+    // and `q` is indexed within its length 4 (checked by the slice indexing).
+    unsafe {
+        let two = _mm256_set1_epi8(0b11);
+        q[0] = _mm256_and_si256(chunk, two);
+        q[1] = _mm256_and_si256(_mm256_srli_epi16::<2>(chunk), two);
+        q[2] = _mm256_and_si256(_mm256_srli_epi16::<4>(chunk), two);
+        q[3] = _mm256_and_si256(_mm256_srli_epi16::<6>(chunk), two);
+    }
 }
 
 /// Codes of 8 quads (columns `32 · step ..`) of rows `8h..8h + 8` of a tile with
@@ -39,47 +46,52 @@ unsafe fn low2(chunk: __m256i, q: &mut [__m256i]) {
 /// `step + 1` steps of `bits`-bit codes (see [`crate::efq::code`]).
 #[inline(always)]
 unsafe fn decode_step(bits: u8, codes: *const u8, step: usize, h: usize) -> [__m256i; 8] {
-    let mut q = [_mm256_setzero_si256(); 8];
-    let half = 32 * h;
-    match bits {
-        2 => {
-            let at = codes.add(128 * step + half);
-            low2(_mm256_loadu_si256(at.cast()), &mut q[..4]);
-            low2(_mm256_loadu_si256(at.add(64).cast()), &mut q[4..]);
-        }
-        3 => {
-            let at = codes.add(192 * step + half);
-            low2(_mm256_loadu_si256(at.cast()), &mut q[..4]);
-            low2(_mm256_loadu_si256(at.add(64).cast()), &mut q[4..]);
-            // Bit j of each byte is bit 2 of quad j's code: move it to bit 2 and add it in.
-            // 16-bit shifts are fine: the mask keeps only bits that came from the same byte.
-            let high = _mm256_loadu_si256(at.add(128).cast());
-            let four = _mm256_set1_epi8(4);
-            let planes = [
-                _mm256_slli_epi16::<2>(high),
-                _mm256_slli_epi16::<1>(high),
-                high,
-                _mm256_srli_epi16::<1>(high),
-                _mm256_srli_epi16::<2>(high),
-                _mm256_srli_epi16::<3>(high),
-                _mm256_srli_epi16::<4>(high),
-                _mm256_srli_epi16::<5>(high),
-            ];
-            for (qj, plane) in q.iter_mut().zip(planes) {
-                *qj = _mm256_or_si256(*qj, _mm256_and_si256(plane, four));
+    // SAFETY: the caller guarantees AVX2 and that `codes` holds at least `step + 1` steps of
+    // `bits`-bit codes: 128 (2-bit), 192 (3-bit) or 256 (4-bit) bytes per step; with
+    // `half = 32h ≤ 32`, every 32-byte load stays inside step `step`'s chunks.
+    unsafe {
+        let mut q = [_mm256_setzero_si256(); 8];
+        let half = 32 * h;
+        match bits {
+            2 => {
+                let at = codes.add(128 * step + half);
+                low2(_mm256_loadu_si256(at.cast()), &mut q[..4]);
+                low2(_mm256_loadu_si256(at.add(64).cast()), &mut q[4..]);
+            }
+            3 => {
+                let at = codes.add(192 * step + half);
+                low2(_mm256_loadu_si256(at.cast()), &mut q[..4]);
+                low2(_mm256_loadu_si256(at.add(64).cast()), &mut q[4..]);
+                // Bit j of each byte is bit 2 of quad j's code: move it to bit 2 and add it in.
+                // 16-bit shifts are fine: the mask keeps only bits that came from the same byte.
+                let high = _mm256_loadu_si256(at.add(128).cast());
+                let four = _mm256_set1_epi8(4);
+                let planes = [
+                    _mm256_slli_epi16::<2>(high),
+                    _mm256_slli_epi16::<1>(high),
+                    high,
+                    _mm256_srli_epi16::<1>(high),
+                    _mm256_srli_epi16::<2>(high),
+                    _mm256_srli_epi16::<3>(high),
+                    _mm256_srli_epi16::<4>(high),
+                    _mm256_srli_epi16::<5>(high),
+                ];
+                for (qj, plane) in q.iter_mut().zip(planes) {
+                    *qj = _mm256_or_si256(*qj, _mm256_and_si256(plane, four));
+                }
+            }
+            _ => {
+                let at = codes.add(256 * step + half);
+                let low4 = _mm256_set1_epi8(0x0F);
+                for i in 0..4 {
+                    let chunk = _mm256_loadu_si256(at.add(64 * i).cast());
+                    q[2 * i] = _mm256_and_si256(chunk, low4);
+                    q[2 * i + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(chunk), low4);
+                }
             }
         }
-        _ => {
-            let at = codes.add(256 * step + half);
-            let low4 = _mm256_set1_epi8(0x0F);
-            for i in 0..4 {
-                let chunk = _mm256_loadu_si256(at.add(64 * i).cast());
-                q[2 * i] = _mm256_and_si256(chunk, low4);
-                q[2 * i + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(chunk), low4);
-            }
-        }
+        q
     }
-    q
 }
 
 /// Rows `8h..8h + 8` of group `g` × tokens `t0..t0 + T`.
@@ -101,78 +113,88 @@ unsafe fn half_tile<const T: usize>(
     out_stride: usize,
     r0: usize,
 ) {
-    let d_rows = _mm256_cvtph_ps(_mm_loadu_si128(
-        m.row_scale_bytes(g).as_ptr().add(2 * HALF_ROWS * h).cast(),
-    ));
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); T];
-    for ti in 0..m.n_tiles() {
-        let (tile, bits) = (m.tile(g, ti), m.width(g, ti));
-        // Same product as the scalar `tile[r] as f32 * row_scales[r]`.
-        let scales = _mm256_mul_ps(
-            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                tile.as_ptr().add(HALF_ROWS * h).cast(),
-            ))),
-            d_rows,
-        );
-        // Row r's zero is nibble r / 8 of byte r % 8: this half's are nibble h of bytes 0..8.
-        let z8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(tile.as_ptr().add(TILE_ROWS).cast()));
-        let zeros = _mm256_and_si256(
-            _mm256_srlv_epi32(z8, _mm256_set1_epi32(4 * h as i32)),
-            _mm256_set1_epi32(0xF),
-        );
-        let codes = tile.as_ptr().add(TILE_ROWS + TILE_ROWS / 2);
-        let mut isum = [_mm256_setzero_si256(); T];
-        for step in 0..tile_cols(m.n_in, ti) / 32 {
-            let q = decode_step(bits, codes, step, h);
-            for (t, sum) in isum.iter_mut().enumerate() {
-                let a = act
-                    .as_ptr()
-                    .add((t0 + t) * act_row + ti * ActQ8::BLOCK_BYTES + 8 + 32 * step);
-                let mut pairs = _mm256_setzero_si256();
-                for (j, &qj) in q.iter().enumerate() {
-                    let quad = std::ptr::read_unaligned(a.add(4 * j).cast::<i32>());
-                    pairs =
-                        _mm256_add_epi16(pairs, _mm256_maddubs_epi16(qj, _mm256_set1_epi32(quad)));
+    // SAFETY: the caller guarantees AVX2, FMA and F16C, that `m` was checked by
+    // `EfqMatrix::parse` (so each tile holds its scales, zeros and `tile_cols / 32` steps of
+    // codes, and every slot column is `< n_in`), that `act` holds rows `t0..t0 + T` of
+    // `act_row` bytes, `x_deq` those rows dequantized when `g` has slots, and that `out` has
+    // rows `8h..8h + 8` of group `g` for each token at `(t0 + t) · out_stride + 16g + 8h − r0`.
+    unsafe {
+        let d_rows = _mm256_cvtph_ps(_mm_loadu_si128(
+            m.row_scale_bytes(g).as_ptr().add(2 * HALF_ROWS * h).cast(),
+        ));
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); T];
+        for ti in 0..m.n_tiles() {
+            let (tile, bits) = (m.tile(g, ti), m.width(g, ti));
+            // Same product as the scalar `tile[r] as f32 * row_scales[r]`.
+            let scales = _mm256_mul_ps(
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                    tile.as_ptr().add(HALF_ROWS * h).cast(),
+                ))),
+                d_rows,
+            );
+            // Row r's zero is nibble r / 8 of byte r % 8: this half's are nibble h of bytes 0..8.
+            let z8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(tile.as_ptr().add(TILE_ROWS).cast()));
+            let zeros = _mm256_and_si256(
+                _mm256_srlv_epi32(z8, _mm256_set1_epi32(4 * h as i32)),
+                _mm256_set1_epi32(0xF),
+            );
+            let codes = tile.as_ptr().add(TILE_ROWS + TILE_ROWS / 2);
+            let mut isum = [_mm256_setzero_si256(); T];
+            for step in 0..tile_cols(m.n_in, ti) / 32 {
+                let q = decode_step(bits, codes, step, h);
+                for (t, sum) in isum.iter_mut().enumerate() {
+                    let a = act
+                        .as_ptr()
+                        .add((t0 + t) * act_row + ti * ActQ8::BLOCK_BYTES + 8 + 32 * step);
+                    let mut pairs = _mm256_setzero_si256();
+                    for (j, &qj) in q.iter().enumerate() {
+                        let quad = std::ptr::read_unaligned(a.add(4 * j).cast::<i32>());
+                        pairs = _mm256_add_epi16(
+                            pairs,
+                            _mm256_maddubs_epi16(qj, _mm256_set1_epi32(quad)),
+                        );
+                    }
+                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
                 }
-                *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+            }
+            for (t, (sum, acc)) in isum.iter().zip(acc.iter_mut()).enumerate() {
+                let block = act
+                    .as_ptr()
+                    .add((t0 + t) * act_row + ti * ActQ8::BLOCK_BYTES);
+                let d_a = std::ptr::read_unaligned(block.cast::<f32>());
+                let sum_a = std::ptr::read_unaligned(block.add(4).cast::<i32>());
+                let centered =
+                    _mm256_sub_epi32(*sum, _mm256_mullo_epi32(zeros, _mm256_set1_epi32(sum_a)));
+                let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(centered), _mm256_set1_ps(d_a));
+                *acc = _mm256_fmadd_ps(scaled, scales, *acc);
             }
         }
-        for (t, (sum, acc)) in isum.iter().zip(acc.iter_mut()).enumerate() {
-            let block = act
-                .as_ptr()
-                .add((t0 + t) * act_row + ti * ActQ8::BLOCK_BYTES);
-            let d_a = std::ptr::read_unaligned(block.cast::<f32>());
-            let sum_a = std::ptr::read_unaligned(block.add(4).cast::<i32>());
-            let centered =
-                _mm256_sub_epi32(*sum, _mm256_mullo_epi32(zeros, _mm256_set1_epi32(sum_a)));
-            let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(centered), _mm256_set1_ps(d_a));
-            *acc = _mm256_fmadd_ps(scaled, scales, *acc);
-        }
-    }
-    let slots = m.slots(g);
-    if !slots.is_empty() {
-        let gs = _mm256_set1_ps(m.outlier_scale(g));
-        for slot in slots.chunks_exact(SLOT_BYTES) {
-            let cols =
-                _mm256_cvtepu16_epi32(_mm_loadu_si128(slot.as_ptr().add(2 * HALF_ROWS * h).cast()));
-            let vals = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                slot.as_ptr().add(2 * TILE_ROWS + HALF_ROWS * h).cast(),
-            )));
-            let weights = _mm256_mul_ps(vals, gs);
-            for (t, acc) in acc.iter_mut().enumerate() {
-                let x = x_deq.as_ptr().add((t0 + t) * m.n_in);
-                // SAFETY: `parse` checked every slot column is < n_in.
-                let xs = _mm256_i32gather_ps::<4>(x, cols);
-                *acc = _mm256_fmadd_ps(weights, xs, *acc);
+        let slots = m.slots(g);
+        if !slots.is_empty() {
+            let gs = _mm256_set1_ps(m.outlier_scale(g));
+            for slot in slots.chunks_exact(SLOT_BYTES) {
+                let cols = _mm256_cvtepu16_epi32(_mm_loadu_si128(
+                    slot.as_ptr().add(2 * HALF_ROWS * h).cast(),
+                ));
+                let vals = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                    slot.as_ptr().add(2 * TILE_ROWS + HALF_ROWS * h).cast(),
+                )));
+                let weights = _mm256_mul_ps(vals, gs);
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    let x = x_deq.as_ptr().add((t0 + t) * m.n_in);
+                    // SAFETY: `parse` checked every slot column is < n_in.
+                    let xs = _mm256_i32gather_ps::<4>(x, cols);
+                    *acc = _mm256_fmadd_ps(weights, xs, *acc);
+                }
             }
         }
-    }
-    for (t, acc) in acc.iter().enumerate() {
-        _mm256_storeu_ps(
-            out.add((t0 + t) * out_stride + g * TILE_ROWS + HALF_ROWS * h - r0),
-            *acc,
-        );
+        for (t, acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(
+                out.add((t0 + t) * out_stride + g * TILE_ROWS + HALF_ROWS * h - r0),
+                *acc,
+            );
+        }
     }
 }
 
@@ -193,8 +215,11 @@ unsafe fn group_tile<const T: usize>(
     out_stride: usize,
     r0: usize,
 ) {
-    for h in 0..2 {
-        half_tile::<T>(m, g, h, t0, act, act_row, x_deq, out, out_stride, r0);
+    // SAFETY: `h` is 0 or 1, and the caller guarantees the rest of `half_tile`'s contract.
+    unsafe {
+        for h in 0..2 {
+            half_tile::<T>(m, g, h, t0, act, act_row, x_deq, out, out_stride, r0);
+        }
     }
 }
 
@@ -222,29 +247,34 @@ pub(crate) unsafe fn matmul_avx2(
     for g in r0 / TILE_ROWS..r1 / TILE_ROWS {
         let mut t = 0;
         while t < n_tok {
-            // SAFETY: the caller's contract covers group g (inside r0..r1) and tokens
+            // SAFETY: AVX2, FMA and F16C are guaranteed by the caller (efq.rs asserts the ISA
+            // is runnable); the caller's contract covers group g (inside r0..r1) and tokens
             // t..t + T (each arm's T ≤ n_tok − t); `x_deq` holds the dequantized
             // activations when any group has slots (also the caller's contract).
-            let tokens = match n_tok - t {
-                left if left >= TILE_TOKENS => {
-                    group_tile::<TILE_TOKENS>(m, g, t, act, act_row, x_deq, out, out_stride, r0);
-                    TILE_TOKENS
-                }
-                left if left >= 4 => {
-                    group_tile::<4>(m, g, t, act, act_row, x_deq, out, out_stride, r0);
-                    4
-                }
-                3 => {
-                    group_tile::<3>(m, g, t, act, act_row, x_deq, out, out_stride, r0);
-                    3
-                }
-                2 => {
-                    group_tile::<2>(m, g, t, act, act_row, x_deq, out, out_stride, r0);
-                    2
-                }
-                _ => {
-                    group_tile::<1>(m, g, t, act, act_row, x_deq, out, out_stride, r0);
-                    1
+            let tokens = unsafe {
+                match n_tok - t {
+                    left if left >= TILE_TOKENS => {
+                        group_tile::<TILE_TOKENS>(
+                            m, g, t, act, act_row, x_deq, out, out_stride, r0,
+                        );
+                        TILE_TOKENS
+                    }
+                    left if left >= 4 => {
+                        group_tile::<4>(m, g, t, act, act_row, x_deq, out, out_stride, r0);
+                        4
+                    }
+                    3 => {
+                        group_tile::<3>(m, g, t, act, act_row, x_deq, out, out_stride, r0);
+                        3
+                    }
+                    2 => {
+                        group_tile::<2>(m, g, t, act, act_row, x_deq, out, out_stride, r0);
+                        2
+                    }
+                    _ => {
+                        group_tile::<1>(m, g, t, act, act_row, x_deq, out, out_stride, r0);
+                        1
+                    }
                 }
             };
             t += tokens;
