@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Fuzz EdgeFusion's readers with cargo-fuzz (libFuzzer, nightly toolchain):
+#
+#   scripts/fuzz.sh [--time SECONDS] [TARGET ...]      targets: gguf train_config tokenizer_json chat_template
+#
+# Each target runs --time seconds (default 60) from a corpus in fuzz/corpus/<target>/ seeded
+# with the repository's fixtures, with 512 MB RSS and malloc limits (an allocation out of
+# proportion to a small input is a bug). A crash lands in fuzz/artifacts/<target>/: fix it,
+# then copy the input to fuzz/regressions/<target>/ so that `cargo test` replays it on stable
+# (crates/edgefusion-cli/tests/fuzz_regressions.rs). Installs cargo-fuzz when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+secs=60 targets=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --time) secs=$2; shift 2 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    gguf|train_config|tokenizer_json|chat_template) targets+=("$1"); shift ;;
+    *) echo "fuzz: unknown target or option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+[[ ${#targets[@]} -gt 0 ]] || targets=(gguf train_config tokenizer_json chat_template)
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+
+for t in "${targets[@]}"; do
+  corpus="fuzz/corpus/$t"
+  mkdir -p "$corpus"
+  case "$t" in
+    gguf) cp -n tests/fixtures/*.gguf "$corpus/" ;;
+    train_config) cp -n configs/*.yaml "$corpus/" ;;
+    tokenizer_json) [[ -f assets/models/tokenizer.json ]] && cp -n assets/models/tokenizer.json "$corpus/" || true ;;
+    chat_template) printf '%s' "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}" > "$corpus/chatml" ;;
+  esac
+  cp -n fuzz/regressions/"$t"/* "$corpus/" 2>/dev/null || true
+  echo "== fuzz $t for ${secs}s" >&2
+  cargo +nightly fuzz run "$t" "$corpus" -- -max_total_time="$secs" \
+    -rss_limit_mb=512 -malloc_limit_mb=512 -max_len=1048576 -timeout=10 2>&1 | tail -n 4
+done
