@@ -10,7 +10,8 @@
 //!   included, takes the next task from an atomic counter until none is left, and the loop
 //!   ends when every task is done, not when every worker has checked in. A worker that the
 //!   operating system has descheduled simply takes no task, and whoever runs does its share;
-//!   the caller only ever waits for tasks already being worked on.
+//!   the caller waits for tasks already being worked on, and (in the close handshake below)
+//!   for a worker caught between registering and backing off.
 //! - **Spinning is brief.** An idle worker spins for [`SPIN`], then yields its time slice for
 //!   [`YIELD`] (so a descheduled partner can run on this CPU), then sleeps on a condition
 //!   variable until the next loop is published.
@@ -38,14 +39,14 @@ const SPINS_PER_CHECK: usize = 64;
 
 type Job = dyn Fn(usize) + Sync;
 
-/// The job of the open loop: written by `run` while the epoch is even and no worker is
-/// active, read by workers only after they registered in `active` and saw the epoch open.
+/// The job of the open loop: written by `for_each_task` while the epoch is even, read by
+/// workers only after they registered in `active` and saw the epoch still open.
 struct JobSlot(UnsafeCell<Option<*const Job>>);
 
-// SAFETY: the slot is written only while no worker may read it (the epoch is even and
-// `active` is zero, so a worker that registers afterwards sees a changed epoch and backs
-// off), and the epoch's SeqCst store/load orders the write before every read; the pointee is
-// `Sync`.
+// SAFETY: the slot is written only while no worker can read it: the epoch is even, and every
+// worker registered before the previous loop's close has left (`active` drained then); one
+// registering later sees an epoch other than the one it joined and backs off without reading.
+// The epoch's SeqCst store/load orders the write before every read; the pointee is `Sync`.
 unsafe impl Sync for JobSlot {}
 // SAFETY: as above; the raw pointer is only dereferenced under that protocol.
 unsafe impl Send for JobSlot {}
@@ -88,7 +89,12 @@ impl Shared {
             }
             if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(|| job(task))) {
                 self.panicked.store(true, SeqCst);
-                first_panic.get_or_insert(payload);
+                if first_panic.is_none() {
+                    first_panic = Some(payload);
+                } else {
+                    // Dropping a payload can itself panic; leaking it cannot.
+                    std::mem::forget(payload);
+                }
             }
             self.completed.fetch_add(1, SeqCst);
         }
@@ -136,20 +142,21 @@ impl ThreadPool {
             lock: Mutex::new(()),
             wake: Condvar::new(),
         });
-        let mut workers = Vec::with_capacity(n_threads - 1);
+        let mut pool = ThreadPool {
+            shared,
+            workers: Vec::with_capacity(n_threads - 1),
+            run_lock: Mutex::new(()),
+        };
         for tid in 1..n_threads {
-            let shared = Arc::clone(&shared);
-            workers.push(
+            let shared = Arc::clone(&pool.shared);
+            // On an error `pool` is dropped here, which stops the workers already started.
+            pool.workers.push(
                 std::thread::Builder::new()
                     .name(format!("edgefusion-{tid}"))
                     .spawn(move || worker(&shared))?,
             );
         }
-        Ok(ThreadPool {
-            shared,
-            workers,
-            run_lock: Mutex::new(()),
-        })
+        Ok(pool)
     }
 
     pub fn n_threads(&self) -> usize {
@@ -158,6 +165,9 @@ impl ThreadPool {
 
     /// Runs `f(task)` for every task in `0..n_tasks`, each exactly once, on whichever threads
     /// of the pool are running (the caller takes tasks too), and returns when all are done.
+    ///
+    /// A task must not call `for_each_task` on the same pool (with 2 or more tasks): the pool
+    /// runs one loop at a time, and the nested call would wait for the outer one forever.
     ///
     /// # Panics
     /// If `f` panicked on any task (after every other task has run).
@@ -174,8 +184,8 @@ impl ThreadPool {
         // saw `active` drain, so `f` outlives every use.
         let erased: *const Job =
             unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Job>(f) };
-        // SAFETY: the epoch is even and `active` is zero (the previous loop ended so), so no
-        // worker reads the slot now.
+        // SAFETY: the epoch is even and every worker of the previous loop has left (its close
+        // waited for that), so no worker reads the slot now (see `JobSlot`).
         unsafe { *shared.job.0.get() = Some(erased) };
         shared.n_tasks.store(n_tasks, SeqCst);
         shared.next.store(0, SeqCst);
@@ -322,7 +332,10 @@ fn worker(shared: &Shared) {
             let job = unsafe { *shared.job.0.get() };
             if let Some(job) = job {
                 // SAFETY: as above, the pointee outlives this call.
-                shared.drain(unsafe { &*job });
+                if let Some(payload) = shared.drain(unsafe { &*job }) {
+                    // Reported through `panicked`; dropping a payload can itself panic.
+                    std::mem::forget(payload);
+                }
             }
         }
         shared.active.fetch_sub(1, SeqCst);
