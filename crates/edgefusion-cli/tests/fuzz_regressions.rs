@@ -6,11 +6,8 @@
 #[path = "../../../fuzz/src/entries.rs"]
 mod entries;
 
+use edgefusion_testkit::workspace_root as root;
 use std::path::{Path, PathBuf};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 /// Files of `dir` (none when it does not exist).
 fn files(dir: &Path) -> Vec<PathBuf> {

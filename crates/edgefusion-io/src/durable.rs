@@ -45,16 +45,21 @@ fn sync_tree(path: &Path) -> io::Result<()> {
 }
 
 /// Moves the finished `tmp` (a file or a folder) to `dest` durably: flushes its contents,
-/// renames it over `dest` (an existing file is replaced atomically; a folder `dest` must not
-/// exist), then flushes `dest`'s parent folder.
+/// then [`rename_flushed`].
 ///
 /// # Errors
 /// When a file cannot be read back and flushed, or the rename fails.
 pub fn commit_rename(tmp: &Path, dest: &Path) -> io::Result<()> {
     sync_tree(tmp)?;
+    rename_flushed(tmp, dest)
+}
+
+/// Renames `tmp`, whose contents are already flushed, over `dest` (an existing file is
+/// replaced atomically; a folder `dest` must not exist), then flushes `dest`'s parent folder
+/// where the file system can, so that the rename itself survives a crash (the contents are
+/// complete either way, which is not worth failing the write over).
+pub fn rename_flushed(tmp: &Path, dest: &Path) -> io::Result<()> {
     std::fs::rename(tmp, dest)?;
-    // Makes the rename itself durable, where the file system can flush a folder; the
-    // contents are complete either way, which is not worth failing the write over.
     let parent = dest.parent().filter(|p| !p.as_os_str().is_empty());
     let _ = sync_dir(parent.unwrap_or(Path::new(".")));
     Ok(())

@@ -291,16 +291,8 @@ fn write_tmp_then_rename(
     file.sync_all()
         .map_err(|e| IoError::os(tmp_path, "fsync", e))?;
     drop(file);
-    std::fs::rename(tmp_path, path)
-        .map_err(|e| IoError::os(tmp_path, format!("rename to {}", path.display()), e))?;
-    // Make the rename itself durable. Some file systems cannot fsync a directory; the file
-    // is complete either way, so that is not worth failing the write over.
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(dir) = File::open(dir) {
-            let _ = dir.sync_all();
-        }
-    }
-    Ok(())
+    crate::durable::rename_flushed(tmp_path, path)
+        .map_err(|e| IoError::os(tmp_path, format!("rename to {}", path.display()), e))
 }
 
 /// Bytes a tensor of `dtype` and `shape` takes, or why the shape is not writable.

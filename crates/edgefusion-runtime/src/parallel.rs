@@ -12,15 +12,6 @@ const PANEL_BYTES: usize = 256 * 1024;
 /// Row ranges are multiples of this (whole row groups for the SIMD kernels, and whole
 /// 16-row groups of interleaved matrices).
 const ROW_ALIGN: usize = 16;
-/// Tasks per thread of a decode matmul. The pool's threads take tasks as they come, so a
-/// task that a descheduled thread has not started is done by another. More, smaller tasks
-/// would also cover a thread descheduled mid-task, but 4 per thread cost 16% of decode speed
-/// on a quiet 2-core machine (`scripts/bench-contention.sh`), so one it is.
-const DECODE_TASKS_PER_THREAD: usize = 1;
-/// Tasks per thread of a prefill matmul (each reads the whole matrix: more tasks, more
-/// traffic; 2 per thread cost 9% of pp512).
-const PREFILL_TASKS_PER_THREAD: usize = 1;
-
 /// The engine's worker threads (the caller included).
 pub struct Threads {
     pool: ThreadPool,
@@ -77,8 +68,12 @@ impl Threads {
         let n_out = w.n_out;
         let out = &mut out[..n_tok * n_out];
         if n_tok == 1 {
-            let per_task = n_out.div_ceil(self.n_threads() * DECODE_TASKS_PER_THREAD);
-            let chunk = per_task.div_ceil(ROW_ALIGN) * ROW_ALIGN;
+            // One task per thread: the pool's threads take tasks as they come, so a task a
+            // descheduled thread has not started is done by another. Smaller tasks would
+            // also cover a thread descheduled mid-task, but 4 per thread cost 16% of decode
+            // on a quiet 2-core machine (`scripts/bench-contention.sh`).
+            let per_thread = n_out.div_ceil(self.n_threads());
+            let chunk = per_thread.div_ceil(ROW_ALIGN) * ROW_ALIGN;
             self.for_chunks(out, chunk, |i, rows_out| {
                 let r0 = i * chunk;
                 let r1 = r0 + rows_out.len();
@@ -87,7 +82,9 @@ impl Threads {
             });
             return;
         }
-        let tok_chunk = n_tok.div_ceil(self.n_threads() * PREFILL_TASKS_PER_THREAD);
+        // One task per thread here too: each reads the whole matrix, and 2 per thread cost
+        // 9% of pp512.
+        let tok_chunk = n_tok.div_ceil(self.n_threads());
         let panel_rows = match w.layout() {
             Layout::Rows => (PANEL_BYTES / w.row_bytes().max(1) / ROW_ALIGN * ROW_ALIGN)
                 .clamp(ROW_ALIGN, n_out.max(ROW_ALIGN)),

@@ -16,7 +16,7 @@ use std::time::Instant;
 use edgefusion_io::gguf::GgufFile;
 use edgefusion_runtime::tokenizer::Tokenizer;
 
-use edgefusion_testkit::{asset, workspace_root};
+use edgefusion_testkit::{asset, fixture};
 
 /// Splits a `.inp` file on llama.cpp's marker line and pairs each input with the ids on the
 /// same-numbered line of `.out`.
@@ -179,7 +179,7 @@ struct FixtureCase {
 }
 
 fn read_fixture() -> Fixture {
-    let path = workspace_root().join("tests/fixtures/smollm2_tokenizer.json");
+    let path = fixture("smollm2_tokenizer.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
             "{}: {e} (make it with scripts/make-tokenizer-fixture.py)",

@@ -180,6 +180,17 @@ pub fn teacher_windows_from(
     })
 }
 
+/// The layout of a copy window of `seq_len` tokens repeating `span`: `(text, from)`, that is
+/// `text` tokens of prose, then `text[from..from + span]` again, `text - from` positions
+/// after it stood. `None` when the window cannot repeat from a tenth of the way in
+/// (`seq_len < 11 · span`).
+pub fn copy_layout(seq_len: usize, span: usize) -> Option<(usize, usize)> {
+    let text = seq_len
+        .checked_sub(span)
+        .filter(|&t| t >= 10 * span.max(1))?;
+    Some((text, text / 10))
+}
+
 /// Copy windows: what a converted model must still retrieve from far back. Each of
 /// `n_windows` windows of `seq_len` tokens is `seq_len − span` consecutive tokens of
 /// `tokens`, then again the `span` tokens that stood at a tenth of that text: the dense
@@ -196,16 +207,12 @@ pub fn copy_windows(
     top_k: usize,
     threads: usize,
 ) -> Result<TeacherWindows, TrainError> {
-    let text = seq_len
-        .checked_sub(span)
-        .filter(|&t| t >= 10 * span.max(1))
-        .ok_or_else(|| TrainError::Config {
-            file: "copy windows".into(),
-            what: format!(
-                "a window of {seq_len} tokens cannot repeat {span} from a tenth of the way in"
-            ),
-        })?;
-    let from = text / 10;
+    let (text, from) = copy_layout(seq_len, span).ok_or_else(|| TrainError::Config {
+        file: "copy windows".into(),
+        what: format!(
+            "a window of {seq_len} tokens cannot repeat {span} from a tenth of the way in"
+        ),
+    })?;
     let windows: Vec<u32> = tokens
         .chunks_exact(text)
         .take(n_windows)

@@ -639,29 +639,32 @@ impl TrainConfig {
             // The repeat must come from outside the window, or the copy KL cannot tell a
             // converted layer from full attention.
             let span = crate::convert::COPY_SPAN;
-            let text = c.choice_ctx.saturating_sub(span);
-            if c.choice_copy_windows > 0 && text - text / 10 <= c.window + c.sink {
-                return fail(
-                    "conversion.choice_copy_windows",
-                    format!(
-                        "copy windows of choice_ctx {} repeat from {} tokens back, within window {} + sink {}: raise choice_ctx",
-                        c.choice_ctx,
-                        text - text / 10,
-                        c.window,
-                        c.sink
-                    ),
-                );
-            }
-            if c.choice_copy_windows > 0 && c.choice_ctx < 11 * crate::convert::COPY_SPAN {
-                return fail(
-                    "conversion.choice_copy_windows",
-                    format!(
-                        "copy windows repeat {} tokens from a tenth of the way in: choice_ctx {} must be at least {}",
-                        crate::convert::COPY_SPAN,
-                        c.choice_ctx,
-                        11 * crate::convert::COPY_SPAN
-                    ),
-                );
+            if c.choice_copy_windows > 0 {
+                match crate::choose::copy_layout(c.choice_ctx, span) {
+                    None => {
+                        return fail(
+                            "conversion.choice_copy_windows",
+                            format!(
+                                "copy windows repeat {span} tokens from a tenth of the way in: choice_ctx {} must be at least {}",
+                                c.choice_ctx,
+                                11 * span
+                            ),
+                        )
+                    }
+                    Some((text, from)) if text - from <= c.window + c.sink => {
+                        return fail(
+                            "conversion.choice_copy_windows",
+                            format!(
+                                "copy windows of choice_ctx {} repeat from {} tokens back, within window {} + sink {}: raise choice_ctx",
+                                c.choice_ctx,
+                                text - from,
+                                c.window,
+                                c.sink
+                            ),
+                        )
+                    }
+                    Some(_) => {}
+                }
             }
             if !(c.choice_copy_weight >= 0.0 && c.choice_copy_weight.is_finite()) {
                 return fail(

@@ -134,7 +134,7 @@ pub fn greedy_stages(
         ));
     }
     let choice_ctx = conv.choice_ctx.min(dense.n_ctx_train);
-    if conv.choice_copy_windows > 0 && choice_ctx < 11 * COPY_SPAN {
+    if conv.choice_copy_windows > 0 && crate::choose::copy_layout(choice_ctx, COPY_SPAN).is_none() {
         return Err(fail(
             &model_name,
             format!(
