@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Fuzz EdgeFusion's readers with cargo-fuzz (libFuzzer, nightly toolchain):
 #
-#   scripts/fuzz.sh [--time SECONDS] [TARGET ...]      targets: gguf train_config tokenizer_json chat_template
+#   scripts/fuzz.sh [--time SECONDS] [TARGET ...]
+#
+# Targets: gguf train_config tokenizer_json chat_template hf_folder efq_blob task_jsonl
+# (what each does with its input: fuzz/src/entries.rs).
 #
 # Each target runs --time seconds (default 60) from a corpus in fuzz/corpus/<target>/ seeded
 # with the repository's fixtures, with 512 MB RSS and malloc limits (an allocation out of
@@ -15,13 +18,18 @@ secs=60 targets=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --time) secs=$2; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
-    gguf|train_config|tokenizer_json|chat_template) targets+=("$1"); shift ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    gguf|train_config|tokenizer_json|chat_template|hf_folder|efq_blob|task_jsonl) targets+=("$1"); shift ;;
     *) echo "fuzz: unknown target or option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-[[ ${#targets[@]} -gt 0 ]] || targets=(gguf train_config tokenizer_json chat_template)
+[[ ${#targets[@]} -gt 0 ]] || targets=(gguf train_config tokenizer_json chat_template hf_folder efq_blob task_jsonl)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+
+# Seeds built in memory by the regression test (Hugging Face folders made from the GGUF
+# fixtures, EFQ blobs, task lines) land in fuzz/corpus/<target>/.
+EDGEFUSION_FUZZ_SEEDS="$PWD/fuzz/corpus" cargo test -q -p edgefusion-cli \
+  --test fuzz_regressions >/dev/null
 
 for t in "${targets[@]}"; do
   corpus="fuzz/corpus/$t"

@@ -312,10 +312,7 @@ mod tests {
     }
 
     fn bytes_of<B: crate::formats::Block>(blocks: &[B]) -> Vec<u8> {
-        let len = std::mem::size_of_val(blocks);
-        // SAFETY: `Block` types are repr(C) byte arrays with no padding, so the slice's
-        // memory is `len` initialized bytes.
-        unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), len) }.to_vec()
+        bytemuck::cast_slice(blocks).to_vec()
     }
 
     #[test]

@@ -32,11 +32,11 @@ pub const QK: usize = 32;
 
 /// A block struct that may be viewed in place over raw row bytes.
 ///
-/// # Safety
-/// Implementors must be `#[repr(C)]`, contain only `u8`/`i8` arrays (alignment 1, no
-/// padding) and accept every bit pattern; `size_of::<Self>()` must equal
-/// `TYPE.type_size()` (each implementation asserts this at compile time).
-pub unsafe trait Block: Sized + Copy {
+/// `Pod` (derived, so checked by the compiler: `repr(C)`, no padding, every bit pattern
+/// valid) makes the view safe; the structs hold byte arrays only, so their alignment is 1
+/// and any row slice can be viewed. Each implementation asserts at compile time that
+/// `size_of::<Self>()` equals `TYPE.type_size()`.
+pub trait Block: bytemuck::Pod {
     /// The GGML type whose blocks this struct describes.
     const TYPE: GgmlType;
 }
@@ -67,10 +67,7 @@ pub fn blocks<B: Block>(bytes: &[u8], n_blocks: usize) -> &[B] {
         B::TYPE.name(),
         bytes.len()
     );
-    // SAFETY: `B: Block` is repr(C) of byte arrays only (alignment 1, no padding, every bit
-    // pattern valid); the length check keeps `n_blocks` blocks inside `bytes`, and the
-    // returned slice borrows `bytes`.
-    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<B>(), n_blocks) }
+    bytemuck::cast_slice(&bytes[..needed])
 }
 
 /// Mutable twin of [`blocks`], for quantizers writing rows in place.
@@ -86,8 +83,7 @@ pub fn blocks_mut<B: Block>(bytes: &mut [u8], n_blocks: usize) -> &mut [B] {
         B::TYPE.name(),
         bytes.len()
     );
-    // SAFETY: as in `blocks`; the exclusive borrow of `bytes` moves into the returned slice.
-    unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<B>(), n_blocks) }
+    bytemuck::cast_slice_mut(&mut bytes[..needed])
 }
 
 /// IEEE half (stored little-endian) to f32; exact.

@@ -8,7 +8,7 @@ use crate::GgmlType;
 
 /// `block_q4_0`: `d` (f16), then `qs[16]`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BlockQ4_0 {
     /// Scale, f16 bits little-endian.
     pub d: [u8; 2],
@@ -18,8 +18,7 @@ pub struct BlockQ4_0 {
 
 const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
 
-// SAFETY: repr(C) of byte arrays only; size 18 = GgmlType::Q4_0.type_size().
-unsafe impl Block for BlockQ4_0 {
+impl Block for BlockQ4_0 {
     const TYPE: GgmlType = GgmlType::Q4_0;
 }
 

@@ -8,7 +8,7 @@ use crate::GgmlType;
 
 /// `block_q4_1`: `d` (f16), `m` (f16), then `qs[16]`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BlockQ4_1 {
     /// Scale, f16 bits little-endian.
     pub d: [u8; 2],
@@ -20,8 +20,7 @@ pub struct BlockQ4_1 {
 
 const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
 
-// SAFETY: repr(C) of byte arrays only; size 20 = GgmlType::Q4_1.type_size().
-unsafe impl Block for BlockQ4_1 {
+impl Block for BlockQ4_1 {
     const TYPE: GgmlType = GgmlType::Q4_1;
 }
 

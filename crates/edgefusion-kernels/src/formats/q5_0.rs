@@ -8,7 +8,7 @@ use crate::GgmlType;
 
 /// `block_q5_0`: `d` (f16), `qh[4]`, then `qs[16]`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BlockQ5_0 {
     /// Scale, f16 bits little-endian.
     pub d: [u8; 2],
@@ -20,8 +20,7 @@ pub struct BlockQ5_0 {
 
 const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
 
-// SAFETY: repr(C) of byte arrays only; size 22 = GgmlType::Q5_0.type_size().
-unsafe impl Block for BlockQ5_0 {
+impl Block for BlockQ5_0 {
     const TYPE: GgmlType = GgmlType::Q5_0;
 }
 

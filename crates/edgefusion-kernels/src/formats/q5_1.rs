@@ -7,7 +7,7 @@ use crate::GgmlType;
 
 /// `block_q5_1`: `d` (f16), `m` (f16), `qh[4]`, then `qs[16]`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BlockQ5_1 {
     /// Scale, f16 bits little-endian.
     pub d: [u8; 2],
@@ -21,8 +21,7 @@ pub struct BlockQ5_1 {
 
 const _: () = assert!(std::mem::size_of::<BlockQ5_1>() == 24);
 
-// SAFETY: repr(C) of byte arrays only; size 24 = GgmlType::Q5_1.type_size().
-unsafe impl Block for BlockQ5_1 {
+impl Block for BlockQ5_1 {
     const TYPE: GgmlType = GgmlType::Q5_1;
 }
 

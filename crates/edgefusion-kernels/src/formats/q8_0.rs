@@ -6,7 +6,7 @@ use crate::GgmlType;
 
 /// `block_q8_0`: `d` (f16), then `qs[32]`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BlockQ8_0 {
     /// Scale, f16 bits little-endian.
     pub d: [u8; 2],
@@ -16,9 +16,7 @@ pub struct BlockQ8_0 {
 
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 
-// SAFETY: repr(C) of byte arrays only; size 34 = GgmlType::Q8_0.type_size() (asserted above
-// and in the tests).
-unsafe impl Block for BlockQ8_0 {
+impl Block for BlockQ8_0 {
     const TYPE: GgmlType = GgmlType::Q8_0;
 }
 

@@ -6,7 +6,7 @@ use crate::GgmlType;
 
 /// `block_q8_1`: `d` (f16), `s` (f16, d · Σ qs), then `qs[32]`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BlockQ8_1 {
     /// Scale, f16 bits little-endian.
     pub d: [u8; 2],
@@ -18,8 +18,7 @@ pub struct BlockQ8_1 {
 
 const _: () = assert!(std::mem::size_of::<BlockQ8_1>() == 36);
 
-// SAFETY: repr(C) of byte arrays only; size 36 = GgmlType::Q8_1.type_size().
-unsafe impl Block for BlockQ8_1 {
+impl Block for BlockQ8_1 {
     const TYPE: GgmlType = GgmlType::Q8_1;
 }
 

@@ -60,13 +60,10 @@ pub const QK_K: usize = 256;
 /// Scale bytes of Q4_K / Q5_K: eight 6-bit scales and eight 6-bit mins.
 pub const K_SCALE_SIZE: usize = 12;
 
-/// A k-quant block struct that may be viewed in place over raw row bytes.
-///
-/// # Safety
-/// Implementors must be `#[repr(C)]`, contain only `u8`/`i8` arrays (so alignment is 1 and
-/// there is no padding), and accept every bit pattern. `TYPE.type_size()` must equal
-/// `size_of::<Self>()`; each implementation asserts this at compile time.
-pub(crate) unsafe trait KBlock: Sized {
+/// A k-quant block struct that may be viewed in place over raw row bytes: `Pod` (derived,
+/// so checked by the compiler) with byte arrays only, so alignment 1; each implementation
+/// asserts at compile time that `size_of::<Self>()` equals `TYPE.type_size()`.
+pub(crate) trait KBlock: bytemuck::Pod {
     const TYPE: GgmlType;
 }
 
@@ -81,10 +78,7 @@ pub(crate) fn blocks<B: KBlock>(bytes: &[u8], n_blocks: usize) -> &[B] {
         n_blocks,
         bytes.len()
     );
-    // SAFETY: `B: KBlock` is repr(C) of byte arrays only: alignment 1, no padding, every bit
-    // pattern valid. The length check above keeps `n_blocks` blocks inside `bytes`, and the
-    // returned slice borrows `bytes`, so it cannot outlive or alias a mutable use of it.
-    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<B>(), n_blocks) }
+    bytemuck::cast_slice(&bytes[..needed])
 }
 
 /// Mutable twin of [`blocks`], for quantizers writing rows in place.
@@ -98,8 +92,7 @@ pub(crate) fn blocks_mut<B: KBlock>(bytes: &mut [u8], n_blocks: usize) -> &mut [
         n_blocks,
         bytes.len()
     );
-    // SAFETY: as in `blocks`; the exclusive borrow of `bytes` moves into the returned slice.
-    unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<B>(), n_blocks) }
+    bytemuck::cast_slice_mut(&mut bytes[..needed])
 }
 
 /// Number of super-blocks in a row of `n` weights. Panics unless `n` is a multiple of 256.

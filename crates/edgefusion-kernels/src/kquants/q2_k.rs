@@ -12,7 +12,7 @@ use crate::GgmlType;
 /// Weight `e = 128 h + 32 k + l` (`h` < 2, `k` < 4, `l` < 32) sits at bits `2k..2k+2` of
 /// `qs[32 h + l]`; its sub-block is `e / 16`.
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BlockQ2K {
     /// Low nibble: scale; high nibble: min; one byte per sub-block.
     pub scales: [u8; QK_K / 16],
@@ -25,8 +25,7 @@ pub struct BlockQ2K {
 
 const _: () = assert!(std::mem::size_of::<BlockQ2K>() == 84);
 
-// SAFETY: repr(C), byte arrays only, every bit pattern valid, size asserted above.
-unsafe impl KBlock for BlockQ2K {
+impl KBlock for BlockQ2K {
     const TYPE: GgmlType = GgmlType::Q2K;
 }
 

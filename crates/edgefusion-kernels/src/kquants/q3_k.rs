@@ -13,7 +13,7 @@ use crate::GgmlType;
 /// Weight `e` keeps its two low bits where Q2_K keeps them, and bit `e / 32` of
 /// `hmask[e % 32]` *clear* means "subtract 4".
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BlockQ3K {
     pub hmask: [u8; QK_K / 8],
     pub qs: [u8; QK_K / 4],
@@ -26,8 +26,7 @@ pub struct BlockQ3K {
 
 const _: () = assert!(std::mem::size_of::<BlockQ3K>() == 110);
 
-// SAFETY: repr(C), byte arrays only, every bit pattern valid, size asserted above.
-unsafe impl KBlock for BlockQ3K {
+impl KBlock for BlockQ3K {
     const TYPE: GgmlType = GgmlType::Q3K;
 }
 

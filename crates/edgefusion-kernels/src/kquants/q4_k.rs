@@ -12,7 +12,7 @@ use crate::GgmlType;
 
 /// `block_q4_K`: 2 + 2 + 12 + 128 = 144 bytes.
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BlockQ4K {
     /// f16 factor of the sub-block scales.
     pub d: [u8; 2],
@@ -27,8 +27,7 @@ pub struct BlockQ4K {
 
 const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
 
-// SAFETY: repr(C), byte arrays only, every bit pattern valid, size asserted above.
-unsafe impl KBlock for BlockQ4K {
+impl KBlock for BlockQ4K {
     const TYPE: GgmlType = GgmlType::Q4K;
 }
 

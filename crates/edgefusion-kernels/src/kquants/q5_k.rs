@@ -15,7 +15,7 @@ use crate::GgmlType;
 /// Weight `e` keeps its low nibble where Q4_K keeps it and its fifth bit at bit `e / 32`
 /// of `qh[e % 32]`.
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BlockQ5K {
     pub d: [u8; 2],
     pub dmin: [u8; 2],
@@ -26,8 +26,7 @@ pub struct BlockQ5K {
 
 const _: () = assert!(std::mem::size_of::<BlockQ5K>() == 176);
 
-// SAFETY: repr(C), byte arrays only, every bit pattern valid, size asserted above.
-unsafe impl KBlock for BlockQ5K {
+impl KBlock for BlockQ5K {
     const TYPE: GgmlType = GgmlType::Q5K;
 }
 

@@ -13,7 +13,7 @@ use crate::GgmlType;
 /// `ql[64 h + 32 (k & 1) + l]` (low half for `k` < 2, high half otherwise) and its top two
 /// bits at bit `2 k` of `qh[32 h + l]`; its scale is `scales[e / 16]`.
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BlockQ6K {
     pub ql: [u8; QK_K / 2],
     pub qh: [u8; QK_K / 4],
@@ -24,8 +24,7 @@ pub struct BlockQ6K {
 
 const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
 
-// SAFETY: repr(C), byte arrays only, every bit pattern valid, size asserted above.
-unsafe impl KBlock for BlockQ6K {
+impl KBlock for BlockQ6K {
     const TYPE: GgmlType = GgmlType::Q6K;
 }
 

@@ -11,7 +11,7 @@ use crate::GgmlType;
 
 /// `block_q8_K`: 4 + 256 + 32 = 292 bytes.
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BlockQ8K {
     /// f32 step, little-endian.
     pub d: [u8; 4],
@@ -23,8 +23,7 @@ pub struct BlockQ8K {
 
 const _: () = assert!(std::mem::size_of::<BlockQ8K>() == 292);
 
-// SAFETY: repr(C), byte arrays only, every bit pattern valid, size asserted above.
-unsafe impl KBlock for BlockQ8K {
+impl KBlock for BlockQ8K {
     const TYPE: GgmlType = GgmlType::Q8K;
 }
 
