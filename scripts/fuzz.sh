@@ -10,7 +10,9 @@
 # with the repository's fixtures, with 512 MB RSS and malloc limits (an allocation out of
 # proportion to a small input is a bug). A crash lands in fuzz/artifacts/<target>/: fix it,
 # then copy the input to fuzz/regressions/<target>/ so that `cargo test` replays it on stable
-# (crates/edgefusion-cli/tests/fuzz_regressions.rs). Installs cargo-fuzz when missing.
+# (crates/edgefusion-cli/tests/fuzz_regressions.rs). libFuzzer's whole output goes to
+# fuzz/logs/<target>.log; the last coverage line and the run count are printed. Installs
+# cargo-fuzz when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,7 +43,14 @@ for t in "${targets[@]}"; do
     chat_template) printf '%s' "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}" > "$corpus/chatml" ;;
   esac
   cp -n fuzz/regressions/"$t"/* "$corpus/" 2>/dev/null || true
-  echo "== fuzz $t for ${secs}s" >&2
-  cargo +nightly fuzz run "$t" "$corpus" -- -max_total_time="$secs" \
-    -rss_limit_mb=512 -malloc_limit_mb=512 -max_len=1048576 -timeout=10 2>&1 | tail -n 4
+  mkdir -p fuzz/logs
+  log="fuzz/logs/$t.log"
+  echo "== fuzz $t for ${secs}s (log: $log)" >&2
+  status=0
+  cargo +nightly fuzz run "$t" "$corpus" -- -max_total_time="$secs" -print_final_stats=1 \
+    -rss_limit_mb=512 -malloc_limit_mb=512 -max_len=1048576 -timeout=10 > "$log" 2>&1 || status=$?
+  # The last coverage line, the run count and any crash.
+  grep -E '^#[0-9]+' "$log" | tail -n 1 || true
+  grep -E '^Done |^stat::number_of_executed_units|^stat::peak_rss_mb|SUMMARY|artifact_prefix|Test unit written' "$log" || true
+  [[ $status -eq 0 ]] || { echo "fuzz: $t stopped with status $status: see $log and fuzz/artifacts/$t/" >&2; exit "$status"; }
 done

@@ -14,11 +14,10 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use crate::mapped::FileMap;
 use edgefusion_kernels::GgmlType;
-use memmap2::Mmap;
 
 use crate::error::IoError;
 use crate::TensorView;
@@ -263,7 +262,7 @@ pub struct GgufFile {
     pub tensors: Vec<TensorInfo>,
     /// Absolute offset of the tensor data section.
     data_offset: usize,
-    mmap: Mmap,
+    mmap: FileMap,
     key_index: HashMap<String, usize>,
     tensor_index: HashMap<String, usize>,
 }
@@ -287,12 +286,7 @@ impl GgufFile {
                 path: path.to_path_buf(),
             });
         }
-        let file = File::open(path).map_err(|e| IoError::os(path, "open", e))?;
-        // SAFETY: the map is read-only and lives as long as `GgufFile`, which hands out only
-        // borrows of it. Like llama.cpp and candle we assume no one truncates or rewrites the
-        // file while it is mapped (our own writer replaces files by rename, which leaves an
-        // existing map intact); a truncation under the map would fault on access.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| IoError::os(path, "memory-map", e))?;
+        let mmap = FileMap::open(path)?;
         let parsed = parse(path, &mmap)?;
         let key_index = parsed
             .metadata
@@ -481,30 +475,7 @@ impl GgufFile {
     /// file's mapping the caller has copied and will not read again (reading it again is
     /// still correct: the pages come back from the file). Slices from elsewhere are ignored.
     pub fn release(&self, bytes: &[u8]) {
-        const PAGE: usize = 4096;
-        let base = self.mmap.as_ptr() as usize;
-        let start = bytes.as_ptr() as usize;
-        if start < base || start + bytes.len() > base + self.mmap.len() {
-            return;
-        }
-        let first = (start - base).next_multiple_of(PAGE);
-        let end = (start - base + bytes.len()) / PAGE * PAGE;
-        // madvise exists on Unix only; elsewhere the pages simply stay resident.
-        #[cfg(unix)]
-        if end > first {
-            // SAFETY: the mapping is read-only and file-backed, so MADV_DONTNEED discards no
-            // data: later reads of these pages fault them back in from the file unchanged,
-            // which keeps every outstanding `&[u8]` into the map valid. On systems with
-            // larger pages memmap2 rounds the start down, which drops at most a page that
-            // is faulted back in on use.
-            let _ = unsafe {
-                self.mmap.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    first,
-                    end - first,
-                )
-            };
-        }
+        self.mmap.release(bytes);
     }
 
     pub fn file_size(&self) -> usize {

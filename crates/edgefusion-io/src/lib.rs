@@ -14,6 +14,7 @@ pub mod durable;
 pub mod error;
 pub mod gguf;
 mod gguf_writer;
+mod mapped;
 pub mod names;
 pub mod safetensors_dir;
 pub mod source;

@@ -6,11 +6,10 @@
 //! stores `(out, in)` row-major, ggml lists the contiguous `in` first).
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use crate::mapped::FileMap;
 use edgefusion_kernels::GgmlType;
-use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::IoError;
@@ -26,7 +25,7 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 #[derive(Debug)]
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: FileMap,
 }
 
 /// Where one tensor lives.
@@ -227,11 +226,7 @@ fn read_json(path: &Path) -> Result<serde_json::Value, IoError> {
 }
 
 fn map_shard(path: &Path) -> Result<Shard, IoError> {
-    let file = File::open(path).map_err(|e| IoError::os(path, "open", e))?;
-    // SAFETY: read-only map owned by the `SafetensorsDir`, which hands out only borrows of
-    // it. We assume, as every safetensors loader does, that nobody truncates or rewrites the
-    // shard while it is mapped; a truncation under the map would fault on access.
-    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| IoError::os(path, "memory-map", e))?;
+    let mmap = FileMap::open(path)?;
     Ok(Shard {
         path: path.to_path_buf(),
         mmap,

@@ -132,7 +132,9 @@ fn every_truncation_is_an_error() {
     let bytes = small_valid_file();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cut.gguf");
-    for cut in 0..bytes.len() {
+    // Under Miri (~1000x slower) every 7th cut.
+    let step = if cfg!(miri) { 7 } else { 1 };
+    for cut in (0..bytes.len()).step_by(step) {
         std::fs::write(&path, &bytes[..cut]).unwrap();
         let err = match GgufFile::open(&path) {
             Ok(_) => panic!("prefix of {cut} bytes opened"),
