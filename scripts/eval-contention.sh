@@ -24,27 +24,28 @@ done
 [[ -f "$model" ]] || { echo "eval-contention: $model missing (scripts/fetch-assets.sh --model)" >&2; exit 1; }
 cargo build --release -q -p edgefusion-cli
 ef=target/release/edgefusion
-args=(evaluate -m "$model" --tasks hellaswag --no-cache "${extra[@]}")
+args=(evaluate -m "$model" --tasks hellaswag --tasks-dir "${EDGEFUSION_ASSETS:-assets}/tasks" --no-cache)
+[[ ${#extra[@]} -eq 0 ]] || args+=("${extra[@]}")
 [[ -n "$limit" ]] && args+=(--limit "$limit")
 
 busy_pid=""
 stop_busy() { [[ -z "$busy_pid" ]] || { kill "$busy_pid" 2>/dev/null || true; wait "$busy_pid" 2>/dev/null || true; busy_pid=""; }; }
-trap stop_busy EXIT
+out=$(mktemp)
+trap 'stop_busy; rm -f "$out"' EXIT
 echo "load: $(uptime)" >&2
 quiet=() busy=()
 for r in $(seq 1 "$rounds"); do
   for load in quiet busy; do
     [[ $load == busy ]] && { python3 -c 'while True: pass' & busy_pid=$!; sleep 1; }
     start=$(date +%s.%N)
-    "$ef" "${args[@]}" > /tmp/eval-contention.$$.out 2>&1 || { cat /tmp/eval-contention.$$.out >&2; exit 1; }
+    "$ef" "${args[@]}" > "$out" 2>&1 || { cat "$out" >&2; exit 1; }
     secs=$(echo "$(date +%s.%N) - $start" | bc)
     stop_busy
-    acc=$(grep -m1 -i "hellaswag" /tmp/eval-contention.$$.out | tr -s ' ' || true)
+    acc=$(grep -m1 -i "hellaswag" "$out" | tr -s ' ' || true)
     echo "[round $r $load] ${secs} s   $acc" >&2
     if [[ $load == quiet ]]; then quiet+=("$secs"); else busy+=("$secs"); fi
   done
 done
-rm -f /tmp/eval-contention.$$.out
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 mq=$(median "${quiet[@]}") mb=$(median "${busy[@]}")
 printf '| HellaSwag items | quiet s (median) | 1 busy process s (median) | busy ÷ quiet |\n|---|---:|---:|---:|\n'

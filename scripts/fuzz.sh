@@ -20,7 +20,7 @@ secs=60 targets=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --time) secs=$2; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     gguf|train_config|tokenizer_json|chat_template|hf_folder|efq_blob|task_jsonl) targets+=("$1"); shift ;;
     *) echo "fuzz: unknown target or option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -30,8 +30,10 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 
 # Seeds built in memory by the regression test (Hugging Face folders made from the GGUF
 # fixtures, EFQ blobs, task lines) land in fuzz/corpus/<target>/.
+mkdir -p fuzz/logs
 EDGEFUSION_FUZZ_SEEDS="$PWD/fuzz/corpus" cargo test -q -p edgefusion-cli \
-  --test fuzz_regressions >/dev/null
+  --test fuzz_regressions > fuzz/logs/seeds.log 2>&1 ||
+  { cat fuzz/logs/seeds.log >&2; echo "fuzz: the seeds' regression test failed" >&2; exit 1; }
 
 for t in "${targets[@]}"; do
   corpus="fuzz/corpus/$t"

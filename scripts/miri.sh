@@ -3,18 +3,19 @@
 #
 #   scripts/miri.sh [io] [kernels]          (both by default)
 #
-# io: every test of edgefusion-io (GGUF and safetensors readers, writer, durable renames);
+# io: the tests of edgefusion-io (GGUF and safetensors readers, writer, durable renames);
 #     under Miri the files are read into memory instead of mapped (src/mapped.rs).
 # kernels: the scalar kernels' tests: the 32-wide formats, the k-quants, the EFQ blob parser
 #     and the packing of interleaved rows (Miri has no SIMD detection: scalar twins only).
-# Proptests run 8 cases each: Miri is ~1000x slower than native code.
+# Under Miri the proptests run 8 cases and the truncation tests every 7th cut (cfg!(miri)),
+# and the one timing test is ignored: Miri is ~1000x slower than native code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+case "${1:-}" in -h|--help) sed -n '2,13p' "$0"; exit 0 ;; esac
 parts=("$@")
 [[ ${#parts[@]} -gt 0 ]] || parts=(io kernels)
 cargo +nightly miri --version >/dev/null 2>&1 || rustup component add --toolchain nightly miri rust-src
-export PROPTEST_CASES="${PROPTEST_CASES:-8}"
 # Tests create and read files: isolation off.
 export MIRIFLAGS="${MIRIFLAGS:--Zmiri-disable-isolation}"
 for part in "${parts[@]}"; do

@@ -99,9 +99,6 @@ pub fn hf_folder(data: &[u8]) {
         .all(|(name, bytes)| std::fs::write(dir.join(name), bytes).is_ok())
     {
         if let Ok(source) = edgefusion_io::ModelSource::open(&dir) {
-            for view in source.tensors() {
-                let _ = view.data.len();
-            }
             if let Ok(model) = edgefusion_model::Model::load(&source) {
                 run_two_tokens(&model);
             }
@@ -146,7 +143,7 @@ fn split_parts(data: &[u8]) -> Vec<&[u8]> {
 fn run_two_tokens(model: &edgefusion_model::Model) {
     use edgefusion_runtime::{Logits, Session, SessionOptions};
     let cfg = &model.config;
-    if cfg.d_model * cfg.vocab_size > 1 << 22 || cfg.n_layers > 8 {
+    if cfg.d_model.saturating_mul(cfg.vocab_size) > 1 << 22 || cfg.n_layers > 8 {
         return;
     }
     if let Ok(mut session) = Session::new(model, SessionOptions::new(8, 1)) {
@@ -156,8 +153,8 @@ fn run_two_tokens(model: &edgefusion_model::Model) {
 }
 
 /// An EFQ matrix blob. When it parses, every row is dequantized and the matrix is
-/// multiplied by an activation row on the detected ISA and on the scalar reference, which
-/// must agree bit for bit (the kernels promise one order of float operations).
+/// multiplied by an activation row on every ISA this CPU runs, which must agree with the
+/// scalar reference bit for bit (the kernels promise one order of float operations).
 pub fn efq_blob(data: &[u8]) {
     use edgefusion_kernels::cpu::Isa;
     use edgefusion_kernels::efq::{matmul_on, ActQ8, EfqMatrix};
@@ -173,29 +170,26 @@ pub fn efq_blob(data: &[u8]) {
         .collect();
     let mut act = vec![0u8; ActQ8::row_bytes(m.n_in)];
     ActQ8::quantize_row(&x, &mut act);
-    let mut simd = vec![0f32; m.n_out];
     let mut scalar = vec![0f32; m.n_out];
-    matmul_on(
-        edgefusion_kernels::cpu::isa(),
-        &m,
-        0,
-        m.n_out,
-        &act,
-        1,
-        &mut simd,
-        m.n_out,
-    );
     matmul_on(Isa::Scalar, &m, 0, m.n_out, &act, 1, &mut scalar, m.n_out);
-    let same = simd
-        .iter()
-        .zip(&scalar)
-        .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
-    assert!(same, "EFQ kernels disagree with the scalar reference");
+    for isa in edgefusion_kernels::cpu::available_isas() {
+        let mut simd = vec![0f32; m.n_out];
+        matmul_on(isa, &m, 0, m.n_out, &act, 1, &mut simd, m.n_out);
+        let same = simd
+            .iter()
+            .zip(&scalar)
+            .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+        assert!(
+            same,
+            "EFQ {} kernels disagree with the scalar reference",
+            isa.name()
+        );
+    }
 }
 
 /// A task file (jsonl). The first byte picks the item type (HellaSwag, ARC, MMLU, GSM8K,
 /// GSM8K shots); when the rest parses, the first items are turned into the harness's
-/// requests, the others serving as few-shot examples.
+/// requests with every item after the first as few-shot examples.
 pub fn task_jsonl(data: &[u8]) {
     use edgefusion_eval::prompts;
     use edgefusion_eval::tasks::{ArcItem, Gsm8kItem, Gsm8kShot, HellaswagItem, MmluItem};

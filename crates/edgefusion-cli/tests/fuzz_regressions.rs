@@ -103,7 +103,11 @@ fn hf_folder_seed(fixture: &str, shards: usize) -> Vec<u8> {
         let (role, layer) = parse_gguf_name(view.name).expect("fixture tensors have roles");
         let dtype = match view.dtype {
             edgefusion_kernels::GgmlType::F16 => safetensors::Dtype::F16,
-            _ => safetensors::Dtype::F32,
+            edgefusion_kernels::GgmlType::F32 => safetensors::Dtype::F32,
+            other => panic!(
+                "{fixture}: {} has {other:?}; seeds use f32/f16 fixtures",
+                view.name
+            ),
         };
         let shape: Vec<usize> = view.shape.iter().rev().copied().collect();
         tensors.push((role.hf_name(layer), dtype, shape, view.data.to_vec()));

@@ -401,7 +401,7 @@ fn open_never_panics(path: &Path) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(if cfg!(miri) { 8 } else { 512 }))]
 
     #[test]
     fn flipped_bytes_never_panic(

@@ -78,7 +78,7 @@ impl GgmlType {
     }
 
     /// Number of weights in one block.
-    pub fn block_size(self) -> usize {
+    pub const fn block_size(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::I8 => 1,
             GgmlType::Q4_0
@@ -97,7 +97,7 @@ impl GgmlType {
     }
 
     /// Bytes in one block.
-    pub fn type_size(self) -> usize {
+    pub const fn type_size(self) -> usize {
         match self {
             GgmlType::F32 => 4,
             GgmlType::F16 | GgmlType::BF16 => 2,

@@ -34,8 +34,8 @@ pub const QK: usize = 32;
 ///
 /// `Pod` (derived, so checked by the compiler: `repr(C)`, no padding, every bit pattern
 /// valid) makes the view safe; the structs hold byte arrays only, so their alignment is 1
-/// and any row slice can be viewed. Each implementation asserts at compile time that
-/// `size_of::<Self>()` equals `TYPE.type_size()`.
+/// and any row slice can be viewed. [`blocks`] asserts both (alignment 1, `size_of::<Self>()`
+/// equal to `TYPE.type_size()`) at compile time for every struct it views.
 pub trait Block: bytemuck::Pod {
     /// The GGML type whose blocks this struct describes.
     const TYPE: GgmlType;
@@ -67,6 +67,12 @@ pub fn blocks<B: Block>(bytes: &[u8], n_blocks: usize) -> &[B] {
         B::TYPE.name(),
         bytes.len()
     );
+    // Byte arrays only, so any row slice is aligned for the view (cast_slice would panic
+    // otherwise), and one struct per block of the GGML type table.
+    const {
+        assert!(std::mem::align_of::<B>() == 1);
+        assert!(std::mem::size_of::<B>() == B::TYPE.type_size());
+    };
     bytemuck::cast_slice(&bytes[..needed])
 }
 
@@ -83,6 +89,10 @@ pub fn blocks_mut<B: Block>(bytes: &mut [u8], n_blocks: usize) -> &mut [B] {
         B::TYPE.name(),
         bytes.len()
     );
+    const {
+        assert!(std::mem::align_of::<B>() == 1);
+        assert!(std::mem::size_of::<B>() == B::TYPE.type_size());
+    };
     bytemuck::cast_slice_mut(&mut bytes[..needed])
 }
 

@@ -61,8 +61,9 @@ pub const QK_K: usize = 256;
 pub const K_SCALE_SIZE: usize = 12;
 
 /// A k-quant block struct that may be viewed in place over raw row bytes: `Pod` (derived,
-/// so checked by the compiler) with byte arrays only, so alignment 1; each implementation
-/// asserts at compile time that `size_of::<Self>()` equals `TYPE.type_size()`.
+/// so checked by the compiler) with byte arrays only, so alignment 1. [`blocks`] asserts the
+/// alignment and `size_of::<Self>() == TYPE.type_size()` at compile time for every struct
+/// it views.
 pub(crate) trait KBlock: bytemuck::Pod {
     const TYPE: GgmlType;
 }
@@ -78,6 +79,12 @@ pub(crate) fn blocks<B: KBlock>(bytes: &[u8], n_blocks: usize) -> &[B] {
         n_blocks,
         bytes.len()
     );
+    // Byte arrays only, so any row slice is aligned for the view (cast_slice would panic
+    // otherwise), and one struct per block of the GGML type table.
+    const {
+        assert!(std::mem::align_of::<B>() == 1);
+        assert!(std::mem::size_of::<B>() == B::TYPE.type_size());
+    };
     bytemuck::cast_slice(&bytes[..needed])
 }
 
@@ -92,6 +99,10 @@ pub(crate) fn blocks_mut<B: KBlock>(bytes: &mut [u8], n_blocks: usize) -> &mut [
         n_blocks,
         bytes.len()
     );
+    const {
+        assert!(std::mem::align_of::<B>() == 1);
+        assert!(std::mem::size_of::<B>() == B::TYPE.type_size());
+    };
     bytemuck::cast_slice_mut(&mut bytes[..needed])
 }
 
