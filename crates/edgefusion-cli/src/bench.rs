@@ -165,6 +165,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     samples.push((n_prompt + n_gen) as f64 / secs);
                 }
             }
+            if session.settled_threads() < n_threads {
+                eprintln!(
+                    "{test} at {n_threads} threads: the layers settled on {} (the CPUs are busy; EDGEFUSION_ADAPT_THREADS=0 keeps every thread)",
+                    session.settled_threads()
+                );
+            }
             let (avg, sd) = mean_sd(&samples);
             let row = BenchRow {
                 model: name.clone(),

@@ -16,6 +16,11 @@
 //!   [`YIELD`] (so a descheduled partner can run on this CPU), then sleeps on a condition
 //!   variable until the next loop is published.
 //!
+//! When a second thread is a loss anyway (the machine is busy), the engine can lower the
+//! number of threads that take part in loops ([`ThreadPool::set_active_threads`]): the others
+//! sleep at once instead of spinning. To tell it when that may pay, the pool sums the time its
+//! caller waited for descheduled partners ([`ThreadPool::stalled`]).
+//!
 //! The protocol between a loop and its workers: `epoch` is odd while a loop is open. `run`
 //! writes the job, then opens the epoch; a worker that sees an open epoch it has not joined
 //! registers in `active`, checks that the epoch is still the one it saw, and only then reads
@@ -25,7 +30,7 @@
 
 use std::cell::UnsafeCell;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -36,6 +41,10 @@ const SPIN: Duration = Duration::from_micros(200);
 const YIELD: Duration = Duration::from_millis(2);
 /// Spin iterations between clock reads.
 const SPINS_PER_CHECK: usize = 64;
+/// A wait of the caller for its partners longer than this counts as a stall: imbalance
+/// between running threads costs microseconds, a partner the operating system descheduled
+/// costs a time slice (milliseconds).
+const STALL: Duration = Duration::from_micros(200);
 
 type Job = dyn Fn(usize) + Sync;
 
@@ -53,6 +62,10 @@ unsafe impl Send for JobSlot {}
 
 struct Shared {
     n_threads: usize,
+    /// Threads taking part in loops: the caller and workers `1..active_threads`.
+    active_threads: AtomicUsize,
+    /// Nanoseconds the caller waited in stalls (see [`STALL`]).
+    stalled_nanos: AtomicU64,
     /// Odd while a loop is open; incremented to open and again to close each loop.
     epoch: AtomicUsize,
     job: JobSlot,
@@ -73,9 +86,12 @@ struct Shared {
 }
 
 impl Shared {
-    fn open_epoch_to_join(&self, joined: usize) -> Option<usize> {
+    /// The open loop that worker `tid` should join: one it has not joined, while it is
+    /// among the active threads.
+    fn open_epoch_to_join(&self, tid: usize, joined: usize) -> Option<usize> {
         let epoch = self.epoch.load(SeqCst);
-        (epoch & 1 == 1 && epoch != joined).then_some(epoch)
+        (epoch & 1 == 1 && epoch != joined && tid < self.active_threads.load(SeqCst))
+            .then_some(epoch)
     }
 
     /// Takes and runs tasks of `job` until none is left.
@@ -130,6 +146,8 @@ impl ThreadPool {
         let n_threads = n_threads.max(1);
         let shared = Arc::new(Shared {
             n_threads,
+            active_threads: AtomicUsize::new(n_threads),
+            stalled_nanos: AtomicU64::new(0),
             epoch: AtomicUsize::new(0),
             job: JobSlot(UnsafeCell::new(None)),
             n_tasks: AtomicUsize::new(0),
@@ -153,14 +171,35 @@ impl ThreadPool {
             pool.workers.push(
                 std::thread::Builder::new()
                     .name(format!("edgefusion-{tid}"))
-                    .spawn(move || worker(&shared))?,
+                    .spawn(move || worker(&shared, tid))?,
             );
         }
         Ok(pool)
     }
 
+    /// Threads of the pool, the caller included.
     pub fn n_threads(&self) -> usize {
         self.shared.n_threads
+    }
+
+    /// Threads that take part in the next loops (see [`ThreadPool::set_active_threads`]).
+    pub fn active_threads(&self) -> usize {
+        self.shared.active_threads.load(SeqCst)
+    }
+
+    /// Lets only `n` threads (clamped to `1..=n_threads`), the caller and workers `1..n`,
+    /// take part in the next loops; the other workers sleep until the count is raised. Call
+    /// it between loops, from the thread that runs them.
+    pub fn set_active_threads(&self, n: usize) {
+        self.shared
+            .active_threads
+            .store(n.clamp(1, self.shared.n_threads), SeqCst);
+    }
+
+    /// Total time the caller has waited in stalls: for a partner descheduled in the middle of
+    /// its task, or between joining a loop and backing off, for longer than [`STALL`].
+    pub fn stalled(&self) -> Duration {
+        Duration::from_nanos(self.shared.stalled_nanos.load(SeqCst))
     }
 
     /// Runs `f(task)` for every task in `0..n_tasks`, each exactly once, on whichever threads
@@ -173,7 +212,7 @@ impl ThreadPool {
     /// If `f` panicked on any task (after every other task has run).
     pub fn for_each_task(&self, n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
         let shared = &*self.shared;
-        if shared.n_threads == 1 || n_tasks <= 1 {
+        if shared.active_threads.load(SeqCst) == 1 || n_tasks <= 1 {
             (0..n_tasks).for_each(f);
             return;
         }
@@ -199,9 +238,17 @@ impl ThreadPool {
         }
         let caller_panic = shared.drain(f);
         // Only tasks already taken can be outstanding: wait for their threads to finish them.
+        let waiting = (shared.completed.load(SeqCst) < n_tasks).then(Instant::now);
         wait_until(|| shared.completed.load(SeqCst) >= n_tasks);
         shared.epoch.fetch_add(1, SeqCst); // close
+        let waiting = waiting.or_else(|| (shared.active.load(SeqCst) > 0).then(Instant::now));
         wait_until(|| shared.active.load(SeqCst) == 0);
+        if let Some(waited) = waiting.map(|start| start.elapsed()) {
+            if waited > STALL {
+                let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+                shared.stalled_nanos.fetch_add(nanos, SeqCst);
+            }
+        }
         // SAFETY: the epoch is closed and no worker is active, so none reads the slot.
         unsafe { *shared.job.0.get() = None };
         let worker_panicked = shared.panicked.swap(false, SeqCst);
@@ -236,7 +283,7 @@ impl ThreadPool {
     ) {
         let a_chunk_len = a_chunk_len.max(1);
         let n_chunks = a.len().div_ceil(a_chunk_len);
-        if self.n_threads() == 1 || n_chunks <= 1 {
+        if self.active_threads() == 1 || n_chunks <= 1 {
             let mut b_chunks = b.chunks_mut(b_chunk_len.max(1));
             for (i, chunk) in a.chunks_mut(a_chunk_len).enumerate() {
                 f(i, chunk, b_chunks.next().unwrap_or(&mut []));
@@ -291,33 +338,38 @@ unsafe impl<T: Send> Sync for SendPtr<T> {}
 // SAFETY: as above.
 unsafe impl<T: Send> Send for SendPtr<T> {}
 
-fn worker(shared: &Shared) {
+/// Worker `tid` (1..n_threads; the caller is thread 0).
+fn worker(shared: &Shared, tid: usize) {
     let mut joined = 0usize;
     loop {
-        // Wait for an open loop this worker has not joined: spin, yield, then sleep.
+        // Wait for an open loop this worker has not joined: spin, yield, then sleep (at once
+        // while it is not among the active threads).
         let start = Instant::now();
         let mut spins = 0usize;
         let epoch = loop {
             if shared.shutdown.load(SeqCst) {
                 return;
             }
-            if let Some(epoch) = shared.open_epoch_to_join(joined) {
+            if let Some(epoch) = shared.open_epoch_to_join(tid, joined) {
                 break epoch;
             }
             spins += 1;
-            if !spins.is_multiple_of(SPINS_PER_CHECK) {
+            let inactive = tid >= shared.active_threads.load(SeqCst);
+            if !inactive && !spins.is_multiple_of(SPINS_PER_CHECK) {
                 std::hint::spin_loop();
                 continue;
             }
             let idle = start.elapsed();
-            if idle < SPIN {
+            if !inactive && idle < SPIN {
                 std::hint::spin_loop();
-            } else if idle < SPIN + YIELD {
+            } else if !inactive && idle < SPIN + YIELD {
                 std::thread::yield_now();
             } else {
                 let mut lock = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
                 shared.sleepers.fetch_add(1, SeqCst);
-                while shared.open_epoch_to_join(joined).is_none() && !shared.shutdown.load(SeqCst) {
+                while shared.open_epoch_to_join(tid, joined).is_none()
+                    && !shared.shutdown.load(SeqCst)
+                {
                     lock = shared.wake.wait(lock).unwrap_or_else(|e| e.into_inner());
                 }
                 shared.sleepers.fetch_sub(1, SeqCst);
@@ -430,6 +482,54 @@ mod tests {
             std::thread::sleep(Duration::from_micros(200));
         });
         assert!(threads_seen.lock().unwrap().len() >= 2, "no worker woke up");
+    }
+
+    /// Only the active threads take tasks; workers left out sleep, and join again (woken)
+    /// once the count is raised.
+    #[test]
+    fn only_active_threads_take_tasks() {
+        let pool = ThreadPool::new(3).unwrap();
+        let caller = std::thread::current().id();
+        let names_seen = |pool: &ThreadPool| {
+            let seen = Mutex::new(std::collections::BTreeSet::new());
+            pool.for_each_task(200, &|_| {
+                let me = std::thread::current();
+                let name = if me.id() == caller {
+                    "caller".to_string()
+                } else {
+                    me.name().unwrap_or("?").to_string()
+                };
+                seen.lock().unwrap().insert(name);
+                std::thread::sleep(Duration::from_micros(300));
+            });
+            seen.into_inner().unwrap()
+        };
+        for (active, allowed) in [
+            (1, &["caller"][..]),
+            (2, &["caller", "edgefusion-1"]),
+            (1, &["caller"]),
+            (3, &["caller", "edgefusion-1", "edgefusion-2"]),
+        ] {
+            pool.set_active_threads(active);
+            assert_eq!(pool.active_threads(), active);
+            let seen = names_seen(&pool);
+            assert!(
+                seen.iter().all(|n| allowed.contains(&n.as_str())),
+                "{active} active threads: tasks ran on {seen:?}"
+            );
+            if active > 1 {
+                assert!(
+                    seen.len() >= 2,
+                    "{active} active threads: no worker woke up"
+                );
+            }
+            // Let the workers left out fall asleep.
+            std::thread::sleep(SPIN + YIELD + Duration::from_millis(5));
+        }
+        pool.set_active_threads(0);
+        assert_eq!(pool.active_threads(), 1, "at least the caller runs");
+        pool.set_active_threads(9);
+        assert_eq!(pool.active_threads(), 3, "at most the pool's threads");
     }
 
     #[test]

@@ -30,7 +30,11 @@ pub enum Logits {
 pub struct SessionOptions {
     /// Context size: the KV caches of full attention layers hold this many positions.
     pub n_ctx: usize,
+    /// Threads of the pool (the most a layer uses).
     pub n_threads: usize,
+    /// Whether layers may use fewer threads while that is faster (a busy machine; see
+    /// `tuner.rs`). Default: on, unless `EDGEFUSION_ADAPT_THREADS=0`.
+    pub adapt_threads: bool,
     /// Tokens processed per forward step; longer inputs are split into steps of this size.
     pub max_batch: usize,
     /// Largest number of positions whose logits one `forward` call returns.
@@ -43,6 +47,7 @@ impl SessionOptions {
         SessionOptions {
             n_ctx,
             n_threads,
+            adapt_threads: std::env::var("EDGEFUSION_ADAPT_THREADS").map_or(true, |v| v != "0"),
             max_batch: 512,
             max_logits: 1,
             kv_type: KvType::F16,
@@ -210,7 +215,7 @@ impl<'m> Session<'m> {
             max_logits,
             ..opts
         };
-        let threads = Threads::new(opts.n_threads).map_err(|e| {
+        let threads = Threads::new(opts.n_threads, opts.adapt_threads).map_err(|e| {
             RuntimeError::InvalidOption(format!("cannot start {} threads: {e}", opts.n_threads))
         })?;
         let widest = cfg.d_model.max(cfg.q_dim()).max(cfg.d_ff);
@@ -236,7 +241,7 @@ impl<'m> Session<'m> {
             up: vec![0.0; max_batch * cfg.d_ff],
             logits: vec![0.0; max_logits * cfg.vocab_size],
             act: ActCache::new(max_batch, widest.max(cfg.ssm_channels())),
-            attn: AttnScratch::new(cfg, max_batch, threads.n_threads(), &cache_slots),
+            attn: AttnScratch::new(cfg, max_batch, threads.max_threads(), &cache_slots),
             ssm: SsmScratch::new(cfg, max_batch),
         };
         let layers = model
@@ -266,8 +271,15 @@ impl<'m> Session<'m> {
         self.opts.n_ctx
     }
 
+    /// Threads of the session's pool.
     pub fn n_threads(&self) -> usize {
-        self.threads.n_threads()
+        self.threads.max_threads()
+    }
+
+    /// Threads the layers settled on: fewer than [`Session::n_threads`] while the machine
+    /// is so busy that fewer run faster.
+    pub fn settled_threads(&self) -> usize {
+        self.threads.settled_threads()
     }
 
     /// Positions already processed.
@@ -534,12 +546,16 @@ impl<'m> Session<'m> {
         st.attn.begin_step(cfg, *n_past, n_tok);
 
         let first = layer_range.start;
+        let n_layers = layer_range.len();
+        threads.begin_layers(n_layers);
         for (li, (layer, layer_state)) in model.layers[layer_range.clone()]
             .iter()
             .zip(&mut layers[layer_range])
             .enumerate()
             .map(|(i, pair)| (first + i, pair))
         {
+            let started = threads.begin_layer(li - first);
+            let kind = crate::tuner::mixer_kind(&layer.mixer);
             rms_norm(
                 &st.x[..n_tok * d],
                 &layer.attn_norm,
@@ -615,7 +631,9 @@ impl<'m> Session<'m> {
             let (act, act_row) = st.act.get(threads, &ffn.down, &st.gate, n_tok);
             threads.linear(&ffn.down, act, act_row, n_tok, &mut st.proj);
             add_assign(&mut st.x[..n_tok * d], &st.proj[..n_tok * d]);
+            threads.end_layer(li - first, kind, started);
         }
+        threads.end_layers(n_layers);
         if observing {
             rms_norm(
                 &st.x[..n_tok * d],
@@ -671,5 +689,70 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 fn add_assign(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgefusion_io::ModelSource;
+    use edgefusion_testkit::fixture;
+
+    /// Which threads run a layer does not change a result: with half of each forward's
+    /// layers on one thread count and half on another (a tuner's trial), prefill in uneven
+    /// steps and then decode give the logits of a single thread, bit for bit where the
+    /// weights are quantized (integer dot products), to rounding where they are floats (whose
+    /// prefill kernels sum a tile of tokens in another order than a lone token).
+    #[test]
+    fn layers_on_any_thread_count_give_the_same_logits() {
+        for (name, bitwise) in [
+            ("tiny-llama-q4_1", true),
+            ("tiny-llama256-q4_k_m", true),
+            ("tiny-llama-q8_0", true),
+            ("tiny-llama-f32", false),
+            ("tiny-llama-f16", false),
+            ("tiny-hybrid-f32", false),
+            ("tiny-window-f32", false),
+        ] {
+            let source = ModelSource::open(fixture(&format!("{name}.gguf"))).unwrap();
+            let model = Model::load(&source).unwrap();
+            let vocab = model.config.vocab_size;
+            let tokens: Vec<u32> = (0..40).map(|i| (i * 7 + 3) as u32 % vocab as u32).collect();
+            let logits_of = |threads: Option<Threads>| {
+                let mut opts = SessionOptions::new(64, 1);
+                opts.adapt_threads = false;
+                opts.max_batch = 7;
+                opts.max_logits = 64;
+                let mut session = Session::new(&model, opts).unwrap();
+                if let Some(threads) = threads {
+                    session.threads = threads;
+                }
+                let mut out = session
+                    .forward(&tokens[..30], Logits::From(0))
+                    .unwrap()
+                    .to_vec();
+                for &t in &tokens[30..] {
+                    out.extend_from_slice(session.forward(&[t], Logits::Last).unwrap());
+                }
+                out
+            };
+            let single = logits_of(None);
+            assert_eq!(single.len(), 40 * vocab);
+            for (n_threads, trial) in [(2, 2), (2, 1), (3, 2), (3, 1)] {
+                let mixed = logits_of(Some(Threads::trying(n_threads, trial)));
+                let case = format!("{name}, {n_threads} threads trying {trial}");
+                if bitwise {
+                    let differ = single
+                        .iter()
+                        .zip(&mixed)
+                        .filter(|(a, b)| a.to_bits() != b.to_bits())
+                        .count();
+                    assert_eq!(differ, 0, "{case}: {differ} logits differ");
+                } else {
+                    let err = edgefusion_testkit::max_rel_error(&mixed, &single);
+                    assert!(err <= 1e-4, "{case}: relative error {err}");
+                }
+            }
+        }
     }
 }

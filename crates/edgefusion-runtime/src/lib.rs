@@ -10,6 +10,7 @@ pub mod profile;
 mod rope;
 pub mod sampler;
 pub mod tokenizer;
+mod tuner;
 
 pub use engine::{KvType, LinearInput, Logits, Observer, RecurrentState, Session, SessionOptions};
 pub use sampler::{Sampler, SamplerConfig};

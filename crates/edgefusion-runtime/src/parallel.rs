@@ -4,29 +4,106 @@
 //! weights once. Prefill (many tokens) splits the tokens: each thread reads the whole matrix,
 //! row panel by row panel sized to stay in L2, and reuses every panel across its tokens.
 
+use std::time::Instant;
+
 use edgefusion_kernels::threads::ThreadPool;
 use edgefusion_model::{Layout, Linear};
+
+use crate::tuner::ThreadTuner;
 
 /// Bytes of weights per row panel in prefill: about a quarter of a typical 1–2 MiB L2.
 const PANEL_BYTES: usize = 256 * 1024;
 /// Row ranges are multiples of this (whole row groups for the SIMD kernels, and whole
 /// 16-row groups of interleaved matrices).
 const ROW_ALIGN: usize = 16;
-/// The engine's worker threads (the caller included).
+/// The engine's worker threads (the caller included), and, when they adapt to the load,
+/// the tuner that picks how many of them each layer uses (see [`crate::tuner`]).
 pub struct Threads {
     pool: ThreadPool,
+    tuner: Option<ThreadTuner>,
+    /// The tuner's clock.
+    epoch: Instant,
 }
 
 impl Threads {
-    /// `n_threads` ≥ 1 workers (the caller validates the count).
-    pub fn new(n_threads: usize) -> std::io::Result<Self> {
+    /// `n_threads` ≥ 1 workers (the caller validates the count); with `adapt`, layers may use
+    /// fewer while that is faster.
+    pub fn new(n_threads: usize, adapt: bool) -> std::io::Result<Self> {
+        let pool = ThreadPool::new(n_threads)?;
+        let tuner =
+            (adapt && pool.n_threads() > 1).then(|| ThreadTuner::new(pool.n_threads(), 0.0));
         Ok(Threads {
-            pool: ThreadPool::new(n_threads)?,
+            pool,
+            tuner,
+            epoch: Instant::now(),
         })
     }
 
+    /// Threads whose tuner is in the middle of a trial of `count` threads.
+    #[cfg(test)]
+    pub(crate) fn trying(n_threads: usize, count: usize) -> Self {
+        Threads {
+            pool: ThreadPool::new(n_threads).unwrap(),
+            tuner: Some(ThreadTuner::trying(n_threads, count)),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Threads the parallel loops run on now (work is split in as many parts).
     pub fn n_threads(&self) -> usize {
+        self.pool.active_threads()
+    }
+
+    /// Threads of the pool: the most any loop runs on.
+    pub fn max_threads(&self) -> usize {
         self.pool.n_threads()
+    }
+
+    /// Threads the tuner has settled on (the pool's size when threads do not adapt).
+    pub fn settled_threads(&self) -> usize {
+        self.tuner
+            .as_ref()
+            .map_or(self.pool.n_threads(), ThreadTuner::current)
+    }
+
+    fn clock(&self) -> (f64, f64) {
+        (
+            self.epoch.elapsed().as_secs_f64(),
+            self.pool.stalled().as_secs_f64(),
+        )
+    }
+
+    /// Before a forward over `n_layers` layers.
+    pub(crate) fn begin_layers(&mut self, n_layers: usize) {
+        let (now, stalled) = self.clock();
+        if let Some(tuner) = &mut self.tuner {
+            tuner.begin_forward(n_layers, now, stalled);
+        }
+    }
+
+    /// Before layer `i` of the forward: sets its thread count; returns its start time when
+    /// the tuner times it.
+    pub(crate) fn begin_layer(&self, i: usize) -> Option<Instant> {
+        let tuner = self.tuner.as_ref()?;
+        self.pool.set_active_threads(tuner.layer_threads(i));
+        tuner.timing(i).then(Instant::now)
+    }
+
+    /// After layer `i`, of tuner kind `kind`, which started at `start`.
+    pub(crate) fn end_layer(&mut self, i: usize, kind: usize, start: Option<Instant>) {
+        if let (Some(tuner), Some(start)) = (&mut self.tuner, start) {
+            tuner.end_layer(i, kind, start.elapsed().as_secs_f64());
+        }
+    }
+
+    /// After the forward's `n_layers` layers: the tuner may decide, and what follows (the
+    /// output head) runs at the settled count.
+    pub(crate) fn end_layers(&mut self, n_layers: usize) {
+        let (now, stalled) = self.clock();
+        if let Some(tuner) = &mut self.tuner {
+            tuner.end_forward(n_layers, now, stalled);
+            self.pool.set_active_threads(tuner.current());
+        }
     }
 
     /// Calls `f(index, chunk)` for consecutive `chunk_len`-sized chunks of `out`, spread over
@@ -158,7 +235,7 @@ mod tests {
                         act_format.quantize_row(src, dst);
                     }
                     for n_threads in [1, 2] {
-                        let threads = Threads::new(n_threads).unwrap();
+                        let threads = Threads::new(n_threads, false).unwrap();
                         let mut out = vec![f32::NAN; n_tok * n_out];
                         threads.linear(w, &act, act_row, n_tok, &mut out);
                         for t in 0..n_tok {

@@ -266,19 +266,23 @@ impl AttnScratch {
         n_threads: usize,
         n_slots: &[usize],
     ) -> Self {
-        // A smaller cache may take longer sub-blocks: the largest need over every size.
-        let most = |f: &dyn Fn(usize) -> usize| n_slots.iter().map(|&n| f(n)).max().unwrap_or(0);
+        // A smaller cache may take longer sub-blocks, and fewer threads longer blocks: the
+        // largest need over every size and every thread count a layer may run on.
+        let most = |f: &dyn Fn(usize, usize) -> usize| {
+            (1..=n_threads.max(1))
+                .flat_map(|t| n_slots.iter().map(move |&n| (t, n)))
+                .map(|(t, n)| f(t, n))
+                .max()
+                .unwrap_or(0)
+        };
         AttnScratch {
             q: vec![0.0; max_batch * cfg.q_dim()],
             k: vec![0.0; max_batch * cfg.kv_dim()],
             v: vec![0.0; max_batch * cfg.kv_dim()],
             att: vec![0.0; max_batch * cfg.q_dim()],
-            att_tasks: vec![0.0; most(&|n| AttnPlan::max_out_len(cfg, max_batch, n_threads, n))],
+            att_tasks: vec![0.0; most(&|t, n| AttnPlan::max_out_len(cfg, max_batch, t, n))],
             // Zeroed: only the rows a context of the current length uses get mapped.
-            attn_scratch: vec![
-                0.0;
-                most(&|n| AttnPlan::max_scratch_len(cfg, max_batch, n_threads, n))
-            ],
+            attn_scratch: vec![0.0; most(&|t, n| AttnPlan::max_scratch_len(cfg, max_batch, t, n))],
             window_positions: vec![EMPTY; cfg.window_positions() + max_batch],
         }
     }
