@@ -10,8 +10,10 @@
 #
 # Loads: none; busy1 / busy2: one / two processes spinning without pause; bursty: one process
 # that spins 5 ms and sleeps 5 ms. `default` runs each engine without a thread count.
-# llama.cpp is used when scripts/setup-llamacpp.sh has built it (~30 min the first time);
-# --baseline A/B-tests another edgefusion binary (e.g. one built before a change).
+# The last column counts edgefusion's runs whose layers settled on fewer threads than asked
+# (runtime/src/tuner.rs). llama.cpp is used when scripts/setup-llamacpp.sh has built it
+# (~30 min the first time); --baseline A/B-tests another edgefusion binary (e.g. one built
+# before a change).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +31,7 @@ while [[ $# -gt 0 ]]; do
     --model) model=$2; shift 2 ;;
     --baseline) baseline=$2; shift 2 ;;
     --no-llamacpp) llamacpp=0; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "bench-contention: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -87,7 +89,7 @@ for load in $loads; do
         echo "[$load round $r/$rounds threads $t] $e" >&2
         f="$out/$load.$t.$e.$r.json"
         case "$e" in
-          ef) "$ef" bench -m "$model" -p "$pp" -n "$tg" "${targ[@]}" -r "$reps" -o json > "$f" ;;
+          ef) "$ef" bench -m "$model" -p "$pp" -n "$tg" "${targ[@]}" -r "$reps" -o json > "$f" 2> "$f.err" || { cat "$f.err" >&2; exit 1; } ;;
           base) "$baseline" bench -m "$model" -p "$pp" -n "$tg" "${targ[@]}" -r "$reps" -o json > "$f" ;;
           llama) "$lbench" -m "$model" -p "$pp" -n "$tg" "${targ[@]}" -r "$reps" -o json > "$f" 2>/dev/null ;;
         esac
@@ -98,8 +100,10 @@ for load in $loads; do
 done
 
 python3 - "$out" "$engines" <<'PY'
-import json, sys, glob, os, statistics
+import json, sys, glob, os, re, statistics
 out, engines = sys.argv[1], sys.argv[2].split()
+# edgefusion runs whose layers settled on fewer threads than asked, per (load, threads, test).
+settled, ef_runs = {}, {}
 names = {"ef": "edgefusion", "base": "baseline", "llama": "llama.cpp"}
 rows = {}
 for path in glob.glob(os.path.join(out, "*.json")):
@@ -107,12 +111,18 @@ for path in glob.glob(os.path.join(out, "*.json")):
     for r in json.load(open(path)):
         test = f"pp{r['n_prompt']}" if r["n_prompt"] > 0 else f"tg{r['n_gen']}"
         rows.setdefault((load, threads, test, engine), []).extend(r["samples_ts"])
+        if engine == "ef":
+            ef_runs[(load, threads, test)] = ef_runs.get((load, threads, test), 0) + 1
+    if engine == "ef" and os.path.exists(path + ".err"):
+        for m in re.finditer(r"^(\w+) at \d+ threads: the layers settled on", open(path + ".err").read(), re.M):
+            key = (load, threads, m.group(1))
+            settled[key] = settled.get(key, 0) + 1
 order = {"none": 0, "busy1": 1, "busy2": 2, "bursty": 3}
 keys = sorted({k[:3] for k in rows}, key=lambda k: (order[k[0]], k[2], k[1]))
 head = " | ".join(f"{names[e]} t/s (worst/median)" for e in engines)
 ratios = " | ".join(f"edgefusion ÷ {names[e]}" for e in engines if e != "ef")
-print(f"| load | threads | test | {head} | {ratios} | edgefusion ÷ its -t 1 |")
-print("|" + "---|" * (4 + 2 * len(engines) - 1))
+print(f"| load | threads | test | {head} | {ratios} | edgefusion ÷ its -t 1 | edgefusion runs on fewer threads |")
+print("|" + "---|" * (5 + 2 * len(engines) - 1))
 for load, threads, test in keys:
     med = {e: statistics.median(rows[(load, threads, test, e)]) for e in engines if (load, threads, test, e) in rows}
     worst = {e: min(rows[(load, threads, test, e)]) / med[e] for e in med}
@@ -120,5 +130,6 @@ for load, threads, test in keys:
     rat = " | ".join(f"{med['ef'] / med[e]:.2f}" if e in med and "ef" in med else "—" for e in engines if e != "ef")
     one = rows.get((load, "1", test, "ef"))
     own = f"{med['ef'] / statistics.median(one):.2f}" if one and "ef" in med else "—"
-    print(f"| {load} | {threads} | {test} | {cells} | {rat} | {own} |")
+    fewer = f"{settled.get((load, threads, test), 0)}/{ef_runs.get((load, threads, test), 0)}"
+    print(f"| {load} | {threads} | {test} | {cells} | {rat} | {own} | {fewer} |")
 PY

@@ -42,7 +42,7 @@ pub struct BenchArgs {
         default_value = "128"
     )]
     pub n_gen: Vec<usize>,
-    /// Thread counts to test (comma-separated) [default: EDGEFUSION_THREADS, else the physical cores this process may use].
+    /// Thread counts to test (comma-separated) [default: EDGEFUSION_THREADS, else the physical cores this process may use]; fewer run while that is faster on busy CPUs, unless EDGEFUSION_ADAPT_THREADS=0.
     #[arg(short = 't', long = "threads", value_delimiter = ',')]
     pub threads: Vec<usize>,
     /// Repetitions of each test.

@@ -77,7 +77,7 @@ pub struct CompareArgs {
     /// Sink of the Window-only row when the hybrid has no window of its own.
     #[arg(long, default_value_t = 4)]
     pub sink: usize,
-    /// Threads [default: EDGEFUSION_THREADS, else the physical cores this process may use].
+    /// Threads [default: EDGEFUSION_THREADS, else the physical cores this process may use]; fewer run while that is faster on busy CPUs, unless EDGEFUSION_ADAPT_THREADS=0.
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
     /// Folder for the variants, caches and the table.

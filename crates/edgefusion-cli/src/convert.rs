@@ -54,7 +54,7 @@ pub struct ConvertArgs {
     /// With `--window-layers auto`: tokens per scored window (at most the model's context).
     #[arg(long, default_value_t = 1024, requires = "window_layers")]
     pub choice_ctx: usize,
-    /// Threads [default: EDGEFUSION_THREADS, else the physical cores this process may use].
+    /// Threads [default: EDGEFUSION_THREADS, else the physical cores this process may use]; fewer run while that is faster on busy CPUs, unless EDGEFUSION_ADAPT_THREADS=0.
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
     /// Most recent positions (the current one included) a windowed layer attends to.

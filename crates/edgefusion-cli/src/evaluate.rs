@@ -52,7 +52,7 @@ pub struct EvaluateArgs {
     /// Few-shot examples for every task [default: each task's own, listed below].
     #[arg(long)]
     pub shots: Option<usize>,
-    /// Threads [default: EDGEFUSION_THREADS, else the physical cores this process may use].
+    /// Threads [default: EDGEFUSION_THREADS, else the physical cores this process may use]; fewer run while that is faster on busy CPUs, unless EDGEFUSION_ADAPT_THREADS=0.
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
     /// Write the report here: .md for markdown, .json for JSON (it is printed anyway).

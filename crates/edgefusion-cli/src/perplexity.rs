@@ -23,7 +23,7 @@ pub struct PerplexityArgs {
     /// Score at most this many windows [default: all that fit in the text].
     #[arg(long)]
     pub chunks: Option<usize>,
-    /// Threads [default: EDGEFUSION_THREADS, else the physical cores this process may use].
+    /// Threads [default: EDGEFUSION_THREADS, else the physical cores this process may use]; fewer run while that is faster on busy CPUs, unless EDGEFUSION_ADAPT_THREADS=0.
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
     /// Tokens per forward step.

@@ -90,7 +90,7 @@ pub struct QuantizeArgs {
     /// Their errors reach every layer through the lookup (and every logit through the head).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(2..=4))]
     pub embedding_bits: u8,
-    /// Threads [default: EDGEFUSION_THREADS, else the physical cores this process may use].
+    /// Threads [default: EDGEFUSION_THREADS, else the physical cores this process may use]; fewer run while that is faster on busy CPUs, unless EDGEFUSION_ADAPT_THREADS=0.
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
 }

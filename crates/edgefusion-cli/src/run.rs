@@ -50,7 +50,7 @@ pub struct RunArgs {
     /// Context size in tokens [default: the model's training context, at most 4096].
     #[arg(short = 'c', long = "ctx")]
     pub ctx: Option<usize>,
-    /// Threads [default: EDGEFUSION_THREADS, else the physical cores this process may use].
+    /// Threads [default: EDGEFUSION_THREADS, else the physical cores this process may use]; fewer run while that is faster on busy CPUs, unless EDGEFUSION_ADAPT_THREADS=0.
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
     /// Print the prompt as the model sees it (after the chat template) and its token ids.

@@ -65,7 +65,7 @@ pub struct TrainArgs {
     /// Write a checkpoint and stop after this training step (to test --resume).
     #[arg(long, hide = true)]
     pub stop_after_steps: Option<usize>,
-    /// Threads [default: EDGEFUSION_THREADS, else the physical cores this process may use].
+    /// Threads [default: EDGEFUSION_THREADS, else the physical cores this process may use]; fewer run while that is faster on busy CPUs, unless EDGEFUSION_ADAPT_THREADS=0.
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
 }
