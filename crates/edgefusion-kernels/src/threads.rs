@@ -191,9 +191,11 @@ impl ThreadPool {
     /// take part in the next loops; the other workers sleep until the count is raised. Call
     /// it between loops, from the thread that runs them.
     pub fn set_active_threads(&self, n: usize) {
-        self.shared
-            .active_threads
-            .store(n.clamp(1, self.shared.n_threads), SeqCst);
+        let n = n.clamp(1, self.shared.n_threads);
+        // Stored only when it changes: the spinning workers read this cache line.
+        if self.shared.active_threads.load(SeqCst) != n {
+            self.shared.active_threads.store(n, SeqCst);
+        }
     }
 
     /// Total time the caller has waited in stalls: for a partner descheduled in the middle of

@@ -555,7 +555,6 @@ impl<'m> Session<'m> {
             .map(|(i, pair)| (first + i, pair))
         {
             let started = threads.begin_layer(li - first);
-            let kind = crate::tuner::mixer_kind(&layer.mixer);
             rms_norm(
                 &st.x[..n_tok * d],
                 &layer.attn_norm,
@@ -631,7 +630,7 @@ impl<'m> Session<'m> {
             let (act, act_row) = st.act.get(threads, &ffn.down, &st.gate, n_tok);
             threads.linear(&ffn.down, act, act_row, n_tok, &mut st.proj);
             add_assign(&mut st.x[..n_tok * d], &st.proj[..n_tok * d]);
-            threads.end_layer(li - first, kind, started);
+            threads.end_layer(li - first, &layer.mixer, started);
         }
         threads.end_layers(n_layers);
         if observing {

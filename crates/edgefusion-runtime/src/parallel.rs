@@ -7,9 +7,9 @@
 use std::time::Instant;
 
 use edgefusion_kernels::threads::ThreadPool;
-use edgefusion_model::{Layout, Linear};
+use edgefusion_model::{Layout, Linear, Mixer};
 
-use crate::tuner::ThreadTuner;
+use crate::tuner::{mixer_kind, ThreadTuner};
 
 /// Bytes of weights per row panel in prefill: about a quarter of a typical 1–2 MiB L2.
 const PANEL_BYTES: usize = 256 * 1024;
@@ -66,18 +66,11 @@ impl Threads {
             .map_or(self.pool.n_threads(), ThreadTuner::current)
     }
 
-    fn clock(&self) -> (f64, f64) {
-        (
-            self.epoch.elapsed().as_secs_f64(),
-            self.pool.stalled().as_secs_f64(),
-        )
-    }
-
     /// Before a forward over `n_layers` layers.
     pub(crate) fn begin_layers(&mut self, n_layers: usize) {
-        let (now, stalled) = self.clock();
         if let Some(tuner) = &mut self.tuner {
-            tuner.begin_forward(n_layers, now, stalled);
+            let (now, stalled) = (self.epoch.elapsed(), self.pool.stalled());
+            tuner.begin_forward(n_layers, now.as_secs_f64(), stalled.as_secs_f64());
         }
     }
 
@@ -89,19 +82,19 @@ impl Threads {
         tuner.timing(i).then(Instant::now)
     }
 
-    /// After layer `i`, of tuner kind `kind`, which started at `start`.
-    pub(crate) fn end_layer(&mut self, i: usize, kind: usize, start: Option<Instant>) {
+    /// After layer `i`, whose mixer is `mixer`, which started at `start` (when timed).
+    pub(crate) fn end_layer(&mut self, i: usize, mixer: &Mixer<'_>, start: Option<Instant>) {
         if let (Some(tuner), Some(start)) = (&mut self.tuner, start) {
-            tuner.end_layer(i, kind, start.elapsed().as_secs_f64());
+            tuner.end_layer(i, mixer_kind(mixer), start.elapsed().as_secs_f64());
         }
     }
 
     /// After the forward's `n_layers` layers: the tuner may decide, and what follows (the
     /// output head) runs at the settled count.
     pub(crate) fn end_layers(&mut self, n_layers: usize) {
-        let (now, stalled) = self.clock();
         if let Some(tuner) = &mut self.tuner {
-            tuner.end_forward(n_layers, now, stalled);
+            let (now, stalled) = (self.epoch.elapsed(), self.pool.stalled());
+            tuner.end_forward(n_layers, now.as_secs_f64(), stalled.as_secs_f64());
             self.pool.set_active_threads(tuner.current());
         }
     }
