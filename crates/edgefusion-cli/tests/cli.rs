@@ -386,14 +386,14 @@ fn inspect_shows_efq_weights_and_tile_widths() {
     let mut bytes = std::fs::read(&output).unwrap();
     let at = bytes
         .windows(4)
-        .position(|w| w == b"EFQ1")
+        .position(|w| w == b"EFQ2")
         .expect("an EFQ blob");
     bytes[at + 3] = b'X';
     let bad = dir.join("bad.efq.gguf");
     std::fs::write(&bad, &bytes).unwrap();
     assert_fails_with(
         &["inspect", bad.to_str().unwrap()],
-        &["bad.efq.gguf", "tensor", ".weight", "EFQ1"],
+        &["bad.efq.gguf", "tensor", ".weight", "EFQ2"],
     );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -237,6 +237,7 @@ fn efq_seed(n_out: usize, n_in: usize) -> Vec<u8> {
             (n_out as u32 - 1, 130, 2),
         ],
         widths,
+        rotation: 0,
     };
     parts.to_bytes().unwrap()
 }

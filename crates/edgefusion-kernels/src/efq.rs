@@ -41,8 +41,16 @@ pub const COL_ALIGN: usize = 32;
 pub const OUTLIER_MAX: i8 = 31;
 /// Magic at the start of a matrix blob.
 pub const MAGIC: [u8; 4] = *b"EFQ1";
+/// Magic of a version-2 blob: the version-1 layout after a 20-byte header whose last word
+/// says how the input dimension is rotated.
+pub const MAGIC_V2: [u8; 4] = *b"EFQ2";
 /// Bytes of the fixed blob header: magic, n_out, n_in, total outlier slots.
 const HEADER_BYTES: usize = 16;
+/// Header of a version-2 blob: version 1's plus the rotation word.
+const HEADER_BYTES_V2: usize = 20;
+/// Rotation word of a version-2 blob whose input dimension is rotated by the randomized
+/// Hadamard transform of [`crate::hadamard`] (0: not rotated).
+pub const ROTATION_RHT64: u32 = crate::hadamard::BLOCK as u32;
 /// Bytes of one outlier slot: 16 u16 columns, then 16 i8 values.
 pub const SLOT_BYTES: usize = 3 * TILE_ROWS;
 
@@ -141,6 +149,9 @@ pub struct EfqParts {
     pub outlier_scales: Vec<u16>,
     /// Outliers as (row, col, v), at most one per position; v in −31..=31, nonzero.
     pub outliers: Vec<(u32, u32, i8)>,
+    /// 0, or [`ROTATION_RHT64`]: everything above describes `W·R` (`crate::hadamard`), and
+    /// the kernels read `x·R`.
+    pub rotation: u32,
 }
 
 impl EfqParts {
@@ -156,6 +167,15 @@ impl EfqParts {
             return Err(bad(format!(
                 "EFQ rows hold a positive multiple of {COL_ALIGN} weights, got {n_in}"
             )));
+        }
+        match self.rotation {
+            0 => {}
+            ROTATION_RHT64 if crate::hadamard::fits(n_in) => {}
+            r => {
+                return Err(bad(format!(
+                    "rotation {r} for rows of {n_in}: EFQ rotates 64-column blocks (rotation {ROTATION_RHT64}) of rows in multiples of 64, or nothing (0)"
+                )))
+            }
         }
         let (n_groups, nt) = (n_out / TILE_ROWS, n_tiles(n_in));
         let lens = [
@@ -233,7 +253,14 @@ impl EfqParts {
 
     /// Bytes the blob of these parts takes: every code, scale, zero, outlier and index.
     pub fn stored_bytes(&self) -> usize {
-        Layout::new(self.n_out, self.n_in, &self.widths, &self.slots()).total
+        Layout::new(
+            HEADER_BYTES_V2,
+            self.n_out,
+            self.n_in,
+            &self.widths,
+            &self.slots(),
+        )
+        .total
     }
 
     /// The matrix blob (see the module docs and `docs/FORMAT.md`).
@@ -241,6 +268,22 @@ impl EfqParts {
     /// # Errors
     /// If [`EfqParts::validate`] fails or a group has more than 255 outlier slots.
     pub fn to_bytes(&self) -> Result<Vec<u8>, EfqFormatError> {
+        self.encode(HEADER_BYTES_V2)
+    }
+
+    /// The blob in version 1 (magic "EFQ1", 16-byte header, no rotation): what files of
+    /// `edgefusion.efq.version` 1 hold. Kept so that tests can prove those still load.
+    ///
+    /// # Errors
+    /// As [`EfqParts::to_bytes`], and if the parts are rotated.
+    pub fn to_bytes_v1(&self) -> Result<Vec<u8>, EfqFormatError> {
+        if self.rotation != 0 {
+            return Err(bad("version-1 EFQ blobs cannot be rotated"));
+        }
+        self.encode(HEADER_BYTES)
+    }
+
+    fn encode(&self, header: usize) -> Result<Vec<u8>, EfqFormatError> {
         self.validate()?;
         let slots = self.slots();
         if let Some(g) = slots.iter().position(|&s| s > u8::MAX as usize) {
@@ -251,12 +294,17 @@ impl EfqParts {
         }
         let (n_out, n_in) = (self.n_out, self.n_in);
         let nt = n_tiles(n_in);
-        let layout = Layout::new(n_out, n_in, &self.widths, &slots);
+        let layout = Layout::new(header, n_out, n_in, &self.widths, &slots);
         let mut out = vec![0u8; layout.total];
-        out[..4].copy_from_slice(&MAGIC);
         out[4..8].copy_from_slice(&(n_out as u32).to_le_bytes());
         out[8..12].copy_from_slice(&(n_in as u32).to_le_bytes());
         out[12..16].copy_from_slice(&(layout.total_slots as u32).to_le_bytes());
+        if header == HEADER_BYTES_V2 {
+            out[..4].copy_from_slice(&MAGIC_V2);
+            out[16..20].copy_from_slice(&self.rotation.to_le_bytes());
+        } else {
+            out[..4].copy_from_slice(&MAGIC);
+        }
         out[layout.widths..][..self.widths.len()].copy_from_slice(&self.widths);
         for (i, &s) in self.row_scales.iter().enumerate() {
             out[layout.row_scales + 2 * i..][..2].copy_from_slice(&s.to_le_bytes());
@@ -333,9 +381,9 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(n_out: usize, n_in: usize, widths: &[u8], slots: &[usize]) -> Layout {
+    fn new(header: usize, n_out: usize, n_in: usize, widths: &[u8], slots: &[usize]) -> Layout {
         let (n_groups, nt) = (n_out / TILE_ROWS, n_tiles(n_in));
-        let widths_at = HEADER_BYTES;
+        let widths_at = header;
         let row_scales = (widths_at + n_groups * nt).next_multiple_of(2);
         let slot_counts = row_scales + 2 * n_out;
         let outlier_scales = (slot_counts + n_groups).next_multiple_of(2);
@@ -381,6 +429,8 @@ pub struct EfqMatrix<'a> {
     widths: &'a [u8],
     tiles: &'a [u8],
     outliers: &'a [u8],
+    /// 0, or [`ROTATION_RHT64`]: the kernels read `x·R` (see [`EfqParts::rotation`]).
+    pub rotation: u32,
     row_scales_at: usize,
     outlier_scales_at: usize,
     tile_offsets: Vec<usize>,
@@ -397,14 +447,29 @@ impl<'a> EfqMatrix<'a> {
                 bytes.len()
             )));
         }
-        if bytes[..4] != MAGIC {
+        let header = if bytes[..4] == MAGIC {
+            HEADER_BYTES
+        } else if bytes[..4] == MAGIC_V2 {
+            HEADER_BYTES_V2
+        } else {
             return Err(bad(format!(
-                "EFQ matrix blob starts with {:?}, not \"EFQ1\"",
+                "EFQ matrix blob starts with {:?}, not \"EFQ1\" or \"EFQ2\"",
                 String::from_utf8_lossy(&bytes[..4])
+            )));
+        };
+        if bytes.len() < header {
+            return Err(bad(format!(
+                "EFQ matrix blob of {} bytes is shorter than its {header}-byte header",
+                bytes.len()
             )));
         }
         let word = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap()) as usize;
         let (n_out, n_in, total_slots) = (word(4), word(8), word(12));
+        let rotation = if header == HEADER_BYTES_V2 {
+            word(16) as u32
+        } else {
+            0
+        };
         if n_out == 0
             || !n_out.is_multiple_of(TILE_ROWS)
             || n_in == 0
@@ -414,28 +479,33 @@ impl<'a> EfqMatrix<'a> {
                 "EFQ matrix shape ({n_out}, {n_in}) is not (16k, 32m)"
             )));
         }
+        if rotation != 0 && (rotation != ROTATION_RHT64 || !crate::hadamard::fits(n_in)) {
+            return Err(bad(format!(
+                "EFQ rotation {rotation} for rows of {n_in}: only {ROTATION_RHT64} (64-column Hadamard blocks, rows in multiples of 64) or 0"
+            )));
+        }
         let (n_groups, nt) = (n_out / TILE_ROWS, n_tiles(n_in));
         // Sizes of the fixed sections must fit before anything is indexed.
-        let fixed = HEADER_BYTES + n_groups * nt + 2 * n_out + 3 * n_groups + 64;
+        let fixed = header + n_groups * nt + 2 * n_out + 3 * n_groups + 64;
         if bytes.len() < fixed {
             return Err(bad(format!(
                 "EFQ matrix blob of {} bytes is too short for ({n_out}, {n_in})",
                 bytes.len()
             )));
         }
-        let widths = &bytes[HEADER_BYTES..HEADER_BYTES + n_groups * nt];
+        let widths = &bytes[header..header + n_groups * nt];
         if let Some(i) = widths.iter().position(|w| !(2..=4).contains(w)) {
             return Err(bad(format!(
                 "EFQ tile {i} has width {} bits; tiles have 2, 3 or 4",
                 widths[i]
             )));
         }
-        let probe = Layout::new(n_out, n_in, widths, &vec![0; n_groups]);
+        let probe = Layout::new(header, n_out, n_in, widths, &vec![0; n_groups]);
         let slots: Vec<usize> = bytes[probe.slot_counts..probe.slot_counts + n_groups]
             .iter()
             .map(|&s| s as usize)
             .collect();
-        let layout = Layout::new(n_out, n_in, widths, &slots);
+        let layout = Layout::new(header, n_out, n_in, widths, &slots);
         if layout.total_slots != total_slots {
             return Err(bad(format!(
                 "EFQ header says {total_slots} outlier slots, the groups' counts add up to {}",
@@ -483,6 +553,7 @@ impl<'a> EfqMatrix<'a> {
             widths,
             tiles,
             outliers,
+            rotation,
             row_scales_at: layout.row_scales,
             outlier_scales_at: layout.outlier_scales,
             tile_offsets: layout.tile_offsets,
@@ -569,6 +640,7 @@ impl<'a> EfqMatrix<'a> {
                 })
                 .collect(),
             outliers: Vec::new(),
+            rotation: self.rotation,
         };
         for g in 0..n_out / TILE_ROWS {
             for t in 0..nt {
@@ -618,6 +690,9 @@ impl<'a> EfqMatrix<'a> {
                 out[c] += gs * v as f32;
             }
         }
+        if self.rotation != 0 {
+            crate::hadamard::unrotate(&mut out[..self.n_in], 0);
+        }
     }
 }
 
@@ -640,6 +715,29 @@ impl ActQ8 {
         for (block, dst) in x
             .chunks(TILE_COLS)
             .zip(out.chunks_exact_mut(Self::BLOCK_BYTES))
+        {
+            Self::quantize_block(block, dst);
+        }
+    }
+
+    /// [`ActQ8::quantize_row`] of `x · R` (`crate::hadamard`), for matrices stored rotated;
+    /// `x.len()` is a multiple of 64.
+    pub fn quantize_row_rotated(x: &[f32], out: &mut [u8]) {
+        let mut rotated = [0.0f32; TILE_COLS];
+        for (b, (block, dst)) in x
+            .chunks(TILE_COLS)
+            .zip(out.chunks_exact_mut(Self::BLOCK_BYTES))
+            .enumerate()
+        {
+            let rotated = &mut rotated[..block.len()];
+            rotated.copy_from_slice(block);
+            crate::hadamard::rotate(rotated, b * TILE_COLS);
+            Self::quantize_block(rotated, dst);
+        }
+    }
+
+    /// One block of at most 128 values into its `BLOCK_BYTES`.
+    fn quantize_block(block: &[f32], dst: &mut [u8]) {
         {
             let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
@@ -918,6 +1016,7 @@ mod tests {
                 .map(|g| f16_bits(0.05 + g as f32 * 0.01))
                 .collect(),
             outliers,
+            rotation: 0,
         }
     }
 
@@ -1035,6 +1134,92 @@ mod tests {
         }
         // Every code width went through every kernel (each case draws widths per tile).
         assert_eq!(widths_seen.into_iter().collect::<Vec<_>>(), [2, 3, 4]);
+    }
+
+    /// Version-1 blobs (16-byte header, magic "EFQ1") parse to the same matrix as the
+    /// version-2 blob of the same parts, and refuse to carry a rotation.
+    #[test]
+    fn version_1_blobs_still_parse() {
+        for (n_in, every) in [(576, 50), (224, 0)] {
+            let p = parts(2, n_in, 5, every);
+            let v1 = p.to_bytes_v1().unwrap();
+            let v2 = p.to_bytes().unwrap();
+            assert_eq!((&v1[..4], &v2[..4]), (&b"EFQ1"[..], &b"EFQ2"[..]));
+            let (m1, m2) = (
+                EfqMatrix::parse(&v1).unwrap(),
+                EfqMatrix::parse(&v2).unwrap(),
+            );
+            assert_eq!(m1.to_parts(), m2.to_parts());
+            assert_eq!(m1.rotation, 0);
+            let act_row = ActQ8::row_bytes(n_in);
+            let mut act = vec![0u8; act_row];
+            let x: Vec<f32> = (0..n_in).map(|c| (c % 13) as f32 / 6.0 - 1.0).collect();
+            ActQ8::quantize_row(&x, &mut act);
+            let (mut o1, mut o2) = (vec![0.0; m1.n_out], vec![0.0; m2.n_out]);
+            matmul(&m1, 0, m1.n_out, &act, 1, &mut o1, m1.n_out);
+            matmul(&m2, 0, m2.n_out, &act, 1, &mut o2, m2.n_out);
+            assert_eq!(o1, o2);
+        }
+        let mut rotated = parts(1, 128, 1, 0);
+        rotated.rotation = ROTATION_RHT64;
+        assert!(rotated.to_bytes_v1().is_err());
+    }
+
+    /// A rotated blob stores `W·R`: its rows dequantize to `W` (the original basis), and its
+    /// matmul on rotated activations gives `W·x` — on every ISA, bit for bit the scalar's.
+    #[test]
+    fn rotated_blobs_read_rotated_inputs() {
+        for n_in in [576, 128, 64] {
+            let mut p = parts(2, n_in, 9, 40);
+            p.rotation = ROTATION_RHT64;
+            let bytes = p.to_bytes().unwrap();
+            let m = EfqMatrix::parse(&bytes).unwrap();
+            assert_eq!(m.rotation, ROTATION_RHT64);
+            let x: Vec<f32> = (0..n_in)
+                .map(|c| ((c * 5) % 17) as f32 / 8.0 - 1.0)
+                .collect();
+            let act_row = ActQ8::row_bytes(n_in);
+            let mut act = vec![0u8; act_row];
+            ActQ8::quantize_row_rotated(&x, &mut act);
+            let mut scalar = vec![0.0; m.n_out];
+            matmul_on(Isa::Scalar, &m, 0, m.n_out, &act, 1, &mut scalar, m.n_out);
+            let (mut w, mut xr) = (vec![0.0f32; n_in], vec![0.0f32; n_in]);
+            ActQ8::dequantize_row(&act, &mut xr);
+            let norm = |v: &[f32]| v.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
+            for (r, &got) in scalar.iter().enumerate() {
+                m.dequantize_row(r, &mut w);
+                // W·x in the original basis, up to the activations' 8-bit codes.
+                let plain: f64 = w.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let got = got as f64;
+                assert!(
+                    (got - plain).abs() <= 0.01 * norm(&w) * norm(&x),
+                    "n_in {n_in} row {r}: {got} vs W·x {plain}"
+                );
+                // Exactly (W·R)·(x·R as coded), to float rounding.
+                crate::hadamard::rotate(&mut w, 0);
+                let exact: f64 = w.iter().zip(&xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let mag: f64 = w
+                    .iter()
+                    .zip(&xr)
+                    .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                    .sum();
+                assert!(
+                    (got - exact).abs() <= 1e-5 * mag + 1e-6,
+                    "n_in {n_in} row {r}: {got} vs {exact}"
+                );
+            }
+            for isa in crate::cpu::available_isas() {
+                let mut got = vec![0.0; m.n_out];
+                matmul_on(isa, &m, 0, m.n_out, &act, 1, &mut got, m.n_out);
+                assert_eq!(got, scalar, "{}", isa.name());
+            }
+        }
+        // Rows that are not whole Hadamard blocks cannot be rotated.
+        let mut p = parts(1, 96, 1, 0);
+        p.rotation = ROTATION_RHT64;
+        assert!(p.to_bytes().unwrap_err().0.contains("multiples of 64"));
+        p.rotation = 32;
+        assert!(p.to_bytes().is_err());
     }
 
     #[test]

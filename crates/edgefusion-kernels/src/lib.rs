@@ -22,6 +22,7 @@ pub mod efq;
 pub mod f32ops;
 pub mod formats;
 pub mod ggml_type;
+pub mod hadamard;
 pub mod interleaved;
 pub mod kquants;
 pub mod threads;

@@ -27,6 +27,9 @@ pub enum ActFormat {
     Ggml(GgmlType),
     /// EFQ's partner: 8-bit codes per 128-column block with scale and code sum.
     EfqQ8,
+    /// [`ActFormat::EfqQ8`] of the input rotated by EFQ v2's randomized Hadamard transform
+    /// (`edgefusion_kernels::hadamard`), for matrices stored rotated.
+    EfqQ8Rotated,
 }
 
 impl ActFormat {
@@ -34,7 +37,7 @@ impl ActFormat {
     pub fn row_bytes(self, n: usize) -> usize {
         match self {
             ActFormat::Ggml(ty) => ty.row_bytes(n).unwrap_or(n * 4),
-            ActFormat::EfqQ8 => ActQ8::row_bytes(n),
+            ActFormat::EfqQ8 | ActFormat::EfqQ8Rotated => ActQ8::row_bytes(n),
         }
     }
 
@@ -43,6 +46,7 @@ impl ActFormat {
         match self {
             ActFormat::Ggml(ty) => edgefusion_kernels::quantize_row(ty, x, out),
             ActFormat::EfqQ8 => ActQ8::quantize_row(x, out),
+            ActFormat::EfqQ8Rotated => ActQ8::quantize_row_rotated(x, out),
         }
     }
 }
@@ -274,6 +278,7 @@ impl<'a> Linear<'a> {
     /// The format activations must be quantized to before a dot product with these weights.
     pub fn act_format(&self) -> ActFormat {
         match self.storage {
+            Storage::Efq(ref m) if m.rotation != 0 => ActFormat::EfqQ8Rotated,
             Storage::Efq(_) => ActFormat::EfqQ8,
             _ => ActFormat::Ggml(edgefusion_kernels::vec_dot_type(self.dtype)),
         }

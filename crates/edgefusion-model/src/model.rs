@@ -35,7 +35,10 @@ fn window_context(e: ModelError, file: &str, layer: usize, why: &str) -> ModelEr
 
 /// Metadata key and version of EFQ-quantized GGUF files (written by `edgefusion quantize`).
 pub const EFQ_VERSION_KEY: &str = "edgefusion.efq.version";
-pub const EFQ_VERSION: u32 = 1;
+pub const EFQ_VERSION: u32 = 2;
+/// EFQ file versions this build reads: 1 (blobs "EFQ1") and 2 (blobs "EFQ1" or "EFQ2",
+/// whose input dimension may be rotated).
+pub const EFQ_VERSIONS_READ: std::ops::RangeInclusive<u32> = 1..=EFQ_VERSION;
 
 /// Attention weights of one layer: `q = Wq x (+ bq)`, etc.
 #[derive(Debug)]
@@ -256,11 +259,16 @@ impl<'a> Model<'a> {
         if let ModelSource::Gguf(gguf) = source {
             let version = gguf.get(EFQ_VERSION_KEY).map(|v| v.as_i128());
             if let Some(v) = version {
-                if v != Some(EFQ_VERSION as i128) {
+                if !v.is_some_and(|v| {
+                    (*EFQ_VERSIONS_READ.start() as i128..=*EFQ_VERSIONS_READ.end() as i128)
+                        .contains(&v)
+                }) {
                     return Err(ModelError::Invalid {
                         file,
                         what: format!(
-                            "{EFQ_VERSION_KEY} is {v:?}; this EdgeFusion reads EFQ files of version {EFQ_VERSION}"
+                            "{EFQ_VERSION_KEY} is {v:?}; this EdgeFusion reads EFQ files of versions {} to {}",
+                            EFQ_VERSIONS_READ.start(),
+                            EFQ_VERSIONS_READ.end()
                         ),
                     });
                 }

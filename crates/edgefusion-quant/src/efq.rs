@@ -121,6 +121,8 @@ pub struct Plan {
     outlier_scales: Vec<u16>,
     /// (n_out, n_in): each weight's 6-bit outlier code, 0 where it is not an outlier.
     outlier_codes: Vec<i8>,
+    /// The blob's rotation word: 0, or `ROTATION_RHT64` when `w` was given as `W·R`.
+    pub rotation: u32,
 }
 
 /// Chooses the outliers of `w (n_out, n_in)`: in every row, the `round(frac · n_in)` weights
@@ -329,7 +331,7 @@ pub fn fixed_bytes(n_out: usize, n_in: usize, outliers: &[(u32, u32)]) -> usize 
         .chunks(TILE_ROWS)
         .map(|g| g.iter().copied().max().unwrap_or(0))
         .sum();
-    16 + n_groups * n_tiles(n_in) + 2 * n_out + 3 * n_groups + 64 + slots * SLOT_BYTES
+    20 + n_groups * n_tiles(n_in) + 2 * n_out + 3 * n_groups + 64 + slots * SLOT_BYTES
 }
 
 /// Fits every block's grid of `w (n_out, n_in)` for `widths`, outliers at `outliers`.
@@ -413,6 +415,7 @@ pub fn plan(
         grids,
         outlier_scales,
         outlier_codes,
+        rotation: 0,
     }
 }
 
@@ -483,6 +486,7 @@ impl Plan {
                 .filter(|&(_, &v)| v != 0)
                 .map(|(i, &v)| ((i / n_in) as u32, (i % n_in) as u32, v))
                 .collect(),
+            rotation: self.rotation,
         }
     }
 }

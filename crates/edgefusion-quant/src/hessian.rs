@@ -52,6 +52,43 @@ impl Hessian {
         }
     }
 
+    /// The statistics of the rotated input `x·R` (`edgefusion_kernels::hadamard`):
+    /// `Rᵀ·H·R`, for matrices stored rotated. `n` must be a multiple of 64.
+    pub fn rotated(&self) -> Hessian {
+        use edgefusion_kernels::hadamard;
+        let n = self.n;
+        // Rows of the full symmetric matrix, each right-multiplied by R: H·R.
+        let mut hr = vec![0.0f64; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                hr[i * n + j] = self.sum[i.min(j) * n + i.max(j)];
+            }
+            hadamard::rotate(&mut hr[i * n..(i + 1) * n], 0);
+        }
+        // (H·R)ᵀ·R = Rᵀ·H·R: transpose, then rows times R again.
+        let mut out = vec![0.0f64; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                out[j * n + i] = hr[i * n + j];
+            }
+        }
+        for row in out.chunks_exact_mut(n) {
+            hadamard::rotate(row, 0);
+        }
+        // Keep the upper triangle (symmetrized against rounding), as `add_rows` does.
+        let mut sum = vec![0.0f64; n * n];
+        for i in 0..n {
+            for j in i..n {
+                sum[i * n + j] = 0.5 * (out[i * n + j] + out[j * n + i]);
+            }
+        }
+        Hessian {
+            n,
+            sum,
+            n_rows: self.n_rows,
+        }
+    }
+
     /// Input length (`n_in` of the layer).
     pub fn n(&self) -> usize {
         self.n
@@ -236,6 +273,41 @@ pub(crate) mod tests {
                 );
             }
         }
+    }
+
+    /// `rotated()` is the statistics of the rotated inputs `x·R`, summed directly.
+    #[test]
+    fn rotated_equals_the_sum_over_rotated_inputs() {
+        let mut rng = Rng::new(11);
+        let (n, n_rows) = (192, 400);
+        // Heavy channels, as in LLM activations: the rotation spreads them.
+        let x: Vec<f32> = (0..n_rows * n)
+            .map(|k| rng.next_f32() * if k % n == 5 { 20.0 } else { 1.0 } + 0.2)
+            .collect();
+        let mut xr = x.clone();
+        for row in xr.chunks_exact_mut(n) {
+            edgefusion_kernels::hadamard::rotate(row, 0);
+        }
+        let mut hessian = Hessian::new(n);
+        hessian.add_rows(&x, n_rows).unwrap();
+        let rotated = hessian.rotated();
+        assert_eq!(rotated.n_rows(), n_rows);
+        assert_close(&rotated.mean(), &reference(&xr, n_rows, n), n_rows, n);
+        // The trace (total input energy) is unchanged; the heavy channel is spread out.
+        let trace = |d: Vec<f64>| d.iter().sum::<f64>();
+        let (before, after) = (hessian.diag(), rotated.diag());
+        assert!(
+            (trace(before.clone()) - trace(after.clone())).abs() < 1e-6 * trace(before.clone())
+        );
+        let peak = |d: &[f64]| {
+            d.iter().cloned().fold(0.0, f64::max) / (d.iter().sum::<f64>() / d.len() as f64)
+        };
+        assert!(
+            peak(&after) < 0.25 * peak(&before),
+            "{} vs {}",
+            peak(&after),
+            peak(&before)
+        );
     }
 
     #[test]

@@ -7,10 +7,13 @@
 
 use std::path::Path;
 
+use rayon::prelude::*;
+
 use edgefusion_io::gguf::{GgufWriter, MetaValue};
 use edgefusion_io::names::TensorRole;
 use edgefusion_io::ModelSource;
-use edgefusion_kernels::efq::{n_tiles, COL_ALIGN, TILE_ROWS};
+use edgefusion_kernels::efq::{n_tiles, COL_ALIGN, ROTATION_RHT64, TILE_ROWS};
+use edgefusion_kernels::hadamard;
 use edgefusion_kernels::GgmlType;
 use edgefusion_model::model::{EFQ_VERSION as EFQ_FILE_VERSION, EFQ_VERSION_KEY as VERSION_KEY};
 use edgefusion_model::{Linear, Model};
@@ -85,6 +88,10 @@ pub struct QuantizeOptions {
     /// `output` their own types: the embedding's errors reach every layer through the
     /// lookup, which no Hessian sees.
     pub embedding_bits: u8,
+    /// Store every matrix whose rows are a multiple of 64 long as `W·R`, `R` the randomized
+    /// Hadamard transform of `edgefusion_kernels::hadamard` (the kernels rotate the input
+    /// to match): rotated rows have no heavy coordinates for a block's grid to stretch to.
+    pub rotate: bool,
 }
 
 /// One quantized matrix, for the report.
@@ -390,9 +397,30 @@ pub fn quantize(
             )));
         }
     }
-    let (hessians, calib_window) = match &opts.calibration {
+    let (mut hessians, calib_window) = match &opts.calibration {
         Some(calib) if opts.method != Method::Rtn => calibrate(gguf, &model, calib, progress)?,
         _ => (Hessians::new(), Vec::new()),
+    };
+    // Which matrices are stored rotated: all of them whose rows hold whole Hadamard blocks.
+    let rotated = |n_in: usize| opts.rotate && hadamard::fits(n_in);
+    if opts.rotate {
+        // The inputs of rotated matrices are read as `x·R`: their statistics are `Rᵀ·H·R`.
+        let mut sites: Vec<&mut Hessian> = hessians.values_mut().collect();
+        sites.par_iter_mut().for_each(|h| {
+            if rotated(h.n()) {
+                **h = h.rotated();
+            }
+        });
+    }
+    // A matrix's weights as the quantizer sees them: `W`, or `W·R` when stored rotated.
+    let source_weights = |w: &Linear<'_>| -> Result<Vec<f32>, QuantError> {
+        let mut values = dequantized(w)?;
+        if rotated(w.n_in) {
+            for row in values.chunks_exact_mut(w.n_in) {
+                hadamard::rotate(row, 0);
+            }
+        }
+        Ok(values)
     };
     // Column importances: the Hessian diagonal where the input was observed.
     let importance = |site: Option<LinearInput>, n_in: usize| -> Vec<f32> {
@@ -419,7 +447,7 @@ pub fn quantize(
         Method::Efq => {
             let mut errors = Vec::with_capacity(mats.len());
             for (role, site, w, _) in &mats {
-                let values = dequantized(w)?;
+                let values = source_weights(w)?;
                 let h = importance(*site, w.n_in);
                 let outliers = select_outliers(&values, w.n_out, w.n_in, &h, opts.outliers);
                 if role.is_embedding_or_head() {
@@ -473,15 +501,20 @@ pub fn quantize(
                         .linear_mut(*role, *layer)
                         .expect("listed by Model::linears");
                     let (n_out, n_in) = (w.n_out, w.n_in);
-                    let values = dequantized(w)?;
+                    let values = source_weights(w)?;
                     let h = importance(mats_site(*role, *layer, model.output.is_none()), n_in);
                     let two = vec![2u8; (n_out / TILE_ROWS) * n_tiles(n_in)];
                     let p = plan(&values, n_out, n_in, &h, &two, &outlier_sets[i]);
-                    let rounded: Vec<f32> = values
+                    let mut rounded: Vec<f32> = values
                         .iter()
                         .enumerate()
                         .map(|(j, &v)| p.round(j / n_in, j % n_in, v))
                         .collect();
+                    if rotated(n_in) {
+                        for row in rounded.chunks_exact_mut(n_in) {
+                            hadamard::unrotate(row, 0);
+                        }
+                    }
                     let slot = model.linear_mut(*role, *layer).expect("listed");
                     let original =
                         std::mem::replace(slot, Linear::from_f32(name, n_in, n_out, &rounded));
@@ -545,9 +578,12 @@ pub fn quantize(
     // last input's factorization serves them all.
     let mut factor: Option<(LinearInput, GptqFactor)> = None;
     for (i, (role, site, w, _)) in mats.iter().enumerate() {
-        let mut values = dequantized(w)?;
+        let mut values = source_weights(w)?;
         let h = importance(*site, w.n_in);
-        let p = plan(&values, w.n_out, w.n_in, &h, &widths[i], &outlier_sets[i]);
+        let mut p = plan(&values, w.n_out, w.n_in, &h, &widths[i], &outlier_sets[i]);
+        if rotated(w.n_in) {
+            p.rotation = ROTATION_RHT64;
+        }
         let hessian = site.and_then(|s| hessians.get(&s).map(|h| (s, h)));
         let rounded: Vec<f32> = match hessian {
             Some((site, hessian)) if opts.method != Method::Rtn => {
@@ -600,6 +636,10 @@ pub fn quantize(
         MetaValue::String(opts.method.name().into()),
     );
     writer.add_metadata("edgefusion.efq.target_bpw", MetaValue::F32(opts.bpw as f32));
+    writer.add_metadata(
+        "edgefusion.efq.rotation",
+        MetaValue::String(if opts.rotate { "rht64" } else { "none" }.into()),
+    );
     // Only efq takes outliers out.
     let outliers = if opts.method == Method::Efq {
         opts.outliers

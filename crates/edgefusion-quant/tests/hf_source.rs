@@ -170,6 +170,7 @@ fn hugging_face_folder_converts_and_quantizes_like_its_gguf() {
         act_order: false,
         sensitivity: false,
         embedding_bits: 4,
+        rotate: true,
     };
     let out_hf = work.join("from-folder.efq.gguf");
     let out_gguf = work.join("from-gguf.efq.gguf");

@@ -55,6 +55,7 @@ fn quantized_tiny_model_loads_and_stays_close() {
             act_order: false,
             sensitivity: false,
             embedding_bits: 4,
+            rotate: true,
         };
         let report = quantize(
             &ModelSource::open(&input).unwrap(),
@@ -105,6 +106,7 @@ fn quantized_tiny_model_loads_and_stays_close() {
         act_order: false,
         sensitivity: false,
         embedding_bits: 4,
+        rotate: true,
     };
     let err = quantize(
         &ModelSource::open(&input).unwrap(),
@@ -161,6 +163,7 @@ fn calibration_and_gptq_lower_the_error() {
             act_order: false,
             sensitivity: false,
             embedding_bits: 4,
+            rotate: true,
         };
         quantize(
             &ModelSource::open(&input).unwrap(),
@@ -197,6 +200,7 @@ fn calibration_and_gptq_lower_the_error() {
         act_order: false,
         sensitivity: false,
         embedding_bits: 4,
+        rotate: true,
     };
     let err = quantize(
         &ModelSource::open(&input).unwrap(),
@@ -238,6 +242,7 @@ fn sensitivity_allocation_keeps_the_budget() {
             act_order: false,
             sensitivity,
             embedding_bits: 4,
+            rotate: true,
         };
         let mut stages = Vec::new();
         let report = quantize(
@@ -262,4 +267,114 @@ fn sensitivity_allocation_keeps_the_budget() {
     // the uncalibrated efq-3.1 tolerance of quantized_tiny_model_loads_and_stays_close.
     assert!(errors[1] < errors[0], "{errors:?}");
     assert!(errors[1] < 0.77, "{errors:?}");
+}
+
+/// Matrices stored rotated carry the rotation in their blobs and run to logits as close as
+/// unrotated ones; a version-1 file (blobs "EFQ1", `edgefusion.efq.version` 1) of the same
+/// matrices still loads and gives the same logits bit for bit.
+#[test]
+fn rotated_files_run_and_version_1_files_still_load() {
+    use edgefusion_io::gguf::{GgufWriter, MetaValue};
+    use edgefusion_kernels::efq::{EfqMatrix, ROTATION_RHT64};
+    use edgefusion_kernels::GgmlType;
+
+    let dir = std::env::temp_dir().join(format!("ef-quant-v1-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = fixture("tiny-llama-f32.gguf");
+    let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 512).collect();
+    let reference = logits(&input, &tokens);
+    let mut errors = Vec::new();
+    for rotate in [false, true] {
+        let out = dir.join(format!("rotate-{rotate}.gguf"));
+        let opts = QuantizeOptions {
+            method: Method::Rtn,
+            bpw: 0.0,
+            bits: 4,
+            outliers: 0.0,
+            calibration: None,
+            act_order: false,
+            sensitivity: false,
+            embedding_bits: 4,
+            rotate,
+        };
+        quantize(
+            &ModelSource::open(&input).unwrap(),
+            &out,
+            &opts,
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        let source = ModelSource::open(&out).unwrap();
+        let ModelSource::Gguf(gguf) = &source else {
+            unreachable!("quantize writes GGUF")
+        };
+        let mut blobs = 0;
+        for t in gguf.tensors.iter().filter(|t| t.dtype == GgmlType::I8) {
+            let m = EfqMatrix::parse(gguf.view(t).data).unwrap();
+            let expected = if rotate && m.n_in % 64 == 0 {
+                ROTATION_RHT64
+            } else {
+                0
+            };
+            assert_eq!(m.rotation, expected, "{}", t.name);
+            blobs += 1;
+        }
+        assert!(blobs > 0);
+        let got = logits(&out, &tokens);
+        errors.push(rel_rms(&got, &reference));
+        if rotate {
+            continue;
+        }
+        // The unrotated file written as version 1.
+        let v1 = dir.join("v1.gguf");
+        let mut writer = GgufWriter::new().with_alignment(64);
+        for (key, value) in &gguf.metadata {
+            let value = if key == "edgefusion.efq.version" {
+                MetaValue::U32(1)
+            } else {
+                value.clone()
+            };
+            if key != "general.alignment" && key != "edgefusion.efq.rotation" {
+                writer.add_metadata(key.clone(), value);
+            }
+        }
+        let mut v1_blobs = Vec::new();
+        for t in &gguf.tensors {
+            let view = gguf.view(t);
+            if view.dtype == GgmlType::I8 {
+                let bytes = EfqMatrix::parse(view.data)
+                    .unwrap()
+                    .to_parts()
+                    .to_bytes_v1()
+                    .unwrap();
+                assert_eq!(&bytes[..4], b"EFQ1");
+                v1_blobs.push((t.name.clone(), bytes));
+            }
+        }
+        for t in &gguf.tensors {
+            let view = gguf.view(t);
+            match v1_blobs.iter().find(|(name, _)| *name == t.name) {
+                Some((_, bytes)) => writer.add_tensor(
+                    t.name.clone(),
+                    GgmlType::I8,
+                    &[bytes.len()],
+                    bytes.as_slice(),
+                ),
+                None => writer.add_tensor(t.name.clone(), view.dtype, view.shape, view.data),
+            };
+        }
+        writer.write(&v1).unwrap();
+        assert_eq!(
+            logits(&v1, &tokens),
+            got,
+            "a version-1 file reads differently"
+        );
+    }
+    eprintln!(
+        "relative logit RMS error: plain {:.4}, rotated {:.4}",
+        errors[0], errors[1]
+    );
+    // Random weights are already incoherent: rotation must not make them worse (beyond noise).
+    assert!(errors[1] < 1.15 * errors[0], "{errors:?}");
+    std::fs::remove_dir_all(&dir).ok();
 }

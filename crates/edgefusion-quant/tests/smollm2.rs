@@ -101,6 +101,7 @@ fn efq_3_1_smollm2_stays_coherent() {
         act_order: false,
         sensitivity: false,
         embedding_bits: 4,
+        rotate: true,
     };
     let report = quantize(&load(&base), &out, &opts, &mut |_, _, _| {}).unwrap();
     assert!(report.linear_bpw <= 3.1, "{} bpw", report.linear_bpw);

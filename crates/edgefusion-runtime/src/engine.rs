@@ -58,7 +58,7 @@ impl SessionOptions {
 /// Activations quantized to each format a weight may ask for, computed once per input.
 pub(crate) struct ActCache {
     /// One buffer per activation format, each `max_batch` rows of the widest input.
-    bufs: [(ActFormat, Vec<u8>, bool); 5],
+    bufs: [(ActFormat, Vec<u8>, bool); 6],
 }
 
 impl ActCache {
@@ -77,6 +77,7 @@ impl ActCache {
                 buf(ActFormat::Ggml(GgmlType::Q8_1)),
                 buf(ActFormat::Ggml(GgmlType::Q8K)),
                 buf(ActFormat::EfqQ8),
+                buf(ActFormat::EfqQ8Rotated),
             ],
         }
     }

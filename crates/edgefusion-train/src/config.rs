@@ -192,6 +192,14 @@ pub struct QuantizationSection {
     pub calib_tokens: usize,
     #[serde(default = "default_embedding_bits")]
     pub embedding_bits: u8,
+    /// Store matrices rotated by EFQ v2's randomized Hadamard transform (see
+    /// `edgefusion quantize --no-rotate`).
+    #[serde(default = "default_rotate")]
+    pub rotate: bool,
+}
+
+fn default_rotate() -> bool {
+    true
 }
 
 fn default_calib_tokens() -> usize {

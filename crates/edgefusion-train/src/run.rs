@@ -626,6 +626,7 @@ fn quantize_final(
         calibration,
         act_order: false,
         embedding_bits: q.embedding_bits,
+        rotate: q.rotate,
     };
     let source = edgefusion_io::ModelSource::open(final_model)
         .map_err(|e| io_error(final_model, "opening", e))?;
