@@ -1,26 +1,29 @@
 #!/usr/bin/env bash
-# EdgeFusion's quantizers against llama.cpp's on SmolLM2-135M: one table of method, bits per
-# weight, file size, perplexity on Moby-Dick (each engine's own perplexity tool, same windows),
-# ΔPPL against the unquantized model, and pp512 / tg128 tokens/s.
+# EdgeFusion's quantizers against llama.cpp's on SmolLM2-135M: per held-out text, one table of
+# method, bits per weight, file size, perplexity (each engine's own perplexity tool, same
+# windows), ΔPPL against the unquantized model, and pp512 / tg128 tokens/s.
 #
-#   scripts/quant-vs-llamacpp.sh [--chunks 10] [--threads 2] [--calib-tokens 16384] [--reps 2]
+#   scripts/quant-vs-llamacpp.sh [--chunks 10] [--ctx 512] [--threads 2] [--calib-tokens 16384] [--reps 2]
 #
-# EdgeFusion: efq at 3.1 bpw (and 3.5 and 4.26, all-4-bit tiles, to show the bits/quality
-# curve), gptq 4-bit, rtn 3-bit, calibrated on the State of the Union text.
-# llama.cpp: IQ3_XXS with an importance matrix from the same calibration text, Q3_K_S, Q4_K_M.
+# EdgeFusion: efq at 3.1, 3.5, 3.8 and 4.13 bpw (all-4-bit tiles), and rtn 3-bit (the
+# baseline), calibrated on the State of the Union text.
+# llama.cpp: IQ3_XXS, Q3_K_S, Q3_K_M, IQ4_XS, Q4_0, Q4_K_S, Q4_K_M, Q5_K_M, each with an
+# importance matrix from the same calibration text.
+# Texts: Moby-Dick, and the Wikipedia passages of BoolQ's validation set (from the task files).
 # "Unquantized" is the Q4_1 file the model ships as (no full-precision SmolLM2 exists in the
 # registries); every quantization starts from it. Files go to assets/quant/ (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-chunks=10 threads=2 calib_tokens=16384 reps=2
+chunks=10 ctx=512 threads=2 calib_tokens=16384 reps=2
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --chunks) chunks=$2; shift 2 ;;
     --threads) threads=$2; shift 2 ;;
+    --ctx) ctx=$2; shift 2 ;;
     --calib-tokens) calib_tokens=$2; shift 2 ;;
     --reps) reps=$2; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "quant-vs-llamacpp: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -28,9 +31,24 @@ done
 assets=${EDGEFUSION_ASSETS:-assets}
 base="$assets/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 calib="$assets/text/sotu.txt"
-eval_text="$assets/text/moby-dick.txt"
 [[ -f "$base" ]] || scripts/fetch-assets.sh --model
-[[ -f "$calib" && -f "$eval_text" ]] || scripts/fetch-assets.sh --text
+[[ -f "$calib" && -f "$assets/text/moby-dick.txt" ]] || scripts/fetch-assets.sh --text
+[[ -f "$assets/tasks/boolq_validation.jsonl" ]] || scripts/fetch-assets.sh --tasks
+wiki="$assets/text/boolq-passages.txt"
+if [[ ! -f "$wiki" ]]; then
+  # Each distinct passage once, in file order, separated by blank lines.
+  python3 - "$assets/tasks/boolq_validation.jsonl" "$wiki.tmp" <<'PY'
+import json, sys
+seen, out = set(), []
+for line in open(sys.argv[1], encoding="utf-8"):
+    p = json.loads(line)["passage"].strip()
+    if p and p not in seen:
+        seen.add(p); out.append(p)
+open(sys.argv[2], "w", encoding="utf-8").write("\n\n".join(out) + "\n")
+PY
+  mv "$wiki.tmp" "$wiki"
+fi
+texts=("moby-dick:$assets/text/moby-dick.txt" "wiki:$wiki")
 scripts/setup-llamacpp.sh >&2
 bin=.venv-llamacpp/llama.cpp-build/bin
 for tool in llama-bench llama-quantize llama-imatrix llama-perplexity; do
@@ -47,11 +65,12 @@ trap 'rm -rf "$out"' EXIT
 declare -A ef_args=(
   [efq-3.1]="--method efq --bpw 3.1"
   [efq-3.5]="--method efq --bpw 3.5"
-  [efq-4.26]="--method efq --bpw 4.26"
-  [gptq-4]="--method gptq --bits 4"
+  [efq-3.8]="--method efq --bpw 3.8"
+  [efq-4.13]="--method efq --bpw 4.13"
   [rtn-3]="--method rtn --bits 3"
 )
-ef_methods=(efq-3.1 efq-3.5 efq-4.26 gptq-4 rtn-3)
+ef_methods=(efq-3.1 efq-3.5 efq-3.8 efq-4.13 rtn-3)
+llama_types=(IQ3_XXS Q3_K_S Q3_K_M IQ4_XS Q4_0 Q4_K_S Q4_K_M Q5_K_M)
 for name in "${ef_methods[@]}"; do
   file="$q/smollm2.$name.gguf"
   if [[ ! -f "$file" ]]; then
@@ -67,7 +86,7 @@ if [[ ! -f "$imatrix" ]]; then
   echo "[llama-imatrix]" >&2
   "$bin/llama-imatrix" -m "$base" -f "$calib" -o "$imatrix" -c 512 --chunks $(( calib_tokens / 512 )) -t "$threads" >/dev/null 2>&1
 fi
-for type in IQ3_XXS Q3_K_S Q4_K_M; do
+for type in "${llama_types[@]}"; do
   file="$q/smollm2.$type.gguf"
   if [[ ! -f "$file" ]]; then
     echo "[llama-quantize $type]" >&2
@@ -78,28 +97,37 @@ done
 
 # --- perplexity and speed
 ppl() { grep -o 'Final estimate: PPL = [0-9.]* +/- [0-9.]*' | sed 's/Final estimate: PPL = //'; }
-echo "[perplexity: base]" >&2
-"$ef" perplexity -m "$base" -f "$eval_text" -c 512 --chunks "$chunks" -t "$threads" 2>&1 | ppl > "$out/ppl-ef-base"
-"$bin/llama-perplexity" -m "$base" -f "$eval_text" -c 512 --chunks "$chunks" -t "$threads" 2>&1 | ppl > "$out/ppl-llama-base"
-for name in "${ef_methods[@]}"; do
-  file="$q/smollm2.$name.gguf"
-  echo "[perplexity + bench: $name]" >&2
-  "$ef" perplexity -m "$file" -f "$eval_text" -c 512 --chunks "$chunks" -t "$threads" 2>&1 | ppl > "$out/ppl-ef-$name"
-  "$ef" bench -m "$file" -p 512 -n 128 -t "$threads" -r "$reps" -o json > "$out/bench-ef-$name.json"
+for entry in "${texts[@]}"; do
+  text=${entry%%:*} path=${entry#*:}
+  echo "[perplexity on $text: base]" >&2
+  "$ef" perplexity -m "$base" -f "$path" -c "$ctx" --chunks "$chunks" -t "$threads" 2>&1 | ppl > "$out/ppl-$text-ef-base"
+  "$bin/llama-perplexity" -m "$base" -f "$path" -c "$ctx" --chunks "$chunks" -t "$threads" 2>&1 | ppl > "$out/ppl-$text-llama-base"
+  for name in "${ef_methods[@]}"; do
+    echo "[perplexity on $text: $name]" >&2
+    "$ef" perplexity -m "$q/smollm2.$name.gguf" -f "$path" -c "$ctx" --chunks "$chunks" -t "$threads" 2>&1 | ppl > "$out/ppl-$text-ef-$name"
+  done
+  for type in "${llama_types[@]}"; do
+    echo "[perplexity on $text: $type]" >&2
+    "$bin/llama-perplexity" -m "$q/smollm2.$type.gguf" -f "$path" -c "$ctx" --chunks "$chunks" -t "$threads" 2>&1 | ppl > "$out/ppl-$text-llama-$type"
+  done
 done
-for type in IQ3_XXS Q3_K_S Q4_K_M; do
-  file="$q/smollm2.$type.gguf"
-  echo "[perplexity + bench: $type]" >&2
-  "$bin/llama-perplexity" -m "$file" -f "$eval_text" -c 512 --chunks "$chunks" -t "$threads" 2>&1 | ppl > "$out/ppl-llama-$type"
-  "$bin/llama-bench" -m "$file" -p 512 -n 128 -t "$threads" -r "$reps" -o json > "$out/bench-llama-$type.json" 2>/dev/null
+# Speed: edgefusion and llama.cpp alternate file by file.
+for name in "${ef_methods[@]}"; do
+  echo "[bench: $name]" >&2
+  "$ef" bench -m "$q/smollm2.$name.gguf" -p 512 -n 128 -t "$threads" -r "$reps" -o json > "$out/bench-ef-$name.json"
+done
+for type in "${llama_types[@]}"; do
+  echo "[bench: $type]" >&2
+  "$bin/llama-bench" -m "$q/smollm2.$type.gguf" -p 512 -n 128 -t "$threads" -r "$reps" -o json > "$out/bench-llama-$type.json" 2>/dev/null
 done
 
 "$ef" inspect "$base" | awk '/^params/ {print $2}' > "$out/params-millions"
 # Weights of the layers' linear matrices (attention and feed-forward), from the source's roles.
 "$ef" inspect "$base" | awk '$1 ~ /^(attn_[qkvo]|attn_output|ffn_gate|ffn_up|ffn_down)$/ {n += $2} END {print n}' > "$out/layer-weights"
-python3 - "$out" "$q" "${ef_methods[@]}" <<'PY'
+python3 - "$out" "$q" "$ctx" "$chunks" "${ef_methods[*]}" "${llama_types[*]}" <<'PY'
 import json, os, struct, sys
-out, q, ef_methods = sys.argv[1], sys.argv[2], sys.argv[3:]
+out, q, ctx, chunks = sys.argv[1:5]
+ef_methods, llama_types = sys.argv[5].split(), sys.argv[6].split()
 params = float(open(os.path.join(out, "params-millions")).read().split()[0]) * 1e6
 
 def linear_bpw(path, layer_weights):
@@ -155,17 +183,23 @@ def ppl(name):
 def speed(name):
     rows = json.load(open(os.path.join(out, name)))
     return {("pp" if r["n_prompt"] > 0 else "tg"): r["avg_ts"] for r in rows}
-rows = [("edgefusion", n, f"smollm2.{n}.gguf", f"ppl-ef-{n}", f"bench-ef-{n}.json", "ppl-ef-base") for n in ef_methods]
-rows += [("llama.cpp", t, f"smollm2.{t}.gguf", f"ppl-llama-{t}", f"bench-llama-{t}.json", "ppl-llama-base") for t in ("IQ3_XXS", "Q3_K_S", "Q4_K_M")]
 layer_weights = int(open(os.path.join(out, "layer-weights")).read())
-print("| engine | method | file bpw | linear bpw | MiB | PPL (Moby-Dick) | ΔPPL | pp512 t/s | tg128 t/s |")
-print("| ------ | ------ | -------: | ---------: | --: | --------------: | ---: | --------: | --------: |")
-for engine, method, file, p, b, base in rows:
-    path = os.path.join(q, file)
-    size = os.path.getsize(path)
-    value, err = ppl(p)
-    s = speed(b)
-    print(f"| {engine} | {method} | {size * 8 / params:.3f} | {linear_bpw(path, layer_weights):.3f} | {size / 2**20:.1f} | {value:.2f} ± {err:.2f} | {value - ppl(base)[0]:+.2f} | {s.get('pp', 0):.1f} | {s.get('tg', 0):.1f} |")
-print()
-print(f"unquantized (Q4_1): edgefusion PPL {ppl('ppl-ef-base')[0]:.2f}, llama.cpp PPL {ppl('ppl-llama-base')[0]:.2f}")
+rows = [("edgefusion", n, f"smollm2.{n}.gguf", "ef", n) for n in ef_methods]
+rows += [("llama.cpp", t, f"smollm2.{t}.gguf", "llama", t) for t in llama_types]
+rows = [(e, m, f, k, n, linear_bpw(os.path.join(q, f), layer_weights)) for e, m, f, k, n in rows]
+rows.sort(key=lambda r: r[5])
+for text in ("moby-dick", "wiki"):
+    print(f"### {text}, ctx {ctx}, {chunks} chunks")
+    print()
+    print("| engine | method | file bpw | linear bpw | MiB | PPL | ΔPPL | pp512 t/s | tg128 t/s |")
+    print("| ------ | ------ | -------: | ---------: | --: | --: | ---: | --------: | --------: |")
+    for engine, method, file, key, name, lbpw in rows:
+        size = os.path.getsize(os.path.join(q, file))
+        value, err = ppl(f"ppl-{text}-{key}-{name}")
+        s = speed(f"bench-{key}-{name}.json")
+        base = ppl(f"ppl-{text}-{key}-base")[0]
+        print(f"| {engine} | {method} | {size * 8 / params:.3f} | {lbpw:.3f} | {size / 2**20:.1f} | {value:.2f} ± {err:.2f} | {value - base:+.2f} | {s.get('pp', 0):.1f} | {s.get('tg', 0):.1f} |")
+    print()
+    print(f"unquantized (Q4_1): edgefusion PPL {ppl(f'ppl-{text}-ef-base')[0]:.2f}, llama.cpp PPL {ppl(f'ppl-{text}-llama-base')[0]:.2f}")
+    print()
 PY

@@ -6,7 +6,9 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Args;
 use edgefusion_runtime::chat::{render_chat, ChatMessage, CHATML_TEMPLATE};
-use edgefusion_runtime::{profile, Logits, Sampler, SamplerConfig, Session, SessionOptions};
+use edgefusion_runtime::{
+    memory, profile, Logits, Sampler, SamplerConfig, Session, SessionOptions,
+};
 
 use crate::common::{self, mib, ModelArgs};
 
@@ -126,7 +128,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         );
     }
     let n_predict = args.n_predict.min(n_ctx - prompt.len());
-    let mut session = Session::new(&model, SessionOptions::new(n_ctx, n_threads))?;
+    let session_opts = SessionOptions::new(n_ctx, n_threads);
+    let mut session = Session::new(&model, session_opts.clone())?;
     let load_time = load_start.elapsed();
     let mut sampler = Sampler::new(
         SamplerConfig {
@@ -208,9 +211,20 @@ pub fn run(args: RunArgs) -> Result<()> {
             "  decode             {:8.1} tok/s",
             n_decode_steps as f64 / decode_time.as_secs_f64().max(1e-9)
         );
+        // The planner `quantize --fit` uses, for this file and context.
+        let file_bytes = std::fs::metadata(source.path()).map_or(0, |m| m.len() as usize);
+        let plan = memory::plan(cfg, file_bytes, &session_opts);
         match profile::peak_rss_bytes() {
-            Some(b) => eprintln!("  peak RSS           {:8.1} MiB", mib(b as usize)),
-            None => eprintln!("  peak RSS           unavailable on this OS"),
+            Some(b) => eprintln!(
+                "  peak RSS           {:8.1} MiB ({:.0}% of the plan: {})",
+                mib(b as usize),
+                100.0 * b as f64 / plan.total() as f64,
+                plan.describe()
+            ),
+            None => eprintln!(
+                "  peak RSS           unavailable on this OS (plan: {})",
+                plan.describe()
+            ),
         }
         let weight_bytes = model.weight_bytes();
         eprintln!(

@@ -302,7 +302,64 @@ fn quantize_writes_a_model_the_other_commands_load() {
         &["quantize", "-m", "/nonexistent.gguf", "-o", never],
         &["/nonexistent.gguf"],
     );
+    // --fit: a size below every plan names the smallest that fits; no unit, a context of
+    // 0 and another method are refused; nothing is written.
+    let fit = |extra: &[&str]| {
+        let mut args = vec!["quantize", "-m", input, "-o", never, "--calib", "none"];
+        args.extend_from_slice(extra);
+        args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    for (extra, needles) in [
+        (
+            &["--fit", "1kB"][..],
+            &["below the smallest plan", "raise --fit to at least"][..],
+        ),
+        (&["--fit", "4"][..], &["no unit", "4GB"][..]),
+        (&["--fit", "1GB", "--ctx", "0"][..], &["--ctx 0"][..]),
+        (
+            &["--fit", "1GB", "--method", "rtn"][..],
+            &["--fit", "--method"][..],
+        ),
+    ] {
+        let args = fit(extra);
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        assert_fails_with(&args, needles);
+    }
     assert!(!std::path::Path::new(never).exists());
+    // The smallest size the refusal names does fit, and the plan is printed.
+    let out = edgefusion(
+        &fit(&["--fit", "1kB"])
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>(),
+    );
+    let err = stderr(&out);
+    let smallest = err
+        .split("at least ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .expect("a size in the message");
+    let fitted = dir.join("fitted.gguf");
+    let size = format!("{smallest}MiB");
+    let q = edgefusion(&[
+        "quantize",
+        "-m",
+        input,
+        "-o",
+        fitted.to_str().unwrap(),
+        "--calib",
+        "none",
+        "--fit",
+        &size,
+        "--ctx",
+        "256",
+    ]);
+    assert!(q.status.success(), "{}", stderr(&q));
+    assert!(
+        String::from_utf8_lossy(&q.stdout).contains("plan for"),
+        "{}",
+        String::from_utf8_lossy(&q.stdout)
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 

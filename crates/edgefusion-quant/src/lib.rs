@@ -8,6 +8,7 @@
 
 pub mod efq;
 pub mod error;
+pub mod fit;
 pub mod gptq;
 pub mod hessian;
 pub mod pipeline;

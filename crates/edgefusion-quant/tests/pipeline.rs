@@ -311,7 +311,7 @@ fn rotated_files_run_and_version_1_files_still_load() {
         let mut blobs = 0;
         for t in gguf.tensors.iter().filter(|t| t.dtype == GgmlType::I8) {
             let m = EfqMatrix::parse(gguf.view(t).data).unwrap();
-            let expected = if rotate && m.n_in % 64 == 0 {
+            let expected = if rotate && m.n_in.is_multiple_of(64) {
                 ROTATION_RHT64
             } else {
                 0

@@ -4,6 +4,7 @@
 pub mod chat;
 pub mod cpus;
 pub mod engine;
+pub mod memory;
 pub mod mixer;
 pub mod parallel;
 pub mod profile;

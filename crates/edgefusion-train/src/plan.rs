@@ -458,7 +458,7 @@ impl Plan {
         );
         let _ = writeln!(
             o,
-            "4 GB envelope (weights + state at 4096): hybrid {} ({} of 4 GB)\n",
+            "4 GB envelope (weights + state at 4096): hybrid {} ({} of 4 GB)",
             if total_hybrid <= ENVELOPE_BYTES {
                 "fits"
             } else {
@@ -466,6 +466,22 @@ impl Plan {
             },
             human_bytes(total_hybrid)
         );
+        // What `quantize --fit 4GB --ctx 4096` would choose for each model, with the
+        // runtime's buffers and the process counted too (edgefusion_runtime::memory).
+        let session = edgefusion_runtime::SessionOptions::new(4096, self.threads.max(1));
+        for (name, m) in [("dense", &self.dense), ("hybrid", &self.hybrid)] {
+            let line = match edgefusion_quant::fit::fit(m, ENVELOPE_BYTES as u64, &session, 0) {
+                Ok(p) => format!(
+                    "--bpw {:.2} --embedding-bits {}: {}",
+                    p.linear_bpw,
+                    p.embedding_bits,
+                    p.memory.describe()
+                ),
+                Err(e) => e.to_string(),
+            };
+            let _ = writeln!(o, "quantize --fit 4GB --ctx 4096, {name}: {line}");
+        }
+        let _ = writeln!(o);
         let _ = writeln!(
             o,
             "estimated time on this machine ({} threads, f32 matmul {:.0} GFLOP/s measured; training at {:.2}× and inference at {:.1}× of it):",

@@ -616,7 +616,12 @@ impl AttnPlan {
     }
 
     /// Largest [`AttnPlan::out_len`] over steps of 1..=max_batch tokens.
-    fn max_out_len(cfg: &ModelConfig, max_batch: usize, n_threads: usize, n_keys: usize) -> usize {
+    pub(crate) fn max_out_len(
+        cfg: &ModelConfig,
+        max_batch: usize,
+        n_threads: usize,
+        n_keys: usize,
+    ) -> usize {
         (1..=max_batch)
             .map(|n| Self::new(cfg, n, n_threads, n_keys).out_len(cfg))
             .max()
@@ -624,7 +629,7 @@ impl AttnPlan {
     }
 
     /// Largest scratch of all chunks over steps of 1..=max_batch tokens, with `n_keys` keys.
-    fn max_scratch_len(
+    pub(crate) fn max_scratch_len(
         cfg: &ModelConfig,
         max_batch: usize,
         n_threads: usize,
