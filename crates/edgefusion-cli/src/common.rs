@@ -121,6 +121,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// Bytes a model takes on disk: a GGUF file's size, or the sum of a Hugging Face folder's
+/// files (weights, tokenizer, config).
+pub fn model_bytes(path: &std::path::Path) -> usize {
+    if path.is_dir() {
+        std::fs::read_dir(path)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len() as usize)
+                    .sum()
+            })
+            .unwrap_or(0)
+    } else {
+        std::fs::metadata(path).map_or(0, |m| m.len() as usize)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ use edgefusion_io::names::{self, TensorRole};
 use edgefusion_io::{ModelSource, TensorView};
 use edgefusion_kernels::efq::{tile_cols, EfqMatrix, SLOT_BYTES, TILE_ROWS};
 use edgefusion_kernels::GgmlType;
-use edgefusion_model::model::{EFQ_VERSION, EFQ_VERSION_KEY};
+use edgefusion_model::model::{EFQ_VERSION, EFQ_VERSIONS_READ, EFQ_VERSION_KEY};
 use edgefusion_model::ModelConfig;
 
 use crate::common::mib;
@@ -313,7 +313,17 @@ fn print_efq_section(meta: &[(&str, &MetaValue)], matrices: &[(&str, WidthStats)
     let version = get(EFQ_VERSION_KEY).and_then(|v| v.as_i128());
     let mut settings = vec![match version {
         Some(v) if v == EFQ_VERSION as i128 => format!("format v{v}"),
-        Some(v) => format!("format v{v} (this EdgeFusion reads v{EFQ_VERSION})"),
+        Some(v)
+            if (*EFQ_VERSIONS_READ.start() as i128..=*EFQ_VERSIONS_READ.end() as i128)
+                .contains(&v) =>
+        {
+            format!("format v{v} (an earlier version; still read)")
+        }
+        Some(v) => format!(
+            "format v{v} (this EdgeFusion reads v{} to v{})",
+            EFQ_VERSIONS_READ.start(),
+            EFQ_VERSIONS_READ.end()
+        ),
         None => "format version unreadable".to_string(),
     }];
     if let Some(m) = get("edgefusion.efq.method") {

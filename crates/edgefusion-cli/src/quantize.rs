@@ -19,7 +19,8 @@ fn efq_block() -> usize {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum MethodArg {
-    /// Adaptive 2/3/4-bit tiles for a bits-per-weight budget, 6-bit outliers, fitted grids.
+    /// Adaptive 2/3/4-bit tiles for a bits-per-weight budget (or a memory size, --fit),
+    /// rotated matrices, fitted grids, GPTQ with calibration.
     Efq,
     /// GPTQ at a uniform width (--bits), no outliers: the paper's GPTQ column.
     Gptq,
@@ -89,6 +90,9 @@ pub struct QuantizeArgs {
     /// speed do not change.
     #[arg(long)]
     pub no_act_order: bool,
+    /// Accepted for scripts written before act-order became the default; changes nothing.
+    #[arg(long, hide = true)]
+    pub act_order: bool,
     /// How the bit allocation compares matrices (efq with calibration). `sensitivity`:
     /// by each matrix's measured end-to-end cost, the KL divergence of the predictions when
     /// it alone is rounded to 2 bits (one extra forward pass per matrix; on SmolLM2 at 3.1
@@ -150,7 +154,9 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         // The source's header (tokenizer, hyperparameters) is copied into the output.
         let metadata = match &source {
             edgefusion_io::ModelSource::Gguf(gguf) => gguf.data_offset(),
-            _ => 0,
+            // A folder's tokenizer.json is stored whole in the converted file.
+            _ => std::fs::metadata(source.path().join("tokenizer.json"))
+                .map_or(0, |m| m.len() as usize),
         };
         let session = SessionOptions::new(args.ctx, crate::common::threads(args.threads)?);
         let plan = fit::fit(&config, budget, &session, metadata)?;

@@ -212,7 +212,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             n_decode_steps as f64 / decode_time.as_secs_f64().max(1e-9)
         );
         // The planner `quantize --fit` uses, for this file and context.
-        let file_bytes = std::fs::metadata(source.path()).map_or(0, |m| m.len() as usize);
+        let file_bytes = crate::common::model_bytes(source.path());
         let plan = memory::plan(cfg, file_bytes, &session_opts);
         match profile::peak_rss_bytes() {
             Some(b) => eprintln!(

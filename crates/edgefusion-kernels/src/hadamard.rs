@@ -74,13 +74,17 @@ pub fn fits(n: usize) -> bool {
     n > 0 && n.is_multiple_of(BLOCK)
 }
 
+/// Panics unless a run of `len` columns at column `first` is whole Hadamard blocks.
+fn check_run(len: usize, first: usize) {
+    assert!(
+        fits(len) && first.is_multiple_of(BLOCK),
+        "RHT of {len} columns at {first}: both must be multiples of {BLOCK}"
+    );
+}
+
 /// `x ← x · R` for a run of columns starting at column `first` (both multiples of 64).
 pub fn rotate<T: Scalar>(x: &mut [T], first: usize) {
-    assert!(
-        fits(x.len()) && first.is_multiple_of(BLOCK),
-        "RHT of {} columns at {first}: both must be multiples of {BLOCK}",
-        x.len()
-    );
+    check_run(x.len(), first);
     for (b, blk) in x.chunks_exact_mut(BLOCK).enumerate() {
         for (i, v) in blk.iter_mut().enumerate() {
             if negative(first + b * BLOCK + i) {
@@ -93,11 +97,7 @@ pub fn rotate<T: Scalar>(x: &mut [T], first: usize) {
 
 /// `x ← x · Rᵀ`, the inverse of [`rotate`].
 pub fn unrotate<T: Scalar>(x: &mut [T], first: usize) {
-    assert!(
-        fits(x.len()) && first.is_multiple_of(BLOCK),
-        "RHT of {} columns at {first}: both must be multiples of {BLOCK}",
-        x.len()
-    );
+    check_run(x.len(), first);
     for (b, blk) in x.chunks_exact_mut(BLOCK).enumerate() {
         hadamard_block(blk);
         for (i, v) in blk.iter_mut().enumerate() {

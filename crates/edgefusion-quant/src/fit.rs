@@ -2,22 +2,61 @@
 //! at which a model, one sequence's state at a context length, the runtime's buffers and
 //! the process fit a memory size, planned with `edgefusion_runtime::memory`.
 
-use edgefusion_kernels::efq::TILE_COLS;
-use edgefusion_model::ModelConfig;
+use edgefusion_kernels::efq::{n_tiles, tile_bytes, tile_cols, TILE_ROWS};
+use edgefusion_model::{LayerType, ModelConfig};
 use edgefusion_runtime::memory::{self, MemoryPlan};
 use edgefusion_runtime::SessionOptions;
 
+use crate::efq::fixed_bytes;
 use crate::QuantError;
 
 /// Code widths an EFQ tile may have, narrowest and widest.
 const MIN_BITS: u8 = 2;
 const MAX_BITS: u8 = 4;
 
-/// Bits per weight of EFQ at `bits`-bit codes on rows of `n_in`, every stored byte counted
-/// except the blob's fixed header: the codes, a u8 scale and a 4-bit zero per 128-column
-/// block, an f16 scale per row.
-pub fn efq_bpw(bits: u8, n_in: usize) -> f64 {
-    bits as f64 + 12.0 / TILE_COLS as f64 + 16.0 / n_in.max(1) as f64
+/// Layers' linear bits per weight below which the layers lose more than a narrower
+/// embedding does (SmolLM2 at 3.1 bpw: the 4-bit embedding costs ~2 PPL, the layers going
+/// from 3.1 to 2.5 bpw far more): `fit` narrows the embedding before going below it.
+const LAYERS_FIRST_BPW: f64 = 3.0;
+
+/// Bytes of one EFQ blob `(n_out, n_in)` with every tile `bits` wide and no outliers:
+/// every stored byte (header, widths, row scales, tiles with their scales and zeros).
+pub fn blob_bytes(n_out: usize, n_in: usize, bits: u8) -> usize {
+    let tiles: usize = (0..n_tiles(n_in))
+        .map(|t| tile_bytes(bits, tile_cols(n_in, t)))
+        .sum();
+    fixed_bytes(n_out, n_in, &[]) + (n_out / TILE_ROWS) * tiles
+}
+
+/// The layers' matrices EFQ quantizes, as `(n_out, n_in)`: attention and feed-forward
+/// (SSM projections keep their source type and are counted apart).
+fn layer_matrices(cfg: &ModelConfig) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for l in 0..cfg.n_layers {
+        if cfg.has_attention_weights(l) {
+            out.extend([
+                (cfg.q_dim(), cfg.d_model),
+                (cfg.kv_dim(), cfg.d_model),
+                (cfg.kv_dim(), cfg.d_model),
+                (cfg.d_model, cfg.q_dim()),
+            ]);
+        }
+        out.extend([
+            (cfg.d_ff, cfg.d_model),
+            (cfg.d_ff, cfg.d_model),
+            (cfg.d_model, cfg.d_ff),
+        ]);
+    }
+    out
+}
+
+/// Bits per weight of the layers' matrices with every tile `bits` wide: the least (2) and
+/// most (4) that `--bpw` can ask for.
+pub fn layers_bpw_at(cfg: &ModelConfig, bits: u8) -> f64 {
+    let m = layer_matrices(cfg);
+    let params: usize = m.iter().map(|(o, i)| o * i).sum();
+    let bytes: usize = m.iter().map(|&(o, i)| blob_bytes(o, i, bits)).sum();
+    bytes as f64 * 8.0 / params.max(1) as f64
 }
 
 /// A size in bytes from text with a unit: `4GB`, `3.5GiB`, `800MB`, `512MiB`, `64kB`
@@ -65,23 +104,28 @@ pub struct FitPlan {
 }
 
 /// Bytes of an EFQ file of `cfg` at `linear_bpw` and `embedding_bits`, plus `metadata`
-/// bytes of header (tokenizer, hyperparameters), rounded up to what the allocator can reach.
+/// bytes of header (tokenizer, hyperparameters).
 pub fn weight_bytes(
     cfg: &ModelConfig,
     linear_bpw: f64,
     embedding_bits: u8,
     metadata: usize,
 ) -> usize {
-    let linear = cfg.n_block_params() as f64 * linear_bpw / 8.0;
+    let params: usize = layer_matrices(cfg).iter().map(|(o, i)| o * i).sum();
+    let linear = (params as f64 * linear_bpw / 8.0).ceil() as usize;
     let n_embd = if cfg.tied_embeddings { 1 } else { 2 };
-    let embedding =
-        (n_embd * cfg.vocab_size * cfg.d_model) as f64 * efq_bpw(embedding_bits, cfg.d_model) / 8.0;
-    let norms = 4 * (2 * cfg.n_layers + 1) * cfg.d_model;
-    metadata + (linear + embedding).ceil() as usize + norms
+    let embedding = n_embd * blob_bytes(cfg.vocab_size, cfg.d_model, embedding_bits);
+    // SSM mixers keep their source type (f32 counted: the most a source holds); norms and
+    // biases are f32.
+    let ssm = 4 * cfg.count_layers(LayerType::Ssm) * cfg.ssm_params();
+    let small = 4 * (cfg.n_params() - cfg.n_block_params() - n_embd * cfg.vocab_size * cfg.d_model);
+    metadata + linear + embedding + ssm + small
 }
 
-/// The highest budget whose plan fits `budget` bytes at `opts` (context, threads): the
-/// widest embedding first, then the most bits per linear weight (in steps of 0.01).
+/// The budget that fits `budget` bytes at `opts` (context, threads): the widest embedding
+/// whose plan leaves the layers at least `LAYERS_FIRST_BPW`, then the most bits per
+/// linear weight (in hundredths); below that, the embedding width that leaves the layers
+/// the most.
 ///
 /// # Errors
 /// A context of 0, or a budget below the smallest plan (2-bit tiles and embedding); the
@@ -97,35 +141,50 @@ pub fn fit(
             "--ctx 0: the plan needs a context of at least 1 position".into(),
         ));
     }
-    let n_in = cfg.d_model.min(cfg.d_ff).max(1);
-    let lowest = efq_bpw(MIN_BITS, n_in);
-    let highest = efq_bpw(MAX_BITS, n_in);
-    let plan_at = |bpw: f64, bits: u8| FitPlan {
-        linear_bpw: bpw,
+    // Hundredths of a bit the allocator can reach: all-2-bit tiles (rounded up) to
+    // all-4-bit tiles (rounded down).
+    let lowest = (layers_bpw_at(cfg, MIN_BITS) * 100.0).ceil() as u32;
+    let highest = (layers_bpw_at(cfg, MAX_BITS) * 100.0).floor() as u32;
+    let plan_at = |hundredths: u32, bits: u8| FitPlan {
+        linear_bpw: hundredths as f64 / 100.0,
         embedding_bits: bits,
-        memory: memory::plan(cfg, weight_bytes(cfg, bpw, bits, metadata), opts),
+        memory: memory::plan(
+            cfg,
+            weight_bytes(cfg, hundredths as f64 / 100.0, bits, metadata),
+            opts,
+        ),
     };
-    for bits in (MIN_BITS..=MAX_BITS).rev() {
-        if plan_at(lowest, bits).memory.total() as u64 > budget {
-            continue;
+    let fits = |p: &FitPlan| p.memory.total() as u64 <= budget;
+    // The most bits per linear weight that fit with a `bits`-wide embedding.
+    let best_at = |bits: u8| -> Option<FitPlan> {
+        if !fits(&plan_at(lowest, bits)) {
+            return None;
         }
-        // Bisect on hundredths of a bit: the plan grows with the budget.
-        let (mut lo, mut hi) = (
-            (lowest * 100.0).ceil() as u32,
-            (highest * 100.0).floor() as u32,
-        );
-        if plan_at(hi as f64 / 100.0, bits).memory.total() as u64 <= budget {
-            return Ok(plan_at(hi as f64 / 100.0, bits));
+        if fits(&plan_at(highest, bits)) {
+            return Some(plan_at(highest, bits));
         }
+        // lowest fits, highest does not; the plan grows with the budget.
+        let (mut lo, mut hi) = (lowest, highest);
         while lo + 1 < hi {
             let mid = (lo + hi) / 2;
-            if plan_at(mid as f64 / 100.0, bits).memory.total() as u64 <= budget {
+            if fits(&plan_at(mid, bits)) {
                 lo = mid;
             } else {
                 hi = mid;
             }
         }
-        return Ok(plan_at(lo as f64 / 100.0, bits));
+        Some(plan_at(lo, bits))
+    };
+    let plans: Vec<FitPlan> = (MIN_BITS..=MAX_BITS).rev().filter_map(best_at).collect();
+    if let Some(p) = plans.iter().find(|p| p.linear_bpw >= LAYERS_FIRST_BPW) {
+        return Ok(*p);
+    }
+    if let Some(p) = plans.iter().max_by(|a, b| {
+        a.linear_bpw
+            .total_cmp(&b.linear_bpw)
+            .then(a.embedding_bits.cmp(&b.embedding_bits))
+    }) {
+        return Ok(*p);
     }
     let smallest = plan_at(lowest, MIN_BITS).memory;
     Err(QuantError::Input(format!(
@@ -189,7 +248,7 @@ mod tests {
             let p = fit(&cfg, budget, &opts, 0).unwrap();
             assert!(p.memory.total() as u64 <= budget, "{mib}: {p:?}");
             // A hundredth of a bit more would not fit, unless the widest budget was reached.
-            if p.linear_bpw < efq_bpw(MAX_BITS, 576) - 0.01 {
+            if p.linear_bpw < layers_bpw_at(&cfg, MAX_BITS) - 0.01 {
                 let more = weight_bytes(&cfg, p.linear_bpw + 0.01, p.embedding_bits, 0);
                 assert!(
                     memory::plan(&cfg, more, &opts).total() as u64 > budget,
@@ -201,6 +260,43 @@ mod tests {
         let a = fit(&cfg, 175 << 20, &opts, 0).unwrap();
         let b = fit(&cfg, 195 << 20, &opts, 0).unwrap();
         assert!((b.embedding_bits, b.linear_bpw) >= (a.embedding_bits, a.linear_bpw));
+    }
+
+    /// The extremes are the real sizes of all-2-bit and all-4-bit blobs (the allocator
+    /// cannot go outside them), and the embedding follows the layers-first rule.
+    #[test]
+    fn extremes_are_real_blob_sizes() {
+        use crate::efq::{allocate_widths, AllocationInput};
+        let cfg = smollm2();
+        let (lo, hi) = (layers_bpw_at(&cfg, 2), layers_bpw_at(&cfg, 4));
+        assert!(
+            lo > 2.12 && lo < 2.14 && hi > 4.12 && hi < 4.14,
+            "{lo} {hi}"
+        );
+        // The allocator reaches the lowest plan (rounded up) and refuses just below it.
+        let errors = vec![[3.0, 2.0, 1.0]; (576 / 16) * n_tiles(1536)];
+        let input = AllocationInput {
+            n_out: 576,
+            n_in: 1536,
+            errors: &errors,
+            fixed_bytes: fixed_bytes(576, 1536, &[]),
+            min_bits: 2,
+        };
+        let own = blob_bytes(576, 1536, 2) as f64 * 8.0 / (576.0 * 1536.0);
+        assert!(
+            allocate_widths(std::slice::from_ref(&input), (own * 100.0).ceil() / 100.0).is_some()
+        );
+        assert!(allocate_widths(std::slice::from_ref(&input), own - 0.001).is_none());
+        let opts = SessionOptions::new(4096, 2);
+        // Generous: 4-bit embedding; tight: the embedding narrows before the layers drop
+        // below 3 bits per weight.
+        let roomy = fit(&cfg, 400 << 20, &opts, 0).unwrap();
+        assert_eq!(roomy.embedding_bits, 4);
+        let tight = fit(&cfg, 182 << 20, &opts, 0).unwrap();
+        assert!(
+            tight.linear_bpw >= LAYERS_FIRST_BPW || tight.embedding_bits == 2,
+            "{tight:?}"
+        );
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //!
 //! The output is a GGUF v3 file whose metadata is the source's plus `edgefusion.efq.*` keys,
 //! with each quantized matrix stored as a 1-D I8 tensor holding its EFQ blob (magic
-//! `EFQ1`, see `edgefusion_kernels::efq` and `docs/FORMAT.md`). It is written atomically.
+//! `EFQ2`, see `edgefusion_kernels::efq` and `docs/FORMAT.md`); matrices whose rows are a
+//! multiple of 64 long are stored rotated (`edgefusion_kernels::hadamard`) unless
+//! `QuantizeOptions::rotate` is off. It is written atomically.
 
 use std::path::Path;
 
@@ -92,6 +94,25 @@ pub struct QuantizeOptions {
     /// Hadamard transform of `edgefusion_kernels::hadamard` (the kernels rotate the input
     /// to match): rotated rows have no heavy coordinates for a block's grid to stretch to.
     pub rotate: bool,
+}
+
+impl Default for QuantizeOptions {
+    /// What `edgefusion quantize` does without options, less the calibration text: efq at
+    /// 3.1 bits per weight, rotated, no outliers, act-order GPTQ, sensitivity allocation,
+    /// 4-bit embedding.
+    fn default() -> Self {
+        QuantizeOptions {
+            method: Method::Efq,
+            bpw: 3.1,
+            bits: 3,
+            outliers: 0.0,
+            calibration: None,
+            act_order: true,
+            sensitivity: true,
+            embedding_bits: 4,
+            rotate: true,
+        }
+    }
 }
 
 /// One quantized matrix, for the report.

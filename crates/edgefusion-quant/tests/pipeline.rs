@@ -288,14 +288,9 @@ fn rotated_files_run_and_version_1_files_still_load() {
         let out = dir.join(format!("rotate-{rotate}.gguf"));
         let opts = QuantizeOptions {
             method: Method::Rtn,
-            bpw: 0.0,
             bits: 4,
-            outliers: 0.0,
-            calibration: None,
-            act_order: false,
-            sensitivity: false,
-            embedding_bits: 4,
             rotate,
+            ..QuantizeOptions::default()
         };
         quantize(
             &ModelSource::open(&input).unwrap(),

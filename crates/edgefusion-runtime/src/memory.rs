@@ -79,14 +79,26 @@ pub fn buffer_bytes(cfg: &ModelConfig, opts: &SessionOptions) -> usize {
         .max(cfg.ssm_channels());
     let act_row: usize = [GgmlType::Q8_0, GgmlType::Q8_1, GgmlType::Q8K]
         .iter()
-        .map(|t| t.row_bytes(widest).unwrap_or(widest))
+        .map(|t| t.row_bytes(widest).unwrap_or(4 * widest))
         .sum::<usize>()
         + 4 * widest
         + 2 * ActQ8::row_bytes(widest);
-    let n_threads = opts.n_threads.max(1);
+    // As `AttnScratch::new`: the most any thread count a layer may run on needs, over the
+    // full cache and the window's.
+    let mut slots = vec![n_ctx];
+    if cfg.window > 0 {
+        slots.push(cfg.window_positions() + max_batch);
+    }
+    let most = |f: &dyn Fn(usize, usize) -> usize| {
+        (1..=opts.n_threads.max(1))
+            .flat_map(|t| slots.iter().map(move |&n| (t, n)))
+            .map(|(t, n)| f(t, n))
+            .max()
+            .unwrap_or(0)
+    };
     let attention = 2 * max_batch * (cfg.q_dim() + cfg.kv_dim())
-        + AttnPlan::max_out_len(cfg, max_batch, n_threads, n_ctx)
-        + AttnPlan::max_scratch_len(cfg, max_batch, n_threads, n_ctx);
+        + most(&|t, n| AttnPlan::max_out_len(cfg, max_batch, t, n))
+        + most(&|t, n| AttnPlan::max_scratch_len(cfg, max_batch, t, n));
     let ssm = if cfg.count_layers(LayerType::Ssm) > 0 {
         max_batch
             * ((cfg.n_heads + cfg.n_kv_heads) * cfg.ssm_d_state

@@ -624,7 +624,7 @@ fn quantize_final(
         outliers: q.outliers,
         sensitivity: calibration.is_some(),
         calibration,
-        act_order: false,
+        act_order: true,
         embedding_bits: q.embedding_bits,
         rotate: q.rotate,
     };
