@@ -169,7 +169,11 @@ pub fn efq_blob(data: &[u8]) {
         .map(|c| ((c * 7 % 13) as f32 - 6.0) / 4.0)
         .collect();
     let mut act = vec![0u8; ActQ8::row_bytes(m.n_in)];
-    ActQ8::quantize_row(&x, &mut act);
+    if m.rotation != 0 {
+        ActQ8::quantize_row_rotated(&x, &mut act);
+    } else {
+        ActQ8::quantize_row(&x, &mut act);
+    }
     let mut scalar = vec![0f32; m.n_out];
     matmul_on(Isa::Scalar, &m, 0, m.n_out, &act, 1, &mut scalar, m.n_out);
     for isa in edgefusion_kernels::cpu::available_isas() {

@@ -210,8 +210,9 @@ fn hf_folder_inputs_never_panic() {
     replay("hf_folder", entries::hf_folder, &[]);
 }
 
-/// An EFQ matrix of `n_out × n_in` with every tile width, zero points and outliers.
-fn efq_seed(n_out: usize, n_in: usize) -> Vec<u8> {
+/// An EFQ matrix of `n_out × n_in` with every tile width, zero points and outliers, with
+/// the given rotation word, as a version-2 blob (or version 1 when `v1`).
+fn efq_seed(n_out: usize, n_in: usize, rotation: u32, v1: bool) -> Vec<u8> {
     use edgefusion_kernels::efq::{n_tiles, EfqParts};
     let nt = n_tiles(n_in);
     let groups = n_out / 16;
@@ -237,16 +238,22 @@ fn efq_seed(n_out: usize, n_in: usize) -> Vec<u8> {
             (n_out as u32 - 1, 130, 2),
         ],
         widths,
-        rotation: 0,
+        rotation,
     };
-    parts.to_bytes().unwrap()
+    if v1 {
+        parts.to_bytes_v1().unwrap()
+    } else {
+        parts.to_bytes().unwrap()
+    }
 }
 
 #[test]
 fn efq_blobs_never_panic() {
     let mut seeds = vec![
-        ("efq-32x160".to_string(), efq_seed(32, 160)),
-        ("efq-16x576".to_string(), efq_seed(16, 576)),
+        ("efq-32x160".to_string(), efq_seed(32, 160, 0, false)),
+        ("efq-16x576".to_string(), efq_seed(16, 576, 0, false)),
+        ("efq-16x576-rotated".to_string(), efq_seed(16, 576, 64, false)),
+        ("efq-32x160-v1".to_string(), efq_seed(32, 160, 0, true)),
     ];
     let whole = seeds[0].1.clone();
     for cut in [3, 16, whole.len() / 2, whole.len() - 1] {
