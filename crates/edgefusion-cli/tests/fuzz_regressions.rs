@@ -252,7 +252,10 @@ fn efq_blobs_never_panic() {
     let mut seeds = vec![
         ("efq-32x160".to_string(), efq_seed(32, 160, 0, false)),
         ("efq-16x576".to_string(), efq_seed(16, 576, 0, false)),
-        ("efq-16x576-rotated".to_string(), efq_seed(16, 576, 64, false)),
+        (
+            "efq-16x576-rotated".to_string(),
+            efq_seed(16, 576, 64, false),
+        ),
         ("efq-32x160-v1".to_string(), efq_seed(32, 160, 0, true)),
     ];
     let whole = seeds[0].1.clone();
