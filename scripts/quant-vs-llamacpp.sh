@@ -3,10 +3,10 @@
 # method, bits per weight, file size, perplexity (each engine's own perplexity tool, same
 # windows), ΔPPL against the unquantized model, and pp512 / tg128 tokens/s.
 #
-#   scripts/quant-vs-llamacpp.sh [--chunks 10] [--ctx 512] [--threads 2] [--calib-tokens 16384] [--reps 2]
+#   scripts/quant-vs-llamacpp.sh [--chunks 10] [--ctx 512] [--threads 2] [--calib-tokens 16384] [--reps 2] [--charts runs/quant-curve]
 #
-# EdgeFusion: efq at 3.1, 3.5, 3.8 and 4.13 bpw (all-4-bit tiles), and rtn 3-bit (the
-# baseline), calibrated on the State of the Union text.
+# EdgeFusion: efq at 3.1, 3.5, 4.0, 4.5, 5.0 and 5.5 bpw, and rtn 3-bit (the baseline),
+# calibrated on the State of the Union text. Charts: ΔPPL against linear bpw, one PNG per text.
 # llama.cpp: IQ3_XXS, Q3_K_S, Q3_K_M, IQ4_XS, Q4_0, Q4_K_S, Q4_K_M, Q5_K_M, each with an
 # importance matrix from the same calibration text.
 # Texts: Moby-Dick, and the Wikipedia passages of BoolQ's validation set (from the task files).
@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-chunks=10 ctx=512 threads=2 calib_tokens=16384 reps=2
+chunks=10 ctx=512 threads=2 calib_tokens=16384 reps=2 charts=runs/quant-curve
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --chunks) chunks=$2; shift 2 ;;
@@ -23,6 +23,7 @@ while [[ $# -gt 0 ]]; do
     --ctx) ctx=$2; shift 2 ;;
     --calib-tokens) calib_tokens=$2; shift 2 ;;
     --reps) reps=$2; shift 2 ;;
+    --charts) charts=$2; shift 2 ;;
     -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "quant-vs-llamacpp: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -65,11 +66,13 @@ trap 'rm -rf "$out"' EXIT
 declare -A ef_args=(
   [efq-3.1]="--method efq --bpw 3.1"
   [efq-3.5]="--method efq --bpw 3.5"
-  [efq-3.8]="--method efq --bpw 3.8"
-  [efq-4.13]="--method efq --bpw 4.13"
+  [efq-4.0]="--method efq --bpw 4.0"
+  [efq-4.5]="--method efq --bpw 4.5"
+  [efq-5.0]="--method efq --bpw 5.0"
+  [efq-5.5]="--method efq --bpw 5.5"
   [rtn-3]="--method rtn --bits 3"
 )
-ef_methods=(efq-3.1 efq-3.5 efq-3.8 efq-4.13 rtn-3)
+ef_methods=(efq-3.1 efq-3.5 efq-4.0 efq-4.5 efq-5.0 efq-5.5 rtn-3)
 llama_types=(IQ3_XXS Q3_K_S Q3_K_M IQ4_XS Q4_0 Q4_K_S Q4_K_M Q5_K_M)
 for name in "${ef_methods[@]}"; do
   file="$q/smollm2.$name.gguf"
@@ -199,7 +202,19 @@ for text in ("moby-dick", "wiki"):
         s = speed(f"bench-{key}-{name}.json")
         base = ppl(f"ppl-{text}-{key}-base")[0]
         print(f"| {engine} | {method} | {size * 8 / params:.3f} | {lbpw:.3f} | {size / 2**20:.1f} | {value:.2f} ± {err:.2f} | {value - base:+.2f} | {s.get('pp', 0):.1f} | {s.get('tg', 0):.1f} |")
+        # The chart's points: the calibrated methods (rtn is off its scale); the y axis is
+        # logarithmic, so a ΔPPL at or below 0.01 is drawn at 0.01.
+        if not method.startswith("rtn"):
+            with open(os.path.join(out, f"curve-{text}.tsv"), "a") as tsv:
+                tsv.write(f"{engine}\t{method}\t{lbpw:.3f}\t{max(value - base, 0.01):.3f}\n")
     print()
     print(f"unquantized (Q4_1): edgefusion PPL {ppl(f'ppl-{text}-ef-base')[0]:.2f}, llama.cpp PPL {ppl(f'ppl-{text}-llama-base')[0]:.2f}")
     print()
 PY
+mkdir -p "$charts"
+for text in moby-dick wiki; do
+  "$ef" chart "$out/curve-$text.tsv" -o "$charts/$text.png" --log-y \
+    --title "SmolLM2-135M on $text (ctx $ctx, $chunks chunks): ΔPPL against bits per weight" \
+    --x-label "bits per weight of the layers' linear matrices" --y-label "ΔPPL (log; ≤ 0.01 drawn at 0.01)" >&2
+done
+echo "charts: $charts/moby-dick.png $charts/wiki.png" >&2

@@ -12,7 +12,7 @@ use clap::Args;
 use edgefusion_io::gguf::MetaValue;
 use edgefusion_io::names::{self, TensorRole};
 use edgefusion_io::{ModelSource, TensorView};
-use edgefusion_kernels::efq::{tile_cols, EfqMatrix, SLOT_BYTES, TILE_ROWS};
+use edgefusion_kernels::efq::{tile_cols, EfqMatrix, SLOT_BYTES, TILE_ROWS, WIDTHS};
 use edgefusion_kernels::GgmlType;
 use edgefusion_model::model::{EFQ_VERSION, EFQ_VERSIONS_READ, EFQ_VERSION_KEY};
 use edgefusion_model::ModelConfig;
@@ -230,8 +230,9 @@ struct EfqShape {
 struct WidthStats {
     /// n_out · n_in over the matrices.
     weights: usize,
-    /// Weights in 2-, 3- and 4-bit tiles (a partial last tile counts its columns).
-    by_width: [usize; 3],
+    /// Weights in tiles of each width of [`WIDTHS`] (a partial last tile counts its
+    /// columns).
+    by_width: [usize; WIDTHS.len()],
     /// Outliers stored (nonzero slot values).
     outliers: usize,
     /// Every byte of the blobs.
@@ -254,7 +255,11 @@ impl WidthStats {
 
     /// Mean code width, weighted by weights.
     fn code_bits(&self) -> f64 {
-        let bits: usize = (0..3).map(|i| self.by_width[i] * (i + 2)).sum();
+        let bits: usize = WIDTHS
+            .iter()
+            .zip(self.by_width)
+            .map(|(&b, n)| b as usize * n)
+            .sum();
         bits as f64 / self.weights.max(1) as f64
     }
 
@@ -267,10 +272,11 @@ impl WidthStats {
 fn efq_tensor(t: &TensorView<'_>) -> Result<(EfqShape, WidthStats), String> {
     let m = EfqMatrix::parse(t.data).map_err(|e| e.to_string())?;
     let (n_out, n_in, nt) = (m.n_out, m.n_in, m.n_tiles());
-    let mut by_width = [0usize; 3];
+    let mut by_width = [0usize; WIDTHS.len()];
     for g in 0..n_out / TILE_ROWS {
         for tile in 0..nt {
-            by_width[(m.width(g, tile) - 2) as usize] += TILE_ROWS * tile_cols(n_in, tile);
+            let k = WIDTHS.iter().position(|&w| w == m.width(g, tile));
+            by_width[k.expect("parse checked the widths")] += TILE_ROWS * tile_cols(n_in, tile);
         }
     }
     // The blob ends with its outlier slots (docs/FORMAT.md): the header's slot count S at
@@ -371,7 +377,7 @@ fn print_efq_section(meta: &[(&str, &MetaValue)], matrices: &[(&str, WidthStats)
     }
 
     println!(
-        "% of weights in 2/3/4-bit tiles; code bits: their mean; outliers: 6-bit values stored \
+        "% of weights in 2/3/4/5/6/8-bit tiles; code bits: their mean; outliers: 6-bit values stored \
          apart;\nbpw: every stored byte (codes, scales, zero points, outliers, indices) per weight"
     );
     let mut rows: Vec<(String, WidthStats)> = Vec::new();
@@ -398,20 +404,27 @@ fn print_efq_section(meta: &[(&str, &MetaValue)], matrices: &[(&str, WidthStats)
     print_width_table("layer", &rows);
 }
 
-/// One width table (82 columns): a header, a row per entry, the last entry a total.
+/// One width table (a column per tile width): a header, a row per entry, the last entry a
+/// total.
 fn print_width_table(what: &str, rows: &[(String, WidthStats)]) {
+    let widths: String = WIDTHS
+        .iter()
+        .map(|b| format!(" {:>5}", format!("{b}b %")))
+        .collect();
     println!(
-        "\n{:<12} {:>12} {:>7} {:>7} {:>7} {:>9} {:>9} {:>6} {:>6}",
-        what, "weights", "2-bit %", "3-bit %", "4-bit %", "code bits", "outliers", "outl %", "bpw"
+        "\n{:<12} {:>12}{widths} {:>9} {:>9} {:>6} {:>6}",
+        what, "weights", "code bits", "outliers", "outl %", "bpw"
     );
     for (label, s) in rows {
+        let shares: String = s
+            .by_width
+            .iter()
+            .map(|&n| format!(" {:>5.1}", s.pct(n)))
+            .collect();
         println!(
-            "{:<12} {:>12} {:>7.1} {:>7.1} {:>7.1} {:>9.3} {:>9} {:>6.2} {:>6.3}",
+            "{:<12} {:>12}{shares} {:>9.3} {:>9} {:>6.2} {:>6.3}",
             label,
             s.weights,
-            s.pct(s.by_width[0]),
-            s.pct(s.by_width[1]),
-            s.pct(s.by_width[2]),
             s.code_bits(),
             s.outliers,
             s.pct(s.outliers),

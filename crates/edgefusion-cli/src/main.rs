@@ -2,6 +2,7 @@
 
 mod analyze_router;
 mod bench;
+mod chart;
 mod common;
 mod compare;
 mod convert;
@@ -46,7 +47,7 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Convert a Hugging Face folder (safetensors) into one GGUF file.
     Convert(convert::ConvertArgs),
-    /// Quantize a model to EFQ (adaptive 2-4 bits per weight, 6-bit outliers).
+    /// Quantize a model to EFQ (adaptive 2- to 8-bit tiles, rotated, GPTQ-compensated).
     Quantize(quantize::QuantizeArgs),
     /// Convert a dense model into an attention/SSM hybrid (plan it with --dry-run).
     Train(train::TrainArgs),
@@ -58,6 +59,8 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Show what a `train` run's router chose per layer and what it saves (--plot PNG).
     AnalyzeRouter(analyze_router::AnalyzeRouterArgs),
+    /// Draw a PNG line chart from a series/label/x/y table (curves measured by scripts).
+    Chart(chart::ChartArgs),
 }
 
 /// `edgefusion inspect … | head` closes stdout early; `println!` then panics with "Broken
@@ -93,6 +96,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::AnalyzeRouter(args) => analyze_router::run(args),
         Command::Evaluate(args) => evaluate::run(args),
         Command::Compare(args) => compare::run(args),
+        Command::Chart(args) => chart::run(args),
     }
 }
 

@@ -408,3 +408,95 @@ pub fn compare_chart(report: &edgefusion_eval::compare::CompareReport, path: &Pa
         Ok(())
     })
 }
+
+/// Colours of a line chart's series, in order (then repeated).
+const SERIES_COLORS: [RGBColor; 6] = [
+    RGBColor(40, 100, 200),
+    RGBColor(230, 120, 30),
+    RGBColor(40, 160, 80),
+    RGBColor(200, 50, 60),
+    RGBColor(130, 80, 180),
+    RGBColor(120, 120, 120),
+];
+
+/// A line chart of labelled points, one line per series; with `log_y` the y axis is
+/// logarithmic (every y must be positive).
+pub fn line_chart(
+    series: &[crate::chart::Series],
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    log_y: bool,
+    path: &Path,
+) -> Result<()> {
+    // Plotted y: log10(y) on a log axis, labelled with y itself.
+    let ty = |y: f64| if log_y { y.log10() } else { y };
+    let points = || series.iter().flat_map(|(_, p)| p.iter());
+    let (x_lo, x_hi) = points().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (y_lo, y_hi) = points().fold((f64::MAX, f64::MIN), |(a, b), p| {
+        (a.min(ty(p.1)), b.max(ty(p.1)))
+    });
+    let pad = |lo: f64, hi: f64| {
+        let span = if hi > lo { hi - lo } else { 1.0 };
+        (lo - 0.06 * span, hi + 0.08 * span)
+    };
+    let ((x_lo, x_hi), (y_lo, y_hi)) = (pad(x_lo, x_hi), pad(y_lo, y_hi));
+    write_png(path, (1200, 800), |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, (FAMILY, 24))
+            .margin(16)
+            .x_label_area_size(48)
+            .y_label_area_size(70)
+            .build_cartesian_2d(x_lo..x_hi, y_lo..y_hi)
+            .map_err(plot_error)?;
+        let y_format = |v: &f64| {
+            let y = if log_y { 10f64.powf(*v) } else { *v };
+            if y.abs() >= 10.0 {
+                format!("{y:.0}")
+            } else {
+                format!("{y:.2}")
+            }
+        };
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .x_label_formatter(&|x| format!("{x:.1}"))
+            .y_label_formatter(&y_format)
+            .label_style((FAMILY, 16))
+            .draw()
+            .map_err(plot_error)?;
+        for (i, (name, pts)) in series.iter().enumerate() {
+            let color = SERIES_COLORS[i % SERIES_COLORS.len()];
+            let xy: Vec<(f64, f64)> = pts.iter().map(|p| (p.0, ty(p.1))).collect();
+            chart
+                .draw_series(LineSeries::new(xy.iter().copied(), color.stroke_width(2)))
+                .map_err(plot_error)?
+                .label(name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            // Each point: a dot, its label just above and to the right.
+            chart
+                .draw_series(pts.iter().zip(&xy).map(|(p, &at)| {
+                    EmptyElement::at(at)
+                        + Circle::new((0, 0), 4, color.filled())
+                        + Text::new(
+                            p.2.clone(),
+                            (6, -16),
+                            (FAMILY, 14).into_font().color(&color),
+                        )
+                }))
+                .map_err(plot_error)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font((FAMILY, 16))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_error)?;
+        Ok(())
+    })
+}

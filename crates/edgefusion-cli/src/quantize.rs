@@ -1,4 +1,4 @@
-//! `edgefusion quantize`: a model into EFQ, EdgeFusion's adaptive sub-4-bit format.
+//! `edgefusion quantize`: a model into EFQ, EdgeFusion's adaptive low-bit format (2- to 8-bit tiles).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -19,7 +19,7 @@ fn efq_block() -> usize {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum MethodArg {
-    /// Adaptive 2/3/4-bit tiles for a bits-per-weight budget (or a memory size, --fit),
+    /// Adaptive 2- to 8-bit tiles for a bits-per-weight budget (or a memory size, --fit),
     /// rotated matrices, fitted grids, GPTQ with calibration.
     Efq,
     /// GPTQ at a uniform width (--bits), no outliers: the paper's GPTQ column.
@@ -60,8 +60,8 @@ pub struct QuantizeArgs {
     /// Average bits per weight over the layers' linear matrices, every overhead included (efq).
     #[arg(long, default_value_t = 3.1)]
     pub bpw: f64,
-    /// Code width for --method rtn and gptq.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=4))]
+    /// Code width for --method rtn and gptq: 2, 3, 4, 5, 6 or 8.
+    #[arg(long, default_value_t = 3, value_parser = parse_width)]
     pub bits: u8,
     /// Columns per block. EFQ stores 128-column blocks (the last one of a row may be
     /// narrower); the flag exists so that scripts can state it.
@@ -101,7 +101,8 @@ pub struct QuantizeArgs {
     pub allocation: AllocationArg,
     /// Code width of the token embedding and output head (efq), outside the --bpw budget.
     /// Their errors reach every layer through the lookup (and every logit through the head).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(2..=4))]
+    /// One of 2, 3, 4, 5, 6, 8.
+    #[arg(long, default_value_t = 4, value_parser = parse_width)]
     pub embedding_bits: u8,
     /// Store matrices as they are instead of rotated. By default every matrix whose rows
     /// are a multiple of 64 long is stored as W·R, R a randomized Hadamard transform on
@@ -125,10 +126,19 @@ pub struct QuantizeArgs {
     pub threads: Option<usize>,
 }
 
+/// A code width EFQ tiles have, for `--bits` and `--embedding-bits`.
+fn parse_width(text: &str) -> std::result::Result<u8, String> {
+    use edgefusion_quant::efq::WIDTHS;
+    match text.trim().parse::<u8>() {
+        Ok(bits) if WIDTHS.contains(&bits) => Ok(bits),
+        _ => Err(format!("EFQ tiles have {WIDTHS:?} bits, not {text:?}")),
+    }
+}
+
 pub fn run(args: QuantizeArgs) -> Result<()> {
     if !(2.0..=8.0).contains(&args.bpw) {
         bail!(
-            "--bpw {} is outside what 2- to 4-bit tiles can reach (2.0 to 8.0 with overheads)",
+            "--bpw {} is outside 2.0..=8.0 (2- to 8-bit tiles, every overhead counted: about 2.13 to 8.17)",
             args.bpw
         );
     }
@@ -225,7 +235,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         .filter(|m| !m.role.is_embedding_or_head())
         .map(|m| m.params)
         .sum();
-    let mut hist = [0usize; 3];
+    let mut hist = [0usize; edgefusion_quant::efq::WIDTHS.len()];
     for m in report
         .matrices
         .iter()
@@ -249,11 +259,12 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         q_params as f64 / 1e6,
         report.embedding_bpw,
     );
-    println!(
-        "layer tile widths: 2-bit {:.1} %, 3-bit {:.1} %, 4-bit {:.1} %",
-        100.0 * hist[0] as f64 / tiles as f64,
-        100.0 * hist[1] as f64 / tiles as f64,
-        100.0 * hist[2] as f64 / tiles as f64
-    );
+    let shares: Vec<String> = edgefusion_quant::efq::WIDTHS
+        .iter()
+        .zip(hist)
+        .filter(|&(_, n)| n > 0)
+        .map(|(bits, n)| format!("{bits}-bit {:.1} %", 100.0 * n as f64 / tiles as f64))
+        .collect();
+    println!("layer tile widths: {}", shares.join(", "));
     Ok(())
 }

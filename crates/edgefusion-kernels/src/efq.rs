@@ -1,11 +1,13 @@
-//! EFQ: EdgeFusion's adaptive sub-4-bit matrix format, its 8-bit activation partner and the
-//! fused dequantize-and-dot kernels (scalar reference here, AVX-512 VNNI in `x86::efq`,
-//! AVX2 in `x86::efq_avx2` for x86 CPUs without VNNI).
+//! EFQ: EdgeFusion's adaptive low-bit matrix format (2- to 8-bit tiles), its 8-bit
+//! activation partner and the fused dequantize-and-dot kernels (scalar reference here,
+//! AVX-512 VNNI in `x86::efq`, AVX2 in `x86::efq_avx2` for x86 CPUs without VNNI, NEON in
+//! `aarch64::efq` for tiles of up to 4 bits).
 //!
 //! A matrix `(n_out, n_in)` is cut into tiles of 16 rows × 128 columns (the last tile of a
-//! row group may be 32, 64 or 96 columns wide). Each tile has one code width from {2, 3, 4}
-//! bits, chosen by the quantizer; each row's 128-column block inside it has its own 8-bit
-//! scale (under the row's f16 scale) and 4-bit zero point:
+//! row group may be 32, 64 or 96 columns wide). Each tile has one code width from
+//! {2, 3, 4, 5, 6, 8} bits ([`WIDTHS`]), chosen by the quantizer; each row's 128-column block
+//! inside it has its own 8-bit scale (under the row's f16 scale) and zero point (a nibble in
+//! tiles of up to 4 bits, a byte in wider ones):
 //!
 //! ```text
 //! w[r][c] = d_r · s[r][t] · (code[r][c] − z[r][t])  +  outlier[r][c]
@@ -37,6 +39,9 @@ pub const TILE_ROWS: usize = 16;
 pub const TILE_COLS: usize = 128;
 /// Columns must be a multiple of this.
 pub const COL_ALIGN: usize = 32;
+/// Code widths a tile may have: narrow tiles (2–4 bits) serve sub-4-bit budgets, wide ones
+/// (5, 6, 8 bits) budgets up to 8 bits per weight in the same format.
+pub const WIDTHS: [u8; 6] = [2, 3, 4, 5, 6, 8];
 /// Largest outlier magnitude code: values are `scale · v`, |v| ≤ 31 (6 bits with sign).
 pub const OUTLIER_MAX: i8 = 31;
 /// Magic at the start of a matrix blob.
@@ -80,10 +85,30 @@ pub fn tile_cols(n_in: usize, t: usize) -> usize {
     (n_in - t * TILE_COLS).min(TILE_COLS)
 }
 
-/// Bytes of one tile of `cols` columns with `bits`-bit codes: 16 scales, 8 bytes of zero
-/// nibbles, then `16 · cols · bits / 8` bytes of codes.
+/// Bytes of one tile of `cols` columns with `bits`-bit codes: 16 scales, the zero points
+/// ([`zero_bytes`]), then `16 · cols · bits / 8` bytes of codes.
 pub fn tile_bytes(bits: u8, cols: usize) -> usize {
-    TILE_ROWS + TILE_ROWS / 2 + TILE_ROWS * cols * bits as usize / 8
+    codes_offset(bits) + TILE_ROWS * cols * bits as usize / 8
+}
+
+/// Bytes of a tile's zero points: 16 nibbles (row r in nibble r / 8 of byte r % 8) when its
+/// codes have at most 4 bits, else one byte per row.
+pub fn zero_bytes(bits: u8) -> usize {
+    if bits <= 4 {
+        TILE_ROWS / 2
+    } else {
+        TILE_ROWS
+    }
+}
+
+/// Where a tile's codes start: after its 16 scales and its zero points.
+pub fn codes_offset(bits: u8) -> usize {
+    TILE_ROWS + zero_bytes(bits)
+}
+
+/// Whether `bits` is a tile width of the format.
+pub fn is_width(bits: u8) -> bool {
+    WIDTHS.contains(&bits)
 }
 
 /// Where a tile's codes sit: the one definition of the code planes.
@@ -96,6 +121,10 @@ pub fn tile_bytes(bits: u8, cols: usize) -> usize {
 ///   whose bit j holds bit 2 of quad j.
 /// - 4-bit codes: a chunk covers 2 quads; the low nibble holds the first, the high nibble
 ///   the second.
+/// - 5-, 6- and 8-bit codes: per 8 quads, the low nibbles as 4 chunks of 4-bit codes, then
+///   the high `bits − 4` bits as 1 chunk (bit j: quad j, as 3-bit codes' third bit), 2 chunks
+///   of 2-bit codes or 4 chunks of 4-bit codes. A step of 8 quads (32 columns) takes
+///   `64 · bits` bytes at every width.
 pub mod code {
     use super::TILE_ROWS;
 
@@ -116,16 +145,36 @@ pub mod code {
             ),
             (3, 1) => (192 * (quad / 8) + 128 + lane, (quad % 8) as u32, 0b1, 2),
             (4, 0) => (64 * (quad / 2) + lane, 4 * (quad % 2) as u32, 0b1111, 0),
+            (5 | 6 | 8, _) => {
+                // Step of 8 quads: 256 bytes of low nibbles, then the high plane.
+                let (step, j) = (64 * bits as usize * (quad / 8), quad % 8);
+                match (bits, plane) {
+                    (_, 0) => (step + 64 * (j / 2) + lane, 4 * (j % 2) as u32, 0b1111, 0),
+                    (5, 1) => (step + 256 + lane, j as u32, 0b1, 4),
+                    (6, 1) => (
+                        step + 256 + 64 * (j / 4) + lane,
+                        2 * (j % 4) as u32,
+                        0b11,
+                        4,
+                    ),
+                    (8, 1) => (
+                        step + 256 + 64 * (j / 2) + lane,
+                        4 * (j % 2) as u32,
+                        0b1111,
+                        4,
+                    ),
+                    _ => panic!("no plane {plane} for {bits}-bit codes"),
+                }
+            }
             _ => panic!("no plane {plane} for {bits}-bit codes"),
         }
     }
 
     /// Bit planes of `bits`-bit codes.
     pub fn planes(bits: u8) -> usize {
-        if bits == 3 {
-            2
-        } else {
-            1
+        match bits {
+            2 | 4 => 1,
+            _ => 2,
         }
     }
 }
@@ -193,9 +242,9 @@ impl EfqParts {
                 )));
             }
         }
-        if let Some(i) = self.widths.iter().position(|w| !(2..=4).contains(w)) {
+        if let Some(i) = self.widths.iter().position(|&w| !is_width(w)) {
             return Err(bad(format!(
-                "tile {i} has width {} bits; EFQ tiles have 2, 3 or 4",
+                "tile {i} has width {} bits; EFQ tiles have {WIDTHS:?}",
                 self.widths[i]
             )));
         }
@@ -325,8 +374,12 @@ impl EfqParts {
                     let row = g * TILE_ROWS + r;
                     tile[r] = self.block_scales[row * nt + t];
                     let z = self.zeros[row * nt + t];
-                    tile[TILE_ROWS + r % 8] |= z << (4 * (r / 8));
-                    let codes_at = &mut tile[TILE_ROWS + TILE_ROWS / 2..];
+                    if bits <= 4 {
+                        tile[TILE_ROWS + r % 8] |= z << (4 * (r / 8));
+                    } else {
+                        tile[TILE_ROWS + r] = z;
+                    }
+                    let codes_at = &mut tile[codes_offset(bits)..];
                     for c in 0..cols {
                         let q = self.codes[row * n_in + t * TILE_COLS + c];
                         let mut low = 0;
@@ -494,9 +547,9 @@ impl<'a> EfqMatrix<'a> {
             )));
         }
         let widths = &bytes[header..header + n_groups * nt];
-        if let Some(i) = widths.iter().position(|w| !(2..=4).contains(w)) {
+        if let Some(i) = widths.iter().position(|&w| !is_width(w)) {
             return Err(bad(format!(
-                "EFQ tile {i} has width {} bits; tiles have 2, 3 or 4",
+                "EFQ tile {i} has width {} bits; tiles have {WIDTHS:?}",
                 widths[i]
             )));
         }
@@ -523,11 +576,16 @@ impl<'a> EfqMatrix<'a> {
         for g in 0..n_groups {
             for t in 0..nt {
                 let bits = widths[g * nt + t];
-                let zeros = &tiles[layout.tile_offsets[g * nt + t] + TILE_ROWS..][..TILE_ROWS / 2];
-                if zeros
-                    .iter()
-                    .any(|&z| (z & 0xF) >> bits != 0 || (z >> 4) >> bits != 0)
-                {
+                let zeros =
+                    &tiles[layout.tile_offsets[g * nt + t] + TILE_ROWS..][..zero_bytes(bits)];
+                let too_wide = |z: u8| bits < 8 && z >> bits != 0;
+                if zeros.iter().any(|&z| {
+                    if bits <= 4 {
+                        too_wide(z & 0xF) || too_wide(z >> 4)
+                    } else {
+                        too_wide(z)
+                    }
+                }) {
                     return Err(bad(format!(
                         "EFQ group {g} tile {t}: a zero point does not fit {bits} bits"
                     )));
@@ -571,7 +629,12 @@ impl<'a> EfqMatrix<'a> {
         self.widths[g * self.n_tiles() + t]
     }
 
-    /// Tile `t` of group `g`: scales, zero nibbles, codes.
+    /// Whether any tile is wider than 4 bits.
+    pub fn has_wide_tiles(&self) -> bool {
+        self.widths.iter().any(|&w| w > 4)
+    }
+
+    /// Tile `t` of group `g`: scales, zero points, codes.
     pub(crate) fn tile(&self, g: usize, t: usize) -> &'a [u8] {
         let i = g * self.n_tiles() + t;
         &self.tiles[self.tile_offsets[i]..self.tile_offsets[i + 1]]
@@ -602,7 +665,7 @@ impl<'a> EfqMatrix<'a> {
 
     /// Code of row `r` (0..16 in its group), column `c` (in its tile) of a tile.
     fn code(tile: &[u8], bits: u8, r: usize, c: usize) -> u8 {
-        let codes = &tile[TILE_ROWS + TILE_ROWS / 2..];
+        let codes = &tile[codes_offset(bits)..];
         (0..code::planes(bits))
             .map(|plane| {
                 let (byte, shift, mask, up) = code::position(bits, r, c, plane);
@@ -611,8 +674,12 @@ impl<'a> EfqMatrix<'a> {
             .sum()
     }
 
-    fn zero(tile: &[u8], r: usize) -> u8 {
-        (tile[TILE_ROWS + r % 8] >> (4 * (r / 8))) & 0xF
+    fn zero(tile: &[u8], bits: u8, r: usize) -> u8 {
+        if bits <= 4 {
+            (tile[TILE_ROWS + r % 8] >> (4 * (r / 8))) & 0xF
+        } else {
+            tile[TILE_ROWS + r]
+        }
     }
 
     /// The plain arrays back (tests, inspection, re-encoding).
@@ -648,7 +715,7 @@ impl<'a> EfqMatrix<'a> {
                 for r in 0..TILE_ROWS {
                     let row = g * TILE_ROWS + r;
                     parts.block_scales[row * nt + t] = tile[r];
-                    parts.zeros[row * nt + t] = Self::zero(tile, r);
+                    parts.zeros[row * nt + t] = Self::zero(tile, bits, r);
                     for c in 0..tile_cols(n_in, t) {
                         parts.codes[row * n_in + t * TILE_COLS + c] = Self::code(tile, bits, r, c);
                     }
@@ -677,7 +744,7 @@ impl<'a> EfqMatrix<'a> {
         for t in 0..self.n_tiles() {
             let (tile, bits) = (self.tile(g, t), self.width(g, t));
             let scale = d * tile[r] as f32;
-            let z = Self::zero(tile, r) as f32;
+            let z = Self::zero(tile, bits, r) as f32;
             for c in 0..tile_cols(self.n_in, t) {
                 out[t * TILE_COLS + c] = scale * (Self::code(tile, bits, r, c) as f32 - z);
             }
@@ -851,7 +918,8 @@ pub fn matmul_on(
             },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above, with NEON (always present on aarch64) runnable.
-            Isa::Neon => unsafe {
+            // Tiles wider than 4 bits run on the scalar reference on aarch64 for now.
+            Isa::Neon if !m.has_wide_tiles() => unsafe {
                 crate::aarch64::efq::matmul_neon(m, r0, r1, act, n_tok, x_deq, out, out_stride)
             },
             _ => matmul_scalar(m, r0, r1, act, n_tok, out, out_stride),
@@ -934,8 +1002,8 @@ fn matmul_scalar(
                         .zip(a)
                         .map(|(&q, &x)| q as i32 * x as i8 as i32)
                         .sum();
-                    let isum =
-                        dot.wrapping_sub((EfqMatrix::zero(tile, r) as i32).wrapping_mul(sum_a));
+                    let isum = dot
+                        .wrapping_sub((EfqMatrix::zero(tile, bits, r) as i32).wrapping_mul(sum_a));
                     let scale = tile[r] as f32 * row_scales[r];
                     *acc = (isum as f32 * d_a).mul_add(scale, *acc);
                 }
@@ -979,7 +1047,9 @@ mod tests {
             state
         };
         let (n_out, nt) = (n_groups * TILE_ROWS, n_tiles(n_in));
-        let widths: Vec<u8> = (0..n_groups * nt).map(|_| 2 + (next() % 3) as u8).collect();
+        let widths: Vec<u8> = (0..n_groups * nt)
+            .map(|_| WIDTHS[next() as usize % WIDTHS.len()])
+            .collect();
         let mut codes = vec![0u8; n_out * n_in];
         let mut zeros = vec![0u8; n_out * nt];
         for r in 0..n_out {
@@ -1133,7 +1203,7 @@ mod tests {
             }
         }
         // Every code width went through every kernel (each case draws widths per tile).
-        assert_eq!(widths_seen.into_iter().collect::<Vec<_>>(), [2, 3, 4]);
+        assert_eq!(widths_seen.into_iter().collect::<Vec<_>>(), WIDTHS);
     }
 
     /// Version-1 blobs (16-byte header, magic "EFQ1") parse to the same matrix as the
@@ -1225,8 +1295,13 @@ mod tests {
     #[test]
     fn invalid_parts_are_refused_with_the_rule() {
         let mut p = parts(1, 64, 1, 0);
+        p.widths[0] = 7;
+        assert!(p.to_bytes().unwrap_err().0.contains("[2, 3, 4, 5, 6, 8]"));
+        // A wide tile's zero point is a byte, still bounded by its width.
+        let mut p = parts(1, 64, 1, 0);
         p.widths[0] = 5;
-        assert!(p.to_bytes().unwrap_err().0.contains("2, 3 or 4"));
+        p.zeros[0] = 32;
+        assert!(p.to_bytes().unwrap_err().0.contains("does not fit 5 bits"));
         let mut p = parts(1, 64, 1, 0);
         p.n_out = 8;
         assert!(p.to_bytes().unwrap_err().0.contains("multiple of 16"));

@@ -21,8 +21,18 @@ use edgefusion_kernels::efq::{
 use edgefusion_kernels::formats::{f16_bits, f16_to_f32};
 use rayon::prelude::*;
 
-/// Code widths a tile may have.
-pub const WIDTHS: [u8; 3] = [2, 3, 4];
+pub use edgefusion_kernels::efq::WIDTHS;
+
+/// Per-tile errors at each width of [`WIDTHS`], in that order.
+pub type TileErrors = [f64; WIDTHS.len()];
+
+/// Index of `bits` in [`WIDTHS`].
+fn width_index(bits: u8) -> usize {
+    WIDTHS
+        .iter()
+        .position(|&w| w == bits)
+        .unwrap_or_else(|| panic!("{bits} bits is not an EFQ tile width"))
+}
 
 /// Shrink factors tried when fitting a block's range: clipping the extremes a little often
 /// lowers the total error (the same search llama.cpp's `make_qx_quants` and AWQ's clip run).
@@ -169,17 +179,17 @@ pub fn select_outliers(
 }
 
 /// Per-tile errors of `w (n_out, n_in)` at each width of [`WIDTHS`] (outliers excluded), for
-/// the bit allocator: `(n_out / 16 · n_tiles)` entries of `[err_2, err_3, err_4]`.
+/// the bit allocator: `(n_out / 16 · n_tiles)` entries of `[err_2, err_3, …, err_8]`.
 pub fn tile_errors(
     w: &[f32],
     n_out: usize,
     n_in: usize,
     h: &[f32],
     outliers: &[(u32, u32)],
-) -> Vec<[f64; 3]> {
+) -> Vec<TileErrors> {
     let nt = n_tiles(n_in);
     let mask = outlier_mask(n_out, n_in, outliers);
-    let mut errors = vec![[0.0; 3]; (n_out / TILE_ROWS) * nt];
+    let mut errors = vec![[0.0; WIDTHS.len()]; (n_out / TILE_ROWS) * nt];
     // One row group per task; rows within a group add in order, so results do not depend
     // on the thread count.
     errors
@@ -237,10 +247,10 @@ pub struct AllocationInput<'a> {
     pub n_out: usize,
     pub n_in: usize,
     /// From [`tile_errors`].
-    pub errors: &'a [[f64; 3]],
+    pub errors: &'a [TileErrors],
     /// Bytes the matrix stores besides its tiles' codes (row scales, outliers, header…).
     pub fixed_bytes: usize,
-    /// Narrowest width its tiles may get (2 for most matrices).
+    /// Narrowest width its tiles may get (2 for most matrices), one of [`WIDTHS`].
     pub min_bits: u8,
 }
 
@@ -254,7 +264,7 @@ pub fn allocate_widths(matrices: &[AllocationInput<'_>], bpw: f64) -> Option<(Ve
     let budget = (bpw * params as f64 / 8.0).floor() as usize;
     let mut widths: Vec<Vec<u8>> = matrices
         .iter()
-        .map(|m| vec![m.min_bits.clamp(2, 4); m.errors.len()])
+        .map(|m| vec![m.min_bits; m.errors.len()])
         .collect();
     let size = |m: &AllocationInput<'_>, t: usize, bits: u8| {
         tile_bytes(bits, tile_cols(m.n_in, t % n_tiles(m.n_in)))
@@ -262,7 +272,7 @@ pub fn allocate_widths(matrices: &[AllocationInput<'_>], bpw: f64) -> Option<(Ve
     let mut used: usize = matrices
         .iter()
         .map(|m| {
-            let start = m.min_bits.clamp(2, 4);
+            let start = m.min_bits;
             m.fixed_bytes
                 + (0..m.errors.len())
                     .map(|t| size(m, t, start))
@@ -274,32 +284,32 @@ pub fn allocate_widths(matrices: &[AllocationInput<'_>], bpw: f64) -> Option<(Ve
     }
     // Max-heap of (gain per byte, matrix, tile) for each tile's next step up.
     let mut heap = std::collections::BinaryHeap::new();
+    let widest = *WIDTHS.last().unwrap();
+    let next = |bits: u8| WIDTHS[width_index(bits) + 1];
     let step = |m: &AllocationInput<'_>, t: usize, from: u8| {
-        let k = (from - 2) as usize;
+        let k = width_index(from);
         let gain = m.errors[t][k] - m.errors[t][k + 1];
-        let cost = size(m, t, from + 1) - size(m, t, from);
-        (OrderedGain(gain / cost as f64), cost)
+        let cost = size(m, t, next(from)) - size(m, t, from);
+        OrderedGain(gain / cost as f64)
     };
     for (i, (m, w)) in matrices.iter().zip(&widths).enumerate() {
         for (t, &bits) in w.iter().enumerate() {
-            if bits < 4 {
-                let (gain, _) = step(m, t, bits);
-                heap.push((gain, i, t));
+            if bits < widest {
+                heap.push((step(m, t, bits), i, t));
             }
         }
     }
     while let Some((_, i, t)) = heap.pop() {
         let m = &matrices[i];
         let from = widths[i][t];
-        let cost = size(m, t, from + 1) - size(m, t, from);
+        let cost = size(m, t, next(from)) - size(m, t, from);
         if used + cost > budget {
             continue;
         }
         used += cost;
-        widths[i][t] = from + 1;
-        if from + 1 < 4 {
-            let (gain, _) = step(m, t, from + 1);
-            heap.push((gain, i, t));
+        widths[i][t] = next(from);
+        if next(from) < widest {
+            heap.push((step(m, t, next(from)), i, t));
         }
     }
     Some((widths, used as f64 * 8.0 / params as f64))
@@ -545,9 +555,14 @@ mod tests {
         let nt = n_tiles(n_in);
         // Limits sit ~5 % above what this fitter reaches; the plain ones are high because
         // every 211th weight is an 8σ outlier that stretches its block's range.
-        for (bits, limit_plain, limit_outliers) in
-            [(2u8, 0.50, 0.33), (3, 0.28, 0.16), (4, 0.145, 0.082)]
-        {
+        for (bits, limit_plain, limit_outliers) in [
+            (2u8, 0.50, 0.33),
+            (3, 0.28, 0.16),
+            (4, 0.145, 0.082),
+            (5, 0.07, 0.042),
+            (6, 0.035, 0.024),
+            (8, 0.0088, 0.0134),
+        ] {
             let widths = vec![bits; n_out / TILE_ROWS * nt];
             let mut results = Vec::new();
             for frac in [0.0, 0.005] {
@@ -578,7 +593,10 @@ mod tests {
                 "{bits}-bit + outliers RMSE {:.4} ≥ {limit_outliers}",
                 results[1]
             );
-            assert!(results[1] < results[0]);
+            // 6-bit outliers are coarser than 8-bit tiles: they help up to 6 bits.
+            if bits <= 6 {
+                assert!(results[1] < results[0]);
+            }
         }
     }
 
@@ -601,7 +619,7 @@ mod tests {
             fixed_bytes: fixed_bytes(n_out, n_in, &outliers),
             min_bits: 2,
         };
-        for bpw in [2.6, 3.1, 3.6] {
+        for bpw in [2.6, 3.1, 3.6, 4.6, 5.5, 7.0] {
             let (widths, reached) = allocate_widths(std::slice::from_ref(&input), bpw).unwrap();
             assert!(
                 reached <= bpw && reached > bpw - 0.1,

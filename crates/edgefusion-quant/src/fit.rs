@@ -7,17 +7,24 @@ use edgefusion_model::{LayerType, ModelConfig};
 use edgefusion_runtime::memory::{self, MemoryPlan};
 use edgefusion_runtime::SessionOptions;
 
-use crate::efq::fixed_bytes;
+use crate::efq::{fixed_bytes, WIDTHS};
 use crate::QuantError;
 
 /// Code widths an EFQ tile may have, narrowest and widest.
-const MIN_BITS: u8 = 2;
-const MAX_BITS: u8 = 4;
+const MIN_BITS: u8 = WIDTHS[0];
+const MAX_BITS: u8 = WIDTHS[WIDTHS.len() - 1];
 
 /// Layers' linear bits per weight below which the layers lose more than a narrower
 /// embedding does (SmolLM2 at 3.1 bpw: the 4-bit embedding costs ~2 PPL, the layers going
 /// from 3.1 to 2.5 bpw far more): `fit` narrows the embedding before going below it.
 const LAYERS_FIRST_BPW: f64 = 3.0;
+
+/// The fewest bits per linear weight the layers keep beside a `bits`-wide embedding: at
+/// least [`LAYERS_FIRST_BPW`], and no more than one bit below the embedding (a wider
+/// embedding than that buys less than the same bytes spent on the layers).
+fn layers_floor(embedding_bits: u8) -> f64 {
+    LAYERS_FIRST_BPW.max(embedding_bits as f64 - 1.0)
+}
 
 /// Bytes of one EFQ blob `(n_out, n_in)` with every tile `bits` wide and no outliers:
 /// every stored byte (header, widths, row scales, tiles with their scales and zeros).
@@ -51,7 +58,7 @@ fn layer_matrices(cfg: &ModelConfig) -> Vec<(usize, usize)> {
 }
 
 /// Bits per weight of the layers' matrices with every tile `bits` wide: the least (2) and
-/// most (4) that `--bpw` can ask for.
+/// most (8) that `--bpw` can ask for.
 pub fn layers_bpw_at(cfg: &ModelConfig, bits: u8) -> f64 {
     let m = layer_matrices(cfg);
     let params: usize = m.iter().map(|(o, i)| o * i).sum();
@@ -123,9 +130,9 @@ pub fn weight_bytes(
 }
 
 /// The budget that fits `budget` bytes at `opts` (context, threads): the widest embedding
-/// whose plan leaves the layers at least `LAYERS_FIRST_BPW`, then the most bits per
-/// linear weight (in hundredths); below that, the embedding width that leaves the layers
-/// the most.
+/// whose plan leaves the layers at least [`layers_floor`] bits per weight, then the most
+/// bits per linear weight (in hundredths); below that, the embedding width that leaves the
+/// layers the most.
 ///
 /// # Errors
 /// A context of 0, or a budget below the smallest plan (2-bit tiles and embedding); the
@@ -142,7 +149,7 @@ pub fn fit(
         ));
     }
     // Hundredths of a bit the allocator can reach: all-2-bit tiles (rounded up) to
-    // all-4-bit tiles (rounded down).
+    // all-8-bit tiles (rounded down).
     let lowest = (layers_bpw_at(cfg, MIN_BITS) * 100.0).ceil() as u32;
     let highest = (layers_bpw_at(cfg, MAX_BITS) * 100.0).floor() as u32;
     let plan_at = |hundredths: u32, bits: u8| FitPlan {
@@ -175,8 +182,11 @@ pub fn fit(
         }
         Some(plan_at(lo, bits))
     };
-    let plans: Vec<FitPlan> = (MIN_BITS..=MAX_BITS).rev().filter_map(best_at).collect();
-    if let Some(p) = plans.iter().find(|p| p.linear_bpw >= LAYERS_FIRST_BPW) {
+    let plans: Vec<FitPlan> = WIDTHS.iter().rev().filter_map(|&b| best_at(b)).collect();
+    if let Some(p) = plans
+        .iter()
+        .find(|p| p.linear_bpw >= layers_floor(p.embedding_bits))
+    {
         return Ok(*p);
     }
     if let Some(p) = plans.iter().max_by(|a, b| {
@@ -268,13 +278,13 @@ mod tests {
     fn extremes_are_real_blob_sizes() {
         use crate::efq::{allocate_widths, AllocationInput};
         let cfg = smollm2();
-        let (lo, hi) = (layers_bpw_at(&cfg, 2), layers_bpw_at(&cfg, 4));
+        let (lo, hi) = (layers_bpw_at(&cfg, 2), layers_bpw_at(&cfg, 8));
         assert!(
-            lo > 2.12 && lo < 2.14 && hi > 4.12 && hi < 4.14,
+            lo > 2.12 && lo < 2.14 && hi > 8.16 && hi < 8.18,
             "{lo} {hi}"
         );
         // The allocator reaches the lowest plan (rounded up) and refuses just below it.
-        let errors = vec![[3.0, 2.0, 1.0]; (576 / 16) * n_tiles(1536)];
+        let errors = vec![[6.0, 5.0, 4.0, 3.0, 2.0, 1.0]; (576 / 16) * n_tiles(1536)];
         let input = AllocationInput {
             n_out: 576,
             n_in: 1536,
@@ -288,10 +298,18 @@ mod tests {
         );
         assert!(allocate_widths(std::slice::from_ref(&input), own - 0.001).is_none());
         let opts = SessionOptions::new(4096, 2);
-        // Generous: 4-bit embedding; tight: the embedding narrows before the layers drop
-        // below 3 bits per weight.
+        // Generous: 8-bit embedding and layers; middling: the embedding at most a bit wider
+        // than the layers; tight: the embedding narrows before the layers drop below 3 bits
+        // per weight.
         let roomy = fit(&cfg, 400 << 20, &opts, 0).unwrap();
-        assert_eq!(roomy.embedding_bits, 4);
+        assert_eq!(roomy.embedding_bits, 8);
+        assert!(roomy.linear_bpw > 8.1, "{roomy:?}");
+        let middling = fit(&cfg, 230 << 20, &opts, 0).unwrap();
+        assert!(
+            middling.linear_bpw >= middling.embedding_bits as f64 - 1.0
+                && middling.linear_bpw < 8.0,
+            "{middling:?}"
+        );
         let tight = fit(&cfg, 182 << 20, &opts, 0).unwrap();
         assert!(
             tight.linear_bpw >= LAYERS_FIRST_BPW || tight.embedding_bits == 2,

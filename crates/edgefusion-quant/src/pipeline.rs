@@ -23,7 +23,7 @@ use edgefusion_runtime::tokenizer::Tokenizer;
 use edgefusion_runtime::{LinearInput, Logits, Session, SessionOptions};
 
 use crate::efq::{
-    allocate_widths, fixed_bytes, plan, select_outliers, tile_errors, AllocationInput,
+    allocate_widths, fixed_bytes, plan, select_outliers, tile_errors, AllocationInput, WIDTHS,
 };
 use crate::gptq::{GptqFactor, GptqOptions};
 use crate::hessian::Hessian;
@@ -122,8 +122,8 @@ pub struct MatrixReport {
     pub role: TensorRole,
     pub params: usize,
     pub bytes: usize,
-    /// Tiles of width 2, 3, 4.
-    pub width_histogram: [usize; 3],
+    /// Tiles of each width of [`WIDTHS`].
+    pub width_histogram: [usize; WIDTHS.len()],
 }
 
 /// What was written.
@@ -373,17 +373,15 @@ pub fn quantize(
     opts: &QuantizeOptions,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<QuantizeReport, QuantError> {
-    if !(2..=4).contains(&opts.bits) {
-        return Err(QuantError::Input(format!(
-            "--bits {} is outside 2..=4",
-            opts.bits
-        )));
-    }
-    if !(2..=4).contains(&opts.embedding_bits) {
-        return Err(QuantError::Input(format!(
-            "--embedding-bits {} is outside 2..=4",
-            opts.embedding_bits
-        )));
+    for (flag, bits) in [
+        ("--bits", opts.bits),
+        ("--embedding-bits", opts.embedding_bits),
+    ] {
+        if !WIDTHS.contains(&bits) {
+            return Err(QuantError::Input(format!(
+                "{flag} {bits} is not an EFQ tile width; widths are {WIDTHS:?}"
+            )));
+        }
     }
     if opts.method == Method::Gptq && opts.calibration.is_none() {
         return Err(QuantError::Input(
@@ -628,9 +626,9 @@ pub fn quantize(
             .encode(&rounded)
             .to_bytes()
             .map_err(|e| QuantError::Input(format!("{}: {e}", w.name)))?;
-        let mut hist = [0usize; 3];
+        let mut hist = [0usize; WIDTHS.len()];
         for &b in &widths[i] {
-            hist[(b - 2) as usize] += 1;
+            hist[WIDTHS.iter().position(|&w| w == b).expect("a tile width")] += 1;
         }
         reports.push(MatrixReport {
             name: w.name.clone(),

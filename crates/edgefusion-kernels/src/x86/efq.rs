@@ -1,14 +1,15 @@
 //! AVX-512 VNNI kernel for EFQ matrices (format: [`crate::efq`]).
 //!
 //! A step decodes 8 quads (32 columns) of a tile's 16 rows into eight registers of unsigned
-//! codes, then runs eight `vpdpbusd` per token against broadcast 4-byte activation quads.
+//! codes (up to 255: `vpdpbusd` takes the whole byte, so wide tiles cost only their decode),
+//! then runs eight `vpdpbusd` per token against broadcast 4-byte activation quads.
 //! After a tile, one `vpmulld` takes the zero points back out (`z · Σa`), and one multiply
 //! and one FMA apply the activation and block scales. Outliers are one gather + FMA per
 //! slot. Float operations follow the scalar reference's order exactly.
 
 use std::arch::x86_64::*;
 
-use crate::efq::{tile_cols, ActQ8, EfqMatrix, SLOT_BYTES, TILE_COLS, TILE_ROWS};
+use crate::efq::{codes_offset, tile_cols, ActQ8, EfqMatrix, SLOT_BYTES, TILE_COLS, TILE_ROWS};
 
 /// Tokens per tile: each step's eight code registers are reused across them.
 const TILE_TOKENS: usize = 4;
@@ -30,6 +31,42 @@ unsafe fn low2(chunk: __m512i, q: &mut [__m512i]) {
     }
 }
 
+/// Quads 0..8 of four 4-bit chunks at `at`: low nibbles quads 0, 2, 4, 6; high 1, 3, 5, 7.
+///
+/// # Safety
+/// AVX-512 F/BW must be available; `at` must be readable for 256 bytes.
+#[inline(always)]
+unsafe fn nibbles(at: *const u8) -> [__m512i; 8] {
+    // SAFETY: the caller guarantees AVX-512 F/BW and 256 readable bytes at `at`: the four
+    // 64-byte loads cover exactly those.
+    unsafe {
+        let mut q = [_mm512_setzero_si512(); 8];
+        let low4 = _mm512_set1_epi8(0x0F);
+        for i in 0..4 {
+            let chunk = _mm512_loadu_si512(at.add(64 * i).cast());
+            q[2 * i] = _mm512_and_si512(chunk, low4);
+            q[2 * i + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(chunk), low4);
+        }
+        q
+    }
+}
+
+/// Adds `add` to quad j's codes wherever bit j of `plane`'s bytes is set.
+///
+/// # Safety
+/// AVX-512 F/BW must be available.
+#[inline(always)]
+unsafe fn add_bit_plane(q: &mut [__m512i; 8], plane: __m512i, add: i8) {
+    // SAFETY: the caller guarantees AVX-512 F/BW; only registers are touched.
+    unsafe {
+        let add = _mm512_set1_epi8(add);
+        for (j, qj) in q.iter_mut().enumerate() {
+            let bit = _mm512_test_epi8_mask(plane, _mm512_set1_epi8((1u8 << j) as i8));
+            *qj = _mm512_mask_add_epi8(*qj, bit, *qj, add);
+        }
+    }
+}
+
 /// Codes of 8 quads (columns `32 · step ..`) of a tile with `bits`-bit codes at `codes`.
 ///
 /// # Safety
@@ -38,8 +75,8 @@ unsafe fn low2(chunk: __m512i, q: &mut [__m512i]) {
 #[inline(always)]
 unsafe fn decode_step(bits: u8, codes: *const u8, step: usize) -> [__m512i; 8] {
     // SAFETY: the caller guarantees AVX-512 F/BW and that `codes` is a tile's code area
-    // holding at least `step + 1` steps of `bits`-bit codes: 128 (2-bit), 192 (3-bit) or 256
-    // (4-bit) bytes per step, which is exactly the span read from `codes + step · that`.
+    // holding at least `step + 1` steps of `bits`-bit codes: `64 · bits` bytes per step,
+    // which is exactly the span read from `codes + step · 64 · bits`.
     unsafe {
         let mut q = [_mm512_setzero_si512(); 8];
         match bits {
@@ -52,20 +89,29 @@ unsafe fn decode_step(bits: u8, codes: *const u8, step: usize) -> [__m512i; 8] {
                 let at = codes.add(192 * step);
                 low2(_mm512_loadu_si512(at.cast()), &mut q[..4]);
                 low2(_mm512_loadu_si512(at.add(64).cast()), &mut q[4..]);
-                let high = _mm512_loadu_si512(at.add(128).cast());
-                let four = _mm512_set1_epi8(4);
-                for (j, qj) in q.iter_mut().enumerate() {
-                    let bit = _mm512_test_epi8_mask(high, _mm512_set1_epi8((1u8 << j) as i8));
-                    *qj = _mm512_mask_add_epi8(*qj, bit, *qj, four);
+                add_bit_plane(&mut q, _mm512_loadu_si512(at.add(128).cast()), 4);
+            }
+            4 => q = nibbles(codes.add(256 * step)),
+            5 => {
+                let at = codes.add(320 * step);
+                q = nibbles(at);
+                add_bit_plane(&mut q, _mm512_loadu_si512(at.add(256).cast()), 16);
+            }
+            6 => {
+                let at = codes.add(384 * step);
+                q = nibbles(at);
+                let mut high = [_mm512_setzero_si512(); 8];
+                low2(_mm512_loadu_si512(at.add(256).cast()), &mut high[..4]);
+                low2(_mm512_loadu_si512(at.add(320).cast()), &mut high[4..]);
+                for (qj, hj) in q.iter_mut().zip(high) {
+                    *qj = _mm512_or_si512(*qj, _mm512_slli_epi16::<4>(hj));
                 }
             }
             _ => {
-                let at = codes.add(256 * step);
-                let low4 = _mm512_set1_epi8(0x0F);
-                for i in 0..4 {
-                    let chunk = _mm512_loadu_si512(at.add(64 * i).cast());
-                    q[2 * i] = _mm512_and_si512(chunk, low4);
-                    q[2 * i + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(chunk), low4);
+                let at = codes.add(512 * step);
+                q = nibbles(at);
+                for (qj, hj) in q.iter_mut().zip(nibbles(at.add(256))) {
+                    *qj = _mm512_or_si512(*qj, _mm512_slli_epi16::<4>(hj));
                 }
             }
         }
@@ -106,13 +152,18 @@ unsafe fn group_tile<const T: usize>(
                 _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(tile.as_ptr().cast()))),
                 d_rows,
             );
-            // Row r's zero is nibble r / 8 of byte r % 8: lanes 0-7 low nibbles, 8-15 high.
-            let z8 = std::ptr::read_unaligned(tile.as_ptr().add(TILE_ROWS).cast::<i64>());
-            let zeros = _mm512_and_si512(
-                _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_set1_epi64x(z8)), nibble_shift),
-                _mm512_set1_epi32(0xF),
-            );
-            let codes = tile.as_ptr().add(TILE_ROWS + TILE_ROWS / 2);
+            let zeros = if bits <= 4 {
+                // Row r's zero is nibble r / 8 of byte r % 8: lanes 0-7 low nibbles, 8-15 high.
+                let z8 = std::ptr::read_unaligned(tile.as_ptr().add(TILE_ROWS).cast::<i64>());
+                _mm512_and_si512(
+                    _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_set1_epi64x(z8)), nibble_shift),
+                    _mm512_set1_epi32(0xF),
+                )
+            } else {
+                // One byte per row.
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(tile.as_ptr().add(TILE_ROWS).cast()))
+            };
+            let codes = tile.as_ptr().add(codes_offset(bits));
             let mut isum = [_mm512_setzero_si512(); T];
             for step in 0..tile_cols(m.n_in, ti) / 32 {
                 let q = decode_step(bits, codes, step);

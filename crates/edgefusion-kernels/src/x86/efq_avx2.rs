@@ -6,14 +6,16 @@
 //! A step decodes 8 quads (32 columns) of a half into eight registers of unsigned codes, then
 //! per token eight `vpmaddubsw` against broadcast 4-byte activation quads are summed in
 //! 16 bits (codes ≤ 15 and |a| ≤ 128, so 8 · 2 · 15 · 128 = 30720 cannot saturate) and one
-//! `vpmaddwd` widens them into the half's 8 row sums. After a tile, `vpmulld` takes the zero
+//! `vpmaddwd` widens them into the half's 8 row sums. Codes of wide tiles (5–8 bits) would
+//! overflow those 16-bit sums, so they run as two such passes, the low nibbles and the high
+//! bits, and the high pass's sums are shifted up by 4 before they are added. After a tile, `vpmulld` takes the zero
 //! points back out (`z · Σa`), and one multiply and one FMA apply the activation and block
 //! scales. Outliers are one gather + FMA per slot and half. Float operations follow the
 //! scalar reference's order exactly.
 
 use std::arch::x86_64::*;
 
-use crate::efq::{tile_cols, ActQ8, EfqMatrix, SLOT_BYTES, TILE_COLS, TILE_ROWS};
+use crate::efq::{codes_offset, tile_cols, ActQ8, EfqMatrix, SLOT_BYTES, TILE_COLS, TILE_ROWS};
 
 /// Tokens per tile: each step's eight code registers are reused across them (8 measured
 /// ~7% faster than 4 at 64 tokens). Remainders run as tiles of 4, 3, 2 and 1.
@@ -38,59 +40,138 @@ unsafe fn low2(chunk: __m256i, q: &mut [__m256i]) {
     }
 }
 
+/// Quads 0..8 of rows `8h..8h + 8` from four 4-bit chunks at `at` (`at` already offset by
+/// the half): low nibbles quads 0, 2, 4, 6; high nibbles 1, 3, 5, 7.
+///
+/// # Safety
+/// AVX2 must be available; `at + 64 · i` must be readable for 32 bytes, i in 0..4.
+#[inline(always)]
+unsafe fn nibbles(at: *const u8) -> [__m256i; 8] {
+    // SAFETY: the caller guarantees AVX2 and the four 32-byte spans that are loaded.
+    unsafe {
+        let mut q = [_mm256_setzero_si256(); 8];
+        let low4 = _mm256_set1_epi8(0x0F);
+        for i in 0..4 {
+            let chunk = _mm256_loadu_si256(at.add(64 * i).cast());
+            q[2 * i] = _mm256_and_si256(chunk, low4);
+            q[2 * i + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(chunk), low4);
+        }
+        q
+    }
+}
+
+/// Bit j of each byte of `plane`, for quads j = 0..8, moved to bit `to` of quad j's byte.
+///
+/// # Safety
+/// AVX2 must be available.
+#[inline(always)]
+unsafe fn bit_planes<const TO: i32>(plane: __m256i) -> [__m256i; 8] {
+    // SAFETY: the caller guarantees AVX2; only registers are touched. 16-bit shifts are
+    // fine: the mask keeps only bits that came from the same byte.
+    unsafe {
+        let bit = _mm256_set1_epi8(1 << TO);
+        let mut q = [_mm256_setzero_si256(); 8];
+        for (j, qj) in q.iter_mut().enumerate() {
+            let moved = match TO - j as i32 {
+                2 => _mm256_slli_epi16::<2>(plane),
+                1 => _mm256_slli_epi16::<1>(plane),
+                0 => plane,
+                -1 => _mm256_srli_epi16::<1>(plane),
+                -2 => _mm256_srli_epi16::<2>(plane),
+                -3 => _mm256_srli_epi16::<3>(plane),
+                -4 => _mm256_srli_epi16::<4>(plane),
+                -5 => _mm256_srli_epi16::<5>(plane),
+                -6 => _mm256_srli_epi16::<6>(plane),
+                _ => _mm256_srli_epi16::<7>(plane),
+            };
+            *qj = _mm256_and_si256(moved, bit);
+        }
+        q
+    }
+}
+
 /// Codes of 8 quads (columns `32 · step ..`) of rows `8h..8h + 8` of a tile with
-/// `bits`-bit codes at `codes`.
+/// `bits`-bit codes at `codes`: the codes (≤ 15) and, for tiles wider than 4 bits, their
+/// bits above the fourth (≤ 15) in a second set.
 ///
 /// # Safety
 /// AVX2 is available and `codes` points at a tile's code area holding at least
 /// `step + 1` steps of `bits`-bit codes (see [`crate::efq::code`]).
 #[inline(always)]
-unsafe fn decode_step(bits: u8, codes: *const u8, step: usize, h: usize) -> [__m256i; 8] {
+unsafe fn decode_step(
+    bits: u8,
+    codes: *const u8,
+    step: usize,
+    h: usize,
+) -> ([__m256i; 8], Option<[__m256i; 8]>) {
     // SAFETY: the caller guarantees AVX2 and that `codes` holds at least `step + 1` steps of
-    // `bits`-bit codes: 128 (2-bit), 192 (3-bit) or 256 (4-bit) bytes per step; with
-    // `half = 32h ≤ 32`, every 32-byte load stays inside step `step`'s chunks.
+    // `bits`-bit codes: `64 · bits` bytes per step; with `half = 32h ≤ 32`, every 32-byte
+    // load stays inside step `step`'s chunks.
     unsafe {
-        let mut q = [_mm256_setzero_si256(); 8];
         let half = 32 * h;
+        let at = codes.add(64 * bits as usize * step + half);
         match bits {
             2 => {
-                let at = codes.add(128 * step + half);
+                let mut q = [_mm256_setzero_si256(); 8];
                 low2(_mm256_loadu_si256(at.cast()), &mut q[..4]);
                 low2(_mm256_loadu_si256(at.add(64).cast()), &mut q[4..]);
+                (q, None)
             }
             3 => {
-                let at = codes.add(192 * step + half);
+                let mut q = [_mm256_setzero_si256(); 8];
                 low2(_mm256_loadu_si256(at.cast()), &mut q[..4]);
                 low2(_mm256_loadu_si256(at.add(64).cast()), &mut q[4..]);
-                // Bit j of each byte is bit 2 of quad j's code: move it to bit 2 and add it in.
-                // 16-bit shifts are fine: the mask keeps only bits that came from the same byte.
-                let high = _mm256_loadu_si256(at.add(128).cast());
-                let four = _mm256_set1_epi8(4);
-                let planes = [
-                    _mm256_slli_epi16::<2>(high),
-                    _mm256_slli_epi16::<1>(high),
-                    high,
-                    _mm256_srli_epi16::<1>(high),
-                    _mm256_srli_epi16::<2>(high),
-                    _mm256_srli_epi16::<3>(high),
-                    _mm256_srli_epi16::<4>(high),
-                    _mm256_srli_epi16::<5>(high),
-                ];
-                for (qj, plane) in q.iter_mut().zip(planes) {
-                    *qj = _mm256_or_si256(*qj, _mm256_and_si256(plane, four));
+                // Bit j of each byte is bit 2 of quad j's code.
+                let high = bit_planes::<2>(_mm256_loadu_si256(at.add(128).cast()));
+                for (qj, hj) in q.iter_mut().zip(high) {
+                    *qj = _mm256_or_si256(*qj, hj);
                 }
+                (q, None)
             }
-            _ => {
-                let at = codes.add(256 * step + half);
-                let low4 = _mm256_set1_epi8(0x0F);
-                for i in 0..4 {
-                    let chunk = _mm256_loadu_si256(at.add(64 * i).cast());
-                    q[2 * i] = _mm256_and_si256(chunk, low4);
-                    q[2 * i + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(chunk), low4);
-                }
+            4 => (nibbles(at), None),
+            5 => (
+                nibbles(at),
+                Some(bit_planes::<0>(_mm256_loadu_si256(at.add(256).cast()))),
+            ),
+            6 => {
+                let mut high = [_mm256_setzero_si256(); 8];
+                low2(_mm256_loadu_si256(at.add(256).cast()), &mut high[..4]);
+                low2(_mm256_loadu_si256(at.add(320).cast()), &mut high[4..]);
+                (nibbles(at), Some(high))
             }
+            _ => (nibbles(at), Some(nibbles(at.add(256)))),
         }
-        q
+    }
+}
+
+/// Per token `t`, `sums[t] += Σ_j codes[j] · a_t(quad j)` over 8 quads at activation
+/// offset `a_at` of token `t0 + t`, summed in 16 bits then widened (codes ≤ 15).
+///
+/// # Safety
+/// AVX2 is available and `act` holds rows `t0..t0 + T` of `act_row` bytes, each with 32
+/// bytes at `a_at`.
+#[inline(always)]
+unsafe fn dot_step<const T: usize, const SHIFT: i32>(
+    codes: &[__m256i; 8],
+    act: &[u8],
+    act_row: usize,
+    t0: usize,
+    a_at: usize,
+    sums: &mut [__m256i; T],
+) {
+    // SAFETY: the caller guarantees AVX2 and the 32 activation bytes of each token read.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        for (t, sum) in sums.iter_mut().enumerate() {
+            let a = act.as_ptr().add((t0 + t) * act_row + a_at);
+            let mut pairs = _mm256_setzero_si256();
+            for (j, &qj) in codes.iter().enumerate() {
+                let quad = std::ptr::read_unaligned(a.add(4 * j).cast::<i32>());
+                pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(qj, _mm256_set1_epi32(quad)));
+            }
+            let widened = _mm256_madd_epi16(pairs, ones);
+            *sum = _mm256_add_epi32(*sum, _mm256_slli_epi32::<SHIFT>(widened));
+        }
     }
 }
 
@@ -122,7 +203,6 @@ unsafe fn half_tile<const T: usize>(
         let d_rows = _mm256_cvtph_ps(_mm_loadu_si128(
             m.row_scale_bytes(g).as_ptr().add(2 * HALF_ROWS * h).cast(),
         ));
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); T];
         for ti in 0..m.n_tiles() {
             let (tile, bits) = (m.tile(g, ti), m.width(g, ti));
@@ -133,29 +213,28 @@ unsafe fn half_tile<const T: usize>(
                 ))),
                 d_rows,
             );
-            // Row r's zero is nibble r / 8 of byte r % 8: this half's are nibble h of bytes 0..8.
-            let z8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(tile.as_ptr().add(TILE_ROWS).cast()));
-            let zeros = _mm256_and_si256(
-                _mm256_srlv_epi32(z8, _mm256_set1_epi32(4 * h as i32)),
-                _mm256_set1_epi32(0xF),
-            );
-            let codes = tile.as_ptr().add(TILE_ROWS + TILE_ROWS / 2);
+            let zeros = if bits <= 4 {
+                // Row r's zero is nibble r / 8 of byte r % 8: this half's are nibble h of
+                // bytes 0..8.
+                let z8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(tile.as_ptr().add(TILE_ROWS).cast()));
+                _mm256_and_si256(
+                    _mm256_srlv_epi32(z8, _mm256_set1_epi32(4 * h as i32)),
+                    _mm256_set1_epi32(0xF),
+                )
+            } else {
+                // One byte per row.
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                    tile.as_ptr().add(TILE_ROWS + HALF_ROWS * h).cast(),
+                ))
+            };
+            let codes = tile.as_ptr().add(codes_offset(bits));
             let mut isum = [_mm256_setzero_si256(); T];
             for step in 0..tile_cols(m.n_in, ti) / 32 {
-                let q = decode_step(bits, codes, step, h);
-                for (t, sum) in isum.iter_mut().enumerate() {
-                    let a = act
-                        .as_ptr()
-                        .add((t0 + t) * act_row + ti * ActQ8::BLOCK_BYTES + 8 + 32 * step);
-                    let mut pairs = _mm256_setzero_si256();
-                    for (j, &qj) in q.iter().enumerate() {
-                        let quad = std::ptr::read_unaligned(a.add(4 * j).cast::<i32>());
-                        pairs = _mm256_add_epi16(
-                            pairs,
-                            _mm256_maddubs_epi16(qj, _mm256_set1_epi32(quad)),
-                        );
-                    }
-                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+                let (q, high) = decode_step(bits, codes, step, h);
+                let a_at = ti * ActQ8::BLOCK_BYTES + 8 + 32 * step;
+                dot_step::<T, 0>(&q, act, act_row, t0, a_at, &mut isum);
+                if let Some(high) = high {
+                    dot_step::<T, 4>(&high, act, act_row, t0, a_at, &mut isum);
                 }
             }
             for (t, (sum, acc)) in isum.iter().zip(acc.iter_mut()).enumerate() {
