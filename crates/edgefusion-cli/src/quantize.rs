@@ -104,6 +104,15 @@ pub struct QuantizeArgs {
     /// One of 2, 3, 4, 5, 6, 8.
     #[arg(long, default_value_t = 4, value_parser = parse_width)]
     pub embedding_bits: u8,
+    /// Widest tile the allocator may give the layers (efq): 2, 3, 4, 5, 6 or 8; by default
+    /// any.
+    #[arg(long, value_parser = parse_width)]
+    pub max_bits: Option<u8>,
+    /// Keep the block scales GPTQ rounded with. By default every row's block scales are
+    /// solved again after GPTQ by least squares against the layer's input statistics, the
+    /// codes fixed (a closed-form layer-wise reconstruction).
+    #[arg(long)]
+    pub no_refit: bool,
     /// Store matrices as they are instead of rotated. By default every matrix whose rows
     /// are a multiple of 64 long is stored as W·R, R a randomized Hadamard transform on
     /// 64-column blocks, and the kernels rotate its input to match (6 additions per input
@@ -212,6 +221,8 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         sensitivity: matches!(args.allocation, AllocationArg::Sensitivity),
         embedding_bits,
         rotate: !args.no_rotate,
+        max_bits: args.max_bits,
+        refit: !args.no_refit,
         bpw,
         bits: args.bits,
         outliers: args.outliers,

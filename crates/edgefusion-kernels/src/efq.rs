@@ -1,7 +1,7 @@
 //! EFQ: EdgeFusion's adaptive low-bit matrix format (2- to 8-bit tiles), its 8-bit
 //! activation partner and the fused dequantize-and-dot kernels (scalar reference here,
 //! AVX-512 VNNI in `x86::efq`, AVX2 in `x86::efq_avx2` for x86 CPUs without VNNI, NEON in
-//! `aarch64::efq` for tiles of up to 4 bits).
+//! `aarch64::efq`).
 //!
 //! A matrix `(n_out, n_in)` is cut into tiles of 16 rows × 128 columns (the last tile of a
 //! row group may be 32, 64 or 96 columns wide). Each tile has one code width from
@@ -629,11 +629,6 @@ impl<'a> EfqMatrix<'a> {
         self.widths[g * self.n_tiles() + t]
     }
 
-    /// Whether any tile is wider than 4 bits.
-    pub fn has_wide_tiles(&self) -> bool {
-        self.widths.iter().any(|&w| w > 4)
-    }
-
     /// Tile `t` of group `g`: scales, zero points, codes.
     pub(crate) fn tile(&self, g: usize, t: usize) -> &'a [u8] {
         let i = g * self.n_tiles() + t;
@@ -918,8 +913,7 @@ pub fn matmul_on(
             },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above, with NEON (always present on aarch64) runnable.
-            // Tiles wider than 4 bits run on the scalar reference on aarch64 for now.
-            Isa::Neon if !m.has_wide_tiles() => unsafe {
+            Isa::Neon => unsafe {
                 crate::aarch64::efq::matmul_neon(m, r0, r1, act, n_tok, x_deq, out, out_stride)
             },
             _ => matmul_scalar(m, r0, r1, act, n_tok, out, out_stride),

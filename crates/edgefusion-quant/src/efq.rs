@@ -123,14 +123,14 @@ pub struct Plan {
     /// (n_out / 16, n_tiles)
     pub widths: Vec<u8>,
     /// (n_out): f16 bits of each row scale `d_r`.
-    row_scales: Vec<u16>,
+    pub(crate) row_scales: Vec<u16>,
     /// (n_out, n_tiles): the u8 block scales and the grids they stand for (`d_r · s`).
-    block_scales: Vec<u8>,
-    grids: Vec<Grid>,
+    pub(crate) block_scales: Vec<u8>,
+    pub(crate) grids: Vec<Grid>,
     /// (n_out / 16): f16 bits of each group's outlier scale.
     outlier_scales: Vec<u16>,
     /// (n_out, n_in): each weight's 6-bit outlier code, 0 where it is not an outlier.
-    outlier_codes: Vec<i8>,
+    pub(crate) outlier_codes: Vec<i8>,
     /// The blob's rotation word: 0, or `ROTATION_RHT64` when `w` was given as `W·R`.
     pub rotation: u32,
 }
@@ -252,6 +252,8 @@ pub struct AllocationInput<'a> {
     pub fixed_bytes: usize,
     /// Narrowest width its tiles may get (2 for most matrices), one of [`WIDTHS`].
     pub min_bits: u8,
+    /// Widest width its tiles may get, one of [`WIDTHS`], at least `min_bits`.
+    pub max_bits: u8,
 }
 
 /// Chooses every tile's width so that the stored bits of all matrices together stay within
@@ -284,7 +286,6 @@ pub fn allocate_widths(matrices: &[AllocationInput<'_>], bpw: f64) -> Option<(Ve
     }
     // Max-heap of (gain per byte, matrix, tile) for each tile's next step up.
     let mut heap = std::collections::BinaryHeap::new();
-    let widest = *WIDTHS.last().unwrap();
     let next = |bits: u8| WIDTHS[width_index(bits) + 1];
     let step = |m: &AllocationInput<'_>, t: usize, from: u8| {
         let k = width_index(from);
@@ -294,7 +295,7 @@ pub fn allocate_widths(matrices: &[AllocationInput<'_>], bpw: f64) -> Option<(Ve
     };
     for (i, (m, w)) in matrices.iter().zip(&widths).enumerate() {
         for (t, &bits) in w.iter().enumerate() {
-            if bits < widest {
+            if bits < m.max_bits {
                 heap.push((step(m, t, bits), i, t));
             }
         }
@@ -308,7 +309,7 @@ pub fn allocate_widths(matrices: &[AllocationInput<'_>], bpw: f64) -> Option<(Ve
         }
         used += cost;
         widths[i][t] = next(from);
-        if next(from) < widest {
+        if next(from) < m.max_bits {
             heap.push((step(m, t, next(from)), i, t));
         }
     }
@@ -618,6 +619,7 @@ mod tests {
             errors: &errors,
             fixed_bytes: fixed_bytes(n_out, n_in, &outliers),
             min_bits: 2,
+            max_bits: 8,
         };
         for bpw in [2.6, 3.1, 3.6, 4.6, 5.5, 7.0] {
             let (widths, reached) = allocate_widths(std::slice::from_ref(&input), bpw).unwrap();

@@ -291,6 +291,7 @@ mod tests {
             errors: &errors,
             fixed_bytes: fixed_bytes(576, 1536, &[]),
             min_bits: 2,
+            max_bits: 8,
         };
         let own = blob_bytes(576, 1536, 2) as f64 * 8.0 / (576.0 * 1536.0);
         assert!(

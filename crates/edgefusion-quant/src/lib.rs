@@ -12,5 +12,6 @@ pub mod fit;
 pub mod gptq;
 pub mod hessian;
 pub mod pipeline;
+pub mod refit;
 
 pub use error::QuantError;

@@ -27,6 +27,7 @@ use crate::efq::{
 };
 use crate::gptq::{GptqFactor, GptqOptions};
 use crate::hessian::Hessian;
+use crate::refit::refit_scales;
 use crate::QuantError;
 
 /// How the codes are chosen.
@@ -94,6 +95,11 @@ pub struct QuantizeOptions {
     /// Hadamard transform of `edgefusion_kernels::hadamard` (the kernels rotate the input
     /// to match): rotated rows have no heavy coordinates for a block's grid to stretch to.
     pub rotate: bool,
+    /// Widest tile the allocator may choose (efq); `None`: any width of `WIDTHS`.
+    pub max_bits: Option<u8>,
+    /// After GPTQ, solve every row's block scales again by least squares against the
+    /// layer's input statistics, codes fixed (`crate::refit`).
+    pub refit: bool,
 }
 
 impl Default for QuantizeOptions {
@@ -111,6 +117,8 @@ impl Default for QuantizeOptions {
             sensitivity: true,
             embedding_bits: 4,
             rotate: true,
+            max_bits: None,
+            refit: true,
         }
     }
 }
@@ -560,6 +568,7 @@ pub fn quantize(
                         errors: &errors[i],
                         fixed_bytes: fixed_bytes(w.n_out, w.n_in, &outlier_sets[i]),
                         min_bits: 2,
+                        max_bits: opts.max_bits.unwrap_or(8),
                     }
                 })
                 .collect();
@@ -596,6 +605,8 @@ pub fn quantize(
     // Matrices reading the same input come one after another (q, k, v; gate, up): the
     // last input's factorization serves them all.
     let mut factor: Option<(LinearInput, GptqFactor)> = None;
+    // The same for the full input statistics the scale refit reads.
+    let mut input_stats: Option<(LinearInput, Vec<f64>)> = None;
     for (i, (role, site, w, _)) in mats.iter().enumerate() {
         let mut values = source_weights(w)?;
         let h = importance(*site, w.n_in);
@@ -612,9 +623,19 @@ pub fn quantize(
                     factor = Some((site, f));
                 }
                 let (_, f) = factor.as_ref().expect("set above");
+                let original = opts.refit.then(|| values.clone());
                 f.apply(&mut values, w.n_out, |r, c, v| p.round(r, c, v))
                     .map_err(gptq_error)?;
-                values
+                match original {
+                    Some(original) => {
+                        if input_stats.as_ref().is_none_or(|(s, _)| *s != site) {
+                            input_stats = Some((site, hessian.mean()));
+                        }
+                        let (_, h_full) = input_stats.as_ref().expect("set above");
+                        refit_scales(&mut p, &original, &values, h_full).0
+                    }
+                    None => values,
+                }
             }
             _ => values
                 .iter()

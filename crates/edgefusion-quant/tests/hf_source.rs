@@ -171,6 +171,8 @@ fn hugging_face_folder_converts_and_quantizes_like_its_gguf() {
         sensitivity: false,
         embedding_bits: 4,
         rotate: true,
+        max_bits: None,
+        refit: true,
     };
     let out_hf = work.join("from-folder.efq.gguf");
     let out_gguf = work.join("from-gguf.efq.gguf");

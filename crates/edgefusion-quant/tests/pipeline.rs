@@ -56,6 +56,8 @@ fn quantized_tiny_model_loads_and_stays_close() {
             sensitivity: false,
             embedding_bits: 4,
             rotate: true,
+            max_bits: None,
+            refit: true,
         };
         let report = quantize(
             &ModelSource::open(&input).unwrap(),
@@ -107,6 +109,8 @@ fn quantized_tiny_model_loads_and_stays_close() {
         sensitivity: false,
         embedding_bits: 4,
         rotate: true,
+        max_bits: None,
+        refit: true,
     };
     let err = quantize(
         &ModelSource::open(&input).unwrap(),
@@ -164,6 +168,8 @@ fn calibration_and_gptq_lower_the_error() {
             sensitivity: false,
             embedding_bits: 4,
             rotate: true,
+            max_bits: None,
+            refit: true,
         };
         quantize(
             &ModelSource::open(&input).unwrap(),
@@ -201,6 +207,8 @@ fn calibration_and_gptq_lower_the_error() {
         sensitivity: false,
         embedding_bits: 4,
         rotate: true,
+        max_bits: None,
+        refit: true,
     };
     let err = quantize(
         &ModelSource::open(&input).unwrap(),
@@ -243,6 +251,8 @@ fn sensitivity_allocation_keeps_the_budget() {
             sensitivity,
             embedding_bits: 4,
             rotate: true,
+            max_bits: None,
+            refit: true,
         };
         let mut stages = Vec::new();
         let report = quantize(

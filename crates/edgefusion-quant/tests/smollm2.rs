@@ -102,6 +102,8 @@ fn efq_3_1_smollm2_stays_coherent() {
         sensitivity: false,
         embedding_bits: 4,
         rotate: true,
+        max_bits: None,
+        refit: true,
     };
     let report = quantize(&load(&base), &out, &opts, &mut |_, _, _| {}).unwrap();
     assert!(report.linear_bpw <= 3.1, "{} bpw", report.linear_bpw);

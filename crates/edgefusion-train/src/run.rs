@@ -627,6 +627,8 @@ fn quantize_final(
         act_order: true,
         embedding_bits: q.embedding_bits,
         rotate: q.rotate,
+        max_bits: None,
+        refit: true,
     };
     let source = edgefusion_io::ModelSource::open(final_model)
         .map_err(|e| io_error(final_model, "opening", e))?;
