@@ -290,7 +290,7 @@ fn quantize_writes_a_model_the_other_commands_load() {
     );
     assert_fails_with(
         &[
-            "quantize", "-m", input, "-o", never, "--method", "rtn", "--bits", "5",
+            "quantize", "-m", input, "-o", never, "--method", "rtn", "--bits", "7",
         ],
         &["--bits"],
     );
@@ -422,14 +422,14 @@ fn inspect_shows_efq_weights_and_tile_widths() {
     ] {
         let f = row_after(&text, "EFQ tile widths", role)
             .unwrap_or_else(|| panic!("no {role} row: {text}"));
-        let pct: f64 = f[2..5].iter().map(|v| v.parse::<f64>().unwrap()).sum();
+        let pct: f64 = f[2..8].iter().map(|v| v.parse::<f64>().unwrap()).sum();
         assert!((pct - 100.0).abs() < 0.2, "{role}: {pct}\n{text}");
     }
     // By layer: one row per layer, and the layers' matrices together at the bpw quantize
     // reported (8.0 if blob bytes were counted as weights).
     for layer in ["0", "1"] {
         let f = row_after(&text, "EFQ tile widths", layer).expect("layer row");
-        let pct: f64 = f[2..5].iter().map(|v| v.parse::<f64>().unwrap()).sum();
+        let pct: f64 = f[2..8].iter().map(|v| v.parse::<f64>().unwrap()).sum();
         assert!((pct - 100.0).abs() < 0.2, "layer {layer}: {pct}\n{text}");
     }
     let layers = row_after(&text, "EFQ tile widths", "layers").expect("layers row");
@@ -1505,5 +1505,36 @@ fn evaluate_passkey_scores_dense_and_hybrid_and_checks_its_window() {
         &passkey(narrow, "64"),
         &["--passkey-ctx 64 is too small", "cannot run passkey"],
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `chart` draws a series table as a PNG, and refuses a table it cannot read or a log axis
+/// with a point at or below zero, naming the file; nothing is written then.
+#[test]
+fn chart_draws_a_table_and_refuses_bad_ones() {
+    let dir = std::env::temp_dir().join(format!("ef-cli-chart-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let table = dir.join("curve.tsv");
+    std::fs::write(
+        &table,
+        "edgefusion\tefq 3.1\t3.10\t9.6\nedgefusion\tefq 5.5\t5.50\t0.3\nllama.cpp\tQ4_K_M\t5.53\t0.72\n",
+    )
+    .unwrap();
+    let png = dir.join("curve.png");
+    let (table_s, png_s) = (table.to_str().unwrap(), png.to_str().unwrap());
+    let out = edgefusion(&["chart", table_s, "-o", png_s, "--log-y", "--title", "t"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let never = dir.join("never.png");
+    let never_s = never.to_str().unwrap();
+    std::fs::write(&table, "edgefusion\tzero\t3.0\t0\n").unwrap();
+    assert_fails_with(
+        &["chart", table_s, "-o", never_s, "--log-y"],
+        &["curve.tsv", "--log-y"],
+    );
+    std::fs::write(&table, "edgefusion\t3.0\t0\n").unwrap();
+    assert_fails_with(&["chart", table_s, "-o", never_s], &["curve.tsv line 1"]);
+    assert!(!never.exists());
     std::fs::remove_dir_all(&dir).ok();
 }

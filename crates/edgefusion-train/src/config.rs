@@ -605,10 +605,14 @@ impl TrainConfig {
                 format!("{} must be in [0, 0.1)", q.outliers),
             );
         }
-        if !(2..=4).contains(&q.embedding_bits) {
+        if !edgefusion_kernels::efq::WIDTHS.contains(&q.embedding_bits) {
             return fail(
                 "quantization.embedding_bits",
-                format!("{} must be in 2..=4", q.embedding_bits),
+                format!(
+                    "{} is not an EFQ tile width ({:?})",
+                    q.embedding_bits,
+                    edgefusion_kernels::efq::WIDTHS
+                ),
             );
         }
         let c = &self.conversion;
