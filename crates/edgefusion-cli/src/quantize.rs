@@ -101,8 +101,8 @@ pub struct QuantizeArgs {
     pub allocation: AllocationArg,
     /// Code width of the token embedding and output head (efq), outside the --bpw budget:
     /// 2, 3, 4, 5, 6 or 8. Their errors reach every layer through the lookup (and every
-    /// logit through the head). Default: 6, or --max-bits when that is wider (on SmolLM2 at
-    /// 3.1 bpw, PPL 35.2 with 4 bits, 34.4 with 6).
+    /// logit through the head). Default: 6, or the layers' widest tile when that is wider
+    /// (on SmolLM2 at 3.1 bpw, PPL 35.2 with 4 bits, 34.4 with 6).
     #[arg(long, value_parser = parse_width)]
     pub embedding_bits: Option<u8>,
     /// Widest tile the allocator may give the layers (efq): 2, 3, 4, 5, 6 or 8. Default: the

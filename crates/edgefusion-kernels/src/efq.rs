@@ -184,7 +184,7 @@ pub mod code {
 pub struct EfqParts {
     pub n_out: usize,
     pub n_in: usize,
-    /// (n_out / 16, n_tiles): code bits of each tile, 2..=4.
+    /// (n_out / 16, n_tiles): code bits of each tile, one of [`WIDTHS`].
     pub widths: Vec<u8>,
     /// (n_out): f16 bits of each row's scale `d_r`.
     pub row_scales: Vec<u16>,
@@ -1284,6 +1284,65 @@ mod tests {
         assert!(p.to_bytes().unwrap_err().0.contains("multiples of 64"));
         p.rotation = 32;
         assert!(p.to_bytes().is_err());
+    }
+
+    /// The largest sums the integer paths can meet: every code at its width's maximum and
+    /// every activation at ±127 (all the same sign, then alternating), on every ISA, against
+    /// the scalar reference bit for bit and against an f64 dot.
+    #[test]
+    fn extreme_codes_and_activations_do_not_overflow() {
+        for bits in WIDTHS {
+            let n_in = 288;
+            let mut p = parts(1, n_in, bits as u64, 0);
+            p.widths.fill(bits);
+            p.codes.fill(((1u16 << bits) - 1) as u8);
+            p.zeros.fill(0);
+            p.block_scales.fill(255);
+            let bytes = p.to_bytes().unwrap();
+            let m = EfqMatrix::parse(&bytes).unwrap();
+            let act_row = ActQ8::row_bytes(n_in);
+            let mut act = vec![0u8; 2 * act_row];
+            let same: Vec<f32> = vec![1.0; n_in];
+            let alternating: Vec<f32> = (0..n_in)
+                .map(|c| if c % 2 == 0 { 1.0 } else { -1.0 })
+                .collect();
+            ActQ8::quantize_row(&same, &mut act[..act_row]);
+            ActQ8::quantize_row(&alternating, &mut act[act_row..]);
+            let mut scalar = vec![0.0f32; 2 * TILE_ROWS];
+            matmul_on(
+                Isa::Scalar,
+                &m,
+                0,
+                TILE_ROWS,
+                &act,
+                2,
+                &mut scalar,
+                TILE_ROWS,
+            );
+            let (mut w, mut x) = (vec![0.0f32; n_in], vec![0.0f32; n_in]);
+            for t in 0..2 {
+                ActQ8::dequantize_row(&act[t * act_row..], &mut x);
+                for r in 0..TILE_ROWS {
+                    m.dequantize_row(r, &mut w);
+                    let exact: f64 = w.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let mag: f64 = w
+                        .iter()
+                        .zip(&x)
+                        .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                        .sum();
+                    let got = scalar[t * TILE_ROWS + r] as f64;
+                    assert!(
+                        (got - exact).abs() <= 1e-5 * mag,
+                        "{bits} bits token {t} row {r}: {got} vs {exact}"
+                    );
+                }
+            }
+            for isa in crate::cpu::available_isas() {
+                let mut got = vec![0.0f32; 2 * TILE_ROWS];
+                matmul_on(isa, &m, 0, TILE_ROWS, &act, 2, &mut got, TILE_ROWS);
+                assert_eq!(got, scalar, "{} at {bits} bits", isa.name());
+            }
+        }
     }
 
     #[test]

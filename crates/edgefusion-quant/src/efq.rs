@@ -262,6 +262,14 @@ pub struct AllocationInput<'a> {
 /// the widths per matrix and the bits per weight reached, or `None` if even all-2-bit tiles
 /// exceed the budget.
 pub fn allocate_widths(matrices: &[AllocationInput<'_>], bpw: f64) -> Option<(Vec<Vec<u8>>, f64)> {
+    for m in matrices {
+        assert!(
+            WIDTHS.contains(&m.min_bits) && WIDTHS.contains(&m.max_bits) && m.min_bits <= m.max_bits,
+            "allocate_widths: min_bits {} and max_bits {} must be tile widths {WIDTHS:?}, min ≤ max",
+            m.min_bits,
+            m.max_bits
+        );
+    }
     let params: usize = matrices.iter().map(|m| m.n_out * m.n_in).sum();
     let budget = (bpw * params as f64 / 8.0).floor() as usize;
     let mut widths: Vec<Vec<u8>> = matrices
@@ -295,7 +303,7 @@ pub fn allocate_widths(matrices: &[AllocationInput<'_>], bpw: f64) -> Option<(Ve
     };
     for (i, (m, w)) in matrices.iter().zip(&widths).enumerate() {
         for (t, &bits) in w.iter().enumerate() {
-            if bits < m.max_bits {
+            if bits < m.max_bits && next(bits) <= m.max_bits {
                 heap.push((step(m, t, bits), i, t));
             }
         }
@@ -309,7 +317,7 @@ pub fn allocate_widths(matrices: &[AllocationInput<'_>], bpw: f64) -> Option<(Ve
         }
         used += cost;
         widths[i][t] = next(from);
-        if next(from) < m.max_bits {
+        if next(from) < m.max_bits && next(next(from)) <= m.max_bits {
             heap.push((step(m, t, next(from)), i, t));
         }
     }
@@ -657,5 +665,16 @@ mod tests {
         let (widths, reached) = allocate_widths(std::slice::from_ref(&floored), 3.6).unwrap();
         assert!(widths[0].iter().all(|&b| b >= 3) && reached <= 3.6);
         assert!(allocate_widths(std::slice::from_ref(&floored), 3.0).is_none());
+        // A cap is respected (6 is never stepped past on the way to 8), leaving the budget
+        // unspent rather than exceeding the widest width.
+        for cap in [4u8, 6] {
+            let capped = AllocationInput {
+                max_bits: cap,
+                ..floored
+            };
+            let (widths, reached) = allocate_widths(std::slice::from_ref(&capped), 7.5).unwrap();
+            assert!(widths[0].iter().all(|&b| b <= cap), "cap {cap}");
+            assert!(reached < cap as f64 + 0.4, "cap {cap}: {reached}");
+        }
     }
 }

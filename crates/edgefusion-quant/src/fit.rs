@@ -2,7 +2,7 @@
 //! at which a model, one sequence's state at a context length, the runtime's buffers and
 //! the process fit a memory size, planned with `edgefusion_runtime::memory`.
 
-use edgefusion_kernels::efq::{n_tiles, tile_bytes, tile_cols, TILE_ROWS};
+use edgefusion_kernels::efq::{n_tiles, tile_bytes, tile_cols, COL_ALIGN, TILE_ROWS};
 use edgefusion_model::{LayerType, ModelConfig};
 use edgefusion_runtime::memory::{self, MemoryPlan};
 use edgefusion_runtime::SessionOptions;
@@ -35,11 +35,26 @@ pub fn blob_bytes(n_out: usize, n_in: usize, bits: u8) -> usize {
     fixed_bytes(n_out, n_in, &[]) + (n_out / TILE_ROWS) * tiles
 }
 
-/// The layers' matrices EFQ quantizes, as `(n_out, n_in)`: attention and feed-forward
-/// (SSM projections keep their source type and are counted apart).
+/// The SSM projections EFQ quantizes within the `--bpw` budget, as `(n_out, n_in)`: C, B,
+/// x and the output, where they tile (as `pipeline` picks them); the Δ and gate
+/// projections (one row per KV group) keep their source type.
+fn ssm_matrices(cfg: &ModelConfig) -> Vec<(usize, usize)> {
+    let dims = cfg.ssm_dims();
+    ["wc", "wb", "wx", "wo"]
+        .iter()
+        .filter_map(|name| dims.matrix_shape(name))
+        .filter(|&(o, i)| o.is_multiple_of(TILE_ROWS) && i.is_multiple_of(COL_ALIGN))
+        .collect()
+}
+
+/// The layers' matrices EFQ quantizes within the `--bpw` budget, as `(n_out, n_in)`:
+/// attention, feed-forward and the SSM projections of [`ssm_matrices`].
 fn layer_matrices(cfg: &ModelConfig) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
     for l in 0..cfg.n_layers {
+        if cfg.layer_types.get(l) == Some(&LayerType::Ssm) {
+            out.extend(ssm_matrices(cfg));
+        }
         if cfg.has_attention_weights(l) {
             out.extend([
                 (cfg.q_dim(), cfg.d_model),
@@ -122,9 +137,10 @@ pub fn weight_bytes(
     let linear = (params as f64 * linear_bpw / 8.0).ceil() as usize;
     let n_embd = if cfg.tied_embeddings { 1 } else { 2 };
     let embedding = n_embd * blob_bytes(cfg.vocab_size, cfg.d_model, embedding_bits);
-    // SSM mixers keep their source type (f32 counted: the most a source holds); norms and
-    // biases are f32.
-    let ssm = 4 * cfg.count_layers(LayerType::Ssm) * cfg.ssm_params();
+    // The rest of each SSM mixer keeps its source type (f32 counted: the most a source
+    // holds); norms and biases are f32.
+    let ssm_quantized: usize = ssm_matrices(cfg).iter().map(|(o, i)| o * i).sum();
+    let ssm = 4 * cfg.count_layers(LayerType::Ssm) * (cfg.ssm_params() - ssm_quantized);
     let small = 4 * (cfg.n_params() - cfg.n_block_params() - n_embd * cfg.vocab_size * cfg.d_model);
     metadata + linear + embedding + ssm + small
 }

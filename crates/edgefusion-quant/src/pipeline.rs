@@ -98,7 +98,8 @@ pub struct QuantizeOptions {
     /// Widest tile the allocator may choose (efq); `None`: [`default_max_bits`].
     pub max_bits: Option<u8>,
     /// After GPTQ, solve every row's block scales again by least squares against the
-    /// layer's input statistics, codes fixed (`crate::refit`).
+    /// layer's input statistics, codes fixed (`crate::refit`; efq only). Costs about what
+    /// GPTQ does (`n_in²` per row).
     pub refit: bool,
 }
 
@@ -403,9 +404,11 @@ pub fn quantize(
     opts: &QuantizeOptions,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<QuantizeReport, QuantError> {
+    let max_bits = opts.max_bits.unwrap_or(WIDTHS[WIDTHS.len() - 1]);
     for (flag, bits) in [
         ("--bits", opts.bits),
         ("--embedding-bits", opts.embedding_bits),
+        ("--max-bits", max_bits),
     ] {
         if !WIDTHS.contains(&bits) {
             return Err(QuantError::Input(format!(
@@ -645,7 +648,8 @@ pub fn quantize(
                     factor = Some((site, f));
                 }
                 let (_, f) = factor.as_ref().expect("set above");
-                let original = opts.refit.then(|| values.clone());
+                // The refit is EFQ's: `--method gptq` stays plain GPTQ (the baseline).
+                let original = (opts.refit && opts.method == Method::Efq).then(|| values.clone());
                 f.apply(&mut values, w.n_out, |r, c, v| p.round(r, c, v))
                     .map_err(gptq_error)?;
                 match original {
@@ -768,4 +772,28 @@ pub fn quantize(
         file_bytes,
         params: model.config.n_params(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default widest tile is the narrowest width of at least ⌈bpw⌉; the embedding
+    /// gets 6 bits or that width when it is wider.
+    #[test]
+    fn default_widths_follow_the_budget() {
+        for (bpw, max, embedding) in [
+            (2.5, 3, 6),
+            (3.1, 4, 6),
+            (4.0, 4, 6),
+            (4.5, 5, 6),
+            (5.0, 5, 6),
+            (5.5, 6, 6),
+            (6.5, 8, 8),
+            (8.0, 8, 8),
+        ] {
+            assert_eq!(default_max_bits(bpw), max, "{bpw}");
+            assert_eq!(default_embedding_bits(bpw), embedding, "{bpw}");
+        }
+    }
 }
