@@ -1118,6 +1118,37 @@ mod tests {
         }
     }
 
+    /// `out[t · stride + r]` equals row r of `m` dequantized, dotted in f64 with token t of
+    /// `act` dequantized, to float rounding.
+    fn assert_matches_f64_dot(
+        m: &EfqMatrix<'_>,
+        act: &[u8],
+        n_tok: usize,
+        out: &[f32],
+        stride: usize,
+        what: &str,
+    ) {
+        let act_row = ActQ8::row_bytes(m.n_in);
+        let (mut w, mut x) = (vec![0.0f32; m.n_in], vec![0.0f32; m.n_in]);
+        for t in 0..n_tok {
+            ActQ8::dequantize_row(&act[t * act_row..], &mut x);
+            for r in 0..m.n_out {
+                m.dequantize_row(r, &mut w);
+                let exact: f64 = w.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let mag: f64 = w
+                    .iter()
+                    .zip(&x)
+                    .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                    .sum();
+                let got = out[t * stride + r] as f64;
+                assert!(
+                    (got - exact).abs() <= 1e-5 * mag + 1e-6,
+                    "{what} token {t} row {r}: {got} vs {exact}"
+                );
+            }
+        }
+    }
+
     /// The scalar matmul equals dequantize-then-dot in f64 (to float rounding), and every
     /// SIMD kernel equals the scalar one bit for bit.
     #[test]
@@ -1141,24 +1172,7 @@ mod tests {
                 let stride = n_out + 5;
                 let mut scalar = vec![f32::NAN; n_tok * stride];
                 matmul_on(Isa::Scalar, &m, 0, n_out, &act, n_tok, &mut scalar, stride);
-                let (mut w, mut x) = (vec![0.0f32; n_in], vec![0.0f32; n_in]);
-                for t in 0..n_tok {
-                    ActQ8::dequantize_row(&act[t * act_row..], &mut x);
-                    for r in 0..n_out {
-                        m.dequantize_row(r, &mut w);
-                        let exact: f64 = w.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
-                        let mag: f64 = w
-                            .iter()
-                            .zip(&x)
-                            .map(|(&a, &b)| (a as f64 * b as f64).abs())
-                            .sum();
-                        let got = scalar[t * stride + r] as f64;
-                        assert!(
-                            (got - exact).abs() <= 1e-5 * mag + 1e-6,
-                            "n_in {n_in} token {t} row {r}: {got} vs {exact}"
-                        );
-                    }
-                }
+                assert_matches_f64_dot(&m, &act, n_tok, &scalar, stride, &format!("n_in {n_in}"));
                 for isa in crate::cpu::available_isas() {
                     let mut got = vec![f32::NAN; n_tok * stride];
                     matmul_on(isa, &m, 0, n_out, &act, n_tok, &mut got, stride);
@@ -1319,24 +1333,7 @@ mod tests {
                 &mut scalar,
                 TILE_ROWS,
             );
-            let (mut w, mut x) = (vec![0.0f32; n_in], vec![0.0f32; n_in]);
-            for t in 0..2 {
-                ActQ8::dequantize_row(&act[t * act_row..], &mut x);
-                for r in 0..TILE_ROWS {
-                    m.dequantize_row(r, &mut w);
-                    let exact: f64 = w.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    let mag: f64 = w
-                        .iter()
-                        .zip(&x)
-                        .map(|(&a, &b)| (a as f64 * b as f64).abs())
-                        .sum();
-                    let got = scalar[t * TILE_ROWS + r] as f64;
-                    assert!(
-                        (got - exact).abs() <= 1e-5 * mag,
-                        "{bits} bits token {t} row {r}: {got} vs {exact}"
-                    );
-                }
-            }
+            assert_matches_f64_dot(&m, &act, 2, &scalar, TILE_ROWS, &format!("{bits} bits"));
             for isa in crate::cpu::available_isas() {
                 let mut got = vec![0.0f32; 2 * TILE_ROWS];
                 matmul_on(isa, &m, 0, TILE_ROWS, &act, 2, &mut got, TILE_ROWS);
