@@ -12,7 +12,7 @@ use clap::Args;
 use edgefusion_io::gguf::MetaValue;
 use edgefusion_io::names::{self, TensorRole};
 use edgefusion_io::{ModelSource, TensorView};
-use edgefusion_kernels::efq::{tile_cols, EfqMatrix, SLOT_BYTES, TILE_ROWS, WIDTHS};
+use edgefusion_kernels::efq::{tile_cols, width_index, EfqMatrix, SLOT_BYTES, TILE_ROWS, WIDTHS};
 use edgefusion_kernels::GgmlType;
 use edgefusion_model::model::{EFQ_VERSION, EFQ_VERSIONS_READ, EFQ_VERSION_KEY};
 use edgefusion_model::ModelConfig;
@@ -275,7 +275,7 @@ fn efq_tensor(t: &TensorView<'_>) -> Result<(EfqShape, WidthStats), String> {
     let mut by_width = [0usize; WIDTHS.len()];
     for g in 0..n_out / TILE_ROWS {
         for tile in 0..nt {
-            let k = WIDTHS.iter().position(|&w| w == m.width(g, tile));
+            let k = width_index(m.width(g, tile));
             by_width[k.expect("parse checked the widths")] += TILE_ROWS * tile_cols(n_in, tile);
         }
     }

@@ -106,9 +106,14 @@ pub fn codes_offset(bits: u8) -> usize {
     TILE_ROWS + zero_bytes(bits)
 }
 
+/// Position of `bits` in [`WIDTHS`], if it is a tile width of the format.
+pub fn width_index(bits: u8) -> Option<usize> {
+    WIDTHS.iter().position(|&w| w == bits)
+}
+
 /// Whether `bits` is a tile width of the format.
 pub fn is_width(bits: u8) -> bool {
-    WIDTHS.contains(&bits)
+    width_index(bits).is_some()
 }
 
 /// Where a tile's codes sit: the one definition of the code planes.

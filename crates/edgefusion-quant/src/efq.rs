@@ -28,9 +28,7 @@ pub type TileErrors = [f64; WIDTHS.len()];
 
 /// Index of `bits` in [`WIDTHS`].
 fn width_index(bits: u8) -> usize {
-    WIDTHS
-        .iter()
-        .position(|&w| w == bits)
+    edgefusion_kernels::efq::width_index(bits)
         .unwrap_or_else(|| panic!("{bits} bits is not an EFQ tile width"))
 }
 

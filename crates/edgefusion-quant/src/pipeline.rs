@@ -675,7 +675,7 @@ pub fn quantize(
             .map_err(|e| QuantError::Input(format!("{}: {e}", w.name)))?;
         let mut hist = [0usize; WIDTHS.len()];
         for &b in &widths[i] {
-            hist[WIDTHS.iter().position(|&w| w == b).expect("a tile width")] += 1;
+            hist[edgefusion_kernels::efq::width_index(b).expect("a tile width")] += 1;
         }
         reports.push(MatrixReport {
             name: w.name.clone(),

@@ -28,10 +28,12 @@ pub struct RefitReport {
     pub rows_changed: usize,
 }
 
-/// One row's refit: its new f16 row scale and u8 block scales, if they lower its error.
+/// One row's refit: its new f16 row scale and u8 block scales, if they lower its error,
+/// and the row's values as they now store.
 struct RowRefit {
     row_scale: u16,
     block_scales: Vec<u8>,
+    values: Vec<f32>,
 }
 
 /// Refits the block scales of `plan` for the matrix `w (n_out, n_in)` whose values as
@@ -74,16 +76,10 @@ pub fn refit_scales(
         plan.row_scales[r] = refit.row_scale;
         let d = f16_to_f32(refit.row_scale.to_le_bytes());
         for t in 0..nt {
-            let old = plan.grids[r * nt + t];
-            let scale = d * refit.block_scales[t] as f32;
             plan.block_scales[r * nt + t] = refit.block_scales[t];
-            plan.grids[r * nt + t].scale = scale;
-            for c in t * TILE_COLS..t * TILE_COLS + tile_cols(n_in, t) {
-                if plan.outlier_codes[r * n_in + c] == 0 {
-                    out[r * n_in + c] = scale * code_offset(rounded[r * n_in + c], old.scale);
-                }
-            }
+            plan.grids[r * nt + t].scale = d * refit.block_scales[t] as f32;
         }
+        out[r * n_in..][..n_in].copy_from_slice(&refit.values);
     }
     (out, report)
 }
@@ -185,12 +181,22 @@ fn refit_row(
         .collect();
     let after = error(&stored);
     if after < before {
+        let values = (0..n_in)
+            .map(|c| {
+                if plan.outlier_codes[r * n_in + c] != 0 {
+                    rounded[c]
+                } else {
+                    (d as f32 * block_scales[tile_of(c)] as f32) * u[c] as f32
+                }
+            })
+            .collect();
         (
             before,
             after,
             Some(RowRefit {
                 row_scale,
                 block_scales,
+                values,
             }),
         )
     } else {
