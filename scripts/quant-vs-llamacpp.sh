@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# EdgeFusion's quantizers against llama.cpp's on SmolLM2-135M: per held-out text, one table of
-# method, bits per weight, file size, perplexity (each engine's own perplexity tool, same
-# windows), ΔPPL against the unquantized model, and pp512 / tg128 tokens/s.
+# EdgeFusion's quantizers against llama.cpp's (SmolLM2-135M unless --model): per held-out text,
+# one table of method, bits per weight, file size, perplexity (each engine's own perplexity tool,
+# same windows), ΔPPL against the unquantized model, and pp512 / tg128 tokens/s.
 #
-#   scripts/quant-vs-llamacpp.sh [--chunks 10] [--ctx 512] [--threads 2] [--calib-tokens 16384] [--reps 2] [--charts runs/quant-curve]
+#   scripts/quant-vs-llamacpp.sh [--model FILE.gguf] [--chunks 10] [--ctx 512] [--threads 2]
+#       [--calib-tokens 16384] [--reps 2] [--no-bench] [--charts runs/quant-curve]
+#       [--sizes "3.1 3.5 4.0 4.5 5.0 5.5"] [--types "IQ3_XXS Q3_K_S ..."]
+#
+# --no-bench skips the speed runs (e.g. a second context length over the same files);
+# --sizes and --types measure a subset of EFQ's sizes and llama.cpp's types.
+# LLAMACPP_BIN=DIR uses llama.cpp tools already built there instead of scripts/setup-llamacpp.sh.
 #
 # EdgeFusion: efq at 3.1, 3.5, 4.0, 4.5, 5.0 and 5.5 bpw, and rtn 3-bit (the baseline),
 # calibrated on the State of the Union text. Charts: ΔPPL against linear bpw, one PNG per text.
@@ -11,28 +17,36 @@
 # importance matrix from the same calibration text.
 # Texts: Moby-Dick, and the Wikipedia passages of BoolQ's validation set (from the task files).
 # "Unquantized" is the Q4_1 file the model ships as (no full-precision SmolLM2 exists in the
-# registries); every quantization starts from it. Files go to assets/quant/ (git-ignored).
+# registries); every quantization starts from it. Files go to assets/quant/ (git-ignored), named
+# after the model file, and are reused by later runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-chunks=10 ctx=512 threads=2 calib_tokens=16384 reps=2 charts=runs/quant-curve
+assets=${EDGEFUSION_ASSETS:-assets}
+chunks=10 ctx=512 threads=2 calib_tokens=16384 reps=2 charts=runs/quant-curve bench=1
+sizes="3.1 3.5 4.0 4.5 5.0 5.5" types="IQ3_XXS Q3_K_S Q3_K_M IQ4_XS Q4_0 Q4_K_S Q4_K_M Q5_K_M"
+base="$assets/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 while [[ $# -gt 0 ]]; do
   case "$1" in
+    --model) base=$2; shift 2 ;;
+    --no-bench) bench=0; shift ;;
+    --sizes) sizes=$2; shift 2 ;;
+    --types) types=$2; shift 2 ;;
     --chunks) chunks=$2; shift 2 ;;
     --threads) threads=$2; shift 2 ;;
     --ctx) ctx=$2; shift 2 ;;
     --calib-tokens) calib_tokens=$2; shift 2 ;;
     --reps) reps=$2; shift 2 ;;
     --charts) charts=$2; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "quant-vs-llamacpp: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
-assets=${EDGEFUSION_ASSETS:-assets}
-base="$assets/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 calib="$assets/text/sotu.txt"
 [[ -f "$base" ]] || scripts/fetch-assets.sh --model
+[[ -f "$base" ]] || { echo "quant-vs-llamacpp: $base: no such model file" >&2; exit 1; }
+tag=$(basename "$base" .gguf)
 [[ -f "$calib" && -f "$assets/text/moby-dick.txt" ]] || scripts/fetch-assets.sh --text
 [[ -f "$assets/tasks/boolq_validation.jsonl" ]] || scripts/fetch-assets.sh --tasks
 wiki="$assets/text/boolq-passages.txt"
@@ -50,10 +64,14 @@ PY
   mv "$wiki.tmp" "$wiki"
 fi
 texts=("moby-dick:$assets/text/moby-dick.txt" "wiki:$wiki")
-scripts/setup-llamacpp.sh >&2
-bin=.venv-llamacpp/llama.cpp-build/bin
+if [[ -n "${LLAMACPP_BIN:-}" ]]; then
+  bin=$LLAMACPP_BIN
+else
+  scripts/setup-llamacpp.sh >&2
+  bin=.venv-llamacpp/llama.cpp-build/bin
+fi
 for tool in llama-bench llama-quantize llama-imatrix llama-perplexity; do
-  [[ -x "$bin/$tool" ]] || { echo "quant-vs-llamacpp: $bin/$tool missing; run scripts/setup-llamacpp.sh" >&2; exit 1; }
+  [[ -x "$bin/$tool" ]] || { echo "quant-vs-llamacpp: $bin/$tool missing; run scripts/setup-llamacpp.sh or set LLAMACPP_BIN" >&2; exit 1; }
 done
 cargo build --release -q -p edgefusion-cli
 ef=target/release/edgefusion
@@ -63,19 +81,16 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
 # --- EdgeFusion files
-declare -A ef_args=(
-  [efq-3.1]="--method efq --bpw 3.1"
-  [efq-3.5]="--method efq --bpw 3.5"
-  [efq-4.0]="--method efq --bpw 4.0"
-  [efq-4.5]="--method efq --bpw 4.5"
-  [efq-5.0]="--method efq --bpw 5.0"
-  [efq-5.5]="--method efq --bpw 5.5"
-  [rtn-3]="--method rtn --bits 3"
-)
-ef_methods=(efq-3.1 efq-3.5 efq-4.0 efq-4.5 efq-5.0 efq-5.5 rtn-3)
-llama_types=(IQ3_XXS Q3_K_S Q3_K_M IQ4_XS Q4_0 Q4_K_S Q4_K_M Q5_K_M)
+declare -A ef_args=([rtn-3]="--method rtn --bits 3")
+ef_methods=()
+for size in $sizes; do
+  ef_args[efq-$size]="--method efq --bpw $size"
+  ef_methods+=("efq-$size")
+done
+ef_methods+=(rtn-3)
+read -r -a llama_types <<< "$types"
 for name in "${ef_methods[@]}"; do
-  file="$q/smollm2.$name.gguf"
+  file="$q/$tag.$name.gguf"
   if [[ ! -f "$file" ]]; then
     echo "[edgefusion quantize $name]" >&2
     # shellcheck disable=SC2086
@@ -84,13 +99,13 @@ for name in "${ef_methods[@]}"; do
 done
 
 # --- llama.cpp files (the importance matrix reads the same calibration text)
-imatrix="$q/imatrix.sotu.dat"
+imatrix="$q/$tag.imatrix.sotu.dat"
 if [[ ! -f "$imatrix" ]]; then
   echo "[llama-imatrix]" >&2
   "$bin/llama-imatrix" -m "$base" -f "$calib" -o "$imatrix" -c 512 --chunks $(( calib_tokens / 512 )) -t "$threads" >/dev/null 2>&1
 fi
 for type in "${llama_types[@]}"; do
-  file="$q/smollm2.$type.gguf"
+  file="$q/$tag.$type.gguf"
   if [[ ! -f "$file" ]]; then
     echo "[llama-quantize $type]" >&2
     "$bin/llama-quantize" --allow-requantize --imatrix "$imatrix" "$base" "$file.tmp" "$type" "$threads" >/dev/null 2>&1
@@ -107,30 +122,38 @@ for entry in "${texts[@]}"; do
   "$bin/llama-perplexity" -m "$base" -f "$path" -c "$ctx" --chunks "$chunks" -t "$threads" 2>&1 | ppl > "$out/ppl-$text-llama-base"
   for name in "${ef_methods[@]}"; do
     echo "[perplexity on $text: $name]" >&2
-    "$ef" perplexity -m "$q/smollm2.$name.gguf" -f "$path" -c "$ctx" --chunks "$chunks" -t "$threads" 2>&1 | ppl > "$out/ppl-$text-ef-$name"
+    "$ef" perplexity -m "$q/$tag.$name.gguf" -f "$path" -c "$ctx" --chunks "$chunks" -t "$threads" 2>&1 | ppl > "$out/ppl-$text-ef-$name"
   done
   for type in "${llama_types[@]}"; do
     echo "[perplexity on $text: $type]" >&2
-    "$bin/llama-perplexity" -m "$q/smollm2.$type.gguf" -f "$path" -c "$ctx" --chunks "$chunks" -t "$threads" 2>&1 | ppl > "$out/ppl-$text-llama-$type"
+    "$bin/llama-perplexity" -m "$q/$tag.$type.gguf" -f "$path" -c "$ctx" --chunks "$chunks" -t "$threads" 2>&1 | ppl > "$out/ppl-$text-llama-$type"
   done
 done
-# Speed: edgefusion and llama.cpp alternate file by file.
+# Speed (unless --no-bench; the table then shows 0).
 for name in "${ef_methods[@]}"; do
-  echo "[bench: $name]" >&2
-  "$ef" bench -m "$q/smollm2.$name.gguf" -p 512 -n 128 -t "$threads" -r "$reps" -o json > "$out/bench-ef-$name.json"
+  if (( bench )); then
+    echo "[bench: $name]" >&2
+    "$ef" bench -m "$q/$tag.$name.gguf" -p 512 -n 128 -t "$threads" -r "$reps" -o json > "$out/bench-ef-$name.json"
+  else
+    echo "[]" > "$out/bench-ef-$name.json"
+  fi
 done
 for type in "${llama_types[@]}"; do
-  echo "[bench: $type]" >&2
-  "$bin/llama-bench" -m "$q/smollm2.$type.gguf" -p 512 -n 128 -t "$threads" -r "$reps" -o json > "$out/bench-llama-$type.json" 2>/dev/null
+  if (( bench )); then
+    echo "[bench: $type]" >&2
+    "$bin/llama-bench" -m "$q/$tag.$type.gguf" -p 512 -n 128 -t "$threads" -r "$reps" -o json > "$out/bench-llama-$type.json" 2>/dev/null
+  else
+    echo "[]" > "$out/bench-llama-$type.json"
+  fi
 done
 
 "$ef" inspect "$base" | awk '/^params/ {print $2}' > "$out/params-millions"
 # Weights of the layers' linear matrices (attention and feed-forward), from the source's roles.
 "$ef" inspect "$base" | awk '$1 ~ /^(attn_[qkvo]|attn_output|ffn_gate|ffn_up|ffn_down)$/ {n += $2} END {print n}' > "$out/layer-weights"
-python3 - "$out" "$q" "$ctx" "$chunks" "${ef_methods[*]}" "${llama_types[*]}" <<'PY'
+python3 - "$out" "$q" "$ctx" "$chunks" "${ef_methods[*]}" "${llama_types[*]}" "$tag" <<'PY'
 import json, os, struct, sys
 out, q, ctx, chunks = sys.argv[1:5]
-ef_methods, llama_types = sys.argv[5].split(), sys.argv[6].split()
+ef_methods, llama_types, tag = sys.argv[5].split(), sys.argv[6].split(), sys.argv[7]
 params = float(open(os.path.join(out, "params-millions")).read().split()[0]) * 1e6
 
 def linear_bpw(path, layer_weights):
@@ -187,8 +210,8 @@ def speed(name):
     rows = json.load(open(os.path.join(out, name)))
     return {("pp" if r["n_prompt"] > 0 else "tg"): r["avg_ts"] for r in rows}
 layer_weights = int(open(os.path.join(out, "layer-weights")).read())
-rows = [("edgefusion", n, f"smollm2.{n}.gguf", "ef", n) for n in ef_methods]
-rows += [("llama.cpp", t, f"smollm2.{t}.gguf", "llama", t) for t in llama_types]
+rows = [("edgefusion", n, f"{tag}.{n}.gguf", "ef", n) for n in ef_methods]
+rows += [("llama.cpp", t, f"{tag}.{t}.gguf", "llama", t) for t in llama_types]
 rows = [(e, m, f, k, n, linear_bpw(os.path.join(q, f), layer_weights)) for e, m, f, k, n in rows]
 rows.sort(key=lambda r: r[5])
 for text in ("moby-dick", "wiki"):
@@ -214,7 +237,7 @@ PY
 mkdir -p "$charts"
 for text in moby-dick wiki; do
   "$ef" chart "$out/curve-$text.tsv" -o "$charts/$text.png" --log-y \
-    --title "SmolLM2-135M on $text (ctx $ctx, $chunks chunks): ΔPPL against bits per weight" \
+    --title "$tag on $text (ctx $ctx, $chunks chunks): ΔPPL against bits per weight" \
     --x-label "bits per weight of the layers' linear matrices" --y-label "ΔPPL (log; ≤ 0.01 drawn at 0.01)" >&2
 done
 echo "charts: $charts/moby-dick.png $charts/wiki.png" >&2

@@ -57,6 +57,18 @@ pub fn run(args: InspectArgs) -> Result<()> {
                 "rope: base {} dim {} {:?} scaling {:?} | rms eps {:e} | tied head: {}",
                 c.rope_base, c.rope_dim, c.rope_style, c.rope_scaling, c.rms_eps, c.tied_embeddings
             );
+            let b = &c.block;
+            if *b != edgefusion_model::BlockVariant::default() {
+                println!(
+                    "block: embedding × {:.3} | attention scale {:.4} | ffn {:?} | qk-norm {} | post-norms {} | local layers' rope base {}",
+                    b.embed_scale,
+                    c.attn_scale(),
+                    b.ffn_act,
+                    b.qk_norm,
+                    b.post_norms,
+                    b.window_rope_base.map_or("same".into(), |v| v.to_string())
+                );
+            }
             if c.is_hybrid() {
                 use edgefusion_model::LayerType;
                 let kinds: String = c
@@ -68,11 +80,19 @@ pub fn run(args: InspectArgs) -> Result<()> {
                         LayerType::Window => 'W',
                     })
                     .collect();
-                println!(
-                    "hybrid: {} of {} layers converted ({kinds}; A attention, S SSM, W sink + window only)",
-                    c.n_layers - c.n_attention_layers(),
-                    c.n_layers,
-                );
+                if c.arch == edgefusion_model::Arch::Gemma3 && c.count_layers(LayerType::Ssm) == 0 {
+                    println!(
+                        "layers: {} local of {} ({kinds}; A global attention, W local over a sliding window)",
+                        c.n_window_layers(),
+                        c.n_layers,
+                    );
+                } else {
+                    println!(
+                        "hybrid: {} of {} layers converted ({kinds}; A attention, S SSM, W sink + window only)",
+                        c.n_layers - c.n_attention_layers(),
+                        c.n_layers,
+                    );
+                }
                 if c.count_layers(LayerType::Ssm) > 0 {
                     println!(
                         "ssm: d_state {} | d_conv {} | state {:.1} KiB per SSM layer",

@@ -340,6 +340,13 @@ fn train(
         }
     };
     let model = edgefusion_model::Model::load(gguf_source)?;
+    if model.config.block != edgefusion_model::BlockVariant::default() {
+        bail!(
+            "{}: train converts Llama-style blocks (llama, qwen2); a {} model's block (post-norms, QK-norm, GeGLU, local layers) is not trained yet",
+            base.display(),
+            model.config.arch.name()
+        );
+    }
     let tokenizer = crate::common::load_tokenizer(gguf_source)?;
     let text = crate::common::read_text(&config.data.train)?;
     let tokens = tokenizer

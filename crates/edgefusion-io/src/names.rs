@@ -34,6 +34,13 @@ pub enum TensorRole {
     /// Causal depthwise convolution `(channels, d_conv)`.
     SsmConv,
     SsmOut,
+    /// RMS norm weights `(head_dim)` of every query and key head before RoPE (Gemma 3).
+    AttnQNorm,
+    AttnKNorm,
+    /// RMS norm weights `(d_model)` of the attention's and the feed-forward's outputs before
+    /// the residual add (Gemma 3).
+    AttnPostNorm,
+    FfnPostNorm,
 }
 
 /// One row of the table: role, GGUF name (after `blk.{i}.` when per layer), Hugging Face
@@ -50,7 +57,7 @@ const GGUF_LAYER_PREFIX: &str = "blk.";
 const HF_LAYER_PREFIX: &str = "model.layers.";
 
 #[rustfmt::skip]
-const TABLE: [NameRow; 25] = [
+const TABLE: [NameRow; 29] = [
     NameRow { role: TensorRole::TokenEmbd,  per_layer: false, gguf: "token_embd.weight",  hf: "model.embed_tokens.weight",             short: "token_embd" },
     NameRow { role: TensorRole::OutputNorm, per_layer: false, gguf: "output_norm.weight", hf: "model.norm.weight",                     short: "output_norm" },
     NameRow { role: TensorRole::Output,     per_layer: false, gguf: "output.weight",      hf: "lm_head.weight",                        short: "output" },
@@ -76,13 +83,19 @@ const TABLE: [NameRow; 25] = [
     NameRow { role: TensorRole::SsmGate,    per_layer: true,  gguf: "ssm_gate.weight",    hf: "ssm.gate_proj.weight",                  short: "ssm_gate" },
     NameRow { role: TensorRole::SsmConv,    per_layer: true,  gguf: "ssm_conv1d.weight",  hf: "ssm.conv1d.weight",                     short: "ssm_conv" },
     NameRow { role: TensorRole::SsmOut,     per_layer: true,  gguf: "ssm_out.weight",     hf: "ssm.out_proj.weight",                   short: "ssm_out" },
+    NameRow { role: TensorRole::AttnQNorm,  per_layer: true,  gguf: "attn_q_norm.weight", hf: "self_attn.q_norm.weight",               short: "attn_q_norm" },
+    NameRow { role: TensorRole::AttnKNorm,  per_layer: true,  gguf: "attn_k_norm.weight", hf: "self_attn.k_norm.weight",               short: "attn_k_norm" },
+    // Gemma's Hugging Face folders call this `post_attention_layernorm`, Llama's name for the
+    // feed-forward's input norm; reading them needs a per-architecture table (not yet).
+    NameRow { role: TensorRole::AttnPostNorm, per_layer: true, gguf: "post_attention_norm.weight", hf: "self_attn.post_norm.weight", short: "attn_post_norm" },
+    NameRow { role: TensorRole::FfnPostNorm, per_layer: true, gguf: "post_ffw_norm.weight", hf: "post_feedforward_layernorm.weight",   short: "ffn_post_norm" },
 ];
 
 /// Group name for tensors that are not in the table.
 pub const OTHER_GROUP: &str = "other";
 
 impl TensorRole {
-    pub const ALL: [TensorRole; 25] = [
+    pub const ALL: [TensorRole; 29] = [
         TensorRole::TokenEmbd,
         TensorRole::OutputNorm,
         TensorRole::Output,
@@ -108,6 +121,10 @@ impl TensorRole {
         TensorRole::SsmGate,
         TensorRole::SsmConv,
         TensorRole::SsmOut,
+        TensorRole::AttnQNorm,
+        TensorRole::AttnKNorm,
+        TensorRole::AttnPostNorm,
+        TensorRole::FfnPostNorm,
     ];
 
     fn row(self) -> &'static NameRow {

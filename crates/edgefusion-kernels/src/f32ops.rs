@@ -250,6 +250,48 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     silu_mul_impl(cpu::isa(), gate, up)
 }
 
+/// `gate[i] = gelu(gate[i]) · up[i]` with the tanh approximation of GELU: GeGLU, computed
+/// as llama.cpp's CPU backend does (`ggml_vec_geglu_f32`): 0 at or below −10, the identity at
+/// or above 10, and between them the input rounded to f16 looked up in a table of
+/// f16-rounded GELU values. Matching its rounding keeps greedy decoding token-identical.
+///
+/// # Panics
+/// If the lengths differ.
+pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "gelu_mul: gate and up lengths differ");
+    let table = gelu_table();
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        *g = if x <= -10.0 {
+            0.0
+        } else if x >= 10.0 {
+            x * u
+        } else {
+            table[half::f16::from_f32(x).to_bits() as usize] * u
+        };
+    }
+}
+
+/// GELU (tanh approximation) in f32 arithmetic, as `ggml_gelu_f32`.
+pub fn gelu_tanh(x: f32) -> f32 {
+    const GELU_COEF_A: f32 = 0.044715;
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh())
+}
+
+/// [`gelu_tanh`] of every f16 value, rounded to f16 (indexed by the f16's bits).
+fn gelu_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| {
+                let x = half::f16::from_bits(bits).to_f32();
+                half::f16::from_f32(gelu_tanh(x)).to_f32()
+            })
+            .collect()
+    })
+}
+
 /// Rounds every element to the nearest f16 value (ties to even), kept as f32.
 #[inline]
 pub fn round_f16(x: &mut [f32]) {
@@ -520,6 +562,37 @@ mod vectorized {
                 _mm256_storeu_ps(chunk.as_mut_ptr(), r);
             }
             super::round_f16_scalar(chunks.into_remainder());
+        }
+    }
+}
+
+#[cfg(test)]
+mod gelu_tests {
+    use super::*;
+
+    /// GeGLU against GELU computed in f64 from its definition with the tanh approximation:
+    /// within f16 rounding of the input and the output, exact at the clamps.
+    #[test]
+    fn gelu_mul_matches_the_tanh_formula_to_f16_rounding() {
+        let gelu64 = |x: f64| {
+            0.5 * x
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+        };
+        let xs: Vec<f32> = (-1300..=1300).map(|i| i as f32 * 0.01).collect();
+        let up: Vec<f32> = xs.iter().map(|&x| 1.0 + 0.1 * x).collect();
+        let mut got = xs.clone();
+        gelu_mul(&mut got, &up);
+        for ((&x, &u), &g) in xs.iter().zip(&up).zip(&got) {
+            let want = gelu64(x as f64) * u as f64;
+            if x <= -10.0 {
+                assert_eq!(g, 0.0, "x {x}");
+            } else if x >= 10.0 {
+                assert_eq!(g, x * u, "x {x}");
+            } else {
+                // f16 input rounding moves x by up to 2^-11 relative; GELU's slope is ≤ 1.13.
+                let tol = 2e-3 * (x.abs() as f64 * 1.2 + 1e-3) * (u.abs() as f64) + 1e-6;
+                assert!((g as f64 - want).abs() <= tol, "x {x}: {g} vs {want}");
+            }
         }
     }
 }

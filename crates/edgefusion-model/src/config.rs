@@ -15,6 +15,9 @@ pub enum Arch {
     Llama,
     /// Qwen2: Llama with q/k/v biases.
     Qwen2,
+    /// Gemma 3: Llama with the changes of [`BlockVariant::gemma3`], local (sliding-window)
+    /// layers between global ones, and a SentencePiece vocabulary.
+    Gemma3,
 }
 
 impl Arch {
@@ -22,6 +25,7 @@ impl Arch {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Gemma3 => "gemma3",
         }
     }
 }
@@ -51,6 +55,78 @@ pub enum RopeScaling {
         original_context: usize,
     },
 }
+
+/// Activation of the gated feed-forward block `down(act(gate x) · up x)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum FfnAct {
+    /// SwiGLU (Llama, Qwen2).
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (Gemma).
+    GeluTanh,
+}
+
+/// How a block departs from Llama's; [`BlockVariant::default`] is Llama's block.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct BlockVariant {
+    /// Factor on the token embedding's rows before layer 0 (Gemma: √d_model).
+    pub embed_scale: f32,
+    /// Scale of query-key scores; `None`: 1/√head_dim.
+    pub attn_scale: Option<f32>,
+    pub ffn_act: FfnAct,
+    /// RMS norm on every query and key head before RoPE (`attn_q_norm`, `attn_k_norm`).
+    pub qk_norm: bool,
+    /// RMS norm on the attention's and the feed-forward's outputs before each joins the
+    /// residual stream (`post_attention_norm`, `post_ffw_norm`).
+    pub post_norms: bool,
+    /// RoPE base of `window` layers, unscaled, where it differs from the global layers'
+    /// (Gemma 3's local layers); `None`: every layer rotates alike.
+    pub window_rope_base: Option<f32>,
+}
+
+impl Default for BlockVariant {
+    fn default() -> Self {
+        BlockVariant {
+            embed_scale: 1.0,
+            attn_scale: None,
+            ffn_act: FfnAct::Silu,
+            qk_norm: false,
+            post_norms: false,
+            window_rope_base: None,
+        }
+    }
+}
+
+impl BlockVariant {
+    /// Gemma 3 as llama.cpp runs it (`src/models/gemma3.cpp`): embedding × √d_model, QK-norm,
+    /// post-norms, GeGLU, local layers' RoPE base `window_rope_base`, and queries scaled by
+    /// 1/√head_dim except in the 27B model (62 layers), where Gemma's reference scales by
+    /// 1/√(d_model / n_heads).
+    pub fn gemma3(
+        d_model: usize,
+        n_heads: usize,
+        head_dim: usize,
+        n_layers: usize,
+        window_rope_base: f32,
+    ) -> Self {
+        let query_width = if n_layers == 62 {
+            d_model / n_heads.max(1)
+        } else {
+            head_dim
+        };
+        BlockVariant {
+            embed_scale: (d_model as f32).sqrt(),
+            attn_scale: Some(1.0 / (query_width as f32).sqrt()),
+            ffn_act: FfnAct::GeluTanh,
+            qk_norm: true,
+            post_norms: true,
+            window_rope_base: Some(window_rope_base),
+        }
+    }
+}
+
+/// Every `GEMMA3_SWA_PATTERN`-th layer of Gemma 3 (the last of each group) attends globally,
+/// the others over a sliding window (llama.cpp's default when the file does not say).
+pub const GEMMA3_SWA_PATTERN: usize = 6;
 
 /// The token mixer of a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -134,6 +210,8 @@ pub struct ModelConfig {
     pub window: usize,
     /// First positions that windowed attention always sees beside its window.
     pub sink: usize,
+    /// Where the block departs from Llama's (Gemma 3).
+    pub block: BlockVariant,
 }
 
 impl ModelConfig {
@@ -157,6 +235,7 @@ impl ModelConfig {
         let arch = match arch_name {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
+            "gemma3" => Arch::Gemma3,
             other => {
                 return Err(ModelError::UnsupportedArch {
                     file: gguf.path.display().to_string(),
@@ -228,7 +307,7 @@ impl ModelConfig {
             rope_dim,
             rope_style: match arch {
                 Arch::Llama => RopeStyle::Normal,
-                Arch::Qwen2 => RopeStyle::NeoX,
+                Arch::Qwen2 | Arch::Gemma3 => RopeStyle::NeoX,
             },
             rope_scaling,
             tied_embeddings,
@@ -237,6 +316,7 @@ impl ModelConfig {
             ssm_d_conv: 0,
             window: 0,
             sink: 0,
+            block: BlockVariant::default(),
         };
         let file = gguf.path.display().to_string();
         let n_layers = cfg.n_layers;
@@ -249,6 +329,22 @@ impl ModelConfig {
             None => Ok(0),
         };
         let cfg = match gguf.get(LAYER_TYPES_KEY) {
+            None if arch == Arch::Gemma3 => {
+                let pattern = match gguf.get(&key("attention.sliding_window_pattern")) {
+                    Some(_) => gguf.get_u32(&key("attention.sliding_window_pattern"))? as usize,
+                    None => GEMMA3_SWA_PATTERN,
+                };
+                let types = (0..n_layers)
+                    .map(|l| {
+                        if pattern == 0 || l % pattern < pattern - 1 {
+                            LayerType::Window
+                        } else {
+                            LayerType::Attention
+                        }
+                    })
+                    .collect();
+                cfg.with_layer_types(types, 0, 0)
+            }
             None => cfg.with_layer_types(vec![LayerType::Attention; n_layers], 0, 0),
             Some(value) => {
                 let names: Option<Vec<&str>> = value
@@ -264,10 +360,35 @@ impl ModelConfig {
                 cfg.with_layer_types(types, get(SSM_D_STATE_KEY)?, get(SSM_D_CONV_KEY)?)
             }
         };
-        let cfg = ModelConfig {
-            window: get(WINDOW_KEY)?,
-            sink: get(SINK_KEY)?,
-            ..cfg
+        let cfg = match arch {
+            Arch::Gemma3 => {
+                // Local layers see the last `sliding_window` positions, their own included.
+                let window = match gguf.get(WINDOW_KEY) {
+                    Some(_) => get(WINDOW_KEY)?,
+                    None => gguf.get_u32(&key("attention.sliding_window"))? as usize,
+                };
+                let window_rope_base = match gguf.get(&key("rope.freq_base_swa")) {
+                    Some(_) => gguf.get_f32(&key("rope.freq_base_swa"))?,
+                    None => 10_000.0,
+                };
+                ModelConfig {
+                    window,
+                    sink: get(SINK_KEY)?,
+                    block: BlockVariant::gemma3(
+                        cfg.d_model,
+                        cfg.n_heads,
+                        cfg.head_dim,
+                        cfg.n_layers,
+                        window_rope_base,
+                    ),
+                    ..cfg
+                }
+            }
+            Arch::Llama | Arch::Qwen2 => ModelConfig {
+                window: get(WINDOW_KEY)?,
+                sink: get(SINK_KEY)?,
+                ..cfg
+            },
         };
         cfg.validate(&file)?;
         Ok(cfg)
@@ -309,6 +430,11 @@ impl ModelConfig {
         let arch = match model_type {
             "llama" | "mistral" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
+            "gemma3" | "gemma3_text" => {
+                return Err(invalid(format!(
+                    "model_type '{model_type}': Gemma 3 runs from GGUF files only (make one with llama.cpp's convert_hf_to_gguf.py)"
+                )))
+            }
             other => {
                 return Err(ModelError::UnsupportedArch {
                     file: file.to_string(),
@@ -382,6 +508,7 @@ impl ModelConfig {
             ssm_d_conv: 0,
             window: 0,
             sink: 0,
+            block: BlockVariant::default(),
         };
         let n_layers = cfg.n_layers;
         let cfg = match json.get("layer_types") {
@@ -500,6 +627,15 @@ impl ModelConfig {
                 })
             }
         }
+        if let Some(base) = self.block.window_rope_base {
+            meta.push((key("rope.freq_base_swa"), MetaValue::F32(base)));
+        }
+        if self.arch == Arch::Gemma3 {
+            meta.push((
+                key("attention.sliding_window"),
+                u32_of("sliding window", self.window)?,
+            ));
+        }
         if self.is_hybrid() {
             meta.push((
                 LAYER_TYPES_KEY.to_string(),
@@ -615,11 +751,20 @@ impl ModelConfig {
             + n_ssm * self.ssm_state_floats() * 4
     }
 
+    /// Scale of query-key scores.
+    pub fn attn_scale(&self) -> f32 {
+        self.block
+            .attn_scale
+            .unwrap_or(1.0 / (self.head_dim as f32).sqrt())
+    }
+
     /// Parameters of one attention mixer (projections and biases).
     pub fn attention_params(&self) -> usize {
         let biases = match self.arch {
             Arch::Qwen2 => self.q_dim() + 2 * self.kv_dim(),
             Arch::Llama => 0,
+            // The query and key heads' norm weights.
+            Arch::Gemma3 => 2 * self.head_dim,
         };
         2 * self.d_model * (self.q_dim() + self.kv_dim()) + biases
     }
@@ -777,7 +922,8 @@ impl ModelConfig {
     pub fn n_params(&self) -> usize {
         let embd = self.vocab_size * self.d_model;
         let head = if self.tied_embeddings { 0 } else { embd };
-        let norms = self.n_layers * 2 * self.d_model + self.d_model;
+        let norms_per_layer = if self.block.post_norms { 4 } else { 2 };
+        let norms = self.n_layers * norms_per_layer * self.d_model + self.d_model;
         embd + head + norms + self.n_block_params()
     }
 

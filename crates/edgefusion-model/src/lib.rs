@@ -6,7 +6,9 @@ pub mod convert;
 pub mod linear;
 pub mod model;
 
-pub use config::{Arch, LayerType, ModelConfig, RopeScaling, RopeStyle, SsmDims};
+pub use config::{
+    Arch, BlockVariant, FfnAct, LayerType, ModelConfig, RopeScaling, RopeStyle, SsmDims,
+};
 pub use linear::{ActFormat, Layout, Linear};
 pub use model::{ssm_role, Attention, DecoderLayer, FeedForward, Mixer, Model, Ssm, SsmParams};
 
@@ -15,7 +17,7 @@ pub use model::{ssm_role, Attention, DecoderLayer, FeedForward, Mixer, Model, Ss
 pub enum ModelError {
     #[error(transparent)]
     Io(#[from] edgefusion_io::IoError),
-    #[error("{file}: architecture '{arch}' is not supported (supported: llama, qwen2)")]
+    #[error("{file}: architecture '{arch}' is not supported (supported: llama, qwen2, gemma3)")]
     UnsupportedArch { file: String, arch: String },
     #[error("{file}: tensor '{tensor}' has shape {found:?}, expected {expected:?} (ggml order: row length first)")]
     Shape {

@@ -55,6 +55,9 @@ pub struct Attention<'a> {
     pub bq: Option<Vec<f32>>,
     pub bk: Option<Vec<f32>>,
     pub bv: Option<Vec<f32>>,
+    /// RMS norm weights of every query and key head before RoPE (Gemma 3): (head_dim) each.
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
 }
 
 impl Attention<'static> {
@@ -69,6 +72,8 @@ impl Attention<'static> {
             bq: None,
             bk: None,
             bv: None,
+            q_norm: None,
+            k_norm: None,
         }
     }
 }
@@ -214,7 +219,8 @@ impl<'a> Mixer<'a> {
     }
 }
 
-/// SwiGLU feed-forward: `down(silu(gate x) * up x)`.
+/// Gated feed-forward: `down(act(gate x) * up x)`, `act` SiLU or GELU
+/// ([`crate::FfnAct`]).
 #[derive(Debug)]
 pub struct FeedForward<'a> {
     /// (d_ff, d_model)
@@ -225,15 +231,20 @@ pub struct FeedForward<'a> {
     pub down: Linear<'a>,
 }
 
-/// Pre-norm residual block: `x += mixer(norm(x)); x += ffn(norm(x))`.
+/// Pre-norm residual block: `x += mixer(norm(x)); x += ffn(norm(x))`; with post-norms
+/// (Gemma 3) `x += post_norm(mixer(norm(x)))` and likewise for the feed-forward.
 #[derive(Debug)]
 pub struct DecoderLayer<'a> {
     /// (d_model)
     pub attn_norm: Vec<f32>,
     pub mixer: Mixer<'a>,
     /// (d_model)
+    pub attn_post_norm: Option<Vec<f32>>,
+    /// (d_model)
     pub ffn_norm: Vec<f32>,
     pub ffn: FeedForward<'a>,
+    /// (d_model)
+    pub ffn_post_norm: Option<Vec<f32>>,
 }
 
 #[derive(Debug)]
@@ -317,6 +328,16 @@ impl<'a> Model<'a> {
                     bq: optional_vector(TensorRole::AttnQBias, l, c.q_dim())?,
                     bk: optional_vector(TensorRole::AttnKBias, l, c.kv_dim())?,
                     bv: optional_vector(TensorRole::AttnVBias, l, c.kv_dim())?,
+                    q_norm: c
+                        .block
+                        .qk_norm
+                        .then(|| vector(TensorRole::AttnQNorm, l, c.head_dim))
+                        .transpose()?,
+                    k_norm: c
+                        .block
+                        .qk_norm
+                        .then(|| vector(TensorRole::AttnKNorm, l, c.head_dim))
+                        .transpose()?,
                 })
             };
             let mixer = match c.layer_types[i] {
@@ -369,15 +390,23 @@ impl<'a> Model<'a> {
                     Mixer::Ssm { ssm, window }
                 }
             };
+            let post_norm = |role| {
+                c.block
+                    .post_norms
+                    .then(|| vector(role, l, c.d_model))
+                    .transpose()
+            };
             layers.push(DecoderLayer {
                 attn_norm: vector(TensorRole::AttnNorm, l, c.d_model)?,
                 mixer,
+                attn_post_norm: post_norm(TensorRole::AttnPostNorm)?,
                 ffn_norm: vector(TensorRole::FfnNorm, l, c.d_model)?,
                 ffn: FeedForward {
                     gate: linear(TensorRole::FfnGate, l, c.d_model, c.d_ff)?,
                     up: linear(TensorRole::FfnUp, l, c.d_model, c.d_ff)?,
                     down: linear(TensorRole::FfnDown, l, c.d_ff, c.d_model)?,
                 },
+                ffn_post_norm: post_norm(TensorRole::FfnPostNorm)?,
             });
         }
         Ok(Model {
@@ -517,8 +546,12 @@ impl<'a> Model<'a> {
             .sum::<usize>();
         for layer in &self.layers {
             total += (layer.attn_norm.len() + layer.ffn_norm.len()) * 4;
+            total += [&layer.attn_post_norm, &layer.ffn_post_norm]
+                .iter()
+                .map(|n| n.as_ref().map_or(0, |n| n.len() * 4))
+                .sum::<usize>();
             if let Some(a) = layer.mixer.attention() {
-                total += [&a.bq, &a.bk, &a.bv]
+                total += [&a.bq, &a.bk, &a.bv, &a.q_norm, &a.k_norm]
                     .iter()
                     .map(|b| b.as_ref().map_or(0, |b| b.len() * 4))
                     .sum::<usize>();

@@ -250,6 +250,7 @@ mod tests {
             ssm_d_conv: 0,
             window: 0,
             sink: 0,
+            block: Default::default(),
         }
     }
 

@@ -6,7 +6,7 @@
 //! Every buffer is allocated once in [`Session::new`]; `forward` allocates nothing.
 
 use edgefusion_kernels::{f32ops, GgmlType};
-use edgefusion_model::{ActFormat, Linear, Mixer, Model};
+use edgefusion_model::{ActFormat, FfnAct, Linear, Mixer, Model};
 
 use crate::mixer::attention::{self, AttnScratch};
 use crate::mixer::ssm::{self, SsmScratch};
@@ -150,6 +150,8 @@ pub struct Session<'m> {
     /// One per layer, matching its mixer.
     layers: Vec<LayerState>,
     rope: RopeTable,
+    /// Angles of `window` layers that rotate with their own base (Gemma 3's local layers).
+    rope_window: Option<RopeTable>,
     n_past: usize,
     observer: Option<Observer<'m>>,
     /// The layers the positions so far went through (all of them unless
@@ -251,6 +253,7 @@ impl<'m> Session<'m> {
             .map(|l| LayerState::new(cfg, &l.mixer, opts.n_ctx, max_batch, opts.kv_type))
             .collect();
         let rope = RopeTable::new(cfg, opts.n_ctx);
+        let rope_window = RopeTable::for_window_layers(cfg, opts.n_ctx);
         Ok(Session {
             model,
             opts,
@@ -258,6 +261,7 @@ impl<'m> Session<'m> {
             state,
             layers,
             rope,
+            rope_window,
             n_past: 0,
             observer: None,
             layers_run: 0..cfg.n_layers,
@@ -504,11 +508,16 @@ impl<'m> Session<'m> {
     /// One forward step of at most `max_batch` tokens through every layer; leaves the final
     /// residual stream in `state.x`.
     fn step(&mut self, tokens: &[u32]) {
-        let d = self.model.config.d_model;
+        let cfg = &self.model.config;
+        let d = cfg.d_model;
         for (t, &tok) in tokens.iter().enumerate() {
-            self.model
-                .token_embd
-                .dequantize_row_into(tok as usize, &mut self.state.x[t * d..(t + 1) * d]);
+            let row = &mut self.state.x[t * d..(t + 1) * d];
+            self.model.token_embd.dequantize_row_into(tok as usize, row);
+            if cfg.block.embed_scale != 1.0 {
+                for v in row.iter_mut() {
+                    *v *= cfg.block.embed_scale;
+                }
+            }
         }
         let n_layers = self.model.config.n_layers;
         self.run_layers(tokens.len(), 0..n_layers);
@@ -523,6 +532,7 @@ impl<'m> Session<'m> {
             state: st,
             layers,
             rope,
+            rope_window,
             n_past,
             observer,
             ..
@@ -567,7 +577,10 @@ impl<'m> Session<'m> {
                 threads,
                 act: &mut st.act,
                 xn: &st.xn[..n_tok * d],
-                rope,
+                rope: match (&layer.mixer, rope_window.as_ref()) {
+                    (Mixer::Window(_), Some(local)) => local,
+                    _ => rope,
+                },
                 layer: li,
                 n_past: *n_past,
                 n_tok,
@@ -602,7 +615,12 @@ impl<'m> Session<'m> {
                 }
                 _ => unreachable!("each layer's state is made for its mixer"),
             }
-            add_assign(&mut st.x[..n_tok * d], &st.proj[..n_tok * d]);
+            add_normed(
+                &mut st.x[..n_tok * d],
+                &mut st.proj[..n_tok * d],
+                layer.attn_post_norm.as_deref(),
+                cfg.rms_eps,
+            );
 
             rms_norm(
                 &st.x[..n_tok * d],
@@ -621,7 +639,11 @@ impl<'m> Session<'m> {
             threads.linear(&ffn.gate, act, act_row, n_tok, &mut st.gate);
             let (act, act_row) = st.act.get(threads, &ffn.up, &st.xn, n_tok);
             threads.linear(&ffn.up, act, act_row, n_tok, &mut st.up);
-            f32ops::silu_mul(&mut st.gate[..n_tok * cfg.d_ff], &st.up[..n_tok * cfg.d_ff]);
+            let (gate, up) = (&mut st.gate[..n_tok * cfg.d_ff], &st.up[..n_tok * cfg.d_ff]);
+            match cfg.block.ffn_act {
+                FfnAct::Silu => f32ops::silu_mul(gate, up),
+                FfnAct::GeluTanh => f32ops::gelu_mul(gate, up),
+            }
             st.act.invalidate();
             observe(
                 LinearInput::FeedForwardDown { layer: li },
@@ -630,7 +652,12 @@ impl<'m> Session<'m> {
             );
             let (act, act_row) = st.act.get(threads, &ffn.down, &st.gate, n_tok);
             threads.linear(&ffn.down, act, act_row, n_tok, &mut st.proj);
-            add_assign(&mut st.x[..n_tok * d], &st.proj[..n_tok * d]);
+            add_normed(
+                &mut st.x[..n_tok * d],
+                &mut st.proj[..n_tok * d],
+                layer.ffn_post_norm.as_deref(),
+                cfg.rms_eps,
+            );
             threads.end_layer(li - first, &layer.mixer, started);
         }
         threads.end_layers(n_layers);
@@ -674,16 +701,39 @@ impl<'m> Session<'m> {
 /// in f32 summed in f64, the mean rounded to f32, then `(x * scale) * weight` in f32. The next
 /// step quantizes these values to 8 bits, and inputs that come from a quantized embedding hit
 /// exact rounding ties, so the last bit here decides tokens downstream.
-fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let d = weight.len();
     for (row, o) in x.chunks(d).zip(out.chunks_mut(d)) {
-        let sum_sq: f64 = row.iter().map(|&v| (v * v) as f64).sum();
-        let mean = (sum_sq / d as f64) as f32;
-        let scale = 1.0 / (mean + eps).sqrt();
+        let scale = rms_scale(row, eps);
         for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
             *o = (v * scale) * w;
         }
     }
+}
+
+/// [`rms_norm`] of each row of `x (n, d)` in place.
+pub(crate) fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    for row in x.chunks_mut(weight.len()) {
+        let scale = rms_scale(row, eps);
+        for (v, &w) in row.iter_mut().zip(weight) {
+            *v = (*v * scale) * w;
+        }
+    }
+}
+
+/// `1 / sqrt(mean(row²) + eps)` with [`rms_norm`]'s rounding.
+fn rms_scale(row: &[f32], eps: f32) -> f32 {
+    let sum_sq: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+    let mean = (sum_sq / row.len() as f64) as f32;
+    1.0 / (mean + eps).sqrt()
+}
+
+/// `x += post_norm(y)` (Gemma 3's post-norms), or `x += y` without one; `y` is scratch.
+fn add_normed(x: &mut [f32], y: &mut [f32], post_norm: Option<&[f32]>, eps: f32) {
+    if let Some(weight) = post_norm {
+        rms_norm_in_place(y, weight, eps);
+    }
+    add_assign(x, y);
 }
 
 fn add_assign(x: &mut [f32], y: &[f32]) {

@@ -1,6 +1,6 @@
 //! RoPE angles of every position of a session, computed once.
 
-use edgefusion_model::{ModelConfig, RopeScaling, RopeStyle};
+use edgefusion_model::{LayerType, ModelConfig, RopeScaling, RopeStyle};
 
 /// RoPE rotation angles per position: `(n_ctx, rope_dim / 2)` cosines and sines.
 pub(crate) struct RopeTable {
@@ -10,14 +10,27 @@ pub(crate) struct RopeTable {
 }
 
 impl RopeTable {
+    /// The angles of the model's (global) layers.
+    pub(crate) fn new(cfg: &ModelConfig, n_ctx: usize) -> Self {
+        Self::with_base(cfg, cfg.rope_base, cfg.rope_scaling, n_ctx)
+    }
+
+    /// The angles of `window` layers where they rotate with their own base, unscaled
+    /// (Gemma 3's local layers); `None` where they rotate like the others.
+    pub(crate) fn for_window_layers(cfg: &ModelConfig, n_ctx: usize) -> Option<Self> {
+        let base = cfg.block.window_rope_base?;
+        (cfg.count_layers(LayerType::Window) > 0)
+            .then(|| Self::with_base(cfg, base, RopeScaling::None, n_ctx))
+    }
+
     /// Angles as llama.cpp computes them (`ggml_rope_cache_init`), in f32 with the
     /// frequency advanced by repeated multiplication, so positions rotate identically.
-    pub(crate) fn new(cfg: &ModelConfig, n_ctx: usize) -> Self {
+    fn with_base(cfg: &ModelConfig, base: f32, scaling: RopeScaling, n_ctx: usize) -> Self {
         let half = cfg.rope_dim / 2;
-        let theta_scale = cfg.rope_base.powf(-2.0 / cfg.rope_dim as f32);
+        let theta_scale = base.powf(-2.0 / cfg.rope_dim as f32);
         // Per-frequency divisor of the angle (1 = unscaled).
         let freq_divisor: Vec<f32> = (0..half)
-            .map(|i| match cfg.rope_scaling {
+            .map(|i| match scaling {
                 RopeScaling::None => 1.0,
                 RopeScaling::Linear { factor } => factor,
                 RopeScaling::Llama3 {

@@ -134,6 +134,36 @@ fn f32_windowed_layers_match_reference_to_1e4() {
     }
 }
 
+/// Gemma 3 (embedding × √d, QK-norm, post-norms, GeGLU, local layers over a window of 5 with
+/// their own RoPE base between global ones) against the numpy reference, over the 12- and
+/// 40-token prompts, with prefill in steps of several sizes. The tolerance is 2e-4: GELU goes
+/// through llama.cpp's f16 table on both sides, and a value that the f32 and the f64 pass put
+/// on either side of an f16 rounding boundary differs by one f16 step (5e-4 relative).
+#[test]
+fn f32_gemma3_matches_reference_to_2e4() {
+    check_model("tiny-gemma3-f32", 2e-4);
+    let source = ModelSource::open(fixture("tiny-gemma3-f32.gguf")).expect("open");
+    let model = Model::load(&source).expect("load");
+    let cfg = &model.config;
+    assert_eq!(
+        (cfg.window, cfg.sink, cfg.head_dim, cfg.q_dim()),
+        (5, 0, 32, 128)
+    );
+    assert_eq!(cfg.count_layers(edgefusion_model::LayerType::Window), 5);
+    let (tokens, logits) = reference("tiny-gemma3-f32").long.expect("long prompt");
+    for max_batch in [1, 4, 5, 6, 40] {
+        let mut opts = options(64, 2);
+        opts.max_logits = 64;
+        opts.max_batch = max_batch;
+        let mut session = Session::new(&model, opts).expect("session");
+        let ours = all_logits(&mut session, &tokens);
+        for (pos, (a, b)) in ours.iter().zip(&logits).enumerate() {
+            let err = max_rel_error(a, b);
+            assert!(err <= 2e-4, "batch {max_batch}: position {pos} error {err}");
+        }
+    }
+}
+
 /// A window that holds the whole context is full attention: same logits, bit for bit (the
 /// masked slots add exact zeros).
 #[test]

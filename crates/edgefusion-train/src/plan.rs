@@ -48,6 +48,7 @@ pub fn config_from_architecture(a: &Architecture) -> ModelConfig {
         ssm_d_conv: 0,
         window: 0,
         sink: 0,
+        block: Default::default(),
     }
 }
 

@@ -18,7 +18,7 @@ use edgefusion_model::{Attention, ModelConfig};
 use half::f16;
 
 use super::MixerIo;
-use crate::engine::LinearInput;
+use crate::engine::{rms_norm_in_place, LinearInput};
 use crate::parallel::Threads;
 
 /// Storage type of the KV cache.
@@ -393,7 +393,8 @@ fn windowed<T: KvElement>(
     }
 }
 
-/// q, k and v of the step (with their biases), and RoPE on q and k at their positions.
+/// q, k and v of the step (with their biases), the heads' norms where the model has them,
+/// and RoPE on q and k at their positions.
 fn project_qkv(io: &mut MixerIo<'_>, w: &Attention<'_>, scratch: &mut AttnScratch) {
     let (cfg, n_tok) = (io.cfg, io.n_tok);
     io.observe(
@@ -416,6 +417,14 @@ fn project_qkv(io: &mut MixerIo<'_>, w: &Attention<'_>, scratch: &mut AttnScratc
         }
     }
     let (hd, n_heads, n_kv) = (cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
+    for (norm, x, width) in [
+        (&w.q_norm, &mut scratch.q, n_heads * hd),
+        (&w.k_norm, &mut scratch.k, n_kv * hd),
+    ] {
+        if let Some(norm) = norm {
+            rms_norm_in_place(&mut x[..n_tok * width], norm, cfg.rms_eps);
+        }
+    }
     for t in 0..n_tok {
         let pos = io.n_past + t;
         for head in scratch.q[t * n_heads * hd..(t + 1) * n_heads * hd].chunks_mut(hd) {
@@ -484,7 +493,7 @@ fn attend<T: KvElement>(
         n_slots: kv.n_slots,
         n_past,
         span,
-        scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+        scale: cfg.attn_scale(),
     };
     run_tasks(
         threads,
@@ -770,6 +779,7 @@ mod tests {
             ssm_d_conv: 0,
             window: 0,
             sink: 0,
+            block: Default::default(),
         }
     }
 
