@@ -1,7 +1,8 @@
-//! Bad window and sink settings in hybrid GGUF files: each is refused with an error that
-//! names the file and the key, never a panic. The files are the windowed fixture
-//! (`tests/fixtures/tiny-window-f32.gguf`: layers ssm, window, attention; window 6, sink 2)
-//! rewritten with one thing changed.
+//! Bad window and sink settings in hybrid and Gemma 3 GGUF files: each is refused with an
+//! error that names the file and the key or tensor, never a panic. The files are the windowed
+//! fixture (`tests/fixtures/tiny-window-f32.gguf`: layers ssm, window, attention; window 6,
+//! sink 2) or the Gemma 3 one (`tiny-gemma3-f32.gguf`: five local layers over a window of 5,
+//! then a global one) rewritten with one thing changed.
 
 use std::path::{Path, PathBuf};
 
@@ -9,14 +10,28 @@ use edgefusion_io::gguf::{GgufFile, GgufWriter, MetaValue};
 use edgefusion_io::ModelSource;
 use edgefusion_model::{LayerType, Model, ModelError};
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-window-f32.gguf")
+const WINDOWED: &str = "tiny-window-f32.gguf";
+const GEMMA3: &str = "tiny-gemma3-f32.gguf";
+
+fn fixture_named(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
 }
 
-/// The fixture with metadata `set` (a `None` value removes the key) and without the
+fn fixture() -> PathBuf {
+    fixture_named(WINDOWED)
+}
+
+/// The windowed fixture with metadata `set` (a `None` value removes the key) and without the
 /// tensors `drop`, written to a temporary file named after `case`.
 fn variant(case: &str, set: &[(&str, Option<MetaValue>)], drop: &[&str]) -> PathBuf {
-    let src = GgufFile::open(fixture()).expect("fixture");
+    variant_of(WINDOWED, case, set, drop)
+}
+
+/// [`variant`] of fixture `name`.
+fn variant_of(name: &str, case: &str, set: &[(&str, Option<MetaValue>)], drop: &[&str]) -> PathBuf {
+    let src = GgufFile::open(fixture_named(name)).expect("fixture");
     let mut w = GgufWriter::new();
     for (k, v) in &src.metadata {
         if !set.iter().any(|(key, _)| key == k) {
@@ -177,4 +192,33 @@ fn state_keys_that_disagree_with_the_tensors_are_refused() {
         err.contains("edgefusion.window") && err.contains("blk.0.attn_q.weight"),
         "{err}"
     );
+}
+
+/// A Gemma 3 file without one of the norms its block needs, or without its sliding window, is
+/// refused at load with the tensor or key named; its own file loads with the native pattern.
+#[test]
+fn gemma3_files_missing_a_norm_or_the_window_are_refused() {
+    let source = ModelSource::open(fixture_named(GEMMA3)).expect("open");
+    let model = Model::load(&source).expect("the fixture loads");
+    let kinds: Vec<LayerType> = model.config.layer_types.clone();
+    assert_eq!(kinds[..5], [LayerType::Window; 5]);
+    assert_eq!(kinds[5], LayerType::Attention);
+    for tensor in [
+        "blk.2.attn_q_norm.weight",
+        "blk.0.attn_k_norm.weight",
+        "blk.5.post_attention_norm.weight",
+        "blk.3.post_ffw_norm.weight",
+    ] {
+        let path = variant_of(GEMMA3, "gemma3-norm", &[], &[tensor]);
+        let err = load_error(&path);
+        assert!(err.contains(tensor), "{tensor}: {err}");
+    }
+    let path = variant_of(
+        GEMMA3,
+        "gemma3-window",
+        &[("gemma3.attention.sliding_window", None)],
+        &[],
+    );
+    let err = load_error(&path);
+    assert!(err.contains("gemma3.attention.sliding_window"), "{err}");
 }
