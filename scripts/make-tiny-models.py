@@ -35,6 +35,8 @@ What it writes (all under tests/fixtures/):
                            attention only, full attention (edgefusion.window 6, edgefusion.sink 2): a
                            windowed layer attends to positions < 2 and the last 6; its SSM layer holds
                            attn_q/k/v/output and blk.N.ssm_* tensors, the two outputs added
+* tiny-qwen3-f32.gguf      arch "qwen3", the shapes of tiny-llama but head_dim 32 (q width 128 != n_embd),
+                           RMS norms on every q/k head before NeoX rope, tied embeddings, rope base 1e6
 * tiny-gemma3-f32.gguf     arch "gemma3", 6 layers (layers 0-4 local over a sliding window of 5 positions,
                            layer 5 global: llama.cpp's default pattern of 6), n_embd 64, 4 heads / 1 KV
                            head of head_dim 32 (q width 128 != n_embd), ffn 128, tied embeddings, rope
@@ -294,10 +296,13 @@ def config(arch: str, n_embd: int, n_ff: int, rope_base: float, name: str) -> di
 
 
 LLAMA = config("llama", 64, 128, 10000.0, "tiny-llama")
+# Qwen3: QK-norm, no biases, head_dim independent of n_embd.
+QWEN3 = dict(config("qwen3", 64, 128, 1000000.0, "tiny-qwen3"), head_dim=32, rope_neox=True,
+             tied_embeddings=True, qk_norm=True)
 # Gemma 3: every 6th layer global, the others over a window of 5; rope base 1e4 on local layers.
 GEMMA3 = dict(config("gemma3", 64, 128, 1000000.0, "tiny-gemma3"), n_layer=6, n_head_kv=1,
               head_dim=32, rope_neox=True, tied_embeddings=True, gemma3=True,
-              layer_types_native=["window"] * 5 + ["attention"], window=5, sink=0,
+              qk_norm=True, layer_types_native=["window"] * 5 + ["attention"], window=5, sink=0,
               rope_base_local=10000.0)
 QWEN2 = config("qwen2", 64, 128, 1000000.0, "tiny-qwen2")
 LLAMA256 = config("llama", 256, 512, 10000.0, "tiny-llama256")
@@ -373,9 +378,10 @@ def make_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
         w[p + "ffn_gate.weight"] = mat(ff, d)
         w[p + "ffn_up.weight"] = mat(ff, d)
         w[p + "ffn_down.weight"] = mat(d, ff)
-        if cfg.get("gemma3"):
+        if cfg.get("qk_norm"):
             w[p + "attn_q_norm.weight"] = norm(hd)
             w[p + "attn_k_norm.weight"] = norm(hd)
+        if cfg.get("gemma3"):
             w[p + "post_attention_norm.weight"] = norm(d)
             w[p + "post_ffw_norm.weight"] = norm(d)
     w["output_norm.weight"] = norm(d)
@@ -497,9 +503,10 @@ def write_gguf(path: str, cfg: dict, tensors: dict[str, tuple[np.ndarray, QT]], 
     w.add_layer_norm_rms_eps(cfg["rms_eps"])
     w.add_rope_dimension_count(cfg["head_dim"])
     w.add_vocab_size(cfg["n_vocab"])
-    if cfg.get("gemma3"):
+    if cfg["head_dim"] * cfg["n_head"] != cfg["n_embd"]:
         w.add_key_length(cfg["head_dim"])
         w.add_value_length(cfg["head_dim"])
+    if cfg.get("gemma3"):
         w.add_sliding_window(cfg["window"])
     if "layer_types" in cfg:
         w.add_array("edgefusion.layer_types", cfg["layer_types"])
@@ -650,7 +657,7 @@ def attention_mixer(cfg: dict, W: dict[str, np.ndarray], p: str, h: np.ndarray, 
         k = k + W[p + "attn_k.bias"]
         v = v + W[p + "attn_v.bias"]
     q, k = q.reshape(T, nh, hd), k.reshape(T, nkv, hd)
-    if cfg.get("gemma3"):
+    if cfg.get("qk_norm"):
         q = rms_norm(q, W[p + "attn_q_norm.weight"], cfg["rms_eps"])
         k = rms_norm(k, W[p + "attn_k_norm.weight"], cfg["rms_eps"])
     base = cfg["rope_base"] if rope_base is None else rope_base
@@ -792,6 +799,7 @@ def model_specs():
          gguf.LlamaFileType.MOSTLY_Q4_K_M),
         ("tiny-hybrid-f32", HYBRID, 2468, llama_q(QT.F32), gguf.LlamaFileType.ALL_F32),
         ("tiny-window-f32", WINDOWED, 1357, llama_q(QT.F32), gguf.LlamaFileType.ALL_F32),
+        ("tiny-qwen3-f32", QWEN3, 8642, llama_q(QT.F32), gguf.LlamaFileType.ALL_F32),
         ("tiny-gemma3-f32", GEMMA3, 9753, llama_q(QT.F32), gguf.LlamaFileType.ALL_F32),
     ]
     return specs

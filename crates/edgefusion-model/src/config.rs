@@ -15,6 +15,8 @@ pub enum Arch {
     Llama,
     /// Qwen2: Llama with q/k/v biases.
     Qwen2,
+    /// Qwen3: Llama with RMS norms on every query and key head, NeoX RoPE.
+    Qwen3,
     /// Gemma 3: Llama with the changes of [`BlockVariant::gemma3`], local (sliding-window)
     /// layers between global ones, and a SentencePiece vocabulary.
     Gemma3,
@@ -25,6 +27,7 @@ impl Arch {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3",
         }
     }
@@ -97,6 +100,14 @@ impl Default for BlockVariant {
 }
 
 impl BlockVariant {
+    /// Qwen3: Llama's block with QK-norm.
+    pub fn qwen3() -> Self {
+        BlockVariant {
+            qk_norm: true,
+            ..Self::default()
+        }
+    }
+
     /// Gemma 3 as llama.cpp runs it (`src/models/gemma3.cpp`): embedding × √d_model, QK-norm,
     /// post-norms, GeGLU, local layers' RoPE base `window_rope_base`, and queries scaled by
     /// 1/√head_dim except in the 27B model (62 layers), where Gemma's reference scales by
@@ -235,6 +246,7 @@ impl ModelConfig {
         let arch = match arch_name {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
             "gemma3" => Arch::Gemma3,
             other => {
                 return Err(ModelError::UnsupportedArch {
@@ -307,7 +319,7 @@ impl ModelConfig {
             rope_dim,
             rope_style: match arch {
                 Arch::Llama => RopeStyle::Normal,
-                Arch::Qwen2 | Arch::Gemma3 => RopeStyle::NeoX,
+                Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => RopeStyle::NeoX,
             },
             rope_scaling,
             tied_embeddings,
@@ -384,9 +396,14 @@ impl ModelConfig {
                     ..cfg
                 }
             }
-            Arch::Llama | Arch::Qwen2 => ModelConfig {
+            Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => ModelConfig {
                 window: get(WINDOW_KEY)?,
                 sink: get(SINK_KEY)?,
+                block: if arch == Arch::Qwen3 {
+                    BlockVariant::qwen3()
+                } else {
+                    BlockVariant::default()
+                },
                 ..cfg
             },
         };
@@ -394,7 +411,8 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// Reads a Hugging Face `config.json` (`LlamaForCausalLM`, `Qwen2ForCausalLM`).
+    /// Reads a Hugging Face `config.json` (`LlamaForCausalLM`, `Qwen2ForCausalLM`,
+    /// `Qwen3ForCausalLM`).
     pub fn from_hf_config(
         json: &serde_json::Value,
         file: &str,
@@ -430,6 +448,7 @@ impl ModelConfig {
         let arch = match model_type {
             "llama" | "mistral" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
             "gemma3" | "gemma3_text" => {
                 return Err(invalid(format!(
                     "model_type '{model_type}': Gemma 3 runs from GGUF files only (make one with llama.cpp's convert_hf_to_gguf.py)"
@@ -508,7 +527,11 @@ impl ModelConfig {
             ssm_d_conv: 0,
             window: 0,
             sink: 0,
-            block: BlockVariant::default(),
+            block: if arch == Arch::Qwen3 {
+                BlockVariant::qwen3()
+            } else {
+                BlockVariant::default()
+            },
         };
         let n_layers = cfg.n_layers;
         let cfg = match json.get("layer_types") {
@@ -764,7 +787,7 @@ impl ModelConfig {
             Arch::Qwen2 => self.q_dim() + 2 * self.kv_dim(),
             Arch::Llama => 0,
             // The query and key heads' norm weights.
-            Arch::Gemma3 => 2 * self.head_dim,
+            Arch::Qwen3 | Arch::Gemma3 => 2 * self.head_dim,
         };
         2 * self.d_model * (self.q_dim() + self.kv_dim()) + biases
     }

@@ -17,7 +17,9 @@ pub use model::{ssm_role, Attention, DecoderLayer, FeedForward, Mixer, Model, Ss
 pub enum ModelError {
     #[error(transparent)]
     Io(#[from] edgefusion_io::IoError),
-    #[error("{file}: architecture '{arch}' is not supported (supported: llama, qwen2, gemma3)")]
+    #[error(
+        "{file}: architecture '{arch}' is not supported (supported: llama, qwen2, qwen3, gemma3)"
+    )]
     UnsupportedArch { file: String, arch: String },
     #[error("{file}: tensor '{tensor}' has shape {found:?}, expected {expected:?} (ggml order: row length first)")]
     Shape {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use edgefusion_io::gguf::GgufFile;
 use edgefusion_io::names::{parse_gguf_name, TensorRole};
 use edgefusion_io::ModelSource;
-use edgefusion_model::{Model, ModelConfig};
+use edgefusion_model::{Arch, Model, ModelConfig};
 use edgefusion_quant::pipeline::{quantize, Method, QuantizeOptions};
 use edgefusion_runtime::tokenizer::Tokenizer;
 use edgefusion_runtime::{Logits, Session, SessionOptions};
@@ -44,7 +44,7 @@ fn unpermute(data: &[u8], heads: usize, head_dim: usize) -> Vec<u8> {
     out
 }
 
-/// Writes `gguf` (f32, llama) as a Hugging Face folder in `dir`.
+/// Writes `gguf` (f32, llama or qwen3) as a Hugging Face folder in `dir`.
 fn write_hf_folder(gguf: &GgufFile, dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     let tied = gguf.tensor_view("output.weight").is_none();
@@ -53,9 +53,11 @@ fn write_hf_folder(gguf: &GgufFile, dir: &Path) {
     for t in &gguf.tensors {
         let view = gguf.view(t);
         let (role, layer) = parse_gguf_name(view.name).expect("fixture tensors have roles");
+        // GGUF llama permuted q/k rows to adjacent RoPE pairs; qwen3 keeps the NeoX halves.
+        let llama = cfg.arch == Arch::Llama;
         let data = match role {
-            TensorRole::AttnQ => unpermute(view.data, cfg.n_heads, cfg.head_dim),
-            TensorRole::AttnK => unpermute(view.data, cfg.n_kv_heads, cfg.head_dim),
+            TensorRole::AttnQ if llama => unpermute(view.data, cfg.n_heads, cfg.head_dim),
+            TensorRole::AttnK if llama => unpermute(view.data, cfg.n_kv_heads, cfg.head_dim),
             _ => view.data.to_vec(),
         };
         let shape: Vec<usize> = view.shape.iter().rev().copied().collect();
@@ -76,9 +78,9 @@ fn write_hf_folder(gguf: &GgufFile, dir: &Path) {
     )
     .unwrap();
     let config = serde_json::json!({
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": cfg.arch.name(),
         "hidden_size": cfg.d_model,
+        "head_dim": cfg.head_dim,
         "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
@@ -108,6 +110,34 @@ fn write_hf_folder(gguf: &GgufFile, dir: &Path) {
         tokenizer_config.to_string(),
     )
     .unwrap();
+}
+
+/// A Qwen3 folder (QK-norm weights as `self_attn.{q,k}_norm`, an explicit `head_dim`) runs
+/// like its GGUF and converts back to it byte for byte, q/k rows unpermuted.
+#[test]
+fn qwen3_folder_runs_and_converts_like_its_gguf() {
+    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("hf-source-qwen3");
+    let _ = std::fs::remove_dir_all(&work);
+    let (hf, input) = (work.join("tiny-qwen3-hf"), fixture("tiny-qwen3-f32.gguf"));
+    let original = GgufFile::open(&input).unwrap();
+    write_hf_folder(&original, &hf);
+    let tokens: Vec<u32> = (0..20).map(|i| (i * 37 + 11) % 512).collect();
+    let reference = logits(&input, &tokens);
+    let diff = max_abs_diff(&logits(&hf, &tokens), &reference);
+    assert!(diff < 1e-4, "folder vs GGUF logits differ by {diff}");
+    let ModelSource::HfDir(dir) = ModelSource::open(&hf).unwrap() else {
+        panic!("a folder opens as a Hugging Face folder");
+    };
+    let converted_path = work.join("converted.gguf");
+    let report = edgefusion_model::convert::hf_to_gguf(&dir, &converted_path).unwrap();
+    assert_eq!((report.config.arch, report.permuted), (Arch::Qwen3, 0));
+    let converted = GgufFile::open(&converted_path).unwrap();
+    assert_eq!(converted.tensors.len(), original.tensors.len());
+    for t in &original.tensors {
+        let want = original.view(t);
+        let got = converted.tensor_view(want.name).unwrap();
+        assert!(got.data == want.data, "{} differs", want.name);
+    }
 }
 
 #[test]

@@ -134,6 +134,17 @@ fn f32_windowed_layers_match_reference_to_1e4() {
     }
 }
 
+/// Qwen3 (QK-norm before NeoX RoPE, a head width independent of the model's) against the
+/// numpy reference.
+#[test]
+fn f32_qwen3_matches_reference_to_1e4() {
+    check_model("tiny-qwen3-f32", 1e-4);
+    let source = ModelSource::open(fixture("tiny-qwen3-f32.gguf")).expect("open");
+    let model = Model::load(&source).expect("load");
+    assert_eq!((model.config.head_dim, model.config.q_dim()), (32, 128));
+    assert!(model.layers[0].mixer.attention().unwrap().q_norm.is_some());
+}
+
 /// Gemma 3 (embedding × √d, QK-norm, post-norms, GeGLU, local layers over a window of 5 with
 /// their own RoPE base between global ones) against the numpy reference, over the 12- and
 /// 40-token prompts, with prefill in steps of several sizes. The tolerance is 2e-4: GELU goes
