@@ -35,6 +35,9 @@ What it writes (all under tests/fixtures/):
                            attention only, full attention (edgefusion.window 6, edgefusion.sink 2): a
                            windowed layer attends to positions < 2 and the last 6; its SSM layer holds
                            attn_q/k/v/output and blk.N.ssm_* tensors, the two outputs added
+* tiny-llama3-f32.gguf     arch "llama" with Llama 3 RoPE scaling (factor 8, low/high frequency factors 1/4,
+                           original context 64) stored as llama.cpp's converter stores it: the per-frequency
+                           divisors in rope_freqs.weight (F32, head_dim/2)
 * tiny-qwen3-f32.gguf      arch "qwen3", the shapes of tiny-llama but head_dim 32 (q width 128 != n_embd),
                            RMS norms on every q/k head before NeoX rope, tied embeddings, rope base 1e6
 * tiny-gemma3-f32.gguf     arch "gemma3", 6 layers (layers 0-4 local over a sliding window of 5 positions,
@@ -296,6 +299,10 @@ def config(arch: str, n_embd: int, n_ff: int, rope_base: float, name: str) -> di
 
 
 LLAMA = config("llama", 64, 128, 10000.0, "tiny-llama")
+# Llama 3.x: RoPE frequencies divided per frequency (the three bands of Llama 3.1's scaling).
+LLAMA3 = dict(config("llama", 64, 128, 10000.0, "tiny-llama3"),
+              rope_llama3=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                               original_max_position_embeddings=64))
 # Qwen3: QK-norm, no biases, head_dim independent of n_embd.
 QWEN3 = dict(config("qwen3", 64, 128, 1000000.0, "tiny-qwen3"), head_dim=32, rope_neox=True,
              tied_embeddings=True, qk_norm=True)
@@ -313,6 +320,26 @@ HYBRID = dict(config("llama", 64, 128, 10000.0, "tiny-hybrid"), n_layer=3,
 WINDOWED = dict(config("llama", 64, 128, 10000.0, "tiny-window"), n_layer=3,
                 layer_types=["ssm", "window", "attention"], ssm_d_state=12, ssm_d_conv=4,
                 window=6, sink=2)
+
+
+def llama3_rope_factors(cfg: dict) -> np.ndarray:
+    """The divisors llama.cpp's converter writes to rope_freqs.weight for Llama 3 scaling
+    (conversion/llama.py), in float32 as it computes them."""
+    p, hd = cfg["rope_llama3"], cfg["head_dim"]
+    freqs = 1.0 / (np.float32(cfg["rope_base"]) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))
+    old = p["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old / p["low_freq_factor"], old / p["high_freq_factor"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / float(freq)
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(p["factor"])
+        else:
+            smooth = (old / wavelen - p["low_freq_factor"]) / (p["high_freq_factor"] - p["low_freq_factor"])
+            out.append(1 / ((1 - smooth) / p["factor"] + smooth))
+    return np.asarray(out, dtype=np.float32)
 
 
 def make_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
@@ -387,6 +414,8 @@ def make_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     w["output_norm.weight"] = norm(d)
     if not cfg["tied_embeddings"]:
         w["output.weight"] = mat(nv, d, 1.5)
+    if "rope_llama3" in cfg:
+        w["rope_freqs.weight"] = llama3_rope_factors(cfg)
     return w
 
 
@@ -559,12 +588,15 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def rope(x: np.ndarray, positions: np.ndarray, base: float, neox: bool) -> np.ndarray:
-    """x: (T, n_heads, head_dim). theta_i = pos * base^(-2i/head_dim), i in [0, head_dim/2).
+def rope(x: np.ndarray, positions: np.ndarray, base: float, neox: bool,
+         factors: np.ndarray | None = None) -> np.ndarray:
+    """x: (T, n_heads, head_dim). theta_i = pos * base^(-2i/head_dim) / factors[i], i in [0, head_dim/2).
 
     normal (llama): rotates (x[2i], x[2i+1]);  NeoX (qwen2): rotates (x[i], x[i + head_dim/2])."""
     hd = x.shape[-1]
     inv_freq = base ** (-np.arange(0, hd // 2, dtype=np.float64) * 2.0 / hd)
+    if factors is not None:
+        inv_freq = inv_freq / factors
     theta = positions[:, None].astype(np.float64) * inv_freq[None, :]     # (T, hd/2)
     cos = np.cos(theta)[:, None, :]
     sin = np.sin(theta)[:, None, :]
@@ -661,8 +693,9 @@ def attention_mixer(cfg: dict, W: dict[str, np.ndarray], p: str, h: np.ndarray, 
         q = rms_norm(q, W[p + "attn_q_norm.weight"], cfg["rms_eps"])
         k = rms_norm(k, W[p + "attn_k_norm.weight"], cfg["rms_eps"])
     base = cfg["rope_base"] if rope_base is None else rope_base
-    q = rope(q, pos, base, cfg["rope_neox"])
-    k = rope(k, pos, base, cfg["rope_neox"])
+    factors = W.get("rope_freqs.weight")
+    q = rope(q, pos, base, cfg["rope_neox"], factors)
+    k = rope(k, pos, base, cfg["rope_neox"], factors)
     v = v.reshape(T, nkv, hd)
     heads = []
     for hq in range(nh):
@@ -799,6 +832,7 @@ def model_specs():
          gguf.LlamaFileType.MOSTLY_Q4_K_M),
         ("tiny-hybrid-f32", HYBRID, 2468, llama_q(QT.F32), gguf.LlamaFileType.ALL_F32),
         ("tiny-window-f32", WINDOWED, 1357, llama_q(QT.F32), gguf.LlamaFileType.ALL_F32),
+        ("tiny-llama3-f32", LLAMA3, 7531, llama_q(QT.F32), gguf.LlamaFileType.ALL_F32),
         ("tiny-qwen3-f32", QWEN3, 8642, llama_q(QT.F32), gguf.LlamaFileType.ALL_F32),
         ("tiny-gemma3-f32", GEMMA3, 9753, llama_q(QT.F32), gguf.LlamaFileType.ALL_F32),
     ]
@@ -847,7 +881,8 @@ def generate(out_dir: str, only: set[str] | None = None, verbose: bool = True) -
                                           "are quantized like ggml's CPU backend (see ActQuant in "
                                           "scripts/make-tiny-models.py); rounding flips make a few "
                                           "positions differ by up to ~0.1, the rest agree to ~1e-6")
-        if stem in ("tiny-llama-f32", "tiny-hybrid-f32", "tiny-window-f32", "tiny-gemma3-f32"):
+        if stem in ("tiny-llama-f32", "tiny-hybrid-f32", "tiny-window-f32", "tiny-gemma3-f32",
+                    "tiny-llama3-f32"):
             ref["long"] = {"prompt": text40, "tokens": ids40, "logits": sig7(forward(cfg, ref_w, ids40))}
         with open(os.path.join(out_dir, stem + ".json"), "w") as f:
             json.dump(ref, f, separators=(",", ":"))

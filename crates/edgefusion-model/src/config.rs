@@ -43,7 +43,7 @@ pub enum RopeStyle {
 }
 
 /// RoPE frequency scaling.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (`rope.scaling.type = linear`).
@@ -57,7 +57,44 @@ pub enum RopeScaling {
         high_freq_factor: f32,
         original_context: usize,
     },
+    /// Per-frequency divisors of the angle, `rope_dim / 2` of them: GGUF's `rope_freqs.weight`,
+    /// which is how llama.cpp's converter stores Llama 3 scaling.
+    Factors(Vec<f32>),
 }
+
+impl RopeScaling {
+    /// The divisor of frequency `i` of `n = rope_dim / 2`, whose undivided frequency is
+    /// `freq` (radians per position).
+    pub fn divisor(&self, i: usize, freq: f32) -> f32 {
+        match self {
+            RopeScaling::None => 1.0,
+            RopeScaling::Linear { factor } => *factor,
+            RopeScaling::Factors(f) => f[i],
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_context,
+            } => {
+                let wavelen = 2.0 * std::f32::consts::PI / freq;
+                let low_wavelen = *original_context as f32 / low_freq_factor;
+                let high_wavelen = *original_context as f32 / high_freq_factor;
+                if wavelen < high_wavelen {
+                    1.0
+                } else if wavelen > low_wavelen {
+                    *factor
+                } else {
+                    let smooth = (*original_context as f32 / wavelen - low_freq_factor)
+                        / (high_freq_factor - low_freq_factor);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                }
+            }
+        }
+    }
+}
+
+/// GGUF tensor of per-frequency RoPE divisors ([`RopeScaling::Factors`]).
+pub const ROPE_FREQS_TENSOR: &str = "rope_freqs.weight";
 
 /// Activation of the gated feed-forward block `down(act(gate x) · up x)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -292,6 +329,40 @@ impl ModelConfig {
                 }
             },
             None => RopeScaling::None,
+        };
+        let rope_scaling = match gguf.tensor_view(ROPE_FREQS_TENSOR) {
+            None => rope_scaling,
+            Some(view) => {
+                let bad = |why: &str| ModelError::Invalid {
+                    file: gguf.path.display().to_string(),
+                    what: format!("tensor {ROPE_FREQS_TENSOR}: {why}"),
+                };
+                if view.dtype != edgefusion_kernels::GgmlType::F32 {
+                    return Err(bad(&format!("type {:?}; expected F32", view.dtype)));
+                }
+                if rope_scaling != RopeScaling::None {
+                    return Err(bad(&format!(
+                        "per-frequency factors beside {} = {rope_scaling:?}: one scaling at a time",
+                        key("rope.scaling.type")
+                    )));
+                }
+                let factors: Vec<f32> = view
+                    .data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                if factors.len() != rope_dim / 2 {
+                    return Err(bad(&format!(
+                        "{} factors; RoPE rotates {rope_dim} dims, which take {}",
+                        factors.len(),
+                        rope_dim / 2
+                    )));
+                }
+                if let Some(f) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+                    return Err(bad(&format!("factor {f} is not a positive number")));
+                }
+                RopeScaling::Factors(factors)
+            }
         };
         let vocab_size = match gguf.get(&key("vocab_size")) {
             Some(_) => gguf.get_u32(&key("vocab_size"))? as usize,
@@ -572,8 +643,8 @@ impl ModelConfig {
 
     /// The GGUF metadata that [`Self::from_gguf`] reads back into this config: the
     /// architecture's keys and, for hybrids, `edgefusion.layer_types` and the SSM sizes.
-    /// Llama 3 RoPE scaling has no GGUF key (llama.cpp stores it as a `rope_freqs` tensor),
-    /// so it is refused.
+    /// Llama 3 RoPE scaling has no GGUF key: a writer stores
+    /// [`Self::rope_freq_factors`] as the tensor [`ROPE_FREQS_TENSOR`], as llama.cpp does.
     pub fn gguf_metadata(&self, file: &str) -> Result<Vec<(String, MetaValue)>, ModelError> {
         let arch = self.arch.name();
         let key = |k: &str| format!("{arch}.{k}");
@@ -643,12 +714,8 @@ impl ModelConfig {
                 meta.push((key("rope.scaling.type"), MetaValue::String("linear".into())));
                 meta.push((key("rope.scaling.factor"), MetaValue::F32(factor)));
             }
-            RopeScaling::Llama3 { .. } => {
-                return Err(ModelError::Invalid {
-                    file: file.to_string(),
-                    what: "Llama 3 RoPE scaling cannot be written to GGUF metadata yet".into(),
-                })
-            }
+            // No metadata: these travel as the tensor of [`Self::rope_freq_factors`].
+            RopeScaling::Llama3 { .. } | RopeScaling::Factors(_) => {}
         }
         if let Some(base) = self.block.window_rope_base {
             meta.push((key("rope.freq_base_swa"), MetaValue::F32(base)));
@@ -772,6 +839,24 @@ impl ModelConfig {
         self.n_attention_layers() * 2 * self.kv_dim() * 2 * n_ctx
             + self.n_window_layers() * 2 * self.kv_dim() * 2 * self.window_positions().min(n_ctx)
             + n_ssm * self.ssm_state_floats() * 4
+    }
+
+    /// The per-frequency RoPE divisors a GGUF file stores as [`ROPE_FREQS_TENSOR`] (Llama 3
+    /// scaling, computed as llama.cpp's converter does: frequencies `base^(−2i/d)` in f32);
+    /// `None` for the scalings that metadata describes.
+    pub fn rope_freq_factors(&self) -> Option<Vec<f32>> {
+        match &self.rope_scaling {
+            RopeScaling::None | RopeScaling::Linear { .. } => None,
+            RopeScaling::Factors(f) => Some(f.clone()),
+            scaling @ RopeScaling::Llama3 { .. } => Some(
+                (0..self.rope_dim / 2)
+                    .map(|i| {
+                        let freq = 1.0 / self.rope_base.powf((2 * i) as f32 / self.rope_dim as f32);
+                        scaling.divisor(i, freq)
+                    })
+                    .collect(),
+            ),
+        }
     }
 
     /// Scale of query-key scores.

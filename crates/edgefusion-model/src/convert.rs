@@ -10,7 +10,8 @@
 //!   q/k projections, whose rows are permuted within each head from the NeoX pairing
 //!   Hugging Face stores (`x[i]` with `x[i + d/2]`) to GGUF llama's adjacent pairs, the
 //!   layout llama.cpp's converter writes. Tensors that no role names (rotary buffers) are
-//!   left out and reported.
+//!   left out and reported. Llama 3 RoPE scaling becomes the per-frequency factors of
+//!   `rope_freqs.weight`, as llama.cpp's converter writes it.
 
 use std::path::Path;
 
@@ -18,6 +19,9 @@ use edgefusion_io::gguf::{GgufWriter, MetaValue};
 use edgefusion_io::names::{parse_hf_name, TensorRole};
 use edgefusion_io::safetensors_dir::SafetensorsDir;
 
+use edgefusion_kernels::GgmlType;
+
+use crate::config::ROPE_FREQS_TENSOR;
 use crate::{Arch, ModelConfig, ModelError, RopeStyle};
 
 /// GGUF's standard key for a whole Hugging Face `tokenizer.json`.
@@ -105,10 +109,16 @@ pub fn hf_to_gguf(dir: &SafetensorsDir, output: &Path) -> Result<ConvertReport, 
         let bytes = data.map_or(view.data, |i| owned[i].as_slice());
         writer.add_tensor(name.clone(), view.dtype, view.shape, bytes);
     }
+    // Llama 3 RoPE scaling travels as per-frequency factors, as llama.cpp's converter writes.
+    let factors = config.rope_freq_factors();
+    if let Some(factors) = &factors {
+        let bytes: Vec<u8> = factors.iter().flat_map(|f| f.to_le_bytes()).collect();
+        writer.add_tensor(ROPE_FREQS_TENSOR, GgmlType::F32, &[factors.len()], bytes);
+    }
     writer.write(output)?;
     Ok(ConvertReport {
         config,
-        n_tensors: entries.len(),
+        n_tensors: entries.len() + usize::from(factors.is_some()),
         skipped,
         permuted: owned.len(),
     })

@@ -52,7 +52,11 @@ fn write_hf_folder(gguf: &GgufFile, dir: &Path) {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for t in &gguf.tensors {
         let view = gguf.view(t);
-        let (role, layer) = parse_gguf_name(view.name).expect("fixture tensors have roles");
+        // rope_freqs.weight has no Hugging Face tensor: its config's rope_scaling says it.
+        let Some((role, layer)) = parse_gguf_name(view.name) else {
+            assert_eq!(view.name, "rope_freqs.weight", "fixture tensors have roles");
+            continue;
+        };
         // GGUF llama permuted q/k rows to adjacent RoPE pairs; qwen3 keeps the NeoX halves.
         let llama = cfg.arch == Arch::Llama;
         let data = match role {
@@ -138,6 +142,52 @@ fn qwen3_folder_runs_and_converts_like_its_gguf() {
         let got = converted.tensor_view(want.name).unwrap();
         assert!(got.data == want.data, "{} differs", want.name);
     }
+}
+
+/// A Llama folder whose config asks for Llama 3 RoPE scaling runs like the GGUF that stores
+/// the same scaling as `rope_freqs.weight`, and converts into that GGUF: the factors written
+/// equal the fixture's (computed independently, by llama.cpp's converter formula in numpy).
+#[test]
+fn llama3_rope_scaling_converts_to_rope_freqs() {
+    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("hf-source-llama3");
+    let _ = std::fs::remove_dir_all(&work);
+    let (hf, input) = (work.join("tiny-llama3-hf"), fixture("tiny-llama3-f32.gguf"));
+    let original = GgufFile::open(&input).unwrap();
+    write_hf_folder(&original, &hf);
+    let config_path = hf.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["rope_scaling"] = serde_json::json!({
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64
+    });
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 29 + 5) % 512).collect();
+    let reference = logits(&input, &tokens);
+    let diff = max_abs_diff(&logits(&hf, &tokens), &reference);
+    assert!(diff < 1e-4, "folder vs GGUF logits differ by {diff}");
+    let ModelSource::HfDir(dir) = ModelSource::open(&hf).unwrap() else {
+        panic!("a folder opens as a Hugging Face folder");
+    };
+    let converted_path = work.join("converted.gguf");
+    edgefusion_model::convert::hf_to_gguf(&dir, &converted_path).unwrap();
+    let converted = GgufFile::open(&converted_path).unwrap();
+    let floats = |g: &GgufFile| -> Vec<f32> {
+        let v = g
+            .tensor_view("rope_freqs.weight")
+            .expect("rope_freqs.weight");
+        v.data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    let (want, got) = (floats(&original), floats(&converted));
+    assert_eq!(want.len(), got.len());
+    for (w, g) in want.iter().zip(&got) {
+        assert!((w - g).abs() <= 1e-6 * w, "factor {g} vs {w}");
+    }
+    let diff = max_abs_diff(&logits(&converted_path, &tokens), &reference);
+    assert!(diff < 1e-4, "converted vs fixture logits differ by {diff}");
 }
 
 #[test]

@@ -12,7 +12,7 @@ pub(crate) struct RopeTable {
 impl RopeTable {
     /// The angles of the model's (global) layers.
     pub(crate) fn new(cfg: &ModelConfig, n_ctx: usize) -> Self {
-        Self::with_base(cfg, cfg.rope_base, cfg.rope_scaling, n_ctx)
+        Self::with_base(cfg, cfg.rope_base, &cfg.rope_scaling, n_ctx)
     }
 
     /// The angles of `window` layers where they rotate with their own base, unscaled
@@ -20,40 +20,17 @@ impl RopeTable {
     pub(crate) fn for_window_layers(cfg: &ModelConfig, n_ctx: usize) -> Option<Self> {
         let base = cfg.block.window_rope_base?;
         (cfg.count_layers(LayerType::Window) > 0)
-            .then(|| Self::with_base(cfg, base, RopeScaling::None, n_ctx))
+            .then(|| Self::with_base(cfg, base, &RopeScaling::None, n_ctx))
     }
 
     /// Angles as llama.cpp computes them (`ggml_rope_cache_init`), in f32 with the
     /// frequency advanced by repeated multiplication, so positions rotate identically.
-    fn with_base(cfg: &ModelConfig, base: f32, scaling: RopeScaling, n_ctx: usize) -> Self {
+    fn with_base(cfg: &ModelConfig, base: f32, scaling: &RopeScaling, n_ctx: usize) -> Self {
         let half = cfg.rope_dim / 2;
         let theta_scale = base.powf(-2.0 / cfg.rope_dim as f32);
         // Per-frequency divisor of the angle (1 = unscaled).
         let freq_divisor: Vec<f32> = (0..half)
-            .map(|i| match scaling {
-                RopeScaling::None => 1.0,
-                RopeScaling::Linear { factor } => factor,
-                RopeScaling::Llama3 {
-                    factor,
-                    low_freq_factor,
-                    high_freq_factor,
-                    original_context,
-                } => {
-                    let freq = theta_scale.powi(i as i32);
-                    let wavelen = 2.0 * std::f32::consts::PI / freq;
-                    let low_wavelen = original_context as f32 / low_freq_factor;
-                    let high_wavelen = original_context as f32 / high_freq_factor;
-                    if wavelen < high_wavelen {
-                        1.0
-                    } else if wavelen > low_wavelen {
-                        factor
-                    } else {
-                        let smooth = (original_context as f32 / wavelen - low_freq_factor)
-                            / (high_freq_factor - low_freq_factor);
-                        1.0 / ((1.0 - smooth) / factor + smooth)
-                    }
-                }
-            })
+            .map(|i| scaling.divisor(i, theta_scale.powi(i as i32)))
             .collect();
         let mut cos = vec![0.0f32; n_ctx * half];
         let mut sin = vec![0.0f32; n_ctx * half];

@@ -134,6 +134,23 @@ fn f32_windowed_layers_match_reference_to_1e4() {
     }
 }
 
+/// Llama 3 RoPE scaling read from `rope_freqs.weight` (per-frequency divisors, in all three
+/// bands) against the numpy reference, over the 12- and 40-token prompts.
+#[test]
+fn f32_llama3_rope_factors_match_reference_to_1e4() {
+    check_model("tiny-llama3-f32", 1e-4);
+    let source = ModelSource::open(fixture("tiny-llama3-f32.gguf")).expect("open");
+    let model = Model::load(&source).expect("load");
+    let edgefusion_model::RopeScaling::Factors(f) = &model.config.rope_scaling else {
+        panic!("rope_freqs.weight is read as factors");
+    };
+    assert_eq!(f.len(), model.config.rope_dim / 2);
+    assert!(
+        f[0] == 1.0 && f[7] == 8.0 && f[1] > 1.0 && f[1] < 8.0,
+        "{f:?}"
+    );
+}
+
 /// Qwen3 (QK-norm before NeoX RoPE, a head width independent of the model's) against the
 /// numpy reference.
 #[test]
