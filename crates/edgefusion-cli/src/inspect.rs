@@ -54,8 +54,17 @@ pub fn run(args: InspectArgs) -> Result<()> {
                 c.n_ctx_train
             );
             println!(
-                "rope: base {} dim {} {:?} scaling {:?} | rms eps {:e} | tied head: {}",
-                c.rope_base, c.rope_dim, c.rope_style, c.rope_scaling, c.rms_eps, c.tied_embeddings
+                "rope: base {} dim {} {:?} scaling {} | rms eps {:e} | tied head: {}",
+                c.rope_base,
+                c.rope_dim,
+                c.rope_style,
+                match &c.rope_scaling {
+                    edgefusion_model::RopeScaling::Factors(f) =>
+                        format!("per-frequency factors ×{} (rope_freqs.weight)", f.len()),
+                    other => format!("{other:?}"),
+                },
+                c.rms_eps,
+                c.tied_embeddings
             );
             let b = &c.block;
             if *b != edgefusion_model::BlockVariant::default() {

@@ -96,6 +96,24 @@ pub fn run(args: TrainArgs) -> Result<()> {
             let source = ModelSource::open(path)
                 .with_context(|| format!("base model {}", path.display()))?;
             let dense = ModelConfig::from_source(&source)?;
+            if dense.block != edgefusion_model::BlockVariant::default() {
+                bail!(
+                    "base model {}: train converts Llama-style blocks (llama, qwen2); a {} model's block (QK-norm, post-norms, GeGLU, local layers) is not trained yet",
+                    path.display(),
+                    dense.arch.name()
+                );
+            }
+            if dense.rope_scaling != edgefusion_model::RopeScaling::None {
+                bail!(
+                    "base model {}: RoPE scaling ({}) is not trained yet (the student rotates unscaled)",
+                    path.display(),
+                    match dense.rope_scaling {
+                        edgefusion_model::RopeScaling::Factors(_) => "per-frequency factors",
+                        edgefusion_model::RopeScaling::Linear { .. } => "linear",
+                        _ => "llama3",
+                    }
+                );
+            }
             if dense.is_hybrid() {
                 bail!(
                     "base model {} is already a hybrid; convert its dense source",
@@ -340,13 +358,6 @@ fn train(
         }
     };
     let model = edgefusion_model::Model::load(gguf_source)?;
-    if model.config.block != edgefusion_model::BlockVariant::default() {
-        bail!(
-            "{}: train converts Llama-style blocks (llama, qwen2); a {} model's block (post-norms, QK-norm, GeGLU, local layers) is not trained yet",
-            base.display(),
-            model.config.arch.name()
-        );
-    }
     let tokenizer = crate::common::load_tokenizer(gguf_source)?;
     let text = crate::common::read_text(&config.data.train)?;
     let tokens = tokenizer

@@ -34,7 +34,7 @@ pub enum TensorRole {
     /// Causal depthwise convolution `(channels, d_conv)`.
     SsmConv,
     SsmOut,
-    /// RMS norm weights `(head_dim)` of every query and key head before RoPE (Gemma 3).
+    /// RMS norm weights `(head_dim)` of every query and key head before RoPE (Qwen3, Gemma 3).
     AttnQNorm,
     AttnKNorm,
     /// RMS norm weights `(d_model)` of the attention's and the feed-forward's outputs before

@@ -330,7 +330,13 @@ impl ModelConfig {
             },
             None => RopeScaling::None,
         };
-        let rope_scaling = match gguf.tensor_view(ROPE_FREQS_TENSOR) {
+        // llama.cpp reads the factors for Llama-style models only (Qwen and Gemma graphs pass
+        // none), so they are ignored elsewhere as there.
+        let rope_freqs = match arch {
+            Arch::Llama => gguf.tensor_view(ROPE_FREQS_TENSOR),
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => None,
+        };
+        let rope_scaling = match rope_freqs {
             None => rope_scaling,
             Some(view) => {
                 let bad = |why: &str| ModelError::Invalid {
@@ -411,15 +417,53 @@ impl ModelConfig {
                 .map_err(ModelError::from),
             None => Ok(0),
         };
+        // Gemma 3's sliding window; without one (missing or 0) every layer is global, as in
+        // llama.cpp.
+        let gemma_window = match (arch, gguf.get(&key("attention.sliding_window"))) {
+            (Arch::Gemma3, Some(_)) => gguf.get_u32(&key("attention.sliding_window"))? as usize,
+            _ => 0,
+        };
         let cfg = match gguf.get(LAYER_TYPES_KEY) {
             None if arch == Arch::Gemma3 => {
-                let pattern = match gguf.get(&key("attention.sliding_window_pattern")) {
-                    Some(_) => gguf.get_u32(&key("attention.sliding_window_pattern"))? as usize,
-                    None => GEMMA3_SWA_PATTERN,
+                let pattern_key = key("attention.sliding_window_pattern");
+                // Which layers are local: a per-layer array of booleans, or a period whose
+                // last layer is global (llama.cpp's `set_swa_pattern`; 0 = all local).
+                let local: Vec<bool> = match gguf.get(&pattern_key) {
+                    _ if gemma_window == 0 => vec![false; n_layers],
+                    Some(MetaValue::Array(flags)) => {
+                        let flags: Option<Vec<bool>> = flags
+                            .iter()
+                            .map(|f| match f {
+                                MetaValue::Bool(b) => Some(*b),
+                                _ => None,
+                            })
+                            .collect();
+                        match flags {
+                            Some(f) if f.len() == n_layers => f,
+                            _ => {
+                                return Err(ModelError::Invalid {
+                                    file,
+                                    what: format!(
+                                        "{pattern_key} must be a period or {n_layers} booleans, one per layer"
+                                    ),
+                                })
+                            }
+                        }
+                    }
+                    other => {
+                        let pattern = match other {
+                            Some(_) => gguf.get_u32(&pattern_key)? as usize,
+                            None => GEMMA3_SWA_PATTERN,
+                        };
+                        (0..n_layers)
+                            .map(|l| pattern == 0 || l % pattern < pattern - 1)
+                            .collect()
+                    }
                 };
-                let types = (0..n_layers)
-                    .map(|l| {
-                        if pattern == 0 || l % pattern < pattern - 1 {
+                let types = local
+                    .iter()
+                    .map(|&l| {
+                        if l {
                             LayerType::Window
                         } else {
                             LayerType::Attention
@@ -445,10 +489,19 @@ impl ModelConfig {
         };
         let cfg = match arch {
             Arch::Gemma3 => {
-                // Local layers see the last `sliding_window` positions, their own included.
+                let softcap = key("final_logit_softcapping");
+                if gguf.get(&softcap).is_some() && gguf.get_f32(&softcap)? != 0.0 {
+                    return Err(ModelError::Invalid {
+                        file,
+                        what: format!("{softcap} is set; capped logits are not supported yet"),
+                    });
+                }
+                // Local layers see the last `sliding_window` positions, their own included
+                // (none when no layer is local).
                 let window = match gguf.get(WINDOW_KEY) {
                     Some(_) => get(WINDOW_KEY)?,
-                    None => gguf.get_u32(&key("attention.sliding_window"))? as usize,
+                    None if cfg.count_layers(LayerType::Window) == 0 => 0,
+                    None => gemma_window,
                 };
                 let window_rope_base = match gguf.get(&key("rope.freq_base_swa")) {
                     Some(_) => gguf.get_f32(&key("rope.freq_base_swa"))?,
@@ -642,7 +695,8 @@ impl ModelConfig {
     }
 
     /// The GGUF metadata that [`Self::from_gguf`] reads back into this config: the
-    /// architecture's keys and, for hybrids, `edgefusion.layer_types` and the SSM sizes.
+    /// architecture's keys and, for hybrids (and Gemma 3, whose local layers are windows),
+    /// `edgefusion.layer_types`, the SSM sizes, window and sink.
     /// Llama 3 RoPE scaling has no GGUF key: a writer stores
     /// [`Self::rope_freq_factors`] as the tensor [`ROPE_FREQS_TENSOR`], as llama.cpp does.
     pub fn gguf_metadata(&self, file: &str) -> Result<Vec<(String, MetaValue)>, ModelError> {

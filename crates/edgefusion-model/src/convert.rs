@@ -307,6 +307,14 @@ pub fn window_gguf(
     };
     let tied = gguf.tensor("output.weight").is_none();
     let mut cfg = ModelConfig::from_gguf(gguf, tied)?;
+    if cfg.block.window_rope_base.is_some() {
+        // Its window layers rotate with the local layers' RoPE base; a global layer made a
+        // window would lose its own.
+        return Err(invalid(format!(
+            "{} models have local layers of their own; turning global layers into windows is not supported",
+            cfg.arch.name()
+        )));
+    }
     if window == 0 {
         return Err(invalid(
             "a window of 0 positions leaves a converted layer nothing to attend to".into(),

@@ -55,7 +55,8 @@ pub struct Attention<'a> {
     pub bq: Option<Vec<f32>>,
     pub bk: Option<Vec<f32>>,
     pub bv: Option<Vec<f32>>,
-    /// RMS norm weights of every query and key head before RoPE (Gemma 3): (head_dim) each.
+    /// RMS norm weights of every query and key head before RoPE (Qwen3, Gemma 3): (head_dim)
+    /// each.
     pub q_norm: Option<Vec<f32>>,
     pub k_norm: Option<Vec<f32>>,
 }

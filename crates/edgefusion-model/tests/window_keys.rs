@@ -194,10 +194,10 @@ fn state_keys_that_disagree_with_the_tensors_are_refused() {
     );
 }
 
-/// A Gemma 3 file without one of the norms its block needs, or without its sliding window, is
-/// refused at load with the tensor or key named; its own file loads with the native pattern.
+/// A Gemma 3 file without one of the norms its block needs is refused at load with the
+/// tensor named; its own file loads with the native pattern (five local layers, one global).
 #[test]
-fn gemma3_files_missing_a_norm_or_the_window_are_refused() {
+fn gemma3_files_missing_a_norm_are_refused() {
     let source = ModelSource::open(fixture_named(GEMMA3)).expect("open");
     let model = Model::load(&source).expect("the fixture loads");
     let kinds: Vec<LayerType> = model.config.layer_types.clone();
@@ -213,12 +213,54 @@ fn gemma3_files_missing_a_norm_or_the_window_are_refused() {
         let err = load_error(&path);
         assert!(err.contains(tensor), "{tensor}: {err}");
     }
+}
+
+/// Which Gemma 3 layers are local, as llama.cpp reads it: none without a sliding window (key
+/// missing or 0), those flagged by a per-layer boolean array, or every layer but the last
+/// of each period; an array of the wrong length is refused with the key named.
+#[test]
+fn gemma3_local_layers_follow_the_window_keys() {
+    let kinds = |case: &str, set: &[(&str, Option<MetaValue>)]| {
+        let path = variant_of(GEMMA3, case, set, &[]);
+        let source = ModelSource::open(&path).expect("open");
+        let cfg = Model::load(&source).expect("loads").config.clone();
+        let _ = std::fs::remove_file(&path);
+        let marks: String = cfg
+            .layer_types
+            .iter()
+            .map(|t| if *t == LayerType::Window { 'W' } else { 'A' })
+            .collect();
+        (marks, cfg.window)
+    };
+    let key = "gemma3.attention.sliding_window";
+    assert_eq!(kinds("no-window", &[(key, None)]), ("AAAAAA".into(), 0));
+    assert_eq!(
+        kinds("zero-window", &[(key, Some(MetaValue::U32(0)))]),
+        ("AAAAAA".into(), 0)
+    );
+    let pattern = "gemma3.attention.sliding_window_pattern";
+    assert_eq!(
+        kinds("period-3", &[(pattern, Some(MetaValue::U32(3)))]),
+        ("WWAWWA".into(), 5)
+    );
+    let flags = |f: &[bool]| {
+        Some(MetaValue::Array(
+            f.iter().map(|&b| MetaValue::Bool(b)).collect(),
+        ))
+    };
+    assert_eq!(
+        kinds(
+            "flags",
+            &[(pattern, flags(&[true, false, true, true, false, false]))]
+        ),
+        ("WAWWAA".into(), 5)
+    );
     let path = variant_of(
         GEMMA3,
-        "gemma3-window",
-        &[("gemma3.attention.sliding_window", None)],
+        "short-flags",
+        &[(pattern, flags(&[true, false]))],
         &[],
     );
     let err = load_error(&path);
-    assert!(err.contains("gemma3.attention.sliding_window"), "{err}");
+    assert!(err.contains(pattern), "{err}");
 }

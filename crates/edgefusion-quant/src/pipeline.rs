@@ -245,6 +245,16 @@ fn calibrate(
     let ctx = calib.ctx.min(model.config.n_ctx_train).max(2);
     let windows = calib.n_tokens.div_ceil(ctx);
     let starts = window_starts(tokens.len(), ctx, calib.n_tokens, calib.seed);
+    // Each window starts as the model's inputs do where its vocabulary asks for BOS (Gemma):
+    // BOS in place of the first token, as llama-imatrix and `perplexity` do.
+    let bos = tokenizer.bos_id().filter(|_| tokenizer.add_bos());
+    let window_of = |start: usize, end: usize| {
+        let mut window = tokens[start..end].to_vec();
+        if let Some(bos) = bos {
+            window[0] = bos;
+        }
+        window
+    };
     let hessians = std::rc::Rc::new(std::cell::RefCell::new(Hessians::new()));
     let failure = std::rc::Rc::new(std::cell::RefCell::new(None::<QuantError>));
     let opts = SessionOptions {
@@ -267,7 +277,7 @@ fn calibrate(
             .min(start + calib.n_tokens - w * ctx);
         session.reset();
         session
-            .forward(&tokens[start..end], Logits::Last)
+            .forward(&window_of(start, end), Logits::Last)
             .map_err(|e| QuantError::Input(e.to_string()))?;
         progress(w + 1, windows, "calibrating");
         if let Some(e) = failure.borrow_mut().take() {
@@ -276,7 +286,7 @@ fn calibrate(
     }
     drop(session);
     let first = starts[0];
-    let window = tokens[first..(first + ctx).min(tokens.len())].to_vec();
+    let window = window_of(first, (first + ctx).min(tokens.len()));
     Ok((
         std::rc::Rc::try_unwrap(hessians)
             .map(|c| c.into_inner())

@@ -23,7 +23,8 @@ pub struct MemoryPlan {
     /// One sequence's state at the context length: attention K and V, window K and V,
     /// SSM states.
     pub state: usize,
-    /// Activations, logits, quantized activations, attention and SSM scratch, RoPE tables.
+    /// Activations, logits, quantized activations, attention and SSM scratch, RoPE tables,
+    /// the staging slots of windowed caches.
     pub buffers: usize,
     /// [`PROCESS_BYTES`].
     pub process: usize,
@@ -108,8 +109,17 @@ pub fn buffer_bytes(cfg: &ModelConfig, opts: &SessionOptions) -> usize {
     } else {
         0
     };
-    let rope = n_ctx * cfg.rope_dim;
-    4 * (residual + ffn + logits + attention + ssm + rope) + max_batch * act_row
+    // RoPE angles: one table, and a second where local layers rotate with their own base.
+    let local_rope =
+        cfg.block.window_rope_base.is_some() && cfg.count_layers(LayerType::Window) > 0;
+    let rope = n_ctx * cfg.rope_dim * if local_rope { 2 } else { 1 };
+    // Each windowed layer's cache stages a step's keys and values beside its sink and window.
+    let kv_element = match opts.kv_type {
+        KvType::F16 => 2,
+        KvType::F32 => 4,
+    };
+    let staging = cfg.n_window_layers() * 2 * cfg.kv_dim() * max_batch * kv_element;
+    4 * (residual + ffn + logits + attention + ssm + rope) + max_batch * act_row + staging
 }
 
 /// The whole plan for a model of `cfg` whose file takes `weight_bytes`.
@@ -130,11 +140,16 @@ mod tests {
     use edgefusion_testkit::fixture;
 
     /// The planned state is what a session allocates (to the 16-slot panels of the key
-    /// cache), for dense, hybrid and windowed models and both KV types; the buffers grow
-    /// with the batch and the context.
+    /// cache), for dense, hybrid, windowed and Gemma 3 models and both KV types; the buffers
+    /// grow with the batch and the context.
     #[test]
     fn planned_state_is_what_a_session_allocates() {
-        for name in ["tiny-llama-f32", "tiny-hybrid-f32", "tiny-window-f32"] {
+        for name in [
+            "tiny-llama-f32",
+            "tiny-hybrid-f32",
+            "tiny-window-f32",
+            "tiny-gemma3-f32",
+        ] {
             let source = ModelSource::open(fixture(&format!("{name}.gguf"))).unwrap();
             let model = Model::load(&source).unwrap();
             let cfg = &model.config;
