@@ -595,7 +595,16 @@ impl ModelConfig {
             Some(serde_json::Value::Null) | None => d_model.checked_div(n_heads).unwrap_or(0),
             Some(_) => get_usize("head_dim")?,
         };
-        let rope_scaling = match json.get("rope_scaling") {
+        // transformers 5 writes RoPE as `rope_parameters` (base and scaling in one object);
+        // older configs as `rope_theta` and `rope_scaling`.
+        let rope_parameters = json.get("rope_parameters").filter(|v| !v.is_null());
+        let rope_base = match rope_parameters.and_then(|p| p.get("rope_theta")) {
+            Some(v) => v.as_f64().map(|v| v as f32).ok_or_else(|| {
+                invalid("field 'rope_parameters.rope_theta' must be a number".into())
+            })?,
+            None => get_f32("rope_theta", 10_000.0)?,
+        };
+        let rope_scaling = match rope_parameters.or_else(|| json.get("rope_scaling")) {
             None | Some(serde_json::Value::Null) => RopeScaling::None,
             Some(obj) => {
                 let kind = obj
@@ -640,7 +649,7 @@ impl ModelConfig {
             vocab_size: get_usize("vocab_size")?,
             n_ctx_train: get_usize("max_position_embeddings")?,
             rms_eps: get_f32("rms_norm_eps", 1e-6)?,
-            rope_base: get_f32("rope_theta", 10_000.0)?,
+            rope_base,
             rope_dim: head_dim,
             // Hugging Face stores q/k unpermuted: its rotate_half is the NeoX pairing.
             rope_style: RopeStyle::NeoX,
@@ -669,6 +678,17 @@ impl ModelConfig {
                         "field 'layer_types' must be an array of strings".into(),
                     ));
                 };
+                // transformers' own spelling of full attention (Qwen3 and others write it).
+                let names: Vec<&str> = names
+                    .iter()
+                    .map(|&n| {
+                        if n == "full_attention" {
+                            "attention"
+                        } else {
+                            n
+                        }
+                    })
+                    .collect();
                 let types = parse_layer_types(&names, file, "layer_types")?;
                 let opt = |k: &str| json.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
                 cfg.with_layer_types(types, opt("ssm_d_state"), opt("ssm_d_conv"))

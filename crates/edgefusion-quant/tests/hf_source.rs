@@ -116,8 +116,9 @@ fn write_hf_folder(gguf: &GgufFile, dir: &Path) {
     .unwrap();
 }
 
-/// A Qwen3 folder (QK-norm weights as `self_attn.{q,k}_norm`, an explicit `head_dim`) runs
-/// like its GGUF and converts back to it byte for byte, q/k rows unpermuted.
+/// A Qwen3 folder (QK-norm weights as `self_attn.{q,k}_norm`, an explicit `head_dim`, the
+/// config as transformers 5 writes it) runs like its GGUF and converts back to it byte for
+/// byte, q/k rows unpermuted.
 #[test]
 fn qwen3_folder_runs_and_converts_like_its_gguf() {
     let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("hf-source-qwen3");
@@ -125,6 +126,17 @@ fn qwen3_folder_runs_and_converts_like_its_gguf() {
     let (hf, input) = (work.join("tiny-qwen3-hf"), fixture("tiny-qwen3-f32.gguf"));
     let original = GgufFile::open(&input).unwrap();
     write_hf_folder(&original, &hf);
+    // As transformers 5 saves it: RoPE in `rope_parameters` (base 1e6: a reader that missed
+    // it would rotate with 1e4), and full attention spelled its way.
+    let config_path = hf.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let base = config["rope_theta"].take();
+    config.as_object_mut().unwrap().remove("rope_theta");
+    config["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": base});
+    let n_layers = config["num_hidden_layers"].as_u64().unwrap() as usize;
+    config["layer_types"] = serde_json::json!(vec!["full_attention"; n_layers]);
+    std::fs::write(&config_path, config.to_string()).unwrap();
     let tokens: Vec<u32> = (0..20).map(|i| (i * 37 + 11) % 512).collect();
     let reference = logits(&input, &tokens);
     let diff = max_abs_diff(&logits(&hf, &tokens), &reference);
