@@ -76,9 +76,13 @@ pub struct QuantizeArgs {
     /// never the text you evaluate on. "none" quantizes without calibration.
     #[arg(long, default_value = crate::common::CALIBRATION_TEXT)]
     pub calib: String,
-    /// Calibration tokens to read (windows of 512).
+    /// Calibration tokens to read (windows of --calib-ctx).
     #[arg(long, default_value_t = 16384)]
     pub calib_tokens: usize,
+    /// Tokens per calibration window (at most the model's training context): the positions
+    /// the statistics are gathered at.
+    #[arg(long, default_value_t = 512)]
+    pub calib_ctx: usize,
     /// Which windows of the calibration text are read: 0 reads it from the start, any
     /// other seed a seeded random choice of windows. Same seed, same output file.
     #[arg(long, default_value_t = 0)]
@@ -196,6 +200,12 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     let calibration = if args.calib == "none" || matches!(args.method, MethodArg::Rtn) {
         None
     } else {
+        if args.calib_ctx < 2 {
+            bail!(
+                "--calib-ctx {} is too short (at least 2 tokens per window)",
+                args.calib_ctx
+            );
+        }
         if args.calib_tokens < 16 {
             bail!(
                 "--calib-tokens {} is too few to calibrate (at least 16)",
@@ -210,7 +220,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
             name: args.calib.clone(),
             text: crate::common::read_text(path)?,
             n_tokens: args.calib_tokens,
-            ctx: 512,
+            ctx: args.calib_ctx,
             threads: crate::common::threads(args.threads)?,
             seed: args.seed,
         })
