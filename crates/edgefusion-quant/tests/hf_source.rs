@@ -116,36 +116,61 @@ fn write_hf_folder(gguf: &GgufFile, dir: &Path) {
     .unwrap();
 }
 
+/// Fixture `{stem}-f32.gguf` written as a Hugging Face folder in a fresh work folder, its
+/// `config.json` rewritten through `edit`: (work folder, the folder, the fixture's path, the
+/// fixture).
+fn folder_of(
+    stem: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> (PathBuf, PathBuf, PathBuf, GgufFile) {
+    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("hf-source-{stem}"));
+    let _ = std::fs::remove_dir_all(&work);
+    let (hf, input) = (work.join("folder"), fixture(&format!("{stem}-f32.gguf")));
+    let original = GgufFile::open(&input).unwrap();
+    write_hf_folder(&original, &hf);
+    let path = hf.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&path, config.to_string()).unwrap();
+    (work, hf, input, original)
+}
+
+/// The folder `hf` gives the logits of its GGUF `input` on `tokens` (to 1e-4), and converts
+/// into `work/converted.gguf`: (the GGUF's logits, the conversion's report, its path).
+fn runs_like_gguf_and_converts(
+    work: &Path,
+    hf: &Path,
+    input: &Path,
+    tokens: &[u32],
+) -> (Vec<f32>, edgefusion_model::convert::ConvertReport, PathBuf) {
+    let reference = logits(input, tokens);
+    let diff = max_abs_diff(&logits(hf, tokens), &reference);
+    assert!(diff < 1e-4, "folder vs GGUF logits differ by {diff}");
+    let ModelSource::HfDir(dir) = ModelSource::open(hf).unwrap() else {
+        panic!("a folder opens as a Hugging Face folder");
+    };
+    let converted = work.join("converted.gguf");
+    let report = edgefusion_model::convert::hf_to_gguf(&dir, &converted).unwrap();
+    (reference, report, converted)
+}
+
 /// A Qwen3 folder (QK-norm weights as `self_attn.{q,k}_norm`, an explicit `head_dim`, the
 /// config as transformers 5 writes it) runs like its GGUF and converts back to it byte for
 /// byte, q/k rows unpermuted.
 #[test]
 fn qwen3_folder_runs_and_converts_like_its_gguf() {
-    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("hf-source-qwen3");
-    let _ = std::fs::remove_dir_all(&work);
-    let (hf, input) = (work.join("tiny-qwen3-hf"), fixture("tiny-qwen3-f32.gguf"));
-    let original = GgufFile::open(&input).unwrap();
-    write_hf_folder(&original, &hf);
     // As transformers 5 saves it: RoPE in `rope_parameters` (base 1e6: a reader that missed
     // it would rotate with 1e4), and full attention spelled its way.
-    let config_path = hf.join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    let base = config["rope_theta"].take();
-    config.as_object_mut().unwrap().remove("rope_theta");
-    config["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": base});
-    let n_layers = config["num_hidden_layers"].as_u64().unwrap() as usize;
-    config["layer_types"] = serde_json::json!(vec!["full_attention"; n_layers]);
-    std::fs::write(&config_path, config.to_string()).unwrap();
+    let (work, hf, input, original) = folder_of("tiny-qwen3", |config| {
+        let base = config["rope_theta"].take();
+        config.as_object_mut().unwrap().remove("rope_theta");
+        config["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": base});
+        let n_layers = config["num_hidden_layers"].as_u64().unwrap() as usize;
+        config["layer_types"] = serde_json::json!(vec!["full_attention"; n_layers]);
+    });
     let tokens: Vec<u32> = (0..20).map(|i| (i * 37 + 11) % 512).collect();
-    let reference = logits(&input, &tokens);
-    let diff = max_abs_diff(&logits(&hf, &tokens), &reference);
-    assert!(diff < 1e-4, "folder vs GGUF logits differ by {diff}");
-    let ModelSource::HfDir(dir) = ModelSource::open(&hf).unwrap() else {
-        panic!("a folder opens as a Hugging Face folder");
-    };
-    let converted_path = work.join("converted.gguf");
-    let report = edgefusion_model::convert::hf_to_gguf(&dir, &converted_path).unwrap();
+    let (_, report, converted_path) = runs_like_gguf_and_converts(&work, &hf, &input, &tokens);
     assert_eq!((report.config.arch, report.permuted), (Arch::Qwen3, 0));
     let converted = GgufFile::open(&converted_path).unwrap();
     assert_eq!(converted.tensors.len(), original.tensors.len());
@@ -161,28 +186,14 @@ fn qwen3_folder_runs_and_converts_like_its_gguf() {
 /// equal the fixture's (computed independently, by llama.cpp's converter formula in numpy).
 #[test]
 fn llama3_rope_scaling_converts_to_rope_freqs() {
-    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("hf-source-llama3");
-    let _ = std::fs::remove_dir_all(&work);
-    let (hf, input) = (work.join("tiny-llama3-hf"), fixture("tiny-llama3-f32.gguf"));
-    let original = GgufFile::open(&input).unwrap();
-    write_hf_folder(&original, &hf);
-    let config_path = hf.join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["rope_scaling"] = serde_json::json!({
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64
+    let (work, hf, input, original) = folder_of("tiny-llama3", |config| {
+        config["rope_scaling"] = serde_json::json!({
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64
+        });
     });
-    std::fs::write(&config_path, config.to_string()).unwrap();
     let tokens: Vec<u32> = (0..40).map(|i| (i * 29 + 5) % 512).collect();
-    let reference = logits(&input, &tokens);
-    let diff = max_abs_diff(&logits(&hf, &tokens), &reference);
-    assert!(diff < 1e-4, "folder vs GGUF logits differ by {diff}");
-    let ModelSource::HfDir(dir) = ModelSource::open(&hf).unwrap() else {
-        panic!("a folder opens as a Hugging Face folder");
-    };
-    let converted_path = work.join("converted.gguf");
-    edgefusion_model::convert::hf_to_gguf(&dir, &converted_path).unwrap();
+    let (reference, _, converted_path) = runs_like_gguf_and_converts(&work, &hf, &input, &tokens);
     let converted = GgufFile::open(&converted_path).unwrap();
     let floats = |g: &GgufFile| -> Vec<f32> {
         let v = g

@@ -120,16 +120,30 @@ fn f32_windowed_layers_match_reference_to_1e4() {
     let source = ModelSource::open(fixture("tiny-window-f32.gguf")).expect("open");
     let model = Model::load(&source).expect("load");
     assert_eq!((model.config.window, model.config.sink), (6, 2));
-    let (tokens, logits) = reference("tiny-window-f32").long.expect("long prompt");
-    for max_batch in [1, 2, 3, 6, 7, 8, 9, 16, 40, 64] {
+    check_long_in_steps(
+        &model,
+        "tiny-window-f32",
+        &[1, 2, 3, 6, 7, 8, 9, 16, 40, 64],
+        1e-4,
+    );
+}
+
+/// `model`'s logits over fixture `name`'s long prompt, prefilled in steps of each of
+/// `max_batches` tokens, within `tolerance` of the reference.
+fn check_long_in_steps(model: &Model<'_>, name: &str, max_batches: &[usize], tolerance: f32) {
+    let (tokens, logits) = reference(name).long.expect("long prompt");
+    for &max_batch in max_batches {
         let mut opts = options(64, 2);
         opts.max_logits = 64;
         opts.max_batch = max_batch;
-        let mut session = Session::new(&model, opts).expect("session");
+        let mut session = Session::new(model, opts).expect("session");
         let ours = all_logits(&mut session, &tokens);
         for (pos, (a, b)) in ours.iter().zip(&logits).enumerate() {
             let err = max_rel_error(a, b);
-            assert!(err <= 1e-4, "batch {max_batch}: position {pos} error {err}");
+            assert!(
+                err <= tolerance,
+                "{name} batch {max_batch}: position {pos} error {err}"
+            );
         }
     }
 }
@@ -178,18 +192,7 @@ fn f32_gemma3_matches_reference_to_2e4() {
         (5, 0, 32, 128)
     );
     assert_eq!(cfg.count_layers(edgefusion_model::LayerType::Window), 5);
-    let (tokens, logits) = reference("tiny-gemma3-f32").long.expect("long prompt");
-    for max_batch in [1, 4, 5, 6, 40] {
-        let mut opts = options(64, 2);
-        opts.max_logits = 64;
-        opts.max_batch = max_batch;
-        let mut session = Session::new(&model, opts).expect("session");
-        let ours = all_logits(&mut session, &tokens);
-        for (pos, (a, b)) in ours.iter().zip(&logits).enumerate() {
-            let err = max_rel_error(a, b);
-            assert!(err <= 2e-4, "batch {max_batch}: position {pos} error {err}");
-        }
-    }
+    check_long_in_steps(&model, "tiny-gemma3-f32", &[1, 4, 5, 6, 40], 2e-4);
 }
 
 /// A window that holds the whole context is full attention: same logits, bit for bit (the
