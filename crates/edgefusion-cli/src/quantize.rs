@@ -171,7 +171,10 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     pipeline::check_source(&source)?;
     let mut bpw = args.bpw;
     let mut embedding_bits = args.embedding_bits.unwrap_or_else(|| {
-        pipeline::default_embedding_bits(args.bpw).max(args.max_bits.unwrap_or(0))
+        pipeline::default_embedding_bits(
+            args.max_bits
+                .unwrap_or_else(|| pipeline::default_max_bits(args.bpw)),
+        )
     });
     if let Some(size) = &args.fit {
         if !matches!(args.method, MethodArg::Efq) {

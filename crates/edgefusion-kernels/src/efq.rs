@@ -75,6 +75,12 @@ fn bad(msg: impl Into<String>) -> EfqFormatError {
     EfqFormatError(msg.into())
 }
 
+/// Whether an `(n_out, n_in)` matrix cuts into whole EFQ tiles: rows in groups of
+/// [`TILE_ROWS`], row lengths a multiple of [`COL_ALIGN`].
+pub fn tiles(n_out: usize, n_in: usize) -> bool {
+    n_out.is_multiple_of(TILE_ROWS) && n_in.is_multiple_of(COL_ALIGN)
+}
+
 /// Tiles per row group of a matrix with `n_in` columns.
 pub fn n_tiles(n_in: usize) -> usize {
     n_in.div_ceil(TILE_COLS)

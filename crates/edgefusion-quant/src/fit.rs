@@ -2,8 +2,8 @@
 //! at which a model, one sequence's state at a context length, the runtime's buffers and
 //! the process fit a memory size, planned with `edgefusion_runtime::memory`.
 
-use edgefusion_kernels::efq::{n_tiles, tile_bytes, tile_cols, COL_ALIGN, TILE_ROWS};
-use edgefusion_model::{LayerType, ModelConfig};
+use edgefusion_kernels::efq::{n_tiles, tile_bytes, tile_cols, TILE_ROWS};
+use edgefusion_model::{ssm_role, LayerType, ModelConfig, SsmParams};
 use edgefusion_runtime::memory::{self, MemoryPlan};
 use edgefusion_runtime::SessionOptions;
 
@@ -35,15 +35,15 @@ pub fn blob_bytes(n_out: usize, n_in: usize, bits: u8) -> usize {
     fixed_bytes(n_out, n_in, &[]) + (n_out / TILE_ROWS) * tiles
 }
 
-/// The SSM projections EFQ quantizes within the `--bpw` budget, as `(n_out, n_in)`: C, B,
-/// x and the output, where they tile (as `pipeline` picks them); the Δ and gate
-/// projections (one row per KV group) keep their source type.
+/// The SSM projections EFQ quantizes within the `--bpw` budget, as `(n_out, n_in)`: those
+/// `pipeline::efq_takes` (C, B, x and the output, where they tile).
 fn ssm_matrices(cfg: &ModelConfig) -> Vec<(usize, usize)> {
     let dims = cfg.ssm_dims();
-    ["wc", "wb", "wx", "wo"]
+    SsmParams::<()>::NAMES
         .iter()
-        .filter_map(|name| dims.matrix_shape(name))
-        .filter(|&(o, i)| o.is_multiple_of(TILE_ROWS) && i.is_multiple_of(COL_ALIGN))
+        .filter_map(|&name| Some((name, dims.matrix_shape(name)?)))
+        .filter(|&(name, (o, i))| crate::pipeline::efq_takes(ssm_role(name), o, i))
+        .map(|(_, shape)| shape)
         .collect()
 }
 

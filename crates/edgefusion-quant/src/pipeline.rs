@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use edgefusion_io::gguf::{GgufWriter, MetaValue};
 use edgefusion_io::names::TensorRole;
 use edgefusion_io::ModelSource;
-use edgefusion_kernels::efq::{n_tiles, COL_ALIGN, ROTATION_RHT64, TILE_ROWS};
+use edgefusion_kernels::efq::{n_tiles, tiles, ROTATION_RHT64, TILE_ROWS};
 use edgefusion_kernels::hadamard;
 use edgefusion_kernels::GgmlType;
 use edgefusion_model::model::{EFQ_VERSION as EFQ_FILE_VERSION, EFQ_VERSION_KEY as VERSION_KEY};
@@ -116,7 +116,7 @@ impl Default for QuantizeOptions {
             calibration: None,
             act_order: true,
             sensitivity: true,
-            embedding_bits: default_embedding_bits(3.1),
+            embedding_bits: default_embedding_bits(default_max_bits(3.1)),
             rotate: true,
             max_bits: None,
             refit: true,
@@ -138,12 +138,13 @@ pub fn default_max_bits(bpw: f64) -> u8 {
         .unwrap_or(WIDTHS[WIDTHS.len() - 1])
 }
 
-/// The token embedding's and output head's width at `bpw` unless told otherwise: 6 bits,
-/// or the layers' widest tile when that is wider. On SmolLM2 at 3.1 bpw (tiles up to 4
-/// bits), PPL on Moby-Dick 35.2 with a 4-bit embedding, 34.4 with 6 bits, 34.4 with 8;
-/// llama.cpp likewise stores a tied embedding as Q5_K or Q6_K in its 3- and 4-bit types.
-pub fn default_embedding_bits(bpw: f64) -> u8 {
-    default_max_bits(bpw).max(6)
+/// The token embedding's and output head's width unless told otherwise, given the layers'
+/// widest tile (`--max-bits`, else [`default_max_bits`]): 6 bits, or that tile when it is
+/// wider. On SmolLM2 at 3.1 bpw (tiles up to 4 bits), PPL on Moby-Dick 35.2 with a 4-bit
+/// embedding, 34.4 with 6 bits, 34.4 with 8; llama.cpp likewise stores a tied embedding as
+/// Q5_K or Q6_K in its 3- and 4-bit types.
+pub fn default_embedding_bits(layers_max_bits: u8) -> u8 {
+    layers_max_bits.max(6)
 }
 
 /// One quantized matrix, for the report.
@@ -185,19 +186,24 @@ fn matrices<'m>(
     model
         .linears()
         .into_iter()
-        // An SSM layer's Δ and gate projections have one row per KV group: too few for
-        // 16-row tiles, and too small to matter; they keep their source type, as do SSM
-        // projections whose shape (set by the state width) does not tile.
-        .filter(|(role, _, w)| {
-            let ssm = matches!(
-                role,
-                TensorRole::SsmC | TensorRole::SsmB | TensorRole::SsmX | TensorRole::SsmOut
-            );
-            let tiles = w.n_out.is_multiple_of(TILE_ROWS) && w.n_in.is_multiple_of(COL_ALIGN);
-            !matches!(role, TensorRole::SsmDt | TensorRole::SsmGate) && (!ssm || tiles)
-        })
+        .filter(|(role, _, w)| efq_takes(*role, w.n_out, w.n_in))
         .map(|(role, layer, w)| (role, mats_site(role, layer, tied), w, layer))
         .collect()
+}
+
+/// Whether `quantize` stores a matrix of `role` and shape `(n_out, n_in)` in EFQ (the one
+/// rule, which `fit` plans with). An SSM layer's Δ and gate projections have one row per KV
+/// group: too few for 16-row tiles, and too small to matter; they keep their source type,
+/// as do SSM projections whose shape (set by the state width) does not tile. Any other
+/// matrix that does not tile is refused by `quantize`.
+pub(crate) fn efq_takes(role: TensorRole, n_out: usize, n_in: usize) -> bool {
+    match role {
+        TensorRole::SsmDt | TensorRole::SsmGate => false,
+        TensorRole::SsmC | TensorRole::SsmB | TensorRole::SsmX | TensorRole::SsmOut => {
+            tiles(n_out, n_in)
+        }
+        _ => true,
+    }
 }
 
 /// The input a matrix reads (`None`: the token embedding of an untied model, which is only
@@ -414,7 +420,8 @@ pub fn quantize(
     opts: &QuantizeOptions,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<QuantizeReport, QuantError> {
-    let max_bits = opts.max_bits.unwrap_or(WIDTHS[WIDTHS.len() - 1]);
+    // The widest tile the allocator may give the layers: the one place it is derived.
+    let max_bits = opts.max_bits.unwrap_or_else(|| default_max_bits(opts.bpw));
     for (flag, bits) in [
         ("--bits", opts.bits),
         ("--embedding-bits", opts.embedding_bits),
@@ -452,7 +459,7 @@ pub fn quantize(
     let mut model = Model::load(source).map_err(|e| QuantError::Input(e.to_string()))?;
     let mats = matrices(&model);
     for (_, _, w, _) in &mats {
-        if !w.n_out.is_multiple_of(TILE_ROWS) || !w.n_in.is_multiple_of(COL_ALIGN) {
+        if !tiles(w.n_out, w.n_in) {
             return Err(QuantError::Input(format!(
                 "{file}: tensor '{}' is ({}, {}); EFQ needs rows in multiples of 16 and row lengths in multiples of 32",
                 w.name, w.n_out, w.n_in
@@ -603,7 +610,7 @@ pub fn quantize(
                         errors: &errors[i],
                         fixed_bytes: fixed_bytes(w.n_out, w.n_in, &outlier_sets[i]),
                         min_bits: 2,
-                        max_bits: opts.max_bits.unwrap_or(default_max_bits(opts.bpw)),
+                        max_bits,
                     }
                 })
                 .collect();
@@ -803,7 +810,11 @@ mod tests {
             (8.0, 8, 8),
         ] {
             assert_eq!(default_max_bits(bpw), max, "{bpw}");
-            assert_eq!(default_embedding_bits(bpw), embedding, "{bpw}");
+            assert_eq!(
+                default_embedding_bits(default_max_bits(bpw)),
+                embedding,
+                "{bpw}"
+            );
         }
     }
 }
