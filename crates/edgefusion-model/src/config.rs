@@ -137,10 +137,11 @@ impl Default for BlockVariant {
 }
 
 impl BlockVariant {
-    /// Qwen3: Llama's block with QK-norm.
-    pub fn qwen3() -> Self {
+    /// The block of an architecture whose shapes alone define it: Llama's, with QK-norm for
+    /// Qwen3 (Gemma 3's needs its sizes: [`BlockVariant::gemma3`]).
+    pub fn of_llama_family(arch: Arch) -> Self {
         BlockVariant {
-            qk_norm: true,
+            qk_norm: arch == Arch::Qwen3,
             ..Self::default()
         }
     }
@@ -339,33 +340,24 @@ impl ModelConfig {
         let rope_scaling = match rope_freqs {
             None => rope_scaling,
             Some(view) => {
-                let bad = |why: &str| ModelError::Invalid {
-                    file: gguf.path.display().to_string(),
-                    what: format!("tensor {ROPE_FREQS_TENSOR}: {why}"),
-                };
-                if view.dtype != edgefusion_kernels::GgmlType::F32 {
-                    return Err(bad(&format!("type {:?}; expected F32", view.dtype)));
-                }
+                let file = gguf.path.display().to_string();
                 if rope_scaling != RopeScaling::None {
-                    return Err(bad(&format!(
-                        "per-frequency factors beside {} = {rope_scaling:?}: one scaling at a time",
-                        key("rope.scaling.type")
-                    )));
+                    return Err(ModelError::Invalid {
+                        file,
+                        what: format!(
+                            "tensor {ROPE_FREQS_TENSOR}: per-frequency factors beside {} = {rope_scaling:?}: one scaling at a time",
+                            key("rope.scaling.type")
+                        ),
+                    });
                 }
-                let factors: Vec<f32> = view
-                    .data
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
-                if factors.len() != rope_dim / 2 {
-                    return Err(bad(&format!(
-                        "{} factors; RoPE rotates {rope_dim} dims, which take {}",
-                        factors.len(),
-                        rope_dim / 2
-                    )));
-                }
+                let factors = crate::linear::vector_from_view(view, &file, rope_dim / 2)?;
                 if let Some(f) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
-                    return Err(bad(&format!("factor {f} is not a positive number")));
+                    return Err(ModelError::Invalid {
+                        file,
+                        what: format!(
+                            "tensor {ROPE_FREQS_TENSOR}: factor {f} is not a positive number"
+                        ),
+                    });
                 }
                 RopeScaling::Factors(factors)
             }
@@ -523,11 +515,7 @@ impl ModelConfig {
             Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => ModelConfig {
                 window: get(WINDOW_KEY)?,
                 sink: get(SINK_KEY)?,
-                block: if arch == Arch::Qwen3 {
-                    BlockVariant::qwen3()
-                } else {
-                    BlockVariant::default()
-                },
+                block: BlockVariant::of_llama_family(arch),
                 ..cfg
             },
         };
@@ -660,11 +648,7 @@ impl ModelConfig {
             ssm_d_conv: 0,
             window: 0,
             sink: 0,
-            block: if arch == Arch::Qwen3 {
-                BlockVariant::qwen3()
-            } else {
-                BlockVariant::default()
-            },
+            block: BlockVariant::of_llama_family(arch),
         };
         let n_layers = cfg.n_layers;
         let cfg = match json.get("layer_types") {
@@ -933,6 +917,14 @@ impl ModelConfig {
         }
     }
 
+    /// The RoPE base of `window` layers where they rotate apart from the others (Gemma 3's
+    /// local layers, unscaled); `None` where every layer rotates alike or none is a window.
+    pub fn local_rope_base(&self) -> Option<f32> {
+        self.block
+            .window_rope_base
+            .filter(|_| self.count_layers(LayerType::Window) > 0)
+    }
+
     /// Scale of query-key scores.
     pub fn attn_scale(&self) -> f32 {
         self.block
@@ -944,11 +936,14 @@ impl ModelConfig {
     pub fn attention_params(&self) -> usize {
         let biases = match self.arch {
             Arch::Qwen2 => self.q_dim() + 2 * self.kv_dim(),
-            Arch::Llama => 0,
-            // The query and key heads' norm weights.
-            Arch::Qwen3 | Arch::Gemma3 => 2 * self.head_dim,
+            Arch::Llama | Arch::Qwen3 | Arch::Gemma3 => 0,
         };
-        2 * self.d_model * (self.q_dim() + self.kv_dim()) + biases
+        let qk_norms = if self.block.qk_norm {
+            2 * self.head_dim
+        } else {
+            0
+        };
+        2 * self.d_model * (self.q_dim() + self.kv_dim()) + biases + qk_norms
     }
 
     /// Parameters of one SSM mixer: C, B, x, Δ, gate and output projections, the

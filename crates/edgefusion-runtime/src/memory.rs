@@ -110,9 +110,13 @@ pub fn buffer_bytes(cfg: &ModelConfig, opts: &SessionOptions) -> usize {
         0
     };
     // RoPE angles: one table, and a second where local layers rotate with their own base.
-    let local_rope =
-        cfg.block.window_rope_base.is_some() && cfg.count_layers(LayerType::Window) > 0;
-    let rope = n_ctx * cfg.rope_dim * if local_rope { 2 } else { 1 };
+    let rope = n_ctx
+        * cfg.rope_dim
+        * if cfg.local_rope_base().is_some() {
+            2
+        } else {
+            1
+        };
     // Each windowed layer's cache stages a step's keys and values beside its sink and window.
     let kv_element = match opts.kv_type {
         KvType::F16 => 2,

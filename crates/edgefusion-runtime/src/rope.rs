@@ -1,6 +1,6 @@
 //! RoPE angles of every position of a session, computed once.
 
-use edgefusion_model::{LayerType, ModelConfig, RopeScaling, RopeStyle};
+use edgefusion_model::{ModelConfig, RopeScaling, RopeStyle};
 
 /// RoPE rotation angles per position: `(n_ctx, rope_dim / 2)` cosines and sines.
 pub(crate) struct RopeTable {
@@ -18,9 +18,8 @@ impl RopeTable {
     /// The angles of `window` layers where they rotate with their own base, unscaled
     /// (Gemma 3's local layers); `None` where they rotate like the others.
     pub(crate) fn for_window_layers(cfg: &ModelConfig, n_ctx: usize) -> Option<Self> {
-        let base = cfg.block.window_rope_base?;
-        (cfg.count_layers(LayerType::Window) > 0)
-            .then(|| Self::with_base(cfg, base, &RopeScaling::None, n_ctx))
+        let base = cfg.local_rope_base()?;
+        Some(Self::with_base(cfg, base, &RopeScaling::None, n_ctx))
     }
 
     /// Angles as llama.cpp computes them (`ggml_rope_cache_init`), in f32 with the
