@@ -126,6 +126,13 @@ pub struct QuantizeArgs {
     /// GPTQ 3-bit: PPL 55.9 -> 34.2 on Moby-Dick).
     #[arg(long)]
     pub no_rotate: bool,
+    /// Re-encode every matrix in EFQ. By default a layer matrix whose source tensor
+    /// (Q4_1, Q4_K, Q6_K, ...) the --bpw budget holds is written unchanged where that lowers
+    /// the total error, and the embedding and head keep their source tensor where it takes
+    /// no more bytes than their EFQ width: the source is the reference, so a kept matrix
+    /// loses nothing (efq).
+    #[arg(long)]
+    pub no_keep_source: bool,
     /// Fit a memory size instead of asking for --bpw: choose the embedding width and the
     /// bits per weight so that the weights, one sequence's KV cache or SSM state at --ctx,
     /// the runtime's buffers and the process fit, print the plan, then quantize (efq). Sizes
@@ -241,6 +248,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         rotate: !args.no_rotate,
         max_bits: args.max_bits,
         refit: !args.no_refit,
+        keep_source: !args.no_keep_source,
         bpw,
         bits: args.bits,
         outliers: args.outliers,
@@ -294,6 +302,27 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         .filter(|&(_, n)| n > 0)
         .map(|(bits, n)| format!("{bits}-bit {:.1} %", 100.0 * n as f64 / tiles as f64))
         .collect();
-    println!("layer tile widths: {}", shares.join(", "));
+    if tiles > 0 {
+        println!("layer tile widths: {}", shares.join(", "));
+    }
+    let kept: Vec<&pipeline::MatrixReport> = report
+        .matrices
+        .iter()
+        .filter(|m| m.kept.is_some())
+        .collect();
+    if !kept.is_empty() {
+        let mut types: Vec<String> = kept
+            .iter()
+            .filter_map(|m| m.kept.map(|t| t.name().to_string()))
+            .collect();
+        types.sort();
+        types.dedup();
+        println!(
+            "kept as the source stores them: {} of {} matrices ({})",
+            kept.len(),
+            report.matrices.len(),
+            types.join(", ")
+        );
+    }
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! the second and the third:
 //! 1. [`plan`]: take out the most sensitive weights as outliers, then fit every block's grid
 //!    (scale, zero point) to the remaining weights for the tile widths chosen by
-//!    [`allocate_widths`]. Grids are fixed from here on ("static groups").
+//!    `crate::allocate`. Grids are fixed from here on ("static groups").
 //! 2. [`Plan::round`]: the nearest representable value of a weight — what RTN applies to
 //!    every weight directly, and what GPTQ applies column by column to error-compensated
 //!    weights.
@@ -16,7 +16,7 @@
 //! column c causes is ≈ `h_c · e²`.
 
 use edgefusion_kernels::efq::{
-    n_tiles, tile_bytes, tile_cols, EfqParts, OUTLIER_MAX, SLOT_BYTES, TILE_COLS, TILE_ROWS,
+    n_tiles, tile_cols, EfqParts, OUTLIER_MAX, SLOT_BYTES, TILE_COLS, TILE_ROWS,
 };
 use edgefusion_kernels::formats::{f16_bits, f16_to_f32};
 use rayon::prelude::*;
@@ -25,12 +25,6 @@ pub use edgefusion_kernels::efq::WIDTHS;
 
 /// Per-tile errors at each width of [`WIDTHS`], in that order.
 pub type TileErrors = [f64; WIDTHS.len()];
-
-/// Index of `bits` in [`WIDTHS`].
-fn width_index(bits: u8) -> usize {
-    edgefusion_kernels::efq::width_index(bits)
-        .unwrap_or_else(|| panic!("{bits} bits is not an EFQ tile width"))
-}
 
 /// Shrink factors tried when fitting a block's range: clipping the extremes a little often
 /// lowers the total error (the same search llama.cpp's `make_qx_quants` and AWQ's clip run).
@@ -240,102 +234,6 @@ fn outlier_mask(n_out: usize, n_in: usize, outliers: &[(u32, u32)]) -> Vec<bool>
     mask
 }
 
-/// One matrix as the bit allocator sees it.
-pub struct AllocationInput<'a> {
-    pub n_out: usize,
-    pub n_in: usize,
-    /// From [`tile_errors`].
-    pub errors: &'a [TileErrors],
-    /// Bytes the matrix stores besides its tiles' codes (row scales, outliers, header…).
-    pub fixed_bytes: usize,
-    /// Narrowest width its tiles may get (2 for most matrices), one of [`WIDTHS`].
-    pub min_bits: u8,
-    /// Widest width its tiles may get, one of [`WIDTHS`], at least `min_bits`.
-    pub max_bits: u8,
-}
-
-/// Chooses every tile's width so that the stored bits of all matrices together stay within
-/// `bpw · Σ parameters`, spending bits where they lower the error most per bit (greedy on
-/// error reduction per byte, which is optimal for convex per-tile error curves). Returns
-/// the widths per matrix and the bits per weight reached, or `None` if even all-2-bit tiles
-/// exceed the budget.
-pub fn allocate_widths(matrices: &[AllocationInput<'_>], bpw: f64) -> Option<(Vec<Vec<u8>>, f64)> {
-    for m in matrices {
-        assert!(
-            WIDTHS.contains(&m.min_bits) && WIDTHS.contains(&m.max_bits) && m.min_bits <= m.max_bits,
-            "allocate_widths: min_bits {} and max_bits {} must be tile widths {WIDTHS:?}, min ≤ max",
-            m.min_bits,
-            m.max_bits
-        );
-    }
-    let params: usize = matrices.iter().map(|m| m.n_out * m.n_in).sum();
-    let budget = (bpw * params as f64 / 8.0).floor() as usize;
-    let mut widths: Vec<Vec<u8>> = matrices
-        .iter()
-        .map(|m| vec![m.min_bits; m.errors.len()])
-        .collect();
-    let size = |m: &AllocationInput<'_>, t: usize, bits: u8| {
-        tile_bytes(bits, tile_cols(m.n_in, t % n_tiles(m.n_in)))
-    };
-    let mut used: usize = matrices
-        .iter()
-        .map(|m| {
-            let start = m.min_bits;
-            m.fixed_bytes
-                + (0..m.errors.len())
-                    .map(|t| size(m, t, start))
-                    .sum::<usize>()
-        })
-        .sum();
-    if used > budget {
-        return None;
-    }
-    // Max-heap of (gain per byte, matrix, tile) for each tile's next step up.
-    let mut heap = std::collections::BinaryHeap::new();
-    let next = |bits: u8| WIDTHS[width_index(bits) + 1];
-    let step = |m: &AllocationInput<'_>, t: usize, from: u8| {
-        let k = width_index(from);
-        let gain = m.errors[t][k] - m.errors[t][k + 1];
-        let cost = size(m, t, next(from)) - size(m, t, from);
-        OrderedGain(gain / cost as f64)
-    };
-    for (i, (m, w)) in matrices.iter().zip(&widths).enumerate() {
-        for (t, &bits) in w.iter().enumerate() {
-            if bits < m.max_bits && next(bits) <= m.max_bits {
-                heap.push((step(m, t, bits), i, t));
-            }
-        }
-    }
-    while let Some((_, i, t)) = heap.pop() {
-        let m = &matrices[i];
-        let from = widths[i][t];
-        let cost = size(m, t, next(from)) - size(m, t, from);
-        if used + cost > budget {
-            continue;
-        }
-        used += cost;
-        widths[i][t] = next(from);
-        if next(from) < m.max_bits && next(next(from)) <= m.max_bits {
-            heap.push((step(m, t, next(from)), i, t));
-        }
-    }
-    Some((widths, used as f64 * 8.0 / params as f64))
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct OrderedGain(f64);
-impl Eq for OrderedGain {}
-impl PartialOrd for OrderedGain {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for OrderedGain {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.total_cmp(&other.0)
-    }
-}
-
 /// Bytes a matrix stores besides its tiles, for the allocator: the blob header and index
 /// sections plus the outlier slots (estimated from the outlier count per group).
 pub fn fixed_bytes(n_out: usize, n_in: usize, outliers: &[(u32, u32)]) -> usize {
@@ -509,12 +407,12 @@ impl Plan {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use edgefusion_kernels::efq::EfqMatrix;
 
     /// A fixed test vector: Gaussian-like weights with a few heavy outliers, as in LLM rows.
-    fn test_matrix(n_out: usize, n_in: usize) -> Vec<f32> {
+    pub(crate) fn test_matrix(n_out: usize, n_in: usize) -> Vec<f32> {
         let mut state = 0x9E3779B97F4A7C15u64;
         let mut uniform = move || {
             state ^= state << 13;
@@ -604,75 +502,6 @@ mod tests {
             if bits <= 6 {
                 assert!(results[1] < results[0]);
             }
-        }
-    }
-
-    /// The allocator spends the budget, never exceeds it, and favours the tiles whose
-    /// error drops most.
-    #[test]
-    fn allocation_hits_the_budget_and_prefers_sensitive_tiles() {
-        let (n_out, n_in) = (64, 576);
-        let w = test_matrix(n_out, n_in);
-        // Columns of the first tile are 100x more important.
-        let h: Vec<f32> = (0..n_in)
-            .map(|c| if c < TILE_COLS { 100.0 } else { 1.0 })
-            .collect();
-        let outliers = select_outliers(&w, n_out, n_in, &h, 0.005);
-        let errors = tile_errors(&w, n_out, n_in, &h, &outliers);
-        let input = AllocationInput {
-            n_out,
-            n_in,
-            errors: &errors,
-            fixed_bytes: fixed_bytes(n_out, n_in, &outliers),
-            min_bits: 2,
-            max_bits: 8,
-        };
-        for bpw in [2.6, 3.1, 3.6, 4.6, 5.5, 7.0] {
-            let (widths, reached) = allocate_widths(std::slice::from_ref(&input), bpw).unwrap();
-            assert!(
-                reached <= bpw && reached > bpw - 0.1,
-                "bpw {bpw}: reached {reached}"
-            );
-            let nt = n_tiles(n_in);
-            let first: f64 = (0..n_out / TILE_ROWS)
-                .map(|g| widths[0][g * nt] as f64)
-                .sum::<f64>();
-            let rest: f64 = (0..n_out / TILE_ROWS)
-                .flat_map(|g| (1..nt).map(move |t| (g, t)))
-                .map(|(g, t)| widths[0][g * nt + t] as f64)
-                .sum();
-            let (first, rest) = (
-                first / (n_out / TILE_ROWS) as f64,
-                rest / ((nt - 1) * n_out / TILE_ROWS) as f64,
-            );
-            assert!(
-                first >= rest,
-                "bpw {bpw}: important tiles got {first} bits, others {rest}"
-            );
-            // The stored size the allocator counted is the blob's real size.
-            let p = plan(&w, n_out, n_in, &h, &widths[0], &outliers);
-            let stored = p.encode(&w).stored_bytes();
-            assert!(stored as f64 * 8.0 / (n_out * n_in) as f64 <= bpw + 1e-9);
-        }
-        assert!(allocate_widths(std::slice::from_ref(&input), 1.5).is_none());
-        // A floor is respected and paid for from the same budget.
-        let floored = AllocationInput {
-            min_bits: 3,
-            ..input
-        };
-        let (widths, reached) = allocate_widths(std::slice::from_ref(&floored), 3.6).unwrap();
-        assert!(widths[0].iter().all(|&b| b >= 3) && reached <= 3.6);
-        assert!(allocate_widths(std::slice::from_ref(&floored), 3.0).is_none());
-        // A cap is respected (6 is never stepped past on the way to 8), leaving the budget
-        // unspent rather than exceeding the widest width.
-        for cap in [4u8, 6] {
-            let capped = AllocationInput {
-                max_bits: cap,
-                ..floored
-            };
-            let (widths, reached) = allocate_widths(std::slice::from_ref(&capped), 7.5).unwrap();
-            assert!(widths[0].iter().all(|&b| b <= cap), "cap {cap}");
-            assert!(reached < cap as f64 + 0.4, "cap {cap}: {reached}");
         }
     }
 }

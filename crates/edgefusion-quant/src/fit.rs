@@ -293,7 +293,7 @@ mod tests {
     /// cannot go outside them), and the embedding follows the layers-first rule.
     #[test]
     fn extremes_are_real_blob_sizes() {
-        use crate::efq::{allocate_widths, AllocationInput};
+        use crate::allocate::{allocate_widths, AllocationInput};
         let cfg = smollm2();
         let (lo, hi) = (layers_bpw_at(&cfg, 2), layers_bpw_at(&cfg, 8));
         assert!(
@@ -309,6 +309,7 @@ mod tests {
             fixed_bytes: fixed_bytes(576, 1536, &[]),
             min_bits: 2,
             max_bits: 8,
+            source_bytes: None,
         };
         let own = blob_bytes(576, 1536, 2) as f64 * 8.0 / (576.0 * 1536.0);
         assert!(

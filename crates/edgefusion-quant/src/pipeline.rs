@@ -1,5 +1,6 @@
 //! Quantizing a whole model into an EFQ GGUF file: every linear matrix (token embedding and
-//! output head included) becomes an EFQ blob; everything else is copied.
+//! output head included) becomes an EFQ blob, or keeps its source tensor where the budget
+//! holds it (`crate::allocate`; efq only); everything else is copied.
 //!
 //! The output is a GGUF v3 file whose metadata is the source's plus `edgefusion.efq.*` keys,
 //! with each quantized matrix stored as a 1-D I8 tensor holding its EFQ blob (magic
@@ -14,7 +15,7 @@ use rayon::prelude::*;
 use edgefusion_io::gguf::{GgufWriter, MetaValue};
 use edgefusion_io::names::TensorRole;
 use edgefusion_io::ModelSource;
-use edgefusion_kernels::efq::{n_tiles, tiles, ROTATION_RHT64, TILE_ROWS};
+use edgefusion_kernels::efq::{n_tiles, tile_bytes, tile_cols, tiles, ROTATION_RHT64, TILE_ROWS};
 use edgefusion_kernels::hadamard;
 use edgefusion_kernels::GgmlType;
 use edgefusion_model::model::{EFQ_VERSION as EFQ_FILE_VERSION, EFQ_VERSION_KEY as VERSION_KEY};
@@ -22,9 +23,8 @@ use edgefusion_model::{Linear, Model};
 use edgefusion_runtime::tokenizer::Tokenizer;
 use edgefusion_runtime::{LinearInput, Logits, Session, SessionOptions};
 
-use crate::efq::{
-    allocate_widths, fixed_bytes, plan, select_outliers, tile_errors, AllocationInput, WIDTHS,
-};
+use crate::allocate::{allocate, AllocationInput, Encoding};
+use crate::efq::{fixed_bytes, plan, select_outliers, tile_errors, WIDTHS};
 use crate::gptq::{GptqFactor, GptqOptions};
 use crate::hessian::Hessian;
 use crate::refit::refit_scales;
@@ -101,6 +101,11 @@ pub struct QuantizeOptions {
     /// layer's input statistics, codes fixed (`crate::refit`; efq only). Costs about what
     /// GPTQ does (`n_in²` per row).
     pub refit: bool,
+    /// Let the allocator write a layer matrix's source tensor unchanged (Q4_1, Q4_K, ...)
+    /// where the budget holds it and that lowers the total error, and keep the embedding's
+    /// and head's source tensors where they take no more bytes than their EFQ width would
+    /// (efq only): the source dequantized is the reference, so a kept matrix loses nothing.
+    pub keep_source: bool,
 }
 
 impl Default for QuantizeOptions {
@@ -120,6 +125,7 @@ impl Default for QuantizeOptions {
             rotate: true,
             max_bits: None,
             refit: true,
+            keep_source: true,
         }
     }
 }
@@ -154,8 +160,10 @@ pub struct MatrixReport {
     pub role: TensorRole,
     pub params: usize,
     pub bytes: usize,
-    /// Tiles of each width of [`WIDTHS`].
+    /// Tiles of each width of [`WIDTHS`] (none when kept).
     pub width_histogram: [usize; WIDTHS.len()],
+    /// The source's type, when the matrix was written unchanged instead of as EFQ.
+    pub kept: Option<GgmlType>,
 }
 
 /// What was written.
@@ -466,6 +474,13 @@ pub fn quantize(
             )));
         }
     }
+    // The bytes each matrix takes as its source stores it (the candidate of keeping it).
+    let source_bytes: std::collections::HashMap<&str, (GgmlType, usize)> = gguf
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), (t.dtype, t.n_bytes)))
+        .collect();
+    let keep_source = opts.keep_source && opts.method == Method::Efq;
     let (mut hessians, calib_window) = match &opts.calibration {
         Some(calib) if opts.method != Method::Rtn => calibrate(gguf, &model, calib, progress)?,
         _ => (Hessians::new(), Vec::new()),
@@ -502,12 +517,16 @@ pub fn quantize(
     let mut done = 0;
 
     // Pass 1: outliers and per-tile errors at each width (efq), for the global allocation.
-    let mut widths: Vec<Vec<u8>> = Vec::with_capacity(mats.len());
+    // A matrix is then stored as EFQ tiles of the chosen widths, or as its source tensor.
+    let mut encodings: Vec<Encoding> = Vec::with_capacity(mats.len());
     let mut outlier_sets = Vec::with_capacity(mats.len());
     match opts.method {
         Method::Rtn | Method::Gptq => {
             for (_, _, w, _) in &mats {
-                widths.push(vec![opts.bits; (w.n_out / TILE_ROWS) * n_tiles(w.n_in)]);
+                encodings.push(Encoding::Efq(vec![
+                    opts.bits;
+                    (w.n_out / TILE_ROWS) * n_tiles(w.n_in)
+                ]));
                 outlier_sets.push(Vec::new());
                 done += 1;
                 progress(done, total, &w.name);
@@ -611,24 +630,38 @@ pub fn quantize(
                         fixed_bytes: fixed_bytes(w.n_out, w.n_in, &outlier_sets[i]),
                         min_bits: 2,
                         max_bits,
+                        source_bytes: keep_source.then(|| source_bytes[w.name.as_str()].1),
                     }
                 })
                 .collect();
-            let Some((mut chosen, _)) = allocate_widths(&inputs, opts.bpw) else {
+            let Some(allocation) = allocate(&inputs, opts.bpw) else {
                 return Err(QuantError::Input(format!(
                     "--bpw {} is below what all-2-bit tiles with {:.2} % outliers take; raise it or lower --outliers",
                     opts.bpw,
                     opts.outliers * 100.0
                 )));
             };
+            let mut chosen = allocation.encodings;
             chosen.reverse();
-            widths = mats
+            encodings = mats
                 .iter()
-                .map(|(role, _, w, _)| {
-                    if role.is_embedding_or_head() {
-                        vec![opts.embedding_bits; (w.n_out / TILE_ROWS) * n_tiles(w.n_in)]
+                .zip(&outlier_sets)
+                .map(|((role, _, w, _), outliers)| {
+                    if !role.is_embedding_or_head() {
+                        return chosen.pop().expect("one allocation per budgeted matrix");
+                    }
+                    // The embedding and head keep their source where it is no larger.
+                    let widths = vec![opts.embedding_bits; (w.n_out / TILE_ROWS) * n_tiles(w.n_in)];
+                    let efq_bytes = fixed_bytes(w.n_out, w.n_in, outliers)
+                        + widths
+                            .iter()
+                            .enumerate()
+                            .map(|(t, &b)| tile_bytes(b, tile_cols(w.n_in, t % n_tiles(w.n_in))))
+                            .sum::<usize>();
+                    if keep_source && source_bytes[w.name.as_str()].1 <= efq_bytes {
+                        Encoding::Source
                     } else {
-                        chosen.pop().expect("one allocation per budgeted matrix")
+                        Encoding::Efq(widths)
                     }
                 })
                 .collect();
@@ -638,7 +671,8 @@ pub fn quantize(
     // (Sensitivity measurement may have swapped matrices in and out: bind them again.)
     let mats = matrices(&model);
     // Pass 2: fit grids, round, encode.
-    let mut blobs: Vec<Vec<u8>> = Vec::with_capacity(mats.len());
+    // (`None` for matrices written as their source stores them.)
+    let mut blobs: Vec<Option<Vec<u8>>> = Vec::with_capacity(mats.len());
     let mut reports = Vec::with_capacity(mats.len());
     let gptq_opts = GptqOptions {
         act_order: opts.act_order,
@@ -650,9 +684,27 @@ pub fn quantize(
     // The same for the full input statistics the scale refit reads.
     let mut input_stats: Option<(LinearInput, Vec<f64>)> = None;
     for (i, (role, site, w, _)) in mats.iter().enumerate() {
+        let widths = match &encodings[i] {
+            Encoding::Efq(widths) => widths,
+            Encoding::Source => {
+                let (dtype, bytes) = source_bytes[w.name.as_str()];
+                reports.push(MatrixReport {
+                    name: w.name.clone(),
+                    role: *role,
+                    params: w.n_out * w.n_in,
+                    bytes,
+                    width_histogram: [0; WIDTHS.len()],
+                    kept: Some(dtype),
+                });
+                blobs.push(None);
+                done += 1;
+                progress(done, total, &w.name);
+                continue;
+            }
+        };
         let mut values = source_weights(w)?;
         let h = importance(*site, w.n_in);
-        let mut p = plan(&values, w.n_out, w.n_in, &h, &widths[i], &outlier_sets[i]);
+        let mut p = plan(&values, w.n_out, w.n_in, &h, widths, &outlier_sets[i]);
         if rotated(w.n_in) {
             p.rotation = ROTATION_RHT64;
         }
@@ -691,7 +743,7 @@ pub fn quantize(
             .to_bytes()
             .map_err(|e| QuantError::Input(format!("{}: {e}", w.name)))?;
         let mut hist = [0usize; WIDTHS.len()];
-        for &b in &widths[i] {
+        for &b in widths {
             hist[edgefusion_kernels::efq::width_index(b).expect("a tile width")] += 1;
         }
         reports.push(MatrixReport {
@@ -700,8 +752,9 @@ pub fn quantize(
             params: w.n_out * w.n_in,
             bytes: blob.len(),
             width_histogram: hist,
+            kept: None,
         });
-        blobs.push(blob);
+        blobs.push(Some(blob));
         done += 1;
         progress(done, total, &w.name);
     }
@@ -753,20 +806,15 @@ pub fn quantize(
         );
         writer.add_metadata("edgefusion.efq.seed", MetaValue::U64(calib.seed));
     }
-    let quantized: std::collections::HashMap<&str, usize> = mats
+    let quantized: std::collections::HashMap<&str, &[u8]> = mats
         .iter()
-        .enumerate()
-        .map(|(i, (_, _, w, _))| (w.name.as_str(), i))
+        .zip(&blobs)
+        .filter_map(|((_, _, w, _), blob)| Some((w.name.as_str(), blob.as_deref()?)))
         .collect();
     for t in &gguf.tensors {
         let view = gguf.view(t);
-        if let Some(&i) = quantized.get(t.name.as_str()) {
-            writer.add_tensor(
-                t.name.clone(),
-                GgmlType::I8,
-                &[blobs[i].len()],
-                blobs[i].as_slice(),
-            );
+        if let Some(&blob) = quantized.get(t.name.as_str()) {
+            writer.add_tensor(t.name.clone(), GgmlType::I8, &[blob.len()], blob);
         } else {
             writer.add_tensor(t.name.clone(), view.dtype, view.shape, view.data);
         }

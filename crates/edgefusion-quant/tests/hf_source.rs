@@ -276,6 +276,7 @@ fn hugging_face_folder_converts_and_quantizes_like_its_gguf() {
         rotate: true,
         max_bits: None,
         refit: true,
+        keep_source: true,
     };
     let out_hf = work.join("from-folder.efq.gguf");
     let out_gguf = work.join("from-gguf.efq.gguf");

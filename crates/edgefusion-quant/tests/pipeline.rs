@@ -58,6 +58,7 @@ fn quantized_tiny_model_loads_and_stays_close() {
             rotate: true,
             max_bits: None,
             refit: true,
+            keep_source: true,
         };
         let report = quantize(
             &ModelSource::open(&input).unwrap(),
@@ -111,6 +112,7 @@ fn quantized_tiny_model_loads_and_stays_close() {
         rotate: true,
         max_bits: None,
         refit: true,
+        keep_source: true,
     };
     let err = quantize(
         &ModelSource::open(&input).unwrap(),
@@ -170,6 +172,7 @@ fn calibration_and_gptq_lower_the_error() {
             rotate: true,
             max_bits: None,
             refit: true,
+            keep_source: true,
         };
         quantize(
             &ModelSource::open(&input).unwrap(),
@@ -209,6 +212,7 @@ fn calibration_and_gptq_lower_the_error() {
         rotate: true,
         max_bits: None,
         refit: true,
+        keep_source: true,
     };
     let err = quantize(
         &ModelSource::open(&input).unwrap(),
@@ -253,6 +257,7 @@ fn sensitivity_allocation_keeps_the_budget() {
             rotate: true,
             max_bits: None,
             refit: true,
+            keep_source: true,
         };
         let mut stages = Vec::new();
         let report = quantize(
@@ -381,5 +386,76 @@ fn rotated_files_run_and_version_1_files_still_load() {
     );
     // Random weights are already incoherent: rotation must not make them worse (beyond noise).
     assert!(errors[1] < 1.15 * errors[0], "{errors:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Where the budget holds the source's own encoding, the allocator writes it unchanged: a
+/// Q4_1 source at 5.0 bits per weight (embedding and head at 6 bits, where Q4_1 is
+/// smaller) comes back as itself, logits bit-equal; at 4.0 bits the file mixes what it
+/// keeps with EFQ within the budget and still runs; with `keep_source` off nothing is kept.
+#[test]
+fn the_source_encoding_is_kept_where_the_budget_holds_it() {
+    let dir = std::env::temp_dir().join(format!("ef-quant-keep-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = fixture("tiny-llama-q4_1.gguf");
+    let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 512).collect();
+    let reference = logits(&input, &tokens);
+    let types = |path: &std::path::Path| {
+        let source = ModelSource::open(path).unwrap();
+        let ModelSource::Gguf(gguf) = &source else {
+            unreachable!()
+        };
+        gguf.tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.dtype))
+            .collect::<Vec<_>>()
+    };
+    let source_types = types(&input);
+    for (bpw, keep_source) in [(5.0, true), (4.0, true), (5.0, false)] {
+        let out = dir.join(format!("{bpw}-{keep_source}.gguf"));
+        let opts = QuantizeOptions {
+            bpw,
+            calibration: None,
+            sensitivity: false,
+            embedding_bits: 6,
+            keep_source,
+            ..QuantizeOptions::default()
+        };
+        let report = quantize(
+            &ModelSource::open(&input).unwrap(),
+            &out,
+            &opts,
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        assert!(report.linear_bpw <= bpw, "{bpw}: {}", report.linear_bpw);
+        let kept = report.matrices.iter().filter(|m| m.kept.is_some()).count();
+        let got = logits(&out, &tokens);
+        let written = types(&out);
+        // Every matrix reported kept is written as the source's tensor, the rest as EFQ.
+        for m in &report.matrices {
+            let dtype = written.iter().find(|(n, _)| *n == m.name).unwrap().1;
+            let want = match m.kept {
+                Some(t) => t,
+                None => edgefusion_kernels::GgmlType::I8,
+            };
+            assert_eq!(dtype, want, "{bpw} {keep_source}: {}", m.name);
+        }
+        match (bpw, keep_source) {
+            (5.0, true) => {
+                assert_eq!(kept, report.matrices.len());
+                assert_eq!(written, source_types);
+                assert_eq!(got, reference, "a file of kept tensors is its source");
+            }
+            (4.0, true) => {
+                assert!(kept < report.matrices.len());
+                assert!(rel_rms(&got, &reference) < 0.8);
+            }
+            _ => {
+                assert_eq!(kept, 0);
+                assert_ne!(got, reference);
+            }
+        }
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -104,6 +104,7 @@ fn efq_3_1_smollm2_stays_coherent() {
         rotate: true,
         max_bits: None,
         refit: true,
+        keep_source: true,
     };
     let report = quantize(&load(&base), &out, &opts, &mut |_, _, _| {}).unwrap();
     assert!(report.linear_bpw <= 3.1, "{} bpw", report.linear_bpw);

@@ -629,6 +629,7 @@ fn quantize_final(
         rotate: q.rotate,
         max_bits: None,
         refit: true,
+        keep_source: true,
     };
     let source = edgefusion_io::ModelSource::open(final_model)
         .map_err(|e| io_error(final_model, "opening", e))?;
