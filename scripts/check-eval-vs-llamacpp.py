@@ -5,13 +5,17 @@ on the same GGUF file.
 
 1. `edgefusion evaluate --tasks hellaswag,arc_challenge --limit N --samples S` scores the
    first N items of each task and logs every item's context, continuations and
-   log-likelihoods.
+   log-likelihoods (WinoGrande: one context per choice, `contexts`, and the one shared
+   continuation).
 2. This script tokenizes each (context, continuation) with llama.cpp's tokenizer the way the
    harness does (the continuation's tokens are those of context + continuation after the
    context's own; BOS when the model adds one), evaluates context + continuation once per
    continuation from an empty cache, and sums the continuation tokens' log-probabilities.
-3. It compares, per item, the choice by raw log-likelihood (acc) and by log-likelihood per
-   character of the choice (acc_norm, as the harness), and the two accuracies.
+3. It compares, per item, the choice by raw log-likelihood (acc) and, for the tasks where
+   the harness reports it, by log-likelihood per character of the choice (acc_norm), and
+   the accuracies.
+
+`--tasks all-mc` checks every multiple-choice task (MMLU included, which is slow).
 
 Passes when the choices agree on at least 98% of the items and the accuracies are within
 1 point, per task and metric (exit status 1 otherwise).
@@ -50,14 +54,27 @@ def argmax_first(values):
     return best
 
 
+# Every multiple-choice task of `edgefusion evaluate`, and those whose harness YAML lists
+# acc_norm beside acc (the others report acc alone).
+MC_TASKS = ["hellaswag", "arc_challenge", "arc_easy", "mmlu", "piqa", "winogrande", "boolq",
+            "openbookqa", "sciq", "copa", "commonsense_qa", "social_iqa"]
+ACC_NORM_TASKS = {"hellaswag", "arc_challenge", "arc_easy", "piqa", "openbookqa", "sciq"}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("-t", "--threads", type=int, default=2)
-    ap.add_argument("--tasks", default="hellaswag,arc_challenge")
+    ap.add_argument("--tasks", default="hellaswag,arc_challenge",
+                    help="comma-separated multiple-choice tasks, or all-mc: " + ",".join(MC_TASKS))
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "check-eval"))
     args = ap.parse_args()
+    if args.tasks == "all-mc":
+        args.tasks = ",".join(MC_TASKS)
+    unknown = [t for t in args.tasks.split(",") if t not in MC_TASKS]
+    if unknown:
+        die(f"not a multiple-choice task: {', '.join(unknown)} (known: {', '.join(MC_TASKS)})")
     try:
         import numpy as np
         from llama_cpp import Llama
@@ -99,7 +116,9 @@ def main():
     rows = {}
     max_diff = 0.0
     for s in samples:
-        theirs = [loglik(s["context"], c) for c in s["continuations"]]
+        # Multiple-input tasks (WinoGrande) log each choice's own context.
+        contexts = s.get("contexts") or [s["context"]] * len(s["continuations"])
+        theirs = [loglik(ctx, c) for ctx, c in zip(contexts, s["continuations"])]
         max_diff = max(max_diff, max(abs(a - b) for a, b in zip(theirs, s["logliks"])))
         # acc_norm divides by the choice's length in characters, without the leading " ".
         chars = [len(c[1:] if c.startswith(" ") else c) for c in s["continuations"]]
@@ -122,7 +141,8 @@ def main():
     print("| task | metric | items | same choice | edgefusion | llama.cpp | Δ points |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for task, r in rows.items():
-        for m, name in enumerate(["acc", "acc_norm"]):
+        metrics = ["acc", "acc_norm"] if task in ACC_NORM_TASKS else ["acc"]
+        for m, name in enumerate(metrics):
             agree = r["agree"][m] / r["n"]
             a, b = r["ours"][m] / r["n"], r["ref"][m] / r["n"]
             delta = 100 * (a - b)

@@ -1,5 +1,6 @@
-//! `edgefusion evaluate`: perplexity and the standard tasks (HellaSwag, ARC-Challenge,
-//! MMLU, GSM8K) with lm-evaluation-harness semantics, and passkey retrieval, in one report.
+//! `edgefusion evaluate`: perplexity and the standard tasks (HellaSwag, ARC, MMLU, GSM8K,
+//! PIQA, WinoGrande, BoolQ, OpenBookQA, SciQ, COPA, CommonsenseQA, Social IQa) with
+//! lm-evaluation-harness semantics, and passkey retrieval, in one report.
 
 use std::path::{Path, PathBuf};
 
@@ -19,6 +20,8 @@ use crate::common::{self, ModelArgs};
     edgefusion evaluate --tasks ppl,hellaswag --limit 200\n  \
     edgefusion evaluate -m runs/smollm2/checkpoint_quantized/model.gguf -o hybrid.md\n  \
     edgefusion evaluate --tasks mmlu --shots 5 -o mmlu.json\n  \
+    edgefusion evaluate --tasks piqa,winogrande,boolq,copa --limit 500\n  \
+    edgefusion evaluate --tasks all --limit 100,mmlu=2,gsm8k=20 -o all.md\n  \
     edgefusion evaluate -m hybrid.gguf --tasks passkey --limit 50 --passkey-ctx 4096\n\n\
     Tasks (lm-evaluation-harness semantics but passkey; shots: the harness's defaults):\n  \
     ppl            perplexity and bits per byte on --ppl-file (llama-perplexity's windows)\n  \
@@ -26,23 +29,42 @@ use crate::common::{self, ModelArgs};
     arc_challenge  1,172 test items, 0-shot, \"Question: … Answer:\", acc and acc_norm\n  \
     mmlu           14,042 test items over 57 subjects, 5-shot from dev, acc\n  \
     gsm8k          1,319 test items, 8-shot chain of thought, greedy, exact match\n  \
+    arc_easy       2,376 test items, as arc_challenge, acc and acc_norm\n  \
+    piqa           1,838 validation items, \"Question: {goal} Answer:\", two solutions,\n                 \
+    acc and acc_norm\n  \
+    winogrande     1,267 validation items (xl), partial scoring: each option fills the\n                 \
+    blank in its own context, only the shared rest of the sentence is scored, acc\n  \
+    boolq          3,270 validation items, \"{passage} Question: {question}? Answer:\",\n                 \
+    no/yes, acc (the assets' passages lack SuperGLUE's \"title -- \" prefix)\n  \
+    openbookqa     500 validation items, the bare question stem, acc and acc_norm\n  \
+    sciq           1,000 validation items, \"{support} Question: … Answer:\", acc and\n                 \
+    acc_norm\n  \
+    copa           100 validation items, premise + \"because\"/\"therefore\", the choice\n                 \
+    lower-cased, acc\n  \
+    commonsense_qa 1,221 validation items, choices listed A-E, scored as the letter, acc\n  \
+    social_iqa     1,954 validation items, \"Q: {context} {question} A:\", acc\n  \
     passkey        long-context retrieval (not in the default list): a 5-digit key hidden\n                 \
     10-40% into filler text that fills --passkey-ctx tokens (default 2048, counted\n                 \
     with the model's tokenizer, at most the model's context window), asked for at\n                 \
     the end; 8 greedy tokens, right when they start with the key; acc over --limit\n                 \
     items (default 20, generated from their index, no task file). It checks that\n                 \
     layers which see only a sink and a recent window (or an SSM state) have not cut\n                 \
-    the model off from what lies far back: compare a hybrid with its dense base.\n\n\
+    the model off from what lies far back: compare a hybrid with its dense base.\n  \
+    all            every task above, passkey included.\n\n\
+    Only arc_challenge and arc_easy (shots from validation), mmlu (dev) and gsm8k have\n\
+    few-shot examples in the assets; --shots above 0 is an error for the other tasks.\n\
     Multiple choice scores each continuation by its log-likelihood after the shared\n\
     context, which is computed once per question (and a few-shot preamble once per run of\n\
-    questions that share it). acc_norm divides by the continuation's length in characters,\n\
-    as the harness does. Each item's result is appended to a cache as it finishes, so an\n\
-    interrupted run started again resumes where it stopped (--no-cache to recompute).\n\
-    Task files come from `scripts/fetch-assets.sh --tasks`.")]
+    questions that share it). acc_norm divides by the continuation's length in\n\
+    characters, as the harness does, and is reported where the harness reports it.\n\
+    Each item's result is appended to a cache as it finishes, so an interrupted run\n\
+    started again resumes where it stopped (--no-cache to recompute). Task files come from `scripts/fetch-assets.sh --tasks`.")]
 pub struct EvaluateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Comma-separated tasks: ppl, hellaswag, arc_challenge, mmlu, gsm8k, passkey.
+    /// Comma-separated tasks: ppl, hellaswag, arc_challenge, mmlu, gsm8k, arc_easy, piqa,
+    /// winogrande, boolq, openbookqa, sciq, copa, commonsense_qa, social_iqa, passkey; or
+    /// `all` for every one.
     #[arg(long, default_value = "ppl,hellaswag,arc_challenge,mmlu,gsm8k")]
     pub tasks: String,
     /// Score only the first N items of each task (of each subject for MMLU): `200`, or

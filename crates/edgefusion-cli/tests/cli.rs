@@ -1163,8 +1163,8 @@ fn evaluate_scores_every_task_and_resumes_from_its_cache() {
         a
     }
     assert_fails_with(
-        &with(&args, &["--tasks", "hellaswag,piqa"]),
-        &["piqa", "hellaswag", "arc_challenge", "gsm8k"],
+        &with(&args, &["--tasks", "hellaswag,siqa"]),
+        &["siqa", "hellaswag", "arc_challenge", "gsm8k"],
     );
     assert_fails_with(
         &with(&args, &["--limit", "0"]),

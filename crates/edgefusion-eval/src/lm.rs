@@ -211,10 +211,23 @@ impl<'m> LanguageModel<'m> {
     /// continuation` after the context's own; a window too short for both drops context
     /// tokens from the left.
     pub fn score(&mut self, context: &str, continuations: &[String]) -> Result<Scored, LmError> {
-        let mut choices = Vec::with_capacity(continuations.len());
+        let pairs: Vec<(&str, &str)> = continuations
+            .iter()
+            .map(|continuation| (context, continuation.as_str()))
+            .collect();
+        self.score_pairs(&pairs)
+    }
+
+    /// [`LanguageModel::score`] for requests whose contexts differ too (WinoGrande's
+    /// choices fill the blank in the context and share the continuation): the
+    /// log-likelihood of each `(context, continuation)`'s continuation. Consecutive
+    /// contexts still reuse the prefix they share.
+    pub fn score_pairs<S: AsRef<str>>(&mut self, pairs: &[(S, S)]) -> Result<Scored, LmError> {
+        let mut choices = Vec::with_capacity(pairs.len());
         let mut dropped = 0;
-        for continuation in continuations {
-            let (context, continuation) = split_trailing_whitespace(context, continuation);
+        for (context, continuation) in pairs {
+            let (context, continuation) =
+                split_trailing_whitespace(context.as_ref(), continuation.as_ref());
             let context_tokens = self.context_tokens(&context)?;
             let whole = self.context_tokens(&format!("{context}{continuation}"))?;
             let n_context = context_tokens.len();

