@@ -2,7 +2,8 @@
 //!
 //! For EFQ files (written by `edgefusion quantize`) the matrices are I8 tensors holding EFQ
 //! blobs: their weights are counted from the blob's shape, not its bytes, and a section
-//! shows the tile widths, outliers and bits per weight by role and by layer.
+//! shows the tile widths, outliers and bits per weight by role and by layer, then the
+//! matrices kept in their source's type and the layers' bits per weight with them.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -244,6 +245,38 @@ pub fn run(args: InspectArgs) -> Result<()> {
             .filter_map(|(t, s)| s.as_ref().map(|(_, w)| (t.name, *w)))
             .collect();
         print_efq_section(&efq_meta, &matrices);
+        // Matrices the quantizer kept as the source stored them (2-D tensors not in EFQ).
+        let kept: Vec<&TensorView<'_>> = tensors
+            .iter()
+            .filter(|t| t.dtype != GgmlType::I8 && t.shape.len() == 2)
+            .collect();
+        if !kept.is_empty() {
+            let in_layers =
+                |t: &&&TensorView<'_>| matches!(names::parse_gguf_name(t.name), Some((_, Some(_))));
+            let (weights, bytes) = kept
+                .iter()
+                .filter(in_layers)
+                .fold((0usize, 0usize), |(w, b), t| {
+                    (w + t.shape.iter().product::<usize>(), b + t.data.len())
+                });
+            let mut types: BTreeMap<&str, usize> = BTreeMap::new();
+            for t in &kept {
+                *types.entry(t.dtype.name()).or_default() += 1;
+            }
+            let types: Vec<String> = types.iter().map(|(t, n)| format!("{t}×{n}")).collect();
+            let efq_layers = matrices
+                .iter()
+                .filter(|(name, _)| matches!(names::parse_gguf_name(name), Some((_, Some(_)))))
+                .fold((0usize, 0usize), |(w, b), (_, s)| {
+                    (w + s.weights, b + s.bytes)
+                });
+            println!(
+                "kept as the source stored them: {} matrices ({}); the layers' matrices, EFQ and kept: {:.3} bits/weight",
+                kept.len(),
+                types.join(" "),
+                (bytes + efq_layers.1) as f64 * 8.0 / (weights + efq_layers.0).max(1) as f64
+            );
+        }
     }
     Ok(())
 }

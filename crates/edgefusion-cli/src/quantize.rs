@@ -130,7 +130,7 @@ pub struct QuantizeArgs {
     /// (Q4_1, Q4_K, Q6_K, ...) the --bpw budget holds is written unchanged where that lowers
     /// the total error, and the embedding and head keep their source tensor where it takes
     /// no more bytes than their EFQ width: the source is the reference, so a kept matrix
-    /// loses nothing (efq).
+    /// loses nothing (efq). --max-bits bounds EFQ tiles, not kept tensors.
     #[arg(long)]
     pub no_keep_source: bool,
     /// Fit a memory size instead of asking for --bpw: choose the embedding width and the

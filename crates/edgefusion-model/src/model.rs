@@ -35,9 +35,10 @@ fn window_context(e: ModelError, file: &str, layer: usize, why: &str) -> ModelEr
 
 /// Metadata key and version of EFQ-quantized GGUF files (written by `edgefusion quantize`).
 pub const EFQ_VERSION_KEY: &str = "edgefusion.efq.version";
-pub const EFQ_VERSION: u32 = 2;
-/// EFQ file versions this build reads: 1 (blobs "EFQ1") and 2 (blobs "EFQ1" or "EFQ2",
-/// whose input dimension may be rotated).
+pub const EFQ_VERSION: u32 = 3;
+/// EFQ file versions this build reads: 1 (blobs "EFQ1"), 2 (blobs "EFQ1" or "EFQ2", whose
+/// input dimension may be rotated) and 3 (as 2, and a linear matrix may be its source's
+/// tensor in its own GGUF type instead of a blob). Each matrix loads by its tensor type.
 pub const EFQ_VERSIONS_READ: std::ops::RangeInclusive<u32> = 1..=EFQ_VERSION;
 
 /// Attention weights of one layer: `q = Wq x (+ bq)`, etc.

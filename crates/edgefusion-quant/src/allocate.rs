@@ -9,6 +9,7 @@
 //! type is the source's: its Q4_K_M of a Q4_K_M file is that file.
 
 use edgefusion_kernels::efq::{n_tiles, tile_bytes, tile_cols};
+use rayon::prelude::*;
 
 use crate::efq::{TileErrors, WIDTHS};
 
@@ -76,7 +77,8 @@ fn params(matrices: &[AllocationInput<'_>]) -> usize {
 
 /// Chooses every tile's width so that the stored bits of all matrices together stay within
 /// `bpw · Σ parameters`, spending bits where they lower the error most per bit (greedy on
-/// error reduction per byte, which is optimal for convex per-tile error curves). Returns
+/// error reduction per byte, near-optimal for convex per-tile error curves: exact but for
+/// the steps skipped when they no longer fit). Returns
 /// the widths per matrix and the bits per weight reached, or `None` if even all-2-bit tiles
 /// exceed the budget. `source_bytes` is ignored: every matrix is EFQ.
 pub fn allocate_widths(matrices: &[AllocationInput<'_>], bpw: f64) -> Option<(Vec<Vec<u8>>, f64)> {
@@ -95,23 +97,41 @@ const TRIES: usize = 4;
 /// `source_bytes` and zero error. Starting from all-EFQ, a matrix is kept outright when its
 /// source takes no more bytes than its tiles were given (lossless and freeing bytes);
 /// otherwise, each round, the [`TRIES`] candidates that remove the most error per extra
-/// byte are tried with the tiles of the rest allocated again, and the best is kept if it
-/// lowers the total error. `None` if even all-2-bit tiles exceed the budget.
+/// byte are tried (in parallel) with the tiles of the rest allocated again, and the best is
+/// kept if it lowers the total error. When the budget holds every source, every candidate is
+/// kept at once. `None` if even all-2-bit tiles exceed the budget.
 pub fn allocate(matrices: &[AllocationInput<'_>], bpw: f64) -> Option<Allocation> {
     let budget = budget_bytes(matrices, bpw);
+    let candidates: Vec<bool> = matrices.iter().map(|m| m.source_bytes.is_some()).collect();
     let mut kept = vec![false; matrices.len()];
-    let mut best = greedy(matrices, &kept, budget)?;
-    loop {
-        let mut freed = false;
-        for (i, m) in matrices.iter().enumerate() {
-            if !kept[i] && m.source_bytes.is_some_and(|s| s <= best.bytes[i]) {
-                kept[i] = true;
-                freed = true;
-            }
+    let mut best = match greedy(matrices, &candidates, budget) {
+        // Every source fits beside the narrowest tiles of the rest: keep them all (zero
+        // error wherever a source exists; the rest share what is left).
+        Some(all) => {
+            kept = candidates;
+            all
         }
-        if freed {
+        None => greedy(matrices, &kept, budget)?,
+    };
+    loop {
+        let freed: Vec<usize> = (0..matrices.len())
+            .filter(|&i| !kept[i] && matrices[i].source_bytes.is_some_and(|s| s <= best.bytes[i]))
+            .collect();
+        if !freed.is_empty() {
+            // Keeping them as they are loses nothing and frees bytes; allocating the freed
+            // bytes again usually lowers the error further, but the greedy skips steps that
+            // do not fit, so take whichever of the two is lower.
+            for &i in &freed {
+                kept[i] = true;
+            }
+            let as_is = best.keeping(&freed, matrices);
             // Each kept matrix takes at most what it had: the rest still fits.
-            best = greedy(matrices, &kept, budget).expect("keeping freed bytes");
+            let again = greedy(matrices, &kept, budget).expect("keeping freed bytes");
+            best = if again.error <= as_is.error {
+                again
+            } else {
+                as_is
+            };
             continue;
         }
         let mut ranked: Vec<(f64, usize)> = matrices
@@ -125,13 +145,12 @@ pub fn allocate(matrices: &[AllocationInput<'_>], bpw: f64) -> Option<Allocation
             .collect();
         ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
         let trial = ranked
-            .iter()
+            .par_iter()
             .take(TRIES)
             .filter_map(|&(_, i)| {
-                kept[i] = true;
-                let chosen = greedy(matrices, &kept, budget);
-                kept[i] = false;
-                chosen.map(|c| (i, c))
+                let mut with = kept.clone();
+                with[i] = true;
+                greedy(matrices, &with, budget).map(|c| (i, c))
             })
             .min_by(|a, b| a.1.error.total_cmp(&b.1.error));
         match trial {
@@ -176,6 +195,31 @@ struct Greedy {
 fn width_index(bits: u8) -> usize {
     edgefusion_kernels::efq::width_index(bits)
         .unwrap_or_else(|| panic!("{bits} bits is not an EFQ tile width"))
+}
+
+impl Greedy {
+    /// This allocation with the matrices `newly_kept` (each taking no more than its tiles
+    /// did) switched to their sources.
+    fn keeping(&self, newly_kept: &[usize], matrices: &[AllocationInput<'_>]) -> Greedy {
+        let mut out = Greedy {
+            widths: self.widths.clone(),
+            bytes: self.bytes.clone(),
+            errors: self.errors.clone(),
+            used: self.used,
+            error: self.error,
+        };
+        for &i in newly_kept {
+            let source = matrices[i]
+                .source_bytes
+                .expect("a kept matrix has a source size");
+            out.used = out.used - out.bytes[i] + source;
+            out.widths[i].clear();
+            out.bytes[i] = source;
+            out.errors[i] = 0.0;
+        }
+        out.error = out.errors.iter().sum();
+        out
+    }
 }
 
 fn greedy(matrices: &[AllocationInput<'_>], kept: &[bool], budget: usize) -> Option<Greedy> {
@@ -461,5 +505,38 @@ mod tests {
         let a = allocate(&none, 6.0).unwrap();
         assert!(a.encodings.iter().all(|e| matches!(e, Encoding::Efq(_))));
         assert!(allocate(&inputs, 1.5).is_none());
+        // Mixed: a matrix without a source beside one whose source is cheap.
+        let mixed = [none[0], cheap[1]];
+        let a = allocate(&mixed, 3.0).unwrap();
+        assert!(matches!(a.encodings[0], Encoding::Efq(_)));
+        assert_eq!(a.encodings[1], Encoding::Source);
+        assert!(a.bpw <= 3.0);
+    }
+
+    /// Not every source fits, but one takes fewer bytes than its tiles at this budget: it
+    /// is kept outright, its bytes go to the rest, and the error only drops.
+    #[test]
+    fn a_source_smaller_than_its_tiles_frees_bytes() {
+        let errors = pair_errors();
+        let three = pair(&errors, 3.5);
+        let wide = pair(&errors, 8.0);
+        let inputs = [three[0], wide[1]];
+        for bpw in [4.0, 4.5, 5.0] {
+            let a = allocate(&inputs, bpw).unwrap();
+            let (widths, _) = allocate_widths(&inputs, bpw).unwrap();
+            let efq_error: f64 = inputs
+                .iter()
+                .zip(&widths)
+                .flat_map(|(m, w)| {
+                    w.iter()
+                        .enumerate()
+                        .map(move |(t, &b)| m.errors[t][width_index(b)])
+                })
+                .sum();
+            assert_eq!(a.encodings[0], Encoding::Source, "bpw {bpw}");
+            assert!(matches!(a.encodings[1], Encoding::Efq(_)), "bpw {bpw}");
+            assert!(a.error < efq_error, "bpw {bpw}");
+            assert!(a.bpw <= bpw, "bpw {bpw}: reached {}", a.bpw);
+        }
     }
 }

@@ -481,6 +481,13 @@ pub fn quantize(
         .map(|t| (t.name.as_str(), (t.dtype, t.n_bytes)))
         .collect();
     let keep_source = opts.keep_source && opts.method == Method::Efq;
+    // A matrix's source size where it may be kept (a matrix the file does not hold, if any,
+    // is never a candidate).
+    let source_size = |name: &str| {
+        keep_source
+            .then(|| source_bytes.get(name).map(|&(_, bytes)| bytes))
+            .flatten()
+    };
     let (mut hessians, calib_window) = match &opts.calibration {
         Some(calib) if opts.method != Method::Rtn => calibrate(gguf, &model, calib, progress)?,
         _ => (Hessians::new(), Vec::new()),
@@ -630,7 +637,7 @@ pub fn quantize(
                         fixed_bytes: fixed_bytes(w.n_out, w.n_in, &outlier_sets[i]),
                         min_bits: 2,
                         max_bits,
-                        source_bytes: keep_source.then(|| source_bytes[w.name.as_str()].1),
+                        source_bytes: source_size(&w.name),
                     }
                 })
                 .collect();
@@ -658,7 +665,7 @@ pub fn quantize(
                             .enumerate()
                             .map(|(t, &b)| tile_bytes(b, tile_cols(w.n_in, t % n_tiles(w.n_in))))
                             .sum::<usize>();
-                    if keep_source && source_bytes[w.name.as_str()].1 <= efq_bytes {
+                    if source_size(&w.name).is_some_and(|s| s <= efq_bytes) {
                         Encoding::Source
                     } else {
                         Encoding::Efq(widths)
@@ -687,7 +694,9 @@ pub fn quantize(
         let widths = match &encodings[i] {
             Encoding::Efq(widths) => widths,
             Encoding::Source => {
-                let (dtype, bytes) = source_bytes[w.name.as_str()];
+                let (dtype, bytes) = *source_bytes
+                    .get(w.name.as_str())
+                    .expect("only matrices found in the source are kept");
                 reports.push(MatrixReport {
                     name: w.name.clone(),
                     role: *role,
