@@ -13,6 +13,7 @@ mod perplexity;
 mod plot;
 mod quantize;
 mod run;
+mod serve;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -29,7 +30,8 @@ use clap::{Parser, Subcommand};
     edgefusion run --chat --prompt \"Write a haiku about the sea\"\n  \
     edgefusion bench -p 512 -n 128 -t 1,2\n  \
     edgefusion perplexity --file assets/text/moby-dick.txt --ctx 512 --chunks 20\n  \
-    edgefusion inspect assets/models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    edgefusion inspect assets/models/SmolLM2-135M-Instruct.Q4_1.gguf\n  \
+    edgefusion serve --port 8080 --slots 2")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -59,6 +61,8 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Show what a `train` run's router chose per layer and what it saves (--plot PNG).
     AnalyzeRouter(analyze_router::AnalyzeRouterArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (chat, completions, streaming).
+    Serve(serve::ServeArgs),
     /// Draw a PNG line chart from a series/label/x/y table (curves measured by scripts).
     Chart(chart::ChartArgs),
 }
@@ -97,6 +101,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Evaluate(args) => evaluate::run(args),
         Command::Compare(args) => compare::run(args),
         Command::Chart(args) => chart::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 

@@ -1,0 +1,75 @@
+//! `edgefusion serve`: the OpenAI-compatible HTTP server (edgefusion-serve) as a command.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use edgefusion_serve::{serve, shutdown_signal, ServeConfig};
+
+use crate::common::{self, ModelArgs};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on (0.0.0.0 exposes the server to the network).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Requests generated at once; each slot holds its own KV cache of --ctx positions.
+    #[arg(long, default_value_t = 1)]
+    pub slots: usize,
+    /// Context of each slot in tokens [default: the model's training context, at most 4096].
+    #[arg(short = 'c', long = "ctx")]
+    pub ctx: Option<usize>,
+    /// Requests that may wait for a free slot; more are answered 429 (Retry-After: 1).
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// Threads per forward pass [default: EDGEFUSION_THREADS, else the physical cores].
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<usize>,
+    /// Require `Authorization: Bearer KEY` on every endpoint but /health
+    /// [default: $EDGEFUSION_API_KEY, else no key].
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Name the model is served under [default: the file name without extension].
+    #[arg(long)]
+    pub alias: Option<String>,
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let threads = common::threads(args.threads)?;
+    if args.slots == 0 {
+        bail!("--slots must be at least 1");
+    }
+    let source = args.model.open()?;
+    let mut cfg = ServeConfig::new(source.path());
+    drop(source);
+    cfg.model_name = args.alias;
+    cfg.slots = args.slots;
+    cfg.ctx = args.ctx;
+    cfg.queue = args.queue;
+    cfg.threads = threads;
+    cfg.api_key = args
+        .api_key
+        .or_else(|| std::env::var("EDGEFUSION_API_KEY").ok())
+        .filter(|k| !k.is_empty());
+    cfg.step_delay = Duration::ZERO;
+    let addr = SocketAddr::new(args.host, args.port);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        // The model runs on the scheduler thread; HTTP needs few workers.
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    eprintln!(
+        "edgefusion serve: {} on http://{addr} ({} slots, {threads} threads each)",
+        cfg.model_path.display(),
+        cfg.slots
+    );
+    runtime.block_on(serve(cfg, addr, shutdown_signal()))?;
+    eprintln!("edgefusion serve: stopped");
+    Ok(())
+}

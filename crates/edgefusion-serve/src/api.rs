@@ -1,0 +1,605 @@
+//! The HTTP side: OpenAI-shaped endpoints over the [`Engine`].
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use edgefusion_runtime::chat::ChatMessage;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{self, UnboundedReceiver};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::params::{gen_params, Body};
+use crate::scheduler::{Engine, Event, FinishReason, GenParams, Job, SubmitError};
+
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    /// 400 `invalid_request_error`, naming the field at fault.
+    pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: param.map(str::to_string),
+            code: None,
+        }
+    }
+
+    fn server(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }});
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+type Shared = State<Arc<Engine>>;
+
+/// Every endpoint, over one engine.
+pub fn router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .with_state(engine)
+}
+
+/// Byte comparison whose time depends only on the lengths, not on where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for (i, &x) in a.iter().enumerate() {
+        diff |= x ^ b.get(i).copied().unwrap_or(!x);
+    }
+    diff == 0
+}
+
+fn authorize(engine: &Engine, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &engine.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.trim().as_bytes(), key.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: "invalid or missing API key: send 'Authorization: Bearer <key>'".into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_api_key"),
+        })
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn next_id(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(1);
+    format!("{prefix}-{}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn models(State(engine): Shared, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    authorize(&engine, &headers)?;
+    let info = &engine.info;
+    Ok(Json(json!({
+        "object": "list",
+        "data": [{
+            "id": info.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "edgefusion",
+            "meta": {"n_ctx": info.n_ctx, "n_ctx_train": info.n_ctx_train,
+                     "n_vocab": info.vocab_size, "slots": info.slots},
+        }],
+    })))
+}
+
+async fn metrics(State(engine): Shared, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&engine, &headers)?;
+    let m = &engine.metrics;
+    let rows: [(&str, &str, &str, u64); 7] = [
+        (
+            "edgefusion_requests_total",
+            "counter",
+            "Generation requests accepted.",
+            m.requests.load(Ordering::Relaxed),
+        ),
+        (
+            "edgefusion_requests_rejected_total",
+            "counter",
+            "Requests answered 429 because the queue was full.",
+            m.rejected_queue_full.load(Ordering::Relaxed),
+        ),
+        (
+            "edgefusion_requests_cancelled_total",
+            "counter",
+            "Requests whose client went away before the end.",
+            m.cancelled.load(Ordering::Relaxed),
+        ),
+        (
+            "edgefusion_prompt_tokens_total",
+            "counter",
+            "Prompt tokens prefilled.",
+            m.prompt_tokens.load(Ordering::Relaxed),
+        ),
+        (
+            "edgefusion_tokens_generated_total",
+            "counter",
+            "Tokens generated.",
+            m.tokens_generated.load(Ordering::Relaxed),
+        ),
+        (
+            "edgefusion_queue_depth",
+            "gauge",
+            "Requests waiting for a slot.",
+            m.queue_depth.load(Ordering::SeqCst) as u64,
+        ),
+        (
+            "edgefusion_active_slots",
+            "gauge",
+            "Slots generating now.",
+            m.active_slots.load(Ordering::SeqCst) as u64,
+        ),
+    ];
+    let mut text = String::new();
+    for (name, kind, help, value) in rows {
+        text.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    text.push_str(&format!(
+        "# HELP edgefusion_slots Slots configured.\n# TYPE edgefusion_slots gauge\nedgefusion_slots {}\n",
+        engine.info.slots
+    ));
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+async fn tokenize(
+    State(engine): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&engine, &headers)?;
+    let body = Body::parse(&body)?;
+    let content = body
+        .str("content")?
+        .ok_or_else(|| ApiError::invalid("'content' is required", Some("content")))?;
+    let add_special = body.bool("add_special")?.unwrap_or(false);
+    let tokens = engine
+        .tokenizer
+        .encode(content, add_special)
+        .map_err(|e| ApiError::server(e.to_string()))?;
+    Ok(Json(json!({ "tokens": tokens })))
+}
+
+async fn detokenize(
+    State(engine): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&engine, &headers)?;
+    let body = Body::parse(&body)?;
+    let bad = || ApiError::invalid("'tokens' must be a list of token ids", Some("tokens"));
+    let tokens: Vec<u32> = match body.value("tokens") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|t| u32::try_from(t).ok())
+                    .ok_or_else(bad)
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(bad()),
+    };
+    let vocab = engine.tokenizer.vocab_size();
+    if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::invalid(
+            format!("token {t} is outside the vocabulary (size {vocab})"),
+            Some("tokens"),
+        ));
+    }
+    let content = engine
+        .tokenizer
+        .decode(&tokens)
+        .map_err(|e| ApiError::server(e.to_string()))?;
+    Ok(Json(json!({ "content": content })))
+}
+
+/// Which OpenAI endpoint a generation answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+async fn completions(State(engine): Shared, headers: HeaderMap, body: Bytes) -> Response {
+    generate(engine, headers, body, Kind::Completion)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn chat_completions(State(engine): Shared, headers: HeaderMap, body: Bytes) -> Response {
+    generate(engine, headers, body, Kind::Chat)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The prompt text of a request: a completion's `prompt`, or the chat template over
+/// `messages`.
+fn prompt_text(engine: &Engine, body: &Body, kind: Kind) -> Result<String, ApiError> {
+    match kind {
+        Kind::Completion => {
+            let prompts = body.strings("prompt")?;
+            match prompts.as_slice() {
+                [one] => Ok(one.clone()),
+                [] => Err(ApiError::invalid("'prompt' is required", Some("prompt"))),
+                _ => Err(ApiError::invalid(
+                    "'prompt' must be one string (several prompts per request are not supported)",
+                    Some("prompt"),
+                )),
+            }
+        }
+        Kind::Chat => {
+            let messages = chat_messages(body)?;
+            let tok = &engine.tokenizer;
+            let bos = tok.bos_id().and_then(|id| tok.token_str(id)).unwrap_or("");
+            let eos = tok
+                .eos_ids()
+                .first()
+                .and_then(|&id| tok.token_str(id))
+                .unwrap_or("");
+            engine
+                .chat_template
+                .render(&messages, true, bos, eos)
+                .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))
+        }
+    }
+}
+
+fn chat_messages(body: &Body) -> Result<Vec<ChatMessage>, ApiError> {
+    let bad = |what: String| ApiError::invalid(what, Some("messages"));
+    let Some(Value::Array(items)) = body.value("messages") else {
+        return Err(bad(
+            "'messages' must be a list of {role, content} objects".into()
+        ));
+    };
+    if items.is_empty() {
+        return Err(bad("'messages' must hold at least one message".into()));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let role = item
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(format!("messages[{i}].role must be a string")))?;
+            let content = match item.get("content") {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s.clone(),
+                // Content parts: the text ones, joined.
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .map(
+                        |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                            (Some("text"), Some(Value::String(t))) => Ok(t.as_str()),
+                            _ => Err(bad(format!(
+                                "messages[{i}].content: only text parts are supported"
+                            ))),
+                        },
+                    )
+                    .collect::<Result<Vec<_>, _>>()?
+                    .join(""),
+                Some(_) => {
+                    return Err(bad(format!(
+                        "messages[{i}].content must be a string or a list of parts"
+                    )))
+                }
+            };
+            Ok(ChatMessage::new(role, content))
+        })
+        .collect()
+}
+
+/// Validates, tokenizes and queues a request; answers it whole or as a stream.
+async fn generate(
+    engine: Arc<Engine>,
+    headers: HeaderMap,
+    body: Bytes,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    authorize(&engine, &headers)?;
+    let body = Body::parse(&body)?;
+    let max_field = match kind {
+        Kind::Completion => "max_tokens",
+        Kind::Chat => "max_completion_tokens",
+    };
+    let mut params = gen_params(&body, max_field)?;
+    let stream = body.bool("stream")?.unwrap_or(false);
+    let include_usage = stream
+        && body
+            .value("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+    // One model is served: `model` is echoed back whatever it names.
+    let model = body.str("model")?.unwrap_or(&engine.info.name).to_string();
+    let text = prompt_text(&engine, &body, kind)?;
+    let prompt = engine
+        .tokenizer
+        .encode(&text, true)
+        .map_err(|e| ApiError::server(e.to_string()))?;
+    let n_ctx = engine.info.n_ctx;
+    let prompt_field = if kind == Kind::Chat {
+        "messages"
+    } else {
+        "prompt"
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::invalid(
+            "the prompt encodes to no tokens",
+            Some(prompt_field),
+        ));
+    }
+    if prompt.len() >= n_ctx {
+        return Err(ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::invalid(
+                format!(
+                    "the prompt is {} tokens, which does not fit the context of {n_ctx} tokens (leave room for at least one generated token, or raise --ctx)",
+                    prompt.len()
+                ),
+                Some(prompt_field),
+            )
+        });
+    }
+    params.max_tokens = params.max_tokens.min(n_ctx - prompt.len());
+    let events = submit(&engine, prompt, params)?;
+    let reply = Reply {
+        id: next_id(if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        }),
+        created: unix_now(),
+        model,
+        kind,
+    };
+    if stream {
+        Ok(stream_response(reply, events, include_usage))
+    } else {
+        whole_response(reply, events).await
+    }
+}
+
+fn submit(
+    engine: &Engine,
+    prompt: Vec<u32>,
+    params: GenParams,
+) -> Result<UnboundedReceiver<Event>, ApiError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    match engine.submit(Job {
+        prompt,
+        params,
+        events: tx,
+    }) {
+        Ok(()) => {
+            engine.metrics.requests.fetch_add(1, Ordering::Relaxed);
+            Ok(rx)
+        }
+        Err(SubmitError::QueueFull) => {
+            engine
+                .metrics
+                .rejected_queue_full
+                .fetch_add(1, Ordering::Relaxed);
+            Err(ApiError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: "the server is busy: every slot is generating and the queue is full; retry later".into(),
+                kind: "rate_limit_error",
+                param: None,
+                code: Some("queue_full"),
+            })
+        }
+        Err(SubmitError::Closed) => Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            ..ApiError::server("the server is shutting down")
+        }),
+    }
+}
+
+/// The fields every response and chunk of one request shares.
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+}
+
+impl Reply {
+    fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+        json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        })
+    }
+
+    /// A response (`chunk` false) or stream chunk whose one choice holds `text`.
+    fn body(&self, chunk: bool, text: Option<&str>, finish: Option<FinishReason>) -> Value {
+        let finish = finish.map(FinishReason::as_str);
+        let (object, choice) = match (self.kind, chunk) {
+            (Kind::Completion, _) => (
+                "text_completion",
+                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}),
+            ),
+            (Kind::Chat, false) => (
+                "chat.completion",
+                json!({"index": 0, "message": {"role": "assistant", "content": text.unwrap_or("")},
+                       "logprobs": null, "finish_reason": finish}),
+            ),
+            (Kind::Chat, true) => (
+                "chat.completion.chunk",
+                json!({"index": 0, "delta": text.map_or(json!({}), |t| json!({"content": t})),
+                       "logprobs": null, "finish_reason": finish}),
+            ),
+        };
+        json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        })
+    }
+}
+
+async fn whole_response(
+    reply: Reply,
+    mut events: UnboundedReceiver<Event>,
+) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Text(piece) => text.push_str(&piece),
+            Event::Error(message) => return Err(ApiError::server(message)),
+            Event::Done {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                let mut body = reply.body(false, Some(&text), Some(reason));
+                body["usage"] = Reply::usage(prompt_tokens, completion_tokens);
+                return Ok(Json(body).into_response());
+            }
+        }
+    }
+    Err(ApiError::server("the scheduler stopped before the end"))
+}
+
+/// Server-sent events in OpenAI's shape, ending with `data: [DONE]`. A task forwards the
+/// scheduler's events; when the client goes away the stream is dropped, the task's next
+/// send fails, and dropping its receiver tells the scheduler to free the slot.
+fn stream_response(
+    reply: Reply,
+    mut events: UnboundedReceiver<Event>,
+    include_usage: bool,
+) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(16);
+    let data = |v: Value| Ok(SseEvent::default().data(v.to_string()));
+    tokio::spawn(async move {
+        if reply.kind == Kind::Chat {
+            let mut first = reply.body(true, None, None);
+            first["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
+            if tx.send(data(first)).await.is_err() {
+                return;
+            }
+        }
+        while let Some(event) = events.recv().await {
+            let out = match event {
+                Event::Text(piece) => vec![data(reply.body(true, Some(&piece), None))],
+                Event::Error(message) => vec![data(json!({"error": {
+                    "message": message, "type": "server_error", "param": null, "code": null}}))],
+                Event::Done {
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
+                    let mut out = vec![data(reply.body(true, None, Some(reason)))];
+                    if include_usage {
+                        let mut last = reply.body(true, None, None);
+                        last["choices"] = json!([]);
+                        last["usage"] = Reply::usage(prompt_tokens, completion_tokens);
+                        out.push(data(last));
+                    }
+                    out
+                }
+            };
+            for item in out {
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+    });
+    Sse::new(ReceiverStream::new(rx)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_compare_equal_only_when_equal() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret1"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
+    }
+}

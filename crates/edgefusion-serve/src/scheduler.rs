@@ -1,0 +1,565 @@
+//! The compute side: one OS thread owns the model and the slots, and runs every forward pass.
+//!
+//! Each round the scheduler admits queued jobs into free slots (reset + prefill of the
+//! prompt), then [`step_all`] samples one token for every active slot and feeds it back.
+//! Tokens go back to the HTTP side over each job's unbounded channel, so the scheduler never
+//! waits for a client; a client that went away closes its channel and its slot is freed at
+//! the next round.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use edgefusion_io::ModelSource;
+use edgefusion_model::Model;
+use edgefusion_runtime::chat::{ChatTemplate, CHATML_TEMPLATE};
+use edgefusion_runtime::tokenizer::{TokenStreamer, Tokenizer};
+use edgefusion_runtime::{Logits, Sampler, SamplerConfig, Session, SessionOptions};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::{ServeConfig, ServeError};
+
+/// How one generation is to be run.
+#[derive(Debug, Clone)]
+pub struct GenParams {
+    pub sampler: SamplerConfig,
+    /// Tokens to generate at most (the context may end it sooner).
+    pub max_tokens: usize,
+    /// Generation ends before the first of these strings; it is not returned.
+    pub stop: Vec<String>,
+    /// OpenAI's penalties: logit −= presence·[count > 0] + frequency·count, over the
+    /// generated tokens.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+}
+
+/// A request for the scheduler: the prompt's tokens and where to send the results.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub params: GenParams,
+    pub events: UnboundedSender<Event>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End of sequence or a stop string.
+    Stop,
+    /// `max_tokens` or the context ran out.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// What the scheduler sends back for a job: text pieces, then `Done` or `Error`.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Text(String),
+    Done {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Error(String),
+}
+
+/// Counters for `/metrics`, shared by both sides.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub requests: AtomicU64,
+    pub rejected_queue_full: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub tokens_generated: AtomicU64,
+    pub queue_depth: AtomicUsize,
+    pub active_slots: AtomicUsize,
+    /// Jobs accepted and not finished (queued or in a slot): admission keeps it at most
+    /// `slots + queue`, so a request that finds a free slot is never refused.
+    pub in_flight: AtomicUsize,
+}
+
+impl Metrics {
+    /// A job left the scheduler (finished, failed or cancelled).
+    fn release(&self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What the HTTP side knows of the model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    /// Context of each slot.
+    pub n_ctx: usize,
+    pub n_ctx_train: usize,
+    pub vocab_size: usize,
+    pub slots: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The queue holds its maximum: try again later (429).
+    QueueFull,
+    /// The scheduler is shutting down or has failed.
+    Closed,
+}
+
+/// The running scheduler thread and what the handlers share with it.
+pub struct Engine {
+    jobs: Mutex<Option<SyncSender<Job>>>,
+    /// `slots + queue`: jobs that may be in flight at once.
+    capacity: usize,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub chat_template: ChatTemplate,
+    pub info: ModelInfo,
+    pub metrics: Arc<Metrics>,
+    pub api_key: Option<String>,
+}
+
+impl Engine {
+    /// Starts the scheduler thread, which loads the model and the slots' sessions; returns
+    /// once they are ready, or with the error that stopped them.
+    pub fn start(cfg: ServeConfig) -> Result<Engine, ServeError> {
+        if cfg.slots == 0 {
+            return Err(ServeError::Config("--slots must be at least 1".into()));
+        }
+        if cfg.queue == 0 {
+            return Err(ServeError::Config("--queue must be at least 1".into()));
+        }
+        if cfg.threads == 0 {
+            return Err(ServeError::Config("--threads must be at least 1".into()));
+        }
+        let capacity = cfg.slots + cfg.queue;
+        let (job_tx, job_rx) = mpsc::sync_channel::<Job>(capacity);
+        let (ready_tx, ready_rx) =
+            mpsc::channel::<Result<(Arc<Tokenizer>, ModelInfo), ServeError>>();
+        let metrics = Arc::new(Metrics::default());
+        let thread_metrics = metrics.clone();
+        let thread_cfg = cfg.clone();
+        let thread = std::thread::Builder::new()
+            .name("edgefusion-scheduler".into())
+            .spawn(move || scheduler_main(thread_cfg, job_rx, ready_tx, thread_metrics))
+            .map_err(|source| ServeError::Net {
+                what: "starting the scheduler thread".into(),
+                source,
+            })?;
+        let (tokenizer, info) = match ready_rx.recv() {
+            Ok(Ok(ready)) => ready,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(ServeError::Config(
+                    "the scheduler thread stopped while loading the model".into(),
+                ));
+            }
+        };
+        let chat_template = match tokenizer.chat_template() {
+            Some(source) => ChatTemplate::new(source)?,
+            None => ChatTemplate::new(CHATML_TEMPLATE)?,
+        };
+        Ok(Engine {
+            jobs: Mutex::new(Some(job_tx)),
+            capacity,
+            thread: Mutex::new(Some(thread)),
+            tokenizer,
+            chat_template,
+            info,
+            metrics,
+            api_key: cfg.api_key,
+        })
+    }
+
+    /// Queues a job without waiting.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        let guard = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tx) = guard.as_ref() else {
+            return Err(SubmitError::Closed);
+        };
+        // Counted before the send so the scheduler's decrements never precede them.
+        if self.metrics.in_flight.fetch_add(1, Ordering::SeqCst) >= self.capacity {
+            self.metrics.release();
+            return Err(SubmitError::QueueFull);
+        }
+        self.metrics.queue_depth.fetch_add(1, Ordering::SeqCst);
+        match tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
+                self.metrics.release();
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::QueueFull,
+                    TrySendError::Disconnected(_) => SubmitError::Closed,
+                })
+            }
+        }
+    }
+
+    /// Stops taking jobs, lets the scheduler finish the admitted and queued ones, and joins
+    /// it.
+    pub fn shutdown(&self) {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The tokenizer shipped with the model: GGUF metadata, or tokenizer.json in the folder.
+pub fn load_tokenizer(source: &ModelSource) -> Result<Tokenizer, ServeError> {
+    match source {
+        ModelSource::Gguf(gguf) => Ok(Tokenizer::from_gguf(gguf)?),
+        ModelSource::HfDir(dir) => match dir.tokenizer_json.as_deref() {
+            Some(path) => Ok(Tokenizer::from_tokenizer_json(path)?),
+            None => Err(ServeError::Config(format!(
+                "{}: no tokenizer.json in the model folder",
+                dir.dir.display()
+            ))),
+        },
+    }
+}
+
+fn default_name(path: &Path) -> String {
+    path.file_stem()
+        .or_else(|| path.file_name())
+        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+}
+
+type Ready = mpsc::Sender<Result<(Arc<Tokenizer>, ModelInfo), ServeError>>;
+
+fn scheduler_main(cfg: ServeConfig, jobs: Receiver<Job>, ready: Ready, metrics: Arc<Metrics>) {
+    let loaded = (|| {
+        let source = ModelSource::open(&cfg.model_path)?;
+        let tokenizer = load_tokenizer(&source)?;
+        Ok::<_, ServeError>((source, tokenizer))
+    })();
+    let (source, tokenizer) = match loaded {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let model = match Model::load(&source) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = ready.send(Err(e.into()));
+            return;
+        }
+    };
+    let cfgm = &model.config;
+    let n_ctx = cfg.ctx.unwrap_or(cfgm.n_ctx_train.min(4096));
+    if n_ctx < 2 {
+        let _ = ready.send(Err(ServeError::Config("--ctx must be at least 2".into())));
+        return;
+    }
+    let mut slots = Vec::with_capacity(cfg.slots);
+    for _ in 0..cfg.slots {
+        match Session::new(&model, SessionOptions::new(n_ctx, cfg.threads)) {
+            Ok(session) => slots.push(Slot {
+                session,
+                active: None,
+            }),
+            Err(e) => {
+                let _ = ready.send(Err(e.into()));
+                return;
+            }
+        }
+    }
+    let info = ModelInfo {
+        name: cfg
+            .model_name
+            .clone()
+            .unwrap_or_else(|| default_name(&cfg.model_path)),
+        n_ctx,
+        n_ctx_train: cfgm.n_ctx_train,
+        vocab_size: cfgm.vocab_size,
+        slots: cfg.slots,
+    };
+    let tokenizer = Arc::new(tokenizer);
+    if ready.send(Ok((tokenizer.clone(), info))).is_err() {
+        return;
+    }
+    drop(ready);
+    run_loop(&mut slots, &tokenizer, &jobs, &metrics, cfg.step_delay);
+}
+
+/// One sequence's place in the scheduler: a session (KV cache) and the job it runs, if any.
+struct Slot<'m, 't> {
+    session: Session<'m>,
+    active: Option<Active<'t>>,
+}
+
+/// A job being generated.
+struct Active<'t> {
+    params: GenParams,
+    events: UnboundedSender<Event>,
+    sampler: Sampler,
+    /// Prompt then generated tokens (the sampler's repeat penalty looks at them).
+    history: Vec<u32>,
+    n_prompt: usize,
+    n_generated: usize,
+    /// How often each generated token came (presence / frequency penalties).
+    counts: HashMap<u32, u32>,
+    /// Logits of the last position, `(vocab_size,)`.
+    logits: Vec<f32>,
+    streamer: TokenStreamer<'t>,
+    /// Everything generated so far, and how much of it went out (text that could be the
+    /// start of a stop string is held back).
+    text: String,
+    sent: usize,
+}
+
+fn run_loop<'t>(
+    slots: &mut [Slot<'_, 't>],
+    tokenizer: &'t Tokenizer,
+    jobs: &Receiver<Job>,
+    metrics: &Metrics,
+    step_delay: Duration,
+) {
+    loop {
+        // Idle: block for the next job (Err: every sender is gone, shut down).
+        if slots.iter().all(|s| s.active.is_none()) {
+            match jobs.recv() {
+                Ok(job) => admit(&mut slots[0], job, tokenizer, metrics),
+                Err(_) => return,
+            }
+        }
+        // Fill the other free slots from the queue without waiting.
+        for slot in slots.iter_mut().filter(|s| s.active.is_none()) {
+            match jobs.try_recv() {
+                Ok(job) => admit(slot, job, tokenizer, metrics),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        step_all(slots, tokenizer, metrics);
+        metrics.active_slots.store(
+            slots.iter().filter(|s| s.active.is_some()).count(),
+            Ordering::SeqCst,
+        );
+        if !step_delay.is_zero() {
+            std::thread::sleep(step_delay);
+        }
+    }
+}
+
+/// Starts `job` in `slot`: a fresh sequence and the prefill of its prompt.
+fn admit<'t>(slot: &mut Slot<'_, 't>, job: Job, tokenizer: &'t Tokenizer, metrics: &Metrics) {
+    metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
+    if job.events.is_closed() {
+        metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+        metrics.release();
+        return;
+    }
+    slot.session.reset();
+    let logits = match slot.session.forward(&job.prompt, Logits::Last) {
+        Ok(l) => l.to_vec(),
+        Err(e) => {
+            let _ = job.events.send(Event::Error(e.to_string()));
+            metrics.release();
+            return;
+        }
+    };
+    metrics
+        .prompt_tokens
+        .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
+    slot.active = Some(Active {
+        sampler: Sampler::new(job.params.sampler.clone(), logits.len()),
+        n_prompt: job.prompt.len(),
+        history: job.prompt,
+        params: job.params,
+        events: job.events,
+        n_generated: 0,
+        counts: HashMap::new(),
+        logits,
+        streamer: tokenizer.streamer(),
+        text: String::new(),
+        sent: 0,
+    });
+}
+
+/// One decode round: every active slot samples its next token, sends the text it completes
+/// and feeds the token back. A batched decode (one matmul over all active sequences) replaces
+/// the per-slot `forward` here.
+fn step_all(slots: &mut [Slot<'_, '_>], tokenizer: &Tokenizer, metrics: &Metrics) {
+    for slot in slots.iter_mut() {
+        let Some(active) = slot.active.as_mut() else {
+            continue;
+        };
+        if active.events.is_closed() {
+            // The client went away.
+            metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+            metrics.release();
+            slot.active = None;
+            continue;
+        }
+        let finish = match sample_next(active, tokenizer, metrics) {
+            Step::Finished(reason) => Some(reason),
+            Step::Continue(next) => {
+                if slot.session.n_past() >= slot.session.n_ctx() {
+                    Some(FinishReason::Length)
+                } else {
+                    match slot.session.forward(&[next], Logits::Last) {
+                        Ok(logits) => {
+                            active.logits.copy_from_slice(logits);
+                            None
+                        }
+                        Err(e) => {
+                            let _ = active.events.send(Event::Error(e.to_string()));
+                            metrics.release();
+                            slot.active = None;
+                            continue;
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(reason) = finish {
+            if let Some(active) = slot.active.take() {
+                // Released first: a client that sends its next request the moment this one
+                // ends must find room.
+                metrics.release();
+                finish_job(active, reason);
+            }
+        }
+    }
+}
+
+enum Step {
+    Continue(u32),
+    Finished(FinishReason),
+}
+
+/// Samples, records and streams one token of `active`.
+fn sample_next(active: &mut Active<'_>, tokenizer: &Tokenizer, metrics: &Metrics) -> Step {
+    let p = &active.params;
+    if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        for (&token, &count) in &active.counts {
+            if let Some(l) = active.logits.get_mut(token as usize) {
+                *l -= p.presence_penalty + p.frequency_penalty * count as f32;
+            }
+        }
+    }
+    let next = active.sampler.sample(&active.logits, &active.history);
+    if tokenizer.is_eos(next) {
+        return Step::Finished(FinishReason::Stop);
+    }
+    active.history.push(next);
+    active.n_generated += 1;
+    *active.counts.entry(next).or_insert(0) += 1;
+    metrics.tokens_generated.fetch_add(1, Ordering::Relaxed);
+    match active.streamer.push(next) {
+        Ok(Some(piece)) => active.text.push_str(&piece),
+        Ok(None) => {}
+        Err(e) => {
+            let _ = active.events.send(Event::Error(e.to_string()));
+            return Step::Finished(FinishReason::Stop);
+        }
+    }
+    if flush_text(active, false) {
+        return Step::Finished(FinishReason::Stop);
+    }
+    if active.n_generated >= active.params.max_tokens {
+        return Step::Finished(FinishReason::Length);
+    }
+    Step::Continue(next)
+}
+
+/// Sends the text that can no longer become part of a stop string; at a stop string, sends
+/// the text before it, drops the rest and returns true. `at_end`: hold nothing back.
+fn flush_text(active: &mut Active<'_>, at_end: bool) -> bool {
+    let (end, stopped) = match find_stop(&active.text, active.sent, &active.params.stop) {
+        Some(at) => (at, true),
+        None if at_end => (active.text.len(), false),
+        None => (safe_end(&active.text, &active.params.stop), false),
+    };
+    if end > active.sent {
+        let _ = active
+            .events
+            .send(Event::Text(active.text[active.sent..end].to_string()));
+        active.sent = end;
+    }
+    if stopped {
+        active.text.truncate(end);
+    }
+    stopped
+}
+
+/// Byte offset of the earliest stop string that ends after `from` (a stop may straddle text
+/// already sent only by its held-back part, so searching from `from` suffices).
+fn find_stop(text: &str, from: usize, stops: &[String]) -> Option<usize> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i))
+        .min()
+}
+
+/// The end of the text that no stop string can start in: before the longest suffix that is
+/// a proper prefix of some stop string.
+fn safe_end(text: &str, stops: &[String]) -> usize {
+    let mut end = text.len();
+    for stop in stops {
+        for k in (1..stop.len().min(text.len() + 1)).rev() {
+            let start = text.len() - k;
+            if text.is_char_boundary(start) && stop.starts_with(&text[start..]) {
+                end = end.min(start);
+                break;
+            }
+        }
+    }
+    end
+}
+
+fn finish_job(mut active: Active<'_>, reason: FinishReason) {
+    let mut reason = reason;
+    if let Some(rest) = active.streamer.finish() {
+        active.text.push_str(&rest);
+    }
+    if flush_text(&mut active, true) {
+        reason = FinishReason::Stop;
+    }
+    let _ = active.events.send(Event::Done {
+        reason,
+        prompt_tokens: active.n_prompt,
+        completion_tokens: active.n_generated,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_that_may_start_a_stop_string_is_held_back() {
+        let stops = vec!["\n\n".to_string(), "END".to_string()];
+        assert_eq!(safe_end("hello", &stops), 5);
+        assert_eq!(safe_end("hello\n", &stops), 5);
+        assert_eq!(safe_end("hello EN", &stops), 6);
+        assert_eq!(find_stop("ab END cd", 0, &stops), Some(3));
+        assert_eq!(find_stop("ab\n\ncd END", 0, &stops), Some(2));
+        assert_eq!(find_stop("abc", 0, &stops), None);
+        // Multi-byte text before a partial stop keeps char boundaries.
+        assert_eq!(safe_end("héllo E", &["EOF".to_string()]), 7);
+    }
+}

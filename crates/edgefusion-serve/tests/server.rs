@@ -1,0 +1,507 @@
+//! The server end to end: started in-process on an ephemeral port with the tiny fixture
+//! model, driven over HTTP.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgefusion_io::ModelSource;
+use edgefusion_model::Model;
+use edgefusion_runtime::sampler::argmax;
+use edgefusion_runtime::{Logits, Session, SessionOptions};
+use edgefusion_serve::scheduler::load_tokenizer;
+use edgefusion_serve::{serve_on, Engine, ServeConfig};
+use edgefusion_testkit::fixture;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+const MODEL: &str = "tiny-llama-f32.gguf";
+const PROMPT: &str = "The old teacher said good morning to";
+
+struct TestServer {
+    base: String,
+    client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    async fn start(configure: impl FnOnce(&mut ServeConfig)) -> TestServer {
+        let mut cfg = ServeConfig::new(fixture(MODEL));
+        configure(&mut cfg);
+        let engine = Arc::new(Engine::start(cfg).expect("engine starts"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            serve_on(engine, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        TestServer {
+            base: format!("http://{addr}"),
+            client: reqwest::Client::new(),
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The `data:` payloads of a streamed request, `[DONE]` included.
+    async fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        assert!(response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
+        let text = response.text().await.unwrap();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+            .collect()
+    }
+
+    async fn metric(&self, name: &str) -> u64 {
+        let text = self.get("/metrics").await.text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
+    async fn wait_for_metric(&self, name: &str, want: u64) {
+        let start = Instant::now();
+        while self.metric(name).await != want {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{name} never reached {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap();
+    }
+}
+
+/// Greedy decode with a plain runtime session, as `edgefusion run --temp 0` does: the text
+/// and the number of tokens.
+fn direct_greedy(prompt: &str, max_tokens: usize) -> (String, usize) {
+    let source = ModelSource::open(fixture(MODEL)).unwrap();
+    let model = Model::load(&source).unwrap();
+    let tokenizer = load_tokenizer(&source).unwrap();
+    let mut session = Session::new(&model, SessionOptions::new(64, 1)).unwrap();
+    let ids = tokenizer.encode(prompt, true).unwrap();
+    let mut logits = session.forward(&ids, Logits::Last).unwrap().to_vec();
+    let mut streamer = tokenizer.streamer();
+    let (mut text, mut n) = (String::new(), 0);
+    while n < max_tokens.min(64 - ids.len()) {
+        let next = argmax(&logits);
+        if tokenizer.is_eos(next) {
+            break;
+        }
+        n += 1;
+        if let Some(piece) = streamer.push(next).unwrap() {
+            text.push_str(&piece);
+        }
+        logits = session.forward(&[next], Logits::Last).unwrap().to_vec();
+    }
+    if let Some(rest) = streamer.finish() {
+        text.push_str(&rest);
+    }
+    (text, n)
+}
+
+fn greedy(max_tokens: usize) -> Value {
+    json!({"model": "tiny", "prompt": PROMPT, "temperature": 0, "max_tokens": max_tokens})
+}
+
+/// The text of a streamed completion, checking the chunks' shape and the final `[DONE]`.
+fn assemble(events: &[String], chat: bool) -> (String, String) {
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let mut text = String::new();
+    let mut finish = String::new();
+    for event in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        let choice = &chunk["choices"][0];
+        if chat {
+            assert_eq!(chunk["object"], "chat.completion.chunk");
+            text.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+        } else {
+            assert_eq!(chunk["object"], "text_completion");
+            text.push_str(choice["text"].as_str().unwrap());
+        }
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            finish = reason.to_string();
+        }
+    }
+    (text, finish)
+}
+
+fn assert_openai_error(body: &Value, param: Option<&str>) {
+    let error = &body["error"];
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(error["type"].is_string(), "{body}");
+    assert!(error.get("code").is_some(), "{body}");
+    match param {
+        Some(p) => assert_eq!(error["param"], p, "{body}"),
+        None => assert!(error.get("param").is_some(), "{body}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_models_metrics_and_tokenizer() {
+    let server = TestServer::start(|_| {}).await;
+    let health = server.get("/health").await;
+    assert_eq!(health.status().as_u16(), 200);
+    assert_eq!(health.json::<Value>().await.unwrap()["status"], "ok");
+    let models: Value = server.get("/v1/models").await.json().await.unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "tiny-llama-f32");
+    assert_eq!(models["data"][0]["object"], "model");
+
+    let (status, tokens) = server.post("/tokenize", &json!({"content": PROMPT})).await;
+    assert_eq!(status, 200);
+    let (status, text) = server
+        .post("/detokenize", &json!({"tokens": tokens["tokens"]}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(text["content"], PROMPT);
+    let (status, body) = server
+        .post("/detokenize", &json!({"tokens": [1_000_000]}))
+        .await;
+    assert_eq!(status, 400);
+    assert_openai_error(&body, Some("tokens"));
+
+    let metrics = server.get("/metrics").await;
+    assert!(metrics.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = metrics.text().await.unwrap();
+    for name in [
+        "edgefusion_requests_total",
+        "edgefusion_tokens_generated_total",
+        "edgefusion_queue_depth",
+        "edgefusion_active_slots",
+    ] {
+        assert!(text.contains(&format!("# TYPE {name} ")), "{text}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_completion_equals_a_direct_session_and_the_stream() {
+    let server = TestServer::start(|_| {}).await;
+    let (want, n) = direct_greedy(PROMPT, 20);
+    assert!(n > 0 && !want.is_empty());
+    let (status, body) = server.post("/v1/completions", &greedy(20)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "text_completion");
+    assert_eq!(body["model"], "tiny");
+    assert_eq!(body["choices"][0]["text"], want.as_str());
+    let prompt_tokens = body["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(body["usage"]["completion_tokens"], n as u64);
+    assert_eq!(body["usage"]["total_tokens"], prompt_tokens + n as u64);
+    let finish = if n == 20 { "length" } else { "stop" };
+    assert_eq!(body["choices"][0]["finish_reason"], finish);
+
+    let mut request = greedy(20);
+    request["stream"] = json!(true);
+    let events = server.stream("/v1/completions", &request).await;
+    assert_eq!(assemble(&events, false), (want.clone(), finish.to_string()));
+    assert!(server.metric("edgefusion_tokens_generated_total").await >= 2 * n as u64);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_tokens_and_stop_strings_end_generation() {
+    let server = TestServer::start(|_| {}).await;
+    let (status, body) = server.post("/v1/completions", &greedy(5)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 5);
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        body["choices"][0]["text"],
+        direct_greedy(PROMPT, 5).0.as_str()
+    );
+
+    // A stop string cut from the middle of the greedy text: the answer ends just before it.
+    let (full, _) = direct_greedy(PROMPT, 30);
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() >= 6, "greedy text too short: {full:?}");
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let before = &full[..full.find(&stop).unwrap()];
+    let mut request = greedy(30);
+    request["stop"] = json!(["never appears ~~~", stop]);
+    let (status, body) = server.post("/v1/completions", &request).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["text"], before, "stop {stop:?}");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    request["stream"] = json!(true);
+    let events = server.stream("/v1/completions", &request).await;
+    assert_eq!(
+        assemble(&events, false),
+        (before.to_string(), "stop".into())
+    );
+    // A single string works too.
+    request["stop"] = json!(stop);
+    request["stream"] = json!(false);
+    let (_, body) = server.post("/v1/completions", &request).await;
+    assert_eq!(body["choices"][0]["text"], before);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_completions_whole_and_streamed_agree() {
+    let server = TestServer::start(|_| {}).await;
+    let request = json!({
+        "model": "tiny-llama-f32",
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": [{"type": "text", "text": "Hello there"}]}],
+        "temperature": 0, "max_completion_tokens": 12,
+        "stream_options": {"include_usage": true},
+    });
+    let (status, body) = server.post("/v1/chat/completions", &request).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    let content = body["choices"][0]["message"]["content"].as_str().unwrap();
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    let events = server.stream("/v1/chat/completions", &streamed).await;
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    // The usage chunk has no choices, so it adds no text.
+    let (text, finish) = assemble(&events, true);
+    assert_eq!(text, content);
+    assert_eq!(
+        finish,
+        body["choices"][0]["finish_reason"].as_str().unwrap()
+    );
+    // include_usage: a last chunk with no choices and the usage.
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"], body["usage"]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_concurrent_requests_share_two_slots() {
+    let server = Arc::new(TestServer::start(|cfg| cfg.slots = 2).await);
+    let (want, _) = direct_greedy(PROMPT, 16);
+    let requests: Vec<_> = (0..4)
+        .map(|i| {
+            let server = server.clone();
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    server.post("/v1/completions", &greedy(16)).await.1["choices"][0]["text"]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                } else {
+                    let mut request = greedy(16);
+                    request["stream"] = json!(true);
+                    assemble(&server.stream("/v1/completions", &request).await, false).0
+                }
+            })
+        })
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.unwrap(), want);
+    }
+    assert_eq!(server.metric("edgefusion_requests_total").await, 4);
+    assert_eq!(server.metric("edgefusion_queue_depth").await, 0);
+    Arc::into_inner(server).unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_and_the_others_finish() {
+    // One slot, one place in the queue, and rounds slowed to 20 ms so the slot stays busy.
+    let server = Arc::new(
+        TestServer::start(|cfg| {
+            cfg.slots = 1;
+            cfg.queue = 1;
+            cfg.step_delay = Duration::from_millis(20);
+        })
+        .await,
+    );
+    let spawn = |server: Arc<TestServer>| {
+        tokio::spawn(async move { server.post("/v1/completions", &greedy(10)).await.0 })
+    };
+    let running = spawn(server.clone());
+    server.wait_for_metric("edgefusion_active_slots", 1).await;
+    let queued = spawn(server.clone());
+    server.wait_for_metric("edgefusion_queue_depth", 1).await;
+    let response = server
+        .client
+        .post(format!("{}/v1/completions", server.base))
+        .json(&greedy(10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 429);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let body: Value = response.json().await.unwrap();
+    assert_openai_error(&body, None);
+    assert_eq!(running.await.unwrap(), 200);
+    assert_eq!(queued.await.unwrap(), 200);
+    assert_eq!(server.metric("edgefusion_requests_rejected_total").await, 1);
+    Arc::into_inner(server).unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_stream_frees_its_slot() {
+    let server = TestServer::start(|cfg| {
+        cfg.slots = 1;
+        cfg.step_delay = Duration::from_millis(20);
+    })
+    .await;
+    let mut request = greedy(50);
+    request["stream"] = json!(true);
+    let mut response = server
+        .client
+        .post(format!("{}/v1/completions", server.base))
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.chunk().await.unwrap().is_some());
+    drop(response);
+    server.wait_for_metric("edgefusion_active_slots", 0).await;
+    assert_eq!(
+        server.metric("edgefusion_requests_cancelled_total").await,
+        1
+    );
+    // Well short of the 50 tokens asked for.
+    assert!(server.metric("edgefusion_tokens_generated_total").await < 40);
+    let (status, _) = server.post("/v1/completions", &greedy(3)).await;
+    assert_eq!(status, 200);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_openai_shaped_errors() {
+    let server = TestServer::start(|cfg| cfg.ctx = Some(16)).await;
+    let response = server
+        .client
+        .post(format!("{}/v1/completions", server.base))
+        .header("content-type", "application/json")
+        .body("{\"prompt\": \"hi\",")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    assert_openai_error(&response.json().await.unwrap(), None);
+
+    let cases = [
+        (json!({"prompt": "hi", "max_tokens": -1}), "max_tokens"),
+        (json!({"prompt": "hi", "n": 2}), "n"),
+        (json!({"prompt": "hi", "temperature": "hot"}), "temperature"),
+        (json!({"prompt": "hi", "top_p": 0}), "top_p"),
+        (json!({"prompt": "hi", "stop": [1, 2]}), "stop"),
+        (json!({"max_tokens": 3}), "prompt"),
+    ];
+    for (request, param) in cases {
+        let (status, body) = server.post("/v1/completions", &request).await;
+        assert_eq!(status, 400, "{request}: {body}");
+        assert_openai_error(&body, Some(param));
+    }
+    let (status, body) = server
+        .post("/v1/chat/completions", &json!({"messages": "hello"}))
+        .await;
+    assert_eq!(status, 400);
+    assert_openai_error(&body, Some("messages"));
+
+    // Longer than --ctx 16: the message names both sizes.
+    let long = "The old teacher said good morning to the class. ".repeat(4);
+    let (status, body) = server
+        .post("/v1/completions", &json!({"prompt": long}))
+        .await;
+    assert_eq!(status, 400);
+    assert_openai_error(&body, Some("prompt"));
+    let message = body["error"]["message"].as_str().unwrap();
+    let (_, tokens) = server
+        .post("/tokenize", &json!({"content": long, "add_special": true}))
+        .await;
+    let n = tokens["tokens"].as_array().unwrap().len();
+    assert!(
+        message.contains(&format!("{n} tokens")) && message.contains("16"),
+        "{message}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_key_is_required_except_for_health() {
+    let server = TestServer::start(|cfg| cfg.api_key = Some("sekret".into())).await;
+    assert_eq!(server.get("/health").await.status().as_u16(), 200);
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("sekret"),
+        Some("Bearer sekre"),
+    ] {
+        let mut request = server.client.get(format!("{}/v1/models", server.base));
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 401, "{auth:?}");
+        assert_openai_error(&response.json().await.unwrap(), None);
+    }
+    let response = server
+        .client
+        .post(format!("{}/v1/completions", server.base))
+        .bearer_auth("sekret")
+        .json(&greedy(2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let response = server
+        .client
+        .post(format!("{}/v1/completions", server.base))
+        .json(&greedy(2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 401);
+    server.stop().await;
+}
