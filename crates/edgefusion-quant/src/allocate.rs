@@ -433,6 +433,20 @@ mod tests {
             .collect()
     }
 
+    /// The summed tile errors of [`allocate_widths`]'s all-EFQ allocation at `bpw`.
+    fn all_efq_error(inputs: &[AllocationInput<'_>], bpw: f64) -> f64 {
+        let (widths, _) = allocate_widths(inputs, bpw).unwrap();
+        inputs
+            .iter()
+            .zip(&widths)
+            .flat_map(|(m, w)| {
+                w.iter()
+                    .enumerate()
+                    .map(move |(t, &b)| m.errors[t][width_index(b)])
+            })
+            .sum()
+    }
+
     fn pair_errors() -> [Vec<TileErrors>; 2] {
         let (n_out, n_in) = (64, 576);
         let w = test_matrix(n_out, n_in);
@@ -455,16 +469,7 @@ mod tests {
         let total = (2 * 64 * 576) as f64;
         for bpw in [2.6, 3.1, 3.8, 4.0, 4.5, 4.9, 5.0, 5.5, 6.0] {
             let a = allocate(&inputs, bpw).unwrap();
-            let (widths, _) = allocate_widths(&inputs, bpw).unwrap();
-            let efq_error: f64 = inputs
-                .iter()
-                .zip(&widths)
-                .flat_map(|(m, w)| {
-                    w.iter()
-                        .enumerate()
-                        .map(move |(t, &b)| m.errors[t][width_index(b)])
-                })
-                .sum();
+            let efq_error = all_efq_error(&inputs, bpw);
             assert!(a.bpw <= bpw, "bpw {bpw}: reached {}", a.bpw);
             assert!(
                 a.error <= efq_error * (1.0 + 1e-12),
@@ -538,16 +543,7 @@ mod tests {
         let inputs = [three[0], wide[1]];
         for bpw in [4.0, 4.5, 5.0] {
             let a = allocate(&inputs, bpw).unwrap();
-            let (widths, _) = allocate_widths(&inputs, bpw).unwrap();
-            let efq_error: f64 = inputs
-                .iter()
-                .zip(&widths)
-                .flat_map(|(m, w)| {
-                    w.iter()
-                        .enumerate()
-                        .map(move |(t, &b)| m.errors[t][width_index(b)])
-                })
-                .sum();
+            let efq_error = all_efq_error(&inputs, bpw);
             assert_eq!(a.encodings[0], Encoding::Source, "bpw {bpw}");
             assert!(matches!(a.encodings[1], Encoding::Efq(_)), "bpw {bpw}");
             assert!(a.error < efq_error, "bpw {bpw}");
