@@ -388,9 +388,11 @@ async fn a_full_queue_answers_429_and_the_others_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_mid_stream_frees_its_slot() {
+    // 100 ms a token: the 50 tokens would take 5 s, time enough for the disconnect to be
+    // seen even on a loaded machine (at 20 ms, a CI run under load once finished them all).
     let server = TestServer::start(|cfg| {
         cfg.slots = 1;
-        cfg.step_delay = Duration::from_millis(20);
+        cfg.step_delay = Duration::from_millis(100);
     })
     .await;
     let mut request = greedy(50);
