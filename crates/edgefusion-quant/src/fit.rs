@@ -29,10 +29,20 @@ fn layers_floor(embedding_bits: u8) -> f64 {
 /// Bytes of one EFQ blob `(n_out, n_in)` with every tile `bits` wide and no outliers:
 /// every stored byte (header, widths, row scales, tiles with their scales and zeros).
 pub fn blob_bytes(n_out: usize, n_in: usize, bits: u8) -> usize {
+    blob_bytes_with_outliers(n_out, n_in, bits, &[])
+}
+
+/// [`blob_bytes`] with the slots of `outliers` (as `crate::efq::select_outliers` gives them).
+pub fn blob_bytes_with_outliers(
+    n_out: usize,
+    n_in: usize,
+    bits: u8,
+    outliers: &[(u32, u32)],
+) -> usize {
     let tiles: usize = (0..n_tiles(n_in))
         .map(|t| tile_bytes(bits, tile_cols(n_in, t)))
         .sum();
-    fixed_bytes(n_out, n_in, &[]) + (n_out / TILE_ROWS) * tiles
+    fixed_bytes(n_out, n_in, outliers) + (n_out / TILE_ROWS) * tiles
 }
 
 /// The SSM projections EFQ quantizes within the `--bpw` budget, as `(n_out, n_in)`: those

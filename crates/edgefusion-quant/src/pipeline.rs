@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use edgefusion_io::gguf::{GgufWriter, MetaValue};
 use edgefusion_io::names::TensorRole;
 use edgefusion_io::ModelSource;
-use edgefusion_kernels::efq::{n_tiles, tile_bytes, tile_cols, tiles, ROTATION_RHT64, TILE_ROWS};
+use edgefusion_kernels::efq::{n_tiles, tiles, ROTATION_RHT64, TILE_ROWS};
 use edgefusion_kernels::hadamard;
 use edgefusion_kernels::GgmlType;
 use edgefusion_model::model::{EFQ_VERSION as EFQ_FILE_VERSION, EFQ_VERSION_KEY as VERSION_KEY};
@@ -25,6 +25,7 @@ use edgefusion_runtime::{LinearInput, Logits, Session, SessionOptions};
 
 use crate::allocate::{allocate, AllocationInput, Encoding};
 use crate::efq::{fixed_bytes, plan, select_outliers, tile_errors, WIDTHS};
+use crate::fit::blob_bytes_with_outliers;
 use crate::gptq::{GptqFactor, GptqOptions};
 use crate::hessian::Hessian;
 use crate::refit::refit_scales;
@@ -658,17 +659,15 @@ pub fn quantize(
                         return chosen.pop().expect("one allocation per budgeted matrix");
                     }
                     // The embedding and head keep their source where it is no larger.
-                    let widths = vec![opts.embedding_bits; (w.n_out / TILE_ROWS) * n_tiles(w.n_in)];
-                    let efq_bytes = fixed_bytes(w.n_out, w.n_in, outliers)
-                        + widths
-                            .iter()
-                            .enumerate()
-                            .map(|(t, &b)| tile_bytes(b, tile_cols(w.n_in, t % n_tiles(w.n_in))))
-                            .sum::<usize>();
+                    let efq_bytes =
+                        blob_bytes_with_outliers(w.n_out, w.n_in, opts.embedding_bits, outliers);
                     if source_size(&w.name).is_some_and(|s| s <= efq_bytes) {
                         Encoding::Source
                     } else {
-                        Encoding::Efq(widths)
+                        Encoding::Efq(vec![
+                            opts.embedding_bits;
+                            (w.n_out / TILE_ROWS) * n_tiles(w.n_in)
+                        ])
                     }
                 })
                 .collect();
