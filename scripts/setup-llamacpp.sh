@@ -4,7 +4,7 @@
 #   .venv-llamacpp/                      python venv with llama-cpp-python (pinned) + numpy
 #   .venv-llamacpp/llama.cpp-build/bin/  llama-bench, llama-perplexity, llama-quantize,
 #                                        llama-imatrix, llama-completion (the classic CLI),
-#                                        llama-simple, llama-tokenize
+#                                        llama-simple, llama-tokenize, llama-server
 #
 # Both are compiled from the SAME llama-cpp-python sdist (vendor/llama.cpp), with
 # -march=native but AMX disabled (the AMX code path crashes on our CI machines).
@@ -26,7 +26,7 @@ SRC_PARENT="$VENV/src"
 SRC="$SRC_PARENT/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION"
 TOOLS_BUILD="$VENV/llama.cpp-build"
 JOBS="${JOBS:-2}"
-TOOLS=(llama-bench llama-perplexity llama-quantize llama-imatrix llama-completion llama-simple llama-tokenize)
+TOOLS=(llama-bench llama-perplexity llama-quantize llama-imatrix llama-completion llama-simple llama-tokenize llama-server)
 NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 die() { echo "setup-llamacpp: ERROR: $*" >&2; exit 1; }
@@ -175,7 +175,7 @@ if [[ "${FORCE:-0}" == "1" ]] || ! tools_ok; then
         -DGGML_NATIVE=ON \
         -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" \
         -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON \
         -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_EXAMPLES=ON \
         -DCMAKE_EXPORT_COMPILE_COMMANDS=ON \
         >"$TOOLS_BUILD/configure.log" 2>&1; then

@@ -18,7 +18,8 @@ pub struct ServeArgs {
     pub host: IpAddr,
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Requests generated at once; each slot holds its own KV cache of --ctx positions.
+    /// Requests generated at once, decoded together in one batched step per token; each
+    /// slot holds its own KV cache of --ctx positions.
     #[arg(long, default_value_t = 1)]
     pub slots: usize,
     /// Context of each slot in tokens [default: the model's training context, at most 4096].
@@ -30,6 +31,11 @@ pub struct ServeArgs {
     /// Threads per forward pass [default: EDGEFUSION_THREADS, else the physical cores].
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
+    /// Prompt tokens prefilled per round over all slots: a long prompt is split over
+    /// several rounds and the other streams decode a token between them (smaller: steadier
+    /// streams, later first tokens).
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk: usize,
     /// Require `Authorization: Bearer KEY` on every endpoint but /health
     /// [default: $EDGEFUSION_API_KEY, else no key].
     #[arg(long)]
@@ -44,6 +50,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.slots == 0 {
         bail!("--slots must be at least 1");
     }
+    if args.prefill_chunk == 0 {
+        bail!("--prefill-chunk must be at least 1");
+    }
     let source = args.model.open()?;
     let mut cfg = ServeConfig::new(source.path());
     drop(source);
@@ -52,6 +61,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     cfg.ctx = args.ctx;
     cfg.queue = args.queue;
     cfg.threads = threads;
+    cfg.prefill_chunk = args.prefill_chunk;
     cfg.api_key = args
         .api_key
         .or_else(|| std::env::var("EDGEFUSION_API_KEY").ok())
@@ -65,7 +75,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     eprintln!(
-        "edgefusion serve: {} on http://{addr} ({} slots, {threads} threads each)",
+        "edgefusion serve: {} on http://{addr} ({} slots decoded together, {threads} threads)",
         cfg.model_path.display(),
         cfg.slots
     );

@@ -1,6 +1,7 @@
 //! CPU inference engine: prefill and decode over a KV cache, sampling, tokenizer and chat
 //! template glue, and the measurements `--profile` and `bench` report.
 
+pub mod batch;
 pub mod chat;
 pub mod cpus;
 pub mod engine;
@@ -13,6 +14,7 @@ pub mod sampler;
 pub mod tokenizer;
 mod tuner;
 
+pub use batch::Sequence;
 pub use engine::{KvType, LinearInput, Logits, Observer, RecurrentState, Session, SessionOptions};
 pub use sampler::{Sampler, SamplerConfig};
 

@@ -155,7 +155,7 @@ async fn models(State(engine): Shared, headers: HeaderMap) -> Result<Json<Value>
 async fn metrics(State(engine): Shared, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&engine, &headers)?;
     let m = &engine.metrics;
-    let rows: [(&str, &str, &str, u64); 7] = [
+    let rows: [(&str, &str, &str, u64); 10] = [
         (
             "edgefusion_requests_total",
             "counter",
@@ -177,14 +177,32 @@ async fn metrics(State(engine): Shared, headers: HeaderMap) -> Result<Response, 
         (
             "edgefusion_prompt_tokens_total",
             "counter",
-            "Prompt tokens prefilled.",
+            "Prompt tokens received.",
             m.prompt_tokens.load(Ordering::Relaxed),
+        ),
+        (
+            "edgefusion_prompt_tokens_cached_total",
+            "counter",
+            "Prompt tokens a slot already held from an earlier request (not prefilled again).",
+            m.prompt_tokens_cached.load(Ordering::Relaxed),
         ),
         (
             "edgefusion_tokens_generated_total",
             "counter",
             "Tokens generated.",
             m.tokens_generated.load(Ordering::Relaxed),
+        ),
+        (
+            "edgefusion_decode_steps_total",
+            "counter",
+            "Batched decode steps (one forward pass over every generating slot).",
+            m.decode_steps.load(Ordering::Relaxed),
+        ),
+        (
+            "edgefusion_decode_rows_total",
+            "counter",
+            "Tokens those steps decoded; divided by the steps, the mean batch size.",
+            m.decode_rows.load(Ordering::Relaxed),
         ),
         (
             "edgefusion_queue_depth",

@@ -1,10 +1,11 @@
 //! `edgefusion serve`: an OpenAI-compatible HTTP server.
 //!
 //! Two halves that meet at a bounded channel:
-//! - [`scheduler`]: one dedicated OS thread owns the [`edgefusion_model::Model`] and `slots`
-//!   runtime sessions; it admits queued requests into free slots (prefill), then steps every
-//!   active slot by one token per round (`scheduler::step_all`, the place a batched decode
-//!   goes later) and sends each token back over the request's own channel.
+//! - [`scheduler`]: one dedicated OS thread owns the [`edgefusion_model::Model`], one runtime
+//!   session and `slots` sequences; it admits queued requests into free slots (reusing a
+//!   cached prompt prefix), prefills prompts in chunks, decodes every active slot by one
+//!   token per round in one batched step, and sends each token back over the request's own
+//!   channel.
 //! - [`api`]: axum handlers on tokio workers; they parse and validate requests, tokenize,
 //!   queue a job (a full queue answers 429) and turn the token events into OpenAI responses
 //!   or server-sent events. The model never runs on an async worker.
@@ -34,8 +35,11 @@ pub struct ServeConfig {
     pub ctx: Option<usize>,
     /// Requests that may wait while every slot is busy; one more is answered 429.
     pub queue: usize,
-    /// Threads of each slot's session.
+    /// Threads of the session that runs every slot.
     pub threads: usize,
+    /// Prompt tokens prefilled per scheduler round, over all slots: a long prompt takes
+    /// several rounds, with a decode step for the other slots between them.
+    pub prefill_chunk: usize,
     /// When set, every endpoint but `/health` wants `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
     /// Pause after every scheduler round (0 = none): throttles the server, and lets tests
@@ -52,6 +56,7 @@ impl ServeConfig {
             ctx: None,
             queue: 64,
             threads: 1,
+            prefill_chunk: 256,
             api_key: None,
             step_delay: Duration::ZERO,
         }

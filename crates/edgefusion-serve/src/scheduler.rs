@@ -1,7 +1,11 @@
 //! The compute side: one OS thread owns the model and the slots, and runs every forward pass.
 //!
-//! Each round the scheduler admits queued jobs into free slots (reset + prefill of the
-//! prompt), then [`step_all`] samples one token for every active slot and feeds it back.
+//! Each round the scheduler admits queued jobs into free slots (the free slot whose cached
+//! tokens share the longest prefix with the prompt keeps them: prefix reuse), prefills up to
+//! `prefill_chunk` prompt tokens, then samples one token for every slot whose prompt is in and
+//! feeds them all back in one batched step ([`Session::decode_batch`]): requests join and
+//! leave the batch at token boundaries, and a long prompt is prefilled over several rounds
+//! while the other streams go on.
 //! Tokens go back to the HTTP side over each job's unbounded channel, so the scheduler never
 //! waits for a client; a client that went away closes its channel and its slot is freed at
 //! the next round.
@@ -18,7 +22,9 @@ use edgefusion_io::ModelSource;
 use edgefusion_model::Model;
 use edgefusion_runtime::chat::{ChatTemplate, CHATML_TEMPLATE};
 use edgefusion_runtime::tokenizer::{TokenStreamer, Tokenizer};
-use edgefusion_runtime::{Logits, Sampler, SamplerConfig, Session, SessionOptions};
+use edgefusion_runtime::{
+    Logits, RuntimeError, Sampler, SamplerConfig, Sequence, Session, SessionOptions,
+};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{ServeConfig, ServeError};
@@ -80,7 +86,12 @@ pub struct Metrics {
     pub rejected_queue_full: AtomicU64,
     pub cancelled: AtomicU64,
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens a slot already held (prefix reuse), not prefilled again.
+    pub prompt_tokens_cached: AtomicU64,
     pub tokens_generated: AtomicU64,
+    /// Batched decode steps, and the sequences they advanced (their ratio is the mean batch).
+    pub decode_steps: AtomicU64,
+    pub decode_rows: AtomicU64,
     pub queue_depth: AtomicUsize,
     pub active_slots: AtomicUsize,
     /// Jobs accepted and not finished (queued or in a slot): admission keeps it at most
@@ -273,19 +284,25 @@ fn scheduler_main(cfg: ServeConfig, jobs: Receiver<Job>, ready: Ready, metrics: 
         let _ = ready.send(Err(ServeError::Config("--ctx must be at least 2".into())));
         return;
     }
-    let mut slots = Vec::with_capacity(cfg.slots);
-    for _ in 0..cfg.slots {
-        match Session::new(&model, SessionOptions::new(n_ctx, cfg.threads)) {
-            Ok(session) => slots.push(Slot {
-                session,
-                active: None,
-            }),
-            Err(e) => {
-                let _ = ready.send(Err(e.into()));
-                return;
-            }
+    // One session runs every slot's sequence: its scratch and threads serve them all, and
+    // each decode round is one batched step over the active ones.
+    let mut opts = SessionOptions::new(n_ctx, cfg.threads);
+    opts.max_logits = cfg.slots;
+    opts.max_batch = opts.max_batch.max(cfg.slots).max(cfg.prefill_chunk);
+    let mut session = match Session::new(&model, opts) {
+        Ok(session) => session,
+        Err(e) => {
+            let _ = ready.send(Err(e.into()));
+            return;
         }
-    }
+    };
+    let mut slots: Vec<Slot> = (0..cfg.slots)
+        .map(|_| Slot {
+            seq: session.new_sequence(),
+            cached: Vec::new(),
+            active: None,
+        })
+        .collect();
     let info = ModelInfo {
         name: cfg
             .model_name
@@ -301,12 +318,23 @@ fn scheduler_main(cfg: ServeConfig, jobs: Receiver<Job>, ready: Ready, metrics: 
         return;
     }
     drop(ready);
-    run_loop(&mut slots, &tokenizer, &jobs, &metrics, cfg.step_delay);
+    let mut scheduler = Scheduler {
+        session: &mut session,
+        tokenizer: &tokenizer,
+        metrics: &metrics,
+        prefill_chunk: cfg.prefill_chunk.max(1),
+        admitted: 0,
+    };
+    scheduler.run(&mut slots, &jobs, cfg.step_delay);
 }
 
-/// One sequence's place in the scheduler: a session (KV cache) and the job it runs, if any.
-struct Slot<'m, 't> {
-    session: Session<'m>,
+/// One sequence's place in the scheduler: its states in every layer, the tokens they hold,
+/// and the job it runs, if any.
+struct Slot<'t> {
+    seq: Sequence,
+    /// The tokens `seq` holds, position by position (a later prompt that starts with some
+    /// of them continues from there).
+    cached: Vec<u32>,
     active: Option<Active<'t>>,
 }
 
@@ -318,10 +346,14 @@ struct Active<'t> {
     /// Prompt then generated tokens (the sampler's repeat penalty looks at them).
     history: Vec<u32>,
     n_prompt: usize,
+    /// Prompt tokens not yet prefilled: `history[n_prompt - pending..n_prompt]`.
+    pending: usize,
+    /// Admission order: prefill goes first come, first served.
+    order: u64,
     n_generated: usize,
     /// How often each generated token came (presence / frequency penalties).
     counts: HashMap<u32, u32>,
-    /// Logits of the last position, `(vocab_size,)`.
+    /// Logits of the last position, `(vocab_size,)` (valid once `pending` is 0).
     logits: Vec<f32>,
     streamer: TokenStreamer<'t>,
     /// Everything generated so far, and how much of it went out (text that could be the
@@ -330,119 +362,246 @@ struct Active<'t> {
     sent: usize,
 }
 
-fn run_loop<'t>(
-    slots: &mut [Slot<'_, 't>],
+/// The scheduler thread's loop and what it works with.
+struct Scheduler<'s, 'm, 't> {
+    session: &'s mut Session<'m>,
     tokenizer: &'t Tokenizer,
-    jobs: &Receiver<Job>,
-    metrics: &Metrics,
-    step_delay: Duration,
-) {
-    loop {
-        // Idle: block for the next job (Err: every sender is gone, shut down).
-        if slots.iter().all(|s| s.active.is_none()) {
-            match jobs.recv() {
-                Ok(job) => admit(&mut slots[0], job, tokenizer, metrics),
-                Err(_) => return,
-            }
-        }
-        // Fill the other free slots from the queue without waiting.
-        for slot in slots.iter_mut().filter(|s| s.active.is_none()) {
-            match jobs.try_recv() {
-                Ok(job) => admit(slot, job, tokenizer, metrics),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
-        }
-        step_all(slots, tokenizer, metrics);
-        metrics.active_slots.store(
-            slots.iter().filter(|s| s.active.is_some()).count(),
-            Ordering::SeqCst,
-        );
-        if !step_delay.is_zero() {
-            std::thread::sleep(step_delay);
-        }
-    }
+    metrics: &'s Metrics,
+    /// Prompt tokens prefilled per round, over all slots.
+    prefill_chunk: usize,
+    /// Jobs admitted so far.
+    admitted: u64,
 }
 
-/// Starts `job` in `slot`: a fresh sequence and the prefill of its prompt.
-fn admit<'t>(slot: &mut Slot<'_, 't>, job: Job, tokenizer: &'t Tokenizer, metrics: &Metrics) {
-    metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
-    if job.events.is_closed() {
-        metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-        metrics.release();
-        return;
+impl<'t> Scheduler<'_, '_, 't> {
+    fn run(&mut self, slots: &mut [Slot<'t>], jobs: &Receiver<Job>, step_delay: Duration) {
+        loop {
+            // Idle: block for the next job (Err: every sender is gone, shut down).
+            if slots.iter().all(|s| s.active.is_none()) {
+                match jobs.recv() {
+                    Ok(job) => self.admit(slots, job),
+                    Err(_) => return,
+                }
+            }
+            // Fill the other free slots from the queue without waiting.
+            while slots.iter().any(|s| s.active.is_none()) {
+                match jobs.try_recv() {
+                    Ok(job) => self.admit(slots, job),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            self.drop_cancelled(slots);
+            self.prefill(slots);
+            self.decode(slots);
+            self.metrics.active_slots.store(
+                slots.iter().filter(|s| s.active.is_some()).count(),
+                Ordering::SeqCst,
+            );
+            if !step_delay.is_zero() {
+                std::thread::sleep(step_delay);
+            }
+        }
     }
-    slot.session.reset();
-    let logits = match slot.session.forward(&job.prompt, Logits::Last) {
-        Ok(l) => l.to_vec(),
-        Err(e) => {
-            let _ = job.events.send(Event::Error(e.to_string()));
+
+    /// Starts `job` in the free slot whose cached tokens share the longest prefix with its
+    /// prompt, keeping that prefix: a dense model cuts its KV cache back to it; a model with
+    /// constant-size states keeps them only when the whole cached sequence is a prefix of the
+    /// prompt (a conversation's next turn), else starts over.
+    fn admit(&mut self, slots: &mut [Slot<'t>], job: Job) {
+        let metrics = self.metrics;
+        metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
+        if job.events.is_closed() {
+            metrics.cancelled.fetch_add(1, Ordering::Relaxed);
             metrics.release();
             return;
         }
-    };
-    metrics
-        .prompt_tokens
-        .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
-    slot.active = Some(Active {
-        sampler: Sampler::new(job.params.sampler.clone(), logits.len()),
-        n_prompt: job.prompt.len(),
-        history: job.prompt,
-        params: job.params,
-        events: job.events,
-        n_generated: 0,
-        counts: HashMap::new(),
-        logits,
-        streamer: tokenizer.streamer(),
-        text: String::new(),
-        sent: 0,
-    });
-}
-
-/// One decode round: every active slot samples its next token, sends the text it completes
-/// and feeds the token back. A batched decode (one matmul over all active sequences) replaces
-/// the per-slot `forward` here.
-fn step_all(slots: &mut [Slot<'_, '_>], tokenizer: &Tokenizer, metrics: &Metrics) {
-    for slot in slots.iter_mut() {
-        let Some(active) = slot.active.as_mut() else {
-            continue;
-        };
-        if active.events.is_closed() {
-            // The client went away.
-            metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-            metrics.release();
-            slot.active = None;
-            continue;
-        }
-        let finish = match sample_next(active, tokenizer, metrics) {
-            Step::Finished(reason) => Some(reason),
-            Step::Continue(next) => {
-                if slot.session.n_past() >= slot.session.n_ctx() {
-                    Some(FinishReason::Length)
-                } else {
-                    match slot.session.forward(&[next], Logits::Last) {
-                        Ok(logits) => {
-                            active.logits.copy_from_slice(logits);
-                            None
-                        }
-                        Err(e) => {
-                            let _ = active.events.send(Event::Error(e.to_string()));
-                            metrics.release();
-                            slot.active = None;
-                            continue;
-                        }
-                    }
-                }
+        let reusable = |slot: &Slot<'_>| {
+            let common = common_prefix(&slot.cached, &job.prompt);
+            // At least the prompt's last token is fed: its logits start the generation.
+            let keep = common.min(job.prompt.len().saturating_sub(1));
+            if slot.seq.has_recurrent_state() && keep < slot.cached.len() {
+                0
+            } else {
+                keep
             }
         };
-        if let Some(reason) = finish {
-            if let Some(active) = slot.active.take() {
-                // Released first: a client that sends its next request the moment this one
-                // ends must find room.
-                metrics.release();
-                finish_job(active, reason);
+        let Some(slot) = slots
+            .iter_mut()
+            .filter(|s| s.active.is_none())
+            .max_by_key(|s| reusable(s))
+        else {
+            unreachable!("a job is admitted only when a slot is free")
+        };
+        let keep = reusable(slot);
+        if slot.seq.truncate(keep).is_err() {
+            slot.seq.reset();
+        }
+        slot.cached.truncate(slot.seq.n_past());
+        let kept = slot.seq.n_past();
+        metrics
+            .prompt_tokens
+            .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
+        metrics
+            .prompt_tokens_cached
+            .fetch_add(kept as u64, Ordering::Relaxed);
+        self.admitted += 1;
+        slot.active = Some(Active {
+            sampler: Sampler::new(
+                job.params.sampler.clone(),
+                self.session.model().config.vocab_size,
+            ),
+            n_prompt: job.prompt.len(),
+            pending: job.prompt.len() - kept,
+            order: self.admitted,
+            history: job.prompt,
+            params: job.params,
+            events: job.events,
+            n_generated: 0,
+            counts: HashMap::new(),
+            logits: Vec::new(),
+            streamer: self.tokenizer.streamer(),
+            text: String::new(),
+            sent: 0,
+        });
+    }
+
+    /// Frees the slots whose client went away.
+    fn drop_cancelled(&mut self, slots: &mut [Slot<'t>]) {
+        for slot in slots.iter_mut() {
+            if slot.active.as_ref().is_some_and(|a| a.events.is_closed()) {
+                self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                self.metrics.release();
+                slot.active = None;
             }
         }
     }
+
+    /// Prefills up to `prefill_chunk` prompt tokens this round, first admitted first, so a
+    /// long prompt takes several rounds and the other streams keep decoding between them.
+    fn prefill(&mut self, slots: &mut [Slot<'t>]) {
+        let mut budget = self.prefill_chunk;
+        while budget > 0 {
+            let Some(slot) = slots
+                .iter_mut()
+                .filter(|s| s.active.as_ref().is_some_and(|a| a.pending > 0))
+                .min_by_key(|s| s.active.as_ref().map_or(u64::MAX, |a| a.order))
+            else {
+                return;
+            };
+            let Some(active) = slot.active.as_mut() else {
+                return;
+            };
+            let start = active.n_prompt - active.pending;
+            let n = active.pending.min(budget);
+            let chunk = &active.history[start..start + n];
+            let result = with_sequence(self.session, &mut slot.seq, |session| {
+                session.forward(chunk, Logits::Last).map(<[f32]>::to_vec)
+            });
+            match result {
+                Ok(logits) => {
+                    slot.cached.extend_from_slice(chunk);
+                    active.pending -= n;
+                    active.logits = logits;
+                    budget -= n;
+                }
+                Err(e) => {
+                    let _ = active.events.send(Event::Error(e.to_string()));
+                    self.metrics.release();
+                    slot.active = None;
+                    slot.seq.reset();
+                    slot.cached.clear();
+                }
+            }
+        }
+    }
+
+    /// One decode round: every slot whose prompt is in samples its next token and sends the
+    /// text it completes; the tokens that continue are then fed back in one batched step.
+    fn decode(&mut self, slots: &mut [Slot<'t>]) {
+        let n_ctx = self.session.n_ctx();
+        let mut fed: Vec<(usize, u32)> = Vec::new();
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let Some(active) = slot.active.as_mut() else {
+                continue;
+            };
+            if active.pending > 0 {
+                continue;
+            }
+            let finish = match sample_next(active, self.tokenizer, self.metrics) {
+                Step::Finished(reason) => Some(reason),
+                Step::Continue(_) if slot.seq.n_past() >= n_ctx => Some(FinishReason::Length),
+                Step::Continue(next) => {
+                    fed.push((i, next));
+                    None
+                }
+            };
+            if let Some(reason) = finish {
+                if let Some(active) = slot.active.take() {
+                    // Released first: a client that sends its next request the moment this
+                    // one ends must find room.
+                    self.metrics.release();
+                    finish_job(active, reason);
+                }
+            }
+        }
+        if fed.is_empty() {
+            return;
+        }
+        let tokens: Vec<u32> = fed.iter().map(|&(_, t)| t).collect();
+        let mut seqs: Vec<&mut Sequence> = slots
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| fed.iter().any(|&(f, _)| f == *i))
+            .map(|(_, s)| &mut s.seq)
+            .collect();
+        let vocab = self.session.model().config.vocab_size;
+        match self.session.decode_batch(&mut seqs, &tokens) {
+            Ok(logits) => {
+                self.metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .decode_rows
+                    .fetch_add(fed.len() as u64, Ordering::Relaxed);
+                for (&(i, token), row) in fed.iter().zip(logits.chunks_exact(vocab)) {
+                    let slot = &mut slots[i];
+                    slot.cached.push(token);
+                    if let Some(active) = slot.active.as_mut() {
+                        active.logits.copy_from_slice(row);
+                    }
+                }
+            }
+            Err(e) => {
+                // Checked beforehand, so this is a bug: fail the round's jobs, keep serving.
+                for &(i, _) in &fed {
+                    let slot = &mut slots[i];
+                    if let Some(active) = slot.active.take() {
+                        let _ = active.events.send(Event::Error(e.to_string()));
+                        self.metrics.release();
+                    }
+                    slot.seq.reset();
+                    slot.cached.clear();
+                }
+            }
+        }
+    }
+}
+
+/// Runs `f` on the session with `seq` as its current sequence, and gives `seq` back.
+fn with_sequence<R>(
+    session: &mut Session<'_>,
+    seq: &mut Sequence,
+    f: impl FnOnce(&mut Session<'_>) -> Result<R, RuntimeError>,
+) -> Result<R, RuntimeError> {
+    session.swap_sequence(seq)?;
+    let result = f(session);
+    session
+        .swap_sequence(seq)
+        .expect("the sequence swapped in a moment ago fits");
+    result
+}
+
+/// Length of the longest common prefix.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 enum Step {

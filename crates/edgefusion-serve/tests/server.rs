@@ -351,6 +351,88 @@ async fn four_concurrent_requests_share_two_slots() {
     Arc::into_inner(server).unwrap().stop().await;
 }
 
+/// Four different prompts at once on four slots, prefilled 3 tokens a round: each is
+/// decoded in batched steps beside the others, and each text is its own direct greedy decode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_prompts_decoded_together_equal_each_alone() {
+    let server = Arc::new(
+        TestServer::start(|cfg| {
+            cfg.slots = 4;
+            cfg.prefill_chunk = 3;
+            // Rounds slowed so all four are in before the first finishes.
+            cfg.step_delay = Duration::from_millis(10);
+        })
+        .await,
+    );
+    let prompts = [
+        PROMPT,
+        "Once upon a time",
+        "The river ran quickly past the old mill and",
+        "Numbers: one two three",
+    ];
+    let requests: Vec<_> = prompts
+        .iter()
+        .map(|&prompt| {
+            let server = server.clone();
+            tokio::spawn(async move {
+                let request = json!({"prompt": prompt, "temperature": 0, "max_tokens": 12});
+                let (status, body) = server.post("/v1/completions", &request).await;
+                assert_eq!(status, 200, "{body}");
+                body["choices"][0]["text"].as_str().unwrap().to_string()
+            })
+        })
+        .collect();
+    for (request, prompt) in requests.into_iter().zip(prompts) {
+        assert_eq!(
+            request.await.unwrap(),
+            direct_greedy(prompt, 12).0,
+            "{prompt}"
+        );
+    }
+    let steps = server.metric("edgefusion_decode_steps_total").await;
+    let rows = server.metric("edgefusion_decode_rows_total").await;
+    assert!(
+        rows > steps,
+        "no step decoded two slots: {rows} rows in {steps} steps"
+    );
+    Arc::into_inner(server).unwrap().stop().await;
+}
+
+/// A request whose prompt repeats an earlier one's starts from the slot's cached tokens
+/// (all but the last, whose logits start the generation) and gives the same text; a prompt
+/// that shares only a start keeps that much.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_prompt_reuses_the_cached_prefix() {
+    let server = TestServer::start(|cfg| cfg.slots = 1).await;
+    let (want, _) = direct_greedy(PROMPT, 8);
+    let n_prompt = |body: &Value| body["usage"]["prompt_tokens"].as_u64().unwrap();
+    let (_, first) = server.post("/v1/completions", &greedy(8)).await;
+    assert_eq!(first["choices"][0]["text"], want.as_str());
+    assert_eq!(
+        server.metric("edgefusion_prompt_tokens_cached_total").await,
+        0
+    );
+    let (_, second) = server.post("/v1/completions", &greedy(8)).await;
+    assert_eq!(second["choices"][0]["text"], want.as_str());
+    let cached = server.metric("edgefusion_prompt_tokens_cached_total").await;
+    assert_eq!(cached, n_prompt(&second) - 1);
+    // Same start, another ending: the shared tokens are kept, the rest prefilled.
+    let other = format!("{PROMPT} the whole class");
+    let request = json!({"prompt": other, "temperature": 0, "max_tokens": 8});
+    let (_, third) = server.post("/v1/completions", &request).await;
+    assert_eq!(
+        third["choices"][0]["text"],
+        direct_greedy(&other, 8).0.as_str()
+    );
+    let kept = server.metric("edgefusion_prompt_tokens_cached_total").await - cached;
+    assert!(
+        kept >= n_prompt(&first) - 1 && kept < n_prompt(&third),
+        "kept {kept} of {} tokens",
+        n_prompt(&third)
+    );
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_429_and_the_others_finish() {
     // One slot, one place in the queue, and rounds slowed to 20 ms so the slot stays busy.

@@ -312,18 +312,59 @@ pub(crate) fn forward_full(
     out: &mut [f32],
 ) {
     project_qkv(io, w, scratch);
-    let (n_past, n_tok) = (io.n_past, io.n_tok);
+    let rows = StepRows {
+        rows: 0..io.n_tok,
+        n_past: io.n_past,
+    };
+    attend_full(io.cfg, io.threads, cache, scratch, rows);
+    project_out(io, w, scratch, out);
+}
+
+/// Step rows `rows.rows` of q, k and v (already projected), the tokens at positions
+/// `rows.n_past..` of one sequence: appends their keys and values to that sequence's `cache`
+/// and writes their attention output into the same rows of the scratch's `att`.
+pub(crate) fn attend_full(
+    cfg: &ModelConfig,
+    threads: &Threads,
+    cache: &mut KvCache,
+    scratch: &mut AttnScratch,
+    rows: StepRows,
+) {
     match cache {
         KvCache::F16(kv) => {
-            store_causal(io.cfg, kv, scratch, n_past, n_tok);
-            attend(io, kv, KeySpan::Causal, scratch);
+            store_causal(cfg, kv, scratch, &rows);
+            attend(cfg, threads, kv, KeySpan::Causal, scratch, &rows);
         }
         KvCache::F32(kv) => {
-            store_causal(io.cfg, kv, scratch, n_past, n_tok);
-            attend(io, kv, KeySpan::Causal, scratch);
+            store_causal(cfg, kv, scratch, &rows);
+            attend(cfg, threads, kv, KeySpan::Causal, scratch, &rows);
         }
     }
-    project_out(io, w, scratch, out);
+}
+
+/// [`attend_full`] over a sequence's sink and window: the step's slot positions for those
+/// tokens first, then the windowed attention.
+pub(crate) fn attend_window(
+    cfg: &ModelConfig,
+    threads: &Threads,
+    cache: &mut WindowCache,
+    scratch: &mut AttnScratch,
+    rows: StepRows,
+) {
+    scratch.begin_step(cfg, rows.n_past, rows.rows.len());
+    let (sink, window) = (cache.sink, cache.window);
+    match &mut cache.kv {
+        KvCache::F16(kv) => windowed(cfg, threads, kv, sink, window, scratch, &rows),
+        KvCache::F32(kv) => windowed(cfg, threads, kv, sink, window, scratch, &rows),
+    }
+}
+
+/// Rows of a step that belong to one sequence: the rows of q, k, v and `att`, and the
+/// position of the first.
+#[derive(Debug, Clone)]
+pub(crate) struct StepRows {
+    pub rows: std::ops::Range<usize>,
+    pub n_past: usize,
 }
 
 /// Sink + window attention of layer `io.layer` (after [`AttnScratch::begin_step`]): the
@@ -338,27 +379,35 @@ pub(crate) fn forward_windowed(
 ) {
     project_qkv(io, w, scratch);
     let (sink, window) = (cache.sink, cache.window);
+    let rows = StepRows {
+        rows: 0..io.n_tok,
+        n_past: io.n_past,
+    };
     match &mut cache.kv {
-        KvCache::F16(kv) => windowed(io, kv, sink, window, scratch),
-        KvCache::F32(kv) => windowed(io, kv, sink, window, scratch),
+        KvCache::F16(kv) => windowed(io.cfg, io.threads, kv, sink, window, scratch, &rows),
+        KvCache::F32(kv) => windowed(io.cfg, io.threads, kv, sink, window, scratch, &rows),
     }
     project_out(io, w, scratch, out);
 }
 
+/// Windowed attention of step rows `rows` (after [`AttnScratch::begin_step`] for them).
 fn windowed<T: KvElement>(
-    io: &mut MixerIo<'_>,
+    cfg: &ModelConfig,
+    threads: &Threads,
     kv: &mut KvSlots<T>,
     sink: usize,
     window: usize,
     scratch: &mut AttnScratch,
+    rows: &StepRows,
 ) {
-    let cfg = io.cfg;
-    let (n_past, n_tok, kv_dim, hd) = (io.n_past, io.n_tok, cfg.kv_dim(), cfg.head_dim);
+    let (n_past, n_tok, kv_dim, hd) = (rows.n_past, rows.rows.len(), cfg.kv_dim(), cfg.head_dim);
+    let row0 = rows.rows.start;
     let staging = sink + window;
     for t in 0..n_tok {
         let pos = n_past + t;
+        let r = row0 + t;
         for g in 0..cfg.n_kv_heads {
-            let new = t * kv_dim + g * hd..t * kv_dim + (g + 1) * hd;
+            let new = r * kv_dim + g * hd..r * kv_dim + (g + 1) * hd;
             let (key, value) = (&scratch.k[new.clone()], &scratch.v[new]);
             if pos < sink {
                 kv.store(cfg, g, pos, key, value);
@@ -369,7 +418,8 @@ fn windowed<T: KvElement>(
     let n_slots = staging + n_tok;
     let positions = std::mem::take(&mut scratch.window_positions);
     attend(
-        io,
+        cfg,
+        threads,
         kv,
         KeySpan::Window {
             positions: &positions[..n_slots],
@@ -377,6 +427,7 @@ fn windowed<T: KvElement>(
             window,
         },
         scratch,
+        rows,
     );
     scratch.window_positions = positions;
     // The newest `window` tokens of the step (at or past the sink) take their ring slots.
@@ -386,8 +437,9 @@ fn windowed<T: KvElement>(
             continue;
         }
         let slot = sink + (pos - sink) % window;
+        let r = row0 + t;
         for g in 0..cfg.n_kv_heads {
-            let new = t * kv_dim + g * hd..t * kv_dim + (g + 1) * hd;
+            let new = r * kv_dim + g * hd..r * kv_dim + (g + 1) * hd;
             kv.store(cfg, g, slot, &scratch.k[new.clone()], &scratch.v[new]);
         }
     }
@@ -395,7 +447,7 @@ fn windowed<T: KvElement>(
 
 /// q, k and v of the step (with their biases), the heads' norms where the model has them,
 /// and RoPE on q and k at their positions.
-fn project_qkv(io: &mut MixerIo<'_>, w: &Attention<'_>, scratch: &mut AttnScratch) {
+pub(crate) fn project_qkv(io: &mut MixerIo<'_>, w: &Attention<'_>, scratch: &mut AttnScratch) {
     let (cfg, n_tok) = (io.cfg, io.n_tok);
     io.observe(
         LinearInput::Attention { layer: io.layer },
@@ -426,7 +478,7 @@ fn project_qkv(io: &mut MixerIo<'_>, w: &Attention<'_>, scratch: &mut AttnScratc
         }
     }
     for t in 0..n_tok {
-        let pos = io.n_past + t;
+        let pos = io.position(t);
         for head in scratch.q[t * n_heads * hd..(t + 1) * n_heads * hd].chunks_mut(hd) {
             io.rope.apply(head, pos, cfg.rope_style);
         }
@@ -437,7 +489,7 @@ fn project_qkv(io: &mut MixerIo<'_>, w: &Attention<'_>, scratch: &mut AttnScratc
 }
 
 /// `out (n_tok, d_model) = wo · att`.
-fn project_out(
+pub(crate) fn project_out(
     io: &mut MixerIo<'_>,
     w: &Attention<'_>,
     scratch: &mut AttnScratch,
@@ -452,31 +504,39 @@ fn project_out(
     io.linear(&w.wo, &scratch.att, out);
 }
 
-/// Appends the step's keys and values at their positions.
+/// Appends the keys and values of step rows `rows` at their positions.
 fn store_causal<T: KvElement>(
     cfg: &ModelConfig,
     kv: &mut KvSlots<T>,
     scratch: &AttnScratch,
-    n_past: usize,
-    n_tok: usize,
+    rows: &StepRows,
 ) {
     let (kv_dim, hd) = (cfg.kv_dim(), cfg.head_dim);
-    for t in 0..n_tok {
+    for (t, r) in rows.rows.clone().enumerate() {
         for g in 0..cfg.n_kv_heads {
-            let new = t * kv_dim + g * hd..t * kv_dim + (g + 1) * hd;
-            kv.store(cfg, g, n_past + t, &scratch.k[new.clone()], &scratch.v[new]);
+            let new = r * kv_dim + g * hd..r * kv_dim + (g + 1) * hd;
+            kv.store(
+                cfg,
+                g,
+                rows.n_past + t,
+                &scratch.k[new.clone()],
+                &scratch.v[new],
+            );
         }
     }
 }
 
-/// Attention of the step's queries over `kv` within `span`, into `scratch.att (n_tok, q_dim)`.
+/// Attention of the queries of step rows `rows` over `kv` within `span`, into the same rows
+/// of `scratch.att (max_batch, q_dim)`.
 fn attend<T: KvElement>(
-    io: &MixerIo<'_>,
+    cfg: &ModelConfig,
+    threads: &Threads,
     kv: &KvSlots<T>,
     span: KeySpan<'_>,
     scratch: &mut AttnScratch,
+    rows: &StepRows,
 ) {
-    let (cfg, threads, n_past, n_tok) = (io.cfg, io.threads, io.n_past, io.n_tok);
+    let (n_past, n_tok, row0) = (rows.n_past, rows.rows.len(), rows.rows.start);
     let (q_dim, n_kv) = (cfg.q_dim(), cfg.n_kv_heads);
     let group_width = cfg.gqa_group() * cfg.head_dim;
     let n_keys_max = match span {
@@ -487,7 +547,7 @@ fn attend<T: KvElement>(
     let slot_len = plan.slot_len(cfg);
     let inputs = AttnInputs {
         cfg,
-        q: &scratch.q[..n_tok * q_dim],
+        q: &scratch.q[row0 * q_dim..(row0 + n_tok) * q_dim],
         keys: &kv.keys,
         values: &kv.values,
         n_slots: kv.n_slots,
@@ -505,7 +565,7 @@ fn attend<T: KvElement>(
         n_tok,
     );
     // Each task's rows `(block, group, head_dim)` to their place in `att (n_tok, q_dim)`.
-    let att = &mut scratch.att[..n_tok * q_dim];
+    let att = &mut scratch.att[row0 * q_dim..(row0 + n_tok) * q_dim];
     for task in 0..plan.n_tasks {
         let (g, t0, t1) = plan.task(task, n_kv, n_tok);
         let slot = &scratch.att_tasks[plan.slot(task) * slot_len..][..(t1 - t0) * group_width];

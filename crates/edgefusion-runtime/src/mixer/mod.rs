@@ -117,7 +117,11 @@ pub(crate) struct MixerIo<'a> {
     pub xn: &'a [f32],
     pub rope: &'a RopeTable,
     pub layer: usize,
+    /// Position of the first row (rows follow each other in one sequence) ...
     pub n_past: usize,
+    /// ... unless each row has its own: one token of a different sequence per row
+    /// ([`crate::Session::decode_batch`]), `(n_tok,)`.
+    pub positions: Option<&'a [usize]>,
     pub n_tok: usize,
     pub observer: &'a mut dyn FnMut(LinearInput, &[f32], usize),
     /// Whether `act` holds the quantized `xn` (false: it must be invalidated first).
@@ -125,6 +129,11 @@ pub(crate) struct MixerIo<'a> {
 }
 
 impl MixerIo<'_> {
+    /// Position of the token in row `t`.
+    pub fn position(&self, t: usize) -> usize {
+        self.positions.map_or(self.n_past + t, |p| p[t])
+    }
+
     /// Reports `x (n_tok, width)` as the input of `site` to the observer.
     pub fn observe(&mut self, site: LinearInput, x: &[f32], width: usize) {
         (self.observer)(site, &x[..self.n_tok * width], self.n_tok);

@@ -1,0 +1,326 @@
+//! Several sequences on one session. A [`Sequence`] holds every layer's state of one
+//! sequence (KV cache, sink and window, SSM state) and its position; the session holds the
+//! weights' scratch and the threads. [`Session::forward`] continues the session's current
+//! sequence, which [`Session::swap_sequence`] exchanges with another (a prompt's prefill);
+//! [`Session::decode_batch`] advances many sequences by one token each in one step, whose
+//! linear layers are one matmul over all of them: the weights are read once for the whole
+//! batch, which is where a server's aggregate throughput comes from.
+
+use std::ops::Range;
+
+use edgefusion_model::Model;
+
+use crate::engine::{KvType, Session, SessionOptions};
+use crate::mixer::LayerState;
+use crate::RuntimeError;
+
+/// One sequence's state in every layer, and how many positions it holds.
+#[derive(Debug, Clone)]
+pub struct Sequence {
+    /// One per layer, matching its mixer.
+    pub(crate) layers: Vec<LayerState>,
+    pub(crate) n_past: usize,
+    /// The layers the positions so far went through (all of them unless
+    /// [`Session::forward_hidden`] ran a range).
+    pub(crate) layers_run: Range<usize>,
+    /// What the states were sized for: only a session of the same shape may run them.
+    shape: SequenceShape,
+}
+
+/// The session properties a sequence's buffers depend on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SequenceShape {
+    /// Address of the model (sequences of another model have other layers).
+    model: usize,
+    n_ctx: usize,
+    /// Staging slots of the window caches.
+    max_batch: usize,
+    kv_type: KvType,
+}
+
+impl SequenceShape {
+    fn of(model: &Model<'_>, opts: &SessionOptions) -> Self {
+        SequenceShape {
+            model: model as *const Model<'_> as usize,
+            n_ctx: opts.n_ctx,
+            max_batch: opts.max_batch,
+            kv_type: opts.kv_type,
+        }
+    }
+}
+
+impl Sequence {
+    /// An empty sequence for a session of `model` with (clamped) options `opts`.
+    pub(crate) fn new(model: &Model<'_>, opts: &SessionOptions) -> Self {
+        let cfg = &model.config;
+        Sequence {
+            layers: model
+                .layers
+                .iter()
+                .map(|l| LayerState::new(cfg, &l.mixer, opts.n_ctx, opts.max_batch, opts.kv_type))
+                .collect(),
+            n_past: 0,
+            layers_run: 0..cfg.n_layers,
+            shape: SequenceShape::of(model, opts),
+        }
+    }
+
+    /// Positions the sequence holds.
+    pub fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    /// Forgets every position: the next token starts a new sequence.
+    pub fn reset(&mut self) {
+        self.n_past = 0;
+    }
+
+    /// Whether some layer keeps a constant-size state (SSM, sink + window) that summarizes
+    /// the past and so cannot be cut back ([`Sequence::truncate`]), only saved and restored.
+    pub fn has_recurrent_state(&self) -> bool {
+        self.layers.iter().any(LayerState::is_recurrent)
+    }
+
+    /// Forgets every position from `n` on, keeping the prefix (prefix reuse).
+    ///
+    /// # Errors
+    /// On a model with SSM or windowed layers when `0 < n < n_past`: their states do not
+    /// rewind.
+    pub fn truncate(&mut self, n: usize) -> Result<(), RuntimeError> {
+        if n > 0 && n < self.n_past && self.has_recurrent_state() {
+            return Err(RuntimeError::InvalidOption(format!(
+                "cannot truncate a hybrid model's session from {} to {n} positions: SSM and window states do not rewind",
+                self.n_past
+            )));
+        }
+        self.n_past = self.n_past.min(n);
+        Ok(())
+    }
+
+    /// Empties the SSM states (a new sequence starts from zero).
+    pub(crate) fn clear_recurrent(&mut self) {
+        for layer in &mut self.layers {
+            if let LayerState::Ssm { ssm, .. } = layer {
+                ssm.clear();
+            }
+        }
+    }
+}
+
+impl Session<'_> {
+    /// A new, empty sequence that this session can run: with [`Session::swap_sequence`]
+    /// (then [`Session::forward`]) or [`Session::decode_batch`]. Its caches take the memory
+    /// of the session's own (a full KV cache of `n_ctx` positions per attention layer, mapped
+    /// as positions are used).
+    pub fn new_sequence(&self) -> Sequence {
+        Sequence::new(self.model(), self.options())
+    }
+
+    /// Exchanges the session's current sequence with `seq`, without copying: `forward` then
+    /// continues what was `seq`.
+    ///
+    /// # Errors
+    /// If `seq` was made by a session of another model, context, batch size or cache type.
+    pub fn swap_sequence(&mut self, seq: &mut Sequence) -> Result<(), RuntimeError> {
+        self.check_shape(seq, 0)?;
+        std::mem::swap(&mut self.seq, seq);
+        Ok(())
+    }
+
+    /// One step of several sequences: `tokens[r]` is the next token of `seqs[r]`. Returns
+    /// the logits after each, `(seqs.len(), vocab_size)` row-major, and advances each
+    /// sequence by one position. Equal (to float rounding) to one [`Session::forward`] per
+    /// sequence, but the weights are read once for all of them.
+    ///
+    /// # Errors
+    /// When the lengths differ, there are more sequences than the session's `max_batch` or
+    /// `max_logits`, a sequence is full or was made by another session, or a token is out
+    /// of the vocabulary. Nothing is changed then.
+    pub fn decode_batch(
+        &mut self,
+        seqs: &mut [&mut Sequence],
+        tokens: &[u32],
+    ) -> Result<&[f32], RuntimeError> {
+        let cfg = &self.model().config;
+        let (n, vocab, n_layers) = (tokens.len(), cfg.vocab_size, cfg.n_layers);
+        if n == 0 || seqs.len() != n {
+            return Err(RuntimeError::InvalidOption(format!(
+                "a batch step takes one token per sequence: {} tokens for {} sequences",
+                n,
+                seqs.len()
+            )));
+        }
+        let opts = self.options();
+        let most = opts.max_batch.min(opts.max_logits);
+        if n > most {
+            return Err(RuntimeError::InvalidOption(format!(
+                "{n} sequences in one step but the session takes at most {most} (max_batch {}, max_logits {})",
+                opts.max_batch, opts.max_logits
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(RuntimeError::TokenOutOfRange {
+                token: bad,
+                vocab_size: vocab,
+            });
+        }
+        for (i, seq) in seqs.iter().enumerate() {
+            self.check_shape(seq, i)?;
+            if seq.n_past + 1 > opts.n_ctx {
+                return Err(RuntimeError::ContextFull {
+                    n_past: seq.n_past,
+                    n_new: 1,
+                    n_ctx: opts.n_ctx,
+                });
+            }
+            if seq.n_past > 0 && seq.layers_run != (0..n_layers) {
+                return Err(RuntimeError::InvalidOption(format!(
+                    "sequence {i}: its {} positions went through layers {:?} only: reset it first",
+                    seq.n_past, seq.layers_run
+                )));
+            }
+        }
+        for seq in seqs.iter_mut() {
+            seq.layers_run = 0..n_layers;
+        }
+        self.embed(tokens);
+        self.run_layers(n, 0..n_layers, Some(seqs));
+        self.head(0, n, 0);
+        Ok(self.logits(n))
+    }
+
+    fn check_shape(&self, seq: &Sequence, index: usize) -> Result<(), RuntimeError> {
+        if seq.shape != SequenceShape::of(self.model(), self.options()) {
+            return Err(RuntimeError::InvalidOption(format!(
+                "sequence {index} was made for another session (model, context, max_batch or KV type differ): make it with this session's new_sequence"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Logits;
+    use edgefusion_io::ModelSource;
+    use edgefusion_testkit::fixture;
+
+    /// Prompts of different lengths prefilled one by one, then decoded together: every
+    /// step's logits equal each sequence decoded alone, on every mixer (full attention,
+    /// sink + window, SSM beside a window, Gemma 3's local layers with their own RoPE).
+    #[test]
+    fn decode_batch_equals_each_sequence_alone() {
+        for name in [
+            "tiny-llama-q4_1",
+            "tiny-llama256-q4_k_m",
+            "tiny-llama-f32",
+            "tiny-qwen3-f32",
+            "tiny-gemma3-f32",
+            "tiny-hybrid-f32",
+            "tiny-window-f32",
+        ] {
+            let source = ModelSource::open(fixture(&format!("{name}.gguf"))).unwrap();
+            let model = Model::load(&source).unwrap();
+            let vocab = model.config.vocab_size as u32;
+            let prompts: Vec<Vec<u32>> = [5usize, 1, 17, 9]
+                .iter()
+                .enumerate()
+                .map(|(k, &len)| {
+                    (0..len)
+                        .map(|i| (i * 7 + k * 13 + 3) as u32 % vocab)
+                        .collect()
+                })
+                .collect();
+            let steps = 12;
+            let next = |k: usize, step: usize| ((k * 31 + step * 11 + 1) as u32) % vocab;
+            let mut opts = SessionOptions::new(48, 2);
+            opts.adapt_threads = false;
+            opts.max_logits = 4;
+
+            // Alone: each sequence prefilled, then one token at a time.
+            let mut alone = Vec::new();
+            let mut session = Session::new(&model, opts.clone()).unwrap();
+            for (k, prompt) in prompts.iter().enumerate() {
+                session.reset();
+                let mut rows = session.forward(prompt, Logits::Last).unwrap().to_vec();
+                for step in 0..steps {
+                    rows.extend_from_slice(
+                        session.forward(&[next(k, step)], Logits::Last).unwrap(),
+                    );
+                }
+                alone.push(rows);
+            }
+
+            // Together: prefilled through swap_sequence, then decoded in one batch.
+            let mut session = Session::new(&model, opts).unwrap();
+            let mut seqs: Vec<Sequence> = prompts.iter().map(|_| session.new_sequence()).collect();
+            let mut together: Vec<Vec<f32>> = vec![Vec::new(); prompts.len()];
+            for (k, prompt) in prompts.iter().enumerate() {
+                session.swap_sequence(&mut seqs[k]).unwrap();
+                together[k].extend_from_slice(session.forward(prompt, Logits::Last).unwrap());
+                session.swap_sequence(&mut seqs[k]).unwrap();
+            }
+            for step in 0..steps {
+                // A sequence that has finished leaves the batch (the second after step 5).
+                let members: Vec<usize> =
+                    (0..prompts.len()).filter(|&k| k != 1 || step < 5).collect();
+                let tokens: Vec<u32> = members.iter().map(|&k| next(k, step)).collect();
+                let mut refs: Vec<&mut Sequence> = seqs
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(k, _)| members.contains(k))
+                    .map(|(_, s)| s)
+                    .collect();
+                let logits = session.decode_batch(&mut refs, &tokens).unwrap();
+                for (row, &k) in logits.chunks(vocab as usize).zip(&members) {
+                    together[k].extend_from_slice(row);
+                }
+            }
+            for (k, (a, b)) in alone.iter().zip(&together).enumerate() {
+                let n = b.len();
+                let err = edgefusion_testkit::max_rel_error(&b[..], &a[..n]);
+                assert!(err <= 2e-3, "{name}, sequence {k}: relative error {err}");
+                assert_eq!(seqs[k].n_past(), prompts[k].len() + n / vocab as usize - 1);
+            }
+        }
+    }
+
+    #[test]
+    fn decode_batch_refuses_bad_batches_and_changes_nothing() {
+        let source = ModelSource::open(fixture("tiny-llama-f32.gguf")).unwrap();
+        let model = Model::load(&source).unwrap();
+        let mut opts = SessionOptions::new(8, 1);
+        opts.max_logits = 2;
+        let mut session = Session::new(&model, opts.clone()).unwrap();
+        let (mut a, mut b, mut c) = (
+            session.new_sequence(),
+            session.new_sequence(),
+            session.new_sequence(),
+        );
+        let err = |r: Result<&[f32], RuntimeError>| r.unwrap_err().to_string();
+        assert!(
+            err(session.decode_batch(&mut [&mut a], &[1, 2])).contains("one token per sequence")
+        );
+        assert!(
+            err(session.decode_batch(&mut [&mut a, &mut b, &mut c], &[1, 2, 3]))
+                .contains("at most 2")
+        );
+        assert!(err(session.decode_batch(&mut [&mut a], &[u32::MAX]))
+            .contains("outside the vocabulary"));
+        // A sequence of another session's shape.
+        let other = Session::new(&model, SessionOptions::new(16, 1)).unwrap();
+        let mut foreign = other.new_sequence();
+        assert!(err(session.decode_batch(&mut [&mut foreign], &[1])).contains("another session"));
+        assert!(session.swap_sequence(&mut foreign).is_err());
+        // A full sequence.
+        for _ in 0..8 {
+            session.decode_batch(&mut [&mut a], &[1]).unwrap();
+        }
+        assert!(matches!(
+            session.decode_batch(&mut [&mut a, &mut b], &[1, 1]),
+            Err(RuntimeError::ContextFull { .. })
+        ));
+        assert_eq!((a.n_past(), b.n_past()), (8, 0));
+    }
+}
