@@ -4,6 +4,8 @@
 //! With `--ctx`, also decode speed deep in a context (tg n ending at position C, after an
 //! untimed prefill of C − n tokens), with the process's resident memory and the bytes of KV
 //! cache and SSM state at that depth: where hybrids and dense models part ways.
+//! With `--parallel`, also tg with B sequences decoded together in one batched step per token
+//! (what `serve` does with B busy slots), reported as the aggregate tokens/s of all B.
 
 use std::time::Instant;
 
@@ -11,7 +13,7 @@ use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use edgefusion_runtime::profile::mean_sd;
 use edgefusion_runtime::sampler::Rng;
-use edgefusion_runtime::{Logits, Session, SessionOptions};
+use edgefusion_runtime::{Logits, Sequence, Session, SessionOptions};
 use serde::Serialize;
 
 use crate::common::{self, ModelArgs};
@@ -52,6 +54,11 @@ pub struct BenchArgs {
     /// tg n (the first --n-gen) ending at each position.
     #[arg(long = "ctx", value_delimiter = ',')]
     pub ctx: Vec<usize>,
+    /// Sequences decoded together (comma-separated, e.g. 1,4,16): tg n (the first
+    /// --n-gen) for each of B sequences in one batched step per token, as `serve` decodes
+    /// B busy slots; aggregate tokens/s.
+    #[arg(long = "parallel", value_delimiter = ',')]
+    pub parallel: Vec<usize>,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Md)]
     pub output: OutputFormat,
@@ -117,7 +124,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             cfg.n_ctx_train
         );
     }
-    let n_ctx = max_tokens.max(1);
+    if args.parallel.contains(&0) {
+        bail!("--parallel counts must be at least 1");
+    }
+    let most_parallel = args.parallel.iter().copied().max().unwrap_or(1);
+    let n_ctx = max_tokens.max(depth_gen + 1).max(1);
     let name = args
         .model
         .path()
@@ -126,7 +137,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut rows = Vec::new();
     for &n_threads in &threads {
         let mut opts = SessionOptions::new(n_ctx, n_threads);
-        opts.max_batch = 512;
+        opts.max_batch = 512.max(most_parallel);
+        opts.max_logits = most_parallel;
         let mut session = Session::new(&model, opts)?;
         let mut rng = Rng::new(42);
         let mut random_tokens =
@@ -207,6 +219,56 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 );
             }
             rows.push(row);
+        }
+        for &n_seq in &args.parallel {
+            let mut seqs: Vec<Sequence> = (0..n_seq).map(|_| session.new_sequence()).collect();
+            let first = random_tokens(n_seq);
+            let mut samples = Vec::with_capacity(args.repetitions);
+            for rep in 0..=args.repetitions {
+                seqs.iter_mut().for_each(Sequence::reset);
+                let mut tokens = first.clone();
+                let start = Instant::now();
+                for _ in 0..depth_gen {
+                    let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+                    let logits = session.decode_batch(&mut refs, &tokens)?;
+                    for (t, row) in tokens.iter_mut().zip(logits.chunks_exact(vocab as usize)) {
+                        *t = edgefusion_runtime::sampler::argmax(row);
+                    }
+                }
+                if rep > 0 {
+                    samples.push((n_seq * depth_gen) as f64 / start.elapsed().as_secs_f64());
+                }
+            }
+            let (avg, sd) = mean_sd(&samples);
+            let test = format!("tg{depth_gen} x{n_seq}");
+            if matches!(args.output, OutputFormat::Md) {
+                if rows.is_empty() {
+                    println!("| model | size | params | backend | threads | test | t/s |");
+                    println!("| ----- | ---: | -----: | ------- | ------: | ---: | --: |");
+                }
+                println!(
+                    "| {name} | {:.2} MiB | {:.2} M | CPU | {n_threads} | {test} | {avg:.2} ± {sd:.2} |",
+                    common::mib(model.weight_bytes()),
+                    cfg.n_params() as f64 / 1e6,
+                );
+            }
+            rows.push(BenchRow {
+                model: name.clone(),
+                size_bytes: model.weight_bytes(),
+                params: cfg.n_params(),
+                backend: "CPU",
+                threads: n_threads,
+                test,
+                n_prompt: 0,
+                n_gen: depth_gen * n_seq,
+                avg_ts: avg,
+                stddev_ts: sd,
+                samples_ts: samples,
+                ctx: None,
+                rss_bytes: None,
+                peak_rss_bytes: None,
+                state_bytes: None,
+            });
         }
         let mut printed_header = false;
         for &ctx in &args.ctx {

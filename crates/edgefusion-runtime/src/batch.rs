@@ -133,28 +133,69 @@ impl Session<'_> {
     /// sequence, but the weights are read once for all of them.
     ///
     /// # Errors
-    /// When the lengths differ, there are more sequences than the session's `max_batch` or
-    /// `max_logits`, a sequence is full or was made by another session, or a token is out
-    /// of the vocabulary. Nothing is changed then.
+    /// As [`Session::forward_batch`].
     pub fn decode_batch(
         &mut self,
         seqs: &mut [&mut Sequence],
         tokens: &[u32],
     ) -> Result<&[f32], RuntimeError> {
-        let cfg = &self.model().config;
-        let (n, vocab, n_layers) = (tokens.len(), cfg.vocab_size, cfg.n_layers);
-        if n == 0 || seqs.len() != n {
+        if seqs.len() != tokens.len() {
             return Err(RuntimeError::InvalidOption(format!(
-                "a batch step takes one token per sequence: {} tokens for {} sequences",
-                n,
+                "a decode step takes one token per sequence: {} tokens for {} sequences",
+                tokens.len(),
                 seqs.len()
             )));
         }
-        let opts = self.options();
-        let most = opts.max_batch.min(opts.max_logits);
-        if n > most {
+        self.batch_step(seqs, tokens, || std::iter::repeat_n(1, tokens.len()))
+    }
+
+    /// One step of several sequences, each with its own number of new tokens: `seqs[s]`
+    /// takes the next `lens[s]` tokens of `tokens` (in order), so a prompt's prefill chunk and
+    /// other sequences' decode tokens share one pass over the weights. Returns the logits
+    /// after each sequence's last token, `(seqs.len(), vocab_size)`.
+    ///
+    /// # Errors
+    /// When the lengths do not add up or one is 0, there are more tokens than the session's
+    /// `max_batch` or more sequences than its `max_logits`, a sequence would overflow its
+    /// context or was made by another session, or a token is out of the vocabulary.
+    /// Nothing is changed then.
+    pub fn forward_batch(
+        &mut self,
+        seqs: &mut [&mut Sequence],
+        tokens: &[u32],
+        lens: &[usize],
+    ) -> Result<&[f32], RuntimeError> {
+        if lens.len() != seqs.len()
+            || lens.contains(&0)
+            || lens.iter().sum::<usize>() != tokens.len()
+        {
             return Err(RuntimeError::InvalidOption(format!(
-                "{n} sequences in one step but the session takes at most {most} (max_batch {}, max_logits {})",
+                "{} tokens do not split into {} sequences of {lens:?} (each at least 1)",
+                tokens.len(),
+                seqs.len()
+            )));
+        }
+        self.batch_step(seqs, tokens, || lens.iter().copied())
+    }
+
+    fn batch_step<I: Iterator<Item = usize>>(
+        &mut self,
+        seqs: &mut [&mut Sequence],
+        tokens: &[u32],
+        lens: impl Fn() -> I,
+    ) -> Result<&[f32], RuntimeError> {
+        let cfg = &self.model().config;
+        let (n_seq, n_tok) = (seqs.len(), tokens.len());
+        let (vocab, n_layers) = (cfg.vocab_size, cfg.n_layers);
+        if n_seq == 0 {
+            return Err(RuntimeError::InvalidOption(
+                "a batch step needs at least one sequence".into(),
+            ));
+        }
+        let opts = self.options();
+        if n_tok > opts.max_batch || n_seq > opts.max_logits {
+            return Err(RuntimeError::InvalidOption(format!(
+                "{n_tok} tokens of {n_seq} sequences in one step but the session takes at most {} tokens (max_batch) of {} sequences (max_logits)",
                 opts.max_batch, opts.max_logits
             )));
         }
@@ -164,12 +205,12 @@ impl Session<'_> {
                 vocab_size: vocab,
             });
         }
-        for (i, seq) in seqs.iter().enumerate() {
+        for (i, (seq, len)) in seqs.iter().zip(lens()).enumerate() {
             self.check_shape(seq, i)?;
-            if seq.n_past + 1 > opts.n_ctx {
+            if seq.n_past + len > opts.n_ctx {
                 return Err(RuntimeError::ContextFull {
                     n_past: seq.n_past,
-                    n_new: 1,
+                    n_new: len,
                     n_ctx: opts.n_ctx,
                 });
             }
@@ -183,10 +224,12 @@ impl Session<'_> {
         for seq in seqs.iter_mut() {
             seq.layers_run = 0..n_layers;
         }
+        self.set_spans(seqs, lens());
         self.embed(tokens);
-        self.run_layers(n, 0..n_layers, Some(seqs));
-        self.head(0, n, 0);
-        Ok(self.logits(n))
+        self.run_layers(n_tok, 0..n_layers, Some(seqs));
+        self.gather_last_rows(n_seq);
+        self.head(0, n_seq, 0);
+        Ok(self.logits(n_seq))
     }
 
     fn check_shape(&self, seq: &Sequence, index: usize) -> Result<(), RuntimeError> {
@@ -206,8 +249,8 @@ mod tests {
     use edgefusion_io::ModelSource;
     use edgefusion_testkit::fixture;
 
-    /// Prompts of different lengths prefilled one by one, then decoded together: every
-    /// step's logits equal each sequence decoded alone, on every mixer (full attention,
+    /// Prompts of different lengths prefilled one alone and three in one uneven step, then
+    /// decoded together: every step's logits equal each sequence run alone, on every mixer (full attention,
     /// sink + window, SSM beside a window, Gemma 3's local layers with their own RoPE).
     #[test]
     fn decode_batch_equals_each_sequence_alone() {
@@ -252,14 +295,21 @@ mod tests {
                 alone.push(rows);
             }
 
-            // Together: prefilled through swap_sequence, then decoded in one batch.
+            // Together: the first prefilled through swap_sequence, the others in one step of
+            // uneven lengths, then all decoded in one batch.
             let mut session = Session::new(&model, opts).unwrap();
             let mut seqs: Vec<Sequence> = prompts.iter().map(|_| session.new_sequence()).collect();
             let mut together: Vec<Vec<f32>> = vec![Vec::new(); prompts.len()];
-            for (k, prompt) in prompts.iter().enumerate() {
-                session.swap_sequence(&mut seqs[k]).unwrap();
-                together[k].extend_from_slice(session.forward(prompt, Logits::Last).unwrap());
-                session.swap_sequence(&mut seqs[k]).unwrap();
+            session.swap_sequence(&mut seqs[0]).unwrap();
+            together[0].extend_from_slice(session.forward(&prompts[0], Logits::Last).unwrap());
+            session.swap_sequence(&mut seqs[0]).unwrap();
+            let lens: Vec<usize> = prompts[1..].iter().map(Vec::len).collect();
+            let mut refs: Vec<&mut Sequence> = seqs[1..].iter_mut().collect();
+            let logits = session
+                .forward_batch(&mut refs, &prompts[1..].concat(), &lens)
+                .unwrap();
+            for (k, row) in logits.chunks(vocab as usize).enumerate() {
+                together[k + 1].extend_from_slice(row);
             }
             for step in 0..steps {
                 // A sequence that has finished leaves the batch (the second after step 5).
@@ -304,7 +354,11 @@ mod tests {
         );
         assert!(
             err(session.decode_batch(&mut [&mut a, &mut b, &mut c], &[1, 2, 3]))
-                .contains("at most 2")
+                .contains("max_logits")
+        );
+        assert!(
+            err(session.forward_batch(&mut [&mut a, &mut b], &[1, 2], &[2, 0]))
+                .contains("at least 1")
         );
         assert!(err(session.decode_batch(&mut [&mut a], &[u32::MAX]))
             .contains("outside the vocabulary"));

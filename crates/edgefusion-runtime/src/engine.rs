@@ -140,7 +140,9 @@ struct RunState {
     attn: AttnScratch,
     ssm: SsmScratch,
     /// Position of each row in a step of several sequences (max_batch)
-    positions: Vec<usize>,
+    pub(crate) positions: Vec<usize>,
+    /// The rows of each sequence in such a step (max_logits)
+    pub(crate) spans: Vec<std::ops::Range<usize>>,
 }
 
 /// One inference session over a model: each layer's state of the sequence, scratch and
@@ -246,6 +248,7 @@ impl<'m> Session<'m> {
             attn: AttnScratch::new(cfg, max_batch, threads.max_threads(), &cache_slots),
             ssm: SsmScratch::new(cfg, max_batch),
             positions: vec![0; max_batch],
+            spans: vec![0..0; max_logits],
         };
         let rope = RopeTable::new(cfg, opts.n_ctx);
         let rope_window = RopeTable::for_window_layers(cfg, opts.n_ctx);
@@ -293,6 +296,33 @@ impl<'m> Session<'m> {
     /// The options the session was made with (`max_batch` and `max_logits` clamped).
     pub fn options(&self) -> &SessionOptions {
         &self.opts
+    }
+
+    /// Sets the rows of a step of several sequences: sequence `s` takes the next `lens[s]`
+    /// rows, at its next positions.
+    pub(crate) fn set_spans(&mut self, seqs: &[&mut Sequence], lens: impl Iterator<Item = usize>) {
+        let st = &mut self.state;
+        let mut row = 0;
+        for ((span, seq), len) in st.spans.iter_mut().zip(seqs).zip(lens) {
+            *span = row..row + len;
+            for (t, pos) in st.positions[row..row + len].iter_mut().enumerate() {
+                *pos = seq.n_past + t;
+            }
+            row += len;
+        }
+    }
+
+    /// After a step of several sequences: the final stream of each one's last row moves to
+    /// row `s`, so that one head matmul gives all their logits.
+    pub(crate) fn gather_last_rows(&mut self, n_seq: usize) {
+        let d = self.model.config.d_model;
+        let st = &mut self.state;
+        for s in 0..n_seq {
+            let last = st.spans[s].end - 1;
+            if last != s {
+                st.x.copy_within(last * d..(last + 1) * d, s * d);
+            }
+        }
     }
 
     /// The first `n` rows of logits the last step wrote, `(n, vocab_size)`.
@@ -564,13 +594,8 @@ impl<'m> Session<'m> {
                 seq.clear_recurrent();
             }
         });
-        match &mut seqs {
-            Rows::One(seq) => st.attn.begin_step(cfg, seq.n_past, n_tok),
-            Rows::Batch(batch) => {
-                for (pos, seq) in st.positions.iter_mut().zip(batch.iter()) {
-                    *pos = seq.n_past;
-                }
-            }
+        if let Rows::One(seq) = &seqs {
+            st.attn.begin_step(cfg, seq.n_past, n_tok);
         }
 
         let first = layer_range.start;
@@ -618,7 +643,8 @@ impl<'m> Session<'m> {
                 }
                 Rows::Batch(batch) => {
                     io.positions = Some(&st.positions[..n_tok]);
-                    mix_batch(&mut io, &layer.mixer, batch, &mut out);
+                    let spans = &st.spans[..batch.len()];
+                    mix_batch(&mut io, &layer.mixer, batch, spans, &mut out);
                 }
             }
             add_normed(
@@ -679,8 +705,8 @@ impl<'m> Session<'m> {
         match seqs {
             Rows::One(seq) => seq.n_past += n_tok,
             Rows::Batch(batch) => {
-                for seq in batch.iter_mut() {
-                    seq.n_past += 1;
+                for (seq, span) in batch.iter_mut().zip(&st.spans) {
+                    seq.n_past += span.len();
                 }
             }
         }
@@ -712,7 +738,7 @@ impl<'m> Session<'m> {
 enum Rows<'a, 'b> {
     /// Consecutive positions of one sequence.
     One(&'a mut Sequence),
-    /// Row `r`: the next token of sequence `r`.
+    /// Rows `state.spans[s]`: the next tokens of sequence `s`.
     Batch(&'a mut [&'b mut Sequence]),
 }
 
@@ -763,66 +789,68 @@ fn mix(io: &mut MixerIo<'_>, mixer: &Mixer<'_>, state: &mut LayerState, out: &mu
     }
 }
 
-/// The mixer of layer `io.layer` where row `r` is the next token of `batch[r]`: attention's
-/// projections are one matmul over every row, each row attends over its own sequence's
-/// cache; an SSM layer runs row by row.
+/// The mixer of layer `io.layer` where rows `spans[s]` are the next tokens of `batch[s]`:
+/// attention's projections are one matmul over every row, and each sequence's rows attend
+/// over its own cache; an SSM layer runs sequence by sequence.
 fn mix_batch(
     io: &mut MixerIo<'_>,
     mixer: &Mixer<'_>,
     batch: &mut [&mut Sequence],
+    spans: &[std::ops::Range<usize>],
     out: &mut MixerOut<'_>,
 ) {
-    let (cfg, threads, li, positions) = (io.cfg, io.threads, io.layer, io.positions);
-    let position = |r: usize| positions.map_or(0, |p| p[r]);
-    let rows = |r: usize| attention::StepRows {
-        rows: r..r + 1,
-        n_past: position(r),
+    let (cfg, threads, li) = (io.cfg, io.threads, io.layer);
+    let rows = |seq: &Sequence, span: &std::ops::Range<usize>| attention::StepRows {
+        rows: span.clone(),
+        n_past: seq.n_past,
     };
     match mixer {
         Mixer::Attention(w) => {
             attention::project_qkv(io, w, out.attn);
-            for (r, seq) in batch.iter_mut().enumerate() {
+            for (seq, span) in batch.iter_mut().zip(spans) {
+                let step_rows = rows(seq, span);
                 let LayerState::Kv(cache) = &mut seq.layers[li] else {
                     unreachable!("each layer's state is made for its mixer")
                 };
-                attention::attend_full(cfg, threads, cache, out.attn, rows(r));
+                attention::attend_full(cfg, threads, cache, out.attn, step_rows);
             }
             attention::project_out(io, w, out.attn, out.proj);
         }
         Mixer::Window(w) => {
             attention::project_qkv(io, w, out.attn);
-            for (r, seq) in batch.iter_mut().enumerate() {
+            for (seq, span) in batch.iter_mut().zip(spans) {
+                let step_rows = rows(seq, span);
                 let LayerState::Window(cache) = &mut seq.layers[li] else {
                     unreachable!("each layer's state is made for its mixer")
                 };
-                attention::attend_window(cfg, threads, cache, out.attn, rows(r));
+                attention::attend_window(cfg, threads, cache, out.attn, step_rows);
             }
             attention::project_out(io, w, out.attn, out.proj);
         }
         Mixer::Ssm { .. } => {
             let d = cfg.d_model;
-            for (r, seq) in batch.iter_mut().enumerate() {
-                let mut row_io = MixerIo {
+            for (seq, span) in batch.iter_mut().zip(spans) {
+                let mut seq_io = MixerIo {
                     cfg,
                     threads,
                     act: &mut *io.act,
-                    xn: &io.xn[r * d..(r + 1) * d],
+                    xn: &io.xn[span.start * d..span.end * d],
                     rope: io.rope,
                     layer: li,
-                    n_past: position(r),
+                    n_past: seq.n_past,
                     positions: None,
-                    n_tok: 1,
+                    n_tok: span.len(),
                     observer: &mut *io.observer,
                     act_holds_input: false,
                 };
-                out.attn.begin_step(cfg, position(r), 1);
-                let mut row_out = MixerOut {
+                out.attn.begin_step(cfg, seq.n_past, span.len());
+                let mut seq_out = MixerOut {
                     attn: &mut *out.attn,
                     ssm: &mut *out.ssm,
-                    proj: &mut out.proj[r * d..],
+                    proj: &mut out.proj[span.start * d..],
                     proj_window: &mut *out.proj_window,
                 };
-                mix(&mut row_io, mixer, &mut seq.layers[li], &mut row_out);
+                mix(&mut seq_io, mixer, &mut seq.layers[li], &mut seq_out);
             }
         }
     }

@@ -13,6 +13,10 @@
 //!
 //! Skipped with a loud message when the model is absent, unless EDGEFUSION_REQUIRE_ASSETS=1
 //! (as in scripts/test.sh and CI), where a missing model is a failure.
+//!
+//! The same check runs on Gemma 3 270M (Q4_K_M; fixture `gemma3_greedy.json` from the same
+//! script with `--model`) when `scripts/fetch-assets.sh --gemma3` has fetched it (opt-in: CI
+//! does not download it).
 
 use std::path::PathBuf;
 
@@ -64,10 +68,28 @@ fn steps(prompt: &Value) -> Vec<Step> {
 #[test]
 fn greedy_decoding_agrees_with_llama_cpp() {
     let Some(path) = model_path() else { return };
-    let fixture = edgefusion_testkit::fixture("smollm2_greedy.json");
+    check_greedy(&path, "smollm2_greedy.json");
+}
+
+#[test]
+fn gemma3_greedy_decoding_agrees_with_llama_cpp() {
+    let path = edgefusion_testkit::assets_dir().join("models/gemma-3-270m-q4_k_m.gguf");
+    if !path.exists() {
+        eprintln!(
+            "SKIPPED: {} absent (opt-in: scripts/fetch-assets.sh --gemma3)",
+            path.display()
+        );
+        return;
+    }
+    check_greedy(&path, "gemma3_greedy.json");
+}
+
+/// The model at `path` against llama.cpp's greedy steps in `fixture` (see the module doc).
+fn check_greedy(path: &std::path::Path, fixture: &str) {
+    let fixture = edgefusion_testkit::fixture(fixture);
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture).expect("fixture")).expect("json");
-    let source = ModelSource::open(&path).expect("open model");
+    let source = ModelSource::open(path).expect("open model");
     let model = Model::load(&source).expect("load model");
     let n_ctx = json["settings"]["n_ctx"].as_u64().unwrap_or(512) as usize;
     let mut session = Session::new(&model, SessionOptions::new(n_ctx, 2)).expect("session");

@@ -22,9 +22,7 @@ use edgefusion_io::ModelSource;
 use edgefusion_model::Model;
 use edgefusion_runtime::chat::{ChatTemplate, CHATML_TEMPLATE};
 use edgefusion_runtime::tokenizer::{TokenStreamer, Tokenizer};
-use edgefusion_runtime::{
-    Logits, RuntimeError, Sampler, SamplerConfig, Sequence, Session, SessionOptions,
-};
+use edgefusion_runtime::{Sampler, SamplerConfig, Sequence, Session, SessionOptions};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{ServeConfig, ServeError};
@@ -288,7 +286,7 @@ fn scheduler_main(cfg: ServeConfig, jobs: Receiver<Job>, ready: Ready, metrics: 
     // each decode round is one batched step over the active ones.
     let mut opts = SessionOptions::new(n_ctx, cfg.threads);
     opts.max_logits = cfg.slots;
-    opts.max_batch = opts.max_batch.max(cfg.slots).max(cfg.prefill_chunk);
+    opts.max_batch = opts.max_batch.max(cfg.slots + cfg.prefill_chunk);
     let mut session = match Session::new(&model, opts) {
         Ok(session) => session,
         Err(e) => {
@@ -391,8 +389,7 @@ impl<'t> Scheduler<'_, '_, 't> {
                 }
             }
             self.drop_cancelled(slots);
-            self.prefill(slots);
-            self.decode(slots);
+            self.step(slots);
             self.metrics.active_slots.store(
                 slots.iter().filter(|s| s.active.is_some()).count(),
                 Ordering::SeqCst,
@@ -476,50 +473,14 @@ impl<'t> Scheduler<'_, '_, 't> {
         }
     }
 
-    /// Prefills up to `prefill_chunk` prompt tokens this round, first admitted first, so a
-    /// long prompt takes several rounds and the other streams keep decoding between them.
-    fn prefill(&mut self, slots: &mut [Slot<'t>]) {
-        let mut budget = self.prefill_chunk;
-        while budget > 0 {
-            let Some(slot) = slots
-                .iter_mut()
-                .filter(|s| s.active.as_ref().is_some_and(|a| a.pending > 0))
-                .min_by_key(|s| s.active.as_ref().map_or(u64::MAX, |a| a.order))
-            else {
-                return;
-            };
-            let Some(active) = slot.active.as_mut() else {
-                return;
-            };
-            let start = active.n_prompt - active.pending;
-            let n = active.pending.min(budget);
-            let chunk = &active.history[start..start + n];
-            let result = with_sequence(self.session, &mut slot.seq, |session| {
-                session.forward(chunk, Logits::Last).map(<[f32]>::to_vec)
-            });
-            match result {
-                Ok(logits) => {
-                    slot.cached.extend_from_slice(chunk);
-                    active.pending -= n;
-                    active.logits = logits;
-                    budget -= n;
-                }
-                Err(e) => {
-                    let _ = active.events.send(Event::Error(e.to_string()));
-                    self.metrics.release();
-                    slot.active = None;
-                    slot.seq.reset();
-                    slot.cached.clear();
-                }
-            }
-        }
-    }
-
-    /// One decode round: every slot whose prompt is in samples its next token and sends the
-    /// text it completes; the tokens that continue are then fed back in one batched step.
-    fn decode(&mut self, slots: &mut [Slot<'t>]) {
+    /// One round: every slot whose prompt is in samples its next token and sends the text
+    /// it completes; then one batched step feeds those tokens together with up to
+    /// `prefill_chunk` prompt tokens of the slots still prefilling (first admitted first), so
+    /// a long prompt takes several rounds and the other streams decode a token in each.
+    fn step(&mut self, slots: &mut [Slot<'t>]) {
         let n_ctx = self.session.n_ctx();
-        let mut fed: Vec<(usize, u32)> = Vec::new();
+        // (slot, tokens fed, whether they are decode tokens)
+        let mut batch: Vec<(usize, Vec<u32>, bool)> = Vec::new();
         for (i, slot) in slots.iter_mut().enumerate() {
             let Some(active) = slot.active.as_mut() else {
                 continue;
@@ -531,7 +492,7 @@ impl<'t> Scheduler<'_, '_, 't> {
                 Step::Finished(reason) => Some(reason),
                 Step::Continue(_) if slot.seq.n_past() >= n_ctx => Some(FinishReason::Length),
                 Step::Continue(next) => {
-                    fed.push((i, next));
+                    batch.push((i, vec![next], true));
                     None
                 }
             };
@@ -544,35 +505,74 @@ impl<'t> Scheduler<'_, '_, 't> {
                 }
             }
         }
-        if fed.is_empty() {
+        let mut prefilling: Vec<(u64, usize)> = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                s.active
+                    .as_ref()
+                    .filter(|a| a.pending > 0)
+                    .map(|a| (a.order, i))
+            })
+            .collect();
+        prefilling.sort_unstable();
+        let mut budget = self.prefill_chunk;
+        for (_, i) in prefilling {
+            if budget == 0 {
+                break;
+            }
+            let Some(active) = slots[i].active.as_ref() else {
+                continue;
+            };
+            let start = active.n_prompt - active.pending;
+            let n = active.pending.min(budget);
+            batch.push((i, active.history[start..start + n].to_vec(), false));
+            budget -= n;
+        }
+        if batch.is_empty() {
             return;
         }
-        let tokens: Vec<u32> = fed.iter().map(|&(_, t)| t).collect();
-        let mut seqs: Vec<&mut Sequence> = slots
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| fed.iter().any(|&(f, _)| f == *i))
-            .map(|(_, s)| &mut s.seq)
+        let tokens: Vec<u32> = batch
+            .iter()
+            .flat_map(|(_, t, _)| t.iter().copied())
+            .collect();
+        let lens: Vec<usize> = batch.iter().map(|(_, t, _)| t.len()).collect();
+        // The sequences in the batch's order (slots are borrowed one by one, disjointly).
+        let mut by_slot: Vec<Option<&mut Sequence>> =
+            slots.iter_mut().map(|s| Some(&mut s.seq)).collect();
+        let mut seqs: Vec<&mut Sequence> = batch
+            .iter()
+            .filter_map(|(i, _, _)| by_slot[*i].take())
             .collect();
         let vocab = self.session.model().config.vocab_size;
-        match self.session.decode_batch(&mut seqs, &tokens) {
+        let n_decode = batch.iter().filter(|b| b.2).count();
+        match self.session.forward_batch(&mut seqs, &tokens, &lens) {
             Ok(logits) => {
-                self.metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .decode_rows
-                    .fetch_add(fed.len() as u64, Ordering::Relaxed);
-                for (&(i, token), row) in fed.iter().zip(logits.chunks_exact(vocab)) {
-                    let slot = &mut slots[i];
-                    slot.cached.push(token);
+                if n_decode > 0 {
+                    self.metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .decode_rows
+                        .fetch_add(n_decode as u64, Ordering::Relaxed);
+                }
+                for ((i, fed, decoding), row) in batch.iter().zip(logits.chunks_exact(vocab)) {
+                    let slot = &mut slots[*i];
+                    slot.cached.extend_from_slice(fed);
                     if let Some(active) = slot.active.as_mut() {
-                        active.logits.copy_from_slice(row);
+                        if !decoding {
+                            active.pending -= fed.len();
+                        }
+                        // The logits after the prompt's last token start the generation.
+                        if active.pending == 0 {
+                            active.logits.clear();
+                            active.logits.extend_from_slice(row);
+                        }
                     }
                 }
             }
             Err(e) => {
                 // Checked beforehand, so this is a bug: fail the round's jobs, keep serving.
-                for &(i, _) in &fed {
-                    let slot = &mut slots[i];
+                for (i, _, _) in &batch {
+                    let slot = &mut slots[*i];
                     if let Some(active) = slot.active.take() {
                         let _ = active.events.send(Event::Error(e.to_string()));
                         self.metrics.release();
@@ -583,20 +583,6 @@ impl<'t> Scheduler<'_, '_, 't> {
             }
         }
     }
-}
-
-/// Runs `f` on the session with `seq` as its current sequence, and gives `seq` back.
-fn with_sequence<R>(
-    session: &mut Session<'_>,
-    seq: &mut Sequence,
-    f: impl FnOnce(&mut Session<'_>) -> Result<R, RuntimeError>,
-) -> Result<R, RuntimeError> {
-    session.swap_sequence(seq)?;
-    let result = f(session);
-    session
-        .swap_sequence(seq)
-        .expect("the sequence swapped in a moment ago fits");
-    result
 }
 
 /// Length of the longest common prefix.
