@@ -29,9 +29,13 @@ use serde_json::Value;
 /// llama.cpp's top-1/top-2 margin above which our greedy choice must be the same as its
 /// (largest margin at which a choice differed, measured: 0.09).
 const MARGIN: f32 = 0.5;
-/// Largest distance between our top logit and llama.cpp's (measured: 0.88 on logits of 20–40,
-/// the same 2–3% that llama.cpp itself sits from an exact float64 reference on quantized models).
+/// Largest distance between our top logit and llama.cpp's on SmolLM2 (measured: 0.88–0.97 on
+/// logits of 20–40, the same 2–3% that llama.cpp itself sits from an exact float64 reference
+/// on quantized models).
 const LOGIT_GAP: f32 = 1.25;
+/// The same on Gemma 3 270M, whose 18 layers mix Q5_0, Q4_K, Q6_K and Q8_0 (measured: 1.66 at
+/// one step of 320, on logits of 11–35; every choice with a margin above `MARGIN` agrees).
+const GEMMA3_LOGIT_GAP: f32 = 2.0;
 
 fn model_path() -> Option<PathBuf> {
     edgefusion_testkit::asset("models/SmolLM2-135M-Instruct.Q4_1.gguf", "--model")
@@ -68,7 +72,7 @@ fn steps(prompt: &Value) -> Vec<Step> {
 #[test]
 fn greedy_decoding_agrees_with_llama_cpp() {
     let Some(path) = model_path() else { return };
-    check_greedy(&path, "smollm2_greedy.json");
+    check_greedy(&path, "smollm2_greedy.json", LOGIT_GAP);
 }
 
 #[test]
@@ -81,11 +85,11 @@ fn gemma3_greedy_decoding_agrees_with_llama_cpp() {
         );
         return;
     }
-    check_greedy(&path, "gemma3_greedy.json");
+    check_greedy(&path, "gemma3_greedy.json", GEMMA3_LOGIT_GAP);
 }
 
 /// The model at `path` against llama.cpp's greedy steps in `fixture` (see the module doc).
-fn check_greedy(path: &std::path::Path, fixture: &str) {
+fn check_greedy(path: &std::path::Path, fixture: &str, logit_gap: f32) {
     let fixture = edgefusion_testkit::fixture(fixture);
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture).expect("fixture")).expect("json");
@@ -117,7 +121,7 @@ fn check_greedy(path: &std::path::Path, fixture: &str) {
                     step.token, step.margin
                 ));
             }
-            if gap > LOGIT_GAP {
+            if gap > logit_gap {
                 failures.push(format!("{text:?} step {i}: top logit differs by {gap}"));
             }
             logits = session
