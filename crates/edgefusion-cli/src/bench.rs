@@ -128,7 +128,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("--parallel counts must be at least 1");
     }
     let most_parallel = args.parallel.iter().copied().max().unwrap_or(1);
-    let n_ctx = max_tokens.max(depth_gen + 1).max(1);
+    // A --parallel test decodes depth_gen tokens per sequence, as many sequences as logits.
+    let parallel_ctx = if args.parallel.is_empty() {
+        1
+    } else {
+        depth_gen.max(most_parallel)
+    };
+    let n_ctx = max_tokens.max(parallel_ctx);
     let name = args
         .model
         .path()

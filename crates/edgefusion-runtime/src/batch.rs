@@ -1,10 +1,11 @@
 //! Several sequences on one session. A [`Sequence`] holds every layer's state of one
 //! sequence (KV cache, sink and window, SSM state) and its position; the session holds the
 //! weights' scratch and the threads. [`Session::forward`] continues the session's current
-//! sequence, which [`Session::swap_sequence`] exchanges with another (a prompt's prefill);
-//! [`Session::decode_batch`] advances many sequences by one token each in one step, whose
-//! linear layers are one matmul over all of them: the weights are read once for the whole
-//! batch, which is where a server's aggregate throughput comes from.
+//! sequence, which [`Session::swap_sequence`] exchanges with another;
+//! [`Session::forward_batch`] advances many sequences in one step, each by its own number of
+//! tokens (a prompt chunk beside other sequences' next tokens; [`Session::decode_batch`]: one
+//! each), whose linear layers are one matmul over all of them: the weights are read once for
+//! the whole batch, which is where a server's aggregate throughput comes from.
 
 use std::ops::Range;
 
@@ -30,8 +31,9 @@ pub struct Sequence {
 /// The session properties a sequence's buffers depend on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SequenceShape {
-    /// Address of the model (sequences of another model have other layers).
+    /// Address and depth of the model (sequences of another model have other layers).
     model: usize,
+    n_layers: usize,
     n_ctx: usize,
     /// Staging slots of the window caches.
     max_batch: usize,
@@ -42,6 +44,7 @@ impl SequenceShape {
     fn of(model: &Model<'_>, opts: &SessionOptions) -> Self {
         SequenceShape {
             model: model as *const Model<'_> as usize,
+            n_layers: model.layers.len(),
             n_ctx: opts.n_ctx,
             max_batch: opts.max_batch,
             kv_type: opts.kv_type,
@@ -109,7 +112,7 @@ impl Sequence {
 
 impl Session<'_> {
     /// A new, empty sequence that this session can run: with [`Session::swap_sequence`]
-    /// (then [`Session::forward`]) or [`Session::decode_batch`]. Its caches take the memory
+    /// (then [`Session::forward`]), [`Session::forward_batch`] or [`Session::decode_batch`]. Its caches take the memory
     /// of the session's own (a full KV cache of `n_ctx` positions per attention layer, mapped
     /// as positions are used).
     pub fn new_sequence(&self) -> Sequence {
@@ -122,7 +125,11 @@ impl Session<'_> {
     /// # Errors
     /// If `seq` was made by a session of another model, context, batch size or cache type.
     pub fn swap_sequence(&mut self, seq: &mut Sequence) -> Result<(), RuntimeError> {
-        self.check_shape(seq, 0)?;
+        if !self.fits(seq) {
+            return Err(RuntimeError::InvalidOption(
+                "the sequence was made for another session (model, context, max_batch or KV type differ): make it with this session's new_sequence".into(),
+            ));
+        }
         std::mem::swap(&mut self.seq, seq);
         Ok(())
     }
@@ -232,8 +239,12 @@ impl Session<'_> {
         Ok(self.logits(n_seq))
     }
 
+    fn fits(&self, seq: &Sequence) -> bool {
+        seq.shape == SequenceShape::of(self.model(), self.options())
+    }
+
     fn check_shape(&self, seq: &Sequence, index: usize) -> Result<(), RuntimeError> {
-        if seq.shape != SequenceShape::of(self.model(), self.options()) {
+        if !self.fits(seq) {
             return Err(RuntimeError::InvalidOption(format!(
                 "sequence {index} was made for another session (model, context, max_batch or KV type differ): make it with this session's new_sequence"
             )));

@@ -38,7 +38,8 @@ pub struct SessionOptions {
     pub adapt_threads: bool,
     /// Tokens processed per forward step; longer inputs are split into steps of this size.
     pub max_batch: usize,
-    /// Largest number of positions whose logits one `forward` call returns.
+    /// Largest number of positions whose logits one `forward` call returns, and of
+    /// sequences in one [`Session::forward_batch`] step.
     pub max_logits: usize,
     pub kv_type: KvType,
 }
@@ -557,8 +558,9 @@ impl<'m> Session<'m> {
     }
 
     /// `n_tok` rows of the residual stream in `state.x` through `layer_range`: positions
-    /// `n_past..` of the session's sequence, or with `batch`, row `r` the next token of
-    /// `batch[r]`; observes the head's input when the last layer ran.
+    /// `n_past..` of the session's sequence, or with `batch`, rows `state.spans[s]` the next
+    /// tokens of `batch[s]` (see [`Session::set_spans`]); observes the head's input when the
+    /// last layer ran.
     pub(crate) fn run_layers(
         &mut self,
         n_tok: usize,

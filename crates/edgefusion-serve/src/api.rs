@@ -17,7 +17,9 @@ use tokio::sync::mpsc::{self, UnboundedReceiver};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::params::{gen_params, Body};
-use crate::scheduler::{Engine, Event, FinishReason, GenParams, Job, SubmitError};
+use crate::scheduler::{
+    Engine, Event, FinishReason, GenParams, Job, SubmitError, TokenLogprob, TokenText,
+};
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone)]
@@ -437,6 +439,7 @@ async fn generate(
         });
     }
     params.max_tokens = params.max_tokens.min(n_ctx - prompt.len());
+    let params_logprobs = params.logprobs.is_some();
     let events = submit(&engine, prompt, params)?;
     let reply = Reply {
         id: next_id(if kind == Kind::Chat {
@@ -447,6 +450,7 @@ async fn generate(
         created: unix_now(),
         model,
         kind,
+        logprobs: params_logprobs,
     };
     if stream {
         Ok(stream_response(reply, events, include_usage))
@@ -496,6 +500,52 @@ struct Reply {
     created: u64,
     model: String,
     kind: Kind,
+    /// Whether the request asked for log-probabilities.
+    logprobs: bool,
+}
+
+/// Log-probabilities of generated tokens in the shape of the request's endpoint: chat's
+/// `{"content": [{token, logprob, bytes, top_logprobs}]}`, or completions' parallel lists
+/// `tokens`, `token_logprobs`, `top_logprobs` and `text_offset` (characters from the start
+/// of the generated text; `offset` is where `entries` begin).
+fn logprobs_json(kind: Kind, entries: &[TokenLogprob], offset: &mut usize) -> Value {
+    match kind {
+        Kind::Chat => {
+            let token = |t: &TokenText, logprob: f32| json!({"token": t.text, "logprob": logprob, "bytes": t.bytes});
+            let content: Vec<Value> = entries
+                .iter()
+                .map(|e| {
+                    let mut v = token(&e.token, e.logprob);
+                    v["top_logprobs"] = e.top.iter().map(|(t, lp)| token(t, *lp)).collect();
+                    v
+                })
+                .collect();
+            json!({ "content": content })
+        }
+        Kind::Completion => {
+            let mut text_offset = Vec::with_capacity(entries.len());
+            for e in entries {
+                text_offset.push(*offset);
+                *offset += e.token.text.chars().count();
+            }
+            json!({
+                "tokens": entries.iter().map(|e| e.token.text.clone()).collect::<Vec<_>>(),
+                "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
+                "top_logprobs": entries
+                    .iter()
+                    .map(|e| {
+                        // Keyed by text: of tokens that spell the same, the likeliest stays.
+                        let mut top = serde_json::Map::new();
+                        for (t, lp) in &e.top {
+                            top.entry(t.text.clone()).or_insert(json!(lp));
+                        }
+                        top
+                    })
+                    .collect::<Vec<_>>(),
+                "text_offset": text_offset,
+            })
+        }
+    }
 }
 
 impl Reply {
@@ -541,9 +591,11 @@ async fn whole_response(
     mut events: UnboundedReceiver<Event>,
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     while let Some(event) = events.recv().await {
         match event {
             Event::Text(piece) => text.push_str(&piece),
+            Event::Logprob(entry) => logprobs.push(entry),
             Event::Error(message) => return Err(ApiError::server(message)),
             Event::Done {
                 reason,
@@ -551,6 +603,9 @@ async fn whole_response(
                 completion_tokens,
             } => {
                 let mut body = reply.body(false, Some(&text), Some(reason));
+                if reply.logprobs {
+                    body["choices"][0]["logprobs"] = logprobs_json(reply.kind, &logprobs, &mut 0);
+                }
                 body["usage"] = Reply::usage(prompt_tokens, completion_tokens);
                 return Ok(Json(body).into_response());
             }
@@ -577,9 +632,27 @@ fn stream_response(
                 return;
             }
         }
+        // Log-probabilities ride on the next chunk of text (a token's text may be held back
+        // while it could start a stop string), the rest on the final chunk.
+        let mut pending: Vec<TokenLogprob> = Vec::new();
+        let mut offset = 0;
+        let mut with_logprobs = |mut chunk: Value, pending: &mut Vec<TokenLogprob>| {
+            if reply.logprobs && !pending.is_empty() {
+                chunk["choices"][0]["logprobs"] = logprobs_json(reply.kind, pending, &mut offset);
+                pending.clear();
+            }
+            chunk
+        };
         while let Some(event) = events.recv().await {
             let out = match event {
-                Event::Text(piece) => vec![data(reply.body(true, Some(&piece), None))],
+                Event::Logprob(entry) => {
+                    pending.push(entry);
+                    continue;
+                }
+                Event::Text(piece) => vec![data(with_logprobs(
+                    reply.body(true, Some(&piece), None),
+                    &mut pending,
+                ))],
                 Event::Error(message) => vec![data(json!({"error": {
                     "message": message, "type": "server_error", "param": null, "code": null}}))],
                 Event::Done {
@@ -587,7 +660,10 @@ fn stream_response(
                     prompt_tokens,
                     completion_tokens,
                 } => {
-                    let mut out = vec![data(reply.body(true, None, Some(reason)))];
+                    let mut out = vec![data(with_logprobs(
+                        reply.body(true, None, Some(reason)),
+                        &mut pending,
+                    ))];
                     if include_usage {
                         let mut last = reply.body(true, None, None);
                         last["choices"] = json!([]);

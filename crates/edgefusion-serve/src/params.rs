@@ -176,12 +176,7 @@ pub fn gen_params(body: &Body, max_tokens_field: &str) -> Result<GenParams, ApiE
             Some("stop"),
         ));
     }
-    if body.bool("logprobs")?.unwrap_or(false) || body.get("top_logprobs").is_some() {
-        return Err(ApiError::invalid(
-            "'logprobs' is not supported yet",
-            Some("logprobs"),
-        ));
-    }
+    let logprobs = logprobs(body, max_tokens_field == "max_completion_tokens")?;
     Ok(GenParams {
         sampler: SamplerConfig {
             temperature,
@@ -196,7 +191,42 @@ pub fn gen_params(body: &Body, max_tokens_field: &str) -> Result<GenParams, ApiE
         stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
         presence_penalty: penalties[0],
         frequency_penalty: penalties[1],
+        logprobs,
     })
+}
+
+/// How many alternatives to report beside each generated token's log-probability (`None`:
+/// no log-probabilities). Chat: `logprobs` true and `top_logprobs` 0–20; completions:
+/// `logprobs` an integer 0–5, as OpenAI's API takes them.
+fn logprobs(body: &Body, chat: bool) -> Result<Option<usize>, ApiError> {
+    if chat {
+        let wanted = body.bool("logprobs")?.unwrap_or(false);
+        let top = body.i64("top_logprobs")?;
+        if let Some(top) = top {
+            if !(0..=20).contains(&top) {
+                return Err(ApiError::invalid(
+                    format!("'top_logprobs' must be in [0, 20] (got {top})"),
+                    Some("top_logprobs"),
+                ));
+            }
+            if !wanted {
+                return Err(ApiError::invalid(
+                    "'top_logprobs' needs 'logprobs': true",
+                    Some("top_logprobs"),
+                ));
+            }
+        }
+        Ok(wanted.then(|| top.unwrap_or(0) as usize))
+    } else {
+        match body.i64("logprobs")? {
+            None => Ok(None),
+            Some(n) if (0..=5).contains(&n) => Ok(Some(n as usize)),
+            Some(n) => Err(ApiError::invalid(
+                format!("'logprobs' must be an integer in [0, 5] (got {n})"),
+                Some("logprobs"),
+            )),
+        }
+    }
 }
 
 /// A seed for requests that give none: differs per request.

@@ -1,11 +1,11 @@
 //! The compute side: one OS thread owns the model and the slots, and runs every forward pass.
 //!
 //! Each round the scheduler admits queued jobs into free slots (the free slot whose cached
-//! tokens share the longest prefix with the prompt keeps them: prefix reuse), prefills up to
-//! `prefill_chunk` prompt tokens, then samples one token for every slot whose prompt is in and
-//! feeds them all back in one batched step ([`Session::decode_batch`]): requests join and
-//! leave the batch at token boundaries, and a long prompt is prefilled over several rounds
-//! while the other streams go on.
+//! tokens share the longest prefix with the prompt keeps them: prefix reuse), samples one
+//! token for every slot whose prompt is in, and feeds those tokens and up to `prefill_chunk`
+//! prompt tokens of the slots still prefilling through the model in one batched step
+//! ([`Session::forward_batch`]): requests join and leave the batch at token boundaries, and a
+//! long prompt is prefilled over several rounds while the other streams go on.
 //! Tokens go back to the HTTP side over each job's unbounded channel, so the scheduler never
 //! waits for a client; a client that went away closes its channel and its slot is freed at
 //! the next round.
@@ -39,6 +39,9 @@ pub struct GenParams {
     /// generated tokens.
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
+    /// Report each generated token's log-probability and this many most likely
+    /// alternatives (`None`: no log-probabilities).
+    pub logprobs: Option<usize>,
 }
 
 /// A request for the scheduler: the prompt's tokens and where to send the results.
@@ -69,12 +72,76 @@ impl FinishReason {
 #[derive(Debug, Clone)]
 pub enum Event {
     Text(String),
+    /// A generated token's log-probability (when asked for), sent before its text.
+    Logprob(TokenLogprob),
     Done {
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
     },
     Error(String),
+}
+
+/// One generated token's log-probability under the model (after the penalties, before
+/// temperature), and the most likely tokens at that step.
+#[derive(Debug, Clone)]
+pub struct TokenLogprob {
+    pub token: TokenText,
+    pub logprob: f32,
+    pub top: Vec<(TokenText, f32)>,
+}
+
+/// A token as the API shows it: its text (bytes that are not whole UTF-8 characters are
+/// shown lossily) and its bytes.
+#[derive(Debug, Clone)]
+pub struct TokenText {
+    pub text: String,
+    pub bytes: Vec<u8>,
+}
+
+impl TokenText {
+    fn of(tokenizer: &Tokenizer, id: u32) -> Self {
+        let bytes = tokenizer
+            .decode(&[id])
+            .map(String::into_bytes)
+            .unwrap_or_else(|_| tokenizer.token_bytes(id).unwrap_or_default().to_vec());
+        TokenText {
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
+        }
+    }
+}
+
+/// `token`'s log-probability under `logits` and the `top` most likely tokens, most likely
+/// first.
+fn token_logprob(tokenizer: &Tokenizer, logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let log_z = max as f64 + sum.ln();
+    let logprob = |id: u32| (logits[id as usize] as f64 - log_z) as f32;
+    let mut best: Vec<u32> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        let by_logit = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        if top < ids.len() {
+            ids.select_nth_unstable_by(top - 1, by_logit);
+            ids.truncate(top);
+        }
+        ids.sort_unstable_by(by_logit);
+        best = ids;
+    }
+    TokenLogprob {
+        token: TokenText::of(tokenizer, token),
+        logprob: logprob(token),
+        top: best
+            .into_iter()
+            .map(|id| (TokenText::of(tokenizer, id), logprob(id)))
+            .collect(),
+    }
 }
 
 /// Counters for `/metrics`, shared by both sides.
@@ -137,7 +204,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the scheduler thread, which loads the model and the slots' sessions; returns
+    /// Starts the scheduler thread, which loads the model, its session and the slots' sequences; returns
     /// once they are ready, or with the error that stopped them.
     pub fn start(cfg: ServeConfig) -> Result<Engine, ServeError> {
         if cfg.slots == 0 {
@@ -294,6 +361,13 @@ fn scheduler_main(cfg: ServeConfig, jobs: Receiver<Job>, ready: Ready, metrics: 
             return;
         }
     };
+    if session.options().max_logits < cfg.slots {
+        let _ = ready.send(Err(ServeError::Config(format!(
+            "--slots {} exceeds the context of {n_ctx} tokens: a batched step takes at most one sequence per context position",
+            cfg.slots
+        ))));
+        return;
+    }
     let mut slots: Vec<Slot> = (0..cfg.slots)
         .map(|_| Slot {
             seq: session.new_sequence(),
@@ -422,10 +496,11 @@ impl<'t> Scheduler<'_, '_, 't> {
                 keep
             }
         };
+        // Ties go to the slot that caches least, keeping longer caches for later requests.
         let Some(slot) = slots
             .iter_mut()
             .filter(|s| s.active.is_none())
-            .max_by_key(|s| reusable(s))
+            .max_by_key(|s| (reusable(s), std::cmp::Reverse(s.cached.len())))
         else {
             unreachable!("a job is admitted only when a slot is free")
         };
@@ -516,7 +591,9 @@ impl<'t> Scheduler<'_, '_, 't> {
             })
             .collect();
         prefilling.sort_unstable();
-        let mut budget = self.prefill_chunk;
+        // The step holds at most max_batch tokens (the session clamps it to the context).
+        let room = self.session.options().max_batch.saturating_sub(batch.len());
+        let mut budget = self.prefill_chunk.min(room);
         for (_, i) in prefilling {
             if budget == 0 {
                 break;
@@ -608,6 +685,10 @@ fn sample_next(active: &mut Active<'_>, tokenizer: &Tokenizer, metrics: &Metrics
     let next = active.sampler.sample(&active.logits, &active.history);
     if tokenizer.is_eos(next) {
         return Step::Finished(FinishReason::Stop);
+    }
+    if let Some(top) = active.params.logprobs {
+        let entry = token_logprob(tokenizer, &active.logits, next, top);
+        let _ = active.events.send(Event::Logprob(entry));
     }
     active.history.push(next);
     active.n_generated += 1;

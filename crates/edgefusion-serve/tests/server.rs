@@ -398,6 +398,36 @@ async fn different_prompts_decoded_together_equal_each_alone() {
     Arc::into_inner(server).unwrap().stop().await;
 }
 
+/// With a context shorter than two prompts together, a round prefills only what one step
+/// holds (the session's batch is clamped to the context); both requests still succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_longer_together_than_the_context_are_prefilled_in_turn() {
+    let server = Arc::new(
+        TestServer::start(|cfg| {
+            cfg.slots = 2;
+            cfg.ctx = Some(24);
+            cfg.step_delay = Duration::from_millis(5);
+        })
+        .await,
+    );
+    let prompt = "The river ran quickly past the old mill and";
+    let requests: Vec<_> = (0..2)
+        .map(|_| {
+            let server = server.clone();
+            tokio::spawn(async move {
+                let request = json!({"prompt": prompt, "temperature": 0, "max_tokens": 3});
+                server.post("/v1/completions", &request).await
+            })
+        })
+        .collect();
+    for request in requests {
+        let (status, body) = request.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(body["usage"]["prompt_tokens"].as_u64().unwrap() > 8);
+    }
+    Arc::into_inner(server).unwrap().stop().await;
+}
+
 /// A request whose prompt repeats an earlier one's starts from the slot's cached tokens
 /// (all but the last, whose logits start the generation) and gives the same text; a prompt
 /// that shares only a start keeps that much.
@@ -430,6 +460,133 @@ async fn a_repeated_prompt_reuses_the_cached_prefix() {
         "kept {kept} of {} tokens",
         n_prompt(&third)
     );
+    server.stop().await;
+}
+
+/// Log-probabilities: chat's `content` list and completions' parallel lists, whole and
+/// streamed; the greedy token is the most likely one, its log-probability is the direct
+/// session's log-softmax, the tokens spell the text, and out-of-range counts are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_match_the_model_and_spell_the_text() {
+    let server = TestServer::start(|_| {}).await;
+    // The direct session's log-probability of its first greedy token.
+    let source = ModelSource::open(fixture(MODEL)).unwrap();
+    let model = Model::load(&source).unwrap();
+    let tokenizer = load_tokenizer(&source).unwrap();
+    let mut session = Session::new(&model, SessionOptions::new(64, 1)).unwrap();
+    let ids = tokenizer.encode(PROMPT, true).unwrap();
+    let logits = session.forward(&ids, Logits::Last).unwrap().to_vec();
+    let first = argmax(&logits);
+    let max = logits[first as usize];
+    let log_z = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    let want_first = logits[first as usize] - log_z;
+
+    let mut request = greedy(8);
+    request["logprobs"] = json!(3);
+    let (status, body) = server.post("/v1/completions", &request).await;
+    assert_eq!(status, 200, "{body}");
+    let choice = &body["choices"][0];
+    let lp = &choice["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        tokens.len() as u64,
+        body["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(tokens.concat(), choice["text"].as_str().unwrap());
+    let first_lp = lp["token_logprobs"][0].as_f64().unwrap() as f32;
+    assert!(
+        (first_lp - want_first).abs() < 1e-3,
+        "{first_lp} vs {want_first}"
+    );
+    for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        // A map by token text (OpenAI's shape): tokens that spell the same text share a key.
+        let top = top.as_object().unwrap();
+        assert!((1..=3).contains(&top.len()), "{top:?}");
+        let best = top
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        // Greedy: the chosen token is the most likely one.
+        assert!((best - lp["token_logprobs"][i].as_f64().unwrap()).abs() < 1e-6);
+    }
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]));
+
+    // Chat, whole and streamed: the same entries.
+    let chat = json!({"messages": [{"role": "user", "content": "Hello"}], "temperature": 0,
+                      "max_tokens": 6, "logprobs": true, "top_logprobs": 2});
+    let (status, whole) = server.post("/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200, "{whole}");
+    let content = whole["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        content.len() as u64,
+        whole["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    let spelled: String = content
+        .iter()
+        .map(|e| e["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        spelled,
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    for entry in &content {
+        assert!(entry["logprob"].as_f64().unwrap() <= 0.0);
+        assert_eq!(entry["top_logprobs"].as_array().unwrap().len(), 2);
+        assert_eq!(entry["top_logprobs"][0]["token"], entry["token"]);
+    }
+    let mut streamed_request = chat.clone();
+    streamed_request["stream"] = json!(true);
+    let events = server
+        .stream("/v1/chat/completions", &streamed_request)
+        .await;
+    let streamed: Vec<Value> = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|v| v["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    // The same tokens; the log-probabilities to float rounding (the second request starts
+    // from the first's cached prompt, so its last prompt token runs as a step of its own).
+    assert_eq!(streamed.len(), content.len());
+    for (a, b) in streamed.iter().zip(&content) {
+        assert_eq!(a["token"], b["token"]);
+        let (x, y) = (
+            a["logprob"].as_f64().unwrap(),
+            b["logprob"].as_f64().unwrap(),
+        );
+        assert!((x - y).abs() < 1e-4, "{a} vs {b}");
+    }
+
+    for (path, field, value) in [
+        ("/v1/chat/completions", "top_logprobs", json!(21)),
+        ("/v1/completions", "logprobs", json!(6)),
+    ] {
+        let mut bad = if path == "/v1/completions" {
+            greedy(4)
+        } else {
+            chat.clone()
+        };
+        bad[field] = value;
+        let (status, body) = server.post(path, &bad).await;
+        assert_eq!(status, 400, "{body}");
+        assert_openai_error(&body, Some(field));
+    }
     server.stop().await;
 }
 

@@ -254,7 +254,8 @@ pub(crate) struct AttnScratch {
     /// sub-block `(sub_block_tokens · gqa_group, n_keys)` (see [`AttnPlan`]).
     attn_scratch: Vec<f32>,
     /// The position of each windowed-cache slot in this step (same for every windowed
-    /// layer): (sink + window + max_batch)
+    /// layer of one sequence; a batch step recomputes it per sequence):
+    /// (sink + window + max_batch)
     window_positions: Vec<usize>,
 }
 

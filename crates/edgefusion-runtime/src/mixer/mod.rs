@@ -119,8 +119,8 @@ pub(crate) struct MixerIo<'a> {
     pub layer: usize,
     /// Position of the first row (rows follow each other in one sequence) ...
     pub n_past: usize,
-    /// ... unless each row has its own: one token of a different sequence per row
-    /// ([`crate::Session::decode_batch`]), `(n_tok,)`.
+    /// ... unless each row has its own: rows of several sequences in one step
+    /// ([`crate::Session::forward_batch`]), `(n_tok,)`.
     pub positions: Option<&'a [usize]>,
     pub n_tok: usize,
     pub observer: &'a mut dyn FnMut(LinearInput, &[f32], usize),
