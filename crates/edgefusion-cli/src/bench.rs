@@ -208,21 +208,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 state_bytes: None,
             };
             if matches!(args.output, OutputFormat::Md) {
-                if rows.is_empty() {
-                    println!("| model | size | params | backend | threads | test | t/s |");
-                    println!("| ----- | ---: | -----: | ------- | ------: | ---: | --: |");
-                }
-                println!(
-                    "| {} | {:.2} MiB | {:.2} M | {} | {} | {} | {:.2} ± {:.2} |",
-                    row.model,
-                    common::mib(row.size_bytes),
-                    row.params as f64 / 1e6,
-                    row.backend,
-                    row.threads,
-                    row.test,
-                    row.avg_ts,
-                    row.stddev_ts
-                );
+                print_md_row(&row, rows.is_empty());
             }
             rows.push(row);
         }
@@ -246,25 +232,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 }
             }
             let (avg, sd) = mean_sd(&samples);
-            let test = format!("tg{depth_gen} x{n_seq}");
-            if matches!(args.output, OutputFormat::Md) {
-                if rows.is_empty() {
-                    println!("| model | size | params | backend | threads | test | t/s |");
-                    println!("| ----- | ---: | -----: | ------- | ------: | ---: | --: |");
-                }
-                println!(
-                    "| {name} | {:.2} MiB | {:.2} M | CPU | {n_threads} | {test} | {avg:.2} ± {sd:.2} |",
-                    common::mib(model.weight_bytes()),
-                    cfg.n_params() as f64 / 1e6,
-                );
-            }
-            rows.push(BenchRow {
+            let row = BenchRow {
                 model: name.clone(),
                 size_bytes: model.weight_bytes(),
                 params: cfg.n_params(),
                 backend: "CPU",
                 threads: n_threads,
-                test,
+                test: format!("tg{depth_gen} x{n_seq}"),
                 n_prompt: 0,
                 n_gen: depth_gen * n_seq,
                 avg_ts: avg,
@@ -274,7 +248,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 rss_bytes: None,
                 peak_rss_bytes: None,
                 state_bytes: None,
-            });
+            };
+            if matches!(args.output, OutputFormat::Md) {
+                print_md_row(&row, rows.is_empty());
+            }
+            rows.push(row);
         }
         let mut printed_header = false;
         for &ctx in &args.ctx {
@@ -335,4 +313,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     }
     Ok(())
+}
+
+/// One row of the markdown table of pp/tg tests, after the header when `first`.
+fn print_md_row(row: &BenchRow, first: bool) {
+    if first {
+        println!("| model | size | params | backend | threads | test | t/s |");
+        println!("| ----- | ---: | -----: | ------- | ------: | ---: | --: |");
+    }
+    println!(
+        "| {} | {:.2} MiB | {:.2} M | {} | {} | {} | {:.2} ± {:.2} |",
+        row.model,
+        common::mib(row.size_bytes),
+        row.params as f64 / 1e6,
+        row.backend,
+        row.threads,
+        row.test,
+        row.avg_ts,
+        row.stddev_ts
+    );
 }
