@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
+use edgefusion_model::Model;
 use edgefusion_runtime::profile::mean_sd;
 use edgefusion_runtime::sampler::Rng;
 use edgefusion_runtime::{Logits, Sequence, Session, SessionOptions};
@@ -88,6 +89,38 @@ struct BenchRow {
     peak_rss_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     state_bytes: Option<usize>,
+}
+
+impl BenchRow {
+    /// A pp/tg row: tokens/s samples of `model` at `n_threads`.
+    fn speed(
+        name: &str,
+        model: &Model<'_>,
+        n_threads: usize,
+        test: String,
+        n_prompt: usize,
+        n_gen: usize,
+        samples: Vec<f64>,
+    ) -> Self {
+        let (avg, sd) = mean_sd(&samples);
+        BenchRow {
+            model: name.to_string(),
+            size_bytes: model.weight_bytes(),
+            params: model.config.n_params(),
+            backend: "CPU",
+            threads: n_threads,
+            test,
+            n_prompt,
+            n_gen,
+            avg_ts: avg,
+            stddev_ts: sd,
+            samples_ts: samples,
+            ctx: None,
+            rss_bytes: None,
+            peak_rss_bytes: None,
+            state_bytes: None,
+        }
+    }
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -189,24 +222,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     session.settled_threads()
                 );
             }
-            let (avg, sd) = mean_sd(&samples);
-            let row = BenchRow {
-                model: name.clone(),
-                size_bytes: model.weight_bytes(),
-                params: cfg.n_params(),
-                backend: "CPU",
-                threads: n_threads,
-                test,
-                n_prompt,
-                n_gen,
-                avg_ts: avg,
-                stddev_ts: sd,
-                samples_ts: samples,
-                ctx: None,
-                rss_bytes: None,
-                peak_rss_bytes: None,
-                state_bytes: None,
-            };
+            let row = BenchRow::speed(&name, &model, n_threads, test, n_prompt, n_gen, samples);
             if matches!(args.output, OutputFormat::Md) {
                 print_md_row(&row, rows.is_empty());
             }
@@ -231,24 +247,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     samples.push((n_seq * depth_gen) as f64 / start.elapsed().as_secs_f64());
                 }
             }
-            let (avg, sd) = mean_sd(&samples);
-            let row = BenchRow {
-                model: name.clone(),
-                size_bytes: model.weight_bytes(),
-                params: cfg.n_params(),
-                backend: "CPU",
-                threads: n_threads,
-                test: format!("tg{depth_gen} x{n_seq}"),
-                n_prompt: 0,
-                n_gen: depth_gen * n_seq,
-                avg_ts: avg,
-                stddev_ts: sd,
-                samples_ts: samples,
-                ctx: None,
-                rss_bytes: None,
-                peak_rss_bytes: None,
-                state_bytes: None,
-            };
+            let test = format!("tg{depth_gen} x{n_seq}");
+            let row = BenchRow::speed(
+                &name,
+                &model,
+                n_threads,
+                test,
+                0,
+                depth_gen * n_seq,
+                samples,
+            );
             if matches!(args.output, OutputFormat::Md) {
                 print_md_row(&row, rows.is_empty());
             }

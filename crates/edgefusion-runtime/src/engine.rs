@@ -802,30 +802,25 @@ fn mix_batch(
     out: &mut MixerOut<'_>,
 ) {
     let (cfg, threads, li) = (io.cfg, io.threads, io.layer);
-    let rows = |seq: &Sequence, span: &std::ops::Range<usize>| attention::StepRows {
-        rows: span.clone(),
-        n_past: seq.n_past,
-    };
     match mixer {
-        Mixer::Attention(w) => {
+        Mixer::Attention(w) | Mixer::Window(w) => {
             attention::project_qkv(io, w, out.attn);
             for (seq, span) in batch.iter_mut().zip(spans) {
-                let step_rows = rows(seq, span);
-                let LayerState::Kv(cache) = &mut seq.layers[li] else {
-                    unreachable!("each layer's state is made for its mixer")
+                let rows = attention::StepRows {
+                    rows: span.clone(),
+                    n_past: seq.n_past,
                 };
-                attention::attend_full(cfg, threads, cache, out.attn, step_rows);
-            }
-            attention::project_out(io, w, out.attn, out.proj);
-        }
-        Mixer::Window(w) => {
-            attention::project_qkv(io, w, out.attn);
-            for (seq, span) in batch.iter_mut().zip(spans) {
-                let step_rows = rows(seq, span);
-                let LayerState::Window(cache) = &mut seq.layers[li] else {
-                    unreachable!("each layer's state is made for its mixer")
-                };
-                attention::attend_window(cfg, threads, cache, out.attn, step_rows);
+                match &mut seq.layers[li] {
+                    LayerState::Kv(cache) => {
+                        attention::attend_full(cfg, threads, cache, out.attn, rows);
+                    }
+                    LayerState::Window(cache) => {
+                        attention::attend_window(cfg, threads, cache, out.attn, rows);
+                    }
+                    LayerState::Ssm { .. } => {
+                        unreachable!("each layer's state is made for its mixer")
+                    }
+                }
             }
             attention::project_out(io, w, out.attn, out.proj);
         }
