@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod chat;
+pub mod constrained;
 pub mod cpus;
 pub mod engine;
 pub mod memory;

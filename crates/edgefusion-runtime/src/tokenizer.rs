@@ -149,7 +149,7 @@ impl TokenKind {
     }
 
     /// Matched as a whole in the input before splitting, never broken up.
-    fn is_added(self) -> bool {
+    pub(crate) fn is_added(self) -> bool {
         matches!(
             self,
             TokenKind::Control | TokenKind::UserDefined | TokenKind::Unknown

@@ -1,6 +1,9 @@
 //! Reading OpenAI request bodies field by field, so every error names its field
 //! (`param`), as OpenAI's own errors do.
 
+use std::sync::Arc;
+
+use edgefusion_runtime::constrained::Grammar;
 use edgefusion_runtime::SamplerConfig;
 use serde_json::{Map, Value};
 
@@ -177,6 +180,7 @@ pub fn gen_params(body: &Body, max_tokens_field: &str) -> Result<GenParams, ApiE
         ));
     }
     let logprobs = logprobs(body, max_tokens_field == "max_completion_tokens")?;
+    let json = response_format(body)?;
     Ok(GenParams {
         sampler: SamplerConfig {
             temperature,
@@ -192,7 +196,48 @@ pub fn gen_params(body: &Body, max_tokens_field: &str) -> Result<GenParams, ApiE
         presence_penalty: penalties[0],
         frequency_penalty: penalties[1],
         logprobs,
+        json,
     })
+}
+
+/// The grammar `response_format` asks the output to follow (`None`: free text):
+/// - `{"type": "text"}`: none;
+/// - `{"type": "json_object"}`: any JSON object (llama-server's `"schema"` beside it also
+///   counts);
+/// - `{"type": "json_schema", "json_schema": {"name": .., "schema": {..}, "strict": ..}}`.
+fn response_format(body: &Body) -> Result<Option<Arc<Grammar>>, ApiError> {
+    const FIELD: &str = "response_format";
+    let Some(format) = body.value(FIELD) else {
+        return Ok(None);
+    };
+    let bad = |message: String| ApiError::invalid(message, Some(FIELD));
+    let kind = format.get("type").and_then(Value::as_str).ok_or_else(|| {
+        bad("'response_format.type' must be \"text\", \"json_object\" or \"json_schema\"".into())
+    })?;
+    let schema = match kind {
+        "text" => return Ok(None),
+        "json_object" => format.get("schema"),
+        "json_schema" => {
+            let Some(spec) = format.get("json_schema").filter(|s| s.is_object()) else {
+                return Err(bad(
+                    "'response_format.json_schema' must be an object holding 'schema'".into(),
+                ));
+            };
+            Some(spec.get("schema").unwrap_or(&Value::Bool(true)))
+        }
+        other => {
+            return Err(bad(format!(
+                "'response_format.type' must be \"text\", \"json_object\" or \"json_schema\" (got \"{other}\")"
+            )))
+        }
+    };
+    let grammar = match schema {
+        None => Grammar::any_object(),
+        Some(schema) => {
+            Grammar::from_schema(schema).map_err(|e| bad(format!("'response_format' {e}")))?
+        }
+    };
+    Ok(Some(Arc::new(grammar)))
 }
 
 /// How many alternatives to report beside each generated token's log-probability (`None`:

@@ -21,6 +21,8 @@ use std::time::Duration;
 use edgefusion_io::ModelSource;
 use edgefusion_model::Model;
 use edgefusion_runtime::chat::{ChatTemplate, CHATML_TEMPLATE};
+use edgefusion_runtime::constrained::{Grammar, JsonMatcher, TokenMask};
+use edgefusion_runtime::sampler::argmax;
 use edgefusion_runtime::tokenizer::{TokenStreamer, Tokenizer};
 use edgefusion_runtime::{Sampler, SamplerConfig, Sequence, Session, SessionOptions};
 use tokio::sync::mpsc::UnboundedSender;
@@ -42,6 +44,8 @@ pub struct GenParams {
     /// Report each generated token's log-probability and this many most likely
     /// alternatives (`None`: no log-probabilities).
     pub logprobs: Option<usize>,
+    /// The grammar the output must follow (`response_format`), enforced token by token.
+    pub json: Option<Arc<Grammar>>,
 }
 
 /// A request for the scheduler: the prompt's tokens and where to send the results.
@@ -390,9 +394,11 @@ fn scheduler_main(cfg: ServeConfig, jobs: Receiver<Job>, ready: Ready, metrics: 
         return;
     }
     drop(ready);
+    let token_mask = TokenMask::new(&tokenizer);
     let mut scheduler = Scheduler {
         session: &mut session,
         tokenizer: &tokenizer,
+        token_mask: &token_mask,
         metrics: &metrics,
         prefill_chunk: cfg.prefill_chunk.max(1),
         admitted: 0,
@@ -427,6 +433,8 @@ struct Active<'t> {
     counts: HashMap<u32, u32>,
     /// Logits of the last position, `(vocab_size,)` (valid once `pending` is 0).
     logits: Vec<f32>,
+    /// Where the output is in the grammar it must follow (`response_format`).
+    matcher: Option<JsonMatcher>,
     streamer: TokenStreamer<'t>,
     /// Everything generated so far, and how much of it went out (text that could be the
     /// start of a stop string is held back).
@@ -438,6 +446,8 @@ struct Active<'t> {
 struct Scheduler<'s, 'm, 't> {
     session: &'s mut Session<'m>,
     tokenizer: &'t Tokenizer,
+    /// Each token's bytes, for jobs whose output must follow a grammar.
+    token_mask: &'s TokenMask,
     metrics: &'s Metrics,
     /// Prompt tokens prefilled per round, over all slots.
     prefill_chunk: usize,
@@ -524,6 +534,7 @@ impl<'t> Scheduler<'_, '_, 't> {
             ),
             n_prompt: job.prompt.len(),
             pending: job.prompt.len() - kept,
+            matcher: job.params.json.clone().map(JsonMatcher::new),
             order: self.admitted,
             history: job.prompt,
             params: job.params,
@@ -563,7 +574,7 @@ impl<'t> Scheduler<'_, '_, 't> {
             if active.pending > 0 {
                 continue;
             }
-            let finish = match sample_next(active, self.tokenizer, self.metrics) {
+            let finish = match sample_next(active, self.tokenizer, self.token_mask, self.metrics) {
                 Step::Finished(reason) => Some(reason),
                 Step::Continue(_) if slot.seq.n_past() >= n_ctx => Some(FinishReason::Length),
                 Step::Continue(next) => {
@@ -672,8 +683,14 @@ enum Step {
     Finished(FinishReason),
 }
 
-/// Samples, records and streams one token of `active`.
-fn sample_next(active: &mut Active<'_>, tokenizer: &Tokenizer, metrics: &Metrics) -> Step {
+/// Samples, records and streams one token of `active`; with a grammar, only among the
+/// tokens that keep the output valid (end of generation only once it is whole).
+fn sample_next(
+    active: &mut Active<'_>,
+    tokenizer: &Tokenizer,
+    token_mask: &TokenMask,
+    metrics: &Metrics,
+) -> Step {
     let p = &active.params;
     if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
         for (&token, &count) in &active.counts {
@@ -682,7 +699,25 @@ fn sample_next(active: &mut Active<'_>, tokenizer: &Tokenizer, metrics: &Metrics
             }
         }
     }
-    let next = active.sampler.sample(&active.logits, &active.history);
+    if let Some(matcher) = &active.matcher {
+        if token_mask.apply(matcher, &mut active.logits) == 0 {
+            // The vocabulary cannot write any byte the grammar takes next.
+            let _ = active.events.send(Event::Error(
+                "no token of the vocabulary can continue the JSON output".into(),
+            ));
+            return Step::Finished(FinishReason::Stop);
+        }
+    }
+    let mut next = active.sampler.sample(&active.logits, &active.history);
+    if let Some(matcher) = &mut active.matcher {
+        // Sampling filters may keep a masked token at a vanishing probability: never take it.
+        if !token_mask.allows(matcher, next) {
+            next = argmax(&active.logits);
+        }
+        if !tokenizer.is_eos(next) {
+            matcher.feed(token_mask.token_bytes(next));
+        }
+    }
     if tokenizer.is_eos(next) {
         return Step::Finished(FinishReason::Stop);
     }

@@ -751,3 +751,112 @@ async fn the_api_key_is_required_except_for_health() {
     assert_eq!(response.status().as_u16(), 401);
     server.stop().await;
 }
+
+/// Whether `value` has the shape of `json_schema_request`'s schema.
+fn follows_the_schema(value: &Value) -> bool {
+    let Some(obj) = value.as_object() else {
+        return false;
+    };
+    let name_ok = obj["name"]
+        .as_str()
+        .is_some_and(|s| (1..=12).contains(&s.chars().count()));
+    let age_ok = obj["age"].as_f64().is_some_and(|x| x.fract() == 0.0);
+    let color_ok = obj
+        .get("color")
+        .is_none_or(|c| ["red", "green"].contains(&c.as_str().unwrap_or("")));
+    let tags_ok = obj.get("tags").is_none_or(|t| {
+        t.as_array()
+            .is_some_and(|a| a.len() <= 3 && a.iter().all(Value::is_boolean))
+    });
+    let known = obj
+        .keys()
+        .all(|k| ["name", "age", "color", "tags"].contains(&k.as_str()));
+    name_ok && age_ok && color_ok && tags_ok && known
+}
+
+fn json_schema_request(seed: u64, stream: bool) -> Value {
+    json!({
+        "messages": [{"role": "user", "content": "Describe a person as JSON."}],
+        "temperature": 1.0,
+        "seed": seed,
+        "max_tokens": 400,
+        "stream": stream,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "person", "strict": true, "schema": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "minLength": 1, "maxLength": 12},
+                "age": {"type": "integer"},
+                "color": {"enum": ["red", "green"]},
+                "tags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3}
+            },
+            "required": ["name", "age"],
+            "additionalProperties": false
+        }}}
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_format_makes_even_a_random_model_write_valid_json() {
+    // The tiny fixture's weights are random: unconstrained, it writes no JSON at all.
+    let server = TestServer::start(|cfg| {
+        cfg.ctx = Some(512);
+        cfg.slots = 2;
+    })
+    .await;
+    for seed in 0..6 {
+        let (status, body) = server
+            .post("/v1/chat/completions", &json_schema_request(seed, false))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let choice = &body["choices"][0];
+        assert_eq!(choice["finish_reason"], "stop", "{body}");
+        let content = choice["message"]["content"].as_str().unwrap();
+        let value: Value = serde_json::from_str(content)
+            .unwrap_or_else(|e| panic!("seed {seed}: {content:?} is not JSON: {e}"));
+        assert!(follows_the_schema(&value), "seed {seed}: {content:?}");
+        // Streamed with the same seed: the same text.
+        let events = server
+            .stream("/v1/chat/completions", &json_schema_request(seed, true))
+            .await;
+        assert_eq!(assemble(&events, true).0, content, "seed {seed}");
+    }
+    // json_object: any object.
+    let (status, body) = server
+        .post(
+            "/v1/completions",
+            &json!({"prompt": PROMPT, "temperature": 1.0, "seed": 3, "max_tokens": 300,
+                    "response_format": {"type": "json_object"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let text = body["choices"][0]["text"].as_str().unwrap();
+    if body["choices"][0]["finish_reason"] == "stop" {
+        let value: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        assert!(value.is_object(), "{text}");
+    } else {
+        // Cut by max_tokens: still a valid start of an object.
+        assert!(text.trim_start().starts_with('{'), "{text}");
+    }
+    // Schemas the grammar cannot enforce, or malformed ones, are refused by place and rule.
+    for (format, needle) in [
+        (
+            json!({"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}}),
+            "#/properties/n/minimum",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"schema": {"type": "strng"}}}),
+            "unknown type",
+        ),
+        (json!({"type": "json_schema"}), "json_schema"),
+        (json!({"type": "yaml"}), "yaml"),
+    ] {
+        let (status, body) = server
+            .post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}], "response_format": format}))
+            .await;
+        assert_eq!(status, 400, "{body}");
+        assert_openai_error(&body, Some("response_format"));
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{message}");
+    }
+    server.stop().await;
+}

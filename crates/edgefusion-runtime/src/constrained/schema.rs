@@ -1,0 +1,493 @@
+//! A JSON Schema compiled into the grammar the [`super::JsonMatcher`] walks.
+//!
+//! Supported: `type` (one or a list), `enum`, `const`, `anyOf` / `oneOf` (both generate one
+//! branch), a one-schema `allOf`, `properties` / `required` / `additionalProperties`, `items` /
+//! `minItems` / `maxItems`, `minLength` / `maxLength`, and local `$ref`s (`#/$defs/..`,
+//! `#/definitions/..`, `#`), recursive ones included. Annotations (`title`, `description`,
+//! `default`, `examples`, `format`, which JSON Schema treats as an annotation by default) are
+//! ignored. A keyword that constrains values in a way the grammar cannot enforce (`pattern`,
+//! `minimum`, …) is refused by name rather than silently broken.
+//!
+//! Objects are generated with their properties in the schema's order: every required
+//! property, and optional ones where the model chooses to write them.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+/// Index of a node in [`Grammar::nodes`].
+pub type NodeId = usize;
+
+/// What a value at one place of the document may be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Node {
+    Null,
+    Boolean,
+    Integer,
+    Number,
+    /// A string of `min_chars..=max_chars` characters (an escape counts as one).
+    String {
+        min_chars: usize,
+        max_chars: Option<usize>,
+    },
+    /// One exact JSON text: a `const`, or one value of an `enum` (compact serialisation).
+    Literal(Vec<u8>),
+    /// A value of any of these nodes.
+    OneOf(Vec<NodeId>),
+    Array {
+        items: NodeId,
+        min_items: usize,
+        max_items: Option<usize>,
+    },
+    /// An object holding these properties in this order.
+    Object {
+        properties: Vec<Property>,
+    },
+    /// An object with any keys, each value a `values`.
+    Map {
+        values: NodeId,
+    },
+}
+
+/// One property of an [`Node::Object`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Property {
+    /// The key as JSON text, quotes included (`"name"`).
+    pub key_json: Vec<u8>,
+    pub value: NodeId,
+    pub required: bool,
+}
+
+/// The compiled grammar: nodes and the one the document's value must match.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grammar {
+    pub nodes: Vec<Node>,
+    pub root: NodeId,
+}
+
+/// Node of any JSON value; [`Grammar`]s always start with it and its parts.
+pub const ANY: NodeId = 0;
+const ANY_STRING: NodeId = 4;
+
+/// A schema the grammar cannot be built from: where (a JSON pointer into the schema) and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("schema at '{path}': {message}")]
+pub struct SchemaError {
+    pub path: String,
+    pub message: String,
+}
+
+/// Keywords that constrain values in ways the grammar does not enforce.
+const UNSUPPORTED: &[&str] = &[
+    "pattern",
+    "patternProperties",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minProperties",
+    "maxProperties",
+    "propertyNames",
+    "dependentRequired",
+    "dependentSchemas",
+    "dependencies",
+    "prefixItems",
+    "contains",
+    "minContains",
+    "maxContains",
+    "unevaluatedProperties",
+    "unevaluatedItems",
+    "not",
+    "if",
+    "then",
+    "else",
+];
+
+impl Grammar {
+    /// Any JSON object (OpenAI's `response_format: {"type": "json_object"}`).
+    pub fn any_object() -> Grammar {
+        let mut grammar = Grammar::with_any();
+        grammar.root = grammar.push(Node::Map { values: ANY });
+        grammar
+    }
+
+    /// Compiles `schema`; errors name the place in the schema and the rule.
+    pub fn from_schema(schema: &Value) -> Result<Grammar, SchemaError> {
+        let mut compiler = Compiler {
+            grammar: Grammar::with_any(),
+            document: schema,
+            refs: HashMap::new(),
+        };
+        let root = compiler.compile(schema, "#")?;
+        let mut grammar = compiler.grammar;
+        grammar.root = root;
+        Ok(grammar)
+    }
+
+    /// The nodes every grammar starts with: any value and its kinds.
+    fn with_any() -> Grammar {
+        let nodes = vec![
+            Node::OneOf(vec![1, 2, 3, ANY_STRING, 5, 6]),
+            Node::Null,
+            Node::Boolean,
+            Node::Number,
+            Node::String {
+                min_chars: 0,
+                max_chars: None,
+            },
+            Node::Array {
+                items: ANY,
+                min_items: 0,
+                max_items: None,
+            },
+            Node::Map { values: ANY },
+        ];
+        Grammar { nodes, root: ANY }
+    }
+
+    fn push(&mut self, node: Node) -> NodeId {
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+}
+
+struct Compiler<'s> {
+    grammar: Grammar,
+    /// The whole schema, which `$ref`s point into.
+    document: &'s Value,
+    /// Node of each `$ref` target compiled so far (recursive references reuse it).
+    refs: HashMap<String, NodeId>,
+}
+
+impl<'s> Compiler<'s> {
+    fn compile(&mut self, schema: &'s Value, path: &str) -> Result<NodeId, SchemaError> {
+        let err = |message: String| SchemaError {
+            path: path.to_string(),
+            message,
+        };
+        let map = match schema {
+            Value::Bool(true) => return Ok(ANY),
+            Value::Bool(false) => return Err(err("the schema 'false' matches nothing".into())),
+            Value::Object(map) => map,
+            _ => return Err(err("a schema must be an object or a boolean".into())),
+        };
+        if let Some(reference) = map.get("$ref") {
+            let Some(reference) = reference.as_str() else {
+                return Err(err("'$ref' must be a string".into()));
+            };
+            if map
+                .keys()
+                .any(|k| !is_annotation(k) && k != "$ref" && k != "$defs" && k != "definitions")
+            {
+                return Err(err(
+                    "'$ref' beside other constraining keywords is not supported".into(),
+                ));
+            }
+            return self.reference(reference, path);
+        }
+        for keyword in UNSUPPORTED {
+            if map.contains_key(*keyword) {
+                return Err(SchemaError {
+                    path: format!("{path}/{keyword}"),
+                    message: format!(
+                        "'{keyword}' is not supported by constrained decoding (supported: type, enum, const, anyOf, oneOf, properties, required, additionalProperties, items, minItems, maxItems, minLength, maxLength, $ref)"
+                    ),
+                });
+            }
+        }
+        if map.get("uniqueItems") == Some(&Value::Bool(true)) {
+            return Err(SchemaError {
+                path: format!("{path}/uniqueItems"),
+                message: "'uniqueItems': true is not supported by constrained decoding".into(),
+            });
+        }
+        if let Some(value) = map.get("const") {
+            return Ok(self.grammar.push(Node::Literal(compact(value))));
+        }
+        if let Some(values) = map.get("enum") {
+            let Some(values) = values.as_array().filter(|v| !v.is_empty()) else {
+                return Err(SchemaError {
+                    path: format!("{path}/enum"),
+                    message: "'enum' must be a non-empty array".into(),
+                });
+            };
+            let alternatives = values
+                .iter()
+                .map(|v| self.grammar.push(Node::Literal(compact(v))))
+                .collect();
+            return Ok(self.grammar.push(Node::OneOf(alternatives)));
+        }
+        for keyword in ["anyOf", "oneOf"] {
+            if let Some(branches) = map.get(keyword) {
+                let Some(branches) = branches.as_array().filter(|b| !b.is_empty()) else {
+                    return Err(SchemaError {
+                        path: format!("{path}/{keyword}"),
+                        message: format!("'{keyword}' must be a non-empty array of schemas"),
+                    });
+                };
+                let alternatives = branches
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| self.compile(b, &format!("{path}/{keyword}/{i}")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                return Ok(self.grammar.push(Node::OneOf(alternatives)));
+            }
+        }
+        if let Some(all) = map.get("allOf") {
+            return match all.as_array().map(Vec::as_slice) {
+                Some([only]) => self.compile(only, &format!("{path}/allOf/0")),
+                _ => Err(SchemaError {
+                    path: format!("{path}/allOf"),
+                    message: "only an 'allOf' of exactly one schema is supported".into(),
+                }),
+            };
+        }
+        let types: Vec<&str> = match map.get("type") {
+            None => {
+                // Untyped: what the other keywords imply, else anything.
+                if map.contains_key("properties") || map.contains_key("additionalProperties") {
+                    vec!["object"]
+                } else if map.contains_key("items") {
+                    vec!["array"]
+                } else if map.contains_key("minLength") || map.contains_key("maxLength") {
+                    vec!["string"]
+                } else {
+                    return Ok(ANY);
+                }
+            }
+            Some(Value::String(t)) => vec![t.as_str()],
+            Some(Value::Array(ts)) if !ts.is_empty() => ts
+                .iter()
+                .map(|t| {
+                    t.as_str().ok_or_else(|| SchemaError {
+                        path: format!("{path}/type"),
+                        message: "'type' must be a string or a list of strings".into(),
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => {
+                return Err(SchemaError {
+                    path: format!("{path}/type"),
+                    message: "'type' must be a string or a non-empty list of strings".into(),
+                })
+            }
+        };
+        let mut alternatives = Vec::with_capacity(types.len());
+        for ty in types {
+            let node = match ty {
+                "null" => Node::Null,
+                "boolean" => Node::Boolean,
+                "integer" => Node::Integer,
+                "number" => Node::Number,
+                "string" => self.string(map, path)?,
+                "array" => self.array(map, path)?,
+                "object" => self.object(map, path)?,
+                other => {
+                    return Err(SchemaError {
+                        path: format!("{path}/type"),
+                        message: format!(
+                            "unknown type '{other}' (one of null, boolean, integer, number, string, array, object)"
+                        ),
+                    })
+                }
+            };
+            alternatives.push(self.grammar.push(node));
+        }
+        Ok(match alternatives.as_slice() {
+            [one] => *one,
+            _ => self.grammar.push(Node::OneOf(alternatives)),
+        })
+    }
+
+    fn reference(&mut self, reference: &str, path: &str) -> Result<NodeId, SchemaError> {
+        if let Some(&node) = self.refs.get(reference) {
+            return Ok(node);
+        }
+        let Some(pointer) = reference.strip_prefix('#') else {
+            return Err(SchemaError {
+                path: format!("{path}/$ref"),
+                message: format!(
+                    "only references inside the schema ('#/$defs/..') are supported, not '{reference}'"
+                ),
+            });
+        };
+        let document: &'s Value = self.document;
+        let Some(target) = document.pointer(pointer) else {
+            return Err(SchemaError {
+                path: format!("{path}/$ref"),
+                message: format!("'{reference}' points at nothing in the schema"),
+            });
+        };
+        // Reserve the node first, so a reference back to it (recursion) finds it.
+        let slot = self.grammar.push(Node::OneOf(Vec::new()));
+        self.refs.insert(reference.to_string(), slot);
+        let compiled = self.compile(target, reference)?;
+        self.grammar.nodes[slot] = Node::OneOf(vec![compiled]);
+        Ok(slot)
+    }
+
+    fn string(
+        &mut self,
+        map: &serde_json::Map<String, Value>,
+        path: &str,
+    ) -> Result<Node, SchemaError> {
+        let min_chars = count(map, "minLength", path)?.unwrap_or(0);
+        let max_chars = count(map, "maxLength", path)?;
+        if max_chars.is_some_and(|max| max < min_chars) {
+            return Err(SchemaError {
+                path: format!("{path}/maxLength"),
+                message: format!("'maxLength' is below 'minLength' ({min_chars})"),
+            });
+        }
+        Ok(Node::String {
+            min_chars,
+            max_chars,
+        })
+    }
+
+    fn array(
+        &mut self,
+        map: &'s serde_json::Map<String, Value>,
+        path: &str,
+    ) -> Result<Node, SchemaError> {
+        let items = match map.get("items") {
+            None => ANY,
+            Some(items) => self.compile(items, &format!("{path}/items"))?,
+        };
+        let min_items = count(map, "minItems", path)?.unwrap_or(0);
+        let max_items = count(map, "maxItems", path)?;
+        if max_items.is_some_and(|max| max < min_items) {
+            return Err(SchemaError {
+                path: format!("{path}/maxItems"),
+                message: format!("'maxItems' is below 'minItems' ({min_items})"),
+            });
+        }
+        Ok(Node::Array {
+            items,
+            min_items,
+            max_items,
+        })
+    }
+
+    fn object(
+        &mut self,
+        map: &'s serde_json::Map<String, Value>,
+        path: &str,
+    ) -> Result<Node, SchemaError> {
+        let required: Vec<&str> = match map.get("required") {
+            None => Vec::new(),
+            Some(Value::Array(names)) => names
+                .iter()
+                .map(|n| {
+                    n.as_str().ok_or_else(|| SchemaError {
+                        path: format!("{path}/required"),
+                        message: "'required' must be a list of property names".into(),
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => {
+                return Err(SchemaError {
+                    path: format!("{path}/required"),
+                    message: "'required' must be a list of property names".into(),
+                })
+            }
+        };
+        let properties = match map.get("properties") {
+            None => None,
+            Some(Value::Object(props)) => Some(props),
+            Some(_) => {
+                return Err(SchemaError {
+                    path: format!("{path}/properties"),
+                    message: "'properties' must be an object of schemas".into(),
+                })
+            }
+        };
+        let Some(properties) = properties.filter(|p| !p.is_empty()) else {
+            if let Some(name) = required.first() {
+                return Err(SchemaError {
+                    path: format!("{path}/required"),
+                    message: format!("required property '{name}' has no schema in 'properties'"),
+                });
+            }
+            let values = match map.get("additionalProperties") {
+                None | Some(Value::Bool(true)) => ANY,
+                Some(Value::Bool(false)) => {
+                    return Ok(Node::Object {
+                        properties: Vec::new(),
+                    })
+                }
+                Some(schema) => self.compile(schema, &format!("{path}/additionalProperties"))?,
+            };
+            return Ok(Node::Map { values });
+        };
+        for name in &required {
+            if !properties.contains_key(*name) {
+                return Err(SchemaError {
+                    path: format!("{path}/required"),
+                    message: format!("required property '{name}' has no schema in 'properties'"),
+                });
+            }
+        }
+        let mut compiled = Vec::with_capacity(properties.len());
+        for (name, schema) in properties {
+            let value = self.compile(
+                schema,
+                &format!("{path}/properties/{}", escape_pointer(name)),
+            )?;
+            compiled.push(Property {
+                key_json: compact(&Value::String(name.clone())),
+                value,
+                required: required.contains(&name.as_str()),
+            });
+        }
+        Ok(Node::Object {
+            properties: compiled,
+        })
+    }
+}
+
+/// `title`, `description` and other keywords that do not constrain values.
+fn is_annotation(keyword: &str) -> bool {
+    matches!(
+        keyword,
+        "title"
+            | "description"
+            | "default"
+            | "examples"
+            | "format"
+            | "$schema"
+            | "$id"
+            | "$comment"
+            | "readOnly"
+            | "writeOnly"
+            | "deprecated"
+    )
+}
+
+/// A non-negative integer keyword (`minLength`, `maxItems`, …).
+fn count(
+    map: &serde_json::Map<String, Value>,
+    keyword: &str,
+    path: &str,
+) -> Result<Option<usize>, SchemaError> {
+    match map.get(keyword) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(|n| Some(n as usize))
+            .ok_or_else(|| SchemaError {
+                path: format!("{path}/{keyword}"),
+                message: format!("'{keyword}' must be a non-negative integer"),
+            }),
+    }
+}
+
+fn compact(value: &Value) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// A property name as a JSON-pointer segment.
+fn escape_pointer(name: &str) -> String {
+    name.replace('~', "~0").replace('/', "~1")
+}
