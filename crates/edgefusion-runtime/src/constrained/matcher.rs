@@ -66,7 +66,7 @@ enum Container {
     Comma,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Frame {
     /// A value of this node comes next.
     Value(NodeId),
@@ -163,6 +163,26 @@ impl JsonMatcher {
             .all(|&byte| feed_byte(&self.grammar, &mut self.threads, byte))
     }
 
+    /// Inside a string, with no escape or UTF-8 sequence open, on the only thread: how many
+    /// more characters the string may hold (`None` elsewhere). Text without quotes,
+    /// backslashes or control bytes that is whole UTF-8 continues such a string as long as
+    /// it has room, which lets the token mask skip feeding most of the vocabulary.
+    pub fn plain_string_room(&self) -> Option<usize> {
+        match self.threads.as_slice() {
+            [thread] => match thread.stack.last() {
+                Some(Frame::String {
+                    max_chars,
+                    chars,
+                    escape: Escape::None,
+                    utf8_left: 0,
+                    ..
+                }) => Some(max_chars.map_or(usize::MAX, |max| max.saturating_sub(*chars))),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// Whether `bytes` could come next, without changing the state.
     pub fn accepts(&self, bytes: &[u8]) -> bool {
         let mut threads = self.threads.clone();
@@ -194,7 +214,7 @@ fn feed_byte(grammar: &Grammar, threads: &mut Vec<Thread>, byte: u8) -> bool {
 
 /// Advances `thread` by `byte`, pushing every thread that accepts it onto `out`.
 fn step(grammar: &Grammar, mut thread: Thread, byte: u8, out: &mut Vec<Thread>) {
-    let Some(top) = thread.stack.last().cloned() else {
+    let Some(top) = thread.stack.last().copied() else {
         return; // a finished document takes nothing more
     };
     // Whitespace between the document's tokens: before a value, and inside containers
