@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`edgefusion serve` driven by the official `openai` Python client (PyPI), end to end.
 
-Run by scripts/test-openai-client.sh, which makes the venv (openai, jsonschema), starts the
+Run by scripts/test-serve-clients.sh, which makes the venv (openai, jsonschema), starts the
 server on the default model with an API key and passes its address:
 
     python scripts/openai-client-test.py --base http://127.0.0.1:PORT --api-key KEY

@@ -4,7 +4,11 @@
 #   2. formatting and lints,
 #   3. every test with the SIMD kernels the machine has,
 #   4. every test again with SIMD disabled (scalar reference paths),
-#   5. the kernel tests for aarch64 (NEON) under qemu, when the cross tools are installable.
+#   5. `edgefusion serve` on the default model driven by the official `openai` Python client
+#      and its chat page by headless Chromium (scripts/test-serve-clients.sh: pip installs
+#      openai, jsonschema and selenium into .venv-serve-tests, apt-get chromium when missing;
+#      EDGEFUSION_SKIP_SERVE_CLIENTS=1 skips, EDGEFUSION_SKIP_BROWSER=1 skips the browser),
+#   6. the kernel tests for aarch64 (NEON) under qemu, when the cross tools are installable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +24,13 @@ cargo test --workspace
 
 echo "== tests (EDGEFUSION_NO_SIMD=1: scalar kernels)"
 EDGEFUSION_NO_SIMD=1 cargo test --workspace
+
+if [[ "${EDGEFUSION_SKIP_SERVE_CLIENTS:-0}" != 1 ]]; then
+  echo "== edgefusion serve: the openai Python client and the chat page in Chromium"
+  # The test profile (opt-level 2) reuses what the tests above compiled.
+  cargo build --profile test -p edgefusion-cli
+  scripts/test-serve-clients.sh --bin target/debug/edgefusion
+fi
 
 if [[ "${EDGEFUSION_SKIP_AARCH64:-0}" != 1 ]]; then
   echo "== kernel tests on aarch64 (NEON) under qemu"

@@ -82,6 +82,7 @@ type Shared = State<Arc<Engine>>;
 /// Every endpoint, over one engine.
 pub fn router(engine: Arc<Engine>) -> Router {
     Router::new()
+        .route("/", get(chat_page))
         .route("/health", get(health))
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))
@@ -90,6 +91,17 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .with_state(engine)
+}
+
+/// The chat page (static, built into the binary): it streams replies from
+/// `/v1/chat/completions`, has a stop button, and shows the model and the speed. Served
+/// without the API key, which the page asks for and sends with its requests.
+async fn chat_page() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("page.html"),
+    )
+        .into_response()
 }
 
 /// Byte comparison whose time depends only on the lengths, not on where they differ.

@@ -191,6 +191,17 @@ async fn health_models_metrics_and_tokenizer() {
     let health = server.get("/health").await;
     assert_eq!(health.status().as_u16(), 200);
     assert_eq!(health.json::<Value>().await.unwrap()["status"], "ok");
+    // The chat page (its behaviour is tested in a browser: scripts/chat-page-test.py).
+    let page = server.get("/").await;
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains("<title>EdgeFusion chat</title>") && html.contains("/v1/chat/completions")
+    );
     let models: Value = server.get("/v1/models").await.json().await.unwrap();
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], "tiny-llama-f32");
