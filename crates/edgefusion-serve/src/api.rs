@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
@@ -79,6 +79,34 @@ impl IntoResponse for ApiError {
 
 type Shared = State<Arc<Engine>>;
 
+/// Request bodies above this are refused with 413 (the largest context's prompt is far
+/// smaller).
+pub const MAX_BODY_BYTES: usize = 2 << 20;
+
+/// A request's body, with axum's refusals (too large, unreadable) as OpenAI-shaped errors.
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        Bytes::from_request(request, state)
+            .await
+            .map(RawBody)
+            .map_err(|rejection| ApiError {
+                status: rejection.status(),
+                message: if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    format!("the request body exceeds {MAX_BODY_BYTES} bytes")
+                } else {
+                    format!("reading the request body: {}", rejection.body_text())
+                },
+                kind: "invalid_request_error",
+                param: None,
+                code: None,
+            })
+    }
+}
+
 /// Every endpoint, over one engine.
 pub fn router(engine: Arc<Engine>) -> Router {
     Router::new()
@@ -90,6 +118,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(engine)
 }
 
@@ -254,7 +283,7 @@ async fn metrics(State(engine): Shared, headers: HeaderMap) -> Result<Response, 
 async fn tokenize(
     State(engine): Shared,
     headers: HeaderMap,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&engine, &headers)?;
     let body = Body::parse(&body)?;
@@ -272,7 +301,7 @@ async fn tokenize(
 async fn detokenize(
     State(engine): Shared,
     headers: HeaderMap,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&engine, &headers)?;
     let body = Body::parse(&body)?;
@@ -309,13 +338,21 @@ enum Kind {
     Chat,
 }
 
-async fn completions(State(engine): Shared, headers: HeaderMap, body: Bytes) -> Response {
+async fn completions(
+    State(engine): Shared,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Response {
     generate(engine, headers, body, Kind::Completion)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn chat_completions(State(engine): Shared, headers: HeaderMap, body: Bytes) -> Response {
+async fn chat_completions(
+    State(engine): Shared,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Response {
     generate(engine, headers, body, Kind::Chat)
         .await
         .unwrap_or_else(IntoResponse::into_response)

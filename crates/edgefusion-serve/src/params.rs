@@ -181,6 +181,12 @@ pub fn gen_params(body: &Body, max_tokens_field: &str) -> Result<GenParams, ApiE
     }
     let logprobs = logprobs(body, max_tokens_field == "max_completion_tokens")?;
     let json = response_format(body)?;
+    if json.is_some() && stop.iter().any(|s| !s.is_empty()) {
+        return Err(ApiError::invalid(
+            "'stop' cannot be combined with 'response_format': a stop string would cut the JSON document (generation ends when the document is whole)",
+            Some("stop"),
+        ));
+    }
     Ok(GenParams {
         sampler: SamplerConfig {
             temperature,

@@ -86,8 +86,8 @@ pub enum Event {
     Error(String),
 }
 
-/// One generated token's log-probability under the model (after the penalties, before
-/// temperature), and the most likely tokens at that step.
+/// One generated token's log-probability under the model (after the penalties and a
+/// `response_format`'s mask, before temperature), and the most likely tokens at that step.
 #[derive(Debug, Clone)]
 pub struct TokenLogprob {
     pub token: TokenText,
@@ -125,7 +125,10 @@ fn token_logprob(tokenizer: &Tokenizer, logits: &[f32], token: u32, top: usize) 
     let logprob = |id: u32| (logits[id as usize] as f64 - log_z) as f32;
     let mut best: Vec<u32> = Vec::with_capacity(top + 1);
     if top > 0 {
-        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        // Tokens a grammar masked (−∞) are not alternatives.
+        let mut ids: Vec<u32> = (0..logits.len() as u32)
+            .filter(|&id| logits[id as usize].is_finite())
+            .collect();
         let by_logit = |a: &u32, b: &u32| {
             logits[*b as usize]
                 .total_cmp(&logits[*a as usize])
@@ -738,6 +741,10 @@ fn sample_next(
         }
     }
     if flush_text(active, false) {
+        return Step::Finished(FinishReason::Stop);
+    }
+    // A whole JSON document that nothing may follow: done, without a step for the end token.
+    if active.matcher.as_ref().is_some_and(JsonMatcher::finished) {
         return Step::Finished(FinishReason::Stop);
     }
     if active.n_generated >= active.params.max_tokens {

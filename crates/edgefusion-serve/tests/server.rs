@@ -686,6 +686,47 @@ async fn bad_requests_get_openai_shaped_errors() {
         .unwrap();
     assert_eq!(response.status().as_u16(), 400);
     assert_openai_error(&response.json().await.unwrap(), None);
+    // An oversized body: 413, still OpenAI-shaped (a raw request, so the refusal cannot race
+    // a pooled connection).
+    {
+        let addr = server.base.trim_start_matches("http://").to_string();
+        let reply = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+            let head = format!(
+                "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{{\"prompt\": \"",
+                3 << 20
+            );
+            stream.write_all(head.as_bytes()).unwrap();
+            // The server may answer and close before the whole body is in: write from
+            // another thread, ignoring a broken pipe, and read the answer here.
+            let mut writer = stream.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let chunk = vec![b'a'; 1 << 16];
+                for _ in 0..48 {
+                    if writer.write_all(&chunk).is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut reply = Vec::new();
+            let _ = stream.read_to_end(&mut reply);
+            reply
+        })
+        .await
+        .unwrap();
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+        let body: Value = serde_json::from_str(reply.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_openai_error(&body, None);
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("exceeds"),
+            "{body}"
+        );
+    }
 
     let cases = [
         (json!({"prompt": "hi", "max_tokens": -1}), "max_tokens"),
@@ -848,6 +889,12 @@ async fn response_format_makes_even_a_random_model_write_valid_json() {
         // Cut by max_tokens: still a valid start of an object.
         assert!(text.trim_start().starts_with('{'), "{text}");
     }
+    // A stop string could cut the document: refused beside response_format.
+    let mut with_stop = json_schema_request(0, false);
+    with_stop["stop"] = json!(["}"]);
+    let (status, body) = server.post("/v1/chat/completions", &with_stop).await;
+    assert_eq!(status, 400, "{body}");
+    assert_openai_error(&body, Some("stop"));
     // Schemas the grammar cannot enforce, or malformed ones, are refused by place and rule.
     for (format, needle) in [
         (

@@ -18,11 +18,13 @@ pub const MAX_WHITESPACE: u8 = 16;
 /// so every number fits an f64).
 const MAX_DIGITS: u8 = 16;
 const MAX_EXPONENT_DIGITS: u8 = 2;
-/// Threads kept at most (a grammar whose choices stay open longer is cut to the first).
-const MAX_THREADS: usize = 64;
+/// Threads kept at most: a safety valve. Threads fork once per alternative of a flattened
+/// choice or per candidate property, both bounded by the grammar's size, so only schemas
+/// whose branches stay ambiguous over many nested forks reach it (the later ones are cut).
+const MAX_THREADS: usize = 4096;
 
 /// Where a number is in `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Num {
     Minus,
     Zero,
@@ -41,16 +43,20 @@ impl Num {
     }
 }
 
-/// Inside a string: after a backslash, in a `\uXXXX` (hex digits seen), or neither.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Inside a string: after a backslash, in a `\uXXXX` (hex digits seen, their value so far),
+/// or waiting for the `\uDC00`–`\uDFFF` that must follow a high surrogate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Escape {
     None,
     Backslash,
-    Unicode(u8),
+    Unicode(u8, u16),
+    LowBackslash,
+    LowU,
+    LowUnicode(u8, u16),
 }
 
 /// Where an object or array is between its brackets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Container {
     /// After `{` or `[`.
     Open,
@@ -66,7 +72,7 @@ enum Container {
     Comma,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Frame {
     /// A value of this node comes next.
     Value(NodeId),
@@ -111,7 +117,7 @@ enum Frame {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Thread {
     stack: Vec<Frame>,
     /// Whitespace bytes in the current gap.
@@ -154,6 +160,12 @@ impl JsonMatcher {
             [Frame::Number { state, .. }] => state.complete(),
             _ => false,
         })
+    }
+
+    /// Whether the document is whole and nothing more can follow (generation can end
+    /// without waiting for an end-of-generation token).
+    pub fn finished(&self) -> bool {
+        !self.threads.is_empty() && self.threads.iter().all(|t| t.stack.is_empty())
     }
 
     /// Feeds `bytes`; returns false (and is dead) if the document cannot continue so.
@@ -199,13 +211,8 @@ fn feed_byte(grammar: &Grammar, threads: &mut Vec<Thread>, byte: u8) -> bool {
         step(grammar, thread, byte, &mut next);
     }
     if next.len() > 1 {
-        let mut unique: Vec<Thread> = Vec::with_capacity(next.len());
-        for t in next {
-            if !unique.contains(&t) {
-                unique.push(t);
-            }
-        }
-        next = unique;
+        let mut seen = std::collections::HashSet::with_capacity(next.len());
+        next.retain(|t| seen.insert(t.clone()));
     }
     next.truncate(MAX_THREADS);
     *threads = next;
@@ -279,17 +286,54 @@ fn step(grammar: &Grammar, mut thread: Thread, byte: u8, out: &mut Vec<Thread>) 
             match (escape, utf8_left) {
                 (Escape::Backslash, _) => match byte {
                     b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => s.1 = Escape::None,
-                    b'u' => s.1 = Escape::Unicode(0),
+                    b'u' => s.1 = Escape::Unicode(0, 0),
                     _ => return,
                 },
-                (Escape::Unicode(n), _) => {
-                    if !byte.is_ascii_hexdigit() {
+                (Escape::Unicode(n, value), _) => {
+                    let Some(digit) = (byte as char).to_digit(16) else {
+                        return;
+                    };
+                    let value = value << 4 | digit as u16;
+                    // A lone low surrogate (DC00–DFFF) is refused as soon as it shows.
+                    if n == 1 && (0xDC..=0xDF).contains(&value) {
+                        return;
+                    }
+                    s.1 = match n {
+                        3 if (0xD800..=0xDBFF).contains(&value) => Escape::LowBackslash,
+                        3 => Escape::None,
+                        _ => Escape::Unicode(n + 1, value),
+                    };
+                }
+                // A surrogate pair is one character, counted at its first backslash.
+                (Escape::LowBackslash, _) => {
+                    if byte != b'\\' {
+                        return;
+                    }
+                    s.1 = Escape::LowU;
+                }
+                (Escape::LowU, _) => {
+                    if byte != b'u' {
+                        return;
+                    }
+                    s.1 = Escape::LowUnicode(0, 0);
+                }
+                (Escape::LowUnicode(n, value), _) => {
+                    let Some(digit) = (byte as char).to_digit(16) else {
+                        return;
+                    };
+                    let value = value << 4 | digit as u16;
+                    let fits = match n {
+                        0 => value == 0xD,
+                        1 => (0xDC..=0xDF).contains(&value),
+                        _ => true,
+                    };
+                    if !fits {
                         return;
                     }
                     s.1 = if n == 3 {
                         Escape::None
                     } else {
-                        Escape::Unicode(n + 1)
+                        Escape::LowUnicode(n + 1, value)
                     };
                 }
                 (Escape::None, left) if left > 0 => {
@@ -800,6 +844,22 @@ mod tests {
             assert!(!JsonMatcher::new(g.clone()).accepts(bad), "{bad:?}");
         }
         assert!(JsonMatcher::new(g.clone()).accepts(b"\"\xF0\x9F\x98\x80\""));
+        // \u escapes: a surrogate pair is one character; lone surrogates are refused early.
+        assert!(matches(&g, r#""\ud83d\ude00x""#));
+        assert!(!matches(&g, r#""\ud83d\ude00xy""#));
+        for bad in [
+            r#""\ud83d""#,
+            r#""\ud83dx"#,
+            r#""\ud83d\u00"#,
+            r#""\udc"#,
+            r#""\uDE"#,
+        ] {
+            assert!(
+                !JsonMatcher::new(g.clone()).accepts(bad.as_bytes()),
+                "{bad}"
+            );
+        }
+        assert!(JsonMatcher::new(g.clone()).accepts(br#""\uD83D\uDE"#));
     }
 
     #[test]
@@ -848,6 +908,81 @@ mod tests {
         let err = Grammar::from_schema(&json!({"$ref": "#/$defs/missing"})).unwrap_err();
         assert!(err.message.contains("points at nothing"), "{err}");
         assert!(Grammar::from_schema(&json!(false)).is_err());
+    }
+
+    #[test]
+    fn hostile_schemas_are_refused_or_stay_cheap() {
+        // A $ref cycle with nothing in between would recurse forever.
+        for schema in [
+            json!({"$ref": "#"}),
+            json!({"anyOf": [{"$ref": "#"}, {"$ref": "#"}]}),
+            json!({"$defs": {"a": {"allOf": [{"$ref": "#/$defs/a"}]}}, "$ref": "#/$defs/a"}),
+        ] {
+            let err = Grammar::from_schema(&schema).unwrap_err();
+            assert!(err.message.contains("cycle"), "{schema}: {err}");
+        }
+        // A cycle beside a real branch keeps the branch.
+        let g = grammar(json!({"anyOf": [{"$ref": "#"}, {"type": "null"}]}));
+        assert!(matches(&g, "null"));
+        // Shared $refs doubling 25 times (2^25 paths): flattened, one byte forks once per
+        // value kind.
+        let mut defs = serde_json::Map::new();
+        defs.insert("d0".into(), json!({"type": "null"}));
+        for i in 1..=25 {
+            let prev = format!("#/$defs/d{}", i - 1);
+            defs.insert(
+                format!("d{i}"),
+                json!({"anyOf": [{"$ref": prev}, {"$ref": prev}]}),
+            );
+        }
+        let g = grammar(json!({"$defs": defs, "$ref": "#/$defs/d25"}));
+        assert!(matches(&g, "null"));
+        // Chains deeper than the limit are refused, not recursed into.
+        let mut deep = json!({"type": "integer"});
+        for _ in 0..200 {
+            deep = json!({"type": "array", "items": deep});
+        }
+        let err = Grammar::from_schema(&deep).unwrap_err();
+        assert!(err.message.contains("deeper"), "{err}");
+        // Keywords beside a choice would be dropped: refused by name.
+        for (schema, keyword) in [
+            (
+                json!({"type": "object", "properties": {"a": {}}, "anyOf": [{"required": ["a"]}]}),
+                "type",
+            ),
+            (json!({"enum": ["ab", "c"], "maxLength": 1}), "maxLength"),
+            (json!({"const": 1, "enum": [1]}), "enum"),
+        ] {
+            let err = Grammar::from_schema(&schema).unwrap_err();
+            assert!(
+                err.path.ends_with(keyword) || err.message.contains(keyword),
+                "{schema}: {err}"
+            );
+        }
+        // `type` beside `enum` filters it; beside `const` it must agree.
+        let g = grammar(json!({"type": "string", "enum": ["a", 1, "b"]}));
+        assert!(matches(&g, r#""b""#) && !matches(&g, "1"));
+        assert!(Grammar::from_schema(&json!({"const": 1, "type": "string"})).is_err());
+        // Untyped `required` / `minItems` imply their container.
+        assert!(!matches(
+            &grammar(json!({"required": ["x"], "properties": {"x": {}}})),
+            "{}"
+        ));
+        assert!(!matches(&grammar(json!({"minItems": 2})), "[1]"));
+        // Every one of 300 enum values stays reachable.
+        let values: Vec<String> = (0..300).map(|i| format!("v{i:03}")).collect();
+        let g = grammar(json!({"enum": values}));
+        assert!(matches(&g, r#""v299""#) && matches(&g, r#""v000""#) && !matches(&g, r#""v300""#));
+    }
+
+    #[test]
+    fn a_whole_document_is_finished_only_when_nothing_may_follow() {
+        let g = grammar(json!({"type": "object"}));
+        let mut m = JsonMatcher::new(g);
+        assert!(m.feed(b"{}") && m.finished());
+        let n = grammar(json!({"type": "number"}));
+        let mut m = JsonMatcher::new(n);
+        assert!(m.feed(b"12") && m.complete() && !m.finished());
     }
 
     /// Whether `value` is valid under `schema` (the keywords the grammar supports), checked

@@ -45,7 +45,13 @@ impl TokenMask {
 
     /// A mask over tokens writing `bytes` (empty: a control token), ending generation with
     /// `eog`.
-    pub fn from_bytes(bytes: Vec<Box<[u8]>>, eog: Vec<u32>) -> Self {
+    pub fn from_bytes(mut bytes: Vec<Box<[u8]>>, eog: Vec<u32>) -> Self {
+        // End-of-generation tokens end the document; whatever text they carry is not written.
+        for &id in &eog {
+            if let Some(b) = bytes.get_mut(id as usize) {
+                *b = Box::default();
+            }
+        }
         let plain_chars = bytes
             .iter()
             .map(|b| {

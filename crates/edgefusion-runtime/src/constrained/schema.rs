@@ -69,6 +69,11 @@ pub struct Grammar {
 pub const ANY: NodeId = 0;
 const ANY_STRING: NodeId = 4;
 
+/// Nesting of schemas (and `$ref` hops) followed at most while compiling.
+const MAX_DEPTH: usize = 64;
+/// Nodes a grammar may hold (bounds the matcher's threads, which fork at most once per node).
+const MAX_NODES: usize = 4096;
+
 /// A schema the grammar cannot be built from: where (a JSON pointer into the schema) and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("schema at '{path}': {message}")]
@@ -119,10 +124,50 @@ impl Grammar {
             document: schema,
             refs: HashMap::new(),
         };
-        let root = compiler.compile(schema, "#")?;
+        let root = compiler.compile(schema, "#", 0)?;
         let mut grammar = compiler.grammar;
         grammar.root = root;
+        grammar.flatten_choices()?;
         Ok(grammar)
+    }
+
+    /// Replaces every [`Node::OneOf`]'s alternatives by the distinct non-choice nodes they
+    /// reach through choices (`anyOf` of `$ref`s of `anyOf`s …), so the matcher forks once per
+    /// possible value kind, never exponentially. A choice that reaches no value (a `$ref`
+    /// cycle with no object or array in between) is refused.
+    fn flatten_choices(&mut self) -> Result<(), SchemaError> {
+        let mut flat: Vec<Option<Vec<NodeId>>> = vec![None; self.nodes.len()];
+        for (id, slot) in flat.iter_mut().enumerate() {
+            if !matches!(self.nodes[id], Node::OneOf(_)) {
+                continue;
+            }
+            let mut leaves = Vec::new();
+            let mut seen = vec![false; self.nodes.len()];
+            let mut stack = vec![id];
+            while let Some(n) = stack.pop() {
+                if std::mem::replace(&mut seen[n], true) {
+                    continue;
+                }
+                match &self.nodes[n] {
+                    Node::OneOf(alternatives) => stack.extend(alternatives.iter().rev()),
+                    _ => leaves.push(n),
+                }
+            }
+            if leaves.is_empty() {
+                return Err(SchemaError {
+                    path: "#".into(),
+                    message: "a '$ref' cycle with no object or array in between matches nothing"
+                        .into(),
+                });
+            }
+            *slot = Some(leaves);
+        }
+        for (node, leaves) in self.nodes.iter_mut().zip(flat) {
+            if let Some(leaves) = leaves {
+                *node = Node::OneOf(leaves);
+            }
+        }
+        Ok(())
     }
 
     /// The nodes every grammar starts with: any value and its kinds.
@@ -150,6 +195,19 @@ impl Grammar {
         self.nodes.push(node);
         self.nodes.len() - 1
     }
+
+    /// [`push`](Self::push), refusing schemas beyond [`MAX_NODES`].
+    fn push_checked(&mut self, node: Node, path: &str) -> Result<NodeId, SchemaError> {
+        if self.nodes.len() >= MAX_NODES {
+            return Err(SchemaError {
+                path: path.to_string(),
+                message: format!(
+                    "the schema is too large for constrained decoding (over {MAX_NODES} parts)"
+                ),
+            });
+        }
+        Ok(self.push(node))
+    }
 }
 
 struct Compiler<'s> {
@@ -161,11 +219,22 @@ struct Compiler<'s> {
 }
 
 impl<'s> Compiler<'s> {
-    fn compile(&mut self, schema: &'s Value, path: &str) -> Result<NodeId, SchemaError> {
+    fn compile(
+        &mut self,
+        schema: &'s Value,
+        path: &str,
+        depth: usize,
+    ) -> Result<NodeId, SchemaError> {
         let err = |message: String| SchemaError {
             path: path.to_string(),
             message,
         };
+        if depth > MAX_DEPTH {
+            return Err(err(format!(
+                "schemas (and '$ref's) nest deeper than {MAX_DEPTH} levels"
+            )));
+        }
+        let depth = depth + 1;
         let map = match schema {
             Value::Bool(true) => return Ok(ANY),
             Value::Bool(false) => return Err(err("the schema 'false' matches nothing".into())),
@@ -184,7 +253,7 @@ impl<'s> Compiler<'s> {
                     "'$ref' beside other constraining keywords is not supported".into(),
                 ));
             }
-            return self.reference(reference, path);
+            return self.reference(reference, path, depth);
         }
         for keyword in UNSUPPORTED {
             if map.contains_key(*keyword) {
@@ -202,8 +271,46 @@ impl<'s> Compiler<'s> {
                 message: "'uniqueItems': true is not supported by constrained decoding".into(),
             });
         }
+        let declared = declared_types(map, path)?;
+        // Keywords that pick among values stand alone (beside annotations; `enum` and
+        // `const` also beside `type`, which filters them): other keywords beside them would
+        // be silently dropped, so they are refused.
+        let choosing: Vec<&str> = ["const", "enum", "anyOf", "oneOf", "allOf"]
+            .into_iter()
+            .filter(|k| map.contains_key(*k))
+            .collect();
+        if let Some(&first) = choosing.first() {
+            let beside_ok = |k: &str| {
+                k == first
+                    || is_annotation(k)
+                    || k == "$defs"
+                    || k == "definitions"
+                    || (k == "type" && matches!(first, "const" | "enum"))
+            };
+            if let Some(other) = map.keys().find(|k| !beside_ok(k)) {
+                return Err(SchemaError {
+                    path: format!("{path}/{other}"),
+                    message: format!(
+                        "'{other}' beside '{first}' is not supported by constrained decoding: put it inside each branch or value"
+                    ),
+                });
+            }
+        }
+        let of_declared_type = |v: &Value| {
+            declared
+                .as_ref()
+                .is_none_or(|types| types.iter().any(|t| has_type(v, t)))
+        };
         if let Some(value) = map.get("const") {
-            return Ok(self.grammar.push(Node::Literal(compact(value))));
+            if !of_declared_type(value) {
+                return Err(SchemaError {
+                    path: format!("{path}/const"),
+                    message: "the 'const' value is not of the schema's 'type'".into(),
+                });
+            }
+            return self
+                .grammar
+                .push_checked(Node::Literal(compact(value)), path);
         }
         if let Some(values) = map.get("enum") {
             let Some(values) = values.as_array().filter(|v| !v.is_empty()) else {
@@ -212,11 +319,20 @@ impl<'s> Compiler<'s> {
                     message: "'enum' must be a non-empty array".into(),
                 });
             };
-            let alternatives = values
-                .iter()
-                .map(|v| self.grammar.push(Node::Literal(compact(v))))
-                .collect();
-            return Ok(self.grammar.push(Node::OneOf(alternatives)));
+            let mut alternatives = Vec::with_capacity(values.len());
+            for value in values.iter().filter(|v| of_declared_type(v)) {
+                alternatives.push(
+                    self.grammar
+                        .push_checked(Node::Literal(compact(value)), path)?,
+                );
+            }
+            if alternatives.is_empty() {
+                return Err(SchemaError {
+                    path: format!("{path}/enum"),
+                    message: "no value of 'enum' is of the schema's 'type'".into(),
+                });
+            }
+            return self.grammar.push_checked(Node::OneOf(alternatives), path);
         }
         for keyword in ["anyOf", "oneOf"] {
             if let Some(branches) = map.get(keyword) {
@@ -229,49 +345,28 @@ impl<'s> Compiler<'s> {
                 let alternatives = branches
                     .iter()
                     .enumerate()
-                    .map(|(i, b)| self.compile(b, &format!("{path}/{keyword}/{i}")))
+                    .map(|(i, b)| self.compile(b, &format!("{path}/{keyword}/{i}"), depth))
                     .collect::<Result<Vec<_>, _>>()?;
-                return Ok(self.grammar.push(Node::OneOf(alternatives)));
+                return self.grammar.push_checked(Node::OneOf(alternatives), path);
             }
         }
         if let Some(all) = map.get("allOf") {
             return match all.as_array().map(Vec::as_slice) {
-                Some([only]) => self.compile(only, &format!("{path}/allOf/0")),
+                Some([only]) => self.compile(only, &format!("{path}/allOf/0"), depth),
                 _ => Err(SchemaError {
                     path: format!("{path}/allOf"),
                     message: "only an 'allOf' of exactly one schema is supported".into(),
                 }),
             };
         }
-        let types: Vec<&str> = match map.get("type") {
-            None => {
-                // Untyped: what the other keywords imply, else anything.
-                if map.contains_key("properties") || map.contains_key("additionalProperties") {
-                    vec!["object"]
-                } else if map.contains_key("items") {
-                    vec!["array"]
-                } else if map.contains_key("minLength") || map.contains_key("maxLength") {
-                    vec!["string"]
-                } else {
-                    return Ok(ANY);
-                }
-            }
-            Some(Value::String(t)) => vec![t.as_str()],
-            Some(Value::Array(ts)) if !ts.is_empty() => ts
-                .iter()
-                .map(|t| {
-                    t.as_str().ok_or_else(|| SchemaError {
-                        path: format!("{path}/type"),
-                        message: "'type' must be a string or a list of strings".into(),
-                    })
-                })
-                .collect::<Result<_, _>>()?,
-            Some(_) => {
-                return Err(SchemaError {
-                    path: format!("{path}/type"),
-                    message: "'type' must be a string or a non-empty list of strings".into(),
-                })
-            }
+        let implied = |keys: &[&str]| keys.iter().any(|k| map.contains_key(*k));
+        let types: Vec<&str> = match declared {
+            Some(types) => types,
+            // Untyped: what the other keywords imply, else anything.
+            None if implied(&["properties", "additionalProperties", "required"]) => vec!["object"],
+            None if implied(&["items", "minItems", "maxItems"]) => vec!["array"],
+            None if implied(&["minLength", "maxLength"]) => vec!["string"],
+            None => return Ok(ANY),
         };
         let mut alternatives = Vec::with_capacity(types.len());
         for ty in types {
@@ -281,8 +376,8 @@ impl<'s> Compiler<'s> {
                 "integer" => Node::Integer,
                 "number" => Node::Number,
                 "string" => self.string(map, path)?,
-                "array" => self.array(map, path)?,
-                "object" => self.object(map, path)?,
+                "array" => self.array(map, path, depth)?,
+                "object" => self.object(map, path, depth)?,
                 other => {
                     return Err(SchemaError {
                         path: format!("{path}/type"),
@@ -292,15 +387,20 @@ impl<'s> Compiler<'s> {
                     })
                 }
             };
-            alternatives.push(self.grammar.push(node));
+            alternatives.push(self.grammar.push_checked(node, path)?);
         }
         Ok(match alternatives.as_slice() {
             [one] => *one,
-            _ => self.grammar.push(Node::OneOf(alternatives)),
+            _ => self.grammar.push_checked(Node::OneOf(alternatives), path)?,
         })
     }
 
-    fn reference(&mut self, reference: &str, path: &str) -> Result<NodeId, SchemaError> {
+    fn reference(
+        &mut self,
+        reference: &str,
+        path: &str,
+        depth: usize,
+    ) -> Result<NodeId, SchemaError> {
         if let Some(&node) = self.refs.get(reference) {
             return Ok(node);
         }
@@ -320,9 +420,9 @@ impl<'s> Compiler<'s> {
             });
         };
         // Reserve the node first, so a reference back to it (recursion) finds it.
-        let slot = self.grammar.push(Node::OneOf(Vec::new()));
+        let slot = self.grammar.push_checked(Node::OneOf(Vec::new()), path)?;
         self.refs.insert(reference.to_string(), slot);
-        let compiled = self.compile(target, reference)?;
+        let compiled = self.compile(target, reference, depth)?;
         self.grammar.nodes[slot] = Node::OneOf(vec![compiled]);
         Ok(slot)
     }
@@ -350,10 +450,11 @@ impl<'s> Compiler<'s> {
         &mut self,
         map: &'s serde_json::Map<String, Value>,
         path: &str,
+        depth: usize,
     ) -> Result<Node, SchemaError> {
         let items = match map.get("items") {
             None => ANY,
-            Some(items) => self.compile(items, &format!("{path}/items"))?,
+            Some(items) => self.compile(items, &format!("{path}/items"), depth)?,
         };
         let min_items = count(map, "minItems", path)?.unwrap_or(0);
         let max_items = count(map, "maxItems", path)?;
@@ -374,6 +475,7 @@ impl<'s> Compiler<'s> {
         &mut self,
         map: &'s serde_json::Map<String, Value>,
         path: &str,
+        depth: usize,
     ) -> Result<Node, SchemaError> {
         let required: Vec<&str> = match map.get("required") {
             None => Vec::new(),
@@ -417,7 +519,9 @@ impl<'s> Compiler<'s> {
                         properties: Vec::new(),
                     })
                 }
-                Some(schema) => self.compile(schema, &format!("{path}/additionalProperties"))?,
+                Some(schema) => {
+                    self.compile(schema, &format!("{path}/additionalProperties"), depth)?
+                }
             };
             return Ok(Node::Map { values });
         };
@@ -434,6 +538,7 @@ impl<'s> Compiler<'s> {
             let value = self.compile(
                 schema,
                 &format!("{path}/properties/{}", escape_pointer(name)),
+                depth,
             )?;
             compiled.push(Property {
                 key_json: compact(&Value::String(name.clone())),
@@ -444,6 +549,41 @@ impl<'s> Compiler<'s> {
         Ok(Node::Object {
             properties: compiled,
         })
+    }
+}
+
+/// The schema's `type`: one name or a list (`None` when it has none).
+fn declared_types<'v>(
+    map: &'v serde_json::Map<String, Value>,
+    path: &str,
+) -> Result<Option<Vec<&'v str>>, SchemaError> {
+    let bad = || SchemaError {
+        path: format!("{path}/type"),
+        message: "'type' must be a string or a non-empty list of strings".into(),
+    };
+    match map.get("type") {
+        None => Ok(None),
+        Some(Value::String(t)) => Ok(Some(vec![t.as_str()])),
+        Some(Value::Array(ts)) if !ts.is_empty() => ts
+            .iter()
+            .map(|t| t.as_str().ok_or_else(bad))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+        Some(_) => Err(bad()),
+    }
+}
+
+/// Whether `value` is of JSON Schema type `ty` (an integer is a number whose fraction is 0).
+fn has_type(value: &Value, ty: &str) -> bool {
+    match ty {
+        "null" => value.is_null(),
+        "boolean" => value.is_boolean(),
+        "integer" => value.as_f64().is_some_and(|x| x.fract() == 0.0),
+        "number" => value.is_number(),
+        "string" => value.is_string(),
+        "array" => value.is_array(),
+        "object" => value.is_object(),
+        _ => false,
     }
 }
 
