@@ -574,7 +574,7 @@ fn declared_types<'v>(
 }
 
 /// Whether `value` is of JSON Schema type `ty` (an integer is a number whose fraction is 0).
-fn has_type(value: &Value, ty: &str) -> bool {
+pub(crate) fn has_type(value: &Value, ty: &str) -> bool {
     match ty {
         "null" => value.is_null(),
         "boolean" => value.is_boolean(),
