@@ -70,6 +70,9 @@ def main():
         wait_for("the model name", lambda: model.text and not model.text.startswith("("), 30)
         print(f"page shows model {model.text!r}")
 
+        # Greedy, so the replies below are the same on every run.
+        driver.find_element(By.ID, "temperature").clear()
+        driver.find_element(By.ID, "temperature").send_keys("0")
         # A short reply streams in and finishes with the speed shown.
         driver.find_element(By.ID, "max-tokens").clear()
         driver.find_element(By.ID, "max-tokens").send_keys("24")
@@ -99,6 +102,8 @@ def main():
         wait_for("more streamed text", lambda: len(reply.text) > len(first) + 10, 60)
         if reply.get_attribute("data-state") != "streaming":
             fail("the long reply ended before Stop was pressed")
+        if metric(args.base, args.api_key, "edgefusion_active_slots") != 1:
+            fail("the long reply is not generating on the server before Stop")
         driver.find_element(By.ID, "stop").click()
         wait_for("the stopped state", lambda: reply.get_attribute("data-state") == "stopped", 10)
         if "stopped" not in driver.find_element(By.ID, "status").text:

@@ -214,6 +214,15 @@ def main():
             sys.exit(f"load-serve: the server did not start: {server.stderr.read().decode()[-2000:]}")
         time.sleep(0.2)
 
+    try:
+        run(args, port, server)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def run(args, port, server):
     tally = Tally()
     start = time.time()
     end = start + args.duration
@@ -245,8 +254,9 @@ def main():
         if elapsed % 60 < 5:
             print(f"  {elapsed:4d} s: RSS {rss:.0f} MiB, {dict(sorted(tally.counts.items()))}", flush=True)
         time.sleep(5)
+    join_by = time.time() + 900
     for t in threads:
-        t.join(timeout=900)
+        t.join(timeout=max(0.0, join_by - time.time()))
     alive = server.poll() is None
     problems = []
     if alive:

@@ -28,9 +28,10 @@ while [[ $# -gt 0 ]]; do
 done
 die() { echo "test-serve-clients: $*" >&2; exit 1; }
 [[ -f "$model" ]] || die "model '$model' not found (scripts/fetch-assets.sh --model)"
-if [[ ! -x "$bin" ]]; then
-  cargo build --release -p edgefusion-cli
+if [[ "$bin" == target/release/edgefusion ]]; then
+  cargo build --release -p edgefusion-cli   # nothing to do when up to date (the page is built in)
 fi
+[[ -x "$bin" ]] || die "no binary at '$bin'"
 
 venv=.venv-serve-tests
 if ! "$venv/bin/python" -c "import openai, jsonschema, selenium" 2>/dev/null; then
@@ -40,7 +41,8 @@ if ! "$venv/bin/python" -c "import openai, jsonschema, selenium" 2>/dev/null; th
 fi
 if [[ $browser == 1 ]] && ! { command -v chromium && command -v chromedriver; } >/dev/null; then
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null \
+    { DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null || true; } \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null \
       || die "apt-get install chromium chromium-driver failed (--skip-browser skips the page test)"
   else
     die "the chat-page test needs chromium and chromedriver (apt-get install chromium chromium-driver), or --skip-browser"
@@ -52,16 +54,17 @@ key="test-$RANDOM$RANDOM"
 log=$(mktemp)
 "$bin" serve --model "$model" --port "$port" --slots 2 --ctx 1024 --threads 2 --api-key "$key" >"$log" 2>&1 &
 server=$!
-trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; rm -f "$log"' EXIT
-for _ in $(seq 1 600); do
-  if "$venv/bin/python" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=1)" 2>/dev/null; then
-    break
-  fi
-  kill -0 "$server" 2>/dev/null || { cat "$log" >&2; die "the server stopped"; }
-  sleep 0.1
+# On failure the server's log is shown: it is the evidence of what went wrong.
+trap 'status=$?; kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; if [[ $status != 0 ]]; then echo "--- edgefusion serve log:" >&2; tail -50 "$log" >&2; fi; rm -f "$log"' EXIT
+deadline=$((SECONDS + 180))
+until "$venv/bin/python" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=1)" 2>/dev/null; do
+  kill -0 "$server" 2>/dev/null || die "the server stopped"
+  (( SECONDS < deadline )) || die "the server did not answer /health within 180 s"
+  sleep 0.2
 done
 base="http://127.0.0.1:$port"
 "$venv/bin/python" scripts/openai-client-test.py --base "$base" --api-key "$key"
 if [[ $browser == 1 ]]; then
-  "$venv/bin/python" scripts/chat-page-test.py --base "$base" --api-key "$key"
+  "$venv/bin/python" scripts/chat-page-test.py --base "$base" --api-key "$key" \
+    --chromedriver "$(command -v chromedriver)"
 fi
