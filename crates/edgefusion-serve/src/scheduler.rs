@@ -10,6 +10,7 @@
 //! waits for a client; a client that went away closes its channel and its slot is freed at
 //! the next round.
 
+use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -397,11 +398,10 @@ fn scheduler_main(cfg: ServeConfig, jobs: Receiver<Job>, ready: Ready, metrics: 
         return;
     }
     drop(ready);
-    let token_mask = TokenMask::new(&tokenizer);
     let mut scheduler = Scheduler {
         session: &mut session,
         tokenizer: &tokenizer,
-        token_mask: &token_mask,
+        token_mask: OnceCell::new(),
         metrics: &metrics,
         prefill_chunk: cfg.prefill_chunk.max(1),
         admitted: 0,
@@ -449,8 +449,9 @@ struct Active<'t> {
 struct Scheduler<'s, 'm, 't> {
     session: &'s mut Session<'m>,
     tokenizer: &'t Tokenizer,
-    /// Each token's bytes, for jobs whose output must follow a grammar.
-    token_mask: &'s TokenMask,
+    /// Each token's bytes, for jobs whose output must follow a grammar: built by the first
+    /// such job, so servers that never see one do not pay for it at start.
+    token_mask: OnceCell<TokenMask>,
     metrics: &'s Metrics,
     /// Prompt tokens prefilled per round, over all slots.
     prefill_chunk: usize,
@@ -577,7 +578,7 @@ impl<'t> Scheduler<'_, '_, 't> {
             if active.pending > 0 {
                 continue;
             }
-            let finish = match sample_next(active, self.tokenizer, self.token_mask, self.metrics) {
+            let finish = match sample_next(active, self.tokenizer, &self.token_mask, self.metrics) {
                 Step::Finished(reason) => Some(reason),
                 Step::Continue(_) if slot.seq.n_past() >= n_ctx => Some(FinishReason::Length),
                 Step::Continue(next) => {
@@ -691,9 +692,13 @@ enum Step {
 fn sample_next(
     active: &mut Active<'_>,
     tokenizer: &Tokenizer,
-    token_mask: &TokenMask,
+    token_mask: &OnceCell<TokenMask>,
     metrics: &Metrics,
 ) -> Step {
+    let token_mask = active
+        .matcher
+        .is_some()
+        .then(|| token_mask.get_or_init(|| TokenMask::new(tokenizer)));
     let p = &active.params;
     if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
         for (&token, &count) in &active.counts {
@@ -702,7 +707,7 @@ fn sample_next(
             }
         }
     }
-    if let Some(matcher) = &active.matcher {
+    if let (Some(matcher), Some(token_mask)) = (&active.matcher, token_mask) {
         if token_mask.apply(matcher, &mut active.logits) == 0 {
             // The vocabulary cannot write any byte the grammar takes next.
             let _ = active.events.send(Event::Error(
@@ -712,7 +717,7 @@ fn sample_next(
         }
     }
     let mut next = active.sampler.sample(&active.logits, &active.history);
-    if let Some(matcher) = &mut active.matcher {
+    if let (Some(matcher), Some(token_mask)) = (&mut active.matcher, token_mask) {
         // Sampling filters may keep a masked token at a vanishing probability: never take it.
         if !token_mask.allows(matcher, next) {
             next = argmax(&active.logits);

@@ -290,10 +290,9 @@ fn step(grammar: &Grammar, mut thread: Thread, byte: u8, out: &mut Vec<Thread>) 
                     _ => return,
                 },
                 (Escape::Unicode(n, value), _) => {
-                    let Some(digit) = (byte as char).to_digit(16) else {
+                    let Some(value) = push_hex(value, byte) else {
                         return;
                     };
-                    let value = value << 4 | digit as u16;
                     // A lone low surrogate (DC00–DFFF) is refused as soon as it shows.
                     if n == 1 && (0xDC..=0xDF).contains(&value) {
                         return;
@@ -318,10 +317,9 @@ fn step(grammar: &Grammar, mut thread: Thread, byte: u8, out: &mut Vec<Thread>) 
                     s.1 = Escape::LowUnicode(0, 0);
                 }
                 (Escape::LowUnicode(n, value), _) => {
-                    let Some(digit) = (byte as char).to_digit(16) else {
+                    let Some(value) = push_hex(value, byte) else {
                         return;
                     };
-                    let value = value << 4 | digit as u16;
                     let fits = match n {
                         0 => value == 0xD,
                         1 => (0xDC..=0xDF).contains(&value),
@@ -604,6 +602,12 @@ fn step(grammar: &Grammar, mut thread: Thread, byte: u8, out: &mut Vec<Thread>) 
             }
         }
     }
+}
+
+/// `value` with the hex digit `byte` appended (`None`: not a hex digit).
+fn push_hex(value: u16, byte: u8) -> Option<u16> {
+    let digit = (byte as char).to_digit(16)?;
+    Some(value << 4 | digit as u16)
 }
 
 /// Begins a value of `node` with `byte` (not whitespace).

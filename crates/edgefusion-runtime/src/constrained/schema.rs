@@ -432,14 +432,7 @@ impl<'s> Compiler<'s> {
         map: &serde_json::Map<String, Value>,
         path: &str,
     ) -> Result<Node, SchemaError> {
-        let min_chars = count(map, "minLength", path)?.unwrap_or(0);
-        let max_chars = count(map, "maxLength", path)?;
-        if max_chars.is_some_and(|max| max < min_chars) {
-            return Err(SchemaError {
-                path: format!("{path}/maxLength"),
-                message: format!("'maxLength' is below 'minLength' ({min_chars})"),
-            });
-        }
+        let (min_chars, max_chars) = bounds(map, "minLength", "maxLength", path)?;
         Ok(Node::String {
             min_chars,
             max_chars,
@@ -456,14 +449,7 @@ impl<'s> Compiler<'s> {
             None => ANY,
             Some(items) => self.compile(items, &format!("{path}/items"), depth)?,
         };
-        let min_items = count(map, "minItems", path)?.unwrap_or(0);
-        let max_items = count(map, "maxItems", path)?;
-        if max_items.is_some_and(|max| max < min_items) {
-            return Err(SchemaError {
-                path: format!("{path}/maxItems"),
-                message: format!("'maxItems' is below 'minItems' ({min_items})"),
-            });
-        }
+        let (min_items, max_items) = bounds(map, "minItems", "maxItems", path)?;
         Ok(Node::Array {
             items,
             min_items,
@@ -621,6 +607,24 @@ fn count(
                 message: format!("'{keyword}' must be a non-negative integer"),
             }),
     }
+}
+
+/// A `min…`/`max…` pair of count keywords: (min, default 0; max, if any), refusing max < min.
+fn bounds(
+    map: &serde_json::Map<String, Value>,
+    min_keyword: &str,
+    max_keyword: &str,
+    path: &str,
+) -> Result<(usize, Option<usize>), SchemaError> {
+    let min = count(map, min_keyword, path)?.unwrap_or(0);
+    let max = count(map, max_keyword, path)?;
+    if max.is_some_and(|max| max < min) {
+        return Err(SchemaError {
+            path: format!("{path}/{max_keyword}"),
+            message: format!("'{max_keyword}' is below '{min_keyword}' ({min})"),
+        });
+    }
+    Ok((min, max))
 }
 
 fn compact(value: &Value) -> Vec<u8> {
