@@ -68,6 +68,8 @@ pub struct Grammar {
 /// Node of any JSON value; [`Grammar`]s always start with it and its parts.
 pub const ANY: NodeId = 0;
 const ANY_STRING: NodeId = 4;
+/// An object with any keys and values: one of [`ANY`]'s parts.
+const ANY_MAP: NodeId = 6;
 
 /// Nesting of schemas (and `$ref` hops) followed at most while compiling.
 const MAX_DEPTH: usize = 64;
@@ -112,9 +114,10 @@ const UNSUPPORTED: &[&str] = &[
 impl Grammar {
     /// Any JSON object (OpenAI's `response_format: {"type": "json_object"}`).
     pub fn any_object() -> Grammar {
-        let mut grammar = Grammar::with_any();
-        grammar.root = grammar.push(Node::Map { values: ANY });
-        grammar
+        Grammar {
+            root: ANY_MAP,
+            ..Grammar::with_any()
+        }
     }
 
     /// Compiles `schema`; errors name the place in the schema and the rule.
@@ -173,7 +176,7 @@ impl Grammar {
     /// The nodes every grammar starts with: any value and its kinds.
     fn with_any() -> Grammar {
         let nodes = vec![
-            Node::OneOf(vec![1, 2, 3, ANY_STRING, 5, 6]),
+            Node::OneOf(vec![1, 2, 3, ANY_STRING, 5, ANY_MAP]),
             Node::Null,
             Node::Boolean,
             Node::Number,
