@@ -40,6 +40,12 @@ pub struct ServeArgs {
     /// [default: $EDGEFUSION_API_KEY, else no key].
     #[arg(long)]
     pub api_key: Option<String>,
+    /// MiB of SSM and window states a hybrid model keeps for prefix reuse, over all slots:
+    /// each slot saves them at the end of every chat message and prompt, so that a later
+    /// request sharing that prefix (a system prompt, earlier turns) starts there; the least
+    /// recently used go first when full (0: none; dense models cut their KV cache instead).
+    #[arg(long, default_value_t = 256)]
+    pub state_cache_mib: usize,
     /// Name the model is served under [default: the file name without extension].
     #[arg(long)]
     pub alias: Option<String>,
@@ -62,6 +68,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     cfg.queue = args.queue;
     cfg.threads = threads;
     cfg.prefill_chunk = args.prefill_chunk;
+    cfg.state_cache_bytes = args.state_cache_mib << 20;
     cfg.api_key = args
         .api_key
         .or_else(|| std::env::var("EDGEFUSION_API_KEY").ok())

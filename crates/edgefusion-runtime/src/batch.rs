@@ -9,9 +9,9 @@
 
 use std::ops::Range;
 
-use edgefusion_model::Model;
+use edgefusion_model::{Model, ModelConfig};
 
-use crate::engine::{KvType, Session, SessionOptions};
+use crate::engine::{KvType, RecurrentState, Session, SessionOptions};
 use crate::mixer::LayerState;
 use crate::RuntimeError;
 
@@ -100,6 +100,35 @@ impl Sequence {
         Ok(())
     }
 
+    /// A copy of every layer's constant-size state after the positions so far.
+    pub(crate) fn save_recurrent(&self, cfg: &ModelConfig) -> RecurrentState {
+        RecurrentState {
+            n_past: self.n_past,
+            layers: self.layers.iter().map(|l| l.save(cfg)).collect(),
+        }
+    }
+
+    /// Returns to `state`, saved from this sequence at or before its current position: the
+    /// full-attention layers keep their first `state.n_past()` positions, which must still
+    /// hold the tokens they held when it was saved.
+    pub(crate) fn restore_recurrent(
+        &mut self,
+        cfg: &ModelConfig,
+        state: &RecurrentState,
+    ) -> Result<(), RuntimeError> {
+        if state.n_past > self.n_past || state.layers.len() != self.layers.len() {
+            return Err(RuntimeError::InvalidOption(format!(
+                "a state saved at position {} does not fit this sequence (position {})",
+                state.n_past, self.n_past
+            )));
+        }
+        for (layer, saved) in self.layers.iter_mut().zip(&state.layers) {
+            layer.restore(cfg, saved);
+        }
+        self.n_past = state.n_past;
+        Ok(())
+    }
+
     /// Empties the SSM states (a new sequence starts from zero).
     pub(crate) fn clear_recurrent(&mut self) {
         for layer in &mut self.layers {
@@ -132,6 +161,34 @@ impl Session<'_> {
         }
         std::mem::swap(&mut self.seq, seq);
         Ok(())
+    }
+
+    /// The constant-size state of every layer of `seq` (SSM states, sinks and windows) after
+    /// its positions so far: [`Session::restore_sequence_state`] returns `seq` to it later,
+    /// once it has gone on (prefix reuse for hybrid models, whose states do not rewind).
+    pub fn sequence_state(&self, seq: &Sequence) -> RecurrentState {
+        seq.save_recurrent(&self.model().config)
+    }
+
+    /// Returns `seq` to `state`, saved by [`Session::sequence_state`] of `seq` at or before
+    /// its current position. The full-attention layers keep their first `state.n_past()`
+    /// positions: `seq` must not have been cut back below it since (which would let later
+    /// tokens overwrite them).
+    ///
+    /// # Errors
+    /// If `seq` is not this session's, or the state is beyond its position or of another
+    /// model.
+    pub fn restore_sequence_state(
+        &self,
+        seq: &mut Sequence,
+        state: &RecurrentState,
+    ) -> Result<(), RuntimeError> {
+        if !self.fits(seq) {
+            return Err(RuntimeError::InvalidOption(
+                "the sequence was made for another session: make it with this session's new_sequence".into(),
+            ));
+        }
+        seq.restore_recurrent(&self.model().config, state)
     }
 
     /// One step of several sequences: `tokens[r]` is the next token of `seqs[r]`. Returns
@@ -344,6 +401,58 @@ mod tests {
                 assert!(err <= 2e-3, "{name}, sequence {k}: relative error {err}");
                 assert_eq!(seqs[k].n_past(), prompts[k].len() + n / vocab as usize - 1);
             }
+        }
+    }
+
+    /// A sequence's states saved after a shared prefix in a batched step, then restored after
+    /// a detour of other tokens (beside another sequence), continue as a fresh run of the
+    /// whole; a state of a longer past, or a sequence of another session, is refused.
+    #[test]
+    fn a_restored_sequence_state_continues_as_a_fresh_run() {
+        for name in ["tiny-hybrid-f32", "tiny-window-f32", "tiny-gemma3-f32"] {
+            let source = ModelSource::open(fixture(&format!("{name}.gguf"))).unwrap();
+            let model = Model::load(&source).unwrap();
+            let vocab = model.config.vocab_size as u32;
+            let tokens: Vec<u32> = (0..30).map(|i| (i * 17 + 5) % vocab).collect();
+            let (prefix, rest) = tokens.split_at(19);
+            let mut opts = SessionOptions::new(48, 2);
+            opts.adapt_threads = false;
+            opts.max_logits = 2;
+            let mut session = Session::new(&model, opts.clone()).unwrap();
+            let (mut seq, mut other) = (session.new_sequence(), session.new_sequence());
+            session
+                .forward_batch(
+                    &mut [&mut seq, &mut other],
+                    &[prefix, &rest[..3]].concat(),
+                    &[19, 3],
+                )
+                .unwrap();
+            let saved = session.sequence_state(&seq);
+            assert_eq!(saved.n_past(), 19);
+            // A detour past the window that overwrites the ring, beside the other sequence.
+            let detour: Vec<u32> = (0..20).map(|i| (i * 3 + 1) % vocab).collect();
+            session
+                .forward_batch(
+                    &mut [&mut other, &mut seq],
+                    &[&rest[..2], &detour[..]].concat(),
+                    &[2, 20],
+                )
+                .unwrap();
+            assert!(seq.truncate(19).is_err());
+            let longer = session.sequence_state(&seq);
+            session.restore_sequence_state(&mut seq, &saved).unwrap();
+            assert_eq!(seq.n_past(), 19);
+            assert!(session.restore_sequence_state(&mut seq, &longer).is_err());
+            let restored = session
+                .forward_batch(&mut [&mut seq], rest, &[rest.len()])
+                .unwrap()
+                .to_vec();
+            let mut fresh = Session::new(&model, opts.clone()).unwrap();
+            let direct = fresh.forward(&tokens, Logits::Last).unwrap();
+            let err = edgefusion_testkit::max_rel_error(&restored, direct);
+            assert!(err <= 1e-4, "{name}: restored vs fresh {err}");
+            let foreign = Session::new(&model, SessionOptions::new(16, 1)).unwrap();
+            assert!(foreign.restore_sequence_state(&mut seq, &saved).is_err());
         }
     }
 

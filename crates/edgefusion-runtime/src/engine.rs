@@ -165,8 +165,8 @@ pub struct Session<'m> {
 /// windows), saved by [`Session::recurrent_state`] to return to later.
 #[derive(Debug, Clone)]
 pub struct RecurrentState {
-    n_past: usize,
-    layers: Vec<SavedLayer>,
+    pub(crate) n_past: usize,
+    pub(crate) layers: Vec<SavedLayer>,
 }
 
 impl RecurrentState {
@@ -369,11 +369,7 @@ impl<'m> Session<'m> {
     /// The constant-size state of every layer after the positions so far, to return to with
     /// [`Session::set_recurrent_state`].
     pub fn recurrent_state(&self) -> RecurrentState {
-        let cfg = &self.model.config;
-        RecurrentState {
-            n_past: self.seq.n_past,
-            layers: self.seq.layers.iter().map(|l| l.save(cfg)).collect(),
-        }
+        self.seq.save_recurrent(&self.model.config)
     }
 
     /// Returns to a state saved by [`Session::recurrent_state`] of this session: the full
@@ -383,18 +379,7 @@ impl<'m> Session<'m> {
     /// # Errors
     /// If the state is beyond the current position.
     pub fn set_recurrent_state(&mut self, state: &RecurrentState) -> Result<(), RuntimeError> {
-        if state.n_past > self.seq.n_past || state.layers.len() != self.seq.layers.len() {
-            return Err(RuntimeError::InvalidOption(format!(
-                "a state saved at position {} does not fit this session (position {})",
-                state.n_past, self.seq.n_past
-            )));
-        }
-        let cfg = &self.model.config;
-        for (layer, saved) in self.seq.layers.iter_mut().zip(&state.layers) {
-            layer.restore(cfg, saved);
-        }
-        self.seq.n_past = state.n_past;
-        Ok(())
+        self.seq.restore_recurrent(&self.model.config, state)
     }
 
     /// Bytes of full-attention KV cache per context position.

@@ -198,7 +198,7 @@ async fn models(State(engine): Shared, headers: HeaderMap) -> Result<Json<Value>
 async fn metrics(State(engine): Shared, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&engine, &headers)?;
     let m = &engine.metrics;
-    let rows: [(&str, &str, &str, u64); 10] = [
+    let rows: [(&str, &str, &str, u64); 13] = [
         (
             "edgefusion_requests_total",
             "counter",
@@ -258,6 +258,24 @@ async fn metrics(State(engine): Shared, headers: HeaderMap) -> Result<Response, 
             "gauge",
             "Slots generating now.",
             m.active_slots.load(Ordering::SeqCst) as u64,
+        ),
+        (
+            "edgefusion_saved_states",
+            "gauge",
+            "Recurrent states a hybrid model's slots hold for prefix reuse.",
+            m.saved_states.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "edgefusion_saved_state_bytes",
+            "gauge",
+            "Bytes of those states (at most --state-cache-mib).",
+            m.saved_state_bytes.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "edgefusion_saved_states_evicted_total",
+            "counter",
+            "Saved states dropped, least recently used first, to stay within the budget.",
+            m.saved_states_evicted.load(Ordering::Relaxed),
         ),
     ];
     let mut text = String::new();
@@ -390,6 +408,37 @@ fn prompt_text(engine: &Engine, body: &Body, kind: Kind) -> Result<String, ApiEr
     }
 }
 
+/// Messages whose end a hybrid model saves its state at: the first (a system prompt that
+/// many conversations share) and the last few (a conversation's earlier turns).
+const BOUNDARY_MESSAGES: usize = 8;
+
+/// Where in `prompt` (the tokens of the whole rendered chat) each message but the last
+/// ends: the template rendered over the messages up to it, tokenized, when that is a prefix
+/// of `prompt` (it is not when a template joins messages inside a token).
+fn message_boundaries(engine: &Engine, body: &Body, prompt: &[u32]) -> Vec<usize> {
+    let Ok(messages) = chat_messages(body) else {
+        return Vec::new();
+    };
+    let n = messages.len();
+    let tok = &engine.tokenizer;
+    let bos = tok.bos_id().and_then(|id| tok.token_str(id)).unwrap_or("");
+    let eos = tok
+        .eos_ids()
+        .first()
+        .and_then(|&id| tok.token_str(id))
+        .unwrap_or("");
+    let ends = (1..n).filter(|&k| k == 1 || k + BOUNDARY_MESSAGES >= n);
+    ends.filter_map(|k| {
+        let text = engine
+            .chat_template
+            .render(&messages[..k], false, bos, eos)
+            .ok()?;
+        let tokens = tok.encode(&text, true).ok()?;
+        (!tokens.is_empty() && prompt.starts_with(&tokens)).then_some(tokens.len())
+    })
+    .collect()
+}
+
 fn chat_messages(body: &Body) -> Result<Vec<ChatMessage>, ApiError> {
     let bad = |what: String| ApiError::invalid(what, Some("messages"));
     let Some(Value::Array(items)) = body.value("messages") else {
@@ -463,6 +512,11 @@ async fn generate(
         .tokenizer
         .encode(&text, true)
         .map_err(|e| ApiError::server(e.to_string()))?;
+    let boundaries = if kind == Kind::Chat && engine.info.recurrent {
+        message_boundaries(&engine, &body, &prompt)
+    } else {
+        Vec::new()
+    };
     let n_ctx = engine.info.n_ctx;
     let prompt_field = if kind == Kind::Chat {
         "messages"
@@ -489,7 +543,7 @@ async fn generate(
     }
     params.max_tokens = params.max_tokens.min(n_ctx - prompt.len());
     let params_logprobs = params.logprobs.is_some();
-    let events = submit(&engine, prompt, params)?;
+    let events = submit(&engine, prompt, boundaries, params)?;
     let reply = Reply {
         id: next_id(if kind == Kind::Chat {
             "chatcmpl"
@@ -511,11 +565,13 @@ async fn generate(
 fn submit(
     engine: &Engine,
     prompt: Vec<u32>,
+    boundaries: Vec<usize>,
     params: GenParams,
 ) -> Result<UnboundedReceiver<Event>, ApiError> {
     let (tx, rx) = mpsc::unbounded_channel();
     match engine.submit(Job {
         prompt,
+        boundaries,
         params,
         events: tx,
     }) {

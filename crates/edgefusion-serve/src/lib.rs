@@ -13,6 +13,7 @@
 pub mod api;
 pub mod params;
 pub mod scheduler;
+mod state_cache;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,6 +43,9 @@ pub struct ServeConfig {
     pub prefill_chunk: usize,
     /// When set, every endpoint but `/health` wants `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
+    /// Bytes of recurrent states (SSM states, sinks and windows) a hybrid model's slots may
+    /// save for prefix reuse, over all slots; the least recently used go first.
+    pub state_cache_bytes: usize,
     /// Pause after every scheduler round (0 = none): throttles the server, and lets tests
     /// hold slots busy for a known time.
     pub step_delay: Duration,
@@ -58,6 +62,7 @@ impl ServeConfig {
             threads: 1,
             prefill_chunk: 256,
             api_key: None,
+            state_cache_bytes: 256 << 20,
             step_delay: Duration::ZERO,
         }
     }

@@ -26,6 +26,8 @@ use edgefusion_runtime::constrained::{Grammar, JsonMatcher, TokenMask};
 use edgefusion_runtime::sampler::argmax;
 use edgefusion_runtime::tokenizer::{TokenStreamer, Tokenizer};
 use edgefusion_runtime::{Sampler, SamplerConfig, Sequence, Session, SessionOptions};
+
+use crate::state_cache::StateCache;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{ServeConfig, ServeError};
@@ -52,6 +54,10 @@ pub struct GenParams {
 /// A request for the scheduler: the prompt's tokens and where to send the results.
 pub struct Job {
     pub prompt: Vec<u32>,
+    /// Prompt positions that end a chat message (the system prompt, earlier turns): a
+    /// hybrid model's slot saves its states there, so that a later prompt sharing that much
+    /// starts from them ([`ModelInfo::recurrent`]; a dense model's cache is cut anywhere).
+    pub boundaries: Vec<usize>,
     pub params: GenParams,
     pub events: UnboundedSender<Event>,
 }
@@ -167,6 +173,10 @@ pub struct Metrics {
     pub decode_rows: AtomicU64,
     pub queue_depth: AtomicUsize,
     pub active_slots: AtomicUsize,
+    /// Recurrent states saved for prefix reuse (hybrid models), and their bytes.
+    pub saved_states: AtomicUsize,
+    pub saved_state_bytes: AtomicUsize,
+    pub saved_states_evicted: AtomicU64,
     /// Jobs accepted and not finished (queued or in a slot): admission keeps it at most
     /// `slots + queue`, so a request that finds a free slot is never refused.
     pub in_flight: AtomicUsize,
@@ -188,6 +198,9 @@ pub struct ModelInfo {
     pub n_ctx_train: usize,
     pub vocab_size: usize,
     pub slots: usize,
+    /// Whether some layer keeps a constant-size state (a hybrid): prefix reuse then starts
+    /// from states saved at [`Job::boundaries`] and at the end of each prompt.
+    pub recurrent: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -392,13 +405,23 @@ fn scheduler_main(cfg: ServeConfig, jobs: Receiver<Job>, ready: Ready, metrics: 
         n_ctx_train: cfgm.n_ctx_train,
         vocab_size: cfgm.vocab_size,
         slots: cfg.slots,
+        recurrent: session.has_recurrent_state(),
     };
     let tokenizer = Arc::new(tokenizer);
     if ready.send(Ok((tokenizer.clone(), info))).is_err() {
         return;
     }
     drop(ready);
+    // The saved states' budget, in states of this model (none for a dense model).
+    let state_bytes = session.recurrent_state_bytes();
+    let state_capacity = if session.has_recurrent_state() && state_bytes > 0 {
+        cfg.state_cache_bytes / state_bytes
+    } else {
+        0
+    };
     let mut scheduler = Scheduler {
+        states: StateCache::new(state_capacity),
+        state_bytes,
         session: &mut session,
         tokenizer: &tokenizer,
         token_mask: OnceCell::new(),
@@ -429,6 +452,9 @@ struct Active<'t> {
     n_prompt: usize,
     /// Prompt tokens not yet prefilled: `history[n_prompt - pending..n_prompt]`.
     pending: usize,
+    /// Positions still to come at which the slot saves its recurrent state, ascending
+    /// (empty for a dense model).
+    save_at: Vec<usize>,
     /// Admission order: prefill goes first come, first served.
     order: u64,
     n_generated: usize,
@@ -457,6 +483,9 @@ struct Scheduler<'s, 'm, 't> {
     prefill_chunk: usize,
     /// Jobs admitted so far.
     admitted: u64,
+    /// The slots' saved recurrent states (hybrid models), and the bytes of one.
+    states: StateCache,
+    state_bytes: usize,
 }
 
 impl<'t> Scheduler<'_, '_, 't> {
@@ -490,8 +519,9 @@ impl<'t> Scheduler<'_, '_, 't> {
 
     /// Starts `job` in the free slot whose cached tokens share the longest prefix with its
     /// prompt, keeping that prefix: a dense model cuts its KV cache back to it; a model with
-    /// constant-size states keeps them only when the whole cached sequence is a prefix of the
-    /// prompt (a conversation's next turn), else starts over.
+    /// constant-size states keeps the whole cached sequence when it is a prefix of the
+    /// prompt (a conversation's next turn), else returns to the latest state it saved within
+    /// the shared prefix ([`StateCache`]), else starts over.
     fn admit(&mut self, slots: &mut [Slot<'t>], job: Job) {
         let metrics = self.metrics;
         metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
@@ -500,30 +530,44 @@ impl<'t> Scheduler<'_, '_, 't> {
             metrics.release();
             return;
         }
-        let reusable = |slot: &Slot<'_>| {
+        let states = &self.states;
+        let reusable = |i: usize, slot: &Slot<'_>| {
             let common = common_prefix(&slot.cached, &job.prompt);
             // At least the prompt's last token is fed: its logits start the generation.
             let keep = common.min(job.prompt.len().saturating_sub(1));
             if slot.seq.has_recurrent_state() && keep < slot.cached.len() {
-                0
+                states.best(i, keep).unwrap_or(0)
             } else {
                 keep
             }
         };
         // Ties go to the slot that caches least, keeping longer caches for later requests.
-        let Some(slot) = slots
-            .iter_mut()
-            .filter(|s| s.active.is_none())
-            .max_by_key(|s| (reusable(s), std::cmp::Reverse(s.cached.len())))
+        let Some((index, keep)) = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.active.is_none())
+            .map(|(i, s)| (i, reusable(i, s)))
+            .max_by_key(|&(i, keep)| (keep, std::cmp::Reverse(slots[i].cached.len())))
         else {
             unreachable!("a job is admitted only when a slot is free")
         };
-        let keep = reusable(slot);
-        if slot.seq.truncate(keep).is_err() {
+        let slot = &mut slots[index];
+        if keep < slot.cached.len() && slot.seq.has_recurrent_state() && keep > 0 {
+            let restored = self
+                .states
+                .use_state(index, keep)
+                .map(|state| self.session.restore_sequence_state(&mut slot.seq, state));
+            if !matches!(restored, Some(Ok(()))) {
+                slot.seq.reset();
+            }
+        } else if slot.seq.truncate(keep).is_err() {
             slot.seq.reset();
         }
         slot.cached.truncate(slot.seq.n_past());
         let kept = slot.seq.n_past();
+        // The rows after `kept` are about to hold other tokens.
+        self.states.forget_after(index, kept);
+        self.publish_state_metrics();
         metrics
             .prompt_tokens
             .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
@@ -531,6 +575,20 @@ impl<'t> Scheduler<'_, '_, 't> {
             .prompt_tokens_cached
             .fetch_add(kept as u64, Ordering::Relaxed);
         self.admitted += 1;
+        let save_at = if slot.seq.has_recurrent_state() && self.states.capacity() > 0 {
+            let mut at: Vec<usize> = job
+                .boundaries
+                .iter()
+                .copied()
+                .chain(std::iter::once(job.prompt.len() - 1))
+                .filter(|&p| p > kept && p < job.prompt.len())
+                .collect();
+            at.sort_unstable();
+            at.dedup();
+            at
+        } else {
+            Vec::new()
+        };
         slot.active = Some(Active {
             sampler: Sampler::new(
                 job.params.sampler.clone(),
@@ -538,6 +596,7 @@ impl<'t> Scheduler<'_, '_, 't> {
             ),
             n_prompt: job.prompt.len(),
             pending: job.prompt.len() - kept,
+            save_at,
             matcher: job.params.json.clone().map(JsonMatcher::new),
             order: self.admitted,
             history: job.prompt,
@@ -550,6 +609,17 @@ impl<'t> Scheduler<'_, '_, 't> {
             text: String::new(),
             sent: 0,
         });
+    }
+
+    fn publish_state_metrics(&self) {
+        let held = self.states.len();
+        self.metrics.saved_states.store(held, Ordering::Relaxed);
+        self.metrics
+            .saved_state_bytes
+            .store(held * self.state_bytes, Ordering::Relaxed);
+        self.metrics
+            .saved_states_evicted
+            .store(self.states.evicted, Ordering::Relaxed);
     }
 
     /// Frees the slots whose client went away.
@@ -617,7 +687,11 @@ impl<'t> Scheduler<'_, '_, 't> {
                 continue;
             };
             let start = active.n_prompt - active.pending;
-            let n = active.pending.min(budget);
+            let mut n = active.pending.min(budget);
+            // A chunk ends where the slot saves its state.
+            if let Some(&at) = active.save_at.first() {
+                n = n.min(at - start);
+            }
             batch.push((i, active.history[start..start + n].to_vec(), false));
             budget -= n;
         }
@@ -638,6 +712,8 @@ impl<'t> Scheduler<'_, '_, 't> {
             .collect();
         let vocab = self.session.model().config.vocab_size;
         let n_decode = batch.iter().filter(|b| b.2).count();
+        // Slots whose chunk ended where they save their state.
+        let mut to_save = Vec::new();
         match self.session.forward_batch(&mut seqs, &tokens, &lens) {
             Ok(logits) => {
                 if n_decode > 0 {
@@ -652,6 +728,10 @@ impl<'t> Scheduler<'_, '_, 't> {
                     if let Some(active) = slot.active.as_mut() {
                         if !decoding {
                             active.pending -= fed.len();
+                            if active.save_at.first() == Some(&slot.seq.n_past()) {
+                                active.save_at.remove(0);
+                                to_save.push(*i);
+                            }
                         }
                         // The logits after the prompt's last token start the generation.
                         if active.pending == 0 {
@@ -671,9 +751,15 @@ impl<'t> Scheduler<'_, '_, 't> {
                     }
                     slot.seq.reset();
                     slot.cached.clear();
+                    self.states.forget_after(*i, 0);
                 }
             }
         }
+        for i in to_save {
+            let state = self.session.sequence_state(&slots[i].seq);
+            self.states.save(i, state);
+        }
+        self.publish_state_metrics();
     }
 }
 

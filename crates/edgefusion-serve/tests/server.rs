@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use edgefusion_io::ModelSource;
 use edgefusion_model::Model;
+use edgefusion_runtime::chat::{ChatMessage, ChatTemplate, CHATML_TEMPLATE};
 use edgefusion_runtime::sampler::argmax;
 use edgefusion_runtime::{Logits, Session, SessionOptions};
 use edgefusion_serve::scheduler::load_tokenizer;
@@ -26,7 +27,11 @@ struct TestServer {
 
 impl TestServer {
     async fn start(configure: impl FnOnce(&mut ServeConfig)) -> TestServer {
-        let mut cfg = ServeConfig::new(fixture(MODEL));
+        Self::start_model(MODEL, configure).await
+    }
+
+    async fn start_model(model: &str, configure: impl FnOnce(&mut ServeConfig)) -> TestServer {
+        let mut cfg = ServeConfig::new(fixture(model));
         configure(&mut cfg);
         let engine = Arc::new(Engine::start(cfg).expect("engine starts"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -116,15 +121,20 @@ impl TestServer {
 /// Greedy decode with a plain runtime session, as `edgefusion run --temp 0` does: the text
 /// and the number of tokens.
 fn direct_greedy(prompt: &str, max_tokens: usize) -> (String, usize) {
-    let source = ModelSource::open(fixture(MODEL)).unwrap();
+    direct_greedy_of(MODEL, 64, prompt, max_tokens)
+}
+
+/// [`direct_greedy`] of another fixture model with a context of `n_ctx`.
+fn direct_greedy_of(model: &str, n_ctx: usize, prompt: &str, max_tokens: usize) -> (String, usize) {
+    let source = ModelSource::open(fixture(model)).unwrap();
     let model = Model::load(&source).unwrap();
     let tokenizer = load_tokenizer(&source).unwrap();
-    let mut session = Session::new(&model, SessionOptions::new(64, 1)).unwrap();
+    let mut session = Session::new(&model, SessionOptions::new(n_ctx, 1)).unwrap();
     let ids = tokenizer.encode(prompt, true).unwrap();
     let mut logits = session.forward(&ids, Logits::Last).unwrap().to_vec();
     let mut streamer = tokenizer.streamer();
     let (mut text, mut n) = (String::new(), 0);
-    while n < max_tokens.min(64 - ids.len()) {
+    while n < max_tokens.min(n_ctx - ids.len()) {
         let next = argmax(&logits);
         if tokenizer.is_eos(next) {
             break;
@@ -471,6 +481,94 @@ async fn a_repeated_prompt_reuses_the_cached_prefix() {
         "kept {kept} of {} tokens",
         n_prompt(&third)
     );
+    server.stop().await;
+}
+
+/// A hybrid model's states do not rewind, so its slot saves them at the end of each chat
+/// message and prompt: a second conversation with the same system prompt starts from the
+/// state saved after it, an edited last message from the state before it, and a repeated
+/// prompt from its end; every reply equals a fresh session's on the whole prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hybrid_restores_states_saved_at_message_ends() {
+    const HYBRID: &str = "tiny-hybrid-f32.gguf";
+    const CTX: usize = 256;
+    let server = TestServer::start_model(HYBRID, |cfg| {
+        cfg.slots = 1;
+        cfg.ctx = Some(CTX);
+    })
+    .await;
+    let system = json!({"role": "system", "content": "Answer in one short line."});
+    let chat = |messages: Vec<Value>| json!({"messages": messages, "temperature": 0, "max_completion_tokens": 6});
+    let user = |text: &str| json!({"role": "user", "content": text});
+    let assistant = |text: &str| json!({"role": "assistant", "content": text});
+    let source = ModelSource::open(fixture(HYBRID)).unwrap();
+    let tokenizer = load_tokenizer(&source).unwrap();
+    let template = ChatTemplate::new(tokenizer.chat_template().unwrap_or(CHATML_TEMPLATE)).unwrap();
+    let render = |messages: &[Value], generation: bool| {
+        let messages: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        template.render(&messages, generation, "", "").unwrap()
+    };
+    let n_tokens = |text: &str| tokenizer.encode(text, true).unwrap().len() as u64;
+    let cached = || server.metric("edgefusion_prompt_tokens_cached_total");
+    let reply = |messages: Vec<Value>| {
+        let server = &server;
+        async move {
+            let (status, body) = server
+                .post("/v1/chat/completions", &chat(messages.clone()))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            let text = body["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let (want, _) = direct_greedy_of(HYBRID, CTX, &render(&messages, true), 6);
+            assert_eq!(text, want, "{messages:?}");
+            text
+        }
+    };
+    let first = vec![system.clone(), user("Hello there")];
+    reply(first.clone()).await;
+    assert_eq!(cached().await, 0);
+    assert!(server.metric("edgefusion_saved_states").await >= 2);
+    // Same system prompt, another question: it starts after the system message.
+    let before = cached().await;
+    reply(vec![system.clone(), user("Good morning to you")]).await;
+    assert_eq!(
+        cached().await - before,
+        n_tokens(&render(&first[..1], false))
+    );
+    // The next turn of the first conversation, then the same turn again: the slot holds
+    // the second conversation now, so the first starts after the system prompt again;
+    // the repeat starts one token before its end.
+    let answer = reply(first.clone()).await;
+    let mut second_turn = first.clone();
+    second_turn.extend([assistant(&answer), user("And then?")]);
+    let n_prompt = n_tokens(&render(&second_turn, true));
+    reply(second_turn.clone()).await;
+    let before = cached().await;
+    reply(second_turn.clone()).await;
+    assert_eq!(cached().await - before, n_prompt - 1);
+    // A budget of no states: nothing is saved, and only a slot whose whole cache the prompt
+    // extends is reused.
+    server.stop().await;
+    let server = TestServer::start_model(HYBRID, |cfg| {
+        cfg.ctx = Some(CTX);
+        cfg.state_cache_bytes = 0;
+    })
+    .await;
+    for _ in 0..2 {
+        server
+            .post("/v1/chat/completions", &chat(first.clone()))
+            .await;
+    }
+    assert_eq!(
+        server.metric("edgefusion_prompt_tokens_cached_total").await,
+        0
+    );
+    assert_eq!(server.metric("edgefusion_saved_states").await, 0);
     server.stop().await;
 }
 
