@@ -777,8 +777,8 @@ fn mix(io: &mut MixerIo<'_>, mixer: &Mixer<'_>, state: &mut LayerState, out: &mu
 }
 
 /// The mixer of layer `io.layer` where rows `spans[s]` are the next tokens of `batch[s]`:
-/// attention's projections are one matmul over every row, and each sequence's rows attend
-/// over its own cache; an SSM layer runs sequence by sequence.
+/// every projection is one matmul over all the rows, and each sequence's rows attend over
+/// its own cache or continue its own SSM state.
 fn mix_batch(
     io: &mut MixerIo<'_>,
     mixer: &Mixer<'_>,
@@ -809,30 +809,34 @@ fn mix_batch(
             }
             attention::project_out(io, w, out.attn, out.proj);
         }
-        Mixer::Ssm { .. } => {
-            let d = cfg.d_model;
+        Mixer::Ssm { ssm: w, window } => {
+            ssm::project(io, w, out.ssm);
             for (seq, span) in batch.iter_mut().zip(spans) {
-                let mut seq_io = MixerIo {
-                    cfg,
-                    threads,
-                    act: &mut *io.act,
-                    xn: &io.xn[span.start * d..span.end * d],
-                    rope: io.rope,
-                    layer: li,
-                    n_past: seq.n_past,
-                    positions: None,
-                    n_tok: span.len(),
-                    observer: &mut *io.observer,
-                    act_holds_input: false,
+                let LayerState::Ssm { ssm: state, .. } = &mut seq.layers[li] else {
+                    unreachable!("each layer's state is made for its mixer")
                 };
-                out.attn.begin_step(cfg, seq.n_past, span.len());
-                let mut seq_out = MixerOut {
-                    attn: &mut *out.attn,
-                    ssm: &mut *out.ssm,
-                    proj: &mut out.proj[span.start * d..],
-                    proj_window: &mut *out.proj_window,
-                };
-                mix(&mut seq_io, mixer, &mut seq.layers[li], &mut seq_out);
+                ssm::scan_rows(cfg, w, out.ssm, state, span.clone());
+            }
+            ssm::project_out(io, w, out.ssm, out.proj);
+            if let Some(w) = window {
+                attention::project_qkv(io, w, out.attn);
+                for (seq, span) in batch.iter_mut().zip(spans) {
+                    let LayerState::Ssm {
+                        window: Some(cache),
+                        ..
+                    } = &mut seq.layers[li]
+                    else {
+                        unreachable!("each layer's state is made for its mixer")
+                    };
+                    let rows = attention::StepRows {
+                        rows: span.clone(),
+                        n_past: seq.n_past,
+                    };
+                    attention::attend_window(cfg, threads, cache, out.attn, rows);
+                }
+                attention::project_out(io, w, out.attn, out.proj_window);
+                let n = io.n_tok * cfg.d_model;
+                add_assign(&mut out.proj[..n], &out.proj_window[..n]);
             }
         }
     }

@@ -85,29 +85,69 @@ pub(crate) fn forward(
     scratch: &mut SsmScratch,
     out: &mut [f32],
 ) {
-    let cfg = io.cfg;
-    io.observe(LinearInput::Ssm { layer: io.layer }, io.xn, cfg.d_model);
-    let SsmScratch {
-        c,
-        b,
-        x,
-        dt,
-        gate,
-        y,
-    } = scratch;
+    project(io, w, scratch);
+    scan_rows(io.cfg, w, scratch, state, 0..io.n_tok);
+    project_out(io, w, scratch, out);
+}
+
+/// The C, B, x, Δ and gate projections of every row of the step's input (rows of several
+/// sequences in a batched step: one matmul each over all of them).
+pub(crate) fn project(io: &mut MixerIo<'_>, w: &Ssm<'_>, scratch: &mut SsmScratch) {
+    io.observe(LinearInput::Ssm { layer: io.layer }, io.xn, io.cfg.d_model);
     for (lin, dst) in [
-        (&w.wc, &mut *c),
-        (&w.wb, &mut *b),
-        (&w.wx, &mut *x),
-        (&w.wdt, &mut *dt),
-        (&w.wgate, &mut *gate),
+        (&w.wc, &mut scratch.c),
+        (&w.wb, &mut scratch.b),
+        (&w.wx, &mut scratch.x),
+        (&w.wdt, &mut scratch.dt),
+        (&w.wgate, &mut scratch.gate),
     ] {
         io.linear_of_input(lin, dst);
     }
-    let projections = Projections { c, b, x, dt, gate };
-    scan(cfg, w, projections, &mut state.values, io.n_tok, y);
-    io.observe(LinearInput::SsmOutput { layer: io.layer }, y, cfg.q_dim());
-    io.linear(&w.wo, y, out);
+}
+
+/// The scan of step rows `rows` (one sequence's, after [`project`]) continuing from `state`:
+/// their gated read-out into the scratch's `y`.
+pub(crate) fn scan_rows(
+    cfg: &ModelConfig,
+    w: &Ssm<'_>,
+    scratch: &mut SsmScratch,
+    state: &mut SsmState,
+    rows: std::ops::Range<usize>,
+) {
+    let n = cfg.ssm_d_state;
+    let (groups, n_tok) = (cfg.n_kv_heads, rows.len());
+    let span = |width: usize| rows.start * width..rows.end * width;
+    let projections = Projections {
+        c: &mut scratch.c[span(cfg.n_heads * n)],
+        b: &mut scratch.b[span(groups * n)],
+        x: &mut scratch.x[span(cfg.kv_dim())],
+        dt: &scratch.dt[span(groups)],
+        gate: &scratch.gate[span(groups)],
+    };
+    scan(
+        cfg,
+        w,
+        projections,
+        &mut state.values,
+        n_tok,
+        &mut scratch.y[span(cfg.q_dim())],
+    );
+}
+
+/// The output projection of every row's read-out into `out (n_tok, d_model)`.
+pub(crate) fn project_out(
+    io: &mut MixerIo<'_>,
+    w: &Ssm<'_>,
+    scratch: &SsmScratch,
+    out: &mut [f32],
+) {
+    let q_dim = io.cfg.q_dim();
+    io.observe(
+        LinearInput::SsmOutput { layer: io.layer },
+        &scratch.y,
+        q_dim,
+    );
+    io.linear(&w.wo, &scratch.y, out);
 }
 
 /// An SSM layer's projections of a batch of tokens.
