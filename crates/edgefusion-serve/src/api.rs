@@ -7,6 +7,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -109,17 +110,30 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
 
 /// Every endpoint, over one engine.
 pub fn router(engine: Arc<Engine>) -> Router {
-    Router::new()
-        .route("/", get(chat_page))
-        .route("/health", get(health))
+    // The key is checked before a body is read: a caller without it gets 401, whatever it
+    // sent.
+    let keyed = Router::new()
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route_layer(middleware::from_fn_with_state(engine.clone(), require_key));
+    Router::new()
+        .route("/", get(chat_page))
+        .route("/health", get(health))
+        .merge(keyed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(engine)
+}
+
+/// Lets a request on when the server has no key or the request carries it; else 401.
+async fn require_key(State(engine): Shared, request: Request, next: Next) -> Response {
+    match authorize(&engine, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 /// The chat page (static, built into the binary): it streams replies from
@@ -179,8 +193,7 @@ async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-async fn models(State(engine): Shared, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    authorize(&engine, &headers)?;
+async fn models(State(engine): Shared) -> Result<Json<Value>, ApiError> {
     let info = &engine.info;
     Ok(Json(json!({
         "object": "list",
@@ -195,8 +208,7 @@ async fn models(State(engine): Shared, headers: HeaderMap) -> Result<Json<Value>
     })))
 }
 
-async fn metrics(State(engine): Shared, headers: HeaderMap) -> Result<Response, ApiError> {
-    authorize(&engine, &headers)?;
+async fn metrics(State(engine): Shared) -> Result<Response, ApiError> {
     let m = &engine.metrics;
     let rows: [(&str, &str, &str, u64); 13] = [
         (
@@ -298,12 +310,7 @@ async fn metrics(State(engine): Shared, headers: HeaderMap) -> Result<Response, 
         .into_response())
 }
 
-async fn tokenize(
-    State(engine): Shared,
-    headers: HeaderMap,
-    RawBody(body): RawBody,
-) -> Result<Json<Value>, ApiError> {
-    authorize(&engine, &headers)?;
+async fn tokenize(State(engine): Shared, RawBody(body): RawBody) -> Result<Json<Value>, ApiError> {
     let body = Body::parse(&body)?;
     let content = body
         .str("content")?
@@ -318,10 +325,8 @@ async fn tokenize(
 
 async fn detokenize(
     State(engine): Shared,
-    headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&engine, &headers)?;
     let body = Body::parse(&body)?;
     let bad = || ApiError::invalid("'tokens' must be a list of token ids", Some("tokens"));
     let tokens: Vec<u32> = match body.value("tokens") {
@@ -356,22 +361,14 @@ enum Kind {
     Chat,
 }
 
-async fn completions(
-    State(engine): Shared,
-    headers: HeaderMap,
-    RawBody(body): RawBody,
-) -> Response {
-    generate(engine, headers, body, Kind::Completion)
+async fn completions(State(engine): Shared, RawBody(body): RawBody) -> Response {
+    generate(engine, body, Kind::Completion)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn chat_completions(
-    State(engine): Shared,
-    headers: HeaderMap,
-    RawBody(body): RawBody,
-) -> Response {
-    generate(engine, headers, body, Kind::Chat)
+async fn chat_completions(State(engine): Shared, RawBody(body): RawBody) -> Response {
+    generate(engine, body, Kind::Chat)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
@@ -485,13 +482,7 @@ fn chat_messages(body: &Body) -> Result<Vec<ChatMessage>, ApiError> {
 }
 
 /// Validates, tokenizes and queues a request; answers it whole or as a stream.
-async fn generate(
-    engine: Arc<Engine>,
-    headers: HeaderMap,
-    body: Bytes,
-    kind: Kind,
-) -> Result<Response, ApiError> {
-    authorize(&engine, &headers)?;
+async fn generate(engine: Arc<Engine>, body: Bytes, kind: Kind) -> Result<Response, ApiError> {
     let body = Body::parse(&body)?;
     let max_field = match kind {
         Kind::Completion => "max_tokens",

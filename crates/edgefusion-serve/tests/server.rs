@@ -899,6 +899,47 @@ async fn the_api_key_is_required_except_for_health() {
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 401);
+    // Every keyed endpoint checks the key before it reads a body: an oversized or broken
+    // body without the key is a 401 too, not a 413 or 400.
+    for (path, body) in [
+        ("/v1/chat/completions", "{\"messages\": []}".to_string()),
+        ("/v1/completions", "{not json".to_string()),
+        ("/tokenize", "{\"content\": \"hi\"}".to_string()),
+        ("/detokenize", "{\"tokens\": [1]}".to_string()),
+    ] {
+        let response = server
+            .client
+            .post(format!("{}{path}", server.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 401, "{path}");
+    }
+    // Only the head of a 3 MiB request is sent: the answer comes without the body.
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let reply = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let head = format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            3 << 20
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        let mut reply = vec![0; 4096];
+        let n = stream.read(&mut reply).unwrap_or(0);
+        String::from_utf8_lossy(&reply[..n]).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+    assert_eq!(server.get("/metrics").await.status().as_u16(), 401);
+    // The chat page is served without it (it asks for the key and sends it).
+    assert_eq!(server.get("/").await.status().as_u16(), 200);
     server.stop().await;
 }
 
