@@ -26,6 +26,7 @@ import argparse
 import http.client
 import json
 import os
+import math
 import random
 import signal
 import socket
@@ -33,6 +34,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from serve_common import free_port, status_mib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.path.join(ROOT, "assets", "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -66,23 +69,6 @@ MALFORMED = [
     ("/v1/completions", b"\xff\xfe not json"),
     ("/v1/nonexistent", b"{}"),
 ]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_mib(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 class Tally:
@@ -245,8 +231,8 @@ def run(args, port, server):
     for t in threads:
         t.start()
     while time.time() < end:
-        rss = rss_mib(server.pid)
-        if rss is not None:
+        rss = status_mib(server.pid, "VmRSS:")
+        if not math.isnan(rss):
             samples.append((time.time() - start, rss))
         if server.poll() is not None:
             break
