@@ -139,9 +139,23 @@ pub fn model_bytes(path: &std::path::Path) -> usize {
     }
 }
 
+/// Whether `done` of `total` steps just crossed a tenth (or finished): how often a hidden bar
+/// (output not a terminal) prints a plain progress line instead.
+pub(crate) fn tenth_done(done: usize, total: usize) -> bool {
+    total > 0 && done > 0 && (done == total || done * 10 / total != (done - 1) * 10 / total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hidden_bar_reports_each_tenth_once() {
+        let lines: Vec<usize> = (0..=95).filter(|&d| tenth_done(d, 95)).collect();
+        assert_eq!(lines, [10, 19, 29, 38, 48, 57, 67, 76, 86, 95]);
+        assert_eq!((1..=3).filter(|&d| tenth_done(d, 3)).count(), 3);
+        assert!(!tenth_done(0, 0));
+    }
 
     #[test]
     fn the_flag_beats_the_environment_which_beats_the_default() {

@@ -264,6 +264,12 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
         bar.set_message(what.to_string());
+        if bar.is_hidden() && crate::common::tenth_done(done, total) {
+            eprintln!(
+                "quantize: {done}/{total} matrices ({:.0} s)",
+                start.elapsed().as_secs_f64()
+            );
+        }
     })?;
     bar.finish_and_clear();
     let q_params: usize = report

@@ -304,6 +304,9 @@ fn train_greedy(
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);
                 bar.set_message(String::new());
+                if bar.is_hidden() && crate::common::tenth_done(done, total) {
+                    println!("quantize: {done}/{total} matrices");
+                }
             }
             _ => {}
         },
@@ -521,6 +524,9 @@ fn train(
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);
                 bar.set_message(String::new());
+                if bar.is_hidden() && crate::common::tenth_done(done, total) {
+                    println!("quantize: {done}/{total} matrices");
+                }
             }
             _ => {}
         },
