@@ -36,14 +36,15 @@ pub struct ServeArgs {
     /// streams, later first tokens).
     #[arg(long, default_value_t = 256)]
     pub prefill_chunk: usize,
-    /// Require `Authorization: Bearer KEY` on every endpoint but /health
+    /// Require `Authorization: Bearer KEY` on every endpoint but /health and the chat page /
     /// [default: $EDGEFUSION_API_KEY, else no key].
     #[arg(long)]
     pub api_key: Option<String>,
     /// MiB of SSM and window states a hybrid model keeps for prefix reuse, over all slots:
-    /// each slot saves them at the end of every chat message and prompt, so that a later
-    /// request sharing that prefix (a system prompt, earlier turns) starts there; the least
-    /// recently used go first when full (0: none; dense models cut their KV cache instead).
+    /// each slot saves them at the ends of the first and the last eight chat messages and
+    /// one token before the prompt's end, so that a later request sharing that prefix (a
+    /// system prompt, earlier turns) starts there; the least recently used go first when
+    /// full (0: none; dense models cut their KV cache instead).
     #[arg(long, default_value_t = 256)]
     pub state_cache_mib: usize,
     /// Name the model is served under [default: the file name without extension].
@@ -68,7 +69,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
     cfg.queue = args.queue;
     cfg.threads = threads;
     cfg.prefill_chunk = args.prefill_chunk;
-    cfg.state_cache_bytes = args.state_cache_mib << 20;
+    cfg.state_cache_bytes = args
+        .state_cache_mib
+        .checked_mul(1 << 20)
+        .context("--state-cache-mib is too large")?;
     cfg.api_key = args
         .api_key
         .or_else(|| std::env::var("EDGEFUSION_API_KEY").ok())

@@ -30,7 +30,7 @@ pub struct Sequence {
 
 /// The session properties a sequence's buffers depend on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct SequenceShape {
+pub(crate) struct SequenceShape {
     /// Address and depth of the model (sequences of another model have other layers).
     model: usize,
     n_layers: usize,
@@ -105,6 +105,7 @@ impl Sequence {
         RecurrentState {
             n_past: self.n_past,
             layers: self.layers.iter().map(|l| l.save(cfg)).collect(),
+            shape: self.shape,
         }
     }
 
@@ -116,7 +117,12 @@ impl Sequence {
         cfg: &ModelConfig,
         state: &RecurrentState,
     ) -> Result<(), RuntimeError> {
-        if state.n_past > self.n_past || state.layers.len() != self.layers.len() {
+        if state.shape != self.shape {
+            return Err(RuntimeError::InvalidOption(
+                "the state was saved by a sequence of another session (model, context, max_batch or KV type differ)".into(),
+            ));
+        }
+        if state.n_past > self.n_past {
             return Err(RuntimeError::InvalidOption(format!(
                 "a state saved at position {} does not fit this sequence (position {})",
                 state.n_past, self.n_past
@@ -172,12 +178,13 @@ impl Session<'_> {
 
     /// Returns `seq` to `state`, saved by [`Session::sequence_state`] of `seq` at or before
     /// its current position. The full-attention layers keep their first `state.n_past()`
-    /// positions: `seq` must not have been cut back below it since (which would let later
-    /// tokens overwrite them).
+    /// positions: the caller makes sure `state` is `seq`'s own and that `seq` was not cut
+    /// back below it since (which would let later tokens overwrite them); a state of another
+    /// sequence of this session is not detected.
     ///
     /// # Errors
-    /// If `seq` is not this session's, or the state is beyond its position or of another
-    /// model.
+    /// If `seq` or the state was made by another session (another model, context, batch
+    /// size or KV type), or the state is beyond `seq`'s position.
     pub fn restore_sequence_state(
         &self,
         seq: &mut Sequence,
@@ -453,6 +460,12 @@ mod tests {
             assert!(err <= 1e-4, "{name}: restored vs fresh {err}");
             let foreign = Session::new(&model, SessionOptions::new(16, 1)).unwrap();
             assert!(foreign.restore_sequence_state(&mut seq, &saved).is_err());
+            // A state of another session's sequence, of the same model and layers.
+            let foreign_state = foreign.sequence_state(&foreign.new_sequence());
+            let err = session
+                .restore_sequence_state(&mut seq, &foreign_state)
+                .unwrap_err();
+            assert!(err.to_string().contains("another session"), "{err}");
         }
     }
 

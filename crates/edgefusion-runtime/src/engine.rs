@@ -8,7 +8,7 @@
 use edgefusion_kernels::{f32ops, GgmlType};
 use edgefusion_model::{ActFormat, FfnAct, Linear, Mixer, Model};
 
-use crate::batch::Sequence;
+use crate::batch::{Sequence, SequenceShape};
 use crate::mixer::attention::{self, AttnScratch};
 use crate::mixer::ssm::{self, SsmScratch};
 use crate::mixer::{LayerState, MixerIo, SavedLayer};
@@ -167,6 +167,8 @@ pub struct Session<'m> {
 pub struct RecurrentState {
     pub(crate) n_past: usize,
     pub(crate) layers: Vec<SavedLayer>,
+    /// The session shape of the sequence it was saved from.
+    pub(crate) shape: SequenceShape,
 }
 
 impl RecurrentState {

@@ -503,11 +503,6 @@ async fn generate(engine: Arc<Engine>, body: Bytes, kind: Kind) -> Result<Respon
         .tokenizer
         .encode(&text, true)
         .map_err(|e| ApiError::server(e.to_string()))?;
-    let boundaries = if kind == Kind::Chat && engine.info.recurrent {
-        message_boundaries(&engine, &body, &prompt)
-    } else {
-        Vec::new()
-    };
     let n_ctx = engine.info.n_ctx;
     let prompt_field = if kind == Kind::Chat {
         "messages"
@@ -533,6 +528,11 @@ async fn generate(engine: Arc<Engine>, body: Bytes, kind: Kind) -> Result<Respon
         });
     }
     params.max_tokens = params.max_tokens.min(n_ctx - prompt.len());
+    let boundaries = if kind == Kind::Chat && engine.info.saves_states {
+        message_boundaries(&engine, &body, &prompt)
+    } else {
+        Vec::new()
+    };
     let params_logprobs = params.logprobs.is_some();
     let events = submit(&engine, prompt, boundaries, params)?;
     let reply = Reply {

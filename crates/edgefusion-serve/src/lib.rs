@@ -41,7 +41,8 @@ pub struct ServeConfig {
     /// Prompt tokens prefilled per scheduler round, over all slots: a long prompt takes
     /// several rounds, with a decode step for the other slots between them.
     pub prefill_chunk: usize,
-    /// When set, every endpoint but `/health` wants `Authorization: Bearer <key>`.
+    /// When set, every endpoint but `/health` and the chat page `/` wants
+    /// `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
     /// Bytes of recurrent states (SSM states, sinks and windows) a hybrid model's slots may
     /// save for prefix reuse, over all slots; the least recently used go first.

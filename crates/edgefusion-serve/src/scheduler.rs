@@ -26,10 +26,9 @@ use edgefusion_runtime::constrained::{Grammar, JsonMatcher, TokenMask};
 use edgefusion_runtime::sampler::argmax;
 use edgefusion_runtime::tokenizer::{TokenStreamer, Tokenizer};
 use edgefusion_runtime::{Sampler, SamplerConfig, Sequence, Session, SessionOptions};
-
-use crate::state_cache::StateCache;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::state_cache::StateCache;
 use crate::{ServeConfig, ServeError};
 
 /// How one generation is to be run.
@@ -56,7 +55,7 @@ pub struct Job {
     pub prompt: Vec<u32>,
     /// Prompt positions that end a chat message (the system prompt, earlier turns): a
     /// hybrid model's slot saves its states there, so that a later prompt sharing that much
-    /// starts from them ([`ModelInfo::recurrent`]; a dense model's cache is cut anywhere).
+    /// starts from them ([`ModelInfo::saves_states`]; a dense model's cache is cut anywhere).
     pub boundaries: Vec<usize>,
     pub params: GenParams,
     pub events: UnboundedSender<Event>,
@@ -198,9 +197,10 @@ pub struct ModelInfo {
     pub n_ctx_train: usize,
     pub vocab_size: usize,
     pub slots: usize,
-    /// Whether some layer keeps a constant-size state (a hybrid): prefix reuse then starts
-    /// from states saved at [`Job::boundaries`] and at the end of each prompt.
-    pub recurrent: bool,
+    /// Whether the slots save their constant-size states for prefix reuse (a hybrid or
+    /// sliding-window model with a state budget): at [`Job::boundaries`] and one token
+    /// before the end of each prompt.
+    pub saves_states: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -396,6 +396,19 @@ fn scheduler_main(cfg: ServeConfig, jobs: Receiver<Job>, ready: Ready, metrics: 
             active: None,
         })
         .collect();
+    // The saved states' budget, in states of this model (none for a dense model).
+    let state_bytes = session.recurrent_state_bytes();
+    let state_capacity = if session.has_recurrent_state() && state_bytes > 0 {
+        cfg.state_cache_bytes / state_bytes
+    } else {
+        0
+    };
+    if session.has_recurrent_state() && cfg.state_cache_bytes > 0 && state_capacity == 0 {
+        eprintln!(
+            "edgefusion serve: a saved state of this model takes {:.1} MiB, more than the state cache's budget: prefix reuse keeps only whole cached sequences (raise --state-cache-mib)",
+            state_bytes as f64 / (1 << 20) as f64
+        );
+    }
     let info = ModelInfo {
         name: cfg
             .model_name
@@ -405,20 +418,13 @@ fn scheduler_main(cfg: ServeConfig, jobs: Receiver<Job>, ready: Ready, metrics: 
         n_ctx_train: cfgm.n_ctx_train,
         vocab_size: cfgm.vocab_size,
         slots: cfg.slots,
-        recurrent: session.has_recurrent_state(),
+        saves_states: state_capacity > 0,
     };
     let tokenizer = Arc::new(tokenizer);
     if ready.send(Ok((tokenizer.clone(), info))).is_err() {
         return;
     }
     drop(ready);
-    // The saved states' budget, in states of this model (none for a dense model).
-    let state_bytes = session.recurrent_state_bytes();
-    let state_capacity = if session.has_recurrent_state() && state_bytes > 0 {
-        cfg.state_cache_bytes / state_bytes
-    } else {
-        0
-    };
     let mut scheduler = Scheduler {
         states: StateCache::new(state_capacity),
         state_bytes,
@@ -431,6 +437,9 @@ fn scheduler_main(cfg: ServeConfig, jobs: Receiver<Job>, ready: Ready, metrics: 
     };
     scheduler.run(&mut slots, &jobs, cfg.step_delay);
 }
+
+/// Positions below this are not worth a saved state (each save ends a prefill chunk there).
+const MIN_SAVED_POSITION: usize = 16;
 
 /// One sequence's place in the scheduler: its states in every layer, the tokens they hold,
 /// and the job it runs, if any.
@@ -565,8 +574,10 @@ impl<'t> Scheduler<'_, '_, 't> {
         }
         slot.cached.truncate(slot.seq.n_past());
         let kept = slot.seq.n_past();
-        // The rows after `kept` are about to hold other tokens.
+        // The rows after `kept` are about to hold other tokens; the states before them are
+        // in use again.
         self.states.forget_after(index, kept);
+        self.states.touch(index);
         self.publish_state_metrics();
         metrics
             .prompt_tokens
@@ -580,8 +591,9 @@ impl<'t> Scheduler<'_, '_, 't> {
                 .boundaries
                 .iter()
                 .copied()
-                .chain(std::iter::once(job.prompt.len() - 1))
-                .filter(|&p| p > kept && p < job.prompt.len())
+                .chain(job.prompt.len().checked_sub(1))
+                // A state of a few tokens saves less than the round it costs.
+                .filter(|&p| p > kept.max(MIN_SAVED_POSITION) && p < job.prompt.len())
                 .collect();
             at.sort_unstable();
             at.dedup();

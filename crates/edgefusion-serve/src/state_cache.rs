@@ -3,8 +3,9 @@
 //! A dense model cuts a slot's KV cache back to the prefix a new prompt shares with it. The
 //! SSM states, sinks and windows of a hybrid summarize every position in constant size and
 //! cannot be cut back; so while a slot prefills, it saves them at chosen positions (the
-//! end of each chat message, the end of the prompt), and a later prompt that shares at
-//! least that much restores the latest one it covers. The full-attention layers keep their
+//! ends of the first and the last eight chat messages before the new one, and one token
+//! before the prompt's end), and a later prompt that shares at least that much restores the
+//! latest one it covers. The full-attention layers keep their
 //! rows in place. The cache holds at most `capacity` states over all slots and evicts the
 //! least recently used.
 
@@ -94,6 +95,15 @@ impl StateCache {
         Some(&entry.state)
     }
 
+    /// Marks `slot`'s states as just used (its cache goes on from them).
+    pub(crate) fn touch(&mut self, slot: usize) {
+        self.clock += 1;
+        let clock = self.clock;
+        for e in self.entries.iter_mut().filter(|e| e.slot == slot) {
+            e.last_used = clock;
+        }
+    }
+
     /// Drops `slot`'s states beyond position `n`: its cache rows after `n` are about to be
     /// overwritten by other tokens.
     pub(crate) fn forget_after(&mut self, slot: usize, n: usize) {
@@ -146,6 +156,14 @@ mod tests {
         assert_eq!(cache.best(1, 100), None);
         assert_eq!(cache.best(0, 100), Some(3));
         assert!(cache.use_state(1, 7).is_none());
+        // A slot whose cache goes on keeps its states fresh: the other slot's go first.
+        let mut cache = StateCache::new(2);
+        cache.save(0, s[1].clone());
+        cache.save(1, s[3].clone());
+        cache.touch(0);
+        cache.save(1, s[5].clone());
+        assert_eq!(cache.best(0, 100), Some(2));
+        assert_eq!(cache.best(1, 5), None);
         // A budget of none keeps nothing.
         let mut none = StateCache::new(0);
         none.save(0, s[0].clone());
