@@ -47,6 +47,11 @@ pub struct ServeArgs {
     /// full (0: none; dense models cut their KV cache instead).
     #[arg(long, default_value_t = 256)]
     pub state_cache_mib: usize,
+    /// Seconds a request may take from its arrival: one still waiting for a slot then is
+    /// answered 503 (code "timeout"), a generation still running ends there with
+    /// finish_reason "length" and the text so far (0: no limit).
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
     /// Name the model is served under [default: the file name without extension].
     #[arg(long)]
     pub alias: Option<String>,
@@ -77,6 +82,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .api_key
         .or_else(|| std::env::var("EDGEFUSION_API_KEY").ok())
         .filter(|k| !k.is_empty());
+    cfg.request_timeout = (args.timeout > 0).then(|| Duration::from_secs(args.timeout));
     cfg.step_delay = Duration::ZERO;
     let addr = SocketAddr::new(args.host, args.port);
     let runtime = tokio::runtime::Builder::new_multi_thread()

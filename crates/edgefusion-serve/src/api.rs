@@ -3,6 +3,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
@@ -41,6 +42,17 @@ impl ApiError {
             kind: "invalid_request_error",
             param: param.map(str::to_string),
             code: None,
+        }
+    }
+
+    /// 503: a request that waited past the server's `--timeout` for a slot.
+    fn timed_out(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: Some("timeout"),
         }
     }
 
@@ -210,7 +222,7 @@ async fn models(State(engine): Shared) -> Result<Json<Value>, ApiError> {
 
 async fn metrics(State(engine): Shared) -> Result<Response, ApiError> {
     let m = &engine.metrics;
-    let rows: [(&str, &str, &str, u64); 13] = [
+    let rows: [(&str, &str, &str, u64); 14] = [
         (
             "edgefusion_requests_total",
             "counter",
@@ -228,6 +240,12 @@ async fn metrics(State(engine): Shared) -> Result<Response, ApiError> {
             "counter",
             "Requests whose client went away before the end.",
             m.cancelled.load(Ordering::Relaxed),
+        ),
+        (
+            "edgefusion_requests_timed_out_total",
+            "counter",
+            "Requests that reached --timeout: refused while queued, or cut with finish_reason length.",
+            m.timed_out.load(Ordering::Relaxed),
         ),
         (
             "edgefusion_prompt_tokens_total",
@@ -483,6 +501,7 @@ fn chat_messages(body: &Body) -> Result<Vec<ChatMessage>, ApiError> {
 
 /// Validates, tokenizes and queues a request; answers it whole or as a stream.
 async fn generate(engine: Arc<Engine>, body: Bytes, kind: Kind) -> Result<Response, ApiError> {
+    let deadline = engine.request_timeout.map(|t| Instant::now() + t);
     let body = Body::parse(&body)?;
     let max_field = match kind {
         Kind::Completion => "max_tokens",
@@ -534,7 +553,7 @@ async fn generate(engine: Arc<Engine>, body: Bytes, kind: Kind) -> Result<Respon
         Vec::new()
     };
     let params_logprobs = params.logprobs.is_some();
-    let events = submit(&engine, prompt, boundaries, params)?;
+    let events = submit(&engine, prompt, boundaries, params, deadline)?;
     let reply = Reply {
         id: next_id(if kind == Kind::Chat {
             "chatcmpl"
@@ -558,12 +577,14 @@ fn submit(
     prompt: Vec<u32>,
     boundaries: Vec<usize>,
     params: GenParams,
+    deadline: Option<Instant>,
 ) -> Result<UnboundedReceiver<Event>, ApiError> {
     let (tx, rx) = mpsc::unbounded_channel();
     match engine.submit(Job {
         prompt,
         boundaries,
         params,
+        deadline,
         events: tx,
     }) {
         Ok(()) => {
@@ -693,6 +714,7 @@ async fn whole_response(
             Event::Text(piece) => text.push_str(&piece),
             Event::Logprob(entry) => logprobs.push(entry),
             Event::Error(message) => return Err(ApiError::server(message)),
+            Event::TimedOut(message) => return Err(ApiError::timed_out(message)),
             Event::Done {
                 reason,
                 prompt_tokens,
@@ -751,6 +773,8 @@ fn stream_response(
                 ))],
                 Event::Error(message) => vec![data(json!({"error": {
                     "message": message, "type": "server_error", "param": null, "code": null}}))],
+                Event::TimedOut(message) => vec![data(json!({"error": {
+                    "message": message, "type": "server_error", "param": null, "code": "timeout"}}))],
                 Event::Done {
                     reason,
                     prompt_tokens,

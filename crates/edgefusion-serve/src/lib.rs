@@ -47,6 +47,10 @@ pub struct ServeConfig {
     /// Bytes of recurrent states (SSM states, sinks and windows) a hybrid model's slots may
     /// save for prefix reuse, over all slots; the least recently used go first.
     pub state_cache_bytes: usize,
+    /// Longest a request may take from its arrival: one still queued then is answered 503,
+    /// a generation still running ends there with `finish_reason` "length" (`None`: no
+    /// limit).
+    pub request_timeout: Option<Duration>,
     /// Pause after every scheduler round (0 = none): throttles the server, and lets tests
     /// hold slots busy for a known time.
     pub step_delay: Duration,
@@ -64,6 +68,7 @@ impl ServeConfig {
             prefill_chunk: 256,
             api_key: None,
             state_cache_bytes: 256 << 20,
+            request_timeout: Some(Duration::from_secs(600)),
             step_delay: Duration::ZERO,
         }
     }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use edgefusion_io::ModelSource;
 use edgefusion_model::Model;
@@ -59,6 +59,9 @@ pub struct Job {
     pub boundaries: Vec<usize>,
     pub params: GenParams,
     pub events: UnboundedSender<Event>,
+    /// When the request must be answered by (`--timeout`): a job still queued then is
+    /// refused ([`Event::TimedOut`]), a generation still running ends there with `length`.
+    pub deadline: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +93,8 @@ pub enum Event {
         completion_tokens: usize,
     },
     Error(String),
+    /// The job waited in the queue past its deadline and never ran.
+    TimedOut(String),
 }
 
 /// One generated token's log-probability under the model (after the penalties and a
@@ -163,6 +168,8 @@ pub struct Metrics {
     pub requests: AtomicU64,
     pub rejected_queue_full: AtomicU64,
     pub cancelled: AtomicU64,
+    /// Jobs that reached their deadline (`--timeout`), queued or generating.
+    pub timed_out: AtomicU64,
     pub prompt_tokens: AtomicU64,
     /// Prompt tokens a slot already held (prefix reuse), not prefilled again.
     pub prompt_tokens_cached: AtomicU64,
@@ -222,6 +229,8 @@ pub struct Engine {
     pub info: ModelInfo,
     pub metrics: Arc<Metrics>,
     pub api_key: Option<String>,
+    /// `--timeout`: how long a request may take from its arrival.
+    pub request_timeout: Option<Duration>,
 }
 
 impl Engine {
@@ -277,6 +286,7 @@ impl Engine {
             info,
             metrics,
             api_key: cfg.api_key,
+            request_timeout: cfg.request_timeout,
         })
     }
 
@@ -466,6 +476,8 @@ struct Active<'t> {
     save_at: Vec<usize>,
     /// Admission order: prefill goes first come, first served.
     order: u64,
+    /// Past this, the generation ends with `length` (`--timeout`).
+    deadline: Option<Instant>,
     n_generated: usize,
     /// How often each generated token came (presence / frequency penalties).
     counts: HashMap<u32, u32>,
@@ -539,6 +551,15 @@ impl<'t> Scheduler<'_, '_, 't> {
             metrics.release();
             return;
         }
+        if job.deadline.is_some_and(|d| Instant::now() >= d) {
+            metrics.timed_out.fetch_add(1, Ordering::Relaxed);
+            metrics.release();
+            let _ = job.events.send(Event::TimedOut(
+                "the request timed out waiting for a free slot (the server's --timeout): retry later"
+                    .into(),
+            ));
+            return;
+        }
         let states = &self.states;
         let reusable = |i: usize, slot: &Slot<'_>| {
             let common = common_prefix(&slot.cached, &job.prompt);
@@ -609,6 +630,7 @@ impl<'t> Scheduler<'_, '_, 't> {
             n_prompt: job.prompt.len(),
             pending: job.prompt.len() - kept,
             save_at,
+            deadline: job.deadline,
             matcher: job.params.json.clone().map(JsonMatcher::new),
             order: self.admitted,
             history: job.prompt,
@@ -651,21 +673,26 @@ impl<'t> Scheduler<'_, '_, 't> {
     /// a long prompt takes several rounds and the other streams decode a token in each.
     fn step(&mut self, slots: &mut [Slot<'t>]) {
         let n_ctx = self.session.n_ctx();
+        let now = Instant::now();
         // (slot, tokens fed, whether they are decode tokens)
         let mut batch: Vec<(usize, Vec<u32>, bool)> = Vec::new();
         for (i, slot) in slots.iter_mut().enumerate() {
             let Some(active) = slot.active.as_mut() else {
                 continue;
             };
-            if active.pending > 0 {
+            let finish = if active.deadline.is_some_and(|d| now >= d) {
+                self.metrics.timed_out.fetch_add(1, Ordering::Relaxed);
+                Some(FinishReason::Length)
+            } else if active.pending > 0 {
                 continue;
-            }
-            let finish = match sample_next(active, self.tokenizer, &self.token_mask, self.metrics) {
-                Step::Finished(reason) => Some(reason),
-                Step::Continue(_) if slot.seq.n_past() >= n_ctx => Some(FinishReason::Length),
-                Step::Continue(next) => {
-                    batch.push((i, vec![next], true));
-                    None
+            } else {
+                match sample_next(active, self.tokenizer, &self.token_mask, self.metrics) {
+                    Step::Finished(reason) => Some(reason),
+                    Step::Continue(_) if slot.seq.n_past() >= n_ctx => Some(FinishReason::Length),
+                    Step::Continue(next) => {
+                        batch.push((i, vec![next], true));
+                        None
+                    }
                 }
             };
             if let Some(reason) = finish {

@@ -1,6 +1,7 @@
 //! The server end to end: started in-process on an ephemeral port with the tiny fixture
 //! model, driven over HTTP.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,7 @@ use edgefusion_model::Model;
 use edgefusion_runtime::chat::{ChatMessage, ChatTemplate, CHATML_TEMPLATE};
 use edgefusion_runtime::sampler::argmax;
 use edgefusion_runtime::{Logits, Session, SessionOptions};
-use edgefusion_serve::scheduler::load_tokenizer;
+use edgefusion_serve::scheduler::{load_tokenizer, Event, GenParams, Job};
 use edgefusion_serve::{serve_on, Engine, ServeConfig};
 use edgefusion_testkit::fixture;
 use serde_json::{json, Value};
@@ -570,6 +571,66 @@ async fn a_hybrid_restores_states_saved_at_message_ends() {
     );
     assert_eq!(server.metric("edgefusion_saved_states").await, 0);
     server.stop().await;
+}
+
+/// `--timeout`: a generation still running at the deadline ends there with `length` and
+/// the text so far; a job that reaches the scheduler past its deadline is refused with
+/// `TimedOut` (HTTP 503, code "timeout").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_ends_or_is_refused() {
+    let server = TestServer::start(|cfg| {
+        cfg.request_timeout = Some(Duration::from_secs(1));
+        // At least 100 ms a token: the 40 tokens would take 4 s.
+        cfg.step_delay = Duration::from_millis(100);
+    })
+    .await;
+    let (_, n_direct) = direct_greedy(PROMPT, 40);
+    assert!(n_direct >= 30, "the fixture stops after {n_direct} tokens");
+    let started = Instant::now();
+    let (status, body) = server.post("/v1/completions", &greedy(40)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    let n = body["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(n < n_direct as u64, "{n} tokens in 1 s at 100 ms each");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // The text so far is the greedy text's start.
+    let (want, _) = direct_greedy(PROMPT, n as usize);
+    assert_eq!(body["choices"][0]["text"], want.as_str());
+    assert_eq!(
+        server.metric("edgefusion_requests_timed_out_total").await,
+        1
+    );
+    assert_eq!(server.metric("edgefusion_active_slots").await, 0);
+    server.stop().await;
+
+    // A job whose deadline has passed when a slot takes it.
+    let engine = Engine::start(ServeConfig::new(fixture(MODEL))).expect("engine starts");
+    let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let params = GenParams {
+        sampler: Default::default(),
+        max_tokens: 4,
+        stop: Vec::new(),
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
+        logprobs: None,
+        json: None,
+    };
+    engine
+        .submit(Job {
+            prompt: vec![1, 2, 3],
+            boundaries: Vec::new(),
+            params,
+            events,
+            deadline: Some(Instant::now()),
+        })
+        .unwrap();
+    match received.recv().await {
+        Some(Event::TimedOut(message)) => assert!(message.contains("timed out"), "{message}"),
+        other => panic!("expected TimedOut, got {other:?}"),
+    }
+    assert!(received.recv().await.is_none(), "nothing after TimedOut");
+    assert_eq!(engine.metrics.timed_out.load(Ordering::Relaxed), 1);
+    assert_eq!(engine.metrics.in_flight.load(Ordering::SeqCst), 0);
 }
 
 /// Log-probabilities: chat's `content` list and completions' parallel lists, whole and
