@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::params::{gen_params, Body};
 use crate::scheduler::{
-    Engine, Event, FinishReason, GenParams, Job, SubmitError, TokenLogprob, TokenText,
+    Engine, Event, FinishReason, GenParams, Job, SubmitError, TokenLogprob, TokenText, RATE_WINDOW,
 };
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -317,6 +317,11 @@ async fn metrics(State(engine): Shared) -> Result<Response, ApiError> {
     text.push_str(&format!(
         "# HELP edgefusion_slots Slots configured.\n# TYPE edgefusion_slots gauge\nedgefusion_slots {}\n",
         engine.info.slots
+    ));
+    text.push_str(&format!(
+        "# HELP edgefusion_tokens_per_second Tokens generated per second over the last {} s, all slots together (0 while idle).\n# TYPE edgefusion_tokens_per_second gauge\nedgefusion_tokens_per_second {:.2}\n",
+        RATE_WINDOW.as_secs(),
+        f64::from_bits(m.tokens_per_second.load(Ordering::Relaxed))
     ));
     Ok((
         [(

@@ -11,7 +11,7 @@
 //! the next round.
 
 use std::cell::OnceCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
@@ -174,6 +174,9 @@ pub struct Metrics {
     /// Prompt tokens a slot already held (prefix reuse), not prefilled again.
     pub prompt_tokens_cached: AtomicU64,
     pub tokens_generated: AtomicU64,
+    /// Tokens generated per second over the last [`RATE_WINDOW`] (0 while idle), as f64
+    /// bits.
+    pub tokens_per_second: AtomicU64,
     /// Batched decode steps, and the sequences they advanced (their ratio is the mean batch).
     pub decode_steps: AtomicU64,
     pub decode_rows: AtomicU64,
@@ -444,6 +447,7 @@ fn scheduler_main(cfg: ServeConfig, jobs: Receiver<Job>, ready: Ready, metrics: 
         metrics: &metrics,
         prefill_chunk: cfg.prefill_chunk.max(1),
         admitted: 0,
+        rate: VecDeque::new(),
     };
     scheduler.run(&mut slots, &jobs, cfg.step_delay);
 }
@@ -507,13 +511,20 @@ struct Scheduler<'s, 'm, 't> {
     /// The slots' saved recurrent states (hybrid models), and the bytes of one.
     states: StateCache,
     state_bytes: usize,
+    /// (time, tokens generated so far) after each round of the last [`RATE_WINDOW`].
+    rate: VecDeque<(Instant, u64)>,
 }
+
+/// The span `edgefusion_tokens_per_second` averages over.
+pub const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 impl<'t> Scheduler<'_, '_, 't> {
     fn run(&mut self, slots: &mut [Slot<'t>], jobs: &Receiver<Job>, step_delay: Duration) {
         loop {
             // Idle: block for the next job (Err: every sender is gone, shut down).
             if slots.iter().all(|s| s.active.is_none()) {
+                self.rate.clear();
+                self.metrics.tokens_per_second.store(0, Ordering::Relaxed);
                 match jobs.recv() {
                     Ok(job) => self.admit(slots, job),
                     Err(_) => return,
@@ -528,6 +539,7 @@ impl<'t> Scheduler<'_, '_, 't> {
             }
             self.drop_cancelled(slots);
             self.step(slots);
+            self.record_rate();
             self.metrics.active_slots.store(
                 slots.iter().filter(|s| s.active.is_some()).count(),
                 Ordering::SeqCst,
@@ -654,6 +666,30 @@ impl<'t> Scheduler<'_, '_, 't> {
         self.metrics
             .saved_states_evicted
             .store(self.states.evicted, Ordering::Relaxed);
+    }
+
+    /// Updates `tokens_per_second` with this round's count of generated tokens.
+    fn record_rate(&mut self) {
+        let now = Instant::now();
+        let total = self.metrics.tokens_generated.load(Ordering::Relaxed);
+        self.rate.push_back((now, total));
+        while self
+            .rate
+            .front()
+            .is_some_and(|&(t, _)| now.duration_since(t) > RATE_WINDOW)
+        {
+            self.rate.pop_front();
+        }
+        let (t0, n0) = self.rate[0];
+        let seconds = now.duration_since(t0).as_secs_f64();
+        let rate = if seconds > 0.0 {
+            (total - n0) as f64 / seconds
+        } else {
+            0.0
+        };
+        self.metrics
+            .tokens_per_second
+            .store(rate.to_bits(), Ordering::Relaxed);
     }
 
     /// Frees the slots whose client went away.

@@ -94,6 +94,10 @@ impl TestServer {
     }
 
     async fn metric(&self, name: &str) -> u64 {
+        self.metric_f64(name).await as u64
+    }
+
+    async fn metric_f64(&self, name: &str) -> f64 {
         let text = self.get("/metrics").await.text().await.unwrap();
         text.lines()
             .find_map(|l| l.strip_prefix(&format!("{name} ")))
@@ -587,7 +591,26 @@ async fn a_request_past_its_deadline_ends_or_is_refused() {
     let (_, n_direct) = direct_greedy(PROMPT, 40);
     assert!(n_direct >= 30, "the fixture stops after {n_direct} tokens");
     let started = Instant::now();
-    let (status, body) = server.post("/v1/completions", &greedy(40)).await;
+    // Mid-generation the server reports its token rate; idle, 0.
+    let request = greedy(40);
+    let (response, rate) = tokio::join!(server.post("/v1/completions", &request), async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        server.metric_f64("edgefusion_tokens_per_second").await
+    });
+    let (status, body) = response;
+    assert!(
+        rate > 0.0 && rate < 20.0,
+        "{rate} tokens/s at 100 ms a round"
+    );
+    // 0 once the scheduler is idle (after the last round's pause).
+    let idle_since = Instant::now();
+    while server.metric_f64("edgefusion_tokens_per_second").await != 0.0 {
+        assert!(
+            idle_since.elapsed() < Duration::from_secs(5),
+            "the rate stays up"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["finish_reason"], "length");
     let n = body["usage"]["completion_tokens"].as_u64().unwrap();
