@@ -788,28 +788,10 @@ fn mix_batch(
     spans: &[std::ops::Range<usize>],
     out: &mut MixerOut<'_>,
 ) {
-    let (cfg, threads, li) = (io.cfg, io.threads, io.layer);
+    let (cfg, li) = (io.cfg, io.layer);
     match mixer {
         Mixer::Attention(w) | Mixer::Window(w) => {
-            attention::project_qkv(io, w, out.attn);
-            for (seq, span) in batch.iter_mut().zip(spans) {
-                let rows = attention::StepRows {
-                    rows: span.clone(),
-                    n_past: seq.n_past,
-                };
-                match &mut seq.layers[li] {
-                    LayerState::Kv(cache) => {
-                        attention::attend_full(cfg, threads, cache, out.attn, rows);
-                    }
-                    LayerState::Window(cache) => {
-                        attention::attend_window(cfg, threads, cache, out.attn, rows);
-                    }
-                    LayerState::Ssm { .. } => {
-                        unreachable!("each layer's state is made for its mixer")
-                    }
-                }
-            }
-            attention::project_out(io, w, out.attn, out.proj);
+            attention_batch(io, w, batch, spans, out.attn, out.proj);
         }
         Mixer::Ssm { ssm: w, window } => {
             ssm::project(io, w, out.ssm);
@@ -821,27 +803,45 @@ fn mix_batch(
             }
             ssm::project_out(io, w, out.ssm, out.proj);
             if let Some(w) = window {
-                attention::project_qkv(io, w, out.attn);
-                for (seq, span) in batch.iter_mut().zip(spans) {
-                    let LayerState::Ssm {
-                        window: Some(cache),
-                        ..
-                    } = &mut seq.layers[li]
-                    else {
-                        unreachable!("each layer's state is made for its mixer")
-                    };
-                    let rows = attention::StepRows {
-                        rows: span.clone(),
-                        n_past: seq.n_past,
-                    };
-                    attention::attend_window(cfg, threads, cache, out.attn, rows);
-                }
-                attention::project_out(io, w, out.attn, out.proj_window);
+                attention_batch(io, w, batch, spans, out.attn, out.proj_window);
                 let n = io.n_tok * cfg.d_model;
                 add_assign(&mut out.proj[..n], &out.proj_window[..n]);
             }
         }
     }
+}
+
+/// Attention `w` of layer `io.layer` over rows of several sequences: q, k, v and the output
+/// projection one matmul each over all the rows, each sequence's rows attending over its
+/// own cache (full, or sink + window alone or beside an SSM); `wo`'s output into `out`.
+fn attention_batch(
+    io: &mut MixerIo<'_>,
+    w: &edgefusion_model::Attention<'_>,
+    batch: &mut [&mut Sequence],
+    spans: &[std::ops::Range<usize>],
+    attn: &mut AttnScratch,
+    out: &mut [f32],
+) {
+    let (cfg, threads, li) = (io.cfg, io.threads, io.layer);
+    attention::project_qkv(io, w, attn);
+    for (seq, span) in batch.iter_mut().zip(spans) {
+        let rows = attention::StepRows {
+            rows: span.clone(),
+            n_past: seq.n_past,
+        };
+        match &mut seq.layers[li] {
+            LayerState::Kv(cache) => attention::attend_full(cfg, threads, cache, attn, rows),
+            LayerState::Window(cache)
+            | LayerState::Ssm {
+                window: Some(cache),
+                ..
+            } => attention::attend_window(cfg, threads, cache, attn, rows),
+            LayerState::Ssm { window: None, .. } => {
+                unreachable!("each layer's state is made for its mixer")
+            }
+        }
+    }
+    attention::project_out(io, w, attn, out);
 }
 
 /// `out[t] = x[t] / rms(x[t]) * weight` for each row of `x (n, d)`.
