@@ -13,7 +13,7 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use edgefusion_runtime::chat::ChatMessage;
+use edgefusion_runtime::chat::{ChatError, ChatMessage};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 use tokio_stream::wrappers::ReceiverStream;
@@ -56,6 +56,17 @@ impl ApiError {
         }
     }
 
+    /// The body: `{"error": {"message", "type", "param", "code"}}` (also a stream's error
+    /// event).
+    fn json(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+
     fn server(message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
@@ -69,13 +80,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {
-            "message": self.message,
-            "type": self.kind,
-            "param": self.param,
-            "code": self.code,
-        }});
-        let mut response = (self.status, Json(body)).into_response();
+        let mut response = (self.status, Json(self.json())).into_response();
         if self.status == StatusCode::TOO_MANY_REQUESTS {
             response
                 .headers_mut()
@@ -396,36 +401,35 @@ async fn chat_completions(State(engine): Shared, RawBody(body): RawBody) -> Resp
         .unwrap_or_else(IntoResponse::into_response)
 }
 
-/// The prompt text of a request: a completion's `prompt`, or the chat template over
-/// `messages`.
-fn prompt_text(engine: &Engine, body: &Body, kind: Kind) -> Result<String, ApiError> {
-    match kind {
-        Kind::Completion => {
-            let prompts = body.strings("prompt")?;
-            match prompts.as_slice() {
-                [one] => Ok(one.clone()),
-                [] => Err(ApiError::invalid("'prompt' is required", Some("prompt"))),
-                _ => Err(ApiError::invalid(
-                    "'prompt' must be one string (several prompts per request are not supported)",
-                    Some("prompt"),
-                )),
-            }
-        }
-        Kind::Chat => {
-            let messages = chat_messages(body)?;
-            let tok = &engine.tokenizer;
-            let bos = tok.bos_id().and_then(|id| tok.token_str(id)).unwrap_or("");
-            let eos = tok
-                .eos_ids()
-                .first()
-                .and_then(|&id| tok.token_str(id))
-                .unwrap_or("");
-            engine
-                .chat_template
-                .render(&messages, true, bos, eos)
-                .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))
-        }
+/// A completion's `prompt`.
+fn completion_prompt(body: &Body) -> Result<String, ApiError> {
+    let prompts = body.strings("prompt")?;
+    match prompts.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(ApiError::invalid("'prompt' is required", Some("prompt"))),
+        _ => Err(ApiError::invalid(
+            "'prompt' must be one string (several prompts per request are not supported)",
+            Some("prompt"),
+        )),
     }
+}
+
+/// The model's chat template over `messages`, with its BOS and EOS strings.
+fn render_chat(
+    engine: &Engine,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<String, ChatError> {
+    let tok = &engine.tokenizer;
+    let bos = tok.bos_id().and_then(|id| tok.token_str(id)).unwrap_or("");
+    let eos = tok
+        .eos_ids()
+        .first()
+        .and_then(|&id| tok.token_str(id))
+        .unwrap_or("");
+    engine
+        .chat_template
+        .render(messages, add_generation_prompt, bos, eos)
 }
 
 /// Messages whose end a hybrid model saves its state at: the first (a system prompt that
@@ -435,25 +439,12 @@ const BOUNDARY_MESSAGES: usize = 8;
 /// Where in `prompt` (the tokens of the whole rendered chat) each message but the last
 /// ends: the template rendered over the messages up to it, tokenized, when that is a prefix
 /// of `prompt` (it is not when a template joins messages inside a token).
-fn message_boundaries(engine: &Engine, body: &Body, prompt: &[u32]) -> Vec<usize> {
-    let Ok(messages) = chat_messages(body) else {
-        return Vec::new();
-    };
+fn message_boundaries(engine: &Engine, messages: &[ChatMessage], prompt: &[u32]) -> Vec<usize> {
     let n = messages.len();
-    let tok = &engine.tokenizer;
-    let bos = tok.bos_id().and_then(|id| tok.token_str(id)).unwrap_or("");
-    let eos = tok
-        .eos_ids()
-        .first()
-        .and_then(|&id| tok.token_str(id))
-        .unwrap_or("");
     let ends = (1..n).filter(|&k| k == 1 || k + BOUNDARY_MESSAGES >= n);
     ends.filter_map(|k| {
-        let text = engine
-            .chat_template
-            .render(&messages[..k], false, bos, eos)
-            .ok()?;
-        let tokens = tok.encode(&text, true).ok()?;
+        let text = render_chat(engine, &messages[..k], false).ok()?;
+        let tokens = engine.tokenizer.encode(&text, true).ok()?;
         (!tokens.is_empty() && prompt.starts_with(&tokens)).then_some(tokens.len())
     })
     .collect()
@@ -522,7 +513,15 @@ async fn generate(engine: Arc<Engine>, body: Bytes, kind: Kind) -> Result<Respon
             .unwrap_or(false);
     // One model is served: `model` is echoed back whatever it names.
     let model = body.str("model")?.unwrap_or(&engine.info.name).to_string();
-    let text = prompt_text(&engine, &body, kind)?;
+    let messages = match kind {
+        Kind::Chat => Some(chat_messages(&body)?),
+        Kind::Completion => None,
+    };
+    let text = match &messages {
+        Some(messages) => render_chat(&engine, messages, true)
+            .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?,
+        None => completion_prompt(&body)?,
+    };
     let prompt = engine
         .tokenizer
         .encode(&text, true)
@@ -552,10 +551,11 @@ async fn generate(engine: Arc<Engine>, body: Bytes, kind: Kind) -> Result<Respon
         });
     }
     params.max_tokens = params.max_tokens.min(n_ctx - prompt.len());
-    let boundaries = if kind == Kind::Chat && engine.info.saves_states {
-        message_boundaries(&engine, &body, &prompt)
-    } else {
-        Vec::new()
+    let boundaries = match &messages {
+        Some(messages) if engine.info.saves_states => {
+            message_boundaries(&engine, messages, &prompt)
+        }
+        _ => Vec::new(),
     };
     let params_logprobs = params.logprobs.is_some();
     let events = submit(&engine, prompt, boundaries, params, deadline)?;
@@ -776,10 +776,8 @@ fn stream_response(
                     reply.body(true, Some(&piece), None),
                     &mut pending,
                 ))],
-                Event::Error(message) => vec![data(json!({"error": {
-                    "message": message, "type": "server_error", "param": null, "code": null}}))],
-                Event::TimedOut(message) => vec![data(json!({"error": {
-                    "message": message, "type": "server_error", "param": null, "code": "timeout"}}))],
+                Event::Error(message) => vec![data(ApiError::server(message).json())],
+                Event::TimedOut(message) => vec![data(ApiError::timed_out(message).json())],
                 Event::Done {
                     reason,
                     prompt_tokens,

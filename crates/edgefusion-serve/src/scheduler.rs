@@ -573,36 +573,38 @@ impl<'t> Scheduler<'_, '_, 't> {
             return;
         }
         let states = &self.states;
+        // (positions kept, whether from a saved state)
         let reusable = |i: usize, slot: &Slot<'_>| {
             let common = common_prefix(&slot.cached, &job.prompt);
             // At least the prompt's last token is fed: its logits start the generation.
             let keep = common.min(job.prompt.len().saturating_sub(1));
             if slot.seq.has_recurrent_state() && keep < slot.cached.len() {
-                states.best(i, keep).unwrap_or(0)
+                states.best(i, keep).map_or((0, false), |at| (at, true))
             } else {
-                keep
+                (keep, false)
             }
         };
         // Ties go to the slot that caches least, keeping longer caches for later requests.
-        let Some((index, keep)) = slots
+        let Some((index, (keep, saved))) = slots
             .iter()
             .enumerate()
             .filter(|(_, s)| s.active.is_none())
             .map(|(i, s)| (i, reusable(i, s)))
-            .max_by_key(|&(i, keep)| (keep, std::cmp::Reverse(slots[i].cached.len())))
+            .max_by_key(|&(i, (keep, _))| (keep, std::cmp::Reverse(slots[i].cached.len())))
         else {
             unreachable!("a job is admitted only when a slot is free")
         };
         let slot = &mut slots[index];
-        if keep < slot.cached.len() && slot.seq.has_recurrent_state() && keep > 0 {
-            let restored = self
-                .states
-                .use_state(index, keep)
-                .map(|state| self.session.restore_sequence_state(&mut slot.seq, state));
-            if !matches!(restored, Some(Ok(()))) {
-                slot.seq.reset();
-            }
-        } else if slot.seq.truncate(keep).is_err() {
+        let kept_in_place = if saved {
+            self.states.use_state(index, keep).is_some_and(|state| {
+                self.session
+                    .restore_sequence_state(&mut slot.seq, state)
+                    .is_ok()
+            })
+        } else {
+            slot.seq.truncate(keep).is_ok()
+        };
+        if !kept_in_place {
             slot.seq.reset();
         }
         slot.cached.truncate(slot.seq.n_past());
@@ -658,6 +660,10 @@ impl<'t> Scheduler<'_, '_, 't> {
     }
 
     fn publish_state_metrics(&self) {
+        if self.states.capacity() == 0 {
+            // Nothing is ever saved: the gauges stay 0.
+            return;
+        }
         let held = self.states.len();
         self.metrics.saved_states.store(held, Ordering::Relaxed);
         self.metrics
