@@ -32,10 +32,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
-from serve_common import free_port, status_mib
+from serve_common import free_port, status_mib, tail, wait_healthy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.path.join(ROOT, "assets", "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -186,29 +187,21 @@ def main():
     port = free_port()
     cmd = [EDGEFUSION, "serve", "--model", args.model, "--port", str(port), "--slots", str(args.slots),
            "--queue", str(args.clients), "-t", str(args.threads), "--ctx", str(args.ctx)]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while True:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                break
-        except OSError:
-            pass
-        if server.poll() is not None or time.time() > deadline:
-            sys.exit(f"load-serve: the server did not start: {server.stderr.read().decode()[-2000:]}")
-        time.sleep(0.2)
+    # The server's output goes to a file (a pipe nobody reads could fill and stall it).
+    log = os.path.join(tempfile.gettempdir(), f"load-serve-{port}.log")
+    with open(log, "w") as out:
+        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    wait_healthy(server, port, "load-serve", timeout=120, log=log)
 
     try:
-        run(args, port, server)
+        run(args, port, server, log)
     finally:
         if server.poll() is None:
             server.kill()
             server.wait()
 
 
-def run(args, port, server):
+def run(args, port, server, log):
     tally = Tally()
     start = time.time()
     end = start + args.duration
@@ -261,7 +254,7 @@ def run(args, port, server):
             problems.append("SIGTERM did not stop the server within 60 s")
             server.kill()
     else:
-        problems.append(f"the server died (exit {server.returncode}): {server.stderr.read().decode()[-2000:]}")
+        problems.append(f"the server died (exit {server.returncode}){tail(log)}")
     fifth = args.duration / 5
     early = [r for t, r in samples if t <= fifth]
     late = [r for t, r in samples if t >= args.duration - fifth]
