@@ -47,6 +47,11 @@ pub trait KvElement: sealed::Sealed + Copy + Default + Send + Sync + 'static {
     /// # Panics
     /// If the lengths differ.
     fn store_slice(src: &[f32], dst: &mut [Self]);
+    /// `dst[i] = src[i]` as f32 (exact).
+    ///
+    /// # Panics
+    /// If the lengths differ.
+    fn load_slice(src: &[Self], dst: &mut [f32]);
     /// Rounds every value to this type's precision in place. llama.cpp converts the other
     /// operand of a product with the cache (queries for keys, probabilities for values) to
     /// the cache's type; this is that rounding.
@@ -62,6 +67,9 @@ impl KvElement for f32 {
     fn store_slice(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
     }
+    fn load_slice(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
     fn round_slice(_x: &mut [f32]) {}
 }
 
@@ -73,6 +81,9 @@ impl KvElement for f16 {
     }
     fn store_slice(src: &[f32], dst: &mut [f16]) {
         dst.convert_from_f32_slice(src);
+    }
+    fn load_slice(src: &[f16], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
     }
     fn round_slice(x: &mut [f32]) {
         f32ops::round_f16(x);
@@ -113,13 +124,71 @@ pub fn store_key<T: KvElement>(keys: &mut [T], head_dim: usize, pos: usize, key:
     }
 }
 
+/// The order in which a score or a weighted sum adds its products. llama.cpp's CPU backend
+/// runs one of two kernels for the products with the f16/f32 cache, and the attention kernels
+/// here add in the same order as the one it would run for the same step, so that results
+/// agree to the last bit (a last-bit difference flips near-tie greedy tokens downstream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SumOrder {
+    /// llamafile's tinyBLAS, which llama.cpp runs when a step has two or more query rows:
+    /// product `i` goes to lane `i % 8`, each lane one chain of fused multiply-adds in order,
+    /// and the lanes are added as `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`. Needs a
+    /// length that is a multiple of 8 (tinyBLAS declines others; [`SumOrder::for_step`]).
+    Lanes8,
+    /// `ggml_vec_dot_f16`, which llama.cpp runs for a step of one query row: product `i` goes
+    /// to partial sum `i % 32` (four 8-lane accumulators), the accumulators are added as
+    /// `(a0 + a2) + (a1 + a3)`, its 8 lanes as `((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 +
+    /// l7))`, and products past the last whole 32 are added one by one in f64.
+    Lanes32,
+    /// One chain of fused multiply-adds in element order. llama.cpp's AVX-512 build runs
+    /// 16-lane versions of the two kernels above, which are not reproduced yet (no AVX-512
+    /// machine to check them against); AVX-512 machines use this order.
+    Chain,
+}
+
+impl SumOrder {
+    /// The order llama.cpp built for `isa` uses for a step of `n_rows` query rows (tokens)
+    /// with heads of `head_dim`.
+    pub fn for_step(isa: Isa, n_rows: usize, head_dim: usize) -> SumOrder {
+        if isa.has_avx512() {
+            SumOrder::Chain
+        } else if n_rows >= 2 && head_dim.is_multiple_of(8) {
+            SumOrder::Lanes8
+        } else {
+            SumOrder::Lanes32
+        }
+    }
+}
+
+/// Partial sums `lane(0..LANES)` added in the order of `LANES`: 1 (a chain), 8
+/// ([`SumOrder::Lanes8`]: `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`) or 32
+/// ([`SumOrder::Lanes32`]).
+#[inline(always)]
+fn add_lanes<const LANES: usize>(lane: impl Fn(usize) -> f32) -> f32 {
+    match LANES {
+        1 => lane(0),
+        8 => {
+            ((lane(0) + lane(4)) + (lane(2) + lane(6)))
+                + ((lane(1) + lane(5)) + (lane(3) + lane(7)))
+        }
+        _ => {
+            // Accumulators 0 + 2 and 1 + 3 (8 lanes each), then together, then the lanes.
+            let y = |r: usize| (lane(r) + lane(16 + r)) + (lane(8 + r) + lane(24 + r));
+            let t = |r: usize| y(r) + y(r + 4);
+            (t(0) + t(1)) + (t(2) + t(3))
+        }
+    }
+}
+
 /// `out[i * ld + j] = scale · (q_i · key_j)` for query rows `q (m, head_dim)` and keys
-/// `j < n_keys` of one head's key cache `(n_panels, head_dim, KEY_PANEL)`. Columns
-/// `n_keys..ld` of `out` are left alone.
+/// `j < n_keys` of one head's key cache `(n_panels, head_dim, KEY_PANEL)`, each dot product
+/// added in `order`. Columns `n_keys..ld` of `out` are left alone.
 ///
 /// # Panics
 /// If `head_dim` is 0 or does not divide `q.len()`, `ld < n_keys`, `out` is shorter than
-/// `(m - 1) · ld + n_keys`, or `keys` holds fewer than `ceil(n_keys / 16)` whole panels.
+/// `(m - 1) · ld + n_keys`, `keys` holds fewer than `ceil(n_keys / 16)` whole panels, or the
+/// order is [`SumOrder::Lanes8`] and `head_dim` is not a multiple of 8.
+#[allow(clippy::too_many_arguments)]
 #[inline]
 pub fn scores<T: KvElement>(
     q: &[f32],
@@ -129,8 +198,9 @@ pub fn scores<T: KvElement>(
     scale: f32,
     out: &mut [f32],
     ld: usize,
+    order: SumOrder,
 ) {
-    scores_impl(cpu::isa(), q, head_dim, keys, n_keys, scale, out, ld)
+    scores_impl(cpu::isa(), q, head_dim, keys, n_keys, scale, out, ld, order)
 }
 
 /// [`scores`] with the kernel of `isa`.
@@ -147,16 +217,18 @@ pub fn scores_on<T: KvElement>(
     scale: f32,
     out: &mut [f32],
     ld: usize,
+    order: SumOrder,
 ) {
     assert!(
         cpu::is_runnable(isa),
         "scores_on: {} kernels cannot run on this CPU",
         isa.name()
     );
-    scores_impl(isa, q, head_dim, keys, n_keys, scale, out, ld)
+    scores_impl(isa, q, head_dim, keys, n_keys, scale, out, ld, order)
 }
 
-/// Scalar reference of [`scores`]: one fused multiply-add chain over `d` per score.
+/// Scalar reference of [`scores`] (the same code as the SIMD kernels, compiled without them).
+#[allow(clippy::too_many_arguments)]
 pub fn scores_scalar<T: KvElement>(
     q: &[f32],
     head_dim: usize,
@@ -165,33 +237,14 @@ pub fn scores_scalar<T: KvElement>(
     scale: f32,
     out: &mut [f32],
     ld: usize,
+    order: SumOrder,
 ) {
-    let m = check_scores(q, head_dim, keys, n_keys, out, ld);
-    let panel_len = KEY_PANEL * head_dim;
-    for (i, q_row) in q.chunks_exact(head_dim).enumerate().take(m) {
-        // A panel at a time: its 16 keys are independent chains over `d`, which the
-        // compiler vectorizes (each score is still one fused multiply-add chain over `d`).
-        for (p, panel) in keys[..n_keys.div_ceil(KEY_PANEL) * panel_len]
-            .chunks_exact(panel_len)
-            .enumerate()
-        {
-            let mut acc = [0.0f32; KEY_PANEL];
-            for (&qd, column) in q_row.iter().zip(panel.chunks_exact(KEY_PANEL)) {
-                for (a, &k) in acc.iter_mut().zip(column) {
-                    *a = qd.mul_add(k.to_f32(), *a);
-                }
-            }
-            let j0 = p * KEY_PANEL;
-            let n = (n_keys - j0).min(KEY_PANEL);
-            for (o, a) in out[i * ld + j0..][..n].iter_mut().zip(&acc) {
-                *o = a * scale;
-            }
-        }
-    }
+    let m = check_scores(q, head_dim, keys, n_keys, out, ld, order);
+    scores_in_order(order, q, head_dim, keys, n_keys, scale, out, ld, m)
 }
 
 /// `out[i] = Σ_{j < n_keys} probs[i * ld + j] · value_j` for rows `out (m, head_dim)` and one
-/// head's value cache `values (n_ctx, head_dim)`.
+/// head's value cache `values (n_ctx, head_dim)`, each sum over keys added in `order`.
 ///
 /// # Panics
 /// If `head_dim` is 0 or does not divide `out.len()`, `ld < n_keys`, `probs` is shorter than
@@ -204,14 +257,16 @@ pub fn weighted_sum<T: KvElement>(
     head_dim: usize,
     n_keys: usize,
     out: &mut [f32],
+    order: SumOrder,
 ) {
-    weighted_sum_impl(cpu::isa(), probs, ld, values, head_dim, n_keys, out)
+    weighted_sum_impl(cpu::isa(), probs, ld, values, head_dim, n_keys, out, order)
 }
 
 /// [`weighted_sum`] with the kernel of `isa`.
 ///
 /// # Panics
 /// As [`weighted_sum`], or if `isa` cannot run on this machine.
+#[allow(clippy::too_many_arguments)]
 pub fn weighted_sum_on<T: KvElement>(
     isa: Isa,
     probs: &[f32],
@@ -220,16 +275,17 @@ pub fn weighted_sum_on<T: KvElement>(
     head_dim: usize,
     n_keys: usize,
     out: &mut [f32],
+    order: SumOrder,
 ) {
     assert!(
         cpu::is_runnable(isa),
         "weighted_sum_on: {} kernels cannot run on this CPU",
         isa.name()
     );
-    weighted_sum_impl(isa, probs, ld, values, head_dim, n_keys, out)
+    weighted_sum_impl(isa, probs, ld, values, head_dim, n_keys, out, order)
 }
 
-/// Scalar reference of [`weighted_sum`]: one fused multiply-add chain over keys per output.
+/// Scalar reference of [`weighted_sum`] (the same code as the SIMD kernels).
 pub fn weighted_sum_scalar<T: KvElement>(
     probs: &[f32],
     ld: usize,
@@ -237,18 +293,10 @@ pub fn weighted_sum_scalar<T: KvElement>(
     head_dim: usize,
     n_keys: usize,
     out: &mut [f32],
+    order: SumOrder,
 ) {
-    check_weighted_sum(probs, ld, values, head_dim, n_keys, out);
-    for (i, out_row) in out.chunks_exact_mut(head_dim).enumerate() {
-        out_row.fill(0.0);
-        for j in 0..n_keys {
-            let p = probs[i * ld + j];
-            let value = &values[j * head_dim..(j + 1) * head_dim];
-            for (o, v) in out_row.iter_mut().zip(value) {
-                *o = p.mul_add(v.to_f32(), *o);
-            }
-        }
-    }
+    let m = check_weighted_sum(probs, ld, values, head_dim, n_keys, out);
+    weighted_sum_in_order(order, probs, ld, values, head_dim, n_keys, out, m)
 }
 
 /// Validates a `scores` call; returns the number of query rows.
@@ -259,8 +307,13 @@ fn check_scores<T>(
     n_keys: usize,
     out: &[f32],
     ld: usize,
+    order: SumOrder,
 ) -> usize {
     assert!(head_dim > 0, "scores: head_dim is 0");
+    assert!(
+        order == SumOrder::Lanes32 || head_dim.is_multiple_of(8),
+        "scores: 8-lane order needs a head_dim that is a multiple of 8, got {head_dim}"
+    );
     assert!(
         q.len().is_multiple_of(head_dim),
         "scores: {} query floats are not whole rows of {head_dim}",
@@ -319,6 +372,148 @@ fn check_weighted_sum<T>(
     m
 }
 
+/// Keys per step of the score kernel: half a panel, so that 8 lanes of 8 keys stay in
+/// registers.
+const KEY_STEP: usize = 8;
+
+/// The scores of [`scores`] in the order of `LANES` (8 or 32). Written as plain loops over
+/// arrays so that the compiler vectorizes them across keys; compiled once as is (the scalar
+/// reference) and once per ISA in `#[target_feature]` wrappers, with `mul_add` throughout, so
+/// every version rounds identically.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn scores_body<T: KvElement, const LANES: usize>(
+    q: &[f32],
+    head_dim: usize,
+    keys: &[T],
+    n_keys: usize,
+    scale: f32,
+    out: &mut [f32],
+    ld: usize,
+    m: usize,
+) {
+    let panel_len = KEY_PANEL * head_dim;
+    let whole = head_dim - head_dim % LANES;
+    // One panel converted to f32: (head_dim, KEY_PANEL).
+    let mut panel_f32 = vec![0.0f32; panel_len];
+    for (p, panel) in keys[..n_keys.div_ceil(KEY_PANEL) * panel_len]
+        .chunks_exact(panel_len)
+        .enumerate()
+    {
+        T::load_slice(panel, &mut panel_f32);
+        let j0 = p * KEY_PANEL;
+        let n_here = (n_keys - j0).min(KEY_PANEL);
+        for (i, q_row) in q.chunks_exact(head_dim).enumerate().take(m) {
+            for k0 in (0..n_here).step_by(KEY_STEP) {
+                // lanes[r][k]: partial sum r of key j0 + k0 + k.
+                let mut lanes = [[0.0f32; KEY_STEP]; LANES];
+                for d0 in (0..whole).step_by(LANES) {
+                    for (r, lane) in lanes.iter_mut().enumerate() {
+                        let qd = q_row[d0 + r];
+                        let col = &panel_f32[(d0 + r) * KEY_PANEL + k0..][..KEY_STEP];
+                        for (a, &kv) in lane.iter_mut().zip(col) {
+                            *a = qd.mul_add(kv, *a);
+                        }
+                    }
+                }
+                for k in 0..KEY_STEP.min(n_here - k0) {
+                    let mut sum = add_lanes::<LANES>(|r| lanes[r][k]);
+                    if whole < head_dim {
+                        let mut wide = sum as f64;
+                        for d in whole..head_dim {
+                            wide += (q_row[d] * panel_f32[d * KEY_PANEL + k0 + k]) as f64;
+                        }
+                        sum = wide as f32;
+                    }
+                    out[i * ld + j0 + k0 + k] = sum * scale;
+                }
+            }
+        }
+    }
+}
+
+/// The sums of [`weighted_sum`] in the order of `LANES` (8 or 32), written and compiled as
+/// [`scores_body`] is. Zero probabilities (masked keys) are skipped: adding their zero
+/// products would not change any partial sum.
+#[inline(always)]
+fn weighted_sum_body<T: KvElement, const LANES: usize>(
+    probs: &[f32],
+    ld: usize,
+    values: &[T],
+    head_dim: usize,
+    n_keys: usize,
+    out: &mut [f32],
+    m: usize,
+) {
+    let mut values_f32 = vec![0.0f32; n_keys * head_dim];
+    T::load_slice(&values[..n_keys * head_dim], &mut values_f32);
+    // partials[r * head_dim + c]: partial sum r of output component c.
+    let mut partials = vec![0.0f32; LANES * head_dim];
+    for (i, out_row) in out.chunks_exact_mut(head_dim).enumerate().take(m) {
+        partials.fill(0.0);
+        let p_row = &probs[i * ld..i * ld + n_keys];
+        for (j, (&p, value)) in p_row
+            .iter()
+            .zip(values_f32.chunks_exact(head_dim))
+            .enumerate()
+        {
+            if p == 0.0 {
+                continue;
+            }
+            let part = &mut partials[(j % LANES) * head_dim..][..head_dim];
+            for (a, &v) in part.iter_mut().zip(value) {
+                *a = p.mul_add(v, *a);
+            }
+        }
+        for (c, o) in out_row.iter_mut().enumerate() {
+            *o = add_lanes::<LANES>(|r| partials[r * head_dim + c]);
+        }
+    }
+}
+
+/// [`scores_body`] for `order` (chain: one lane).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn scores_in_order<T: KvElement>(
+    order: SumOrder,
+    q: &[f32],
+    head_dim: usize,
+    keys: &[T],
+    n_keys: usize,
+    scale: f32,
+    out: &mut [f32],
+    ld: usize,
+    m: usize,
+) {
+    match order {
+        SumOrder::Lanes8 => scores_body::<T, 8>(q, head_dim, keys, n_keys, scale, out, ld, m),
+        SumOrder::Lanes32 => scores_body::<T, 32>(q, head_dim, keys, n_keys, scale, out, ld, m),
+        SumOrder::Chain => scores_body::<T, 1>(q, head_dim, keys, n_keys, scale, out, ld, m),
+    }
+}
+
+/// [`weighted_sum_body`] for `order` (chain: one lane).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn weighted_sum_in_order<T: KvElement>(
+    order: SumOrder,
+    probs: &[f32],
+    ld: usize,
+    values: &[T],
+    head_dim: usize,
+    n_keys: usize,
+    out: &mut [f32],
+    m: usize,
+) {
+    match order {
+        SumOrder::Lanes8 => weighted_sum_body::<T, 8>(probs, ld, values, head_dim, n_keys, out, m),
+        SumOrder::Lanes32 => {
+            weighted_sum_body::<T, 32>(probs, ld, values, head_dim, n_keys, out, m)
+        }
+        SumOrder::Chain => weighted_sum_body::<T, 1>(probs, ld, values, head_dim, n_keys, out, m),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 #[inline]
 fn scores_impl<T: KvElement>(
@@ -330,41 +525,31 @@ fn scores_impl<T: KvElement>(
     scale: f32,
     out: &mut [f32],
     ld: usize,
+    order: SumOrder,
 ) {
+    let m = check_scores(q, head_dim, keys, n_keys, out, ld, order);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx2 => {
-            let m = check_scores(q, head_dim, keys, n_keys, out, ld);
-            let (q, out) = (q.as_ptr(), out.as_mut_ptr());
-            let args = x86::ScoresArgs {
-                q,
-                m,
-                head_dim,
-                n_keys,
-                scale,
-                out,
-                ld,
-            };
-            // SAFETY: `isa` was detected or checked runnable; `check_scores` bounded every
-            // access (whole key panels, `m` rows of `out` at stride `ld`); `T::KIND` names
-            // `T` exactly (the trait is sealed), so the pointer casts keep the element type.
-            unsafe {
-                match (isa, T::KIND) {
-                    (Isa::Avx2, KvKind::F16) => {
-                        x86::scores_avx2::<f16>(&args, keys.as_ptr().cast())
-                    }
-                    (Isa::Avx2, KvKind::F32) => {
-                        x86::scores_avx2::<f32>(&args, keys.as_ptr().cast())
-                    }
-                    (_, KvKind::F16) => x86::scores_avx512::<f16>(&args, keys.as_ptr().cast()),
-                    (_, KvKind::F32) => x86::scores_avx512::<f32>(&args, keys.as_ptr().cast()),
-                }
-            }
-        }
-        _ => scores_scalar(q, head_dim, keys, n_keys, scale, out, ld),
+        // SAFETY: `isa` was detected or checked runnable.
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe {
+            x86::scores_avx512(q, head_dim, keys, n_keys, scale, out, ld, order, m)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above; the shapes passed `check_scores`, which for the 8-lane order
+        // includes a head_dim that is a multiple of 8.
+        Isa::Avx2 if order == SumOrder::Lanes8 => unsafe {
+            x86::scores_lanes8_avx2(q, head_dim, keys, n_keys, scale, out, ld, m)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe {
+            x86::scores_avx2(q, head_dim, keys, n_keys, scale, out, ld, order, m)
+        },
+        _ => scores_in_order(order, q, head_dim, keys, n_keys, scale, out, ld, m),
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 #[inline]
 fn weighted_sum_impl<T: KvElement>(
     isa: Isa,
@@ -374,537 +559,144 @@ fn weighted_sum_impl<T: KvElement>(
     head_dim: usize,
     n_keys: usize,
     out: &mut [f32],
+    order: SumOrder,
 ) {
+    let m = check_weighted_sum(probs, ld, values, head_dim, n_keys, out);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx2 => {
-            let m = check_weighted_sum(probs, ld, values, head_dim, n_keys, out);
-            let args = x86::SumArgs {
-                probs: probs.as_ptr(),
-                ld,
-                m,
-                n_keys,
-                head_dim,
-                out: out.as_mut_ptr(),
-            };
-            // SAFETY: `isa` was detected or checked runnable; `check_weighted_sum` bounded
-            // every access (`n_keys` value rows, `m` probability rows at stride `ld`, `m`
-            // output rows); `T::KIND` names `T` exactly (sealed trait), so the casts keep the
-            // element type.
-            unsafe {
-                match (isa, T::KIND) {
-                    (Isa::Avx2, KvKind::F16) => {
-                        x86::weighted_sum_avx2::<f16>(&args, values.as_ptr().cast())
-                    }
-                    (Isa::Avx2, KvKind::F32) => {
-                        x86::weighted_sum_avx2::<f32>(&args, values.as_ptr().cast())
-                    }
-                    (_, KvKind::F16) => {
-                        x86::weighted_sum_avx512::<f16>(&args, values.as_ptr().cast())
-                    }
-                    (_, KvKind::F32) => {
-                        x86::weighted_sum_avx512::<f32>(&args, values.as_ptr().cast())
-                    }
-                }
-            }
-        }
-        _ => weighted_sum_scalar(probs, ld, values, head_dim, n_keys, out),
+        // SAFETY: `isa` was detected or checked runnable.
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe {
+            x86::weighted_sum_avx512(probs, ld, values, head_dim, n_keys, out, order, m)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe {
+            x86::weighted_sum_avx2(probs, ld, values, head_dim, n_keys, out, order, m)
+        },
+        _ => weighted_sum_in_order(order, probs, ld, values, head_dim, n_keys, out, m),
     }
 }
 
-/// AVX-512 and AVX2 kernels. Tiles are `const`-generic in their row and column counts so
-/// that their accumulators stay in registers; every tile shape is instantiated inside the
-/// `#[target_feature]` entry points.
+/// The bodies compiled for AVX-512 and AVX2 (the compiler vectorizes their loops there).
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::KEY_PANEL;
-    use crate::x86::avx2::{F16Row, F32Row, FloatRow8};
-    use crate::x86::avx512::FloatRow16;
-    use half::f16;
-    use std::arch::x86_64::*;
+    use super::{KvElement, SumOrder};
 
-    /// A cache element type and the crate's float-row loaders for it (the ones the float
-    /// matmul kernels use), reached through typed pointers.
-    pub(super) trait Lanes: Copy {
-        type Row: FloatRow16 + FloatRow8;
+    macro_rules! compiled_for {
+        ($scores:ident, $sum:ident, $features:literal) => {
+            /// # Safety
+            /// The features named in `target_feature` must be available; the shapes must
+            /// have passed `check_scores`.
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            pub(super) unsafe fn $scores<T: KvElement>(
+                q: &[f32],
+                head_dim: usize,
+                keys: &[T],
+                n_keys: usize,
+                scale: f32,
+                out: &mut [f32],
+                ld: usize,
+                order: SumOrder,
+                m: usize,
+            ) {
+                super::scores_in_order(order, q, head_dim, keys, n_keys, scale, out, ld, m)
+            }
+
+            /// # Safety
+            /// The features named in `target_feature` must be available; the shapes must
+            /// have passed `check_weighted_sum`.
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            pub(super) unsafe fn $sum<T: KvElement>(
+                probs: &[f32],
+                ld: usize,
+                values: &[T],
+                head_dim: usize,
+                n_keys: usize,
+                out: &mut [f32],
+                order: SumOrder,
+                m: usize,
+            ) {
+                super::weighted_sum_in_order(order, probs, ld, values, head_dim, n_keys, out, m)
+            }
+        };
     }
 
-    impl Lanes for f32 {
-        type Row = F32Row;
-    }
+    compiled_for!(
+        scores_avx512,
+        weighted_sum_avx512,
+        "avx512f,avx512bw,avx512vl,avx2,fma,f16c"
+    );
+    compiled_for!(scores_avx2, weighted_sum_avx2, "avx2,fma,f16c");
 
-    impl Lanes for f16 {
-        type Row = F16Row;
-    }
-
-    /// 16 elements at `p` as f32.
+    /// [`SumOrder::Lanes8`] scores with AVX2 registers: for 8 keys of a panel, lane `r` is
+    /// one register accumulating dimensions `d ≡ r (mod 8)` of all 8 keys with one fused
+    /// multiply-add per dimension, in order; the 8 registers are then added as
+    /// [`super::add_lanes`] adds 8 lanes. Each operation is the scalar body's, per key, so the
+    /// result equals [`super::scores_scalar`] bit for bit.
     ///
     /// # Safety
-    /// AVX-512F (plus BW/VL for f16) must be available and `p` readable for 16 elements.
-    #[inline(always)]
-    unsafe fn load16<E: Lanes>(p: *const E) -> __m512 {
-        // SAFETY: the caller guarantees the ISA of `E::Row` and that `p` is readable for 16
-        // elements of type `E`, which is `load16`'s contract for `E::Row`'s byte size.
-        unsafe { E::Row::load16(p.cast()) }
-    }
-
-    /// The elements of `p[..16]` selected by `mask` (others read as 0, never touched).
-    ///
-    /// # Safety
-    /// AVX-512 F/BW/VL must be available and the elements selected by `mask` readable at `p`.
-    #[inline(always)]
-    unsafe fn load16_masked<E: Lanes>(p: *const E, mask: __mmask16) -> __m512 {
-        // SAFETY: the caller guarantees the ISA of `E::Row` and that the elements of `p[..16]`
-        // selected by `mask` are readable; masked-off lanes are not accessed.
-        unsafe { E::Row::load_masked(p.cast(), mask) }
-    }
-
-    /// 8 elements at `p` as f32.
-    ///
-    /// # Safety
-    /// AVX2 (and F16C for f16) must be available and `p` readable for 8 elements.
-    #[inline(always)]
-    unsafe fn load8<E: Lanes>(p: *const E) -> __m256 {
-        // SAFETY: the caller guarantees AVX2 (and F16C for f16) and that `p` is readable for 8
-        // elements of type `E`, which is `load8`'s contract for `E::Row`'s byte size.
-        unsafe { E::Row::load8(p.cast()) }
-    }
-
-    /// One element at `p` as f32.
-    ///
-    /// # Safety
-    /// F16C must be available for f16, and `p` readable for one element.
-    #[inline(always)]
-    unsafe fn load1<E: Lanes>(p: *const E) -> f32 {
-        // SAFETY: the caller guarantees F16C (for f16) and that `p` is readable for one element
-        // of type `E`, which is `load1`'s contract for `E::Row`'s byte size.
-        unsafe { E::Row::load1(p.cast()) }
-    }
-
-    /// A checked `scores` call: `q (m, head_dim)`, `out` rows at stride `ld`.
-    pub(super) struct ScoresArgs {
-        pub q: *const f32,
-        pub m: usize,
-        pub head_dim: usize,
-        pub n_keys: usize,
-        pub scale: f32,
-        pub out: *mut f32,
-        pub ld: usize,
-    }
-
-    /// A checked `weighted_sum` call: `probs` rows at stride `ld`, `out (m, head_dim)`.
-    pub(super) struct SumArgs {
-        pub probs: *const f32,
-        pub ld: usize,
-        pub m: usize,
-        pub n_keys: usize,
-        pub head_dim: usize,
-        pub out: *mut f32,
-    }
-
-    /// Mask of the low `n` (≤ 16) lanes.
-    #[inline(always)]
-    fn low_lanes(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xffff
-        } else {
-            (1u16 << n) - 1
-        }
-    }
-
-    // -------------------------------------------------------------------------------------
-    // AVX-512
-
-    /// Scores of `R` query rows against `P` key panels (16 keys each): `R × P` zmm
-    /// accumulators, each the FMA chain over `d` of 16 scores.
-    ///
-    /// `q` points at the tile's first query row, `keys` at its first panel, `out` at its
-    /// first score; `n_cols` (> 16·(P−1)) keys of the tile are stored.
-    ///
-    /// # Safety
-    /// AVX-512 F/BW/VL, FMA and F16C must be available; `q` must hold `R` query rows, `keys`
-    /// `P` whole key panels of type `E`, and `out` `R` rows at stride `a.ld` with room for
-    /// `n_cols` (> 16·(P−1)) scores each.
-    #[inline(always)]
-    unsafe fn scores_tile_512<E: Lanes, const R: usize, const P: usize>(
-        a: &ScoresArgs,
-        q: *const f32,
-        keys: *const E,
-        out: *mut f32,
-        n_cols: usize,
-    ) {
-        // SAFETY: the caller guarantees AVX-512 F/BW/VL, FMA and F16C and a tile inside the
-        // bounds `check_scores` checked: `q` has `R` rows of `head_dim`, `keys` `P` whole panels of
-        // `head_dim · 16` elements (the cache holds whole panels), and `out` `R` rows at stride
-        // `ld` with `n_cols` stored scores; the last panel's store is masked to its `cols` keys.
-        unsafe {
-            let hd = a.head_dim;
-            let panel = hd * KEY_PANEL;
-            let mut acc = [[_mm512_setzero_ps(); P]; R];
-            for d in 0..hd {
-                let mut k = [_mm512_setzero_ps(); P];
-                for (p, kp) in k.iter_mut().enumerate() {
-                    *kp = load16(keys.add(p * panel + d * KEY_PANEL));
-                }
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let qv = _mm512_set1_ps(*q.add(r * hd + d));
-                    for p in 0..P {
-                        acc_r[p] = _mm512_fmadd_ps(qv, k[p], acc_r[p]);
-                    }
-                }
-            }
-            let scale = _mm512_set1_ps(a.scale);
-            for (r, acc_r) in acc.iter().enumerate() {
-                for (p, &acc_rp) in acc_r.iter().enumerate() {
-                    let dst = out.add(r * a.ld + p * KEY_PANEL);
-                    let v = _mm512_mul_ps(acc_rp, scale);
-                    let cols = n_cols - p * KEY_PANEL;
-                    if cols >= KEY_PANEL {
-                        _mm512_storeu_ps(dst, v);
-                    } else {
-                        _mm512_mask_storeu_ps(dst, low_lanes(cols), v);
-                    }
-                }
-            }
-        }
-    }
-
-    /// # Safety
-    /// AVX-512 F/BW/VL, FMA and F16C must be available; `a` must have passed `check_scores`,
-    /// `keys` must point at elements of type `E`, and `r0 + R ≤ a.m`.
-    #[inline(always)]
-    unsafe fn scores_rows_512<E: Lanes, const R: usize>(a: &ScoresArgs, keys: *const E, r0: usize) {
-        // SAFETY: the caller guarantees the ISA and `r0 + R ≤ m` of arguments that passed
-        // `check_scores`; each tile covers panels `p0..p0 + P` with `P ≤ n_panels − p0`, the
-        // first `n_keys − 16·p0` scores of the rows, as `scores_tile_512` requires.
-        unsafe {
-            let n_panels = a.n_keys.div_ceil(KEY_PANEL);
-            let q = a.q.add(r0 * a.head_dim);
-            let mut p0 = 0;
-            while p0 < n_panels {
-                let k = keys.add(p0 * a.head_dim * KEY_PANEL);
-                let out = a.out.add(r0 * a.ld + p0 * KEY_PANEL);
-                let n_cols = a.n_keys - p0 * KEY_PANEL;
-                match n_panels - p0 {
-                    1 => scores_tile_512::<E, R, 1>(a, q, k, out, n_cols),
-                    2 => scores_tile_512::<E, R, 2>(a, q, k, out, n_cols),
-                    3 => scores_tile_512::<E, R, 3>(a, q, k, out, n_cols),
-                    _ => scores_tile_512::<E, R, 4>(a, q, k, out, n_cols),
-                }
-                p0 += 4;
-            }
-        }
-    }
-
-    /// `scores` with AVX-512: tiles of up to 4 query rows × 4 key panels (64 keys).
-    ///
-    /// # Safety
-    /// AVX-512 F/BW/VL, FMA and F16C must be available; the arguments must have passed
-    /// `check_scores` and `keys` must point at elements of type `E`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    pub(super) unsafe fn scores_avx512<E: Lanes>(a: &ScoresArgs, keys: *const E) {
-        // SAFETY: the ISA is guaranteed by the caller (attention.rs checks `cpu::isa()`), `a`
-        // passed `check_scores` and `keys` points at `E`s; each arm's `R ≤ m − r0`, as
-        // `scores_rows_512` requires.
-        unsafe {
-            if a.n_keys == 0 {
-                return;
-            }
-            let mut r0 = 0;
-            while r0 < a.m {
-                match a.m - r0 {
-                    1 => scores_rows_512::<E, 1>(a, keys, r0),
-                    2 => scores_rows_512::<E, 2>(a, keys, r0),
-                    3 => scores_rows_512::<E, 3>(a, keys, r0),
-                    _ => scores_rows_512::<E, 4>(a, keys, r0),
-                }
-                r0 += 4;
-            }
-        }
-    }
-
-    /// Weighted sums of `R` rows over `C` zmm of output columns: per key, `C` value loads
-    /// (the last one masked to `last_mask`) and `R` broadcast probabilities.
-    ///
-    /// # Safety
-    /// AVX-512 F/BW/VL, FMA and F16C must be available; `probs` must hold `R` rows at stride
-    /// `a.ld`, and `values` / `out` must have `16·(C−1)` columns plus those of `last_mask`
-    /// readable / writable in every value row and output row from the tile's first column.
-    #[inline(always)]
-    unsafe fn sum_tile_512<E: Lanes, const R: usize, const C: usize>(
-        a: &SumArgs,
-        probs: *const f32,
-        values: *const E,
-        out: *mut f32,
-        last_mask: __mmask16,
-    ) {
-        // SAFETY: the caller guarantees AVX-512 F/BW/VL, FMA and F16C and a tile inside the
-        // bounds `check_weighted_sum` checked: `values` has `n_keys` rows of `head_dim` from this
-        // tile's first column, `probs` `R` rows at stride `ld` with `n_keys` entries, and `out` `R`
-        // rows of `head_dim`; the last column vector's loads and stores are masked to `last_mask`.
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); C]; R];
-            for j in 0..a.n_keys {
-                let row = values.add(j * a.head_dim);
-                let mut v = [_mm512_setzero_ps(); C];
-                for (c, vc) in v.iter_mut().enumerate() {
-                    *vc = if c + 1 == C {
-                        load16_masked(row.add(c * 16), last_mask)
-                    } else {
-                        load16(row.add(c * 16))
-                    };
-                }
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let pv = _mm512_set1_ps(*probs.add(r * a.ld + j));
-                    for c in 0..C {
-                        acc_r[c] = _mm512_fmadd_ps(pv, v[c], acc_r[c]);
-                    }
-                }
-            }
-            for (r, acc_r) in acc.iter().enumerate() {
-                for (c, &acc_rc) in acc_r.iter().enumerate() {
-                    let dst = out.add(r * a.head_dim + c * 16);
-                    if c + 1 == C {
-                        _mm512_mask_storeu_ps(dst, last_mask, acc_rc);
-                    } else {
-                        _mm512_storeu_ps(dst, acc_rc);
-                    }
-                }
-            }
-        }
-    }
-
-    /// # Safety
-    /// AVX-512 F/BW/VL, FMA and F16C must be available; `a` must have passed
-    /// `check_weighted_sum`, `values` must point at elements of type `E`, and `r0 + R ≤ a.m`.
-    #[inline(always)]
-    unsafe fn sum_rows_512<E: Lanes, const R: usize>(a: &SumArgs, values: *const E, r0: usize) {
-        // SAFETY: the caller guarantees the ISA and `r0 + R ≤ m` of arguments that passed
-        // `check_weighted_sum`; each tile covers column vectors `c0..c0 + cols` of `n_vecs`, with
-        // the last vector of the row masked to the `head_dim − 16·(n_vecs − 1)` columns it has.
-        unsafe {
-            let n_vecs = a.head_dim.div_ceil(16);
-            let tail = low_lanes(a.head_dim - (n_vecs - 1) * 16);
-            let probs = a.probs.add(r0 * a.ld);
-            let mut c0 = 0;
-            while c0 < n_vecs {
-                let cols = (n_vecs - c0).min(4);
-                let mask = if c0 + cols == n_vecs { tail } else { 0xffff };
-                let v = values.add(c0 * 16);
-                let out = a.out.add(r0 * a.head_dim + c0 * 16);
-                match cols {
-                    1 => sum_tile_512::<E, R, 1>(a, probs, v, out, mask),
-                    2 => sum_tile_512::<E, R, 2>(a, probs, v, out, mask),
-                    3 => sum_tile_512::<E, R, 3>(a, probs, v, out, mask),
-                    _ => sum_tile_512::<E, R, 4>(a, probs, v, out, mask),
-                }
-                c0 += 4;
-            }
-        }
-    }
-
-    /// `weighted_sum` with AVX-512: tiles of up to 4 rows × 64 output columns.
-    ///
-    /// # Safety
-    /// AVX-512 F/BW/VL, FMA and F16C must be available; the arguments must have passed
-    /// `check_weighted_sum` and `values` must point at elements of type `E`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    pub(super) unsafe fn weighted_sum_avx512<E: Lanes>(a: &SumArgs, values: *const E) {
-        // SAFETY: the ISA is guaranteed by the caller (attention.rs checks `cpu::isa()`), `a`
-        // passed `check_weighted_sum` and `values` points at `E`s; each arm's `R ≤ m − r0`, as
-        // `sum_rows_512` requires.
-        unsafe {
-            let mut r0 = 0;
-            while r0 < a.m {
-                match a.m - r0 {
-                    1 => sum_rows_512::<E, 1>(a, values, r0),
-                    2 => sum_rows_512::<E, 2>(a, values, r0),
-                    3 => sum_rows_512::<E, 3>(a, values, r0),
-                    _ => sum_rows_512::<E, 4>(a, values, r0),
-                }
-                r0 += 4;
-            }
-        }
-    }
-
-    // -------------------------------------------------------------------------------------
-    // AVX2 (16 ymm registers: tiles of 4 rows × one 16-key panel, or 4 rows × 16 columns)
-
-    /// Scores of `R` query rows against one key panel: `R × 2` ymm accumulators.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C must be available; `q` must hold `R` query rows, `keys` one whole key
-    /// panel of type `E`, and `out` `R` rows at stride `a.ld` with room for `min(n_cols, 16)`
-    /// scores each.
-    #[inline(always)]
-    unsafe fn scores_tile_256<E: Lanes, const R: usize>(
-        a: &ScoresArgs,
-        q: *const f32,
-        keys: *const E,
-        out: *mut f32,
-        n_cols: usize,
-    ) {
-        // SAFETY: the caller guarantees AVX2, FMA and F16C and a tile inside the bounds
-        // `check_scores` checked: `q` has `R` rows of `head_dim`, `keys` one whole panel of
-        // `head_dim · 16` elements, and `out` `R` rows at stride `ld` with `n_cols` scores; a
-        // partial panel goes through `tmp` and copies only its `n_cols` (< 16) scores.
-        unsafe {
-            let hd = a.head_dim;
-            let mut acc = [[_mm256_setzero_ps(); 2]; R];
-            for d in 0..hd {
-                let k0 = load8(keys.add(d * KEY_PANEL));
-                let k1 = load8(keys.add(d * KEY_PANEL + 8));
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let qv = _mm256_set1_ps(*q.add(r * hd + d));
-                    acc_r[0] = _mm256_fmadd_ps(qv, k0, acc_r[0]);
-                    acc_r[1] = _mm256_fmadd_ps(qv, k1, acc_r[1]);
-                }
-            }
-            let scale = _mm256_set1_ps(a.scale);
-            for (r, acc_r) in acc.iter().enumerate() {
-                let lo = _mm256_mul_ps(acc_r[0], scale);
-                let hi = _mm256_mul_ps(acc_r[1], scale);
-                let dst = out.add(r * a.ld);
-                if n_cols >= KEY_PANEL {
-                    _mm256_storeu_ps(dst, lo);
-                    _mm256_storeu_ps(dst.add(8), hi);
-                } else {
-                    let mut tmp = [0.0f32; KEY_PANEL];
-                    _mm256_storeu_ps(tmp.as_mut_ptr(), lo);
-                    _mm256_storeu_ps(tmp.as_mut_ptr().add(8), hi);
-                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, n_cols);
-                }
-            }
-        }
-    }
-
-    /// `scores` with AVX2.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C must be available; the arguments must have passed `check_scores`
-    /// and `keys` must point at elements of type `E`.
+    /// AVX2, FMA and F16C must be available; the shapes must have passed `check_scores` with
+    /// [`SumOrder::Lanes8`] (`head_dim` a multiple of 8).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn scores_avx2<E: Lanes>(a: &ScoresArgs, keys: *const E) {
-        // SAFETY: AVX2, FMA and F16C are guaranteed by the caller (attention.rs checks
-        // `cpu::isa()`), `a` passed `check_scores` and `keys` points at `E`s: rows `r0..r0 + R`
-        // with `R ≤ m − r0`, and panel `p < n_panels` holding `n_keys − 16p` stored keys.
-        unsafe {
-            let n_panels = a.n_keys.div_ceil(KEY_PANEL);
-            let mut r0 = 0;
-            while r0 < a.m {
-                let q = a.q.add(r0 * a.head_dim);
-                for p in 0..n_panels {
-                    let k = keys.add(p * a.head_dim * KEY_PANEL);
-                    let out = a.out.add(r0 * a.ld + p * KEY_PANEL);
-                    let n_cols = a.n_keys - p * KEY_PANEL;
-                    match a.m - r0 {
-                        1 => scores_tile_256::<E, 1>(a, q, k, out, n_cols),
-                        2 => scores_tile_256::<E, 2>(a, q, k, out, n_cols),
-                        3 => scores_tile_256::<E, 3>(a, q, k, out, n_cols),
-                        _ => scores_tile_256::<E, 4>(a, q, k, out, n_cols),
-                    }
-                }
-                r0 += 4;
-            }
-        }
-    }
-
-    /// Weighted sums of `R` rows over `C` ymm (8 columns each) of output.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C must be available; `probs` must hold `R` rows at stride `a.ld`, and
-    /// every value row and output row must have `8C` readable / writable columns from the
-    /// tile's first column.
-    #[inline(always)]
-    unsafe fn sum_tile_256<E: Lanes, const R: usize, const C: usize>(
-        a: &SumArgs,
-        probs: *const f32,
-        values: *const E,
-        out: *mut f32,
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn scores_lanes8_avx2<T: KvElement>(
+        q: &[f32],
+        head_dim: usize,
+        keys: &[T],
+        n_keys: usize,
+        scale: f32,
+        out: &mut [f32],
+        ld: usize,
+        m: usize,
     ) {
-        // SAFETY: the caller guarantees AVX2, FMA and F16C and a tile inside the bounds
-        // `check_weighted_sum` checked: `values` has `n_keys` rows of `head_dim` with `8C` columns
-        // from this tile's first one, `probs` `R` rows at stride `ld` with `n_keys` entries, and
-        // `out` `R` rows of `head_dim` with `8C` columns from the tile's first one.
-        unsafe {
-            let mut acc = [[_mm256_setzero_ps(); C]; R];
-            for j in 0..a.n_keys {
-                let row = values.add(j * a.head_dim);
-                let mut v = [_mm256_setzero_ps(); C];
-                for (c, vc) in v.iter_mut().enumerate() {
-                    *vc = load8(row.add(c * 8));
-                }
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let pv = _mm256_set1_ps(*probs.add(r * a.ld + j));
-                    for c in 0..C {
-                        acc_r[c] = _mm256_fmadd_ps(pv, v[c], acc_r[c]);
+        use super::KEY_PANEL;
+        use std::arch::x86_64::*;
+        let panel_len = KEY_PANEL * head_dim;
+        let mut panel_f32 = vec![0.0f32; panel_len];
+        let mut sums = [0.0f32; 8];
+        for (p, panel) in keys[..n_keys.div_ceil(KEY_PANEL) * panel_len]
+            .chunks_exact(panel_len)
+            .enumerate()
+        {
+            T::load_slice(panel, &mut panel_f32);
+            let j0 = p * KEY_PANEL;
+            let n_here = (n_keys - j0).min(KEY_PANEL);
+            for (i, q_row) in q.chunks_exact(head_dim).enumerate().take(m) {
+                for k0 in (0..n_here).step_by(8) {
+                    // SAFETY: AVX2 and FMA are available (this fn's contract). Dimension
+                    // `d0 + r < head_dim` reads `q_row[d0 + r]` and the 8 floats at
+                    // `(d0 + r) · 16 + k0 ≤ panel_len − 8` of `panel_f32` (k0 ∈ {0, 8}).
+                    unsafe {
+                        let qp = q_row.as_ptr();
+                        let kp = panel_f32.as_ptr().add(k0);
+                        let mut acc = [_mm256_setzero_ps(); 8];
+                        for d0 in (0..head_dim).step_by(8) {
+                            for (r, a) in acc.iter_mut().enumerate() {
+                                let qd = _mm256_set1_ps(*qp.add(d0 + r));
+                                let kv = _mm256_loadu_ps(kp.add((d0 + r) * KEY_PANEL));
+                                *a = _mm256_fmadd_ps(qd, kv, *a);
+                            }
+                        }
+                        let s = _mm256_add_ps(
+                            _mm256_add_ps(
+                                _mm256_add_ps(acc[0], acc[4]),
+                                _mm256_add_ps(acc[2], acc[6]),
+                            ),
+                            _mm256_add_ps(
+                                _mm256_add_ps(acc[1], acc[5]),
+                                _mm256_add_ps(acc[3], acc[7]),
+                            ),
+                        );
+                        _mm256_storeu_ps(
+                            sums.as_mut_ptr(),
+                            _mm256_mul_ps(s, _mm256_set1_ps(scale)),
+                        );
                     }
+                    let n = (n_here - k0).min(8);
+                    out[i * ld + j0 + k0..][..n].copy_from_slice(&sums[..n]);
                 }
-            }
-            for (r, acc_r) in acc.iter().enumerate() {
-                for (c, &acc_rc) in acc_r.iter().enumerate() {
-                    _mm256_storeu_ps(out.add(r * a.head_dim + c * 8), acc_rc);
-                }
-            }
-        }
-    }
-
-    /// # Safety
-    /// AVX2, FMA and F16C must be available; `a` must have passed `check_weighted_sum`,
-    /// `values` must point at elements of type `E`, and `r0 + R ≤ a.m`.
-    #[inline(always)]
-    unsafe fn sum_rows_256<E: Lanes, const R: usize>(a: &SumArgs, values: *const E, r0: usize) {
-        // SAFETY: the caller guarantees the ISA and `r0 + R ≤ m` of arguments that passed
-        // `check_weighted_sum`; tiles cover whole 8-column vectors `c0..c0 + C ≤ n_vecs`, and the
-        // scalar tail reads and writes columns `8·n_vecs..head_dim` of the same rows.
-        unsafe {
-            let n_vecs = a.head_dim / 8;
-            let probs = a.probs.add(r0 * a.ld);
-            let mut c0 = 0;
-            while c0 < n_vecs {
-                let v = values.add(c0 * 8);
-                let out = a.out.add(r0 * a.head_dim + c0 * 8);
-                if n_vecs - c0 >= 2 {
-                    sum_tile_256::<E, R, 2>(a, probs, v, out);
-                } else {
-                    sum_tile_256::<E, R, 1>(a, probs, v, out);
-                }
-                c0 += 2;
-            }
-            // Columns past the last whole ymm: the scalar chain, in the same order.
-            for r in 0..R {
-                for col in n_vecs * 8..a.head_dim {
-                    let mut acc = 0.0f32;
-                    for j in 0..a.n_keys {
-                        let v = load1(values.add(j * a.head_dim + col));
-                        acc = (*probs.add(r * a.ld + j)).mul_add(v, acc);
-                    }
-                    *a.out.add((r0 + r) * a.head_dim + col) = acc;
-                }
-            }
-        }
-    }
-
-    /// `weighted_sum` with AVX2: tiles of up to 4 rows × 16 output columns.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C must be available; the arguments must have passed
-    /// `check_weighted_sum` and `values` must point at elements of type `E`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn weighted_sum_avx2<E: Lanes>(a: &SumArgs, values: *const E) {
-        // SAFETY: AVX2, FMA and F16C are guaranteed by the caller (attention.rs checks
-        // `cpu::isa()`), `a` passed `check_weighted_sum` and `values` points at `E`s; each arm's
-        // `R ≤ m − r0`, as `sum_rows_256` requires.
-        unsafe {
-            let mut r0 = 0;
-            while r0 < a.m {
-                match a.m - r0 {
-                    1 => sum_rows_256::<E, 1>(a, values, r0),
-                    2 => sum_rows_256::<E, 2>(a, values, r0),
-                    3 => sum_rows_256::<E, 3>(a, values, r0),
-                    _ => sum_rows_256::<E, 4>(a, values, r0),
-                }
-                r0 += 4;
             }
         }
     }
@@ -942,6 +734,11 @@ mod tests {
         cache
     }
 
+    /// The orders are tested on the order AVX2 machines use, whatever this machine is.
+    fn isa_of_test() -> Isa {
+        Isa::Avx2
+    }
+
     fn simd_isas() -> Vec<Isa> {
         cpu::available_isas()
             .into_iter()
@@ -959,10 +756,13 @@ mod tests {
                     let ld = n_keys + 3;
                     let len = m * ld;
                     let mut want = vec![f32::NAN; len];
-                    scores_scalar(&q, head_dim, &cache, n_keys, 0.125, &mut want, ld);
+                    let order = SumOrder::for_step(isa_of_test(), m, head_dim);
+                    scores_scalar(&q, head_dim, &cache, n_keys, 0.125, &mut want, ld, order);
                     for isa in simd_isas() {
                         let mut got = vec![f32::NAN; len];
-                        scores_on(isa, &q, head_dim, &cache, n_keys, 0.125, &mut got, ld);
+                        scores_on(
+                            isa, &q, head_dim, &cache, n_keys, 0.125, &mut got, ld, order,
+                        );
                         for i in 0..m {
                             for j in 0..ld {
                                 let (g, w) = (got[i * ld + j], want[i * ld + j]);
@@ -1003,10 +803,11 @@ mod tests {
                         .map(|p| p.abs())
                         .collect();
                     let mut want = vec![f32::NAN; m * head_dim];
-                    weighted_sum_scalar(&probs, ld, &cache, head_dim, n_keys, &mut want);
+                    let order = SumOrder::for_step(isa_of_test(), m, head_dim);
+                    weighted_sum_scalar(&probs, ld, &cache, head_dim, n_keys, &mut want, order);
                     for isa in simd_isas() {
                         let mut got = vec![f32::NAN; m * head_dim];
-                        weighted_sum_on(isa, &probs, ld, &cache, head_dim, n_keys, &mut got);
+                        weighted_sum_on(isa, &probs, ld, &cache, head_dim, n_keys, &mut got, order);
                         for i in 0..m {
                             for c in 0..head_dim {
                                 let l1: f32 = (0..n_keys)
@@ -1057,30 +858,96 @@ mod tests {
         let cache = key_cache::<f32>(&keys, head_dim);
         let q = values(2 * head_dim, 4);
         let mut out = vec![0.0; 2 * 37];
-        scores_scalar(&q, head_dim, &cache, 37, 0.5, &mut out, 37);
-        for i in 0..2 {
-            for j in 0..37 {
-                let want: f64 = (0..head_dim)
-                    .map(|d| q[i * head_dim + d] as f64 * keys[j * head_dim + d] as f64)
-                    .sum::<f64>()
-                    * 0.5;
-                assert!((out[i * 37 + j] as f64 - want).abs() < 1e-5, "[{i}][{j}]");
+        for order in [SumOrder::Lanes8, SumOrder::Lanes32, SumOrder::Chain] {
+            scores_scalar(&q, head_dim, &cache, 37, 0.5, &mut out, 37, order);
+            for i in 0..2 {
+                for j in 0..37 {
+                    let want: f64 = (0..head_dim)
+                        .map(|d| q[i * head_dim + d] as f64 * keys[j * head_dim + d] as f64)
+                        .sum::<f64>()
+                        * 0.5;
+                    assert!((out[i * 37 + j] as f64 - want).abs() < 1e-5, "[{i}][{j}]");
+                }
+            }
+            let probs = values(2 * 37, 5);
+            let mut sums = vec![0.0; 2 * head_dim];
+            weighted_sum_scalar(&probs, 37, &keys, head_dim, 37, &mut sums, order);
+            for i in 0..2 {
+                for c in 0..head_dim {
+                    let want: f64 = (0..37)
+                        .map(|j| probs[i * 37 + j] as f64 * keys[j * head_dim + c] as f64)
+                        .sum();
+                    assert!(
+                        (sums[i * head_dim + c] as f64 - want).abs() < 1e-5,
+                        "[{i}][{c}]"
+                    );
+                }
             }
         }
-        let probs = values(2 * 37, 5);
-        let mut sums = vec![0.0; 2 * head_dim];
-        weighted_sum_scalar(&probs, 37, &keys, head_dim, 37, &mut sums);
-        for i in 0..2 {
-            for c in 0..head_dim {
-                let want: f64 = (0..37)
-                    .map(|j| probs[i * 37 + j] as f64 * keys[j * head_dim + c] as f64)
-                    .sum();
-                assert!(
-                    (sums[i * head_dim + c] as f64 - want).abs() < 1e-5,
-                    "[{i}][{c}]"
-                );
+    }
+
+    /// Each order is llama.cpp's kernel written out lane by lane (tinyBLAS's 8 lanes and
+    /// `hsum`; `ggml_vec_dot_f16`'s four 8-lane accumulators and `GGML_F32x8_REDUCE`), and the
+    /// two orders do give different last bits on some scores (so the choice is observable).
+    #[test]
+    fn attention_scores_follow_llama_cpp_lane_order() {
+        let head_dim = 64;
+        let keys = values(40 * head_dim, 11);
+        let cache = key_cache::<f32>(&keys, head_dim);
+        let q = values(head_dim, 12);
+        let mut got8 = vec![0.0; 40];
+        let mut got32 = vec![0.0; 40];
+        scores_scalar(
+            &q,
+            head_dim,
+            &cache,
+            40,
+            1.0,
+            &mut got8,
+            40,
+            SumOrder::Lanes8,
+        );
+        scores_scalar(
+            &q,
+            head_dim,
+            &cache,
+            40,
+            1.0,
+            &mut got32,
+            40,
+            SumOrder::Lanes32,
+        );
+        let mut differ = 0;
+        for j in 0..40 {
+            let k = &keys[j * head_dim..(j + 1) * head_dim];
+            // tinyBLAS: Cv = madd(a, b, Cv) over 8-wide steps, then hsum(hi + lo).
+            let mut cv = [0.0f32; 8];
+            for d in (0..head_dim).step_by(8) {
+                for l in 0..8 {
+                    cv[l] = q[d + l].mul_add(k[d + l], cv[l]);
+                }
             }
+            let x: [f32; 4] = std::array::from_fn(|l| cv[l + 4] + cv[l]);
+            let want8 = (x[0] + x[2]) + (x[1] + x[3]);
+            assert_eq!(got8[j].to_bits(), want8.to_bits(), "lanes8 key {j}");
+            // ggml_vec_dot_f16: sum[0..4] over 32-wide steps, then the reduce tree.
+            let mut acc = [[0.0f32; 8]; 4];
+            for d in (0..head_dim).step_by(32) {
+                for (a, acc_a) in acc.iter_mut().enumerate() {
+                    for l in 0..8 {
+                        acc_a[l] = q[d + 8 * a + l].mul_add(k[d + 8 * a + l], acc_a[l]);
+                    }
+                }
+            }
+            let x0: [f32; 8] = std::array::from_fn(|l| acc[0][l] + acc[2][l]);
+            let x1: [f32; 8] = std::array::from_fn(|l| acc[1][l] + acc[3][l]);
+            let y: [f32; 8] = std::array::from_fn(|l| x0[l] + x1[l]);
+            let t: [f32; 4] = std::array::from_fn(|l| y[l] + y[l + 4]);
+            let want32 = (t[0] + t[1]) + (t[2] + t[3]);
+            assert_eq!(got32[j].to_bits(), want32.to_bits(), "lanes32 key {j}");
+            differ += usize::from(want8 != want32);
         }
+        assert!(differ > 0, "the two orders agreed on every score");
     }
 
     #[test]

@@ -226,6 +226,43 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+/// e^x as llama.cpp's AVX2 and NEON builds compute it (`ggml_v_expf` without `vscalefps`),
+/// which they run for softmax and SiLU: the reduction and polynomial of [`exp`] give
+/// j = e^b − 1, and the result is 2^n + 2^n·j in one fused step (within 1.95 ulp); where 2^n
+/// alone would leave the normal range (|n| > 126) it is built from two factors, and beyond
+/// |n| > 192 it saturates to +∞ or +0. SiLU's output is quantized to 8 bits next, so a
+/// last-bit difference from llama.cpp flips activation codes and then greedy tokens: each
+/// ISA uses the variant llama.cpp uses on it. Written with `mul_add` and selects only, so
+/// loops over it vectorize.
+#[inline(always)]
+pub fn exp_fused(x: f32) -> f32 {
+    let z = x.mul_add(LOG2_E, ROUND_SHIFT);
+    let n = z - ROUND_SHIFT;
+    let b = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
+    let e = z.to_bits() << 23;
+    let k = f32::from_bits(e.wrapping_add(1.0f32.to_bits()));
+    let u = b * b;
+    let j = EXP_C5
+        .mul_add(b, EXP_C4)
+        .mul_add(u, EXP_C3.mul_add(b, EXP_C2))
+        .mul_add(u, EXP_C1 * b);
+    let in_range = j.mul_add(k, k);
+    // 2^n = s1 · s2 with both factors normal.
+    let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
+    let s1 = f32::from_bits(g.wrapping_add(0x7f00_0000));
+    let s2 = f32::from_bits(e.wrapping_sub(g));
+    let wide = s2.mul_add(j, s2) * s1;
+    let saturated = s1 * s1;
+    let m = n.abs();
+    if m > 192.0 {
+        saturated
+    } else if m > 126.0 {
+        wide
+    } else {
+        in_range
+    }
+}
+
 /// Largest element (`-inf` for an empty slice; NaNs are skipped).
 #[inline]
 pub fn max(x: &[f32]) -> f32 {
@@ -355,14 +392,23 @@ pub fn max_scalar(x: &[f32]) -> f32 {
     max_body(x)
 }
 
-/// Scalar reference of [`exp_sub_max_sum`].
-pub fn exp_sub_max_sum_scalar(x: &mut [f32], max: f32) -> f64 {
-    exp_sub_max_sum_body(x, max)
+/// Scalar reference of [`exp_sub_max_sum`] as the kernel of `isa` computes it (AVX-512
+/// follows llama.cpp's AVX-512 build, every other ISA its AVX2 build).
+pub fn exp_sub_max_sum_scalar(isa: Isa, x: &mut [f32], max: f32) -> f64 {
+    if uses_scalef(isa) {
+        exp_sub_max_sum_body::<true>(x, max)
+    } else {
+        exp_sub_max_sum_body::<false>(x, max)
+    }
 }
 
-/// Scalar reference of [`silu_mul`].
-pub fn silu_mul_scalar(gate: &mut [f32], up: &[f32]) {
-    silu_mul_body(gate, up)
+/// Scalar reference of [`silu_mul`] as the kernel of `isa` computes it.
+pub fn silu_mul_scalar(isa: Isa, gate: &mut [f32], up: &[f32]) {
+    if uses_scalef(isa) {
+        silu_mul_body::<true>(gate, up)
+    } else {
+        silu_mul_body::<false>(gate, up)
+    }
 }
 
 /// Scalar reference of [`round_f16`].
@@ -393,31 +439,56 @@ fn max_body(x: &[f32]) -> f32 {
     best
 }
 
-#[inline(always)]
-fn exp_sub_max_sum_body(x: &mut [f32], max: f32) -> f64 {
-    // One pass: exponentials and f64 partial sums in lanes. The order differs from a
-    // sequential f64 sum only below f64's precision, far under the f32 the result is used at.
-    let mut lanes = [0.0f64; LANES];
-    let mut chunks = x.chunks_exact_mut(LANES);
-    for chunk in &mut chunks {
-        for (s, v) in lanes.iter_mut().zip(chunk) {
-            *v = exp(*v - max);
-            *s += *v as f64;
-        }
-    }
-    let mut sum: f64 = lanes.iter().sum();
-    for v in chunks.into_remainder() {
-        *v = exp(*v - max);
-        sum += *v as f64;
-    }
-    sum
+/// Whether `isa` computes e^x as llama.cpp's AVX-512 build does ([`exp`], 16-wide softmax
+/// sums) rather than as its AVX2 and NEON builds do ([`exp_fused`], 8-wide sums): each ISA
+/// matches llama.cpp built for the same machine.
+#[inline]
+fn uses_scalef(isa: Isa) -> bool {
+    matches!(isa, Isa::Avx512 | Isa::Avx512Vnni)
 }
 
 #[inline(always)]
-fn silu_mul_body(gate: &mut [f32], up: &[f32]) {
+fn exp_sub_max_sum_body<const SCALEF: bool>(x: &mut [f32], max: f32) -> f64 {
+    if SCALEF {
+        // One pass: exponentials and f64 partial sums in lanes. The order differs from
+        // llama.cpp's (16 values added in f32, then the f64 sum) only far below f32.
+        let mut lanes = [0.0f64; LANES];
+        let mut chunks = x.chunks_exact_mut(LANES);
+        for chunk in &mut chunks {
+            for (s, v) in lanes.iter_mut().zip(chunk) {
+                *v = exp(*v - max);
+                *s += *v as f64;
+            }
+        }
+        let mut sum: f64 = lanes.iter().sum();
+        for v in chunks.into_remainder() {
+            *v = exp(*v - max);
+            sum += *v as f64;
+        }
+        sum
+    } else {
+        // llama.cpp's AVX2 `ggml_vec_soft_max_f32`: 8 values at a time, added in f32 as its
+        // horizontal sum does, then into an f64 total. Its rows are padded with −∞ (whose
+        // exponential is 0) to a multiple of 8, so a short last chunk is padded with zeros.
+        let mut sum = 0.0f64;
+        for chunk in x.chunks_mut(8) {
+            let mut v = [0.0f32; 8];
+            for (v, x) in v.iter_mut().zip(chunk.iter_mut()) {
+                *x = exp_fused(*x - max);
+                *v = *x;
+            }
+            sum += (((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))) as f64;
+        }
+        sum
+    }
+}
+
+#[inline(always)]
+fn silu_mul_body<const SCALEF: bool>(gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len(), "silu_mul: length mismatch");
     for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + exp(-*g)) * u;
+        let e = if SCALEF { exp(-*g) } else { exp_fused(-*g) };
+        *g = *g / (1.0 + e) * u;
     }
 }
 
@@ -443,7 +514,7 @@ fn exp_sub_max_sum_impl(isa: Isa, x: &mut [f32], max: f32) -> f64 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx2 => unsafe { vectorized::exp_sub_max_sum_avx2(x, max) },
-        _ => exp_sub_max_sum_body(x, max),
+        _ => exp_sub_max_sum_body::<false>(x, max),
     }
 }
 
@@ -456,7 +527,7 @@ fn silu_mul_impl(isa: Isa, gate: &mut [f32], up: &[f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx2 => unsafe { vectorized::silu_mul_avx2(gate, up) },
-        _ => silu_mul_body(gate, up),
+        _ => silu_mul_body::<false>(gate, up),
     }
 }
 
@@ -497,28 +568,28 @@ mod vectorized {
     /// AVX-512 F/BW/VL must be available.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     pub(super) unsafe fn exp_sub_max_sum_avx512(x: &mut [f32], max: f32) -> f64 {
-        super::exp_sub_max_sum_body(x, max)
+        super::exp_sub_max_sum_body::<true>(x, max)
     }
 
     /// # Safety
     /// AVX2 and FMA must be available.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn exp_sub_max_sum_avx2(x: &mut [f32], max: f32) -> f64 {
-        super::exp_sub_max_sum_body(x, max)
+        super::exp_sub_max_sum_body::<false>(x, max)
     }
 
     /// # Safety
     /// AVX-512 F/BW/VL must be available.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     pub(super) unsafe fn silu_mul_avx512(gate: &mut [f32], up: &[f32]) {
-        super::silu_mul_body(gate, up)
+        super::silu_mul_body::<true>(gate, up)
     }
 
     /// # Safety
     /// AVX2 and FMA must be available.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
-        super::silu_mul_body(gate, up)
+        super::silu_mul_body::<false>(gate, up)
     }
 
     /// # Safety
@@ -667,6 +738,38 @@ mod tests {
         );
     }
 
+    /// [`exp_fused`] within 2 ulp over the normal range, and its ends.
+    #[test]
+    fn exp_fused_is_within_two_ulps_of_f64() {
+        let mut worst = (0.0f64, 0.0f32);
+        for i in 0..=1_740_000 {
+            let x = -87.0 + 175.0 * i as f32 / 1_740_000.0;
+            let want = (x as f64).exp();
+            let ulps = (exp_fused(x) as f64 - want).abs() / ulp_of(want);
+            if ulps > worst.0 {
+                worst = (ulps, x);
+            }
+        }
+        assert!(
+            worst.0 <= 2.0,
+            "exp_fused({}) is {} ulps off",
+            worst.1,
+            worst.0
+        );
+        assert_eq!(exp_fused(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_fused(-1e30), 0.0);
+        assert_eq!(exp_fused(0.0), 1.0);
+        assert_eq!(exp_fused(f32::INFINITY), f32::INFINITY);
+        assert_eq!(exp_fused(89.0), f32::INFINITY);
+        assert!(exp_fused(f32::NAN).is_nan());
+        // Beyond |n| > 126, through the two-factor scale.
+        for x in [88.5f32, -88.0, -95.0] {
+            let want = (x as f64).exp();
+            let rel = (exp_fused(x) as f64 / want - 1.0).abs();
+            assert!(rel < 1e-2, "exp_fused({x}) off by {rel}");
+        }
+    }
+
     #[test]
     fn exp_handles_the_ends_of_the_range() {
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
@@ -704,7 +807,7 @@ mod tests {
                 );
                 let shift = if max.is_finite() { max } else { 0.0 };
                 let mut want = src.to_vec();
-                let want_sum = exp_sub_max_sum_scalar(&mut want, shift);
+                let want_sum = exp_sub_max_sum_scalar(isa, &mut want, shift);
                 let mut got = src.to_vec();
                 let got_sum = exp_sub_max_sum_on(isa, &mut got, shift);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -723,7 +826,7 @@ mod tests {
                 let up: Vec<f32> = src.iter().map(|v| 0.5 - v * 0.01).collect();
                 let gate: Vec<f32> = src.iter().map(|v| v * 0.1).collect();
                 let mut want = gate.clone();
-                silu_mul_scalar(&mut want, &up);
+                silu_mul_scalar(isa, &mut want, &up);
                 let mut got = gate;
                 silu_mul_on(isa, &mut got, &up);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {

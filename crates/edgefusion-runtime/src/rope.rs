@@ -46,24 +46,48 @@ impl RopeTable {
     }
 
     /// Rotates one head `(head_dim)` in place for position `pos`.
+    ///
+    /// Each rotated value is one fused multiply-add over the other product, as llama.cpp's
+    /// `rotate_pairs` compiles (GCC contracts `x0·cos − x1·sin` to `fma(x0, cos, −(x1·sin))`):
+    /// a plain multiply-subtract differs in the last bit for about one value in seven.
     #[inline]
     pub(crate) fn apply(&self, head: &mut [f32], pos: usize, style: RopeStyle) {
         let cos = &self.cos[pos * self.half..(pos + 1) * self.half];
         let sin = &self.sin[pos * self.half..(pos + 1) * self.half];
-        match style {
-            RopeStyle::Normal => {
-                for i in 0..self.half {
-                    let (a, b) = (head[2 * i], head[2 * i + 1]);
-                    head[2 * i] = a * cos[i] - b * sin[i];
-                    head[2 * i + 1] = a * sin[i] + b * cos[i];
-                }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: FMA was detected on this CPU.
+            unsafe { rotate_fma(head, cos, sin, style) };
+            return;
+        }
+        rotate(head, cos, sin, style);
+    }
+}
+
+/// [`rotate`] compiled with FMA, where `mul_add` is one instruction instead of a libm call.
+///
+/// # Safety
+/// The CPU must support FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn rotate_fma(head: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
+    rotate(head, cos, sin, style)
+}
+
+/// The rotation of [`RopeTable::apply`] with the angles of one position.
+#[inline(always)]
+fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
+    let half = cos.len();
+    let pair = |a: f32, b: f32, c: f32, s: f32| (a.mul_add(c, -(b * s)), a.mul_add(s, b * c));
+    match style {
+        RopeStyle::Normal => {
+            for i in 0..half {
+                (head[2 * i], head[2 * i + 1]) = pair(head[2 * i], head[2 * i + 1], cos[i], sin[i]);
             }
-            RopeStyle::NeoX => {
-                for i in 0..self.half {
-                    let (a, b) = (head[i], head[i + self.half]);
-                    head[i] = a * cos[i] - b * sin[i];
-                    head[i + self.half] = a * sin[i] + b * cos[i];
-                }
+        }
+        RopeStyle::NeoX => {
+            for i in 0..half {
+                (head[i], head[i + half]) = pair(head[i], head[i + half], cos[i], sin[i]);
             }
         }
     }

@@ -91,7 +91,6 @@ pub(super) fn hsum_ps(v: __m256) -> f32 {
     ))
 }
 
-#[cfg(test)]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn hsum_epi32(v: __m256i) -> i32 {
@@ -164,23 +163,27 @@ fn q4k_block(w: &BlockQ4K, a: &BlockQ8K) -> (__m256i, __m128i) {
     (acc, offsets)
 }
 
-/// Q4_K · Q8_K over whole rows of blocks.
+/// Q4_K · Q8_K over whole rows of blocks, in the order of llama.cpp's AVX2 build, which runs
+/// Q4_K matrices repacked eight rows at a time (`ggml_gemv_q4_K_8x8_q8_K` and its gemm, for
+/// matrices of a multiple of 8 rows): per super-block the whole integer sum Σ sc·q·q8 and
+/// the whole min sum Σ m·bsum, each then added with one fused multiply-add on its own chain
+/// (`d·d8` and `dmin·d8` the factors), and the min chain subtracted at the end.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn vec_dot_q4k_q8k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_offsets = _mm_setzero_ps();
+    let mut acc = 0.0f32;
+    let mut acc_min = 0.0f32;
     for (wb, ab) in w.iter().zip(a) {
         let (d, dmin) = f16_pair(wb.d, wb.dmin);
         let d8 = ab.scale();
         let (scaled, offsets) = q4k_block(wb, ab);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(scaled), acc);
-        acc_offsets = _mm_fmadd_ps(
-            _mm_set1_ps(dmin * d8),
-            _mm_cvtepi32_ps(offsets),
-            acc_offsets,
-        );
+        let sum = hsum_epi32(scaled);
+        let offsets =
+            _mm256_blend_epi32::<0x0F>(_mm256_setzero_si256(), _mm256_castsi128_si256(offsets));
+        let min_sum = hsum_epi32(offsets);
+        acc = (sum as f32).mul_add(d * d8, acc);
+        acc_min = (min_sum as f32).mul_add(dmin * d8, acc_min);
     }
-    hsum_ps(acc) - hsum_ps128(acc_offsets)
+    acc - acc_min
 }
 
 /// The integer sums of one block, reduced, for the exactness tests.

@@ -555,6 +555,7 @@ fn attend<T: KvElement>(
         n_past,
         span,
         scale: cfg.attn_scale(),
+        order: attention::SumOrder::for_step(edgefusion_kernels::cpu::isa(), n_tok, cfg.head_dim),
     };
     run_tasks(
         threads,
@@ -729,6 +730,9 @@ struct AttnInputs<'a, T> {
     span: KeySpan<'a>,
     /// 1 / √head_dim
     scale: f32,
+    /// The summation order of the products with the cache: llama.cpp's for a step of
+    /// `n_tok` query rows.
+    order: attention::SumOrder,
 }
 
 /// Softmax attention of KV head `g`'s query heads for the new tokens `t0..t1` over the slots
@@ -773,7 +777,7 @@ fn attend_block<T: KvElement>(
         // (s1 - s0, group, n_keys)
         let probs = &mut probs[..rows.len() * n_keys];
         let q_sub = &q_rows[rows.start * hd..rows.end * hd];
-        attention::scores(q_sub, hd, keys, n_keys, inp.scale, probs, n_keys);
+        attention::scores(q_sub, hd, keys, n_keys, inp.scale, probs, n_keys, inp.order);
         for (i, row) in probs.chunks_exact_mut(n_keys).enumerate() {
             let pos = inp.n_past + s0 + i / group;
             match inp.span {
@@ -799,7 +803,7 @@ fn attend_block<T: KvElement>(
             }
         }
         let out_sub = &mut out[rows.start * hd..rows.end * hd];
-        attention::weighted_sum(probs, n_keys, values, hd, n_keys, out_sub);
+        attention::weighted_sum(probs, n_keys, values, hd, n_keys, out_sub, inp.order);
         s0 = s1;
     }
 }
