@@ -7,6 +7,10 @@ Run with the llama-cpp-python venv built by scripts/setup-llamacpp.sh:
         [--model assets/models/SmolLM2-135M-Instruct.Q4_1.gguf] \
         [--out tests/fixtures/smollm2_greedy.json]
 
+The tests pick the fixture recorded by llama.cpp built for the machine's ISA: record on an
+AVX2 machine with `--out tests/fixtures/smollm2_greedy_avx2.json` (Gemma 3:
+`gemma3_greedy_avx2.json`); the files without the suffix were recorded on AVX-512.
+
 For every prompt it records:
   prompt_ids          llama.cpp's tokenization (Llama.tokenize(add_bos=True, special=False):
                       llama.cpp adds BOS only when the GGUF's tokenizer.ggml.add_bos_token
