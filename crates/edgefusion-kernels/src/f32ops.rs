@@ -194,11 +194,9 @@ const EXP_C5: f32 = f32::from_bits(0x3c07_2010);
 /// optimized-routines' expf), which llama.cpp runs for softmax and SiLU on AVX-512 machines:
 /// x = n·ln2 + b with n = round(x·log2 e) and b = x − n·ln2 in two steps (Cody–Waite), e^b
 /// from a degree-5 polynomial, then scaled by 2^n (`vscalefps`). Its AVX2/NEON variant
-/// scales as 2^n + 2^n·(e^b − 1) in one fused step (1.95 ulp), but SiLU's output is quantized
-/// to 8 bits next, so a last-bit difference from llama.cpp flips activation codes and then
-/// greedy tokens: matching its bits on the machines we measure against keeps more
-/// continuations token-identical (when this was written, 5 of the 10 prompts of the SmolLM2
-/// greedy test against 1 with the AVX2 variant).
+/// scales as 2^n + 2^n·(e^b − 1) in one fused step ([`exp_fused`]); each ISA uses the
+/// variant llama.cpp built for it uses, because SiLU's output is quantized to 8 bits next and
+/// a last-bit difference flips activation codes and then greedy tokens.
 /// Written with `mul_add` and selects only, so loops over it vectorize.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
@@ -440,8 +438,8 @@ fn max_body(x: &[f32]) -> f32 {
 }
 
 /// Whether `isa` computes e^x as llama.cpp's AVX-512 build does ([`exp`], 16-wide softmax
-/// sums) rather than as its AVX2 and NEON builds do ([`exp_fused`], 8-wide sums): each ISA
-/// matches llama.cpp built for the same machine.
+/// sums) rather than as its AVX2 and NEON builds do ([`exp_fused`]; softmax sums 8 at a time
+/// as its AVX2 build does, where its NEON build adds 4 at a time).
 #[inline]
 fn uses_scalef(isa: Isa) -> bool {
     matches!(isa, Isa::Avx512 | Isa::Avx512Vnni)

@@ -178,32 +178,6 @@ fn tiled_x86(
     use crate::x86::{avx2, avx512};
     let nb = k / QK;
     match ty {
-        // On AVX2, Q4_1, Q5_0 and Q5_1 sum in llama.cpp's order, to agree with it to the
-        // last bit (its Q4_0 runs repacked kernels of another order).
-        GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 if isa == Isa::Avx2 => {
-            let weights = match ty {
-                GgmlType::Q4_1 => NibbleWeights::Q4_1,
-                GgmlType::Q5_0 => NibbleWeights::Q5_0,
-                _ => NibbleWeights::Q5_1,
-            };
-            // SAFETY: AVX2 is runnable (checked by the caller) and `check_shapes` checked that
-            // `w` holds `n_rows` rows of `nb` blocks, `act` `n_tok` rows of `act_row_bytes`
-            // (blocks of `vec_dot_type(ty)`) and `out` the rows at `out_stride`.
-            unsafe {
-                avx2::matmul_nibble_ggml(
-                    weights,
-                    w,
-                    nb,
-                    n_rows,
-                    act,
-                    act_row_bytes,
-                    n_tok,
-                    out,
-                    out_stride,
-                )
-            };
-            true
-        }
         GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
             let weights = match ty {
                 GgmlType::Q4_0 => NibbleWeights::Q4_0,
@@ -211,6 +185,28 @@ fn tiled_x86(
                 GgmlType::Q5_0 => NibbleWeights::Q5_0,
                 _ => NibbleWeights::Q5_1,
             };
+            if isa == Isa::Avx2 && weights != NibbleWeights::Q4_0 {
+                // On AVX2, Q4_1, Q5_0 and Q5_1 sum in llama.cpp's order, to agree with it to
+                // the last bit (its Q4_0 runs repacked kernels of another order).
+                // SAFETY: AVX2 is runnable (checked by the caller) and `check_shapes` checked
+                // that `w` holds `n_rows` rows of `nb` blocks, `act` `n_tok` rows of
+                // `act_row_bytes` (blocks of `vec_dot_type(ty)`) and `out` the rows at
+                // `out_stride`.
+                unsafe {
+                    avx2::matmul_nibble_ggml(
+                        weights,
+                        w,
+                        nb,
+                        n_rows,
+                        act,
+                        act_row_bytes,
+                        n_tok,
+                        out,
+                        out_stride,
+                    )
+                };
+                return true;
+            }
             NIBBLE_SCRATCH.with_borrow_mut(|packed| {
                 pack_nibble(weights.act(), act, act_row_bytes, n_tok, nb, packed);
                 // SAFETY: `isa` is runnable (checked by the caller), shapes were checked by

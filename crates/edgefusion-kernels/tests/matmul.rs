@@ -216,3 +216,122 @@ fn short_output_is_rejected() {
         2,
     );
 }
+
+/// llama.cpp's AVX2 dot product of one Q4_1 / Q5_0 / Q5_1 / Q8_0 row with one activation row,
+/// written out lane by lane: integer lane `l` of a block sums its weights `4l..4l + 4`; each
+/// lane adds `fma(d_w · d_a, lane, acc)` block after block; the lanes are added as its
+/// `hsum_float_8`; the min term `m_w · s_a` (Q4_1, Q5_1) runs on its own fused chain, added
+/// last.
+fn llama_cpp_avx2_dot(ty: GgmlType, k: usize, w: &[u8], act: &[u8]) -> f32 {
+    let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let (w_bytes, a_bytes) = match ty {
+        GgmlType::Q4_1 => (20, 36),
+        GgmlType::Q5_0 => (22, 34),
+        GgmlType::Q5_1 => (24, 36),
+        _ => (34, 34),
+    };
+    let with_min = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
+    let mut lanes = [0.0f32; 8];
+    let mut min_chain = 0.0f32;
+    for b in 0..k / 32 {
+        let wb = &w[b * w_bytes..(b + 1) * w_bytes];
+        let ab = &act[b * a_bytes..(b + 1) * a_bytes];
+        let codes: Vec<i32> = match ty {
+            GgmlType::Q8_0 => wb[2..34].iter().map(|&c| c as i8 as i32).collect(),
+            _ => {
+                let (qh, qs) = match ty {
+                    GgmlType::Q4_1 => (0u32, &wb[4..20]),
+                    GgmlType::Q5_0 => {
+                        (u32::from_le_bytes(wb[2..6].try_into().unwrap()), &wb[6..22])
+                    }
+                    _ => (u32::from_le_bytes(wb[4..8].try_into().unwrap()), &wb[8..24]),
+                };
+                (0..32)
+                    .map(|i| {
+                        let nibble = if i < 16 { qs[i] & 15 } else { qs[i - 16] >> 4 } as i32;
+                        let fifth = ((qh >> i) & 1) as i32 * 16;
+                        let code = nibble + if ty == GgmlType::Q4_1 { 0 } else { fifth };
+                        if ty == GgmlType::Q5_0 {
+                            code - 16
+                        } else {
+                            code
+                        }
+                    })
+                    .collect()
+            }
+        };
+        let a_codes = &ab[a_bytes - 32..];
+        let scale = f16(&wb[0..2]) * f16(&ab[0..2]);
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            let sum: i32 = (4 * l..4 * l + 4)
+                .map(|i| codes[i] * a_codes[i] as i8 as i32)
+                .sum();
+            *lane = scale.mul_add(sum as f32, *lane);
+        }
+        if with_min {
+            min_chain = f16(&wb[2..4]).mul_add(f16(&ab[2..4]), min_chain);
+        }
+    }
+    let x: [f32; 4] = std::array::from_fn(|l| lanes[l] + lanes[l + 4]);
+    let sum = (x[0] + x[2]) + (x[1] + x[3]);
+    if with_min {
+        sum + min_chain
+    } else {
+        sum
+    }
+}
+
+/// On AVX2, the formats llama.cpp does not repack sum in its order: `matmul` (every tile
+/// shape, prompt and decode) and `vec_dot` both equal [`llama_cpp_avx2_dot`] bit for bit.
+#[test]
+fn avx2_dots_follow_llama_cpp_order_bit_for_bit() {
+    if !isas().contains(&Isa::Avx2) {
+        eprintln!("SKIPPED: no AVX2 on this machine");
+        return;
+    }
+    let mut rng = XorShift(0x31);
+    for ty in [
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+    ] {
+        for k in [32, 576, 1536] {
+            for (n_rows, n_tok) in SHAPES {
+                let c = case(ty, k, n_rows, n_tok, &mut rng, false);
+                let mut out = vec![f32::NAN; n_rows * n_tok];
+                matmul_on(
+                    Isa::Avx2,
+                    ty,
+                    k,
+                    &c.w,
+                    n_rows,
+                    &c.act,
+                    n_tok,
+                    &mut out,
+                    n_rows,
+                );
+                let row_bytes = ty.row_bytes(k).unwrap();
+                for t in 0..n_tok {
+                    let a = &c.act[t * c.act_row_bytes..(t + 1) * c.act_row_bytes];
+                    for r in 0..n_rows {
+                        let w = &c.w[r * row_bytes..(r + 1) * row_bytes];
+                        let want = llama_cpp_avx2_dot(ty, k, w, a);
+                        let single = vec_dot_on(Isa::Avx2, ty, k, w, a);
+                        let got = out[t * n_rows + r];
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{ty:?} k {k} matmul [{t}][{r}]"
+                        );
+                        assert_eq!(
+                            single.to_bits(),
+                            want.to_bits(),
+                            "{ty:?} k {k} vec_dot [{t}][{r}]"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

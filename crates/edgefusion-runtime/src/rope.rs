@@ -55,8 +55,8 @@ impl RopeTable {
         let cos = &self.cos[pos * self.half..(pos + 1) * self.half];
         let sin = &self.sin[pos * self.half..(pos + 1) * self.half];
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: FMA was detected on this CPU.
+        if edgefusion_kernels::cpu::isa().has_avx2() {
+            // SAFETY: the AVX2 ISA level is detected with FMA (`cpu::isa`).
             unsafe { rotate_fma(head, cos, sin, style) };
             return;
         }

@@ -167,7 +167,9 @@ fn q4k_block(w: &BlockQ4K, a: &BlockQ8K) -> (__m256i, __m128i) {
 /// Q4_K matrices repacked eight rows at a time (`ggml_gemv_q4_K_8x8_q8_K` and its gemm, for
 /// matrices of a multiple of 8 rows): per super-block the whole integer sum Σ sc·q·q8 and
 /// the whole min sum Σ m·bsum, each then added with one fused multiply-add on its own chain
-/// (`d·d8` and `dmin·d8` the factors), and the min chain subtracted at the end.
+/// (`d·d8` and `dmin·d8` the factors), and the min chain subtracted at the end. (For matrices
+/// of other row counts llama.cpp runs `ggml_vec_dot_q4_K_q8_K`, lane-wise; and its repacked
+/// gemm, for prompt rows in groups of 4, adds per 64 weights: neither is reproduced.)
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn vec_dot_q4k_q8k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
     let mut acc = 0.0f32;

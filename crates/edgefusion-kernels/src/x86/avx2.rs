@@ -548,7 +548,8 @@ pub(crate) unsafe fn vec_dot_q4_0_q8_0_body<D: Dot256>(
     }
 }
 
-/// Q4_1 · Q8_1 over `nb` blocks.
+/// Q4_1 · Q8_1 over `nb` blocks, in llama.cpp's order (one accumulator, as
+/// [`GgmlNibbleTiles`]; so are Q5_0 and Q5_1 below).
 ///
 /// # Safety
 /// AVX2, FMA, F16C and the ISA of `D` must be available; `w` must be readable for
@@ -563,7 +564,7 @@ pub(crate) unsafe fn vec_dot_q4_1_q8_1_body<D: Dot256>(
     // `nb` 20-byte blocks and `act` `nb` 36-byte blocks; block `b < nb` is read only
     // within `w[20b..20(b+1)]` and `act[36b..36(b+1)]`.
     unsafe {
-        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut acc = _mm256_setzero_ps();
         let mut offsets = 0.0f32;
         for b in 0..nb {
             let wb = w.add(20 * b);
@@ -572,10 +573,10 @@ pub(crate) unsafe fn vec_dot_q4_1_q8_1_body<D: Dot256>(
             let y = _mm256_loadu_si256(ab.add(4).cast());
             let sums = _mm256_cvtepi32_ps(D::dot(codes, y));
             let scale = _mm256_set1_ps(load_f16(wb) * load_f16(ab));
-            acc[b % 2] = _mm256_fmadd_ps(scale, sums, acc[b % 2]);
+            acc = _mm256_fmadd_ps(scale, sums, acc);
             offsets = load_f16(wb.add(2)).mul_add(load_f16(ab.add(2)), offsets);
         }
-        hsum_ps(_mm256_add_ps(acc[0], acc[1])) + offsets
+        hsum_ps(acc) + offsets
     }
 }
 
@@ -594,7 +595,7 @@ pub(crate) unsafe fn vec_dot_q5_0_q8_0_body<D: Dot256>(
     // `nb` 22-byte blocks and `act` `nb` 34-byte blocks; block `b < nb` is read only
     // within `w[22b..22(b+1)]` and `act[34b..34(b+1)]`.
     unsafe {
-        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut acc = _mm256_setzero_ps();
         let sixteen = _mm256_set1_epi8(16);
         for b in 0..nb {
             let wb = w.add(22 * b);
@@ -603,9 +604,9 @@ pub(crate) unsafe fn vec_dot_q5_0_q8_0_body<D: Dot256>(
             let y = _mm256_loadu_si256(ab.add(2).cast());
             let sums = _mm256_cvtepi32_ps(dot_signed::<D>(x, y));
             let scale = _mm256_set1_ps(load_f16(wb) * load_f16(ab));
-            acc[b % 2] = _mm256_fmadd_ps(scale, sums, acc[b % 2]);
+            acc = _mm256_fmadd_ps(scale, sums, acc);
         }
-        hsum_ps(_mm256_add_ps(acc[0], acc[1]))
+        hsum_ps(acc)
     }
 }
 
@@ -624,7 +625,7 @@ pub(crate) unsafe fn vec_dot_q5_1_q8_1_body<D: Dot256>(
     // `nb` 24-byte blocks and `act` `nb` 36-byte blocks; block `b < nb` is read only
     // within `w[24b..24(b+1)]` and `act[36b..36(b+1)]`.
     unsafe {
-        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut acc = _mm256_setzero_ps();
         let mut offsets = 0.0f32;
         for b in 0..nb {
             let wb = w.add(24 * b);
@@ -634,10 +635,10 @@ pub(crate) unsafe fn vec_dot_q5_1_q8_1_body<D: Dot256>(
             let y = _mm256_loadu_si256(ab.add(4).cast());
             let sums = _mm256_cvtepi32_ps(D::dot(codes, y));
             let scale = _mm256_set1_ps(load_f16(wb) * load_f16(ab));
-            acc[b % 2] = _mm256_fmadd_ps(scale, sums, acc[b % 2]);
+            acc = _mm256_fmadd_ps(scale, sums, acc);
             offsets = load_f16(wb.add(2)).mul_add(load_f16(ab.add(2)), offsets);
         }
-        hsum_ps(_mm256_add_ps(acc[0], acc[1])) + offsets
+        hsum_ps(acc) + offsets
     }
 }
 
@@ -656,7 +657,7 @@ pub(crate) unsafe fn vec_dot_q8_0_q8_0_body<D: Dot256>(
     // `nb` 34-byte blocks and `act` `nb` 34-byte blocks; block `b < nb` is read only
     // within `w[34b..34(b+1)]` and `act[34b..34(b+1)]`.
     unsafe {
-        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut acc = _mm256_setzero_ps();
         for b in 0..nb {
             let wb = w.add(34 * b);
             let ab = act.add(34 * b);
@@ -664,9 +665,9 @@ pub(crate) unsafe fn vec_dot_q8_0_q8_0_body<D: Dot256>(
             let y = _mm256_loadu_si256(ab.add(2).cast());
             let sums = _mm256_cvtepi32_ps(dot_signed::<D>(x, y));
             let scale = _mm256_set1_ps(load_f16(wb) * load_f16(ab));
-            acc[b % 2] = _mm256_fmadd_ps(scale, sums, acc[b % 2]);
+            acc = _mm256_fmadd_ps(scale, sums, acc);
         }
-        hsum_ps(_mm256_add_ps(acc[0], acc[1]))
+        hsum_ps(acc)
     }
 }
 
@@ -872,10 +873,10 @@ struct GgmlNibbleTiles<const MIN: bool, const FIVE: bool> {
 }
 
 impl<const MIN: bool, const FIVE: bool> GgmlNibbleTiles<MIN, FIVE> {
-    /// Bytes of `d` (and `m`): where `qh` (Q5) or the nibbles (Q4) start.
-    const QH_OFFSET: usize = if MIN { 4 } else { 2 };
-    const QS_OFFSET: usize = Self::QH_OFFSET + if FIVE { 4 } else { 0 };
-    const BLOCK_BYTES: usize = Self::QS_OFFSET + 16;
+    /// The block layout, [`NibbleTiles`]'.
+    const QH_OFFSET: usize = NibbleTiles::<MIN, FIVE>::QH_OFFSET;
+    const QS_OFFSET: usize = NibbleTiles::<MIN, FIVE>::QS_OFFSET;
+    const BLOCK_BYTES: usize = NibbleTiles::<MIN, FIVE>::BLOCK_BYTES;
     /// Q8_1 (d, s, codes) pairs with the formats with a min, Q8_0 (d, codes) with the others.
     const ACT_CODES: usize = if MIN { 4 } else { 2 };
     const ACT_BYTES: usize = Self::ACT_CODES + 32;
@@ -886,6 +887,7 @@ impl<const MIN: bool, const FIVE: bool> Tiles for GgmlNibbleTiles<MIN, FIVE> {
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
     unsafe fn tile<const R: usize, const T: usize>(&self, r0: usize, t0: usize) -> [[f32; T]; R] {
+        const { assert!(T <= 4, "the min terms hold four tokens") };
         // SAFETY: the `Tiles` contract gives AVX2, FMA and F16C and `r0 + R ≤ n_rows`,
         // `t0 + T ≤ n_tok`. Row `r0 + r` spans `row_bytes = BLOCK_BYTES · nb` bytes of `w` and
         // token `t0 + t` spans `act_row_bytes ≥ ACT_BYTES · nb` bytes of `act`; block `b < nb`
