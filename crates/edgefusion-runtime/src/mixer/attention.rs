@@ -555,7 +555,16 @@ fn attend<T: KvElement>(
         n_past,
         span,
         scale: cfg.attn_scale(),
-        order: attention::SumOrder::for_step(edgefusion_kernels::cpu::isa(), n_tok, cfg.head_dim),
+        // Window layers hold keys in ring and staging slots, not in position order: a lane
+        // order over slots would depend on where a key sits (a restored ring, a window that
+        // covers the context, and full attention would round differently), so they keep one
+        // chain per sum, whose result is the same in any layout.
+        order: match span {
+            KeySpan::Causal => {
+                attention::SumOrder::for_step(edgefusion_kernels::cpu::isa(), n_tok, cfg.head_dim)
+            }
+            KeySpan::Window { .. } => attention::SumOrder::Chain,
+        },
     };
     run_tasks(
         threads,
