@@ -9,7 +9,8 @@
 //! SiLU, f16 keys/values/queries/probabilities. So there (`smollm2_greedy_avx2.json`) every
 //! logit checked must equal llama.cpp's bit for bit and all 10 prompts decode identically.
 //!
-//! Elsewhere (the AVX-512 fixture `smollm2_greedy.json`), float sums run in a different order,
+//! Elsewhere (AVX-512 kernels against the AVX-512 fixture `smollm2_greedy.json`, scalar kernels
+//! against the AVX2 one), float sums run in a different order,
 //! and a last-bit difference that flips one activation code moves later logits by up to ~1 on
 //! this model (llama.cpp's own AVX2 and AVX-512 builds agree on only 3 of the 10 prompts). So:
 //! - at every step of every prompt, with llama.cpp's tokens fed in (teacher forcing), our
