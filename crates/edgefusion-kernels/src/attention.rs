@@ -388,13 +388,64 @@ thread_local! {
 /// registers.
 const KEY_STEP: usize = 8;
 
-/// The scores of [`scores`] in the order of `LANES` (8 or 32). Written as plain loops over
-/// arrays so that the compiler vectorizes them across keys; compiled once as is (the scalar
-/// reference) and once per ISA in `#[target_feature]` wrappers, with `mul_add` throughout, so
-/// every version rounds identically.
+/// The dot products of one query row with [`KEY_STEP`] keys of a key panel, in some order.
+/// Implementations are `#[inline(always)]` so that they compile with the features of the
+/// `#[target_feature]` kernel that walks them.
+trait KeyStep {
+    /// Unscaled `q_row · key_{k0 + k}` for `k < KEY_STEP`, keys from `panel`
+    /// `(head_dim, KEY_PANEL)` in f32.
+    ///
+    /// # Safety
+    /// The ISA of the implementation must be available; `k0 + KEY_STEP ≤ KEY_PANEL` and
+    /// `panel` holds `q_row.len()` rows of [`KEY_PANEL`].
+    unsafe fn sums(&self, q_row: &[f32], panel: &[f32], k0: usize) -> [f32; KEY_STEP];
+}
+
+/// [`KeyStep`] in the order of `LANES` (1, 8 or 32), in plain loops over arrays that the
+/// compiler vectorizes across keys; `mul_add` throughout, so every ISA's build rounds
+/// identically.
+struct LaneSums<const LANES: usize>;
+
+impl<const LANES: usize> KeyStep for LaneSums<LANES> {
+    #[inline(always)]
+    unsafe fn sums(&self, q_row: &[f32], panel: &[f32], k0: usize) -> [f32; KEY_STEP] {
+        let head_dim = q_row.len();
+        let whole = head_dim - head_dim % LANES;
+        // lanes[r][k]: partial sum r of key k0 + k.
+        let mut lanes = [[0.0f32; KEY_STEP]; LANES];
+        for d0 in (0..whole).step_by(LANES) {
+            for (r, lane) in lanes.iter_mut().enumerate() {
+                let qd = q_row[d0 + r];
+                let col = &panel[(d0 + r) * KEY_PANEL + k0..][..KEY_STEP];
+                for (a, &kv) in lane.iter_mut().zip(col) {
+                    *a = qd.mul_add(kv, *a);
+                }
+            }
+        }
+        let mut sums = [0.0f32; KEY_STEP];
+        for (k, s) in sums.iter_mut().enumerate() {
+            *s = add_lanes::<LANES>(|r| lanes[r][k]);
+            if whole < head_dim {
+                let mut wide = *s as f64;
+                for d in whole..head_dim {
+                    wide += (q_row[d] * panel[d * KEY_PANEL + k0 + k]) as f64;
+                }
+                *s = wide as f32;
+            }
+        }
+        sums
+    }
+}
+
+/// Walks the scores of [`scores`] 8 keys at a time: each key panel converted to f32 once,
+/// then for every query row and every step of [`KEY_STEP`] keys, `step` gives the unscaled
+/// dot products (those of keys past `n_keys` are dropped), which are scaled and stored.
+///
+/// # Safety
+/// The ISA of `step` must be available.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn scores_body<T: KvElement, const LANES: usize>(
+unsafe fn scores_by_key_step<T: KvElement>(
     q: &[f32],
     head_dim: usize,
     keys: &[T],
@@ -403,10 +454,9 @@ fn scores_body<T: KvElement, const LANES: usize>(
     out: &mut [f32],
     ld: usize,
     m: usize,
+    step: impl KeyStep,
 ) {
     let panel_len = KEY_PANEL * head_dim;
-    let whole = head_dim - head_dim % LANES;
-    // One panel converted to f32: (head_dim, KEY_PANEL).
     let mut scratch = SCRATCH.take();
     let panel_f32 = &mut scratch.0;
     panel_f32.resize(panel_len, 0.0);
@@ -419,32 +469,48 @@ fn scores_body<T: KvElement, const LANES: usize>(
         let n_here = (n_keys - j0).min(KEY_PANEL);
         for (i, q_row) in q.chunks_exact(head_dim).enumerate().take(m) {
             for k0 in (0..n_here).step_by(KEY_STEP) {
-                // lanes[r][k]: partial sum r of key j0 + k0 + k.
-                let mut lanes = [[0.0f32; KEY_STEP]; LANES];
-                for d0 in (0..whole).step_by(LANES) {
-                    for (r, lane) in lanes.iter_mut().enumerate() {
-                        let qd = q_row[d0 + r];
-                        let col = &panel_f32[(d0 + r) * KEY_PANEL + k0..][..KEY_STEP];
-                        for (a, &kv) in lane.iter_mut().zip(col) {
-                            *a = qd.mul_add(kv, *a);
-                        }
-                    }
-                }
-                for k in 0..KEY_STEP.min(n_here - k0) {
-                    let mut sum = add_lanes::<LANES>(|r| lanes[r][k]);
-                    if whole < head_dim {
-                        let mut wide = sum as f64;
-                        for d in whole..head_dim {
-                            wide += (q_row[d] * panel_f32[d * KEY_PANEL + k0 + k]) as f64;
-                        }
-                        sum = wide as f32;
-                    }
-                    out[i * ld + j0 + k0 + k] = sum * scale;
+                // SAFETY: the caller guarantees `step`'s ISA; `k0 + 8 ≤ 16` and the panel
+                // holds `head_dim` rows of 16.
+                let sums = unsafe { step.sums(q_row, panel_f32, k0) };
+                let n = (n_here - k0).min(KEY_STEP);
+                for (o, &s) in out[i * ld + j0 + k0..][..n].iter_mut().zip(&sums) {
+                    *o = s * scale;
                 }
             }
         }
     }
     SCRATCH.set(scratch);
+}
+
+/// The scores of [`scores`] in the order of `LANES` (1, 8 or 32): [`LaneSums`] walked by
+/// [`scores_by_key_step`]; compiled once as is (the scalar reference) and once per ISA in
+/// `#[target_feature]` wrappers.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn scores_body<T: KvElement, const LANES: usize>(
+    q: &[f32],
+    head_dim: usize,
+    keys: &[T],
+    n_keys: usize,
+    scale: f32,
+    out: &mut [f32],
+    ld: usize,
+    m: usize,
+) {
+    // SAFETY: `LaneSums` is plain Rust and runs on any ISA.
+    unsafe {
+        scores_by_key_step(
+            q,
+            head_dim,
+            keys,
+            n_keys,
+            scale,
+            out,
+            ld,
+            m,
+            LaneSums::<LANES>,
+        )
+    }
 }
 
 /// The sums of [`weighted_sum`] in the order of `LANES` (8 or 32), written and compiled as
@@ -598,7 +664,8 @@ fn weighted_sum_impl<T: KvElement>(
 /// The bodies compiled for AVX-512 and AVX2 (the compiler vectorizes their loops there).
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{KvElement, SumOrder};
+    use super::{KvElement, SumOrder, KEY_PANEL, KEY_STEP};
+    use std::arch::x86_64::*;
 
     macro_rules! compiled_for {
         ($scores:ident, $sum:ident, $features:literal) => {
@@ -648,11 +715,8 @@ mod x86 {
     );
     compiled_for!(scores_avx2, weighted_sum_avx2, "avx2,fma,f16c");
 
-    /// [`SumOrder::Lanes8`] scores with AVX2 registers: for 8 keys of a panel, lane `r` is
-    /// one register accumulating dimensions `d ≡ r (mod 8)` of all 8 keys with one fused
-    /// multiply-add per dimension, in order; the 8 registers are then added as
-    /// [`super::add_lanes`] adds 8 lanes. Each operation is the scalar body's, per key, so the
-    /// result equals [`super::scores_scalar`] bit for bit.
+    /// [`SumOrder::Lanes8`] scores with AVX2 registers ([`Lanes8Avx2`]), equal to
+    /// [`super::scores_scalar`] bit for bit.
     ///
     /// # Safety
     /// AVX2, FMA and F16C must be available; the shapes must have passed `check_scores` with
@@ -669,57 +733,46 @@ mod x86 {
         ld: usize,
         m: usize,
     ) {
-        use super::KEY_PANEL;
-        use std::arch::x86_64::*;
-        let panel_len = KEY_PANEL * head_dim;
-        let mut scratch = super::SCRATCH.take();
-        let panel_f32 = &mut scratch.0;
-        panel_f32.resize(panel_len, 0.0);
-        let mut sums = [0.0f32; 8];
-        for (p, panel) in keys[..n_keys.div_ceil(KEY_PANEL) * panel_len]
-            .chunks_exact(panel_len)
-            .enumerate()
-        {
-            T::load_slice(panel, panel_f32);
-            let j0 = p * KEY_PANEL;
-            let n_here = (n_keys - j0).min(KEY_PANEL);
-            for (i, q_row) in q.chunks_exact(head_dim).enumerate().take(m) {
-                for k0 in (0..n_here).step_by(8) {
-                    // SAFETY: AVX2 and FMA are available (this fn's contract). Dimension
-                    // `d0 + r < head_dim` reads `q_row[d0 + r]` and the 8 floats at
-                    // `(d0 + r) · 16 + k0 ≤ panel_len − 8` of `panel_f32` (k0 ∈ {0, 8}).
-                    unsafe {
-                        let qp = q_row.as_ptr();
-                        let kp = panel_f32.as_ptr().add(k0);
-                        let mut acc = [_mm256_setzero_ps(); 8];
-                        for d0 in (0..head_dim).step_by(8) {
-                            for (r, a) in acc.iter_mut().enumerate() {
-                                let qd = _mm256_set1_ps(*qp.add(d0 + r));
-                                let kv = _mm256_loadu_ps(kp.add((d0 + r) * KEY_PANEL));
-                                *a = _mm256_fmadd_ps(qd, kv, *a);
-                            }
-                        }
-                        let s = _mm256_add_ps(
-                            _mm256_add_ps(
-                                _mm256_add_ps(acc[0], acc[4]),
-                                _mm256_add_ps(acc[2], acc[6]),
-                            ),
-                            _mm256_add_ps(
-                                _mm256_add_ps(acc[1], acc[5]),
-                                _mm256_add_ps(acc[3], acc[7]),
-                            ),
-                        );
-                        _mm256_storeu_ps(
-                            sums.as_mut_ptr(),
-                            _mm256_mul_ps(s, _mm256_set1_ps(scale)),
-                        );
-                    }
-                    let n = (n_here - k0).min(8);
-                    out[i * ld + j0 + k0..][..n].copy_from_slice(&sums[..n]);
-                }
-            }
+        // SAFETY: AVX2, FMA and F16C are available (this fn's contract), `Lanes8Avx2`'s ISA.
+        unsafe {
+            super::scores_by_key_step(q, head_dim, keys, n_keys, scale, out, ld, m, Lanes8Avx2)
         }
-        super::SCRATCH.set(scratch);
+    }
+
+    /// [`super::KeyStep`] in the 8-lane order with AVX2 registers: lane `r` is one register
+    /// accumulating dimensions `d ≡ r (mod 8)` of 8 keys, one fused multiply-add per
+    /// dimension in order; the 8 registers are then added as [`super::add_lanes`] adds 8
+    /// lanes. Each operation is [`super::LaneSums`]'s, per key, so the results are equal bit
+    /// for bit.
+    struct Lanes8Avx2;
+
+    impl super::KeyStep for Lanes8Avx2 {
+        #[inline(always)]
+        unsafe fn sums(&self, q_row: &[f32], panel: &[f32], k0: usize) -> [f32; KEY_STEP] {
+            let mut sums = [0.0f32; KEY_STEP];
+            // SAFETY: the caller guarantees AVX2 and FMA, `k0 + 8 ≤ 16`, and a panel of
+            // `q_row.len()` rows of 16 (a multiple of 8, checked for the 8-lane order):
+            // dimension `d0 + r` reads `q_row[d0 + r]` and the 8 floats at
+            // `(d0 + r) · 16 + k0` of the panel.
+            unsafe {
+                let qp = q_row.as_ptr();
+                let kp = panel.as_ptr().add(k0);
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for d0 in (0..q_row.len()).step_by(8) {
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let qd = _mm256_set1_ps(*qp.add(d0 + r));
+                        let kv = _mm256_loadu_ps(kp.add((d0 + r) * KEY_PANEL));
+                        *a = _mm256_fmadd_ps(qd, kv, *a);
+                    }
+                }
+                let s = _mm256_add_ps(
+                    _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6])),
+                    _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7])),
+                );
+                _mm256_storeu_ps(sums.as_mut_ptr(), s);
+            }
+            sums
+        }
     }
 }
 

@@ -186,6 +186,32 @@ const EXP_C3: f32 = f32::from_bits(0x3e2a_af33);
 const EXP_C4: f32 = f32::from_bits(0x3d2b_9f17);
 const EXP_C5: f32 = f32::from_bits(0x3c07_2010);
 
+/// The front both exps share: x = n·ln2 + b.
+struct ExpReduced {
+    /// x·log2 e plus [`ROUND_SHIFT`]: its low mantissa bits hold the integer n.
+    z: f32,
+    /// n = round(x·log2 e).
+    n: f32,
+    /// b = x − n·ln2 in two steps (Cody–Waite).
+    b: f32,
+    /// b².
+    u: f32,
+    /// The polynomial's upper terms, (C5·b + C4)·b² + C3·b + C2.
+    upper: f32,
+}
+
+#[inline(always)]
+fn exp_reduce(x: f32) -> ExpReduced {
+    let z = x.mul_add(LOG2_E, ROUND_SHIFT);
+    let n = z - ROUND_SHIFT;
+    let b = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
+    let u = b * b;
+    let upper = EXP_C5
+        .mul_add(b, EXP_C4)
+        .mul_add(u, EXP_C3.mul_add(b, EXP_C2));
+    ExpReduced { z, n, b, u, upper }
+}
+
 /// e^x in f32, within 2.24 ulp (checked exhaustively over every f32 in [-104, 88.7]).
 /// Inputs above ~88.72 give +inf, below ~-103.9 (and -inf) give +0, NaN gives NaN;
 /// subnormal results are rounded once.
@@ -200,14 +226,8 @@ const EXP_C5: f32 = f32::from_bits(0x3c07_2010);
 /// Written with `mul_add` and selects only, so loops over it vectorize.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    let z = x.mul_add(LOG2_E, ROUND_SHIFT);
-    let n = z - ROUND_SHIFT;
-    let b = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
-    let u = b * b;
-    let j = EXP_C5
-        .mul_add(b, EXP_C4)
-        .mul_add(u, EXP_C3.mul_add(b, EXP_C2))
-        .mul_add(u, EXP_C1.mul_add(b, 1.0));
+    let ExpReduced { z, n, b, u, upper } = exp_reduce(x);
+    let j = upper.mul_add(u, EXP_C1.mul_add(b, 1.0));
     // 2^n as two normal factors 2^n1 · 2^n2 (|n1|, |n2| ≤ 96): `j · 2^n1` is exact, so the
     // product rounds once even when the result is subnormal, as `vscalefps` does.
     let n_int = (z.to_bits() as i32).wrapping_sub(ROUND_SHIFT.to_bits() as i32);
@@ -234,16 +254,10 @@ pub fn exp(x: f32) -> f32 {
 /// loops over it vectorize.
 #[inline(always)]
 pub fn exp_fused(x: f32) -> f32 {
-    let z = x.mul_add(LOG2_E, ROUND_SHIFT);
-    let n = z - ROUND_SHIFT;
-    let b = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
+    let ExpReduced { z, n, b, u, upper } = exp_reduce(x);
+    let j = upper.mul_add(u, EXP_C1 * b);
     let e = z.to_bits() << 23;
     let k = f32::from_bits(e.wrapping_add(1.0f32.to_bits()));
-    let u = b * b;
-    let j = EXP_C5
-        .mul_add(b, EXP_C4)
-        .mul_add(u, EXP_C3.mul_add(b, EXP_C2))
-        .mul_add(u, EXP_C1 * b);
     let in_range = j.mul_add(k, k);
     // 2^n = s1 · s2 with both factors normal.
     let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };

@@ -8,7 +8,10 @@ use crate::cpu::Isa;
 #[cfg(target_arch = "x86_64")]
 use crate::formats::QK;
 #[cfg(target_arch = "x86_64")]
-use crate::pack::{pack_byte, pack_nibble, NibbleWeights, BYTE_SCRATCH, NIBBLE_SCRATCH};
+use crate::pack::{
+    pack_act_scales, pack_byte, pack_nibble, NibbleWeights, BYTE_SCRATCH, NIBBLE_SCRATCH,
+    SCALE_SCRATCH,
+};
 use crate::GgmlType;
 
 /// Checks the buffers of a `matmul` call and returns the weight and activation row bytes.
@@ -188,23 +191,27 @@ fn tiled_x86(
             if isa == Isa::Avx2 && weights != NibbleWeights::Q4_0 {
                 // On AVX2, Q4_1, Q5_0 and Q5_1 sum in llama.cpp's order, to agree with it to
                 // the last bit (its Q4_0 runs repacked kernels of another order).
-                // SAFETY: AVX2 is runnable (checked by the caller) and `check_shapes` checked
-                // that `w` holds `n_rows` rows of `nb` blocks, `act` `n_tok` rows of
-                // `act_row_bytes` (blocks of `vec_dot_type(ty)`) and `out` the rows at
-                // `out_stride`.
-                unsafe {
-                    avx2::matmul_nibble_ggml(
-                        weights,
-                        w,
-                        nb,
-                        n_rows,
-                        act,
-                        act_row_bytes,
-                        n_tok,
-                        out,
-                        out_stride,
-                    )
-                };
+                SCALE_SCRATCH.with_borrow_mut(|scales| {
+                    pack_act_scales(weights.act(), act, act_row_bytes, n_tok, nb, scales);
+                    // SAFETY: AVX2 is runnable (checked by the caller); `check_shapes` checked
+                    // that `w` holds `n_rows` rows of `nb` blocks, `act` `n_tok` rows of
+                    // `act_row_bytes` (blocks of `vec_dot_type(ty)`) and `out` the rows at
+                    // `out_stride`; `scales` holds those rows' scales.
+                    unsafe {
+                        avx2::matmul_nibble_ggml(
+                            weights,
+                            w,
+                            nb,
+                            n_rows,
+                            act,
+                            act_row_bytes,
+                            scales,
+                            n_tok,
+                            out,
+                            out_stride,
+                        )
+                    }
+                });
                 return true;
             }
             NIBBLE_SCRATCH.with_borrow_mut(|packed| {

@@ -81,6 +81,7 @@ thread_local! {
     // Reused across calls so a decode step allocates nothing after its first matmul.
     pub(crate) static NIBBLE_SCRATCH: RefCell<Vec<NibbleGroup>> = const { RefCell::new(Vec::new()) };
     pub(crate) static BYTE_SCRATCH: RefCell<Vec<BytePair>> = const { RefCell::new(Vec::new()) };
+    pub(crate) static SCALE_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The activation blocks the nibble kernels pair with.
@@ -158,6 +159,37 @@ pub(crate) fn pack_nibble(
             }
             if kind == NibbleAct::Q8_1 {
                 group.sa[4 * lane] = f16_to_f32([block[2], block[3]]);
+            }
+        }
+    }
+}
+
+/// The scales of `n_tok` activation rows of `nb` blocks each, as f32, for the kernels that
+/// read the codes in place (llama.cpp's order): `out[b · n_tok + t]` = block `b`'s `d` of row
+/// `t`, then `out[(nb + b) · n_tok + t]` = its `s` (Q8_1; 0 for Q8_0). Token-minor, so one
+/// load gives several tokens' values.
+pub(crate) fn pack_act_scales(
+    kind: NibbleAct,
+    act: &[u8],
+    act_row_bytes: usize,
+    n_tok: usize,
+    nb: usize,
+    out: &mut Vec<f32>,
+) {
+    let block_bytes = match kind {
+        NibbleAct::Q8_0 => GgmlType::Q8_0.type_size(),
+        NibbleAct::Q8_1 => GgmlType::Q8_1.type_size(),
+    };
+    out.clear();
+    out.resize(2 * nb * n_tok, 0.0);
+    let (d, s) = out.split_at_mut(nb * n_tok);
+    for t in 0..n_tok {
+        let row = &act[t * act_row_bytes..];
+        for b in 0..nb {
+            let block = &row[b * block_bytes..];
+            d[b * n_tok + t] = f16_to_f32([block[0], block[1]]);
+            if kind == NibbleAct::Q8_1 {
+                s[b * n_tok + t] = f16_to_f32([block[2], block[3]]);
             }
         }
     }

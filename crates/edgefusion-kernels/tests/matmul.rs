@@ -96,10 +96,16 @@ fn run(isa: Isa, ty: GgmlType, c: &Case) -> Vec<Vec<f32>> {
         .collect()
 }
 
-fn reference(ty: GgmlType, c: &Case, r: usize, t: usize) -> (f32, f64) {
+/// Weight row `r` and activation row `t` of a case.
+fn pair(ty: GgmlType, c: &Case, r: usize, t: usize) -> (&[u8], &[u8]) {
     let rb = ty.row_bytes(c.k).unwrap();
     let w = &c.w[r * rb..(r + 1) * rb];
     let a = &c.act[t * c.act_row_bytes..(t + 1) * c.act_row_bytes];
+    (w, a)
+}
+
+fn reference(ty: GgmlType, c: &Case, r: usize, t: usize) -> (f32, f64) {
+    let (w, a) = pair(ty, c, r, t);
     (
         vec_dot_on(Isa::Scalar, ty, c.k, w, a),
         l1_magnitude(ty, c.k, w, a),
@@ -299,28 +305,14 @@ fn avx2_dots_follow_llama_cpp_order_bit_for_bit() {
         for k in [32, 576, 1536] {
             for (n_rows, n_tok) in SHAPES {
                 let c = case(ty, k, n_rows, n_tok, &mut rng, false);
-                let mut out = vec![f32::NAN; n_rows * n_tok];
-                matmul_on(
-                    Isa::Avx2,
-                    ty,
-                    k,
-                    &c.w,
-                    n_rows,
-                    &c.act,
-                    n_tok,
-                    &mut out,
-                    n_rows,
-                );
-                let row_bytes = ty.row_bytes(k).unwrap();
-                for t in 0..n_tok {
-                    let a = &c.act[t * c.act_row_bytes..(t + 1) * c.act_row_bytes];
-                    for r in 0..n_rows {
-                        let w = &c.w[r * row_bytes..(r + 1) * row_bytes];
+                let got = run(Isa::Avx2, ty, &c);
+                for (t, got_t) in got.iter().enumerate() {
+                    for (r, &got_tr) in got_t.iter().enumerate() {
+                        let (w, a) = pair(ty, &c, r, t);
                         let want = llama_cpp_avx2_dot(ty, k, w, a);
                         let single = vec_dot_on(Isa::Avx2, ty, k, w, a);
-                        let got = out[t * n_rows + r];
                         assert_eq!(
-                            got.to_bits(),
+                            got_tr.to_bits(),
                             want.to_bits(),
                             "{ty:?} k {k} matmul [{t}][{r}]"
                         );

@@ -10,9 +10,9 @@
 //! logit checked must equal llama.cpp's bit for bit and all 10 prompts decode identically.
 //!
 //! Elsewhere (AVX-512 kernels against the AVX-512 fixture `smollm2_greedy.json`, scalar kernels
-//! against the AVX2 one), float sums run in a different order,
-//! and a last-bit difference that flips one activation code moves later logits by up to ~1 on
-//! this model (llama.cpp's own AVX2 and AVX-512 builds agree on only 3 of the 10 prompts). So:
+//! against the AVX2 one), float sums run in a different order, and a last-bit difference that
+//! flips one activation code moves later logits by up to ~1 on this model (llama.cpp's own AVX2
+//! and AVX-512 builds agree on only 3 of the 10 prompts). So:
 //! - at every step of every prompt, with llama.cpp's tokens fed in (teacher forcing), our
 //!   greedy choice must equal llama.cpp's wherever llama.cpp's own top-1/top-2 margin exceeds
 //!   `MARGIN`, and our top logit must be within `LOGIT_GAP` of llama.cpp's;

@@ -94,7 +94,15 @@ pub(super) fn hsum_ps(v: __m256) -> f32 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn hsum_epi32(v: __m256i) -> i32 {
-    let v = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    hsum_epi32_128(_mm_add_epi32(
+        _mm256_castsi256_si128(v),
+        _mm256_extracti128_si256::<1>(v),
+    ))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_epi32_128(v: __m128i) -> i32 {
     let v = _mm_add_epi32(v, _mm_unpackhi_epi64(v, v));
     let v = _mm_add_epi32(v, _mm_shuffle_epi32::<0b01>(v));
     _mm_cvtsi128_si32(v)
@@ -178,12 +186,8 @@ pub(super) fn vec_dot_q4k_q8k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
         let (d, dmin) = f16_pair(wb.d, wb.dmin);
         let d8 = ab.scale();
         let (scaled, offsets) = q4k_block(wb, ab);
-        let sum = hsum_epi32(scaled);
-        let offsets =
-            _mm256_blend_epi32::<0x0F>(_mm256_setzero_si256(), _mm256_castsi128_si256(offsets));
-        let min_sum = hsum_epi32(offsets);
-        acc = (sum as f32).mul_add(d * d8, acc);
-        acc_min = (min_sum as f32).mul_add(dmin * d8, acc_min);
+        acc = (hsum_epi32(scaled) as f32).mul_add(d * d8, acc);
+        acc_min = (hsum_epi32_128(offsets) as f32).mul_add(dmin * d8, acc_min);
     }
     acc - acc_min
 }
@@ -193,9 +197,7 @@ pub(super) fn vec_dot_q4k_q8k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn q4k_block_sums(w: &BlockQ4K, a: &BlockQ8K) -> (i32, i32) {
     let (scaled, offsets) = q4k_block(w, a);
-    let offsets = _mm256_castsi128_si256(offsets);
-    let offsets = _mm256_blend_epi32::<0x0F>(_mm256_setzero_si256(), offsets);
-    (hsum_epi32(scaled), hsum_epi32(offsets))
+    (hsum_epi32(scaled), hsum_epi32_128(offsets))
 }
 
 /// Σ sc·(q6 + 32)·q8 for 128 weights of one Q6_K half, given that half's eight scales

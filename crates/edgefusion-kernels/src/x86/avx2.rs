@@ -860,15 +860,19 @@ impl<const MIN: bool, const FIVE: bool> Tiles for NibbleTiles<MIN, FIVE> {
 /// (as GCC contracts llama.cpp's `summs += m · s`); then the lanes added as [`hsum_ps`] does
 /// and the min term last. Activations are read in their natural layout, one block per step.
 struct GgmlNibbleTiles<const MIN: bool, const FIVE: bool> {
+    rows: GgmlNibbleRows,
+}
+
+/// What [`GgmlNibbleTiles`] reads, whatever the format.
+#[derive(Clone, Copy)]
+struct GgmlNibbleRows {
     w: *const u8,
-    row_bytes: usize,
     nb: usize,
     act: *const u8,
     act_row_bytes: usize,
-    /// `(nb, n_tok)`: each activation block's scale `d` and (Q8_1) its `s = d · Σ codes`, as
-    /// f32 (token-minor, so one load gives four tokens' values).
-    act_d: *const f32,
-    act_s: *const f32,
+    /// `(nb, n_tok)` activation scales `d`, then (Q8_1) `s = d · Σ codes`, as f32
+    /// (`pack::pack_act_scales`).
+    scales: *const f32,
     n_tok: usize,
 }
 
@@ -880,6 +884,60 @@ impl<const MIN: bool, const FIVE: bool> GgmlNibbleTiles<MIN, FIVE> {
     /// Q8_1 (d, s, codes) pairs with the formats with a min, Q8_0 (d, codes) with the others.
     const ACT_CODES: usize = if MIN { 4 } else { 2 };
     const ACT_BYTES: usize = Self::ACT_CODES + 32;
+
+    /// Weight block `b` of row `r`.
+    ///
+    /// # Safety
+    /// `r` and `b` must be inside the matrix the tiles were built over.
+    #[inline(always)]
+    unsafe fn weight_block(&self, r: usize, b: usize) -> *const u8 {
+        // SAFETY: the caller keeps `r < n_rows` and `b < nb`, inside `w`.
+        unsafe {
+            let row_bytes = Self::BLOCK_BYTES * self.rows.nb;
+            self.rows.w.add(r * row_bytes + Self::BLOCK_BYTES * b)
+        }
+    }
+
+    /// The codes of the weight block at `wb` as the dot takes them (Q5_0's signed), and its
+    /// `[d, m, ..]` (m for the formats with a min) from one conversion.
+    ///
+    /// # Safety
+    /// AVX2 and F16C must be available and `wb` a whole weight block.
+    #[inline(always)]
+    unsafe fn unpack(wb: *const u8) -> (__m256i, __m128) {
+        // SAFETY: the caller guarantees the ISA and a whole block at `wb`: its first 4 bytes
+        // (d and m, or d and the first half of qh) and the codes are read.
+        unsafe {
+            let codes = if FIVE {
+                unpack_q5(wb.add(Self::QH_OFFSET), wb.add(Self::QS_OFFSET))
+            } else {
+                unpack_nibbles(wb.add(Self::QS_OFFSET))
+            };
+            let codes = if MIN {
+                codes
+            } else {
+                _mm256_sub_epi8(codes, _mm256_set1_epi8(16))
+            };
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(wb.cast::<i32>().read_unaligned()));
+            (codes, dm)
+        }
+    }
+
+    /// The 8 integer lane sums of a block's codes with an activation block's, as f32.
+    ///
+    /// # Safety
+    /// AVX2 must be available.
+    #[inline(always)]
+    unsafe fn lane_sums(codes: __m256i, ya: __m256i) -> __m256 {
+        // SAFETY: the caller guarantees AVX2, the ISA of `Maddubs`; registers only.
+        unsafe {
+            _mm256_cvtepi32_ps(if MIN {
+                Maddubs::dot(codes, ya)
+            } else {
+                dot_signed::<Maddubs>(codes, ya)
+            })
+        }
+    }
 }
 
 impl<const MIN: bool, const FIVE: bool> Tiles for GgmlNibbleTiles<MIN, FIVE> {
@@ -889,63 +947,46 @@ impl<const MIN: bool, const FIVE: bool> Tiles for GgmlNibbleTiles<MIN, FIVE> {
     unsafe fn tile<const R: usize, const T: usize>(&self, r0: usize, t0: usize) -> [[f32; T]; R] {
         const { assert!(T <= 4, "the min terms hold four tokens") };
         // SAFETY: the `Tiles` contract gives AVX2, FMA and F16C and `r0 + R ≤ n_rows`,
-        // `t0 + T ≤ n_tok`. Row `r0 + r` spans `row_bytes = BLOCK_BYTES · nb` bytes of `w` and
-        // token `t0 + t` spans `act_row_bytes ≥ ACT_BYTES · nb` bytes of `act`; block `b < nb`
-        // is read within `BLOCK_BYTES · b..` and `ACT_BYTES · b..` of them; `act_d`/`act_s`
-        // hold `nb · n_tok` floats and index `b · n_tok + t0 + t < nb · n_tok` is read.
+        // `t0 + T ≤ n_tok`. Token `t0 + t` spans `act_row_bytes ≥ ACT_BYTES · nb` bytes of `act`
+        // and block `b < nb` is read within `ACT_BYTES · b..` of it; weight blocks come from
+        // `weight_block` within rows `r0..r0 + R`; `scales` holds `2 · nb · n_tok` floats and
+        // indices `b · n_tok + t0 + t` (+ `nb · n_tok` for `s`) are read.
         unsafe {
+            let rows = &self.rows;
+            let act_s = rows.scales.add(rows.nb * rows.n_tok);
             let mut acc = [[_mm256_setzero_ps(); T]; R];
-            // The min term of each (row, token) in block order; lane t is token t0 + t.
+            // The min term of each (row, token) in block order: lane t of a register is token
+            // t0 + t; one token (decode) keeps scalars.
             let mut offsets = [_mm_setzero_ps(); R];
-            // The same for one token (decode), in scalars.
             let mut offsets_one = [0.0f32; R];
-            let sixteen = _mm256_set1_epi8(16);
-            for b in 0..self.nb {
-                let d_row = self.act_d.add(b * self.n_tok + t0);
+            for b in 0..rows.nb {
+                let d_act = rows.scales.add(b * rows.n_tok + t0);
+                let s_act = act_s.add(b * rows.n_tok + t0);
+                let act_codes = |t: usize| {
+                    let ab = rows
+                        .act
+                        .add((t0 + t) * rows.act_row_bytes + Self::ACT_BYTES * b);
+                    _mm256_loadu_si256(ab.add(Self::ACT_CODES).cast())
+                };
                 if T == 1 {
-                    // One token: scalar scales, `d_w · d_a` broadcast once per row.
-                    let da = *d_row;
-                    let sa = if MIN {
-                        *self.act_s.add(b * self.n_tok + t0)
-                    } else {
-                        0.0
-                    };
-                    let ab = self.act.add(t0 * self.act_row_bytes + Self::ACT_BYTES * b);
-                    let ya = _mm256_loadu_si256(ab.add(Self::ACT_CODES).cast());
+                    // One token: `d_w · d_a` multiplied and broadcast once per row.
+                    let (da, ya) = (*d_act, act_codes(0));
                     for r in 0..R {
-                        let wb = self
-                            .w
-                            .add((r0 + r) * self.row_bytes + Self::BLOCK_BYTES * b);
-                        // d and (Q4_1/Q5_1) m with one conversion.
-                        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(wb.cast::<i32>().read_unaligned()));
-                        let dw = _mm_cvtss_f32(dm);
-                        let codes = if FIVE {
-                            unpack_q5(wb.add(Self::QH_OFFSET), wb.add(Self::QS_OFFSET))
-                        } else {
-                            unpack_nibbles(wb.add(Self::QS_OFFSET))
-                        };
-                        let dot = if MIN {
-                            Maddubs::dot(codes, ya)
-                        } else {
-                            dot_signed::<Maddubs>(_mm256_sub_epi8(codes, sixteen), ya)
-                        };
-                        acc[r][0] = _mm256_fmadd_ps(
-                            _mm256_set1_ps(dw * da),
-                            _mm256_cvtepi32_ps(dot),
-                            acc[r][0],
-                        );
+                        let (codes, dm) = Self::unpack(self.weight_block(r0 + r, b));
+                        let scale = _mm256_set1_ps(_mm_cvtss_f32(dm) * da);
+                        let sums = Self::lane_sums(codes, ya);
+                        acc[r][0] = _mm256_fmadd_ps(scale, sums, acc[r][0]);
                         if MIN {
                             let mw = _mm_cvtss_f32(_mm_movehdup_ps(dm));
-                            offsets_one[r] = mw.mul_add(sa, offsets_one[r]);
+                            offsets_one[r] = mw.mul_add(*s_act, offsets_one[r]);
                         }
                     }
                     continue;
                 }
                 let sa = if MIN {
-                    let s_row = self.act_s.add(b * self.n_tok + t0);
                     let mut sa = [0.0f32; 4];
                     for (t, v) in sa.iter_mut().enumerate().take(T) {
-                        *v = *s_row.add(t);
+                        *v = *s_act.add(t);
                     }
                     _mm_loadu_ps(sa.as_ptr())
                 } else {
@@ -954,50 +995,30 @@ impl<const MIN: bool, const FIVE: bool> Tiles for GgmlNibbleTiles<MIN, FIVE> {
                 let mut codes = [_mm256_setzero_si256(); R];
                 let mut dw = [_mm256_setzero_ps(); R];
                 for r in 0..R {
-                    let wb = self
-                        .w
-                        .add((r0 + r) * self.row_bytes + Self::BLOCK_BYTES * b);
-                    codes[r] = if FIVE {
-                        unpack_q5(wb.add(Self::QH_OFFSET), wb.add(Self::QS_OFFSET))
-                    } else {
-                        unpack_nibbles(wb.add(Self::QS_OFFSET))
-                    };
-                    if !MIN {
-                        // Signed codes: Q5_0's are biased by 16.
-                        codes[r] = _mm256_sub_epi8(codes[r], sixteen);
-                    }
-                    dw[r] = _mm256_set1_ps(load_f16(wb));
+                    let dm;
+                    (codes[r], dm) = Self::unpack(self.weight_block(r0 + r, b));
+                    dw[r] = _mm256_broadcastss_ps(dm);
                     if MIN {
-                        let mw = _mm_set1_ps(load_f16(wb.add(2)));
+                        let mw = _mm_broadcastss_ps(_mm_movehdup_ps(dm));
                         offsets[r] = _mm_fmadd_ps(mw, sa, offsets[r]);
                     }
                 }
                 for t in 0..T {
-                    let ab = self
-                        .act
-                        .add((t0 + t) * self.act_row_bytes + Self::ACT_BYTES * b);
-                    let ya = _mm256_loadu_si256(ab.add(Self::ACT_CODES).cast());
-                    let da = _mm256_set1_ps(*d_row.add(t));
+                    let (da, ya) = (_mm256_set1_ps(*d_act.add(t)), act_codes(t));
                     for r in 0..R {
-                        let dot = if MIN {
-                            Maddubs::dot(codes[r], ya)
-                        } else {
-                            dot_signed::<Maddubs>(codes[r], ya)
-                        };
-                        let sums = _mm256_cvtepi32_ps(dot);
+                        let sums = Self::lane_sums(codes[r], ya);
                         acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], da), sums, acc[r][t]);
                     }
                 }
             }
             let mut sums = reduce_tile(&acc);
-            if MIN && T == 1 {
-                for (s_r, &o) in sums.iter_mut().zip(&offsets_one) {
-                    s_r[0] += o;
-                }
-            } else if MIN {
-                for (s_r, o_r) in sums.iter_mut().zip(&offsets) {
+            if MIN {
+                for (r, s_r) in sums.iter_mut().enumerate() {
                     let mut o = [0.0f32; 4];
-                    _mm_storeu_ps(o.as_mut_ptr(), *o_r);
+                    _mm_storeu_ps(o.as_mut_ptr(), offsets[r]);
+                    if T == 1 {
+                        o[0] = offsets_one[r];
+                    }
                     for (s, &o) in s_r.iter_mut().zip(&o) {
                         *s += o;
                     }
@@ -1008,18 +1029,15 @@ impl<const MIN: bool, const FIVE: bool> Tiles for GgmlNibbleTiles<MIN, FIVE> {
     }
 }
 
-thread_local! {
-    /// [`GgmlNibbleTiles`]' activation scales, reused across calls.
-    static ACT_SCALES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// Tiled Q4_1 · Q8_1, Q5_0 · Q8_0 or Q5_1 · Q8_1 in llama.cpp's summation order
-/// ([`GgmlNibbleTiles`]), over activation rows in their natural layout.
+/// ([`GgmlNibbleTiles`]), over activation rows in their natural layout and their scales
+/// unpacked by `pack::pack_act_scales`.
 ///
 /// # Safety
 /// AVX2, FMA and F16C available; `w` holds `n_rows` rows of `nb` blocks of `weights` (Q4_0
 /// is not one of them), `act` `n_tok` rows of `act_row_bytes` bytes, whole blocks of
-/// `weights.act()`; `out` holds `(n_tok − 1) · out_stride + n_rows` values.
+/// `weights.act()`, `scales` their `2 · nb · n_tok` scales; `out` holds
+/// `(n_tok − 1) · out_stride + n_rows` values.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn matmul_nibble_ggml(
@@ -1029,99 +1047,49 @@ pub(crate) unsafe fn matmul_nibble_ggml(
     n_rows: usize,
     act: &[u8],
     act_row_bytes: usize,
+    scales: &[f32],
     n_tok: usize,
     out: &mut [f32],
     out_stride: usize,
 ) {
+    let rows = GgmlNibbleRows {
+        w: w.as_ptr(),
+        nb,
+        act: act.as_ptr(),
+        act_row_bytes,
+        scales: scales.as_ptr(),
+        n_tok,
+    };
     // SAFETY: AVX2, FMA and F16C are guaranteed by the caller (matmul.rs checks the ISA), and
-    // the shapes are what the tiles read: `n_rows` rows of `BLOCK_BYTES · nb` bytes and
-    // `n_tok` activation rows of whole blocks, so they satisfy `drive`'s contract.
+    // `rows` holds what the tiles of the format read: `n_rows` rows of `BLOCK_BYTES · nb`
+    // bytes, `n_tok` activation rows of whole blocks and their scales, as `drive_ggml` needs.
     unsafe {
         match weights {
-            NibbleWeights::Q4_1 => drive_nibble_ggml::<true, false>(
-                w,
-                nb,
-                n_rows,
-                act,
-                act_row_bytes,
-                n_tok,
-                out,
-                out_stride,
-            ),
-            NibbleWeights::Q5_0 => drive_nibble_ggml::<false, true>(
-                w,
-                nb,
-                n_rows,
-                act,
-                act_row_bytes,
-                n_tok,
-                out,
-                out_stride,
-            ),
-            NibbleWeights::Q5_1 => drive_nibble_ggml::<true, true>(
-                w,
-                nb,
-                n_rows,
-                act,
-                act_row_bytes,
-                n_tok,
-                out,
-                out_stride,
-            ),
+            NibbleWeights::Q4_1 => drive_ggml::<true, false>(rows, n_rows, out, out_stride),
+            NibbleWeights::Q5_0 => drive_ggml::<false, true>(rows, n_rows, out, out_stride),
+            NibbleWeights::Q5_1 => drive_ggml::<true, true>(rows, n_rows, out, out_stride),
             NibbleWeights::Q4_0 => unreachable!("Q4_0 runs the packed nibble kernel"),
         }
     }
 }
 
-/// [`matmul_nibble_ggml`] for one format.
+/// [`drive`] over the [`GgmlNibbleTiles`] of one format.
 ///
 /// # Safety
-/// As [`matmul_nibble_ggml`] for the format `MIN`/`FIVE` name.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn drive_nibble_ggml<const MIN: bool, const FIVE: bool>(
-    w: &[u8],
-    nb: usize,
+/// AVX2, FMA and F16C available; `rows` holds `n_rows` weight rows of the format and
+/// `rows.n_tok` activation rows with their scales; `out` holds
+/// `(n_tok − 1) · out_stride + n_rows` values.
+#[inline(always)]
+unsafe fn drive_ggml<const MIN: bool, const FIVE: bool>(
+    rows: GgmlNibbleRows,
     n_rows: usize,
-    act: &[u8],
-    act_row_bytes: usize,
-    n_tok: usize,
     out: &mut [f32],
     out_stride: usize,
 ) {
-    type Tiles<const M: bool, const F: bool> = GgmlNibbleTiles<M, F>;
-    // SAFETY: the caller's contract: AVX2/FMA/F16C, `w` holds `n_rows` rows of `nb` blocks of
-    // `BLOCK_BYTES`, `act` `n_tok` rows of `act_row_bytes ≥ ACT_BYTES · nb` bytes (read for the
-    // scales here, within each row's blocks), `out` the output rows.
-    unsafe {
-        let row_bytes = Tiles::<MIN, FIVE>::BLOCK_BYTES * nb;
-        let act_bytes = Tiles::<MIN, FIVE>::ACT_BYTES;
-        ACT_SCALES.with_borrow_mut(|scales| {
-            scales.clear();
-            scales.resize(2 * nb * n_tok, 0.0);
-            let (act_d, act_s) = scales.split_at_mut(nb * n_tok);
-            for t in 0..n_tok {
-                let row = act.as_ptr().add(t * act_row_bytes);
-                for b in 0..nb {
-                    act_d[b * n_tok + t] = load_f16(row.add(act_bytes * b));
-                    if MIN {
-                        act_s[b * n_tok + t] = load_f16(row.add(act_bytes * b + 2));
-                    }
-                }
-            }
-            let tiles = Tiles::<MIN, FIVE> {
-                w: w.as_ptr(),
-                row_bytes,
-                nb,
-                act: act.as_ptr(),
-                act_row_bytes,
-                act_d: act_d.as_ptr(),
-                act_s: act_s.as_ptr(),
-                n_tok,
-            };
-            drive(&tiles, n_rows, n_tok, row_bytes, out, out_stride);
-        });
-    }
+    let row_bytes = GgmlNibbleTiles::<MIN, FIVE>::BLOCK_BYTES * rows.nb;
+    let tiles = GgmlNibbleTiles::<MIN, FIVE> { rows };
+    // SAFETY: the caller's contract is `drive`'s for these tiles.
+    unsafe { drive(&tiles, n_rows, rows.n_tok, row_bytes, out, out_stride) }
 }
 
 /// Q8_0 rows against packed [`BytePair`]s, one block per step.

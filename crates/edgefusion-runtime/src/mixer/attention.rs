@@ -740,7 +740,7 @@ struct AttnInputs<'a, T> {
     /// 1 / √head_dim
     scale: f32,
     /// The summation order of the products with the cache: llama.cpp's for a step of
-    /// `n_tok` query rows.
+    /// `n_tok` query rows (full attention), one chain (window layers).
     order: attention::SumOrder,
 }
 
