@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use edgefusion_kernels::cpu::{self, Isa};
-use edgefusion_kernels::{matmul_on, quantize_row, vec_dot_on, vec_dot_type, GgmlType};
+use edgefusion_kernels::{matmul_on, quantize_row, vec_dot_on, vec_dot_type, BatchPart, GgmlType};
 
 /// Row counts of the decode runs: L2-resident and memory-streamed.
 const DECODE_ROWS: [(usize, usize); 2] = [(2_048, 200), (49_152, 8)];
@@ -82,7 +82,18 @@ fn main() {
             .filter(|&i| i != Isa::Scalar)
         {
             let t = best_of(20, || {
-                matmul_on(isa, ty, k, &w, n_rows, &act, n_tok, &mut out, n_rows)
+                matmul_on(
+                    isa,
+                    ty,
+                    k,
+                    &w,
+                    n_rows,
+                    &act,
+                    n_tok,
+                    &mut out,
+                    n_rows,
+                    BatchPart::whole(n_tok),
+                )
             });
             let gmac = (n_rows * n_tok * k) as f64 / 1e9;
             println!("{:<6} {:<11} {:>8.1}", ty.name(), isa.name(), gmac / t);
@@ -98,7 +109,18 @@ fn decode_line(ty: GgmlType, k: usize, rows: usize, reps: usize) {
     let mut out = vec![0.0f32; rows];
     for isa in cpu::available_isas() {
         let t_mm = best_of(reps, || {
-            matmul_on(isa, ty, k, &w, rows, &act, 1, &mut out, rows)
+            matmul_on(
+                isa,
+                ty,
+                k,
+                &w,
+                rows,
+                &act,
+                1,
+                &mut out,
+                rows,
+                BatchPart::whole(1),
+            )
         });
         let t_vd = best_of(reps, || {
             for (r, o) in out.iter_mut().enumerate() {

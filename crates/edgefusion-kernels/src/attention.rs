@@ -164,6 +164,43 @@ impl SumOrder {
     }
 }
 
+/// A value row a weighted sum's key does not have ([`ValueRows::Listed`]).
+pub const NO_ROW: usize = usize::MAX;
+
+/// Which rows of a value cache a weighted sum's keys `0..n_keys` are. Key `j`'s partial sum
+/// (lane) is chosen by `j` in every [`SumOrder`], so the listing decides the lanes.
+#[derive(Debug, Clone, Copy)]
+pub enum ValueRows<'a> {
+    /// Keys `0..n` are rows `0..n`.
+    Leading(usize),
+    /// Key `j` is row `rows[j]`, or no key where that is [`NO_ROW`] (its probability must be
+    /// 0). Window layers list their ring slots in position order, so that each key takes the
+    /// lane its position takes in llama.cpp's cache, whose slot is the position.
+    Listed(&'a [usize]),
+}
+
+impl ValueRows<'_> {
+    /// Keys of the sum.
+    pub fn n_keys(&self) -> usize {
+        match *self {
+            ValueRows::Leading(n) => n,
+            ValueRows::Listed(rows) => rows.len(),
+        }
+    }
+
+    /// Rows the value cache must hold.
+    fn rows_needed(&self) -> usize {
+        match *self {
+            ValueRows::Leading(n) => n,
+            ValueRows::Listed(rows) => rows
+                .iter()
+                .filter(|&&r| r != NO_ROW)
+                .max()
+                .map_or(0, |&r| r + 1),
+        }
+    }
+}
+
 /// Partial sums `lane(0..LANES)` added in the order of `LANES`: 1 (a chain), 8
 /// ([`SumOrder::Lanes8`]: `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`) or 32
 /// ([`SumOrder::Lanes32`]).
@@ -249,22 +286,23 @@ pub fn scores_scalar<T: KvElement>(
 }
 
 /// `out[i] = Σ_{j < n_keys} probs[i * ld + j] · value_j` for rows `out (m, head_dim)` and one
-/// head's value cache `values (n_ctx, head_dim)`, each sum over keys added in `order`.
+/// head's value cache `values (n_ctx, head_dim)`, where key `j` is the value row `rows` says,
+/// each sum over keys added in `order`.
 ///
 /// # Panics
 /// If `head_dim` is 0 or does not divide `out.len()`, `ld < n_keys`, `probs` is shorter than
-/// `(m - 1) · ld + n_keys`, or `values` holds fewer than `n_keys` rows.
+/// `(m - 1) · ld + n_keys`, or `values` lacks a row that `rows` names.
 #[inline]
 pub fn weighted_sum<T: KvElement>(
     probs: &[f32],
     ld: usize,
     values: &[T],
     head_dim: usize,
-    n_keys: usize,
+    rows: ValueRows<'_>,
     out: &mut [f32],
     order: SumOrder,
 ) {
-    weighted_sum_impl(cpu::isa(), probs, ld, values, head_dim, n_keys, out, order)
+    weighted_sum_impl(cpu::isa(), probs, ld, values, head_dim, rows, out, order)
 }
 
 /// [`weighted_sum`] with the kernel of `isa`.
@@ -278,7 +316,7 @@ pub fn weighted_sum_on<T: KvElement>(
     ld: usize,
     values: &[T],
     head_dim: usize,
-    n_keys: usize,
+    rows: ValueRows<'_>,
     out: &mut [f32],
     order: SumOrder,
 ) {
@@ -287,7 +325,7 @@ pub fn weighted_sum_on<T: KvElement>(
         "weighted_sum_on: {} kernels cannot run on this CPU",
         isa.name()
     );
-    weighted_sum_impl(isa, probs, ld, values, head_dim, n_keys, out, order)
+    weighted_sum_impl(isa, probs, ld, values, head_dim, rows, out, order)
 }
 
 /// Scalar reference of [`weighted_sum`]: the body the SIMD builds compile with their features.
@@ -296,12 +334,12 @@ pub fn weighted_sum_scalar<T: KvElement>(
     ld: usize,
     values: &[T],
     head_dim: usize,
-    n_keys: usize,
+    rows: ValueRows<'_>,
     out: &mut [f32],
     order: SumOrder,
 ) {
-    let m = check_weighted_sum(probs, ld, values, head_dim, n_keys, out);
-    weighted_sum_in_order(order, probs, ld, values, head_dim, n_keys, out, m)
+    let m = check_weighted_sum(probs, ld, values, head_dim, rows, out);
+    weighted_sum_in_order(order, probs, ld, values, head_dim, rows, out, m)
 }
 
 /// Validates a `scores` call; returns the number of query rows.
@@ -349,9 +387,10 @@ fn check_weighted_sum<T>(
     ld: usize,
     values: &[T],
     head_dim: usize,
-    n_keys: usize,
+    rows: ValueRows<'_>,
     out: &[f32],
 ) -> usize {
+    let n_keys = rows.n_keys();
     assert!(head_dim > 0, "weighted_sum: head_dim is 0");
     assert!(
         out.len().is_multiple_of(head_dim),
@@ -360,10 +399,11 @@ fn check_weighted_sum<T>(
     );
     let m = out.len() / head_dim;
     assert!(ld >= n_keys, "weighted_sum: ld {ld} < n_keys {n_keys}");
+    let n_rows = rows.rows_needed();
     assert!(
-        values.len() >= n_keys * head_dim,
-        "weighted_sum: {n_keys} value rows of {head_dim} need {} elements, got {}",
-        n_keys * head_dim,
+        values.len() >= n_rows * head_dim,
+        "weighted_sum: {n_rows} value rows of {head_dim} need {} elements, got {}",
+        n_rows * head_dim,
         values.len()
     );
     if m > 0 && n_keys > 0 {
@@ -522,14 +562,26 @@ fn weighted_sum_body<T: KvElement, const LANES: usize>(
     ld: usize,
     values: &[T],
     head_dim: usize,
-    n_keys: usize,
+    rows: ValueRows<'_>,
     out: &mut [f32],
     m: usize,
 ) {
+    let n_keys = rows.n_keys();
     let mut scratch = SCRATCH.take();
     let (values_f32, partials) = (&mut scratch.0, &mut scratch.1);
     values_f32.resize(n_keys * head_dim, 0.0);
-    T::load_slice(&values[..n_keys * head_dim], values_f32);
+    match rows {
+        ValueRows::Leading(n) => T::load_slice(&values[..n * head_dim], values_f32),
+        ValueRows::Listed(rows) => {
+            for (&r, dst) in rows.iter().zip(values_f32.chunks_exact_mut(head_dim)) {
+                if r == NO_ROW {
+                    dst.fill(0.0);
+                } else {
+                    T::load_slice(&values[r * head_dim..(r + 1) * head_dim], dst);
+                }
+            }
+        }
+    }
     // partials[r * head_dim + c]: partial sum r of output component c.
     partials.resize(LANES * head_dim, 0.0);
     for (i, out_row) in out.chunks_exact_mut(head_dim).enumerate().take(m) {
@@ -585,16 +637,14 @@ fn weighted_sum_in_order<T: KvElement>(
     ld: usize,
     values: &[T],
     head_dim: usize,
-    n_keys: usize,
+    rows: ValueRows<'_>,
     out: &mut [f32],
     m: usize,
 ) {
     match order {
-        SumOrder::Lanes8 => weighted_sum_body::<T, 8>(probs, ld, values, head_dim, n_keys, out, m),
-        SumOrder::Lanes32 => {
-            weighted_sum_body::<T, 32>(probs, ld, values, head_dim, n_keys, out, m)
-        }
-        SumOrder::Chain => weighted_sum_body::<T, 1>(probs, ld, values, head_dim, n_keys, out, m),
+        SumOrder::Lanes8 => weighted_sum_body::<T, 8>(probs, ld, values, head_dim, rows, out, m),
+        SumOrder::Lanes32 => weighted_sum_body::<T, 32>(probs, ld, values, head_dim, rows, out, m),
+        SumOrder::Chain => weighted_sum_body::<T, 1>(probs, ld, values, head_dim, rows, out, m),
     }
 }
 
@@ -641,23 +691,23 @@ fn weighted_sum_impl<T: KvElement>(
     ld: usize,
     values: &[T],
     head_dim: usize,
-    n_keys: usize,
+    rows: ValueRows<'_>,
     out: &mut [f32],
     order: SumOrder,
 ) {
-    let m = check_weighted_sum(probs, ld, values, head_dim, n_keys, out);
+    let m = check_weighted_sum(probs, ld, values, head_dim, rows, out);
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` was detected or checked runnable.
         Isa::Avx512 | Isa::Avx512Vnni => unsafe {
-            x86::weighted_sum_avx512(probs, ld, values, head_dim, n_keys, out, order, m)
+            x86::weighted_sum_avx512(probs, ld, values, head_dim, rows, out, order, m)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx2 => unsafe {
-            x86::weighted_sum_avx2(probs, ld, values, head_dim, n_keys, out, order, m)
+            x86::weighted_sum_avx2(probs, ld, values, head_dim, rows, out, order, m)
         },
-        _ => weighted_sum_in_order(order, probs, ld, values, head_dim, n_keys, out, m),
+        _ => weighted_sum_in_order(order, probs, ld, values, head_dim, rows, out, m),
     }
 }
 
@@ -698,12 +748,12 @@ mod x86 {
                 ld: usize,
                 values: &[T],
                 head_dim: usize,
-                n_keys: usize,
+                rows: super::ValueRows<'_>,
                 out: &mut [f32],
                 order: SumOrder,
                 m: usize,
             ) {
-                super::weighted_sum_in_order(order, probs, ld, values, head_dim, n_keys, out, m)
+                super::weighted_sum_in_order(order, probs, ld, values, head_dim, rows, out, m)
             }
         };
     }
@@ -871,11 +921,26 @@ mod tests {
                         .collect();
                     for order in orders(head_dim) {
                         let mut want = vec![f32::NAN; m * head_dim];
-                        weighted_sum_scalar(&probs, ld, &cache, head_dim, n_keys, &mut want, order);
+                        weighted_sum_scalar(
+                            &probs,
+                            ld,
+                            &cache,
+                            head_dim,
+                            ValueRows::Leading(n_keys),
+                            &mut want,
+                            order,
+                        );
                         for isa in simd_isas() {
                             let mut got = vec![f32::NAN; m * head_dim];
                             weighted_sum_on(
-                                isa, &probs, ld, &cache, head_dim, n_keys, &mut got, order,
+                                isa,
+                                &probs,
+                                ld,
+                                &cache,
+                                head_dim,
+                                ValueRows::Leading(n_keys),
+                                &mut got,
+                                order,
                             );
                             for (c, (g, w)) in got.iter().zip(&want).enumerate() {
                                 assert_eq!(
@@ -889,6 +954,54 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Listed value rows sum as the same rows copied into key order would, on every ISA and
+    /// in every order; keys with no row (probability 0) change nothing.
+    #[test]
+    fn listed_value_rows_equal_rows_in_key_order() {
+        let head_dim = 40;
+        let cache_rows = 50;
+        let mut cache = vec![f16::default(); cache_rows * head_dim];
+        f16::store_slice(&values(cache_rows * head_dim, 21), &mut cache);
+        // Keys 0..3 have no row, then a wrapped ring: rows 30..50, then 0..30, a gap, 40..44.
+        let mut rows = vec![NO_ROW; 3];
+        rows.extend((30..50).chain(0..30));
+        rows.extend([NO_ROW; 5]);
+        rows.extend(40..44);
+        let n_keys = rows.len();
+        let m = 3;
+        let mut probs: Vec<f32> = values(m * n_keys, 22).iter().map(|p| p.abs()).collect();
+        for (j, &r) in rows.iter().enumerate() {
+            if r == NO_ROW {
+                for i in 0..m {
+                    probs[i * n_keys + j] = 0.0;
+                }
+            }
+        }
+        let mut gathered = vec![f16::default(); n_keys * head_dim];
+        for (j, &r) in rows.iter().enumerate() {
+            if r != NO_ROW {
+                gathered[j * head_dim..(j + 1) * head_dim]
+                    .copy_from_slice(&cache[r * head_dim..(r + 1) * head_dim]);
+            }
+        }
+        for order in orders(head_dim) {
+            for isa in cpu::available_isas() {
+                let mut want = vec![0.0; m * head_dim];
+                let mut got = vec![0.0; m * head_dim];
+                let leading = ValueRows::Leading(n_keys);
+                weighted_sum_on(
+                    isa, &probs, n_keys, &gathered, head_dim, leading, &mut want, order,
+                );
+                let listed = ValueRows::Listed(&rows);
+                weighted_sum_on(
+                    isa, &probs, n_keys, &cache, head_dim, listed, &mut got, order,
+                );
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{} {order:?}", isa.name());
             }
         }
     }
@@ -934,7 +1047,15 @@ mod tests {
             }
             let probs = values(2 * 37, 5);
             let mut sums = vec![0.0; 2 * head_dim];
-            weighted_sum_scalar(&probs, 37, &keys, head_dim, 37, &mut sums, order);
+            weighted_sum_scalar(
+                &probs,
+                37,
+                &keys,
+                head_dim,
+                ValueRows::Leading(37),
+                &mut sums,
+                order,
+            );
             for i in 0..2 {
                 for c in 0..head_dim {
                     let want: f64 = (0..37)

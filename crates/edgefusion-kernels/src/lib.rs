@@ -42,4 +42,4 @@ pub use dispatch::{
     vec_dot_type,
 };
 pub use ggml_type::GgmlType;
-pub use matmul::{matmul, matmul_on};
+pub use matmul::{matmul, matmul_on, matmul_part, BatchPart};

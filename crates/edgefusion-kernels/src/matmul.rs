@@ -7,6 +7,7 @@
 use crate::cpu::Isa;
 #[cfg(target_arch = "x86_64")]
 use crate::formats::QK;
+use crate::kquants::KDotOrder;
 #[cfg(target_arch = "x86_64")]
 use crate::pack::{
     pack_act_scales, pack_byte, pack_nibble, NibbleWeights, BYTE_SCRATCH, NIBBLE_SCRATCH,
@@ -79,8 +80,30 @@ pub(crate) fn check_out(n_rows: usize, n_tok: usize, out: &[f32], out_stride: us
     }
 }
 
+/// Where a call's activation rows sit in the batch of tokens that a step multiplies at once:
+/// rows `first..first + n_tok` of `batch`. The runtime splits a batch across threads, and
+/// llama.cpp picks its K-quant kernels, so their summation order, by the batch's size and a
+/// token's place in it (see [`crate::kquants::KDotOrder`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchPart {
+    /// The batch row of the call's first activation row.
+    pub first: usize,
+    /// Tokens in the whole batch.
+    pub batch: usize,
+}
+
+impl BatchPart {
+    /// A call that multiplies a whole batch of `n_tok` tokens.
+    pub fn whole(n_tok: usize) -> Self {
+        BatchPart {
+            first: 0,
+            batch: n_tok,
+        }
+    }
+}
+
 /// `out[t · out_stride + r] = vec_dot(ty, k, w row r, act row t)` for `r < n_rows`,
-/// `t < n_tok`, on the ISA detected at start-up. See [`matmul_on`].
+/// `t < n_tok` (one whole batch), on the ISA detected at start-up. See [`matmul_on`].
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     ty: GgmlType,
@@ -92,25 +115,35 @@ pub fn matmul(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    matmul_on(
-        crate::cpu::isa(),
-        ty,
-        k,
-        w,
-        n_rows,
-        act,
-        n_tok,
-        out,
-        out_stride,
-    );
+    let part = BatchPart::whole(n_tok);
+    matmul_part(ty, k, w, n_rows, act, n_tok, out, out_stride, part);
 }
 
-/// [`matmul`] with the kernels of `isa`.
+/// [`matmul`] of activation rows that are the part `part` of a batch. See [`matmul_on`].
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_part(
+    ty: GgmlType,
+    k: usize,
+    w: &[u8],
+    n_rows: usize,
+    act: &[u8],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+    part: BatchPart,
+) {
+    let isa = crate::cpu::isa();
+    matmul_on(isa, ty, k, w, n_rows, act, n_tok, out, out_stride, part);
+}
+
+/// [`matmul_part`] with the kernels of `isa`.
 ///
 /// `w` holds `n_rows` rows of `k` weights in `ty`; `act` holds `n_tok` rows of `k` values in
-/// `vec_dot_type(ty)`. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F32, F16 and BF16 weights run tiled SIMD
-/// kernels on x86 (AVX2, AVX-512); other types and ISAs compute `vec_dot` per pair. Results
-/// equal `vec_dot` per pair up to float summation order.
+/// `vec_dot_type(ty)`, rows `part.first..` of a batch of `part.batch` tokens. Q4_0, Q4_1,
+/// Q5_0, Q5_1, Q8_0, F32, F16 and BF16 weights run tiled SIMD kernels on x86 (AVX2,
+/// AVX-512); other types and ISAs compute `vec_dot` per pair (K-quants in the order llama.cpp
+/// runs for the token's place in the batch, [`crate::kquants::KDotOrder`]). Results equal
+/// `vec_dot` per pair up to float summation order.
 ///
 /// # Panics
 /// If `isa` cannot run on this machine, `k` is not a whole number of blocks of `ty`, or a
@@ -127,6 +160,7 @@ pub fn matmul_on(
     n_tok: usize,
     out: &mut [f32],
     out_stride: usize,
+    part: BatchPart,
 ) {
     assert!(
         crate::cpu::is_runnable(isa),
@@ -156,9 +190,11 @@ pub fn matmul_on(
     }
     for t in 0..n_tok {
         let act_row = &act[t * act_row_bytes..(t + 1) * act_row_bytes];
+        let order = KDotOrder::for_token(ty, part.first + t, part.batch);
         for r in 0..n_rows {
+            let w_row = &w[r * row_bytes..(r + 1) * row_bytes];
             out[t * out_stride + r] =
-                crate::vec_dot_on(isa, ty, k, &w[r * row_bytes..(r + 1) * row_bytes], act_row);
+                crate::kquants::vec_dot_in_order_on(isa, ty, order, k, w_row, act_row);
         }
     }
 }

@@ -5,7 +5,9 @@ mod common;
 
 use common::*;
 use edgefusion_kernels::cpu::Isa;
-use edgefusion_kernels::{matmul, matmul_on, quantize_row, vec_dot_on, vec_dot_type, GgmlType};
+use edgefusion_kernels::{
+    matmul, matmul_on, quantize_row, vec_dot_on, vec_dot_type, BatchPart, GgmlType,
+};
 
 /// As in the vec_dot tests: the tiled kernels sum exact integer block dots in another
 /// order than the scalar reference.
@@ -78,8 +80,9 @@ fn case(
 fn run(isa: Isa, ty: GgmlType, c: &Case) -> Vec<Vec<f32>> {
     let stride = c.n_rows + 3;
     let mut out = vec![f32::NAN; (c.n_tok - 1) * stride + c.n_rows];
+    let part = BatchPart::whole(c.n_tok);
     matmul_on(
-        isa, ty, c.k, &c.w, c.n_rows, &c.act, c.n_tok, &mut out, stride,
+        isa, ty, c.k, &c.w, c.n_rows, &c.act, c.n_tok, &mut out, stride, part,
     );
     for t in 0..c.n_tok.saturating_sub(1) {
         for gap in &out[t * stride + c.n_rows..(t + 1) * stride] {

@@ -129,7 +129,18 @@ fn q5_extreme_codes_are_exact_in_vec_dot_and_matmul() {
                     isa.name()
                 );
                 let mut out = [f32::NAN; 1];
-                edgefusion_kernels::matmul_on(isa, ty, k, &w, 1, &act, 1, &mut out, 1);
+                edgefusion_kernels::matmul_on(
+                    isa,
+                    ty,
+                    k,
+                    &w,
+                    1,
+                    &act,
+                    1,
+                    &mut out,
+                    1,
+                    edgefusion_kernels::BatchPart::whole(1),
+                );
                 assert_eq!(out[0], want, "matmul {} on {} k={k}", ty.name(), isa.name());
             }
         }

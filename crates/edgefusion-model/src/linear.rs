@@ -4,7 +4,7 @@ use std::borrow::Cow;
 
 use edgefusion_io::TensorView;
 use edgefusion_kernels::efq::{self, ActQ8, EfqMatrix};
-use edgefusion_kernels::{interleaved, GgmlType};
+use edgefusion_kernels::{interleaved, BatchPart, GgmlType};
 
 use crate::ModelError;
 
@@ -234,8 +234,10 @@ impl<'a> Linear<'a> {
     }
 
     /// `out (n_tok, out_stride)[t][r0 + i] = row r0 + i · act row t` for the rows `r0..r1`,
-    /// where `act` holds `n_tok` rows already quantized to [`Linear::act_format`]. Row ranges
-    /// of an interleaved matrix are 16-aligned (see [`Linear::rows`]).
+    /// where `act` holds `n_tok` rows already quantized to [`Linear::act_format`], the rows
+    /// `part` says of the step's batch (K-quants add in the order llama.cpp runs for it). Row
+    /// ranges of an interleaved matrix are 16-aligned (see [`Linear::rows`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn matmul_rows(
         &self,
         r0: usize,
@@ -244,9 +246,10 @@ impl<'a> Linear<'a> {
         n_tok: usize,
         out: &mut [f32],
         out_stride: usize,
+        part: BatchPart,
     ) {
         match &self.storage {
-            Storage::Rows => edgefusion_kernels::matmul(
+            Storage::Rows => edgefusion_kernels::matmul_part(
                 self.dtype,
                 self.n_in,
                 self.rows(r0, r1),
@@ -255,6 +258,7 @@ impl<'a> Linear<'a> {
                 n_tok,
                 out,
                 out_stride,
+                part,
             ),
             Storage::Interleaved => interleaved::matmul_interleaved(
                 self.dtype,

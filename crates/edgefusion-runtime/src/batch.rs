@@ -327,16 +327,23 @@ mod tests {
     /// Prompts of different lengths prefilled one alone and three in one uneven step, then
     /// decoded together: every step's logits equal each sequence run alone, on every mixer (full attention,
     /// sink + window, SSM beside a window, Gemma 3's local layers with their own RoPE).
+    ///
+    /// K-quant products add in an order that depends on the batch, as in llama.cpp (Q4_K
+    /// tokens in groups of 4, Q6_K tiled from 8; `kquants::KDotOrder`), so a batched token's
+    /// activations can differ from its lone run in the last bit; on the Q4_K_M model one
+    /// such bit moved an 8-bit activation code across a rounding boundary and the logits
+    /// after it by 1.8% (the other sequences stayed within 5e-7). A bookkeeping error
+    /// (a wrong cache row or position) moves logits by far more than either bound.
     #[test]
     fn decode_batch_equals_each_sequence_alone() {
-        for name in [
-            "tiny-llama-q4_1",
-            "tiny-llama256-q4_k_m",
-            "tiny-llama-f32",
-            "tiny-qwen3-f32",
-            "tiny-gemma3-f32",
-            "tiny-hybrid-f32",
-            "tiny-window-f32",
+        for (name, bound) in [
+            ("tiny-llama-q4_1", 2e-3),
+            ("tiny-llama256-q4_k_m", 5e-2),
+            ("tiny-llama-f32", 2e-3),
+            ("tiny-qwen3-f32", 2e-3),
+            ("tiny-gemma3-f32", 2e-3),
+            ("tiny-hybrid-f32", 2e-3),
+            ("tiny-window-f32", 2e-3),
         ] {
             let source = ModelSource::open(fixture(&format!("{name}.gguf"))).unwrap();
             let model = Model::load(&source).unwrap();
@@ -405,7 +412,7 @@ mod tests {
             for (k, (a, b)) in alone.iter().zip(&together).enumerate() {
                 let n = b.len();
                 let err = edgefusion_testkit::max_rel_error(&b[..], &a[..n]);
-                assert!(err <= 2e-3, "{name}, sequence {k}: relative error {err}");
+                assert!(err <= bound, "{name}, sequence {k}: relative error {err}");
                 assert_eq!(seqs[k].n_past(), prompts[k].len() + n / vocab as usize - 1);
             }
         }

@@ -237,7 +237,9 @@ impl<'m> Session<'m> {
         });
         let mut cache_slots = vec![opts.n_ctx];
         if cfg.n_window_layers() > 0 {
-            cache_slots.push(cfg.window_positions() + max_batch);
+            cache_slots.push(attention::window_score_columns(
+                cfg.window_positions() + max_batch,
+            ));
         }
         let state = RunState {
             x: vec![0.0; max_batch * cfg.d_model],

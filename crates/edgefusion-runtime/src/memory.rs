@@ -8,7 +8,7 @@ use edgefusion_kernels::GgmlType;
 use edgefusion_model::{LayerType, ModelConfig};
 
 use crate::engine::SessionOptions;
-use crate::mixer::attention::{AttnPlan, KvType};
+use crate::mixer::attention::{window_score_columns, AttnPlan, KvType};
 
 /// Resident bytes of the process besides the model and the session: code, the tokenizer's
 /// tables, the allocator's arenas and thread stacks. Measured with `edgefusion run
@@ -88,7 +88,7 @@ pub fn buffer_bytes(cfg: &ModelConfig, opts: &SessionOptions) -> usize {
     // full cache and the window's.
     let mut slots = vec![n_ctx];
     if cfg.window > 0 {
-        slots.push(cfg.window_positions() + max_batch);
+        slots.push(window_score_columns(cfg.window_positions() + max_batch));
     }
     let most = |f: &dyn Fn(usize, usize) -> usize| {
         (1..=opts.n_threads.max(1))

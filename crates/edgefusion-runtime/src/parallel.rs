@@ -7,6 +7,7 @@
 use std::time::Instant;
 
 use edgefusion_kernels::threads::ThreadPool;
+use edgefusion_kernels::BatchPart;
 use edgefusion_model::{Layout, Linear, Mixer};
 
 use crate::tuner::{mixer_kind, ThreadTuner};
@@ -148,7 +149,7 @@ impl Threads {
                 let r0 = i * chunk;
                 let r1 = r0 + rows_out.len();
                 let stride = rows_out.len();
-                w.matmul_rows(r0, r1, act, 1, rows_out, stride);
+                w.matmul_rows(r0, r1, act, 1, rows_out, stride, BatchPart::whole(1));
             });
             return;
         }
@@ -169,7 +170,11 @@ impl Threads {
             let mut r0 = 0;
             while r0 < n_out {
                 let r1 = (r0 + panel_rows).min(n_out);
-                w.matmul_rows(r0, r1, act_rows, nt, &mut tok_out[r0..], n_out);
+                let part = BatchPart {
+                    first: t0,
+                    batch: n_tok,
+                };
+                w.matmul_rows(r0, r1, act_rows, nt, &mut tok_out[r0..], n_out, part);
                 r0 = r1;
             }
         });

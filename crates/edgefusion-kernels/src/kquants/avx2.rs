@@ -69,6 +69,13 @@ fn store256_i8(out: &mut [i8; 32], value: __m256i) {
 
 #[inline]
 #[target_feature(enable = "avx2")]
+fn store_ps128(out: &mut [f32; 4], value: __m128) {
+    // SAFETY: the exclusive reference covers 4 writable f32; storeu needs no alignment.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), value) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
 fn store128_u8(out: &mut [u8; 16], value: __m128i) {
     // SAFETY: the exclusive reference covers 16 writable bytes; storeu needs no alignment.
     unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), value) }
@@ -146,16 +153,17 @@ pub(super) fn k4_offset_lanes(mins: u64, a: &BlockQ8K) -> __m128i {
     _mm_madd_epi16(mins16, sub_sums)
 }
 
-/// `(Σ_j sc_j Σ q·q8 as 8 lanes, Σ_j m_j Σ q8 as 4 lanes)` of one Q4_K block.
+/// The integer sums of one Q4_K block per 64 weights: for each `c` in 0..4 (sub-blocks
+/// `2c`, `2c + 1`), `Σ sc·q·q8` as 8 lanes; and `Σ m·bsum` as 4 lanes, lane `c` for the same
+/// 64 weights.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q4k_block(w: &BlockQ4K, a: &BlockQ8K) -> (__m256i, __m128i) {
+fn q4k_chunks(w: &BlockQ4K, a: &BlockQ8K) -> ([__m256i; 4], __m128i) {
     let (scales, mins) = unpack_scale_min_k4_words(&w.scales);
     let offsets = k4_offset_lanes(mins, a);
     let scales16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
     let low4 = _mm256_set1_epi8(0x0F);
-    let mut acc = _mm256_setzero_si256();
-    for chunk in 0..4 {
+    let chunk_sums = std::array::from_fn(|chunk| {
         // 32 bytes = weights 64c..64c+32 (low nibbles) and 64c+32..64c+64 (high nibbles).
         let packed = load256_u8(array_at(&w.qs, 32 * chunk));
         let q_low = _mm256_and_si256(packed, low4);
@@ -165,19 +173,30 @@ fn q4k_block(w: &BlockQ4K, a: &BlockQ8K) -> (__m256i, __m128i) {
         let sub = 2 * chunk as i16;
         let s_low = _mm256_shuffle_epi8(scales16, word_selector(sub, sub));
         let s_high = _mm256_shuffle_epi8(scales16, word_selector(sub + 1, sub + 1));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p_low, s_low));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p_high, s_high));
-    }
-    (acc, offsets)
+        _mm256_add_epi32(
+            _mm256_madd_epi16(p_low, s_low),
+            _mm256_madd_epi16(p_high, s_high),
+        )
+    });
+    (chunk_sums, offsets)
+}
+
+/// `(Σ_j sc_j Σ q·q8 as 8 lanes, Σ_j m_j Σ q8 as 4 lanes)` of one Q4_K block.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4k_block(w: &BlockQ4K, a: &BlockQ8K) -> (__m256i, __m128i) {
+    let ([c0, c1, c2, c3], offsets) = q4k_chunks(w, a);
+    let scaled = _mm256_add_epi32(_mm256_add_epi32(c0, c1), _mm256_add_epi32(c2, c3));
+    (scaled, offsets)
 }
 
 /// Q4_K · Q8_K over whole rows of blocks, in the order of llama.cpp's AVX2 build, which runs
-/// Q4_K matrices repacked eight rows at a time (`ggml_gemv_q4_K_8x8_q8_K` and its gemm, for
-/// matrices of a multiple of 8 rows): per super-block the whole integer sum Σ sc·q·q8 and
+/// Q4_K matrices repacked eight rows at a time (for matrices of a multiple of 8 rows), one
+/// token with `ggml_gemv_q4_K_8x8_q8_K`: per super-block the whole integer sum Σ sc·q·q8 and
 /// the whole min sum Σ m·bsum, each then added with one fused multiply-add on its own chain
 /// (`d·d8` and `dmin·d8` the factors), and the min chain subtracted at the end. (For matrices
-/// of other row counts llama.cpp runs `ggml_vec_dot_q4_K_q8_K`, lane-wise; and its repacked
-/// gemm, for prompt rows in groups of 4, adds per 64 weights: neither is reproduced.)
+/// of other row counts llama.cpp runs `ggml_vec_dot_q4_K_q8_K`, lane-wise: not reproduced.)
+/// Prompt tokens in groups of 4 take [`vec_dot_q4k_q8k_per_64`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn vec_dot_q4k_q8k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
     let mut acc = 0.0f32;
@@ -190,6 +209,61 @@ pub(super) fn vec_dot_q4k_q8k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
         acc_min = (hsum_epi32_128(offsets) as f32).mul_add(dmin * d8, acc_min);
     }
     acc - acc_min
+}
+
+/// [`vec_dot_q4k_q8k`] in the order of llama.cpp's AVX2 repacked Q4_K gemm
+/// (`ggml_gemm_q4_K_8x8_q8_K`), which multiplies prompt tokens in groups of 4: the same two
+/// chains, but one fused multiply-add per 64 weights (two sub-blocks) on each.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn vec_dot_q4k_q8k_per_64(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
+    let mut acc = 0.0f32;
+    let mut acc_min = 0.0f32;
+    for (wb, ab) in w.iter().zip(a) {
+        let (d, dmin) = f16_pair(wb.d, wb.dmin);
+        let d8 = ab.scale();
+        let (chunks, offsets) = q4k_chunks(wb, ab);
+        let mut scaled = [0.0f32; 4];
+        store_ps128(&mut scaled, _mm_cvtepi32_ps(hsum4_epi32(chunks)));
+        let mut mins = [0.0f32; 4];
+        store_ps128(&mut mins, _mm_cvtepi32_ps(offsets));
+        for (s, m) in scaled.into_iter().zip(mins) {
+            acc = s.mul_add(d * d8, acc);
+            acc_min = m.mul_add(dmin * d8, acc_min);
+        }
+    }
+    acc - acc_min
+}
+
+/// [`vec_dot_q4k_q8k`] in the order of llama.cpp's tiled K-quant matmul, which runs Q4_K
+/// matrices it does not repack in batches of 8 tokens or more: per super-block
+/// `d·Σ sc·q·q8 − dmin·Σ m·bsum` (the second term fused), then one fused multiply-add with
+/// the activation's scale.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn vec_dot_q4k_q8k_tiled(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
+    let mut acc = 0.0f32;
+    for (wb, ab) in w.iter().zip(a) {
+        let (d, dmin) = f16_pair(wb.d, wb.dmin);
+        let (scaled, offsets) = q4k_block(wb, ab);
+        let res = (-dmin).mul_add(
+            hsum_epi32_128(offsets) as f32,
+            d * hsum_epi32(scaled) as f32,
+        );
+        acc = res.mul_add(ab.scale(), acc);
+    }
+    acc
+}
+
+/// Lane `c` of the result is the sum of the 8 lanes of `v[c]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum4_epi32(v: [__m256i; 4]) -> __m128i {
+    // Each hadd adds neighbouring pairs per 128-bit half; after two, lane c of each half
+    // holds that half's sum of v[c].
+    let pairs = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    _mm_add_epi32(
+        _mm256_castsi256_si128(pairs),
+        _mm256_extracti128_si256::<1>(pairs),
+    )
 }
 
 /// The integer sums of one block, reduced, for the exactness tests.
@@ -279,6 +353,19 @@ pub(super) fn vec_dot_q6k_q8k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
         );
     }
     hsum_ps(acc)
+}
+
+/// [`vec_dot_q6k_q8k`] in the order of llama.cpp's tiled K-quant matmul (batches of 8
+/// tokens or more): per super-block `d · Σ` in f32, then one fused multiply-add with the
+/// activation's scale.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn vec_dot_q6k_q8k_tiled(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
+    let mut acc = 0.0f32;
+    for (wb, ab) in w.iter().zip(a) {
+        let res = f16_one(wb.d) * hsum_epi32(q6k_block(wb, ab)) as f32;
+        acc = res.mul_add(ab.scale(), acc);
+    }
+    acc
 }
 
 #[cfg(test)]

@@ -54,6 +54,61 @@ pub use q8_k::{
     dequantize_row_q8k, quantize_row_q8k, quantize_row_q8k_on, quantize_row_q8k_scalar, BlockQ8K,
 };
 
+/// The summation order of a K-quant dot product in llama.cpp's AVX2 build, which depends on
+/// the batch of tokens a step multiplies at once and on a token's place in it:
+/// - Q4_K matrices are repacked eight rows at a time; one token at a time they run a gemv
+///   ([`KDotOrder::Single`]), and the first `batch − batch mod 4` tokens of a batch run a
+///   gemm in groups of 4 ([`KDotOrder::Grouped4`]);
+/// - the other K-quants run `ggml_vec_dot_*_q8_K` per token, and its tiled matmul for
+///   batches of 8 tokens or more ([`KDotOrder::Tiled`]).
+///
+/// Reproduced for Q4_K and Q6_K (the formats of Q4_K_M files); Q2_K, Q3_K and Q5_K run their
+/// one-token order in every batch, and Q4_K matrices of a row count that is not a multiple
+/// of 8 (which llama.cpp does not repack) are not told apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KDotOrder {
+    /// One token: per super-block, as `ggml_vec_dot_*_q8_K` or the Q4_K gemv.
+    Single,
+    /// Q4_K's repacked gemm: one fused step per 64 weights.
+    Grouped4,
+    /// The tiled K-quant matmul: per super-block `d·Σ` (minus `dmin·Σ`) in f32, then one
+    /// fused step with the activation's scale.
+    Tiled,
+}
+
+impl KDotOrder {
+    /// The order for token `token` of a batch of `batch` tokens multiplied by `ty` weights.
+    pub fn for_token(ty: GgmlType, token: usize, batch: usize) -> KDotOrder {
+        match ty {
+            GgmlType::Q4K if token < batch - batch % 4 => KDotOrder::Grouped4,
+            GgmlType::Q6K if batch >= 8 => KDotOrder::Tiled,
+            _ => KDotOrder::Single,
+        }
+    }
+}
+
+/// `vec_dot` of a K-quant row in `order` with the kernels of `isa`; only AVX2 has orders other
+/// than [`KDotOrder::Single`] (the others are what llama.cpp's AVX2 build runs), and formats
+/// without them fall back to it.
+///
+/// # Panics
+/// If `isa` cannot run here or a row is shorter than `n` values.
+pub fn vec_dot_in_order_on(
+    isa: crate::cpu::Isa,
+    ty: GgmlType,
+    order: KDotOrder,
+    n: usize,
+    w: &[u8],
+    act: &[u8],
+) -> f32 {
+    match (ty, order) {
+        (_, KDotOrder::Single) => crate::vec_dot_on(isa, ty, n, w, act),
+        (GgmlType::Q4K, _) => q4_k::vec_dot_in_order_on(isa, order, n, w, act),
+        (GgmlType::Q6K, _) => q6_k::vec_dot_in_order_on(isa, order, n, w, act),
+        _ => crate::vec_dot_on(isa, ty, n, w, act),
+    }
+}
+
 /// Weights per super-block, for every k-quant format.
 pub const QK_K: usize = 256;
 

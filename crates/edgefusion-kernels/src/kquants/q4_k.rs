@@ -106,12 +106,13 @@ pub fn quantize_row_q4k_ref(x: &[f32], out: &mut [u8]) {
     }
 }
 
-/// The two integer sums of one super-block against one Q8_K block:
-/// `(Σ_j sc_j Σ q·q8, Σ_j m_j Σ q8)`, so the dot is `d·d8·first - dmin·d8·second`.
+/// The two integer sums of one super-block against one Q8_K block per 64 weights (chunk `c`
+/// = sub-blocks `2c`, `2c + 1`): `(Σ sc·q·q8, Σ m·Σ q8)` of each chunk.
 #[inline]
-pub(crate) fn block_sums(w: &BlockQ4K, a: &BlockQ8K) -> (i32, i32) {
+pub(crate) fn chunk_sums(w: &BlockQ4K, a: &BlockQ8K) -> ([i32; 4], [i32; 4]) {
     let (scales, mins) = unpack_scale_min_k4(&w.scales);
-    let mut scaled = 0i32;
+    let mut scaled = [0i32; 4];
+    let mut offsets = [0i32; 4];
     for (chunk, (qs, q8)) in w.qs.chunks_exact(32).zip(a.qs.chunks_exact(64)).enumerate() {
         let (q8_low, q8_high) = q8.split_at(32);
         let low: i32 = qs
@@ -124,13 +125,20 @@ pub(crate) fn block_sums(w: &BlockQ4K, a: &BlockQ8K) -> (i32, i32) {
             .zip(q8_high)
             .map(|(&q, &x)| (q >> 4) as i32 * x as i32)
             .sum();
-        scaled += scales[2 * chunk] as i32 * low + scales[2 * chunk + 1] as i32 * high;
-    }
-    let mut offsets = 0i32;
-    for (j, &m) in mins.iter().enumerate() {
-        offsets += m as i32 * (a.bsum(2 * j) as i32 + a.bsum(2 * j + 1) as i32);
+        scaled[chunk] = scales[2 * chunk] as i32 * low + scales[2 * chunk + 1] as i32 * high;
+        let (j0, j1) = (2 * chunk, 2 * chunk + 1);
+        offsets[chunk] = mins[j0] as i32 * (a.bsum(2 * j0) as i32 + a.bsum(2 * j0 + 1) as i32)
+            + mins[j1] as i32 * (a.bsum(2 * j1) as i32 + a.bsum(2 * j1 + 1) as i32);
     }
     (scaled, offsets)
+}
+
+/// The two integer sums of one super-block against one Q8_K block:
+/// `(Σ_j sc_j Σ q·q8, Σ_j m_j Σ q8)`, so the dot is `d·d8·first - dmin·d8·second`.
+#[inline]
+pub(crate) fn block_sums(w: &BlockQ4K, a: &BlockQ8K) -> (i32, i32) {
+    let (scaled, offsets) = chunk_sums(w, a);
+    (scaled.iter().sum(), offsets.iter().sum())
 }
 
 /// Scalar reference: `Σ w_i a_i` over `n` weights of a Q4_K row and a Q8_K row.
@@ -164,6 +172,42 @@ pub fn vec_dot_q4k_q8k_on(isa: Isa, n: usize, w: &[u8], act: &[u8]) -> f32 {
         isa.name()
     );
     // SAFETY: checked just above.
+    unsafe { vec_dot_with(isa, n, w, act) }
+}
+
+/// [`vec_dot_q4k_q8k_on`] in `order` (see [`super::KDotOrder`]); on AVX2 each order is
+/// llama.cpp's, other ISAs have one order for all.
+pub(super) fn vec_dot_in_order_on(
+    isa: Isa,
+    order: super::KDotOrder,
+    n: usize,
+    w: &[u8],
+    act: &[u8],
+) -> f32 {
+    assert!(
+        cpu::is_runnable(isa),
+        "{} kernels cannot run on this CPU",
+        isa.name()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        let n_blocks = super_blocks(n);
+        let (w_blocks, a_blocks) = (
+            blocks::<BlockQ4K>(w, n_blocks),
+            blocks::<BlockQ8K>(act, n_blocks),
+        );
+        // SAFETY: checked runnable just above: AVX2, FMA, F16C.
+        return unsafe {
+            match order {
+                super::KDotOrder::Single => super::avx2::vec_dot_q4k_q8k(w_blocks, a_blocks),
+                super::KDotOrder::Grouped4 => {
+                    super::avx2::vec_dot_q4k_q8k_per_64(w_blocks, a_blocks)
+                }
+                super::KDotOrder::Tiled => super::avx2::vec_dot_q4k_q8k_tiled(w_blocks, a_blocks),
+            }
+        };
+    }
+    // SAFETY: checked runnable just above.
     unsafe { vec_dot_with(isa, n, w, act) }
 }
 
@@ -204,6 +248,7 @@ unsafe fn vec_dot_with(isa: Isa, n: usize, w: &[u8], act: &[u8]) -> f32 {
 mod tests {
     use super::super::q8_k::quantize_row_q8k_scalar;
     use super::super::test_support::{abs_dot, cosine_vector, rmse, weight_like, XorShift};
+    use super::super::KDotOrder;
     use super::*;
 
     /// 4-bit levels over a sub-block's range with 6-bit scales: on the cosine vector (range
@@ -283,6 +328,59 @@ mod tests {
                     "{}: {got} vs {reference} (bound {bound})",
                     isa.name()
                 );
+            }
+        }
+    }
+
+    /// llama.cpp's AVX2 Q4_K orders, written out from the integer sums: the gemv (one
+    /// token) and the gemm (tokens in groups of 4) add with one fused multiply-add per
+    /// super-block or per 64 weights on a scale chain and a min chain, the min chain
+    /// subtracted last; the tiled matmul takes `d·Σ − dmin·Σ` per super-block, then one fused
+    /// multiply-add with the activation's scale.
+    fn llama_cpp_avx2_dot(w: &[u8], act: &[u8], n_blocks: usize, order: KDotOrder) -> f32 {
+        let (mut acc, mut acc_min) = (0.0f32, 0.0f32);
+        for (wb, ab) in blocks::<BlockQ4K>(w, n_blocks)
+            .iter()
+            .zip(blocks::<BlockQ8K>(act, n_blocks))
+        {
+            let (d, dmin, d8) = (f16_to_f32(wb.d), f16_to_f32(wb.dmin), ab.scale());
+            let (scaled, offsets) = chunk_sums(wb, ab);
+            let (s, m): (i32, i32) = (scaled.iter().sum(), offsets.iter().sum());
+            match order {
+                KDotOrder::Single => {
+                    acc = (s as f32).mul_add(d * d8, acc);
+                    acc_min = (m as f32).mul_add(dmin * d8, acc_min);
+                }
+                KDotOrder::Grouped4 => {
+                    for (s, m) in scaled.into_iter().zip(offsets) {
+                        acc = (s as f32).mul_add(d * d8, acc);
+                        acc_min = (m as f32).mul_add(dmin * d8, acc_min);
+                    }
+                }
+                KDotOrder::Tiled => {
+                    let res = (-dmin).mul_add(m as f32, d * s as f32);
+                    acc = res.mul_add(d8, acc);
+                }
+            }
+        }
+        acc - acc_min
+    }
+
+    #[test]
+    fn avx2_dots_follow_llama_cpp_order_bit_for_bit() {
+        if !cpu::is_runnable(Isa::Avx2) {
+            return;
+        }
+        for (seed, n_blocks) in [(5u64, 1usize), (6, 4), (7, 8)] {
+            let w = random_blocks(n_blocks, seed);
+            let x = weight_like(n_blocks * QK_K, seed + 50);
+            let mut act = vec![0u8; n_blocks * 292];
+            quantize_row_q8k_scalar(&x, &mut act);
+            let n = n_blocks * QK_K;
+            for order in [KDotOrder::Single, KDotOrder::Grouped4, KDotOrder::Tiled] {
+                let got = vec_dot_in_order_on(Isa::Avx2, order, n, &w, &act);
+                let want = llama_cpp_avx2_dot(&w, &act, n_blocks, order);
+                assert_eq!(got.to_bits(), want.to_bits(), "{order:?}");
             }
         }
     }

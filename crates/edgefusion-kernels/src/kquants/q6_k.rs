@@ -169,6 +169,34 @@ pub fn vec_dot_q6k_q8k_on(isa: Isa, n: usize, w: &[u8], act: &[u8]) -> f32 {
     unsafe { vec_dot_with(isa, n, w, act) }
 }
 
+/// [`vec_dot_q6k_q8k_on`] in `order` (see [`super::KDotOrder`]); on AVX2 each order is
+/// llama.cpp's, other ISAs have one order for all.
+pub(super) fn vec_dot_in_order_on(
+    isa: Isa,
+    order: super::KDotOrder,
+    n: usize,
+    w: &[u8],
+    act: &[u8],
+) -> f32 {
+    assert!(
+        cpu::is_runnable(isa),
+        "{} kernels cannot run on this CPU",
+        isa.name()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && order == super::KDotOrder::Tiled {
+        let n_blocks = super_blocks(n);
+        let (w_blocks, a_blocks) = (
+            blocks::<BlockQ6K>(w, n_blocks),
+            blocks::<BlockQ8K>(act, n_blocks),
+        );
+        // SAFETY: checked runnable just above: AVX2, FMA, F16C.
+        return unsafe { super::avx2::vec_dot_q6k_q8k_tiled(w_blocks, a_blocks) };
+    }
+    // SAFETY: checked runnable just above.
+    unsafe { vec_dot_with(isa, n, w, act) }
+}
+
 /// # Safety
 /// `isa` must be runnable on this CPU.
 #[inline]
@@ -307,6 +335,33 @@ mod tests {
                 let got = unsafe { super::super::avx512::q6k_block_sum_vnni(wb, ab) };
                 assert_eq!(got, expected);
             }
+        }
+    }
+
+    /// llama.cpp's tiled K-quant matmul (batches of 8 tokens or more), written out from the
+    /// integer sums: per super-block `d·Σ` in f32, then one fused multiply-add with the
+    /// activation's scale.
+    #[test]
+    fn avx2_tiled_order_follows_llama_cpp_bit_for_bit() {
+        if !cpu::is_runnable(Isa::Avx2) {
+            return;
+        }
+        for (seed, n_blocks) in [(5u64, 1usize), (6, 4), (7, 8)] {
+            let w = random_blocks(n_blocks, seed);
+            let x = weight_like(n_blocks * QK_K, seed + 50);
+            let mut act = vec![0u8; n_blocks * 292];
+            quantize_row_q8k_scalar(&x, &mut act);
+            let mut want = 0.0f32;
+            for (wb, ab) in blocks::<BlockQ6K>(&w, n_blocks)
+                .iter()
+                .zip(blocks::<BlockQ8K>(&act, n_blocks))
+            {
+                let res = f16_to_f32(wb.d) * block_sum(wb, ab) as f32;
+                want = res.mul_add(ab.scale(), want);
+            }
+            let order = super::super::KDotOrder::Tiled;
+            let got = vec_dot_in_order_on(Isa::Avx2, order, n_blocks * QK_K, &w, &act);
+            assert_eq!(got.to_bits(), want.to_bits());
         }
     }
 }

@@ -8,9 +8,11 @@
 //!
 //! Both use the same kernels (query-key scores, softmax, probability-weighted values) and the
 //! same split of work into tasks ([`AttnPlan`]); the windowed span masks the slots a token
-//! does not see. Softmax is a sum over keys, so the slots need not be in position order: keys
-//! are stored rotated (RoPE at their true positions) and a ring slot's position only decides
-//! whether a token sees it.
+//! does not see. Keys are stored rotated (RoPE at their true positions), so a score does not
+//! depend on the slot; the sums over keys (softmax's and the values') do in their last bits,
+//! so the windowed span lays its slots out in position order for them ([`window_key_order`]),
+//! which makes a window that covers the context add exactly as full attention does, and as
+//! llama.cpp, whose cache slot is the position.
 
 use edgefusion_kernels::attention::{self, KvElement};
 use edgefusion_kernels::f32ops;
@@ -155,8 +157,13 @@ pub(crate) struct WindowCache {
     window: usize,
 }
 
-/// A slot that holds no position (masked for every token).
-const EMPTY: usize = usize::MAX;
+/// A slot that holds no position (masked for every token); in a key order, a position no
+/// slot holds.
+const EMPTY: usize = attention::NO_ROW;
+
+/// The period of the kernels' lane assignment over keys (key `j` goes to lane `j % 32` or
+/// `j % 8`, and softmax sums keys in aligned groups of 8).
+const LANE_PERIOD: usize = 32;
 
 impl WindowCache {
     pub(crate) fn new(cfg: &ModelConfig, max_batch: usize, kv_type: KvType) -> Self {
@@ -222,6 +229,49 @@ pub(crate) fn window_slot_positions(
     }
 }
 
+/// The slots of a [`WindowCache`] step (positions as [`window_slot_positions`] gives them) in
+/// position order, for the sums over keys: entry `j` is the slot of the `j`-th key, with
+/// `j ≡ position (mod LANE_PERIOD)`; [`EMPTY`] entries fill what lies between (the start, and
+/// the gap between the sink and the window, shortened by whole periods). Every lane then
+/// adds the same keys in the same order as over a cache whose slot is the position, and the
+/// empty entries (probability 0) add nothing.
+pub(crate) fn window_key_order(
+    sink: usize,
+    window: usize,
+    n_past: usize,
+    n_tok: usize,
+    out: &mut Vec<usize>,
+) {
+    out.clear();
+    let staging = sink + window;
+    let end = n_past + n_tok;
+    // (position, slot) in position order: the sink, the ring, the staged new tokens.
+    let sink_keys = (0..sink.min(end)).map(|p| (p, p));
+    let ring_keys =
+        (n_past.saturating_sub(window).max(sink)..n_past).map(|p| (p, sink + (p - sink) % window));
+    let new_keys = (n_past.max(sink)..end).map(|p| (p, staging + p - n_past));
+    let mut next = 0;
+    for (pos, slot) in sink_keys.chain(ring_keys).chain(new_keys) {
+        // `next` is the position entry `out.len()` stands for; skip whole periods of a gap.
+        let skip = (pos - next) % LANE_PERIOD;
+        out.resize(out.len() + skip, EMPTY);
+        out.push(slot);
+        next = pos + 1;
+    }
+}
+
+/// Entries a [`window_key_order`] may have over a cache of `n_slots` slots: one per slot, and
+/// fewer than a period each before the first key and in the gap after the sink.
+fn window_key_order_cap(n_slots: usize) -> usize {
+    n_slots + 2 * (LANE_PERIOD - 1)
+}
+
+/// Score columns per query row that attention over a windowed cache of `n_slots` slots needs
+/// in its scratch: the scores by slot, then in key order.
+pub(crate) fn window_score_columns(n_slots: usize) -> usize {
+    n_slots + window_key_order_cap(n_slots)
+}
+
 /// Which cached positions each new token attends to.
 #[derive(Debug, Clone, Copy)]
 enum KeySpan<'a> {
@@ -229,8 +279,10 @@ enum KeySpan<'a> {
     Causal,
     /// Slot `s` holds position `positions[s]`; a token at `p` sees it when it is at most `p`
     /// and is a sink position or one of the last `window` (see [`window_slot_positions`]).
+    /// The sums over keys run over `key_order` ([`window_key_order`]).
     Window {
         positions: &'a [usize],
+        key_order: &'a [usize],
         sink: usize,
         window: usize,
     },
@@ -257,6 +309,9 @@ pub(crate) struct AttnScratch {
     /// layer of one sequence; a batch step recomputes it per sequence):
     /// (sink + window + max_batch)
     window_positions: Vec<usize>,
+    /// The windowed-cache slots in position order ([`window_key_order`]), computed with
+    /// `window_positions`.
+    window_key_order: Vec<usize>,
 }
 
 impl AttnScratch {
@@ -285,6 +340,9 @@ impl AttnScratch {
             // Zeroed: only the rows a context of the current length uses get mapped.
             attn_scratch: vec![0.0; most(&|t, n| AttnPlan::max_scratch_len(cfg, max_batch, t, n))],
             window_positions: vec![EMPTY; cfg.window_positions() + max_batch],
+            window_key_order: Vec::with_capacity(window_key_order_cap(
+                cfg.window_positions() + max_batch,
+            )),
         }
     }
 
@@ -298,6 +356,13 @@ impl AttnScratch {
                 n_past,
                 n_tok,
                 &mut self.window_positions[..n],
+            );
+            window_key_order(
+                cfg.sink,
+                cfg.window,
+                n_past,
+                n_tok,
+                &mut self.window_key_order,
             );
         }
     }
@@ -418,12 +483,14 @@ fn windowed<T: KvElement>(
     }
     let n_slots = staging + n_tok;
     let positions = std::mem::take(&mut scratch.window_positions);
+    let key_order = std::mem::take(&mut scratch.window_key_order);
     attend(
         cfg,
         threads,
         kv,
         KeySpan::Window {
             positions: &positions[..n_slots],
+            key_order: &key_order,
             sink,
             window,
         },
@@ -431,6 +498,7 @@ fn windowed<T: KvElement>(
         rows,
     );
     scratch.window_positions = positions;
+    scratch.window_key_order = key_order;
     // The newest `window` tokens of the step (at or past the sink) take their ring slots.
     for t in n_tok.saturating_sub(window)..n_tok {
         let pos = n_past + t;
@@ -542,9 +610,18 @@ fn attend<T: KvElement>(
     let group_width = cfg.gqa_group() * cfg.head_dim;
     let n_keys_max = match span {
         KeySpan::Causal => n_past + n_tok,
-        KeySpan::Window { positions, .. } => positions.len(),
+        // Scores by slot, then by position.
+        KeySpan::Window {
+            positions,
+            key_order,
+            ..
+        } => positions.len() + key_order.len(),
     };
-    let plan = AttnPlan::new(cfg, n_tok, threads.n_threads(), kv.n_slots);
+    let score_columns = match span {
+        KeySpan::Causal => kv.n_slots,
+        KeySpan::Window { .. } => window_score_columns(kv.n_slots),
+    };
+    let plan = AttnPlan::new(cfg, n_tok, threads.n_threads(), score_columns);
     let slot_len = plan.slot_len(cfg);
     let inputs = AttnInputs {
         cfg,
@@ -555,16 +632,7 @@ fn attend<T: KvElement>(
         n_past,
         span,
         scale: cfg.attn_scale(),
-        // Window layers hold keys in ring and staging slots, not in position order: a lane
-        // order over slots would depend on where a key sits (a restored ring, a window that
-        // covers the context, and full attention would round differently), so they keep one
-        // chain per sum, whose result is the same in any layout.
-        order: match span {
-            KeySpan::Causal => {
-                attention::SumOrder::for_step(edgefusion_kernels::cpu::isa(), n_tok, cfg.head_dim)
-            }
-            KeySpan::Window { .. } => attention::SumOrder::Chain,
-        },
+        order: attention::SumOrder::for_step(edgefusion_kernels::cpu::isa(), n_tok, cfg.head_dim),
     };
     run_tasks(
         threads,
@@ -740,7 +808,7 @@ struct AttnInputs<'a, T> {
     /// 1 / √head_dim
     scale: f32,
     /// The summation order of the products with the cache: llama.cpp's for a step of
-    /// `n_tok` query rows (full attention), one chain (window layers).
+    /// `n_tok` query rows.
     order: attention::SumOrder,
 }
 
@@ -778,41 +846,64 @@ fn attend_block<T: KvElement>(
     while s0 < t1 {
         let s1 = (s0 + sub_block).min(t1);
         let rows = (s0 - t0) * group..(s1 - t0) * group;
-        let n_keys = match inp.span {
-            // Keys up to the sub-block's last token; earlier tokens mask their tail.
-            KeySpan::Causal => inp.n_past + s1,
-            KeySpan::Window { positions, .. } => positions.len(),
-        };
-        // (s1 - s0, group, n_keys)
-        let probs = &mut probs[..rows.len() * n_keys];
         let q_sub = &q_rows[rows.start * hd..rows.end * hd];
-        attention::scores(q_sub, hd, keys, n_keys, inp.scale, probs, n_keys, inp.order);
-        for (i, row) in probs.chunks_exact_mut(n_keys).enumerate() {
-            let pos = inp.n_past + s0 + i / group;
-            match inp.span {
-                KeySpan::Causal => {
-                    let (seen, masked) = row.split_at_mut(pos + 1);
+        let out_sub = &mut out[rows.start * hd..rows.end * hd];
+        let row_pos = |i: usize| inp.n_past + s0 + i / group;
+        match inp.span {
+            KeySpan::Causal => {
+                // Keys up to the sub-block's last token; earlier tokens mask their tail.
+                let n_keys = inp.n_past + s1;
+                // (s1 - s0, group, n_keys)
+                let probs = &mut probs[..rows.len() * n_keys];
+                attention::scores(q_sub, hd, keys, n_keys, inp.scale, probs, n_keys, inp.order);
+                for (i, row) in probs.chunks_exact_mut(n_keys).enumerate() {
+                    let (seen, masked) = row.split_at_mut(row_pos(i) + 1);
                     softmax_rounded::<T>(seen);
                     masked.fill(0.0);
                 }
-                KeySpan::Window {
-                    positions,
-                    sink,
-                    window,
-                } => {
-                    for (score, &key_pos) in row.iter_mut().zip(positions) {
+                let value_rows = attention::ValueRows::Leading(n_keys);
+                attention::weighted_sum(probs, n_keys, values, hd, value_rows, out_sub, inp.order);
+            }
+            KeySpan::Window {
+                positions,
+                key_order,
+                sink,
+                window,
+            } => {
+                let (n_slots, n_keys) = (positions.len(), key_order.len());
+                // Scores by slot (s1 - s0, group, n_slots), then in key order
+                // (s1 - s0, group, n_keys) with the keys a token does not see at −∞.
+                let (by_slot, by_key) = probs.split_at_mut(rows.len() * n_slots);
+                let by_key = &mut by_key[..rows.len() * n_keys];
+                attention::scores(
+                    q_sub, hd, keys, n_slots, inp.scale, by_slot, n_slots, inp.order,
+                );
+                for (i, (slot_row, row)) in by_slot
+                    .chunks_exact(n_slots)
+                    .zip(by_key.chunks_exact_mut(n_keys))
+                    .enumerate()
+                {
+                    let pos = row_pos(i);
+                    for (score, &slot) in row.iter_mut().zip(key_order) {
+                        let key_pos = if slot == EMPTY {
+                            EMPTY
+                        } else {
+                            positions[slot]
+                        };
                         let seen = key_pos <= pos && (key_pos < sink || key_pos + window > pos);
-                        if !seen {
-                            *score = f32::NEG_INFINITY;
-                        }
+                        *score = if seen {
+                            slot_row[slot]
+                        } else {
+                            f32::NEG_INFINITY
+                        };
                     }
-                    // The token's own slot is always seen, so the max is finite.
+                    // The token's own key is always seen, so the max is finite.
                     softmax_rounded::<T>(row);
                 }
+                let value_rows = attention::ValueRows::Listed(key_order);
+                attention::weighted_sum(by_key, n_keys, values, hd, value_rows, out_sub, inp.order);
             }
         }
-        let out_sub = &mut out[rows.start * hd..rows.end * hd];
-        attention::weighted_sum(probs, n_keys, values, hd, n_keys, out_sub, inp.order);
         s0 = s1;
     }
 }
