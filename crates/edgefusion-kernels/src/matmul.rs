@@ -168,6 +168,13 @@ pub fn matmul_on(
         isa.name()
     );
     let (row_bytes, act_row_bytes) = check_shapes(ty, k, w, n_rows, act, n_tok, out, out_stride);
+    debug_assert!(
+        part.first + n_tok <= part.batch,
+        "matmul: rows {}..{} outside a batch of {}",
+        part.first,
+        part.first + n_tok,
+        part.batch
+    );
     if n_rows == 0 || n_tok == 0 {
         return;
     }

@@ -235,9 +235,9 @@ impl<'m> Session<'m> {
                 }
             )
         });
-        let mut cache_slots = vec![opts.n_ctx];
+        let mut score_columns = vec![opts.n_ctx];
         if cfg.n_window_layers() > 0 {
-            cache_slots.push(attention::window_score_columns(
+            score_columns.push(attention::window_score_columns(
                 cfg.window_positions() + max_batch,
             ));
         }
@@ -250,7 +250,7 @@ impl<'m> Session<'m> {
             up: vec![0.0; max_batch * cfg.d_ff],
             logits: vec![0.0; max_logits * cfg.vocab_size],
             act: ActCache::new(max_batch, widest.max(cfg.ssm_channels())),
-            attn: AttnScratch::new(cfg, max_batch, threads.max_threads(), &cache_slots),
+            attn: AttnScratch::new(cfg, max_batch, threads.max_threads(), &score_columns),
             ssm: SsmScratch::new(cfg, max_batch),
             positions: vec![0; max_batch],
             spans: vec![0..0; max_logits],

@@ -261,9 +261,10 @@ pub(crate) fn window_key_order(
 }
 
 /// Entries a [`window_key_order`] may have over a cache of `n_slots` slots: one per slot, and
-/// fewer than a period each before the first key and in the gap after the sink.
+/// fewer than a period of padding (before the first key without a sink, or in the gap after
+/// the sink with one).
 fn window_key_order_cap(n_slots: usize) -> usize {
-    n_slots + 2 * (LANE_PERIOD - 1)
+    n_slots + LANE_PERIOD - 1
 }
 
 /// Score columns per query row that attention over a windowed cache of `n_slots` slots needs
@@ -303,7 +304,8 @@ pub(crate) struct AttnScratch {
     att_tasks: Vec<f32>,
     /// Per attention chunk: a task's queries rounded to the cache type
     /// `(block_tokens · gqa_group, head_dim)`, then the scores and probabilities of one
-    /// sub-block `(sub_block_tokens · gqa_group, n_keys)` (see [`AttnPlan`]).
+    /// sub-block `(sub_block_tokens · gqa_group, score_columns)` (see [`AttnPlan`]; a
+    /// windowed layer's columns are its scores by slot, then by key order).
     attn_scratch: Vec<f32>,
     /// The position of each windowed-cache slot in this step (same for every windowed
     /// layer of one sequence; a batch step recomputes it per sequence):
@@ -315,18 +317,20 @@ pub(crate) struct AttnScratch {
 }
 
 impl AttnScratch {
-    /// Scratch for steps of up to `max_batch` tokens over caches of each of `n_slots` slots.
+    /// Scratch for steps of up to `max_batch` tokens over caches whose attention needs each
+    /// of `score_columns` columns per query row (a full cache's slots;
+    /// [`window_score_columns`] for a windowed one).
     pub(crate) fn new(
         cfg: &ModelConfig,
         max_batch: usize,
         n_threads: usize,
-        n_slots: &[usize],
+        score_columns: &[usize],
     ) -> Self {
         // A smaller cache may take longer sub-blocks, and fewer threads longer blocks: the
         // largest need over every size and every thread count a layer may run on.
         let most = |f: &dyn Fn(usize, usize) -> usize| {
             (1..=n_threads.max(1))
-                .flat_map(|t| n_slots.iter().map(move |&n| (t, n)))
+                .flat_map(|t| score_columns.iter().map(move |&n| (t, n)))
                 .map(|(t, n)| f(t, n))
                 .max()
                 .unwrap_or(0)
@@ -714,7 +718,7 @@ pub(crate) struct AttnPlan {
 }
 
 impl AttnPlan {
-    /// The plan for `n_tok` new tokens over a cache of at most `n_keys` slots.
+    /// The plan for `n_tok` new tokens whose score rows have at most `n_keys` columns.
     fn new(cfg: &ModelConfig, n_tok: usize, n_threads: usize, n_keys: usize) -> Self {
         let n_kv = cfg.n_kv_heads;
         let max_chunks = ATTN_CHUNKS_PER_THREAD * n_threads;
@@ -890,7 +894,7 @@ fn attend_block<T: KvElement>(
                         } else {
                             positions[slot]
                         };
-                        let seen = key_pos <= pos && (key_pos < sink || key_pos + window > pos);
+                        let seen = key_pos <= pos && (key_pos < sink || pos - key_pos < window);
                         *score = if seen {
                             slot_row[slot]
                         } else {
@@ -999,8 +1003,8 @@ mod tests {
     }
 
     /// Simulates the window cache slot by slot over steps of every size: the slots a token
-    /// sees hold exactly the positions of its span, each once — before, at and well past the
-    /// ring's wrap, with and without a sink.
+    /// sees hold exactly the positions of its span, each once, and the key order lists them
+    /// by position — before, at and well past the ring's wrap, with and without a sink.
     #[test]
     fn window_slots_hold_exactly_each_tokens_span() {
         for (sink, window) in [(0, 1), (0, 5), (4, 1), (4, 5), (2, 16), (3, 7)] {
@@ -1027,6 +1031,28 @@ mod tests {
                         let want: Vec<usize> =
                             (0..=p).filter(|&q| q < sink || q + window > p).collect();
                         assert_eq!(seen, want, "token {p}: {case}");
+                    }
+                    // The key order lists every slot that holds a position once, in
+                    // position order, entry j at j ≡ position (mod LANE_PERIOD).
+                    let mut order = Vec::new();
+                    window_key_order(sink, window, n_past, n_tok, &mut order);
+                    assert!(
+                        order.len() <= window_key_order_cap(positions.len()),
+                        "{case}"
+                    );
+                    let listed: Vec<(usize, usize)> = order
+                        .iter()
+                        .enumerate()
+                        .filter(|&(_, &slot)| slot != EMPTY)
+                        .map(|(j, &slot)| (j, positions[slot]))
+                        .collect();
+                    let mut held: Vec<usize> =
+                        positions.iter().copied().filter(|&p| p != EMPTY).collect();
+                    held.sort_unstable();
+                    let in_order: Vec<usize> = listed.iter().map(|&(_, p)| p).collect();
+                    assert_eq!(in_order, held, "key order: {case}");
+                    for (j, p) in listed {
+                        assert_eq!(j % LANE_PERIOD, p % LANE_PERIOD, "entry {j}: {case}");
                     }
                     for t in n_tok.saturating_sub(window)..n_tok {
                         let pos = n_past + t;
