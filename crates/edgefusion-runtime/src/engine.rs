@@ -235,12 +235,7 @@ impl<'m> Session<'m> {
                 }
             )
         });
-        let mut score_columns = vec![opts.n_ctx];
-        if cfg.n_window_layers() > 0 {
-            score_columns.push(attention::window_score_columns(
-                cfg.window_positions() + max_batch,
-            ));
-        }
+        let score_columns = attention::score_columns(cfg, opts.n_ctx, max_batch);
         let state = RunState {
             x: vec![0.0; max_batch * cfg.d_model],
             xn: vec![0.0; max_batch * cfg.d_model],

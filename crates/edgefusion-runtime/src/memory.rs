@@ -8,7 +8,7 @@ use edgefusion_kernels::GgmlType;
 use edgefusion_model::{LayerType, ModelConfig};
 
 use crate::engine::SessionOptions;
-use crate::mixer::attention::{window_score_columns, AttnPlan, KvType};
+use crate::mixer::attention::{score_columns, AttnPlan, KvType};
 
 /// Resident bytes of the process besides the model and the session: code, the tokenizer's
 /// tables, the allocator's arenas and thread stacks. Measured with `edgefusion run
@@ -86,10 +86,7 @@ pub fn buffer_bytes(cfg: &ModelConfig, opts: &SessionOptions) -> usize {
         + 2 * ActQ8::row_bytes(widest);
     // As `AttnScratch::new`: the most any thread count a layer may run on needs, over the
     // full cache and the window's.
-    let mut slots = vec![n_ctx];
-    if cfg.window > 0 {
-        slots.push(window_score_columns(cfg.window_positions() + max_batch));
-    }
+    let slots = score_columns(cfg, n_ctx, max_batch);
     let most = |f: &dyn Fn(usize, usize) -> usize| {
         (1..=opts.n_threads.max(1))
             .flat_map(|t| slots.iter().map(move |&n| (t, n)))

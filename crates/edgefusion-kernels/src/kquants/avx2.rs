@@ -234,25 +234,6 @@ pub(super) fn vec_dot_q4k_q8k_per_64(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
     acc - acc_min
 }
 
-/// [`vec_dot_q4k_q8k`] in the order of llama.cpp's tiled K-quant matmul, which runs Q4_K
-/// matrices it does not repack in batches of 8 tokens or more: per super-block
-/// `d·Σ sc·q·q8 − dmin·Σ m·bsum` (the second term fused), then one fused multiply-add with
-/// the activation's scale.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn vec_dot_q4k_q8k_tiled(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
-    let mut acc = 0.0f32;
-    for (wb, ab) in w.iter().zip(a) {
-        let (d, dmin) = f16_pair(wb.d, wb.dmin);
-        let (scaled, offsets) = q4k_block(wb, ab);
-        let res = (-dmin).mul_add(
-            hsum_epi32_128(offsets) as f32,
-            d * hsum_epi32(scaled) as f32,
-        );
-        acc = res.mul_add(ab.scale(), acc);
-    }
-    acc
-}
-
 /// Lane `c` of the result is the sum of the 8 lanes of `v[c]`.
 #[inline]
 #[target_feature(enable = "avx2")]

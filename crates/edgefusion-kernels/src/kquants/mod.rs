@@ -71,8 +71,8 @@ pub enum KDotOrder {
     Single,
     /// Q4_K's repacked gemm: one fused step per 64 weights.
     Grouped4,
-    /// The tiled K-quant matmul: per super-block `d·Σ` (minus `dmin·Σ`) in f32, then one
-    /// fused step with the activation's scale.
+    /// The tiled K-quant matmul: per super-block `d·Σ` in f32, then one fused step with the
+    /// activation's scale (Q6_K).
     Tiled,
 }
 
@@ -101,12 +101,31 @@ pub fn vec_dot_in_order_on(
     w: &[u8],
     act: &[u8],
 ) -> f32 {
-    match (ty, order) {
-        (_, KDotOrder::Single) => crate::vec_dot_on(isa, ty, n, w, act),
-        (GgmlType::Q4K, _) => q4_k::vec_dot_in_order_on(isa, order, n, w, act),
-        (GgmlType::Q6K, _) => q6_k::vec_dot_in_order_on(isa, order, n, w, act),
-        _ => crate::vec_dot_on(isa, ty, n, w, act),
+    #[cfg(target_arch = "x86_64")]
+    if isa == crate::cpu::Isa::Avx2 && order != KDotOrder::Single {
+        assert!(
+            crate::cpu::is_runnable(isa),
+            "AVX2 kernels cannot run on this CPU"
+        );
+        let nb = super_blocks(n);
+        // SAFETY: AVX2 (with FMA and F16C) checked runnable just above; the block views hold
+        // `nb` whole blocks each.
+        let dot = unsafe {
+            match (ty, order) {
+                (GgmlType::Q4K, KDotOrder::Grouped4) => {
+                    Some(avx2::vec_dot_q4k_q8k_per_64(blocks(w, nb), blocks(act, nb)))
+                }
+                (GgmlType::Q6K, KDotOrder::Tiled) => {
+                    Some(avx2::vec_dot_q6k_q8k_tiled(blocks(w, nb), blocks(act, nb)))
+                }
+                _ => None,
+            }
+        };
+        if let Some(dot) = dot {
+            return dot;
+        }
     }
+    crate::vec_dot_on(isa, ty, n, w, act)
 }
 
 /// Weights per super-block, for every k-quant format.

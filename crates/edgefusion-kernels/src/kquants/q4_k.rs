@@ -175,42 +175,6 @@ pub fn vec_dot_q4k_q8k_on(isa: Isa, n: usize, w: &[u8], act: &[u8]) -> f32 {
     unsafe { vec_dot_with(isa, n, w, act) }
 }
 
-/// [`vec_dot_q4k_q8k_on`] in `order` (see [`super::KDotOrder`]); on AVX2 each order is
-/// llama.cpp's, other ISAs have one order for all.
-pub(super) fn vec_dot_in_order_on(
-    isa: Isa,
-    order: super::KDotOrder,
-    n: usize,
-    w: &[u8],
-    act: &[u8],
-) -> f32 {
-    assert!(
-        cpu::is_runnable(isa),
-        "{} kernels cannot run on this CPU",
-        isa.name()
-    );
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
-        let n_blocks = super_blocks(n);
-        let (w_blocks, a_blocks) = (
-            blocks::<BlockQ4K>(w, n_blocks),
-            blocks::<BlockQ8K>(act, n_blocks),
-        );
-        // SAFETY: checked runnable just above: AVX2, FMA, F16C.
-        return unsafe {
-            match order {
-                super::KDotOrder::Single => super::avx2::vec_dot_q4k_q8k(w_blocks, a_blocks),
-                super::KDotOrder::Grouped4 => {
-                    super::avx2::vec_dot_q4k_q8k_per_64(w_blocks, a_blocks)
-                }
-                super::KDotOrder::Tiled => super::avx2::vec_dot_q4k_q8k_tiled(w_blocks, a_blocks),
-            }
-        };
-    }
-    // SAFETY: checked runnable just above.
-    unsafe { vec_dot_with(isa, n, w, act) }
-}
-
 /// # Safety
 /// `isa` must be runnable on this CPU.
 #[inline]
@@ -248,7 +212,7 @@ unsafe fn vec_dot_with(isa: Isa, n: usize, w: &[u8], act: &[u8]) -> f32 {
 mod tests {
     use super::super::q8_k::quantize_row_q8k_scalar;
     use super::super::test_support::{abs_dot, cosine_vector, rmse, weight_like, XorShift};
-    use super::super::KDotOrder;
+    use super::super::{vec_dot_in_order_on, KDotOrder};
     use super::*;
 
     /// 4-bit levels over a sub-block's range with 6-bit scales: on the cosine vector (range
@@ -335,8 +299,7 @@ mod tests {
     /// llama.cpp's AVX2 Q4_K orders, written out from the integer sums: the gemv (one
     /// token) and the gemm (tokens in groups of 4) add with one fused multiply-add per
     /// super-block or per 64 weights on a scale chain and a min chain, the min chain
-    /// subtracted last; the tiled matmul takes `d·Σ − dmin·Σ` per super-block, then one fused
-    /// multiply-add with the activation's scale.
+    /// subtracted last.
     fn llama_cpp_avx2_dot(w: &[u8], act: &[u8], n_blocks: usize, order: KDotOrder) -> f32 {
         let (mut acc, mut acc_min) = (0.0f32, 0.0f32);
         for (wb, ab) in blocks::<BlockQ4K>(w, n_blocks)
@@ -357,10 +320,7 @@ mod tests {
                         acc_min = (m as f32).mul_add(dmin * d8, acc_min);
                     }
                 }
-                KDotOrder::Tiled => {
-                    let res = (-dmin).mul_add(m as f32, d * s as f32);
-                    acc = res.mul_add(d8, acc);
-                }
+                KDotOrder::Tiled => unreachable!("llama.cpp repacks Q4_K on AVX2"),
             }
         }
         acc - acc_min
@@ -377,8 +337,8 @@ mod tests {
             let mut act = vec![0u8; n_blocks * 292];
             quantize_row_q8k_scalar(&x, &mut act);
             let n = n_blocks * QK_K;
-            for order in [KDotOrder::Single, KDotOrder::Grouped4, KDotOrder::Tiled] {
-                let got = vec_dot_in_order_on(Isa::Avx2, order, n, &w, &act);
+            for order in [KDotOrder::Single, KDotOrder::Grouped4] {
+                let got = vec_dot_in_order_on(Isa::Avx2, GgmlType::Q4K, order, n, &w, &act);
                 let want = llama_cpp_avx2_dot(&w, &act, n_blocks, order);
                 assert_eq!(got.to_bits(), want.to_bits(), "{order:?}");
             }

@@ -169,34 +169,6 @@ pub fn vec_dot_q6k_q8k_on(isa: Isa, n: usize, w: &[u8], act: &[u8]) -> f32 {
     unsafe { vec_dot_with(isa, n, w, act) }
 }
 
-/// [`vec_dot_q6k_q8k_on`] in `order` (see [`super::KDotOrder`]); on AVX2 each order is
-/// llama.cpp's, other ISAs have one order for all.
-pub(super) fn vec_dot_in_order_on(
-    isa: Isa,
-    order: super::KDotOrder,
-    n: usize,
-    w: &[u8],
-    act: &[u8],
-) -> f32 {
-    assert!(
-        cpu::is_runnable(isa),
-        "{} kernels cannot run on this CPU",
-        isa.name()
-    );
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && order == super::KDotOrder::Tiled {
-        let n_blocks = super_blocks(n);
-        let (w_blocks, a_blocks) = (
-            blocks::<BlockQ6K>(w, n_blocks),
-            blocks::<BlockQ8K>(act, n_blocks),
-        );
-        // SAFETY: checked runnable just above: AVX2, FMA, F16C.
-        return unsafe { super::avx2::vec_dot_q6k_q8k_tiled(w_blocks, a_blocks) };
-    }
-    // SAFETY: checked runnable just above.
-    unsafe { vec_dot_with(isa, n, w, act) }
-}
-
 /// # Safety
 /// `isa` must be runnable on this CPU.
 #[inline]
@@ -360,7 +332,9 @@ mod tests {
                 want = res.mul_add(ab.scale(), want);
             }
             let order = super::super::KDotOrder::Tiled;
-            let got = vec_dot_in_order_on(Isa::Avx2, order, n_blocks * QK_K, &w, &act);
+            let n = n_blocks * QK_K;
+            let got =
+                super::super::vec_dot_in_order_on(Isa::Avx2, GgmlType::Q6K, order, n, &w, &act);
             assert_eq!(got.to_bits(), want.to_bits());
         }
     }

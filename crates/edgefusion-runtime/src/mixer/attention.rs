@@ -269,8 +269,19 @@ fn window_key_order_cap(n_slots: usize) -> usize {
 
 /// Score columns per query row that attention over a windowed cache of `n_slots` slots needs
 /// in its scratch: the scores by slot, then in key order.
-pub(crate) fn window_score_columns(n_slots: usize) -> usize {
+fn window_score_columns(n_slots: usize) -> usize {
     n_slots + window_key_order_cap(n_slots)
+}
+
+/// The score columns per query row of each kind of cache a session of `n_ctx` positions and
+/// steps of up to `max_batch` tokens holds: the full cache's slots, and the windowed
+/// layers' columns (see [`AttnScratch::new`]).
+pub(crate) fn score_columns(cfg: &ModelConfig, n_ctx: usize, max_batch: usize) -> Vec<usize> {
+    let mut columns = vec![n_ctx];
+    if cfg.n_window_layers() > 0 {
+        columns.push(window_score_columns(cfg.window_positions() + max_batch));
+    }
+    columns
 }
 
 /// Which cached positions each new token attends to.
