@@ -465,15 +465,31 @@ impl<const LANES: usize> KeyStep for LaneSums<LANES> {
         let mut sums = [0.0f32; KEY_STEP];
         for (k, s) in sums.iter_mut().enumerate() {
             *s = add_lanes::<LANES>(|r| lanes[r][k]);
-            if whole < head_dim {
-                let mut wide = *s as f64;
-                for d in whole..head_dim {
-                    wide += (q_row[d] * panel[d * KEY_PANEL + k0 + k]) as f64;
-                }
-                *s = wide as f32;
-            }
         }
+        add_tail_wide(&mut sums, q_row, panel, k0, whole);
         sums
+    }
+}
+
+/// Adds the products of dimensions `whole..` (past the last whole group of lanes) to each
+/// key's sum one by one in f64, as `ggml_vec_dot_f16` adds its leftovers.
+#[inline(always)]
+fn add_tail_wide(
+    sums: &mut [f32; KEY_STEP],
+    q_row: &[f32],
+    panel: &[f32],
+    k0: usize,
+    whole: usize,
+) {
+    if whole == q_row.len() {
+        return;
+    }
+    for (k, s) in sums.iter_mut().enumerate() {
+        let mut wide = *s as f64;
+        for (d, &qd) in q_row.iter().enumerate().skip(whole) {
+            wide += (qd * panel[d * KEY_PANEL + k0 + k]) as f64;
+        }
+        *s = wide as f32;
     }
 }
 
@@ -672,7 +688,32 @@ fn scores_impl<T: KvElement>(
         // SAFETY: as above; the shapes passed `check_scores`, which for the 8-lane order
         // includes a head_dim that is a multiple of 8.
         Isa::Avx2 if order == SumOrder::Lanes8 => unsafe {
-            x86::scores_lanes8_avx2(q, head_dim, keys, n_keys, scale, out, ld, m)
+            x86::scores_lanes_avx2(
+                q,
+                head_dim,
+                keys,
+                n_keys,
+                scale,
+                out,
+                ld,
+                m,
+                x86::Lanes8Avx2,
+            )
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 if order == SumOrder::Lanes32 => unsafe {
+            x86::scores_lanes_avx2(
+                q,
+                head_dim,
+                keys,
+                n_keys,
+                scale,
+                out,
+                ld,
+                m,
+                x86::Lanes32Avx2,
+            )
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
@@ -765,15 +806,15 @@ mod x86 {
     );
     compiled_for!(scores_avx2, weighted_sum_avx2, "avx2,fma,f16c");
 
-    /// [`SumOrder::Lanes8`] scores with AVX2 registers ([`Lanes8Avx2`]), equal to
-    /// [`super::scores_scalar`] bit for bit.
+    /// Scores with AVX2 registers in the order of `step` ([`Lanes8Avx2`] or [`Lanes32Avx2`]),
+    /// equal to [`super::scores_scalar`] in that order bit for bit.
     ///
     /// # Safety
     /// AVX2, FMA and F16C must be available; the shapes must have passed `check_scores` with
-    /// [`SumOrder::Lanes8`] (`head_dim` a multiple of 8).
+    /// the order of `step` (for [`Lanes8Avx2`], `head_dim` a multiple of 8).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn scores_lanes8_avx2<T: KvElement>(
+    pub(super) unsafe fn scores_lanes_avx2<T: KvElement>(
         q: &[f32],
         head_dim: usize,
         keys: &[T],
@@ -782,11 +823,10 @@ mod x86 {
         out: &mut [f32],
         ld: usize,
         m: usize,
+        step: impl super::KeyStep,
     ) {
-        // SAFETY: AVX2, FMA and F16C are available (this fn's contract), `Lanes8Avx2`'s ISA.
-        unsafe {
-            super::scores_by_key_step(q, head_dim, keys, n_keys, scale, out, ld, m, Lanes8Avx2)
-        }
+        // SAFETY: AVX2, FMA and F16C are available (this fn's contract), `step`'s ISA.
+        unsafe { super::scores_by_key_step(q, head_dim, keys, n_keys, scale, out, ld, m, step) }
     }
 
     /// [`super::KeyStep`] in the 8-lane order with AVX2 registers: lane `r` is one register
@@ -794,7 +834,54 @@ mod x86 {
     /// dimension in order; the 8 registers are then added as [`super::add_lanes`] adds 8
     /// lanes. Each operation is [`super::LaneSums`]'s, per key, so the results are equal bit
     /// for bit.
-    struct Lanes8Avx2;
+    pub(super) struct Lanes8Avx2;
+
+    /// [`super::KeyStep`] in the 32-lane order (`ggml_vec_dot_f16`, one query row) with AVX2
+    /// registers. The 32 lanes of 8 keys do not fit in 16 registers, so they are summed in
+    /// four passes over the panel, pass `p` holding the 8 lanes that
+    /// [`super::add_lanes`] folds into its `t(p) = y(p) + y(p + 4)`: lanes `p`, `p + 16`,
+    /// `p + 8`, `p + 24` and the same from `p + 4`. Each lane is one chain of fused
+    /// multiply-adds in dimension order and the folds are `add_lanes`'s, per key, so the
+    /// results equal [`super::LaneSums`]`<32>` bit for bit.
+    pub(super) struct Lanes32Avx2;
+
+    impl super::KeyStep for Lanes32Avx2 {
+        #[inline(always)]
+        unsafe fn sums(&self, q_row: &[f32], panel: &[f32], k0: usize) -> [f32; KEY_STEP] {
+            let head_dim = q_row.len();
+            let whole = head_dim - head_dim % 32;
+            let mut sums = [0.0f32; KEY_STEP];
+            // SAFETY: the caller guarantees AVX2 and FMA, `k0 + 8 ≤ 16`, and a panel of
+            // `head_dim` rows of 16: dimension `d0 + r < whole` reads `q_row[d0 + r]` and
+            // the 8 floats at `(d0 + r) · 16 + k0` of the panel.
+            unsafe {
+                let qp = q_row.as_ptr();
+                let kp = panel.as_ptr().add(k0);
+                let mut t = [_mm256_setzero_ps(); 4];
+                for (p, t_p) in t.iter_mut().enumerate() {
+                    let lanes = [p, p + 16, p + 8, p + 24, p + 4, p + 20, p + 12, p + 28];
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for d0 in (0..whole).step_by(32) {
+                        for (a, &r) in acc.iter_mut().zip(&lanes) {
+                            let qd = _mm256_set1_ps(*qp.add(d0 + r));
+                            let kv = _mm256_loadu_ps(kp.add((d0 + r) * KEY_PANEL));
+                            *a = _mm256_fmadd_ps(qd, kv, *a);
+                        }
+                    }
+                    // y(p) = (l_p + l_{16+p}) + (l_{8+p} + l_{24+p}), likewise y(p + 4).
+                    let y_p =
+                        _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+                    let y_p4 =
+                        _mm256_add_ps(_mm256_add_ps(acc[4], acc[5]), _mm256_add_ps(acc[6], acc[7]));
+                    *t_p = _mm256_add_ps(y_p, y_p4);
+                }
+                let s = _mm256_add_ps(_mm256_add_ps(t[0], t[1]), _mm256_add_ps(t[2], t[3]));
+                _mm256_storeu_ps(sums.as_mut_ptr(), s);
+            }
+            super::add_tail_wide(&mut sums, q_row, panel, k0, whole);
+            sums
+        }
+    }
 
     impl super::KeyStep for Lanes8Avx2 {
         #[inline(always)]
