@@ -6,15 +6,65 @@
 //! and over 49 152 rows (SmolLM2-135M's vocabulary: streamed from memory). Timings are the
 //! best of many repetitions, which filters out preemption on a shared machine.
 //!
-//! `cargo run --release -p edgefusion-kernels --example kernel_speed`
+//! `cargo run --release -p edgefusion-kernels --example kernel_speed [-- --types Q5_0,Q8_0
+//! --k 640 --rows 262144]`: other formats, widths, and the streamed row count (Gemma 3's
+//! vocabulary is 262 144).
 
 use std::time::Instant;
 
 use edgefusion_kernels::cpu::{self, Isa};
 use edgefusion_kernels::{matmul_on, quantize_row, vec_dot_on, vec_dot_type, BatchPart, GgmlType};
 
-/// Row counts of the decode runs: L2-resident and memory-streamed.
-const DECODE_ROWS: [(usize, usize); 2] = [(2_048, 200), (49_152, 8)];
+/// Row count and repetitions of the L2-resident decode run.
+const RESIDENT_ROWS: (usize, usize) = (2_048, 200);
+
+/// What to measure: the command line's `--types`, `--k` and `--rows` (streamed rows).
+struct Options {
+    types: Vec<GgmlType>,
+    widths: Vec<usize>,
+    streamed_rows: usize,
+}
+
+fn options() -> Options {
+    let mut opts = Options {
+        types: vec![
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::F16,
+        ],
+        widths: vec![576, 1536],
+        streamed_rows: 49_152,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    for pair in args.chunks(2) {
+        let [flag, value] = pair else {
+            panic!("kernel_speed: {} needs a value", pair[0])
+        };
+        match flag.as_str() {
+            "--types" => {
+                opts.types = value
+                    .split(',')
+                    .map(|name| {
+                        GgmlType::ALL
+                            .into_iter()
+                            .find(|t| t.name().eq_ignore_ascii_case(name))
+                            .unwrap_or_else(|| panic!("kernel_speed: unknown type {name}"))
+                    })
+                    .collect()
+            }
+            "--k" => {
+                opts.widths = value
+                    .split(',')
+                    .map(|k| k.parse().expect("--k: widths"))
+                    .collect()
+            }
+            "--rows" => opts.streamed_rows = value.parse().expect("--rows: a row count"),
+            _ => panic!("kernel_speed: unknown option {flag} (--types, --k, --rows)"),
+        }
+    }
+    opts
+}
 
 fn weights(ty: GgmlType, k: usize, rows: usize) -> Vec<u8> {
     let row: Vec<f32> = (0..k)
@@ -52,28 +102,27 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
+    let opts = options();
     println!("detected ISA: {}", cpu::isa().name());
-    let types = [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q8_0,
-        GgmlType::F16,
-    ];
-    for (rows, reps) in DECODE_ROWS {
+    let streamed = (
+        opts.streamed_rows,
+        (400_000 / opts.streamed_rows).clamp(3, 20),
+    );
+    for (rows, reps) in [RESIDENT_ROWS, streamed] {
         println!("\ndecode: one token × {rows} rows, single thread, GB/s of weights (ns/row)");
         println!(
             "{:<6} {:>5} {:<11} {:>16} {:>16}",
             "type", "k", "isa", "matmul", "vec_dot"
         );
-        for ty in types {
-            for k in [576, 1536] {
+        for &ty in &opts.types {
+            for &k in &opts.widths {
                 decode_line(ty, k, rows, reps);
             }
         }
     }
-    let (n_rows, n_tok, k) = (1536, 64, 576);
+    let (n_rows, n_tok, k) = (1536, 64, opts.widths[0]);
     println!("\nprefill: {n_tok} tokens × {n_rows} rows, k = {k}, single thread, GMAC/s");
-    for ty in types {
+    for &ty in &opts.types {
         let w = weights(ty, k, n_rows);
         let act = activation(ty, k, n_tok);
         let mut out = vec![0.0f32; n_rows * n_tok];

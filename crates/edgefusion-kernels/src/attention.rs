@@ -83,7 +83,7 @@ impl KvElement for f16 {
         dst.convert_from_f32_slice(src);
     }
     fn load_slice(src: &[f16], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst);
+        f32ops::f16_to_f32(src, dst);
     }
     fn round_slice(x: &mut [f32]) {
         f32ops::round_f16(x);
@@ -688,32 +688,12 @@ fn scores_impl<T: KvElement>(
         // SAFETY: as above; the shapes passed `check_scores`, which for the 8-lane order
         // includes a head_dim that is a multiple of 8.
         Isa::Avx2 if order == SumOrder::Lanes8 => unsafe {
-            x86::scores_lanes_avx2(
-                q,
-                head_dim,
-                keys,
-                n_keys,
-                scale,
-                out,
-                ld,
-                m,
-                x86::Lanes8Avx2,
-            )
+            x86::scores_lanes8_avx2(q, head_dim, keys, n_keys, scale, out, ld, m)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx2 if order == SumOrder::Lanes32 => unsafe {
-            x86::scores_lanes_avx2(
-                q,
-                head_dim,
-                keys,
-                n_keys,
-                scale,
-                out,
-                ld,
-                m,
-                x86::Lanes32Avx2,
-            )
+            x86::scores_lanes32_avx2(q, head_dim, keys, n_keys, scale, out, ld, m)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
@@ -806,15 +786,14 @@ mod x86 {
     );
     compiled_for!(scores_avx2, weighted_sum_avx2, "avx2,fma,f16c");
 
-    /// Scores with AVX2 registers in the order of `step` ([`Lanes8Avx2`] or [`Lanes32Avx2`]),
-    /// equal to [`super::scores_scalar`] in that order bit for bit.
+    /// [`SumOrder::Lanes32`] scores with AVX2 registers ([`Lanes32Avx2`]), equal to
+    /// [`super::scores_scalar`] in that order bit for bit.
     ///
     /// # Safety
-    /// AVX2, FMA and F16C must be available; the shapes must have passed `check_scores` with
-    /// the order of `step` (for [`Lanes8Avx2`], `head_dim` a multiple of 8).
+    /// AVX2, FMA and F16C must be available; the shapes must have passed `check_scores`.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn scores_lanes_avx2<T: KvElement>(
+    pub(super) unsafe fn scores_lanes32_avx2<T: KvElement>(
         q: &[f32],
         head_dim: usize,
         keys: &[T],
@@ -823,18 +802,12 @@ mod x86 {
         out: &mut [f32],
         ld: usize,
         m: usize,
-        step: impl super::KeyStep,
     ) {
-        // SAFETY: AVX2, FMA and F16C are available (this fn's contract), `step`'s ISA.
-        unsafe { super::scores_by_key_step(q, head_dim, keys, n_keys, scale, out, ld, m, step) }
+        // SAFETY: AVX2, FMA and F16C are available (this fn's contract), `Lanes32Avx2`'s ISA.
+        unsafe {
+            super::scores_by_key_step(q, head_dim, keys, n_keys, scale, out, ld, m, Lanes32Avx2)
+        }
     }
-
-    /// [`super::KeyStep`] in the 8-lane order with AVX2 registers: lane `r` is one register
-    /// accumulating dimensions `d ≡ r (mod 8)` of 8 keys, one fused multiply-add per
-    /// dimension in order; the 8 registers are then added as [`super::add_lanes`] adds 8
-    /// lanes. Each operation is [`super::LaneSums`]'s, per key, so the results are equal bit
-    /// for bit.
-    pub(super) struct Lanes8Avx2;
 
     /// [`super::KeyStep`] in the 32-lane order (`ggml_vec_dot_f16`, one query row) with AVX2
     /// registers. The 32 lanes of 8 keys do not fit in 16 registers, so they are summed in
@@ -843,7 +816,7 @@ mod x86 {
     /// `p + 8`, `p + 24` and the same from `p + 4`. Each lane is one chain of fused
     /// multiply-adds in dimension order and the folds are `add_lanes`'s, per key, so the
     /// results equal [`super::LaneSums`]`<32>` bit for bit.
-    pub(super) struct Lanes32Avx2;
+    struct Lanes32Avx2;
 
     impl super::KeyStep for Lanes32Avx2 {
         #[inline(always)]
@@ -883,32 +856,177 @@ mod x86 {
         }
     }
 
-    impl super::KeyStep for Lanes8Avx2 {
-        #[inline(always)]
-        unsafe fn sums(&self, q_row: &[f32], panel: &[f32], k0: usize) -> [f32; KEY_STEP] {
-            let mut sums = [0.0f32; KEY_STEP];
-            // SAFETY: the caller guarantees AVX2 and FMA, `k0 + 8 ≤ 16`, and a panel of
-            // `q_row.len()` rows of 16 (a multiple of 8, checked for the 8-lane order):
-            // dimension `d0 + r` reads `q_row[d0 + r]` and the 8 floats at
-            // `(d0 + r) · 16 + k0` of the panel.
+    /// [`SumOrder::Lanes8`] scores (two or more query rows, llamafile's tinyBLAS) with AVX2
+    /// registers in tinyBLAS's own layout: each key panel is turned to key rows
+    /// `(KEY_PANEL, head_dim)` in f32, and a tile of 4 query rows × 2 keys keeps one register
+    /// per (row, key) whose lane `r` adds dimensions `d ≡ r (mod 8)` in order, one fused
+    /// multiply-add each; each register is then added across as [`super::add_lanes`] adds 8
+    /// lanes. Per score these are [`super::LaneSums`]`<8>`'s operations, so the results are
+    /// equal bit for bit, while each loaded key and query vector serves several products.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; the shapes must have passed `check_scores` with
+    /// [`SumOrder::Lanes8`] (`head_dim` a multiple of 8).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn scores_lanes8_avx2<T: KvElement>(
+        q: &[f32],
+        head_dim: usize,
+        keys: &[T],
+        n_keys: usize,
+        scale: f32,
+        out: &mut [f32],
+        ld: usize,
+        m: usize,
+    ) {
+        let panel_len = KEY_PANEL * head_dim;
+        let mut scratch = super::SCRATCH.take();
+        let (panel_f32, key_rows) = (&mut scratch.0, &mut scratch.1);
+        panel_f32.resize(panel_len, 0.0);
+        key_rows.resize(panel_len, 0.0);
+        for (p, panel) in keys[..n_keys.div_ceil(KEY_PANEL) * panel_len]
+            .chunks_exact(panel_len)
+            .enumerate()
+        {
+            T::load_slice(panel, panel_f32);
+            // SAFETY: AVX is available (this fn's contract); both hold a panel of
+            // `head_dim` (a multiple of 8) × `KEY_PANEL` floats.
+            unsafe { transpose_panel(panel_f32, key_rows, head_dim) };
+            let cols = p * KEY_PANEL..(p * KEY_PANEL + KEY_PANEL).min(n_keys);
+            let mut i = 0;
+            // SAFETY: AVX2 and FMA are available (this fn's contract); `key_rows` holds a
+            // whole panel of rows, rows `i..i + RM ≤ m` of `q` exist, `head_dim` is a multiple
+            // of 8 and `cols` lies inside the panel and inside `out`'s rows (checked shapes).
             unsafe {
-                let qp = q_row.as_ptr();
-                let kp = panel.as_ptr().add(k0);
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for d0 in (0..q_row.len()).step_by(8) {
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        let qd = _mm256_set1_ps(*qp.add(d0 + r));
-                        let kv = _mm256_loadu_ps(kp.add((d0 + r) * KEY_PANEL));
-                        *a = _mm256_fmadd_ps(qd, kv, *a);
+                while i + 4 <= m {
+                    score_tile::<4>(q, head_dim, key_rows, i, cols.clone(), scale, out, ld);
+                    i += 4;
+                }
+                while i < m {
+                    score_tile::<1>(q, head_dim, key_rows, i, cols.clone(), scale, out, ld);
+                    i += 1;
+                }
+            }
+        }
+        super::SCRATCH.set(scratch);
+    }
+
+    /// `key_rows[k · head_dim + d] = panel[d · KEY_PANEL + k]`: a key panel
+    /// `(head_dim, KEY_PANEL)` as key rows `(KEY_PANEL, head_dim)`, in 8 × 8 blocks.
+    ///
+    /// # Safety
+    /// AVX must be available; `head_dim` is a multiple of 8 and both slices hold
+    /// `head_dim · KEY_PANEL` floats.
+    #[inline(always)]
+    unsafe fn transpose_panel(panel: &[f32], key_rows: &mut [f32], head_dim: usize) {
+        debug_assert!(panel.len() >= head_dim * KEY_PANEL && key_rows.len() >= panel.len());
+        // SAFETY: the caller's contract: block (d0, k0) reads rows `d0..d0 + 8 ≤ head_dim`
+        // of the panel at columns `k0..k0 + 8 ≤ KEY_PANEL` and writes key rows
+        // `k0..k0 + 8` at dimensions `d0..d0 + 8`.
+        unsafe {
+            let src = panel.as_ptr();
+            let dst = key_rows.as_mut_ptr();
+            for d0 in (0..head_dim).step_by(8) {
+                for k0 in (0..KEY_PANEL).step_by(8) {
+                    let mut r = [_mm256_setzero_ps(); 8];
+                    for (j, row) in r.iter_mut().enumerate() {
+                        *row = _mm256_loadu_ps(src.add((d0 + j) * KEY_PANEL + k0));
+                    }
+                    // Pairs, then quads, then halves: the standard 8 × 8 transpose.
+                    let t = [
+                        _mm256_unpacklo_ps(r[0], r[1]),
+                        _mm256_unpackhi_ps(r[0], r[1]),
+                        _mm256_unpacklo_ps(r[2], r[3]),
+                        _mm256_unpackhi_ps(r[2], r[3]),
+                        _mm256_unpacklo_ps(r[4], r[5]),
+                        _mm256_unpackhi_ps(r[4], r[5]),
+                        _mm256_unpacklo_ps(r[6], r[7]),
+                        _mm256_unpackhi_ps(r[6], r[7]),
+                    ];
+                    let u = [
+                        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+                        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+                        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+                        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+                    ];
+                    for i in 0..4 {
+                        let lo = _mm256_permute2f128_ps::<0x20>(u[i], u[i + 4]);
+                        let hi = _mm256_permute2f128_ps::<0x31>(u[i], u[i + 4]);
+                        _mm256_storeu_ps(dst.add((k0 + i) * head_dim + d0), lo);
+                        _mm256_storeu_ps(dst.add((k0 + i + 4) * head_dim + d0), hi);
                     }
                 }
-                let s = _mm256_add_ps(
-                    _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6])),
-                    _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7])),
-                );
-                _mm256_storeu_ps(sums.as_mut_ptr(), s);
             }
-            sums
+        }
+    }
+
+    /// Scores of query rows `i0..i0 + RM` with the keys `cols` of one panel, two keys at a
+    /// time (see [`scores_lanes8_avx2`]).
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `key_rows` holds `KEY_PANEL` rows of `head_dim` (a
+    /// multiple of 8), `q` rows `..i0 + RM`, `cols` a range of at most `KEY_PANEL` columns
+    /// starting at a panel boundary, and `out` rows `..i0 + RM` of stride `ld` up to
+    /// `cols.end`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn score_tile<const RM: usize>(
+        q: &[f32],
+        head_dim: usize,
+        key_rows: &[f32],
+        i0: usize,
+        cols: std::ops::Range<usize>,
+        scale: f32,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        // SAFETY: the caller's contract: keys `k, k + 1 < KEY_PANEL` are rows of `key_rows`
+        // (the second may be padding, computed and dropped), query rows `i0 + i < i0 + RM`
+        // rows of `q`, and every load reads 8 floats at `d < head_dim`, a multiple of 8.
+        unsafe {
+            let qp = q.as_ptr().add(i0 * head_dim);
+            let n_here = cols.len();
+            for k in (0..n_here).step_by(2) {
+                let k0 = key_rows.as_ptr().add(k * head_dim);
+                let k1 = k0.add(head_dim);
+                let mut acc = [[_mm256_setzero_ps(); 2]; RM];
+                for d in (0..head_dim).step_by(8) {
+                    let kv0 = _mm256_loadu_ps(k0.add(d));
+                    let kv1 = _mm256_loadu_ps(k1.add(d));
+                    for (i, acc_i) in acc.iter_mut().enumerate() {
+                        let qv = _mm256_loadu_ps(qp.add(i * head_dim + d));
+                        acc_i[0] = _mm256_fmadd_ps(qv, kv0, acc_i[0]);
+                        acc_i[1] = _mm256_fmadd_ps(qv, kv1, acc_i[1]);
+                    }
+                }
+                for (i, acc_i) in acc.iter().enumerate() {
+                    let row = &mut out[(i0 + i) * ld + cols.start + k..];
+                    for (c, &v) in acc_i.iter().enumerate().take(n_here - k) {
+                        row[c] = add_lanes8(v) * scale;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The 8 lanes of `v` added as [`super::add_lanes`] adds them:
+    /// `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`.
+    ///
+    /// # Safety
+    /// AVX must be available.
+    #[inline(always)]
+    unsafe fn add_lanes8(v: __m256) -> f32 {
+        // SAFETY: the caller guarantees AVX; registers only.
+        unsafe {
+            // [l0 + l4, l1 + l5, l2 + l6, l3 + l7]
+            let a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            // [(l0 + l4) + (l2 + l6), (l1 + l5) + (l3 + l7), ..]
+            let b = _mm_add_ps(a, _mm_movehl_ps(a, a));
+            _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)))
         }
     }
 }

@@ -425,6 +425,21 @@ pub fn silu_mul_scalar(isa: Isa, gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `dst[i] = src[i]` as f32 (exact). Panics if the lengths differ.
+#[inline]
+pub fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "f16_to_f32: lengths differ");
+    match cpu::isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `cpu::isa()` is runnable and every x86 SIMD ISA here has F16C; the lengths
+        // are equal (asserted).
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe {
+            vectorized::f16_to_f32_f16c(src, dst)
+        },
+        _ => half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst),
+    }
+}
+
 /// Scalar reference of [`round_f16`].
 pub fn round_f16_scalar(x: &mut [f32]) {
     for v in x {
@@ -633,6 +648,25 @@ mod vectorized {
     }
 
     /// # Safety
+    /// AVX and F16C must be available; `src` and `dst` have the same length.
+    #[target_feature(enable = "avx,f16c")]
+    pub(super) unsafe fn f16_to_f32_f16c(src: &[half::f16], dst: &mut [f32]) {
+        // SAFETY: AVX and F16C are guaranteed by the caller; each load reads 8 halves of
+        // `src` at `i + 8 ≤ n` and each store writes the 8 floats of `dst` at the same place.
+        unsafe {
+            let n = src.len().min(dst.len());
+            let whole = n - n % 8;
+            let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+            for i in (0..whole).step_by(8) {
+                _mm256_storeu_ps(d.add(i), _mm256_cvtph_ps(_mm_loadu_si128(s.add(i).cast())));
+            }
+        }
+        for (d, s) in dst[..src.len()].iter_mut().zip(src).skip(src.len() / 8 * 8) {
+            *d = s.to_f32();
+        }
+    }
+
+    /// # Safety
     /// AVX2 and F16C must be available.
     #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn round_f16_avx2(x: &mut [f32]) {
@@ -685,6 +719,25 @@ mod gelu_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every f16 bit pattern converts as `half` converts it, through whole vectors and
+    /// the scalar tail alike.
+    #[test]
+    fn f16_to_f32_is_exact() {
+        let all: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
+        for len in [all.len(), 13, 8, 7, 0] {
+            let src = &all[all.len() - len..];
+            let mut got = vec![0.0f32; len];
+            f16_to_f32(src, &mut got);
+            for (g, h) in got.iter().zip(src) {
+                let want = h.to_f32();
+                assert!(
+                    g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                    "{h:?}"
+                );
+            }
+        }
+    }
 
     /// Largest error of [`exp`] in units in the last place of the exact result (f64 `exp`
     /// rounded to f32 decides the ulp; subnormal results count in ulps of 2^-149): 2.24

@@ -195,14 +195,31 @@ pub fn matmul_on(
     {
         return;
     }
-    for t in 0..n_tok {
-        let act_row = &act[t * act_row_bytes..(t + 1) * act_row_bytes];
+    let act_row = |t: usize| &act[t * act_row_bytes..(t + 1) * act_row_bytes];
+    let w_row = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
+    let mut t = 0;
+    while t < n_tok {
         let order = KDotOrder::for_token(ty, part.first + t, part.batch);
-        for r in 0..n_rows {
-            let w_row = &w[r * row_bytes..(r + 1) * row_bytes];
-            out[t * out_stride + r] =
-                crate::kquants::vec_dot_in_order_on(isa, ty, order, k, w_row, act_row);
+        // Four tokens in the same order at once where a kernel takes them.
+        if t + 4 <= n_tok
+            && KDotOrder::for_token(ty, part.first + t + 3, part.batch) == order
+            && crate::kquants::takes_four(isa, ty, order)
+        {
+            let acts = [0, 1, 2, 3].map(|i| act_row(t + i));
+            for r in 0..n_rows {
+                let sums = crate::kquants::vec_dot4_in_order_on(isa, ty, order, k, w_row(r), acts);
+                for (i, s) in sums.into_iter().enumerate() {
+                    out[(t + i) * out_stride + r] = s;
+                }
+            }
+            t += 4;
+            continue;
         }
+        for r in 0..n_rows {
+            out[t * out_stride + r] =
+                crate::kquants::vec_dot_in_order_on(isa, ty, order, k, w_row(r), act_row(t));
+        }
+        t += 1;
     }
 }
 

@@ -330,3 +330,37 @@ fn avx2_dots_follow_llama_cpp_order_bit_for_bit() {
         }
     }
 }
+
+/// K-quant matmuls give each token the order llama.cpp runs for its place in the batch, as
+/// `kquants::vec_dot_in_order_on` computes it for that token alone, bit for bit, whatever
+/// part of the batch a call holds (so through the four-token kernels and the single ones).
+#[test]
+fn kquant_matmul_gives_each_token_its_batch_order() {
+    use edgefusion_kernels::kquants::{vec_dot_in_order_on, KDotOrder};
+    let mut rng = XorShift(0x4B);
+    for ty in [GgmlType::Q4K, GgmlType::Q6K] {
+        let (k, n_rows, batch) = (512, 5, 11);
+        let c = case(ty, k, n_rows, batch, &mut rng, false);
+        for isa in isas() {
+            for (first, n_tok) in [(0, 11), (0, 9), (2, 7), (8, 3), (0, 4), (5, 1)] {
+                let act = &c.act[first * c.act_row_bytes..(first + n_tok) * c.act_row_bytes];
+                let mut out = vec![f32::NAN; n_tok * n_rows];
+                let part = BatchPart { first, batch };
+                matmul_on(isa, ty, k, &c.w, n_rows, act, n_tok, &mut out, n_rows, part);
+                for t in 0..n_tok {
+                    let order = KDotOrder::for_token(ty, first + t, batch);
+                    for r in 0..n_rows {
+                        let (w, a) = pair(ty, &c, r, first + t);
+                        let want = vec_dot_in_order_on(isa, ty, order, k, w, a);
+                        assert_eq!(
+                            out[t * n_rows + r].to_bits(),
+                            want.to_bits(),
+                            "{ty:?} on {} part {first}+{n_tok} of {batch} [t{t} r{r}]",
+                            isa.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

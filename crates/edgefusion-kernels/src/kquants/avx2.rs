@@ -216,22 +216,83 @@ pub(super) fn vec_dot_q4k_q8k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
 /// chains, but one fused multiply-add per 64 weights (two sub-blocks) on each.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn vec_dot_q4k_q8k_per_64(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
-    let mut acc = 0.0f32;
-    let mut acc_min = 0.0f32;
+    let (mut acc, mut acc_min) = (0.0f32, 0.0f32);
     for (wb, ab) in w.iter().zip(a) {
-        let (d, dmin) = f16_pair(wb.d, wb.dmin);
-        let d8 = ab.scale();
-        let (chunks, offsets) = q4k_chunks(wb, ab);
-        let mut scaled = [0.0f32; 4];
-        store_ps128(&mut scaled, _mm_cvtepi32_ps(hsum4_epi32(chunks)));
-        let mut mins = [0.0f32; 4];
-        store_ps128(&mut mins, _mm_cvtepi32_ps(offsets));
-        for (s, m) in scaled.into_iter().zip(mins) {
-            acc = s.mul_add(d * d8, acc);
-            acc_min = m.mul_add(dmin * d8, acc_min);
-        }
+        q4k_per_64_step(wb, ab, &mut acc, &mut acc_min);
     }
     acc - acc_min
+}
+
+/// [`vec_dot_q4k_q8k_per_64`] of one weight row with four activation rows at once: lane `t`
+/// of each chain register is token `t`'s chain, taking the same fused multiply-adds
+/// (`d · d8` rounded, then `fma(Σ, d · d8, acc)` per 64 weights), so each lane equals the
+/// single-token result bit for bit.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn vec_dot4_q4k_q8k_per_64(w: &[BlockQ4K], a: [&[BlockQ8K]; 4]) -> [f32; 4] {
+    let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
+    for (b, wb) in w.iter().enumerate() {
+        let (d, dmin) = f16_pair(wb.d, wb.dmin);
+        let d8 = _mm_setr_ps(
+            a[0][b].scale(),
+            a[1][b].scale(),
+            a[2][b].scale(),
+            a[3][b].scale(),
+        );
+        let (d_d8, dmin_d8) = (
+            _mm_mul_ps(_mm_set1_ps(d), d8),
+            _mm_mul_ps(_mm_set1_ps(dmin), d8),
+        );
+        // [t][c] → [c][t]: the sums of 64-weight chunk c for the four tokens.
+        let mut scaled = [_mm_setzero_ps(); 4];
+        let mut mins = [_mm_setzero_ps(); 4];
+        for t in 0..4 {
+            let (chunks, offsets) = q4k_chunks(wb, &a[t][b]);
+            scaled[t] = _mm_cvtepi32_ps(hsum4_epi32(chunks));
+            mins[t] = _mm_cvtepi32_ps(offsets);
+        }
+        let (scaled, mins) = (transpose4(scaled), transpose4(mins));
+        for c in 0..4 {
+            acc = _mm_fmadd_ps(scaled[c], d_d8, acc);
+            acc_min = _mm_fmadd_ps(mins[c], dmin_d8, acc_min);
+        }
+    }
+    let mut out = [0.0f32; 4];
+    store_ps128(&mut out, _mm_sub_ps(acc, acc_min));
+    out
+}
+
+/// Rows of a 4 × 4 matrix of lanes to columns.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn transpose4(r: [__m128; 4]) -> [__m128; 4] {
+    let lo01 = _mm_unpacklo_ps(r[0], r[1]); // r0[0] r1[0] r0[1] r1[1]
+    let hi01 = _mm_unpackhi_ps(r[0], r[1]); // r0[2] r1[2] r0[3] r1[3]
+    let lo23 = _mm_unpacklo_ps(r[2], r[3]);
+    let hi23 = _mm_unpackhi_ps(r[2], r[3]);
+    [
+        _mm_movelh_ps(lo01, lo23),
+        _mm_movehl_ps(lo23, lo01),
+        _mm_movelh_ps(hi01, hi23),
+        _mm_movehl_ps(hi23, hi01),
+    ]
+}
+
+/// One super-block of [`vec_dot_q4k_q8k_per_64`]: four fused multiply-adds on each chain,
+/// one per 64 weights.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4k_per_64_step(wb: &BlockQ4K, ab: &BlockQ8K, acc: &mut f32, acc_min: &mut f32) {
+    let (d, dmin) = f16_pair(wb.d, wb.dmin);
+    let d8 = ab.scale();
+    let (chunks, offsets) = q4k_chunks(wb, ab);
+    let mut scaled = [0.0f32; 4];
+    store_ps128(&mut scaled, _mm_cvtepi32_ps(hsum4_epi32(chunks)));
+    let mut mins = [0.0f32; 4];
+    store_ps128(&mut mins, _mm_cvtepi32_ps(offsets));
+    for (s, m) in scaled.into_iter().zip(mins) {
+        *acc = s.mul_add(d * d8, *acc);
+        *acc_min = m.mul_add(dmin * d8, *acc_min);
+    }
 }
 
 /// Lane `c` of the result is the sum of the 8 lanes of `v[c]`.
@@ -343,10 +404,40 @@ pub(super) fn vec_dot_q6k_q8k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
 pub(super) fn vec_dot_q6k_q8k_tiled(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     let mut acc = 0.0f32;
     for (wb, ab) in w.iter().zip(a) {
-        let res = f16_one(wb.d) * hsum_epi32(q6k_block(wb, ab)) as f32;
-        acc = res.mul_add(ab.scale(), acc);
+        q6k_tiled_step(wb, ab, &mut acc);
     }
     acc
+}
+
+/// [`vec_dot_q6k_q8k_tiled`] of one weight row with four activation rows at once: lane `t`
+/// of the chain register is token `t`'s chain, with the same roundings (`d · Σ`, then
+/// `fma(·, d8, acc)`), so each lane equals the single-token result bit for bit.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn vec_dot4_q6k_q8k_tiled(w: &[BlockQ6K], a: [&[BlockQ8K]; 4]) -> [f32; 4] {
+    let mut acc = _mm_setzero_ps();
+    for (b, wb) in w.iter().enumerate() {
+        let d8 = _mm_setr_ps(
+            a[0][b].scale(),
+            a[1][b].scale(),
+            a[2][b].scale(),
+            a[3][b].scale(),
+        );
+        // Lane t: token t's integer sum (exact in any order).
+        let sums = hsum4_epi32([0, 1, 2, 3].map(|t| q6k_block(wb, &a[t][b])));
+        let res = _mm_mul_ps(_mm_set1_ps(f16_one(wb.d)), _mm_cvtepi32_ps(sums));
+        acc = _mm_fmadd_ps(res, d8, acc);
+    }
+    let mut out = [0.0f32; 4];
+    store_ps128(&mut out, acc);
+    out
+}
+
+/// One super-block of [`vec_dot_q6k_q8k_tiled`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q6k_tiled_step(wb: &BlockQ6K, ab: &BlockQ8K, acc: &mut f32) {
+    let res = f16_one(wb.d) * hsum_epi32(q6k_block(wb, ab)) as f32;
+    *acc = res.mul_add(ab.scale(), *acc);
 }
 
 #[cfg(test)]

@@ -128,6 +128,58 @@ pub fn vec_dot_in_order_on(
     crate::vec_dot_on(isa, ty, n, w, act)
 }
 
+/// Whether `isa` has a kernel taking four tokens at once for `ty` in `order`
+/// ([`vec_dot4_in_order_on`]): AVX2's Q4_K [`KDotOrder::Grouped4`] and Q6_K
+/// [`KDotOrder::Tiled`].
+pub fn takes_four(isa: crate::cpu::Isa, ty: GgmlType, order: KDotOrder) -> bool {
+    cfg!(target_arch = "x86_64")
+        && isa == crate::cpu::Isa::Avx2
+        && matches!(
+            (ty, order),
+            (GgmlType::Q4K, KDotOrder::Grouped4) | (GgmlType::Q6K, KDotOrder::Tiled)
+        )
+}
+
+/// [`vec_dot_in_order_on`] of one weight row with four activation rows, all in `order`,
+/// equal to four single calls bit for bit (the chains interleaved, each weight block read
+/// once for the four).
+///
+/// # Panics
+/// If [`takes_four`] is false for these arguments, `isa` cannot run here, or a row is
+/// shorter than `n` values.
+pub fn vec_dot4_in_order_on(
+    isa: crate::cpu::Isa,
+    ty: GgmlType,
+    order: KDotOrder,
+    n: usize,
+    w: &[u8],
+    acts: [&[u8]; 4],
+) -> [f32; 4] {
+    assert!(
+        takes_four(isa, ty, order),
+        "no four-token {} kernel for {ty:?} in {order:?}",
+        isa.name()
+    );
+    assert!(
+        crate::cpu::is_runnable(isa),
+        "{} kernels cannot run on this CPU",
+        isa.name()
+    );
+    let nb = super_blocks(n);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2 (with FMA and F16C) checked runnable just above; the block views hold
+    // `nb` whole blocks each.
+    unsafe {
+        if ty == GgmlType::Q4K {
+            avx2::vec_dot4_q4k_q8k_per_64(blocks(w, nb), acts.map(|a| blocks(a, nb)))
+        } else {
+            avx2::vec_dot4_q6k_q8k_tiled(blocks(w, nb), acts.map(|a| blocks(a, nb)))
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("takes_four is false off x86_64 ({nb} blocks)")
+}
+
 /// Weights per super-block, for every k-quant format.
 pub const QK_K: usize = 256;
 
