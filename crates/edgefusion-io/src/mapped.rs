@@ -1,6 +1,12 @@
 //! A read-only view of a whole model file: memory-mapped, or, under Miri (which cannot run
 //! file-backed mappings), read into an 8-aligned heap buffer, so that the readers' parsing
 //! and bounds checks run under Miri as they run in production.
+//!
+//! On Linux a file of [`HUGE_PAGE_MIN_BYTES`] or more is instead read into anonymous memory
+//! that asks for transparent huge pages (where the kernel offers them): decode streams every
+//! weight once per token, and with 2 MiB pages the hardware prefetchers run on across what
+//! would be 4 KiB page boundaries and the TLB holds the whole model (measured on Gemma 3
+//! 270M: tg128 +21% at 1 thread, +10% at 2). `EDGEFUSION_MMAP=1` keeps the file mapped.
 
 use std::fs::File;
 use std::ops::Deref;
@@ -8,10 +14,17 @@ use std::path::Path;
 
 use crate::IoError;
 
+/// Smallest file read into huge pages (smaller ones span few pages and stay mapped).
+pub const HUGE_PAGE_MIN_BYTES: u64 = 32 << 20;
+
 /// The bytes of one file, mapped (or read, under Miri) once and borrowed by its reader.
 pub(crate) struct FileMap {
     #[cfg(not(miri))]
     map: memmap2::Mmap,
+    /// The file, when `map` is an anonymous copy of it (huge pages): released ranges are
+    /// mapped back from it.
+    #[cfg(all(target_os = "linux", not(miri)))]
+    copied_from: Option<File>,
     /// (len.div_ceil(8)) words holding the file; `len` bytes of them are the file.
     #[cfg(miri)]
     words: Vec<u64>,
@@ -28,6 +41,14 @@ impl FileMap {
 
     #[cfg(not(miri))]
     fn of_file(path: &Path, file: File) -> Result<FileMap, IoError> {
+        #[cfg(target_os = "linux")]
+        if huge_pages_wanted(&file) {
+            let map = read_into_huge_pages(path, &file)?;
+            return Ok(FileMap {
+                map,
+                copied_from: Some(file),
+            });
+        }
         // SAFETY: the map is read-only and lives as long as the reader that owns it, which
         // hands out only borrows of it. Like llama.cpp, candle and every safetensors loader
         // we assume no one truncates or rewrites the file while it is mapped (our own
@@ -35,7 +56,11 @@ impl FileMap {
         // truncation under the map would fault on access.
         let map =
             unsafe { memmap2::Mmap::map(&file) }.map_err(|e| IoError::os(path, "memory-map", e))?;
-        Ok(FileMap { map })
+        Ok(FileMap {
+            map,
+            #[cfg(target_os = "linux")]
+            copied_from: None,
+        })
     }
 
     #[cfg(miri)]
@@ -72,6 +97,28 @@ impl FileMap {
     // madvise exists on Unix only; elsewhere (and under Miri) the pages simply stay.
     #[cfg(all(unix, not(miri)))]
     fn drop_pages(&self, offset: usize, len: usize) {
+        #[cfg(target_os = "linux")]
+        if let Some(file) = &self.copied_from {
+            use std::os::fd::AsRawFd;
+            // SAFETY: `offset..offset + len` lies inside the copy (page-aligned: `release`
+            // rounds inward) and the copy holds the file from offset 0, so mapping the file's
+            // same range over it, read-only and private, swaps the anonymous pages for pages
+            // with the same bytes that the kernel reads back from the file on use: every
+            // outstanding `&[u8]` into the map stays valid and sees unchanged bytes. The map
+            // is unmapped whole on drop, this range with it. On failure the copy stays.
+            unsafe {
+                let addr = self.map.as_ptr().add(offset) as *mut libc::c_void;
+                let _ = libc::mmap(
+                    addr,
+                    len,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED,
+                    file.as_raw_fd(),
+                    offset as libc::off_t,
+                );
+            }
+            return;
+        }
         // SAFETY: the mapping is read-only and file-backed, so MADV_DONTNEED discards no
         // data: later reads of these pages fault them back in from the file unchanged, which
         // keeps every outstanding `&[u8]` into the map valid. On systems with larger pages
@@ -85,6 +132,41 @@ impl FileMap {
 
     #[cfg(not(all(unix, not(miri))))]
     fn drop_pages(&self, _offset: usize, _len: usize) {}
+}
+
+/// Whether to read `file` into huge pages: on Linux, for files of [`HUGE_PAGE_MIN_BYTES`] or
+/// more, when transparent huge pages are on (`always` or `madvise`) and `EDGEFUSION_MMAP` is
+/// not `1`.
+#[cfg(all(target_os = "linux", not(miri)))]
+fn huge_pages_wanted(file: &File) -> bool {
+    if std::env::var("EDGEFUSION_MMAP").is_ok_and(|v| v == "1") {
+        return false;
+    }
+    let big = file
+        .metadata()
+        .is_ok_and(|m| m.len() >= HUGE_PAGE_MIN_BYTES);
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|mode| !mode.contains("[never]"));
+    big && thp
+}
+
+/// The whole of `file` in anonymous memory advised for transparent huge pages, read-only.
+#[cfg(all(target_os = "linux", not(miri)))]
+fn read_into_huge_pages(path: &Path, file: &File) -> Result<memmap2::Mmap, IoError> {
+    use std::io::Read;
+    let len = file
+        .metadata()
+        .map_err(|e| IoError::os(path, "stat", e))?
+        .len() as usize;
+    let mut copy = memmap2::MmapMut::map_anon(len).map_err(|e| IoError::os(path, "allocate", e))?;
+    // Best effort: without huge pages the copy still works, at 4 KiB pages.
+    let _ = copy.advise(memmap2::Advice::HugePage);
+    let mut reader = file;
+    reader
+        .read_exact(&mut copy)
+        .map_err(|e| IoError::os(path, "read", e))?;
+    copy.make_read_only()
+        .map_err(|e| IoError::os(path, "protect", e))
 }
 
 impl Deref for FileMap {
@@ -104,5 +186,40 @@ impl Deref for FileMap {
 impl std::fmt::Debug for FileMap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "FileMap({} bytes)", self.len())
+    }
+}
+
+#[cfg(all(test, target_os = "linux", not(miri)))]
+mod tests {
+    use super::*;
+
+    /// A file read into huge pages holds its bytes, and a released range reads back the
+    /// file's bytes (mapped from it again, not zeroed), so a second reader of the same map
+    /// still sees the whole file.
+    #[test]
+    fn huge_page_copy_reads_back_released_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.bin");
+        let bytes: Vec<u8> = (0..3 * 1024 * 1024 + 123)
+            .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        let map = FileMap {
+            map: read_into_huge_pages(&path, &file).unwrap(),
+            copied_from: Some(file),
+        };
+        assert_eq!(&map[..], &bytes[..]);
+        let file_mapped = || {
+            std::fs::read_to_string("/proc/self/maps")
+                .unwrap()
+                .contains(path.to_str().unwrap())
+        };
+        assert!(!file_mapped(), "the copy is anonymous memory");
+        for range in [100_000..2_500_000, 0..4096, 3_000_000..bytes.len()] {
+            map.release(&map[range]);
+            assert_eq!(&map[..], &bytes[..], "after releasing a range");
+        }
+        assert!(file_mapped(), "released pages are mapped from the file");
     }
 }
