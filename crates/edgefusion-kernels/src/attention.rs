@@ -585,19 +585,7 @@ fn weighted_sum_body<T: KvElement, const LANES: usize>(
     let n_keys = rows.n_keys();
     let mut scratch = SCRATCH.take();
     let (values_f32, partials) = (&mut scratch.0, &mut scratch.1);
-    values_f32.resize(n_keys * head_dim, 0.0);
-    match rows {
-        ValueRows::Leading(n) => T::load_slice(&values[..n * head_dim], values_f32),
-        ValueRows::Listed(rows) => {
-            for (&r, dst) in rows.iter().zip(values_f32.chunks_exact_mut(head_dim)) {
-                if r == NO_ROW {
-                    dst.fill(0.0);
-                } else {
-                    T::load_slice(&values[r * head_dim..(r + 1) * head_dim], dst);
-                }
-            }
-        }
-    }
+    load_value_rows(values, head_dim, rows, values_f32, n_keys);
     // partials[r * head_dim + c]: partial sum r of output component c.
     partials.resize(LANES * head_dim, 0.0);
     for (i, out_row) in out.chunks_exact_mut(head_dim).enumerate().take(m) {
@@ -642,6 +630,32 @@ fn scores_in_order<T: KvElement>(
         SumOrder::Lanes32 => scores_body::<T, 32>(q, head_dim, keys, n_keys, scale, out, ld, m),
         SumOrder::Chain => scores_body::<T, 1>(q, head_dim, keys, n_keys, scale, out, ld, m),
     }
+}
+
+/// The value rows of keys `0..n_keys` of `rows` as f32 `(n_rows, head_dim)`, zero for
+/// [`NO_ROW`] and for keys `n_keys..n_rows` (padding up to `n_rows ≥ n_keys`).
+fn load_value_rows<T: KvElement>(
+    values: &[T],
+    head_dim: usize,
+    rows: ValueRows<'_>,
+    dst: &mut Vec<f32>,
+    n_rows: usize,
+) {
+    let n_keys = rows.n_keys();
+    dst.resize(n_rows * head_dim, 0.0);
+    match rows {
+        ValueRows::Leading(n) => T::load_slice(&values[..n * head_dim], &mut dst[..n * head_dim]),
+        ValueRows::Listed(rows) => {
+            for (&r, dst) in rows.iter().zip(dst.chunks_exact_mut(head_dim)) {
+                if r == NO_ROW {
+                    dst.fill(0.0);
+                } else {
+                    T::load_slice(&values[r * head_dim..(r + 1) * head_dim], dst);
+                }
+            }
+        }
+    }
+    dst[n_keys * head_dim..].fill(0.0);
 }
 
 /// [`weighted_sum_body`] for `order` (chain: one lane).
@@ -722,6 +736,11 @@ fn weighted_sum_impl<T: KvElement>(
         // SAFETY: `isa` was detected or checked runnable.
         Isa::Avx512 | Isa::Avx512Vnni => unsafe {
             x86::weighted_sum_avx512(probs, ld, values, head_dim, rows, out, order, m)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 if order == SumOrder::Lanes8 => unsafe {
+            x86::weighted_sum_lanes8_avx2(probs, ld, values, head_dim, rows, out, m)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
@@ -932,33 +951,163 @@ mod x86 {
                     for (j, row) in r.iter_mut().enumerate() {
                         *row = _mm256_loadu_ps(src.add((d0 + j) * KEY_PANEL + k0));
                     }
-                    // Pairs, then quads, then halves: the standard 8 × 8 transpose.
-                    let t = [
-                        _mm256_unpacklo_ps(r[0], r[1]),
-                        _mm256_unpackhi_ps(r[0], r[1]),
-                        _mm256_unpacklo_ps(r[2], r[3]),
-                        _mm256_unpackhi_ps(r[2], r[3]),
-                        _mm256_unpacklo_ps(r[4], r[5]),
-                        _mm256_unpackhi_ps(r[4], r[5]),
-                        _mm256_unpacklo_ps(r[6], r[7]),
-                        _mm256_unpackhi_ps(r[6], r[7]),
-                    ];
-                    let u = [
-                        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
-                        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
-                        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
-                        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
-                        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
-                        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
-                        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
-                        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
-                    ];
-                    for i in 0..4 {
-                        let lo = _mm256_permute2f128_ps::<0x20>(u[i], u[i + 4]);
-                        let hi = _mm256_permute2f128_ps::<0x31>(u[i], u[i + 4]);
-                        _mm256_storeu_ps(dst.add((k0 + i) * head_dim + d0), lo);
-                        _mm256_storeu_ps(dst.add((k0 + i + 4) * head_dim + d0), hi);
+                    for (i, col) in transpose8(r).into_iter().enumerate() {
+                        _mm256_storeu_ps(dst.add((k0 + i) * head_dim + d0), col);
                     }
+                }
+            }
+        }
+    }
+
+    /// Columns of an 8 × 8 block of lanes as rows: `out[i]` lane `j` is `r[j]` lane `i`.
+    ///
+    /// # Safety
+    /// AVX must be available.
+    #[inline(always)]
+    unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        // SAFETY: the caller guarantees AVX; registers only.
+        unsafe {
+            // Pairs, then quads, then halves: the standard 8 × 8 transpose.
+            let t = [
+                _mm256_unpacklo_ps(r[0], r[1]),
+                _mm256_unpackhi_ps(r[0], r[1]),
+                _mm256_unpacklo_ps(r[2], r[3]),
+                _mm256_unpackhi_ps(r[2], r[3]),
+                _mm256_unpacklo_ps(r[4], r[5]),
+                _mm256_unpackhi_ps(r[4], r[5]),
+                _mm256_unpacklo_ps(r[6], r[7]),
+                _mm256_unpackhi_ps(r[6], r[7]),
+            ];
+            let u = [
+                _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+                _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+                _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+                _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+            ];
+            [
+                _mm256_permute2f128_ps::<0x20>(u[0], u[4]),
+                _mm256_permute2f128_ps::<0x20>(u[1], u[5]),
+                _mm256_permute2f128_ps::<0x20>(u[2], u[6]),
+                _mm256_permute2f128_ps::<0x20>(u[3], u[7]),
+                _mm256_permute2f128_ps::<0x31>(u[0], u[4]),
+                _mm256_permute2f128_ps::<0x31>(u[1], u[5]),
+                _mm256_permute2f128_ps::<0x31>(u[2], u[6]),
+                _mm256_permute2f128_ps::<0x31>(u[3], u[7]),
+            ]
+        }
+    }
+
+    /// [`SumOrder::Lanes8`] weighted sums (several query rows) with AVX2 in tinyBLAS's
+    /// layout, where llama.cpp's value cache is stored transposed: the value rows become
+    /// columns `(head_dim, n_pad)` in f32 (keys padded with zeros to a multiple of 8), the
+    /// probability rows are padded likewise, and a tile of 4 query rows × 2 output components
+    /// keeps one register per (row, component) whose lane `r` adds keys `j ≡ r (mod 8)` in
+    /// order, one fused multiply-add each; each register is then added across as
+    /// [`super::add_lanes`] adds 8 lanes. These are [`super::weighted_sum_body`]'s operations
+    /// per output: the products it skips have probability 0, and adding such a product
+    /// (±0 for the finite cache values) leaves a sum that starts at +0 unchanged.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; the shapes must have passed
+    /// `check_weighted_sum` and `head_dim` is a multiple of 8 (the 8-lane order's).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn weighted_sum_lanes8_avx2<T: KvElement>(
+        probs: &[f32],
+        ld: usize,
+        values: &[T],
+        head_dim: usize,
+        rows: super::ValueRows<'_>,
+        out: &mut [f32],
+        m: usize,
+    ) {
+        let n_keys = rows.n_keys();
+        if n_keys == 0 {
+            out[..m * head_dim].fill(0.0);
+            return;
+        }
+        let n_pad = n_keys.next_multiple_of(8);
+        let mut scratch = super::SCRATCH.take();
+        let (value_rows, columns) = (&mut scratch.0, &mut scratch.1);
+        super::load_value_rows(values, head_dim, rows, value_rows, n_pad);
+        // columns[c * n_pad + j] = value_rows[j * head_dim + c], then the padded
+        // probabilities `(m, n_pad)` after them.
+        columns.resize(head_dim * n_pad + m * n_pad, 0.0);
+        let (columns, probs_pad) = columns.split_at_mut(head_dim * n_pad);
+        for (i, row) in probs_pad.chunks_exact_mut(n_pad).enumerate() {
+            row[..n_keys].copy_from_slice(&probs[i * ld..i * ld + n_keys]);
+            row[n_keys..].fill(0.0);
+        }
+        // SAFETY: AVX2 and FMA are available (this fn's contract). Block (j0, c0) reads value
+        // rows `j0..j0 + 8 ≤ n_pad` at components `c0..c0 + 8 ≤ head_dim` and writes columns
+        // `c0..c0 + 8` at keys `j0..j0 + 8`; tiles read padded rows `i..i + RM ≤ m` and
+        // columns `c, c + 1 < head_dim` over `n_pad` keys and write `out` rows `< m`.
+        unsafe {
+            let (src, dst) = (value_rows.as_ptr(), columns.as_mut_ptr());
+            for j0 in (0..n_pad).step_by(8) {
+                for c0 in (0..head_dim).step_by(8) {
+                    let mut r = [_mm256_setzero_ps(); 8];
+                    for (j, row) in r.iter_mut().enumerate() {
+                        *row = _mm256_loadu_ps(src.add((j0 + j) * head_dim + c0));
+                    }
+                    for (c, col) in transpose8(r).into_iter().enumerate() {
+                        _mm256_storeu_ps(dst.add((c0 + c) * n_pad + j0), col);
+                    }
+                }
+            }
+            let mut i = 0;
+            while i + 4 <= m {
+                sum_tile::<4>(probs_pad, columns, n_pad, head_dim, i, out);
+                i += 4;
+            }
+            while i < m {
+                sum_tile::<1>(probs_pad, columns, n_pad, head_dim, i, out);
+                i += 1;
+            }
+        }
+        super::SCRATCH.set(scratch);
+    }
+
+    /// Weighted sums of rows `i0..i0 + RM` (see [`weighted_sum_lanes8_avx2`]), two output
+    /// components at a time.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `probs` holds rows `..i0 + RM` of `n_pad` (a multiple
+    /// of 8), `columns` `head_dim` (even) rows of `n_pad`, and `out` rows `..i0 + RM` of
+    /// `head_dim`.
+    #[inline(always)]
+    unsafe fn sum_tile<const RM: usize>(
+        probs: &[f32],
+        columns: &[f32],
+        n_pad: usize,
+        head_dim: usize,
+        i0: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract; every load reads 8 floats at `j < n_pad`.
+        unsafe {
+            let pp = probs.as_ptr().add(i0 * n_pad);
+            for c in (0..head_dim).step_by(2) {
+                let v0 = columns.as_ptr().add(c * n_pad);
+                let v1 = v0.add(n_pad);
+                let mut acc = [[_mm256_setzero_ps(); 2]; RM];
+                for j in (0..n_pad).step_by(8) {
+                    let c0 = _mm256_loadu_ps(v0.add(j));
+                    let c1 = _mm256_loadu_ps(v1.add(j));
+                    for (i, acc_i) in acc.iter_mut().enumerate() {
+                        let p = _mm256_loadu_ps(pp.add(i * n_pad + j));
+                        acc_i[0] = _mm256_fmadd_ps(p, c0, acc_i[0]);
+                        acc_i[1] = _mm256_fmadd_ps(p, c1, acc_i[1]);
+                    }
+                }
+                for (i, acc_i) in acc.iter().enumerate() {
+                    let row = &mut out[(i0 + i) * head_dim + c..];
+                    row[0] = add_lanes8(acc_i[0]);
+                    row[1] = add_lanes8(acc_i[1]);
                 }
             }
         }

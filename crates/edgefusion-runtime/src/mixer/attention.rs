@@ -706,7 +706,7 @@ const ATTN_MAX_BLOCK: usize = 32;
 /// Most new tokens whose rows a task scores, normalizes and sums together. They all score
 /// keys up to the last one's position (earlier tokens zero their masked tail), so the causal
 /// waste is under this many keys per row.
-const ATTN_MAX_SUB_BLOCK: usize = 4;
+const ATTN_MAX_SUB_BLOCK: usize = 16;
 /// Bound on one sub-block's scores, `(sub_block · gqa_group, n_keys)` floats, so that they stay
 /// in L2 between the score, softmax and weighted-sum passes (long contexts get sub-blocks of
 /// fewer tokens; one token's rows are the floor).
