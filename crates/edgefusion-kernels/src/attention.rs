@@ -910,7 +910,7 @@ mod x86 {
             T::load_slice(panel, panel_f32);
             // SAFETY: AVX is available (this fn's contract); both hold a panel of
             // `head_dim` (a multiple of 8) × `KEY_PANEL` floats.
-            unsafe { transpose_panel(panel_f32, key_rows, head_dim) };
+            unsafe { transpose(panel_f32, head_dim, KEY_PANEL, key_rows) };
             let cols = p * KEY_PANEL..(p * KEY_PANEL + KEY_PANEL).min(n_keys);
             let mut i = 0;
             // SAFETY: AVX2 and FMA are available (this fn's contract); `key_rows` holds a
@@ -930,29 +930,28 @@ mod x86 {
         super::SCRATCH.set(scratch);
     }
 
-    /// `key_rows[k · head_dim + d] = panel[d · KEY_PANEL + k]`: a key panel
-    /// `(head_dim, KEY_PANEL)` as key rows `(KEY_PANEL, head_dim)`, in 8 × 8 blocks.
+    /// `dst[c · n_rows + r] = src[r · n_cols + c]`: a matrix `(n_rows, n_cols)` as
+    /// `(n_cols, n_rows)`, in 8 × 8 blocks.
     ///
     /// # Safety
-    /// AVX must be available; `head_dim` is a multiple of 8 and both slices hold
-    /// `head_dim · KEY_PANEL` floats.
+    /// AVX must be available; `n_rows` and `n_cols` are multiples of 8 and both slices hold
+    /// `n_rows · n_cols` floats.
     #[inline(always)]
-    unsafe fn transpose_panel(panel: &[f32], key_rows: &mut [f32], head_dim: usize) {
-        debug_assert!(panel.len() >= head_dim * KEY_PANEL && key_rows.len() >= panel.len());
-        // SAFETY: the caller's contract: block (d0, k0) reads rows `d0..d0 + 8 ≤ head_dim`
-        // of the panel at columns `k0..k0 + 8 ≤ KEY_PANEL` and writes key rows
-        // `k0..k0 + 8` at dimensions `d0..d0 + 8`.
+    unsafe fn transpose(src: &[f32], n_rows: usize, n_cols: usize, dst: &mut [f32]) {
+        debug_assert!(src.len() >= n_rows * n_cols && dst.len() >= n_rows * n_cols);
+        // SAFETY: the caller's contract: block (r0, c0) reads rows `r0..r0 + 8 ≤ n_rows` of
+        // `src` at columns `c0..c0 + 8 ≤ n_cols` and writes rows `c0..c0 + 8` of `dst` at
+        // columns `r0..r0 + 8`.
         unsafe {
-            let src = panel.as_ptr();
-            let dst = key_rows.as_mut_ptr();
-            for d0 in (0..head_dim).step_by(8) {
-                for k0 in (0..KEY_PANEL).step_by(8) {
+            let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+            for r0 in (0..n_rows).step_by(8) {
+                for c0 in (0..n_cols).step_by(8) {
                     let mut r = [_mm256_setzero_ps(); 8];
                     for (j, row) in r.iter_mut().enumerate() {
-                        *row = _mm256_loadu_ps(src.add((d0 + j) * KEY_PANEL + k0));
+                        *row = _mm256_loadu_ps(s.add((r0 + j) * n_cols + c0));
                     }
-                    for (i, col) in transpose8(r).into_iter().enumerate() {
-                        _mm256_storeu_ps(dst.add((k0 + i) * head_dim + d0), col);
+                    for (c, col) in transpose8(r).into_iter().enumerate() {
+                        _mm256_storeu_ps(d.add((c0 + c) * n_rows + r0), col);
                     }
                 }
             }
@@ -1042,23 +1041,12 @@ mod x86 {
             row[..n_keys].copy_from_slice(&probs[i * ld..i * ld + n_keys]);
             row[n_keys..].fill(0.0);
         }
-        // SAFETY: AVX2 and FMA are available (this fn's contract). Block (j0, c0) reads value
-        // rows `j0..j0 + 8 ≤ n_pad` at components `c0..c0 + 8 ≤ head_dim` and writes columns
-        // `c0..c0 + 8` at keys `j0..j0 + 8`; tiles read padded rows `i..i + RM ≤ m` and
-        // columns `c, c + 1 < head_dim` over `n_pad` keys and write `out` rows `< m`.
+        // SAFETY: AVX2 and FMA are available (this fn's contract); `value_rows` holds
+        // `(n_pad, head_dim)` and `columns` `(head_dim, n_pad)`, both multiples of 8; tiles
+        // read padded rows `i..i + RM ≤ m` and columns `c, c + 1 < head_dim` over `n_pad`
+        // keys and write `out` rows `< m`.
         unsafe {
-            let (src, dst) = (value_rows.as_ptr(), columns.as_mut_ptr());
-            for j0 in (0..n_pad).step_by(8) {
-                for c0 in (0..head_dim).step_by(8) {
-                    let mut r = [_mm256_setzero_ps(); 8];
-                    for (j, row) in r.iter_mut().enumerate() {
-                        *row = _mm256_loadu_ps(src.add((j0 + j) * head_dim + c0));
-                    }
-                    for (c, col) in transpose8(r).into_iter().enumerate() {
-                        _mm256_storeu_ps(dst.add((c0 + c) * n_pad + j0), col);
-                    }
-                }
-            }
+            transpose(value_rows, n_pad, head_dim, columns);
             let mut i = 0;
             while i + 4 <= m {
                 sum_tile::<4>(probs_pad, columns, n_pad, head_dim, i, out);
@@ -1088,28 +1076,51 @@ mod x86 {
         i0: usize,
         out: &mut [f32],
     ) {
-        // SAFETY: the caller's contract; every load reads 8 floats at `j < n_pad`.
+        // SAFETY: the caller's contract: rows `i0..i0 + RM` of `probs` and columns `c, c + 1`
+        // hold `n_pad` floats each.
         unsafe {
             let pp = probs.as_ptr().add(i0 * n_pad);
             for c in (0..head_dim).step_by(2) {
                 let v0 = columns.as_ptr().add(c * n_pad);
-                let v1 = v0.add(n_pad);
-                let mut acc = [[_mm256_setzero_ps(); 2]; RM];
-                for j in (0..n_pad).step_by(8) {
-                    let c0 = _mm256_loadu_ps(v0.add(j));
-                    let c1 = _mm256_loadu_ps(v1.add(j));
-                    for (i, acc_i) in acc.iter_mut().enumerate() {
-                        let p = _mm256_loadu_ps(pp.add(i * n_pad + j));
-                        acc_i[0] = _mm256_fmadd_ps(p, c0, acc_i[0]);
-                        acc_i[1] = _mm256_fmadd_ps(p, c1, acc_i[1]);
-                    }
-                }
-                for (i, acc_i) in acc.iter().enumerate() {
-                    let row = &mut out[(i0 + i) * head_dim + c..];
-                    row[0] = add_lanes8(acc_i[0]);
-                    row[1] = add_lanes8(acc_i[1]);
+                let sums = dot_tile::<RM>(pp, n_pad, v0, v0.add(n_pad), n_pad);
+                for (i, sums_i) in sums.iter().enumerate() {
+                    out[(i0 + i) * head_dim + c..][..2].copy_from_slice(sums_i);
                 }
             }
+        }
+    }
+
+    /// Dot products of `RM` rows `a + i · lda` with the two rows `b0`, `b1`, each `len` long
+    /// (a multiple of 8), in the 8-lane order: lane `r` adds elements `≡ r (mod 8)` in order,
+    /// one fused multiply-add each, then [`add_lanes8`].
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; each row is readable for `len` floats.
+    #[inline(always)]
+    unsafe fn dot_tile<const RM: usize>(
+        a: *const f32,
+        lda: usize,
+        b0: *const f32,
+        b1: *const f32,
+        len: usize,
+    ) -> [[f32; 2]; RM] {
+        // SAFETY: the caller's contract; every load reads 8 floats at `j + 8 ≤ len`.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; RM];
+            for j in (0..len).step_by(8) {
+                let v0 = _mm256_loadu_ps(b0.add(j));
+                let v1 = _mm256_loadu_ps(b1.add(j));
+                for (i, acc_i) in acc.iter_mut().enumerate() {
+                    let x = _mm256_loadu_ps(a.add(i * lda + j));
+                    acc_i[0] = _mm256_fmadd_ps(x, v0, acc_i[0]);
+                    acc_i[1] = _mm256_fmadd_ps(x, v1, acc_i[1]);
+                }
+            }
+            let mut sums = [[0.0f32; 2]; RM];
+            for (s, acc_i) in sums.iter_mut().zip(&acc) {
+                *s = [add_lanes8(acc_i[0]), add_lanes8(acc_i[1])];
+            }
+            sums
         }
     }
 
@@ -1141,21 +1152,11 @@ mod x86 {
             let n_here = cols.len();
             for k in (0..n_here).step_by(2) {
                 let k0 = key_rows.as_ptr().add(k * head_dim);
-                let k1 = k0.add(head_dim);
-                let mut acc = [[_mm256_setzero_ps(); 2]; RM];
-                for d in (0..head_dim).step_by(8) {
-                    let kv0 = _mm256_loadu_ps(k0.add(d));
-                    let kv1 = _mm256_loadu_ps(k1.add(d));
-                    for (i, acc_i) in acc.iter_mut().enumerate() {
-                        let qv = _mm256_loadu_ps(qp.add(i * head_dim + d));
-                        acc_i[0] = _mm256_fmadd_ps(qv, kv0, acc_i[0]);
-                        acc_i[1] = _mm256_fmadd_ps(qv, kv1, acc_i[1]);
-                    }
-                }
-                for (i, acc_i) in acc.iter().enumerate() {
+                let sums = dot_tile::<RM>(qp, head_dim, k0, k0.add(head_dim), head_dim);
+                for (i, sums_i) in sums.iter().enumerate() {
                     let row = &mut out[(i0 + i) * ld + cols.start + k..];
-                    for (c, &v) in acc_i.iter().enumerate().take(n_here - k) {
-                        row[c] = add_lanes8(v) * scale;
+                    for (c, &v) in sums_i.iter().enumerate().take(n_here - k) {
+                        row[c] = v * scale;
                     }
                 }
             }
