@@ -2,11 +2,12 @@
 //! file-backed mappings), read into an 8-aligned heap buffer, so that the readers' parsing
 //! and bounds checks run under Miri as they run in production.
 //!
-//! On Linux a file of [`HUGE_PAGE_MIN_BYTES`] or more is instead read into anonymous memory
-//! that asks for transparent huge pages (where the kernel offers them): decode streams every
-//! weight once per token, and with 2 MiB pages the hardware prefetchers run on across what
-//! would be 4 KiB page boundaries and the TLB holds the whole model (measured on Gemma 3
-//! 270M: tg128 +21% at 1 thread, +10% at 2). `EDGEFUSION_MMAP=1` keeps the file mapped.
+//! On Linux a file of `HUGE_PAGE_MIN_BYTES` or more is instead read into anonymous memory
+//! that asks for transparent huge pages (where the kernel offers them and the file fits in
+//! half the available memory): decode streams every weight once per token, and with 2 MiB
+//! pages the hardware prefetchers run on across what would be 4 KiB page boundaries and the
+//! TLB holds the whole model (measured on Gemma 3 270M: tg128 +21% at 1 thread, +10% at 2).
+//! `EDGEFUSION_MMAP=1` keeps the file mapped.
 
 use std::fs::File;
 use std::ops::Deref;
@@ -15,7 +16,8 @@ use std::path::Path;
 use crate::IoError;
 
 /// Smallest file read into huge pages (smaller ones span few pages and stay mapped).
-pub const HUGE_PAGE_MIN_BYTES: u64 = 32 << 20;
+#[cfg(all(target_os = "linux", not(miri)))]
+const HUGE_PAGE_MIN_BYTES: u64 = 32 << 20;
 
 /// The bytes of one file, mapped (or read, under Miri) once and borrowed by its reader.
 pub(crate) struct FileMap {
@@ -33,7 +35,8 @@ pub(crate) struct FileMap {
 }
 
 impl FileMap {
-    /// Maps `path` read-only; `Err` names the file and the failed operation.
+    /// Maps `path` read-only (or reads it into huge pages, see the module doc); `Err` names
+    /// the file and the failed operation.
     pub(crate) fn open(path: &Path) -> Result<FileMap, IoError> {
         let file = File::open(path).map_err(|e| IoError::os(path, "open", e))?;
         Self::of_file(path, file)
@@ -81,20 +84,21 @@ impl FileMap {
     /// map that the caller has copied and will not read again (reading it again is still
     /// correct: the pages come back from the file). Slices from elsewhere are ignored.
     pub(crate) fn release(&self, bytes: &[u8]) {
-        const PAGE: usize = 4096;
+        let page = page_size();
         let base = self.as_ptr() as usize;
         let start = bytes.as_ptr() as usize;
         if start < base || start + bytes.len() > base + self.len() {
             return;
         }
-        let first = (start - base).next_multiple_of(PAGE);
-        let end = (start - base + bytes.len()) / PAGE * PAGE;
+        let first = (start - base).next_multiple_of(page);
+        let end = (start - base + bytes.len()) / page * page;
         if end > first {
             self.drop_pages(first, end - first);
         }
     }
 
-    // madvise exists on Unix only; elsewhere (and under Miri) the pages simply stay.
+    // Unix only (madvise, or on Linux a copy's range mapped back from the file); elsewhere
+    // (and under Miri) the pages simply stay.
     #[cfg(all(unix, not(miri)))]
     fn drop_pages(&self, offset: usize, len: usize) {
         #[cfg(target_os = "linux")]
@@ -105,17 +109,29 @@ impl FileMap {
             // same range over it, read-only and private, swaps the anonymous pages for pages
             // with the same bytes that the kernel reads back from the file on use: every
             // outstanding `&[u8]` into the map stays valid and sees unchanged bytes. The map
-            // is unmapped whole on drop, this range with it. On failure the copy stays.
+            // is unmapped whole on drop, this range with it. An offset the platform's `off_t`
+            // cannot hold keeps the copy. A failed MAP_FIXED may already have unmapped the
+            // range under live borrows, so it aborts rather than let a read fault later.
+            let Ok(file_offset) = libc::off_t::try_from(offset) else {
+                return;
+            };
             unsafe {
                 let addr = self.map.as_ptr().add(offset) as *mut libc::c_void;
-                let _ = libc::mmap(
+                let mapped = libc::mmap(
                     addr,
                     len,
                     libc::PROT_READ,
                     libc::MAP_PRIVATE | libc::MAP_FIXED,
                     file.as_raw_fd(),
-                    offset as libc::off_t,
+                    file_offset,
                 );
+                if mapped == libc::MAP_FAILED {
+                    eprintln!(
+                        "edgefusion: mapping {len} bytes of the model file back over its copy failed: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    std::process::abort();
+                }
             }
             return;
         }
@@ -134,20 +150,42 @@ impl FileMap {
     fn drop_pages(&self, _offset: usize, _len: usize) {}
 }
 
-/// Whether to read `file` into huge pages: on Linux, for files of [`HUGE_PAGE_MIN_BYTES`] or
-/// more, when transparent huge pages are on (`always` or `madvise`) and `EDGEFUSION_MMAP` is
-/// not `1`.
+/// The system's page size (4 KiB where it cannot be asked).
+fn page_size() -> usize {
+    #[cfg(all(unix, not(miri)))]
+    {
+        // SAFETY: sysconf reads a constant of the system; no memory is touched.
+        let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if let Ok(size) = usize::try_from(size) {
+            if size > 0 {
+                return size;
+            }
+        }
+    }
+    4096
+}
+
+/// Whether to read `file` into huge pages: on Linux, for files of `HUGE_PAGE_MIN_BYTES` or
+/// more that fit in half of `MemAvailable`, when transparent huge pages are on (`always` or
+/// `madvise`) and `EDGEFUSION_MMAP` is not `1`.
 #[cfg(all(target_os = "linux", not(miri)))]
 fn huge_pages_wanted(file: &File) -> bool {
     if std::env::var("EDGEFUSION_MMAP").is_ok_and(|v| v == "1") {
         return false;
     }
-    let big = file
-        .metadata()
-        .is_ok_and(|m| m.len() >= HUGE_PAGE_MIN_BYTES);
+    let Ok(len) = file.metadata().map(|m| m.len()) else {
+        return false;
+    };
     let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
         .is_ok_and(|mode| !mode.contains("[never]"));
-    big && thp
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        });
+    thp && len >= HUGE_PAGE_MIN_BYTES && available.is_some_and(|bytes| len <= bytes / 2)
 }
 
 /// The whole of `file` in anonymous memory advised for transparent huge pages, read-only.
@@ -157,7 +195,14 @@ fn read_into_huge_pages(path: &Path, file: &File) -> Result<memmap2::Mmap, IoErr
     let len = file
         .metadata()
         .map_err(|e| IoError::os(path, "stat", e))?
-        .len() as usize;
+        .len();
+    let len = usize::try_from(len).map_err(|_| {
+        IoError::os(
+            path,
+            "read",
+            std::io::Error::other(format!("{len} bytes do not fit in this address space")),
+        )
+    })?;
     let mut copy = memmap2::MmapMut::map_anon(len).map_err(|e| IoError::os(path, "allocate", e))?;
     // Best effort: without huge pages the copy still works, at 4 KiB pages.
     let _ = copy.advise(memmap2::Advice::HugePage);

@@ -4,17 +4,18 @@
 //! Cache layouts, per layer and KV head:
 //! - keys in panels of [`KEY_PANEL`] positions, `(n_panels, head_dim, KEY_PANEL)`: position `p`
 //!   is column `p % 16` of panel `p / 16`. The d-th components of 16 consecutive keys are one
-//!   vector load, so the score kernel broadcasts a query component and multiply-adds it into
-//!   16 scores at once, with no horizontal sums; and the cache fills panel by panel (page by
-//!   page) as positions grow.
+//!   vector load, so a decode score kernel broadcasts a query component and multiply-adds it
+//!   into 8 scores at once; and the cache fills panel by panel (page by page) as positions grow.
 //! - values row-major, `(n_ctx, head_dim)`: the weighted sum broadcasts one probability and
 //!   multiply-adds it into a whole output row.
 //!
 //! Each kernel has a scalar reference (`*_scalar`), AVX-512 and AVX2 (+FMA, F16C) versions
-//! chosen at run time through [`cpu::isa`], and an `_on(isa, ..)` twin. Every output is one
-//! chain of fused multiply-adds in the same order in all versions (over `d` for a score, over
-//! keys for a weighted sum), so the SIMD kernels reproduce the scalar reference; on aarch64 the
-//! scalar reference runs.
+//! chosen at run time through [`cpu::isa`], and an `_on(isa, ..)` twin. Each output adds its
+//! products in a [`SumOrder`] (llama.cpp's for the step), the same in every version, so the
+//! SIMD kernels reproduce the scalar reference bit for bit. AVX2's prompt kernels (the 8-lane
+//! order) turn key panels into key rows and value rows into columns and run register tiles
+//! of query rows × keys (or output components), tinyBLAS's layout; on aarch64 the scalar
+//! reference runs.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -269,7 +270,7 @@ pub fn scores_on<T: KvElement>(
 }
 
 /// Scalar reference of [`scores`]: the body the SIMD builds compile with their features (AVX2's
-/// 8-lane order has its own intrinsic kernel, equal to it bit for bit).
+/// 8- and 32-lane orders have their own intrinsic kernels, equal to it bit for bit).
 #[allow(clippy::too_many_arguments)]
 pub fn scores_scalar<T: KvElement>(
     q: &[f32],
@@ -328,7 +329,8 @@ pub fn weighted_sum_on<T: KvElement>(
     weighted_sum_impl(isa, probs, ld, values, head_dim, rows, out, order)
 }
 
-/// Scalar reference of [`weighted_sum`]: the body the SIMD builds compile with their features.
+/// Scalar reference of [`weighted_sum`]: the body the SIMD builds compile with their features
+/// (AVX2's 8-lane order has its own intrinsic kernel, equal to it bit for bit).
 pub fn weighted_sum_scalar<T: KvElement>(
     probs: &[f32],
     ld: usize,
@@ -419,13 +421,14 @@ fn check_weighted_sum<T>(
 
 thread_local! {
     /// Scratch of the attention kernels, reused across calls: a key panel or the value rows
-    /// as f32, and the partial sums of the weighted sum.
+    /// as f32, and the partial sums of the weighted sum (AVX2's 8-lane kernels: the turned
+    /// key panel, or the value columns and padded probabilities).
     static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Keys per step of the score kernel: half a panel, so that 8 lanes of 8 keys stay in
-/// registers.
+/// Keys per step of the panel-walking score kernels ([`KeyStep`]): half a panel, so that 8
+/// lanes of 8 keys stay in registers.
 const KEY_STEP: usize = 8;
 
 /// The dot products of one query row with [`KEY_STEP`] keys of a key panel, in some order.
@@ -738,8 +741,10 @@ fn weighted_sum_impl<T: KvElement>(
             x86::weighted_sum_avx512(probs, ld, values, head_dim, rows, out, order, m)
         },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2 if order == SumOrder::Lanes8 => unsafe {
+        // SAFETY: as above; the tiled kernel takes whole 8-wide blocks of components, so it
+        // runs only for a head_dim that is a multiple of 8 (the only one the runtime gives
+        // the 8-lane order; others take the generic body, the same sums).
+        Isa::Avx2 if order == SumOrder::Lanes8 && head_dim.is_multiple_of(8) => unsafe {
             x86::weighted_sum_lanes8_avx2(probs, ld, values, head_dim, rows, out, m)
         },
         #[cfg(target_arch = "x86_64")]
@@ -1008,7 +1013,10 @@ mod x86 {
     /// order, one fused multiply-add each; each register is then added across as
     /// [`super::add_lanes`] adds 8 lanes. These are [`super::weighted_sum_body`]'s operations
     /// per output: the products it skips have probability 0, and adding such a product
-    /// (±0 for the finite cache values) leaves a sum that starts at +0 unchanged.
+    /// (±0 for finite cache values) leaves a sum that starts at +0 unchanged. Two edge cases
+    /// differ, as llama.cpp's tinyBLAS (which skips nothing) differs from the skipping order:
+    /// an f32 cache whose products underflow to −0 can end at +0 where the body keeps −0, and
+    /// a non-finite cache value under probability 0 gives NaN.
     ///
     /// # Safety
     /// AVX2, FMA and F16C must be available; the shapes must have passed
@@ -1270,11 +1278,14 @@ mod tests {
             for m in 1..=7 {
                 for n_keys in 0..=70 {
                     let ld = n_keys + 5;
+                    // Every fifth probability 0, as masked keys have.
                     let probs: Vec<f32> = values(m * ld, (m * 1000 + n_keys) as u64)
                         .iter()
-                        .map(|p| p.abs())
+                        .enumerate()
+                        .map(|(i, p)| if i % 5 == 2 { 0.0 } else { p.abs() })
                         .collect();
-                    for order in orders(head_dim) {
+                    // A weighted sum takes the 8-lane order for any head_dim.
+                    for order in [SumOrder::Lanes32, SumOrder::Chain, SumOrder::Lanes8] {
                         let mut want = vec![f32::NAN; m * head_dim];
                         weighted_sum_scalar(
                             &probs,

@@ -200,7 +200,8 @@ pub fn matmul_on(
     let mut t = 0;
     while t < n_tok {
         let order = KDotOrder::for_token(ty, part.first + t, part.batch);
-        // Four tokens in the same order at once where a kernel takes them.
+        // Four tokens in the same order at once where a kernel takes them (each order holds
+        // a contiguous run of a batch's tokens, so the first and the last decide).
         if t + 4 <= n_tok
             && KDotOrder::for_token(ty, part.first + t + 3, part.batch) == order
             && crate::kquants::takes_four(isa, ty, order)

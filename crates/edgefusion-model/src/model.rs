@@ -262,10 +262,10 @@ pub struct Model<'a> {
 }
 
 impl<'a> Model<'a> {
-    /// Binds the weights of `source` (GGUF file or Hugging Face folder). Matrices stay
-    /// memory-mapped except where this CPU's kernels want another layout
-    /// ([`Linear::interleave_for_cpu`]): those are copied once and their mapped pages
-    /// released. Norm and bias vectors are read into floats.
+    /// Binds the weights of `source` (GGUF file or Hugging Face folder). Matrices stay in
+    /// the source's memory (its mapped file, or on Linux its copy in huge pages) except where
+    /// this CPU's kernels want another layout ([`Linear::interleave_for_cpu`]): those are
+    /// copied once and their pages released. Norm and bias vectors are read into floats.
     pub fn load(source: &'a ModelSource) -> Result<Self, ModelError> {
         let file = source.path().display().to_string();
         let config = ModelConfig::from_source(source)?;
