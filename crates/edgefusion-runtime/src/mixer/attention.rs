@@ -708,9 +708,10 @@ const ATTN_MAX_BLOCK: usize = 32;
 /// waste is under this many keys per row.
 const ATTN_MAX_SUB_BLOCK: usize = 16;
 /// Bound on one sub-block's scores, `(sub_block · gqa_group, n_keys)` floats, so that they stay
-/// in L2 between the score, softmax and weighted-sum passes (long contexts get sub-blocks of
-/// fewer tokens; one token's rows are the floor).
-const ATTN_MAX_SCORE_BYTES: usize = 1 << 20;
+/// in L2 between the score, softmax and weighted-sum passes and the scratch of long contexts
+/// stays small (4 tokens at 4096 keys with 3 query heads per KV head; one token's rows are the
+/// floor). Prompts of a few hundred keys get the full 16-token sub-blocks.
+const ATTN_MAX_SCORE_BYTES: usize = 192 << 10;
 
 /// How one attention call splits into tasks. A task is one KV head over a block of
 /// consecutive new tokens; its query rows are the head's GQA group for each token of the
