@@ -760,6 +760,7 @@ fn weighted_sum_impl<T: KvElement>(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{KvElement, SumOrder, KEY_PANEL, KEY_STEP};
+    use crate::x86::avx2::hsum_ps;
     use std::arch::x86_64::*;
 
     macro_rules! compiled_for {
@@ -1100,7 +1101,8 @@ mod x86 {
 
     /// Dot products of `RM` rows `a + i · lda` with the two rows `b0`, `b1`, each `len` long
     /// (a multiple of 8), in the 8-lane order: lane `r` adds elements `≡ r (mod 8)` in order,
-    /// one fused multiply-add each, then [`add_lanes8`].
+    /// one fused multiply-add each, then [`hsum_ps`] (the lanes added as
+    /// [`super::add_lanes`] adds 8).
     ///
     /// # Safety
     /// AVX2 and FMA must be available; each row is readable for `len` floats.
@@ -1126,7 +1128,7 @@ mod x86 {
             }
             let mut sums = [[0.0f32; 2]; RM];
             for (s, acc_i) in sums.iter_mut().zip(&acc) {
-                *s = [add_lanes8(acc_i[0]), add_lanes8(acc_i[1])];
+                *s = [hsum_ps(acc_i[0]), hsum_ps(acc_i[1])];
             }
             sums
         }
@@ -1168,23 +1170,6 @@ mod x86 {
                     }
                 }
             }
-        }
-    }
-
-    /// The 8 lanes of `v` added as [`super::add_lanes`] adds them:
-    /// `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`.
-    ///
-    /// # Safety
-    /// AVX must be available.
-    #[inline(always)]
-    unsafe fn add_lanes8(v: __m256) -> f32 {
-        // SAFETY: the caller guarantees AVX; registers only.
-        unsafe {
-            // [l0 + l4, l1 + l5, l2 + l6, l3 + l7]
-            let a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            // [(l0 + l4) + (l2 + l6), (l1 + l5) + (l3 + l7), ..]
-            let b = _mm_add_ps(a, _mm_movehl_ps(a, a));
-            _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)))
         }
     }
 }

@@ -218,7 +218,17 @@ pub(super) fn vec_dot_q4k_q8k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
 pub(super) fn vec_dot_q4k_q8k_per_64(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
     let (mut acc, mut acc_min) = (0.0f32, 0.0f32);
     for (wb, ab) in w.iter().zip(a) {
-        q4k_per_64_step(wb, ab, &mut acc, &mut acc_min);
+        let (d, dmin) = f16_pair(wb.d, wb.dmin);
+        let d8 = ab.scale();
+        let (chunks, offsets) = q4k_chunks(wb, ab);
+        let mut scaled = [0.0f32; 4];
+        store_ps128(&mut scaled, _mm_cvtepi32_ps(hsum4_epi32(chunks)));
+        let mut mins = [0.0f32; 4];
+        store_ps128(&mut mins, _mm_cvtepi32_ps(offsets));
+        for (s, m) in scaled.into_iter().zip(mins) {
+            acc = s.mul_add(d * d8, acc);
+            acc_min = m.mul_add(dmin * d8, acc_min);
+        }
     }
     acc - acc_min
 }
@@ -232,12 +242,7 @@ pub(super) fn vec_dot4_q4k_q8k_per_64(w: &[BlockQ4K], a: [&[BlockQ8K]; 4]) -> [f
     let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
     for (b, wb) in w.iter().enumerate() {
         let (d, dmin) = f16_pair(wb.d, wb.dmin);
-        let d8 = _mm_setr_ps(
-            a[0][b].scale(),
-            a[1][b].scale(),
-            a[2][b].scale(),
-            a[3][b].scale(),
-        );
+        let d8 = act_scales4(a, b);
         let (d_d8, dmin_d8) = (
             _mm_mul_ps(_mm_set1_ps(d), d8),
             _mm_mul_ps(_mm_set1_ps(dmin), d8),
@@ -250,7 +255,10 @@ pub(super) fn vec_dot4_q4k_q8k_per_64(w: &[BlockQ4K], a: [&[BlockQ8K]; 4]) -> [f
             scaled[t] = _mm_cvtepi32_ps(hsum4_epi32(chunks));
             mins[t] = _mm_cvtepi32_ps(offsets);
         }
-        let (scaled, mins) = (transpose4(scaled), transpose4(mins));
+        let [s0, s1, s2, s3] = &mut scaled;
+        _MM_TRANSPOSE4_PS(s0, s1, s2, s3);
+        let [m0, m1, m2, m3] = &mut mins;
+        _MM_TRANSPOSE4_PS(m0, m1, m2, m3);
         for c in 0..4 {
             acc = _mm_fmadd_ps(scaled[c], d_d8, acc);
             acc_min = _mm_fmadd_ps(mins[c], dmin_d8, acc_min);
@@ -261,38 +269,16 @@ pub(super) fn vec_dot4_q4k_q8k_per_64(w: &[BlockQ4K], a: [&[BlockQ8K]; 4]) -> [f
     out
 }
 
-/// Rows of a 4 × 4 matrix of lanes to columns.
+/// The scales `d8` of block `b` of four activation rows, lane `t` of row `t`.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn transpose4(r: [__m128; 4]) -> [__m128; 4] {
-    let lo01 = _mm_unpacklo_ps(r[0], r[1]); // r0[0] r1[0] r0[1] r1[1]
-    let hi01 = _mm_unpackhi_ps(r[0], r[1]); // r0[2] r1[2] r0[3] r1[3]
-    let lo23 = _mm_unpacklo_ps(r[2], r[3]);
-    let hi23 = _mm_unpackhi_ps(r[2], r[3]);
-    [
-        _mm_movelh_ps(lo01, lo23),
-        _mm_movehl_ps(lo23, lo01),
-        _mm_movelh_ps(hi01, hi23),
-        _mm_movehl_ps(hi23, hi01),
-    ]
-}
-
-/// One super-block of [`vec_dot_q4k_q8k_per_64`]: four fused multiply-adds on each chain,
-/// one per 64 weights.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn q4k_per_64_step(wb: &BlockQ4K, ab: &BlockQ8K, acc: &mut f32, acc_min: &mut f32) {
-    let (d, dmin) = f16_pair(wb.d, wb.dmin);
-    let d8 = ab.scale();
-    let (chunks, offsets) = q4k_chunks(wb, ab);
-    let mut scaled = [0.0f32; 4];
-    store_ps128(&mut scaled, _mm_cvtepi32_ps(hsum4_epi32(chunks)));
-    let mut mins = [0.0f32; 4];
-    store_ps128(&mut mins, _mm_cvtepi32_ps(offsets));
-    for (s, m) in scaled.into_iter().zip(mins) {
-        *acc = s.mul_add(d * d8, *acc);
-        *acc_min = m.mul_add(dmin * d8, *acc_min);
-    }
+fn act_scales4(a: [&[BlockQ8K]; 4], b: usize) -> __m128 {
+    _mm_setr_ps(
+        a[0][b].scale(),
+        a[1][b].scale(),
+        a[2][b].scale(),
+        a[3][b].scale(),
+    )
 }
 
 /// Lane `c` of the result is the sum of the 8 lanes of `v[c]`.
@@ -404,7 +390,8 @@ pub(super) fn vec_dot_q6k_q8k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
 pub(super) fn vec_dot_q6k_q8k_tiled(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     let mut acc = 0.0f32;
     for (wb, ab) in w.iter().zip(a) {
-        q6k_tiled_step(wb, ab, &mut acc);
+        let res = f16_one(wb.d) * hsum_epi32(q6k_block(wb, ab)) as f32;
+        acc = res.mul_add(ab.scale(), acc);
     }
     acc
 }
@@ -416,12 +403,7 @@ pub(super) fn vec_dot_q6k_q8k_tiled(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
 pub(super) fn vec_dot4_q6k_q8k_tiled(w: &[BlockQ6K], a: [&[BlockQ8K]; 4]) -> [f32; 4] {
     let mut acc = _mm_setzero_ps();
     for (b, wb) in w.iter().enumerate() {
-        let d8 = _mm_setr_ps(
-            a[0][b].scale(),
-            a[1][b].scale(),
-            a[2][b].scale(),
-            a[3][b].scale(),
-        );
+        let d8 = act_scales4(a, b);
         // Lane t: token t's integer sum (exact in any order).
         let sums = hsum4_epi32([0, 1, 2, 3].map(|t| q6k_block(wb, &a[t][b])));
         let res = _mm_mul_ps(_mm_set1_ps(f16_one(wb.d)), _mm_cvtepi32_ps(sums));
@@ -430,14 +412,6 @@ pub(super) fn vec_dot4_q6k_q8k_tiled(w: &[BlockQ6K], a: [&[BlockQ8K]; 4]) -> [f3
     let mut out = [0.0f32; 4];
     store_ps128(&mut out, acc);
     out
-}
-
-/// One super-block of [`vec_dot_q6k_q8k_tiled`].
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn q6k_tiled_step(wb: &BlockQ6K, ab: &BlockQ8K, acc: &mut f32) {
-    let res = f16_one(wb.d) * hsum_epi32(q6k_block(wb, ab)) as f32;
-    *acc = res.mul_add(ab.scale(), *acc);
 }
 
 #[cfg(test)]

@@ -30,7 +30,8 @@ impl Dot256 for Maddubs {
     }
 }
 
-/// Horizontal sum of 8 floats.
+/// Horizontal sum of 8 floats in ggml's `hsum_float_8` order:
+/// `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C: only call this from a kernel compiled with those
