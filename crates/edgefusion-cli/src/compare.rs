@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use edgefusion_eval::compare::{CompareReport, VariantResult};
-use edgefusion_io::ModelSource;
+use edgefusion_io::{Backing, ModelSource};
 use edgefusion_model::{LayerType, ModelConfig};
 
 #[derive(Args, Debug)]
@@ -244,7 +244,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
 
     // Window-only: EdgeFusion's converted layers, attending over the sink and the window
     // alone, in the dense model.
-    let hybrid_cfg = ModelConfig::from_source(&ModelSource::open(&hybrid)?)?;
+    let hybrid_cfg = ModelConfig::from_source(&ModelSource::open_with(&hybrid, Backing::Mapped)?)?;
     let converted: Vec<usize> = (0..hybrid_cfg.n_layers)
         .filter(|&l| hybrid_cfg.layer_types[l] != LayerType::Attention)
         .collect();
@@ -256,7 +256,8 @@ pub fn run(args: CompareArgs) -> Result<()> {
     let window_only = models.join(format!("window-only-{window}-{sink}.gguf"));
     if !window_only.exists() && !converted.is_empty() {
         eprintln!("compare: Window-only (layers {converted:?}, sink {sink} + window {window})");
-        let ModelSource::Gguf(g) = &ModelSource::open(&dense)? else {
+        // Each tensor is read once into the new file: the source stays mapped.
+        let ModelSource::Gguf(g) = &ModelSource::open_with(&dense, Backing::Mapped)? else {
             bail!("the dense model {} is not a GGUF file", dense.display());
         };
         edgefusion_model::convert::window_gguf(g, &converted, window, sink, &window_only)?;

@@ -12,7 +12,7 @@ use anyhow::Result;
 use clap::Args;
 use edgefusion_io::gguf::MetaValue;
 use edgefusion_io::names::{self, TensorRole};
-use edgefusion_io::{ModelSource, TensorView};
+use edgefusion_io::{Backing, ModelSource, TensorView};
 use edgefusion_kernels::efq::{tile_cols, width_index, EfqMatrix, SLOT_BYTES, TILE_ROWS, WIDTHS};
 use edgefusion_kernels::GgmlType;
 use edgefusion_model::model::{EFQ_VERSION, EFQ_VERSIONS_READ, EFQ_VERSION_KEY};
@@ -33,7 +33,8 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
-    let source = ModelSource::open(&args.model)?;
+    // Metadata and tensor headers only: the file stays mapped.
+    let source = ModelSource::open_with(&args.model, Backing::Mapped)?;
     let config = ModelConfig::from_source(&source);
     println!("file: {}", args.model.display());
     match &source {

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::mapped::FileMap;
+use crate::mapped::{Backing, FileMap};
 use edgefusion_kernels::GgmlType;
 
 use crate::error::IoError;
@@ -271,6 +271,11 @@ impl GgufFile {
     /// Maps and validates the file: header, every metadata value, every tensor's type,
     /// shape, alignment and extent. After this succeeds no accessor can read out of bounds.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, IoError> {
+        Self::open_with(path, Backing::Auto)
+    }
+
+    /// [`GgufFile::open`] with the file's bytes held as `backing` says.
+    pub fn open_with(path: impl AsRef<Path>, backing: Backing) -> Result<Self, IoError> {
         let path = path.as_ref();
         let file_meta = match std::fs::metadata(path) {
             Ok(m) => m,
@@ -286,7 +291,7 @@ impl GgufFile {
                 path: path.to_path_buf(),
             });
         }
-        let mmap = FileMap::open(path)?;
+        let mmap = FileMap::open(path, backing)?;
         let parsed = parse(path, &mmap)?;
         let key_index = parsed
             .metadata

@@ -22,6 +22,7 @@ pub mod source;
 use edgefusion_kernels::GgmlType;
 
 pub use error::IoError;
+pub use mapped::Backing;
 pub use names::TensorRole;
 pub use source::ModelSource;
 

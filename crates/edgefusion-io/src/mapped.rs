@@ -7,7 +7,8 @@
 //! half the available memory): decode streams every weight once per token, and with 2 MiB
 //! pages the hardware prefetchers run on across what would be 4 KiB page boundaries and the
 //! TLB holds the whole model (measured on Gemma 3 270M: tg128 +21% at 1 thread, +10% at 2).
-//! `EDGEFUSION_MMAP=1` keeps the file mapped.
+//! `EDGEFUSION_MMAP=1` keeps the file mapped, as does [`Backing::Mapped`], which commands
+//! that only read metadata ask for.
 
 use std::fs::File;
 use std::ops::Deref;
@@ -18,6 +19,18 @@ use crate::IoError;
 /// Smallest file read into huge pages (smaller ones span few pages and stay mapped).
 #[cfg(all(target_os = "linux", not(miri)))]
 const HUGE_PAGE_MIN_BYTES: u64 = 32 << 20;
+
+/// Where a model file's bytes live while its reader holds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backing {
+    /// Read into huge pages where the module doc says so (commands that run the model),
+    /// memory-mapped elsewhere.
+    #[default]
+    Auto,
+    /// Memory-mapped always: for commands that read metadata or a few tensors, which would
+    /// otherwise read the whole file at start-up.
+    Mapped,
+}
 
 /// The bytes of one file, mapped (or read, under Miri) once and borrowed by its reader.
 pub(crate) struct FileMap {
@@ -37,21 +50,23 @@ pub(crate) struct FileMap {
 impl FileMap {
     /// Maps `path` read-only (or reads it into huge pages, see the module doc); `Err` names
     /// the file and the failed operation.
-    pub(crate) fn open(path: &Path) -> Result<FileMap, IoError> {
+    pub(crate) fn open(path: &Path, backing: Backing) -> Result<FileMap, IoError> {
         let file = File::open(path).map_err(|e| IoError::os(path, "open", e))?;
-        Self::of_file(path, file)
+        Self::of_file(path, file, backing)
     }
 
     #[cfg(not(miri))]
-    fn of_file(path: &Path, file: File) -> Result<FileMap, IoError> {
+    fn of_file(path: &Path, file: File, backing: Backing) -> Result<FileMap, IoError> {
         #[cfg(target_os = "linux")]
-        if huge_pages_wanted(&file) {
-            let map = read_into_huge_pages(path, &file)?;
+        if let Some(len) = huge_page_len(&file, backing) {
+            let map = read_into_huge_pages(path, &file, len)?;
             return Ok(FileMap {
                 map,
                 copied_from: Some(file),
             });
         }
+        #[cfg(not(target_os = "linux"))]
+        let _ = backing;
         // SAFETY: the map is read-only and lives as long as the reader that owns it, which
         // hands out only borrows of it. Like llama.cpp, candle and every safetensors loader
         // we assume no one truncates or rewrites the file while it is mapped (our own
@@ -67,7 +82,7 @@ impl FileMap {
     }
 
     #[cfg(miri)]
-    fn of_file(path: &Path, mut file: File) -> Result<FileMap, IoError> {
+    fn of_file(path: &Path, mut file: File, _backing: Backing) -> Result<FileMap, IoError> {
         use std::io::Read;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
@@ -165,17 +180,16 @@ fn page_size() -> usize {
     4096
 }
 
-/// Whether to read `file` into huge pages: on Linux, for files of `HUGE_PAGE_MIN_BYTES` or
-/// more that fit in half of `MemAvailable`, when transparent huge pages are on (`always` or
+/// The length of `file` if it is to be read into huge pages: on Linux, with
+/// [`Backing::Auto`], for files of `HUGE_PAGE_MIN_BYTES` or more that fit in the address
+/// space and in half of `MemAvailable`, when transparent huge pages are on (`always` or
 /// `madvise`) and `EDGEFUSION_MMAP` is not `1`.
 #[cfg(all(target_os = "linux", not(miri)))]
-fn huge_pages_wanted(file: &File) -> bool {
-    if std::env::var("EDGEFUSION_MMAP").is_ok_and(|v| v == "1") {
-        return false;
+fn huge_page_len(file: &File, backing: Backing) -> Option<usize> {
+    if backing == Backing::Mapped || std::env::var("EDGEFUSION_MMAP").is_ok_and(|v| v == "1") {
+        return None;
     }
-    let Ok(len) = file.metadata().map(|m| m.len()) else {
-        return false;
-    };
+    let len = file.metadata().ok()?.len();
     let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
         .is_ok_and(|mode| !mode.contains("[never]"));
     let available = std::fs::read_to_string("/proc/meminfo")
@@ -185,24 +199,15 @@ fn huge_pages_wanted(file: &File) -> bool {
             let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
             Some(kib * 1024)
         });
-    thp && len >= HUGE_PAGE_MIN_BYTES && available.is_some_and(|bytes| len <= bytes / 2)
+    let wanted = thp && len >= HUGE_PAGE_MIN_BYTES && available.is_some_and(|b| len <= b / 2);
+    wanted.then(|| usize::try_from(len).ok()).flatten()
 }
 
-/// The whole of `file` in anonymous memory advised for transparent huge pages, read-only.
+/// The `len` bytes of `file` in anonymous memory advised for transparent huge pages,
+/// read-only.
 #[cfg(all(target_os = "linux", not(miri)))]
-fn read_into_huge_pages(path: &Path, file: &File) -> Result<memmap2::Mmap, IoError> {
+fn read_into_huge_pages(path: &Path, file: &File, len: usize) -> Result<memmap2::Mmap, IoError> {
     use std::io::Read;
-    let len = file
-        .metadata()
-        .map_err(|e| IoError::os(path, "stat", e))?
-        .len();
-    let len = usize::try_from(len).map_err(|_| {
-        IoError::os(
-            path,
-            "read",
-            std::io::Error::other(format!("{len} bytes do not fit in this address space")),
-        )
-    })?;
     let mut copy = memmap2::MmapMut::map_anon(len).map_err(|e| IoError::os(path, "allocate", e))?;
     // Best effort: without huge pages the copy still works, at 4 KiB pages.
     let _ = copy.advise(memmap2::Advice::HugePage);
@@ -251,7 +256,7 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let file = File::open(&path).unwrap();
         let map = FileMap {
-            map: read_into_huge_pages(&path, &file).unwrap(),
+            map: read_into_huge_pages(&path, &file, bytes.len()).unwrap(),
             copied_from: Some(file),
         };
         assert_eq!(&map[..], &bytes[..]);

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use crate::mapped::FileMap;
+use crate::mapped::{Backing, FileMap};
 use edgefusion_kernels::GgmlType;
 use safetensors::{Dtype, SafeTensors};
 
@@ -63,6 +63,11 @@ impl SafetensorsDir {
     /// buffers) unless their name is one of the model weights in [`crate::names`]; those must
     /// be usable, so that a lookup by role fails only when the tensor is absent.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, IoError> {
+        Self::open_with(dir, Backing::Auto)
+    }
+
+    /// [`SafetensorsDir::open`] with the shards' bytes held as `backing` says.
+    pub fn open_with(dir: impl AsRef<Path>, backing: Backing) -> Result<Self, IoError> {
         let dir = dir.as_ref();
         match std::fs::metadata(dir) {
             Ok(m) if m.is_dir() => {}
@@ -92,11 +97,11 @@ impl SafetensorsDir {
         let index_path = dir.join(INDEX_FILE);
         // Like transformers: a single file wins over an index.
         let (shards, tensors) = if single_path.is_file() {
-            let shard = map_shard(&single_path)?;
+            let shard = map_shard(&single_path, backing)?;
             let tensors = shard_tensors(&shard, 0, None)?;
             (vec![shard], tensors)
         } else if index_path.is_file() {
-            open_sharded(dir, &index_path)?
+            open_sharded(dir, &index_path, backing)?
         } else {
             return Err(IoError::malformed(
                 dir,
@@ -225,15 +230,19 @@ fn read_json(path: &Path) -> Result<serde_json::Value, IoError> {
     })
 }
 
-fn map_shard(path: &Path) -> Result<Shard, IoError> {
-    let mmap = FileMap::open(path)?;
+fn map_shard(path: &Path, backing: Backing) -> Result<Shard, IoError> {
+    let mmap = FileMap::open(path, backing)?;
     Ok(Shard {
         path: path.to_path_buf(),
         mmap,
     })
 }
 
-fn open_sharded(dir: &Path, index_path: &Path) -> Result<(Vec<Shard>, Vec<TensorEntry>), IoError> {
+fn open_sharded(
+    dir: &Path,
+    index_path: &Path,
+    backing: Backing,
+) -> Result<(Vec<Shard>, Vec<TensorEntry>), IoError> {
     let index = read_json(index_path)?;
     let weight_map = index
         .get("weight_map")
@@ -271,7 +280,7 @@ fn open_sharded(dir: &Path, index_path: &Path) -> Result<(Vec<Shard>, Vec<Tensor
                 shard: shard_name.to_string(),
             });
         }
-        let shard = map_shard(&shard_path)?;
+        let shard = map_shard(&shard_path, backing)?;
         tensors.extend(shard_tensors(&shard, shard_index, Some(&names))?);
         shards.push(shard);
     }

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use crate::error::IoError;
 use crate::gguf::GgufFile;
+use crate::mapped::Backing;
 use crate::names::{parse_gguf_name, parse_hf_name, TensorRole};
 use crate::safetensors_dir::SafetensorsDir;
 use crate::TensorView;
@@ -18,6 +19,12 @@ pub enum ModelSource {
 impl ModelSource {
     /// A file opens as GGUF, a directory as a Hugging Face folder.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, IoError> {
+        Self::open_with(path, Backing::Auto)
+    }
+
+    /// [`ModelSource::open`] with the weights' bytes held as `backing` says
+    /// ([`Backing::Mapped`] for commands that read metadata).
+    pub fn open_with(path: impl AsRef<Path>, backing: Backing) -> Result<Self, IoError> {
         let path = path.as_ref();
         let meta = match std::fs::metadata(path) {
             Ok(m) => m,
@@ -29,9 +36,9 @@ impl ModelSource {
             Err(e) => return Err(IoError::os(path, "stat", e)),
         };
         if meta.is_dir() {
-            SafetensorsDir::open(path).map(ModelSource::HfDir)
+            SafetensorsDir::open_with(path, backing).map(ModelSource::HfDir)
         } else if meta.is_file() {
-            GgufFile::open(path).map(ModelSource::Gguf)
+            GgufFile::open_with(path, backing).map(ModelSource::Gguf)
         } else {
             Err(IoError::NotAModel {
                 path: path.to_path_buf(),
