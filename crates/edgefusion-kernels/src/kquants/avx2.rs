@@ -236,10 +236,11 @@ pub(super) fn vec_dot_q4k_q8k_per_64(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
 /// [`vec_dot_q4k_q8k_per_64`] of one weight row with four activation rows at once: lane `t`
 /// of each chain register is token `t`'s chain, taking the same fused multiply-adds
 /// (`d · d8` rounded, then `fma(Σ, d · d8, acc)` per 64 weights), so each lane equals the
-/// single-token result bit for bit.
+/// single-token result bit for bit. Each weight block is unpacked once for the four tokens.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn vec_dot4_q4k_q8k_per_64(w: &[BlockQ4K], a: [&[BlockQ8K]; 4]) -> [f32; 4] {
     let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
+    let low4 = _mm256_set1_epi8(0x0F);
     for (b, wb) in w.iter().enumerate() {
         let (d, dmin) = f16_pair(wb.d, wb.dmin);
         let d8 = act_scales4(a, b);
@@ -247,21 +248,34 @@ pub(super) fn vec_dot4_q4k_q8k_per_64(w: &[BlockQ4K], a: [&[BlockQ8K]; 4]) -> [f
             _mm_mul_ps(_mm_set1_ps(d), d8),
             _mm_mul_ps(_mm_set1_ps(dmin), d8),
         );
-        // [t][c] → [c][t]: the sums of 64-weight chunk c for the four tokens.
-        let mut scaled = [_mm_setzero_ps(); 4];
-        let mut mins = [_mm_setzero_ps(); 4];
-        for t in 0..4 {
-            let (chunks, offsets) = q4k_chunks(wb, &a[t][b]);
-            scaled[t] = _mm_cvtepi32_ps(hsum4_epi32(chunks));
-            mins[t] = _mm_cvtepi32_ps(offsets);
-        }
-        let [s0, s1, s2, s3] = &mut scaled;
-        _MM_TRANSPOSE4_PS(s0, s1, s2, s3);
-        let [m0, m1, m2, m3] = &mut mins;
+        let (scales, mins) = unpack_scale_min_k4_words(&wb.scales);
+        let scales16 =
+            _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
+        // [t][c] → [c][t]: the min sums of 64-weight chunk c for the four tokens.
+        let mut mins_ct = [0, 1, 2, 3].map(|t| _mm_cvtepi32_ps(k4_offset_lanes(mins, &a[t][b])));
+        let [m0, m1, m2, m3] = &mut mins_ct;
         _MM_TRANSPOSE4_PS(m0, m1, m2, m3);
-        for c in 0..4 {
-            acc = _mm_fmadd_ps(scaled[c], d_d8, acc);
-            acc_min = _mm_fmadd_ps(mins[c], dmin_d8, acc_min);
+        for (chunk, mins_c) in mins_ct.into_iter().enumerate() {
+            // 32 bytes = weights 64c..64c+32 (low nibbles) and 64c+32..64c+64 (high nibbles).
+            let packed = load256_u8(array_at(&wb.qs, 32 * chunk));
+            let q_low = _mm256_and_si256(packed, low4);
+            let q_high = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low4);
+            let sub = 2 * chunk as i16;
+            let s_low = _mm256_shuffle_epi8(scales16, word_selector(sub, sub));
+            let s_high = _mm256_shuffle_epi8(scales16, word_selector(sub + 1, sub + 1));
+            let sums = [0, 1, 2, 3].map(|t| {
+                let q8 = &a[t][b].qs;
+                let p_low = _mm256_maddubs_epi16(q_low, load256_i8(array_at(q8, 64 * chunk)));
+                let p_high =
+                    _mm256_maddubs_epi16(q_high, load256_i8(array_at(q8, 64 * chunk + 32)));
+                _mm256_add_epi32(
+                    _mm256_madd_epi16(p_low, s_low),
+                    _mm256_madd_epi16(p_high, s_high),
+                )
+            });
+            // Lane t: token t's integer sum over the chunk (exact in any order).
+            acc = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_epi32(sums)), d_d8, acc);
+            acc_min = _mm_fmadd_ps(mins_c, dmin_d8, acc_min);
         }
     }
     let mut out = [0.0f32; 4];
@@ -302,19 +316,19 @@ pub(super) fn q4k_block_sums(w: &BlockQ4K, a: &BlockQ8K) -> (i32, i32) {
     (hsum_epi32(scaled), hsum_epi32_128(offsets))
 }
 
-/// Σ sc·(q6 + 32)·q8 for 128 weights of one Q6_K half, given that half's eight scales
-/// (as i16) in both 128-bit lanes.
+/// The unsigned 6-bit levels (q6 + 32) of one Q6_K half of 128 weights, as the four
+/// 32-weight quarters `l`, `l + 32`, `l + 64`, `l + 96` (`l` in 0..32).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q6k_half(ql: &[u8; 64], qh: &[u8; 32], q8: &[i8; 128], scales: __m256i) -> __m256i {
+fn q6k_quarters(ql: &[u8; 64], qh: &[u8; 32]) -> [__m256i; 4] {
     let low4 = _mm256_set1_epi8(0x0F);
     let high2 = _mm256_set1_epi8(0x30);
     let ql0 = load256_u8(array_at(ql, 0));
     let ql1 = load256_u8(array_at(ql, 32));
     let qh = load256_u8(qh);
-    // Unsigned 6-bit levels of weights l, l+32, l+64, l+96; the shifts bring bit pair 2k
-    // of `qh` to bits 4-5 (16-bit shifts never leak into bits 4-5 of a neighbour byte).
-    let quarters = [
+    // The shifts bring bit pair 2k of `qh` to bits 4-5 (16-bit shifts never leak into bits
+    // 4-5 of a neighbour byte).
+    [
         _mm256_or_si256(
             _mm256_and_si256(ql0, low4),
             _mm256_and_si256(_mm256_slli_epi16::<4>(qh), high2),
@@ -331,15 +345,55 @@ fn q6k_half(ql: &[u8; 64], qh: &[u8; 32], q8: &[i8; 128], scales: __m256i) -> __
             _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4),
             _mm256_and_si256(_mm256_srli_epi16::<2>(qh), high2),
         ),
-    ];
+    ]
+}
+
+/// The scales of quarter `k` of a Q6_K half for [`_mm256_madd_epi16`] over its `maddubs`
+/// words: words 0-7 take sub-block `2k`, words 8-15 sub-block `2k + 1`, given the half's
+/// eight scales (as i16) in both 128-bit lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q6k_quarter_scales(scales: __m256i, k: usize) -> __m256i {
+    _mm256_shuffle_epi8(scales, word_selector(2 * k as i16, 2 * k as i16 + 1))
+}
+
+/// Σ sc·(q6 + 32)·q8 for 128 weights of one Q6_K half, given that half's eight scales
+/// (as i16) in both 128-bit lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q6k_half(ql: &[u8; 64], qh: &[u8; 32], q8: &[i8; 128], scales: __m256i) -> __m256i {
     let mut acc = _mm256_setzero_si256();
-    for (k, q) in quarters.into_iter().enumerate() {
+    for (k, q) in q6k_quarters(ql, qh).into_iter().enumerate() {
         let products = _mm256_maddubs_epi16(q, load256_i8(array_at(q8, 32 * k)));
-        // Words 0-7 are sub-block 2k of this half, words 8-15 sub-block 2k+1.
-        let s = _mm256_shuffle_epi8(scales, word_selector(2 * k as i16, 2 * k as i16 + 1));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(products, s));
+        acc = _mm256_add_epi32(
+            acc,
+            _mm256_madd_epi16(products, q6k_quarter_scales(scales, k)),
+        );
     }
     acc
+}
+
+/// The two halves' scales of a Q6_K block for [`q6k_half`]: each half's eight scales (as
+/// i16) in both 128-bit lanes; and all sixteen as i16, for the `-32` offset.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q6k_scales(w: &BlockQ6K) -> ([__m256i; 2], __m256i) {
+    let scales16 = _mm256_cvtepi8_epi16(load128_i8(&w.scales));
+    (
+        [
+            _mm256_permute2x128_si256::<0x00>(scales16, scales16),
+            _mm256_permute2x128_si256::<0x11>(scales16, scales16),
+        ],
+        scales16,
+    )
+}
+
+/// `32 Σ_j sc_j bsum_j`: the `-32` of every Q6_K level, as 8 i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q6k_offset(scales16: __m256i, a: &BlockQ8K) -> __m256i {
+    let bsums = load256_u8(array_at(a.bsums.as_flattened(), 0));
+    _mm256_slli_epi32::<5>(_mm256_madd_epi16(scales16, bsums))
 }
 
 /// `Σ_j sc_j Σ (q - 32)·q8` of one Q6_K block as 8 i32 lanes. The `-32` is taken as
@@ -347,25 +401,20 @@ fn q6k_half(ql: &[u8; 64], qh: &[u8; 32], q8: &[i8; 128], scales: __m256i) -> __
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q6k_block(w: &BlockQ6K, a: &BlockQ8K) -> __m256i {
-    let scales16 = _mm256_cvtepi8_epi16(load128_i8(&w.scales));
-    let bsums = load256_u8(array_at(a.bsums.as_flattened(), 0));
-    let offset = _mm256_madd_epi16(scales16, bsums);
+    let ([first_scales, second_scales], scales16) = q6k_scales(w);
     let first = q6k_half(
         array_at(&w.ql, 0),
         array_at(&w.qh, 0),
         array_at(&a.qs, 0),
-        _mm256_permute2x128_si256::<0x00>(scales16, scales16),
+        first_scales,
     );
     let second = q6k_half(
         array_at(&w.ql, 64),
         array_at(&w.qh, 32),
         array_at(&a.qs, 128),
-        _mm256_permute2x128_si256::<0x11>(scales16, scales16),
+        second_scales,
     );
-    _mm256_sub_epi32(
-        _mm256_add_epi32(first, second),
-        _mm256_slli_epi32::<5>(offset),
-    )
+    _mm256_sub_epi32(_mm256_add_epi32(first, second), q6k_offset(scales16, a))
 }
 
 /// Q6_K · Q8_K over whole rows of blocks.
@@ -404,9 +453,26 @@ pub(super) fn vec_dot4_q6k_q8k_tiled(w: &[BlockQ6K], a: [&[BlockQ8K]; 4]) -> [f3
     let mut acc = _mm_setzero_ps();
     for (b, wb) in w.iter().enumerate() {
         let d8 = act_scales4(a, b);
+        let (half_scales, scales16) = q6k_scales(wb);
+        let mut sums = [0, 1, 2, 3]
+            .map(|t| _mm256_sub_epi32(_mm256_setzero_si256(), q6k_offset(scales16, &a[t][b])));
+        // Each half is unpacked once for the four tokens.
+        for (half, scales) in half_scales.into_iter().enumerate() {
+            let quarters = q6k_quarters(array_at(&wb.ql, 64 * half), array_at(&wb.qh, 32 * half));
+            for (k, q) in quarters.into_iter().enumerate() {
+                let s = q6k_quarter_scales(scales, k);
+                for (t, sum) in sums.iter_mut().enumerate() {
+                    let q8 = array_at(&a[t][b].qs, 128 * half + 32 * k);
+                    let products = _mm256_maddubs_epi16(q, load256_i8(q8));
+                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(products, s));
+                }
+            }
+        }
         // Lane t: token t's integer sum (exact in any order).
-        let sums = hsum4_epi32([0, 1, 2, 3].map(|t| q6k_block(wb, &a[t][b])));
-        let res = _mm_mul_ps(_mm_set1_ps(f16_one(wb.d)), _mm_cvtepi32_ps(sums));
+        let res = _mm_mul_ps(
+            _mm_set1_ps(f16_one(wb.d)),
+            _mm_cvtepi32_ps(hsum4_epi32(sums)),
+        );
         acc = _mm_fmadd_ps(res, d8, acc);
     }
     let mut out = [0.0f32; 4];

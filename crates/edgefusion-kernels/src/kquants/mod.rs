@@ -88,8 +88,9 @@ impl KDotOrder {
 }
 
 /// `vec_dot` of a K-quant row in `order` with the kernels of `isa`; only AVX2 has orders other
-/// than [`KDotOrder::Single`] (the others are what llama.cpp's AVX2 build runs), and formats
-/// without them fall back to it.
+/// than [`KDotOrder::Single`] (the others are what llama.cpp's AVX2 build runs), which the
+/// AVX-512 ISAs run as well (see [`takes_four`]); other ISAs and formats without them fall
+/// back to [`KDotOrder::Single`].
 ///
 /// # Panics
 /// If `isa` cannot run here or a row is shorter than `n` values.
@@ -102,14 +103,15 @@ pub fn vec_dot_in_order_on(
     act: &[u8],
 ) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if isa == crate::cpu::Isa::Avx2 && order != KDotOrder::Single {
+    if isa.has_avx2() && order != KDotOrder::Single {
         assert!(
             crate::cpu::is_runnable(isa),
-            "AVX2 kernels cannot run on this CPU"
+            "{} kernels cannot run on this CPU",
+            isa.name()
         );
         let nb = super_blocks(n);
-        // SAFETY: AVX2 (with FMA and F16C) checked runnable just above; the block views hold
-        // `nb` whole blocks each.
+        // SAFETY: `isa` has AVX2 and was checked runnable just above, so AVX2 with FMA and
+        // F16C runs here; the block views hold `nb` whole blocks each.
         let dot = unsafe {
             match (ty, order) {
                 (GgmlType::Q4K, KDotOrder::Grouped4) => {
@@ -130,10 +132,12 @@ pub fn vec_dot_in_order_on(
 
 /// Whether `isa` has a kernel taking four tokens at once for `ty` in `order`
 /// ([`vec_dot4_in_order_on`]): AVX2's Q4_K [`KDotOrder::Grouped4`] and Q6_K
-/// [`KDotOrder::Tiled`].
+/// [`KDotOrder::Tiled`]. The AVX-512 ISAs take the same AVX2 kernels: unpacking each weight
+/// block once for four tokens beats their one-pair dot products, and on AVX-512 machines no
+/// dot product follows llama.cpp's order to the bit anyway.
 pub fn takes_four(isa: crate::cpu::Isa, ty: GgmlType, order: KDotOrder) -> bool {
     cfg!(target_arch = "x86_64")
-        && isa == crate::cpu::Isa::Avx2
+        && isa.has_avx2()
         && matches!(
             (ty, order),
             (GgmlType::Q4K, KDotOrder::Grouped4) | (GgmlType::Q6K, KDotOrder::Tiled)
@@ -167,8 +171,8 @@ pub fn vec_dot4_in_order_on(
     );
     let nb = super_blocks(n);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX2 (with FMA and F16C) checked runnable just above; the block views hold
-    // `nb` whole blocks each.
+    // SAFETY: `isa` has AVX2 (`takes_four`) and was checked runnable just above, so AVX2
+    // with FMA and F16C runs here; the block views hold `nb` whole blocks each.
     unsafe {
         if ty == GgmlType::Q4K {
             avx2::vec_dot4_q4k_q8k_per_64(blocks(w, nb), acts.map(|a| blocks(a, nb)))
