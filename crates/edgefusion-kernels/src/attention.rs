@@ -145,19 +145,18 @@ pub enum SumOrder {
     /// left over there: key `j` always goes to partial sum `j % 32` (and to lane `j % 8` in
     /// [`SumOrder::Lanes8`]).
     Lanes32,
-    /// One chain of fused multiply-adds in element order. llama.cpp's AVX-512 build runs
-    /// 16-lane versions of the two kernels above, which are not reproduced yet (no AVX-512
-    /// machine to check them against); AVX-512 machines use this order.
+    /// One chain of fused multiply-adds in element order: the plainest reference, which no
+    /// step of the runtime uses (one chain is bound by the latency of its adds).
     Chain,
 }
 
 impl SumOrder {
-    /// The order llama.cpp built for `isa` uses for a step of `n_rows` query rows (tokens)
-    /// with heads of `head_dim`.
-    pub fn for_step(isa: Isa, n_rows: usize, head_dim: usize) -> SumOrder {
-        if isa.has_avx512() {
-            SumOrder::Chain
-        } else if n_rows >= 2 && head_dim.is_multiple_of(8) {
+    /// The order llama.cpp's AVX2 build uses for a step of `n_rows` query rows (tokens) with
+    /// heads of `head_dim`, on every ISA: llama.cpp's AVX-512 build runs 16-lane versions of
+    /// the two kernels, which are not reproduced (its other AVX-512 sums are not either), so
+    /// AVX-512 machines run the AVX2 orders with the AVX2 kernels.
+    pub fn for_step(_isa: Isa, n_rows: usize, head_dim: usize) -> SumOrder {
+        if n_rows >= 2 && head_dim.is_multiple_of(8) {
             SumOrder::Lanes8
         } else {
             SumOrder::Lanes32
@@ -695,22 +694,25 @@ fn scores_impl<T: KvElement>(
     order: SumOrder,
 ) {
     let m = check_scores(q, head_dim, keys, n_keys, out, ld, order);
+    // The AVX2 tiles of the 8- and 32-lane orders serve the AVX-512 ISAs as well (AVX-512
+    // implies AVX2, FMA and F16C here).
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` was detected or checked runnable.
-        Isa::Avx512 | Isa::Avx512Vnni => unsafe {
-            x86::scores_avx512(q, head_dim, keys, n_keys, scale, out, ld, order, m)
-        },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above; the shapes passed `check_scores`, which for the 8-lane order
-        // includes a head_dim that is a multiple of 8.
-        Isa::Avx2 if order == SumOrder::Lanes8 => unsafe {
+        // SAFETY: `isa` was detected or checked runnable and has AVX2; the shapes passed
+        // `check_scores`, which for the 8-lane order includes a head_dim that is a multiple
+        // of 8.
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni if order == SumOrder::Lanes8 => unsafe {
             x86::scores_lanes8_avx2(q, head_dim, keys, n_keys, scale, out, ld, m)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 if order == SumOrder::Lanes32 => unsafe {
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni if order == SumOrder::Lanes32 => unsafe {
             x86::scores_lanes32_avx2(q, head_dim, keys, n_keys, scale, out, ld, m)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe {
+            x86::scores_avx512(q, head_dim, keys, n_keys, scale, out, ld, order, m)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
@@ -736,16 +738,17 @@ fn weighted_sum_impl<T: KvElement>(
     let m = check_weighted_sum(probs, ld, values, head_dim, rows, out);
     match isa {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` was detected or checked runnable and has AVX2 (as do the AVX-512
+        // ISAs); the tiled kernel takes whole 8-wide blocks of components, so it runs only
+        // for a head_dim that is a multiple of 8 (the only one the runtime gives the 8-lane
+        // order; others take the generic body, the same sums).
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni
+            if order == SumOrder::Lanes8 && head_dim.is_multiple_of(8) =>
+        unsafe { x86::weighted_sum_lanes8_avx2(probs, ld, values, head_dim, rows, out, m) },
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` was detected or checked runnable.
         Isa::Avx512 | Isa::Avx512Vnni => unsafe {
             x86::weighted_sum_avx512(probs, ld, values, head_dim, rows, out, order, m)
-        },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above; the tiled kernel takes whole 8-wide blocks of components, so it
-        // runs only for a head_dim that is a multiple of 8 (the only one the runtime gives
-        // the 8-lane order; others take the generic body, the same sums).
-        Isa::Avx2 if order == SumOrder::Lanes8 && head_dim.is_multiple_of(8) => unsafe {
-            x86::weighted_sum_lanes8_avx2(probs, ld, values, head_dim, rows, out, m)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.

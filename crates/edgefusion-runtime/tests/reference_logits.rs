@@ -176,14 +176,21 @@ fn f32_qwen3_matches_reference_to_1e4() {
     assert!(model.layers[0].mixer.attention().unwrap().q_norm.is_some());
 }
 
+/// The Gemma 3 fixture's tolerance (see [`f32_gemma3_matches_reference_to_5e4`]).
+const GEMMA3_TOLERANCE: f32 = 5e-4;
+
 /// Gemma 3 (embedding × √d, QK-norm, post-norms, GeGLU, local layers over a window of 5 with
 /// their own RoPE base between global ones) against the numpy reference, over the 12- and
-/// 40-token prompts, with prefill in steps of several sizes. The tolerance is 2e-4: GELU goes
+/// 40-token prompts, with prefill in steps of several sizes. The tolerance is 5e-4: GELU goes
 /// through llama.cpp's f16 table on both sides, and a value that the f32 and the f64 pass put
-/// on either side of an f16 rounding boundary differs by one f16 step (5e-4 relative).
+/// on either side of an f16 rounding boundary differs by one f16 step (5e-4 relative). Which
+/// values land there depends on the summation orders: the largest error measured is 1.5e-4
+/// with one-token steps or the scalar kernels, 3.5e-4 with AVX-512 matmuls and prompt
+/// attention in the 8-lane order (positions 10 and 14 of the long prompt); a wrong cache row
+/// or position moves logits by far more.
 #[test]
-fn f32_gemma3_matches_reference_to_2e4() {
-    check_model("tiny-gemma3-f32", 2e-4);
+fn f32_gemma3_matches_reference_to_5e4() {
+    check_model("tiny-gemma3-f32", GEMMA3_TOLERANCE);
     let source = ModelSource::open(fixture("tiny-gemma3-f32.gguf")).expect("open");
     let model = Model::load(&source).expect("load");
     let cfg = &model.config;
@@ -192,7 +199,7 @@ fn f32_gemma3_matches_reference_to_2e4() {
         (5, 0, 32, 128)
     );
     assert_eq!(cfg.count_layers(edgefusion_model::LayerType::Window), 5);
-    check_long_in_steps(&model, "tiny-gemma3-f32", &[1, 4, 5, 6, 40], 2e-4);
+    check_long_in_steps(&model, "tiny-gemma3-f32", &[1, 4, 5, 6, 40], GEMMA3_TOLERANCE);
 }
 
 /// A window that holds the whole context is full attention: same logits, bit for bit (the
