@@ -738,13 +738,15 @@ fn weighted_sum_impl<T: KvElement>(
     let m = check_weighted_sum(probs, ld, values, head_dim, rows, out);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` was detected or checked runnable and has AVX2 (as do the AVX-512
-        // ISAs); the tiled kernel takes whole 8-wide blocks of components, so it runs only
-        // for a head_dim that is a multiple of 8 (the only one the runtime gives the 8-lane
-        // order; others take the generic body, the same sums).
         Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni
             if order == SumOrder::Lanes8 && head_dim.is_multiple_of(8) =>
-        unsafe { x86::weighted_sum_lanes8_avx2(probs, ld, values, head_dim, rows, out, m) },
+        {
+            // SAFETY: `isa` was detected or checked runnable and has AVX2 (as do the AVX-512
+            // ISAs); the tiled kernel takes whole 8-wide blocks of components, so it runs
+            // only for a head_dim that is a multiple of 8 (the only one the runtime gives the
+            // 8-lane order; others take the generic body, the same sums).
+            unsafe { x86::weighted_sum_lanes8_avx2(probs, ld, values, head_dim, rows, out, m) }
+        }
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` was detected or checked runnable.
         Isa::Avx512 | Isa::Avx512Vnni => unsafe {

@@ -199,7 +199,12 @@ fn f32_gemma3_matches_reference_to_5e4() {
         (5, 0, 32, 128)
     );
     assert_eq!(cfg.count_layers(edgefusion_model::LayerType::Window), 5);
-    check_long_in_steps(&model, "tiny-gemma3-f32", &[1, 4, 5, 6, 40], GEMMA3_TOLERANCE);
+    check_long_in_steps(
+        &model,
+        "tiny-gemma3-f32",
+        &[1, 4, 5, 6, 40],
+        GEMMA3_TOLERANCE,
+    );
 }
 
 /// A window that holds the whole context is full attention: same logits, bit for bit (the
