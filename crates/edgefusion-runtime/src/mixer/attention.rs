@@ -260,6 +260,39 @@ pub(crate) fn window_key_order(
     }
 }
 
+/// The slots of a [`WindowCache`] whose scores the tokens `..s1` of a step after `n_past`
+/// may need: the sink, the ring where it holds keys (after `n_past > sink`), and the staging
+/// slots of those tokens. Each range starts on a key panel (a multiple of
+/// [`attention::KEY_PANEL`]), so the first may reach back into slots no token needs.
+pub(crate) fn window_score_slots(
+    sink: usize,
+    window: usize,
+    n_past: usize,
+    s1: usize,
+) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let staging = sink + window;
+    let cached_end = if n_past > sink { staging } else { sink };
+    let staged_start = staging / attention::KEY_PANEL * attention::KEY_PANEL;
+    let end = staging + s1;
+    let (first, second) = if cached_end >= staged_start {
+        (0..end, 0..0)
+    } else {
+        (0..cached_end, staged_start..end)
+    };
+    [first, second].into_iter().filter(|r| !r.is_empty())
+}
+
+/// The leading entries of a [`window_key_order`] of `n_entries` for a step of `n_tok` tokens
+/// that the step's tokens `..s1` may see: the last `n_tok - s1` tokens are the last keys in
+/// key order and none of those tokens sees them. The count is rounded up to a whole
+/// [`LANE_PERIOD`] (or all entries), so that every sum over the kept keys, the softmax's lanes
+/// included, adds the same values in the same order as over all of them (the rest add 0).
+pub(crate) fn window_sub_block_keys(n_entries: usize, n_tok: usize, s1: usize) -> usize {
+    (n_entries - (n_tok - s1))
+        .next_multiple_of(LANE_PERIOD)
+        .min(n_entries)
+}
+
 /// Entries a [`window_key_order`] may have over a cache of `n_slots` slots: one per slot, and
 /// fewer than a period of padding (before the first key without a sink, or in the gap after
 /// the sink with one).
@@ -886,14 +919,29 @@ fn attend_block<T: KvElement>(
                 sink,
                 window,
             } => {
-                let (n_slots, n_keys) = (positions.len(), key_order.len());
+                let n_slots = positions.len();
+                let n_tok = n_slots - sink - window;
+                let key_order = &key_order[..window_sub_block_keys(key_order.len(), n_tok, s1)];
+                let n_keys = key_order.len();
                 // Scores by slot (s1 - s0, group, n_slots), then in key order
                 // (s1 - s0, group, n_keys) with the keys a token does not see at −∞.
                 let (by_slot, by_key) = probs.split_at_mut(rows.len() * n_slots);
                 let by_key = &mut by_key[..rows.len() * n_keys];
-                attention::scores(
-                    q_sub, hd, keys, n_slots, inp.scale, by_slot, n_slots, inp.order,
-                );
+                for slots in window_score_slots(sink, window, inp.n_past, s1) {
+                    // Slot ranges start on key panels, whose layout a panel's slice keeps.
+                    let panel_len = attention::key_cache_len(attention::KEY_PANEL, hd);
+                    let keys_from = &keys[slots.start / attention::KEY_PANEL * panel_len..];
+                    attention::scores(
+                        q_sub,
+                        hd,
+                        keys_from,
+                        slots.len(),
+                        inp.scale,
+                        &mut by_slot[slots.start..],
+                        n_slots,
+                        inp.order,
+                    );
+                }
                 for (i, (slot_row, row)) in by_slot
                     .chunks_exact(n_slots)
                     .zip(by_key.chunks_exact_mut(n_keys))
@@ -1065,6 +1113,32 @@ mod tests {
                     assert_eq!(in_order, held, "key order: {case}");
                     for (j, p) in listed {
                         assert_eq!(j % LANE_PERIOD, p % LANE_PERIOD, "entry {j}: {case}");
+                    }
+                    // A sub-block of tokens ..s1 finds every key it sees among the entries
+                    // it keeps and that key's score among the slots it scores.
+                    for s1 in 1..=n_tok {
+                        let kept = window_sub_block_keys(order.len(), n_tok, s1);
+                        assert!(kept % LANE_PERIOD == 0 || kept == order.len(), "{case}");
+                        let scored: Vec<_> = window_score_slots(sink, window, n_past, s1).collect();
+                        for r in &scored {
+                            assert!(r.start % attention::KEY_PANEL == 0, "{r:?}: {case}");
+                            assert!(r.end <= positions.len(), "{r:?}: {case}");
+                        }
+                        for (j, &slot) in order.iter().enumerate() {
+                            let Some(&q) = positions.get(slot) else {
+                                continue;
+                            };
+                            let p = n_past + s1 - 1;
+                            let seen_by_one =
+                                (n_past..=p).any(|p| q <= p && (q < sink || q + window > p));
+                            if seen_by_one {
+                                assert!(j < kept, "entry {j} past {kept}, s1 {s1}: {case}");
+                                assert!(
+                                    scored.iter().any(|r| r.contains(&slot)),
+                                    "slot {slot} unscored, s1 {s1}: {case}"
+                                );
+                            }
+                        }
                     }
                     for t in n_tok.saturating_sub(window)..n_tok {
                         let pos = n_past + t;
