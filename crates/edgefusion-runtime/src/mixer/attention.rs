@@ -1118,10 +1118,16 @@ mod tests {
                     // it keeps and that key's score among the slots it scores.
                     for s1 in 1..=n_tok {
                         let kept = window_sub_block_keys(order.len(), n_tok, s1);
-                        assert!(kept % LANE_PERIOD == 0 || kept == order.len(), "{case}");
+                        assert!(
+                            kept.is_multiple_of(LANE_PERIOD) || kept == order.len(),
+                            "{case}"
+                        );
                         let scored: Vec<_> = window_score_slots(sink, window, n_past, s1).collect();
                         for r in &scored {
-                            assert!(r.start % attention::KEY_PANEL == 0, "{r:?}: {case}");
+                            assert!(
+                                r.start.is_multiple_of(attention::KEY_PANEL),
+                                "{r:?}: {case}"
+                            );
                             assert!(r.end <= positions.len(), "{r:?}: {case}");
                         }
                         for (j, &slot) in order.iter().enumerate() {
