@@ -2,7 +2,10 @@
 //!
 //! Detection runs once (`OnceLock`); every dispatcher then matches on the cached [`Isa`].
 //! Setting `EDGEFUSION_NO_SIMD` to any non-empty value other than `0` forces [`Isa::Scalar`],
-//! which is how CI exercises the reference paths on SIMD-capable machines.
+//! which is how CI exercises the reference paths on SIMD-capable machines. Setting
+//! `EDGEFUSION_ISA` to an ISA's name (`scalar`, `avx2`, `avx512`, `avx512vnni`, `neon`) that
+//! this machine can run uses that one instead of the widest: an AVX-512 machine then runs, and
+//! can measure and test, what an AVX2 machine runs.
 
 use std::sync::OnceLock;
 
@@ -49,14 +52,67 @@ impl Isa {
 /// Name of the environment variable that forces the scalar kernels.
 pub const NO_SIMD_ENV: &str = "EDGEFUSION_NO_SIMD";
 
+/// Name of the environment variable that names the ISA to use (one this machine can run).
+pub const ISA_ENV: &str = "EDGEFUSION_ISA";
+
 static ISA: OnceLock<Isa> = OnceLock::new();
 
-/// The ISA the dispatchers use, detected on first call and cached for the process.
+/// The ISA the dispatchers use, detected on first call and cached for the process. An
+/// `EDGEFUSION_ISA` this machine cannot run (or that names none) is reported on stderr and
+/// the detected ISA used.
 pub fn isa() -> Isa {
     *ISA.get_or_init(|| {
         let no_simd = std::env::var_os(NO_SIMD_ENV);
-        choose_isa(no_simd.as_ref().and_then(|v| v.to_str()), detect())
+        let no_simd = no_simd.as_ref().and_then(|v| v.to_str());
+        let named = std::env::var_os(ISA_ENV);
+        let named = named.as_ref().map(|v| v.to_str().unwrap_or("(not UTF-8)"));
+        choose_named_isa(no_simd, named, detect()).unwrap_or_else(|err| {
+            eprintln!("warning: {err}; using {}", detect().name());
+            choose_isa(no_simd, detect())
+        })
     })
+}
+
+/// The ISA to use given the `EDGEFUSION_NO_SIMD` value (which wins), the `EDGEFUSION_ISA`
+/// value and what the hardware offers. Pure, so testable without the process environment.
+///
+/// # Errors
+/// If the named ISA is unknown or cannot run on a machine whose widest ISA is `detected`.
+pub fn choose_named_isa(
+    no_simd: Option<&str>,
+    named: Option<&str>,
+    detected: Isa,
+) -> Result<Isa, String> {
+    let name = match named.map(str::trim) {
+        Some(name) if !name.is_empty() && !simd_disabled_by(no_simd) => name,
+        _ => return Ok(choose_isa(no_simd, detected)),
+    };
+    let all = [
+        Isa::Scalar,
+        Isa::Avx2,
+        Isa::Avx512,
+        Isa::Avx512Vnni,
+        Isa::Neon,
+    ];
+    let runnable: Vec<&str> = all
+        .into_iter()
+        .filter(|&isa| runs_on(isa, detected))
+        .map(Isa::name)
+        .collect();
+    match all
+        .into_iter()
+        .find(|isa| isa.name().eq_ignore_ascii_case(name))
+    {
+        Some(isa) if runs_on(isa, detected) => Ok(isa),
+        Some(_) => Err(format!(
+            "{ISA_ENV}={name}: this CPU cannot run it (it runs {})",
+            runnable.join(", ")
+        )),
+        None => Err(format!(
+            "{ISA_ENV}={name}: not an ISA name (this CPU runs {})",
+            runnable.join(", ")
+        )),
+    }
 }
 
 /// Whether an `EDGEFUSION_NO_SIMD` value asks for scalar kernels: any non-empty value but `0`.
@@ -117,7 +173,11 @@ fn probe() -> Isa {
 
 /// Whether kernels for `isa` may run on this machine (`Scalar` always may).
 pub fn is_runnable(isa: Isa) -> bool {
-    let detected = detect();
+    runs_on(isa, detect())
+}
+
+/// Whether kernels for `isa` may run on a machine whose widest ISA is `detected`.
+fn runs_on(isa: Isa, detected: Isa) -> bool {
     match isa {
         Isa::Scalar => true,
         Isa::Avx2 => detected.has_avx2(),
@@ -166,9 +226,38 @@ mod tests {
     }
 
     #[test]
-    fn cached_isa_is_detected_or_scalar() {
+    fn named_isa_is_used_where_it_runs() {
+        let vnni = Isa::Avx512Vnni;
+        assert_eq!(choose_named_isa(None, Some("avx2"), vnni), Ok(Isa::Avx2));
+        assert_eq!(
+            choose_named_isa(None, Some(" AVX512 "), vnni),
+            Ok(Isa::Avx512)
+        );
+        assert_eq!(
+            choose_named_isa(None, Some("scalar"), Isa::Neon),
+            Ok(Isa::Scalar)
+        );
+        assert_eq!(choose_named_isa(None, Some(""), vnni), Ok(vnni));
+        assert_eq!(choose_named_isa(None, None, Isa::Avx2), Ok(Isa::Avx2));
+        // EDGEFUSION_NO_SIMD wins.
+        assert_eq!(
+            choose_named_isa(Some("1"), Some("avx2"), vnni),
+            Ok(Isa::Scalar)
+        );
+        let err = choose_named_isa(None, Some("avx512"), Isa::Avx2).unwrap_err();
+        assert!(
+            err.contains("EDGEFUSION_ISA=avx512") && err.contains("scalar, avx2"),
+            "{err}"
+        );
+        let err = choose_named_isa(None, Some("sse9"), Isa::Avx2).unwrap_err();
+        assert!(err.contains("not an ISA name"), "{err}");
+        assert!(choose_named_isa(None, Some("neon"), vnni).is_err());
+    }
+
+    #[test]
+    fn cached_isa_is_runnable() {
         let chosen = isa();
-        assert!(chosen == detect() || chosen == Isa::Scalar);
+        assert!(is_runnable(chosen));
         assert_eq!(isa(), chosen, "isa() must be stable across calls");
         assert!(available_isas().contains(&chosen));
         for listed in available_isas() {
