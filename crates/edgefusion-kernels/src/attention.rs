@@ -151,12 +151,15 @@ pub enum SumOrder {
 }
 
 impl SumOrder {
-    /// The order llama.cpp's AVX2 build uses for a step of `n_rows` query rows (tokens) with
-    /// heads of `head_dim`, on every ISA: llama.cpp's AVX-512 build runs 16-lane versions of
-    /// the two kernels, which are not reproduced (its other AVX-512 sums are not either), so
-    /// AVX-512 machines run the AVX2 orders with the AVX2 kernels.
-    pub fn for_step(_isa: Isa, n_rows: usize, head_dim: usize) -> SumOrder {
-        if n_rows >= 2 && head_dim.is_multiple_of(8) {
+    /// The order for a step of `n_rows` query rows (tokens) with heads of `head_dim`:
+    /// llama.cpp's AVX2 build's, except that AVX-512 machines take the 8-lane order for one
+    /// row too. llama.cpp's AVX-512 build runs 16-lane versions of the two kernels, which are
+    /// not reproduced (its other AVX-512 sums are not either), so AVX-512 machines run the
+    /// AVX2 kernels, in one order for every step size: a token's attention is then the same
+    /// to the bit whether it is prefilled among others or fed alone (as a server re-feeds a
+    /// cached prompt's last token), and a seeded request repeats its text.
+    pub fn for_step(isa: Isa, n_rows: usize, head_dim: usize) -> SumOrder {
+        if (n_rows >= 2 || isa.has_avx512()) && head_dim.is_multiple_of(8) {
             SumOrder::Lanes8
         } else {
             SumOrder::Lanes32
@@ -710,7 +713,8 @@ fn scores_impl<T: KvElement>(
             x86::scores_lanes32_avx2(q, head_dim, keys, n_keys, scale, out, ld, m)
         },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
+        // SAFETY: `isa` (AVX-512 F/BW/VL, with AVX2, FMA and F16C) was detected or checked
+        // runnable; the shapes passed `check_scores`.
         Isa::Avx512 | Isa::Avx512Vnni => unsafe {
             x86::scores_avx512(q, head_dim, keys, n_keys, scale, out, ld, order, m)
         },

@@ -2,7 +2,8 @@
 //!
 //! Every format has one scalar reference (`formats::*`, `kquants::*`) and per-architecture
 //! kernels (`x86`, `aarch64`) that are tested against it. The ISA is detected once at run
-//! time (`cpu::isa()`); `EDGEFUSION_NO_SIMD=1` forces the scalar path. Every entry point has
+//! time (`cpu::isa()`); `EDGEFUSION_NO_SIMD=1` forces the scalar path and `EDGEFUSION_ISA=avx2`
+//! (or another ISA this CPU runs) a narrower one. Every entry point has
 //! an `_on(isa, ..)` twin that runs a chosen ISA's kernels, which is how the tests hold each
 //! SIMD kernel against its scalar reference.
 //!

@@ -162,7 +162,8 @@ pub(crate) struct WindowCache {
 const EMPTY: usize = attention::NO_ROW;
 
 /// The period of the kernels' lane assignment over keys (key `j` goes to lane `j % 32` or
-/// `j % 8`, and softmax sums keys in aligned groups of 8).
+/// `j % 8`, and softmax sums keys in aligned groups of 8 on AVX2 and in 16 f64 lanes on
+/// AVX-512): a multiple of every one of them, which [`window_sub_block_keys`] relies on.
 const LANE_PERIOD: usize = 32;
 
 impl WindowCache {
@@ -286,7 +287,9 @@ pub(crate) fn window_score_slots(
 /// that the step's tokens `..s1` may see: the last `n_tok - s1` tokens are the last keys in
 /// key order and none of those tokens sees them. The count is rounded up to a whole
 /// [`LANE_PERIOD`] (or all entries), so that every sum over the kept keys, the softmax's lanes
-/// included, adds the same values in the same order as over all of them (the rest add 0).
+/// included, adds the same values in the same order as over all of them (the rest add 0;
+/// with an f32 cache, a weighted-sum component that is −0 over the kept keys stays −0 where
+/// the +0 products of the dropped ones would have made it +0).
 pub(crate) fn window_sub_block_keys(n_entries: usize, n_tok: usize, s1: usize) -> usize {
     (n_entries - (n_tok - s1))
         .next_multiple_of(LANE_PERIOD)
