@@ -153,32 +153,58 @@ pub(super) fn k4_offset_lanes(mins: u64, a: &BlockQ8K) -> __m128i {
     _mm_madd_epi16(mins16, sub_sums)
 }
 
+/// The eight sub-block scales of a Q4_K block (as i16, in both 128-bit lanes) and the packed
+/// mins, from its scale bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4k_scales(w: &BlockQ4K) -> (__m256i, u64) {
+    let (scales, mins) = unpack_scale_min_k4_words(&w.scales);
+    let scales16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
+    (scales16, mins)
+}
+
+/// One 64-weight chunk `c` of a Q4_K block unpacked: the low and high nibbles (weights
+/// 64c..64c+32 and 64c+32..64c+64) and the scales of sub-blocks `2c` and `2c + 1`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4k_chunk(w: &BlockQ4K, scales16: __m256i, chunk: usize) -> [__m256i; 4] {
+    let low4 = _mm256_set1_epi8(0x0F);
+    let packed = load256_u8(array_at(&w.qs, 32 * chunk));
+    let sub = 2 * chunk as i16;
+    [
+        _mm256_and_si256(packed, low4),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low4),
+        _mm256_shuffle_epi8(scales16, word_selector(sub, sub)),
+        _mm256_shuffle_epi8(scales16, word_selector(sub + 1, sub + 1)),
+    ]
+}
+
+/// `Σ sc·q·q8` over chunk `c` of a Q4_K block unpacked by [`q4k_chunk`], as 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4k_chunk_sum(
+    [q_low, q_high, s_low, s_high]: [__m256i; 4],
+    a: &BlockQ8K,
+    chunk: usize,
+) -> __m256i {
+    let p_low = _mm256_maddubs_epi16(q_low, load256_i8(array_at(&a.qs, 64 * chunk)));
+    let p_high = _mm256_maddubs_epi16(q_high, load256_i8(array_at(&a.qs, 64 * chunk + 32)));
+    _mm256_add_epi32(
+        _mm256_madd_epi16(p_low, s_low),
+        _mm256_madd_epi16(p_high, s_high),
+    )
+}
+
 /// The integer sums of one Q4_K block per 64 weights: for each `c` in 0..4 (sub-blocks
 /// `2c`, `2c + 1`), `Σ sc·q·q8` as 8 lanes; and `Σ m·bsum` as 4 lanes, lane `c` for the same
 /// 64 weights.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q4k_chunks(w: &BlockQ4K, a: &BlockQ8K) -> ([__m256i; 4], __m128i) {
-    let (scales, mins) = unpack_scale_min_k4_words(&w.scales);
-    let offsets = k4_offset_lanes(mins, a);
-    let scales16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
-    let low4 = _mm256_set1_epi8(0x0F);
-    let chunk_sums = std::array::from_fn(|chunk| {
-        // 32 bytes = weights 64c..64c+32 (low nibbles) and 64c+32..64c+64 (high nibbles).
-        let packed = load256_u8(array_at(&w.qs, 32 * chunk));
-        let q_low = _mm256_and_si256(packed, low4);
-        let q_high = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low4);
-        let p_low = _mm256_maddubs_epi16(q_low, load256_i8(array_at(&a.qs, 64 * chunk)));
-        let p_high = _mm256_maddubs_epi16(q_high, load256_i8(array_at(&a.qs, 64 * chunk + 32)));
-        let sub = 2 * chunk as i16;
-        let s_low = _mm256_shuffle_epi8(scales16, word_selector(sub, sub));
-        let s_high = _mm256_shuffle_epi8(scales16, word_selector(sub + 1, sub + 1));
-        _mm256_add_epi32(
-            _mm256_madd_epi16(p_low, s_low),
-            _mm256_madd_epi16(p_high, s_high),
-        )
-    });
-    (chunk_sums, offsets)
+    let (scales16, mins) = q4k_scales(w);
+    let chunk_sums =
+        std::array::from_fn(|chunk| q4k_chunk_sum(q4k_chunk(w, scales16, chunk), a, chunk));
+    (chunk_sums, k4_offset_lanes(mins, a))
 }
 
 /// `(Σ_j sc_j Σ q·q8 as 8 lanes, Σ_j m_j Σ q8 as 4 lanes)` of one Q4_K block.
@@ -240,7 +266,6 @@ pub(super) fn vec_dot_q4k_q8k_per_64(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn vec_dot4_q4k_q8k_per_64(w: &[BlockQ4K], a: [&[BlockQ8K]; 4]) -> [f32; 4] {
     let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
-    let low4 = _mm256_set1_epi8(0x0F);
     for (b, wb) in w.iter().enumerate() {
         let (d, dmin) = f16_pair(wb.d, wb.dmin);
         let d8 = act_scales4(a, b);
@@ -248,31 +273,14 @@ pub(super) fn vec_dot4_q4k_q8k_per_64(w: &[BlockQ4K], a: [&[BlockQ8K]; 4]) -> [f
             _mm_mul_ps(_mm_set1_ps(d), d8),
             _mm_mul_ps(_mm_set1_ps(dmin), d8),
         );
-        let (scales, mins) = unpack_scale_min_k4_words(&wb.scales);
-        let scales16 =
-            _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
+        let (scales16, mins) = q4k_scales(wb);
         // [t][c] → [c][t]: the min sums of 64-weight chunk c for the four tokens.
         let mut mins_ct = [0, 1, 2, 3].map(|t| _mm_cvtepi32_ps(k4_offset_lanes(mins, &a[t][b])));
         let [m0, m1, m2, m3] = &mut mins_ct;
         _MM_TRANSPOSE4_PS(m0, m1, m2, m3);
         for (chunk, mins_c) in mins_ct.into_iter().enumerate() {
-            // 32 bytes = weights 64c..64c+32 (low nibbles) and 64c+32..64c+64 (high nibbles).
-            let packed = load256_u8(array_at(&wb.qs, 32 * chunk));
-            let q_low = _mm256_and_si256(packed, low4);
-            let q_high = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low4);
-            let sub = 2 * chunk as i16;
-            let s_low = _mm256_shuffle_epi8(scales16, word_selector(sub, sub));
-            let s_high = _mm256_shuffle_epi8(scales16, word_selector(sub + 1, sub + 1));
-            let sums = [0, 1, 2, 3].map(|t| {
-                let q8 = &a[t][b].qs;
-                let p_low = _mm256_maddubs_epi16(q_low, load256_i8(array_at(q8, 64 * chunk)));
-                let p_high =
-                    _mm256_maddubs_epi16(q_high, load256_i8(array_at(q8, 64 * chunk + 32)));
-                _mm256_add_epi32(
-                    _mm256_madd_epi16(p_low, s_low),
-                    _mm256_madd_epi16(p_high, s_high),
-                )
-            });
+            let weights = q4k_chunk(wb, scales16, chunk);
+            let sums = [0, 1, 2, 3].map(|t| q4k_chunk_sum(weights, &a[t][b], chunk));
             // Lane t: token t's integer sum over the chunk (exact in any order).
             acc = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_epi32(sums)), d_d8, acc);
             acc_min = _mm_fmadd_ps(mins_c, dmin_d8, acc_min);
